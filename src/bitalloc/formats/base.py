@@ -1,0 +1,201 @@
+"""The format contract every storage format implements, the grid GPTQ rounds onto, and the registry.
+
+A *format* is a storage scheme for one weight tensor (``int4-g128``, ``q4_k``, ``fp16``). It knows
+
+* its exact storage cost in bytes for a given shape (codes, scales, zero-points, padding): ``nbytes``;
+* how to choose quantization parameters for a weight matrix (scale search): ``fit`` -> :class:`Grid`;
+* how to pack integer codes on a grid into bytes and back: ``encode`` / ``decode``.
+
+Rounding algorithms (RTN, GPTQ in :mod:`bitalloc.rounding`) never import a specific format: they work on
+the :class:`Grid` a format returns, which describes every representable value of every element as
+``scale[r, g] * levels[code] + offset[r, g]`` with ``g = column // group_size``.  That single shape covers
+integer formats (uniform levels, fp16 scale and min), GGUF block types (including the two-level K-quant
+scales, once the sub-scales are fixed) and codebook formats (IQ4_NL, NF4: non-uniform ``levels``).
+
+Formats register a *parser* (``format id -> Format | None``) so user-typed ids are resolved without the
+core knowing about families.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+class FormatError(ValueError):
+    """A format id that does not exist, or a tensor shape a format cannot store."""
+
+
+@dataclass(frozen=True, eq=False)
+class QTensor:
+    """A quantized tensor as stored: self-describing named parts plus what is needed to decode it.
+
+    ``parts`` uses on-disk names: ``weight_packed`` (uint8 codes or raw GGUF blocks), ``weight_scale``,
+    ``weight_zero`` (when the format has them).  ``nbytes()`` equals ``get_format(format).nbytes(shape)``.
+    """
+
+    format: str
+    shape: Shape
+    dtype: str  # original dtype name, e.g. "float32", "bfloat16"
+    parts: dict[str, torch.Tensor]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """Every value an element may take: ``scale[r, g] * levels[code] + offset[r, g]``.
+
+    ``scale`` and ``offset`` are float32 tensors of shape ``(rows, ngroups)`` holding the values exactly as
+    the format stores them (already rounded to fp16 etc.), ``levels`` a sorted float32 codebook and
+    ``group_size`` the number of consecutive input columns sharing one (scale, offset).  ``extra`` carries
+    format-specific data that ``encode`` needs (e.g. K-quant super-block scales and integer sub-scales).
+    """
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+    levels: torch.Tensor
+    group_size: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return int(self.scale.shape[0])
+
+    def group_of(self, cols: torch.Tensor) -> torch.Tensor:
+        return torch.div(cols, self.group_size, rounding_mode="floor")
+
+    def snap(self, w: torch.Tensor, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest grid point for each element of ``w`` (``rows x k``) whose columns are ``cols`` (k,).
+
+        Returns ``(codes, values)``: int64 indices into ``levels`` and the float32 values they decode to.
+        ``cols`` defaults to ``0..k-1``.  A zero scale maps every element to its offset (code of the level
+        closest to 0).  Never produces NaN for finite inputs.
+        """
+        w = w.to(torch.float32)
+        if cols is None:
+            cols = torch.arange(w.shape[1])
+        g = self.group_of(cols.to(torch.long))
+        s = self.scale[:, g]
+        o = self.offset[:, g]
+        zero = s == 0
+        u = torch.where(zero, torch.zeros_like(w), (w - o) / torch.where(zero, torch.ones_like(s), s))
+        mids = (self.levels[1:] + self.levels[:-1]) * 0.5
+        codes = torch.searchsorted(mids, u.contiguous())
+        values = s * self.levels[codes] + o
+        return codes, values
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """Decode full-width codes (``rows x cols``) to float32 values."""
+        cols = torch.arange(codes.shape[1])
+        g = self.group_of(cols)
+        return self.scale[:, g] * self.levels[codes] + self.offset[:, g]
+
+
+class Format(ABC):
+    """A storage format for one tensor.  Subclasses are frozen dataclasses validated in ``__post_init__``."""
+
+    #: True for formats that quantize onto a :class:`Grid`; False for pass-through (fp16/bf16/fp32).
+    is_grid: bool = True
+
+    @property
+    @abstractmethod
+    def id(self) -> str:
+        """The short id users type and plans store (``int4-g128``, ``q4_k``, ``fp16``)."""
+
+    @property
+    def bits(self) -> float:
+        """Nominal bits of one code (not counting scales); see :meth:`bpw` for the true cost."""
+        return float("nan")
+
+    @abstractmethod
+    def nbytes(self, shape: Shape) -> int:
+        """Exact bytes a tensor of ``shape`` takes in storage, scales, zero-points and padding included."""
+
+    def bpw(self, shape: Shape) -> float:
+        return 8.0 * self.nbytes(shape) / math.prod(shape)
+
+    def check_shape(self, shape: Shape) -> None:
+        """Raise :class:`FormatError` when the format cannot store ``shape`` (e.g. rows not a multiple of 256)."""
+        if len(shape) == 0 or any(int(d) <= 0 for d in shape):
+            raise FormatError(f"{self.id}: cannot store a tensor of shape {tuple(shape)}")
+
+    def supports(self, shape: Shape) -> bool:
+        try:
+            self.check_shape(shape)
+        except FormatError:
+            return False
+        return True
+
+    # --- grid formats -------------------------------------------------------------------------
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
+        """Choose scales/offsets for the 2-D weight ``w`` (rows = outputs, cols = inputs).
+
+        ``importance`` weights the squared error of each element in the scale search: shape ``(cols,)``
+        (e.g. the Hessian diagonal / mean squared activation) or ``(rows, cols)``.
+        """
+        raise NotImplementedError(f"{self.id} is not a grid format")
+
+    def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
+        """Pack int64 ``codes`` (``rows x cols``, indices into ``grid.levels``) and the grid into storage."""
+        raise NotImplementedError(f"{self.id} is not a grid format")
+
+    @abstractmethod
+    def decode(self, q: QTensor) -> torch.Tensor:
+        """Dequantize to a float32 tensor of ``q.shape``."""
+
+    # --- pass-through formats -----------------------------------------------------------------
+    def store(self, w: torch.Tensor) -> QTensor:
+        """Pass-through formats (``is_grid`` False) store the tensor directly."""
+        raise NotImplementedError(f"{self.id} is a grid format: use bitalloc.rounding.quantize_weight")
+
+    def __str__(self) -> str:
+        return self.id
+
+
+FormatParser = Callable[[str], "Format | None"]
+
+
+class FormatRegistry:
+    """Resolves format ids through parsers registered by each family module."""
+
+    def __init__(self) -> None:
+        self._parsers: list[tuple[str, FormatParser]] = []
+        self._examples: list[str] = []
+        self._cache: dict[str, Format] = {}
+
+    def register(self, family: str, parser: FormatParser, examples: Iterable[str] = ()) -> None:
+        self._parsers.append((family, parser))
+        self._examples.extend(examples)
+
+    def get(self, format_id: str) -> Format:
+        key = format_id.strip().lower()
+        if key in self._cache:
+            return self._cache[key]
+        for _family, parser in self._parsers:
+            fmt = parser(key)
+            if fmt is not None:
+                self._cache[key] = fmt
+                return fmt
+        known = ", ".join(self._examples[:24])
+        raise FormatError(f"unknown format {format_id!r}; examples of valid ids: {known}")
+
+    def examples(self) -> list[str]:
+        return list(self._examples)
+
+
+#: The one registry instance; family modules register into it on import (see ``formats/__init__``).
+REGISTRY = FormatRegistry()
+
+
+def get_format(format_id: str | Format) -> Format:
+    """The :class:`Format` for a user-typed id (or the format itself)."""
+    if isinstance(format_id, Format):
+        return format_id
+    return REGISTRY.get(format_id)
