@@ -24,10 +24,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..errors import BitallocError
+
 Shape = tuple[int, ...]
 
 
-class FormatError(ValueError):
+class FormatError(BitallocError, ValueError):
     """A format id that does not exist, or a tensor shape a format cannot store."""
 
 
