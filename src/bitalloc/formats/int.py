@@ -1,1 +1,211 @@
-"""(stub: being written)"""
+"""Integer formats ``int{b}-g{G}`` / ``int{b}-row`` with fp16 scales (and fp16 zero-points when asymmetric).
+
+Ids: ``int4-g128`` (asymmetric, the default), ``int4-g128-sym``, ``int3-row``, ``int3-row-sym``; an explicit
+``-asym`` suffix is accepted on input (``int4-g128-asym`` -> ``int4-g128``).  Widths ``b`` in
+{2, 3, 4, 5, 6, 8}; groups ``G`` in {32, 64, 128} consecutive input columns, or ``row`` (one group per row).
+
+Values:
+* asymmetric: ``w ≈ scale[r, g] * q + zero[r, g]`` with ``q`` in ``[0, 2^b - 1]``;
+* symmetric:  ``w ≈ scale[r, g] * q`` with ``q`` in ``[-2^(b-1), 2^(b-1) - 1]``, stored as ``q + 2^(b-1)``
+  (the scale may be negative, so the largest-magnitude weight can use the longer side ``-2^(b-1)``).
+
+As a :class:`Grid`: ``levels = arange(0, 2^b)`` (asym) or ``arange(-2^(b-1), 2^(b-1))`` (sym), the stored
+code is the index into ``levels``, ``offset`` = zero (asym) or 0, ``group_size = G`` (``cols`` for ``row``).
+
+Exact storage layout of a ``(rows, cols)`` tensor (this defines :meth:`IntFormat.nbytes`):
+* ``ngroups = ceil(cols / G)`` (1 for ``row``); each row is padded with zero codes to ``ngroups * G``
+  columns (``row``: no padding);
+* ``weight_packed``: the codes of the whole ``(rows, ngroups * G)`` tensor in row-major order as one
+  :func:`~bitalloc.formats.packing.pack_bits` stream: ``ceil(rows * ngroups * G * b / 8)`` uint8 bytes;
+* ``weight_scale``: fp16 ``(rows, ngroups)``: ``2 * rows * ngroups`` bytes;
+* ``weight_zero`` (asymmetric only): fp16 ``(rows, ngroups)``: ``2 * rows * ngroups`` bytes.
+Example: ``(3, 200)`` int4-g128 = 384 + 12 + 12 = 408 bytes.
+
+Scales and zeros are fp16 values clamped to ±65504: a group whose range exceeds what an fp16 scale can
+span clips its extremes rather than storing inf (see :func:`bitalloc.rounding.rtn.round_fp16`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import NumericsError
+from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
+from .packing import pack_bits, packed_nbytes, unpack_bits
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128, None)
+_ID = re.compile(r"int(\d+)-(?:g(\d+)|(row))(?:-(sym|asym))?")
+
+
+@dataclass(frozen=True)
+class IntFormat(Format):
+    """``bits``-bit integer codes, one fp16 scale (+ fp16 zero if not ``symmetric``) per ``group`` columns.
+
+    ``group=None`` means one group per row.  Defaults exist only so the ``bits`` field can shadow the base
+    class property; always pass all three.
+    """
+
+    bits: int = 4  # type: ignore[assignment]
+    group: int | None = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS or isinstance(self.bits, bool):
+            raise FormatError(f"integer formats support bits in {BITS}, got {self.bits!r}")
+        if self.group not in GROUPS or isinstance(self.group, bool):
+            raise FormatError(f"integer formats support groups of 32, 64, 128 or one per row, got {self.group!r}")
+        if not isinstance(self.symmetric, bool):
+            raise FormatError(f"symmetric must be a bool, got {self.symmetric!r}")
+
+    # --- identity -----------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        g = "row" if self.group is None else f"g{self.group}"
+        return f"int{self.bits}-{g}" + ("-sym" if self.symmetric else "")
+
+    @property
+    def levels(self) -> torch.Tensor:
+        n = 1 << self.bits
+        lo = -(n // 2) if self.symmetric else 0
+        return torch.arange(lo, lo + n, dtype=torch.float32)
+
+    # --- geometry -----------------------------------------------------------------------------
+    def check_shape(self, shape: Shape) -> None:
+        shape = tuple(shape)
+        if len(shape) != 2:
+            raise FormatError(f"{self.id}: stores 2-D (rows, cols) tensors only, got shape {shape}")
+        super().check_shape(shape)
+
+    def group_size(self, cols: int) -> int:
+        return cols if self.group is None else self.group
+
+    def ngroups(self, cols: int) -> int:
+        return -(-cols // self.group_size(cols))
+
+    def nbytes(self, shape: Shape) -> int:
+        self.check_shape(shape)
+        rows, cols = (int(d) for d in shape)
+        ng = self.ngroups(cols)
+        padded = ng * self.group_size(cols)
+        params = rows * ng * 2 * (1 if self.symmetric else 2)
+        return packed_nbytes(rows * padded, self.bits) + params
+
+    # --- grid ---------------------------------------------------------------------------------
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, *, search: bool = True) -> Grid:
+        """Grid with fp16 scales/zeros chosen by :func:`search_affine` (``search=False``: min-max)."""
+        from ..rounding.rtn import minmax_affine, search_affine  # rounding imports formats.base only
+
+        self.check_shape(tuple(w.shape))
+        w = w.detach().to(torch.float32)
+        if not bool(torch.isfinite(w).all()):
+            raise NumericsError(f"{self.id}: weight of shape {tuple(w.shape)} holds NaN/Inf values")
+        rows, cols = w.shape
+        gs, ng = self.group_size(cols), self.ngroups(cols)
+        pad = ng * gs - cols
+        imp = _importance(importance, rows, cols, self.id)
+        if pad:  # replicate the last column (min/max unchanged) and give the padding zero weight
+            w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
+            imp = torch.cat([torch.ones(rows, cols) if imp is None else imp, torch.zeros(rows, pad)], dim=1)
+        groups = w.reshape(rows * ng, gs)
+        gimp = None if imp is None else imp.reshape(rows * ng, gs)
+        if search:
+            scale, offset = search_affine(groups, self.levels, gimp, symmetric=self.symmetric)
+        else:
+            scale, offset = minmax_affine(groups, self.levels, symmetric=self.symmetric)
+        if self.symmetric:
+            offset = torch.zeros_like(scale)
+        return Grid(scale=scale.reshape(rows, ng), offset=offset.reshape(rows, ng), levels=self.levels, group_size=gs)
+
+    def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
+        shape = tuple(int(d) for d in shape)
+        self.check_shape(shape)
+        rows, cols = shape
+        gs, ng = self.group_size(cols), self.ngroups(cols)
+        if tuple(codes.shape) != shape:
+            raise FormatError(f"{self.id}: codes of shape {tuple(codes.shape)} do not match the tensor shape {shape}")
+        if grid.group_size != gs or tuple(grid.scale.shape) != (rows, ng) or tuple(grid.offset.shape) != (rows, ng):
+            raise FormatError(f"{self.id}: grid (group {grid.group_size}, scale {tuple(grid.scale.shape)}) does not "
+                              f"match shape {shape} (group {gs}, {ng} groups per row)")
+        if not torch.equal(grid.levels.to(torch.float32), self.levels):
+            raise FormatError(f"{self.id}: grid levels are not this format's codebook")
+        scale16 = grid.scale.to(torch.float16)
+        zero16 = grid.offset.to(torch.float16)
+        if not torch.equal(scale16.to(torch.float32), grid.scale) or not torch.equal(zero16.to(torch.float32), grid.offset):
+            raise FormatError(f"{self.id}: grid scale/offset are not exactly fp16 values (use {self.id}.fit)")
+        if self.symmetric and bool((grid.offset != 0).any()):
+            raise FormatError(f"{self.id}: a symmetric grid must have zero offset")
+        full = torch.zeros(rows, ng * gs, dtype=torch.int64)
+        full[:, :cols] = codes
+        parts = {"weight_packed": pack_bits(full, self.bits), "weight_scale": scale16.contiguous()}
+        if not self.symmetric:
+            parts["weight_zero"] = zero16.contiguous()
+        return QTensor(format=self.id, shape=shape, dtype=dtype, parts=parts)
+
+    def decode(self, q: QTensor) -> torch.Tensor:
+        if get_id(q.format) != self.id:
+            raise FormatError(f"{self.id}: cannot decode a tensor stored as {q.format!r}")
+        shape = tuple(int(d) for d in q.shape)
+        self.check_shape(shape)
+        rows, cols = shape
+        gs, ng = self.group_size(cols), self.ngroups(cols)
+        expect = {"weight_packed": (torch.uint8, (packed_nbytes(rows * ng * gs, self.bits),)),
+                  "weight_scale": (torch.float16, (rows, ng))}
+        if not self.symmetric:
+            expect["weight_zero"] = (torch.float16, (rows, ng))
+        if set(q.parts) != set(expect):
+            raise FormatError(f"{self.id}: expected parts {sorted(expect)}, got {sorted(q.parts)}")
+        for name, (dt, shp) in expect.items():
+            t = q.parts[name]
+            if t.dtype != dt or tuple(t.shape) != shp:
+                raise FormatError(f"{self.id}: part {name} should be {dt} {shp}, got {t.dtype} {tuple(t.shape)}")
+        codes = unpack_bits(q.parts["weight_packed"], self.bits, rows * ng * gs).reshape(rows, ng * gs)[:, :cols]
+        scale = q.parts["weight_scale"].to(torch.float32)
+        zero = torch.zeros_like(scale) if self.symmetric else q.parts["weight_zero"].to(torch.float32)
+        g = torch.div(torch.arange(cols), gs, rounding_mode="floor")
+        return scale[:, g] * self.levels[codes] + zero[:, g]  # exactly Grid.values
+
+
+def _importance(importance: torch.Tensor | None, rows: int, cols: int, fid: str) -> torch.Tensor | None:
+    if importance is None:
+        return None
+    imp = importance.detach().to(torch.float32)
+    if imp.dim() == 1 and imp.shape[0] == cols:
+        imp = imp.unsqueeze(0).expand(rows, cols)
+    elif tuple(imp.shape) != (rows, cols):
+        raise FormatError(f"{fid}: importance must have shape ({cols},) or ({rows}, {cols}), got {tuple(imp.shape)}")
+    if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+        raise NumericsError(f"{fid}: importance must be finite and non-negative")
+    return imp
+
+
+def parse_int(format_id: str) -> IntFormat | None:
+    """``int4-g128[-sym|-asym]`` / ``int3-row[-sym|-asym]`` -> :class:`IntFormat`; other families -> None.
+
+    An id of this family with an unsupported width or group raises :class:`FormatError` saying why.
+    """
+    m = _ID.fullmatch(format_id.strip().lower())
+    if m is None:
+        if format_id.strip().lower().startswith("int"):
+            raise FormatError(f"malformed integer format id {format_id!r}; expected e.g. int4-g128, int4-g128-sym, "
+                              f"int3-row (bits {BITS}, groups g32/g64/g128/row)")
+        return None
+    bits, group, _row, kind = m.groups()
+    return IntFormat(int(bits), None if group is None else int(group), kind == "sym")
+
+
+def get_id(format_id: str) -> str:
+    """Canonical id of an integer-format id (``int4-g128-asym`` -> ``int4-g128``); other ids unchanged."""
+    try:
+        fmt = parse_int(format_id)
+    except FormatError:
+        return format_id
+    return format_id if fmt is None else fmt.id
+
+
+REGISTRY.register("int", parse_int, examples=["int4-g128", "int4-g128-sym", "int3-row", "int8-row-sym",
+                                               "int2-g32"])
+
+__all__ = ["IntFormat", "parse_int", "BITS", "GROUPS"]

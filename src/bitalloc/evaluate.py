@@ -1,0 +1,146 @@
+"""Evaluation of a candidate against a reference on held-out windows: PPL, KLD, top-1.  Never quantizes.
+
+Scoring follows llama.cpp's perplexity tool: in every ``ctx``-token window the first ``ctx // 2`` tokens are
+context only; the logits at positions ``first .. ctx-2`` are scored against tokens ``first+1 .. ctx-1``
+(``ctx - 1 - ctx//2`` tokens per window, 255 at ctx 512).
+
+* PPL  = exp(mean NLL of the candidate) (``ref_ppl`` the same for the reference),
+* KLD  = mean over scored tokens of ``Σ_v p_ref (log p_ref − log p_cand)``, natural log,
+* top1 = share of scored tokens whose argmaxes agree.
+
+Log-softmax runs in float64 over chunks of token rows (bounded memory at vocab 49152; exact enough to
+resolve KLD ~1e-12) and every sum is accumulated in float64.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from bitalloc.errors import InputError, NumericsError
+
+log = logging.getLogger(__name__)
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (b, ctx) int64 -> (b, ctx, vocab) logits
+_ROW_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    ppl: float
+    ref_ppl: float
+    kld: float
+    top1: float
+    ntokens: int
+    ctx: int
+
+    def __post_init__(self) -> None:
+        if self.ntokens <= 0 or self.ctx < 3:
+            raise ValueError(f"EvalResult needs ntokens > 0 and ctx >= 3, got {self.ntokens}, {self.ctx}")
+        if not 0.0 <= self.top1 <= 1.0:
+            raise ValueError(f"top1 must lie in [0, 1], got {self.top1}")
+        if self.kld < -1e-9:
+            raise ValueError(f"KLD cannot be negative, got {self.kld}")
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def first_scored(ctx: int) -> int:
+    """Index of the first scored logit position in a window (llama.cpp: ``n_ctx / 2``)."""
+    return ctx // 2
+
+
+def _as_logits_fn(m: torch.nn.Module | LogitsFn, n_keep: int) -> LogitsFn:
+    if not isinstance(m, torch.nn.Module):
+        return m
+    device = next(m.parameters()).device
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        ids = batch.to(device)
+        try:  # only the scored half needs the (large) lm_head output
+            out = m(input_ids=ids, logits_to_keep=n_keep, use_cache=False)
+        except TypeError:
+            out = m(input_ids=ids, use_cache=False)
+        return out.logits
+
+    return fn
+
+
+def _scored(logits: torch.Tensor, b: int, ctx: int, name: str) -> torch.Tensor:
+    """The logits at positions first .. ctx-2 from a full (b, ctx, V) or last-half (b, ctx-first, V) output."""
+    first = first_scored(ctx)
+    if logits.dim() != 3 or logits.shape[0] != b or logits.shape[1] not in (ctx, ctx - first):
+        raise InputError(f"{name} returned logits of shape {tuple(logits.shape)}; expected ({b}, {ctx}, vocab)")
+    start = first if logits.shape[1] == ctx else 0
+    return logits[:, start: start + ctx - 1 - first]
+
+
+@dataclass
+class _Acc:
+    nll: float = 0.0
+    ref_nll: float = 0.0
+    kld: float = 0.0
+    agree: int = 0
+    n: int = 0
+
+
+def _accumulate(acc: _Acc, cand: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add one batch: cand/ref (N, V) logits, targets (N,) ids."""
+    for i in range(0, cand.shape[0], _ROW_CHUNK):
+        c = cand[i: i + _ROW_CHUNK].to(torch.float64)
+        r = ref[i: i + _ROW_CHUNK].to(torch.float64)
+        t = targets[i: i + _ROW_CHUNK].to(c.device).unsqueeze(1)
+        if not (torch.isfinite(c).all() and torch.isfinite(r).all()):
+            which = "candidate" if not torch.isfinite(c).all() else "reference"
+            raise NumericsError(f"the {which} model produced NaN/Inf logits")
+        lc, lr = torch.log_softmax(c, -1), torch.log_softmax(r, -1)
+        acc.nll -= lc.gather(1, t).sum().item()
+        acc.ref_nll -= lr.gather(1, t).sum().item()
+        acc.kld += (lr.exp() * (lr - lc)).sum().item()
+        acc.agree += int((c.argmax(-1) == r.argmax(-1)).sum().item())
+        acc.n += c.shape[0]
+
+
+@torch.no_grad()
+def evaluate(candidate: torch.nn.Module | LogitsFn, reference: torch.nn.Module | LogitsFn,
+             windows: torch.Tensor, *, batch_size: int = 2, progress: bool = False) -> EvalResult:
+    """Score ``candidate`` against ``reference`` on token windows ``(n, ctx)``.
+
+    Each of ``candidate``/``reference`` is a torch causal LM (called with ``input_ids``) or a callable
+    mapping a ``(b, ctx)`` int64 batch to logits ``(b, ctx, vocab)`` (or only the last ``ctx - ctx//2``
+    positions), e.g. llama.cpp's logits for a GGUF.
+    """
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
+        raise InputError("windows must be a 2-D int64 tensor (n, ctx)")
+    n, ctx = windows.shape
+    if n == 0 or ctx < 3:
+        raise InputError(f"need at least one window of at least 3 tokens, got {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be positive, got {batch_size}")
+    first = first_scored(ctx)
+    cand_fn, ref_fn = _as_logits_fn(candidate, ctx - first), _as_logits_fn(reference, ctx - first)
+    acc = _Acc()
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="evaluate", unit="batch")
+    for s in starts:
+        batch = windows[s: s + batch_size]
+        b = batch.shape[0]
+        c = _scored(cand_fn(batch), b, ctx, "candidate")
+        r = _scored(ref_fn(batch), b, ctx, "reference")
+        if c.shape[-1] != r.shape[-1]:
+            raise InputError(f"candidate vocab {c.shape[-1]} != reference vocab {r.shape[-1]}")
+        targets = batch[:, first + 1:]
+        _accumulate(acc, c.reshape(-1, c.shape[-1]), r.reshape(-1, r.shape[-1]), targets.reshape(-1))
+    result = EvalResult(ppl=math.exp(acc.nll / acc.n), ref_ppl=math.exp(acc.ref_nll / acc.n),
+                        kld=max(acc.kld / acc.n, 0.0), top1=acc.agree / acc.n, ntokens=acc.n, ctx=int(ctx))
+    log.info("eval: ppl %.4f (ref %.4f) kld %.3g top1 %.4f over %d tokens", result.ppl, result.ref_ppl,
+             result.kld, result.top1, result.ntokens)
+    return result
+

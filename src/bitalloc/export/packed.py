@@ -1,0 +1,151 @@
+"""The packed safetensors directory: one self-describing ``model.safetensors`` plus ``bitalloc.json``.
+
+Tensor ``X.weight`` stored in a grid format becomes ``X.weight_packed``, ``X.weight_scale`` and
+``X.weight_zero`` (the parts of its :class:`~bitalloc.formats.QTensor`); a pass-through tensor (fp16 norms,
+biases, kept tensors) keeps its own name.  ``bitalloc.json`` lists every tensor's format id, shape, dtype and
+parts, the plan, the total bytes and bpw; the HF config and tokenizer sit beside them.  The directory is
+written under a temporary name, re-read and compared tensor by tensor, then renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import InputError
+from ..formats import QTensor, get_format
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "bitalloc.json"
+
+
+def part_key(name: str, part: str) -> str:
+    """On-disk name of ``part`` of tensor ``name``: ``a.b.weight`` + ``weight_scale`` -> ``a.b.weight_scale``;
+    a bias keeps its own stem (``a.b.bias`` + ``weight`` -> ``a.b.bias``)."""
+    prefix, _, stem = name.rpartition(".")
+    if not part.startswith("weight"):
+        raise InputError(f"unexpected part name {part!r} of {name}")
+    key = stem + part[len("weight"):]
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _flatten(qtensors: Mapping[str, QTensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for name, q in qtensors.items():
+        fmt = get_format(q.format)
+        if q.nbytes() != fmt.nbytes(tuple(q.shape)):
+            raise InputError(f"{name}: stored parts take {q.nbytes()} B, format {q.format} says {fmt.nbytes(q.shape)}")
+        parts = {}
+        for part, t in q.parts.items():
+            key = part_key(name, part)
+            if key in tensors:
+                raise InputError(f"two tensors would be stored as {key!r}")
+            tensors[key] = t.detach().contiguous().cpu()
+            parts[part] = key
+        meta[name] = {"format": q.format, "shape": list(q.shape), "dtype": q.dtype, "parts": parts,
+                      "bytes": q.nbytes()}
+    return tensors, meta
+
+
+def _verify(path: Path, meant: Mapping[str, torch.Tensor]) -> None:
+    got = load_file(str(path))
+    if set(got) != set(meant):
+        raise InputError(f"verification of {path} failed: stored names differ from those written")
+    for k, t in meant.items():
+        g = got[k]
+        if g.dtype != t.dtype or g.shape != t.shape or not torch.equal(g.view(torch.uint8), t.view(torch.uint8)):
+            raise InputError(f"verification of {path} failed: tensor {k} differs from what was written")
+
+
+def save_packed(
+    out_dir: str | os.PathLike,
+    model: nn.Module,
+    view: Any,
+    qtensors: Mapping[str, QTensor],
+    plan: Any,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the packed directory and return its ``bitalloc.json`` content (after re-reading and checking it)."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"output directory {out} already exists (choose another path or allow overwriting)")
+    expected = {n for n, _ in model.named_parameters()}
+    if set(qtensors) != expected:
+        missing = sorted(expected - set(qtensors))[:3]
+        extra = sorted(set(qtensors) - expected)[:3]
+        raise InputError(f"the quantized tensors do not cover the model: missing {missing}, unknown {extra}")
+    tensors, meta = _flatten(qtensors)
+    nbytes = sum(m["bytes"] for m in meta.values())
+    nparams = sum(p.numel() for p in model.parameters())
+    plan_json = json.loads(plan.to_json()) if hasattr(plan, "to_json") else plan
+    if plan_json is not None and hasattr(plan, "total_bytes") and plan.total_bytes != nbytes:
+        raise InputError(f"stored tensors take {nbytes} B but the plan accounts {plan.total_bytes} B")
+    info = {
+        "format_version": FORMAT_VERSION,
+        "kind": "bitalloc.packed",
+        "bytes": nbytes,
+        "bpw": 8.0 * nbytes / nparams,
+        "total_params": nparams,
+        "tied": bool(getattr(model.config, "tie_word_embeddings", False)),
+        "tensors": meta,
+        "plan": plan_json,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "bitalloc-packed"})
+        (tmp / META_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        model.config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _verify(tmp / WEIGHTS_FILE, tensors)
+        if json.loads((tmp / META_FILE).read_text()) != info:
+            raise InputError(f"verification of {META_FILE} failed")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s: %d tensors, %d B (%.4f bpw), verified", out, len(meta), nbytes, info["bpw"])
+    return info
+
+
+def read_packed(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, QTensor]]:
+    """``(bitalloc.json, {tensor: QTensor})`` of a packed directory (InputError when it is not one)."""
+    p = Path(path)
+    meta_path, weights = p / META_FILE, p / WEIGHTS_FILE
+    if not meta_path.is_file() or not weights.is_file():
+        raise InputError(f"{p} is not a bitalloc packed directory (needs {META_FILE} and {WEIGHTS_FILE})")
+    try:
+        info = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {meta_path}: {e}") from e
+    if info.get("kind") != "bitalloc.packed" or info.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{meta_path} is not a version-{FORMAT_VERSION} bitalloc packed description")
+    try:
+        stored = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for broken files
+        raise InputError(f"cannot read {weights}: {e}") from e
+    out: dict[str, QTensor] = {}
+    try:
+        for name, m in info["tensors"].items():
+            parts = {part: stored[key] for part, key in m["parts"].items()}
+            out[name] = QTensor(format=m["format"], shape=tuple(m["shape"]), dtype=m["dtype"], parts=parts)
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{p}: {META_FILE} does not match {WEIGHTS_FILE} ({e})") from e
+    return info, out

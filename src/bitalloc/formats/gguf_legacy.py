@@ -1,0 +1,140 @@
+"""The 32-wide GGUF block types Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 and IQ4_NL, bit-exact with llama.cpp.
+
+One fp16 scale ``d`` (and for the ``_1`` types one fp16 min ``m``) per block of 32 along a row:
+
+==========  =====================================  ==============================  =====
+type        value                                  bytes of one block              size
+==========  =====================================  ==============================  =====
+q4_0        d * (q - 8),   q in 0..15              d, qs[16]                       18
+q4_1        d * q + m,     q in 0..15              d, m, qs[16]                    20
+q5_0        d * (q - 16),  q in 0..31              d, qh[4], qs[16]                22
+q5_1        d * q + m,     q in 0..31              d, m, qh[4], qs[16]             24
+q8_0        d * q,         q in -128..127 (int8)   d, qs[32]                       34
+iq4_nl      d * kvalues[q], q in 0..15             d, qs[16]                       18
+==========  =====================================  ==============================  =====
+
+``qs[j]`` holds element ``j`` in its low nibble and element ``j + 16`` in its high nibble; ``qh`` is a
+little-endian uint32 whose bit ``j`` is bit 4 of element ``j``.  The Grid has one group per block with
+``scale = d`` and ``offset = m`` (0 for the symmetric types) exactly as stored; the code is the stored
+unsigned value (Q8_0: the int8 plus 128), so every stored byte pattern is a Grid code and back.
+
+The scales are chosen by :func:`bitalloc.rounding.rtn.search_affine` (importance-weighted clip search with
+least-squares refits, errors compared after fp16 rounding) and then polished by coordinate descent over
+fp16 neighbours (:func:`polish_fp16`), which is never worse than the search result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..rounding.rtn import round_fp16
+from .base import FormatError, Grid, QTensor, Shape
+from .gguf_common import (GGUFFormat, bits_to_bytes, check_weights, element_weights, fp16_bytes,
+                          fp16_from_bytes, fp16r, nibbles, search_grid)
+
+#: IQ4_NL's non-uniform 4-bit codebook (llama.cpp ``kvalues_iq4nl``).
+IQ4NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+class LegacySpec(NamedTuple):
+    levels: tuple[float, ...]
+    symmetric: bool
+    qbits: int  # bits of one stored code (4, 5, 8)
+
+
+_SPECS: dict[str, LegacySpec] = {
+    "q4_0": LegacySpec(tuple(float(i) for i in range(-8, 8)), True, 4),
+    "q4_1": LegacySpec(tuple(float(i) for i in range(16)), False, 4),
+    "q5_0": LegacySpec(tuple(float(i) for i in range(-16, 16)), True, 5),
+    "q5_1": LegacySpec(tuple(float(i) for i in range(32)), False, 5),
+    "q8_0": LegacySpec(tuple(float(i) for i in range(-128, 128)), True, 8),
+    "iq4_nl": LegacySpec(tuple(float(v) for v in IQ4NL_VALUES), True, 4),
+}
+QK = 32
+
+
+@dataclass(frozen=True)
+class GGUFLegacy(GGUFFormat):
+    """A 32-wide GGUF block type (``q8_0 q5_1 q5_0 q4_1 q4_0 iq4_nl``)."""
+
+    @classmethod
+    def _specs(cls) -> dict:
+        return _SPECS
+
+    @property
+    def levels(self) -> torch.Tensor:
+        return torch.tensor(self.spec.levels, dtype=torch.float32)
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
+        w = check_weights(w, self.id)
+        self.check_shape(tuple(w.shape))
+        rows, cols = w.shape
+        imp = element_weights(importance, (rows, cols))
+        x = w.reshape(-1, QK)
+        wt = None if imp is None else imp.reshape(-1, QK)
+        levels, sym = self.levels, self.spec.symmetric
+        s, o = search_grid(x, wt, levels, symmetric=sym, rnd=round_fp16)
+        nb = cols // QK
+        return Grid(s.reshape(rows, nb), o.reshape(rows, nb), levels, QK)
+
+    def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
+        spec = self.spec
+        codes = self.check_codes(codes, shape, len(spec.levels))
+        rows, cols = int(shape[0]), int(shape[1])
+        if grid.group_size != QK or tuple(grid.scale.shape) != (rows, cols // QK):
+            raise FormatError(f"{self.id}: grid is not one of this type's (group size {grid.group_size})")
+        if grid.levels.numel() != len(spec.levels) or not torch.equal(grid.levels.float(), self.levels):
+            raise FormatError(f"{self.id}: grid levels are not this type's codebook")
+        d = grid.scale.to(torch.float32).reshape(-1, 1)
+        m = grid.offset.to(torch.float32).reshape(-1, 1)
+        if not torch.equal(fp16r(d), d) or not torch.equal(fp16r(m), m):
+            raise FormatError(f"{self.id}: grid scales/offsets are not fp16 values")
+        if spec.symmetric and bool((m != 0).any()):
+            raise FormatError(f"{self.id}: symmetric type with a non-zero grid offset")
+        q = codes.reshape(-1, QK)
+        parts = [fp16_bytes(d)]
+        if not spec.symmetric:
+            parts.append(fp16_bytes(m))
+        if spec.qbits == 8:
+            parts.append((q - 128).to(torch.int8).view(torch.uint8))  # code = stored int8 + 128
+        else:
+            if spec.qbits == 5:
+                parts.append(bits_to_bytes((q >> 4) & 1))
+            parts.append(nibbles(q[:, :16], q[:, 16:]))
+        return self.packed(torch.cat(parts, dim=1), shape, dtype)
+
+    def decode(self, q: QTensor) -> torch.Tensor:
+        spec = self.spec
+        b = self.blocks_of(q)
+        d = fp16_from_bytes(b[:, 0:2])
+        pos = 2
+        m = None
+        if not spec.symmetric:
+            m = fp16_from_bytes(b[:, 2:4])
+            pos = 4
+        if spec.qbits == 8:
+            v = b[:, pos:].contiguous().view(torch.int8).to(torch.float32)
+            out = v * d
+        else:
+            qh = None
+            if spec.qbits == 5:
+                hb = b[:, pos:pos + 4].to(torch.int32)
+                qh = ((hb.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1, 32)
+                pos += 4
+            qs = b[:, pos:pos + 16].to(torch.int32)
+            code = torch.cat([qs & 0xF, qs >> 4], dim=1)
+            if qh is not None:
+                code = code | (qh << 4)
+            if spec.levels[0] != 0.0 and self.name != "iq4_nl":
+                vals = (code + int(spec.levels[0])).to(torch.float32)
+            else:
+                vals = self.levels[code.to(torch.int64)]
+            out = d * vals
+            if m is not None:
+                out = out + m
+        return out.reshape(int(q.shape[0]), int(q.shape[1]))
+
+
+__all__ = ["GGUFLegacy", "IQ4NL_VALUES", "LegacySpec"]

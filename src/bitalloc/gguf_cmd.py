@@ -1,0 +1,209 @@
+"""``bitalloc gguf IN.gguf --budget SIZE -o OUT.gguf``: the best per-tensor llama.cpp types at a file size.
+
+IN may be F32/F16 or already quantized (transformers dequantizes it on load); it is also the template
+whose metadata (architecture, tokenizer, chat template...) the output keeps.  Candidate types per tensor
+are the GGUF block types its shape allows (K-quants need rows of a multiple of 256 values); norms and
+biases are written as F32, as llama.cpp expects.  A file-size budget becomes a tensor-bytes budget by
+subtracting the exact non-tensor bytes (header, metadata, tensor infos), the F32 tensors and the worst
+case of alignment padding; the final size is computed exactly before writing and never exceeds SIZE.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from gguf import GGMLQuantizationType
+
+from .budget import Budget
+from .errors import BudgetError, InputError
+from .export.gguf import (
+    GGUFTemplate, WrittenGGUF, gguf_file_size, gguf_layout, ggml_nbytes, read_template, write_gguf,
+)
+from .export.gguf_names import gguf_to_hf, hf_to_gguf
+from .formats import get_format
+
+log = logging.getLogger(__name__)
+
+GGUF_FORMATS = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "iq4_nl", "q3_k", "q2_k")
+F32 = GGMLQuantizationType.F32
+
+
+@dataclass(frozen=True)
+class GGUFBudget:
+    """How a target splits: ``capacity`` bytes for the allocated tensors, the rest fixed."""
+
+    target: int  # file bytes (or tensor bytes for a bpw budget)
+    capacity: int  # bytes the allocated tensors may take (padding slack already removed)
+    header_bytes: int  # header + metadata + tensor infos + padding
+    fixed_bytes: int  # F32 tensors (norms, biases), padded
+    kind: str  # "file" or "bpw"
+
+
+def gguf_formats(text: str | None) -> list[str]:
+    """Validated candidate ids; every one must be a GGUF block type."""
+    ids = list(GGUF_FORMATS) if not text else [f.strip().lower() for f in text.split(",") if f.strip()]
+    if not ids:
+        raise InputError("--formats is empty")
+    for f in ids:
+        if not hasattr(get_format(f), "gguf_type"):
+            raise InputError(f"--formats: {f} is not a GGUF block type (use {', '.join(GGUF_FORMATS)})")
+    return ids
+
+
+def _split(tpl: GGUFTemplate, allocated: Sequence[str]) -> tuple[list[tuple[str, tuple[int, ...]]], list[str]]:
+    """(allocated GGUF names with shapes, fixed GGUF names) of the template."""
+    alloc = set(allocated)
+    missing = [n for n in alloc if n not in {t[0] for t in tpl.tensors}]
+    if missing:
+        raise InputError(f"the template GGUF has no tensor {missing[0]!r}")
+    return [(n, s) for n, s, _ in tpl.tensors if n in alloc], [n for n, _, _ in tpl.tensors if n not in alloc]
+
+
+def split_budget(tpl: GGUFTemplate, allocated: Sequence[str], budget: str | Budget, total_params: int) -> GGUFBudget:
+    """Bytes the allocated tensors may take so that the file (or, for bpw, all tensor data) fits ``budget``."""
+    b = Budget.parse(budget)
+    shapes = {n: s for n, s, _ in tpl.tensors}
+    _, fixed = _split(tpl, allocated)
+    layout = gguf_layout(tpl, [(n, s, F32) for n, s, _ in tpl.tensors])
+    header = len(layout.header)
+    align = tpl.alignment
+    fixed_bytes = sum(-(-ggml_nbytes(shapes[n], F32) // align) * align for n in fixed)
+    if b.kind == "bpw":
+        target = b.resolve(total_params)
+        capacity = target - sum(ggml_nbytes(shapes[n], F32) for n in fixed)
+        return GGUFBudget(target, capacity, header, fixed_bytes, "bpw")
+    target = b.resolve(total_params)
+    capacity = target - header - fixed_bytes - len(allocated) * (align - 1)
+    return GGUFBudget(target, capacity, header, fixed_bytes, "file")
+
+
+def allocated_gguf_names(view: Any, arch: str) -> dict[str, str]:
+    """HF name -> GGUF name of every allocated tensor of a ModelView."""
+    return {r.name: hf_to_gguf(r.name, arch) for r in view.quantizable()}
+
+
+def plan_gguf(measurement: Any, view: Any, tpl: GGUFTemplate, budget: str | Budget) -> tuple[Any, GGUFBudget]:
+    """Allocate GGUF types so that the written file fits ``budget``; returns ``(plan, split)``."""
+    from .pipeline import make_plan
+
+    names = allocated_gguf_names(view, tpl.arch)
+    split = split_budget(tpl, list(names.values()), budget, measurement.total_params)
+    smallest = sum(min(r.bytes for r in measurement.rows_for(hf)) for hf in names)
+    if split.capacity < smallest:
+        need = split.target - split.capacity + smallest
+        raise BudgetError(f"budget {budget} ({split.target} B) is below the smallest GGUF these types can make "
+                          f"(about {need} B {'of tensor data' if split.kind == 'bpw' else 'file size'})")
+    plan = make_plan(measurement, Budget.parse(split.capacity + measurement.fixed_bytes))
+    return plan, split
+
+
+def export_plan(
+    model: torch.nn.Module,
+    view: Any,
+    plan: Any,
+    windows: torch.Tensor,
+    tpl: GGUFTemplate,
+    out: str | Path,
+    *,
+    method: str = "gptq",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> WrittenGGUF:
+    """Quantize ``model`` in place by ``plan`` onto the GGUF grids and write the GGUF.
+
+    Afterwards ``model`` holds exactly the values the file decodes to: quantized tensors dequantized,
+    fixed tensors (norms) at their original float32 values, as written.
+    """
+    from .quantize import quantize_model, set_weight
+
+    params = dict(model.named_parameters())
+    originals = {f.name: params[f.name].detach().clone() for f in view.fixed()}
+    qt = quantize_model(model, view, plan, windows, method=method, progress=progress)  # type: ignore[arg-type]
+    for name, value in originals.items():  # the GGUF keeps norms in F32: undo quantize's fp16 rounding
+        set_weight(model, name, value)
+    names = allocated_gguf_names(view, tpl.arch)
+    tensors: dict[str, Any] = {gg: qt[hf] for hf, gg in names.items()}
+    for name, _shape, _typ in tpl.tensors:
+        if name not in tensors:
+            hf = gguf_to_hf(name, tpl.arch)
+            if hf not in params:
+                raise InputError(f"the model has no tensor {hf!r} for GGUF tensor {name}")
+            tensors[name] = params[hf].detach().to(torch.float32)
+    specs = {n: (tuple(int(d) for d in (v.shape)), _type_of(v)) for n, v in tensors.items()}
+    log.info("exact output size: %d bytes", gguf_file_size(tpl, specs))
+    return write_gguf(out, tpl, tensors, overwrite=overwrite)
+
+
+def _type_of(v: Any) -> GGMLQuantizationType:
+    if isinstance(v, torch.Tensor):
+        return F32
+    fmt = get_format(v.format)
+    return GGMLQuantizationType(int(fmt.gguf_type)) if hasattr(fmt, "gguf_type") else F32
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "gguf", help="a llama.cpp GGUF with the best per-tensor types at a file size",
+        description="Measure each tensor's sensitivity to every GGUF block type its shape allows, choose the "
+        "types (exact allocation) so the output FILE fits --budget, quantize with GPTQ onto the llama.cpp "
+        "grids and write a verified GGUF that keeps every metadata key of the input.",
+    )
+    p.add_argument("input", metavar="IN.gguf", help="input GGUF (F32, F16 or quantized: dequantized first)")
+    p.add_argument("--budget", required=True, help="output file size (95MB, 90MiB, 0.1GiB, 98000000B) or bpw")
+    p.add_argument("-o", "--out", required=True, metavar="OUT.gguf", help="output GGUF (must not exist)")
+    p.add_argument("--calib", nargs="+", metavar="TEXT",
+                   help="calibration text files or directories of .txt (default: Shakespeare comedies)")
+    p.add_argument("--windows", type=int, default=32, metavar="N", help="calibration windows (default 32)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--formats", default=",".join(GGUF_FORMATS), metavar="F,F,...",
+                   help="candidate GGUF types (default: all of them; each tensor gets those its shape allows)")
+    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rounding (default gptq)")
+    p.add_argument("--no-fisher", dest="fisher", action="store_false",
+                   help="allocate by layer-output error instead of Fisher-weighted error")
+    p.add_argument("--fisher-windows", type=int, default=8, metavar="N", help="windows of the gradient pass")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    p.set_defaults(func=cmd_gguf)
+    return p
+
+
+def cmd_gguf(args: argparse.Namespace) -> int:
+    from .data import default_calibration_files, read_texts, token_windows
+    from .models.sources import load_model
+    from .models.view import ModelView
+    from .pipeline import measure_model
+
+    src, out = Path(args.input), Path(args.out)
+    if src.suffix.lower() != ".gguf":
+        raise InputError(f"{src}: the input must be a .gguf file")
+    if out.exists() and not args.overwrite:
+        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
+    Budget.parse(args.budget)
+    fmts = gguf_formats(args.formats)
+    tpl = read_template(src)
+    t0 = time.perf_counter()
+    model, tok = load_model(src)
+    view = ModelView(model)
+    files = [Path(p) for p in args.calib] if args.calib else default_calibration_files()
+    windows = token_windows(tok, read_texts(files), args.ctx, args.windows)
+    fisher_w = windows[: args.fisher_windows] if args.fisher else None
+    m = measure_model(model, view, windows, fmts, args.method, args.fisher, progress=not args.quiet,
+                      fisher_windows=fisher_w)
+    plan, split = plan_gguf(m, view, tpl, args.budget)
+    written = export_plan(model, view, plan, windows, tpl, out, method=args.method, overwrite=args.overwrite,
+                          progress=not args.quiet)
+    counts: dict[str, int] = {}
+    for e in plan.entries:
+        counts[e.format] = counts.get(e.format, 0) + 1
+    mix = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+    print(f"wrote {written.path}: {written.file_size} B ({written.file_size / 2**20:.2f} MiB, budget "
+          f"{split.target} B{' of tensor data' if split.kind == 'bpw' else ''}), {written.n_tensors} tensors "
+          f"[{mix}], predicted error {plan.error:.4g}, in {time.perf_counter() - t0:.0f} s")
+    return 0

@@ -1,0 +1,329 @@
+"""The measurement table: for every tensor and candidate format, exact bytes and predicted errors.
+
+Two error functions (pure, over tensors, float64 accumulation), summed over a tensor's roles:
+
+* ``output_error``  = Σ_roles tr(ΔW H ΔWᵀ)            (lookup role: Σ_v freq_v ‖ΔE_v‖²)
+* ``fisher_error``  = ½ Σ_roles Σ_j grad_sq_j (ΔW H ΔWᵀ)_jj   (lookup: ½ Σ_v freq_v Σ_j grad_sq_j ΔE_vj²)
+
+The table is data: :class:`Measurement` round-trips through human-readable JSON (one row per line) and is
+reused for every budget.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import InputError, NumericsError
+from .formats import Format, get_format
+from .rounding import dequantize, quantize_weight
+from .stats import LinearStats, LookupStats, TensorStats
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_CHUNK_ELEMS = 1 << 22  # rows of ΔW·H computed at once: ~32 MiB of float64
+
+
+@dataclass(frozen=True)
+class MeasureRow:
+    """One (tensor, format) cell: exact storage bytes and the predicted errors of that choice."""
+
+    tensor: str
+    format: str
+    bytes: int
+    output_error: float
+    fisher_error: float | None = None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """An allocated tensor.  ``roles`` e.g. ``("linear",)`` or ``("lookup", "linear")`` for a tied embedding.
+
+    ``group``: a tie group name from the model view; tensors with the same non-None group must share one
+    format (q/k/v stored fused, experts of a layer).  ``allocate`` honours it like a constraint tie group.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    roles: tuple[str, ...] = ("linear",)
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "roles", tuple(self.roles))
+        if not self.name:
+            raise InputError("a tensor needs a name")
+        if self.numel <= 0 or math.prod(self.shape) != self.numel:
+            raise InputError(f"tensor {self.name!r}: numel {self.numel} does not match shape {self.shape}")
+
+
+@dataclass(frozen=True, eq=False)
+class Measurement:
+    """The whole table.  ``fixed_bytes``: stored tensors not allocated (norms, biases); ``total_params``:
+    every stored parameter, tied tensors once (the bpw denominator); ``fingerprint``: model, calibration
+    and option hashes.  Rows are kept in a canonical order (tensor order, then bytes, then format id)."""
+
+    tensors: tuple[TensorInfo, ...]
+    rows: tuple[MeasureRow, ...]
+    fixed_bytes: int
+    total_params: int
+    fingerprint: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        tensors, rows = tuple(self.tensors), tuple(self.rows)
+        index: dict[str, int] = {}
+        for i, t in enumerate(tensors):
+            if t.name in index:
+                raise InputError(f"measurement: tensor {t.name!r} is listed twice")
+            index[t.name] = i
+        seen: set[tuple[str, str]] = set()
+        for r in rows:
+            if r.tensor not in index:
+                raise InputError(f"measurement: a row names unknown tensor {r.tensor!r} (format {r.format})")
+            if (r.tensor, r.format) in seen:
+                raise InputError(f"measurement: duplicate row for tensor {r.tensor!r}, format {r.format!r}")
+            seen.add((r.tensor, r.format))
+            if not isinstance(r.bytes, int) or r.bytes < 0:
+                raise InputError(f"measurement: negative or non-integer bytes {r.bytes!r} for {r.tensor}/{r.format}")
+            for what, v in (("output_error", r.output_error), ("fisher_error", r.fisher_error)):
+                if v is None and what == "fisher_error":
+                    continue
+                if v is None or not math.isfinite(v):
+                    raise NumericsError(f"measurement: {what} of {r.tensor}/{r.format} is {v!r}")
+                if v < 0:
+                    raise InputError(f"measurement: negative {what} {v!r} for {r.tensor}/{r.format}")
+        if not isinstance(self.fixed_bytes, int) or self.fixed_bytes < 0:
+            raise InputError(f"measurement: fixed_bytes must be a non-negative int, got {self.fixed_bytes!r}")
+        if not isinstance(self.total_params, int) or self.total_params <= 0:
+            raise InputError(f"measurement: total_params must be a positive int, got {self.total_params!r}")
+        rows = tuple(sorted(rows, key=lambda r: (index[r.tensor], r.bytes, r.format)))
+        object.__setattr__(self, "tensors", tensors)
+        object.__setattr__(self, "rows", rows)
+        object.__setattr__(self, "fingerprint", {str(k): str(v) for k, v in dict(self.fingerprint).items()})
+        by: dict[str, list[MeasureRow]] = {t.name: [] for t in tensors}
+        for r in rows:
+            by[r.tensor].append(r)
+        object.__setattr__(self, "_by_tensor", {k: tuple(v) for k, v in by.items()})
+        object.__setattr__(self, "_index", index)
+
+    # --- queries ----------------------------------------------------------------------------------
+    def rows_for(self, tensor: str) -> tuple[MeasureRow, ...]:
+        try:
+            return self._by_tensor[tensor]  # type: ignore[attr-defined]
+        except KeyError:
+            raise InputError(f"tensor {tensor!r} is not in the measurement") from None
+
+    def tensor(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[self._index[name]]  # type: ignore[attr-defined]
+        except KeyError:
+            raise InputError(f"tensor {name!r} is not in the measurement") from None
+
+    def formats(self) -> list[str]:
+        """Every format id measured for at least one tensor, in order of first appearance."""
+        return list(dict.fromkeys(r.format for r in self.rows))
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """``("fisher", "output")`` when every row has a Fisher error, else ``("output",)``."""
+        if self.rows and all(r.fisher_error is not None for r in self.rows):
+            return ("fisher", "output")
+        return ("output",)
+
+    @property
+    def allocated_params(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    # --- JSON -------------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        head = {
+            "format_version": FORMAT_VERSION,
+            "kind": "bitalloc.measurement",
+            "fingerprint": {k: self.fingerprint[k] for k in sorted(self.fingerprint)},
+            "fixed_bytes": self.fixed_bytes,
+            "total_params": self.total_params,
+            "objectives": list(self.objectives),
+        }
+        tensors = [
+            {"name": t.name, "shape": list(t.shape), "numel": t.numel, "roles": list(t.roles), "group": t.group}
+            for t in self.tensors
+        ]
+        rows = [[r.tensor, r.format, r.bytes, r.output_error, r.fisher_error] for r in self.rows]
+        return json_with_lines(head, {"tensors": tensors, "rows": rows})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Measurement":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"measurement is not valid JSON: {e}") from e
+        if not isinstance(d, dict) or d.get("kind") != "bitalloc.measurement":
+            raise InputError("not a bitalloc measurement file")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise InputError(f"measurement format_version {d.get('format_version')!r} is not {FORMAT_VERSION}")
+        try:
+            tensors = tuple(
+                TensorInfo(t["name"], tuple(t["shape"]), int(t["numel"]), tuple(t["roles"]), t.get("group"))
+                for t in d["tensors"]
+            )
+            rows = tuple(
+                MeasureRow(str(t), str(f), b, float(o), None if fi is None else float(fi))
+                for t, f, b, o, fi in d["rows"]
+            )
+            return cls(tensors, rows, d["fixed_bytes"], d["total_params"], d.get("fingerprint", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"malformed measurement: {type(e).__name__}: {e}") from e
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_text_atomic(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Measurement":
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise InputError(f"cannot read measurement {path}: {e}") from e
+        return cls.from_json(text)
+
+
+def json_with_lines(head: dict[str, Any], lists: dict[str, list[Any] | dict[str, Any]]) -> str:
+    """JSON a person can read and diff: ``head`` keys indented, then each list/dict with one item per line."""
+    parts = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
+    for k, items in lists.items():
+        if isinstance(items, dict):
+            body = ",\n".join(f"    {json.dumps(n)}: {json.dumps(v)}" for n, v in items.items())
+            parts.append(f"  {json.dumps(k)}: {{\n{body}\n  }}" if body else f"  {json.dumps(k)}: {{}}")
+        else:
+            body = ",\n".join(f"    {json.dumps(v)}" for v in items)
+            parts.append(f"  {json.dumps(k)}: [\n{body}\n  ]" if body else f"  {json.dumps(k)}: []")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` is either the old file or the complete new one (replaces it)."""
+    from .io.atomic import atomic_write
+
+    with atomic_write(path, overwrite=True) as f:
+        f.write(text.encode("utf-8"))
+
+
+# --- error functions ----------------------------------------------------------------------------
+def _row_quad(dw: torch.Tensor, h: torch.Tensor | None, col_w: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row quadratic forms in float64, over chunks of rows: (ΔW H ΔWᵀ)_jj when ``h`` is given, else
+    Σ_c col_w_c ΔW_jc² (col_w = 1 when None)."""
+    rows, cols = dw.shape
+    out = torch.empty(rows, dtype=torch.float64)
+    step = max(1, _CHUNK_ELEMS // max(cols, 1))
+    for a in range(0, rows, step):
+        d = dw[a : a + step].to(torch.float64)
+        if h is not None:
+            out[a : a + step] = ((d @ h) * d).sum(dim=1)
+        elif col_w is not None:
+            out[a : a + step] = d.square_() @ col_w
+        else:
+            out[a : a + step] = d.square_().sum(dim=1)
+    return out
+
+
+def _hessian(role: LinearStats, cols: int) -> torch.Tensor:
+    h = role.hessian
+    if tuple(h.shape) != (cols, cols):
+        raise InputError(f"hessian of shape {tuple(h.shape)} does not fit a weight with {cols} input columns")
+    if not torch.isfinite(h).all():
+        raise NumericsError("hessian contains NaN or Inf")
+    return h.to(torch.float64)
+
+
+def _check(dw: torch.Tensor, stats: TensorStats) -> None:
+    if dw.dim() != 2:
+        raise InputError(f"error functions take a 2-D ΔW, got shape {tuple(dw.shape)}")
+    if not torch.isfinite(dw).all():
+        raise NumericsError("ΔW contains NaN or Inf")
+    if not stats.roles:
+        raise InputError("tensor statistics have no roles")
+
+
+def output_error(dw: torch.Tensor, stats: TensorStats) -> float:
+    """Σ_roles tr(ΔW H ΔWᵀ) (lookup role: Σ_v freq_v ‖ΔE_v‖²), non-negative, float64 accumulation."""
+    _check(dw, stats)
+    rows, cols = dw.shape
+    total = 0.0
+    for role in stats.roles:
+        if isinstance(role, LinearStats):
+            total += float(_row_quad(dw, _hessian(role, cols)).sum())
+        elif isinstance(role, LookupStats):
+            total += float(_vector(role.token_freq, rows, "token_freq") @ _row_quad(dw, None))
+        else:
+            raise InputError(f"unknown role statistics {type(role).__name__}")
+    return max(total, 0.0)
+
+
+def fisher_error(dw: torch.Tensor, stats: TensorStats) -> float | None:
+    """½ Σ_roles Σ_j grad_sq_j (ΔW H ΔWᵀ)_jj (lookup: ½ Σ_v freq_v Σ_j grad_sq_j ΔE_vj²); None when a role
+    has no ``grad_sq``."""
+    _check(dw, stats)
+    if any(r.grad_sq is None for r in stats.roles):
+        return None
+    rows, cols = dw.shape
+    total = 0.0
+    for role in stats.roles:
+        if isinstance(role, LinearStats):
+            g = _vector(role.grad_sq, rows, "grad_sq")
+            total += float(g @ _row_quad(dw, _hessian(role, cols)))
+        elif isinstance(role, LookupStats):
+            f = _vector(role.token_freq, rows, "token_freq")
+            total += float(f @ _row_quad(dw, None, _vector(role.grad_sq, cols, "grad_sq")))
+        else:
+            raise InputError(f"unknown role statistics {type(role).__name__}")
+    return max(0.5 * total, 0.0)
+
+
+def _vector(v: torch.Tensor | None, n: int, what: str) -> torch.Tensor:
+    assert v is not None
+    if tuple(v.shape) != (n,):
+        raise InputError(f"{what} of shape {tuple(v.shape)} does not match {n} entries")
+    if not torch.isfinite(v).all():
+        raise NumericsError(f"{what} contains NaN or Inf")
+    return v.to(torch.float64)
+
+
+def measure_tensor(
+    name: str,
+    w: torch.Tensor,
+    stats: TensorStats,
+    formats: Sequence[str | Format],
+    method: str = "gptq",
+) -> list[MeasureRow]:
+    """Quantize ``w`` into every format that supports its shape and measure the resulting errors.
+
+    ``ΔW = dequantize(quantize_weight(w, fmt, hessian=stats.hessian, method=method)) − w``; bytes are the
+    format's exact ``nbytes(shape)``.  Formats that cannot store the shape are skipped (logged).
+    """
+    shape = tuple(w.shape)
+    w32 = w.detach().to(torch.float32)
+    if not torch.isfinite(w32).all():
+        raise NumericsError(f"weight {name!r} contains NaN or Inf")
+    rows: list[MeasureRow] = []
+    for spec in formats:
+        fmt = get_format(spec)
+        if not fmt.supports(shape):
+            log.debug("%s: format %s cannot store shape %s, skipped", name, fmt.id, shape)
+            continue
+        q = quantize_weight(w, fmt, hessian=stats.hessian, method=method)  # type: ignore[arg-type]
+        dw = dequantize(q).to(torch.float32).reshape(shape) - w32
+        if not torch.isfinite(dw).all():
+            raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
+        rows.append(
+            MeasureRow(name, fmt.id, int(fmt.nbytes(shape)), output_error(dw, stats), fisher_error(dw, stats))
+        )
+    return rows

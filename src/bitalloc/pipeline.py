@@ -1,0 +1,191 @@
+"""The driver: measure a model once, then allocate, quantize and evaluate at any number of budgets.
+
+``measure_model`` streams the fp model block by block (one block's statistics in memory at a time) and
+calls :func:`bitalloc.measure.measure_tensor` per tensor; the result is fingerprinted by the model's
+weights, the calibration windows and the options.  ``make_plan`` wraps :func:`bitalloc.allocate.allocate`;
+``uniform_plan`` builds the baseline that gives every allocated tensor one format; ``best_uniform`` picks
+the uniform format that fits a budget with the least predicted error.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .budget import Budget, Constraints
+from .calibrate import fisher_pass, stream_blocks
+from .errors import BudgetError, InputError
+from .formats import get_format
+from .measure import Measurement, MeasureRow, TensorInfo, measure_tensor
+from .plan import Plan, PlanEntry
+from .models.view import ModelView
+from .quantize import FIXED_FORMAT, view_of
+
+log = logging.getLogger(__name__)
+
+
+def _hash_tensors(items: Sequence[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, t in items:
+        t = t.detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 (16 hex) of every parameter's name, dtype, shape and bytes."""
+    return _hash_tensors([(n, p) for n, p in model.named_parameters()])
+
+
+def fixed_bytes(view: ModelView) -> int:
+    """Bytes of the tensors stored as they are (norms, biases at fp16)."""
+    fmt = get_format(FIXED_FORMAT)
+    return sum(fmt.nbytes(f.shape) for f in view.fixed())
+
+
+def tensor_infos(view: ModelView) -> list[TensorInfo]:
+    return [TensorInfo(r.name, tuple(r.shape), r.numel, tuple(r.roles)) for r in view.quantizable()]
+
+
+def fused_constraints(view: ModelView) -> Constraints:
+    """The ``fused`` constraint: runtime-fused linears of every block (q/k/v, gate/up) share a format."""
+    return Constraints(tie_groups=tuple(tuple(g) for g in view.tie_groups()))
+
+
+def measure_model(
+    model: nn.Module,
+    view: ModelView | None,
+    windows: torch.Tensor,
+    formats: Sequence[str],
+    method: str = "gptq",
+    fisher: bool = True,
+    progress: bool = True,
+    *,
+    fisher_windows: torch.Tensor | None = None,
+    batch_size: int = 8,
+) -> Measurement:
+    """The measurement table of ``model`` over ``formats`` (each tensor × each format that fits its shape).
+
+    ``windows`` give the Hessians; the Fisher pass (gradients) uses ``fisher_windows`` (default: the same
+    windows).  Errors are those of ``method`` rounding ("gptq" or "rtn") with fp inputs.
+    """
+    if method not in ("gptq", "rtn"):
+        raise InputError(f"unknown rounding method {method!r}; use 'gptq' or 'rtn'")
+    fmts = [get_format(f).id for f in formats]
+    if not fmts:
+        raise InputError("no candidate formats given")
+    view = view_of(model, view)
+    fw = windows if fisher_windows is None else fisher_windows
+    grads = fisher_pass(model, view, fw, batch_size=max(1, batch_size // 4), progress=progress) if fisher else None
+    infos = tensor_infos(view)
+    rows: list[MeasureRow] = []
+    for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress):
+        for name, stats in block.items():
+            w = model.get_parameter(name).detach()
+            got = measure_tensor(name, w, stats, fmts, method)
+            if not got:
+                raise InputError(f"none of the formats {fmts} can store {name} of shape {tuple(w.shape)}")
+            rows.extend(got)
+        del block  # one block's statistics at a time
+    fp = {
+        "model": model_fingerprint(model),
+        "calibration": _hash_tensors([("windows", windows)] + ([("fisher_windows", fw)] if fisher else [])),
+        "options": hashlib.sha256(repr((fmts, method, bool(fisher))).encode()).hexdigest()[:16],
+        "method": method,
+        "formats": ",".join(fmts),
+        "windows": f"{windows.shape[0]}x{windows.shape[1]}",
+        "fisher_windows": f"{fw.shape[0]}x{fw.shape[1]}" if fisher else "none",
+    }
+    return Measurement(tuple(infos), tuple(rows), fixed_bytes(view), view.total_params, fp)
+
+
+def make_plan(
+    measurement: Measurement,
+    budget: str | Budget,
+    constraints: Constraints | None = None,
+    objective: str | None = None,
+) -> Plan:
+    """Allocate formats under ``budget``: Fisher objective when the table has it, else output error."""
+    from .allocate import allocate
+
+    obj = objective or measurement.objectives[0]
+    return allocate(measurement, Budget.parse(budget), constraints or Constraints(), obj)
+
+
+plan = make_plan
+
+
+def uniform_plan(measurement: Measurement, fmt_id: str, objective: str | None = None) -> Plan:
+    """Every allocated tensor in ``fmt_id`` (which must have been measured for each), as a Plan."""
+    fid = get_format(fmt_id).id
+    obj = objective or measurement.objectives[0]
+    entries = []
+    for t in measurement.tensors:
+        rows = {r.format: r for r in measurement.rows_for(t.name)}
+        if fid not in rows:
+            raise InputError(f"format {fid} was not measured for {t.name} (shape {t.shape})")
+        r = rows[fid]
+        err = r.fisher_error if obj == "fisher" else r.output_error
+        entries.append(PlanEntry(t.name, fid, r.bytes, float(err if err is not None else r.output_error)))
+    total = sum(e.bytes for e in entries) + measurement.fixed_bytes
+    return Plan(
+        entries=tuple(entries), fixed_bytes=measurement.fixed_bytes, total_params=measurement.total_params,
+        budget_bytes=total, budget=f"uniform {fid}", objective=obj, solver="uniform", status="uniform",
+        fingerprint=dict(measurement.fingerprint),
+    )
+
+
+def plan_for_assignments(view: ModelView, assignments: dict[str, str], label: str) -> Plan:
+    """A Plan without a measurement (errors 0): exact bytes from the formats, for ``--format`` baselines."""
+    entries = []
+    for r in view.quantizable():
+        fmt = get_format(assignments[r.name])
+        entries.append(PlanEntry(r.name, fmt.id, int(fmt.nbytes(tuple(r.shape))), 0.0))
+    fixed = fixed_bytes(view)
+    total = sum(e.bytes for e in entries) + fixed
+    return Plan(entries=tuple(entries), fixed_bytes=fixed, total_params=view.total_params, budget_bytes=total,
+                budget=label, objective="output", solver="uniform", status="uniform")
+
+
+def check_measurement(measurement: Measurement, model: nn.Module) -> None:
+    """InputError when ``measurement`` was made for other weights than ``model``'s."""
+    want = measurement.fingerprint.get("model")
+    if want and want != model_fingerprint(model):
+        raise InputError("the measurement was made for a different model (weight fingerprints differ)")
+
+
+class CachedReference:
+    """The reference model's scored logits per window batch, computed once and reused by every evaluation."""
+
+    def __init__(self, reference: nn.Module) -> None:
+        self.reference = reference
+        self._cache: dict[bytes, torch.Tensor] = {}
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        key = hashlib.sha256(batch.numpy().tobytes()).digest() + str(tuple(batch.shape)).encode()
+        if key not in self._cache:
+            n_keep = batch.shape[1] - batch.shape[1] // 2
+            with torch.no_grad():
+                self._cache[key] = self.reference(input_ids=batch, logits_to_keep=n_keep, use_cache=False).logits
+        return self._cache[key]
+
+
+def best_uniform(measurement: Measurement, budget: str | Budget, objective: str | None = None) -> Plan:
+    """The uniform plan that fits ``budget`` with the least predicted error (BudgetError if none fits)."""
+    limit = Budget.parse(budget).resolve(measurement.total_params)
+    best: Plan | None = None
+    for f in measurement.formats():
+        try:
+            p = uniform_plan(measurement, f, objective)
+        except InputError:
+            continue
+        if p.total_bytes <= limit and (best is None or (p.error, -p.total_bytes) < (best.error, -best.total_bytes)):
+            best = p
+    if best is None:
+        raise BudgetError(f"no uniform format of {measurement.formats()} fits {budget} ({limit} B)")
+    return best

@@ -1,0 +1,145 @@
+"""Quantize a whole model by a plan, sequentially, block by block (as GPTQ does).
+
+Each block is fed the outputs of the already-quantized blocks; inside a block the sequential groups
+(``[q,k,v] → [o] → [gate,up] → [down]``) are quantized in order and the Hessian of each group's input is
+recomputed after the previous groups were replaced by their dequantized values.  The embedding and lm_head
+come last (their Hessian is that of the final-norm output after all quantized blocks).  Tensors the plan does
+not allocate (norms, biases) are stored as fp16, so the in-memory model equals what the export reloads.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import BlockRunner, layout_of
+from .errors import InputError
+from .formats import QTensor, get_format
+from .models.view import ModelView
+from .rounding import Method, dequantize, quantize_weight
+
+log = logging.getLogger(__name__)
+
+FIXED_FORMAT = "fp16"
+
+
+def view_of(model: nn.Module, view: ModelView | None = None) -> ModelView:
+    """``view`` when given, else a fresh :class:`ModelView` of ``model``."""
+    return view if view is not None else ModelView(model)
+
+
+def quantizable_names(view: ModelView) -> list[str]:
+    """Allocated tensors (embedding, block linears, untied lm_head), as the view lists them."""
+    return [r.name for r in view.quantizable()]
+
+
+def fixed_names(view: ModelView) -> list[str]:
+    """Stored tensors that are not allocated (norms, biases), tied tensors once."""
+    return [f.name for f in view.fixed()]
+
+
+def set_weight(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    p = model.get_parameter(name)
+    if tuple(value.shape) != tuple(p.shape):
+        raise InputError(f"{name}: new value of shape {tuple(value.shape)} does not match {tuple(p.shape)}")
+    with torch.no_grad():
+        p.copy_(value.to(p.dtype))
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter (tied ones once), to restore after an in-place quantization."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def restore(model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+    for n, v in saved.items():
+        set_weight(model, n, v)
+
+
+def _quantize_one(
+    model: nn.Module, name: str, fmt_id: str, hessian: torch.Tensor | None, method: Method
+) -> QTensor:
+    w = model.get_parameter(name).detach()
+    q = quantize_weight(w, get_format(fmt_id), hessian=hessian, method=method)
+    set_weight(model, name, dequantize(q).reshape(w.shape))
+    return q
+
+
+def store_fixed(model: nn.Module, view: ModelView) -> dict[str, QTensor]:
+    """fp16 copies of the fixed tensors; the model's values are replaced by their fp16 roundings."""
+    out: dict[str, QTensor] = {}
+    for name in fixed_names(view):
+        q = get_format(FIXED_FORMAT).store(model.get_parameter(name).detach())
+        set_weight(model, name, dequantize(q))
+        out[name] = q
+    return out
+
+
+def quantize_model(
+    model: nn.Module,
+    view: ModelView | None,
+    plan: Mapping[str, str] | Any,
+    windows: torch.Tensor,
+    method: Method = "gptq",
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, QTensor]:
+    """Quantize ``model`` in place by ``plan`` (a Plan or ``{tensor: format id}``); returns every stored tensor.
+
+    The result holds a QTensor for each allocated tensor (the plan's format) and for each fixed tensor
+    (fp16).  The model's weights are replaced by the dequantized values, so it *is* the candidate model.
+    ``method`` "gptq" rounds with the Hessian of each group's input; "rtn" uses it only to weight the
+    scale search.
+    """
+    if method not in ("gptq", "rtn"):
+        raise InputError(f"unknown rounding method {method!r}; use 'gptq' or 'rtn'")
+    lay = layout_of(model)
+    view = view_of(model, view)
+    assign = dict(plan.assignments if hasattr(plan, "assignments") else plan)
+    names = quantizable_names(view)
+    missing = [n for n in names if n not in assign]
+    extra = [n for n in assign if n not in set(names)]
+    if missing or extra:
+        raise InputError(
+            f"the plan does not match the model: missing {missing[:3]} ({len(missing)}), unknown {extra[:3]} ({len(extra)})"
+        )
+    for n in names:  # fail before the long run on a format that cannot store a tensor
+        get_format(assign[n]).check_shape(tuple(model.get_parameter(n).shape))
+
+    out: dict[str, QTensor] = {}
+    runner = BlockRunner(model, windows, batch_size)
+    ngroups = len(lay.spec.groups)
+    for b in tqdm(range(len(lay.blocks)), desc=f"quantize ({method})", disable=not progress, leave=False):
+        if method == "rtn":  # RTN only weights its scale search: one pass with the quantized-prefix inputs
+            hs = runner.collect()
+            for name, h in hs.items():
+                out[name] = _quantize_one(model, name, assign[name], h, method)
+        else:
+            for g in range(ngroups):
+                hs = runner.collect([g])
+                for name in lay.block_groups(b)[g]:
+                    out[name] = _quantize_one(model, name, assign[name], hs[name], method)
+        runner.advance()
+        log.debug("block %d quantized", b)
+    h_head = runner.head_hessian()
+    if lay.tied:
+        out[lay.embedding_name] = _quantize_one(model, lay.embedding_name, assign[lay.embedding_name], h_head, method)
+    else:
+        out[lay.lm_head_name] = _quantize_one(model, lay.lm_head_name, assign[lay.lm_head_name], h_head, method)
+        # a pure lookup has no input Hessian: rounded to nearest on its grid
+        out[lay.embedding_name] = _quantize_one(model, lay.embedding_name, assign[lay.embedding_name], None, "rtn")
+    out.update(store_fixed(model, view))
+    return out
+
+
+def uniform_assignments(model: nn.Module, fmt_id: str, view: ModelView | None = None) -> dict[str, str]:
+    """The uniform baseline: every allocated tensor in ``fmt_id``."""
+    fmt = get_format(fmt_id)
+    names = quantizable_names(view_of(model, view))
+    for n in names:
+        fmt.check_shape(tuple(model.get_parameter(n).shape))
+    return {n: fmt.id for n in names}

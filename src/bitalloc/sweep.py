@@ -1,0 +1,151 @@
+"""Many budgets from one measurement: allocate + quantize + evaluate each, uniform baselines beside them.
+
+Every point starts from the same fp weights (a snapshot restored before each quantization) and is scored
+against the same cached reference logits, so points differ only by their plan and rounding method.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .budget import Budget, Constraints
+from .evaluate import evaluate
+from .measure import Measurement
+from .models.view import ModelView
+from .pipeline import CachedReference, best_uniform, make_plan, uniform_plan
+from .plan import Plan
+from .quantize import quantize_model, restore, snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One quantized model: how it was chosen and how good it is."""
+
+    kind: str  # "allocated" | "uniform"
+    budget: str
+    method: str
+    label: str  # "allocated" or the uniform format id
+    bytes: int
+    bpw: float
+    predicted_error: float
+    ppl: float
+    ref_ppl: float
+    kld: float
+    top1: float
+    seconds: float
+
+
+def run_point(
+    model: nn.Module, view: ModelView, saved: dict[str, torch.Tensor], plan: Plan, kind: str, budget: str,
+    method: str, calib: torch.Tensor, eval_windows: torch.Tensor, reference: CachedReference,
+    *, progress: bool = True,
+) -> Point:
+    """Restore the fp weights, quantize by ``plan`` with ``method``, evaluate; the model keeps the result."""
+    t0 = time.perf_counter()
+    restore(model, saved)
+    quantize_model(model, view, plan, calib, method=method, progress=progress)  # type: ignore[arg-type]
+    r = evaluate(model, reference, eval_windows)
+    label = "allocated" if kind == "allocated" else plan.entries[0].format
+    return Point(kind, budget, method, label, plan.total_bytes, plan.bpw, plan.error, r.ppl, r.ref_ppl, r.kld,
+                 r.top1, time.perf_counter() - t0)
+
+
+def sweep(
+    model: nn.Module, view: ModelView, measurement: Measurement, budgets: Sequence[str], methods: Sequence[str],
+    calib: torch.Tensor, eval_windows: torch.Tensor, reference: nn.Module, *,
+    constraints: Constraints | None = None, uniform: Sequence[str] | None = None, progress: bool = True,
+) -> list[Point]:
+    """For every budget and method: the allocated plan and the best uniform format that fits the same bytes.
+
+    ``uniform`` (format ids) replaces the per-budget best-uniform baselines by a fixed list.  The model is
+    left with its original weights.
+    """
+    saved = snapshot(model)
+    ref = CachedReference(reference)
+    plans: list[tuple[str, str, Plan]] = []
+    for b in budgets:
+        plans.append(("allocated", b, make_plan(measurement, b, constraints)))
+    if uniform is None:
+        seen: set[str] = set()
+        for b in budgets:
+            p = best_uniform(measurement, b)
+            if p.entries[0].format not in seen:
+                seen.add(p.entries[0].format)
+                plans.append(("uniform", b, p))
+    else:
+        plans.extend(("uniform", f, uniform_plan(measurement, f)) for f in uniform)
+    points = []
+    try:
+        for method in methods:
+            for kind, b, p in plans:
+                pt = run_point(model, view, saved, p, kind, b, method, calib, eval_windows, ref, progress=progress)
+                log.info("%s %s %s: %d B, %.4f bpw, kld %.5f", kind, b, method, pt.bytes, pt.bpw, pt.kld)
+                points.append(pt)
+    finally:
+        restore(model, saved)
+    return points
+
+
+def format_table(points: Sequence[Point]) -> str:
+    head = f"{'kind':<10} {'budget':<14} {'method':<6} {'format':<16} {'MiB':>8} {'bpw':>7} {'ppl':>9} {'kld':>9} {'top1':>7}"
+    lines = [head, "-" * len(head)]
+    for p in points:
+        lines.append(
+            f"{p.kind:<10} {p.budget:<14} {p.method:<6} {p.label:<16} {p.bytes / 2**20:>8.2f} {p.bpw:>7.3f} "
+            f"{p.ppl:>9.3f} {p.kld:>9.5f} {p.top1:>7.4f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(points: Sequence[Point], path: Path, title: str) -> None:
+    """Size (MiB) vs KLD, allocated lines and uniform markers on the same axes, one colour per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"rtn": "tab:blue", "gptq": "tab:red"}
+    for method in dict.fromkeys(p.method for p in points):
+        c = colours.get(method, None)
+        alloc = sorted((p for p in points if p.method == method and p.kind == "allocated"), key=lambda p: p.bytes)
+        uni = sorted((p for p in points if p.method == method and p.kind == "uniform"), key=lambda p: p.bytes)
+        if alloc:
+            ax.plot([p.bytes / 2**20 for p in alloc], [max(p.kld, 1e-9) for p in alloc], "o-", color=c,
+                    label=f"allocated ({method})")
+        if uni:
+            ax.plot([p.bytes / 2**20 for p in uni], [max(p.kld, 1e-9) for p in uni], "s--", color=c, alpha=0.6,
+                    label=f"uniform ({method})")
+            for p in uni:
+                ax.annotate(p.label, (p.bytes / 2**20, max(p.kld, 1e-9)), fontsize=7, alpha=0.7)
+    ax.set_xlabel("size of all weights (MiB)")
+    ax.set_ylabel("KLD to the fp model (nats/token)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(out_dir: Path, points: Sequence[Point], extra: dict, title: str) -> tuple[Path, Path]:
+    """``sweep.json`` and ``sweep.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, ppath = out_dir / "sweep.json", out_dir / "sweep.png"
+    jpath.write_text(json.dumps({**extra, "points": [asdict(p) for p in points]}, indent=1) + "\n")
+    plot(points, ppath, title)
+    return jpath, ppath
+
+
+def budget_label(b: str) -> str:
+    return str(Budget.parse(b))

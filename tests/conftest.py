@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random causal LMs (hidden 64, 2 layers, vocab 256) and raw token-id windows.
+
+No tokenizer is needed: tests feed ``LongTensor`` token ids directly.  Each fixture builds a fresh model, so
+tests may modify it in place.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_VOCAB = 256
+TINY_CTX = 32
+
+
+def _randomize_norms_(model: torch.nn.Module, seed: int) -> None:
+    """Random (non-unit) norm weights and larger weights, so rescaling and quantization matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:  # biases
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def tiny_llama(tie: bool = True, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer Llama (hidden 64, 4 heads / 2 KV heads, intermediate 128, vocab 256), fp32, eval."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=128,
+                      tie_word_embeddings=tie, initializer_range=0.05)
+    model = LlamaForCausalLM(cfg).float().eval()
+    _randomize_norms_(model, seed)
+    return model
+
+
+def tiny_qwen2(tie: bool = False, seed: int = 1) -> torch.nn.Module:
+    """A 2-layer Qwen2 (q/k/v biases; hidden 64, 4 heads / 2 KV heads, intermediate 128, vocab 256)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=128,
+                      tie_word_embeddings=tie, initializer_range=0.05)
+    model = Qwen2ForCausalLM(cfg).float().eval()
+    _randomize_norms_(model, seed)
+    return model
+
+
+def token_ids(n: int = 4, ctx: int = TINY_CTX, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:
+    """Random token-id windows, (n, ctx) int64."""
+    return torch.randint(0, vocab, (n, ctx), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def llama_model() -> torch.nn.Module:
+    """Tiny Llama with tied embedding/lm_head."""
+    return tiny_llama()
+
+
+@pytest.fixture
+def qwen2_model() -> torch.nn.Module:
+    """Tiny Qwen2 with a separate lm_head and q/k/v biases."""
+    return tiny_qwen2()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model(request) -> torch.nn.Module:
+    """Each tiny architecture in turn."""
+    return tiny_llama() if request.param == "llama" else tiny_qwen2()
+
+
+@pytest.fixture
+def windows() -> torch.Tensor:
+    """Four random windows of 32 token ids (vocab 256)."""
+    return token_ids()

@@ -1,0 +1,148 @@
+"""Measurement table (JSON, validation) and the error functions against direct formulas."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bitalloc.errors import InputError, NumericsError
+from bitalloc.formats import get_format
+from bitalloc.measure import (
+    MeasureRow, Measurement, TensorInfo, fisher_error, measure_tensor, output_error,
+)
+from bitalloc.rounding import dequantize, quantize_weight
+from bitalloc.stats import LinearStats, LookupStats, TensorStats
+
+
+def _spd(n: int, g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(4 * n, n, generator=g)
+    return (x.T @ x / (4 * n)).float()
+
+
+def test_linear_errors_match_direct_formulas():
+    g = torch.Generator().manual_seed(0)
+    dw = torch.randn(7, 5, generator=g)
+    h = _spd(5, g)
+    gs = torch.rand(7, generator=g)
+    st = TensorStats((LinearStats(h, 100, gs),))
+    d, H = dw.double(), h.double()
+    M = d @ H @ d.T
+    assert output_error(dw, st) == pytest.approx(float(torch.trace(M)), rel=1e-12)
+    assert fisher_error(dw, st) == pytest.approx(0.5 * float((gs.double() * torch.diagonal(M)).sum()), rel=1e-12)
+    assert fisher_error(dw, TensorStats((LinearStats(h, 100),))) is None
+
+
+def test_tied_embedding_two_roles():
+    g = torch.Generator().manual_seed(1)
+    V, D = 11, 6
+    dw = torch.randn(V, D, generator=g)
+    freq = torch.rand(V, generator=g)
+    freq /= freq.sum()
+    h = _spd(D, g)
+    g_lin, g_look = torch.rand(V, generator=g), torch.rand(D, generator=g)
+    st = TensorStats((LookupStats(freq, 50, g_look), LinearStats(h, 50, g_lin)))
+    d = dw.double()
+    lookup_out = sum(float(freq[v]) * float(d[v] @ d[v]) for v in range(V))
+    lookup_fi = 0.5 * sum(float(freq[v]) * float((g_look.double() * d[v] ** 2).sum()) for v in range(V))
+    M = d @ h.double() @ d.T
+    lin_out = float(torch.trace(M))
+    lin_fi = 0.5 * float((g_lin.double() * torch.diagonal(M)).sum())
+    assert output_error(dw, st) == pytest.approx(lookup_out + lin_out, rel=1e-12)
+    assert fisher_error(dw, st) == pytest.approx(lookup_fi + lin_fi, rel=1e-12)
+    # one role without grad_sq -> no Fisher error at all
+    assert fisher_error(dw, TensorStats((LookupStats(freq, 50), LinearStats(h, 50, g_lin)))) is None
+
+
+def test_error_functions_chunk_rows_and_reject_bad_input(monkeypatch):
+    import bitalloc.measure as me
+
+    g = torch.Generator().manual_seed(2)
+    dw, h = torch.randn(37, 8, generator=g), _spd(8, g)
+    st = TensorStats((LinearStats(h, 1, torch.rand(37, generator=g)),))
+    whole = (output_error(dw, st), fisher_error(dw, st))
+    monkeypatch.setattr(me, "_CHUNK_ELEMS", 24)  # 3 rows per chunk
+    assert (output_error(dw, st), fisher_error(dw, st)) == pytest.approx(whole, rel=1e-12)
+    with pytest.raises(InputError, match="hessian"):
+        output_error(dw, TensorStats((LinearStats(_spd(7, g), 1),)))
+    with pytest.raises(InputError, match="grad_sq"):
+        fisher_error(dw, TensorStats((LinearStats(h, 1, torch.rand(8)),)))
+    with pytest.raises(NumericsError):
+        output_error(dw * float("nan"), st)
+
+
+def test_measure_tensor_rtn():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 64, generator=g)
+    h = _spd(64, g)
+    st = TensorStats((LinearStats(h, 10, torch.rand(8, generator=g)),))
+    fmts = ["int2-g32", "int4-g32", "int8-row", "fp16", "q4_k"]  # q4_k cannot store 64 columns: skipped
+    rows = measure_tensor("w", w, st, fmts, method="rtn")
+    assert [r.format for r in rows] == ["int2-g32", "int4-g32", "int8-row", "fp16"]
+    for r in rows:
+        fmt = get_format(r.format)
+        assert r.bytes == fmt.nbytes((8, 64))
+        dw = dequantize(quantize_weight(w, fmt, hessian=h, method="rtn")) - w
+        assert r.output_error == pytest.approx(float(torch.trace(dw.double() @ h.double() @ dw.double().T)))
+        assert r.fisher_error is not None and r.fisher_error >= 0
+    errs = [r.output_error for r in rows]
+    assert errs == sorted(errs, reverse=True) and errs[-1] > 0  # fp16 error is tiny but real
+
+
+def _table() -> Measurement:
+    tensors = (TensorInfo("emb", (10, 4), 40, ("lookup", "linear")), TensorInfo("q", (4, 4), 16, group="qkv"))
+    rows = (MeasureRow("q", "fp16", 32, 0.0, 0.0), MeasureRow("emb", "int4-g32", 30, 1.5, None),
+            MeasureRow("emb", "fp16", 80, 1e-7, None), MeasureRow("q", "int4-g32", 12, 0.25, 0.125))
+    return Measurement(tensors, rows, fixed_bytes=8, total_params=60, fingerprint={"model": "abc", "calib": "d"})
+
+
+def test_measurement_json_round_trip(tmp_path):
+    m = _table()
+    assert [r.format for r in m.rows_for("emb")] == ["int4-g32", "fp16"]  # canonical order: bytes
+    assert m.formats() == ["int4-g32", "fp16"] and m.objectives == ("output",)
+    p = tmp_path / "m.json"
+    m.save(p)
+    text = p.read_text()
+    assert json.loads(text)["format_version"] == 1 and text.count("\n") > 8  # one row per line
+    back = Measurement.load(p)
+    assert back.tensors == m.tensors and back.rows == m.rows and back.fingerprint == m.fingerprint
+    assert (back.fixed_bytes, back.total_params) == (8, 60) and back.to_json() == text
+
+
+@pytest.mark.parametrize(
+    "mutate, err, msg",
+    [
+        (lambda t, r: (t, r + (MeasureRow("q", "fp16", 32, 0.0),)), InputError, "duplicate row"),
+        (lambda t, r: (t, r + (MeasureRow("zz", "fp16", 32, 0.0),)), InputError, "unknown tensor"),
+        (lambda t, r: (t, r + (MeasureRow("q", "int8-row", -1, 0.0),)), InputError, "negative"),
+        (lambda t, r: (t, r + (MeasureRow("q", "int8-row", 20, math.nan),)), NumericsError, "output_error"),
+        (lambda t, r: (t, r + (MeasureRow("q", "int8-row", 20, 1.0, math.inf),)), NumericsError, "fisher"),
+        (lambda t, r: (t, r + (MeasureRow("q", "int8-row", 20, -1.0),)), InputError, "negative"),
+        (lambda t, r: (t + (t[0],), r), InputError, "twice"),
+    ],
+)
+def test_measurement_validation(mutate, err, msg):
+    m = _table()
+    t, r = mutate(m.tensors, m.rows)
+    with pytest.raises(err, match=msg):
+        Measurement(t, r, 8, 60)
+
+
+def test_measurement_load_errors(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text("[1, 2")
+    with pytest.raises(InputError, match="not valid JSON"):
+        Measurement.load(p)
+    d = json.loads(_table().to_json())
+    d["format_version"] = 7
+    p.write_text(json.dumps(d))
+    with pytest.raises(InputError, match="format_version"):
+        Measurement.load(p)
+    d["format_version"] = 1
+    d["rows"][0] = d["rows"][0][:2]
+    p.write_text(json.dumps(d))
+    with pytest.raises(InputError, match="malformed"):
+        Measurement.load(p)
+    with pytest.raises(InputError, match="numel"):
+        TensorInfo("x", (2, 3), 5)

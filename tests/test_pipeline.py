@@ -1,0 +1,98 @@
+"""The whole pipeline on tiny random Llama and Qwen2: measure -> allocate -> quantize -> save -> load -> eval."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bitalloc import load
+from bitalloc.budget import Budget
+from bitalloc.errors import BudgetError, InputError
+from bitalloc.evaluate import evaluate
+from bitalloc.export.packed import save_packed
+from bitalloc.measure import Measurement
+from bitalloc.models.view import ModelView
+from bitalloc.pipeline import (best_uniform, check_measurement, fused_constraints, make_plan, measure_model,
+                               uniform_plan)
+from bitalloc.quantize import quantize_model, snapshot
+
+from conftest import tiny_llama, tiny_qwen2, token_ids
+
+FORMATS = ["int2-g32", "int4-g32", "int8-g32"]
+_CACHE: dict[str, Measurement] = {}
+
+
+def _measured(arch: str) -> tuple[torch.nn.Module, Measurement]:
+    model = tiny_llama() if arch == "llama" else tiny_qwen2()
+    if arch not in _CACHE:
+        _CACHE[arch] = measure_model(model, None, token_ids(4), FORMATS, "rtn", progress=False)
+    return model, _CACHE[arch]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_measure_allocate_quantize_save_load_evaluate(arch, tmp_path):
+    model, m = _measured(arch)
+    ref = tiny_llama() if arch == "llama" else tiny_qwen2()
+    view = ModelView(model)
+    assert {t.name for t in m.tensors} == {r.name for r in view.quantizable()}
+    assert m.total_params == view.total_params and m.fixed_bytes == view.fixed_bytes
+    assert all(r.fisher_error is not None for r in m.rows)
+    plan = make_plan(m, "4.5bpw")
+    budget = Budget.parse("4.5bpw").resolve(m.total_params)
+    assert plan.total_bytes <= budget
+    q = quantize_model(model, view, plan, token_ids(4), "gptq", progress=False)
+    info = save_packed(tmp_path / "out", model, view, q, plan, None)
+    assert info["bytes"] == plan.total_bytes <= budget  # the saved file's accounting, to the byte
+    stored = sum(qt.nbytes() for qt in q.values())
+    assert stored == info["bytes"]
+    loaded = load(tmp_path / "out")
+    w = token_ids(2, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(w).logits, model(w).logits, rtol=0, atol=0)
+    r = evaluate(loaded, ref, w)
+    assert math.isfinite(r.kld) and r.kld > 0 and 0 <= r.top1 <= 1
+
+
+def test_allocated_error_is_never_above_the_best_uniform_that_fits():
+    _, m = _measured("llama")
+    for b in ("3.5bpw", "4.5bpw", "6bpw"):
+        u = best_uniform(m, b)
+        p = make_plan(m, b)
+        assert u.total_bytes <= Budget.parse(b).resolve(m.total_params)
+        assert p.error <= u.error * (1 + 1e-9)
+    with pytest.raises(BudgetError):
+        best_uniform(m, "1bpw")
+
+
+def test_uniform_plan_and_fused_constraint():
+    model, m = _measured("qwen2")
+    u = uniform_plan(m, "int4-g32")
+    assert set(u.assignments.values()) == {"int4-g32"}
+    assert u.total_bytes == sum(r.bytes for r in m.rows if r.format == "int4-g32") + m.fixed_bytes
+    p = make_plan(m, "4bpw", fused_constraints(ModelView(model)))
+    a = p.assignments
+    for b in range(2):
+        pre = f"model.layers.{b}."
+        assert len({a[pre + f"self_attn.{x}_proj.weight"] for x in "qkv"}) == 1
+        assert a[pre + "mlp.gate_proj.weight"] == a[pre + "mlp.up_proj.weight"]
+
+
+def test_measurement_round_trip_and_fingerprint(tmp_path):
+    model, m = _measured("llama")
+    m.save(tmp_path / "t.json")
+    m2 = Measurement.load(tmp_path / "t.json")
+    assert m2.rows == m.rows and m2.fingerprint == m.fingerprint
+    check_measurement(m2, model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1
+    with pytest.raises(InputError, match="different model"):
+        check_measurement(m2, model)
+
+
+def test_measuring_does_not_change_the_model():
+    model = tiny_llama()
+    before = snapshot(model)
+    measure_model(model, None, token_ids(2), ["int4-g32"], "gptq", fisher=False, progress=False)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])

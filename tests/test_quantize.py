@@ -1,0 +1,57 @@
+"""Sequential quantization of tiny random models by a plan."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitalloc.errors import InputError
+from bitalloc.formats import get_format
+from bitalloc.models.view import ModelView
+from bitalloc.quantize import quantize_model, restore, snapshot, uniform_assignments
+from bitalloc.rounding import dequantize
+
+
+def _logit_mse(model, ref_logits, windows):
+    with torch.no_grad():
+        return float((model(windows).logits - ref_logits).pow(2).mean())
+
+
+def test_every_tensor_is_stored_and_the_model_holds_the_dequantized_values(tiny_model, windows):
+    view = ModelView(tiny_model)
+    q = quantize_model(tiny_model, view, uniform_assignments(tiny_model, "int4-g32"), windows, "rtn", progress=False)
+    params = dict(tiny_model.named_parameters())
+    assert set(q) == set(params)
+    for name, qt in q.items():
+        want = "int4-g32" if name in {r.name for r in view.quantizable()} else "fp16"
+        assert qt.format == want
+        assert qt.nbytes() == get_format(want).nbytes(qt.shape)
+        torch.testing.assert_close(params[name].detach(), dequantize(qt).reshape(params[name].shape), rtol=0, atol=0)
+
+
+def test_gptq_beats_rtn_on_the_calibration_windows(llama_model, windows):
+    with torch.no_grad():
+        ref = llama_model(windows).logits
+    saved = snapshot(llama_model)
+    plan = uniform_assignments(llama_model, "int3-g32")
+    quantize_model(llama_model, None, plan, windows, "rtn", progress=False)
+    err_rtn = _logit_mse(llama_model, ref, windows)
+    restore(llama_model, saved)
+    quantize_model(llama_model, None, plan, windows, "gptq", progress=False)
+    err_gptq = _logit_mse(llama_model, ref, windows)
+    assert 0 < err_gptq < err_rtn
+
+
+def test_int8_is_nearly_lossless(qwen2_model, windows):
+    with torch.no_grad():
+        ref = qwen2_model(windows).logits
+    quantize_model(qwen2_model, None, uniform_assignments(qwen2_model, "int8-g32"), windows, "gptq", progress=False)
+    assert _logit_mse(qwen2_model, ref, windows) < 1e-4 * float(ref.pow(2).mean())
+
+
+def test_plan_that_does_not_match_the_model_is_refused(llama_model, windows):
+    plan = uniform_assignments(llama_model, "int4-g32")
+    plan.pop("model.layers.0.mlp.up_proj.weight")
+    with pytest.raises(InputError, match="missing"):
+        quantize_model(llama_model, None, plan, windows, "rtn", progress=False)
+    with pytest.raises(InputError, match="method"):
+        quantize_model(llama_model, None, uniform_assignments(llama_model, "int4-g32"), windows, "xyz")
