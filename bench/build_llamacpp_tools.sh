@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity, llama-cli)
+# Build llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity)
 # from the llama.cpp sources vendored in the llama-cpp-python sdist, so the tools match the
 # library that the export test loads GGUFs with.
 #
@@ -13,7 +13,7 @@ VERSION=0.3.36
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PREFIX="${1:-$REPO_ROOT/.cache/llamacpp}"
 JOBS=2
-TOOLS=(llama-quantize llama-imatrix llama-perplexity llama-cli)
+TOOLS=(llama-quantize llama-imatrix llama-perplexity)
 PYTHON="${PYTHON:-$REPO_ROOT/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
 
@@ -44,15 +44,8 @@ nice -n 10 cmake -S "$LLAMA" -B "$BUILD" "${GEN[@]}" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON
-# llama-cli is the most expensive target: build it last, and do not fail the build without it.
-nice -n 10 cmake --build "$BUILD" -j "$JOBS" --target llama-quantize llama-imatrix llama-perplexity
-for t in llama-quantize llama-imatrix llama-perplexity; do
+nice -n 10 cmake --build "$BUILD" -j "$JOBS" --target "${TOOLS[@]}"
+for t in "${TOOLS[@]}"; do
     cp "$BUILD/bin/$t" "$PREFIX/bin/$t"
 done
-if nice -n 10 cmake --build "$BUILD" -j "$JOBS" --target llama-cli; then
-    cp "$BUILD/bin/llama-cli" "$PREFIX/bin/llama-cli"
-else
-    echo "warning: llama-cli did not build; the benchmark does not need it" >&2
-    TOOLS=(llama-quantize llama-imatrix llama-perplexity)
-fi
 echo "llama.cpp tools built in $PREFIX/bin"

@@ -133,7 +133,8 @@ class IntFormat(Format):
             raise FormatError(f"{self.id}: grid levels are not this format's codebook")
         scale16 = grid.scale.to(torch.float16)
         zero16 = grid.offset.to(torch.float16)
-        if not torch.equal(scale16.to(torch.float32), grid.scale) or not torch.equal(zero16.to(torch.float32), grid.offset):
+        exact = torch.equal(scale16.to(torch.float32), grid.scale) and torch.equal(zero16.to(torch.float32), grid.offset)
+        if not exact:
             raise FormatError(f"{self.id}: grid scale/offset are not exactly fp16 values (use {self.id}.fit)")
         if self.symmetric and bool((grid.offset != 0).any()):
             raise FormatError(f"{self.id}: a symmetric grid must have zero offset")

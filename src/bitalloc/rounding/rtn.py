@@ -10,10 +10,12 @@ formats, non-uniform for IQ4_NL-like ones).
   longer side of the codebook (so ``[-8, 7]`` covers ``max|w|`` exactly, like GGUF Q4_0); scales may
   therefore be negative.
 * :func:`search_affine` — minimises ``Σ importance · (w - ŵ)²`` per group over clipped ranges
-  ``ratio · minmax`` for ``ratio`` in ``[min_ratio, 1]``, each followed by a weighted least-squares refit of
-  scale/offset given its codes.  Errors are always compared after ``round_params`` (what is stored, fp16 by
-  default) and with exactly the arithmetic of :meth:`Grid.snap`, and the min-max candidate is always
-  included, so the result is never worse than min-max RTN for any group (hence any row).
+  ``ratio · minmax`` for ``ratio`` in ``[min_ratio, 1]`` and the min-max range itself, each followed by
+  weighted least-squares refits of scale/offset given its codes.  Errors are always compared after
+  ``round_params`` (what is stored, fp16 by default).  For consecutive-integer codebooks the candidates are
+  scored with a fast ``round + clamp`` path and the winner is re-checked against min-max with exactly the
+  arithmetic of :meth:`Grid.snap` (other codebooks always use that arithmetic), so the result is never
+  worse than min-max RTN for any group, hence any row.
 
 Rows are processed in chunks so temporaries stay bounded (a 49152 x 576 embedding included).
 """
@@ -84,7 +86,7 @@ def _minmax_raw(w: torch.Tensor, levels: torch.Tensor, symmetric: bool) -> tuple
     wmin = w.amin(dim=1)
     wmax = w.amax(dim=1)
     if not symmetric:
-        scale = (wmax - wmin) / (lmax - lmin)
+        scale = wmax / (lmax - lmin) - wmin / (lmax - lmin)  # divided first: no overflow near float32 max
         return scale, wmin - scale * lmin
     zero = torch.zeros_like(wmax)
     pos_hi, neg_lo = wmax.clamp_min(0), (-wmin).clamp_min(0)  # magnitudes above / below zero
@@ -176,7 +178,7 @@ def _search_chunk(w, levels, imp, symmetric, rp, ratios, refine, consecutive):
     mm_s, mm_o = rp(s0, o0)
     best_s, best_o = mm_s, mm_o
     best_e, q = _candidate(w, best_s, best_o, levels, imp, consecutive)
-    mid = (w.amax(1) + w.amin(1)) * 0.5
+    mid = w.amax(1) * 0.5 + w.amin(1) * 0.5
     lmid = float(levels[0] + levels[-1]) * 0.5
 
     def consider(s, o):
@@ -218,8 +220,10 @@ def search_affine(
     ``importance`` is ``(n, g)`` or broadcastable to it (e.g. ``(g,)``); None weighs every element 1.
     Candidates: min-max, then ``steps`` clip ratios evenly spaced in ``[min_ratio, 1)`` applied to the
     min-max range (around the group midpoint for asymmetric grids); each is followed by ``refine`` rounds
-    of weighted least-squares refit of scale/offset given its codes.  ``round_params(scale, offset)`` maps raw parameters to stored ones (default
-    fp16, clamped to ±65504; pass None to keep float32).  Never worse than :func:`minmax_affine` per group.
+    of weighted least-squares refit of scale/offset given its codes.  ``round_params(scale, offset)`` maps
+    raw parameters to stored ones (default fp16, clamped to ±65504; None keeps float32); candidates are
+    compared after it.  Never worse than :func:`minmax_affine` (same ``round_params``) for any group.
+    Cost: about ``(steps + 1) * (refine + 1)`` RTN passes over ``w``.
     """
     w, levels, imp = _check(w, levels, importance)
     if steps < 0 or refine < 0 or not 0.0 < min_ratio <= 1.0:
