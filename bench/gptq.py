@@ -23,9 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from bitalloc.data import default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
-from bitalloc.formats.base import Grid  # noqa: E402
-from bitalloc.rounding.gptq import gptq_round, layer_output_error  # noqa: E402
-from bitalloc.rounding.rtn import search_affine  # noqa: E402
+from bitalloc.formats import get_format  # noqa: E402
+from bitalloc.rounding import gptq_round, rtn_round  # noqa: E402
+from bitalloc.rounding.gptq import layer_output_error  # noqa: E402
 
 LAYERS = (0, 10, 20, 29)
 MODULES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
@@ -67,36 +67,19 @@ def input_hessians(model, wins: torch.Tensor, names: list[str]) -> dict[str, tor
     return {n: (acc[n] / count[n]).to(torch.float32) for n in names}
 
 
-def own_grid(w: torch.Tensor, fmt_id: str, importance: torch.Tensor) -> Grid:
-    """Fallback while formats/int.py is unavailable: asymmetric fp16 scale/min, weighted scale search."""
-    bits, grp = fmt_id.removeprefix("int").split("-")
-    bits, cols = int(bits), w.shape[1]
-    group = cols if grp == "row" else int(grp.removeprefix("g"))
-    levels = torch.arange(2**bits, dtype=torch.float32)
-    params = [search_affine(w[:, a : a + group], levels, importance[a : a + group], symmetric=False)
-              for a in range(0, cols, group)]  # the last group may be partial
-    return Grid(scale=torch.stack([p[0] for p in params], 1), offset=torch.stack([p[1] for p in params], 1),
-                levels=levels, group_size=group)
+def quantize_pair(w: torch.Tensor, h: torch.Tensor, fmt_id: str) -> dict[str, torch.Tensor]:
+    """RTN and GPTQ reconstructions of ``w`` on one grid, exactly as ``quantize_weight`` builds them.
 
-
-def quantize_pair(w: torch.Tensor, h: torch.Tensor, fmt_id: str, use_formats: bool) -> dict[str, torch.Tensor]:
-    """RTN and GPTQ reconstructions of ``w`` on the same grid (fitted with importance diag H)."""
-    if use_formats:
-        from bitalloc.rounding import dequantize, quantize_weight
-
-        return {m: dequantize(quantize_weight(w, fmt_id, hessian=h, method=m)) for m in ("rtn", "gptq")}
-    grid = own_grid(w, fmt_id, torch.diagonal(h).clamp_min(0))
-    return {"rtn": grid.snap(w)[1], "gptq": gptq_round(w, h, grid)[1]}
-
-
-def formats_available() -> bool:
-    try:
-        from bitalloc.formats import get_format
-
-        get_format("int4-g128").fit(torch.randn(2, 128))
-        return True
-    except Exception:
-        return False
+    The grid is fitted once (importance = diag H, as ``quantize_weight`` does) and shared by both methods;
+    the GPTQ codes go through the format's ``encode``/``decode`` and must decode to the GPTQ values.
+    """
+    fmt = get_format(fmt_id)
+    grid = fmt.fit(w, torch.diagonal(h).clamp_min(0))
+    codes, values = gptq_round(w, h, grid)
+    decoded = fmt.decode(fmt.encode(codes, grid, tuple(w.shape)))
+    if not torch.equal(decoded, values):
+        raise AssertionError(f"{fmt_id}: encode/decode of GPTQ codes differs from grid values")
+    return {"rtn": rtn_round(w, grid)[1], "gptq": values}
 
 
 def degenerate_cases(w: torch.Tensor, h: torch.Tensor, x_few: torch.Tensor) -> list[dict]:
@@ -114,7 +97,7 @@ def degenerate_cases(w: torch.Tensor, h: torch.Tensor, x_few: torch.Tensor) -> l
         "indefinite (3 negative eigenvalues)": ((vecs * vals) @ vecs.T).float(),
         "all-zero": torch.zeros_like(h),
     }
-    grid = own_grid(w, "int4-g128", torch.diagonal(h).clamp_min(0))
+    grid = get_format("int4-g128").fit(w, torch.diagonal(h).clamp_min(0))
     rtn = grid.snap(w)[1]
     rows = []
     for name, hh in cases.items():
@@ -148,6 +131,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     from bitalloc.models.rescale import load_reference
 
+    torch.set_num_threads(1)  # small sequential ops: threads only add sync cost on a shared 2-core machine
     t0 = time.time()
     model, tokenizer = load_reference(rescaled=True)
     calib_files, held_files = default_calibration_files(), default_eval_files()
@@ -155,13 +139,12 @@ def main() -> None:
     names = [f"model.layers.{i}.{m}" for i in LAYERS for m in MODULES]
     h_cal, h_held = input_hessians(model, calib, names), input_hessians(model, held, names)
     t_stats = time.time() - t0
-    use_formats = formats_available()
     results, t_gptq = [], 0.0
     for name in names:
         w = model.get_submodule(name).weight.detach().to(torch.float32)
         for f in FORMATS:
             t = time.time()
-            q = quantize_pair(w, h_cal[name], f, use_formats)
+            q = quantize_pair(w, h_cal[name], f)
             t_gptq += time.time() - t
             e = {m: layer_output_error(w, v, h_held[name]) for m, v in q.items()}
             e_cal = {m: layer_output_error(w, v, h_cal[name]) for m, v in q.items()}
@@ -183,7 +166,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "gptq.json").write_text(json.dumps({
         "model": "SmolLM2-135M-Instruct (rescaled, bitalloc.models.rescale.load_reference)",
-        "grids": "bitalloc formats via quantize_weight" if use_formats else "own fp16 asymmetric grid + search_affine",
+        "grids": "Format.fit(w, diag H_calib) shared by RTN and GPTQ (what quantize_weight does)",
         "calibration": {"files": [f.name for f in calib_files], "windows": N_CALIB, "ctx": CTX},
         "heldout": {"files": [f.name for f in held_files], "windows": N_HELDOUT, "ctx": CTX},
         "metric": "tr(dW H dW^T) with H = E[xx^T] on held-out tokens; ratio = GPTQ / RTN",
@@ -192,15 +175,14 @@ def main() -> None:
     }, indent=1))
     plot(results, OUT / "gptq.png")
 
-    print(f"grids: {'quantize_weight' if use_formats else 'own grid (int formats unavailable)'}; "
-          f"metric: held-out tr(dW H dW^T), ratio = GPTQ/RTN (calibration ratio in brackets)")
+    print("metric: held-out tr(dW H dW^T); ratio = GPTQ/RTN on the same fitted grid (calibration ratio in brackets)")
     print(f"{'tensor':34s}" + "".join(f"{f:>20s}" for f in FORMATS))
     for name in names:
         row = [r for r in results if r["tensor"] == name]
         print(f"{name.removeprefix('model.'):34s}" + "".join(
             f"{r['ratio']:>11.3f} [{r['ratio_calib']:.3f}]" for r in row))
     print(f"{'geomean':34s}" + "".join(f"{summary[f]:>20.3f}" for f in FORMATS))
-    print("degenerate Hessians (layer 10 q_proj, int4-g128 own grid):")
+    print("degenerate Hessians (layer 10 q_proj, int4-g128):")
     for d in degenerate:
         print(f"  {d['case']:45s} finite={d['finite']}  GPTQ/RTN on healthy H = {d['ratio_vs_rtn']:.3f}")
     print(f"time: stats {t_stats:.0f}s, quantize {t_gptq:.0f}s, total {time.time() - t0:.0f}s")
