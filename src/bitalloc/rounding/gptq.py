@@ -23,7 +23,7 @@ from ..formats.base import Grid
 log = logging.getLogger(__name__)
 
 #: Up to this many columns the factorisation runs in float64 (cost ~cols³, negligible below this).
-FLOAT64_MAX_COLS = 8192
+FLOAT64_MAX_COLS = 4096
 #: Smallest damping ever used, so that ``percdamp=0`` on an all-zero Hessian still factorises.
 MIN_DAMP = 1e-10
 
@@ -132,7 +132,8 @@ def gptq_round(
     if grid.rows != rows:
         raise InputError(f"GPTQ: grid has {grid.rows} rows, weight has {rows}")
     if block_size < 1 or percdamp < 0 or max_damp_tries < 0:
-        raise InputError(f"GPTQ: invalid block_size={block_size}, percdamp={percdamp}, max_damp_tries={max_damp_tries}")
+        raise InputError(f"GPTQ: invalid block_size={block_size}, percdamp={percdamp}, "
+                         f"max_damp_tries={max_damp_tries}")
     w32 = w.detach().to(torch.float32)
     if not bool(torch.isfinite(w32).all()):
         raise NumericsError(f"GPTQ: weight ({rows}x{ncols}) contains NaN or Inf")
