@@ -173,3 +173,21 @@ def test_manifests(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="malformed"):
         verify_manifest(tmp_path / "bad.json", t)
+
+
+def test_outputs_get_umask_permissions_not_private_temp_ones(tmp_path):
+    import os
+    import stat
+
+    from bitalloc.io.atomic import atomic_write, atomic_write_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "f.bin") as f:
+            f.write(b"x")
+        with atomic_write_dir(tmp_path / "d") as d:
+            (d / "a").write_bytes(b"y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

@@ -15,7 +15,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import NumericsError
-from ..rounding.rtn import minmax_affine, round_fp16, snap_affine
+from ..rounding.rtn import minmax_affine, round_fp16
 from .base import Format, FormatError, QTensor, Shape
 
 FP16_MAX = 65504.0
@@ -86,26 +86,62 @@ def check_weights(w: torch.Tensor, fmt_id: str) -> torch.Tensor:
 
 
 RoundFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-_CHUNK = 1 << 22
+NearFn = Callable[[torch.Tensor], torch.Tensor]
+#: elements of one (groups, candidates, group) work tensor: small enough to stay in cache
+_CHUNK = 1 << 17
 
 
-def _nearest_fn(levels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """u -> nearest level value (round-and-clamp for consecutive integers, bisection otherwise)."""
+def nearest_fn(levels: torch.Tensor) -> NearFn:
+    """In-place ``u -> nearest level value`` for a sorted codebook (ties: the lower level, as Grid.snap).
+
+    Consecutive integer levels use round-and-clamp; codebooks whose midpoints are multiples of 1/2 (IQ4_NL)
+    use an exact table on ``ceil(2u)``; anything else falls back to bisection.
+    """
     lo, hi = float(levels[0]), float(levels[-1])
     if bool((levels[1:] - levels[:-1] == 1).all()) and lo == round(lo):
-        return lambda u: torch.clamp(torch.round(u), lo, hi)
+        return lambda u: u.round_().clamp_(lo, hi)
     mids = ((levels[1:] + levels[:-1]) * 0.5).contiguous()
+    m2 = mids * 2
+    if bool((m2 == torch.round(m2)).all()) and float(m2[-1] - m2[0]) < 1 << 16:
+        a, b = int(m2[0]), int(m2[-1]) + 1
+        t = torch.arange(a, b + 1, dtype=torch.float32)
+        table = levels[torch.searchsorted(m2, t, right=False)]  # count of mids with 2*mid < t
+
+        def near_table(u: torch.Tensor) -> torch.Tensor:
+            idx = u.mul_(2).ceil_().clamp_(a, b).sub_(a).to(torch.int64)
+            return table[idx]
+        return near_table
     return lambda u: levels[torch.searchsorted(mids, u.contiguous())]
+
+
+def level_values(x: torch.Tensor, s: torch.Tensor, o: torch.Tensor, near: NearFn) -> torch.Tensor:
+    """Nearest level value per element of ``x`` (..., g) for scale/offset (...) (zero scale -> ``near(0)``)."""
+    s1, o1 = s.unsqueeze(-1), o.unsqueeze(-1)
+    u = (x - o1).div_(torch.where(s1 == 0, torch.ones_like(s1), s1))
+    return near(u.masked_fill_(s1 == 0, 0.0))
+
+
+def grid_error(x, wt, s, o, near: NearFn) -> torch.Tensor:
+    """``Σ_g wt·(x - s·near((x - o)/s) - o)²`` over the last dim; ``wt`` None means unit weights."""
+    q = level_values(x, s, o, near)
+    r = q.mul_(s.unsqueeze(-1)).add_(o.unsqueeze(-1)).sub_(x).square_()
+    if wt is not None:
+        r.mul_(wt)
+    return r.sum(-1)
 
 
 def _ls(x, w1, q, s, o, symmetric: bool, nonpos_offset: bool):
     """Weighted least-squares (scale, offset) over the last dim given level values q; old values if singular."""
-    sxx, sxy = (w1 * q * q).sum(-1), (w1 * q * x).sum(-1)
+    wq = q if w1 is None else w1 * q
+    sxx, sxy = (wq * q).sum(-1), (wq * x).sum(-1)
     ok1 = sxx > 0
     s_only = torch.where(ok1, sxy / torch.where(ok1, sxx, torch.ones_like(sxx)), s)
     if symmetric:
         return s_only, o
-    sw, sq, sy = w1.sum(-1), (w1 * q).sum(-1), (w1 * x).sum(-1)
+    if w1 is None:
+        sw, sq, sy = torch.full_like(sxx, x.shape[-1]), q.sum(-1), x.sum(-1).expand_as(sxx)
+    else:
+        sw, sq, sy = w1.sum(-1).expand_as(sxx), wq.sum(-1), (w1 * x).sum(-1).expand_as(sxx)
     det = sw * sxx - sq * sq
     ok = det > 1e-9 * (sw * sxx).clamp_min(1e-30)
     safe = torch.where(ok, det, torch.ones_like(det))
@@ -117,58 +153,84 @@ def _ls(x, w1, q, s, o, symmetric: bool, nonpos_offset: bool):
     return s2, o2
 
 
-def _candidates(x, levels, symmetric: bool, k: int):
-    """Candidate (scale, offset) per group (g, K): scale ratios around min-max, anchored low/high/mid."""
+def _params(x, levels, symmetric: bool, delta: torch.Tensor):
+    """Candidate (scale, offset) (n, A, K) for clip ratios ``delta`` (1 or n, K): A anchors low/high(/mid).
+
+    ``delta`` is in units of one quantisation step around the min-max grid (> 0 clips the extremes).
+    """
     lmin, lmax = float(levels[0]), float(levels[-1])
     n_eff = (lmax - lmin) / (2.0 if symmetric else 1.0)
-    delta = torch.linspace(-1.0, 1.0 + 0.15 * n_eff, k - 1)
-    r = torch.cat([torch.ones(1), (n_eff + delta) / n_eff])  # > 1: clip the extremes
+    r = ((n_eff + delta) / n_eff).unsqueeze(1)  # (., 1, K)
     if symmetric:
-        m = x.gather(1, x.abs().argmax(1, keepdim=True))
-        ss = [m / (t * r) for t in (lmin, lmax) if t != 0]
-        s = torch.cat(ss, 1)
+        m = x.gather(1, x.abs().argmax(1, keepdim=True)).unsqueeze(2)  # (n, 1, 1) signed extreme
+        t = torch.tensor([v for v in (lmin, lmax) if v != 0]).reshape(1, -1, 1)
+        s = m / (t * r)
         return s, torch.zeros_like(s)
-    xmin, xmax = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
-    s = (xmax - xmin) / ((lmax - lmin) * r)
-    mid = (xmax + xmin) * 0.5 - s * (lmax + lmin) * 0.5
-    return s.repeat(1, 3), torch.cat([xmin - s * lmin, xmax - s * lmax, mid], 1)
+    xmin, xmax = x.amin(1, keepdim=True).unsqueeze(2), x.amax(1, keepdim=True).unsqueeze(2)
+    s = ((xmax - xmin) / ((lmax - lmin) * r)).expand(-1, 3, -1)
+    o = torch.cat([xmin - s[:, :1] * lmin, xmax - s[:, :1] * lmax,
+                   (xmax + xmin) * 0.5 - s[:, :1] * (lmax + lmin) * 0.5], 1)
+    return s, o
 
 
 def search_grid(
     x: torch.Tensor, wt: torch.Tensor | None, levels: torch.Tensor, *, symmetric: bool, rnd: RoundFn,
-    nonpos_offset: bool = False, k: int = 16, polish: int = 3,
+    nonpos_offset: bool = False, k: int | None = None, fine: int = 4, top: int | None = None, polish: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, offset) per group of ``x`` (n, g) minimising ``Σ wt·(x - scale·level - offset)²``.
 
-    Every candidate of :func:`_candidates` gets RTN codes, a weighted least-squares refit, ``rnd`` (what is
-    stored: fp16, or the identity for K-quant sub-scales) and its true error; the best wins, then ``polish``
-    rounds of codes -> refit -> ``rnd`` (also trying the fp16 neighbours) keep any improvement.  The min-max
-    grid is always a candidate, so the result is never worse than min-max RTN.
+    Coarse-to-fine clip search: ``k`` clip ratios per anchor (plus the min-max grid) get RTN codes under
+    ``rnd`` (what is stored: fp16, or the identity for K-quant sub-scales) and their true error; ``fine``
+    ratios between the best one's neighbours follow; the ``top`` best candidates then get a weighted
+    least-squares refit (kept where it lowers the error), and :func:`polish_grid` finishes.  The min-max
+    grid is always a candidate, so the result is never worse than min-max RTN.  Defaults (measured on
+    N(0,1)/Laplace data, weighted and not): ``k = top = 8`` symmetric, ``k = top = 12`` affine.
     """
     n, g = x.shape
-    near = _nearest_fn(levels)
+    k = k if k is not None else (8 if symmetric else 12)
+    top = top if top is not None else (8 if symmetric else 12)
+    if k < 2 or fine < 0 or top < 1:
+        raise ValueError(f"search_grid: need k >= 2, fine >= 0, top >= 1 (got {k}, {fine}, {top})")
+    near = nearest_fn(levels)
+    lmin, lmax = float(levels[0]), float(levels[-1])
+    n_eff = (lmax - lmin) / (2.0 if symmetric else 1.0)
+    span = 2.0 + 0.15 * n_eff
+    coarse = torch.linspace(-1.0, 1.0 + 0.15 * n_eff, k).unsqueeze(0)
+    h = span / (k - 1)
+    steps = torch.linspace(-h, h, fine + 2)[1:-1] if fine else torch.zeros(0)
     s_out, o_out = torch.empty(n), torch.empty(n)
-    per = max(1, _CHUNK // (g * k * (1 if symmetric else 3)))
+    A = 1 if symmetric else 3
+    per = max(1, _CHUNK // (g * (A * k + 1)))
     for a in range(0, n, per):
         xs = x[a:a + per]
-        w1 = torch.ones_like(xs) if wt is None else wt[a:a + per]
-        s, o = _candidates(xs, levels, symmetric, k)
+        m = xs.shape[0]
+        w3 = None if wt is None else wt[a:a + per].unsqueeze(1)
+        x3 = xs.unsqueeze(1)
+        s, o = _params(xs, levels, symmetric, coarse)
+        A_ = s.shape[1]
         s_mm, o_mm = minmax_affine(xs, levels, symmetric=symmetric, round_params=rnd)
-        s, o = rnd(torch.cat([s, s_mm.unsqueeze(1)], 1), torch.cat([o, o_mm.unsqueeze(1)], 1))
-        x3, w3 = xs.unsqueeze(1), w1.unsqueeze(1)
-
-        def err_of(s_, o_):
-            s3, o3 = s_.unsqueeze(2), o_.unsqueeze(2)
-            q_ = near(torch.where(s3 == 0, 0.0, (x3 - o3) / torch.where(s3 == 0, 1.0, s3)))
-            return (w3 * (x3 - s3 * q_ - o3) ** 2).sum(-1), q_
-
-        e0, q = err_of(s, o)
-        s2, o2 = rnd(*_ls(x3, w3, q, s, o, symmetric, nonpos_offset))
-        e2, _ = err_of(s2, o2)
-        better = e2 < e0
-        s, o, e = torch.where(better, s2, s), torch.where(better, o2, o), torch.where(better, e2, e0)
-        i = e.argmin(1, keepdim=True)
-        s_out[a:a + per], o_out[a:a + per] = s.gather(1, i).squeeze(1), o.gather(1, i).squeeze(1)
+        s, o = rnd(torch.cat([s.reshape(m, -1), s_mm.unsqueeze(1)], 1), torch.cat([o.reshape(m, -1), o_mm.unsqueeze(1)], 1))
+        e = grid_error(x3, w3, s, o, near)
+        if fine:
+            i = e[:, :-1].argmin(1, keepdim=True)
+            anchor, j = i // k, i % k
+            d = coarse[0][j] + steps.unsqueeze(0)  # (m, fine)
+            sf, of = _params(xs, levels, symmetric, d)
+            idx = anchor.unsqueeze(2).expand(-1, 1, fine)
+            sf, of = rnd(sf.gather(1, idx).squeeze(1), of.gather(1, idx).squeeze(1))
+            ef = grid_error(x3, w3, sf, of, near)
+            s, o, e = torch.cat([s, sf], 1), torch.cat([o, of], 1), torch.cat([e, ef], 1)
+        tk = min(top, e.shape[1])
+        et, it = e.topk(tk, dim=1, largest=False)
+        st, ot = s.gather(1, it), o.gather(1, it)
+        q = level_values(x3, st, ot, near)
+        s2, o2 = rnd(*_ls(x3, w3, q, st, ot, symmetric, nonpos_offset))
+        e2 = grid_error(x3, w3, s2, o2, near)
+        better = e2 < et
+        st, ot, et = torch.where(better, s2, st), torch.where(better, o2, ot), torch.where(better, e2, et)
+        b = et.argmin(1, keepdim=True)
+        s_out[a:a + per], o_out[a:a + per] = st.gather(1, b).squeeze(1), ot.gather(1, b).squeeze(1)
+        del A_
     return polish_grid(x, wt, levels, s_out, o_out, symmetric, rnd, nonpos_offset, polish)
 
 
@@ -179,26 +241,22 @@ def polish_grid(
     """Coordinate descent on groups ``x`` (n, g): codes -> weighted LS refit -> ``rnd`` -> codes, kept if better.
 
     With fp16 rounding it also tries the neighbouring fp16 values of the new scale, which rounding never sees.
+    Stops early once a round improves no group.
     """
-    w1 = torch.ones_like(x) if wt is None else wt
-
-    def err(s_, o_):
-        _, v = snap_affine(x, s_, o_, levels)
-        return (w1 * (x - v) ** 2).sum(1)
-
-    best = err(s, o)
+    near = nearest_fn(levels)
+    best = grid_error(x, wt, s, o, near)
     for _ in range(iters):
-        codes, _ = snap_affine(x, s, o, levels)
-        s2, o2 = rnd(*_ls(x, w1, levels[codes], s, o, symmetric, nonpos_offset))
+        q = level_values(x, s, o, near)
+        s2, o2 = rnd(*_ls(x, wt, q, s, o, symmetric, nonpos_offset))
         cands = [(s2, o2)]
         if rnd is round_fp16:
-            h = s2.to(torch.float16)
+            hh = s2.to(torch.float16)
             for step in (1, -1):
-                nb = torch.nextafter(h, torch.full_like(h, step * math.inf)).to(torch.float32)
+                nb = torch.nextafter(hh, torch.full_like(hh, step * math.inf)).to(torch.float32)
                 cands.append((torch.where(torch.isfinite(nb), nb, s2), o2))
         improved = False
         for cs, co in cands:
-            e = err(cs, co)
+            e = grid_error(x, wt, cs, co, near)
             better = e < best
             improved = improved or bool(better.any())
             s, o, best = torch.where(better, cs, s), torch.where(better, co, o), torch.where(better, e, best)

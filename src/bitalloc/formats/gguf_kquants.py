@@ -31,10 +31,10 @@ from typing import NamedTuple
 
 import torch
 
-from ..rounding.rtn import snap_affine
 from .base import FormatError, Grid, QTensor, Shape
 from .gguf_common import (GGUFFormat, bits_to_bytes, check_weights, element_weights, fp16_bytes,
-                          fp16_from_bytes, fp16r, search_grid)
+                          fp16_from_bytes, fp16r, grid_error, level_values, nearest_fn,
+                          search_grid)
 
 QK_K = 256
 KQUANT_TYPES = ("q6_k", "q5_k", "q4_k", "q3_k", "q2_k")
@@ -102,12 +102,7 @@ class GGUFKQuant(GGUFFormat):
     # --- fit ----------------------------------------------------------------------------------------------
     def _sub_errors(self, x, wt, scale, offset):
         """Weighted RTN error (S, J) of sub-blocks x (S, J, B) for effective scale/offset (S, J)."""
-        S, J, B = x.shape
-        _, v = snap_affine(x.reshape(-1, B), scale.reshape(-1), offset.reshape(-1), self.levels)
-        e = (x.reshape(-1, B) - v) ** 2
-        if wt is not None:
-            e = e * wt.reshape(-1, B)
-        return e.sum(1).reshape(S, J)
+        return grid_error(x, wt, scale, offset, nearest_fn(self.levels))
 
     def _effective(self, d, dmin, sc, mn):
         scale = d.unsqueeze(1) * sc.to(torch.float32)
@@ -138,8 +133,8 @@ class GGUFKQuant(GGUFFormat):
         """Least-squares (d, dmin) given integer sub-scales and the RTN codes, rounded to fp16."""
         S, J, B = x.shape
         scale, offset = self._effective(d, dmin, sc, mn)
-        codes, _ = snap_affine(x.reshape(-1, B), scale.reshape(-1), offset.reshape(-1), self.levels)
-        a = (sc.unsqueeze(2) * self.levels[codes].reshape(S, J, B)).reshape(S, -1)
+        q = level_values(x, scale, offset, nearest_fn(self.levels))
+        a = (sc.unsqueeze(2) * q).reshape(S, -1)
         xx = x.reshape(S, -1)
         w1 = torch.ones_like(xx) if wt is None else wt.reshape(S, -1)
         saa, sxa = (w1 * a * a).sum(1), (w1 * a * xx).sum(1)
@@ -165,12 +160,13 @@ class GGUFKQuant(GGUFFormat):
             s, o = search_grid(flat, fw, levels, symmetric=False, rnd=_clamp_params, nonpos_offset=True)
         else:
             s, o = search_grid(flat, fw, levels, symmetric=True, rnd=_identity)
-        codes, _ = snap_affine(flat, s, o, levels)
-        w1 = torch.ones_like(flat) if fw is None else fw
+        q2 = level_values(flat, s, o, nearest_fn(levels)).square_()
         s_t, m_t = s.reshape(S, J), (-o).reshape(S, J)
-        d = _super_search(s_t, (w1 * levels[codes] ** 2).sum(1).reshape(S, J), sp.sc_lo, sp.sc_hi)
+        wq = q2.sum(1) if fw is None else (fw * q2).sum(1)
+        d = _super_search(s_t, wq.reshape(S, J), sp.sc_lo, sp.sc_hi)
         if self.affine:
-            dmin = _super_search(m_t, w1.sum(1).reshape(S, J), 0, sp.m_hi)
+            ws = torch.full((S * J,), float(B)) if fw is None else fw.sum(1)
+            dmin = _super_search(m_t, ws.reshape(S, J), 0, sp.m_hi)
         else:
             dmin = torch.zeros_like(d)
         sc, mn, e = self._choose_ints(x, wt, d, dmin, s_t, m_t)

@@ -62,6 +62,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _disk_full(exc: BaseException, dest: Path) -> InputError | None:
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
         return InputError(f"disk full while writing {dest} ({os.strerror(exc.errno)}); nothing was written")
@@ -85,6 +92,7 @@ def atomic_write(
     dest = Path(path)
     _check_destination(dest, overwrite, inputs)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=TEMP_SUFFIX)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
     tmp = Path(tmp_name)
     f = os.fdopen(fd, "wb")
     try:
@@ -146,6 +154,7 @@ def atomic_write_dir(
         if not dest.is_dir() or dest.is_symlink():
             raise InputError(f"output {dest} exists and is not a directory")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=TEMP_SUFFIX))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
     try:
         yield tmp
         _fsync_tree(tmp)
