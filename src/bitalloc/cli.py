@@ -170,34 +170,65 @@ def _fused_from_names(names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(g) for g in groups.values() if len(g) > 1)
 
 
+def _quantize_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that changes the output of ``quantize``: model and text digests, and the options."""
+    from .data import default_calibration_files, expand_paths
+    from .models.sources import default_model_path
+    from .resume import model_digests, text_digest
+
+    model = Path(args.model) if args.model else default_model_path()
+    files = expand_paths(_texts(args.calib, default_calibration_files))
+    options = {
+        "budget": args.budget, "format": args.format, "formats": ",".join(_formats(args.formats)),
+        "method": args.method, "fisher": bool(args.fisher), "fisher_windows": args.fisher_windows,
+        "windows": args.windows, "ctx": args.ctx, "constraints": args.constraints,
+        "measurement": _digest_or_none(args.measurement), "plan": _digest_or_none(args.plan),
+    }
+    return {"version": 1, "model": model_digests(model), "calibration": text_digest(files), "options": options}
+
+
+def _digest_or_none(path: str | None) -> str | None:
+    from .io.atomic import file_digest
+
+    return file_digest(path) if path else None
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .export.packed import save_packed
     from .measure import Measurement
-    from .models.view import ModelView
     from .pipeline import check_measurement, make_plan, plan_for_assignments
     from .plan import Plan
     from .quantize import uniform_assignments
+    from .resume import QuantizeSteps, default_job_dir, run_quantize_job
 
-    out = _check_out(args.out, args.overwrite)
+    out = Path(args.out)
     if args.plan and not args.measurement:
         raise InputError("--plan needs --measurement (the plan is re-validated against its table)")
-    measurement = Measurement.load(args.measurement) if args.measurement else None
-    model, tok = _load_model(args.model)
-    view = ModelView(model)
-    _, calib = _calib(args, tok)
-    if args.format:
-        plan = plan_for_assignments(view, uniform_assignments(model, args.format, view), f"uniform {args.format}")
-    else:
-        if measurement is None:
-            measurement = _measure(args, model, view, calib)
+    given = Measurement.load(args.measurement) if args.measurement else None
+    job_dir = Path(args.job) if args.job else default_job_dir(out)
+    if out.exists() and not args.overwrite and not job_dir.exists():
+        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
+
+    def plan_of(measurement: Any, model: Any, view: Any) -> Any:
+        if args.format:
+            return plan_for_assignments(view, uniform_assignments(model, args.format, view), f"uniform {args.format}")
         check_measurement(measurement, model)
         if args.plan:
-            plan = Plan.load(args.plan, measurement)
-        else:
-            plan = make_plan(measurement, args.budget, _constraints(args.constraints, view))
-    print(plan.summary())
-    q = quantize_model_cli(model, view, plan, calib, args)
-    info = save_packed(out, model, view, q, plan, tok, overwrite=args.overwrite)
+            return Plan.load(args.plan, measurement)
+        return make_plan(measurement, args.budget, _constraints(args.constraints, view))
+
+    def measure_of(model: Any, view: Any, calib: Any) -> Any:
+        return given if given is not None else _measure(args, model, view, calib)
+
+    steps = QuantizeSteps(
+        load=lambda: _load_model(args.model),
+        calibration=lambda tok: _calib(args, tok)[1],
+        measure=None if args.format else measure_of,
+        plan=plan_of,
+        method=args.method,
+        progress=not args.quiet,
+    )
+    info = run_quantize_job(out, job_dir, _quantize_fingerprint(args), steps, keep_job=args.keep_job,
+                            overwrite=args.overwrite, report=lambda p: print(p.summary()))
     print(f"wrote {out}: {info['bytes']} B ({info['bytes'] / 2**20:.2f} MiB, {info['bpw']:.4f} bpw), verified")
     return 0
 
@@ -340,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: q/k/v and gate/up of each block share one format (default none)")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--job", metavar="DIR", help="job directory for checkpoints (default OUT.job); rerunning the "
+                   "same command after an interruption continues from the last checkpoint")
+    p.add_argument("--keep-job", action="store_true", help="keep the job directory after success")
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -389,6 +423,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def peak_memory_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss), in MiB."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+
+
+def _log_peak_memory() -> None:
+    """One line ``peak memory: N MiB`` on stderr, whatever the verbosity."""
+    mem = logging.getLogger("bitalloc.memory")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    mem.addHandler(handler)
+    mem.propagate = False
+    mem.setLevel(logging.INFO)
+    try:
+        mem.info("peak memory: %d MiB", round(peak_memory_mib()))
+    finally:
+        mem.removeHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -396,7 +452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         _precheck(args)
-        return int(args.func(args) or 0)
+        if getattr(args, "quiet", False) and args.command != "plan":
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # -q: no progress bars from transformers either
+        rc = int(args.func(args) or 0)
+        if args.command != "plan":
+            _log_peak_memory()
+        return rc
     except BitallocError as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

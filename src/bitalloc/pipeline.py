@@ -22,7 +22,7 @@ from .formats import get_format
 from .measure import Measurement, MeasureRow, TensorInfo, measure_tensor
 from .plan import Plan, PlanEntry
 from .models.view import ModelView
-from .quantize import FIXED_FORMAT, view_of
+from .quantize import fixed_format, view_of
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def fixed_bytes(view: ModelView) -> int:
-    """Bytes of the tensors stored as they are (norms, biases at fp16)."""
-    fmt = get_format(FIXED_FORMAT)
-    return sum(fmt.nbytes(f.shape) for f in view.fixed())
+    """Bytes of the tensors stored as they are: norms, biases at fp16, or fp32 when a value exceeds the fp16
+    range (exactly what :func:`bitalloc.quantize.store_fixed` and the packed export store)."""
+    return sum(get_format(fixed_format(view.model.get_parameter(f.name))).nbytes(f.shape) for f in view.fixed())
 
 
 def tensor_infos(view: ModelView) -> list[TensorInfo]:

@@ -4,12 +4,17 @@ Each block is fed the outputs of the already-quantized blocks; inside a block th
 (``[q,k,v] → [o] → [gate,up] → [down]``) are quantized in order and the Hessian of each group's input is
 recomputed after the previous groups were replaced by their dequantized values.  The embedding and lm_head
 come last (their Hessian is that of the final-norm output after all quantized blocks).  Tensors the plan does
-not allocate (norms, biases) are stored as fp16, so the in-memory model equals what the export reloads.
+not allocate (norms, biases) are stored as fp16 -- or fp32 when a value lies beyond the fp16 range (see
+:func:`fixed_format`) -- so the in-memory model equals what the export reloads.
+
+Resumable runs (:mod:`bitalloc.resume`) pass ``on_block`` (called after each block with its QTensors and the
+hidden states at the next block's input) and ``start`` (a :class:`ResumeState` to continue from block k).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -24,6 +29,34 @@ from .rounding import Method, dequantize, quantize_weight
 log = logging.getLogger(__name__)
 
 FIXED_FORMAT = "fp16"
+WIDE_FIXED_FORMAT = "fp32"
+FP16_MAX = 65504.0
+
+
+def fixed_format(t: torch.Tensor) -> str:
+    """``fp16`` for a fixed tensor whose values fp16 holds, else ``fp32`` (never rounds a finite value to inf)."""
+    if t.numel() and float(t.detach().abs().max()) > FP16_MAX:
+        return WIDE_FIXED_FORMAT
+    return FIXED_FORMAT
+
+
+@dataclass(frozen=True, eq=False)
+class ResumeState:
+    """Where to continue a quantization: blocks ``< block`` are done (``qtensors``) and ``hidden`` holds the
+    inputs of block ``block`` for every calibration window."""
+
+    block: int
+    qtensors: Mapping[str, QTensor]
+    hidden: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.block < 0:
+            raise InputError(f"resume block must be non-negative, got {self.block}")
+        if self.hidden.dim() != 3:
+            raise InputError(f"resume hidden states must be (windows, ctx, hidden), got {tuple(self.hidden.shape)}")
+
+
+BlockHook = Callable[[int, dict[str, QTensor], torch.Tensor], None]
 
 
 def view_of(model: nn.Module, view: ModelView | None = None) -> ModelView:
@@ -69,10 +102,11 @@ def _quantize_one(
 
 
 def store_fixed(model: nn.Module, view: ModelView) -> dict[str, QTensor]:
-    """fp16 copies of the fixed tensors; the model's values are replaced by their fp16 roundings."""
+    """fp16 (fp32 beyond the fp16 range) copies of the fixed tensors; the model's values are replaced by them."""
     out: dict[str, QTensor] = {}
     for name in fixed_names(view):
-        q = get_format(FIXED_FORMAT).store(model.get_parameter(name).detach())
+        w = model.get_parameter(name).detach()
+        q = get_format(fixed_format(w)).store(w)
         set_weight(model, name, dequantize(q))
         out[name] = q
     return out
@@ -87,13 +121,16 @@ def quantize_model(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    on_block: BlockHook | None = None,
+    start: ResumeState | None = None,
 ) -> dict[str, QTensor]:
     """Quantize ``model`` in place by ``plan`` (a Plan or ``{tensor: format id}``); returns every stored tensor.
 
     The result holds a QTensor for each allocated tensor (the plan's format) and for each fixed tensor
     (fp16).  The model's weights are replaced by the dequantized values, so it *is* the candidate model.
     ``method`` "gptq" rounds with the Hessian of each group's input; "rtn" uses it only to weight the
-    scale search.
+    scale search.  ``on_block(b, qtensors_of_block_b, hidden_after_b)`` is called after each block;
+    ``start`` continues a run from its block (its QTensors are put back into the model first).
     """
     if method not in ("gptq", "rtn"):
         raise InputError(f"unknown rounding method {method!r}; use 'gptq' or 'rtn'")
@@ -112,18 +149,26 @@ def quantize_model(
 
     out: dict[str, QTensor] = {}
     runner = BlockRunner(model, windows, batch_size)
+    first = 0
+    if start is not None:
+        first = _restore_state(model, runner, start)
+        out.update(start.qtensors)
     ngroups = len(lay.spec.groups)
-    for b in tqdm(range(len(lay.blocks)), desc=f"quantize ({method})", disable=not progress, leave=False):
+    for b in tqdm(range(first, len(lay.blocks)), desc=f"quantize ({method})", disable=not progress, leave=False):
+        done: dict[str, QTensor] = {}
         if method == "rtn":  # RTN only weights its scale search: one pass with the quantized-prefix inputs
             hs = runner.collect()
             for name, h in hs.items():
-                out[name] = _quantize_one(model, name, assign[name], h, method)
+                done[name] = _quantize_one(model, name, assign[name], h, method)
         else:
             for g in range(ngroups):
                 hs = runner.collect([g])
                 for name in lay.block_groups(b)[g]:
-                    out[name] = _quantize_one(model, name, assign[name], hs[name], method)
+                    done[name] = _quantize_one(model, name, assign[name], hs[name], method)
         runner.advance()
+        out.update(done)
+        if on_block is not None:
+            on_block(b, done, runner.hidden)
         log.debug("block %d quantized", b)
     h_head = runner.head_hessian()
     if lay.tied:
@@ -134,6 +179,21 @@ def quantize_model(
         out[lay.embedding_name] = _quantize_one(model, lay.embedding_name, assign[lay.embedding_name], None, "rtn")
     out.update(store_fixed(model, view))
     return out
+
+
+def _restore_state(model: nn.Module, runner: BlockRunner, start: ResumeState) -> int:
+    """Put the finished blocks' dequantized weights into ``model`` and their output into ``runner``."""
+    nblocks = len(runner.layout.blocks)
+    if start.block > nblocks:
+        raise InputError(f"cannot resume at block {start.block}: the model has {nblocks} blocks")
+    want = (runner.hidden.shape[0], runner.hidden.shape[1], runner.hidden.shape[2])
+    if tuple(start.hidden.shape) != want or start.hidden.dtype != runner.hidden.dtype:
+        raise InputError(f"saved hidden states {tuple(start.hidden.shape)} do not match the calibration {want}")
+    for name, q in start.qtensors.items():
+        set_weight(model, name, dequantize(q).reshape(model.get_parameter(name).shape))
+    runner.hidden = start.hidden
+    runner.block = start.block
+    return start.block
 
 
 def uniform_assignments(model: nn.Module, fmt_id: str, view: ModelView | None = None) -> dict[str, str]:

@@ -282,18 +282,28 @@ def test_gguf_command_rejects_bad_input(tmp_path: Path, capsys) -> None:
 
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_llama_cpp_logits_agree_with_bitalloc(tmp_path: Path) -> None:
-    """A bitalloc GGUF of SmolLM2 loads in llama.cpp and its top-1 agrees with bitalloc's own model."""
+def test_llama_cpp_logits_agree_with_bitalloc(tmp_path: Path, record_property) -> None:
+    """A bitalloc GGUF of SmolLM2 loads in llama.cpp and its top-1 agrees (>= 99.9% on held-out text) with
+    bitalloc's own model computing as llama.cpp's CPU backend does (Q8_0/Q8_K activations, see
+    bitalloc.export.llamacpp_emulation); the plain-float model's agreement is recorded, not asserted."""
+    import logging
+
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make llamacpp)")
     from bench.llamacpp import llama_cpp_logits, model_logits, proof_gguf
-
-    gguf_path, model, windows = proof_gguf(tmp_path, n_windows=3)
-    ours = model_logits(model, windows)
-    theirs = llama_cpp_logits(llama_cpp, gguf_path, windows)
-    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    assert agree >= 0.999, f"top-1 agreement {agree:.5f} < 0.999"
+    from bitalloc.export.llamacpp_emulation import linear_types_from_gguf, llamacpp_matmuls
     from bitalloc.io.gguf import GGUFFile
 
-    with GGUFFile(gguf_path) as f:  # every GGUF type was exercised
+    gguf_path, model, windows = proof_gguf(tmp_path, n_windows=3)
+    with GGUFFile(gguf_path) as f:  # every GGUF type is exercised
         types = {t.type.name.lower() for t in f.tensors.values()}
     assert types >= {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k"}
+    theirs = llama_cpp_logits(llama_cpp, gguf_path, windows).argmax(-1)
+    plain = (model_logits(model, windows).argmax(-1) == theirs).float().mean().item()
+    with llamacpp_matmuls(model, linear_types_from_gguf(gguf_path, model)) as n_hooked:
+        agree = (model_logits(model, windows).argmax(-1) == theirs).float().mean().item()
+    record_property("top1_plain_float", plain)
+    record_property("top1_emulated", agree)
+    logging.getLogger(__name__).info("top-1 agreement with llama.cpp: emulated %.5f (%d linears), plain float %.5f",
+                                     agree, n_hooked, plain)
+    assert n_hooked > 0
+    assert agree >= 0.999, f"top-1 agreement {agree:.5f} < 0.999 (plain float model: {plain:.5f})"

@@ -3,31 +3,35 @@
 Tensor ``X.weight`` stored in a grid format becomes ``X.weight_packed``, ``X.weight_scale`` and
 ``X.weight_zero`` (the parts of its :class:`~bitalloc.formats.QTensor`); a pass-through tensor (fp16 norms,
 biases, kept tensors) keeps its own name.  ``bitalloc.json`` lists every tensor's format id, shape, dtype and
-parts, the plan, the total bytes and bpw; the HF config and tokenizer sit beside them.  The directory is
-written under a temporary name, re-read and compared tensor by tensor, then renamed into place.
+parts, the plan, the total bytes and bpw; the HF config and tokenizer sit beside them; ``manifest.json``
+holds the SHA-256 of every stored tensor and of every other file.  The directory is written under a temporary
+sibling name (:func:`bitalloc.io.atomic.atomic_write_dir`), re-read and compared tensor by tensor and file by
+file, then renamed into place: the output is either absent or complete.  The bytes are a pure function of the
+inputs (sorted tensors, sorted JSON, no timestamps), so a resumed job writes an identical directory.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import InputError
 from ..formats import QTensor, get_format
+from ..io.atomic import atomic_write_dir, compare_digests, manifest, tensor_digest
+from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bitalloc.json"
+MANIFEST_FILE = "manifest.json"
 
 
 def part_key(name: str, part: str) -> str:
@@ -43,7 +47,7 @@ def part_key(name: str, part: str) -> str:
 def _flatten(qtensors: Mapping[str, QTensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
-    for name, q in qtensors.items():
+    for name, q in sorted(qtensors.items()):
         fmt = get_format(q.format)
         if q.nbytes() != fmt.nbytes(tuple(q.shape)):
             raise InputError(f"{name}: stored parts take {q.nbytes()} B, format {q.format} says {fmt.nbytes(q.shape)}")
@@ -59,14 +63,29 @@ def _flatten(qtensors: Mapping[str, QTensor]) -> tuple[dict[str, torch.Tensor], 
     return tensors, meta
 
 
-def _verify(path: Path, meant: Mapping[str, torch.Tensor]) -> None:
-    got = load_file(str(path))
-    if set(got) != set(meant):
-        raise InputError(f"verification of {path} failed: stored names differ from those written")
-    for k, t in meant.items():
-        g = got[k]
-        if g.dtype != t.dtype or g.shape != t.shape or not torch.equal(g.view(torch.uint8), t.view(torch.uint8)):
-            raise InputError(f"verification of {path} failed: tensor {k} differs from what was written")
+def flat_digests(qtensors: Mapping[str, QTensor]) -> dict[str, str]:
+    """SHA-256 of every stored part (by on-disk name), as ``manifest.json`` lists them under ``tensors``."""
+    tensors, _ = _flatten(qtensors)
+    return {k: tensor_digest(t) for k, t in sorted(tensors.items())}
+
+
+def verify_packed(path: str | os.PathLike, tensors: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Check a packed directory against its ``manifest.json`` (every file, every tensor re-hashed) and, when
+    given, against the expected tensor digests; returns the manifest.  InputError names what differs."""
+    p = Path(path)
+    try:
+        man = json.loads((p / MANIFEST_FILE).read_text())
+        files, stored = dict(man["files"]), dict(man["tensors"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{p}: {MANIFEST_FILE} is missing or malformed ({e})") from e
+    actual = manifest(p)
+    actual.pop(MANIFEST_FILE, None)
+    compare_digests(files, actual, f"{p}")
+    with SafetensorsFile(p / WEIGHTS_FILE) as sf:
+        compare_digests(stored, {n: tensor_digest(sf.get(n)) for n in sf.keys()}, str(p / WEIGHTS_FILE))
+    if tensors is not None:
+        compare_digests(dict(tensors), stored, f"{p} (against the quantized tensors)")
+    return man
 
 
 def save_packed(
@@ -104,23 +123,24 @@ def save_packed(
         "tensors": meta,
         "plan": plan_json,
     }
+    meta_text = json.dumps(info, indent=1, sort_keys=True) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "bitalloc-packed"})
-        (tmp / META_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+    def verify(tmp: Path) -> None:
+        if json.loads((tmp / META_FILE).read_text()) != json.loads(meta_text):
+            raise InputError(f"verification of {META_FILE} failed")
+        verify_packed(tmp, digests)
+
+    with atomic_write_dir(out, overwrite=overwrite, verify=verify) as tmp:
+        # re-read and compared tensor by tensor before its own rename
+        digests = write_safetensors_atomic(tmp / WEIGHTS_FILE, tensors, {"format": "bitalloc-packed"}, manifest=False)
+        (tmp / META_FILE).write_text(meta_text)
         model.config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _verify(tmp / WEIGHTS_FILE, tensors)
-        if json.loads((tmp / META_FILE).read_text()) != info:
-            raise InputError(f"verification of {META_FILE} failed")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        files = manifest(tmp)
+        man = {"version": 1, "kind": "bitalloc.manifest", "tensors": digests, "files": files}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
     log.info("wrote %s: %d tensors, %d B (%.4f bpw), verified", out, len(meta), nbytes, info["bpw"])
     return info
 

@@ -66,14 +66,13 @@ def element_weights(importance: torch.Tensor | None, shape: tuple[int, int]) -> 
     if importance is None:
         return None
     imp = importance.detach().to(torch.float32)
-    if imp.dim() == 1 and imp.shape[0] == shape[1]:
-        imp = imp.unsqueeze(0).expand(shape)
-    elif tuple(imp.shape) != tuple(shape):
+    if not (imp.dim() == 1 and imp.shape[0] == shape[1]) and tuple(imp.shape) != tuple(shape):
         raise FormatError(f"importance of shape {tuple(importance.shape)} does not fit weights {tuple(shape)}")
     if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
         raise NumericsError("importance must be finite and non-negative")
     mean = float(imp.mean()) if imp.numel() else 0.0
-    return imp + (1e-6 * mean if mean > 0 else 1.0)
+    imp = imp + (1e-6 * mean if mean > 0 else 1.0)
+    return imp.unsqueeze(0).expand(shape) if imp.dim() == 1 else imp  # a view: no (rows, cols) copy
 
 
 def check_weights(w: torch.Tensor, fmt_id: str) -> torch.Tensor:
@@ -89,6 +88,8 @@ RoundFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 NearFn = Callable[[torch.Tensor], torch.Tensor]
 #: elements of one (groups, candidates, group) work tensor: small enough to stay in cache
 _CHUNK = 1 << 17
+#: elements of one slab searched and polished together (bounds the memory of large tensors)
+_OUTER = 1 << 21
 
 
 def nearest_fn(levels: torch.Tensor) -> NearFn:
@@ -187,6 +188,12 @@ def search_grid(
     N(0,1)/Laplace data, weighted and not): ``k = top = 8`` symmetric, ``k = top = 12`` affine.
     """
     n, g = x.shape
+    if n * g > _OUTER:  # bounded memory: search and polish one slab of groups at a time
+        step = max(1, _OUTER // g)
+        parts = [search_grid(x[a:a + step], None if wt is None else wt[a:a + step], levels, symmetric=symmetric,
+                             rnd=rnd, nonpos_offset=nonpos_offset, k=k, fine=fine, top=top, polish=polish)
+                 for a in range(0, n, step)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     k = k if k is not None else (8 if symmetric else 12)
     top = top if top is not None else (8 if symmetric else 12)
     if k < 2 or fine < 0 or top < 1:

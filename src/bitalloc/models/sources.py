@@ -1,10 +1,15 @@
 """Loading causal LMs: a Hugging Face directory with safetensors, or a GGUF file (via transformers).
 
-Pickle checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) are refused: loading them can run code.
+Pickle checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) are refused: loading them can run code.  Before
+transformers touches a file it is validated by the strict readers of :mod:`bitalloc.io`: every ``*.safetensors``
+of a directory (header, offsets, coverage, then a NaN/Inf check of each tensor, memory-mapped one at a time) and
+a ``.gguf`` (header, counts, layout, float tensors checked for NaN/Inf); the config's ``model_type`` must be a
+supported architecture.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -54,12 +59,51 @@ def _check_hf_dir(path: Path) -> None:
     raise InputError(f"{path} has a config.json but no .safetensors weights")
 
 
+def validate_safetensors_dir(path: Path) -> list[Path]:
+    """Every ``*.safetensors`` in ``path`` through the strict reader, each tensor checked for NaN/Inf."""
+    from bitalloc.io.safetensors import iter_tensors
+
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
+    for f in files:
+        for _name, _t in iter_tensors(f, finite=True):
+            pass
+    return files
+
+
+def validate_gguf(path: Path) -> None:
+    """The strict GGUF reader over ``path``; unquantized float tensors are checked for NaN/Inf."""
+    from bitalloc.io.gguf import GGUFFile
+    from bitalloc.io.safetensors import check_finite
+
+    with GGUFFile(path) as g:
+        for name, info in g.tensors.items():
+            if info.type.name in ("F32", "F16", "BF16", "F64"):
+                check_finite(g.get(name), f"{name} in {path}")
+
+
+def _check_model_type(path: Path) -> None:
+    """Refuse an unknown ``model_type`` from config.json before transformers parses it."""
+    from bitalloc.models.archs import ARCHS, supported_types
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path / 'config.json'}: {e}") from e
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in ARCHS:
+        raise InputError(
+            f"unsupported architecture {model_type!r} in {path / 'config.json'}; "
+            f"supported model types: {', '.join(supported_types())}"
+        )
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InputError(f"{path} is not a GGUF file (bad magic)")
+    validate_gguf(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -72,6 +116,8 @@ def _load_hf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_hf_dir(path)
+    _check_model_type(path)
+    validate_safetensors_dir(path)
     try:
         from transformers import AutoConfig
 
