@@ -22,7 +22,7 @@ from .formats import get_format
 from .measure import Measurement, MeasureRow, TensorInfo, measure_tensor
 from .plan import Plan, PlanEntry
 from .models.view import ModelView
-from .quantize import fixed_format, view_of
+from .quantize import view_of
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def model_fingerprint(model: nn.Module) -> str:
 def fixed_bytes(view: ModelView) -> int:
     """Bytes of the tensors stored as they are: norms, biases at fp16, or fp32 when a value exceeds the fp16
     range (exactly what :func:`bitalloc.quantize.store_fixed` and the packed export store)."""
-    return sum(get_format(fixed_format(view.model.get_parameter(f.name))).nbytes(f.shape) for f in view.fixed())
+    return view.fixed_bytes
 
 
 def tensor_infos(view: ModelView) -> list[TensorInfo]:

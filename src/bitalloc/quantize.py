@@ -23,21 +23,11 @@ from tqdm.auto import tqdm
 from .calibrate import BlockRunner, layout_of
 from .errors import InputError
 from .formats import QTensor, get_format
-from .models.view import ModelView
+from .models.view import ModelView, fixed_format
 from .rounding import Method, dequantize, quantize_weight
 
 log = logging.getLogger(__name__)
 
-FIXED_FORMAT = "fp16"
-WIDE_FIXED_FORMAT = "fp32"
-FP16_MAX = 65504.0
-
-
-def fixed_format(t: torch.Tensor) -> str:
-    """``fp16`` for a fixed tensor whose values fp16 holds, else ``fp32`` (never rounds a finite value to inf)."""
-    if t.numel() and float(t.detach().abs().max()) > FP16_MAX:
-        return WIDE_FIXED_FORMAT
-    return FIXED_FORMAT
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,8 +3,8 @@
 Names are parameter names as in the state dict (``model.layers.0.self_attn.q_proj.weight``).  Quantizable
 tensors are every block linear, the embedding and the lm_head; a tied embedding/lm_head is ONE tensor named
 by the embedding, with roles ``("lookup", "linear")``.  Everything else that is stored (norms, biases) is
-*fixed*: it is kept at fp16 (2 bytes per parameter), which is what the packed export stores, and its bytes
-count in every budget.
+*fixed*: it is kept at fp16 (2 bytes per parameter), or fp32 when a value lies beyond the fp16 range
+(:func:`fixed_format`), which is what the packed export stores, and its bytes count in every budget.
 """
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ import torch
 from bitalloc.errors import InputError, NumericsError
 from bitalloc.models.archs import ArchSpec, arch_for
 
-FIXED_BYTES_PER_PARAM = 2  # norms and biases are stored as fp16
+FIXED_BYTES_PER_PARAM = 2  # norms and biases are stored as fp16 ...
+FP16_MAX = 65504.0  # ... unless a value lies beyond the fp16 range: then fp32
+
+
+def fixed_format(t: torch.Tensor) -> str:
+    """``fp16`` for a fixed tensor whose values fp16 holds, else ``fp32`` (never rounds a finite value to inf)."""
+    if t.numel() and float(t.detach().abs().max()) > FP16_MAX:
+        return "fp32"
+    return "fp16"
 Kind = Literal["linear", "embedding", "lm_head"]
 
 
@@ -46,11 +54,12 @@ class TensorRef:
 
 @dataclass(frozen=True)
 class FixedTensor:
-    """A stored tensor that is not allocated (norm weight, bias): kept at fp16."""
+    """A stored tensor that is not allocated (norm weight, bias): kept at ``format`` (fp16, or fp32)."""
 
     name: str
     shape: tuple[int, ...]
     nbytes: int
+    format: str = "fp16"
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,10 +146,14 @@ class ModelView:
             raise InputError(f"no quantizable tensor named {name!r}") from None
 
     def fixed(self) -> list[FixedTensor]:
-        """Every other stored parameter (norms, biases), at fp16 = 2 bytes per parameter."""
+        """Every other stored parameter (norms, biases), at its :func:`fixed_format` (2 or 4 bytes a parameter)."""
         quant = {r.name for r in self._refs} | {f"{self.spec.lm_head}.weight"}
-        return [FixedTensor(n, tuple(p.shape), p.numel() * FIXED_BYTES_PER_PARAM)
-                for n, p in self._params.items() if n not in quant]
+        out = []
+        for n, p in self._params.items():
+            if n not in quant:
+                fmt = fixed_format(p)
+                out.append(FixedTensor(n, tuple(p.shape), p.numel() * (2 if fmt == "fp16" else 4), fmt))
+        return out
 
     @property
     def fixed_bytes(self) -> int:
