@@ -21,8 +21,8 @@ DEFAULT_FORMATS = (
     "int2-g32,int2-g64,int2-g128,int3-g32,int3-g64,int3-g128,int4-g32,int4-g64,int4-g128,"
     "int5-g64,int5-g128,int6-g128,int8-g128,fp16"
 )
-DEMO_FORMATS = "int2-g64,int3-g64,int3-g128,int4-g64,int4-g128,int5-g128,int6-g128,int8-g128"
-DEMO_BUDGETS = "3bpw,3.5bpw,4bpw,5bpw"
+DEMO_FORMATS = "int2-g64,int3-g64,int3-g128,int4-g64,int4-g128,int8-g128"
+DEMO_BUDGETS = "3.5bpw,4.5bpw"
 MODEL_HELP = "model: a Hugging Face directory (safetensors) or a .gguf file (default: the packaged SmolLM2-135M-Instruct)"
 
 
