@@ -109,7 +109,7 @@ WORKER = textwrap.dedent('''
                 # each item depends on the previous checkpoint, as blocks of a model do
                 prev = job.load_item("work", f"item{i - 1:03d}")["w"] if i else torch.zeros(64, 256)
                 w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1000 + i)) + 0.5 * prev
-                time.sleep(0.02)
+                time.sleep(0.05)
                 job.save_item("work", key, {"w": w, "codes": (w * 8).round().to(torch.int8)})
             if not job.has_item("meta", key):
                 w = job.load_item("work", key)["w"]
@@ -150,7 +150,9 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tmp_path):
     progress = []
     for _ in range(4):
         p = _start(script, job_dir, out)
-        time.sleep(rng.uniform(0.02, 0.5))  # the work takes at least 30 x 20 ms after "ready"
+        # the work takes at least 30 x 50 ms after "ready"; four waits of at most 0.2 s leave >= 0.7 s of it,
+        # so every kill lands before the output can exist, however fast the machine
+        time.sleep(rng.uniform(0.02, 0.2))
         assert p.poll() is None, "the worker finished before it could be killed"
         p.kill()  # SIGKILL: no cleanup handlers run
         p.communicate()
