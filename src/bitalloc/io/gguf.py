@@ -11,7 +11,6 @@ Tensor data is never read up front: ``raw(name)`` is a view of a private memory 
 """
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import struct
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .mapped import MappedFile
 from ..errors import InputError
 from .atomic import PathLike
 
@@ -161,7 +161,7 @@ def _read_value(cur: _Cursor, t: GGUFValueType, what: str, depth: int) -> tuple[
     return v, None
 
 
-class GGUFFile:
+class GGUFFile(MappedFile):
     """A validated GGUF file: ``fields``/``metadata``, ``tensors`` (infos) and lazy tensor data."""
 
     def __init__(self, path: PathLike) -> None:
@@ -311,17 +311,6 @@ class GGUFFile:
             raise InputError(f"tensor {name!r} in {self.path}: cannot decode {info.type.name}") from exc
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape)
 
-    def close(self) -> None:
-        if self._mm is not None:
-            with contextlib.suppress(BufferError):
-                self._mm.close()
-            self._mm = None
-
-    def __enter__(self) -> GGUFFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 __all__ = ["GGUFField", "GGUFFile", "GGUFTensorInfo", "MAX_DIMS", "MAX_DEPTH"]

@@ -8,7 +8,6 @@ the span), offsets (in range, non-overlapping, covering the data section exactly
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
@@ -19,6 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
+from .mapped import MappedFile
 from ..errors import InputError, NumericsError
 from .atomic import PathLike, atomic_write, compare_digests, tensor_bytes, tensor_digest, write_manifest
 
@@ -99,7 +99,7 @@ def _check_coverage(infos: Iterable[TensorInfo], data_len: int, bad: Any) -> Non
         raise bad(f"{data_len - pos} trailing bytes after the last tensor")
 
 
-class SafetensorsFile:
+class SafetensorsFile(MappedFile):
     """A validated safetensors file.  ``get(name)`` returns a tensor backed by the memory map."""
 
     def __init__(self, path: PathLike) -> None:
@@ -176,18 +176,6 @@ class SafetensorsFile:
         raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=self._data_start + info.begin)
         return torch.from_numpy(raw).view(dtype).reshape(info.shape)
 
-    def close(self) -> None:
-        """Release the map; tensors still referencing it keep it alive until they are freed."""
-        if self._mm is not None:
-            with contextlib.suppress(BufferError):
-                self._mm.close()
-            self._mm = None
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def check_finite(t: torch.Tensor, name: str, *, chunk: int = 1 << 24) -> None:
