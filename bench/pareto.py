@@ -5,7 +5,8 @@ Shakespeare comedies and evaluated on the tragedies (context 512, second half of
 
 * one measurement (timed) of every tensor x candidate format, errors of ``--measure-method`` rounding;
 * for every budget (bpw over ALL weights, embedding and norms included): the allocated plan and the uniform
-  format that fits the same bytes with the least predicted error, each quantized with RTN and with GPTQ;
+  formats that fit the same bytes (the two largest and the one with the least predicted error), each
+  quantized with RTN and with GPTQ; the baseline is the fitting uniform format with the least MEASURED KLD;
 * KLD / PPL / top-1 of every model against the fp reference, the ratio allocated KLD / uniform KLD (goal
   <= 0.7, never > 1), the time of each extra budget and the peak RSS.
 
@@ -28,8 +29,9 @@ import torch
 from bitalloc.data import check_disjoint, default_calibration_files, default_eval_files, read_texts, token_windows
 from bitalloc.models.rescale import load_reference
 from bitalloc.models.view import ModelView
-from bitalloc.pipeline import best_uniform, make_plan, measure_model
-from bitalloc.sweep import format_table, plot, sweep
+from bitalloc.budget import Budget
+from bitalloc.pipeline import make_plan, measure_model
+from bitalloc.sweep import best_measured_uniform, format_table, plot, sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # 13 candidates: fine groups where bits are few, coarse where they are many (fits ~30-40 min on 2 idle cores)
@@ -78,14 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         make_plan(m, b)
         alloc_seconds[b] = time.perf_counter() - t1
-    uniform_of = {b: best_uniform(m, b).entries[0].format for b in budgets}
 
     points = sweep(model, view, m, budgets, methods, calib, evals, reference)
     rows = []
     for method in methods:
         for b in budgets:
             a = next(p for p in points if p.kind == "allocated" and p.budget == b and p.method == method)
-            u = next(p for p in points if p.kind == "uniform" and p.label == uniform_of[b] and p.method == method)
+            u = best_measured_uniform(points, Budget.parse(b).resolve(m.total_params), method)
             rows.append({"budget": b, "method": method, "uniform_format": u.label,
                          "allocated_bytes": a.bytes, "uniform_bytes": u.bytes,
                          "allocated_kld": a.kld, "uniform_kld": u.kld, "kld_ratio": a.kld / u.kld,

@@ -126,3 +126,18 @@ def test_real_model_one_budget_beats_uniform_rtn():
     quantize_model(model, view, plan, calib, "rtn", progress=False)
     kld_alloc = evaluate(model, ref, evals).kld
     assert math.isfinite(kld_alloc) and 0 < kld_alloc < kld_uniform
+
+
+def test_uniform_baseline_is_chosen_by_measured_kld_among_fitting_candidates():
+    from bitalloc.sweep import Point, best_measured_uniform
+
+    def pt(label, nbytes, kld, method="rtn", kind="uniform"):
+        return Point(kind, "4bpw", method, label, nbytes, 4.0, 0.0, 1.0, 1.0, kld, 1.0, 0.0)
+
+    points = [pt("int3-g32", 100, 0.5), pt("int4-g128", 106, 0.2), pt("int4-g64", 113, 0.1),
+              pt("int4-g128", 106, 0.05, method="gptq"), pt("allocated", 110, 0.01, kind="allocated")]
+    assert best_measured_uniform(points, 110, "rtn").label == "int4-g128"  # int4-g64 does not fit
+    assert best_measured_uniform(points, 120, "rtn").label == "int4-g64"
+    assert best_measured_uniform(points, 110, "gptq").kld == 0.05
+    with pytest.raises(ValueError):
+        best_measured_uniform(points, 50, "rtn")

@@ -189,3 +189,27 @@ def best_uniform(measurement: Measurement, budget: str | Budget, objective: str 
     if best is None:
         raise BudgetError(f"no uniform format of {measurement.formats()} fits {budget} ({limit} B)")
     return best
+
+
+def fitting_uniforms(measurement: Measurement, budget: str | Budget, top: int = 2) -> list[Plan]:
+    """Uniform plans that fit ``budget``: the ``top`` largest plus the one with the least predicted error.
+
+    Predicted errors do not always rank uniform formats as the measured KLD does (e.g. small groups at fewer
+    bits vs larger groups at more bits), so a fair baseline is chosen by *measuring* these candidates.
+    """
+    limit = Budget.parse(budget).resolve(measurement.total_params)
+    fits = []
+    for f in measurement.formats():
+        try:
+            p = uniform_plan(measurement, f)
+        except InputError:
+            continue
+        if p.total_bytes <= limit:
+            fits.append(p)
+    if not fits:
+        raise BudgetError(f"no uniform format of {measurement.formats()} fits {budget} ({limit} B)")
+    chosen = sorted(fits, key=lambda p: -p.total_bytes)[:max(1, top)]
+    best = best_uniform(measurement, budget)
+    if all(p.entries[0].format != best.entries[0].format for p in chosen):
+        chosen.append(best)
+    return chosen

@@ -19,7 +19,7 @@ from .budget import Budget, Constraints
 from .evaluate import evaluate
 from .measure import Measurement
 from .models.view import ModelView
-from .pipeline import CachedReference, best_uniform, make_plan, uniform_plan
+from .pipeline import CachedReference, fitting_uniforms, make_plan, uniform_plan
 from .plan import Plan
 from .quantize import quantize_model, restore, snapshot
 
@@ -63,11 +63,14 @@ def sweep(
     model: nn.Module, view: ModelView, measurement: Measurement, budgets: Sequence[str], methods: Sequence[str],
     calib: torch.Tensor, eval_windows: torch.Tensor, reference: nn.Module, *,
     constraints: Constraints | None = None, uniform: Sequence[str] | None = None, progress: bool = True,
+    uniform_candidates: int = 2,
 ) -> list[Point]:
-    """For every budget and method: the allocated plan and the best uniform format that fits the same bytes.
+    """For every budget and method: the allocated plan and the uniform formats that fit the same bytes.
 
-    ``uniform`` (format ids) replaces the per-budget best-uniform baselines by a fixed list.  The model is
-    left with its original weights.
+    Per budget the ``uniform_candidates`` largest fitting uniform formats and the one with the least predicted
+    error are all quantized and evaluated, so the best uniform baseline is picked by *measured* quality
+    (:func:`best_measured_uniform`).  ``uniform`` (format ids) replaces them by a fixed list.  The model is left
+    with its original weights.
     """
     saved = snapshot(model)
     ref = CachedReference(reference)
@@ -77,10 +80,10 @@ def sweep(
     if uniform is None:
         seen: set[str] = set()
         for b in budgets:
-            p = best_uniform(measurement, b)
-            if p.entries[0].format not in seen:
-                seen.add(p.entries[0].format)
-                plans.append(("uniform", b, p))
+            for p in fitting_uniforms(measurement, b, uniform_candidates):
+                if p.entries[0].format not in seen:
+                    seen.add(p.entries[0].format)
+                    plans.append(("uniform", b, p))
     else:
         plans.extend(("uniform", f, uniform_plan(measurement, f)) for f in uniform)
     points = []
@@ -93,6 +96,14 @@ def sweep(
     finally:
         restore(model, saved)
     return points
+
+
+def best_measured_uniform(points: Sequence[Point], budget_bytes: int, method: str) -> Point:
+    """The uniform point of ``method`` within ``budget_bytes`` with the least measured KLD."""
+    fits = [p for p in points if p.kind == "uniform" and p.method == method and p.bytes <= budget_bytes]
+    if not fits:
+        raise ValueError(f"no uniform point of method {method} within {budget_bytes} bytes")
+    return min(fits, key=lambda p: (p.kld, -p.bytes))
 
 
 def format_table(points: Sequence[Point]) -> str:
