@@ -161,14 +161,7 @@ class Measurement:
 
     @classmethod
     def from_json(cls, text: str) -> "Measurement":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"measurement is not valid JSON: {e}") from e
-        if not isinstance(d, dict) or d.get("kind") != "bitalloc.measurement":
-            raise InputError("not a bitalloc measurement file")
-        if d.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"measurement format_version {d.get('format_version')!r} is not {FORMAT_VERSION}")
+        d = parse_versioned_json(text, "measurement", FORMAT_VERSION)
         try:
             tensors = tuple(
                 TensorInfo(t["name"], tuple(t["shape"]), int(t["numel"]), tuple(t["roles"]), t.get("group"))
@@ -194,6 +187,19 @@ class Measurement:
         except OSError as e:
             raise InputError(f"cannot read measurement {path}: {e}") from e
         return cls.from_json(text)
+
+
+def parse_versioned_json(text: str, what: str, version: int) -> dict[str, Any]:
+    """The object of a bitalloc JSON file of kind ``bitalloc.<what>`` at ``format_version`` (else InputError)."""
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what} is not valid JSON: {e}") from e
+    if not isinstance(d, dict) or d.get("kind") != f"bitalloc.{what}":
+        raise InputError(f"not a bitalloc {what} file")
+    if d.get("format_version") != version:
+        raise InputError(f"{what} format_version {d.get('format_version')!r} is not {version}")
+    return d
 
 
 def json_with_lines(head: dict[str, Any], lists: dict[str, list[Any] | dict[str, Any]]) -> str:

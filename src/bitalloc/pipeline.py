@@ -19,6 +19,7 @@ from .budget import Budget, Constraints
 from .calibrate import fisher_pass, stream_blocks
 from .errors import BudgetError, InputError
 from .formats import get_format
+from .io.atomic import tensor_digest
 from .measure import Measurement, MeasureRow, TensorInfo, measure_tensor
 from .plan import Plan, PlanEntry
 from .models.view import ModelView
@@ -29,11 +30,8 @@ log = logging.getLogger(__name__)
 
 def _hash_tensors(items: Sequence[tuple[str, torch.Tensor]]) -> str:
     h = hashlib.sha256()
-    for name, t in items:
-        t = t.detach().contiguous().cpu()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"")
+    for name, t in items:  # io.atomic.tensor_digest hashes dtype, shape and raw bytes without copying them
+        h.update(name.encode() + b"\0" + tensor_digest(t).encode())
     return h.hexdigest()[:16]
 
 

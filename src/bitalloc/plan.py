@@ -6,7 +6,6 @@ recomputes every byte count and error from it, so hand edits can never smuggle i
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 
 from .errors import BudgetError, InputError
 from .formats import FormatError, get_format
-from .measure import Measurement, json_with_lines, write_text_atomic
+from .measure import Measurement, json_with_lines, parse_versioned_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +129,7 @@ class Plan:
         A tensor entry may be ``{"format": "q4_k", ...}`` or just ``"q4_k"``.  Raises :class:`InputError`
         for unknown or missing tensors, unknown formats, formats not measured for a tensor or a broken tie
         group, and :class:`BudgetError` when the plan no longer fits its budget."""
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"plan is not valid JSON: {e}") from e
-        if not isinstance(d, dict) or d.get("kind") != "bitalloc.plan":
-            raise InputError("not a bitalloc plan file")
-        if d.get("format_version") != PLAN_VERSION:
-            raise InputError(f"plan format_version {d.get('format_version')!r} is not {PLAN_VERSION}")
+        d = parse_versioned_json(text, "plan", PLAN_VERSION)
         tensors = d.get("tensors")
         if not isinstance(tensors, dict):
             raise InputError("plan has no 'tensors' mapping")

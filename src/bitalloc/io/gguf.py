@@ -166,7 +166,6 @@ class GGUFFile(MappedFile):
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
-        self._mm: mmap.mmap | None = None
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
