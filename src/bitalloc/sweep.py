@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -59,24 +59,10 @@ def run_point(
                  r.top1, time.perf_counter() - t0)
 
 
-def sweep(
-    model: nn.Module, view: ModelView, measurement: Measurement, budgets: Sequence[str], methods: Sequence[str],
-    calib: torch.Tensor, eval_windows: torch.Tensor, reference: nn.Module, *,
-    constraints: Constraints | None = None, uniform: Sequence[str] | None = None, progress: bool = True,
-    uniform_candidates: int = 2,
-) -> list[Point]:
-    """For every budget and method: the allocated plan and the uniform formats that fit the same bytes.
-
-    Per budget the ``uniform_candidates`` largest fitting uniform formats and the one with the least predicted
-    error are all quantized and evaluated, so the best uniform baseline is picked by *measured* quality
-    (:func:`best_measured_uniform`).  ``uniform`` (format ids) replaces them by a fixed list.  The model is left
-    with its original weights.
-    """
-    saved = snapshot(model)
-    ref = CachedReference(reference)
-    plans: list[tuple[str, str, Plan]] = []
-    for b in budgets:
-        plans.append(("allocated", b, make_plan(measurement, b, constraints)))
+def _plans(measurement: Measurement, budgets: Sequence[str], constraints: Constraints | None,
+           uniform: Sequence[str] | None, uniform_candidates: int) -> list[tuple[str, str, Plan]]:
+    """The allocated plan of every budget, then the uniform baselines (each format once)."""
+    plans: list[tuple[str, str, Plan]] = [("allocated", b, make_plan(measurement, b, constraints)) for b in budgets]
     if uniform is None:
         seen: set[str] = set()
         for b in budgets:
@@ -86,10 +72,34 @@ def sweep(
                     plans.append(("uniform", b, p))
     else:
         plans.extend(("uniform", f, uniform_plan(measurement, f)) for f in uniform)
+    return plans
+
+
+def sweep(
+    model: nn.Module, view: ModelView, measurement: Measurement | Mapping[str, Measurement],
+    budgets: Sequence[str], methods: Sequence[str], calib: torch.Tensor, eval_windows: torch.Tensor,
+    reference: nn.Module, *, constraints: Constraints | None = None, uniform: Sequence[str] | None = None,
+    progress: bool = True, uniform_candidates: int = 2,
+) -> list[Point]:
+    """For every budget and method: the allocated plan and the uniform formats that fit the same bytes.
+
+    ``measurement`` is one table for every method, or ``{method: table}`` so that each rounding method is
+    allocated from errors measured with that rounding (GPTQ lowers low-bit errors far more than high-bit
+    ones, so an RTN-measured table misallocates GPTQ models).  Per budget the ``uniform_candidates`` largest
+    fitting uniform formats and the one with the least predicted error are all quantized and evaluated, so
+    the best uniform baseline is picked by *measured* quality (:func:`best_measured_uniform`).  ``uniform``
+    (format ids) replaces them by a fixed list.  The model is left with its original weights.
+    """
+    tables = dict(measurement) if isinstance(measurement, Mapping) else {m: measurement for m in methods}
+    missing = [m for m in methods if m not in tables]
+    if missing:
+        raise ValueError(f"no measurement given for method(s) {missing}")
+    saved = snapshot(model)
+    ref = CachedReference(reference)
     points = []
     try:
         for method in methods:
-            for kind, b, p in plans:
+            for kind, b, p in _plans(tables[method], budgets, constraints, uniform, uniform_candidates):
                 pt = run_point(model, view, saved, p, kind, b, method, calib, eval_windows, ref, progress=progress)
                 log.info("%s %s %s: %d B, %.4f bpw, kld %.5f", kind, b, method, pt.bytes, pt.bpw, pt.kld)
                 points.append(pt)
