@@ -7,7 +7,7 @@ then for each llama.cpp file a bitalloc GGUF whose FILE size is at most that fil
 evaluated by llama-perplexity on the tragedies (context 512, second half of each chunk scored) against
 the F32 model's saved logits: PPL, mean KLD, top-1 ("Same top p") and file bytes; ratios bitalloc/llama.cpp.
 
-    python bench/gguf_vs_llamacpp.py [--eval-chunks 24] [--calib-windows 24] [--sides both|llamacpp]
+    python bench/gguf_vs_llamacpp.py [--eval-chunks 24] [--calib-windows 24] [--sides both|llamacpp] [--threads 1]
 
 Needs the tools from bench/build_llamacpp_tools.sh.  Writes bench/results/gguf_vs_llamacpp.{json,png}.
 """
@@ -25,9 +25,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import llamacpp as lc  # noqa: E402
+# all of bitalloc is imported up front: a long run is not broken by later edits of the working tree
+from bitalloc.data import default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
+from bitalloc.export.gguf import export_f32_gguf, read_template  # noqa: E402
+from bitalloc.gguf_cmd import GGUF_FORMATS, export_plan, plan_gguf  # noqa: E402
+from bitalloc.measure import Measurement  # noqa: E402
+from bitalloc.models.rescale import load_reference  # noqa: E402
+from bitalloc.models.sources import default_model_path  # noqa: E402
+from bitalloc.models.view import ModelView  # noqa: E402
+from bitalloc.pipeline import measure_model  # noqa: E402
+from bitalloc.quantize import restore, snapshot  # noqa: E402
 
 RESULTS = lc.REPO / "bench" / "results"
 WORK = lc.REPO / ".cache" / "gguf_bench"
@@ -45,18 +56,7 @@ def write_texts(files: list[Path], out: Path) -> Path:
 def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, int], base: Path,
                   eval_txt: Path) -> dict[str, dict]:
     """Measure once, then one bitalloc GGUF per llama.cpp file size, evaluated by llama-perplexity."""
-    import torch
-
-    from bitalloc.data import default_calibration_files, read_texts, token_windows
-    from bitalloc.export.gguf import read_template
-    from bitalloc.gguf_cmd import GGUF_FORMATS, export_plan, plan_gguf
-    from bitalloc.measure import Measurement
-    from bitalloc.models.rescale import load_reference
-    from bitalloc.models.view import ModelView
-    from bitalloc.pipeline import measure_model
-    from bitalloc.quantize import restore, snapshot
-
-    torch.set_num_threads(lc.THREADS)
+    torch.set_num_threads(args.threads)
     model, tok = load_reference(rescaled=True)
     view = ModelView(model)
     tpl = read_template(ref_gguf)
@@ -79,7 +79,7 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
         path = WORK / f"bitalloc-{name}.gguf"
         written = export_plan(model, view, plan, calib, tpl, path, method=args.method, overwrite=True)
         restore(model, saved)
-        res = lc.perplexity_kld(path, eval_txt, base, chunks=args.eval_chunks)
+        res = lc.perplexity_kld(path, eval_txt, base, chunks=args.eval_chunks, threads=args.threads)
         mix: dict[str, int] = {}
         for e in plan.entries:
             mix[e.format] = mix.get(e.format, 0) + 1
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="bitalloc rounding")
     ap.add_argument("--measure-method", choices=("gptq", "rtn"), default="rtn", help="rounding when measuring")
     ap.add_argument("--sides", choices=("both", "llamacpp"), default="both")
+    ap.add_argument("--threads", type=int, default=1, help="threads for torch and the llama.cpp tools")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files in .cache/gguf_bench")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -108,27 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    from bitalloc.data import default_calibration_files, default_eval_files
-    from bitalloc.export.gguf import export_f32_gguf
-    from bitalloc.models.rescale import load_reference
-    from bitalloc.models.sources import default_model_path
-
     calib_txt = write_texts(default_calibration_files(), WORK / "calib.txt")
     eval_txt = write_texts(default_eval_files(), WORK / "eval.txt")
     ref = WORK / "ref-f32.gguf"
     model, _tok = load_reference(rescaled=True)
     export_f32_gguf(model, default_model_path(), ref, overwrite=True)
     del model
-    imat = lc.imatrix(ref, calib_txt, WORK / "imatrix.gguf", chunks=args.calib_windows)
+    imat = lc.imatrix(ref, calib_txt, WORK / "imatrix.gguf", chunks=args.calib_windows, threads=args.threads)
     base = WORK / "kld-base.bin"
-    ref_res = lc.perplexity_base(ref, eval_txt, base, chunks=args.eval_chunks)
+    ref_res = lc.perplexity_base(ref, eval_txt, base, chunks=args.eval_chunks, threads=args.threads)
     log.info("reference PPL %.4f", ref_res.ppl)
 
     llama: dict[str, dict] = {}
     for qtype, pure in LLAMA_TYPES:
         path = WORK / f"llamacpp-{qtype}.gguf"
-        lc.quantize(ref, path, qtype, imatrix_file=imat, pure=pure)
-        res = lc.perplexity_kld(path, eval_txt, base, chunks=args.eval_chunks)
+        lc.quantize(ref, path, qtype, imatrix_file=imat, pure=pure, threads=args.threads)
+        res = lc.perplexity_kld(path, eval_txt, base, chunks=args.eval_chunks, threads=args.threads)
         llama[qtype] = {"bytes": os.path.getsize(path), "ppl": res.ppl, "kld": res.kld, "top1": res.top1,
                         "pure": pure}
         log.info("llama.cpp %s: %s", qtype, llama[qtype])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitalloc.calibrate import BlockRunner, fisher_pass, layout_of, stream_blocks
-from bitalloc.errors import NumericsError
+from bitalloc.errors import InputError, NumericsError
 from bitalloc.stats import LinearStats, LookupStats
 
 
@@ -57,37 +57,74 @@ def test_head_roles_tied_and_untied(llama_model, qwen2_model, windows):
     assert roles[1].hessian.shape == (64, 64)
 
 
-def test_fisher_matches_autograd(llama_model, windows):
-    model = llama_model
-    g = fisher_pass(model, None, windows, batch_size=2, progress=False)
-    assert all(p.grad is None for p in model.parameters())  # no weight gradients were computed
-    # reference: retain gradients of one linear output and the logits in a single full backward per window
+def _fisher_reference(model, windows):
+    """E[g²] of every linear output, the logits and the embedding output: one plain full backward per window."""
     lay = layout_of(model)
-    store: dict[str, torch.Tensor] = {}
-    mod = lay.linear(0, "mlp.up_proj")
+    outs: dict[tuple[str, str], torch.Tensor] = {}
+    mods = {(lay.tensor_name(b, lin), "linear"): lay.linear(b, lin) for b in range(len(lay.blocks))
+            for lin in lay.spec.linears}
+    mods[(lay.lm_head_name, "linear")] = lay.lm_head
 
-    def keep(_m, _i, out):
-        out.retain_grad()
-        store["y"] = out
+    def keep(key):
+        def hook(_m, _i, out):
+            out.retain_grad()
+            outs[key] = out
+        return hook
 
-    h = mod.register_forward_hook(keep)
-    sq_y = torch.zeros(mod.weight.shape[0])
-    sq_l = torch.zeros(model.config.vocab_size)
+    hs = [m.register_forward_hook(keep(k)) for k, m in mods.items()]
+    sums: dict[tuple[str, str], torch.Tensor] = {}
     with torch.enable_grad():
         for i in range(len(windows)):
             ids = windows[i : i + 1]
             emb = lay.embedding(ids).detach().requires_grad_(True)
-            out = model(inputs_embeds=emb)
-            out.logits.retain_grad()
-            ll = torch.log_softmax(out.logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).sum()
+            logits = model(inputs_embeds=emb).logits
+            ll = torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).sum()
             ll.backward()
-            sq_y += store["y"].grad.pow(2).sum((0, 1))
-            sq_l += out.logits.grad.pow(2).sum((0, 1))
-    h.remove()
-    n = windows.numel()
-    torch.testing.assert_close(g[(lay.tensor_name(0, "mlp.up_proj"), "linear")], sq_y / n, rtol=1e-4, atol=1e-10)
-    torch.testing.assert_close(g[("model.embed_tokens.weight", "linear")], sq_l / n, rtol=1e-4, atol=1e-10)
+            grads = {k: o.grad for k, o in outs.items()}
+            grads[(lay.embedding_name, "lookup")] = emb.grad
+            for k, gr in grads.items():
+                sq = gr.pow(2).reshape(-1, gr.shape[-1]).sum(0)
+                sums[k] = sums[k] + sq if k in sums else sq
+    for h in hs:
+        h.remove()
+    return {k: v / windows.numel() for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("batch_size, head_chunk", [(2, 128), (3, 5)])
+def test_fisher_matches_plain_autograd_for_every_tensor(tiny_model, windows, batch_size, head_chunk):
+    model = tiny_model
+    g = fisher_pass(model, None, windows, batch_size=batch_size, progress=False, head_chunk=head_chunk)
+    assert all(p.grad is None for p in model.parameters())  # no weight gradients were computed
+    assert all(p.requires_grad for p in model.parameters())  # requires_grad flags restored
+    ref = _fisher_reference(model, windows)
+    assert set(g) == set(ref)
+    lay = layout_of(model)
+    assert len(g) == len(lay.blocks) * len(lay.spec.linears) + 2
+    for k in ref:
+        torch.testing.assert_close(g[k], ref[k], rtol=1e-4, atol=1e-12, msg=lambda m: f"{k}: {m}")
     assert g[("model.embed_tokens.weight", "lookup")].shape == (64,)
+
+
+def test_fisher_recomputes_each_block_once_and_never_builds_full_logits(llama_model, windows):
+    """Every linear runs once without and once with autograd per batch; lm_head sees chunks of positions."""
+    lay = layout_of(llama_model)
+    calls = {"grad": 0, "nograd": 0}
+    head_rows: list[int] = []
+
+    def count(_m, _i, out):
+        calls["grad" if out.requires_grad else "nograd"] += 1
+
+    def head(_m, args, _out):
+        head_rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+
+    h1 = lay.linear(1, "mlp.down_proj").register_forward_hook(count)
+    h2 = lay.lm_head.register_forward_hook(head)
+    fisher_pass(llama_model, None, windows, batch_size=2, progress=False, head_chunk=7)
+    h1.remove(), h2.remove()
+    assert calls == {"grad": 2, "nograd": 2}  # 4 windows in 2 batches
+    assert max(head_rows) == 7 and sum(head_rows) == windows.shape[0] * (windows.shape[1] - 1)
+    with pytest.raises(InputError, match="head_chunk"):
+        fisher_pass(llama_model, None, windows, head_chunk=0)
 
 
 def test_nan_in_weights_is_reported_with_the_tensor_name(llama_model, windows):

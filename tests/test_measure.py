@@ -90,6 +90,36 @@ def test_measure_tensor_rtn():
     assert errs == sorted(errs, reverse=True) and errs[-1] > 0  # fp16 error is tiny but real
 
 
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_measure_tensor_in_row_chunks_equals_whole(method, monkeypatch):
+    """A tied embedding (lookup + linear roles, Fisher on both) measured in 5 row blocks: the same table."""
+    import bitalloc.measure as me
+
+    g = torch.Generator().manual_seed(4)
+    V, D = 75, 64
+    w = torch.randn(V, D, generator=g)
+    freq = torch.rand(V, generator=g)
+    st = TensorStats((LookupStats(freq / freq.sum(), 9, torch.rand(D, generator=g)),
+                      LinearStats(_spd(D, g), 9, torch.rand(V, generator=g))))
+    fmts = ["int3-row", "int4-g32", "q4_0", "iq4_nl", "fp16"]
+    whole = measure_tensor("emb", w, st, fmts, method=method, max_elems=None)
+    blocks: list[int] = []
+    chunks = me.quantize_chunks
+    monkeypatch.setattr(me, "quantize_chunks", lambda *a, **k: [blocks.append(1) or c for c in chunks(*a, **k)])
+    parts = measure_tensor("emb", w, st, fmts, method=method, max_elems=16 * D)
+    assert len(blocks) == 5 * len(fmts)  # rows 0-16-32-48-64-75
+    assert [(r.format, r.bytes) for r in parts] == [(r.format, r.bytes) for r in whole]
+    for a, b in zip(parts, whole):
+        assert a.output_error == pytest.approx(b.output_error, rel=1e-9, abs=0)
+        assert a.fisher_error == pytest.approx(b.fisher_error, rel=1e-9, abs=0)
+    assert measure_tensor("emb", w, TensorStats(st.roles[:1] + (LinearStats(st.roles[1].hessian, 9),)), fmts[:1],
+                          max_elems=16 * D)[0].fisher_error is None
+    with pytest.raises(InputError, match="token_freq"):
+        measure_tensor("emb", w, TensorStats((LookupStats(freq[:-1], 9),)), fmts, max_elems=16 * D)
+    with pytest.raises(NumericsError, match="emb"):
+        measure_tensor("emb", torch.cat([w[:-1], torch.full((1, D), math.inf)]), st, fmts, max_elems=16 * D)
+
+
 def _table() -> Measurement:
     tensors = (TensorInfo("emb", (10, 4), 40, ("lookup", "linear")), TensorInfo("q", (4, 4), 16, group="qkv"))
     rows = (MeasureRow("q", "fp16", 32, 0.0, 0.0), MeasureRow("emb", "int4-g32", 30, 1.5, None),

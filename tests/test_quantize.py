@@ -55,3 +55,32 @@ def test_plan_that_does_not_match_the_model_is_refused(llama_model, windows):
         quantize_model(llama_model, None, plan, windows, "rtn", progress=False)
     with pytest.raises(InputError, match="method"):
         quantize_model(llama_model, None, uniform_assignments(llama_model, "int4-g32"), windows, "xyz")
+
+
+
+@pytest.mark.parametrize("arch, fid", [("llama_model", "int3-row"), ("qwen2_model", "q4_0")])
+def test_row_chunked_quantization_is_byte_identical(monkeypatch, request, windows, arch, fid):
+    """Every tensor (the embedding included) in blocks of 8 rows: the same bytes and the same model."""
+    import copy
+
+    import bitalloc.rounding as rounding
+
+    tiny_model = request.getfixturevalue(arch)
+    other = copy.deepcopy(tiny_model)
+    plan = uniform_assignments(tiny_model, fid)
+    whole = quantize_model(tiny_model, None, plan, windows, "gptq", progress=False)
+    monkeypatch.setattr(rounding, "ROW_CHUNK_ELEMS", 8 * 64)
+    cls = type(get_format(fid))
+    joined: list[int] = []
+    concat = cls.concat_rows
+    monkeypatch.setattr(cls, "concat_rows", lambda self, parts: joined.append(len(parts)) or concat(self, parts))
+    chunked = quantize_model(other, None, plan, windows, "gptq", progress=False)
+    assert max(joined) == 256 // 8  # the 256-row embedding went through 32 blocks
+    assert set(whole) == set(chunked)
+    for name, q in whole.items():
+        c = chunked[name]
+        assert (c.format, c.shape) == (q.format, q.shape)
+        for k, t in q.parts.items():
+            assert torch.equal(c.parts[k], t), (name, k)
+    for (n, a), (_, b) in zip(tiny_model.named_parameters(), other.named_parameters()):
+        assert torch.equal(a, b), n

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitalloc import resume
+from bitalloc import checkpoints, resume
 from bitalloc.cli import main
 
 torch.set_num_threads(1)
@@ -89,14 +89,14 @@ def test_uninterrupted_run_is_deterministic_and_cleans_its_job(hf, reference, tm
 
 
 def _crash_at(monkeypatch, block: int) -> None:
-    real = resume._save_hidden
+    real = checkpoints._save_hidden
 
-    def crashing(job, b, hidden):
-        real(job, b, hidden)
-        if b == block:
+    def crashing(job, b, hidden, stage=resume.QUANT_STAGE):
+        real(job, b, hidden, stage)
+        if b == block and stage == resume.QUANT_STAGE:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(resume, "_save_hidden", crashing)
+    monkeypatch.setattr(checkpoints, "_save_hidden", crashing)
 
 
 def test_interrupted_run_resumes_to_identical_output(hf, reference, tmp_path, monkeypatch, caplog):
@@ -116,6 +116,60 @@ def test_interrupted_run_resumes_to_identical_output(hf, reference, tmp_path, mo
     assert "resuming quantization at block 2" in caplog.text
     assert_same_tree(reference, out)
     assert not job.exists()
+
+
+def _crash_measure_at(monkeypatch, block: int) -> None:
+    real = checkpoints._save_hidden
+
+    def crashing(job, b, hidden, stage=resume.QUANT_STAGE):
+        real(job, b, hidden, stage)
+        if b == block and stage == resume.MEASURE_STAGE:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "_save_hidden", crashing)
+
+
+def test_quantize_resumes_inside_the_measurement(hf, reference, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "out"
+    job = resume.default_job_dir(out)
+    with monkeypatch.context() as m:
+        _crash_measure_at(m, 2)
+        assert main(quantize_argv(hf, out)) == 130
+    assert "measure" not in json.loads((job / "job.json").read_text())["stages_done"]
+    assert (job / resume.MEASURE_STAGE / "rows0001.json").exists()
+    caplog.set_level("INFO", logger="bitalloc.resume")
+    assert main(quantize_argv(hf, out)) == 0
+    assert "resuming measurement at block 2" in caplog.text
+    assert_same_tree(reference, out)
+
+
+def measure_argv(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["measure", str(model), "--formats", FORMATS, "--calib", str(model.parent / "calib.txt"),
+            "--windows", "4", "--ctx", "32", "--fisher-windows", "2", "-q", "--out", str(out), *extra]
+
+
+def test_measure_command_resumes_to_identical_table(hf, tmp_path, monkeypatch, caplog, capsys):
+    ref = tmp_path / "ref.json"
+    assert main(measure_argv(hf, ref)) == 0
+    assert not resume.default_job_dir(ref).exists()
+    out = tmp_path / "m.json"
+    job = resume.default_job_dir(out)
+    for block in (1, 2):  # two interruptions, the second one after resuming
+        with monkeypatch.context() as m:
+            _crash_measure_at(m, block)
+            assert main(measure_argv(hf, out)) == 130
+        assert not out.exists() and (job / resume.MEASURE_STAGE / f"rows{block - 1:04d}.json").exists()
+    caplog.set_level("INFO", logger="bitalloc.resume")
+    assert main(measure_argv(hf, out)) == 0
+    assert "resuming measurement at block 2" in caplog.text
+    assert out.read_bytes() == ref.read_bytes() and not job.exists()
+    # killed after writing the table, before removing the job: the rerun recognises its own output
+    assert main(measure_argv(hf, out, "--overwrite", "--keep-job")) == 0
+    assert main(measure_argv(hf, out)) == 0
+    assert out.read_bytes() == ref.read_bytes() and not job.exists()
+    capsys.readouterr()
+    assert main(measure_argv(hf, out, "--method", "rtn")) == 2  # an existing table, no job: refused
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_changed_budget_is_refused_naming_it(hf, tmp_path, monkeypatch, capsys):

@@ -30,7 +30,8 @@ MODEL_HELP = "model: a Hugging Face directory (safetensors) or a .gguf file (def
 def _load_model(source: str | None) -> tuple[Any, Any]:
     from .models.sources import default_model_path, load_model
 
-    return load_model(source if source else default_model_path())
+    # weights in a memory-mapped spill file, resident one block at a time (values identical to a whole load)
+    return load_model(source if source else default_model_path(), low_memory=True)
 
 
 def _texts(paths: Sequence[str] | None, default: Callable[[], list[Path]]) -> list[Path]:
@@ -117,27 +118,51 @@ def _precheck(args: argparse.Namespace) -> None:
             raise InputError(f"file not found: {v}")
 
 
-def _measure(args: argparse.Namespace, model: Any, view: Any, calib: Any) -> Any:
+def _measure(args: argparse.Namespace, model: Any, view: Any, calib: Any, checkpoints: Any = None) -> Any:
+    """The measurement table; ``checkpoints`` (a :class:`bitalloc.resume.MeasureCheckpoints`) resumes it."""
     from .pipeline import measure_model
 
     fisher_w = calib[: args.fisher_windows] if args.fisher else None
+    resume = checkpoints.kwargs() if checkpoints is not None else {}
     return measure_model(model, view, calib, _formats(args.formats), args.method, args.fisher,
-                         progress=not args.quiet, fisher_windows=fisher_w)
+                         progress=not args.quiet, fisher_windows=fisher_w, **resume)
+
+
+def _measure_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option that changes a measurement table."""
+    return {"formats": ",".join(_formats(args.formats)), "method": args.method, "fisher": bool(args.fisher),
+            "fisher_windows": args.fisher_windows, "windows": args.windows, "ctx": args.ctx}
+
+
+def _inputs_fingerprint(model_arg: str | None, calib: Sequence[str] | None, options: dict[str, Any]) -> dict[str, Any]:
+    """A job fingerprint: digests of the model files and of the calibration text, and the options."""
+    from .data import default_calibration_files, expand_paths
+    from .models.sources import default_model_path
+    from .resume import model_digests, text_digest
+
+    model = Path(model_arg) if model_arg else default_model_path()
+    files = expand_paths(_texts(calib, default_calibration_files))
+    return {"version": 1, "model": model_digests(model), "calibration": text_digest(files), "options": options}
 
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_measure(args: argparse.Namespace) -> int:
     from .models.view import ModelView
+    from .resume import default_job_dir, run_measure_job
 
-    out = _check_out(args.out, args.overwrite)
+    out = Path(args.out)
     fmts = _formats(args.formats)  # fail on a bad id before loading anything
-    model, tok = _load_model(args.model)
-    _, calib = _calib(args, tok)
+    job_dir = Path(args.job) if args.job else default_job_dir(out)
+    if out.exists() and not args.overwrite and not job_dir.exists():
+        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
     t0 = time.perf_counter()
-    m = _measure(args, model, ModelView(model), calib)
-    m.save(out)
-    print(f"measured {len(m.tensors)} tensors x {len(fmts)} formats on {calib.shape[0]} windows "
-          f"in {time.perf_counter() - t0:.0f} s -> {out}")
+
+    def measure(model: Any, tok: Any, checkpoints: Any) -> Any:
+        return _measure(args, model, ModelView(model), _calib(args, tok)[1], checkpoints)
+
+    m = run_measure_job(out, job_dir, _inputs_fingerprint(args.model, args.calib, _measure_options(args)),
+                        lambda: _load_model(args.model), measure, keep_job=args.keep_job, overwrite=args.overwrite)
+    print(f"measured {len(m.tensors)} tensors x {len(fmts)} formats in {time.perf_counter() - t0:.0f} s -> {out}")
     return 0
 
 
@@ -172,19 +197,11 @@ def _fused_from_names(names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
 
 def _quantize_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that changes the output of ``quantize``: model and text digests, and the options."""
-    from .data import default_calibration_files, expand_paths
-    from .models.sources import default_model_path
-    from .resume import model_digests, text_digest
-
-    model = Path(args.model) if args.model else default_model_path()
-    files = expand_paths(_texts(args.calib, default_calibration_files))
     options = {
-        "budget": args.budget, "format": args.format, "formats": ",".join(_formats(args.formats)),
-        "method": args.method, "fisher": bool(args.fisher), "fisher_windows": args.fisher_windows,
-        "windows": args.windows, "ctx": args.ctx, "constraints": args.constraints,
+        **_measure_options(args), "budget": args.budget, "format": args.format, "constraints": args.constraints,
         "measurement": _digest_or_none(args.measurement), "plan": _digest_or_none(args.plan),
     }
-    return {"version": 1, "model": model_digests(model), "calibration": text_digest(files), "options": options}
+    return _inputs_fingerprint(args.model, args.calib, options)
 
 
 def _digest_or_none(path: str | None) -> str | None:
@@ -216,8 +233,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             return Plan.load(args.plan, measurement)
         return make_plan(measurement, args.budget, _constraints(args.constraints, view))
 
-    def measure_of(model: Any, view: Any, calib: Any) -> Any:
-        return given if given is not None else _measure(args, model, view, calib)
+    def measure_of(model: Any, view: Any, calib: Any, checkpoints: Any) -> Any:
+        return given if given is not None else _measure(args, model, view, calib, checkpoints)
 
     steps = QuantizeSteps(
         load=lambda: _load_model(args.model),
@@ -260,34 +277,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_fingerprint(args: argparse.Namespace, title: str) -> dict[str, Any]:
+    """Everything that changes the outputs of ``sweep`` / ``demo``: model, calibration and evaluation text
+    digests, and the options (the title is drawn in the PNG)."""
+    from .data import default_eval_files, expand_paths
+    from .resume import text_digest
+
+    options = {
+        **_measure_options(args), "budgets": ",".join(_budgets(args.budgets)), "eval_windows": args.eval_windows,
+        "uniform": ",".join(_formats(args.uniform)) if args.uniform else None, "constraints": args.constraints,
+        "uniform_candidates": 2, "title": title,
+    }
+    fp = _inputs_fingerprint(args.model, args.calib, options)
+    fp["evaluation"] = text_digest(expand_paths(_texts(args.eval, default_eval_files)))
+    return fp
+
+
 def _run_sweep(args: argparse.Namespace, title: str) -> int:
-    from .data import check_disjoint, default_eval_files
-    from .models.view import ModelView
-    from .sweep import format_table, sweep, write_results
+    from .data import check_disjoint, default_calibration_files, default_eval_files
+    from .resume import default_job_dir
+    from .sweep import format_table
+    from .sweep_job import OUTPUTS, SweepSteps, run_sweep_job
 
     budgets = _budgets(args.budgets)
-    _formats(args.formats)
+    formats = _formats(args.formats)
+    uniform = tuple(_formats(args.uniform)) if args.uniform else None
     out = Path(args.out)
-    model, tok = _load_model(args.model)
-    ref, _ = _load_model(args.model)
-    view = ModelView(model)
-    calib_files, calib = _calib(args, tok)
     eval_files = _texts(args.eval, default_eval_files)
-    check_disjoint(calib_files, eval_files)
-    evals = _windows(tok, eval_files, args.eval_windows, args.ctx)
-    t0 = time.perf_counter()
-    m = _measure(args, model, view, calib)
-    t_measure = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    m.save(out / "measurement.json")
-    uniform = _formats(args.uniform) if args.uniform else None
-    points = sweep(model, view, m, budgets, [args.method], calib, evals, ref,
-                   constraints=_constraints(args.constraints, view), uniform=uniform, progress=not args.quiet)
-    extra = {"measure_seconds": t_measure, "measure_method": args.method, "calib_windows": int(calib.shape[0]),
-             "eval_windows": int(evals.shape[0]), "ctx": args.ctx, "formats": _formats(args.formats)}
-    jpath, ppath = write_results(out, points, extra, title)
-    print(format_table(points))
-    print(f"measurement {t_measure:.0f} s; results: {jpath}, {ppath}")
+    check_disjoint(_texts(args.calib, default_calibration_files), eval_files)  # before the (slow) model load
+    job_dir = Path(args.job) if args.job else default_job_dir(out)
+    existing = [n for n in OUTPUTS if (out / n).exists()]
+    if existing and not args.overwrite and not job_dir.exists():
+        raise InputError(f"output {out} already holds {', '.join(existing)} (use --overwrite to replace it)")
+    steps = SweepSteps(
+        load=lambda: _load_model(args.model),
+        load_reference=lambda: _load_model(args.model)[0],
+        calibration=lambda tok: _calib(args, tok)[1],
+        evaluation=lambda tok: _windows(tok, eval_files, args.eval_windows, args.ctx),
+        measure=lambda model, view, calib, ckpt: _measure(args, model, view, calib, ckpt),
+        constraints=lambda view: _constraints(args.constraints, view),
+        budgets=tuple(budgets), method=args.method, title=title, uniform=uniform,
+        extra=(("ctx", args.ctx), ("formats", formats)), progress=not args.quiet,
+    )
+    res = run_sweep_job(out, job_dir, _sweep_fingerprint(args, title), steps, keep_job=args.keep_job,
+                        overwrite=args.overwrite)
+    print(format_table(res.points))
+    print(f"measurement {res.measure_seconds:.0f} s; results: {', '.join(str(p) for p in res.paths)}")
     return 0
 
 
@@ -319,6 +354,12 @@ def _add_measure_opts(p: argparse.ArgumentParser, formats: str, method: str, fis
                    help=f"windows used by the Fisher (gradient) pass (default {fisher_windows})")
 
 
+def _add_job(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--job", metavar="DIR", help="job directory for checkpoints (default OUT.job); rerunning the "
+                   "same command after an interruption continues from the last checkpoint")
+    p.add_argument("--keep-job", action="store_true", help="keep the job directory after success")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -340,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_measure_opts(p, DEFAULT_FORMATS, "gptq", 8)
     p.add_argument("--out", required=True, help="output table (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    _add_job(p)
     _add_common(p)
     p.set_defaults(func=cmd_measure)
 
@@ -371,9 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: q/k/v and gate/up of each block share one format (default none)")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--job", metavar="DIR", help="job directory for checkpoints (default OUT.job); rerunning the "
-                   "same command after an interruption continues from the last checkpoint")
-    p.add_argument("--keep-job", action="store_true", help="keep the job directory after success")
+    _add_job(p)
     _add_common(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -411,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fused: q/k/v and gate/up of each block share one format")
         p.add_argument("--out", default="bitalloc-demo" if name == "demo" else None, required=name == "sweep",
                        help="output directory for measurement.json, sweep.json, sweep.png")
+        p.add_argument("--overwrite", action="store_true", help="replace existing results in the output directory")
+        _add_job(p)
         _add_common(p)
         p.set_defaults(func=cmd_sweep if name == "sweep" else cmd_demo)
 

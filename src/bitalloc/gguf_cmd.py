@@ -6,6 +6,10 @@ are the GGUF block types its shape allows (K-quants need rows of a multiple of 2
 biases are written as F32, as llama.cpp expects.  A file-size budget becomes a tensor-bytes budget by
 subtracting the exact non-tensor bytes (header, metadata, tensor infos), the F32 tensors and the worst
 case of alignment padding; the final size is computed exactly before writing and never exceeds SIZE.
+
+The command is a resumable job (:mod:`bitalloc.gguf_job`): after ``kill -9`` the same command continues from
+the last checkpoint and writes a byte-identical file; ``OUT.gguf.manifest.json`` beside it lists the SHA-256
+of the file and of every tensor's raw bytes, and the file is re-read and checked against it before success.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from gguf import GGMLQuantizationType
 from .budget import Budget
 from .errors import BudgetError, InputError
 from .export.gguf import (
-    GGUFTemplate, WrittenGGUF, gguf_file_size, gguf_layout, ggml_nbytes, read_template, write_gguf,
+    GGUFTemplate, WrittenGGUF, gguf_file_size, gguf_layout, ggml_nbytes, read_template,
 )
 from .export.gguf_names import gguf_to_hf, hf_to_gguf
 from .formats import get_format
@@ -114,16 +118,41 @@ def export_plan(
     overwrite: bool = False,
     progress: bool = True,
 ) -> WrittenGGUF:
-    """Quantize ``model`` in place by ``plan`` onto the GGUF grids and write the GGUF.
+    """Quantize ``model`` in place by ``plan`` onto the GGUF grids and write the GGUF and its manifest.
 
     Afterwards ``model`` holds exactly the values the file decodes to: quantized tensors dequantized,
     fixed tensors (norms) at their original float32 values, as written.
+    """
+    from .gguf_job import write_gguf_verified
+
+    tensors = quantize_for_gguf(model, view, plan, windows, tpl, method=method, progress=progress)
+    specs = {n: (tuple(int(d) for d in (v.shape)), _type_of(v)) for n, v in tensors.items()}
+    log.info("exact output size: %d bytes", gguf_file_size(tpl, specs))
+    return write_gguf_verified(out, tpl, tensors, overwrite=overwrite)
+
+
+def quantize_for_gguf(
+    model: torch.nn.Module,
+    view: Any,
+    plan: Any,
+    windows: torch.Tensor,
+    tpl: GGUFTemplate,
+    *,
+    method: str = "gptq",
+    progress: bool = True,
+    on_block: Any = None,
+    start: Any = None,
+) -> dict[str, Any]:
+    """Quantize ``model`` in place by ``plan``; returns every GGUF tensor (QTensors, F32 norms) by GGUF name.
+
+    ``on_block`` / ``start``: checkpoint and resume hooks of :func:`bitalloc.quantize.quantize_model`.
     """
     from .quantize import quantize_model, set_weight
 
     params = dict(model.named_parameters())
     originals = {f.name: params[f.name].detach().clone() for f in view.fixed()}
-    qt = quantize_model(model, view, plan, windows, method=method, progress=progress)  # type: ignore[arg-type]
+    qt = quantize_model(model, view, plan, windows, method=method, progress=progress,  # type: ignore[arg-type]
+                        on_block=on_block, start=start)
     for name, value in originals.items():  # the GGUF keeps norms in F32: undo quantize's fp16 rounding
         set_weight(model, name, value)
     names = allocated_gguf_names(view, tpl.arch)
@@ -134,9 +163,7 @@ def export_plan(
             if hf not in params:
                 raise InputError(f"the model has no tensor {hf!r} for GGUF tensor {name}")
             tensors[name] = params[hf].detach().to(torch.float32)
-    specs = {n: (tuple(int(d) for d in (v.shape)), _type_of(v)) for n, v in tensors.items()}
-    log.info("exact output size: %d bytes", gguf_file_size(tpl, specs))
-    return write_gguf(out, tpl, tensors, overwrite=overwrite)
+    return tensors
 
 
 def _type_of(v: Any) -> GGMLQuantizationType:
@@ -168,42 +195,72 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="allocate by layer-output error instead of Fisher-weighted error")
     p.add_argument("--fisher-windows", type=int, default=8, metavar="N", help="windows of the gradient pass")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--job", metavar="DIR", help="job directory for checkpoints (default OUT.gguf.job); rerunning "
+                   "the same command after an interruption continues from the last checkpoint")
+    p.add_argument("--keep-job", action="store_true", help="keep the job directory after success")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
     p.set_defaults(func=cmd_gguf)
     return p
 
 
+def gguf_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that changes the written file: input and calibration text digests, and the options."""
+    from .data import default_calibration_files, expand_paths
+    from .resume import model_digests, text_digest
+
+    files = expand_paths([Path(p) for p in args.calib] if args.calib else default_calibration_files())
+    options = {"budget": args.budget, "formats": ",".join(gguf_formats(args.formats)), "method": args.method,
+               "fisher": bool(args.fisher), "fisher_windows": args.fisher_windows, "windows": args.windows,
+               "ctx": args.ctx}
+    return {"version": 1, "model": model_digests(args.input), "calibration": text_digest(files), "options": options}
+
+
 def cmd_gguf(args: argparse.Namespace) -> int:
     from .data import default_calibration_files, read_texts, token_windows
+    from .gguf_job import GGUFSteps, run_gguf_job
     from .models.sources import load_model
-    from .models.view import ModelView
     from .pipeline import measure_model
+    from .resume import default_job_dir
 
     src, out = Path(args.input), Path(args.out)
     if src.suffix.lower() != ".gguf":
         raise InputError(f"{src}: the input must be a .gguf file")
-    if out.exists() and not args.overwrite:
+    job_dir = Path(args.job) if args.job else default_job_dir(out)
+    if out.exists() and not args.overwrite and not job_dir.exists():
         raise InputError(f"output {out} already exists (use --overwrite to replace it)")
     Budget.parse(args.budget)
     fmts = gguf_formats(args.formats)
     tpl = read_template(src)
     t0 = time.perf_counter()
-    model, tok = load_model(src)
-    view = ModelView(model)
     files = [Path(p) for p in args.calib] if args.calib else default_calibration_files()
-    windows = token_windows(tok, read_texts(files), args.ctx, args.windows)
-    fisher_w = windows[: args.fisher_windows] if args.fisher else None
-    m = measure_model(model, view, windows, fmts, args.method, args.fisher, progress=not args.quiet,
-                      fisher_windows=fisher_w)
-    plan, split = plan_gguf(m, view, tpl, args.budget)
-    written = export_plan(model, view, plan, windows, tpl, out, method=args.method, overwrite=args.overwrite,
-                          progress=not args.quiet)
+
+    def measure(model: Any, view: Any, windows: torch.Tensor, checkpoints: Any) -> Any:
+        fisher_w = windows[: args.fisher_windows] if args.fisher else None
+        return measure_model(model, view, windows, fmts, args.method, args.fisher, progress=not args.quiet,
+                             fisher_windows=fisher_w, **checkpoints.kwargs())
+
+    def quantize(model: Any, view: Any, plan: Any, windows: torch.Tensor, **hooks: Any) -> dict[str, Any]:
+        return quantize_for_gguf(model, view, plan, windows, tpl, method=args.method, progress=not args.quiet,
+                                 **hooks)
+
+    steps = GGUFSteps(
+        load=lambda: load_model(src, low_memory=True),
+        calibration=lambda tok: token_windows(tok, read_texts(files), args.ctx, args.windows),
+        measure=measure,
+        plan=lambda m, view: plan_gguf(m, view, tpl, args.budget),
+        quantize=quantize,
+        template=tpl,
+    )
+    res = run_gguf_job(out, job_dir, gguf_fingerprint(args), steps, keep_job=args.keep_job,
+                       overwrite=args.overwrite)
+    plan, split = res.plan, GGUFBudget(**res.split)
     counts: dict[str, int] = {}
     for e in plan.entries:
         counts[e.format] = counts.get(e.format, 0) + 1
     mix = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
-    print(f"wrote {written.path}: {written.file_size} B ({written.file_size / 2**20:.2f} MiB, budget "
-          f"{split.target} B{' of tensor data' if split.kind == 'bpw' else ''}), {written.n_tensors} tensors "
-          f"[{mix}], predicted error {plan.error:.4g}, in {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {res.path}: {res.file_size} B ({res.file_size / 2**20:.2f} MiB, budget "
+          f"{split.target} B{' of tensor data' if split.kind == 'bpw' else ''}), {res.n_tensors} tensors "
+          f"[{mix}], predicted error {plan.error:.4g}, verified against {res.path.name}.manifest.json, "
+          f"in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -20,9 +20,10 @@ from typing import Any, Sequence
 
 import torch
 
+from .calibrate import release_free_memory
 from .errors import InputError, NumericsError
 from .formats import Format, get_format
-from .rounding import dequantize, quantize_weight
+from .rounding import ROW_CHUNK_ELEMS, dequantize, quantize_chunks, row_chunks
 from .stats import LinearStats, LookupStats, TensorStats
 
 log = logging.getLogger(__name__)
@@ -309,27 +310,66 @@ def measure_tensor(
     stats: TensorStats,
     formats: Sequence[str | Format],
     method: str = "gptq",
+    *,
+    max_elems: int | None = ROW_CHUNK_ELEMS,
 ) -> list[MeasureRow]:
     """Quantize ``w`` into every format that supports its shape and measure the resulting errors.
 
     ``ΔW = dequantize(quantize_weight(w, fmt, hessian=stats.hessian, method=method)) − w``; bytes are the
     format's exact ``nbytes(shape)``.  Formats that cannot store the shape are skipped (logged).
+
+    Bounded memory: a tensor of more than ``max_elems`` elements is quantized and measured in blocks of rows
+    (:func:`bitalloc.rounding.quantize_chunks`).  Every format quantizes rows independently and both errors
+    are sums over rows (per-row ``grad_sq`` / ``token_freq`` sliced with the block, the Hessian shared), so
+    the table equals the unchunked one up to float64 summation order.
     """
     shape = tuple(w.shape)
-    w32 = w.detach().to(torch.float32)
-    if not torch.isfinite(w32).all():
-        raise NumericsError(f"weight {name!r} contains NaN or Inf")
+    nrows = int(shape[0]) if shape else 1
+    for sl in row_chunks(nrows, math.prod(shape[1:]), max_elems) if w.dim() == 2 else [slice(None)]:
+        if not torch.isfinite(w[sl]).all():
+            raise NumericsError(f"weight {name!r} contains NaN or Inf")
+    if w.dim() == 2:
+        _check_rows(stats, nrows)
     rows: list[MeasureRow] = []
     for spec in formats:
         fmt = get_format(spec)
         if not fmt.supports(shape):
             log.debug("%s: format %s cannot store shape %s, skipped", name, fmt.id, shape)
             continue
-        q = quantize_weight(w, fmt, hessian=stats.hessian, method=method)  # type: ignore[arg-type]
-        dw = dequantize(q).to(torch.float32).reshape(shape) - w32
-        if not torch.isfinite(dw).all():
-            raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
-        rows.append(
-            MeasureRow(name, fmt.id, int(fmt.nbytes(shape)), output_error(dw, stats), fisher_error(dw, stats))
-        )
+        out_err, fi_err = 0.0, 0.0
+        for sl, q in quantize_chunks(w, fmt, hessian=stats.hessian, method=method,  # type: ignore[arg-type]
+                                     max_elems=max_elems):
+            w32 = w[sl].detach().to(torch.float32)
+            dw = dequantize(q).to(torch.float32).reshape(w32.shape) - w32
+            if not torch.isfinite(dw).all():
+                raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
+            part = _rows_of(stats, sl) if w.dim() == 2 else stats
+            out_err += output_error(dw, part)
+            fe = fisher_error(dw, part)
+            fi_err = None if fe is None or fi_err is None else fi_err + fe
+            del q, w32, dw
+            release_free_memory()
+        rows.append(MeasureRow(name, fmt.id, int(fmt.nbytes(shape)), out_err, fi_err))
     return rows
+
+
+def _check_rows(stats: TensorStats, rows: int) -> None:
+    """InputError unless every per-row statistic (linear ``grad_sq``, lookup ``token_freq``) has ``rows`` entries."""
+    for role in stats.roles:
+        if isinstance(role, LinearStats) and role.grad_sq is not None:
+            _vector(role.grad_sq, rows, "grad_sq")
+        elif isinstance(role, LookupStats):
+            _vector(role.token_freq, rows, "token_freq")
+
+
+def _rows_of(stats: TensorStats, sl: slice) -> TensorStats:
+    """The statistics of rows ``sl``: per-row vectors sliced, Hessian and per-column vectors shared."""
+    roles: list[LinearStats | LookupStats] = []
+    for r in stats.roles:
+        if isinstance(r, LinearStats):
+            roles.append(LinearStats(r.hessian, r.ntokens, None if r.grad_sq is None else r.grad_sq[sl]))
+        elif isinstance(r, LookupStats):
+            roles.append(LookupStats(r.token_freq[sl], r.ntokens, r.grad_sq))
+        else:
+            raise InputError(f"unknown role statistics {type(r).__name__}")
+    return TensorStats(roles=tuple(roles))

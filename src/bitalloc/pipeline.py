@@ -10,25 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .budget import Budget, Constraints
-from .calibrate import fisher_pass, stream_blocks
+from .calibrate import FisherStats, fisher_pass, stream_blocks
 from .errors import BudgetError, InputError
 from .formats import get_format
 from .io.atomic import tensor_digest
 from .measure import Measurement, MeasureRow, TensorInfo, measure_tensor
 from .plan import Plan, PlanEntry
 from .models.view import ModelView
+from .models.spill import release_parameter
 from .quantize import view_of
 
 log = logging.getLogger(__name__)
 
 
-def _hash_tensors(items: Sequence[tuple[str, torch.Tensor]]) -> str:
+def _hash_tensors(items: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Consumes ``items`` one at a time (a generator may release each tensor after it is hashed)."""
     h = hashlib.sha256()
     for name, t in items:  # io.atomic.tensor_digest hashes dtype, shape and raw bytes without copying them
         h.update(name.encode() + b"\0" + tensor_digest(t).encode())
@@ -36,8 +39,11 @@ def _hash_tensors(items: Sequence[tuple[str, torch.Tensor]]) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 (16 hex) of every parameter's name, dtype, shape and bytes."""
-    return _hash_tensors([(n, p) for n, p in model.named_parameters()])
+    """sha256 (16 hex) of every parameter's name, dtype, shape and bytes (spilled weights are released
+    after each tensor, so hashing never makes the whole model resident)."""
+    from .models.spill import released_parameters
+
+    return _hash_tensors(released_parameters(model))
 
 
 def fixed_bytes(view: ModelView) -> int:
@@ -55,6 +61,26 @@ def fused_constraints(view: ModelView) -> Constraints:
     return Constraints(tie_groups=tuple(tuple(g) for g in view.tie_groups()))
 
 
+@dataclass(frozen=True, eq=False)
+class MeasureStart:
+    """Where to continue a measurement: blocks ``< block`` are measured (``rows``, head rows excluded) and
+    ``hidden`` holds the inputs of block ``block`` for every calibration window."""
+
+    block: int
+    hidden: torch.Tensor
+    rows: tuple[MeasureRow, ...]
+
+    def __post_init__(self) -> None:
+        if self.block < 0:
+            raise InputError(f"resume block must be non-negative, got {self.block}")
+        if self.hidden.dim() != 3:
+            raise InputError(f"resume hidden states must be (windows, ctx, hidden), got {tuple(self.hidden.shape)}")
+        object.__setattr__(self, "rows", tuple(self.rows))
+
+
+MeasureHook = Callable[[int, list[MeasureRow], torch.Tensor], None]
+
+
 def measure_model(
     model: nn.Module,
     view: ModelView | None,
@@ -66,11 +92,19 @@ def measure_model(
     *,
     fisher_windows: torch.Tensor | None = None,
     batch_size: int = 8,
+    fisher_stats: FisherStats | None = None,
+    on_fisher: Callable[[FisherStats], None] | None = None,
+    start: MeasureStart | None = None,
+    on_block: MeasureHook | None = None,
 ) -> Measurement:
     """The measurement table of ``model`` over ``formats`` (each tensor × each format that fits its shape).
 
     ``windows`` give the Hessians; the Fisher pass (gradients) uses ``fisher_windows`` (default: the same
     windows).  Errors are those of ``method`` rounding ("gptq" or "rtn") with fp inputs.
+
+    Resuming (:mod:`bitalloc.resume`): ``fisher_stats`` replaces the gradient pass (``on_fisher`` receives
+    the statistics when the pass runs); ``start`` continues at its block with its rows; ``on_block(b, rows,
+    hidden)`` is called after block ``b`` is measured, with its rows and the inputs of block ``b + 1``.
     """
     if method not in ("gptq", "rtn"):
         raise InputError(f"unknown rounding method {method!r}; use 'gptq' or 'rtn'")
@@ -79,16 +113,33 @@ def measure_model(
         raise InputError("no candidate formats given")
     view = view_of(model, view)
     fw = windows if fisher_windows is None else fisher_windows
-    grads = fisher_pass(model, view, fw, batch_size=max(1, batch_size // 4), progress=progress) if fisher else None
+    grads = None
+    if fisher:
+        grads = fisher_stats
+        if grads is None:
+            grads = fisher_pass(model, view, fw, batch_size=max(1, batch_size // 4), progress=progress)
+            if on_fisher is not None:
+                on_fisher(grads)
     infos = tensor_infos(view)
-    rows: list[MeasureRow] = []
-    for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress):
+    rows: list[MeasureRow] = list(start.rows) if start is not None else []
+    current: list[MeasureRow] = []
+
+    def after(b: int, hidden: torch.Tensor) -> None:
+        if on_block is not None:
+            on_block(b, list(current), hidden)
+
+    for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress,
+                               start_block=start.block if start is not None else 0,
+                               start_hidden=start.hidden if start is not None else None, after_block=after):
+        current.clear()
         for name, stats in block.items():
             w = model.get_parameter(name).detach()
             got = measure_tensor(name, w, stats, fmts, method)
             if not got:
                 raise InputError(f"none of the formats {fmts} can store {name} of shape {tuple(w.shape)}")
-            rows.extend(got)
+            current.extend(got)
+            release_parameter(model, name)  # a spilled weight leaves memory once measured (no-op otherwise)
+        rows.extend(current)
         del block  # one block's statistics at a time
     fp = {
         "model": model_fingerprint(model),

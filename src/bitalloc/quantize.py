@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import BlockRunner, layout_of
+from .calibrate import BlockRunner, layout_of, release_free_memory
 from .errors import InputError
 from .formats import QTensor, get_format
 from .models.view import ModelView, fixed_format
-from .rounding import Method, dequantize, quantize_weight
+from . import rounding
+from .rounding import Method, dequantize, quantize_chunks
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,19 @@ def restore(model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
 def _quantize_one(
     model: nn.Module, name: str, fmt_id: str, hessian: torch.Tensor | None, method: Method
 ) -> QTensor:
-    w = model.get_parameter(name).detach()
-    q = quantize_weight(w, get_format(fmt_id), hessian=hessian, method=method)
-    set_weight(model, name, dequantize(q).reshape(w.shape))
-    return q
+    """Quantize one parameter in row blocks (byte-identical to the whole tensor) and write each block's
+    dequantized values back as soon as it is done, so no full-size float32/int64 temporaries exist."""
+    p = model.get_parameter(name)
+    fmt = get_format(fmt_id)
+    parts: list[QTensor] = []
+    # a block is written back after it was quantized; later blocks read only their own (untouched) rows
+    chunk = rounding.ROW_CHUNK_ELEMS
+    for rows, q in quantize_chunks(p.detach(), fmt, hessian=hessian, method=method, max_elems=chunk):
+        with torch.no_grad():
+            p[rows] = dequantize(q).reshape(p[rows].shape).to(p.dtype)
+        parts.append(q)
+        release_free_memory()
+    return parts[0] if len(parts) == 1 else fmt.concat_rows(parts)
 
 
 def store_fixed(model: nn.Module, view: ModelView) -> dict[str, QTensor]:

@@ -1,10 +1,15 @@
-"""The resumable quantize job: measure -> plan -> quantize block by block -> export, each step checkpointed.
+"""Resumable jobs: ``quantize`` (measure -> plan -> quantize block by block -> export) and ``measure``, each
+step checkpointed.  The per-block checkpoint code lives in :mod:`bitalloc.checkpoints` and is shared with the
+GGUF job (:mod:`bitalloc.gguf_job`); :func:`measure_stage` is the resumable measurement of all three jobs.
 
 A job directory (:class:`bitalloc.job.Job`, default ``<out>.job`` beside the output) is fingerprinted by the
 model file digests, the calibration text digest and every option that changes the result; reopening it with
 other inputs is refused with a one-line message naming what differs.  Layout::
 
     job.json, job.lock                      state and lock (bitalloc.job)
+    measure_blocks/fisher.safetensors       Fisher statistics (the gradient pass), once
+    measure_blocks/rows0003.json            measurement rows of block 3
+    measure_blocks/hidden.safetensors       inputs of block k of the fp model (metadata "block": k)
     measurement.json                        stage "measure" (the Measurement table)
     plan.json                               stage "plan"
     quantize/block0003.safetensors          QTensor parts of block 3 (metadata: formats, shapes, dtypes)
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -28,16 +32,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .checkpoints import HIDDEN_FILE, MEASURE_STAGE, QUANT_STAGE, MeasureCheckpoints, block_hook, load_state
 from .errors import BitallocError, InputError
-from .formats import QTensor
 from .io.atomic import TEMP_SUFFIX, file_digest
-from .io.safetensors import SafetensorsFile, write_safetensors_atomic
 from .job import Job
 
 log = logging.getLogger(__name__)
 
-QUANT_STAGE = "quantize"
-HIDDEN_FILE = "hidden.safetensors"
 
 
 def default_job_dir(out: str | Path) -> Path:
@@ -69,13 +70,15 @@ def text_digest(paths: Sequence[Path]) -> str:
 class QuantizeSteps:
     """What the job runs, supplied by the caller (the CLI).
 
-    ``load() -> (model, tokenizer)``; ``calibration(tokenizer) -> windows``; ``measure(model, view, windows)``
-    or None when the plan needs no measurement; ``plan(measurement | None, model, view) -> Plan``.
+    ``load() -> (model, tokenizer)``; ``calibration(tokenizer) -> windows``; ``measure(model, view, windows,
+    checkpoints)`` (pass ``checkpoints.kwargs()`` on to :func:`bitalloc.pipeline.measure_model` to resume
+    inside the measurement) or None when the plan needs no measurement; ``plan(measurement | None, model,
+    view) -> Plan``.
     """
 
     load: Callable[[], tuple[Any, Any]]
     calibration: Callable[[Any], torch.Tensor]
-    measure: Callable[[Any, Any, torch.Tensor], Any] | None
+    measure: Callable[[Any, Any, torch.Tensor, "MeasureCheckpoints"], Any] | None
     plan: Callable[[Any, Any, Any], Any]
     method: str = "gptq"
     progress: bool = False
@@ -85,68 +88,27 @@ class QuantizeSteps:
             raise InputError(f"unknown rounding method {self.method!r}; use 'gptq' or 'rtn'")
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-def _save_block(job: Job, b: int, qtensors: Mapping[str, QTensor]) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {}
-    for name, q in sorted(qtensors.items()):
-        meta[name] = {"format": q.format, "shape": list(q.shape), "dtype": q.dtype, "parts": sorted(q.parts)}
-        for part, t in q.parts.items():
-            tensors[f"{name}/{part}"] = t.detach().contiguous().cpu()
-    d = job.dir / QUANT_STAGE
-    d.mkdir(exist_ok=True)
-    write_safetensors_atomic(d / f"block{b:04d}.safetensors", tensors, {"qtensors": json.dumps(meta, sort_keys=True)},
-                             overwrite=True, manifest=False)
+def measure_stage(job: Job, measure: Callable[[MeasureCheckpoints], Any],
+                  after_block: Callable[[int], None] | None = None) -> Any:
+    """Stage "measure" of a job: ``measure(checkpoints)`` once (resumable per block), saved as
+    ``measurement.json`` and always read back from it (so every run continues with the same bytes)."""
+    from .measure import Measurement
+
+    mpath = job.dir / "measurement.json"
+    if not job.stage_done("measure"):
+        measure(MeasureCheckpoints(job, after_block)).save(mpath)
+        job.complete_stage("measure")
+        shutil.rmtree(job.dir / MEASURE_STAGE, ignore_errors=True)
+    return Measurement.load(mpath)
 
 
-def _load_block(path: Path) -> dict[str, QTensor]:
-    with SafetensorsFile(path) as sf:
-        try:
-            meta = json.loads(sf.metadata()["qtensors"])
-            return {
-                name: QTensor(format=m["format"], shape=tuple(m["shape"]), dtype=m["dtype"],
-                              parts={part: sf.get(f"{name}/{part}").clone() for part in m["parts"]})
-                for name, m in meta.items()
-            }
-        except (KeyError, ValueError, TypeError) as e:
-            raise InputError(f"checkpoint {path} is corrupt ({e}); remove the job directory to start over") from e
-
-
-def _save_hidden(job: Job, block: int, hidden: torch.Tensor) -> None:
-    write_safetensors_atomic(job.dir / QUANT_STAGE / HIDDEN_FILE, {"hidden": hidden.detach().contiguous()},
-                             {"block": str(block)}, overwrite=True, manifest=False)
-
-
-def load_state(job: Job) -> Any:
-    """The :class:`~bitalloc.quantize.ResumeState` saved in ``job`` (None when no block is done)."""
-    from .quantize import ResumeState
-
-    path = job.dir / QUANT_STAGE / HIDDEN_FILE
-    if not path.exists():
-        return None
-    with SafetensorsFile(path) as sf:
-        try:
-            block = int(sf.metadata()["block"])
-        except (KeyError, ValueError) as e:
-            raise InputError(f"checkpoint {path} is corrupt ({e}); remove the job directory to start over") from e
-        hidden = sf.get("hidden").clone()
-    qtensors: dict[str, QTensor] = {}
-    for b in range(block):
-        p = job.dir / QUANT_STAGE / f"block{b:04d}.safetensors"
-        if not p.exists():
-            raise InputError(f"job {job.dir} lacks the checkpoint of block {b}; remove the job directory to start over")
-        qtensors.update(_load_block(p))
-    log.info("resuming quantization at block %d", block)
-    return ResumeState(block, qtensors, hidden)
-
-
-def _remove_stale_outputs(out: Path) -> None:
+def remove_stale_outputs(out: Path) -> None:
     """Temporary directories a killed export left beside ``out`` (only ever called under the job lock)."""
     for p in sorted(out.parent.glob(f".{out.name}.*{TEMP_SUFFIX}")):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def _finish(job_dir: Path, keep_job: bool) -> None:
+def finish_job(job_dir: Path, keep_job: bool) -> None:
     if not keep_job:
         shutil.rmtree(job_dir, ignore_errors=True)
 
@@ -188,7 +150,7 @@ def run_quantize_job(
     if out.exists() and not overwrite:
         if _already_exported(job_dir, fingerprint, out):
             log.info("%s was already written and verified by this job", out)
-            _finish(job_dir, keep_job)
+            finish_job(job_dir, keep_job)
             return read_packed(out)[0]
         raise InputError(f"output {out} already exists (use --overwrite to replace it)")
     fresh = not (job_dir / "job.json").exists()
@@ -217,19 +179,14 @@ def _run(
     from .models.view import ModelView
     from .quantize import quantize_model
 
-    _remove_stale_outputs(out)
+    remove_stale_outputs(out)
     model, tok = steps.load()
     view = ModelView(model)
     windows = steps.calibration(tok)
     measurement = None
     if steps.measure is not None:
-        from .measure import Measurement
-
-        mpath = job.dir / "measurement.json"
-        if not job.stage_done("measure"):
-            steps.measure(model, view, windows).save(mpath)
-            job.complete_stage("measure")
-        measurement = Measurement.load(mpath)
+        measure = steps.measure
+        measurement = measure_stage(job, lambda ckpt: measure(model, view, windows, ckpt))
     if measurement is not None:
         from .plan import Plan
 
@@ -243,21 +200,65 @@ def _run(
     if report is not None:
         report(plan)
 
-    def on_block(b: int, qt: dict[str, QTensor], hidden: torch.Tensor) -> None:
-        _save_block(job, b, qt)
-        _save_hidden(job, b + 1, hidden)
-        if after_block is not None:
-            after_block(b)
-
     q = quantize_model(model, view, plan, windows, method=steps.method, progress=steps.progress,
-                       on_block=on_block, start=load_state(job))
+                       on_block=block_hook(job, QUANT_STAGE, after_block), start=load_state(job))
     job.complete_stage(QUANT_STAGE)
     job.save_item("export", "digests", flat_digests(q))
     info = save_packed(out, model, view, q, plan, tok, overwrite=overwrite)
     job.complete_stage("export")
     job.close()
-    _finish(job.dir, keep_job)
+    finish_job(job.dir, keep_job)
     return info
 
 
-__all__ = ["QuantizeSteps", "default_job_dir", "load_state", "model_digests", "run_quantize_job", "text_digest"]
+def run_measure_job(
+    out: str | Path,
+    job_dir: str | Path,
+    fingerprint: Mapping[str, Any],
+    load: Callable[[], tuple[Any, Any]],
+    measure: Callable[[Any, Any, MeasureCheckpoints], Any],
+    *,
+    keep_job: bool = False,
+    overwrite: bool = False,
+    after_block: Callable[[int], None] | None = None,
+) -> Any:
+    """Run (or continue) ``bitalloc measure``: ``measure(model, tokenizer, checkpoints)`` in a job, then copy
+    the table to ``out`` atomically; returns the Measurement.  The bytes of ``out`` are those of the job's
+    ``measurement.json``, whatever the interruptions were."""
+    from .measure import Measurement, write_text_atomic
+
+    out, job_dir = Path(out), Path(job_dir)
+    mpath = job_dir / "measurement.json"
+    if out.exists() and not overwrite:
+        if (job_dir / "job.json").exists():
+            with Job(job_dir, fingerprint) as job:
+                done = job.stage_done("measure") and out.read_bytes() == mpath.read_bytes()
+            if done:  # a kill came between writing ``out`` and removing the job
+                log.info("%s was already written by this job", out)
+                finish_job(job_dir, keep_job)
+                return Measurement.load(out)
+        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
+    fresh = not (job_dir / "job.json").exists()
+    with Job(job_dir, fingerprint) as job:
+        try:
+            remove_stale_outputs(out)
+            if not job.stage_done("measure"):
+                model, tok = load()
+                m = measure_stage(job, lambda ckpt: measure(model, tok, ckpt), after_block)
+            else:
+                m = Measurement.load(mpath)
+            write_text_atomic(out, mpath.read_text())
+        except BitallocError:
+            if fresh:
+                job.close()
+                shutil.rmtree(job.dir, ignore_errors=True)
+            raise
+    finish_job(job_dir, keep_job)
+    return m
+
+
+__all__ = [
+    "HIDDEN_FILE", "MEASURE_STAGE", "MeasureCheckpoints", "QUANT_STAGE", "QuantizeSteps", "block_hook",
+    "default_job_dir", "finish_job", "load_state", "measure_stage", "model_digests", "remove_stale_outputs",
+    "run_measure_job", "run_quantize_job", "text_digest",
+]

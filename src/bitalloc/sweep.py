@@ -1,21 +1,26 @@
 """Many budgets from one measurement: allocate + quantize + evaluate each, uniform baselines beside them.
 
 Every point starts from the same fp weights (a snapshot restored before each quantization) and is scored
-against the same cached reference logits, so points differ only by their plan and rounding method.
+against the same cached reference logits, so points differ only by their plan and rounding method; each point
+is therefore independent of the others, which is what lets :mod:`bitalloc.sweep_job` resume a sweep point by
+point (``sweep(..., done=..., on_point=...)``).
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .budget import Budget, Constraints
+from .errors import InputError
 from .evaluate import evaluate
 from .measure import Measurement
 from .models.view import ModelView
@@ -41,7 +46,34 @@ class Point:
     ref_ppl: float
     kld: float
     top1: float
-    seconds: float
+    seconds: float  # wall time of quantize + evaluate (a resumed sweep keeps the value saved with the point)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Point:
+        """The inverse of ``dataclasses.asdict`` (InputError naming what is wrong with a saved point)."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, Mapping) or sorted(d) != sorted(names):
+            raise InputError(f"a saved sweep point must have exactly the keys {names}, got {d!r:.200}")
+        vals: dict[str, Any] = {}
+        for f in fields(cls):
+            v = d[f.name]
+            if f.type == "str" and isinstance(v, str):
+                vals[f.name] = v
+            elif f.type == "int" and isinstance(v, int) and not isinstance(v, bool):
+                vals[f.name] = v
+            elif f.type == "float" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                vals[f.name] = v  # kept as saved, so the JSON written from it is the same text
+            else:
+                raise InputError(f"a saved sweep point has a malformed {f.name!r}: {v!r:.80}")
+        return cls(**vals)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def point_key(index: int, method: str, kind: str, budget: str, label: str) -> str:
+    """A stable file-name-safe key of the ``index``-th point of a sweep (checkpoint name in a job)."""
+    return _UNSAFE.sub("_", f"p{index:04d}_{method}_{kind}_{label}_{budget}")[:120]
 
 
 def run_point(
@@ -79,7 +111,8 @@ def sweep(
     model: nn.Module, view: ModelView, measurement: Measurement | Mapping[str, Measurement],
     budgets: Sequence[str], methods: Sequence[str], calib: torch.Tensor, eval_windows: torch.Tensor,
     reference: nn.Module, *, constraints: Constraints | None = None, uniform: Sequence[str] | None = None,
-    progress: bool = True, uniform_candidates: int = 2,
+    progress: bool = True, uniform_candidates: int = 2, done: Mapping[str, Point] | None = None,
+    on_point: Callable[[str, Point], None] | None = None,
 ) -> list[Point]:
     """For every budget and method: the allocated plan and the uniform formats that fit the same bytes.
 
@@ -89,6 +122,10 @@ def sweep(
     fitting uniform formats and the one with the least predicted error are all quantized and evaluated, so
     the best uniform baseline is picked by *measured* quality (:func:`best_measured_uniform`).  ``uniform``
     (format ids) replaces them by a fixed list.  The model is left with its original weights.
+
+    Resuming: every point has a key (:func:`point_key`); a point whose key is in ``done`` is taken from it
+    (checked against its plan) instead of being computed, and ``on_point(key, point)`` is called after each
+    point computed here (to checkpoint it; an exception from it stops the sweep).
     """
     tables = dict(measurement) if isinstance(measurement, Mapping) else {m: measurement for m in methods}
     missing = [m for m in methods if m not in tables]
@@ -96,16 +133,34 @@ def sweep(
         raise ValueError(f"no measurement given for method(s) {missing}")
     saved = snapshot(model)
     ref = CachedReference(reference)
-    points = []
+    done = done or {}
+    points: list[Point] = []
     try:
         for method in methods:
             for kind, b, p in _plans(tables[method], budgets, constraints, uniform, uniform_candidates):
-                pt = run_point(model, view, saved, p, kind, b, method, calib, eval_windows, ref, progress=progress)
-                log.info("%s %s %s: %d B, %.4f bpw, kld %.5f", kind, b, method, pt.bytes, pt.bpw, pt.kld)
+                label = "allocated" if kind == "allocated" else p.entries[0].format
+                key = point_key(len(points), method, kind, b, label)
+                if key in done:
+                    pt = _check_saved(key, done[key], kind, b, method, label, p)
+                    log.info("%s %s %s: saved point reused", kind, b, method)
+                else:
+                    pt = run_point(model, view, saved, p, kind, b, method, calib, eval_windows, ref, progress=progress)
+                    log.info("%s %s %s: %d B, %.4f bpw, kld %.5f", kind, b, method, pt.bytes, pt.bpw, pt.kld)
+                    if on_point is not None:
+                        on_point(key, pt)
                 points.append(pt)
     finally:
         restore(model, saved)
     return points
+
+
+def _check_saved(key: str, pt: Point, kind: str, budget: str, method: str, label: str, plan: Plan) -> Point:
+    want = (kind, budget, method, label, plan.total_bytes)
+    got = (pt.kind, pt.budget, pt.method, pt.label, pt.bytes)
+    if got != want:
+        raise InputError(f"saved sweep point {key} is {got}, but the sweep now plans {want}; "
+                         "remove the job directory to start over")
+    return pt
 
 
 def best_measured_uniform(points: Sequence[Point], budget_bytes: int, method: str) -> Point:
@@ -128,7 +183,13 @@ def format_table(points: Sequence[Point]) -> str:
 
 
 def plot(points: Sequence[Point], path: Path, title: str) -> None:
-    """Size (MiB) vs KLD, allocated lines and uniform markers on the same axes, one colour per method."""
+    """Size (MiB) vs KLD, allocated lines and uniform markers on the same axes, one colour per method
+    (written atomically)."""
+    _write_atomic(Path(path), plot_png(points, title))
+
+
+def plot_png(points: Sequence[Point], title: str) -> bytes:
+    """The PNG of :func:`plot` (the same points and title give the same bytes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,16 +216,30 @@ def plot(points: Sequence[Point], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    return buf.getvalue()
+
+
+def results_json(points: Sequence[Point], extra: Mapping[str, Any]) -> str:
+    """The text of ``sweep.json``: ``extra`` (in its order), then the points."""
+    return json.dumps({**extra, "points": [asdict(p) for p in points]}, indent=1) + "\n"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    from .io.atomic import atomic_write
+
+    with atomic_write(path, overwrite=True) as f:
+        f.write(data)
 
 
 def write_results(out_dir: Path, points: Sequence[Point], extra: dict, title: str) -> tuple[Path, Path]:
-    """``sweep.json`` and ``sweep.png`` in ``out_dir``."""
+    """``sweep.json`` and ``sweep.png`` in ``out_dir``, each written atomically (replacing old ones)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath, ppath = out_dir / "sweep.json", out_dir / "sweep.png"
-    jpath.write_text(json.dumps({**extra, "points": [asdict(p) for p in points]}, indent=1) + "\n")
-    plot(points, ppath, title)
+    _write_atomic(jpath, results_json(points, extra).encode())
+    _write_atomic(ppath, plot_png(points, title))
     return jpath, ppath
 
 

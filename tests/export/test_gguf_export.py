@@ -281,29 +281,88 @@ def test_gguf_command_rejects_bad_input(tmp_path: Path, capsys) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_llama_cpp_logits_agree_with_bitalloc(tmp_path: Path, record_property) -> None:
-    """A bitalloc GGUF of SmolLM2 loads in llama.cpp and its top-1 agrees (>= 99.9% on held-out text) with
-    bitalloc's own model computing as llama.cpp's CPU backend does (Q8_0/Q8_K activations, see
-    bitalloc.export.llamacpp_emulation); the plain-float model's agreement is recorded, not asserted."""
-    import logging
+# llama.cpp itself (slow): one bitalloc GGUF of SmolLM2 using all 11 GGUF types, shared by the tests below.
+def _kld_top1(ref: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """Mean KLD(softmax ref || softmax other) and the top-1 agreement over all positions."""
+    lr, lo = torch.log_softmax(ref.double(), -1), torch.log_softmax(other.double(), -1)
+    kld = (lr.exp() * (lr - lo)).sum(-1).mean().item()
+    return kld, (ref.argmax(-1) == other.argmax(-1)).float().mean().item()
 
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make llamacpp)")
-    from bench.llamacpp import llama_cpp_logits, model_logits, proof_gguf
-    from bitalloc.export.llamacpp_emulation import linear_types_from_gguf, llamacpp_matmuls
+
+@pytest.fixture(scope="module")
+def proof(tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make llamacpp)")
+    from bench.llamacpp import proof_gguf
     from bitalloc.io.gguf import GGUFFile
 
-    gguf_path, model, windows = proof_gguf(tmp_path, n_windows=3)
+    gguf_path, model, windows = proof_gguf(tmp_path_factory.mktemp("proof"), n_windows=2)
     with GGUFFile(gguf_path) as f:  # every GGUF type is exercised
         types = {t.type.name.lower() for t in f.tensors.values()}
     assert types >= {"q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k"}
-    theirs = llama_cpp_logits(llama_cpp, gguf_path, windows).argmax(-1)
-    plain = (model_logits(model, windows).argmax(-1) == theirs).float().mean().item()
+    return gguf_path, model, windows
+
+
+@pytest.mark.slow
+def test_llama_cpp_decodes_every_bitalloc_block_exactly(proof) -> None:
+    """llama.cpp's own ``to_float`` (the library that loads the file) decodes every tensor of the bitalloc
+    GGUF to exactly the values of bitalloc's model (after the q/k row permutation), all 11 types."""
+    import llama_cpp
+
+    from bench.llamacpp import llama_cpp_dequantize
+    from bitalloc.io.gguf import GGUFFile
+
+    gguf_path, model, _ = proof
+    params = dict(model.named_parameters())
+    checked = set()
+    with GGUFFile(gguf_path) as f:
+        meta = f.metadata()
+        for name, info in f.tensors.items():
+            hf = gguf_to_hf(name)
+            got = llama_cpp_dequantize(llama_cpp, f.raw(name), int(info.type), info.numel).reshape(info.shape)
+            assert torch.equal(to_hf_rows(got, rope_head_count(hf, "llama", meta)), params[hf].detach()), name
+            checked.add(info.type.name.lower())
+    assert len(checked) >= 12  # the 11 quantized types and F32
+
+
+@pytest.mark.slow
+def test_llama_cpp_logits_agree_with_bitalloc(proof, tmp_path: Path, record_property) -> None:
+    """The bitalloc GGUF loads in llama.cpp and the logits it computes agree with bitalloc's own model.
+
+    Exactly where llama.cpp computes in float: the same dequantized model written as an F32 GGUF gives
+    top-1 >= 99.9%.  With quantized weights llama.cpp rounds the activations to 8 bits (Q8_0/Q8_K), which
+    makes the forward pass chaotic (see bitalloc.export.llamacpp_emulation): token-level agreement is then
+    bounded by llama.cpp's disagreement with ITSELF, its repacked vs plain CPU kernels on the same file.
+    Asserted: bitalloc's model (plain float, and emulating the Q8 activations) is as close to llama.cpp as
+    llama.cpp's two kernels are to each other, and far closer than any decoding bug would leave it."""
+    import logging
+
+    import llama_cpp
+
+    from bench.llamacpp import llama_cpp_logits, model_logits
+    from bitalloc.export.llamacpp_emulation import linear_types_from_gguf, llamacpp_matmuls
+    from bitalloc.models.sources import default_model_path
+
+    gguf_path, model, windows = proof
+    f32_path = tmp_path / "dequantized-f32.gguf"
+    gx.export_f32_gguf(model, default_model_path(), f32_path)
+    ours = model_logits(model, windows)
+    f32_top1 = _kld_top1(llama_cpp_logits(llama_cpp, f32_path, windows), ours)[1]
+    f32_path.unlink()
+    theirs = llama_cpp_logits(llama_cpp, gguf_path, windows)  # default: repacked q4_0/iq4_nl/q4_K/q2_K
+    plain_kernels = llama_cpp_logits(llama_cpp, gguf_path, windows, repack=False)
     with llamacpp_matmuls(model, linear_types_from_gguf(gguf_path, model)) as n_hooked:
-        agree = (model_logits(model, windows).argmax(-1) == theirs).float().mean().item()
-    record_property("top1_plain_float", plain)
-    record_property("top1_emulated", agree)
-    logging.getLogger(__name__).info("top-1 agreement with llama.cpp: emulated %.5f (%d linears), plain float %.5f",
-                                     agree, n_hooked, plain)
+        emulated = model_logits(model, windows)
+    floor_kld, floor_top1 = _kld_top1(theirs, plain_kernels)
+    plain_kld, plain_top1 = _kld_top1(theirs, ours)
+    emu_kld, emu_top1 = _kld_top1(theirs, emulated)
+    numbers = {"f32_top1": f32_top1, "llamacpp_kernels_kld": floor_kld, "llamacpp_kernels_top1": floor_top1,
+               "plain_kld": plain_kld, "plain_top1": plain_top1, "emulated_kld": emu_kld, "emulated_top1": emu_top1}
+    for k, v in numbers.items():
+        record_property(k, v)
+    logging.getLogger(__name__).info("llama.cpp vs bitalloc: %s", numbers)
     assert n_hooked > 0
-    assert agree >= 0.999, f"top-1 agreement {agree:.5f} < 0.999 (plain float model: {plain:.5f})"
+    assert f32_top1 >= 0.999, numbers
+    assert floor_kld > 0  # the repacked kernels really ran: otherwise the bound below means nothing
+    for kld, top1 in ((plain_kld, plain_top1), (emu_kld, emu_top1)):
+        assert kld <= 1.5 * floor_kld and top1 >= floor_top1 - 0.02, numbers
+    assert plain_kld < 0.02, numbers

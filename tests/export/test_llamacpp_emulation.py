@@ -28,23 +28,36 @@ def _q8_k_scalar(block: list[float]) -> list[float]:
     return [float(f(v) * d) for v in q]
 
 
-def test_q8_0_matches_gguf_py() -> None:
+def _q8_0_x86_scalar(block: list[float]) -> list[float]:
+    """x86 Q8_0's rule element by element in float32: multiplier 127/amax, rint, scale fp16(amax/127)."""
+    f = np.float32
+    amax = max(abs(f(v)) for v in block)
+    if amax == 0:
+        return [0.0] * len(block)
+    mult, d = f(127.0) / amax, np.float16(amax / f(127.0)).astype(np.float32)
+    return [float(f(round(float(f(v) * mult))) * d) for v in block]  # Python round: half to even
+
+
+def test_q8_0_matches_x86_rule_and_gguf_py_away_from_ties() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 96, generator=g) * torch.rand(5, 1, generator=g) * 10
     x[1, :32] = 0.0  # an all-zero block
-    ref = gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.Q8_0),
-                                 gguf.GGMLQuantizationType.Q8_0)
     out = q8_0_roundtrip(x)
+    for r in range(5):
+        for b in range(3):
+            assert out[r, b * 32:(b + 1) * 32].tolist() == _q8_0_x86_scalar(x[r, b * 32:(b + 1) * 32].tolist())
+    ref = gguf.quants.dequantize(gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType.Q8_0),
+                                 gguf.GGMLQuantizationType.Q8_0)  # the portable rule: same away from ties
     assert torch.equal(out, torch.from_numpy(np.asarray(ref, dtype=np.float32)).reshape(x.shape))
     assert torch.equal(out[1, :32], torch.zeros(32))
     assert not torch.equal(out, x)
 
 
-def test_q8_0_rounds_half_away_from_zero() -> None:
+def test_q8_0_rounds_half_to_even_like_avx() -> None:
     x = torch.zeros(32)
-    x[0], x[1], x[2] = 127.0, 2.5, -2.5  # d = 1 exactly: ties at ±2.5
+    x[0], x[1], x[2], x[3] = 127.0, 2.5, -2.5, 3.5  # amax = 127: multiplier 1, ties at ±2.5 and 3.5
     out = q8_0_roundtrip(x)
-    assert out[1].item() == 3.0 and out[2].item() == -3.0
+    assert out[1].item() == 2.0 and out[2].item() == -2.0 and out[3].item() == 4.0
 
 
 def test_q8_k_matches_scalar_rule() -> None:

@@ -1,22 +1,32 @@
-"""Make a dequantized bitalloc torch model compute its matmuls the way llama.cpp's CPU backend does.
+"""Make a dequantized bitalloc torch model compute its matmuls the way llama.cpp's x86 CPU backend does.
 
 llama.cpp never multiplies a quantized weight with float activations: ``ggml_mul_mat`` first converts the
 activation rows to the weight type's ``vec_dot_type`` and then takes integer block dot products.  The
-activation quantizers (ggml-quants.c ``quantize_row_q8_0`` / ``quantize_row_q8_1`` / ``quantize_row_q8_K``):
+activation quantizers (arch/x86/quants.c ``quantize_row_q8_0``/``_q8_1``, ggml-quants.c
+``quantize_row_q8_K_ref``, and their 4-row forms in repack.cpp used by the repacked q4_0/iq4_nl/q4_K/q2_K):
 
-=========  =====  ===========================================================  ==========================
-vec type   block  rule per block of the row                                    used for weights
-=========  =====  ===========================================================  ==========================
-Q8_0/Q8_1  32     ``d = max|x| / 127``, ``q = round(x / d)``, stored d = fp16(d)  q4_0 q5_0 q8_0 iq4_nl /
-                                                                                q4_1 q5_1 (Q8_1)
-Q8_K       256    ``iscale = -127 / x_m`` (x_m: the signed element of largest     q2_k .. q6_k
+=========  =====  ============================================================  ========================
+vec type   block  rule per block of the row                                     used for weights
+=========  =====  ============================================================  ========================
+Q8_0/Q8_1  32     ``q = rint(x * (127 / amax))``, stored ``d = fp16(amax / 127)``  q4_0 q5_0 q8_0 iq4_nl /
+                                                                                 q4_1 q5_1 (Q8_1)
+Q8_K       256    ``iscale = -127 / x_m`` (x_m: the signed element of largest      q2_k .. q6_k
                   magnitude), ``q = min(127, rint(iscale * x))``, ``d = 1/iscale``
-=========  =====  ===========================================================  ==========================
+=========  =====  ============================================================  ========================
 
-(round(): half away from zero, rint(): half to even; an all-zero block gives d = 0, q = 0.)  Since the
-integer dot product of the weight codes with ``q`` times the two scales equals the float dot product of the
-dequantized weight with ``d * q``, replacing each activation row by its Q8 round trip before a float matmul
-reproduces llama.cpp's arithmetic up to float summation order.  F32/F16/BF16 weights are left alone.
+(rint: half to even; an all-zero block gives d = 0, q = 0.)  Since the integer dot product of the weight
+codes with ``q`` times the two scales equals the float dot product of the dequantized weight with ``d * q``,
+replacing each activation row by its Q8 round trip before a float matmul reproduces llama.cpp's arithmetic
+up to float summation order (and, for q4_1/q5_1, Q8_1's block sum being stored as ``fp16(d * sum(q))``).
+F32/F16/BF16 weights are left alone.
+
+What this can and cannot do (measured on SmolLM2-135M, see tests/export/test_gguf_export.py): with 8-bit
+activations the forward pass is *chaotic*.  A 1e-6 relative change of the embeddings moves the float
+model's logits by KLD ~1e-10 but the Q8-activation model's by KLD ~5e-3 (top-1 ~97%), as much as its whole
+distance from the float model: a rounding decision near a boundary flips on any last-bit difference
+(summation order, llama.cpp's fp16 KV cache, ``127/amax`` vs ``1/d``) and the flip grows layer by layer.
+llama.cpp's own repacked and plain kernels disagree with each other by as much (q4_0: KLD 4.6e-3, top-1
+96.3%).  So the emulation reproduces llama.cpp's error *statistics*, not its logits token by token.
 
 ``with llamacpp_matmuls(model, types): model(ids)`` installs forward pre-hooks on the affected
 ``nn.Linear`` modules and removes them on exit; :func:`linear_types_from_gguf` reads ``types`` from a GGUF.
@@ -48,19 +58,23 @@ def _blocks(x: torch.Tensor, block: int, what: str) -> torch.Tensor:
 
 
 def q8_0_roundtrip(x: torch.Tensor) -> torch.Tensor:
-    """Q8_0 (and Q8_1) round trip of ``x`` (..., n) per block of 32 along the last dim, float32."""
+    """Q8_0 (and Q8_1) round trip of ``x`` (..., n) per block of 32 along the last dim, float32.
+
+    As ``quantize_row_q8_0``/``_q8_1`` (arch/x86/quants.c) and ``ggml_quantize_mat_q8_0_4x8`` (repack.cpp)
+    compute it: ``d = amax / 127``, multiplier ``127 / amax`` (not ``1 / d``), ``_mm256_round_ps`` nearest
+    (half to even); the portable reference (``roundf``, ``1 / d``) differs only at rounding ties.
+    """
     xb = _blocks(x.to(torch.float32), QK8_0, "Q8_0")
-    d = xb.abs().amax(-1, keepdim=True) / 127.0
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
-    y = xb * inv
-    q = torch.trunc(y + 0.5 * torch.sign(y))  # roundf: half away from zero
-    return (q * fp16r(d)).reshape(x.shape)
+    amax = xb.abs().amax(-1, keepdim=True)
+    zero = amax == 0
+    mult = torch.where(zero, torch.zeros_like(amax), 127.0 / torch.where(zero, torch.ones_like(amax), amax))
+    return (torch.round(xb * mult) * fp16r(amax / 127.0)).reshape(x.shape)
 
 
 def q8_k_roundtrip(x: torch.Tensor) -> torch.Tensor:
     """Q8_K round trip of ``x`` (..., n) per block of 256 along the last dim, float32."""
     xb = _blocks(x.to(torch.float32), QK_K, "Q8_K")
-    m = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # signed extreme
+    m = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # signed extreme (the first one, as llama.cpp)
     zero = m == 0
     iscale = -127.0 / torch.where(zero, torch.ones_like(m), m)
     q = torch.round(iscale * xb).clamp_max(127.0)  # nearest_int: half to even

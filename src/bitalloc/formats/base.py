@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -151,6 +151,28 @@ class Format(ABC):
     @abstractmethod
     def decode(self, q: QTensor) -> torch.Tensor:
         """Dequantize to a float32 tensor of ``q.shape``."""
+
+    def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
+        """One stored tensor from row blocks of it stored separately, byte-identical to storing it whole.
+
+        ``parts`` are QTensors of this format with equal column counts, in row order.  Formats whose rows
+        do not start on byte boundaries need every part but the last to hold a multiple of 8 rows.
+        """
+        raise FormatError(f"{self.id}: concatenating stored rows is not supported")
+
+    def _check_concat(self, parts: Sequence[QTensor]) -> tuple[int, int, str]:
+        """(total rows, cols, dtype) of ``parts`` to concatenate; FormatError when they do not fit together."""
+        if not parts:
+            raise FormatError(f"{self.id}: nothing to concatenate")
+        cols = {tuple(p.shape[1:]) for p in parts}
+        dtypes = {p.dtype for p in parts}
+        if any(p.format != self.id for p in parts) or len(cols) != 1 or len(dtypes) != 1:
+            raise FormatError(f"{self.id}: parts to concatenate must share format, trailing shape and dtype, got "
+                              f"{sorted({(p.format, tuple(p.shape), p.dtype) for p in parts})[:4]}")
+        if any(len(p.shape) < 1 for p in parts):
+            raise FormatError(f"{self.id}: cannot concatenate the rows of scalars")
+        return sum(int(p.shape[0]) for p in parts), int(parts[0].shape[1]) if len(parts[0].shape) > 1 else 0, \
+            parts[0].dtype
 
     # --- pass-through formats -----------------------------------------------------------------
     def store(self, w: torch.Tensor) -> QTensor:

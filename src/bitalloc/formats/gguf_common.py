@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -338,6 +338,12 @@ class GGUFFormat(Format):
         if raw is None or raw.dtype != torch.uint8 or raw.numel() != rows * self.row_bytes(cols):
             raise FormatError(f"{self.id}: weight_packed must be uint8 of {rows * self.row_bytes(cols)} bytes")
         return raw.reshape(-1, self.type_size)
+
+    def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
+        """Row blocks -> one tensor: every row holds whole blocks, so the raw rows simply stack."""
+        rows, cols, dtype = self._check_concat(parts)
+        raw = torch.cat([self.blocks_of(p).reshape(int(p.shape[0]), self.row_bytes(cols)) for p in parts])
+        return QTensor(self.id, (rows, cols), dtype, {"weight_packed": raw.contiguous()})
 
     def packed(self, blocks: torch.Tensor, shape: Shape, dtype: str) -> QTensor:
         rows, cols = int(shape[0]), int(shape[1])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -144,6 +145,28 @@ class IntFormat(Format):
         if not self.symmetric:
             parts["weight_zero"] = zero16.contiguous()
         return QTensor(format=self.id, shape=shape, dtype=dtype, parts=parts)
+
+    def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
+        """Row blocks -> one tensor: scales/zeros stack, the packed bitstreams join on byte boundaries.
+
+        A row holds ``ngroups * G * bits`` bits: whole bytes for ``g32``-``g128``; for ``row`` groups every
+        part but the last must hold a multiple of 8 rows (else FormatError)."""
+        rows, cols, dtype = self._check_concat(parts)
+        ng, gs = self.ngroups(cols), self.group_size(cols)
+        for p in parts[:-1]:
+            if int(p.shape[0]) * ng * gs * self.bits % 8:
+                raise FormatError(f"{self.id}: a part of {int(p.shape[0])} rows x {cols} columns does not end on a "
+                                  f"byte boundary; split at multiples of 8 rows")
+        for p in parts:
+            r = int(p.shape[0])
+            want = {"weight_packed": (torch.uint8, (packed_nbytes(r * ng * gs, self.bits),)),
+                    "weight_scale": (torch.float16, (r, ng))}
+            if not self.symmetric:
+                want["weight_zero"] = (torch.float16, (r, ng))
+            if {k: (t.dtype, tuple(t.shape)) for k, t in p.parts.items()} != want:
+                raise FormatError(f"{self.id}: a part of shape {tuple(p.shape)} does not hold this format's parts")
+        out = {name: torch.cat([p.parts[name] for p in parts]) for name in parts[0].parts}
+        return QTensor(format=self.id, shape=(rows, cols), dtype=dtype, parts=out)
 
     def decode(self, q: QTensor) -> torch.Tensor:
         if get_id(q.format) != self.id:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -70,6 +71,16 @@ class KeepFormat(Format):
         stored = w.to(self.torch_dtype).contiguous().cpu()
         dtype = str(w.dtype).removeprefix("torch.")
         return QTensor(format=self.id, shape=shape, dtype=dtype, parts={"weight": stored})
+
+    def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
+        """Row blocks -> one tensor (the stored values stacked along the first dim)."""
+        rows, _cols, dtype = self._check_concat(parts)
+        for p in parts:
+            part = p.parts.get("weight")
+            if part is None or part.dtype != self.torch_dtype or tuple(part.shape) != tuple(p.shape):
+                raise FormatError(f"{self.id}: a part to concatenate is not a valid {self.id} tensor")
+        shape = (rows, *tuple(int(d) for d in parts[0].shape[1:]))
+        return QTensor(self.id, shape, dtype, {"weight": torch.cat([p.parts["weight"] for p in parts])})
 
     def decode(self, q: QTensor) -> torch.Tensor:
         if q.format != self.id:

@@ -113,52 +113,99 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
 
 def _load_hf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     _check_hf_dir(path)
     _check_model_type(path)
     validate_safetensors_dir(path)
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError, OSError) as e:
-        raise InputError(f"cannot read the model config in {path}: {e}") from e
-    from bitalloc.models.archs import arch_for
-
-    arch_for(config)  # refuse unknown architectures before reading any weights
+    _hf_config(path)  # refuse unknown architectures before reading any weights
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise InputError(f"cannot load the model in {path}: {e}") from e
+    return model, _tokenizer(path, gguf=False)
+
+
+def _hf_config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    from bitalloc.models.archs import arch_for
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path))
     except (ValueError, KeyError, OSError) as e:
+        raise InputError(f"cannot read the model config in {path}: {e}") from e
+    arch_for(config)  # refuse unknown architectures before reading any weights
+    return config
+
+
+def _tokenizer(path: Path, gguf: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        if gguf:
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        if gguf:
+            raise InputError(f"cannot load the tokenizer of the GGUF {path}: {e}") from e
         log.warning("no usable tokenizer in %s (%s); token ids must be supplied directly", path, e)
-        tokenizer = None
+        return None
+
+
+def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[Any, Any] | None:
+    """``(model, tokenizer)`` with spilled weights, or None where only a whole load is possible."""
+    from bitalloc.models.spill import trim_heap
+    from bitalloc.models.spill_load import load_gguf_spilled, load_hf_spilled
+
+    if path.is_dir():
+        _check_hf_dir(path)
+        _check_model_type(path)
+        model = load_hf_spilled(path, _hf_config(path), dtype, spill_dir)
+    else:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise InputError(f"{path} is not a GGUF file (bad magic)")
+        model = load_gguf_spilled(path, dtype, spill_dir)
+    if model is None:
+        return None
+    tokenizer = _tokenizer(path, gguf=not path.is_dir())
+    trim_heap()  # the GGUF metadata and tokenizer parsing leave large freed buffers behind
     return model, tokenizer
 
 
-def load_model(source: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_model(
+    source: str | Path,
+    dtype: torch.dtype = torch.float32,
+    *,
+    low_memory: bool = False,
+    spill_dir: str | Path | None = None,
+) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from an HF directory (safetensors only) or a ``.gguf`` file, in eval mode.
 
     The architecture must be in :mod:`bitalloc.models.archs`.  Every user mistake is one InputError.
+    With ``low_memory`` the weights are read tensor by tensor into a memory-mapped spill file in
+    ``spill_dir`` (default: the temp dir) and kept resident one block at a time (:mod:`bitalloc.models.spill`);
+    the values are identical to a whole load.  Sources it cannot map by name fall back to a whole load.
     """
     from bitalloc.models.archs import arch_for
 
     path = Path(source).expanduser()
     if not path.exists():
         raise InputError(f"model not found: {path}")
-    if path.is_dir():
-        model, tokenizer = _load_hf(path, dtype)
-    elif path.suffix.lower() == ".gguf":
-        model, tokenizer = _load_gguf(path, dtype)
-    elif path.suffix.lower() in _PICKLE_SUFFIXES:
+    if not path.is_dir() and path.suffix.lower() in _PICKLE_SUFFIXES:
         raise InputError(f"{path} is a pickle checkpoint; it can execute code when loaded and is refused")
-    else:
+    if not path.is_dir() and path.suffix.lower() != ".gguf":
         raise InputError(f"{path} is not a model: give a Hugging Face directory (safetensors) or a .gguf file")
+    loaded = _load_low_memory(path, dtype, spill_dir) if low_memory else None
+    if loaded is not None:
+        model, tokenizer = loaded
+    elif path.is_dir():
+        model, tokenizer = _load_hf(path, dtype)
+    else:
+        model, tokenizer = _load_gguf(path, dtype)
     arch_for(model.config)
     model.eval()
     model.requires_grad_(False)
-    log.info("loaded %s (%s, %s)", path, model.config.model_type, dtype)
+    log.info("loaded %s (%s, %s%s)", path, model.config.model_type, dtype, ", low memory" if loaded else "")
     return model, tokenizer

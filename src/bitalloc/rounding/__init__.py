@@ -6,7 +6,8 @@ and the format packs the codes (``Format.encode``).
 """
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Iterator, Literal
 
 import torch
 
@@ -17,6 +18,68 @@ from .rtn import rtn_round
 Method = Literal["rtn", "gptq"]
 
 
+#: Tensors with more elements are quantized (and measured) in blocks of rows of at most this many elements.
+ROW_CHUNK_ELEMS = 1 << 22
+
+
+def row_chunks(rows: int, cols: int, max_elems: int | None = ROW_CHUNK_ELEMS) -> list[slice]:
+    """Row blocks of a (rows, cols) tensor with at most ``max_elems`` elements each (None: one block).
+
+    Blocks hold multiples of 8 rows (at least 8), so every block of every format starts on a byte boundary
+    (a ``row``-group int format packs ``cols * bits`` bits per row)."""
+    if max_elems is None or rows * cols <= max_elems:
+        return [slice(0, rows)]
+    if max_elems < 1:
+        raise ValueError(f"max_elems must be positive, got {max_elems}")
+    step = max(8, max_elems // max(cols, 1) // 8 * 8)
+    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def quantize_chunks(
+    w: torch.Tensor,
+    fmt: Format | str,
+    *,
+    hessian: torch.Tensor | None = None,
+    method: Method = "gptq",
+    importance: torch.Tensor | None = None,
+    max_elems: int | None = ROW_CHUNK_ELEMS,
+) -> Iterator[tuple[slice, QTensor]]:
+    """``(rows, QTensor of w[rows])`` for consecutive row blocks of ``w`` (see :func:`row_chunks`).
+
+    Every format's grid, RTN and GPTQ treat rows independently (groups run along columns; GPTQ's error
+    feedback moves along columns), so the blocks are exactly the rows of :func:`quantize_weight` of the
+    whole tensor, and ``fmt.concat_rows`` of them is byte-identical to it.  Temporaries (float32 copy,
+    int64 codes, grids) exist for one block at a time.  A per-element ``importance`` (rows, cols) is not
+    split (its mean enters some scale searches): the tensor is then one block.
+    """
+    fmt = get_format(fmt)
+    if not fmt.is_grid:
+        if w.dim() < 2:
+            yield slice(0, int(w.shape[0]) if w.dim() else 1), fmt.store(w)
+            return
+        for sl in row_chunks(int(w.shape[0]), math.prod(w.shape[1:]), max_elems):
+            yield sl, fmt.store(w[sl])
+        return
+    if w.dim() != 2:
+        raise ValueError(f"{fmt.id}: grid formats store 2-D tensors, got shape {tuple(w.shape)}")
+    fmt.check_shape(tuple(w.shape))
+    dtype = str(w.dtype).removeprefix("torch.")
+    if importance is None and hessian is not None:
+        importance = torch.diagonal(hessian).to(torch.float32).clamp_min(0)
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"unknown rounding method {method!r} (use 'rtn' or 'gptq')")
+    rows, cols = (int(d) for d in w.shape)
+    split = importance is None or importance.dim() == 1
+    for sl in row_chunks(rows, cols, max_elems if split else None):
+        w32 = w[sl].detach().to(torch.float32)
+        grid = fmt.fit(w32, importance)
+        if method == "gptq" and hessian is not None:
+            codes, _ = gptq_round(w32, hessian, grid)
+        else:
+            codes, _ = rtn_round(w32, grid)
+        yield sl, fmt.encode(codes, grid, tuple(w32.shape), dtype)
+
+
 def quantize_weight(
     w: torch.Tensor,
     fmt: Format | str,
@@ -24,30 +87,21 @@ def quantize_weight(
     hessian: torch.Tensor | None = None,
     method: Method = "gptq",
     importance: torch.Tensor | None = None,
+    max_elems: int | None = ROW_CHUNK_ELEMS,
 ) -> QTensor:
     """Quantize one weight tensor (out x in, or a lookup table vocab x hidden) into ``fmt``.
 
     ``hessian`` (in x in, ``E[xxᵀ]``) drives GPTQ and, through its diagonal, the weighted scale search
-    unless ``importance`` is given.  Without a Hessian, GPTQ degrades to RTN.
+    unless ``importance`` is given.  Without a Hessian, GPTQ degrades to RTN.  Tensors of more than
+    ``max_elems`` elements are quantized in row blocks and joined (byte-identical; see
+    :func:`quantize_chunks`).
     """
     fmt = get_format(fmt)
-    dtype = str(w.dtype).removeprefix("torch.")
     if not fmt.is_grid:
         return fmt.store(w)
-    if w.dim() != 2:
-        raise ValueError(f"{fmt.id}: grid formats store 2-D tensors, got shape {tuple(w.shape)}")
-    fmt.check_shape(tuple(w.shape))
-    w32 = w.detach().to(torch.float32)
-    if importance is None and hessian is not None:
-        importance = torch.diagonal(hessian).to(torch.float32).clamp_min(0)
-    grid = fmt.fit(w32, importance)
-    if method == "gptq" and hessian is not None:
-        codes, _ = gptq_round(w32, hessian, grid)
-    elif method in ("rtn", "gptq"):
-        codes, _ = rtn_round(w32, grid)
-    else:
-        raise ValueError(f"unknown rounding method {method!r} (use 'rtn' or 'gptq')")
-    return fmt.encode(codes, grid, tuple(w.shape), dtype)
+    parts = [q for _, q in quantize_chunks(w, fmt, hessian=hessian, method=method, importance=importance,
+                                           max_elems=max_elems)]
+    return parts[0] if len(parts) == 1 else fmt.concat_rows(parts)
 
 
 def dequantize(q: QTensor) -> torch.Tensor:
@@ -55,4 +109,4 @@ def dequantize(q: QTensor) -> torch.Tensor:
     return get_format(q.format).decode(q)
 
 
-__all__ = ["quantize_weight", "dequantize", "gptq_round", "rtn_round", "Method"]
+__all__ = ["quantize_weight", "quantize_chunks", "row_chunks", "ROW_CHUNK_ELEMS", "dequantize", "gptq_round", "rtn_round", "Method"]

@@ -1,0 +1,173 @@
+"""Checkpoints inside a job directory (:class:`bitalloc.job.Job`), shared by the quantize, measure and GGUF jobs.
+
+* Blocks of a sequential quantization: ``<stage>/block0003.safetensors`` (the QTensor parts of block 3, with
+  formats, shapes and dtypes in the metadata), then ``<stage>/hidden.safetensors`` (the inputs of the next
+  block, metadata ``"block"``), replaced after each block.  :func:`block_hook` writes them,
+  :func:`load_state` reads them back as a :class:`bitalloc.quantize.ResumeState`.
+* Blocks of a measurement (:class:`MeasureCheckpoints`): ``measure_blocks/fisher.safetensors`` once, then per
+  block ``rows0003.json`` followed by the fp model's hidden states at the next block's input.
+
+Each file is written atomically and in that order, so after ``kill -9`` the hidden-state file names the
+first block whose checkpoint may be missing; the hidden states are saved bit-exactly, so a resumed run
+computes exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .errors import InputError
+from .formats import QTensor
+from .io.safetensors import SafetensorsFile, write_safetensors_atomic
+from .job import Job
+
+log = logging.getLogger("bitalloc.resume")  # one logger for everything about resuming
+
+QUANT_STAGE = "quantize"
+MEASURE_STAGE = "measure_blocks"
+HIDDEN_FILE = "hidden.safetensors"
+
+
+def _save_block(job: Job, b: int, qtensors: Mapping[str, QTensor], stage: str = QUANT_STAGE) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for name, q in sorted(qtensors.items()):
+        meta[name] = {"format": q.format, "shape": list(q.shape), "dtype": q.dtype, "parts": sorted(q.parts)}
+        for part, t in q.parts.items():
+            tensors[f"{name}/{part}"] = t.detach().contiguous().cpu()
+    d = job.dir / stage
+    d.mkdir(exist_ok=True)
+    write_safetensors_atomic(d / f"block{b:04d}.safetensors", tensors, {"qtensors": json.dumps(meta, sort_keys=True)},
+                             overwrite=True, manifest=False)
+
+
+def _load_block(path: Path) -> dict[str, QTensor]:
+    with SafetensorsFile(path) as sf:
+        try:
+            meta = json.loads(sf.metadata()["qtensors"])
+            return {
+                name: QTensor(format=m["format"], shape=tuple(m["shape"]), dtype=m["dtype"],
+                              parts={part: sf.get(f"{name}/{part}").clone() for part in m["parts"]})
+                for name, m in meta.items()
+            }
+        except (KeyError, ValueError, TypeError) as e:
+            raise InputError(f"checkpoint {path} is corrupt ({e}); remove the job directory to start over") from e
+
+
+def _save_hidden(job: Job, block: int, hidden: torch.Tensor, stage: str = QUANT_STAGE) -> None:
+    """The inputs of ``block`` (saved bit-exactly); written after the checkpoint of the block before it."""
+    (job.dir / stage).mkdir(exist_ok=True)
+    write_safetensors_atomic(job.dir / stage / HIDDEN_FILE, {"hidden": hidden.detach().contiguous()},
+                             {"block": str(block)}, overwrite=True, manifest=False)
+
+
+def _load_hidden(job: Job, stage: str) -> tuple[int, torch.Tensor] | None:
+    path = job.dir / stage / HIDDEN_FILE
+    if not path.exists():
+        return None
+    with SafetensorsFile(path) as sf:
+        try:
+            block = int(sf.metadata()["block"])
+        except (KeyError, ValueError) as e:
+            raise InputError(f"checkpoint {path} is corrupt ({e}); remove the job directory to start over") from e
+        return block, sf.get("hidden").clone()
+
+
+def _missing(job: Job, what: str) -> InputError:
+    return InputError(f"job {job.dir} lacks the checkpoint of {what}; remove the job directory to start over")
+
+
+def load_state(job: Job, stage: str = QUANT_STAGE) -> Any:
+    """The :class:`~bitalloc.quantize.ResumeState` saved in ``job`` (None when no block is done)."""
+    from .quantize import ResumeState
+
+    saved = _load_hidden(job, stage)
+    if saved is None:
+        return None
+    block, hidden = saved
+    qtensors: dict[str, QTensor] = {}
+    for b in range(block):
+        p = job.dir / stage / f"block{b:04d}.safetensors"
+        if not p.exists():
+            raise _missing(job, f"block {b}")
+        qtensors.update(_load_block(p))
+    log.info("resuming quantization at block %d", block)
+    return ResumeState(block, qtensors, hidden)
+
+
+BlockHook = Callable[[int, dict[str, QTensor], torch.Tensor], None]
+
+
+def block_hook(job: Job, stage: str = QUANT_STAGE, after_block: Callable[[int], None] | None = None) -> BlockHook:
+    """``on_block`` for :func:`bitalloc.quantize.quantize_model`: checkpoint block ``b``, then its output."""
+
+    def on_block(b: int, qt: dict[str, QTensor], hidden: torch.Tensor) -> None:
+        _save_block(job, b, qt, stage)
+        _save_hidden(job, b + 1, hidden, stage)
+        if after_block is not None:
+            after_block(b)
+
+    return on_block
+
+
+# ------------------------------------------------------------------------------------ measurement
+class MeasureCheckpoints:
+    """Checkpoints of :func:`bitalloc.pipeline.measure_model` in ``job``: the Fisher statistics once, then
+    each block's rows followed by the fp hidden states at the next block's input."""
+
+    def __init__(self, job: Job, after_block: Callable[[int], None] | None = None) -> None:
+        self.job = job
+        self.after_block = after_block
+
+    def fisher_stats(self) -> dict[tuple[str, str], torch.Tensor] | None:
+        if not self.job.has_item(MEASURE_STAGE, "fisher"):
+            return None
+        saved = self.job.load_item(MEASURE_STAGE, "fisher")
+        if not isinstance(saved, dict) or not all(":" in k for k in saved):
+            raise InputError(f"job {self.job.dir}: the Fisher checkpoint is corrupt; remove the job directory")
+        return {(k.split(":", 1)[1], k.split(":", 1)[0]): v for k, v in saved.items()}
+
+    def save_fisher(self, stats: Mapping[tuple[str, str], torch.Tensor]) -> None:
+        self.job.save_item(MEASURE_STAGE, "fisher", {f"{role}:{name}": t for (name, role), t in stats.items()})
+
+    def start(self) -> Any:
+        """The :class:`~bitalloc.pipeline.MeasureStart` saved (None when no block is done)."""
+        from .measure import MeasureRow
+        from .pipeline import MeasureStart
+
+        saved = _load_hidden(self.job, MEASURE_STAGE)
+        if saved is None:
+            return None
+        block, hidden = saved
+        rows: list[MeasureRow] = []
+        for b in range(block):
+            key = f"rows{b:04d}"
+            if not self.job.has_item(MEASURE_STAGE, key):
+                raise _missing(self.job, f"the measurement of block {b}")
+            try:
+                rows += [MeasureRow(str(t), str(f), int(n), float(o), None if fi is None else float(fi))
+                         for t, f, n, o, fi in self.job.load_item(MEASURE_STAGE, key)]
+            except (TypeError, ValueError) as e:
+                raise InputError(f"job {self.job.dir}: checkpoint {key} is corrupt ({e}); "
+                                 "remove the job directory") from e
+        log.info("resuming measurement at block %d", block)
+        return MeasureStart(block, hidden, tuple(rows))
+
+    def on_block(self, b: int, rows: Sequence[Any], hidden: torch.Tensor) -> None:
+        self.job.save_item(MEASURE_STAGE, f"rows{b:04d}",
+                           [[r.tensor, r.format, r.bytes, r.output_error, r.fisher_error] for r in rows])
+        _save_hidden(self.job, b + 1, hidden, MEASURE_STAGE)
+        if self.after_block is not None:
+            self.after_block(b)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`bitalloc.pipeline.measure_model` that resume and checkpoint it."""
+        return {"fisher_stats": self.fisher_stats(), "on_fisher": self.save_fisher, "start": self.start(),
+                "on_block": self.on_block}
+
+
+__all__ = ["HIDDEN_FILE", "MEASURE_STAGE", "MeasureCheckpoints", "QUANT_STAGE", "block_hook", "load_state"]

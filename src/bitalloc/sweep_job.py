@@ -1,0 +1,220 @@
+"""``bitalloc sweep`` / ``bitalloc demo`` as a resumable job.
+
+A job directory (:class:`bitalloc.job.Job`, default ``<out>.job`` beside the output directory) is fingerprinted
+by the model digests, the calibration and evaluation text digests and every option that changes the results;
+reopening it with other inputs is refused with a one-line message naming what differs.  Layout::
+
+    job.json, job.lock              state and lock
+    measure_blocks/...              per-block measurement checkpoints (shared with the measure job)
+    measurement.json                stage "measure" (the Measurement table, always read back from here)
+    sweep/measure.json              wall time of the measurement, saved before the stage is marked done
+    points/p0003_rtn_uniform_int4-g64_3.5bpw.json   one finished point each (saved atomically)
+    sweep/result.json               stage "points": title, extra fields and every point, in order
+                                    then stage "output" once <out>/ is written
+
+Outputs ``<out>/measurement.json``, ``<out>/sweep.json`` and ``<out>/sweep.png`` are written atomically at the
+end, from the job's files only, so an interrupted and resumed run writes the same bytes as an uninterrupted
+one *with the same saved timings*.  The only fields that differ between two separate runs are wall times:
+``measure_seconds`` (the run that finished the measurement; an interrupted measurement counts only its last
+run) and each point's ``seconds`` (the run that computed that point).  An existing output is refused without
+``overwrite``, except when its files are exactly the ones this job writes (a kill came after the writes).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .errors import BitallocError, InputError
+from .io.atomic import TEMP_SUFFIX, atomic_write
+from .job import Job
+from .resume import MeasureCheckpoints, finish_job, measure_stage
+from .sweep import Point, plot_png, results_json, sweep
+
+log = logging.getLogger("bitalloc.resume")
+
+OUTPUTS = ("measurement.json", "sweep.json", "sweep.png")
+POINTS_STAGE = "points"
+
+
+@dataclass(frozen=True)
+class SweepSteps:
+    """What the job runs, supplied by the CLI.
+
+    ``load() -> (model, tokenizer)`` (the model that is quantized, restored after every point);
+    ``load_reference() -> model`` (the fp reference, loaded only when points remain); ``calibration(tok)`` and
+    ``evaluation(tok)`` -> windows; ``measure(model, view, windows, checkpoints) -> Measurement``;
+    ``constraints(view) -> Constraints``.  ``extra``: fields written after ``measure_seconds``,
+    ``measure_method``, ``calib_windows`` and ``eval_windows`` at the top of ``sweep.json``.
+    """
+
+    load: Callable[[], tuple[Any, Any]]
+    load_reference: Callable[[], Any]
+    calibration: Callable[[Any], torch.Tensor]
+    evaluation: Callable[[Any], torch.Tensor]
+    measure: Callable[[Any, Any, torch.Tensor, MeasureCheckpoints], Any]
+    constraints: Callable[[Any], Any]
+    budgets: tuple[str, ...]
+    method: str
+    title: str
+    uniform: tuple[str, ...] | None = None
+    extra: tuple[tuple[str, Any], ...] = ()
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("gptq", "rtn"):
+            raise InputError(f"unknown rounding method {self.method!r}; use 'gptq' or 'rtn'")
+        if not self.budgets:
+            raise InputError("a sweep needs at least one budget")
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    points: tuple[Point, ...]
+    measure_seconds: float
+    paths: tuple[Path, ...]  # measurement.json, sweep.json, sweep.png
+
+
+# ------------------------------------------------------------------------------------ saved results
+def _result(job: Job) -> tuple[str, list[tuple[str, Any]], list[Point]]:
+    """Title, extra fields (in order) and points saved by stage "points"."""
+    saved = job.load_item("sweep", "result")
+    try:
+        doc = json.loads(saved["json"])
+        return str(doc["title"]), [(str(k), v) for k, v in doc["extra"]], [Point.from_dict(p) for p in doc["points"]]
+    except (TypeError, KeyError, ValueError) as e:
+        raise InputError(f"job {job.dir}: the saved sweep result is corrupt ({e}); remove the job directory") from e
+
+
+def _expected(job: Job) -> dict[str, bytes]:
+    """The bytes of every output, from the job's files only."""
+    title, extra, points = _result(job)
+    return {"measurement.json": (job.dir / "measurement.json").read_bytes(),
+            "sweep.json": results_json(points, dict(extra)).encode(), "sweep.png": plot_png(points, title)}
+
+
+def _ours(out: Path, expected: Mapping[str, bytes]) -> bool:
+    """True when every output file present in ``out`` has exactly the bytes this job writes."""
+    return all(not (out / n).exists() or (out / n).read_bytes() == data for n, data in expected.items())
+
+
+def _existing(out: Path) -> list[str]:
+    return [n for n in OUTPUTS if (out / n).exists() or (out / n).is_symlink()]
+
+
+def _refuse(out: Path, names: Sequence[str]) -> InputError:
+    return InputError(f"output {out} already holds {', '.join(names)} (use --overwrite to replace it)")
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run_sweep_job(
+    out: str | Path,
+    job_dir: str | Path,
+    fingerprint: Mapping[str, Any],
+    steps: SweepSteps,
+    *,
+    keep_job: bool = False,
+    overwrite: bool = False,
+    after_block: Callable[[int], None] | None = None,
+    on_point: Callable[[str, Point], None] | None = None,
+) -> SweepResult:
+    """Run (or continue) the sweep and write ``out/{measurement.json, sweep.json, sweep.png}``.
+
+    ``after_block(b)`` follows each checkpointed measurement block, ``on_point(key, point)`` each saved point.
+    """
+    out, job_dir = Path(out), Path(job_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} is a file; the sweep writes a directory")
+    existing = _existing(out)
+    if existing and not overwrite and not (job_dir / "job.json").exists():
+        raise _refuse(out, existing)
+    fresh = not (job_dir / "job.json").exists()
+    with Job(job_dir, fingerprint) as job:
+        try:
+            if existing and not overwrite and not (job.stage_done(POINTS_STAGE) and _ours(out, _expected(job))):
+                raise _refuse(out, existing)
+            result = _run(job, out, steps, overwrite, after_block, on_point)
+        except BitallocError:
+            if fresh:  # a user error: the same command fails again, so leave no debris
+                job.close()
+                shutil.rmtree(job.dir, ignore_errors=True)
+            raise
+    finish_job(job_dir, keep_job)
+    return result
+
+
+def _run(job: Job, out: Path, steps: SweepSteps, overwrite: bool, after_block: Callable[[int], None] | None,
+         on_point: Callable[[str, Point], None] | None) -> SweepResult:
+    if not job.stage_done(POINTS_STAGE):
+        _compute(job, steps, after_block, on_point)
+    expected = _expected(job)
+    if out.is_dir():
+        for stale in sorted(out.glob(f".*{TEMP_SUFFIX}")):  # temporaries a kill left during the writes
+            if any(stale.name.startswith(f".{n}.") for n in OUTPUTS):
+                stale.unlink(missing_ok=True)
+    if not overwrite and not _ours(out, expected):  # something appeared in ``out`` while the sweep ran
+        raise _refuse(out, _existing(out))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output directory {out}: {e.strerror or e}") from e
+    paths = []
+    for name in OUTPUTS:
+        with atomic_write(out / name, overwrite=True) as f:
+            f.write(expected[name])
+        paths.append(out / name)
+    job.complete_stage("output")
+    _, _, points = _result(job)
+    seconds = float(job.load_item("sweep", "measure")["seconds"])
+    return SweepResult(tuple(points), seconds, tuple(paths))
+
+
+def _compute(job: Job, steps: SweepSteps, after_block: Callable[[int], None] | None,
+             on_point: Callable[[str, Point], None] | None) -> None:
+    """Stages "measure" and "points": load, measure (resumable per block), then every unfinished point."""
+    from .models.view import ModelView
+
+    model, tok = steps.load()
+    view = ModelView(model)
+    calib = steps.calibration(tok)
+    evals = steps.evaluation(tok)
+    t0 = time.perf_counter()
+
+    def measure(ckpt: MeasureCheckpoints) -> Any:
+        m = steps.measure(model, view, calib, ckpt)
+        job.save_item("sweep", "measure", {"seconds": time.perf_counter() - t0})  # before the stage is done
+        return m
+
+    m = measure_stage(job, measure, after_block)
+    if not job.has_item("sweep", "measure"):
+        raise InputError(f"job {job.dir} lacks the measurement time; remove the job directory to start over")
+    measure_seconds = job.load_item("sweep", "measure")["seconds"]
+
+    done = {k: Point.from_dict(json.loads(job.load_item(POINTS_STAGE, k)["json"])) for k in job.items(POINTS_STAGE)}
+    if done:
+        log.info("resuming sweep: %d point(s) already done", len(done))
+
+    def save(key: str, pt: Point) -> None:
+        # the point as JSON text: non-finite values (an exploded int2 model's ppl) survive the round trip
+        job.save_item(POINTS_STAGE, key, {"json": json.dumps(asdict(pt))})
+        if on_point is not None:
+            on_point(key, pt)
+
+    ref = steps.load_reference()
+    points = sweep(model, view, m, list(steps.budgets), [steps.method], calib, evals, ref,
+                   constraints=steps.constraints(view), uniform=steps.uniform, progress=steps.progress,
+                   done=done, on_point=save)
+    extra = [("measure_seconds", measure_seconds), ("measure_method", steps.method),
+             ("calib_windows", int(calib.shape[0])), ("eval_windows", int(evals.shape[0])), *steps.extra]
+    doc = {"title": steps.title, "extra": [list(kv) for kv in extra], "points": [asdict(p) for p in points]}
+    job.save_item("sweep", "result", {"json": json.dumps(doc)})
+    job.complete_stage(POINTS_STAGE)
+
+
+__all__ = ["OUTPUTS", "POINTS_STAGE", "SweepResult", "SweepSteps", "run_sweep_job"]

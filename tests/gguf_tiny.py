@@ -1,0 +1,77 @@
+"""A tiny Llama GGUF that transformers loads with a tokenizer (byte-level BPE, 256 byte tokens, no merges)."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from bitalloc.export.gguf_names import hf_to_gguf
+from tests.conftest import tiny_llama
+
+N_HEAD, N_KV = 4, 2
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte -> printable-character table: token i is byte i."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, map(chr, cs)))
+    return [table[i] for i in range(256)]
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_loadable_gguf(path: Path, seed: int = 0) -> Path:
+    """The tiny 2-layer Llama of tests.conftest as an F32 GGUF, plus ``calib.txt`` beside it."""
+    model = tiny_llama(seed=seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_KV)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(16)
+    w.add_vocab_size(256)
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(_byte_tokens())
+    w.add_token_types([1] * 256)
+    w.add_token_scores([0.0] * 256)
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    for hf, t in model.state_dict().items():
+        if hf == "lm_head.weight":
+            continue
+        a = t.numpy().astype(np.float32)
+        if "q_proj" in hf:
+            a = _permute(a, N_HEAD)
+        elif "k_proj" in hf:
+            a = _permute(a, N_KV)
+        w.add_tensor(hf_to_gguf(hf), np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(100)]
+    (path.parent / "calib.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))
+    return path
+
+
+def gguf_argv(src: Path, out: Path, *extra: str, budget: str = "0.06MB") -> list[str]:
+    return ["gguf", str(src), "--budget", budget, "--formats", "q8_0,q5_0,q4_0", "--calib",
+            str(src.parent / "calib.txt"), "--windows", "4", "--ctx", "32", "--fisher-windows", "2", "-q",
+            "-o", str(out), *extra]

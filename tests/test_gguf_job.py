@@ -1,0 +1,204 @@
+"""``bitalloc gguf``: the manifest beside the GGUF, verification against it, and the resumable job
+(interrupted in-process and killed with SIGKILL in a subprocess; the rerun writes byte-identical files)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+
+from bitalloc import checkpoints, gguf_job, resume
+from bitalloc.cli import build_parser, main
+from bitalloc.errors import InputError
+from bitalloc.export import gguf as gx
+from bitalloc.export.gguf_names import hf_to_gguf
+from bitalloc.gguf_cmd import gguf_fingerprint
+from bitalloc.io.atomic import file_digest
+from bitalloc.job import Job
+from tests.conftest import tiny_llama
+from tests.gguf_tiny import gguf_argv, write_loadable_gguf
+
+torch.set_num_threads(1)
+BUDGET = "80KB"
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return write_loadable_gguf(tmp_path_factory.mktemp("src") / "tiny.gguf")
+
+
+def _files(out: Path) -> tuple[bytes, bytes]:
+    return out.read_bytes(), gguf_job.manifest_path(out).read_bytes()
+
+
+# --------------------------------------------------------------------------------------- manifest
+def _tensors() -> dict[str, torch.Tensor]:
+    return {hf_to_gguf(n): t for n, t in tiny_llama().state_dict().items() if n != "lm_head.weight"}
+
+
+def test_manifest_lists_file_and_raw_tensor_digests(src, tmp_path):
+    tpl = gx.read_template(src)
+    out = tmp_path / "o.gguf"
+    written = gguf_job.write_gguf_verified(out, tpl, _tensors())
+    man = json.loads(gguf_job.manifest_path(out).read_text())
+    assert man["kind"] == "bitalloc.manifest" and man["files"] == {"o.gguf": file_digest(out)}
+    assert written.file_size == os.path.getsize(out)
+    reader = gguf.GGUFReader(out)  # an independent reader's view of each tensor's stored bytes
+    assert man["tensors"] == {t.name: hashlib.sha256(t.data.tobytes()).hexdigest() for t in reader.tensors}
+    assert gguf_job.verify_gguf_manifest(out) == man
+    # the digests were predicted before writing: the same as those of the written file
+    assert gguf_job.prepare_gguf("o.gguf", tpl, _tensors()).manifest == man
+
+
+def test_tampered_output_fails_verification_naming_the_tensor(src, tmp_path):
+    tpl = gx.read_template(src)
+    out = tmp_path / "o.gguf"
+    gguf_job.write_gguf_verified(out, tpl, _tensors())
+    last = "blk.0.attn_q.weight"
+    offset = next(t.data_offset for t in gguf.GGUFReader(out).tensors if t.name == last)
+    data = bytearray(out.read_bytes())
+    data[offset + 5] ^= 0x10  # inside that tensor's data
+    out.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="does not match") as e:
+        gguf_job.verify_gguf_manifest(out)
+    assert "o.gguf differs" in str(e.value)
+    gguf_job.manifest_path(out).write_text(json.dumps({**json.loads(gguf_job.manifest_path(out).read_text()),
+                                                        "files": {"o.gguf": file_digest(out)}}))
+    with pytest.raises(InputError, match=f"{last} differs"):
+        gguf_job.verify_gguf_manifest(out)
+    gguf_job.manifest_path(out).unlink()
+    with pytest.raises(InputError, match="missing or malformed"):
+        gguf_job.verify_gguf_manifest(out)
+
+
+def test_failed_write_leaves_neither_file_nor_manifest(src, tmp_path, monkeypatch):
+    tpl = gx.read_template(src)
+    out = tmp_path / "o.gguf"
+
+    def corrupt(*_a, **_k):
+        raise OSError("simulated verification failure")
+
+    monkeypatch.setattr(gx, "verify_gguf", corrupt)
+    with pytest.raises(OSError, match="simulated"):
+        gguf_job.write_gguf_verified(out, tpl, _tensors())
+    assert sorted(os.listdir(tmp_path)) == []
+    monkeypatch.undo()
+    out.write_bytes(b"keep")
+    with pytest.raises(InputError, match="already exists"):
+        gguf_job.write_gguf_verified(out, tpl, _tensors())
+    assert out.read_bytes() == b"keep" and not gguf_job.manifest_path(out).exists()
+
+
+# ---------------------------------------------------------------------------------------------- job
+def test_changed_option_is_refused_naming_it(src, tmp_path, capsys):
+    out = tmp_path / "out.gguf"
+    args = build_parser().parse_args(gguf_argv(src, out, budget=BUDGET))
+    with Job(resume.default_job_dir(out), gguf_fingerprint(args)):
+        pass  # as left by an interrupted run
+    assert main(gguf_argv(src, out, budget="70KB")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    assert "options.budget" in err and BUDGET in err and "70KB" in err
+    (src.parent / "other.txt").write_text("different calibration text " * 50)
+    argv = gguf_argv(src, out, budget=BUDGET)
+    argv[argv.index("--calib") + 1] = str(src.parent / "other.txt")
+    assert main(argv) == 2
+    assert "calibration" in capsys.readouterr().err
+    assert not out.exists() and resume.default_job_dir(out).exists()  # the job is kept for the right command
+
+
+def _crash_at(monkeypatch, stage: str, block: int) -> None:
+    real = checkpoints._save_hidden
+
+    def crashing(job, b, hidden, st=resume.QUANT_STAGE):
+        real(job, b, hidden, st)
+        if b == block and st == stage:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "_save_hidden", crashing)
+
+
+@pytest.fixture(scope="module")
+def reference(src, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "out.gguf"
+    assert main(gguf_argv(src, out, budget=BUDGET)) == 0
+    return out
+
+
+@pytest.mark.parametrize("stage", [resume.MEASURE_STAGE, resume.QUANT_STAGE])
+def test_interrupted_gguf_job_resumes_to_identical_files(src, reference, tmp_path, monkeypatch, caplog, stage):
+    out = tmp_path / "out.gguf"
+    job = resume.default_job_dir(out)
+    with monkeypatch.context() as m:
+        _crash_at(m, stage, 1)
+        assert main(gguf_argv(src, out, budget=BUDGET)) == 130
+    assert not out.exists() and not gguf_job.manifest_path(out).exists()
+    assert (job / stage / "hidden.safetensors").exists()
+    caplog.set_level("INFO", logger="bitalloc.resume")
+    assert main(gguf_argv(src, out, budget=BUDGET)) == 0
+    what = "measurement" if stage == resume.MEASURE_STAGE else "quantization"
+    assert f"resuming {what} at block 1" in caplog.text
+    assert _files(out) == _files(reference)
+    assert not job.exists()
+
+
+def test_kill_after_the_rename_is_recognised(src, reference, tmp_path):
+    out = tmp_path / "out.gguf"
+    assert main(gguf_argv(src, out, "--keep-job", budget=BUDGET)) == 0  # as if killed before the cleanup
+    assert main(gguf_argv(src, out, budget=BUDGET)) == 0
+    assert _files(out) == _files(reference) and not resume.default_job_dir(out).exists()
+
+
+# ----------------------------------------------------------------------------------- real kill -9
+def _run_cli(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bitalloc.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(19))
+
+
+def _wait_for(proc: subprocess.Popen, path: Path, timeout: float = 240.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"{path} did not appear within {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, tmp_path):
+    out = tmp_path / "out.gguf"
+    job = resume.default_job_dir(out)
+    rng = random.Random(4321)
+    marks = [job / "job.json", job / resume.MEASURE_STAGE / "rows0000.json", job / "plan.json",
+             job / resume.QUANT_STAGE / "block0000.safetensors"]
+    kills = 0
+    for mark in marks:
+        proc = _run_cli(gguf_argv(src, out, budget=BUDGET))
+        if _wait_for(proc, mark):
+            time.sleep(rng.uniform(0.0, 0.2))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            kills += proc.returncode == -signal.SIGKILL
+        else:
+            proc.wait(timeout=60)
+        if out.exists():
+            break
+    assert kills >= 2
+    proc = _run_cli(gguf_argv(src, out, budget=BUDGET))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert _files(out) == _files(reference)
+    assert not job.exists()
