@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .calibrate import release_free_memory
+from .memory import release_free_memory
 from .errors import InputError, NumericsError
 from .formats import Format, get_format
 from .rounding import ROW_CHUNK_ELEMS, dequantize, quantize_chunks, row_chunks

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import BlockRunner, layout_of, release_free_memory
+from .calibrate import BlockRunner
+from .layout import layout_of
+from .memory import release_free_memory
 from .errors import InputError
 from .formats import QTensor, get_format
 from .models.view import ModelView, fixed_format
