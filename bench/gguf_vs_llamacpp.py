@@ -9,6 +9,8 @@ the F32 model's saved logits: PPL, mean KLD, top-1 ("Same top p") and file bytes
 
     python bench/gguf_vs_llamacpp.py [--eval-chunks 24] [--calib-windows 24] [--sides both|llamacpp] [--threads 1]
 
+Cost: the llama.cpp side is minutes per type.  The bitalloc side fits every candidate type to every tensor
+(211 tensors x 11 types, 5-25 s each on one contended core here), i.e. hours: narrow it with --formats.
 Needs the tools from bench/build_llamacpp_tools.sh.  Writes bench/results/gguf_vs_llamacpp.{json,png}.
 """
 from __future__ import annotations

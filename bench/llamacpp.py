@@ -142,13 +142,15 @@ class _TypeTraits(ctypes.Structure):  # struct ggml_type_traits (ggml.h)
 def llama_cpp_dequantize(llama_cpp: Any, raw: np.ndarray, ggml_type: int, n: int) -> torch.Tensor:
     """The ``n`` float32 values llama.cpp's own ``to_float`` (ggml type traits of the library llama-cpp-python
     loads, as used by ``get_rows`` and by dequantizing matmuls) decodes from the raw blocks ``raw``."""
+    src = np.ascontiguousarray(raw, dtype=np.uint8)
+    if int(ggml_type) == 0:  # F32 is stored as is (ggml has no to_float for it)
+        return torch.from_numpy(src.view(np.float32)[:n].copy())
     lib = ctypes.CDLL(str(sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.so*"))[0]))
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     traits = lib.ggml_get_type_traits(int(ggml_type)).contents
     if not traits.to_float:
         raise RuntimeError(f"llama.cpp has no to_float for ggml type {int(ggml_type)}")
-    src = np.ascontiguousarray(raw, dtype=np.uint8)
     out = np.empty(n, dtype=np.float32)
     traits.to_float(src.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), n)
     return torch.from_numpy(out)

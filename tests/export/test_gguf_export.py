@@ -315,7 +315,7 @@ def test_llama_cpp_decodes_every_bitalloc_block_exactly(proof) -> None:
     params = dict(model.named_parameters())
     checked = set()
     with GGUFFile(gguf_path) as f:
-        meta = f.metadata()
+        meta = f.metadata
         for name, info in f.tensors.items():
             hf = gguf_to_hf(name)
             got = llama_cpp_dequantize(llama_cpp, f.raw(name), int(info.type), info.numel).reshape(info.shape)
