@@ -76,3 +76,67 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bitalloc.cli", "plan", str(tmp_path / "x.json"), "--budget", "3bpw",
                         "--out", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+# The exact defaults of every command: the option blocks are shared helpers, and a change to one must not
+# silently change another command's options.
+DEFAULTS = {
+    "measure": (["--out", "t.json"], {"model": None, "calib": None, "windows": 32, "ctx": 512, "method": "gptq",
+                "fisher": True, "fisher_windows": 8, "overwrite": False, "job": None, "keep_job": False,
+                "quiet": False, "verbose": False}),
+    "plan": (["t.json", "--budget", "3bpw", "--out", "p.json"], {"constraints": "none", "objective": None,
+             "overwrite": False}),
+    "quantize": (["--budget", "3bpw", "--out", "q"], {"format": None, "windows": 32, "ctx": 512, "method": "gptq",
+                 "fisher_windows": 8, "measurement": None, "plan": None, "constraints": "none", "job": None}),
+    "eval": (["q"], {"reference": None, "text": None, "windows": 32, "ctx": 512, "json": False}),
+    "sweep": (["--budgets", "3bpw", "--out", "s"], {"model": None, "windows": 32, "method": "gptq",
+              "fisher_windows": 4, "eval": None, "eval_windows": 16, "uniform": None, "constraints": "none"}),
+    "demo": ([], {"model": None, "budgets": "3.5bpw,4.5bpw", "windows": 16, "method": "rtn", "fisher_windows": 4,
+             "formats": "int2-g64,int3-g64,int3-g128,int4-g64,int4-g128,int8-g128", "eval_windows": 8,
+             "out": "bitalloc-demo", "constraints": "none"}),
+}
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_defaults_of_every_command(cmd):
+    argv, expected = DEFAULTS[cmd]
+    args = vars(build_parser().parse_args([cmd, *argv]))
+    assert {k: args[k] for k in expected} == expected
+    if cmd in ("measure", "quantize", "sweep"):
+        assert args["formats"].startswith("int2-g32,") and args["formats"].endswith(",fp16")
+
+
+@pytest.mark.parametrize("argv", [["sweep", "--budgets", "3bpw"], ["quantize", "--out", "q"],
+                                  ["quantize", "--budget", "3bpw", "--format", "int4-g128", "--out", "q"],
+                                  ["plan", "t.json", "--budget", "3bpw", "--constraints", "tied", "--out", "p"]])
+def test_required_and_exclusive_options_are_enforced(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+
+
+def test_job_dir_refuses_an_existing_output_unless_resuming_or_overwriting(tmp_path):
+    from argparse import Namespace
+
+    from bitalloc.cli.common import _job_dir
+    from bitalloc.errors import InputError
+
+    out = tmp_path / "out"
+    plain = Namespace(job=None, overwrite=False)
+    assert _job_dir(plain, out) == tmp_path / "out.job"  # nothing there yet
+    out.mkdir()
+    with pytest.raises(InputError, match="already exists"):
+        _job_dir(plain, out)
+    with pytest.raises(InputError, match="already holds sweep.json"):
+        _job_dir(plain, out, existing=["sweep.json"])
+    assert _job_dir(plain, out, existing=[]) == tmp_path / "out.job"  # a results directory without results
+    assert _job_dir(Namespace(job=None, overwrite=True), out) == tmp_path / "out.job"
+    (tmp_path / "j").mkdir()
+    assert _job_dir(Namespace(job=str(tmp_path / "j"), overwrite=False), out) == tmp_path / "j"  # resumes
+
+
+def test_module_entry_point_prints_help(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bitalloc.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage: bitalloc" in r.stdout
+    for cmd in COMMANDS:
+        assert cmd in r.stdout

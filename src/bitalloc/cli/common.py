@@ -1,0 +1,165 @@
+"""Helpers shared by the commands: model and text loading, option validation, measurement, fingerprints.
+
+Heavy imports (torch, transformers, the pipeline) happen inside the functions, so ``--help`` and option
+errors stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import InputError
+
+DEFAULT_FORMATS = (
+    "int2-g32,int2-g64,int2-g128,int3-g32,int3-g64,int3-g128,int4-g32,int4-g64,int4-g128,"
+    "int5-g64,int5-g128,int6-g128,int8-g128,fp16"
+)
+DEMO_FORMATS = "int2-g64,int3-g64,int3-g128,int4-g64,int4-g128,int8-g128"
+DEMO_BUDGETS = "3.5bpw,4.5bpw"
+MODEL_HELP = "model: a Hugging Face directory (safetensors) or a .gguf file (default: the packaged SmolLM2-135M-Instruct)"
+
+
+# ------------------------------------------------------------------------------------- loading
+def _load_model(source: str | None) -> tuple[Any, Any]:
+    from ..models.sources import default_model_path, load_model
+
+    # weights in a memory-mapped spill file, resident one block at a time (values identical to a whole load)
+    return load_model(source if source else default_model_path(), low_memory=True)
+
+
+def _texts(paths: Sequence[str] | None, default: Callable[[], list[Path]]) -> list[Path]:
+    return [Path(p) for p in paths] if paths else default()
+
+
+def _windows(tokenizer: Any, paths: Sequence[Path], n: int, ctx: int) -> Any:
+    from ..data import read_texts, token_windows
+
+    if tokenizer is None:
+        raise InputError("the model has no tokenizer, so text cannot be tokenized")
+    return token_windows(tokenizer, read_texts(paths), ctx, n)
+
+
+def _calib(args: argparse.Namespace, tokenizer: Any) -> Any:
+    from ..data import default_calibration_files
+
+    files = _texts(args.calib, default_calibration_files)
+    return files, _windows(tokenizer, files, args.windows, args.ctx)
+
+
+# ---------------------------------------------------------------------------------- validation
+def _formats(text: str) -> list[str]:
+    from ..formats import get_format
+
+    ids = [f.strip() for f in text.split(",") if f.strip()]
+    if not ids:
+        raise InputError("--formats is empty")
+    return [get_format(f).id for f in ids]
+
+
+def _budgets(text: str) -> list[str]:
+    from ..budget import Budget
+
+    out = [b.strip() for b in text.split(",") if b.strip()]
+    if not out:
+        raise InputError("--budgets is empty")
+    for b in out:
+        Budget.parse(b)
+    return out
+
+
+def _constraints(name: str | None, view: Any) -> Any:
+    from ..budget import Constraints
+    from ..pipeline import fused_constraints
+
+    if name in (None, "none"):
+        return Constraints()
+    return fused_constraints(view)
+
+
+def _check_out(path: str, overwrite: bool) -> Path:
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise InputError(f"output {p} already exists (use --overwrite to replace it)")
+    return p
+
+
+def _job_dir(args: argparse.Namespace, out: Path, existing: Sequence[str] | None = None) -> Path:
+    """The job directory of a resumable command (``--job``, default ``OUT.job``).
+
+    Refuses an existing output unless ``--overwrite`` is given or a job directory is there to resume;
+    ``existing`` names the outputs already in a results directory (default: ``out`` itself, if it exists).
+    """
+    from ..resume import default_job_dir
+
+    job_dir = Path(args.job) if args.job else default_job_dir(out)
+    if args.overwrite or job_dir.exists():
+        return job_dir
+    if existing is None and out.exists():
+        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
+    if existing:
+        raise InputError(f"output {out} already holds {', '.join(existing)} (use --overwrite to replace it)")
+    return job_dir
+
+
+def _precheck(args: argparse.Namespace) -> None:
+    """Fail on malformed options and missing files before the (slow) model load."""
+    from ..budget import Budget
+    from ..data import expand_paths
+    from ..formats import get_format
+
+    for attr in ("calib", "eval", "text"):
+        if getattr(args, attr, None):
+            expand_paths(getattr(args, attr))
+    if getattr(args, "budget", None):
+        Budget.parse(args.budget)
+    if getattr(args, "budgets", None):
+        _budgets(args.budgets)
+    if getattr(args, "format", None):
+        get_format(args.format)
+    if getattr(args, "formats", None):
+        _formats(args.formats)
+    for attr in ("windows", "eval_windows", "fisher_windows"):
+        v = getattr(args, attr, None)
+        if v is not None and v < 1:
+            raise InputError(f"--{attr.replace('_', '-')} must be at least 1, got {v}")
+    if getattr(args, "ctx", 512) < 4:
+        raise InputError(f"--ctx must be at least 4, got {args.ctx}")
+    for attr in ("measurement", "plan", "table"):
+        v = getattr(args, attr, None)
+        if v and not Path(v).is_file():
+            raise InputError(f"file not found: {v}")
+
+
+# ------------------------------------------------------------------------- measurement, fingerprints
+def _measure(args: argparse.Namespace, model: Any, view: Any, calib: Any, checkpoints: Any = None) -> Any:
+    """The measurement table; ``checkpoints`` (a :class:`bitalloc.resume.MeasureCheckpoints`) resumes it."""
+    from ..pipeline import measure_model
+
+    fisher_w = calib[: args.fisher_windows] if args.fisher else None
+    resume = checkpoints.kwargs() if checkpoints is not None else {}
+    return measure_model(model, view, calib, _formats(args.formats), args.method, args.fisher,
+                         progress=not args.quiet, fisher_windows=fisher_w, **resume)
+
+
+def _measure_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option that changes a measurement table."""
+    return {"formats": ",".join(_formats(args.formats)), "method": args.method, "fisher": bool(args.fisher),
+            "fisher_windows": args.fisher_windows, "windows": args.windows, "ctx": args.ctx}
+
+
+def _inputs_fingerprint(model_arg: str | None, calib: Sequence[str] | None, options: dict[str, Any]) -> dict[str, Any]:
+    """A job fingerprint: digests of the model files and of the calibration text, and the options."""
+    from ..data import default_calibration_files, expand_paths
+    from ..models.sources import default_model_path
+    from ..resume import model_digests, text_digest
+
+    model = Path(model_arg) if model_arg else default_model_path()
+    files = expand_paths(_texts(calib, default_calibration_files))
+    return {"version": 1, "model": model_digests(model), "calibration": text_digest(files), "options": options}
+
+
+def _digest_or_none(path: str | None) -> str | None:
+    from ..io.atomic import file_digest
+
+    return file_digest(path) if path else None

@@ -1,0 +1,84 @@
+"""``bitalloc measure`` (the measurement table) and ``bitalloc plan`` (one budget's allocation)."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .common import (
+    DEFAULT_FORMATS, _calib, _check_out, _formats, _inputs_fingerprint, _job_dir, _load_model, _measure,
+    _measure_options,
+)
+from .options import add_calib, add_common, add_constraints, add_job, add_measure_opts, add_model, add_out
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from ..models.view import ModelView
+    from ..resume import run_measure_job
+
+    out = Path(args.out)
+    fmts = _formats(args.formats)  # fail on a bad id before loading anything
+    job_dir = _job_dir(args, out)
+    t0 = time.perf_counter()
+
+    def measure(model: Any, tok: Any, checkpoints: Any) -> Any:
+        return _measure(args, model, ModelView(model), _calib(args, tok)[1], checkpoints)
+
+    m = run_measure_job(out, job_dir, _inputs_fingerprint(args.model, args.calib, _measure_options(args)),
+                        lambda: _load_model(args.model), measure, keep_job=args.keep_job, overwrite=args.overwrite)
+    print(f"measured {len(m.tensors)} tensors x {len(fmts)} formats in {time.perf_counter() - t0:.0f} s -> {out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ..budget import Constraints
+    from ..measure import Measurement
+    from ..pipeline import make_plan
+
+    out = _check_out(args.out, args.overwrite)
+    m = Measurement.load(args.table)
+    cons = Constraints()
+    if args.constraints == "fused":
+        groups = _fused_from_names([t.name for t in m.tensors])
+        cons = Constraints(tie_groups=groups)
+    p = make_plan(m, args.budget, cons, args.objective)
+    p.save(out)
+    print(p.summary())
+    print(f"-> {out}")
+    return 0
+
+
+def _fused_from_names(names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
+    """q/k/v and gate/up of each block, found by name (the table holds no module structure)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for n in names:
+        for kind, members in (("qkv", ("q_proj", "k_proj", "v_proj")), ("gu", ("gate_proj", "up_proj"))):
+            for mem in members:
+                if n.endswith(f".{mem}.weight"):
+                    groups.setdefault((n[: -len(f"{mem}.weight")], kind), []).append(n)
+    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``measure`` and ``plan`` on the subcommand set ``sub``."""
+    p = sub.add_parser("measure", help="measure every tensor x candidate format (bytes, predicted error)",
+                       description="Calibrate on text and write the measurement table (JSON) used by every budget.")
+    add_model(p)
+    add_calib(p, 32)
+    add_measure_opts(p, DEFAULT_FORMATS, "gptq", 8)
+    add_out(p, "output table (JSON)", "replace an existing output")
+    add_job(p)
+    add_common(p)
+    p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("plan", help="allocate formats under a budget from a measurement table",
+                       description="Solve the exact allocation (ILP) for one budget and write an editable plan.")
+    p.add_argument("table", metavar="TABLE", help="measurement table from `bitalloc measure`")
+    p.add_argument("--budget", required=True, help="e.g. 3.5bpw, 120MB, 1.2GiB, 88201792B")
+    add_constraints(p)
+    p.add_argument("--objective", choices=("fisher", "output"), default=None,
+                   help="error to minimise (default: fisher when the table has it)")
+    add_out(p, "output plan (JSON)", "replace an existing output")
+    add_common(p)
+    p.set_defaults(func=cmd_plan)

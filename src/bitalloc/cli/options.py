@@ -1,0 +1,65 @@
+"""Option blocks shared by the subcommands: one helper per repeated block, so help texts and defaults agree."""
+from __future__ import annotations
+
+import argparse
+
+from .common import MODEL_HELP
+
+EVAL_TEXT_HELP = "evaluation text (default: Hamlet and Macbeth)"
+FUSED_HELP = "fused: q/k/v and gate/up of each block share one format"
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    """The optional positional MODEL (default: the packaged SmolLM2)."""
+    p.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
+
+
+def add_ctx(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+
+
+def add_calib(p: argparse.ArgumentParser, windows: int, required: bool = False) -> None:
+    """``--calib``, ``--windows`` (default ``windows``) and ``--ctx``."""
+    p.add_argument("--calib", nargs="+", metavar="TEXT", required=required,
+                   help="calibration text files or directories of .txt (default: Shakespeare comedies)")
+    p.add_argument("--windows", type=int, default=windows, metavar="N",
+                   help=f"calibration windows of --ctx tokens (default {windows})")
+    add_ctx(p)
+
+
+def add_measure_opts(p: argparse.ArgumentParser, formats: str, method: str, fisher_windows: int) -> None:
+    """``--formats``, ``--method``, ``--no-fisher`` and ``--fisher-windows``."""
+    p.add_argument("--formats", default=formats, metavar="F,F,...",
+                   help=f"candidate formats, comma-separated (default {formats})")
+    p.add_argument("--method", choices=("gptq", "rtn"), default=method,
+                   help=f"rounding method for measuring errors and quantizing (default {method})")
+    p.add_argument("--no-fisher", dest="fisher", action="store_false",
+                   help="skip the gradient pass: allocate by layer-output error instead of Fisher-weighted error")
+    p.add_argument("--fisher-windows", type=int, default=fisher_windows, metavar="N",
+                   help=f"windows used by the Fisher (gradient) pass (default {fisher_windows})")
+
+
+def add_constraints(p: argparse.ArgumentParser, show_default: bool = True) -> None:
+    """``--constraints none|fused`` (default none)."""
+    p.add_argument("--constraints", choices=("none", "fused"), default="none",
+                   help=FUSED_HELP + (" (default none)" if show_default else ""))
+
+
+def add_out(p: argparse.ArgumentParser, help: str, overwrite_help: str, *, required: bool = True,
+            default: str | None = None) -> None:
+    """``--out`` and ``--overwrite``."""
+    p.add_argument("--out", default=default, required=required, help=help)
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
+def add_job(p: argparse.ArgumentParser) -> None:
+    """``--job`` and ``--keep-job`` of the resumable commands."""
+    p.add_argument("--job", metavar="DIR", help="job directory for checkpoints (default OUT.job); rerunning the "
+                   "same command after an interruption continues from the last checkpoint")
+    p.add_argument("--keep-job", action="store_true", help="keep the job directory after success")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """``-q/--quiet`` and ``-v/--verbose``."""
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")

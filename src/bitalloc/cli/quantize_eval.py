@@ -1,0 +1,116 @@
+"""``bitalloc quantize`` (a verified packed directory) and ``bitalloc eval`` (its quality vs the reference)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .common import (
+    DEFAULT_FORMATS, MODEL_HELP, _calib, _constraints, _digest_or_none, _inputs_fingerprint, _job_dir,
+    _load_model, _measure, _measure_options, _texts, _windows,
+)
+from .options import (
+    EVAL_TEXT_HELP, add_calib, add_common, add_constraints, add_ctx, add_job, add_measure_opts, add_model, add_out,
+)
+
+
+def _quantize_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that changes the output of ``quantize``: model and text digests, and the options."""
+    options = {
+        **_measure_options(args), "budget": args.budget, "format": args.format, "constraints": args.constraints,
+        "measurement": _digest_or_none(args.measurement), "plan": _digest_or_none(args.plan),
+    }
+    return _inputs_fingerprint(args.model, args.calib, options)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from ..measure import Measurement
+    from ..pipeline import check_measurement, make_plan, plan_for_assignments
+    from ..plan import Plan
+    from ..quantize import uniform_assignments
+    from ..resume import QuantizeSteps, run_quantize_job
+
+    out = Path(args.out)
+    if args.plan and not args.measurement:
+        raise InputError("--plan needs --measurement (the plan is re-validated against its table)")
+    given = Measurement.load(args.measurement) if args.measurement else None
+    job_dir = _job_dir(args, out)
+
+    def plan_of(measurement: Any, model: Any, view: Any) -> Any:
+        if args.format:
+            return plan_for_assignments(view, uniform_assignments(model, args.format, view), f"uniform {args.format}")
+        check_measurement(measurement, model)
+        if args.plan:
+            return Plan.load(args.plan, measurement)
+        return make_plan(measurement, args.budget, _constraints(args.constraints, view))
+
+    def measure_of(model: Any, view: Any, calib: Any, checkpoints: Any) -> Any:
+        return given if given is not None else _measure(args, model, view, calib, checkpoints)
+
+    steps = QuantizeSteps(
+        load=lambda: _load_model(args.model),
+        calibration=lambda tok: _calib(args, tok)[1],
+        measure=None if args.format else measure_of,
+        plan=plan_of,
+        method=args.method,
+        progress=not args.quiet,
+    )
+    info = run_quantize_job(out, job_dir, _quantize_fingerprint(args), steps, keep_job=args.keep_job,
+                            overwrite=args.overwrite, report=lambda p: print(p.summary()))
+    print(f"wrote {out}: {info['bytes']} B ({info['bytes'] / 2**20:.2f} MiB, {info['bpw']:.4f} bpw), verified")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..api import load
+    from ..data import default_eval_files
+    from ..evaluate import evaluate
+    from ..export.packed import read_packed
+
+    info, _ = read_packed(args.dir)
+    cand = load(args.dir)
+    ref, tok = _load_model(args.reference)
+    files = _texts(args.text, default_eval_files)
+    windows = _windows(tok, files, args.windows, args.ctx)
+    r = evaluate(cand, ref, windows, progress=not args.quiet)
+    res = {**r.to_dict(), "bytes": info["bytes"], "bpw": info["bpw"]}
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(f"ppl {r.ppl:.4f} (reference {r.ref_ppl:.4f})  kld {r.kld:.6f}  top1 {r.top1:.4f}  "
+              f"{info['bytes']} B ({info['bpw']:.4f} bpw)  over {r.ntokens} tokens")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``quantize`` and ``eval`` on the subcommand set ``sub``."""
+    p = sub.add_parser("quantize", help="quantize a model under a budget (or uniformly) and save it",
+                       description="Measure (or reuse --measurement), allocate (or reuse --plan), quantize "
+                       "sequentially block by block and write a verified packed directory that bitalloc.load() reads.")
+    add_model(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--budget", help="byte budget over all weights: 3.5bpw, 120MB, 1.2GiB, 88201792B")
+    g.add_argument("--format", metavar="FMT", help="uniform baseline: every allocated tensor in FMT (e.g. int4-g128)")
+    add_calib(p, 32)
+    add_measure_opts(p, DEFAULT_FORMATS, "gptq", 8)
+    p.add_argument("--measurement", metavar="TABLE", help="reuse a measurement table instead of measuring")
+    p.add_argument("--plan", metavar="PLAN", help="use this (possibly edited) plan; needs --measurement")
+    add_constraints(p)
+    add_out(p, "output directory (must not exist)", "replace an existing output directory")
+    add_job(p)
+    add_common(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity, KLD and top-1 agreement of a quantized model vs its reference",
+                       description="Evaluate a packed directory against the fp reference on held-out text "
+                       "(context windows scored on their second half, as llama.cpp's perplexity tool does).")
+    p.add_argument("dir", metavar="DIR", help="packed directory from `bitalloc quantize`")
+    p.add_argument("--reference", metavar="MODEL", help=MODEL_HELP.replace("model:", "reference model:"))
+    p.add_argument("--text", nargs="+", metavar="TEXT", help=EVAL_TEXT_HELP)
+    p.add_argument("--windows", type=int, default=32, metavar="N", help="evaluation windows (default 32)")
+    add_ctx(p)
+    p.add_argument("--json", action="store_true", help="print JSON: ppl, ref_ppl, kld, top1, ntokens, bytes, bpw")
+    add_common(p)
+    p.set_defaults(func=cmd_eval)

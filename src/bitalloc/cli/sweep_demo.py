@@ -1,0 +1,102 @@
+"""``bitalloc sweep`` (many budgets from one measurement) and ``bitalloc demo`` (the same, preset for SmolLM2)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    DEFAULT_FORMATS, DEMO_BUDGETS, DEMO_FORMATS, _budgets, _calib, _constraints, _formats, _inputs_fingerprint,
+    _job_dir, _load_model, _measure, _measure_options, _texts, _windows,
+)
+from .options import (
+    EVAL_TEXT_HELP, add_calib, add_common, add_constraints, add_job, add_measure_opts, add_model, add_out,
+)
+
+DEMO_TITLE = "SmolLM2-135M-Instruct: allocated vs uniform (demo)"
+
+
+def _sweep_fingerprint(args: argparse.Namespace, title: str) -> dict[str, Any]:
+    """Everything that changes the outputs of ``sweep`` / ``demo``: model, calibration and evaluation text
+    digests, and the options (the title is drawn in the PNG)."""
+    from ..data import default_eval_files, expand_paths
+    from ..resume import text_digest
+
+    options = {
+        **_measure_options(args), "budgets": ",".join(_budgets(args.budgets)), "eval_windows": args.eval_windows,
+        "uniform": ",".join(_formats(args.uniform)) if args.uniform else None, "constraints": args.constraints,
+        "uniform_candidates": 2, "title": title,
+    }
+    fp = _inputs_fingerprint(args.model, args.calib, options)
+    fp["evaluation"] = text_digest(expand_paths(_texts(args.eval, default_eval_files)))
+    return fp
+
+
+def _run_sweep(args: argparse.Namespace, title: str) -> int:
+    from ..data import check_disjoint, default_calibration_files, default_eval_files
+    from ..sweep import format_table
+    from ..sweep_job import OUTPUTS, SweepSteps, run_sweep_job
+
+    budgets = _budgets(args.budgets)
+    formats = _formats(args.formats)
+    uniform = tuple(_formats(args.uniform)) if args.uniform else None
+    out = Path(args.out)
+    eval_files = _texts(args.eval, default_eval_files)
+    check_disjoint(_texts(args.calib, default_calibration_files), eval_files)  # before the (slow) model load
+    job_dir = _job_dir(args, out, existing=[n for n in OUTPUTS if (out / n).exists()])
+    steps = SweepSteps(
+        load=lambda: _load_model(args.model),
+        load_reference=lambda: _load_model(args.model)[0],
+        calibration=lambda tok: _calib(args, tok)[1],
+        evaluation=lambda tok: _windows(tok, eval_files, args.eval_windows, args.ctx),
+        measure=lambda model, view, calib, ckpt: _measure(args, model, view, calib, ckpt),
+        constraints=lambda view: _constraints(args.constraints, view),
+        budgets=tuple(budgets), method=args.method, title=title, uniform=uniform,
+        extra=(("ctx", args.ctx), ("formats", formats)), progress=not args.quiet,
+    )
+    res = run_sweep_job(out, job_dir, _sweep_fingerprint(args, title), steps, keep_job=args.keep_job,
+                        overwrite=args.overwrite)
+    print(format_table(res.points))
+    print(f"measurement {res.measure_seconds:.0f} s; results: {', '.join(str(p) for p in res.paths)}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    return _run_sweep(args, f"bitalloc sweep ({args.method})")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _run_sweep(args, DEMO_TITLE)
+
+
+def _add_sweep_rest(p: argparse.ArgumentParser, windows: int, formats: str, method: str, eval_windows: int,
+                    out_default: str | None) -> None:
+    """Every sweep/demo option after MODEL and --budgets."""
+    add_calib(p, windows)
+    add_measure_opts(p, formats, method, 4)
+    p.add_argument("--eval", nargs="+", metavar="TEXT", help=EVAL_TEXT_HELP)
+    p.add_argument("--eval-windows", type=int, default=eval_windows, metavar="N", help="evaluation windows")
+    p.add_argument("--uniform", metavar="F,F,...",
+                   help="fixed uniform baselines (default: the best uniform format that fits each budget)")
+    add_constraints(p, show_default=False)
+    add_out(p, "output directory for measurement.json, sweep.json, sweep.png",
+            "replace existing results in the output directory", required=out_default is None, default=out_default)
+    add_job(p)
+    add_common(p)
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``sweep`` and ``demo`` on the subcommand set ``sub``."""
+    help_ = "many budgets from one measurement: table + PNG of size vs KLD"
+    p = sub.add_parser("sweep", help=help_, description=help_ + "; uniform baselines are on the same axes.")
+    add_model(p)
+    p.add_argument("--budgets", required=True, help="comma-separated budgets, e.g. 2.5bpw,3bpw,4bpw")
+    _add_sweep_rest(p, 32, DEFAULT_FORMATS, "gptq", 16, None)
+    p.set_defaults(func=cmd_sweep)
+
+    help_ = "the packaged SmolLM2 at several budgets vs uniform (no arguments needed)"
+    p = sub.add_parser("demo", help=help_, description=help_ + "; uniform baselines are on the same axes.")
+    p.set_defaults(model=None)
+    p.add_argument("--budgets", default=DEMO_BUDGETS, help=f"comma-separated budgets (default {DEMO_BUDGETS})")
+    _add_sweep_rest(p, 16, DEMO_FORMATS, "rtn", 8, "bitalloc-demo")
+    p.set_defaults(func=cmd_demo)
