@@ -290,3 +290,61 @@ def test_decodes_llama_quantize_model(tmp_path) -> None:
             np.testing.assert_array_equal(_bits(ours), _bits(gq.dequantize(raw, fmt.gguf_type)))
             seen += 1
         assert seen >= 7, (fid, seen)
+
+
+@pytest.mark.parametrize("codebook", ["int4", "int8sym", "iq4_nl", "irregular"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_grid_error_matches_decoding(codebook: str, weighted: bool) -> None:
+    """The code-unit error kernel of the scale search equals decoding the nearest levels and summing."""
+    from bitalloc.formats.gguf_common import grid_error, level_values, nearest_fn
+    from bitalloc.formats.gguf_legacy import IQ4NL_VALUES
+
+    levels = {"int4": torch.arange(16.0), "int8sym": torch.arange(-128.0, 128.0),
+              "iq4_nl": torch.tensor(IQ4NL_VALUES, dtype=torch.float32),
+              "irregular": torch.tensor([-3.0, -1.3, 0.0, 0.4, 2.9])}[codebook]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 1, 32, generator=g).double().float()
+    s = torch.rand(64, 5, generator=g) * 0.3 + 0.01
+    s[:, 1] *= -1  # negative scales (signed symmetric extremes)
+    s[3] = 0.0  # zero scales: every value decodes to the offset
+    o = torch.randn(64, 5, generator=g) * 0.1
+    wt = torch.rand(64, 1, 32, generator=g) if weighted else None
+    near = nearest_fn(levels)
+    u = torch.randn(4, 9, generator=g) * 40
+    u0 = u.clone()
+    v = near(u)
+    assert torch.equal(u, u0)  # the argument is kept
+    ref_near = levels[(u0.unsqueeze(-1) - levels).abs().argmin(-1)]
+    assert ((v - u0).abs() <= (ref_near - u0).abs() + 1e-4).all()  # the nearest level (ties either way)
+    assert ((v >= levels[0]) & (v <= levels[-1])).all() and torch.isin(v, levels).all()
+    q = level_values(x, s, o, near)
+    assert torch.equal(q[3], near(torch.zeros(5, 32)))  # zero scale -> the level nearest 0
+    r = (q * s.unsqueeze(-1) + o.unsqueeze(-1) - x) ** 2
+    ref = (r if wt is None else r * wt).sum(-1)
+    got = grid_error(x, wt, s, o, near)
+    torch.testing.assert_close(got, ref, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(got[3], ((o[3].unsqueeze(-1) - x[3]) ** 2 * (1 if wt is None else wt[3])).sum(-1))
+
+
+@pytest.mark.parametrize("fid", GGUF_TYPES)
+def test_fit_of_row_blocks_is_identical(fid: str) -> None:
+    """quantize_chunks relies on it: fitting row blocks (odd sizes) gives exactly the whole tensor's grid."""
+    fmt = get_format(fid)
+    w = _weights(rows=37, cols=512, seed=11, laplace=True)
+    imp = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(12)) ** 2
+    whole = fmt.fit(w, imp)
+    for step in (1, 7, 13):
+        parts = [fmt.fit(w[a:a + step], imp) for a in range(0, w.shape[0], step)]
+        assert torch.equal(torch.cat([p.scale for p in parts]), whole.scale)
+        assert torch.equal(torch.cat([p.offset for p in parts]), whole.offset)
+
+
+def test_rowsum_does_not_depend_on_the_row_position() -> None:
+    """The search's reductions round every row alike however the rows are blocked (no BLAS tail paths)."""
+    from bitalloc.formats.gguf_common import rowsum
+
+    t = torch.randn(1000, 32, generator=torch.Generator().manual_seed(5))
+    whole = rowsum(t)
+    torch.testing.assert_close(whole, t.double().sum(-1).float())
+    for step in (1, 7, 13):
+        assert torch.equal(torch.cat([rowsum(t[a:a + step]) for a in range(0, t.shape[0], step)]), whole)

@@ -19,7 +19,7 @@ integer sub-scales and super-scales are in ``grid.extra`` (``d``, ``dmin``: (row
 ``sc``, ``m``: (rows, cols/sub) int64).
 
 Fitting: (1) a continuous importance-weighted scale/min search per sub-block
-(:func:`bitalloc.rounding.rtn.search_affine`); (2) a search over the fp16 super-scale(s) minimising the
+(:func:`.gguf_common.search_grid`); (2) a search over the fp16 super-scale(s) minimising the
 weighted error of rounding the sub-scales to integers; (3) alternating refinement: every sub-block tries the
 neighbouring integer sub-scales (and mins) against the true weighted error, then ``d`` (and ``dmin``) are
 refitted by least squares given the integers and codes; a step is kept only where it lowers the error.

@@ -18,9 +18,9 @@ little-endian uint32 whose bit ``j`` is bit 4 of element ``j``.  The Grid has on
 ``scale = d`` and ``offset = m`` (0 for the symmetric types) exactly as stored; the code is the stored
 unsigned value (Q8_0: the int8 plus 128), so every stored byte pattern is a Grid code and back.
 
-The scales are chosen by :func:`bitalloc.rounding.rtn.search_affine` (importance-weighted clip search with
+The scales are chosen by :func:`.gguf_common.search_grid` (importance-weighted clip search with
 least-squares refits, errors compared after fp16 rounding) and then polished by coordinate descent over
-fp16 neighbours (:func:`polish_fp16`), which is never worse than the search result.
+fp16 neighbours (:func:`.gguf_common.polish_grid`), which is never worse than the search result.
 """
 from __future__ import annotations
 
