@@ -132,3 +132,15 @@ def test_nan_in_weights_is_reported_with_the_tensor_name(llama_model, windows):
         llama_model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(NumericsError, match="model.layers.1.mlp.down_proj"):
         list(stream_blocks(llama_model, None, windows, progress=False))
+
+
+def test_collect_with_advance_equals_advance_and_leaves_old_states_alone(tiny_model, windows):
+    a = BlockRunner(tiny_model, windows, batch_size=3)
+    b = BlockRunner(tiny_model, windows, batch_size=3)
+    while not a.done:
+        old = a.hidden
+        kept = old.clone()
+        a.collect(advance=True)
+        b.advance()
+        assert torch.equal(a.hidden, b.hidden) and a.block == b.block
+        assert torch.equal(old, kept)  # a consumer holding the previous states (resume) still sees them

@@ -176,3 +176,21 @@ def test_measurement_load_errors(tmp_path):
         Measurement.load(p)
     with pytest.raises(InputError, match="numel"):
         TensorInfo("x", (2, 3), 5)
+
+
+def test_measure_tensor_releases_each_row_block_after_use_and_changes_nothing():
+    """``release(rows)`` is called after every block of rows is read (finite check and each format), and
+    the table is the one without it."""
+    g = torch.Generator().manual_seed(5)
+    V, D = 75, 64
+    w = torch.randn(V, D, generator=g)
+    freq = torch.rand(V, generator=g)
+    st = TensorStats((LookupStats(freq / freq.sum(), 9, torch.rand(D, generator=g)),
+                      LinearStats(_spd(D, g), 9, torch.rand(V, generator=g))))
+    fmts = ["int4-g32", "fp16"]
+    plain = measure_tensor("emb", w, st, fmts, max_elems=16 * D)
+    released: list[slice] = []
+    got = measure_tensor("emb", w, st, fmts, max_elems=16 * D, release=released.append)
+    assert got == plain
+    blocks = [slice(a, min(a + 16, V)) for a in range(0, V, 16)]
+    assert released == blocks * (1 + len(fmts))  # the finite check, then every format

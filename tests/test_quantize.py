@@ -84,3 +84,30 @@ def test_row_chunked_quantization_is_byte_identical(monkeypatch, request, window
             assert torch.equal(c.parts[k], t), (name, k)
     for (n, a), (_, b) in zip(tiny_model.named_parameters(), other.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_spilled_model_quantizes_identically_one_row_block_resident(monkeypatch, tmp_path, windows):
+    """A low-memory (spilled) model gives the same bytes; each row block of a big tensor is released."""
+    import bitalloc.quantize as qz
+    import bitalloc.rounding as rounding
+    from bitalloc.models.sources import load_model
+    from tests.conftest import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    ref, _ = load_model(tmp_path / "m")
+    low, _ = load_model(tmp_path / "m", low_memory=True, spill_dir=tmp_path)
+    plan = uniform_assignments(ref, "int4-g32")
+    monkeypatch.setattr(rounding, "ROW_CHUNK_ELEMS", 64 * 64)
+    whole = quantize_model(ref, None, plan, windows, "gptq", progress=False)
+    released: list[tuple[str, slice]] = []
+    real = qz.release_rows
+    monkeypatch.setattr(qz, "release_rows", lambda m, n, rows: released.append((n, rows)) or real(m, n, rows))
+    low_q = quantize_model(low, None, plan, windows, "gptq", progress=False)
+    for name, q in whole.items():
+        for k, t in q.parts.items():
+            assert torch.equal(low_q[name].parts[k], t), (name, k)
+    emb = ref.get_parameter("model.embed_tokens.weight")
+    want = [slice(a, min(a + 64, emb.shape[0])) for a in range(0, emb.shape[0], 64)]
+    assert [r for n, r in released if n == "model.embed_tokens.weight"] == want
+    for (n, a), (_, b) in zip(ref.named_parameters(), low.named_parameters()):
+        assert torch.equal(a, b), n

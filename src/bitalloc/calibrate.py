@@ -119,7 +119,8 @@ class BlockRunner:
             return hook
 
         hs = [lay.linear(i, lay.spec.groups[g][0]).register_forward_pre_hook(pre(g)) for g in gidx]
-        outs: list[torch.Tensor] = []
+        # outputs go straight into one new tensor (a list + torch.cat would hold them twice)
+        nxt = torch.empty_like(self.hidden) if advance else None
         try:
             with torch.no_grad():
                 for sl in self.batches:
@@ -127,17 +128,18 @@ class BlockRunner:
                     x = self.hidden[sl]
                     try:
                         y = self._forward(i, x)
-                        if advance:
+                        if nxt is not None:
                             require_finite(y, f"the output of block {i}")
-                            outs.append(y)
+                            nxt[sl] = y
+                        del y
                     except StopForward:
                         pass
                     count += x.shape[0] * x.shape[1]
         finally:
             for h in hs:
                 h.remove()
-        if advance:
-            self.hidden = torch.cat(outs)
+        if nxt is not None:
+            self.hidden = nxt
             self.block += 1
         release_free_memory()
         result: dict[str, torch.Tensor] = {}
@@ -153,9 +155,12 @@ class BlockRunner:
 
     def advance(self) -> None:
         """Run the current block on every window and move to the next block."""
+        nxt = torch.empty_like(self.hidden)
         with torch.no_grad():
-            self.hidden = torch.cat([self._forward(self.block, self.hidden[sl]) for sl in self.batches])
-        require_finite(self.hidden, f"the output of block {self.block}")
+            for sl in self.batches:
+                nxt[sl] = self._forward(self.block, self.hidden[sl])
+        require_finite(nxt, f"the output of block {self.block}")
+        self.hidden = nxt
         self.block += 1
         release_free_memory()
 

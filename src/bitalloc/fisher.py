@@ -24,7 +24,7 @@ FisherStats = dict[tuple[str, str], torch.Tensor]
 """``(tensor name, role) -> E[g²]``; role is ``"linear"`` (per output channel) or ``"lookup"`` (per hidden)."""
 
 #: positions whose (positions x vocab) logits exist at once in the Fisher head pass
-HEAD_CHUNK = 128
+HEAD_CHUNK = 32
 
 
 def fisher_pass(

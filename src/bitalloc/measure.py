@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ from .stats import LinearStats, LookupStats, TensorStats
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_CHUNK_ELEMS = 1 << 22  # rows of ΔW·H computed at once: ~32 MiB of float64
+_CHUNK_ELEMS = 1 << 20  # rows of ΔW·H computed at once: ~8 MiB of float64
 
 
 @dataclass(frozen=True)
@@ -312,6 +312,7 @@ def measure_tensor(
     method: str = "gptq",
     *,
     max_elems: int | None = ROW_CHUNK_ELEMS,
+    release: Callable[[slice], None] | None = None,
 ) -> list[MeasureRow]:
     """Quantize ``w`` into every format that supports its shape and measure the resulting errors.
 
@@ -321,13 +322,17 @@ def measure_tensor(
     Bounded memory: a tensor of more than ``max_elems`` elements is quantized and measured in blocks of rows
     (:func:`bitalloc.rounding.quantize_chunks`).  Every format quantizes rows independently and both errors
     are sums over rows (per-row ``grad_sq`` / ``token_freq`` sliced with the block, the Hessian shared), so
-    the table equals the unchunked one up to float64 summation order.
+    the table equals the unchunked one up to float64 summation order.  ``release(rows)``, when given, is
+    called after each block of rows was read (a spilled weight drops those pages: only one block of a big
+    tensor is then resident at a time).
     """
+    drop = release if release is not None else (lambda _rows: None)
     shape = tuple(w.shape)
     nrows = int(shape[0]) if shape else 1
     for sl in row_chunks(nrows, math.prod(shape[1:]), max_elems) if w.dim() == 2 else [slice(None)]:
         if not torch.isfinite(w[sl]).all():
             raise NumericsError(f"weight {name!r} contains NaN or Inf")
+        drop(sl)
     if w.dim() == 2:
         _check_rows(stats, nrows)
     rows: list[MeasureRow] = []
@@ -348,6 +353,7 @@ def measure_tensor(
             fe = fisher_error(dw, part)
             fi_err = None if fe is None or fi_err is None else fi_err + fe
             del q, w32, dw
+            drop(sl)
             release_free_memory()
         rows.append(MeasureRow(name, fmt.id, int(fmt.nbytes(shape)), out_err, fi_err))
     return rows

@@ -8,6 +8,7 @@ the uniform format that fits a budget with the least predicted error.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .io.atomic import tensor_digest
 from .measure import Measurement, MeasureRow, TensorInfo, measure_tensor
 from .plan import Plan, PlanEntry
 from .models.view import ModelView
-from .models.spill import release_parameter
+from .models.spill import release_parameter, release_rows
 from .quantize import view_of
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ def measure_model(
         current.clear()
         for name, stats in block.items():
             w = model.get_parameter(name).detach()
-            got = measure_tensor(name, w, stats, fmts, method)
+            got = measure_tensor(name, w, stats, fmts, method,
+                                 release=functools.partial(release_rows, model, name))
             if not got:
                 raise InputError(f"none of the formats {fmts} can store {name} of shape {tuple(w.shape)}")
             current.extend(got)

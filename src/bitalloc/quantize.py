@@ -25,6 +25,7 @@ from .layout import layout_of
 from .memory import release_free_memory
 from .errors import InputError
 from .formats import QTensor, get_format
+from .models.spill import release_rows
 from .models.view import ModelView, fixed_format
 from . import rounding
 from .rounding import Method, dequantize, quantize_chunks
@@ -98,6 +99,7 @@ def _quantize_one(
     for rows, q in quantize_chunks(p.detach(), fmt, hessian=hessian, method=method, max_elems=chunk):
         with torch.no_grad():
             p[rows] = dequantize(q).reshape(p[rows].shape).to(p.dtype)
+        release_rows(model, name, rows)  # a spilled weight keeps one block of rows resident (no-op otherwise)
         parts.append(q)
         release_free_memory()
     return parts[0] if len(parts) == 1 else fmt.concat_rows(parts)

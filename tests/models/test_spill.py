@@ -210,3 +210,22 @@ def test_smollm2_gguf_low_memory_identical_logits():
     with torch.no_grad():
         assert torch.equal(whole(input_ids=ids).logits, lazy(input_ids=ids).logits)
     assert model_fingerprint(whole) == model_fingerprint(lazy)
+
+
+def test_release_rows_drops_only_those_rows_and_keeps_data(tmp_path):
+    with torch.device("meta"):
+        model = torch.nn.Embedding(4096, 1024)  # 16 MiB of float32, 4 KiB per row
+    spill = sp.spill_parameters(model, ["weight"], torch.float32, tmp_path)
+    w = model.weight
+    with torch.no_grad():
+        w.copy_(torch.arange(4096, dtype=torch.float32)[:, None].expand(4096, 1024))
+    full = _resident(spill)
+    assert full >= 4096 * 4096
+    sp.release_rows(model, "weight", slice(0, 3072))
+    left = _resident(spill)
+    assert left <= full // 4 + (64 << 10) and left >= 1024 * 4096 - (64 << 10)  # the last quarter stays
+    assert torch.equal(w[:, 0], torch.arange(4096, dtype=torch.float32))  # released rows read back intact
+    plain = torch.nn.Embedding(8, 4)
+    before = plain.weight.detach().clone()
+    sp.release_rows(plain, "weight", slice(0, 8))  # an ordinary parameter: a no-op
+    assert torch.equal(plain.weight, before)

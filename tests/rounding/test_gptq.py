@@ -218,3 +218,13 @@ def test_quantize_weight_gptq_beats_rtn(fmt_id: str) -> None:
     w_gptq, w_rtn = dequantize(q_gptq), dequantize(q_rtn)
     assert bool(torch.isfinite(w_gptq).all())
     assert layer_output_error(w, w_gptq, h) < 0.9 * layer_output_error(w, w_rtn, h)
+
+
+def test_inverse_cholesky_damps_the_diagonal_exactly_like_adding_lambda_identity():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 24, generator=g, dtype=torch.float64)
+    h, _ = prepare_hessian(x.T @ x / 64)
+    u, lam = inverse_cholesky_upper(h, percdamp=0.05)
+    lower = torch.linalg.cholesky(h + lam * torch.eye(24, dtype=torch.float64))
+    want = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    assert torch.equal(u, want)

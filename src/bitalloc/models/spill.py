@@ -151,6 +151,18 @@ def release_parameter(model: nn.Module, name: str) -> None:
         spill.release_tensor(module.get_parameter(name.rpartition(".")[2]))
 
 
+def release_rows(model: nn.Module, name: str, rows: slice) -> None:
+    """Drop the resident pages of rows ``rows`` of the spilled parameter ``name`` (a no-op unless spilled).
+
+    For consumers that read a big tensor in row blocks (measurement, quantization of the embedding), so at
+    most one block of its pages is resident; the next read faults them back from the page cache."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    spill = _spill_of(module)
+    if spill is not None:
+        spill.release_tensor(module.get_parameter(leaf)[rows])
+
+
 def released_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """``model.named_parameters()``, each parameter released once the consumer asks for the next one."""
     owners = {id(p): s for m in model.modules() if (s := _spill_of(m)) is not None
@@ -234,5 +246,5 @@ def spill_parameters(model: nn.Module, names: Iterable[str], dtype: torch.dtype,
 
 __all__ = [
     "PAGE", "SpillFile", "attach", "install_release_hooks", "is_spilled", "release", "release_parameter",
-    "release_targets", "released_parameters", "spill_parameters", "trim_heap",
+    "release_rows", "release_targets", "released_parameters", "spill_parameters", "trim_heap",
 ]

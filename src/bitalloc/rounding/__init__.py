@@ -19,7 +19,7 @@ Method = Literal["rtn", "gptq"]
 
 
 #: Tensors with more elements are quantized (and measured) in blocks of rows of at most this many elements.
-ROW_CHUNK_ELEMS = 1 << 22
+ROW_CHUNK_ELEMS = 1 << 20
 
 
 def row_chunks(rows: int, cols: int, max_elems: int | None = ROW_CHUNK_ELEMS) -> list[slice]:

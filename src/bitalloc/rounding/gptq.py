@@ -41,7 +41,7 @@ def prepare_hessian(hessian: torch.Tensor, dtype: torch.dtype = torch.float64) -
     row/column, so it neither receives nor propagates rounding error.
     """
     h = hessian.to(dtype)
-    h = (h + h.T) * 0.5
+    h = (h + h.T).mul_(0.5)
     dead = torch.diagonal(h) <= 0
     if bool(dead.any()):
         h[dead, :] = 0
@@ -60,9 +60,11 @@ def inverse_cholesky_upper(
     """
     n = h.shape[0]
     lam = max(percdamp * float(torch.diagonal(h).mean()), MIN_DAMP) if n else MIN_DAMP
-    eye = torch.eye(n, dtype=h.dtype)
     for attempt in range(max_damp_tries + 1):
-        u = _try_factor(h + lam * eye)
+        damped = h.clone()
+        damped.diagonal().add_(lam)  # == h + lam·I, without an n x n identity
+        u = _try_factor(damped)
+        del damped
         if u is not None:
             return u, lam
         if attempt < max_damp_tries:
@@ -76,6 +78,7 @@ def _try_factor(h: torch.Tensor) -> torch.Tensor | None:
     if int(info) != 0 or not bool(torch.isfinite(lower).all()):
         return None
     hinv = torch.cholesky_inverse(lower)
+    del lower
     upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
     if int(info) != 0 or not bool(torch.isfinite(upper).all()) or not bool((torch.diagonal(upper) > 0).all()):
         return None
