@@ -1,8 +1,12 @@
-"""A tiny Llama GGUF that transformers loads with a tokenizer (byte-level BPE, 256 byte tokens, no merges)."""
+"""Tiny Llama GGUFs for tests: shared writer pieces, and one that transformers loads with a tokenizer
+(byte-level BPE, 256 byte tokens, no merges)."""
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 import gguf
 import numpy as np
@@ -26,14 +30,13 @@ def _byte_tokens() -> list[str]:
     return [table[i] for i in range(256)]
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+def converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter permutation of q/k rows, written as the reshape it is (independent of gguf_names)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_loadable_gguf(path: Path, seed: int = 0) -> Path:
-    """The tiny 2-layer Llama of tests.conftest as an F32 GGUF, plus ``calib.txt`` beside it."""
-    model = tiny_llama(seed=seed)
-    w = gguf.GGUFWriter(str(path), "llama")
+def add_llama_hparams(w: gguf.GGUFWriter) -> None:
+    """The hyper-parameters of tests.conftest's tiny 2-layer Llama."""
     w.add_block_count(2)
     w.add_context_length(128)
     w.add_embedding_length(64)
@@ -41,6 +44,34 @@ def write_loadable_gguf(path: Path, seed: int = 0) -> Path:
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_KV)
     w.add_layer_norm_rms_eps(1e-5)
+
+
+def gguf_arrays(model: torch.nn.Module) -> Iterator[tuple[str, np.ndarray]]:
+    """``(GGUF name, contiguous float32 array)`` of every stored tensor, q/k rows in llama.cpp's order (a tied
+    lm_head is skipped)."""
+    for hf, t in model.state_dict().items():
+        if hf == "lm_head.weight":
+            continue
+        a = t.numpy().astype(np.float32)
+        if "q_proj" in hf:
+            a = converter_permute(a, N_HEAD)
+        elif "k_proj" in hf:
+            a = converter_permute(a, N_KV)
+        yield hf_to_gguf(hf), np.ascontiguousarray(a)
+
+
+def finish(w: gguf.GGUFWriter) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_loadable_gguf(path: Path, seed: int = 0) -> Path:
+    """The tiny 2-layer Llama of tests.conftest as an F32 GGUF, plus ``calib.txt`` beside it."""
+    model = tiny_llama(seed=seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    add_llama_hparams(w)
     w.add_rope_dimension_count(16)
     w.add_vocab_size(256)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
@@ -52,19 +83,9 @@ def write_loadable_gguf(path: Path, seed: int = 0) -> Path:
     w.add_token_merges([])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
-    for hf, t in model.state_dict().items():
-        if hf == "lm_head.weight":
-            continue
-        a = t.numpy().astype(np.float32)
-        if "q_proj" in hf:
-            a = _permute(a, N_HEAD)
-        elif "k_proj" in hf:
-            a = _permute(a, N_KV)
-        w.add_tensor(hf_to_gguf(hf), np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    for name, arr in gguf_arrays(model):
+        w.add_tensor(name, arr)
+    finish(w)
     rng = random.Random(seed)
     words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(100)]
     (path.parent / "calib.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))

@@ -7,8 +7,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 from bitalloc import checkpoints, gguf_job, resume
+from tests.cli_process import run_cli, wait_for
 from bitalloc.cli import build_parser, main
 from bitalloc.errors import InputError
 from bitalloc.export import gguf as gx
@@ -159,24 +158,6 @@ def test_kill_after_the_rename_is_recognised(src, reference, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- real kill -9
-def _run_cli(argv: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "bitalloc.cli", *argv], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(19))
-
-
-def _wait_for(proc: subprocess.Popen, path: Path, timeout: float = 240.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"{path} did not appear within {timeout} s")
-
-
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, tmp_path):
     out = tmp_path / "out.gguf"
@@ -186,8 +167,8 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, 
              job / resume.QUANT_STAGE / "block0000.safetensors"]
     kills = 0
     for mark in marks:
-        proc = _run_cli(gguf_argv(src, out, budget=BUDGET))
-        if _wait_for(proc, mark):
+        proc = run_cli(gguf_argv(src, out, budget=BUDGET))
+        if wait_for(proc, mark):
             time.sleep(rng.uniform(0.0, 0.2))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
@@ -197,7 +178,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, 
         if out.exists():
             break
     assert kills >= 2
-    proc = _run_cli(gguf_argv(src, out, budget=BUDGET))
+    proc = run_cli(gguf_argv(src, out, budget=BUDGET))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()
     assert _files(out) == _files(reference)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bitalloc import checkpoints, resume
+from tests.cli_process import run_cli, wait_for
 from bitalloc.cli import main
 
 torch.set_num_threads(1)
@@ -203,25 +204,6 @@ def test_kill_after_export_rename_is_recognised(hf, reference, tmp_path, capsys)
 
 
 # ----------------------------------------------------------------------------------- real kill -9
-def _run_cli(argv: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "bitalloc.cli", *argv], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(19), **kw)
-
-
-def _wait_for(proc: subprocess.Popen, path: Path, timeout: float = 240.0) -> bool:
-    """Wait until ``path`` exists (True) or the process ended (False)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"{path} did not appear within {timeout} s")
-
-
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
     model = make_hf_dir(tmp_path / "model", layers=8, seed=3)
@@ -236,8 +218,8 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
     marks = [job / "job.json", job / "quantize" / "block0001.safetensors", job / "quantize" / "block0004.safetensors"]
     kills = 0
     for mark in marks:
-        proc = _run_cli(quantize_argv(model, out))
-        if _wait_for(proc, mark):
+        proc = run_cli(quantize_argv(model, out))
+        if wait_for(proc, mark):
             time.sleep(rng.uniform(0.0, 0.4))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
@@ -248,7 +230,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
             break
     assert kills >= 2
     if not out.exists():
-        proc = _run_cli(quantize_argv(model, out))
+        proc = run_cli(quantize_argv(model, out))
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()
     assert_same_tree(ref, out)

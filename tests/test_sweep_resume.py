@@ -19,6 +19,7 @@ from bitalloc import resume, sweep as sweep_mod, sweep_job
 from bitalloc.cli import main
 from bitalloc.errors import InputError
 from bitalloc.sweep import Point, point_key
+from tests.cli_process import ENV, run_cli
 from tests.test_resume import _crash_measure_at, make_hf_dir
 
 torch.set_num_threads(1)
@@ -213,9 +214,7 @@ def test_sweep_hooks_and_saved_point_checks():
 def test_sigkill_during_the_points_then_resume(hf, reference, tmp_path):
     out = tmp_path / "out"
     job = resume.default_job_dir(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bitalloc.cli", *sweep_argv(hf, out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(19))
+    proc = run_cli(sweep_argv(hf, out))
     end = time.monotonic() + 120
     while not list((job / sweep_job.POINTS_STAGE).glob("p0000*.json")):
         assert proc.poll() is None and time.monotonic() < end, "the sweep ended before its first point was saved"
@@ -223,7 +222,7 @@ def test_sigkill_during_the_points_then_resume(hf, reference, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL and not (out / "sweep.json").exists()
-    r = subprocess.run([sys.executable, "-m", "bitalloc.cli", *sweep_argv(hf, out)], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "bitalloc.cli", *sweep_argv(hf, out)], env=ENV, capture_output=True,
                        text=True, timeout=300, preexec_fn=lambda: os.nice(19))
     assert r.returncode == 0, r.stderr
     doc, ref = json.loads((out / "sweep.json").read_text()), json.loads(reference["sweep.json"])

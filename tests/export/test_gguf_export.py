@@ -19,45 +19,24 @@ from bitalloc.export.gguf_names import (
     gguf_to_hf, hf_to_gguf, rope_head_count, rope_row_order, to_gguf_rows, to_hf_rows,
 )
 from tests.conftest import tiny_llama
+from tests.gguf_tiny import N_HEAD, N_KV, add_llama_hparams, converter_permute, finish, gguf_arrays
 
-N_HEAD, N_KV = 4, 2
 T = gguf.GGMLQuantizationType
-
-
-def converter_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter permutation, written as the reshape it is (independent of gguf_names)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_tiny_gguf(path: Path, model: torch.nn.Module) -> None:
     """A complete little Llama GGUF (metadata, tokenizer, chat template), F32 tensors, via gguf-py."""
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(128)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_KV)
-    w.add_layer_norm_rms_eps(1e-5)
+    add_llama_hparams(w)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(256)])
     w.add_token_types([1] * 256)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     w.add_array("bitalloc.test.floats", [0.5, 1.5])
-    for hf, t in model.state_dict().items():
-        if hf == "lm_head.weight":
-            continue
-        a = t.numpy().astype(np.float32)
-        if "q_proj" in hf:
-            a = converter_permute(a, N_HEAD)
-        elif "k_proj" in hf:
-            a = converter_permute(a, N_KV)
-        w.add_tensor(hf_to_gguf(hf), np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    for name, arr in gguf_arrays(model):
+        w.add_tensor(name, arr)
+    finish(w)
 
 
 @pytest.fixture

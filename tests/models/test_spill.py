@@ -6,18 +6,16 @@ import os
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 import torch
 
 from bitalloc.errors import InputError
-from bitalloc.export.gguf_names import hf_to_gguf
 from bitalloc.models import spill as sp
 from bitalloc.models.sources import default_model_path, load_model
 from bitalloc.models.view import ModelView
 from bitalloc.pipeline import model_fingerprint
 from tests.conftest import tiny_llama, tiny_qwen2, token_ids
-from tests.export.test_gguf_export import converter_permute
+from tests.gguf_tiny import add_llama_hparams, finish, gguf_arrays
 
 T = gguf.GGMLQuantizationType
 
@@ -45,36 +43,19 @@ def _spill_of(model: torch.nn.Module) -> sp.SpillFile:
 def write_quantized_gguf(path: Path, model: torch.nn.Module) -> None:
     """A tiny Llama GGUF as llama.cpp lays it out: Q8_0 embedding, Q4_1 linears, F32 norms, permuted q/k."""
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(128)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
+    add_llama_hparams(w)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(["t", "1", "t1"] + [f"x{i}" for i in range(253)])
     w.add_token_types([1] * 256)
     w.add_token_scores([0.0] * 256)
     w.add_token_merges(["t 1"])
-    for hf, t in model.state_dict().items():
-        if hf == "lm_head.weight":
-            continue
-        a = t.numpy().astype(np.float32)
-        if "q_proj" in hf:
-            a = converter_permute(a, 4)
-        elif "k_proj" in hf:
-            a = converter_permute(a, 2)
-        a = np.ascontiguousarray(a)
+    for name, a in gguf_arrays(model):
         if a.ndim == 2:
-            typ = T.Q8_0 if "embed" in hf else T.Q4_1
-            w.add_tensor(hf_to_gguf(hf), gguf.quants.quantize(a, typ), raw_dtype=typ)
+            typ = T.Q8_0 if name == "token_embd.weight" else T.Q4_1
+            w.add_tensor(name, gguf.quants.quantize(a, typ), raw_dtype=typ)
         else:
-            w.add_tensor(hf_to_gguf(hf), a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            w.add_tensor(name, a)
+    finish(w)
 
 
 def _assert_same(a: torch.nn.Module, b: torch.nn.Module, windows: torch.Tensor) -> None:
