@@ -12,12 +12,19 @@ Shakespeare comedies and evaluated on the tragedies (context 512, second half of
 * KLD / PPL / top-1 of every model against the fp reference, the ratio allocated KLD / uniform KLD (goal
   <= 0.7, never > 1), the time of each extra budget and the peak RSS.
 
+Methods run one after the other (measure, then all of that method's points), so the first method's results
+come early.  ``--cache DIR`` keeps each method's measurement table and every finished point: a rerun (or a
+run after a kill) reuses them, and a run with extra ``--formats`` measures only the new formats and merges
+them into the cached table (a format's errors do not depend on the others).  The cache is keyed by the
+settings and the calibration tokens, not by bitalloc's code: pass ``--fresh`` after changing the code.
+
 Writes bench/results/pareto.json and pareto.png and prints the table.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import resource
@@ -32,13 +39,56 @@ from bitalloc.data import check_disjoint, default_calibration_files, default_eva
 from bitalloc.models.rescale import load_reference
 from bitalloc.models.view import ModelView
 from bitalloc.budget import Budget
+from bitalloc.measure import Measurement, write_text_atomic
 from bitalloc.pipeline import make_plan, measure_model
-from bitalloc.sweep import best_measured_uniform, format_table, plot, sweep
+from bitalloc.sweep import Point, best_measured_uniform, format_table, plot, sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# 13 candidates: fine groups where bits are few, coarse where they are many (fits ~30-40 min on 2 idle cores)
-FORMATS = ("int2-g32,int2-g64,int2-g128,int3-g32,int3-g64,int3-g128,int4-g32,int4-g64,int4-g128,"
-           "int5-g64,int5-g128,int6-g128,int8-g128")
+# 15 candidates: fine groups where bits are few, coarse where they are many, and one scale per row for 2 and
+# 3 bits (the cheapest ways to store a tensor: what lets a tight budget protect the sensitive tensors)
+FORMATS = ("int2-row,int2-g32,int2-g64,int2-g128,int3-row,int3-g32,int3-g64,int3-g128,int4-g32,int4-g64,"
+           "int4-g128,int5-g64,int5-g128,int6-g128,int8-g128")
+
+
+def digest(*parts: object) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.numpy().tobytes() if isinstance(p, torch.Tensor) else repr(p).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_measurement(cache: Path | None, key: str, formats: list[str], measure) -> tuple[Measurement, list]:
+    """The table of ``formats``: from the cache, measuring (``measure(missing_formats)``) only what it lacks.
+
+    Returns the table and the timed measurement runs behind it ([{formats, seconds, threads}])."""
+    path = None if cache is None else cache / f"measure-{key}.json"
+    times_path = None if cache is None else cache / f"measure-{key}.seconds.json"
+    table = Measurement.load(path) if path is not None and path.exists() else None
+    runs = json.loads(times_path.read_text()) if times_path is not None and times_path.exists() else []
+    missing = formats if table is None else [f for f in formats if f not in table.formats()]
+    if missing:
+        t0 = time.perf_counter()
+        new = measure(missing)
+        runs.append({"formats": missing, "seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()})
+        table = new if table is None else table.merge(new)
+        if path is not None:
+            table.save(path)
+            write_text_atomic(times_path, json.dumps(runs, indent=1) + "\n")
+    return table.subset(formats), runs
+
+
+class PointCache:
+    """Finished sweep points of one (measurement table, settings) key, saved after each point."""
+
+    def __init__(self, cache: Path | None, key: str) -> None:
+        self.path = None if cache is None else cache / f"points-{key}.json"
+        raw = json.loads(self.path.read_text()) if self.path is not None and self.path.exists() else {}
+        self.done = {k: Point.from_dict(v) for k, v in raw.items()}
+
+    def add(self, key: str, point: Point) -> None:
+        self.done[key] = point
+        if self.path is not None:
+            write_text_atomic(self.path, json.dumps({k: asdict(p) for k, p in self.done.items()}, indent=1) + "\n")
 
 
 def peak_rss_mib() -> float:
@@ -48,7 +98,7 @@ def peak_rss_mib() -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="2.5bpw,3bpw,3.5bpw,4bpw,4.5bpw")
-    ap.add_argument("--methods", default="rtn,gptq")
+    ap.add_argument("--methods", default="gptq,rtn")
     ap.add_argument("--formats", default=FORMATS)
     ap.add_argument("--measure-method", choices=("per-method", "rtn", "gptq"), default="per-method",
                     help="rounding of the measured errors: each method's own (default), or one for both")
@@ -56,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fisher-windows", type=int, default=8)
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--cache", default=str(RESULTS.parent.parent / ".cache" / "pareto"),
+                    help="directory for measurement tables and finished points ('' = none)")
+    ap.add_argument("--fresh", action="store_true", help="ignore (and replace) what the cache holds")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="pareto")
     args = ap.parse_args(argv)
@@ -74,12 +127,25 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
 
     measure_with = {mt: (mt if args.measure_method == "per-method" else args.measure_method) for mt in methods}
-    tables, t_measure = {}, {}
-    for mm in dict.fromkeys(measure_with.values()):
-        t0 = time.perf_counter()
-        tables[mm] = measure_model(model, view, calib, formats, mm, True, fisher_windows=calib[: args.fisher_windows])
-        t_measure[mm] = time.perf_counter() - t0
-    per_method = {mt: tables[measure_with[mt]] for mt in methods}
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        if args.fresh:
+            for f in cache.glob("*.json"):
+                f.unlink()
+    settings = ("rescaled SmolLM2 seed 0 sigma 0.1", args.ctx, args.fisher_windows)
+    tables, runs, points = {}, {}, []
+    for method in methods:
+        mm = measure_with[method]
+        if mm not in tables:
+            def measure(fmts: list[str], mm: str = mm) -> Measurement:
+                return measure_model(model, view, calib, fmts, mm, True, fisher_windows=calib[: args.fisher_windows])
+            tables[mm], runs[mm] = cached_measurement(cache, digest(settings, mm, calib), formats, measure)
+        table = tables[mm]
+        done = PointCache(cache, digest(settings, method, table.to_json(), budgets, calib, evals))
+        points += sweep(model, view, {method: table}, budgets, [method], calib, evals, reference,
+                        done=done.done, on_point=done.add)
+    t_measure = {mm: sum(r["seconds"] for r in rs) for mm, rs in runs.items()}
     m = next(iter(tables.values()))
     alloc_seconds = {}
     for b in budgets:
@@ -87,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         make_plan(m, b)
         alloc_seconds[b] = time.perf_counter() - t1
 
-    points = sweep(model, view, per_method, budgets, methods, calib, evals, reference)
     rows = []
     for method in methods:
         for b in budgets:
@@ -106,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         "eval_windows": int(evals.shape[0]), "eval_tokens": int(evals.shape[0] * (args.ctx - 1 - args.ctx // 2)),
         "formats": formats, "measure_method": measure_with, "objective": m.objectives[0],
         "total_params": m.total_params, "fixed_bytes": m.fixed_bytes,
-        "measure_seconds": t_measure, "allocate_seconds": alloc_seconds,
+        "measure_seconds": t_measure, "measure_runs": runs, "allocate_seconds": alloc_seconds,
         "note": "extra_budget_seconds = allocate + quantize + evaluate of one more budget (quantize and evaluate "
-                "dominate); the measurement (one per rounding method, measure_seconds) is one-off",
+                "dominate); the measurement (one per rounding method, measure_seconds) is one-off; measure_runs lists "
+                "the timed runs behind each table (more than one when formats were added to a cached table; "
+                "each run repeats the Fisher pass)",
         "peak_rss_mib": peak_rss_mib(), "total_seconds": time.perf_counter() - t_start,
         "threads": torch.get_num_threads(),
         "comparison": rows, "points": [asdict(p) for p in points],

@@ -141,3 +141,23 @@ def test_uniform_baseline_is_chosen_by_measured_kld_among_fitting_candidates():
     assert best_measured_uniform(points, 110, "gptq").kld == 0.05
     with pytest.raises(ValueError):
         best_measured_uniform(points, 50, "rtn")
+
+
+def test_measuring_extra_formats_later_and_merging_equals_measuring_them_at_once():
+    model = tiny_llama()
+    windows = token_ids(3)
+    whole = measure_model(model, None, windows, ["int2-g32", "int4-g32", "int3-row"], "gptq", progress=False)
+    first = measure_model(model, None, windows, ["int2-g32", "int4-g32"], "gptq", progress=False)
+    later = measure_model(model, None, windows, ["int3-row", "int4-g32"], "gptq", progress=False)
+    merged = first.merge(later)
+    assert merged.rows == whole.rows  # same cells, same numbers (each format measured with fp inputs)
+    assert merged.subset(["int4-g32", "int2-g32"]).rows == first.rows
+    assert merged.fingerprint["formats"].split(",") == ["int2-g32", "int4-g32", "int3-row"]
+    with pytest.raises(InputError, match="not measured"):
+        first.subset(["int3-row"])
+    other_calib = measure_model(model, None, token_ids(2), ["int3-row"], "gptq", progress=False)
+    with pytest.raises(InputError, match="calibration differs"):
+        first.merge(other_calib)
+    rtn = measure_model(model, None, windows, ["int3-row"], "rtn", progress=False)
+    with pytest.raises(InputError, match="method differs"):
+        first.merge(rtn)

@@ -143,6 +143,44 @@ class Measurement:
     def allocated_params(self) -> int:
         return sum(t.numel for t in self.tensors)
 
+    # --- combining tables -------------------------------------------------------------------------
+    def subset(self, formats: Sequence[str]) -> "Measurement":
+        """The table restricted to ``formats`` (ids as given or normalised); every one must be measured."""
+        want = [get_format(f).id for f in formats]
+        missing = [f for f in want if f not in set(self.formats())]
+        if missing:
+            raise InputError(f"measurement: formats {missing} were not measured (measured: {self.formats()})")
+        keep = set(want)
+        fp = dict(self.fingerprint)
+        if "formats" in fp:
+            fp["formats"] = ",".join(f for f in fp["formats"].split(",") if f in keep)
+        return Measurement(self.tensors, tuple(r for r in self.rows if r.format in keep), self.fixed_bytes,
+                           self.total_params, fp)
+
+    def merge(self, other: "Measurement") -> "Measurement":
+        """This table plus ``other``'s rows for formats not measured here (same model, calibration, method).
+
+        Errors of one format do not depend on the others (each is measured with fp inputs), so a table
+        measured later for extra formats extends an earlier one.  Refused when the two tables describe
+        different tensors or were measured from different models, calibration data or rounding methods."""
+        if self.tensors != other.tensors or (self.fixed_bytes, self.total_params) != (other.fixed_bytes,
+                                                                                      other.total_params):
+            raise InputError("measurement merge: the two tables describe different tensors")
+        for key in ("model", "calibration", "method", "windows", "fisher_windows"):
+            a, b = self.fingerprint.get(key), other.fingerprint.get(key)
+            if a != b:
+                raise InputError(f"measurement merge: {key} differs ({a!r} vs {b!r})")
+        if self.objectives != other.objectives:
+            raise InputError("measurement merge: one table has Fisher errors and the other does not")
+        have = set(self.formats())
+        new = tuple(r for r in other.rows if r.format not in have)
+        fp = dict(self.fingerprint)
+        fmts = list(dict.fromkeys(self.formats() + other.formats()))
+        fp["formats"] = ",".join(fmts)
+        fp["options"] = "merged:" + ",".join(sorted(filter(None, {self.fingerprint.get("options"),
+                                                                   other.fingerprint.get("options")})))
+        return Measurement(self.tensors, self.rows + new, self.fixed_bytes, self.total_params, fp)
+
     # --- JSON -------------------------------------------------------------------------------------
     def to_json(self) -> str:
         head = {
