@@ -13,7 +13,7 @@ import torch
 
 from bitalloc.errors import InputError
 from bitalloc.io.atomic import TEMP_SUFFIX
-from bitalloc.job import Job, fingerprint_diff
+from bitalloc.job import Job, fingerprint_diff, run_job
 
 FP = {"model": {"path": "m.gguf", "sha256": "ab12"}, "calib": "cd34", "options": {"budget": "4bpw", "method": "gptq"}}
 
@@ -166,3 +166,56 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tmp_path):
     assert manifest.read_bytes() == ref.with_name(ref.name + ".manifest.json").read_bytes()
     assert not list(job_dir.rglob(f"*{TEMP_SUFFIX}"))
     assert json.loads((job_dir / "job.json").read_text())["stages_done"] == ["work", "export"]
+
+
+# ------------------------------------------------------------------------------------------ run_job
+def test_run_job_returns_and_finishes_or_keeps_the_job(tmp_path):
+    seen = []
+    assert run_job(tmp_path / "a", FP, lambda job: seen.append(job.dir) or 7) == 7
+    assert seen == [tmp_path / "a"] and not (tmp_path / "a").exists()
+    assert run_job(tmp_path / "b", FP, lambda job: job.complete_stage("s") or "x", keep_job=True) == "x"
+    with Job(tmp_path / "b", FP) as job:
+        assert job.stages_done == ("s",)
+
+
+def _failing(exc: BaseException):
+    def run(job: Job) -> None:
+        job.complete_stage("started")
+        raise exc
+
+    return run
+
+
+def test_run_job_removes_only_a_fresh_job_after_a_user_error(tmp_path):
+    with pytest.raises(InputError, match="bad input"):
+        run_job(tmp_path / "fresh", FP, _failing(InputError("bad input")))
+    assert not (tmp_path / "fresh").exists()  # the same command fails again: no debris
+    with pytest.raises(RuntimeError):  # a crash keeps the job for the rerun
+        run_job(tmp_path / "crash", FP, _failing(RuntimeError("crash")))
+    with pytest.raises(InputError, match="bad input"):  # a resumed job keeps its checkpoints
+        run_job(tmp_path / "crash", FP, _failing(InputError("bad input")))
+    with Job(tmp_path / "crash", FP) as job:
+        assert job.stages_done == ("started",)
+
+
+def test_run_job_refusal_unless_the_job_finds_its_own_result(tmp_path):
+    def never(job: Job) -> None:
+        raise AssertionError("run must not be called when the output is refused")
+
+    refusal = InputError("output exists")
+    calls = []
+    with pytest.raises(InputError, match="output exists"):  # no job to reuse: refused, nothing created
+        run_job(tmp_path / "job", FP, never, refusal=refusal, reuse=lambda job: calls.append(1) or 1)
+    assert not calls and not (tmp_path / "job").exists()
+    with Job(tmp_path / "job", FP) as job:
+        job.complete_stage("export")
+    with pytest.raises(InputError, match="output exists"):  # a job whose output is not its own: kept
+        run_job(tmp_path / "job", FP, never, refusal=refusal, reuse=lambda job: None)
+    assert (tmp_path / "job" / "job.json").exists()
+    with pytest.raises(InputError, match="different inputs"):  # a different job is named, not the output
+        run_job(tmp_path / "job", {**FP, "calib": "other"}, never, refusal=refusal, reuse=lambda job: 1)
+    found = run_job(tmp_path / "job", FP, never, keep_job=True, refusal=refusal,
+                    reuse=lambda job: job.stages_done)
+    assert found == ("export",) and (tmp_path / "job").exists()
+    assert run_job(tmp_path / "job", FP, never, refusal=refusal, reuse=lambda job: "done") == "done"
+    assert not (tmp_path / "job").exists()

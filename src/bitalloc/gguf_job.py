@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -31,15 +30,15 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from .errors import BitallocError, InputError
+from .errors import InputError
 from .export.gguf import (
     GGUFTemplate, GGUFTensor, WrittenGGUF, choose_file_type, gguf_layout, to_gguf_tensor, write_gguf,
 )
 from .io.atomic import atomic_write, compare_digests, file_digest
 from .io.gguf import GGUFFile
-from .job import Job
+from .job import Job, run_job
 from .resume import (
-    QUANT_STAGE, MeasureCheckpoints, block_hook, finish_job, load_state, measure_stage, remove_stale_outputs,
+    QUANT_STAGE, MeasureCheckpoints, block_hook, load_state, measure_stage, output_refusal, remove_stale_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -188,16 +187,15 @@ def _result(job: Job, out: Path) -> GGUFResult:
     return GGUFResult(out, os.path.getsize(out), len(man["tensors"]), plan, job.load_item("plan", "split"))
 
 
-def _already_written(job_dir: Path, fingerprint: Mapping[str, Any], out: Path) -> GGUFResult | None:
+def _already_written(job: Job, out: Path) -> GGUFResult | None:
     """The result when ``out`` is this job's verified output (a kill came after the rename)."""
-    if not (job_dir / "job.json").exists():
+    if not job.has_item("export", "manifest"):
         return None
-    with Job(job_dir, fingerprint) as job:
-        if not job.has_item("export", "manifest"):
-            return None
-        with contextlib.suppress(InputError):
-            verify_gguf_manifest(out, job.load_item("export", "manifest"))
-            return _result(job, out)
+    with contextlib.suppress(InputError):
+        verify_gguf_manifest(out, job.load_item("export", "manifest"))
+        result = _result(job, out)
+        log.info("%s was already written and verified by this job", out)
+        return result
     return None
 
 
@@ -213,25 +211,10 @@ def run_gguf_job(
 ) -> GGUFResult:
     """Run (or continue) the job and write ``out`` with its manifest; ``after_block(b)`` follows each
     checkpointed block of the measurement and of the quantization."""
-    out, job_dir = Path(out), Path(job_dir)
-    if out.exists() and not overwrite:
-        done = _already_written(job_dir, fingerprint, out)
-        if done is not None:
-            log.info("%s was already written and verified by this job", out)
-            finish_job(job_dir, keep_job)
-            return done
-        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
-    fresh = not (job_dir / "job.json").exists()
-    with Job(job_dir, fingerprint) as job:
-        try:
-            result = _run(job, out, steps, overwrite, after_block)
-        except BitallocError:
-            if fresh:  # a user error: the same command fails again, so leave no debris
-                job.close()
-                shutil.rmtree(job.dir, ignore_errors=True)
-            raise
-    finish_job(job_dir, keep_job)
-    return result
+    out = Path(out)
+    return run_job(job_dir, fingerprint, lambda job: _run(job, out, steps, overwrite, after_block),
+                   keep_job=keep_job, refusal=output_refusal(out, overwrite),
+                   reuse=lambda job: _already_written(job, out))
 
 
 def _run(job: Job, out: Path, steps: GGUFSteps, overwrite: bool,

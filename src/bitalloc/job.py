@@ -20,6 +20,8 @@ Usage::
             if not job.has_item("quantize", key):
                 job.save_item("quantize", key, quantize_block(block))
         job.complete_stage("quantize")
+
+The commands' jobs (quantize, measure, gguf, sweep) open and finish the same way, with :func:`run_job`.
 """
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
-from .errors import InputError
+from .errors import BitallocError, InputError
 from .io.atomic import PathLike, atomic_write, remove_stale_temps
 from .io.safetensors import SafetensorsFile, write_safetensors_atomic
 
@@ -43,6 +46,7 @@ JOB_FILE = "job.json"
 LOCK_FILE = "job.lock"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 Item = Mapping[str, torch.Tensor] | Any
+T = TypeVar("T")
 
 
 def _canonical(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,4 +205,52 @@ class Job:
         self.close()
 
 
-__all__ = ["Job", "fingerprint_diff"]
+# ------------------------------------------------------------------------------- a command's job
+def finish_job(job_dir: PathLike, keep_job: bool) -> None:
+    """Remove a finished job's directory, unless it is to be kept (``--keep-job``)."""
+    if not keep_job:
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def run_job(
+    job_dir: PathLike,
+    fingerprint: Mapping[str, Any],
+    run: Callable[[Job], T],
+    *,
+    keep_job: bool = False,
+    refusal: InputError | None = None,
+    reuse: Callable[[Job], T | None] | None = None,
+) -> T:
+    """Open (or resume) the job in ``job_dir``, return ``run(job)`` (called under the job's lock), then finish
+    the job (:func:`finish_job`).
+
+    ``refusal``: the error for an output that exists and may not be overwritten.  It is raised, unless the
+    job was started before and ``reuse(job)`` (under the lock) finds that output to be this job's finished
+    result (a kill came after the output was written): then that result is returned, without ``run``.
+    A :class:`BitallocError` from ``run`` in a job this call started removes the job directory (a user error:
+    the same command fails again, so it leaves no debris); an interruption or a crash keeps it for the rerun.
+    """
+    job_dir = Path(job_dir)
+    fresh = not (job_dir / JOB_FILE).exists()
+    if refusal is not None:
+        found = None
+        if not fresh and reuse is not None:
+            with Job(job_dir, fingerprint) as job:
+                found = reuse(job)
+        if found is None:
+            raise refusal
+        finish_job(job_dir, keep_job)
+        return found
+    with Job(job_dir, fingerprint) as job:
+        try:
+            result = run(job)
+        except BitallocError:
+            if fresh:
+                job.close()
+                shutil.rmtree(job.dir, ignore_errors=True)
+            raise
+    finish_job(job_dir, keep_job)
+    return result
+
+
+__all__ = ["Job", "finish_job", "fingerprint_diff", "run_job"]

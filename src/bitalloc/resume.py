@@ -22,7 +22,6 @@ states are saved bit-exactly, so the output directory is byte-identical whatever
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import shutil
@@ -33,12 +32,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .checkpoints import HIDDEN_FILE, MEASURE_STAGE, QUANT_STAGE, MeasureCheckpoints, block_hook, load_state
-from .errors import BitallocError, InputError
+from .errors import InputError
 from .io.atomic import TEMP_SUFFIX, file_digest
-from .job import Job
+from .job import Job, finish_job, run_job
 
 log = logging.getLogger(__name__)
-
 
 
 def default_job_dir(out: str | Path) -> Path:
@@ -108,24 +106,26 @@ def remove_stale_outputs(out: Path) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def finish_job(job_dir: Path, keep_job: bool) -> None:
-    if not keep_job:
-        shutil.rmtree(job_dir, ignore_errors=True)
+def output_refusal(out: Path, overwrite: bool) -> InputError | None:
+    """The error refusing to replace an existing output file or directory (None: it may be written)."""
+    if out.exists() and not overwrite:
+        return InputError(f"output {out} already exists (use --overwrite to replace it)")
+    return None
 
 
-def _already_exported(job_dir: Path, fingerprint: Mapping[str, Any], out: Path) -> bool:
-    """True when ``out`` is this job's verified output (a kill came between the rename and the cleanup)."""
-    from .export.packed import verify_packed
+def _already_exported(job: Job, out: Path) -> dict[str, Any] | None:
+    """``bitalloc.json`` of ``out`` when it is this job's verified output (a kill came between the rename and
+    the cleanup)."""
+    from .export.packed import read_packed, verify_packed
 
-    if not (job_dir / "job.json").exists():
-        return False
-    with Job(job_dir, fingerprint) as job:
-        if not job.has_item("export", "digests"):
-            return False
-        with contextlib.suppress(InputError):
-            verify_packed(out, job.load_item("export", "digests"))
-            return True
-    return False
+    if not job.has_item("export", "digests"):
+        return None
+    try:
+        verify_packed(out, job.load_item("export", "digests"))
+    except InputError:
+        return None
+    log.info("%s was already written and verified by this job", out)
+    return read_packed(out)[0]
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -144,26 +144,10 @@ def run_quantize_job(
 
     ``report(plan)`` is called once the plan is known; ``after_block(b)`` after block ``b`` is checkpointed.
     """
-    from .export.packed import read_packed
-
-    out, job_dir = Path(out), Path(job_dir)
-    if out.exists() and not overwrite:
-        if _already_exported(job_dir, fingerprint, out):
-            log.info("%s was already written and verified by this job", out)
-            finish_job(job_dir, keep_job)
-            return read_packed(out)[0]
-        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
-    fresh = not (job_dir / "job.json").exists()
-    with Job(job_dir, fingerprint) as job:
-        try:
-            return _run(job, out, steps, overwrite, after_block, report, keep_job)
-        except BitallocError:
-            # a user error in a job this run started: the same command fails again, so leave no debris
-            # (an interruption or a crash keeps the job for the rerun)
-            if fresh:
-                job.close()
-                shutil.rmtree(job.dir, ignore_errors=True)
-            raise
+    out = Path(out)
+    return run_job(job_dir, fingerprint, lambda job: _run(job, out, steps, overwrite, after_block, report),
+                   keep_job=keep_job, refusal=output_refusal(out, overwrite),
+                   reuse=lambda job: _already_exported(job, out))
 
 
 def _run(
@@ -173,7 +157,6 @@ def _run(
     overwrite: bool,
     after_block: Callable[[int], None] | None,
     report: Callable[[Any], None] | None,
-    keep_job: bool,
 ) -> dict[str, Any]:
     from .export.packed import flat_digests, save_packed
     from .models.view import ModelView
@@ -206,8 +189,6 @@ def _run(
     job.save_item("export", "digests", flat_digests(q))
     info = save_packed(out, model, view, q, plan, tok, overwrite=overwrite)
     job.complete_stage("export")
-    job.close()
-    finish_job(job.dir, keep_job)
     return info
 
 
@@ -227,38 +208,31 @@ def run_measure_job(
     ``measurement.json``, whatever the interruptions were."""
     from .measure import Measurement, write_text_atomic
 
-    out, job_dir = Path(out), Path(job_dir)
-    mpath = job_dir / "measurement.json"
-    if out.exists() and not overwrite:
-        if (job_dir / "job.json").exists():
-            with Job(job_dir, fingerprint) as job:
-                done = job.stage_done("measure") and out.read_bytes() == mpath.read_bytes()
-            if done:  # a kill came between writing ``out`` and removing the job
-                log.info("%s was already written by this job", out)
-                finish_job(job_dir, keep_job)
-                return Measurement.load(out)
-        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
-    fresh = not (job_dir / "job.json").exists()
-    with Job(job_dir, fingerprint) as job:
-        try:
-            remove_stale_outputs(out)
-            if not job.stage_done("measure"):
-                model, tok = load()
-                m = measure_stage(job, lambda ckpt: measure(model, tok, ckpt), after_block)
-            else:
-                m = Measurement.load(mpath)
-            write_text_atomic(out, mpath.read_text())
-        except BitallocError:
-            if fresh:
-                job.close()
-                shutil.rmtree(job.dir, ignore_errors=True)
-            raise
-    finish_job(job_dir, keep_job)
-    return m
+    out = Path(out)
+
+    def already_written(job: Job) -> Any:  # a kill came between writing ``out`` and removing the job
+        if not (job.stage_done("measure") and out.read_bytes() == (job.dir / "measurement.json").read_bytes()):
+            return None
+        log.info("%s was already written by this job", out)
+        return Measurement.load(out)
+
+    def run(job: Job) -> Any:
+        mpath = job.dir / "measurement.json"
+        remove_stale_outputs(out)
+        if not job.stage_done("measure"):
+            model, tok = load()
+            m = measure_stage(job, lambda ckpt: measure(model, tok, ckpt), after_block)
+        else:
+            m = Measurement.load(mpath)
+        write_text_atomic(out, mpath.read_text())
+        return m
+
+    return run_job(job_dir, fingerprint, run, keep_job=keep_job, refusal=output_refusal(out, overwrite),
+                   reuse=already_written)
 
 
 __all__ = [
     "HIDDEN_FILE", "MEASURE_STAGE", "MeasureCheckpoints", "QUANT_STAGE", "QuantizeSteps", "block_hook",
-    "default_job_dir", "finish_job", "load_state", "measure_stage", "model_digests", "remove_stale_outputs",
-    "run_measure_job", "run_quantize_job", "text_digest",
+    "default_job_dir", "finish_job", "load_state", "measure_stage", "model_digests", "output_refusal",
+    "remove_stale_outputs", "run_measure_job", "run_quantize_job", "text_digest",
 ]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,10 +30,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .errors import BitallocError, InputError
+from .errors import InputError
 from .io.atomic import TEMP_SUFFIX, atomic_write
-from .job import Job
-from .resume import MeasureCheckpoints, finish_job, measure_stage
+from .job import Job, run_job
+from .resume import MeasureCheckpoints, measure_stage
 from .sweep import Point, plot_png, results_json, sweep
 
 log = logging.getLogger("bitalloc.resume")
@@ -128,25 +127,19 @@ def run_sweep_job(
 
     ``after_block(b)`` follows each checkpointed measurement block, ``on_point(key, point)`` each saved point.
     """
-    out, job_dir = Path(out), Path(job_dir)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} is a file; the sweep writes a directory")
     existing = _existing(out)
-    if existing and not overwrite and not (job_dir / "job.json").exists():
-        raise _refuse(out, existing)
-    fresh = not (job_dir / "job.json").exists()
-    with Job(job_dir, fingerprint) as job:
-        try:
-            if existing and not overwrite and not (job.stage_done(POINTS_STAGE) and _ours(out, _expected(job))):
-                raise _refuse(out, existing)
-            result = _run(job, out, steps, overwrite, after_block, on_point)
-        except BitallocError:
-            if fresh:  # a user error: the same command fails again, so leave no debris
-                job.close()
-                shutil.rmtree(job.dir, ignore_errors=True)
-            raise
-    finish_job(job_dir, keep_job)
-    return result
+
+    def run(job: Job) -> SweepResult:
+        return _run(job, out, steps, overwrite, after_block, on_point)
+
+    def finish(job: Job) -> SweepResult | None:  # outputs written (maybe not all) before a kill: write the rest
+        return run(job) if job.stage_done(POINTS_STAGE) and _ours(out, _expected(job)) else None
+
+    return run_job(job_dir, fingerprint, run, keep_job=keep_job,
+                   refusal=_refuse(out, existing) if existing and not overwrite else None, reuse=finish)
 
 
 def _run(job: Job, out: Path, steps: SweepSteps, overwrite: bool, after_block: Callable[[int], None] | None,
