@@ -1,0 +1,40 @@
+"""The GGUF benchmark's report (ratios, sizes run/missing, JSON + PNG) and its option checks (no llama.cpp)."""
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from bench import gguf_vs_llamacpp as bench
+
+LLAMA = {t: {"bytes": 1000 * (i + 1), "ppl": 50.0, "kld": 0.1 * (i + 1), "top1": 0.7, "pure": False}
+         for i, t in enumerate(bench.TABLE_ORDER)}
+
+
+def test_report_ratios_and_missing_sizes(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    ours = {"Q2_K": {"bytes": 990, "ppl": 45.0, "kld": 0.05, "top1": 0.8},
+            "Q3_K_M": {"bytes": 1990, "ppl": 49.0, "kld": 0.16, "top1": 0.75}}
+    rows = bench.report(Namespace(eval_chunks=8), 42.0, 5000, LLAMA, ours, 12.0)
+    by = {r["type"]: r for r in rows}
+    assert [r["type"] for r in rows] == list(bench.TABLE_ORDER)
+    assert by["Q2_K"]["kld_ratio"] == pytest.approx(0.5) and by["Q2_K"]["goal_met"] is True
+    assert by["Q3_K_M"]["kld_ratio"] == pytest.approx(0.8) and by["Q3_K_M"]["goal_met"] is False
+    assert by["Q2_K"]["bytes_ratio"] == pytest.approx(0.99) and by["Q4_0"]["bitalloc"] is None
+    saved = json.loads((tmp_path / "gguf_vs_llamacpp.json").read_text())
+    assert saved["sizes_run"] == ["Q2_K", "Q3_K_M"]
+    assert saved["sizes_missing"] == ["Q4_K_M", "Q5_K_M", "IQ4_NL", "Q4_0"]
+    assert saved["reference"]["ppl"] == 42.0 and (tmp_path / "gguf_vs_llamacpp.png").stat().st_size > 0
+
+
+def test_unknown_size_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--sizes", "Q4_0,Q9_X"])
+    assert exc.value.code == 2 and "Q9_X" in capsys.readouterr().err
+
+
+def test_code_lists_exist() -> None:
+    assert all(p.is_file() for p in bench.output_code())
+    assert set(bench.measure_code()) < set(bench.output_code())
