@@ -103,7 +103,7 @@ def test_defaults_of_every_command(cmd):
     args = vars(build_parser().parse_args([cmd, *argv]))
     assert {k: args[k] for k in expected} == expected
     if cmd in ("measure", "quantize", "sweep"):
-        assert args["formats"].startswith("int2-g32,") and args["formats"].endswith(",fp16")
+        assert args["formats"].startswith("int2-row,int2-g32,") and args["formats"].endswith(",fp16")
 
 
 @pytest.mark.parametrize("argv", [["sweep", "--budgets", "3bpw"], ["quantize", "--out", "q"],

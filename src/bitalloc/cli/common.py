@@ -11,8 +11,10 @@ from typing import Any, Callable, Sequence
 
 from ..errors import InputError
 
+# one scale per row at 2 and 3 bits: the cheapest stores, what lets a tight budget protect sensitive tensors
+# (bench/pareto.py: GPTQ at 2.5 bpw, allocated/uniform KLD 0.77 without them, 0.59 with them)
 DEFAULT_FORMATS = (
-    "int2-g32,int2-g64,int2-g128,int3-g32,int3-g64,int3-g128,int4-g32,int4-g64,int4-g128,"
+    "int2-row,int2-g32,int2-g64,int2-g128,int3-row,int3-g32,int3-g64,int3-g128,int4-g32,int4-g64,int4-g128,"
     "int5-g64,int5-g128,int6-g128,int8-g128,fp16"
 )
 DEMO_FORMATS = "int2-g64,int3-g64,int3-g128,int4-g64,int4-g128,int8-g128"
