@@ -1,10 +1,10 @@
-"""Calibration statistics on tiny random models: block streaming, Hessians, Fisher gradients, NaN reports."""
+"""Calibration statistics on tiny random models: block streaming, Hessians, NaN reports (Fisher: test_fisher.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bitalloc.calibrate import BlockRunner, fisher_pass, layout_of, stream_blocks
+from bitalloc.calibrate import BlockRunner, layout_of, stream_blocks
 from bitalloc.errors import InputError, NumericsError
 from bitalloc.stats import LinearStats, LookupStats
 
@@ -57,76 +57,6 @@ def test_head_roles_tied_and_untied(llama_model, qwen2_model, windows):
     assert roles[1].hessian.shape == (64, 64)
 
 
-def _fisher_reference(model, windows):
-    """E[g²] of every linear output, the logits and the embedding output: one plain full backward per window."""
-    lay = layout_of(model)
-    outs: dict[tuple[str, str], torch.Tensor] = {}
-    mods = {(lay.tensor_name(b, lin), "linear"): lay.linear(b, lin) for b in range(len(lay.blocks))
-            for lin in lay.spec.linears}
-    mods[(lay.lm_head_name, "linear")] = lay.lm_head
-
-    def keep(key):
-        def hook(_m, _i, out):
-            out.retain_grad()
-            outs[key] = out
-        return hook
-
-    hs = [m.register_forward_hook(keep(k)) for k, m in mods.items()]
-    sums: dict[tuple[str, str], torch.Tensor] = {}
-    with torch.enable_grad():
-        for i in range(len(windows)):
-            ids = windows[i : i + 1]
-            emb = lay.embedding(ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=emb).logits
-            ll = torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).sum()
-            ll.backward()
-            grads = {k: o.grad for k, o in outs.items()}
-            grads[(lay.embedding_name, "lookup")] = emb.grad
-            for k, gr in grads.items():
-                sq = gr.pow(2).reshape(-1, gr.shape[-1]).sum(0)
-                sums[k] = sums[k] + sq if k in sums else sq
-    for h in hs:
-        h.remove()
-    return {k: v / windows.numel() for k, v in sums.items()}
-
-
-@pytest.mark.parametrize("batch_size, head_chunk", [(2, 128), (3, 5)])
-def test_fisher_matches_plain_autograd_for_every_tensor(tiny_model, windows, batch_size, head_chunk):
-    model = tiny_model
-    g = fisher_pass(model, None, windows, batch_size=batch_size, progress=False, head_chunk=head_chunk)
-    assert all(p.grad is None for p in model.parameters())  # no weight gradients were computed
-    assert all(p.requires_grad for p in model.parameters())  # requires_grad flags restored
-    ref = _fisher_reference(model, windows)
-    assert set(g) == set(ref)
-    lay = layout_of(model)
-    assert len(g) == len(lay.blocks) * len(lay.spec.linears) + 2
-    for k in ref:
-        torch.testing.assert_close(g[k], ref[k], rtol=1e-4, atol=1e-12, msg=lambda m: f"{k}: {m}")
-    assert g[("model.embed_tokens.weight", "lookup")].shape == (64,)
-
-
-def test_fisher_recomputes_each_block_once_and_never_builds_full_logits(llama_model, windows):
-    """Every linear runs once without and once with autograd per batch; lm_head sees chunks of positions."""
-    lay = layout_of(llama_model)
-    calls = {"grad": 0, "nograd": 0}
-    head_rows: list[int] = []
-
-    def count(_m, _i, out):
-        calls["grad" if out.requires_grad else "nograd"] += 1
-
-    def head(_m, args, _out):
-        head_rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
-
-    h1 = lay.linear(1, "mlp.down_proj").register_forward_hook(count)
-    h2 = lay.lm_head.register_forward_hook(head)
-    fisher_pass(llama_model, None, windows, batch_size=2, progress=False, head_chunk=7)
-    h1.remove(), h2.remove()
-    assert calls == {"grad": 2, "nograd": 2}  # 4 windows in 2 batches
-    assert max(head_rows) == 7 and sum(head_rows) == windows.shape[0] * (windows.shape[1] - 1)
-    with pytest.raises(InputError, match="head_chunk"):
-        fisher_pass(llama_model, None, windows, head_chunk=0)
-
-
 def test_nan_in_weights_is_reported_with_the_tensor_name(llama_model, windows):
     with torch.no_grad():
         llama_model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
@@ -144,3 +74,48 @@ def test_collect_with_advance_equals_advance_and_leaves_old_states_alone(tiny_mo
         b.advance()
         assert torch.equal(a.hidden, b.hidden) and a.block == b.block
         assert torch.equal(old, kept)  # a consumer holding the previous states (resume) still sees them
+
+
+@pytest.mark.parametrize("max_positions, per_batch", [(64, 2), (10, 1)])
+def test_batches_are_capped_by_positions_with_the_same_statistics(tiny_model, windows, max_positions, per_batch):
+    wide = BlockRunner(tiny_model, windows, batch_size=8)
+    narrow = BlockRunner(tiny_model, windows, batch_size=8, max_positions=max_positions)
+    assert len(wide.batches) == 1
+    assert [s.stop - s.start for s in narrow.batches] == [per_batch] * (len(windows) // per_batch)
+    while not wide.done:
+        hw, hn = wide.collect(advance=True), narrow.collect(advance=True)
+        assert set(hw) == set(hn)
+        for name in hw:
+            torch.testing.assert_close(hn[name], hw[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(narrow.hidden, wide.hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(narrow.head_hessian(), wide.head_hessian(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(InputError, match="max_positions"):
+        BlockRunner(tiny_model, windows, max_positions=0)
+
+
+def test_spilled_model_keeps_hidden_states_in_released_scratch_files(tmp_path, windows):
+    """A low-memory model's hidden states live in scratch spill files, none of their pages resident between
+    batches, with the same values as in memory; older states stay valid for a consumer that holds them."""
+    from bitalloc.models.sources import load_model
+    from tests.conftest import tiny_llama
+    from tests.models.test_spill import _resident
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    spilled, _ = load_model(tmp_path / "m", low_memory=True, spill_dir=tmp_path)
+    whole, _ = load_model(tmp_path / "m")
+    a = BlockRunner(spilled, windows, batch_size=3)
+    b = BlockRunner(whole, windows, batch_size=3)
+    assert a._files and a._files[0].holds(a.hidden) and a._files[0].directory == tmp_path
+    assert not b._files
+    held = a.hidden
+    kept = held.clone()
+    while not a.done:
+        ha, hb = a.collect(advance=True), b.collect(advance=True)
+        for name in hb:
+            torch.testing.assert_close(ha[name], hb[name], rtol=0, atol=0)
+        assert _resident(a._files[0]) == 0
+        assert torch.equal(a.hidden, b.hidden)
+    torch.testing.assert_close(a.head_hessian(), b.head_hessian(), rtol=0, atol=0)
+    assert _resident(a._files[0]) == 0
+    assert torch.equal(held, kept)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("bitalloc-spill-")]  # unlinked at once

@@ -21,27 +21,66 @@ from .errors import InputError, NumericsError
 from .fisher import HEAD_CHUNK, FisherStats, fisher_pass
 from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
 from .memory import release_free_memory
+from .models.spill import SpillFile, scratch_tensor, spill_directory
 from .stats import LinearStats, LookupStats, TensorStats
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockRunner", "FisherStats", "HEAD_CHUNK", "Layout", "fisher_pass", "head_stats", "layout_of",
+__all__ = ["BlockRunner", "FisherStats", "HEAD_CHUNK", "Layout", "MAX_POSITIONS", "fisher_pass", "head_stats", "layout_of",
            "release_free_memory", "stream_blocks"]
+
+
+#: positions (windows x ctx) per block forward: bounds one forward's activations (MLP, attention scores)
+MAX_POSITIONS = 1024
 
 
 # ------------------------------------------------------------------------------------- block streaming
 class BlockRunner:
-    """Hidden states of all windows at the current block's input, and Hessians of its linear groups."""
+    """Hidden states of all windows at the current block's input, and Hessians of its linear groups.
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> None:
+    Blocks run on ``batch_size`` windows at a time, fewer when that would exceed ``max_positions`` positions
+    (at least one window): the activations of one forward stay bounded whatever the batch size asked for.
+    Hessians are sums over the batches, in a fixed order, so results are deterministic.
+
+    With a spilled model (:mod:`bitalloc.models.spill`) the hidden states live in a scratch spill file of
+    their own (a new one per block, so a consumer holding older states keeps them), in the same directory,
+    and each batch's slice is released after it is read or written: only the running batch's states are
+    resident.
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *,
+                 max_positions: int = MAX_POSITIONS) -> None:
         check_windows(windows)
+        if max_positions < 1:
+            raise InputError(f"max_positions must be at least 1, got {max_positions}")
         self.model = model
         self.layout = layout_of(model)
         self.windows = windows
-        self.batches = window_batches(len(windows), batch_size)
+        self.batches = window_batches(len(windows), max(1, min(batch_size, max_positions // windows.shape[1])))
         self.block = 0
+        self._spill_dir = spill_directory(model)
+        self._files: list[SpillFile] = []  # the scratch file of the current hidden states (spilled models)
         self.kwargs = self._capture_kwargs()
         self.hidden = self._embed()
+
+    def _new_states(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An (n, ctx, hidden) buffer: a scratch spill file for a spilled model, else ordinary memory."""
+        if self._spill_dir is None:
+            return torch.empty(shape, dtype=dtype)
+        t, f = scratch_tensor(shape, dtype, self._spill_dir)
+        self._pending = f
+        return t
+
+    def _adopt(self, t: torch.Tensor) -> torch.Tensor:
+        """Make ``t`` (from :meth:`_new_states`) the current states' buffer; returns it."""
+        f = self.__dict__.pop("_pending", None)
+        self._files = [f] if f is not None else []
+        return t
+
+    def _release(self, t: torch.Tensor) -> None:
+        """Drop the resident pages of ``t`` when it lies in a scratch file of this runner (else a no-op)."""
+        for f in self._files + ([self._pending] if "_pending" in self.__dict__ else []):
+            f.release_tensor(t)
 
     def _capture_kwargs(self) -> list[dict[str, Any]]:
         """The keyword arguments the model passes to each block (masks, rotary tables), from one window."""
@@ -69,25 +108,37 @@ class BlockRunner:
 
     def _embed(self) -> torch.Tensor:
         """Inputs of block 0 for every window (whatever the model does before it, e.g. embedding scale)."""
-        parts: list[torch.Tensor] = []
+        out: list[torch.Tensor] = []  # one tensor, filled batch by batch (no list + torch.cat copy)
+        where: list[slice] = []
 
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            parts.append((args[0] if args else kwargs["hidden_states"]).detach())
+            x = (args[0] if args else kwargs["hidden_states"]).detach()
+            if not out:
+                out.append(self._new_states((len(self.windows), *x.shape[1:]), x.dtype))
+            out[0][where[0]] = x
+            self._release(out[0][where[0]])
             raise StopForward
 
         h = self.layout.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
                 for sl in self.batches:
+                    where[:] = [sl]
                     try:
                         self.model(self.windows[sl], use_cache=False)
                     except StopForward:
                         pass
         finally:
             h.remove()
-        hidden = torch.cat(parts)
-        require_finite(hidden, "the embedding output")
+        hidden = self._adopt(out[0])
+        self._require_finite(hidden, "the embedding output")
+        release_free_memory()
         return hidden
+
+    def _require_finite(self, t: torch.Tensor, what: str) -> None:
+        for sl in self.batches:
+            require_finite(t[sl], what)
+            self._release(t[sl])
 
     def _forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         out = self.layout.blocks[i](x, **self.kwargs[i])
@@ -120,7 +171,7 @@ class BlockRunner:
 
         hs = [lay.linear(i, lay.spec.groups[g][0]).register_forward_pre_hook(pre(g)) for g in gidx]
         # outputs go straight into one new tensor (a list + torch.cat would hold them twice)
-        nxt = torch.empty_like(self.hidden) if advance else None
+        nxt = self._new_states(tuple(self.hidden.shape), self.hidden.dtype) if advance else None
         try:
             with torch.no_grad():
                 for sl in self.batches:
@@ -131,15 +182,17 @@ class BlockRunner:
                         if nxt is not None:
                             require_finite(y, f"the output of block {i}")
                             nxt[sl] = y
+                            self._release(nxt[sl])
                         del y
                     except StopForward:
                         pass
                     count += x.shape[0] * x.shape[1]
+                    self._release(x)
         finally:
             for h in hs:
                 h.remove()
         if nxt is not None:
-            self.hidden = nxt
+            self.hidden = self._adopt(nxt)
             self.block += 1
         release_free_memory()
         result: dict[str, torch.Tensor] = {}
@@ -155,12 +208,14 @@ class BlockRunner:
 
     def advance(self) -> None:
         """Run the current block on every window and move to the next block."""
-        nxt = torch.empty_like(self.hidden)
+        nxt = self._new_states(tuple(self.hidden.shape), self.hidden.dtype)
         with torch.no_grad():
             for sl in self.batches:
                 nxt[sl] = self._forward(self.block, self.hidden[sl])
-        require_finite(nxt, f"the output of block {self.block}")
-        self.hidden = nxt
+                self._release(self.hidden[sl])
+                self._release(nxt[sl])
+        self._require_finite(nxt, f"the output of block {self.block}")
+        self.hidden = self._adopt(nxt)
         self.block += 1
         release_free_memory()
 
@@ -177,6 +232,7 @@ class BlockRunner:
         with torch.no_grad():
             for sl in self.batches:
                 x = self.layout.final_norm(self.hidden[sl]).reshape(-1, self.hidden.shape[-1]).float()
+                self._release(self.hidden[sl])
                 total = x.T @ x if total is None else total + x.T @ x
                 count += x.shape[0]
         h = total / count
@@ -236,12 +292,16 @@ def stream_blocks(
     for b in tqdm(range(start_block, nblocks), desc="calibrate", disable=not progress, leave=False,
                   initial=start_block, total=nblocks):
         hs = runner.collect(advance=True)
-        yield {
+        stats = {
             name: TensorStats(roles=(LinearStats(hessian=h, ntokens=ntok, grad_sq=fisher.get((name, "linear"))),))
             for name, h in hs.items()
         }
+        del hs
+        yield stats
+        del stats  # the consumer is done with this block: its Hessians leave before the next forward
         if after_block is not None:
             after_block(b, runner.hidden)
+            runner._release(runner.hidden)  # a consumer that read the states (to save them) left them resident
     yield head_stats(runner, fisher)
 
 

@@ -1,14 +1,17 @@
 """The Fisher pass: ``E[(∂ Σ log p / ∂ y)²]`` per output channel of every linear, the embedding and the logits.
 
-Per batch of windows one no-grad forward keeps only each block's input; the head (final norm -> lm_head ->
-log_softmax -> NLL) runs over chunks of positions; then blocks are recomputed with autograd one at a time, last
-to first, so neither all activations nor the full (positions x vocab) logits ever exist at once.
+Per batch of windows one no-grad forward keeps each block's input only at checkpoints (every
+``ceil(sqrt(blocks))``-th block); the head (final norm -> lm_head -> log-softmax -> NLL) runs over chunks of
+positions and, within a chunk, over slices of the vocabulary (an online logsumexp, then the gradient slice by
+slice), so neither the (positions x vocab) logits nor the whole lm_head weight are ever resident; then the
+blocks are recomputed with autograd one at a time, last to first, a segment's inputs re-derived from its
+checkpoint, so neither all activations nor all block inputs exist at once.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -17,14 +20,17 @@ from tqdm.auto import tqdm
 from .errors import InputError, NumericsError
 from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
 from .memory import release_free_memory
+from .models.spill import release_rows
 
 log = logging.getLogger(__name__)
 
 FisherStats = dict[tuple[str, str], torch.Tensor]
 """``(tensor name, role) -> E[g²]``; role is ``"linear"`` (per output channel) or ``"lookup"`` (per hidden)."""
 
-#: positions whose (positions x vocab) logits exist at once in the Fisher head pass
-HEAD_CHUNK = 32
+#: positions whose logits exist at once in the Fisher head pass (for one vocabulary slice)
+HEAD_CHUNK = 256
+#: rows of the lm_head weight (vocabulary entries) resident at once in the Fisher head pass
+VOCAB_CHUNK = 4096
 
 
 def fisher_pass(
@@ -35,33 +41,39 @@ def fisher_pass(
     progress: bool = True,
     *,
     head_chunk: int = HEAD_CHUNK,
+    vocab_chunk: int = VOCAB_CHUNK,
 ) -> FisherStats:
     """``E[(∂ Σ log p(next token) / ∂ y)²]`` per output channel of every linear, the embedding, the logits.
 
     The log-likelihood of a window is summed over its positions; squares are averaged over positions, so
     ``½ Σ_j grad_sq_j E[Δy_j²]`` estimates the increase of the mean per-token loss.  Weights get no grad.
 
-    Bounded memory: per batch one forward without autograd keeps only each block's input; the head
-    (final norm -> lm_head -> log-softmax -> NLL) runs over ``head_chunk`` positions at a time, so a
-    (positions x vocab) array exists for one chunk only; then the blocks are recomputed with autograd one at
-    a time, last to first, each backpropagating the gradient of its output to its input (gradient
-    checkpointing).  Every linear output is hooked during the recomputation only, so nothing is counted twice.
+    Bounded memory: per batch one forward without autograd keeps the inputs of every ``ceil(sqrt(n))``-th
+    block; the head runs over ``head_chunk`` positions and ``vocab_chunk`` vocabulary rows at a time (a
+    ``head_chunk x vocab_chunk`` logits slice, one slice of the lm_head weight resident, released after use);
+    then the blocks are recomputed with autograd one at a time, last to first, each backpropagating the
+    gradient of its output to its input (gradient checkpointing; a segment's block inputs are recomputed
+    from its checkpoint first).  Every block linear output is hooked during the recomputation only, so
+    nothing is counted twice; the lm_head's output gradient is accumulated slice by slice.
     """
     check_windows(windows)
     if head_chunk < 1:
         raise InputError(f"head_chunk must be at least 1, got {head_chunk}")
+    if vocab_chunk < 1:
+        raise InputError(f"vocab_chunk must be at least 1, got {vocab_chunk}")
     lay = layout_of(model)
     sums: dict[tuple[str, str], torch.Tensor] = {}
     handles = _hook_linear_outputs(lay, sums)
     scale = float(getattr(lay.embedding, "embed_scale", 1.0))
     emb_key = (lay.embedding_name, "lookup")
+    head = _Head(model, lay, _softcap(model), head_chunk, vocab_chunk)
     ntok = 0
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)  # gradients w.r.t. activations only, never weights
     try:
         for sl in tqdm(window_batches(len(windows), batch_size), desc="fisher", disable=not progress, leave=False):
             ids = windows[sl]
-            g_emb = _fisher_batch(model, lay, ids, sums, head_chunk)
+            g_emb = _fisher_batch(model, lay, ids, head)
             _accumulate(sums, emb_key, g_emb)
             ntok += ids.numel()
     finally:
@@ -69,6 +81,7 @@ def fisher_pass(
             h.remove()
         for p, f in flags:
             p.requires_grad_(f)
+    sums[(lay.lm_head_name, "linear")] = head.grad_sq
     out = {k: v / ntok for k, v in sums.items()}
     # y = scale·E[token]: the gradient w.r.t. the stored row is scale·g.
     out[emb_key] = out[emb_key] * scale**2
@@ -83,7 +96,7 @@ def _accumulate(sums: dict[tuple[str, str], torch.Tensor], key: tuple[str, str],
 
 
 def _hook_linear_outputs(lay: Layout, sums: dict[tuple[str, str], torch.Tensor]) -> list[Any]:
-    """Forward hooks that square the gradient of every linear's (and the lm_head's) output into ``sums``.
+    """Forward hooks that square the gradient of every block linear's output into ``sums``.
 
     A hook only fires for outputs that require grad, i.e. in the recomputation with autograd."""
 
@@ -98,23 +111,31 @@ def _hook_linear_outputs(lay: Layout, sums: dict[tuple[str, str], torch.Tensor])
     for b in range(len(lay.blocks)):
         for lin in lay.spec.linears:
             handles.append(lay.linear(b, lin).register_forward_hook(on_output((lay.tensor_name(b, lin), "linear"))))
-    handles.append(lay.lm_head.register_forward_hook(on_output((lay.lm_head_name, "linear"))))
     return handles
 
 
+def _checkpoint_every(n: int) -> int:
+    """Block inputs kept per forward: every k-th, k = ceil(sqrt(n)) (about 2·sqrt(n) alive at once)."""
+    return max(1, math.ceil(math.sqrt(n)))
+
+
 def _block_inputs(
-    model: nn.Module, lay: Layout, emb: torch.Tensor
-) -> tuple[list[torch.Tensor], list[dict[str, Any]], torch.Tensor]:
-    """One forward without autograd: each block's input and call arguments, and the final-norm input."""
+    model: nn.Module, lay: Layout, emb: torch.Tensor, every: int
+) -> tuple[dict[int, torch.Tensor], list[dict[str, Any]], torch.Tensor]:
+    """One forward without autograd: the inputs of blocks ``0, every, 2·every, ...``, every block's call
+    arguments, and the final-norm input."""
     n = len(lay.blocks)
-    inputs: list[torch.Tensor] = []
+    inputs: dict[int, torch.Tensor] = {}
     kwargs: list[dict[str, Any]] = [{} for _ in range(n)]
+    seen: list[int] = []
     final: list[torch.Tensor] = []
 
     def pre(i: int):
         def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
-            inputs.append((args[0] if args else kw["hidden_states"]).detach())
+            if i % every == 0:
+                inputs[i] = (args[0] if args else kw["hidden_states"]).detach()
             kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+            seen.append(i)
 
         return hook
 
@@ -132,8 +153,8 @@ def _block_inputs(
     finally:
         for h in hs:
             h.remove()
-    if len(inputs) != n or len(final) != 1:
-        raise NumericsError(f"the Fisher pass saw {len(inputs)} of {n} blocks and {len(final)} final norms")
+    if len(seen) != n or len(final) != 1:
+        raise NumericsError(f"the Fisher pass saw {len(seen)} of {n} blocks and {len(final)} final norms")
     return inputs, kwargs, final[0]
 
 
@@ -162,48 +183,112 @@ def _softcap(model: nn.Module) -> float | None:
     return float(cap) if cap else None
 
 
-def _head_grad(lay: Layout, final: torch.Tensor, ids: torch.Tensor, chunk: int, cap: float | None) -> torch.Tensor:
-    """``∂ Σ log p(next token) / ∂ final`` (the final-norm input), over ``chunk`` positions at a time."""
-    bsz, ctx, hidden = final.shape
-    x_all = final[:, :-1].reshape(-1, hidden)
-    tgt = ids[:, 1:].reshape(-1, 1)
-    grad = torch.zeros(bsz * (ctx - 1), hidden, dtype=final.dtype)
-    total = 0.0
-    for a in range(0, x_all.shape[0], chunk):
-        x = x_all[a : a + chunk].detach().requires_grad_(True)
-        logits = lay.lm_head(lay.final_norm(x))
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        ll = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt[a : a + chunk]).sum()
-        ll.backward()
-        total += float(ll.detach())
-        grad[a : a + chunk] = x.grad
-    if not math.isfinite(total):
-        raise NumericsError("non-finite values (NaN/Inf) in the log-likelihood of the calibration windows (fp model)")
-    out = torch.zeros_like(final)
-    out[:, :-1] = grad.reshape(bsz, ctx - 1, hidden)
-    return out
+def head_logits(
+    h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cap: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits of the vocabulary slice ``w`` (rows) for final-norm outputs ``h`` (float32), and the derivative
+    of the soft-capped logits w.r.t. the raw ones (None without a soft cap)."""
+    z = h @ w.float().T
+    if bias is not None:
+        z = z + bias.float()
+    if cap is None:
+        return z, None
+    t = torch.tanh(z / cap)
+    return t * cap, 1 - t * t
 
 
-def _fisher_batch(
-    model: nn.Module, lay: Layout, ids: torch.Tensor, sums: dict[tuple[str, str], torch.Tensor], chunk: int
-) -> torch.Tensor:
+class _Head:
+    """``∂ Σ log p(next token) / ∂ final`` and the lm_head output's ``Σ g²``, vocabulary slice by slice."""
+
+    def __init__(self, model: nn.Module, lay: Layout, cap: float | None, chunk: int, vocab_chunk: int) -> None:
+        self.model, self.lay, self.cap = model, lay, cap
+        self.chunk, self.vocab_chunk = chunk, vocab_chunk
+        self.weight = lay.lm_head.weight
+        self.bias = getattr(lay.lm_head, "bias", None)
+        self.grad_sq = torch.zeros(int(self.weight.shape[0]), dtype=torch.float32)
+
+    def _slices(self, h: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """``(v0, v1, logits, dcap)`` per vocabulary slice; each weight slice is released after use."""
+        vocab = int(self.weight.shape[0])
+        for v0 in range(0, vocab, self.vocab_chunk):
+            v1 = min(vocab, v0 + self.vocab_chunk)
+            b = None if self.bias is None else self.bias[v0:v1]
+            z, dcap = head_logits(h, self.weight[v0:v1].detach(), b, self.cap)
+            yield v0, v1, z, dcap
+            release_rows(self.model, self.lay.lm_head_name, slice(v0, v1))
+
+    def _grad_h(self, h: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``∂ ll / ∂ h`` for final-norm outputs ``h`` (float32, rows = positions) and the log-likelihood ll."""
+        n = h.shape[0]
+        rows = torch.arange(n)
+        m = torch.full((n,), -math.inf)
+        s = torch.zeros(n)
+        tl = torch.zeros(n)
+        for v0, v1, z, _ in self._slices(h):  # pass 1: online logsumexp and the target logits
+            m_new = torch.maximum(m, z.max(1).values)
+            s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
+            m = m_new
+            hit = (tgt >= v0) & (tgt < v1)
+            tl[hit] = z[rows[hit], tgt[hit] - v0]
+        lse = m + torch.log(s)
+        gh = torch.zeros_like(h)
+        for v0, v1, z, dcap in self._slices(h):  # pass 2: d ll / d logits = onehot - softmax
+            g = torch.exp(z - lse[:, None]).neg_()
+            hit = (tgt >= v0) & (tgt < v1)
+            g[rows[hit], tgt[hit] - v0] += 1
+            if dcap is not None:
+                g = g * dcap
+            self.grad_sq[v0:v1] += g.pow(2).sum(0)
+            gh.addmm_(g, self.weight[v0:v1].detach().float())
+        return gh, float((tl - lse).sum())
+
+    def grad(self, final: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``∂ Σ log p(next token) / ∂ final`` (the final-norm input), ``chunk`` positions at a time."""
+        bsz, ctx, hidden = final.shape
+        x_all = final[:, :-1].reshape(-1, hidden)
+        tgt = ids[:, 1:].reshape(-1)
+        grad = torch.zeros(bsz * (ctx - 1), hidden, dtype=final.dtype)
+        total = 0.0
+        for a in range(0, x_all.shape[0], self.chunk):
+            x = x_all[a : a + self.chunk].detach().requires_grad_(True)
+            h = self.lay.final_norm(x)
+            gh, ll = self._grad_h(h.detach().float(), tgt[a : a + self.chunk])
+            total += ll
+            h.backward(gh.to(h.dtype))
+            grad[a : a + self.chunk] = x.grad
+        if not math.isfinite(total):
+            raise NumericsError("non-finite values (NaN/Inf) in the log-likelihood of the calibration windows "
+                                "(fp model)")
+        out = torch.zeros_like(final)
+        out[:, :-1] = grad.reshape(bsz, ctx - 1, hidden)
+        return out
+
+
+def _fisher_batch(model: nn.Module, lay: Layout, ids: torch.Tensor, head: _Head) -> torch.Tensor:
     """Backpropagate the summed log-likelihood of ``ids`` block by block; returns the embedding-output gradient."""
     emb = lay.embedding(ids).detach()
-    inputs, kwargs, final = _block_inputs(model, lay, emb)
+    n = len(lay.blocks)
+    every = _checkpoint_every(n)
+    checkpoints, kwargs, final = _block_inputs(model, lay, emb, every)
     with torch.enable_grad():
         release_free_memory()
-        g = _head_grad(lay, final, ids, chunk, _softcap(model))
+        g = head.grad(final, ids)
         del final
         release_free_memory()
-        for i in reversed(range(len(lay.blocks))):
-            x = inputs.pop().requires_grad_(True)
-            out = lay.blocks[i](x, **kwargs[i])
-            y = out[0] if isinstance(out, tuple) else out
-            torch.autograd.backward(y, g)
-            g = x.grad
-            del x, y, out
-            release_free_memory()
+        for start in reversed(range(0, n, every)):
+            xs = [checkpoints.pop(start)]
+            with torch.no_grad():  # the segment's block inputs, recomputed from its checkpoint
+                for j in range(start, min(n, start + every) - 1):
+                    out = lay.blocks[j](xs[-1], **kwargs[j])
+                    xs.append(out[0] if isinstance(out, tuple) else out)
+            for i in reversed(range(start, start + len(xs))):
+                x = xs.pop().requires_grad_(True)
+                out = lay.blocks[i](x, **kwargs[i])
+                y = out[0] if isinstance(out, tuple) else out
+                torch.autograd.backward(y, g)
+                g = x.grad
+                del x, y, out
+                release_free_memory()
         emb.requires_grad_(True)
         x0 = _block0_input(model, lay, emb)
         torch.autograd.backward(x0, g)

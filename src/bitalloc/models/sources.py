@@ -155,9 +155,11 @@ def _tokenizer(path: Path, gguf: bool) -> Any:
 
 def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[Any, Any] | None:
     """``(model, tokenizer)`` with spilled weights, or None where only a whole load is possible."""
+    from bitalloc.memory import return_large_frees
     from bitalloc.models.spill import trim_heap
     from bitalloc.models.spill_load import load_gguf_spilled, load_hf_spilled
 
+    return_large_frees()  # freed activations of a few MB go back to the OS instead of staying in the heap
     if path.is_dir():
         _check_hf_dir(path)
         _check_model_type(path)
@@ -186,7 +188,8 @@ def load_model(
     The architecture must be in :mod:`bitalloc.models.archs`.  Every user mistake is one InputError.
     With ``low_memory`` the weights are read tensor by tensor into a memory-mapped spill file in
     ``spill_dir`` (default: the temp dir) and kept resident one block at a time (:mod:`bitalloc.models.spill`);
-    the values are identical to a whole load.  Sources it cannot map by name fall back to a whole load.
+    the values are identical to a whole load; it also makes glibc return freed allocations of 1 MiB or more to
+    the OS at once, for the rest of the process (:func:`bitalloc.memory.return_large_frees`).  Sources it cannot map by name fall back to a whole load.
     """
     from bitalloc.models.archs import arch_for
 

@@ -217,6 +217,25 @@ def install_release_hooks(model: nn.Module, blocks: str) -> list[Any]:
     return handles
 
 
+def spill_directory(model: nn.Module) -> Path | None:
+    """The directory of ``model``'s spill file (None for an ordinary model)."""
+    for m in model.modules():
+        spill = _spill_of(m)
+        if spill is not None:
+            return spill.directory
+    return None
+
+
+def scratch_tensor(shape: Sequence[int], dtype: torch.dtype,
+                   directory: str | os.PathLike[str] | None) -> tuple[torch.Tensor, SpillFile]:
+    """A new zero-filled tensor in its own spill file, and the file (to release pages of the tensor with).
+
+    For large intermediates (the hidden states of every calibration window) that are read and written one
+    slice at a time: released slices leave memory and are read back from the page cache when touched."""
+    spill = SpillFile([("t", tuple(int(d) for d in shape), dtype)], directory)
+    return spill.tensor("t"), spill
+
+
 def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc keeps large freed buffers, e.g. decode temporaries,
     in its heap after the first few); a no-op elsewhere."""
@@ -246,5 +265,6 @@ def spill_parameters(model: nn.Module, names: Iterable[str], dtype: torch.dtype,
 
 __all__ = [
     "PAGE", "SpillFile", "attach", "install_release_hooks", "is_spilled", "release", "release_parameter",
-    "release_rows", "release_targets", "released_parameters", "spill_parameters", "trim_heap",
+    "release_rows", "release_targets", "released_parameters", "scratch_tensor", "spill_directory", "spill_parameters",
+    "trim_heap",
 ]
