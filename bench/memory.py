@@ -119,7 +119,10 @@ def measure(cmd: str, interval: float) -> dict:
     """Run ``cmd`` (shell syntax, no shell), return its peak RSS, samples, exit code and output tail."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.monotonic()
-    proc = subprocess.Popen(shlex.split(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = shlex.split(cmd)
+    if argv and argv[0] == "bitalloc":  # this interpreter's bitalloc, whether or not its venv is on PATH
+        argv = [sys.executable, "-m", "bitalloc.cli", *argv[1:]]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     samples: list[tuple[float, int]] = []
     marks: list[tuple[float, str]] = []  # (time, output fragment): progress bars and log lines name the phase
 
