@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -194,3 +195,18 @@ def test_measure_tensor_releases_each_row_block_after_use_and_changes_nothing():
     assert got == plain
     blocks = [slice(a, min(a + 16, V)) for a in range(0, V, 16)]
     assert released == blocks * (1 + len(fmts))  # the finite check, then every format
+
+
+def test_tensor_without_calibration_tokens_is_measured_finite_and_named_in_a_warning(caplog):
+    """A MoE expert the router never picks has an all-zero Hessian: no NaN, zero errors, and a warning naming it."""
+    w = torch.randn(8, 64)
+    st = TensorStats((LinearStats(torch.zeros(64, 64), 0, torch.zeros(8)),))
+    with caplog.at_level(logging.WARNING, logger="bitalloc.measure"):
+        rows = measure_tensor("layers.0.experts.3.w1", w, st, ["int2-g32", "int4-g32"], "gptq")
+    assert [r.format for r in rows] == ["int2-g32", "int4-g32"]
+    assert all(r.output_error == 0.0 and r.fisher_error == 0.0 for r in rows)
+    assert "layers.0.experts.3.w1 received no calibration tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bitalloc.measure"):
+        measure_tensor("q", w, TensorStats((LinearStats(torch.eye(64), 5, torch.ones(8)),)), ["int4-g32"], "gptq")
+    assert "no calibration tokens" not in caplog.text

@@ -367,6 +367,10 @@ def measure_tensor(
     drop = release if release is not None else (lambda _rows: None)
     shape = tuple(w.shape)
     nrows = int(shape[0]) if shape else 1
+    if stats.roles and all(getattr(r, "ntokens", 1) == 0 for r in stats.roles):
+        # e.g. a MoE expert the router never chose: every error is 0, so the allocator gives it the cheapest format
+        log.warning("%s received no calibration tokens: its measured error is 0 for every format, so it will get "
+                    "the cheapest one; calibrate with more (or more varied) text to measure it", name)
     for sl in row_chunks(nrows, math.prod(shape[1:]), max_elems) if w.dim() == 2 else [slice(None)]:
         if not torch.isfinite(w[sl]).all():
             raise NumericsError(f"weight {name!r} contains NaN or Inf")
