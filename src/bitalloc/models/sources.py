@@ -155,8 +155,7 @@ def _tokenizer(path: Path, gguf: bool) -> Any:
 
 def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[Any, Any] | None:
     """``(model, tokenizer)`` with spilled weights, or None where only a whole load is possible."""
-    from bitalloc.memory import return_large_frees
-    from bitalloc.models.spill import trim_heap
+    from bitalloc.memory import release_free_memory, return_large_frees
     from bitalloc.models.spill_load import load_gguf_spilled, load_hf_spilled
 
     return_large_frees()  # freed activations of a few MB go back to the OS instead of staying in the heap
@@ -172,7 +171,7 @@ def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[An
     if model is None:
         return None
     tokenizer = _tokenizer(path, gguf=not path.is_dir())
-    trim_heap()  # the GGUF metadata and tokenizer parsing leave large freed buffers behind
+    release_free_memory()  # the GGUF metadata and tokenizer parsing leave large freed buffers behind
     return model, tokenizer
 
 

@@ -16,7 +16,6 @@ time, even when a consumer read other weights in between without releasing them.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import math
@@ -142,15 +141,6 @@ def release(module: nn.Module) -> None:
                 spill.release_tensor(p)
 
 
-def release_parameter(model: nn.Module, name: str) -> None:
-    """Drop the resident pages of the parameter ``name`` of ``model`` (a no-op unless it is spilled)."""
-    owner, _, _ = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    spill = _spill_of(module)
-    if spill is not None:
-        spill.release_tensor(module.get_parameter(name.rpartition(".")[2]))
-
-
 def release_rows(model: nn.Module, name: str, rows: slice) -> None:
     """Drop the resident pages of rows ``rows`` of the spilled parameter ``name`` (a no-op unless spilled).
 
@@ -161,6 +151,11 @@ def release_rows(model: nn.Module, name: str, rows: slice) -> None:
     spill = _spill_of(module)
     if spill is not None:
         spill.release_tensor(module.get_parameter(leaf)[rows])
+
+
+def release_parameter(model: nn.Module, name: str) -> None:
+    """Drop the resident pages of the parameter ``name`` of ``model`` (a no-op unless it is spilled)."""
+    release_rows(model, name, slice(None))
 
 
 def released_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -236,17 +231,6 @@ def scratch_tensor(shape: Sequence[int], dtype: torch.dtype,
     return spill.tensor("t"), spill
 
 
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc keeps large freed buffers, e.g. decode temporaries,
-    in its heap after the first few); a no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 def spill_parameters(model: nn.Module, names: Iterable[str], dtype: torch.dtype,
                      directory: str | os.PathLike[str] | None = None) -> SpillFile:
     """Replace the parameters ``names`` of ``model`` (typically on the meta device) by zero-filled views
@@ -266,5 +250,4 @@ def spill_parameters(model: nn.Module, names: Iterable[str], dtype: torch.dtype,
 __all__ = [
     "PAGE", "SpillFile", "attach", "install_release_hooks", "is_spilled", "release", "release_parameter",
     "release_rows", "release_targets", "released_parameters", "scratch_tensor", "spill_directory", "spill_parameters",
-    "trim_heap",
 ]

@@ -24,7 +24,8 @@ from bitalloc.formats.gguf import GGUF_TYPES
 from bitalloc.io.gguf import GGUFFile
 from bitalloc.io.safetensors import SafetensorsFile, check_finite
 from bitalloc.models.archs import arch_for
-from bitalloc.models.spill import PAGE, attach, install_release_hooks, spill_parameters, trim_heap
+from bitalloc.memory import release_free_memory
+from bitalloc.models.spill import PAGE, attach, install_release_hooks, spill_parameters
 
 log = logging.getLogger(__name__)
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -58,7 +59,7 @@ def _finish_spilled(model: Any, spill: Any) -> None:
     attach(model, spill)
     install_release_hooks(model, spec.blocks)
     spill.release_all()
-    trim_heap()
+    release_free_memory()
 
 
 def _store(spill: Any, name: str, rows: slice, values: torch.Tensor, where: str) -> None:
