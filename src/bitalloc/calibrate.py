@@ -59,7 +59,7 @@ class BlockRunner:
         self.batches = window_batches(len(windows), max(1, min(batch_size, max_positions // windows.shape[1])))
         self.block = 0
         self._spill_dir = spill_directory(model)
-        self._files: list[SpillFile] = []  # the scratch file of the current hidden states (spilled models)
+        self._files: list[SpillFile] = []  # scratch files of the current and the next hidden states (spilled models)
         self.kwargs = self._capture_kwargs()
         self.hidden = self._embed()
 
@@ -68,18 +68,18 @@ class BlockRunner:
         if self._spill_dir is None:
             return torch.empty(shape, dtype=dtype)
         t, f = scratch_tensor(shape, dtype, self._spill_dir)
-        self._pending = f
+        self._files.append(f)
         return t
 
     def _adopt(self, t: torch.Tensor) -> torch.Tensor:
-        """Make ``t`` (from :meth:`_new_states`) the current states' buffer; returns it."""
-        f = self.__dict__.pop("_pending", None)
-        self._files = [f] if f is not None else []
+        """Make ``t`` (from :meth:`_new_states`) the current states' buffer (older scratch files are let go);
+        returns it."""
+        self._files = [f for f in self._files if f.holds(t)]
         return t
 
     def _release(self, t: torch.Tensor) -> None:
         """Drop the resident pages of ``t`` when it lies in a scratch file of this runner (else a no-op)."""
-        for f in self._files + ([self._pending] if "_pending" in self.__dict__ else []):
+        for f in self._files:
             f.release_tensor(t)
 
     def _capture_kwargs(self) -> list[dict[str, Any]]:
