@@ -16,3 +16,8 @@ class BudgetError(BitallocError, ValueError):
 
 class NumericsError(BitallocError, ValueError):
     """NaN/Inf found in weights, activations or statistics (the message names the tensor)."""
+
+
+def output_exists(path: object) -> InputError:
+    """The error refusing to replace an existing output (every command words it the same way)."""
+    return InputError(f"output {path} already exists (use --overwrite to replace it)")

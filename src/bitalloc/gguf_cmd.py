@@ -24,7 +24,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from .budget import Budget
-from .errors import BudgetError, InputError
+from .errors import BudgetError, InputError, output_exists
 from .export.gguf import (
     GGUFTemplate, WrittenGGUF, gguf_file_size, gguf_layout, ggml_nbytes, read_template,
 )
@@ -237,7 +237,7 @@ def cmd_gguf(args: argparse.Namespace) -> int:
         raise InputError(f"{src}: the input must be a .gguf file")
     job_dir = Path(args.job) if args.job else default_job_dir(out)
     if out.exists() and not args.overwrite and not job_dir.exists():
-        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
+        raise output_exists(out)
     Budget.parse(args.budget)
     fmts = gguf_formats(args.formats)
     tpl = read_template(src)

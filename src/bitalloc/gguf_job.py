@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, output_exists
 from .export.gguf import (
     GGUFTemplate, GGUFTensor, WrittenGGUF, choose_file_type, gguf_layout, to_gguf_tensor, write_gguf,
 )
@@ -127,7 +127,7 @@ def write_prepared(out: str | os.PathLike[str], template: GGUFTemplate, prep: Pr
     out = Path(out)
     mpath = manifest_path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
-        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
+        raise output_exists(out)
     if mpath.is_dir():
         raise InputError(f"{mpath} is a directory; the manifest cannot be written")
     with atomic_write(mpath, overwrite=True, inputs=[template.path]) as f:  # describes the file written next

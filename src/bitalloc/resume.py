@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .checkpoints import HIDDEN_FILE, MEASURE_STAGE, QUANT_STAGE, MeasureCheckpoints, block_hook, load_state
-from .errors import InputError
+from .errors import InputError, output_exists
 from .io.atomic import TEMP_SUFFIX, file_digest
 from .job import Job, finish_job, run_job
 
@@ -109,7 +109,7 @@ def remove_stale_outputs(out: Path) -> None:
 def output_refusal(out: Path, overwrite: bool) -> InputError | None:
     """The error refusing to replace an existing output file or directory (None: it may be written)."""
     if out.exists() and not overwrite:
-        return InputError(f"output {out} already exists (use --overwrite to replace it)")
+        return output_exists(out)
     return None
 
 

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import InputError
+from ..errors import InputError, output_exists
 
 # one scale per row at 2 and 3 bits: the cheapest stores, what lets a tight budget protect sensitive tensors
 # (bench/pareto.py: GPTQ at 2.5 bpw, allocated/uniform KLD 0.77 without them, 0.59 with them)
@@ -82,7 +82,7 @@ def _constraints(name: str | None, view: Any) -> Any:
 def _check_out(path: str, overwrite: bool) -> Path:
     p = Path(path)
     if p.exists() and not overwrite:
-        raise InputError(f"output {p} already exists (use --overwrite to replace it)")
+        raise output_exists(p)
     return p
 
 
@@ -98,7 +98,7 @@ def _job_dir(args: argparse.Namespace, out: Path, existing: Sequence[str] | None
     if args.overwrite or job_dir.exists():
         return job_dir
     if existing is None and out.exists():
-        raise InputError(f"output {out} already exists (use --overwrite to replace it)")
+        raise output_exists(out)
     if existing:
         raise InputError(f"output {out} already holds {', '.join(existing)} (use --overwrite to replace it)")
     return job_dir
