@@ -23,11 +23,14 @@ Writes bench/results/pareto.json and pareto.png and prints the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
 import resource
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -41,7 +44,9 @@ from bitalloc.models.view import ModelView
 from bitalloc.budget import Budget
 from bitalloc.measure import Measurement, write_text_atomic
 from bitalloc.pipeline import make_plan, measure_model
-from bitalloc.sweep import Point, best_measured_uniform, format_table, plot, sweep
+from bitalloc.job import Job
+from bitalloc.sweep import best_measured_uniform, format_table, plot, sweep
+from bitalloc.sweep_job import save_point, saved_points
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # 15 candidates: fine groups where bits are few, coarse where they are many, and one scale per row for 2 and
@@ -75,20 +80,6 @@ def cached_measurement(cache: Path | None, key: str, formats: list[str], measure
             table.save(path)
             write_text_atomic(times_path, json.dumps(runs, indent=1) + "\n")
     return table.subset(formats), runs
-
-
-class PointCache:
-    """Finished sweep points of one (measurement table, settings) key, saved after each point."""
-
-    def __init__(self, cache: Path | None, key: str) -> None:
-        self.path = None if cache is None else cache / f"points-{key}.json"
-        raw = json.loads(self.path.read_text()) if self.path is not None and self.path.exists() else {}
-        self.done = {k: Point.from_dict(v) for k, v in raw.items()}
-
-    def add(self, key: str, point: Point) -> None:
-        self.done[key] = point
-        if self.path is not None:
-            write_text_atomic(self.path, json.dumps({k: asdict(p) for k, p in self.done.items()}, indent=1) + "\n")
 
 
 def peak_rss_mib() -> float:
@@ -131,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         if args.fresh:
-            for f in cache.glob("*.json"):
+            for f in cache.glob("measure-*.json"):
                 f.unlink()
+            for d in cache.glob("points-*"):
+                shutil.rmtree(d)
     settings = ("rescaled SmolLM2 seed 0 sigma 0.1", args.ctx, args.fisher_windows)
     tables, runs, points = {}, {}, []
     for method in methods:
@@ -142,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                 return measure_model(model, view, calib, fmts, mm, True, fisher_windows=calib[: args.fisher_windows])
             tables[mm], runs[mm] = cached_measurement(cache, digest(settings, mm, calib), formats, measure)
         table = tables[mm]
-        done = PointCache(cache, digest(settings, method, table.to_json(), budgets, calib, evals))
-        points += sweep(model, view, {method: table}, budgets, [method], calib, evals, reference,
-                        done=done.done, on_point=done.add)
+        key = digest(settings, method, table.to_json(), budgets, calib, evals)
+        with contextlib.ExitStack() as stack:  # finished points: checkpoints of a job in the cache
+            job = None if cache is None else stack.enter_context(Job(cache / f"points-{key}", {"points": key}))
+            points += sweep(model, view, {method: table}, budgets, [method], calib, evals, reference,
+                            done=None if job is None else saved_points(job),
+                            on_point=None if job is None else functools.partial(save_point, job))
     t_measure = {mm: sum(r["seconds"] for r in rs) for mm, rs in runs.items()}
     m = next(iter(tables.values()))
     alloc_seconds = {}

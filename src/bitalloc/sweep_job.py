@@ -189,13 +189,12 @@ def _compute(job: Job, steps: SweepSteps, after_block: Callable[[int], None] | N
         raise InputError(f"job {job.dir} lacks the measurement time; remove the job directory to start over")
     measure_seconds = job.load_item("sweep", "measure")["seconds"]
 
-    done = {k: Point.from_dict(json.loads(job.load_item(POINTS_STAGE, k)["json"])) for k in job.items(POINTS_STAGE)}
+    done = saved_points(job)
     if done:
         log.info("resuming sweep: %d point(s) already done", len(done))
 
     def save(key: str, pt: Point) -> None:
-        # the point as JSON text: non-finite values (an exploded int2 model's ppl) survive the round trip
-        job.save_item(POINTS_STAGE, key, {"json": json.dumps(asdict(pt))})
+        save_point(job, key, pt)
         if on_point is not None:
             on_point(key, pt)
 
@@ -210,4 +209,15 @@ def _compute(job: Job, steps: SweepSteps, after_block: Callable[[int], None] | N
     job.complete_stage(POINTS_STAGE)
 
 
-__all__ = ["OUTPUTS", "POINTS_STAGE", "SweepResult", "SweepSteps", "run_sweep_job"]
+def saved_points(job: Job) -> dict[str, Point]:
+    """The sweep points checkpointed in ``job`` by :func:`save_point`, by point key."""
+    return {k: Point.from_dict(json.loads(job.load_item(POINTS_STAGE, k)["json"])) for k in job.items(POINTS_STAGE)}
+
+
+def save_point(job: Job, key: str, pt: Point) -> None:
+    """Checkpoint a finished sweep point in ``job`` (stage :data:`POINTS_STAGE`)."""
+    # the point as JSON text: non-finite values (an exploded int2 model's ppl) survive the round trip
+    job.save_item(POINTS_STAGE, key, {"json": json.dumps(asdict(pt))})
+
+
+__all__ = ["OUTPUTS", "POINTS_STAGE", "SweepResult", "SweepSteps", "run_sweep_job", "save_point", "saved_points"]
