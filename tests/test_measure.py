@@ -91,17 +91,23 @@ def test_measure_tensor_rtn():
     assert errs == sorted(errs, reverse=True) and errs[-1] > 0  # fp16 error is tiny but real
 
 
+def _tied_embedding(seed: int, V: int = 75, D: int = 64) -> tuple[torch.Tensor, torch.Tensor, TensorStats]:
+    """A (V, D) weight, its raw token counts and the stats of a tied embedding (lookup + linear, Fisher on both)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(V, D, generator=g)
+    freq = torch.rand(V, generator=g)
+    st = TensorStats((LookupStats(freq / freq.sum(), 9, torch.rand(D, generator=g)),
+                      LinearStats(_spd(D, g), 9, torch.rand(V, generator=g))))
+    return w, freq, st
+
+
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_measure_tensor_in_row_chunks_equals_whole(method, monkeypatch):
     """A tied embedding (lookup + linear roles, Fisher on both) measured in 5 row blocks: the same table."""
     import bitalloc.measure as me
 
-    g = torch.Generator().manual_seed(4)
-    V, D = 75, 64
-    w = torch.randn(V, D, generator=g)
-    freq = torch.rand(V, generator=g)
-    st = TensorStats((LookupStats(freq / freq.sum(), 9, torch.rand(D, generator=g)),
-                      LinearStats(_spd(D, g), 9, torch.rand(V, generator=g))))
+    w, freq, st = _tied_embedding(4)
+    D = w.shape[1]
     fmts = ["int3-row", "int4-g32", "q4_0", "iq4_nl", "fp16"]
     whole = measure_tensor("emb", w, st, fmts, method=method, max_elems=None)
     blocks: list[int] = []
@@ -182,12 +188,8 @@ def test_measurement_load_errors(tmp_path):
 def test_measure_tensor_releases_each_row_block_after_use_and_changes_nothing():
     """``release(rows)`` is called after every block of rows is read (finite check and each format), and
     the table is the one without it."""
-    g = torch.Generator().manual_seed(5)
-    V, D = 75, 64
-    w = torch.randn(V, D, generator=g)
-    freq = torch.rand(V, generator=g)
-    st = TensorStats((LookupStats(freq / freq.sum(), 9, torch.rand(D, generator=g)),
-                      LinearStats(_spd(D, g), 9, torch.rand(V, generator=g))))
+    w, _freq, st = _tied_embedding(5)
+    V, D = w.shape
     fmts = ["int4-g32", "fp16"]
     plain = measure_tensor("emb", w, st, fmts, max_elems=16 * D)
     released: list[slice] = []

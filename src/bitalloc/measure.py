@@ -147,7 +147,8 @@ class Measurement:
     def subset(self, formats: Sequence[str]) -> "Measurement":
         """The table restricted to ``formats`` (ids as given or normalised); every one must be measured."""
         want = [get_format(f).id for f in formats]
-        missing = [f for f in want if f not in set(self.formats())]
+        have = set(self.formats())
+        missing = [f for f in want if f not in have]
         if missing:
             raise InputError(f"measurement: formats {missing} were not measured (measured: {self.formats()})")
         keep = set(want)
@@ -367,7 +368,7 @@ def measure_tensor(
     drop = release if release is not None else (lambda _rows: None)
     shape = tuple(w.shape)
     nrows = int(shape[0]) if shape else 1
-    if stats.roles and all(getattr(r, "ntokens", 1) == 0 for r in stats.roles):
+    if stats.roles and all(r.ntokens == 0 for r in stats.roles):
         # e.g. a MoE expert the router never chose: every error is 0, so the allocator gives it the cheapest format
         log.warning("%s received no calibration tokens: its measured error is 0 for every format, so it will get "
                     "the cheapest one; calibrate with more (or more varied) text to measure it", name)
