@@ -52,7 +52,8 @@ from bitalloc.data import default_calibration_files, default_eval_files, read_te
 from bitalloc.export.gguf import export_f32_gguf, read_template  # noqa: E402
 from bitalloc.gguf_cmd import GGUF_FORMATS, export_plan, plan_gguf  # noqa: E402
 from bitalloc.job import Job  # noqa: E402
-from bitalloc.measure import Measurement, output_error  # noqa: E402
+from bitalloc.formats import get_format  # noqa: E402
+from bitalloc.measure import Measurement, activation_error, output_error  # noqa: E402
 from bitalloc.models.rescale import load_reference  # noqa: E402
 from bitalloc.models.sources import default_model_path  # noqa: E402
 from bitalloc.models.view import ModelView  # noqa: E402
@@ -73,7 +74,8 @@ log = logging.getLogger("gguf_bench")
 def measure_code() -> list[Path]:
     """Sources whose edits change measured errors (the measurement cache key)."""
     return [*sorted((SRC / "formats").glob("gguf*.py")), SRC / "formats" / "base.py",
-            *sorted((SRC / "rounding").glob("*.py")), SRC / "measure.py"]
+            *sorted((SRC / "rounding").glob("*.py")), SRC / "measure.py", SRC / "activations.py",
+            SRC / "calibrate.py", SRC / "stats.py"]
 
 
 def output_code() -> list[Path]:
@@ -106,15 +108,19 @@ def measure_cached(args: argparse.Namespace, model: torch.nn.Module, view: Model
 def final_errors(model: torch.nn.Module, view: ModelView, saved: dict[str, torch.Tensor], calib: torch.Tensor,
                  m: Measurement, plan: Any) -> dict[str, Any]:
     """Measured vs final error per tensor: the model holds the final (dequantized) weights; it is restored to
-    ``saved`` and the fp statistics are recomputed to evaluate ``output_error`` of each final ΔW."""
+    ``saved`` and the fp statistics are recomputed to evaluate ``output_error`` of each final ΔW (plus the
+    activation rounding's error, which the measurement adds for the same format)."""
     chosen = {e.tensor: e.format for e in plan.entries}
     delta = {n: (model.get_parameter(n).detach() - saved[n]) for n in chosen}
     restore(model, saved)
+    roundings = sorted({r for f in chosen.values() if (r := get_format(f).activation_rounding) is not None})
     pairs: dict[str, tuple[str, float, float]] = {}
-    for block in stream_blocks(model, view, calib, progress=False):
+    for block in stream_blocks(model, view, calib, progress=False, roundings=roundings):
         for name, stats in block.items():
             predicted = next(r.output_error for r in m.rows_for(name) if r.format == chosen[name])
-            pairs[name] = (chosen[name], predicted, output_error(delta.pop(name), stats))
+            dw = delta.pop(name)
+            act = activation_error(stats, get_format(chosen[name]).activation_rounding, int(dw.shape[0]))[0]
+            pairs[name] = (chosen[name], predicted, output_error(dw, stats) + act)
     return st.error_agreement(pairs)
 
 

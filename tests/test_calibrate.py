@@ -119,3 +119,56 @@ def test_spilled_model_keeps_hidden_states_in_released_scratch_files(tmp_path, w
     assert _resident(a._files[0]) == 0
     assert torch.equal(held, kept)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("bitalloc-spill-")]  # unlinked at once
+
+
+def _inputs(model, names):
+    """The input activations (tokens, in) of the named modules in one plain forward."""
+    seen: dict[str, torch.Tensor] = {}
+    mods = dict(model.named_modules())
+
+    def grab(name):
+        def hook(_m, args):
+            seen[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+        return hook
+
+    hs = [mods[n].register_forward_pre_hook(grab(n)) for n in names]
+    return seen, hs
+
+
+def test_activation_noise_of_block_linears_and_the_tied_head(llama_model, windows):
+    from bitalloc.activations import activation_noise, get_rounding
+
+    lay = layout_of(llama_model)
+    names = ["model.layers.1.self_attn.v_proj", "model.layers.0.mlp.down_proj", "lm_head"]
+    seen, hs = _inputs(llama_model, names)
+    llama_model(windows)
+    for h in hs:
+        h.remove()
+    stats = list(stream_blocks(llama_model, None, windows, batch_size=3, progress=False, roundings=["q8_0", "q8_k"]))
+    q8_0 = get_rounding("q8_0")
+    for name in names[:2]:
+        role = [s for b in stats for n, s in b.items() if n == f"{name}.weight"][0].roles[0]
+        assert set(role.act_noise) == {"q8_0"}  # 64 / 128 columns: Q8_K (256) cannot round them
+        x, w = seen[name], llama_model.get_parameter(f"{name}.weight")
+        torch.testing.assert_close(role.act_noise["q8_0"], activation_noise(x, w, q8_0) / x.shape[0], rtol=1e-4, atol=1e-10)
+    lookup, linear = stats[-1][lay.embedding_name].roles
+    x = seen["lm_head"]
+    torch.testing.assert_close(linear.act_noise["q8_0"], activation_noise(x, lay.embedding.weight, q8_0) / x.shape[0],
+                               rtol=1e-4, atol=1e-10)
+    assert isinstance(lookup, LookupStats) and isinstance(linear, LinearStats)
+    plain = list(stream_blocks(llama_model, None, windows, batch_size=3, progress=False))
+    assert all(r.act_noise == {} for b in plain for s in b.values() for r in s.roles if isinstance(r, LinearStats))
+
+
+def test_q8_k_noise_where_the_input_width_is_a_multiple_of_256():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).float().eval()
+    windows = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    block = next(stream_blocks(model, None, windows, progress=False, roundings=["q8_k"]))
+    have = {n for n, s in block.items() if "q8_k" in s.roles[0].act_noise}
+    assert have == {"model.layers.0.mlp.down_proj.weight"}
+    assert (block["model.layers.0.mlp.down_proj.weight"].roles[0].act_noise["q8_k"] > 0).all()

@@ -212,3 +212,28 @@ def test_tensor_without_calibration_tokens_is_measured_finite_and_named_in_a_war
     with caplog.at_level(logging.WARNING, logger="bitalloc.measure"):
         measure_tensor("q", w, TensorStats((LinearStats(torch.eye(64), 5, torch.ones(8)),)), ["int4-g32"], "gptq")
     assert "no calibration tokens" not in caplog.text
+
+
+def test_formats_with_a_runtime_activation_rounding_add_its_noise():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 256, generator=g)
+    h, gs = _spd(256, g), torch.rand(8, generator=g)
+    noise = {"q8_0": torch.rand(8, generator=g, dtype=torch.float64), "q8_k": torch.rand(8, generator=g, dtype=torch.float64)}
+    with_noise = TensorStats((LinearStats(h, 10, gs, noise),))
+    plain = TensorStats((LinearStats(h, 10, gs),))
+    fmts = ["q8_0", "q4_k", "int4-g32"]
+    got = {r.format: r for r in measure_tensor("w", w, with_noise, fmts, method="rtn")}
+    base = {r.format: r for r in measure_tensor("w", w, plain, fmts, method="rtn")}
+    for fmt, rounding in (("q8_0", "q8_0"), ("q4_k", "q8_k")):
+        a = noise[rounding]
+        assert got[fmt].output_error == pytest.approx(base[fmt].output_error + float(a.sum()), rel=1e-12)
+        assert got[fmt].fisher_error == pytest.approx(base[fmt].fisher_error + 0.5 * float(gs.double() @ a), rel=1e-12)
+    assert got["int4-g32"] == base["int4-g32"]  # the int formats' runtime multiplies float activations
+    # row-chunked measurement slices the noise with the rows
+    chunked = {r.format: r for r in measure_tensor("w", w, with_noise, fmts, method="rtn", max_elems=3 * 256)}
+    for fmt in fmts:
+        assert chunked[fmt].output_error == pytest.approx(got[fmt].output_error, rel=1e-9)
+        assert chunked[fmt].fisher_error == pytest.approx(got[fmt].fisher_error, rel=1e-9)
+    bad = TensorStats((LinearStats(h, 10, gs, {"q8_0": torch.rand(5, dtype=torch.float64)}),))
+    with pytest.raises(InputError, match="q8_0 activation noise of shape"):
+        measure_tensor("w", w, bad, ["q8_0"], method="rtn")

@@ -161,3 +161,23 @@ def test_measuring_extra_formats_later_and_merging_equals_measuring_them_at_once
     rtn = measure_model(model, None, windows, ["int3-row"], "rtn", progress=False)
     with pytest.raises(InputError, match="method differs"):
         first.merge(rtn)
+
+
+def test_gguf_rows_carry_the_runtime_activation_noise_and_int_rows_do_not():
+    """measure_model computes the activation noise the candidate formats' runtimes need (llama.cpp's Q8_0 for
+    q8_0), so a GGUF row costs more than the weight rounding alone; int rows are unchanged by it."""
+    from bitalloc.calibrate import stream_blocks
+    from bitalloc.measure import measure_tensor
+
+    model, ids = tiny_llama(), token_ids(2)
+    m = measure_model(model, None, ids, ["q8_0", "int8-g32"], "rtn", fisher=False, progress=False)
+    weight_only = {}
+    for block in stream_blocks(model, None, ids, progress=False):
+        for name, st in block.items():
+            for r in measure_tensor(name, model.get_parameter(name).detach(), st, ["q8_0", "int8-g32"], "rtn"):
+                weight_only[(name, r.format)] = r.output_error
+    for r in m.rows:
+        if r.format == "int8-g32":
+            assert r.output_error == pytest.approx(weight_only[(r.tensor, r.format)], rel=1e-9)
+        else:  # Q8_0 activations: 8 bits per value, as coarse as the q8_0 weight itself
+            assert r.output_error > 1.2 * weight_only[(r.tensor, r.format)], r.tensor

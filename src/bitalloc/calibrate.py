@@ -11,17 +11,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activations import activation_noise, get_rounding
 from .errors import InputError, NumericsError
-from .fisher import HEAD_CHUNK, FisherStats, fisher_pass
+from .fisher import HEAD_CHUNK, VOCAB_CHUNK, FisherStats, fisher_pass
 from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
 from .memory import release_free_memory
-from .models.spill import SpillFile, scratch_tensor, spill_directory
+from .models.spill import SpillFile, release_rows, scratch_tensor, spill_directory
 from .stats import LinearStats, LookupStats, TensorStats
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 __all__ = ["BlockRunner", "FisherStats", "HEAD_CHUNK", "Layout", "MAX_POSITIONS", "fisher_pass", "head_stats", "layout_of",
            "release_free_memory", "stream_blocks"]
 
+
+NoiseStats = dict[str, dict[str, torch.Tensor]]
+"""``tensor name -> activation rounding -> E[((x − R(x)) · w_j)²]`` per output channel."""
 
 #: positions (windows x ctx) per block forward: bounds one forward's activations (MLP, attention scores)
 MAX_POSITIONS = 1024
@@ -150,11 +154,19 @@ class BlockRunner:
         Every tensor of a group gets the same H object.  With ``advance`` the block's outputs replace the
         hidden states (one pass for both); otherwise the pass stops after the last requested group.
         """
+        return self.collect_with_noise(groups, advance)[0]
+
+    def collect_with_noise(self, groups: list[int] | None = None, advance: bool = False,
+                           roundings: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], NoiseStats]:
+        """:meth:`collect`, and per tensor and activation rounding R (names from :mod:`bitalloc.activations`)
+        ``E[((x − R(x)) · w_j)²]`` per output channel (float64), for the tensors whose inputs R can round."""
         i, lay = self.block, self.layout
         gidx = list(range(len(lay.spec.groups))) if groups is None else sorted(groups)
         sums: dict[int, torch.Tensor] = {}
+        noise: dict[str, dict[str, torch.Tensor]] = {}
         count = 0
         seen: set[int] = set()
+        rounders = [get_rounding(r) for r in roundings]
 
         def pre(g: int):
             first = lay.tensor_name(i, lay.spec.groups[g][0])
@@ -163,6 +175,10 @@ class BlockRunner:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 require_finite(x, f"the calibration activations at the input of {first}")
                 sums[g] = sums[g] + x.T @ x if g in sums else x.T @ x
+                for rnd in (r for r in rounders if r.applies(x.shape[1])):
+                    for lin in lay.spec.groups[g]:
+                        _accumulate(noise.setdefault(lay.tensor_name(i, lin), {}), rnd.name,
+                                    activation_noise(x, lay.linear(i, lin).weight.detach(), rnd))
                 seen.add(g)
                 if not advance and len(seen) == len(gidx):
                     raise StopForward
@@ -204,7 +220,7 @@ class BlockRunner:
             require_finite(h, f"the Hessian of {name0}")
             for lin in lay.spec.groups[g]:
                 result[lay.tensor_name(i, lin)] = h
-        return result
+        return result, _means(noise, count)
 
     def advance(self) -> None:
         """Run the current block on every window and move to the next block."""
@@ -225,19 +241,35 @@ class BlockRunner:
 
     def head_hessian(self) -> torch.Tensor:
         """``E[xxᵀ]`` over the final-norm outputs (the lm_head input), after the last block."""
+        return self.head_with_noise()[0]
+
+    def head_with_noise(self, roundings: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`head_hessian`, and the lm_head's activation noise per rounding (as :meth:`collect_with_noise`;
+        the weight is read ``VOCAB_CHUNK`` rows at a time, each slice released after use)."""
         if not self.done:
             raise RuntimeError("head_hessian needs every block to have run")
+        lay = self.layout
+        rounders = [r for r in map(get_rounding, roundings) if r.applies(int(self.hidden.shape[-1]))]
+        weight = lay.lm_head.weight
         total: torch.Tensor | None = None
+        noise: dict[str, torch.Tensor] = {}
         count = 0
         with torch.no_grad():
             for sl in self.batches:
-                x = self.layout.final_norm(self.hidden[sl]).reshape(-1, self.hidden.shape[-1]).float()
+                x = lay.final_norm(self.hidden[sl]).reshape(-1, self.hidden.shape[-1]).float()
                 self._release(self.hidden[sl])
                 total = x.T @ x if total is None else total + x.T @ x
                 count += x.shape[0]
+                for rnd in rounders:
+                    parts = []
+                    for v0 in range(0, int(weight.shape[0]), VOCAB_CHUNK):
+                        v1 = min(v0 + VOCAB_CHUNK, int(weight.shape[0]))
+                        parts.append(activation_noise(x, weight[v0:v1].detach(), rnd))
+                        release_rows(self.model, lay.lm_head_name, slice(v0, v1))
+                    _accumulate(noise, rnd.name, torch.cat(parts))
         h = total / count
-        require_finite(h, f"the Hessian of {self.layout.lm_head_name}")
-        return h
+        require_finite(h, f"the Hessian of {lay.lm_head_name}")
+        return h, {k: v / count for k, v in noise.items()}
 
     def token_freq(self) -> torch.Tensor:
         vocab = int(self.layout.embedding.weight.shape[0])
@@ -247,7 +279,8 @@ class BlockRunner:
         return torch.bincount(ids, minlength=vocab).float() / ids.numel()
 
 
-def head_stats(runner: BlockRunner, fisher: FisherStats | None) -> dict[str, TensorStats]:
+def head_stats(runner: BlockRunner, fisher: FisherStats | None,
+               roundings: Sequence[str] = ()) -> dict[str, TensorStats]:
     """Statistics of the embedding and lm_head (one tensor with two roles when they are tied)."""
     lay = runner.layout
     fisher = fisher or {}
@@ -256,11 +289,9 @@ def head_stats(runner: BlockRunner, fisher: FisherStats | None) -> dict[str, Ten
         ntokens=runner.windows.numel(),
         grad_sq=fisher.get((lay.embedding_name, "lookup")),
     )
-    proj = LinearStats(
-        hessian=runner.head_hessian(),
-        ntokens=runner.windows.numel(),
-        grad_sq=fisher.get((lay.lm_head_name, "linear")),
-    )
+    h, noise = runner.head_with_noise(roundings)
+    proj = LinearStats(hessian=h, ntokens=runner.windows.numel(), grad_sq=fisher.get((lay.lm_head_name, "linear")),
+                       act_noise=noise)
     if lay.tied:
         return {lay.embedding_name: TensorStats(roles=(lookup, proj))}
     return {lay.embedding_name: TensorStats(roles=(lookup,)), lay.lm_head_name: TensorStats(roles=(proj,))}
@@ -277,12 +308,14 @@ def stream_blocks(
     start_block: int = 0,
     start_hidden: torch.Tensor | None = None,
     after_block: Callable[[int, torch.Tensor], None] | None = None,
+    roundings: Sequence[str] = (),
 ) -> Iterator[dict[str, TensorStats]]:
     """Per block ``{tensor: TensorStats}`` of the fp model (one forward per block), then the head tensors.
 
     Resuming (:mod:`bitalloc.resume`): ``start_block`` > 0 with ``start_hidden``, the saved inputs of that block,
     skips the blocks before it; ``after_block(b, hidden)`` runs when the consumer has finished block ``b``'s
-    statistics (asks for the next item), with the inputs of block ``b + 1``.
+    statistics (asks for the next item), with the inputs of block ``b + 1``.  ``roundings``: the activation
+    roundings (:mod:`bitalloc.activations`) whose output noise each linear's stats carry (``act_noise``).
     """
     runner = BlockRunner(model, windows, batch_size)
     _resume_runner(runner, start_block, start_hidden)
@@ -291,18 +324,31 @@ def stream_blocks(
     nblocks = len(runner.layout.blocks)
     for b in tqdm(range(start_block, nblocks), desc="calibrate", disable=not progress, leave=False,
                   initial=start_block, total=nblocks):
-        hs = runner.collect(advance=True)
+        hs, noise = runner.collect_with_noise(advance=True, roundings=roundings)
         stats = {
-            name: TensorStats(roles=(LinearStats(hessian=h, ntokens=ntok, grad_sq=fisher.get((name, "linear"))),))
+            name: TensorStats(roles=(LinearStats(hessian=h, ntokens=ntok, grad_sq=fisher.get((name, "linear")),
+                                                 act_noise=noise.get(name, {})),))
             for name, h in hs.items()
         }
-        del hs
+        del hs, noise
         yield stats
         del stats  # the consumer is done with this block: its Hessians leave before the next forward
         if after_block is not None:
             after_block(b, runner.hidden)
             runner._release(runner.hidden)  # a consumer that read the states (to save them) left them resident
-    yield head_stats(runner, fisher)
+    yield head_stats(runner, fisher, roundings)
+
+
+def _accumulate(into: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    into[key] = into[key] + value if key in into else value
+
+
+def _means(noise: NoiseStats, count: int) -> NoiseStats:
+    out = {name: {r: v / count for r, v in per.items()} for name, per in noise.items()}
+    for name, per in out.items():
+        for r, v in per.items():
+            require_finite(v, f"the {r} activation noise of {name}")
+    return out
 
 
 def _resume_runner(runner: BlockRunner, block: int, hidden: torch.Tensor | None) -> None:

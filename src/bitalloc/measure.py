@@ -5,6 +5,9 @@ Two error functions (pure, over tensors, float64 accumulation), summed over a te
 * ``output_error``  = Σ_roles tr(ΔW H ΔWᵀ)            (lookup role: Σ_v freq_v ‖ΔE_v‖²)
 * ``fisher_error``  = ½ Σ_roles Σ_j grad_sq_j (ΔW H ΔWᵀ)_jj   (lookup: ½ Σ_v freq_v Σ_j grad_sq_j ΔE_vj²)
 
+A format whose runtime rounds the activations (``Format.activation_rounding``: llama.cpp's Q8_0/Q8_K) adds
+the output error of that rounding, :func:`activation_error`, to both.
+
 The table is data: :class:`Measurement` round-trips through human-readable JSON (one row per line) and is
 reused for every budget.
 """
@@ -334,6 +337,23 @@ def fisher_error(dw: torch.Tensor, stats: TensorStats) -> float | None:
     return max(0.5 * total, 0.0)
 
 
+def activation_error(stats: TensorStats, rounding: str | None, rows: int) -> tuple[float, float | None]:
+    """``(output, fisher)`` error the runtime's activation rounding adds, whatever the weight's rounding:
+    Σ_linear roles Σ_j act_j and ½ Σ Σ_j grad_sq_j act_j, with ``act = role.act_noise[rounding]``
+    (:mod:`bitalloc.activations`).  Roles measured without that rounding (and lookups) add nothing."""
+    out, fisher = 0.0, 0.0
+    if rounding is None:
+        return out, fisher
+    for role in stats.roles:
+        if not isinstance(role, LinearStats) or rounding not in role.act_noise:
+            continue
+        act = _vector(role.act_noise[rounding], rows, f"{rounding} activation noise")
+        out += float(act.sum())
+        fisher = None if role.grad_sq is None or fisher is None else \
+            fisher + 0.5 * float(_vector(role.grad_sq, rows, "grad_sq") @ act)
+    return out, fisher
+
+
 def _vector(v: torch.Tensor | None, n: int, what: str) -> torch.Tensor:
     assert v is not None
     if tuple(v.shape) != (n,):
@@ -398,6 +418,10 @@ def measure_tensor(
             del q, w32, dw
             drop(sl)
             release_free_memory()
+        if w.dim() == 2:
+            act_out, act_fi = activation_error(stats, fmt.activation_rounding, nrows)
+            out_err += act_out
+            fi_err = None if fi_err is None or act_fi is None else fi_err + act_fi
         rows.append(MeasureRow(name, fmt.id, int(fmt.nbytes(shape)), out_err, fi_err))
     return rows
 
@@ -416,7 +440,8 @@ def _rows_of(stats: TensorStats, sl: slice) -> TensorStats:
     roles: list[LinearStats | LookupStats] = []
     for r in stats.roles:
         if isinstance(r, LinearStats):
-            roles.append(LinearStats(r.hessian, r.ntokens, None if r.grad_sq is None else r.grad_sq[sl]))
+            roles.append(LinearStats(r.hessian, r.ntokens, None if r.grad_sq is None else r.grad_sq[sl],
+                                     {k: v[sl] for k, v in r.act_noise.items()}))
         elif isinstance(r, LookupStats):
             roles.append(LookupStats(r.token_freq[sl], r.ntokens, r.grad_sq))
         else:

@@ -6,7 +6,7 @@ roles.  All expectations are means over calibration tokens, never sums, so they 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,11 +18,15 @@ class LinearStats:
     hessian: ``E[x xᵀ]`` over tokens, (in, in) float32 — the layer-output error of ΔW is ``tr(ΔW H ΔWᵀ)``.
     grad_sq: ``E[(∂ log p(token) / ∂ y_j)²]`` per output channel, (out,) float32 — the diagonal Fisher of
              the layer output; ``½ Σ_j grad_sq_j (ΔW H ΔWᵀ)_jj`` estimates the loss increase (loss units).
+    act_noise: per activation rounding R a runtime applies before the matmul (:mod:`bitalloc.activations`),
+             ``E[((x − R(x)) · w_j)²]`` per output channel, (out,) — the output error the rounding adds to
+             any format that uses it.  Empty when no candidate format needs one.
     """
 
     hessian: torch.Tensor
     ntokens: int
     grad_sq: torch.Tensor | None = None
+    act_noise: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)

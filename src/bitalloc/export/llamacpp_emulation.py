@@ -1,24 +1,12 @@
 """Make a dequantized bitalloc torch model compute its matmuls the way llama.cpp's x86 CPU backend does.
 
-llama.cpp never multiplies a quantized weight with float activations: ``ggml_mul_mat`` first converts the
-activation rows to the weight type's ``vec_dot_type`` and then takes integer block dot products.  The
-activation quantizers (arch/x86/quants.c ``quantize_row_q8_0``/``_q8_1``, ggml-quants.c
-``quantize_row_q8_K_ref``, and their 4-row forms in repack.cpp used by the repacked q4_0/iq4_nl/q4_K/q2_K):
-
-=========  =====  ============================================================  ========================
-vec type   block  rule per block of the row                                     used for weights
-=========  =====  ============================================================  ========================
-Q8_0/Q8_1  32     ``q = rint(x * (127 / amax))``, stored ``d = fp16(amax / 127)``  q4_0 q5_0 q8_0 iq4_nl /
-                                                                                 q4_1 q5_1 (Q8_1)
-Q8_K       256    ``iscale = -127 / x_m`` (x_m: the signed element of largest      q2_k .. q6_k
-                  magnitude), ``q = min(127, rint(iscale * x))``, ``d = 1/iscale``
-=========  =====  ============================================================  ========================
-
-(rint: half to even; an all-zero block gives d = 0, q = 0.)  Since the integer dot product of the weight
-codes with ``q`` times the two scales equals the float dot product of the dequantized weight with ``d * q``,
-replacing each activation row by its Q8 round trip before a float matmul reproduces llama.cpp's arithmetic
-up to float summation order (and, for q4_1/q5_1, Q8_1's block sum being stored as ``fp16(d * sum(q))``).
-F32/F16/BF16 weights are left alone.
+llama.cpp never multiplies a quantized weight with float activations: ``ggml_mul_mat`` first rounds the
+activation rows to the weight type's ``vec_dot_type`` (Q8_0/Q8_1 or Q8_K: the rules are in
+:mod:`bitalloc.activations`, and each GGUF format names its own in ``Format.activation_rounding``).  Since the
+integer dot product of the weight codes with the rounded activations times the two scales equals the float
+dot product of the dequantized weight with the rounded activations, replacing each activation row by its
+round trip before a float matmul reproduces llama.cpp's arithmetic up to float summation order (and, for
+q4_1/q5_1, Q8_1's block sum being stored as ``fp16(d * sum(q))``).  F32/F16/BF16 weights are left alone.
 
 What this can and cannot do (measured on SmolLM2-135M, see tests/export/test_gguf_export.py): with 8-bit
 activations the forward pass is *chaotic*.  A 1e-6 relative change of the embeddings moves the float
@@ -40,58 +28,25 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..activations import get_rounding, q8_0_roundtrip, q8_k_roundtrip
 from ..errors import InputError
-from ..formats.gguf_common import fp16r
+from ..formats import FormatError, get_format
 
-QK8_0 = 32
-QK_K = 256
-
-_Q8_0_TYPES = frozenset({"q4_0", "q5_0", "q8_0", "iq4_nl", "q4_1", "q5_1"})  # Q8_1 quantizes like Q8_0
-_Q8_K_TYPES = frozenset({"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"})
 _FLOAT_TYPES = frozenset({"f32", "f16", "bf16"})
-
-
-def _blocks(x: torch.Tensor, block: int, what: str) -> torch.Tensor:
-    if x.shape[-1] % block:
-        raise InputError(f"{what}: activation row length {x.shape[-1]} is not a multiple of {block}")
-    return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
-
-
-def q8_0_roundtrip(x: torch.Tensor) -> torch.Tensor:
-    """Q8_0 (and Q8_1) round trip of ``x`` (..., n) per block of 32 along the last dim, float32.
-
-    As ``quantize_row_q8_0``/``_q8_1`` (arch/x86/quants.c) and ``ggml_quantize_mat_q8_0_4x8`` (repack.cpp)
-    compute it: ``d = amax / 127``, multiplier ``127 / amax`` (not ``1 / d``), ``_mm256_round_ps`` nearest
-    (half to even); the portable reference (``roundf``, ``1 / d``) differs only at rounding ties.
-    """
-    xb = _blocks(x.to(torch.float32), QK8_0, "Q8_0")
-    amax = xb.abs().amax(-1, keepdim=True)
-    zero = amax == 0
-    mult = torch.where(zero, torch.zeros_like(amax), 127.0 / torch.where(zero, torch.ones_like(amax), amax))
-    return (torch.round(xb * mult) * fp16r(amax / 127.0)).reshape(x.shape)
-
-
-def q8_k_roundtrip(x: torch.Tensor) -> torch.Tensor:
-    """Q8_K round trip of ``x`` (..., n) per block of 256 along the last dim, float32."""
-    xb = _blocks(x.to(torch.float32), QK_K, "Q8_K")
-    m = xb.gather(-1, xb.abs().argmax(-1, keepdim=True))  # signed extreme (the first one, as llama.cpp)
-    zero = m == 0
-    iscale = -127.0 / torch.where(zero, torch.ones_like(m), m)
-    q = torch.round(iscale * xb).clamp_max(127.0)  # nearest_int: half to even
-    d = torch.where(zero, torch.zeros_like(m), 1.0 / iscale)
-    return (q * d).reshape(x.shape)
 
 
 def activation_roundtrip(weight_type: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The activation quantizer llama.cpp's CPU backend applies for a weight stored as ``weight_type``."""
     t = weight_type.lower()
-    if t in _Q8_0_TYPES:
-        return q8_0_roundtrip
-    if t in _Q8_K_TYPES:
-        return q8_k_roundtrip
     if t in _FLOAT_TYPES:
         return None
-    raise InputError(f"no llama.cpp activation rule known for weight type {weight_type!r}")
+    try:
+        rounding = get_format(t).activation_rounding
+    except FormatError:
+        rounding = None
+    if rounding is None:
+        raise InputError(f"no llama.cpp activation rule known for weight type {weight_type!r}")
+    return get_rounding(rounding).fn
 
 
 def linear_types_from_gguf(path: str | os.PathLike[str], model: nn.Module, arch: str = "llama") -> dict[str, str]:

@@ -106,6 +106,11 @@ class Format(ABC):
     #: True for formats that quantize onto a :class:`Grid`; False for pass-through (fp16/bf16/fp32).
     is_grid: bool = True
 
+    #: The rounding the format's runtime applies to a matmul's input activations (a name from
+    #: :mod:`bitalloc.activations`, e.g. ``q8_0`` for llama.cpp's CPU kernels), or None when it multiplies
+    #: with float activations.  The measurement adds the output error of that rounding to the format's.
+    activation_rounding: str | None = None
+
     @property
     @abstractmethod
     def id(self) -> str:

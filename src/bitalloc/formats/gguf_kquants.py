@@ -86,6 +86,9 @@ def _super_search(vals: torch.Tensor, wgt: torch.Tensor, lo: int, hi: int) -> to
 class GGUFKQuant(GGUFFormat):
     """A 256-wide GGUF K-quant (``q6_k q5_k q4_k q3_k q2_k``)."""
 
+    #: llama.cpp's CPU kernels round the activations to Q8_K (one scale per 256 values)
+    activation_rounding = "q8_k"
+
     @classmethod
     def _specs(cls) -> dict:
         return _SPECS

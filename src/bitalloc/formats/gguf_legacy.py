@@ -59,6 +59,9 @@ QK = 32
 class GGUFLegacy(GGUFFormat):
     """A 32-wide GGUF block type (``q8_0 q5_1 q5_0 q4_1 q4_0 iq4_nl``)."""
 
+    #: llama.cpp's CPU kernels round the activations to Q8_0 (Q8_1 for q4_1/q5_1: the same values)
+    activation_rounding = "q8_0"
+
     @classmethod
     def _specs(cls) -> dict:
         return _SPECS
