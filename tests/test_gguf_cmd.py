@@ -45,3 +45,24 @@ def test_measure_method_reaches_the_measurement(src, tmp_path, monkeypatch):
     out = tmp_path / "out.gguf"
     assert main(gguf_argv(src, out, "--measure-method", "rtn", budget="80KB")) == 0
     assert seen == ["rtn"] and out.is_file()
+
+
+@pytest.mark.parametrize("flag, expected", [((), True), (("--activations", "none"), False)])
+def test_activation_rounding_is_measured_unless_switched_off_and_is_fingerprinted(src, tmp_path, monkeypatch,
+                                                                                  flag, expected):
+    import bitalloc.pipeline as pipeline
+
+    seen: list[bool] = []
+    real = pipeline.measure_model
+
+    def spy(*a, **k):
+        seen.append(k["activation_noise"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "measure_model", spy)
+    out = tmp_path / "out.gguf"
+    argv = gguf_argv(src, out, *flag, "--measure-method", "rtn", budget="80KB")
+    assert gguf_cmd.gguf_fingerprint(build_parser().parse_args(argv))["options"]["activations"] == \
+        ("cpu" if expected else "none")
+    assert main(argv) == 0
+    assert seen == [expected] and out.is_file()

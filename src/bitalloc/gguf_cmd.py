@@ -197,6 +197,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-fisher", dest="fisher", action="store_false",
                    help="allocate by layer-output error instead of Fisher-weighted error")
     p.add_argument("--fisher-windows", type=int, default=8, metavar="N", help="windows of the gradient pass")
+    p.add_argument("--activations", choices=("cpu", "none"), default="cpu",
+                   help="llama.cpp's CPU backend rounds every matmul input to 8 bits (Q8_0 blocks of 32 for the "
+                   "32-wide types, Q8_K blocks of 256 for K-quants); cpu (default) counts that error when choosing "
+                   "types, none measures the weights alone (e.g. for a GPU backend, whose kernels round differently)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--job", metavar="DIR", help="job directory for checkpoints (default OUT.gguf.job); rerunning "
                    "the same command after an interruption continues from the last checkpoint")
@@ -216,13 +220,18 @@ def gguf_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
     options = {"budget": args.budget, "formats": ",".join(gguf_formats(args.formats)), "method": args.method,
                "measure_method": measure_method(args),
                "fisher": bool(args.fisher), "fisher_windows": args.fisher_windows, "windows": args.windows,
-               "ctx": args.ctx}
+               "ctx": args.ctx, "activations": activations(args)}
     return {"version": 1, "model": model_digests(args.input), "calibration": text_digest(files), "options": options}
 
 
 def measure_method(args: argparse.Namespace) -> str:
     """The rounding of the measurement: ``--measure-method``, else ``--method``."""
     return getattr(args, "measure_method", None) or args.method
+
+
+def activations(args: argparse.Namespace) -> str:
+    """``--activations``: ``cpu`` (llama.cpp's CPU activation rounding measured) or ``none``."""
+    return getattr(args, "activations", None) or "cpu"
 
 
 def cmd_gguf(args: argparse.Namespace) -> int:
@@ -247,7 +256,8 @@ def cmd_gguf(args: argparse.Namespace) -> int:
     def measure(model: Any, view: Any, windows: torch.Tensor, checkpoints: Any) -> Any:
         fisher_w = windows[: args.fisher_windows] if args.fisher else None
         return measure_model(model, view, windows, fmts, measure_method(args), args.fisher, progress=not args.quiet,
-                             fisher_windows=fisher_w, **checkpoints.kwargs())
+                             fisher_windows=fisher_w, activation_noise=activations(args) == "cpu",
+                             **checkpoints.kwargs())
 
     def quantize(model: Any, view: Any, plan: Any, windows: torch.Tensor, **hooks: Any) -> dict[str, Any]:
         return quantize_for_gguf(model, view, plan, windows, tpl, method=args.method, progress=not args.quiet,

@@ -97,12 +97,14 @@ def measure_model(
     on_fisher: Callable[[FisherStats], None] | None = None,
     start: MeasureStart | None = None,
     on_block: MeasureHook | None = None,
+    activation_noise: bool = True,
 ) -> Measurement:
     """The measurement table of ``model`` over ``formats`` (each tensor × each format that fits its shape).
 
     ``windows`` give the Hessians; the Fisher pass (gradients) uses ``fisher_windows`` (default: the same
     windows).  Errors are those of ``method`` rounding ("gptq" or "rtn") with fp inputs, plus, for formats whose
-    runtime rounds the activations (GGUF types in llama.cpp), the output error of that rounding.
+    runtime rounds the activations (GGUF types in llama.cpp), the output error of that rounding
+    (``activation_noise=False``: the weights' error alone).
 
     Resuming (:mod:`bitalloc.resume`): ``fisher_stats`` replaces the gradient pass (``on_fisher`` receives
     the statistics when the pass runs); ``start`` continues at its block with its rows; ``on_block(b, rows,
@@ -130,7 +132,8 @@ def measure_model(
         if on_block is not None:
             on_block(b, list(current), hidden)
 
-    roundings = sorted({r for f in fmts if (r := get_format(f).activation_rounding) is not None})
+    roundings = sorted({r for f in fmts if (r := get_format(f).activation_rounding) is not None}) \
+        if activation_noise else []
     for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress,
                                start_block=start.block if start is not None else 0,
                                start_hidden=start.hidden if start is not None else None, after_block=after,
