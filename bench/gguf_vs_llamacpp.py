@@ -17,12 +17,12 @@ options and the source of the fit/measure code (per-block checkpoints: a killed 
 result is saved when done, so a rerun skips finished sizes.  Sizes run in the order of ``--sizes`` (default: the
 pure 4-bit size first, shared by IQ4_NL and Q4_0, then Q4_K_M, Q3_K_M, Q5_K_M, Q2_K).
 
-The measurement rounds with RTN by default (``--measure-method``); each output is quantized with the full
-scale search and GPTQ (``--method``).  ``--check-errors`` (default on, first size computed) compares each
-tensor's measured error with the error of its final quantization under the same fp statistics.
-Cost on one contended core (8 calibration windows): measurement 15.5 min (Fisher pass 2 min, 30 blocks of
-~23 s, the tied embedding ~1.5 min; a GPTQ measurement is about 3x that: GPTQ on the 1536-column ffn_down
-dominates), then ~6 min per size (quantize ~4.5 min, llama-perplexity 8 chunks ~0.5 min).
+The measurement rounds with GPTQ by default (``--measure-method``; rtn is about half the time but its errors
+overrate some types against others) and counts llama.cpp's CPU activation rounding (Q8_0 / Q8_K) for each type;
+each output is quantized with the full scale search and GPTQ (``--method``).  ``--check-errors`` (default on,
+first size computed) compares each tensor's measured error with the error of its final quantization under the
+same fp statistics.  Cost on a free core (8 calibration windows): GPTQ measurement ~12 min (RTN ~7), then
+~4 min per size (quantize ~2.5 min, llama-perplexity 8 chunks ~0.5 min).
 Needs the tools from bench/build_llamacpp_tools.sh.  Writes bench/results/gguf_vs_llamacpp.{json,png}.
 """
 from __future__ import annotations
@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fisher", dest="fisher", action="store_false")
     ap.add_argument("--formats", default=None, help="bitalloc candidate GGUF types (default: all)")
     ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="bitalloc rounding of the outputs")
-    ap.add_argument("--measure-method", choices=("gptq", "rtn"), default="rtn", help="rounding when measuring")
+    ap.add_argument("--measure-method", choices=("gptq", "rtn"), default="gptq",
+                    help="rounding when measuring (gptq: predicts the final errors exactly; rtn: faster)")
     ap.add_argument("--sides", choices=("both", "llamacpp", "bitalloc"), default="both",
                     help="bitalloc: only reuse llama.cpp's saved side (error when there is none)")
     ap.add_argument("--sizes", default=",".join(t for t, _ in LLAMA_TYPES),
