@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow bench bench-formats bench-gptq bench-allocate bench-pareto bench-gguf bench-memory llamacpp clean
+.PHONY: venv demo test test-slow bench bench-formats bench-gptq bench-allocate bench-pareto bench-gguf bench-activations bench-memory llamacpp clean
 
 venv: $(STAMP)
 
@@ -48,8 +48,10 @@ llamacpp: venv
 
 bench-gguf: llamacpp
 	$(PY) bench/gguf_vs_llamacpp.py
+bench-activations: venv
+	$(PY) bench/activation_noise.py
 
-bench: bench-formats bench-gptq bench-allocate bench-pareto bench-memory bench-gguf
+bench: bench-formats bench-gptq bench-allocate bench-pareto bench-memory bench-gguf bench-activations
 
 clean:
 	rm -rf $(VENV) .pytest_cache

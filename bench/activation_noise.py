@@ -41,7 +41,9 @@ log = logging.getLogger("activation_noise")
 
 
 def kind_of(name: str) -> str:
-    return name.split(".")[-2] if ".layers." in name else "lm_head"
+    """``q_proj`` … ``down_proj`` for a block linear (module or weight name), else ``lm_head``."""
+    parts = name.removesuffix(".weight").split(".")
+    return parts[-1] if ".layers." in name else "lm_head"
 
 
 def predicted(model: nn.Module, calib: torch.Tensor, fisher_windows: int) -> dict[tuple[str, str], float]:
