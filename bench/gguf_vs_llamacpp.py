@@ -68,6 +68,7 @@ SRC = lc.REPO / "src" / "bitalloc"
 LLAMA_TYPES = (("IQ4_NL", True), ("Q4_0", True), ("Q4_K_M", False), ("Q3_K_M", False), ("Q5_K_M", False),
                ("Q2_K", False))
 TABLE_ORDER = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_NL", "Q4_0")
+FLOOR_TYPE = "Q8_0"  # pure: nearly exact weights, so its KLD is mostly llama.cpp's 8-bit activation rounding
 log = logging.getLogger("gguf_bench")
 
 
@@ -203,15 +204,38 @@ def llama_side(args: argparse.Namespace, ref: Path, calib_txt: Path, eval_txt: P
     return ref_ppl, llama
 
 
+def llama_floor(args: argparse.Namespace, ref: Path, eval_txt: Path, base: Path, ref_ppl: float) -> dict:
+    """llama.cpp's pure Q8_0 file of the reference, scored like the others (saved per settings and reused).
+
+    Every quantized type makes llama.cpp round the matmul inputs to 8 bits (bitalloc.activations); Q8_0 weights
+    are nearly exact, so this file's KLD is close to the part of every file's KLD that no weight rounding can
+    remove (only F16/F32 weights avoid it)."""
+    path, settings = RESULTS / "gguf_vs_llamacpp_floor.json", st.llama_settings(args)
+    found = st.load_llama_side(path, settings, [FLOOR_TYPE], [ref, base])
+    if found is not None:
+        return found[1][FLOOR_TYPE]
+    out = WORK / f"llamacpp-{FLOOR_TYPE}.gguf"
+    lc.quantize(ref, out, FLOOR_TYPE, pure=True, threads=args.threads)
+    res = lc.perplexity_kld(out, eval_txt, base, chunks=args.eval_chunks, threads=args.threads)
+    floor = {"bytes": os.path.getsize(out), "ppl": res.ppl, "kld": res.kld, "top1": res.top1, "pure": True}
+    out.unlink()
+    st.save_llama_side(path, settings, ref_ppl, {FLOOR_TYPE: floor})
+    log.info("llama.cpp %s (activation-rounding floor): %s", FLOOR_TYPE, floor)
+    return floor
+
+
 def report(args: argparse.Namespace, ref_ppl: float, ref_bytes: int, llama: dict[str, dict],
-           ours: dict[str, dict], seconds: float) -> list[dict]:
-    """Rows of both sides with the bitalloc/llama.cpp ratios; writes the JSON and the plot."""
+           ours: dict[str, dict], seconds: float, floor: dict | None = None) -> list[dict]:
+    """Rows of both sides with the bitalloc/llama.cpp ratios (also of the KLD above ``floor``'s, when given);
+    writes the JSON and the plot."""
     rows = []
     for qtype in TABLE_ORDER:
         row: dict[str, Any] = {"type": qtype, "llamacpp": llama[qtype], "bitalloc": ours.get(qtype)}
         if row["bitalloc"]:
             b, l_ = row["bitalloc"], llama[qtype]
             row["kld_ratio"] = b["kld"] / l_["kld"] if l_["kld"] > 0 else None
+            if floor is not None and l_["kld"] > floor["kld"]:
+                row["kld_above_floor_ratio"] = (b["kld"] - floor["kld"]) / (l_["kld"] - floor["kld"])
             row["ppl_ratio"] = b["ppl"] / l_["ppl"]
             row["bytes_ratio"] = b["bytes"] / l_["bytes"]
             row["goal_met"] = row["kld_ratio"] is not None and row["kld_ratio"] <= 0.7
@@ -220,6 +244,7 @@ def report(args: argparse.Namespace, ref_ppl: float, ref_bytes: int, llama: dict
     body = {"reference": {"model": "SmolLM2-135M-Instruct rescaled, F32 GGUF", "ppl": ref_ppl, "bytes": ref_bytes},
             "settings": settings, "sizes_run": [r["type"] for r in rows if r["bitalloc"]],
             "sizes_missing": [r["type"] for r in rows if not r["bitalloc"]], "rows": rows,
+            "floor": None if floor is None else {"type": f"{FLOOR_TYPE} (pure)", **floor},
             "seconds_this_run": round(seconds, 1)}
     st.write_text_atomic(RESULTS / "gguf_vs_llamacpp.json", json.dumps(body, indent=2) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -240,15 +265,19 @@ def report(args: argparse.Namespace, ref_ppl: float, ref_bytes: int, llama: dict
     return rows
 
 
-def print_table(ref_ppl: float, chunks: int, rows: list[dict]) -> None:
+def print_table(ref_ppl: float, chunks: int, rows: list[dict], floor: dict | None = None) -> None:
     print(f"reference F32: PPL {ref_ppl:.4f}; eval {chunks} chunks x 512 (tragedies)")
+    if floor is not None:
+        print(f"floor: llama.cpp pure {FLOOR_TYPE}, {floor['bytes'] / 2**20:.2f} MiB, KLD {floor['kld']:.4f}, "
+              f"top1 {floor['top1']:.3f} (the 8-bit activation rounding every quantized type shares)")
     print(f"{'type':8} {'llama MiB':>9} {'PPL':>8} {'KLD':>8} {'top1':>6} | {'ours MiB':>8} {'PPL':>8} {'KLD':>8} "
-          f"{'top1':>6} | {'KLD ratio':>9}")
+          f"{'top1':>6} | {'KLD ratio':>9} {'above floor':>11}")
     for r in rows:
         l_, b = r["llamacpp"], r["bitalloc"]
         left = f"{r['type']:8} {l_['bytes'] / 2**20:9.2f} {l_['ppl']:8.3f} {l_['kld']:8.4f} {l_['top1']:6.3f}"
-        right = (f"{b['bytes'] / 2**20:8.2f} {b['ppl']:8.3f} {b['kld']:8.4f} {b['top1']:6.3f} | {r['kld_ratio']:9.3f}"
-                 if b else "       -  (not run)")
+        above = r.get("kld_above_floor_ratio")
+        right = (f"{b['bytes'] / 2**20:8.2f} {b['ppl']:8.3f} {b['kld']:8.4f} {b['top1']:6.3f} | {r['kld_ratio']:9.3f} "
+                 f"{above:11.3f}" if above is not None else "") if b else "       -  (not run)"
         print(left + " | " + right)
 
 
@@ -271,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the measured-vs-final error comparison")
     ap.add_argument("--threads", type=int, default=1, help="threads for torch and the llama.cpp tools")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files in .cache/gguf_bench")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help=f"skip llama.cpp's pure {FLOOR_TYPE} file (the activation-rounding floor)")
     args = ap.parse_args(argv)
     known = {t for t, _ in LLAMA_TYPES}
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -294,15 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ref_ppl, llama = llama_side(args, ref, calib_txt, eval_txt, base)
     log.info("reference PPL %.4f", ref_ppl)
+    floor = llama_floor(args, ref, eval_txt, base, ref_ppl) if args.floor else None
 
     def on_size(ours: dict[str, dict]) -> None:
-        report(args, ref_ppl, os.path.getsize(ref), llama, ours, time.perf_counter() - t_start)
+        report(args, ref_ppl, os.path.getsize(ref), llama, ours, time.perf_counter() - t_start, floor)
 
     ours: dict[str, dict] = {}
     if args.sides != "llamacpp":
         ours = bitalloc_side(args, ref, {t: llama[t]["bytes"] for t in sizes}, base, eval_txt, on_size)
-    rows = report(args, ref_ppl, os.path.getsize(ref), llama, ours, time.perf_counter() - t_start)
-    print_table(ref_ppl, args.eval_chunks, rows)
+    rows = report(args, ref_ppl, os.path.getsize(ref), llama, ours, time.perf_counter() - t_start, floor)
+    print_table(ref_ppl, args.eval_chunks, rows, floor)
     return 0
 
 

@@ -38,3 +38,18 @@ def test_unknown_size_is_a_usage_error(capsys) -> None:
 def test_code_lists_exist() -> None:
     assert all(p.is_file() for p in bench.output_code())
     assert set(bench.measure_code()) < set(bench.output_code())
+
+
+def test_report_ratio_above_the_activation_rounding_floor(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    ours = {"Q2_K": {"bytes": 990, "ppl": 45.0, "kld": 0.06, "top1": 0.8}}  # llama.cpp's Q2_K: KLD 0.1
+    floor = {"bytes": 9000, "ppl": 42.5, "kld": 0.02, "top1": 0.95, "pure": True}
+    rows = bench.report(Namespace(eval_chunks=8), 42.0, 5000, LLAMA, ours, 1.0, floor)
+    assert rows[0]["kld_ratio"] == pytest.approx(0.6)
+    assert rows[0]["kld_above_floor_ratio"] == pytest.approx(0.5)  # (0.06 - 0.02) / (0.1 - 0.02)
+    saved = json.loads((tmp_path / "gguf_vs_llamacpp.json").read_text())
+    assert saved["floor"]["kld"] == 0.02 and saved["floor"]["type"] == "Q8_0 (pure)"
+    bench.print_table(42.0, 8, rows, floor)
+    out = capsys.readouterr().out
+    assert "floor: llama.cpp pure Q8_0" in out and "0.500" in out and "(not run)" in out
+    assert "kld_above_floor_ratio" not in bench.report(Namespace(eval_chunks=8), 42.0, 5000, LLAMA, ours, 1.0)[0]
