@@ -269,7 +269,7 @@ class BlockRunner:
                     _accumulate(noise, rnd.name, torch.cat(parts))
         h = total / count
         require_finite(h, f"the Hessian of {lay.lm_head_name}")
-        return h, {k: v / count for k, v in noise.items()}
+        return h, _means({lay.lm_head_name: noise}, count).get(lay.lm_head_name, {})
 
     def token_freq(self) -> torch.Tensor:
         vocab = int(self.layout.embedding.weight.shape[0])
