@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eval-chunks", type=int, default=24, help="llama-perplexity chunks of 512 tokens")
     ap.add_argument("--calib-windows", type=int, default=24, help="calibration windows (and imatrix chunks)")
-    ap.add_argument("--fisher-windows", type=int, default=4)
+    ap.add_argument("--fisher-windows", type=int, default=8,
+                    help="calibration windows of the Fisher (gradient) pass; 8 as `bitalloc gguf`")
     ap.add_argument("--no-fisher", dest="fisher", action="store_false")
     ap.add_argument("--formats", default=None, help="bitalloc candidate GGUF types (default: all)")
     ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="bitalloc rounding of the outputs")
