@@ -276,8 +276,10 @@ def print_table(ref_ppl: float, chunks: int, rows: list[dict], floor: dict | Non
         l_, b = r["llamacpp"], r["bitalloc"]
         left = f"{r['type']:8} {l_['bytes'] / 2**20:9.2f} {l_['ppl']:8.3f} {l_['kld']:8.4f} {l_['top1']:6.3f}"
         above = r.get("kld_above_floor_ratio")
-        right = (f"{b['bytes'] / 2**20:8.2f} {b['ppl']:8.3f} {b['kld']:8.4f} {b['top1']:6.3f} | {r['kld_ratio']:9.3f} "
-                 f"{above:11.3f}" if above is not None else "") if b else "       -  (not run)"
+        right = "       -  (not run)"
+        if b:
+            right = f"{b['bytes'] / 2**20:8.2f} {b['ppl']:8.3f} {b['kld']:8.4f} {b['top1']:6.3f} | {r['kld_ratio']:9.3f}"
+            right += f" {above:11.3f}" if above is not None else ""
         print(left + " | " + right)
 
 

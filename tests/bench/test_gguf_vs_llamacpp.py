@@ -52,4 +52,8 @@ def test_report_ratio_above_the_activation_rounding_floor(tmp_path: Path, monkey
     bench.print_table(42.0, 8, rows, floor)
     out = capsys.readouterr().out
     assert "floor: llama.cpp pure Q8_0" in out and "0.500" in out and "(not run)" in out
-    assert "kld_above_floor_ratio" not in bench.report(Namespace(eval_chunks=8), 42.0, 5000, LLAMA, ours, 1.0)[0]
+    plain = bench.report(Namespace(eval_chunks=8), 42.0, 5000, LLAMA, ours, 1.0)
+    assert "kld_above_floor_ratio" not in plain[0]
+    bench.print_table(42.0, 8, plain)
+    out = capsys.readouterr().out
+    assert "floor:" not in out and "0.0600" in out and "0.600" in out  # a row without a floor still prints
