@@ -254,6 +254,8 @@ def report(args: argparse.Namespace, ref_ppl: float, ref_bytes: int, llama: dict
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=side)
             for x, y, t in pts:
                 ax.annotate(t, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if floor is not None:
+        ax.axhline(floor["kld"], ls="--", color="grey", lw=1, label=f"floor: llama.cpp pure {FLOOR_TYPE}")
     ax.set_xlabel("GGUF file size (MiB)")
     ax.set_ylabel("mean KLD vs F32 (llama-perplexity)")
     ax.set_yscale("log")
