@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
 
     calib_txt = write_texts(default_calibration_files(), WORK / "calib.txt")
     eval_txt = write_texts(default_eval_files(), WORK / "eval.txt")
-    ref, base = WORK / "ref-f32.gguf", WORK / "kld-base.bin"
+    # the saved F32 logits cover --eval-chunks chunks: one file per count, so a saved side never pairs with others
+    ref, base = WORK / "ref-f32.gguf", WORK / f"kld-base-{args.eval_chunks}.bin"
     if args.sides == "bitalloc":
         found = st.load_llama_side(RESULTS / "gguf_vs_llamacpp_llamaside.json", st.llama_settings(args),
                                    [t for t, _ in LLAMA_TYPES], [ref, base])
