@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import gguf_bench_state as st  # noqa: E402
 from bench import llamacpp as lc  # noqa: E402
 # all of bitalloc is imported up front: a long run is not broken by later edits of the working tree
+from bitalloc.activations import roundings_for  # noqa: E402
 from bitalloc.calibrate import stream_blocks  # noqa: E402
 from bitalloc.data import default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
 from bitalloc.export.gguf import export_f32_gguf, read_template  # noqa: E402
@@ -114,7 +115,7 @@ def final_errors(model: torch.nn.Module, view: ModelView, saved: dict[str, torch
     chosen = {e.tensor: e.format for e in plan.entries}
     delta = {n: (model.get_parameter(n).detach() - saved[n]) for n in chosen}
     restore(model, saved)
-    roundings = sorted({r for f in chosen.values() if (r := get_format(f).activation_rounding) is not None})
+    roundings = roundings_for(chosen.values())
     pairs: dict[str, tuple[str, float, float]] = {}
     for block in stream_blocks(model, view, calib, progress=False, roundings=roundings):
         for name, stats in block.items():

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitalloc.activations import ROUNDING_NAMES, activation_noise, get_rounding, q8_0_roundtrip, q8_k_roundtrip
+from bitalloc.activations import (ROUNDING_NAMES, activation_noise, get_rounding, output_noise, q8_0_roundtrip,
+                                  q8_k_roundtrip, roundings_for)
 from bitalloc.errors import InputError
 from bitalloc.formats import get_format
 
@@ -42,6 +43,18 @@ def test_rounding_registry_and_which_widths_it_applies_to():
         get_rounding("q4")
     with pytest.raises(InputError, match="not a multiple of 256"):
         q8_k_roundtrip(torch.ones(2, 576))
+    assert roundings_for(["q5_k", "q8_0", "int4-g128", "q4_0", "fp16"]) == ["q8_0", "q8_k"]
+    assert roundings_for(["int4-g128"]) == []
+
+
+def test_one_residual_serves_every_weight_reading_the_input():
+    g = torch.Generator().manual_seed(2)
+    x, w1, w2 = torch.randn(9, 64, generator=g), torch.randn(3, 64, generator=g), torch.randn(5, 64, generator=g)
+    rnd = get_rounding("q8_0")
+    d = rnd.residual(x)
+    assert torch.equal(d, x - q8_0_roundtrip(x))
+    for w in (w1, w2):
+        assert torch.equal(output_noise(d, w), activation_noise(x, w, rnd))
 
 
 @pytest.mark.parametrize("fmt, rounding", [("q8_0", "q8_0"), ("q4_1", "q8_0"), ("iq4_nl", "q8_0"), ("q5_k", "q8_k"),

@@ -26,11 +26,12 @@ not assumed, by the llama.cpp emulation in :mod:`bitalloc.export.llamacpp_emulat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from .errors import InputError
+from .formats import Format, get_format
 from .formats.gguf_common import fp16r
 
 QK8_0 = 32
@@ -80,6 +81,11 @@ class ActivationRounding:
     def applies(self, cols: int) -> bool:
         return cols > 0 and cols % self.block == 0
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x − R(x)`` in float32: what the rounding takes away from the activations."""
+        x = x.to(torch.float32)
+        return x - self.fn(x)
+
 
 _ROUNDINGS = {r.name: r for r in (ActivationRounding("q8_0", QK8_0, q8_0_roundtrip),
                                   ActivationRounding("q8_k", QK_K, q8_k_roundtrip))}
@@ -93,16 +99,25 @@ def get_rounding(name: str) -> ActivationRounding:
         raise InputError(f"unknown activation rounding {name!r} (known: {', '.join(ROUNDING_NAMES)})") from None
 
 
+def roundings_for(formats: Iterable[str | Format]) -> list[str]:
+    """The activation roundings the runtimes of ``formats`` apply (sorted names, each once)."""
+    return sorted({r for f in formats if (r := get_format(f).activation_rounding) is not None})
+
+
+def output_noise(residual: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``Σ_tokens (d · w_j)²`` per output channel j, (out,) float64, for ``d = x − R(x)`` (:meth:`residual`,
+    (tokens, in)) and ``weight`` (out, in): one residual serves every weight reading the same input."""
+    return (residual @ weight.to(torch.float32).T).to(torch.float64).square().sum(0)
+
+
 def activation_noise(x: torch.Tensor, weight: torch.Tensor, rounding: ActivationRounding) -> torch.Tensor:
     """``Σ_tokens ((x − R(x)) · w_j)²`` per output channel j, (out,) float64.
 
     ``x``: (tokens, in) activations, ``weight``: (out, in).  A sum over the tokens given, not a mean: the
     caller accumulates batches and divides by the token count once.
     """
-    x = x.to(torch.float32)
-    d = x - rounding.fn(x)
-    return (d @ weight.to(torch.float32).T).to(torch.float64).square().sum(0)
+    return output_noise(rounding.residual(x), weight)
 
 
 __all__ = ["ActivationRounding", "QK8_0", "QK_K", "ROUNDING_NAMES", "activation_noise", "get_rounding",
-           "q8_0_roundtrip", "q8_k_roundtrip"]
+           "output_noise", "q8_0_roundtrip", "q8_k_roundtrip", "roundings_for"]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activations import activation_noise, get_rounding
+from .activations import get_rounding, output_noise
 from .errors import InputError, NumericsError
 from .fisher import HEAD_CHUNK, VOCAB_CHUNK, FisherStats, fisher_pass
 from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
@@ -176,9 +176,10 @@ class BlockRunner:
                 require_finite(x, f"the calibration activations at the input of {first}")
                 sums[g] = sums[g] + x.T @ x if g in sums else x.T @ x
                 for rnd in (r for r in rounders if r.applies(x.shape[1])):
+                    d = rnd.residual(x)  # once for the group: q/k/v (gate/up) read the same input
                     for lin in lay.spec.groups[g]:
                         _accumulate(noise.setdefault(lay.tensor_name(i, lin), {}), rnd.name,
-                                    activation_noise(x, lay.linear(i, lin).weight.detach(), rnd))
+                                    output_noise(d, lay.linear(i, lin).weight.detach()))
                 seen.add(g)
                 if not advance and len(seen) == len(gidx):
                     raise StopForward
@@ -220,7 +221,7 @@ class BlockRunner:
             require_finite(h, f"the Hessian of {name0}")
             for lin in lay.spec.groups[g]:
                 result[lay.tensor_name(i, lin)] = h
-        return result, _means(noise, count)
+        return result, {name: _mean(per, count, name) for name, per in noise.items()}
 
     def advance(self) -> None:
         """Run the current block on every window and move to the next block."""
@@ -261,15 +262,15 @@ class BlockRunner:
                 total = x.T @ x if total is None else total + x.T @ x
                 count += x.shape[0]
                 for rnd in rounders:
-                    parts = []
+                    d, parts = rnd.residual(x), []  # one residual for every vocabulary slice
                     for v0 in range(0, int(weight.shape[0]), VOCAB_CHUNK):
                         v1 = min(v0 + VOCAB_CHUNK, int(weight.shape[0]))
-                        parts.append(activation_noise(x, weight[v0:v1].detach(), rnd))
+                        parts.append(output_noise(d, weight[v0:v1].detach()))
                         release_rows(self.model, lay.lm_head_name, slice(v0, v1))
                     _accumulate(noise, rnd.name, torch.cat(parts))
         h = total / count
         require_finite(h, f"the Hessian of {lay.lm_head_name}")
-        return h, _means({lay.lm_head_name: noise}, count).get(lay.lm_head_name, {})
+        return h, _mean(noise, count, lay.lm_head_name)
 
     def token_freq(self) -> torch.Tensor:
         vocab = int(self.layout.embedding.weight.shape[0])
@@ -343,11 +344,11 @@ def _accumulate(into: dict[str, torch.Tensor], key: str, value: torch.Tensor) ->
     into[key] = into[key] + value if key in into else value
 
 
-def _means(noise: NoiseStats, count: int) -> NoiseStats:
-    out = {name: {r: v / count for r, v in per.items()} for name, per in noise.items()}
-    for name, per in out.items():
-        for r, v in per.items():
-            require_finite(v, f"the {r} activation noise of {name}")
+def _mean(sums: dict[str, torch.Tensor], count: int, name: str) -> dict[str, torch.Tensor]:
+    """Per-rounding noise sums of tensor ``name`` over ``count`` tokens -> means, checked finite."""
+    out = {r: v / count for r, v in sums.items()}
+    for r, v in out.items():
+        require_finite(v, f"the {r} activation noise of {name}")
     return out
 
 

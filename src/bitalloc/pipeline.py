@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .activations import roundings_for
 from .budget import Budget, Constraints
 from .calibrate import FisherStats, fisher_pass, stream_blocks
 from .errors import BudgetError, InputError
@@ -132,8 +133,7 @@ def measure_model(
         if on_block is not None:
             on_block(b, list(current), hidden)
 
-    roundings = sorted({r for f in fmts if (r := get_format(f).activation_rounding) is not None}) \
-        if activation_noise else []
+    roundings = roundings_for(fmts) if activation_noise else []
     for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress,
                                start_block=start.block if start is not None else 0,
                                start_hidden=start.hidden if start is not None else None, after_block=after,
