@@ -31,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bitalloc.calibrate import fisher_pass, stream_blocks  # noqa: E402
 from bitalloc.data import default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
+from bitalloc.evaluate import evaluate  # noqa: E402
 from bitalloc.export.llamacpp_emulation import llamacpp_matmuls  # noqa: E402
 from bitalloc.models.rescale import load_reference  # noqa: E402
+from bitalloc.pipeline import CachedReference  # noqa: E402
 from bitalloc.stats import LinearStats  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,13 +61,19 @@ def predicted(model: nn.Module, calib: torch.Tensor, fisher_windows: int) -> dic
     return dict(out)
 
 
-def emulated(model: nn.Module, evals: torch.Tensor, types: dict[str, str], ref: torch.Tensor) -> tuple[float, float]:
-    """(KLD, top-1) of the model with the named linears' inputs rounded, against the float log-probs ``ref``."""
-    with torch.no_grad(), llamacpp_matmuls(model, types):
-        lp = torch.cat([model(w[None]).logits.float().log_softmax(-1) for w in evals])
-    kld = float((ref.exp() * (ref - lp)).sum(-1).mean())
-    top1 = float((ref.argmax(-1) == lp.argmax(-1)).float().mean())
-    return kld, top1
+def float_reference(model: nn.Module, evals: torch.Tensor) -> CachedReference:
+    """The float model's logits on ``evals``, computed now (before any rounding hook) and cached."""
+    ref = CachedReference(model)
+    evaluate(model, ref, evals)
+    return ref
+
+
+def emulated(model: nn.Module, evals: torch.Tensor, types: dict[str, str], ref: CachedReference) -> tuple[float, float]:
+    """(KLD, top-1) of the model with the named linears' inputs rounded, against the float logits ``ref``
+    (:func:`float_reference`), scored as every bitalloc evaluation is (:func:`bitalloc.evaluate.evaluate`)."""
+    with llamacpp_matmuls(model, types):
+        r = evaluate(model, ref, evals)
+    return r.kld, r.top1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     evals = token_windows(tok, read_texts(default_eval_files()), args.ctx, args.eval_windows)
     pred = predicted(model, calib, args.fisher_windows)
     log.info("predicted in %.0f s", time.perf_counter() - t0)
-    with torch.no_grad():
-        ref = torch.cat([model(w[None]).logits.float().log_softmax(-1) for w in evals])
+    ref = float_reference(model, evals)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     rows = []
     for (kind, r), p in sorted(pred.items()):

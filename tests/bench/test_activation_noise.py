@@ -1,10 +1,9 @@
 """bench/activation_noise.py on a tiny Llama: predictions per kind of linear, and the emulated KLD."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from bench.activation_noise import emulated, kind_of, predicted
+from bench.activation_noise import emulated, float_reference, kind_of, predicted
 from conftest import tiny_llama, token_ids
 
 
@@ -14,8 +13,7 @@ def test_predicted_and_emulated_costs_of_the_activation_rounding():
     kinds = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
     assert set(pred) == {(k, "q8_0") for k in kinds}  # 64/128 columns: no Q8_K
     assert all(v > 0 for v in pred.values())
-    with torch.no_grad():
-        ref = model(ids).logits.float().log_softmax(-1)
+    ref = float_reference(model, ids)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     none = emulated(model, ids, {}, ref)
     assert none[0] < 1e-9 and none[1] == 1.0
