@@ -153,6 +153,12 @@ class Format(ABC):
         """Pack int64 ``codes`` (``rows x cols``, indices into ``grid.levels``) and the grid into storage."""
         raise NotImplementedError(f"{self.id} is not a grid format")
 
+    def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
+        """A grid for the fixed ``codes`` of ``w`` whose layer-output error under ``hessian`` is no larger,
+        row by row, than ``grid``'s (GPTQ refits the stored scales after rounding).  ``grid`` itself when
+        the format has nothing to refit (the default)."""
+        return grid
+
     @abstractmethod
     def decode(self, q: QTensor) -> torch.Tensor:
         """Dequantize to a float32 tensor of ``q.shape``."""

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..rounding.refit import refit_grid
 from ..rounding.rtn import round_fp16
 from .base import FormatError, Grid, QTensor, Shape
 from .gguf_common import (GGUFFormat, bits_to_bytes, check_weights, element_weights, fp16_bytes,
@@ -81,6 +82,10 @@ class GGUFLegacy(GGUFFormat):
         s, o = search_grid(x, wt, levels, symmetric=sym, rnd=round_fp16)
         nb = cols // QK
         return Grid(s.reshape(rows, nb), o.reshape(rows, nb), levels, QK)
+
+    def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
+        """Least-squares fp16 ``d`` (and ``m`` for the ``_1`` types) for the codes (:mod:`..rounding.refit`)."""
+        return refit_grid(w, codes, grid, hessian, offset=not self.spec.symmetric, rnd=fp16r)
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
         spec = self.spec

@@ -11,12 +11,15 @@ from typing import Iterator, Literal
 
 import torch
 
-from ..formats.base import Format, QTensor, get_format
+from ..formats.base import Format, Grid, QTensor, get_format
 from .gptq import gptq_round
 from .rtn import rtn_round
 
 Method = Literal["rtn", "gptq"]
 
+
+#: GPTQ rounds per weight for formats that refit their scales to the codes (:func:`gptq_refit`).
+GPTQ_REFITS = 3
 
 #: Tensors with more elements are quantized (and measured) in blocks of rows of at most this many elements.
 ROW_CHUNK_ELEMS = 1 << 20
@@ -74,10 +77,28 @@ def quantize_chunks(
         w32 = w[sl].detach().to(torch.float32)
         grid = fmt.fit(w32, importance)
         if method == "gptq" and hessian is not None:
-            codes, _ = gptq_round(w32, hessian, grid)
+            codes, grid = gptq_refit(w32, hessian, grid, fmt)
         else:
             codes, _ = rtn_round(w32, grid)
         yield sl, fmt.encode(codes, grid, tuple(w32.shape), dtype)
+
+
+def gptq_refit(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, fmt: Format,
+               rounds: int = GPTQ_REFITS) -> tuple[torch.Tensor, Grid]:
+    """GPTQ codes on ``grid``, then up to ``rounds`` times: the format refits the grid to the codes
+    (:meth:`Format.refine`) and GPTQ rounds again on the refit grid, ending with a refit.
+
+    Returns ``(codes, grid)``.  Stops early when the format refits nothing (returns the same grid).
+    """
+    codes, _ = gptq_round(w, hessian, grid)
+    for r in range(rounds):
+        refined = fmt.refine(w, codes, grid, hessian)
+        if refined is grid:
+            break
+        grid = refined
+        if r + 1 < rounds:
+            codes, _ = gptq_round(w, hessian, grid)
+    return codes, grid
 
 
 def quantize_weight(
@@ -109,4 +130,4 @@ def dequantize(q: QTensor) -> torch.Tensor:
     return get_format(q.format).decode(q)
 
 
-__all__ = ["quantize_weight", "quantize_chunks", "row_chunks", "ROW_CHUNK_ELEMS", "dequantize", "gptq_round", "rtn_round", "Method"]
+__all__ = ["quantize_weight", "quantize_chunks", "row_chunks", "ROW_CHUNK_ELEMS", "dequantize", "gptq_round", "gptq_refit", "GPTQ_REFITS", "rtn_round", "Method"]

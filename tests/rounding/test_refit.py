@@ -1,0 +1,153 @@
+"""Least-squares refit of group scales/offsets to fixed codes (rounding/refit.py) and GPTQ with refits."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitalloc.formats import get_format
+from bitalloc.formats.base import Grid
+from bitalloc.formats.gguf_common import fp16r
+from bitalloc.rounding import GPTQ_REFITS, dequantize, gptq_refit, quantize_weight
+from bitalloc.rounding import refit as refit_mod
+from bitalloc.rounding.gptq import gptq_round, layer_output_error
+from bitalloc.rounding.refit import group_lstsq, refit_grid, row_errors
+
+from tests.rounding.test_gptq import correlated, weight
+
+
+def brute_lstsq(w, z, group, h, offset: bool):
+    """The same least squares with an explicit design matrix per row (independent of the einsum path)."""
+    rows, cols = w.shape
+    nb = cols // group
+    s_out, o_out = torch.empty(rows, nb, dtype=torch.float64), torch.empty(rows, nb, dtype=torch.float64)
+    h = h.to(torch.float64)
+    for r in range(rows):
+        cols_a = []
+        for b in range(nb):
+            c = torch.zeros(cols, dtype=torch.float64)
+            c[b * group:(b + 1) * group] = z[r, b * group:(b + 1) * group].to(torch.float64)
+            cols_a.append(c)
+        if offset:
+            for b in range(nb):
+                c = torch.zeros(cols, dtype=torch.float64)
+                c[b * group:(b + 1) * group] = 1.0
+                cols_a.append(c)
+        a = torch.stack(cols_a, 1)
+        x = torch.linalg.solve(a.T @ h @ a, a.T @ h @ w[r].to(torch.float64))
+        s_out[r] = x[:nb]
+        if offset:
+            o_out[r] = x[nb:]
+    return s_out, (o_out if offset else None)
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_group_lstsq_matches_explicit_design_matrix(offset: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(refit_mod, "RIDGE", 0.0)
+    w = weight(5, 48)
+    _, h = correlated(400, 48)
+    z = torch.randint(-8, 8, (5, 48)).float()
+    s0 = torch.ones(5, 3)
+    s, o = group_lstsq(w, z, 16, h, s0, torch.zeros(5, 3) if offset else None)
+    bs, bo = brute_lstsq(w, z, 16, h, offset)
+    assert torch.allclose(s, bs, rtol=1e-6, atol=1e-9)
+    if offset:
+        assert torch.allclose(o, bo, rtol=1e-6, atol=1e-9)
+    else:
+        assert o is None
+
+
+def test_group_lstsq_batches_equal_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = weight(7, 64)
+    _, h = correlated(300, 64)
+    z = torch.randint(0, 16, (7, 64)).float()
+    args = (w, z, 32, h, torch.ones(7, 2), torch.zeros(7, 2))
+    whole = group_lstsq(*args)
+    monkeypatch.setattr(refit_mod, "BATCH_BYTES", 8 * 2 * 64 * 2)  # two rows per batch
+    parts = group_lstsq(*args)
+    assert torch.allclose(whole[0], parts[0]) and torch.allclose(whole[1], parts[1])
+
+
+def test_degenerate_group_keeps_its_values() -> None:
+    """A group whose codes are all equal cannot tell scale from offset: the ridge keeps them where they were."""
+    w = weight(2, 32)
+    _, h = correlated(200, 32)
+    z = torch.randint(0, 16, (2, 32)).float()
+    z[:, :16] = 3.0
+    s0, o0 = torch.full((2, 2), 0.5), torch.full((2, 2), -0.25)
+    s, o = group_lstsq(w, z, 16, h, s0, o0)
+    assert bool(torch.isfinite(s).all() and torch.isfinite(o).all())
+    assert s[:, 0].abs().max() < 10 and o[:, 0].abs().max() < 100
+
+
+@pytest.mark.parametrize("fmt_id", ["q8_0", "q5_0", "q5_1", "q4_1", "iq4_nl"])
+def test_refine_never_worse_per_row_and_encodes(fmt_id: str) -> None:
+    fmt = get_format(fmt_id)
+    w = weight(24, 96)
+    _, h = correlated(500, 96)
+    grid = fmt.fit(w, torch.diagonal(h))
+    codes, values = gptq_round(w, h, grid)
+    new = fmt.refine(w, codes, grid, h)
+    assert new is not grid
+    before, after = row_errors(w, values, h), row_errors(w, new.values(codes), h)
+    assert bool((after <= before).all())
+    assert float(after.sum()) < 0.97 * float(before.sum())  # GPTQ's codes on a diagonal-fitted grid: room to refit
+    assert torch.equal(fp16r(new.scale), new.scale) and torch.equal(fp16r(new.offset), new.offset)
+    if fmt.spec.symmetric:
+        assert bool((new.offset == 0).all())
+    q = fmt.encode(codes, new, tuple(w.shape))
+    assert torch.equal(dequantize(q), new.values(codes))
+
+
+def test_refit_grid_keeps_rows_that_would_get_worse() -> None:
+    """A rounding that ruins the refit (scales to 0) makes every row keep its old grid."""
+    fmt = get_format("q5_0")
+    w = weight(8, 64)
+    _, h = correlated(300, 64)
+    grid = fmt.fit(w, torch.diagonal(h))
+    codes, _ = gptq_round(w, h, grid)
+    kept = refit_grid(w, codes, grid, h, offset=False, rnd=torch.zeros_like)
+    assert torch.equal(kept.scale, grid.scale) and torch.equal(kept.offset, grid.offset)
+    nan = refit_grid(w, codes, grid, h, offset=False, rnd=lambda x: torch.full_like(x, float("nan")))
+    assert torch.equal(nan.scale, grid.scale)
+
+
+def test_formats_without_refit_return_the_same_grid() -> None:
+    for fmt_id in ("q4_k", "int4-g32"):
+        fmt = get_format(fmt_id)
+        w = weight(4, 256)
+        grid = fmt.fit(w)
+        assert fmt.refine(w, torch.zeros(4, 256, dtype=torch.long), grid, torch.eye(256)) is grid
+
+
+def test_gptq_refit_lowers_the_error_and_quantize_weight_uses_it() -> None:
+    fmt = get_format("q5_1")
+    w = weight(16, 128)
+    _, h = correlated(600, 128)
+    grid = fmt.fit(w, torch.diagonal(h))
+    _, plain = gptq_round(w, h, grid)
+    codes, g = gptq_refit(w, h, grid, fmt)
+    once_codes, once = gptq_refit(w, h, grid, fmt, rounds=1)
+    e_plain = layer_output_error(w, plain, h)
+    e_once = layer_output_error(w, once.values(once_codes), h)
+    e_full = layer_output_error(w, g.values(codes), h)
+    assert e_once < e_plain and e_full < e_plain
+    assert GPTQ_REFITS >= 1
+    q = quantize_weight(w, fmt, hessian=h, method="gptq")
+    assert torch.equal(dequantize(q), g.values(codes))
+
+
+def test_gptq_refit_zero_rounds_is_plain_gptq() -> None:
+    fmt = get_format("q4_0")
+    w = weight(8, 64)
+    _, h = correlated(300, 64)
+    grid = fmt.fit(w, torch.diagonal(h))
+    codes, g = gptq_refit(w, h, grid, fmt, rounds=0)
+    assert g is grid and torch.equal(codes, gptq_round(w, h, grid)[0])
+
+
+def test_refit_on_grid_without_offset_column_keeps_offset_tensor() -> None:
+    g = Grid(torch.ones(2, 2), torch.zeros(2, 2), torch.arange(-4, 4, dtype=torch.float32), 8)
+    w = weight(2, 16)
+    codes = torch.randint(0, 8, (2, 16))
+    new = refit_grid(w, codes, g, torch.eye(16), offset=False, rnd=lambda x: x)
+    assert torch.equal(new.offset, g.offset)
