@@ -7,6 +7,10 @@ on held-out windows (tragedies).  Each weight is quantized with RTN and with GPT
 held-out Hessian.  The ratio GPTQ/RTN is computed in the same run (no hard-coded baseline).  Degenerate
 Hessians (dead columns, rank-deficient, indefinite) are run too and must complete with finite output.
 
+Second table: for the 32-wide GGUF types, GPTQ whose fp16 scales are refit to its codes and rounded again
+(``gptq_refit``, :data:`bitalloc.rounding.GPTQ_REFITS` rounds; what ``quantize_weight`` does) vs plain GPTQ on
+the same fitted grid, again on the held-out Hessian (ratio refit / plain).
+
 Writes ``bench/results/gptq.json`` and ``bench/results/gptq.png`` and prints the table.
 """
 from __future__ import annotations
@@ -24,12 +28,13 @@ import torch  # noqa: E402
 
 from bitalloc.data import default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
-from bitalloc.rounding import gptq_round, rtn_round  # noqa: E402
+from bitalloc.rounding import GPTQ_REFITS, gptq_refit, gptq_round, rtn_round  # noqa: E402
 from bitalloc.rounding.gptq import layer_output_error  # noqa: E402
 
 LAYERS = (0, 10, 20, 29)
 MODULES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 FORMATS = ("int3-g128", "int4-g128", "int3-row", "int4-row")
+REFIT_FORMATS = ("q8_0", "q5_1", "q5_0", "iq4_nl", "q4_0")
 CTX, N_CALIB, N_HELDOUT = 512, 16, 8
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -82,6 +87,19 @@ def quantize_pair(w: torch.Tensor, h: torch.Tensor, fmt_id: str) -> dict[str, to
     return {"rtn": rtn_round(w, grid)[1], "gptq": values}
 
 
+def refit_pair(w: torch.Tensor, h: torch.Tensor, fmt_id: str) -> dict[str, torch.Tensor]:
+    """Plain GPTQ and GPTQ with scale refits (``GPTQ_REFITS`` rounds) from one fitted grid; the refit codes
+    and grid go through ``encode``/``decode`` and must decode to the same values."""
+    fmt = get_format(fmt_id)
+    grid = fmt.fit(w, torch.diagonal(h).clamp_min(0))
+    plain = gptq_round(w, h, grid)[1]
+    codes, refit = gptq_refit(w, h, grid, fmt, GPTQ_REFITS)
+    values = refit.values(codes)
+    if not torch.equal(fmt.decode(fmt.encode(codes, refit, tuple(w.shape))), values):
+        raise AssertionError(f"{fmt_id}: encode/decode of the refit grid differs from its values")
+    return {"gptq": plain, "refit": values}
+
+
 def degenerate_cases(w: torch.Tensor, h: torch.Tensor, x_few: torch.Tensor) -> list[dict]:
     """Pathological Hessians built from a real one: each must complete with finite output."""
     n = h.shape[0]
@@ -109,21 +127,28 @@ def degenerate_cases(w: torch.Tensor, h: torch.Tensor, x_few: torch.Tensor) -> l
     return rows
 
 
-def plot(results: list[dict], path: Path) -> None:
-    tensors = sorted({r["tensor"] for r in results}, key=lambda t: [r["tensor"] for r in results].index(t))
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    width = 0.8 / len(FORMATS)
-    for k, f in enumerate(FORMATS):
-        ys = [next(r["ratio"] for r in results if r["tensor"] == t and r["format"] == f) for t in tensors]
-        ax.bar([i + (k - (len(FORMATS) - 1) / 2) * width for i in range(len(tensors))], ys, width, label=f)
+def _bars(ax, rows: list[dict], formats: tuple[str, ...], ylabel: str, title: str) -> None:
+    tensors = list(dict.fromkeys(r["tensor"] for r in rows))
+    width = 0.8 / len(formats)
+    for k, f in enumerate(formats):
+        ys = [next(r["ratio"] for r in rows if r["tensor"] == t and r["format"] == f) for t in tensors]
+        ax.bar([i + (k - (len(formats) - 1) / 2) * width for i in range(len(tensors))], ys, width, label=f)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_ylim(0, max(1.2, max(r["ratio"] for r in results) * 1.1))
+    ax.set_ylim(0, max(1.2, max(r["ratio"] for r in rows) * 1.1))
     ax.set_xticks(range(len(tensors)))
     ax.set_xticklabels([t.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
                         for t in tensors], rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("held-out output error, GPTQ / RTN")
-    ax.set_title("SmolLM2-135M (rescaled): GPTQ vs RTN on the same grid")
-    ax.legend(ncol=len(FORMATS), fontsize=8, loc="upper left")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(ncol=len(formats), fontsize=8, loc="upper left")
+
+
+def plot(results: list[dict], refits: list[dict], path: Path) -> None:
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(12, 9))
+    _bars(a1, results, FORMATS, "held-out output error, GPTQ / RTN",
+          "SmolLM2-135M (rescaled): GPTQ vs RTN on the same grid")
+    _bars(a2, refits, REFIT_FORMATS, "held-out output error, refit / plain GPTQ",
+          f"GGUF 32-wide types: GPTQ with {GPTQ_REFITS} scale refits vs plain GPTQ")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -153,6 +178,19 @@ def main() -> None:
                             "rtn_err": e["rtn"], "gptq_err": e["gptq"], "ratio": e["gptq"] / e["rtn"],
                             "ratio_calib": e_cal["gptq"] / e_cal["rtn"],
                             "finite": bool(all(torch.isfinite(v).all() for v in q.values()))})
+    refits, t_refit = [], 0.0
+    for name in names:
+        w = model.get_submodule(name).weight.detach().to(torch.float32)
+        for f in REFIT_FORMATS:
+            t = time.time()
+            q = refit_pair(w, h_cal[name], f)
+            t_refit += time.time() - t
+            e = {m: layer_output_error(w, v, h_held[name]) for m, v in q.items()}
+            e_cal = {m: layer_output_error(w, v, h_cal[name]) for m, v in q.items()}
+            refits.append({"tensor": name, "format": f, "gptq_err": e["gptq"], "refit_err": e["refit"],
+                           "ratio": e["refit"] / e["gptq"], "ratio_calib": e_cal["refit"] / e_cal["gptq"]})
+    refit_summary = {f: {k: math.exp(sum(math.log(r[k]) for r in refits if r["format"] == f) / len(names))
+                         for k in ("ratio", "ratio_calib")} for f in REFIT_FORMATS}
     # degenerate Hessians on a real layer; rank-deficient from 64 real tokens' inputs
     probe = "model.layers.10.self_attn.q_proj"
     x_few: list[torch.Tensor] = []
@@ -172,9 +210,12 @@ def main() -> None:
         "heldout": {"files": [f.name for f in held_files], "windows": N_HELDOUT, "ctx": CTX},
         "metric": "tr(dW H dW^T) with H = E[xx^T] on held-out tokens; ratio = GPTQ / RTN",
         "geomean_ratio": summary, "results": results, "degenerate": degenerate,
-        "seconds": {"stats": round(t_stats, 1), "quantize": round(t_gptq, 1), "total": round(time.time() - t0, 1)},
+        "refit": {"rounds": GPTQ_REFITS, "metric": "held-out tr(dW H dW^T); ratio = GPTQ with scale refits / plain GPTQ",
+                  "geomean": refit_summary, "results": refits},
+        "seconds": {"stats": round(t_stats, 1), "quantize": round(t_gptq, 1), "refit": round(t_refit, 1),
+                    "total": round(time.time() - t0, 1)},
     }, indent=1))
-    plot(results, OUT / "gptq.png")
+    plot(results, refits, OUT / "gptq.png")
 
     print("metric: held-out tr(dW H dW^T); ratio = GPTQ/RTN on the same fitted grid (calibration ratio in brackets)")
     print(f"{'tensor':34s}" + "".join(f"{f:>20s}" for f in FORMATS))
@@ -183,10 +224,18 @@ def main() -> None:
         print(f"{name.removeprefix('model.'):34s}" + "".join(
             f"{r['ratio']:>11.3f} [{r['ratio_calib']:.3f}]" for r in row))
     print(f"{'geomean':34s}" + "".join(f"{summary[f]:>20.3f}" for f in FORMATS))
+    print(f"GGUF 32-wide types: GPTQ with {GPTQ_REFITS} scale refits / plain GPTQ, held-out [calibration]")
+    print(f"{'tensor':34s}" + "".join(f"{f:>20s}" for f in REFIT_FORMATS))
+    for name in names:
+        row = [r for r in refits if r["tensor"] == name]
+        print(f"{name.removeprefix('model.'):34s}" + "".join(
+            f"{r['ratio']:>11.3f} [{r['ratio_calib']:.3f}]" for r in row))
+    print(f"{'geomean':34s}" + "".join(
+        f"{refit_summary[f]['ratio']:>11.3f} [{refit_summary[f]['ratio_calib']:.3f}]" for f in REFIT_FORMATS))
     print("degenerate Hessians (layer 10 q_proj, int4-g128):")
     for d in degenerate:
         print(f"  {d['case']:45s} finite={d['finite']}  GPTQ/RTN on healthy H = {d['ratio_vs_rtn']:.3f}")
-    print(f"time: stats {t_stats:.0f}s, quantize {t_gptq:.0f}s, total {time.time() - t0:.0f}s")
+    print(f"time: stats {t_stats:.0f}s, quantize {t_gptq:.0f}s, refit {t_refit:.0f}s, total {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
