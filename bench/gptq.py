@@ -19,6 +19,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
@@ -100,6 +101,23 @@ def refit_pair(w: torch.Tensor, h: torch.Tensor, fmt_id: str) -> dict[str, torch
     return {"gptq": plain, "refit": values}
 
 
+def score_pairs(model, names: list[str], formats: tuple[str, ...], pair: Callable, h_cal: dict, h_held: dict
+                ) -> tuple[list[tuple], float]:
+    """``(tensor, format, shape, reconstructions, held-out errors, calibration errors)`` of ``pair(w, H_calib,
+    format)`` for every named weight and format, and the seconds spent in ``pair``."""
+    out, seconds = [], 0.0
+    for name in names:
+        w = model.get_submodule(name).weight.detach().to(torch.float32)
+        for f in formats:
+            t = time.time()
+            q = pair(w, h_cal[name], f)
+            seconds += time.time() - t
+            e = {m: layer_output_error(w, v, h_held[name]) for m, v in q.items()}
+            e_cal = {m: layer_output_error(w, v, h_cal[name]) for m, v in q.items()}
+            out.append((name, f, list(w.shape), q, e, e_cal))
+    return out, seconds
+
+
 def degenerate_cases(w: torch.Tensor, h: torch.Tensor, x_few: torch.Tensor) -> list[dict]:
     """Pathological Hessians built from a real one: each must complete with finite output."""
     n = h.shape[0]
@@ -165,30 +183,17 @@ def main() -> None:
     names = [f"model.layers.{i}.{m}" for i in LAYERS for m in MODULES]
     h_cal, h_held = input_hessians(model, calib, names), input_hessians(model, held, names)
     t_stats = time.time() - t0
-    results, t_gptq = [], 0.0
-    for name in names:
-        w = model.get_submodule(name).weight.detach().to(torch.float32)
-        for f in FORMATS:
-            t = time.time()
-            q = quantize_pair(w, h_cal[name], f)
-            t_gptq += time.time() - t
-            e = {m: layer_output_error(w, v, h_held[name]) for m, v in q.items()}
-            e_cal = {m: layer_output_error(w, v, h_cal[name]) for m, v in q.items()}
-            results.append({"tensor": name, "shape": list(w.shape), "format": f,
-                            "rtn_err": e["rtn"], "gptq_err": e["gptq"], "ratio": e["gptq"] / e["rtn"],
-                            "ratio_calib": e_cal["gptq"] / e_cal["rtn"],
-                            "finite": bool(all(torch.isfinite(v).all() for v in q.values()))})
-    refits, t_refit = [], 0.0
-    for name in names:
-        w = model.get_submodule(name).weight.detach().to(torch.float32)
-        for f in REFIT_FORMATS:
-            t = time.time()
-            q = refit_pair(w, h_cal[name], f)
-            t_refit += time.time() - t
-            e = {m: layer_output_error(w, v, h_held[name]) for m, v in q.items()}
-            e_cal = {m: layer_output_error(w, v, h_cal[name]) for m, v in q.items()}
-            refits.append({"tensor": name, "format": f, "gptq_err": e["gptq"], "refit_err": e["refit"],
-                           "ratio": e["refit"] / e["gptq"], "ratio_calib": e_cal["refit"] / e_cal["gptq"]})
+    results: list[dict] = []
+    scored, t_gptq = score_pairs(model, names, FORMATS, quantize_pair, h_cal, h_held)
+    for name, f, shape, q, e, e_cal in scored:
+        results.append({"tensor": name, "shape": shape, "format": f,
+                        "rtn_err": e["rtn"], "gptq_err": e["gptq"], "ratio": e["gptq"] / e["rtn"],
+                        "ratio_calib": e_cal["gptq"] / e_cal["rtn"],
+                        "finite": bool(all(torch.isfinite(v).all() for v in q.values()))})
+    scored, t_refit = score_pairs(model, names, REFIT_FORMATS, refit_pair, h_cal, h_held)
+    refits = [{"tensor": name, "format": f, "gptq_err": e["gptq"], "refit_err": e["refit"],
+               "ratio": e["refit"] / e["gptq"], "ratio_calib": e_cal["refit"] / e_cal["gptq"]}
+              for name, f, _shape, _q, e, e_cal in scored]
     refit_summary = {f: {k: math.exp(sum(math.log(r[k]) for r in refits if r["format"] == f) / len(names))
                          for k in ("ratio", "ratio_calib")} for f in REFIT_FORMATS}
     # degenerate Hessians on a real layer; rank-deficient from 64 real tokens' inputs

@@ -40,6 +40,14 @@ def brute_lstsq(w, z, group, h, offset: bool):
     return s_out, (o_out if offset else None)
 
 
+def fitted(fmt_id: str, rows: int, cols: int, tokens: int):
+    """A format, a weight, a correlated Hessian and the format's grid fitted with its diagonal."""
+    fmt = get_format(fmt_id)
+    w = weight(rows, cols)
+    _, h = correlated(tokens, cols)
+    return fmt, w, h, fmt.fit(w, torch.diagonal(h))
+
+
 @pytest.mark.parametrize("offset", [False, True])
 def test_group_lstsq_matches_explicit_design_matrix(offset: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(refit_mod, "RIDGE", 0.0)
@@ -81,10 +89,7 @@ def test_degenerate_group_keeps_its_values() -> None:
 
 @pytest.mark.parametrize("fmt_id", ["q8_0", "q5_0", "q5_1", "q4_1", "iq4_nl"])
 def test_refine_never_worse_per_row_and_encodes(fmt_id: str) -> None:
-    fmt = get_format(fmt_id)
-    w = weight(24, 96)
-    _, h = correlated(500, 96)
-    grid = fmt.fit(w, torch.diagonal(h))
+    fmt, w, h, grid = fitted(fmt_id, 24, 96, 500)
     codes, values = gptq_round(w, h, grid)
     new = fmt.refine(w, codes, grid, h)
     assert new is not grid
@@ -100,10 +105,7 @@ def test_refine_never_worse_per_row_and_encodes(fmt_id: str) -> None:
 
 def test_refit_grid_keeps_rows_that_would_get_worse() -> None:
     """A rounding that ruins the refit (scales to 0) makes every row keep its old grid."""
-    fmt = get_format("q5_0")
-    w = weight(8, 64)
-    _, h = correlated(300, 64)
-    grid = fmt.fit(w, torch.diagonal(h))
+    fmt, w, h, grid = fitted("q5_0", 8, 64, 300)
     codes, _ = gptq_round(w, h, grid)
     kept = refit_grid(w, codes, grid, h, offset=False, rnd=torch.zeros_like)
     assert torch.equal(kept.scale, grid.scale) and torch.equal(kept.offset, grid.offset)
@@ -120,10 +122,7 @@ def test_formats_without_refit_return_the_same_grid() -> None:
 
 
 def test_gptq_refit_lowers_the_error_and_quantize_weight_uses_it() -> None:
-    fmt = get_format("q5_1")
-    w = weight(16, 128)
-    _, h = correlated(600, 128)
-    grid = fmt.fit(w, torch.diagonal(h))
+    fmt, w, h, grid = fitted("q5_1", 16, 128, 600)
     _, plain = gptq_round(w, h, grid)
     codes, g = gptq_refit(w, h, grid, fmt)
     once_codes, once = gptq_refit(w, h, grid, fmt, rounds=1)
@@ -137,10 +136,7 @@ def test_gptq_refit_lowers_the_error_and_quantize_weight_uses_it() -> None:
 
 
 def test_gptq_refit_zero_rounds_is_plain_gptq() -> None:
-    fmt = get_format("q4_0")
-    w = weight(8, 64)
-    _, h = correlated(300, 64)
-    grid = fmt.fit(w, torch.diagonal(h))
+    fmt, w, h, grid = fitted("q4_0", 8, 64, 300)
     codes, g = gptq_refit(w, h, grid, fmt, rounds=0)
     assert g is grid and torch.equal(codes, gptq_round(w, h, grid)[0])
 
