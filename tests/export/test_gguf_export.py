@@ -334,8 +334,10 @@ def test_llama_cpp_logits_agree_with_bitalloc(proof, tmp_path: Path, record_prop
     floor_kld, floor_top1 = _kld_top1(theirs, plain_kernels)
     plain_kld, plain_top1 = _kld_top1(theirs, ours)
     emu_kld, emu_top1 = _kld_top1(theirs, emulated)
+    emu_plain_kld, emu_plain_top1 = _kld_top1(plain_kernels, emulated)
     numbers = {"f32_top1": f32_top1, "llamacpp_kernels_kld": floor_kld, "llamacpp_kernels_top1": floor_top1,
-               "plain_kld": plain_kld, "plain_top1": plain_top1, "emulated_kld": emu_kld, "emulated_top1": emu_top1}
+               "plain_kld": plain_kld, "plain_top1": plain_top1, "emulated_kld": emu_kld, "emulated_top1": emu_top1,
+               "emulated_vs_plain_kernels_kld": emu_plain_kld, "emulated_vs_plain_kernels_top1": emu_plain_top1}
     for k, v in numbers.items():
         record_property(k, v)
     logging.getLogger(__name__).info("llama.cpp vs bitalloc: %s", numbers)
