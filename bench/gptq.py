@@ -183,13 +183,12 @@ def main() -> None:
     names = [f"model.layers.{i}.{m}" for i in LAYERS for m in MODULES]
     h_cal, h_held = input_hessians(model, calib, names), input_hessians(model, held, names)
     t_stats = time.time() - t0
-    results: list[dict] = []
     scored, t_gptq = score_pairs(model, names, FORMATS, quantize_pair, h_cal, h_held)
-    for name, f, shape, q, e, e_cal in scored:
-        results.append({"tensor": name, "shape": shape, "format": f,
-                        "rtn_err": e["rtn"], "gptq_err": e["gptq"], "ratio": e["gptq"] / e["rtn"],
-                        "ratio_calib": e_cal["gptq"] / e_cal["rtn"],
-                        "finite": bool(all(torch.isfinite(v).all() for v in q.values()))})
+    results = [{"tensor": name, "shape": shape, "format": f,
+                "rtn_err": e["rtn"], "gptq_err": e["gptq"], "ratio": e["gptq"] / e["rtn"],
+                "ratio_calib": e_cal["gptq"] / e_cal["rtn"],
+                "finite": bool(all(torch.isfinite(v).all() for v in q.values()))}
+               for name, f, shape, q, e, e_cal in scored]
     scored, t_refit = score_pairs(model, names, REFIT_FORMATS, refit_pair, h_cal, h_held)
     refits = [{"tensor": name, "format": f, "gptq_err": e["gptq"], "refit_err": e["refit"],
                "ratio": e["refit"] / e["gptq"], "ratio_calib": e_cal["refit"] / e_cal["gptq"]}

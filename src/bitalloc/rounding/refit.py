@@ -18,18 +18,13 @@ from typing import Callable
 import torch
 
 from ..formats.base import Grid
+from .gptq import row_errors
 
 #: Upper bound on the float64 intermediate of one batch of rows (bytes).
 BATCH_BYTES = 32 << 20
 #: Ridge toward the current scales/offsets, relative to each unknown's own curvature: keeps unknowns that
 #: the data does not determine (a group whose codes are all equal, dead input columns) where they were.
 RIDGE = 1e-6
-
-
-def row_errors(w: torch.Tensor, values: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """``(w_r − v_r)ᵀ H (w_r − v_r)`` for every row ``r`` (float64, shape ``rows``)."""
-    dw = values.to(torch.float64) - w.to(torch.float64)
-    return ((dw @ hessian.to(torch.float64)) * dw).sum(1)
 
 
 def group_lstsq(
