@@ -201,7 +201,6 @@ def proof_gguf(workdir: Path, n_windows: int = 3, n_blocks: int | None = None
     """
     from bitalloc.data import default_eval_files, read_texts, token_windows
     from bitalloc.export.gguf import read_template, write_gguf
-    from bitalloc.export.gguf_names import hf_to_gguf
     from bitalloc.models.sources import default_model_path, load_model
     from bitalloc.models.view import ModelView
     from bitalloc.quantize import set_weight
@@ -212,6 +211,8 @@ def proof_gguf(workdir: Path, n_windows: int = 3, n_blocks: int | None = None
     view = ModelView(model)
     held = token_windows(tok, read_texts(default_eval_files()), 512, n_windows)
     params = dict(model.named_parameters())
+    tpl = read_template(src)
+    hf_to_gguf = tpl.names.to_gguf
     tensors: dict[str, Any] = {}
     used = {PROOF_TYPES: 0, PROOF_K_TYPES: 0}
     for ref in view.quantizable():
@@ -226,7 +227,6 @@ def proof_gguf(workdir: Path, n_windows: int = 3, n_blocks: int | None = None
         q = quantize_weight(params[ref.name].detach(), fmt, method="rtn")
         set_weight(model, ref.name, dequantize(q))
         tensors[hf_to_gguf(ref.name)] = q
-    tpl = read_template(src)
     in_file = {t[0] for t in tpl.tensors}
     for name, p in params.items():
         gg = hf_to_gguf(name)

@@ -76,3 +76,35 @@ def tiny_model(request) -> torch.nn.Module:
 def windows() -> torch.Tensor:
     """Four random windows of 32 token ids (vocab 256)."""
     return token_ids()
+
+
+def _tiny_config(model_type: str, tie: bool):
+    """The config of a 2-layer model of ``model_type`` (hidden 64, 4 heads / 2 KV heads of 16, vocab 256)."""
+    from transformers import AutoConfig
+
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=128,
+              tie_word_embeddings=tie, initializer_range=0.05, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    if model_type in ("qwen3", "gemma2", "gemma3_text"):
+        kw["head_dim"] = 16
+    if model_type in ("gemma2", "gemma3_text"):  # windows longer than any test context; llama.cpp's 1/sqrt(head_dim)
+        kw.update(query_pre_attn_scalar=16, sliding_window=64)
+    if model_type == "mistral":
+        kw["sliding_window"] = None
+    return AutoConfig.for_model(model_type, **kw)
+
+
+#: every architecture of the map that has a GGUF side, with the tie each is tested with (Gemma is always tied)
+ARCH_TIES = {"llama": True, "mistral": False, "qwen2": False, "qwen3": True, "gemma2": True, "gemma3_text": True,
+             "phi3": False}
+
+
+def tiny_arch(model_type: str, tie: bool | None = None, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM of any architecture in the map (fp32, eval), norms and biases randomized."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = _tiny_config(model_type, ARCH_TIES.get(model_type, False) if tie is None else tie)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    _randomize_norms_(model, seed)
+    return model

@@ -1,5 +1,5 @@
-"""Tiny Llama GGUFs for tests: shared writer pieces, and one that transformers loads with a tokenizer
-(byte-level BPE, 256 byte tokens, no merges)."""
+"""Tiny GGUFs for tests: shared writer pieces, one Llama that transformers loads with a tokenizer (byte-level
+BPE, 256 byte tokens, no merges), and :func:`write_arch_gguf` for a tiny model of any architecture in the map."""
 from __future__ import annotations
 
 import random
@@ -11,7 +11,8 @@ import torch
 import gguf
 import numpy as np
 
-from bitalloc.export.gguf_names import hf_to_gguf
+from bitalloc.models.archs import arch_for
+from bitalloc.models.gguf_map import gguf_hparams, model_names
 from tests.conftest import tiny_llama
 
 N_HEAD, N_KV = 4, 2
@@ -49,6 +50,7 @@ def add_llama_hparams(w: gguf.GGUFWriter) -> None:
 def gguf_arrays(model: torch.nn.Module) -> Iterator[tuple[str, np.ndarray]]:
     """``(GGUF name, contiguous float32 array)`` of every stored tensor, q/k rows in llama.cpp's order (a tied
     lm_head is skipped)."""
+    names = model_names(model)
     for hf, t in model.state_dict().items():
         if hf == "lm_head.weight":
             continue
@@ -57,7 +59,7 @@ def gguf_arrays(model: torch.nn.Module) -> Iterator[tuple[str, np.ndarray]]:
             a = converter_permute(a, N_HEAD)
         elif "k_proj" in hf:
             a = converter_permute(a, N_KV)
-        yield hf_to_gguf(hf), np.ascontiguousarray(a)
+        yield names.to_gguf(hf), np.ascontiguousarray(a)
 
 
 def finish(w: gguf.GGUFWriter) -> None:
@@ -65,6 +67,24 @@ def finish(w: gguf.GGUFWriter) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def add_byte_tokenizer(w: gguf.GGUFWriter) -> None:
+    """A byte-level BPE vocabulary of 256 tokens, no merges (transformers and llama.cpp both load it)."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(_byte_tokens())
+    w.add_token_types([1] * 256)
+    w.add_token_scores([0.0] * 256)
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+
+
+def write_calib_text(path: Path, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(100)]
+    (path.parent / "calib.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))
 
 
 def write_loadable_gguf(path: Path, seed: int = 0) -> Path:
@@ -75,20 +95,34 @@ def write_loadable_gguf(path: Path, seed: int = 0) -> Path:
     w.add_rope_dimension_count(16)
     w.add_vocab_size(256)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(_byte_tokens())
-    w.add_token_types([1] * 256)
-    w.add_token_scores([0.0] * 256)
-    w.add_token_merges([])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    add_byte_tokenizer(w)
     for name, arr in gguf_arrays(model):
         w.add_tensor(name, arr)
     finish(w)
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(100)]
-    (path.parent / "calib.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))
+    write_calib_text(path, seed)
+    return path
+
+
+def write_arch_gguf(model: torch.nn.Module, path: Path) -> Path:
+    """An F32 GGUF of a tiny model of any GGUF architecture in the map, as llama.cpp's converter lays it out:
+    the map's hyper-parameter keys, names and value transforms, a byte tokenizer; ``calib.txt`` beside it."""
+    spec = arch_for(model.config)
+    w = gguf.GGUFWriter(str(path), spec.gguf.arch)
+    for key, value in gguf_hparams(model.config).items():
+        if isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, int(value))
+    w.add_vocab_size(model.config.vocab_size)
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    add_byte_tokenizer(w)
+    names = model_names(model)
+    meta = gguf_hparams(model.config)
+    for hf, p in model.named_parameters():
+        v = names.to_gguf_value(hf, p.detach().float(), meta)
+        w.add_tensor(names.to_gguf(hf), np.ascontiguousarray(v.numpy()))
+    finish(w)
+    write_calib_text(path)
     return path
 
 

@@ -19,7 +19,7 @@ from tests.cli_process import run_cli, wait_for
 from bitalloc.cli import build_parser, main
 from bitalloc.errors import InputError
 from bitalloc.export import gguf as gx
-from bitalloc.export.gguf_names import hf_to_gguf
+from bitalloc.models.gguf_map import model_names
 from bitalloc.gguf_cmd import gguf_fingerprint
 from bitalloc.io.atomic import file_digest
 from bitalloc.job import Job
@@ -41,7 +41,8 @@ def _files(out: Path) -> tuple[bytes, bytes]:
 
 # --------------------------------------------------------------------------------------- manifest
 def _tensors() -> dict[str, torch.Tensor]:
-    return {hf_to_gguf(n): t for n, t in tiny_llama().state_dict().items() if n != "lm_head.weight"}
+    model = tiny_llama()
+    return {model_names(model).to_gguf(n): t for n, t in model.state_dict().items() if n != "lm_head.weight"}
 
 
 def test_manifest_lists_file_and_raw_tensor_digests(src, tmp_path):

@@ -10,6 +10,7 @@ import torch
 
 from .errors import InputError
 from .export.packed import read_packed
+from .models.archs import arch_for
 from .rounding import dequantize
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,11 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any:
     p = Path(path)
     info, qtensors = read_packed(p)
     try:
-        config = AutoConfig.from_pretrained(str(p))
+        config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot read the model config in {p}: {e}") from e
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    arch_for(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(qtensors))
     unknown = sorted(set(qtensors) - set(params))

@@ -26,9 +26,9 @@ from gguf import GGMLQuantizationType
 from .budget import Budget
 from .errors import BudgetError, InputError, output_exists
 from .export.gguf import (
-    GGUFTemplate, WrittenGGUF, gguf_file_size, gguf_layout, ggml_nbytes, read_template,
+    GGUFTemplate, WrittenGGUF, gguf_file_size, gguf_layout, ggml_nbytes, read_template, runtime_tensor,
 )
-from .export.gguf_names import gguf_to_hf, hf_to_gguf
+from .io.gguf import GGUFFile
 from .formats import get_format
 
 log = logging.getLogger(__name__)
@@ -86,16 +86,16 @@ def split_budget(tpl: GGUFTemplate, allocated: Sequence[str], budget: str | Budg
     return GGUFBudget(target, capacity, header, fixed_bytes, "file")
 
 
-def allocated_gguf_names(view: Any, arch: str) -> dict[str, str]:
+def allocated_gguf_names(view: Any, tpl: GGUFTemplate) -> dict[str, str]:
     """HF name -> GGUF name of every allocated tensor of a ModelView."""
-    return {r.name: hf_to_gguf(r.name, arch) for r in view.quantizable()}
+    return {r.name: tpl.names.to_gguf(r.name) for r in view.quantizable()}
 
 
 def plan_gguf(measurement: Any, view: Any, tpl: GGUFTemplate, budget: str | Budget) -> tuple[Any, GGUFBudget]:
     """Allocate GGUF types so that the written file fits ``budget``; returns ``(plan, split)``."""
     from .pipeline import make_plan
 
-    names = allocated_gguf_names(view, tpl.arch)
+    names = allocated_gguf_names(view, tpl)
     split = split_budget(tpl, list(names.values()), budget, measurement.total_params)
     smallest = sum(min(r.bytes for r in measurement.rows_for(hf)) for hf in names)
     if split.capacity < smallest:
@@ -155,14 +155,19 @@ def quantize_for_gguf(
                         on_block=on_block, start=start)
     for name, value in originals.items():  # the GGUF keeps norms in F32: undo quantize's fp16 rounding
         set_weight(model, name, value)
-    names = allocated_gguf_names(view, tpl.arch)
+    names = allocated_gguf_names(view, tpl)
     tensors: dict[str, Any] = {gg: qt[hf] for hf, gg in names.items()}
-    for name, _shape, _typ in tpl.tensors:
-        if name not in tensors:
-            hf = gguf_to_hf(name, tpl.arch)
-            if hf not in params:
+    with GGUFFile(tpl.path) as f:
+        for name, _shape, _typ in tpl.tensors:
+            if name in tensors:
+                continue
+            hf = tpl.names.to_hf(name)
+            if hf is None:  # a runtime tensor (rope_freqs): kept as it is
+                tensors[name] = runtime_tensor(f, name)
+            elif hf not in params:
                 raise InputError(f"the model has no tensor {hf!r} for GGUF tensor {name}")
-            tensors[name] = params[hf].detach().to(torch.float32)
+            else:
+                tensors[name] = params[hf].detach().to(torch.float32)
     return tensors
 
 

@@ -15,9 +15,8 @@ import torch
 
 from bitalloc.errors import InputError
 from bitalloc.export import gguf as gx
-from bitalloc.export.gguf_names import (
-    gguf_to_hf, hf_to_gguf, rope_head_count, rope_row_order, to_gguf_rows, to_hf_rows,
-)
+from bitalloc.models.archs import ARCHS
+from bitalloc.models.gguf_map import model_names, names_for, rope_row_order, to_gguf_rows, to_hf_rows
 from tests.conftest import tiny_llama
 from tests.gguf_tiny import N_HEAD, N_KV, add_llama_hparams, converter_permute, finish, gguf_arrays
 
@@ -53,17 +52,21 @@ def test_name_map_round_trip() -> None:
             "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
             "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
             "input_layernorm.weight", "post_attention_layernorm.weight")]
-    gg = [hf_to_gguf(n) for n in hf_names]
+    names = names_for(ARCHS["llama"], hf_names, 30)
+    gg = [names.to_gguf(n) for n in hf_names]
     assert len(set(gg)) == len(gg)
     assert "blk.7.attn_output.weight" in gg and "token_embd.weight" in gg and "output.weight" in gg
-    assert hf_to_gguf("model.layers.3.post_attention_layernorm.weight") == "blk.3.ffn_norm.weight"
-    assert [gguf_to_hf(n) for n in gg] == hf_names
+    assert names.to_gguf("model.layers.7.post_attention_layernorm.weight") == "blk.7.ffn_norm.weight"
+    assert [names.to_hf(n) for n in gg] == hf_names
+    assert names.to_hf("rope_freqs.weight") is None  # a runtime tensor, not a parameter
     with pytest.raises(InputError):
-        hf_to_gguf("model.layers.0.mlp.experts.0.weight")
+        names.to_gguf("model.layers.0.mlp.experts.0.weight")
     with pytest.raises(InputError):
-        gguf_to_hf("blk.0.unknown.weight")
-    with pytest.raises(InputError, match="not supported"):
-        hf_to_gguf("model.norm.weight", arch="rwkv6")
+        names.to_hf("blk.0.unknown.weight")
+    with pytest.raises(InputError, match="no llama.cpp name"):
+        names_for(ARCHS["llama"], ["model.layers.0.mystery.weight"], 1)
+    with pytest.raises(InputError, match="no GGUF export"):
+        names_for(ARCHS["gemma3"], hf_names, 30)
 
 
 def test_rope_permutation_matches_converter() -> None:
@@ -75,8 +78,10 @@ def test_rope_permutation_matches_converter() -> None:
     assert torch.equal(to_hf_rows(ours, 3), w)
     assert to_gguf_rows(w, None) is w
     meta = {"llama.attention.head_count": 9, "llama.attention.head_count_kv": 3}
-    assert rope_head_count("model.layers.2.self_attn.k_proj.weight", "llama", meta) == 3
-    assert rope_head_count("model.layers.2.self_attn.v_proj.weight", "llama", meta) is None
+    names = names_for(ARCHS["llama"], [], 3)
+    assert names.rope_heads("model.layers.2.self_attn.k_proj.weight", meta) == 3
+    assert names.rope_heads("model.layers.2.self_attn.v_proj.weight", meta) is None
+    assert names_for(ARCHS["qwen2"], [], 3).rope_heads("model.layers.2.self_attn.k_proj.weight", meta) is None
     with pytest.raises(InputError):
         rope_row_order(10, 3)
 
@@ -93,7 +98,7 @@ def test_f32_export_is_byte_identical_to_gguf_py(tiny, tmp_path: Path) -> None:
 def _mixed_tensors(model: torch.nn.Module) -> dict[str, object]:
     """Q8_0 embedding (raw blocks from gguf-py), F16 q_proj via a GGUFTensor, the rest as F32 tensors."""
     sd = model.state_dict()
-    out: dict[str, object] = {hf_to_gguf(n): t for n, t in sd.items() if n != "lm_head.weight"}
+    out: dict[str, object] = {model_names(model).to_gguf(n): t for n, t in sd.items() if n != "lm_head.weight"}
     emb = sd["model.embed_tokens.weight"].numpy()
     out["token_embd.weight"] = gx.GGUFTensor("token_embd.weight", emb.shape, T.Q8_0,
                                              gguf.quantize(emb, T.Q8_0).reshape(-1))
@@ -128,9 +133,9 @@ def test_mixed_types_size_metadata_and_tensors(tiny, tmp_path: Path) -> None:
     sd = model.state_dict()
     assert [t.name for t in dst.tensors] == [t.name for t in src.tensors]
     for t in dst.tensors:
-        hf = gguf_to_hf(t.name)
+        hf = tpl.names.to_hf(t.name)
         values = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).reshape(sd[hf].shape)
-        heads = rope_head_count(hf, "llama", tpl.metadata)
+        heads = tpl.names.rope_heads(hf, tpl.metadata)
         back = to_hf_rows(values, heads)
         if t.name == "token_embd.weight":
             assert t.tensor_type == T.Q8_0
@@ -148,7 +153,7 @@ def test_qtensor_blocks_are_permuted_rows(tiny, tmp_path: Path) -> None:
 
     path, model = tiny
     sd = model.state_dict()
-    tensors: dict[str, object] = {hf_to_gguf(n): t for n, t in sd.items() if n != "lm_head.weight"}
+    tensors: dict[str, object] = {model_names(model).to_gguf(n): t for n, t in sd.items() if n != "lm_head.weight"}
     q = quantize_weight(sd["model.layers.0.self_attn.q_proj.weight"], "q4_0", method="rtn")
     k = quantize_weight(sd["model.layers.0.self_attn.k_proj.weight"], "q5_1", method="rtn")
     tensors["blk.0.attn_q.weight"], tensors["blk.0.attn_k.weight"] = q, k
@@ -164,7 +169,7 @@ def test_qtensor_blocks_are_permuted_rows(tiny, tmp_path: Path) -> None:
 
 def test_refuses_missing_tensors_existing_output_and_leaves_nothing(tiny, tmp_path: Path, monkeypatch) -> None:
     path, model = tiny
-    tensors = {hf_to_gguf(n): t for n, t in model.state_dict().items() if n != "lm_head.weight"}
+    tensors = {model_names(model).to_gguf(n): t for n, t in model.state_dict().items() if n != "lm_head.weight"}
     with pytest.raises(InputError, match="is the input"):
         gx.write_gguf(path, path, tensors, overwrite=True)  # never over its own input
     out = tmp_path / "o.gguf"
@@ -192,7 +197,7 @@ def test_refuses_missing_tensors_existing_output_and_leaves_nothing(tiny, tmp_pa
 def test_verify_detects_changed_bytes(tiny, tmp_path: Path) -> None:
     path, model = tiny
     tpl = gx.read_template(path)
-    tensors = {hf_to_gguf(n): t for n, t in model.state_dict().items() if n != "lm_head.weight"}
+    tensors = {model_names(model).to_gguf(n): t for n, t in model.state_dict().items() if n != "lm_head.weight"}
     items = [gx.to_gguf_tensor(n, tensors[n], tpl) for n, _, _ in tpl.tensors]
     size = os.path.getsize(path)
     gx.verify_gguf(path, tpl, items, 0, size)
@@ -232,9 +237,9 @@ def test_gguf_pipeline_fits_file_budget_and_model_equals_file(tiny, tmp_path: Pa
     assert reader.fields["tokenizer.chat_template"].contents() == tpl.metadata["tokenizer.chat_template"]
     params = dict(model.named_parameters())
     for t in reader.tensors:
-        hf = gguf_to_hf(t.name)
+        hf = tpl.names.to_hf(t.name)
         values = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).reshape(params[hf].shape)
-        assert torch.equal(to_hf_rows(values, rope_head_count(hf, "llama", tpl.metadata)), params[hf]), t.name
+        assert torch.equal(to_hf_rows(values, tpl.names.rope_heads(hf, tpl.metadata)), params[hf]), t.name
         if t.name.endswith("norm.weight"):
             assert t.tensor_type == T.F32
     with pytest.raises(Exception, match="below the smallest"):
@@ -292,13 +297,14 @@ def test_llama_cpp_decodes_every_bitalloc_block_exactly(proof) -> None:
 
     gguf_path, model, _ = proof
     params = dict(model.named_parameters())
+    names = model_names(model)
     checked = set()
     with GGUFFile(gguf_path) as f:
         meta = f.metadata
         for name, info in f.tensors.items():
-            hf = gguf_to_hf(name)
+            hf = names.to_hf(name)
             got = llama_cpp_dequantize(llama_cpp, f.raw(name), int(info.type), info.numel).reshape(info.shape)
-            assert torch.equal(to_hf_rows(got, rope_head_count(hf, "llama", meta)), params[hf].detach()), name
+            assert torch.equal(to_hf_rows(got, names.rope_heads(hf, meta)), params[hf].detach()), name
             checked.add(info.type.name.lower())
     assert len(checked) >= 12  # the 11 quantized types and F32
 

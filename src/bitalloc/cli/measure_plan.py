@@ -40,24 +40,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     m = Measurement.load(args.table)
     cons = Constraints()
     if args.constraints == "fused":
-        groups = _fused_from_names([t.name for t in m.tensors])
+        from ..models.archs import fused_groups
+
+        groups = fused_groups([t.name for t in m.tensors])
         cons = Constraints(tie_groups=groups)
     p = make_plan(m, args.budget, cons, args.objective)
     p.save(out)
     print(p.summary())
     print(f"-> {out}")
     return 0
-
-
-def _fused_from_names(names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
-    """q/k/v and gate/up of each block, found by name (the table holds no module structure)."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for n in names:
-        for kind, members in (("qkv", ("q_proj", "k_proj", "v_proj")), ("gu", ("gate_proj", "up_proj"))):
-            for mem in members:
-                if n.endswith(f".{mem}.weight"):
-                    groups.setdefault((n[: -len(f"{mem}.weight")], kind), []).append(n)
-    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
 
 
 def add_parsers(sub: Any) -> None:

@@ -14,6 +14,7 @@ shape, bytes) and key by key (raw bytes), and only then renamed onto the destina
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ from ..errors import InputError
 from ..formats.base import QTensor, get_format
 from ..io.atomic import atomic_write
 from ..io.gguf import GGUFFile
-from .gguf_names import gguf_to_hf, rope_head_count, to_gguf_rows
+from ..models.gguf_map import GGUFNames, gguf_file_names, to_gguf_rows
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,11 @@ class GGUFTemplate:
     @property
     def arch(self) -> str:
         return str(self.metadata.get("general.architecture", "llama"))
+
+    @functools.cached_property
+    def names(self) -> GGUFNames:
+        """HF <-> GGUF names of this file's model, from the architecture map (no weights read)."""
+        return gguf_file_names(self.metadata, {n: s for n, s, _ in self.tensors})
 
 
 _FIXED_SIZE = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1, GGUFValueType.UINT16: 2,
@@ -200,12 +206,13 @@ def to_gguf_tensor(name: str, value: TensorLike, template: GGUFTemplate) -> GGUF
     """
     if isinstance(value, GGUFTensor):
         return value
-    n_heads = rope_head_count(gguf_to_hf(name, template.arch), template.arch, template.metadata)
+    hf = template.names.to_hf(name)
+    n_heads = None if hf is None else template.names.rope_heads(hf, template.metadata)
     if isinstance(value, QTensor):
         fmt = get_format(value.format)
         if value.format in _KEEP_TO_GGML:
             typ = _KEEP_TO_GGML[value.format]
-            t = fmt.decode(value).to(_FLOAT_TYPES[typ])
+            t = _shifted(template, hf, fmt.decode(value)).to(_FLOAT_TYPES[typ])
         elif hasattr(fmt, "gguf_type"):
             typ = GGMLQuantizationType(int(fmt.gguf_type))
             t = value.parts["weight_packed"]
@@ -215,12 +222,19 @@ def to_gguf_tensor(name: str, value: TensorLike, template: GGUFTemplate) -> GGUF
             raise InputError(f"{name}: format {value.format!r} has no GGUF type (use a GGUF block type or fp16)")
         shape = tuple(int(d) for d in value.shape)
     elif isinstance(value, torch.Tensor):
-        typ, t, shape = T.F32, value.detach().to(torch.float32), tuple(int(d) for d in value.shape)
+        typ, t, shape = T.F32, _shifted(template, hf, value.detach().to(torch.float32)), tuple(value.shape)
     else:
         raise InputError(f"{name}: cannot store a {type(value).__name__} in a GGUF file")
     t = to_gguf_rows(t.detach().cpu().contiguous(), n_heads)
+    shape = tuple(int(d) for d in shape)
     raw = t.contiguous().view(torch.uint8).numpy().reshape(-1)
     return GGUFTensor(name, shape, typ, np.ascontiguousarray(raw))
+
+
+def _shifted(template: GGUFTemplate, hf: str | None, t: torch.Tensor) -> torch.Tensor:
+    """A float value as llama.cpp's converter stores it (Gemma's norms: ``1 + w``)."""
+    shift = 0.0 if hf is None else template.names.norm_shift(hf)
+    return t + shift if shift else t
 
 
 def _ordered(template: GGUFTemplate, names: Iterable[str]) -> list[str]:
@@ -323,17 +337,28 @@ def export_f32_gguf(
     """Every tensor of ``model`` (HF names) as F32 in a GGUF with the template's metadata.
 
     An ``lm_head`` that is not the tied embedding is written as ``output.weight`` even when the template
-    has none (llama.cpp uses it when present).
+    has none (llama.cpp uses it when present).  Runtime tensors of the template (``rope_freqs``) are kept.
     """
     tpl = read_template(template_gguf)
     sd = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, _shape, _typ in tpl.tensors:
-        hf = gguf_to_hf(name, tpl.arch)
-        if hf not in sd:
-            raise InputError(f"model has no tensor {hf!r} (GGUF {name})")
-        tensors[name] = sd[hf]
-    head, emb = sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
+    tensors: dict[str, Any] = {}
+    with GGUFFile(tpl.path) as f:
+        for name, _shape, _typ in tpl.tensors:
+            hf = tpl.names.to_hf(name)
+            if hf is None:
+                tensors[name] = runtime_tensor(f, name)
+            elif hf not in sd:
+                raise InputError(f"model has no tensor {hf!r} (GGUF {name})")
+            else:
+                tensors[name] = sd[hf]
+    head, emb = sd.get("lm_head.weight"), sd.get(tpl.names.to_hf("token_embd.weight") or "")
     if "output.weight" not in tensors and head is not None and not (emb is not None and torch.equal(head, emb)):
         tensors["output.weight"] = head
     return write_gguf(out, tpl, tensors, file_type=int(LlamaFileType.ALL_F32), overwrite=overwrite)
+
+
+def runtime_tensor(f: GGUFFile, name: str) -> GGUFTensor:
+    """A tensor of an open GGUF that is not a model parameter (``rope_freqs``), kept byte for byte."""
+    info = f.tensors[name]
+    return GGUFTensor(name, tuple(int(d) for d in info.shape), GGMLQuantizationType(int(info.type)),
+                      np.array(f.raw(name), dtype=np.uint8))  # a copy: the map closes with the file

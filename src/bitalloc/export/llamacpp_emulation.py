@@ -49,17 +49,19 @@ def activation_roundtrip(weight_type: str) -> Callable[[torch.Tensor], torch.Ten
     return get_rounding(rounding).fn
 
 
-def linear_types_from_gguf(path: str | os.PathLike[str], model: nn.Module, arch: str = "llama") -> dict[str, str]:
+def linear_types_from_gguf(path: str | os.PathLike[str], model: nn.Module) -> dict[str, str]:
     """``{nn.Linear module name: stored GGUF type}`` of ``model``'s linears as stored in the GGUF at ``path``.
 
     A tied output head (no ``output.weight`` in the file) gets the token embedding's type, as llama.cpp then
     multiplies with ``token_embd``.
     """
-    from ..export.gguf_names import gguf_to_hf
     from ..io.gguf import GGUFFile
+    from ..models.gguf_map import model_names
 
+    names = model_names(model)
     with GGUFFile(path) as f:
-        by_param = {gguf_to_hf(name, arch): info.type.name.lower() for name, info in f.tensors.items()}
+        by_param = {hf: info.type.name.lower() for name, info in f.tensors.items()
+                    if (hf := names.to_hf(name)) is not None}
     out: dict[str, str] = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):

@@ -1,4 +1,4 @@
-"""Loading causal LMs: a Hugging Face directory with safetensors, or a GGUF file (via transformers).
+"""Loading causal LMs: a Hugging Face directory with safetensors, or a GGUF file (through the architecture map).
 
 Pickle checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) are refused: loading them can run code.  Before
 transformers touches a file it is validated by the strict readers of :mod:`bitalloc.io`: every ``*.safetensors``
@@ -97,19 +97,25 @@ def _check_model_type(path: Path) -> None:
         )
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _check_gguf(path: Path) -> None:
+    """Magic, the strict reader over every structure, and the architecture known to the map (no weights read)."""
+    from bitalloc.io.gguf import GGUFFile
+    from bitalloc.models.archs import gguf_model_type
 
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise InputError(f"{path} is not a GGUF file (bad magic)")
+    with GGUFFile(path) as g:
+        arch = g.metadata.get("general.architecture")
+        gguf_model_type(str(arch))
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from bitalloc.models.spill_load import load_gguf_whole
+
+    _check_gguf(path)
     validate_gguf(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
-        raise InputError(f"cannot load the GGUF {path}: {e}") from e
-    return model, tokenizer
+    return load_gguf_whole(path, dtype), _tokenizer(path, gguf=True)
 
 
 def _load_hf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -120,7 +126,8 @@ def _load_hf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     validate_safetensors_dir(path)
     _hf_config(path)  # refuse unknown architectures before reading any weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         raise InputError(f"cannot load the model in {path}: {e}") from e
     return model, _tokenizer(path, gguf=False)
@@ -132,7 +139,7 @@ def _hf_config(path: Path) -> Any:
     from bitalloc.models.archs import arch_for
 
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except (ValueError, KeyError, OSError) as e:
         raise InputError(f"cannot read the model config in {path}: {e}") from e
     arch_for(config)  # refuse unknown architectures before reading any weights
@@ -144,8 +151,8 @@ def _tokenizer(path: Path, gguf: bool) -> Any:
 
     try:
         if gguf:
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        return AutoTokenizer.from_pretrained(str(path))
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         if gguf:
             raise InputError(f"cannot load the tokenizer of the GGUF {path}: {e}") from e
@@ -164,9 +171,7 @@ def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[An
         _check_model_type(path)
         model = load_hf_spilled(path, _hf_config(path), dtype, spill_dir)
     else:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise InputError(f"{path} is not a GGUF file (bad magic)")
+        _check_gguf(path)
         model = load_gguf_spilled(path, dtype, spill_dir)
     if model is None:
         return None

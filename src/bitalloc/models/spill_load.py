@@ -2,9 +2,11 @@
 
 The source is read through bitalloc's strict readers, one tensor at a time: safetensors as zero-copy views
 (cast while copying), GGUF raw blocks decoded by bitalloc's own GGUF formats (gguf-py only for block
-types bitalloc lacks), renamed by :mod:`bitalloc.export.gguf_names` with the q/k rows put back in HF order
-exactly as transformers' GGUF loader does, so the values equal a whole ``from_pretrained`` load.  Each
-tensor is checked for NaN/Inf as it is copied and released right after (see :mod:`bitalloc.models.spill`).
+types bitalloc lacks), renamed and transformed back to HF by the architecture map
+(:mod:`bitalloc.models.gguf_map`: the inverse of llama.cpp's converter, q/k rows back in HF order, Gemma's
+``1 + w`` norms back to ``w``), the config rebuilt from the GGUF's metadata by the same map.  Each tensor is
+checked for NaN/Inf as it is copied and released right after (see :mod:`bitalloc.models.spill`).
+:func:`load_gguf_whole` fills ordinary parameters the same way.
 """
 from __future__ import annotations
 
@@ -17,31 +19,21 @@ from typing import Any
 import torch
 
 from bitalloc.errors import InputError
-from bitalloc.export.gguf_names import gguf_to_hf, rope_head_count, to_hf_rows
 from bitalloc.formats import get_format
 from bitalloc.formats.base import QTensor
 from bitalloc.formats.gguf import GGUF_TYPES
 from bitalloc.io.gguf import GGUFFile
 from bitalloc.io.safetensors import SafetensorsFile, check_finite
 from bitalloc.models.archs import arch_for
+from bitalloc.models.gguf_map import GGUFNames, config_from_gguf, empty_model, model_names
 from bitalloc.memory import release_free_memory
 from bitalloc.models.spill import PAGE, attach, install_release_hooks, spill_parameters
 
 log = logging.getLogger(__name__)
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
-_LOW_MEMORY_GGUF_ARCHS = ("llama", "qwen2")  # where transformers' GGUF loader and gguf_names agree
 _FLOAT_GGUF = ("F32", "F16", "BF16", "F64")
 _DECODE_ELEMENTS = 1 << 20  # rows of a quantized tensor are decoded in chunks of about this many values
-
-
-def _empty_model(config: Any, dtype: torch.dtype) -> Any:
-    """The model with its parameters on the meta device (no weight memory); buffers stay real."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _stored_names(model: Any) -> list[str]:
@@ -88,7 +80,7 @@ def load_hf_spilled(path: Path, config: Any, dtype: torch.dtype, spill_dir: Any 
     for f in files:  # headers only: the strict reader validates offsets and coverage
         with SafetensorsFile(f) as sf:
             where.update({k: f for k in sf.keys()})
-    model = _empty_model(config, dtype)
+    model = empty_model(config, dtype)
     names = _stored_names(model)
     missing = [n for n in names if n not in where]
     if missing:
@@ -121,54 +113,79 @@ def _gguf_rows(g: Any, name: str, r0: int, r1: int) -> torch.Tensor:
     return fmt.decode(QTensor(fid, (r1 - r0, cols), "float32", {"weight_packed": raw}))
 
 
-def _fill_gguf(path: Path, g: Any, spill: Any, names: list[str], arch: str) -> None:
-    """Decode every GGUF tensor the model has into the spill file, in HF names and HF q/k row order."""
-    want, done = set(names), set()
+class _Params:
+    """A fill target over ordinary (resident) parameters: the spill file's interface, nothing to release."""
+
+    def __init__(self, model: Any, names: list[str], dtype: torch.dtype) -> None:
+        self._t: dict[str, torch.Tensor] = {}
+        for n in names:
+            owner, _, leaf = n.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            t = torch.empty(tuple(module._parameters[leaf].shape), dtype=dtype)
+            module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+            self._t[n] = t
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._t[name]
+
+    def release_tensor(self, t: torch.Tensor) -> None:
+        pass
+
+
+def _fill_gguf(path: Path, g: Any, dest: Any, want: list[str], names: GGUFNames) -> None:
+    """Decode every GGUF tensor the model has into ``dest``, in HF names, layout and values."""
+    todo, done = set(want), set()
     meta = g.metadata
     for gname, info in g.tensors.items():
-        try:
-            hf = gguf_to_hf(gname, arch)
-        except InputError:
+        hf = names.to_hf(gname)
+        if hf is None:
             log.debug("%s: tensor %s is not a model parameter; skipped", path, gname)
             continue
-        if hf not in want:
-            continue
+        if hf not in todo:
+            raise InputError(f"{path}: tensor {gname} ({hf}) is not a parameter of this model")
         rows = info.shape[0]
-        heads = rope_head_count(hf, arch, meta) if arch == "llama" else None
-        if heads is not None:  # the converter's q/k row permutation, undone as transformers does
-            _store(spill, hf, slice(None), to_hf_rows(_gguf_rows(g, gname, 0, rows), heads), str(path))
+        if names.rope_heads(hf, meta) is not None or names.norm_shift(hf):  # whole tensor: rows move
+            _store(dest, hf, slice(None), names.from_gguf_value(hf, _gguf_rows(g, gname, 0, rows), meta), str(path))
         else:
             step = max(1, _DECODE_ELEMENTS // max(1, info.numel // rows))
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                _store(spill, hf, slice(r0, r1), _gguf_rows(g, gname, r0, r1), str(path))
+                _store(dest, hf, slice(r0, r1), _gguf_rows(g, gname, r0, r1), str(path))
         raw = g.raw(gname)
         _drop_source_pages(raw.ctypes.data, raw.nbytes)
         done.add(hf)
-    if want - done:
-        raise InputError(f"{path} has no tensor for {sorted(want - done)[:3]} ({len(want - done)} missing)")
+    if todo - done:
+        missing = sorted(todo - done)
+        raise InputError(f"{path} has no tensor for {missing[:3]} ({len(missing)} missing)")
+
+
+def _gguf_model(path: Path, g: Any, dtype: torch.dtype) -> tuple[Any, list[str], GGUFNames]:
+    """The empty model of an open GGUF (config from its metadata by the map), its stored names and name map."""
+    config = config_from_gguf(g.metadata, {n: tuple(i.shape) for n, i in g.tensors.items()})
+    model = empty_model(config, dtype)
+    names = model_names(model)
+    return model, _stored_names(model), names
 
 
 def load_gguf_spilled(path: Path, dtype: torch.dtype, spill_dir: Any = None) -> Any:
-    """The model of a GGUF with spilled weights (None for an architecture only a whole load supports)."""
-    from transformers import AutoConfig
-
+    """The model of a GGUF with spilled weights."""
     with GGUFFile(path) as g:
-        arch = str(g.metadata.get("general.architecture"))
-    if arch not in _LOW_MEMORY_GGUF_ARCHS:
-        log.warning("low-memory loading of %s GGUFs is not supported; loading %s whole", arch, path)
-        return None
-    try:
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
-        raise InputError(f"cannot load the GGUF {path}: {e}") from e
-    model = _empty_model(config, dtype)
-    names = _stored_names(model)
-    spill = spill_parameters(model, names, dtype, spill_dir)
-    with GGUFFile(path) as g:
-        _fill_gguf(path, g, spill, names, arch)
+        model, stored, names = _gguf_model(path, g, dtype)
+        spill = spill_parameters(model, stored, dtype, spill_dir)
+        _fill_gguf(path, g, spill, stored, names)
     _finish_spilled(model, spill)
     return model
 
 
-__all__ = ["load_gguf_spilled", "load_hf_spilled"]
+def load_gguf_whole(path: Path, dtype: torch.dtype) -> Any:
+    """The model of a GGUF with its weights in ordinary memory (same names, layout and values as spilled)."""
+    with GGUFFile(path) as g:
+        model, stored, names = _gguf_model(path, g, dtype)
+        _fill_gguf(path, g, _Params(model, stored, dtype), stored, names)
+    spec = arch_for(model.config)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_submodule(spec.lm_head).weight = model.get_submodule(spec.embedding).weight
+    return model
+
+
+__all__ = ["load_gguf_spilled", "load_gguf_whole", "load_hf_spilled"]

@@ -1,0 +1,173 @@
+"""Every architecture of the one map, on tiny random models built from a config (no downloads), in both outputs.
+
+For each: the GGUF that the map writes (llama.cpp's names, hyper-parameter keys and converter transforms) loads
+back, whole and low-memory, to exactly the original model; measure -> allocate -> quantize -> packed directory ->
+``bitalloc.load``; and ``bitalloc gguf`` on that GGUF writes a verified file that loads back to finite logits.
+The slow tests prove the map against llama.cpp itself: an F32 export gives llama.cpp's logits equal to
+bitalloc's float model (top-1 100 %, KLD < 1e-6), and a quantized export loads and gives finite logits.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from bitalloc import load
+from bitalloc.cli import main
+from bitalloc.export import gguf as gx
+from bitalloc.export.packed import save_packed
+from bitalloc.io.gguf import GGUFFile
+from bitalloc.models.archs import ARCHS, fused_groups, gguf_model_type
+from bitalloc.models.gguf_map import model_names
+from bitalloc.models.sources import load_model
+from bitalloc.models.view import ModelView
+from bitalloc.pipeline import make_plan, measure_model
+from bitalloc.quantize import quantize_model
+from tests.conftest import ARCH_TIES, tiny_arch, token_ids
+from tests.gguf_tiny import finish, gguf_argv, write_arch_gguf
+
+ARCH_NAMES = sorted(ARCH_TIES)
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("arch_ggufs")
+
+
+def _gguf_of(arch: str, where: Path) -> tuple[Path, torch.nn.Module]:
+    model = tiny_arch(arch)
+    d = where / arch
+    d.mkdir(exist_ok=True)
+    path = d / f"{arch}.gguf"
+    if not path.exists():
+        write_arch_gguf(model, path)
+    return path, model
+
+
+def test_the_map_covers_the_issue_architectures() -> None:
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"} <= set(ARCH_NAMES)
+    assert all(ARCHS[a].gguf is not None for a in ARCH_NAMES)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_gguf_loads_back_to_the_same_model(arch, low_memory, gguf_dir) -> None:
+    path, model = _gguf_of(arch, gguf_dir)
+    loaded, tok = load_model(path, low_memory=low_memory)
+    assert loaded.config.model_type == gguf_model_type(ARCHS[arch].gguf.arch) and tok is not None  # mistral: llama
+    ids = token_ids(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert loaded.config.tie_word_embeddings == model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_f32_export_reproduces_the_input_file(arch, gguf_dir, tmp_path) -> None:
+    """HF -> GGUF (the map) -> bitalloc -> GGUF: names, transforms and metadata survive byte for byte."""
+    path, model = _gguf_of(arch, gguf_dir)
+    out = tmp_path / "again.gguf"
+    gx.export_f32_gguf(model, path, out)
+    assert out.read_bytes() == path.read_bytes()
+
+
+def test_converter_transforms_are_in_the_file(gguf_dir) -> None:
+    """Gemma's norms are stored as 1 + w, Llama's q rows interleaved, Phi-3's fused linears keep their names."""
+    path, model = _gguf_of("gemma2", gguf_dir)
+    with GGUFFile(path) as f:
+        stored = torch.from_numpy(np.array(f.get("blk.0.attn_norm.weight")))
+    assert torch.equal(stored, model.model.layers[0].input_layernorm.weight.detach() + 1)
+    path, model = _gguf_of("llama", gguf_dir)
+    with GGUFFile(path) as f:
+        q = torch.from_numpy(np.array(f.get("blk.1.attn_q.weight")))
+    w = model.model.layers[1].self_attn.q_proj.weight.detach()
+    d = w.shape[0] // 4  # converter's permutation: head h, row 2i+j is HF row h*d + i + j*d/2
+    assert torch.equal(q[1], w[d // 2]) and torch.equal(q[2], w[1])
+    names = model_names(tiny_arch("phi3"))
+    assert names.to_gguf("model.layers.0.self_attn.qkv_proj.weight") == "blk.0.attn_qkv.weight"
+    assert names.to_gguf("model.layers.0.mlp.gate_up_proj.weight") == "blk.0.ffn_up.weight"
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_measure_allocate_quantize_load(arch, tmp_path) -> None:
+    model = tiny_arch(arch)
+    view = ModelView(model)
+    m = measure_model(model, None, token_ids(4), ["int2-g32", "int4-g32", "int8-g32"], "rtn", progress=False)
+    assert {t.name for t in m.tensors} == {r.name for r in view.quantizable()}
+    assert all(math.isfinite(r.output_error) and math.isfinite(r.fisher_error) for r in m.rows)
+    plan = make_plan(m, "4.5bpw")
+    q = quantize_model(model, view, plan, token_ids(4), "gptq", progress=False)
+    info = save_packed(tmp_path / "out", model, view, q, plan, None)
+    assert info["bytes"] == plan.total_bytes
+    loaded = load(tmp_path / "out")
+    ids = token_ids(2, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_bitalloc_gguf_on_every_architecture(arch, gguf_dir, tmp_path) -> None:
+    path, _ = _gguf_of(arch, gguf_dir)
+    out = tmp_path / "out.gguf"
+    assert main(gguf_argv(path, out, budget="5.5bpw")) == 0
+    with GGUFFile(out) as f:
+        types = {i.type.name for i in f.tensors.values()}
+        assert f.metadata["general.architecture"] == ARCHS[arch].gguf.arch
+    assert types & {"Q8_0", "Q5_0", "Q4_0"}
+    back, _ = load_model(out)
+    with torch.no_grad():
+        assert torch.isfinite(back(token_ids(2)).logits).all()
+
+
+def test_fused_groups_come_from_the_map() -> None:
+    llama = [r.name for r in ModelView(tiny_arch("llama")).quantizable()]
+    groups = fused_groups(llama)
+    assert ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.self_attn.v_proj.weight") in groups
+    assert len(groups) == 4  # q/k/v and gate/up of two blocks
+    assert fused_groups([r.name for r in ModelView(tiny_arch("phi3")).quantizable()]) == ()  # fused in the file
+
+
+def _write_foreign_gguf(path: Path, arch: str) -> Path:
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    finish(w)
+    (path.parent / "calib.txt").write_text("some words " * 200)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["rwkv6", "olmoe"])
+def test_unsupported_gguf_architecture_is_refused_at_once(arch, tmp_path, capsys) -> None:
+    path = _write_foreign_gguf(tmp_path / "m.gguf", arch)
+    t0 = time.perf_counter()
+    assert main(gguf_argv(path, tmp_path / "out.gguf")) == 2
+    assert time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not supported" in err[0] and "gemma2" in err[0], err
+    assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "out.gguf.job").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_llama_cpp_agrees_with_the_map(arch, gguf_dir, tmp_path) -> None:
+    """llama.cpp itself runs the map's F32 GGUF with the float model's logits (names, permutation, norm
+    convention and hyper-parameters right), and loads a quantized ``bitalloc gguf`` output."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from bench.llamacpp import llama_cpp_logits, model_logits
+
+    path, model = _gguf_of(arch, gguf_dir)
+    windows = token_ids(2, ctx=32, seed=3)
+    theirs = llama_cpp_logits(llama_cpp, path, windows, threads=2).double()
+    ours = model_logits(model, windows).double()
+    lp, lq = torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1)
+    kld = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    top1 = float((ours.argmax(-1) == theirs.argmax(-1)).double().mean())
+    assert top1 == 1.0 and kld < 1e-6, (arch, top1, kld)
+    out = tmp_path / "q.gguf"
+    assert main(gguf_argv(path, out, budget="5.5bpw")) == 0
+    assert torch.isfinite(llama_cpp_logits(llama_cpp, out, windows, threads=2)).all()
