@@ -69,14 +69,19 @@ def finish(w: gguf.GGUFWriter) -> None:
     w.close()
 
 
-def add_byte_tokenizer(w: gguf.GGUFWriter) -> None:
-    """A byte-level BPE vocabulary of 256 tokens, no merges (transformers and llama.cpp both load it)."""
+def add_byte_tokenizer(w: gguf.GGUFWriter, merge: bool = False) -> None:
+    """A byte-level BPE vocabulary of 256 tokens (transformers and llama.cpp both load it).  gguf-py drops an
+    empty merge list and llama.cpp then refuses a BPE vocabulary: with ``merge`` the last token (byte 255) is
+    ``ab`` and the one merge is ``a b``."""
+    tokens = _byte_tokens()
+    if merge:
+        tokens[-1] = "ab"
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
-    w.add_token_list(_byte_tokens())
+    w.add_token_list(tokens)
     w.add_token_types([1] * 256)
     w.add_token_scores([0.0] * 256)
-    w.add_token_merges([])
+    w.add_token_merges(["a b"] if merge else [])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
 
@@ -115,7 +120,7 @@ def write_arch_gguf(model: torch.nn.Module, path: Path) -> Path:
             w.add_uint32(key, int(value))
     w.add_vocab_size(model.config.vocab_size)
     w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    add_byte_tokenizer(w)
+    add_byte_tokenizer(w, merge=True)
     names = model_names(model)
     meta = gguf_hparams(model.config)
     for hf, p in model.named_parameters():
