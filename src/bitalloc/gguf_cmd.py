@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,39 @@ def split_budget(tpl: GGUFTemplate, allocated: Sequence[str], budget: str | Budg
     target = b.resolve(total_params)
     capacity = target - header - fixed_bytes - len(allocated) * (align - 1)
     return GGUFBudget(target, capacity, header, fixed_bytes, "file")
+
+
+def preflight(tpl: GGUFTemplate, fmts: Sequence[str], budget: str) -> None:
+    """Refuse, from the file's headers alone (before any weight is read), what the job could only refuse after
+    measuring: an architecture or tensor the map cannot name, a tensor none of the candidate types can store,
+    and a budget outside the sizes the candidates can reach."""
+    names = tpl.names  # the architecture map: unknown architectures and tensor names are refused here
+    spec = names.spec
+    linears = {f".{rel}.weight" for rel in spec.linears}
+    shapes = {n: s for n, s, _ in tpl.tensors}
+    allocated: dict[str, tuple[int, ...]] = {}
+    for gg, hf in names.to_hf_map.items():
+        if hf in (f"{spec.embedding}.weight", f"{spec.lm_head}.weight") or (
+                hf.startswith(spec.blocks + ".") and any(hf.endswith(s) for s in linears)):
+            allocated[gg] = shapes[gg]
+    lo = hi = 0
+    for gg, shape in allocated.items():
+        sizes = [get_format(f).nbytes(shape) for f in fmts if get_format(f).supports(shape)]
+        if not sizes:
+            raise InputError(f"tensor {gg} {tuple(shape)} can take none of --formats {','.join(fmts)} (K-quants "
+                             f"need rows of a multiple of 256 values; add a 32-wide type such as q8_0 or q4_0)")
+        lo, hi = lo + min(sizes), hi + max(sizes)
+    total = sum(math.prod(s) for gg, s in shapes.items() if gg in names.to_hf_map)
+    split = split_budget(tpl, list(allocated), budget, total)
+    if split.capacity < lo:
+        need = split.target - split.capacity + lo
+        raise BudgetError(f"budget {budget} ({split.target} B) is below the smallest GGUF these types can make "
+                          f"(about {need} B {'of tensor data' if split.kind == 'bpw' else 'file size'})")
+    if split.capacity > hi + len(allocated) * tpl.alignment:
+        most = split.target - split.capacity + hi
+        raise BudgetError(f"budget {budget} ({split.target} B) is above the largest GGUF these types can make "
+                          f"(about {most} B {'of tensor data' if split.kind == 'bpw' else 'file size'}, every "
+                          f"tensor in its largest type): ask for at most that")
 
 
 def allocated_gguf_names(view: Any, tpl: GGUFTemplate) -> dict[str, str]:
@@ -255,6 +289,7 @@ def cmd_gguf(args: argparse.Namespace) -> int:
     Budget.parse(args.budget)
     fmts = gguf_formats(args.formats)
     tpl = read_template(src)
+    preflight(tpl, fmts, args.budget)
     t0 = time.perf_counter()
     files = [Path(p) for p in args.calib] if args.calib else default_calibration_files()
 

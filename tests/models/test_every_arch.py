@@ -171,3 +171,23 @@ def test_llama_cpp_agrees_with_the_map(arch, gguf_dir, tmp_path) -> None:
     out = tmp_path / "q.gguf"
     assert main(gguf_argv(path, out, budget="5.5bpw")) == 0
     assert torch.isfinite(llama_cpp_logits(llama_cpp, out, windows, threads=2)).all()
+
+
+@pytest.mark.parametrize("extra,budget,message", [
+    ((), "0.001MB", "below the smallest"),
+    ((), "40bpw", "above the largest"),
+    (("--formats", "q4_k"), "4bpw", "can take none of --formats q4_k"),
+])
+def test_impossible_requests_are_refused_before_loading(extra, budget, message, gguf_dir, tmp_path, capsys,
+                                                        monkeypatch) -> None:
+    import bitalloc.models.sources as sources
+
+    path, _ = _gguf_of("qwen3", gguf_dir)
+    monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    argv = gguf_argv(path, tmp_path / "out.gguf", budget=budget)
+    if extra:
+        argv[argv.index("--formats"):argv.index("--formats") + 2] = list(extra)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out.gguf.job").exists()

@@ -76,3 +76,26 @@ def test_load_default_gguf():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.dtype == torch.float32
     assert len(tok.encode("To be, or not to be")) > 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_packaged_gguf_loads_through_the_map_as_transformers_loads_it(low_memory) -> None:
+    """The map's GGUF reading gives the packaged SmolLM2 exactly the weights and config transformers' own GGUF
+    loader gave it (what every earlier SmolLM2 result was measured on), so those results stand as they were."""
+    from transformers import AutoModelForCausalLM
+
+    from bitalloc.models.sources import default_model_path, load_model
+
+    p = default_model_path()
+    ref = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    ours, _ = load_model(p, low_memory=low_memory)
+    a, b = dict(ref.named_parameters()), dict(ours.named_parameters())
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].detach(), b[k].detach()), k
+    assert ours.config.rope_parameters == ref.config.rope_parameters
+    assert ours.config.rms_norm_eps == ref.config.rms_norm_eps and ours.config.tie_word_embeddings
+    ids = torch.randint(0, ref.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
