@@ -10,6 +10,7 @@ import torch
 
 from .errors import InputError
 from .export.packed import read_packed
+from .models.experts import unfuse_experts
 from .rounding import dequantize
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any:
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot read the model config in {p}: {e}") from e
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model)  # MoE: the packed directory stores one tensor per expert projection
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(qtensors))
     unknown = sorted(set(qtensors) - set(params))

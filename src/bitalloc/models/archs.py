@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from bitalloc.errors import InputError
+from bitalloc.models.experts import ExpertSpec, expand_spec
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
@@ -28,6 +29,8 @@ class ArchSpec:
                  to the allocator as optional constraints.
     norm_offset: RMSNorm computes ``x̂ · (offset + weight)`` (0 for Llama, 1 for Gemma).
     v_proj/o_proj/up_proj/down_proj: the linear pairs whose inner channels can be rescaled.
+    experts:     Mixture-of-Experts layers (:mod:`bitalloc.models.experts`): linears named with ``{e}`` are
+                 one expert's; :func:`arch_for` repeats their groups for every expert of the model's config.
     """
 
     name: str
@@ -43,6 +46,7 @@ class ArchSpec:
     o_proj: str = "self_attn.o_proj"
     up_proj: str = "mlp.up_proj"
     down_proj: str = "mlp.down_proj"
+    experts: ExpertSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.groups or any(not g for g in self.groups):
@@ -94,8 +98,37 @@ def _gemma3(name: str, prefix: str) -> ArchSpec:
     )
 
 
+_EXPERT_IN = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj")
+
+
+def _moe(name: str, shared: bool, count: str = "num_experts") -> ArchSpec:
+    # The router (mlp.gate, an (E, H) parameter) and Qwen2-MoE's shared_expert_gate (H -> 1) stay fixed fp16
+    # tensors: they are tiny, their errors move routing decisions (which the per-linear error model does not
+    # see), and llama.cpp does not quantize ffn_gate_inp either.  The MLP groups have no group norm: the
+    # post-attention norm also feeds the router, so the function-preserving rescale does not apply.
+    shared_groups = (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",))
+    groups = (_ATTN, ("self_attn.o_proj",), *(shared_groups if shared else ()), _EXPERT_IN, ("mlp.experts.{e}.down_proj",))
+    return ArchSpec(
+        name=name,
+        blocks="model.layers",
+        embedding="model.embed_tokens",
+        final_norm="model.norm",
+        lm_head="lm_head",
+        groups=groups,
+        group_norms=("input_layernorm",) + (None,) * (len(groups) - 1),
+        tie_groups=(_ATTN, *(shared_groups[:1] if shared else ()), _EXPERT_IN),
+        up_proj="mlp.experts.{e}.up_proj",
+        down_proj="mlp.experts.{e}.down_proj",
+        experts=ExpertSpec("mlp.experts", count),
+    )
+
+
 def _table() -> dict[str, ArchSpec]:
     table = {t: _llama_like(t) for t in ("llama", "mistral", "qwen2", "qwen3")}
+    table["qwen2_moe"] = _moe("qwen2_moe", shared=True)
+    table["qwen3_moe"] = _moe("qwen3_moe", shared=False)
+    table["olmoe"] = _moe("olmoe", shared=False)
+    table["mixtral"] = _moe("mixtral", shared=False, count="num_local_experts")
     table["gemma3_text"] = _gemma3("gemma3_text", "model.")
     table["gemma3"] = _gemma3("gemma3", "model.language_model.")
     return table
@@ -117,4 +150,4 @@ def arch_for(config: Any) -> ArchSpec:
         raise InputError(
             f"unsupported architecture {model_type!r}; supported model types: {', '.join(supported_types())}"
         )
-    return ARCHS[model_type]
+    return expand_spec(ARCHS[model_type], config)  # MoE rows: one copy of the expert groups per expert
