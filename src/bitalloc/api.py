@@ -11,6 +11,7 @@ import torch
 from .errors import InputError
 from .export.packed import read_packed
 from .models.archs import arch_for
+from .models.experts import unfuse_experts
 from .rounding import dequantize
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any:
         raise InputError(f"cannot read the model config in {p}: {e}") from e
     arch_for(config)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    unfuse_experts(model)  # MoE: the packed directory stores one tensor per expert projection
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(qtensors))
     unknown = sorted(set(qtensors) - set(params))

@@ -22,6 +22,7 @@ from .errors import InputError, NumericsError
 from .fisher import HEAD_CHUNK, VOCAB_CHUNK, FisherStats, fisher_pass
 from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
 from .memory import release_free_memory
+from .models.experts import routed_owner
 from .models.spill import SpillFile, release_rows, scratch_tensor, spill_directory
 from .stats import LinearStats, LookupStats, TensorStats
 
@@ -66,6 +67,7 @@ class BlockRunner:
         self._files: list[SpillFile] = []  # scratch files of the current and the next hidden states (spilled models)
         self.kwargs = self._capture_kwargs()
         self.hidden = self._embed()
+        self.tokens: dict[str, int] = {}  # tokens seen by each tensor in the last collect (routed experts: fewer)
 
     def _new_states(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An (n, ctx, hidden) buffer: a scratch spill file for a spilled model, else ordinary memory."""
@@ -159,7 +161,12 @@ class BlockRunner:
     def collect_with_noise(self, groups: list[int] | None = None, advance: bool = False,
                            roundings: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], NoiseStats]:
         """:meth:`collect`, and per tensor and activation rounding R (names from :mod:`bitalloc.activations`)
-        ``E[((x − R(x)) · w_j)²]`` per output channel (float64), for the tensors whose inputs R can round."""
+        ``E[((x − R(x)) · w_j)²]`` per output channel (float64), for the tensors whose inputs R can round.
+
+        A routed expert's linears (:mod:`bitalloc.models.experts`) see only the tokens routed to the expert and
+        weight each by its routing weight p: ``H = Σ_routed p² x xᵀ / all tokens`` (noise likewise); an expert
+        no token reached gets a zero Hessian.  ``self.tokens`` then holds each tensor's token count (routed
+        tokens for an expert, every token otherwise)."""
         i, lay = self.block, self.layout
         gidx = list(range(len(lay.spec.groups))) if groups is None else sorted(groups)
         sums: dict[int, torch.Tensor] = {}
@@ -168,15 +175,24 @@ class BlockRunner:
         seen: set[int] = set()
         rounders = [get_rounding(r) for r in roundings]
 
+        tokens: dict[int, int] = {}  # rows seen per group (routed experts: the tokens routed to them)
+        owners = {g: routed_owner(lay.blocks[i], lay.spec.groups[g][0]) for g in gidx}
+
         def pre(g: int):
             first = lay.tensor_name(i, lay.spec.groups[g][0])
+            owner = owners[g]
 
             def hook(_m: nn.Module, args: tuple) -> None:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 require_finite(x, f"the calibration activations at the input of {first}")
-                sums[g] = sums[g] + x.T @ x if g in sums else x.T @ x
+                p = None if owner is None else owner.routing_weight
+                xw = x if p is None else x * p.float().reshape(-1, 1)  # routed expert: Σ p² x xᵀ
+                sums[g] = sums[g] + xw.T @ xw if g in sums else xw.T @ xw
+                tokens[g] = tokens.get(g, 0) + x.shape[0]
                 for rnd in (r for r in rounders if r.applies(x.shape[1])):
                     d = rnd.residual(x)  # once for the group: q/k/v (gate/up) read the same input
+                    if p is not None:
+                        d = d * p.float().reshape(-1, 1)
                     for lin in lay.spec.groups[g]:
                         _accumulate(noise.setdefault(lay.tensor_name(i, lin), {}), rnd.name,
                                     output_noise(d, lay.linear(i, lin).weight.detach()))
@@ -213,14 +229,23 @@ class BlockRunner:
             self.block += 1
         release_free_memory()
         result: dict[str, torch.Tensor] = {}
+        self.tokens = {}
         for g in gidx:
-            if g not in sums:
-                raise NumericsError(f"block {i}: group {lay.spec.groups[g]} received no input during calibration")
-            h = sums[g] / count
             name0 = lay.tensor_name(i, lay.spec.groups[g][0])
+            if g not in sums:
+                if owners[g] is None:
+                    raise NumericsError(f"block {i}: group {lay.spec.groups[g]} received no input during calibration")
+                width = int(lay.linear(i, lay.spec.groups[g][0]).weight.shape[1])
+                sums[g] = torch.zeros(width, width)  # an expert no calibration token was routed to
+                for rnd in (r for r in rounders if r.applies(width)):
+                    for lin in lay.spec.groups[g]:
+                        rows = int(lay.linear(i, lin).weight.shape[0])
+                        noise.setdefault(lay.tensor_name(i, lin), {})[rnd.name] = torch.zeros(rows, dtype=torch.float64)
+            h = sums[g] / count  # every Hessian is normalised by all tokens (routed experts: Σ p² x xᵀ / all)
             require_finite(h, f"the Hessian of {name0}")
             for lin in lay.spec.groups[g]:
                 result[lay.tensor_name(i, lin)] = h
+                self.tokens[lay.tensor_name(i, lin)] = tokens.get(g, 0) if owners[g] is not None else count
         return result, {name: _mean(per, count, name) for name, per in noise.items()}
 
     def advance(self) -> None:
@@ -327,7 +352,8 @@ def stream_blocks(
                   initial=start_block, total=nblocks):
         hs, noise = runner.collect_with_noise(advance=True, roundings=roundings)
         stats = {
-            name: TensorStats(roles=(LinearStats(hessian=h, ntokens=ntok, grad_sq=fisher.get((name, "linear")),
+            name: TensorStats(roles=(LinearStats(hessian=h, ntokens=runner.tokens.get(name, ntok),
+                                                 grad_sq=fisher.get((name, "linear")),
                                                  act_noise=noise.get(name, {})),))
             for name, h in hs.items()
         }

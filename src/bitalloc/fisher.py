@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .errors import InputError, NumericsError
 from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
 from .memory import release_free_memory
+from .models.experts import routed_owner
 from .models.spill import release_rows
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def fisher_pass(
         raise InputError(f"vocab_chunk must be at least 1, got {vocab_chunk}")
     lay = layout_of(model)
     sums: dict[tuple[str, str], torch.Tensor] = {}
-    handles = _hook_linear_outputs(lay, sums)
+    routed: dict[tuple[str, str], int] = {}  # routed experts' linears: rows (tokens) seen
+    handles = _hook_linear_outputs(lay, sums, routed)
     scale = float(getattr(lay.embedding, "embed_scale", 1.0))
     emb_key = (lay.embedding_name, "lookup")
     head = _Head(model, lay, _softcap(model), head_chunk, vocab_chunk)
@@ -82,7 +84,10 @@ def fisher_pass(
         for p, f in flags:
             p.requires_grad_(f)
     sums[(lay.lm_head_name, "linear")] = head.grad_sq
-    out = {k: v / ntok for k, v in sums.items()}
+    out = {k: v / (routed[k] if k in routed else ntok) for k, v in sums.items()}
+    for (name, role), n in routed.items():  # an expert no token was routed to: no gradient seen
+        if n == 0:
+            out[(name, role)] = torch.zeros(int(model.get_parameter(name).shape[0]))
     # y = scale·E[token]: the gradient w.r.t. the stored row is scale·g.
     out[emb_key] = out[emb_key] * scale**2
     for (name, role), v in out.items():
@@ -95,22 +100,37 @@ def _accumulate(sums: dict[tuple[str, str], torch.Tensor], key: tuple[str, str],
     sums[key] = sums[key] + sq if key in sums else sq
 
 
-def _hook_linear_outputs(lay: Layout, sums: dict[tuple[str, str], torch.Tensor]) -> list[Any]:
+def _hook_linear_outputs(lay: Layout, sums: dict[tuple[str, str], torch.Tensor],
+                         routed: dict[tuple[str, str], int]) -> list[Any]:
     """Forward hooks that square the gradient of every block linear's output into ``sums``.
 
-    A hook only fires for outputs that require grad, i.e. in the recomputation with autograd."""
+    A hook only fires for outputs that require grad, i.e. in the recomputation with autograd.  A routed
+    expert's linear (:mod:`bitalloc.models.experts`) sees only its tokens; its output gradient carries the
+    routing weight p, which is divided out (its Hessian carries p² instead), and ``routed`` counts its rows so
+    that its mean is over the routed tokens: ``½ Σ_j E_routed[g_j²] · (ΔW H ΔWᵀ)_jj`` then estimates the loss."""
 
-    def on_output(key: tuple[str, str]):
+    def on_output(key: tuple[str, str], owner: Any):
         def fhook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-            if out.requires_grad:
+            if not out.requires_grad:
+                return
+            p = None if owner is None else owner.routing_weight
+            if p is None:
                 out.register_hook(lambda g: _accumulate(sums, key, g))
+                return
+            routed[key] = routed.get(key, 0) + int(p.numel())
+            w = torch.where(p > 0, 1.0 / p.float(), torch.zeros_like(p, dtype=torch.float32)).reshape(-1, 1)
+            out.register_hook(lambda g: _accumulate(sums, key, g.float() * w))
 
         return fhook
 
     handles = []
     for b in range(len(lay.blocks)):
         for lin in lay.spec.linears:
-            handles.append(lay.linear(b, lin).register_forward_hook(on_output((lay.tensor_name(b, lin), "linear"))))
+            key = (lay.tensor_name(b, lin), "linear")
+            owner = routed_owner(lay.blocks[b], lin)
+            if owner is not None:
+                routed.setdefault(key, 0)
+            handles.append(lay.linear(b, lin).register_forward_hook(on_output(key, owner)))
     return handles
 
 

@@ -12,11 +12,13 @@ Supporting a new architecture that follows a known pattern is a new row here, no
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 from bitalloc.errors import InputError
+from bitalloc.models.experts import ExpertSpec, expand_spec
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP_IN = ("mlp.gate_proj", "mlp.up_proj")
@@ -75,6 +77,8 @@ class ArchSpec:
     v_proj/o_proj/up_proj/down_proj: the linear pairs whose inner channels can be rescaled (None where a
                  runtime-fused linear holds them, as Phi-3's qkv_proj and gate_up_proj: no rescale there).
     gguf:        the llama.cpp side (None: packed output only).
+    experts:     Mixture-of-Experts layers (:mod:`bitalloc.models.experts`): linears named with ``{e}`` are
+                 one expert's; :func:`arch_for` repeats their groups for every expert of the model's config.
     """
 
     name: str
@@ -91,6 +95,7 @@ class ArchSpec:
     up_proj: str | None = "mlp.up_proj"
     down_proj: str | None = "mlp.down_proj"
     gguf: GGUFSpec | None = None
+    experts: ExpertSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.groups or any(not g for g in self.groups):
@@ -162,6 +167,31 @@ def _phi3() -> ArchSpec:
     )
 
 
+_EXPERT_IN = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj")
+
+
+def _moe(name: str, shared: bool, count: str = "num_experts") -> ArchSpec:
+    # The router (mlp.gate, an (E, H) parameter) and Qwen2-MoE's shared_expert_gate (H -> 1) stay fixed fp16
+    # tensors: they are tiny, their errors move routing decisions (which the per-linear error model does not
+    # see), and llama.cpp does not quantize ffn_gate_inp either.  The MLP groups have no group norm: the
+    # post-attention norm also feeds the router, so the function-preserving rescale does not apply.
+    shared_groups = (("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",))
+    groups = (_ATTN, ("self_attn.o_proj",), *(shared_groups if shared else ()), _EXPERT_IN, ("mlp.experts.{e}.down_proj",))
+    return ArchSpec(
+        name=name,
+        blocks="model.layers",
+        embedding="model.embed_tokens",
+        final_norm="model.norm",
+        lm_head="lm_head",
+        groups=groups,
+        group_norms=("input_layernorm",) + (None,) * (len(groups) - 1),
+        tie_groups=(_ATTN, *(shared_groups[:1] if shared else ()), _EXPERT_IN),
+        up_proj="mlp.experts.{e}.up_proj",
+        down_proj="mlp.experts.{e}.down_proj",
+        experts=ExpertSpec("mlp.experts", count),
+    )
+
+
 def _table() -> dict[str, ArchSpec]:
     swa = ("attention.sliding_window", "sliding_window")
     rope_dim = ("rope.dimension_count", "head_dim")
@@ -185,6 +215,11 @@ def _table() -> dict[str, ArchSpec]:
         # The multimodal Gemma 3: its language model is packed-only (llama.cpp keeps the vision tower apart).
         "gemma3": _gemma("gemma3", "model.language_model.", None),
         "phi3": _phi3(),
+        # MoE rows: packed output only for now (llama.cpp stacks each layer's experts in one tensor)
+        "qwen2_moe": _moe("qwen2_moe", shared=True),
+        "qwen3_moe": _moe("qwen3_moe", shared=False),
+        "olmoe": _moe("olmoe", shared=False),
+        "mixtral": _moe("mixtral", shared=False, count="num_local_experts"),
     }
     return table
 
@@ -214,21 +249,24 @@ def arch_for(config: Any) -> ArchSpec:
         raise InputError(
             f"unsupported architecture {model_type!r}; supported model types: {', '.join(supported_types())}"
         )
-    return ARCHS[model_type]
+    return expand_spec(ARCHS[model_type], config)  # MoE rows: one copy of the expert groups per expert
 
 
 def fused_groups(names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
-    """The runtime-fused groups (each row's ``tie_groups``, e.g. q/k/v and gate/up of every block) among tensor
-    names, for a table that holds names but no modules; groups of one are dropped."""
+    """The runtime-fused groups (each row's ``tie_groups``, e.g. q/k/v and gate/up of every block, of every
+    expert) among tensor names, for a table that holds names but no modules; groups of one are dropped."""
     have = set(names)
     found: dict[tuple[str, ...], None] = {}
     for spec in ARCHS.values():
         for tg in spec.tie_groups:
-            first = f".{tg[0]}.weight"
+            first = re.compile(re.escape(spec.blocks) + r"\.(\d+)\." + re.escape(tg[0]).replace(r"\{e\}", r"(\d+)")
+                               + r"\.weight$")
             for n in names:
-                if n.startswith(spec.blocks + ".") and n.endswith(first):
-                    prefix = n[: -len(first)]
-                    group = tuple(f"{prefix}.{rel}.weight" for rel in tg if f"{prefix}.{rel}.weight" in have)
+                m = first.match(n)
+                if m:
+                    block, expert = m.group(1), (m.group(2) if m.lastindex and m.lastindex > 1 else "")
+                    group = tuple(g for rel in tg
+                                  if (g := f"{spec.blocks}.{block}.{rel.replace('{e}', expert)}.weight") in have)
                     if len(group) > 1:
                         found[group] = None
     return tuple(found)

@@ -18,6 +18,7 @@ import torch
 
 from bitalloc.errors import InputError
 from bitalloc.models.archs import ARCHS, ArchSpec, GGUFSpec, arch_for, gguf_model_type
+from bitalloc.models.experts import unfuse_experts
 
 _ROPE_HEADS = {"self_attn.q_proj": "attention.head_count", "self_attn.k_proj": "attention.head_count_kv"}
 #: tensors a GGUF may carry beside the model's parameters; kept as they are in an export.
@@ -269,6 +270,7 @@ def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> Any:
         raise InputError(f"cannot build a {config.model_type} model from its config: {e}") from e
     if getattr(config, "tie_word_embeddings", False):  # not every model class ties on the meta device
         model.get_submodule(spec.lm_head).weight = model.get_submodule(spec.embedding).weight
+    unfuse_experts(model)  # MoE: per-expert linears, as bitalloc sees the model (on the meta device too)
     return model
 
 

@@ -114,6 +114,8 @@ def rescale_llama_(model: torch.nn.Module, seed: int = 0, sigma: float = 0.1) ->
     if not sigma > 0:
         raise InputError(f"sigma must be positive, got {sigma}")
     spec = arch_for(model.config)
+    if spec.experts is not None:  # the MLP norm also feeds the router: no function-preserving fold
+        raise InputError(f"cannot rescale {spec.name}: Mixture-of-Experts models are not supported")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     blocks = _get(model, spec.blocks, "the model")
     if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:

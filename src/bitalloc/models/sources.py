@@ -196,6 +196,7 @@ def load_model(
     the OS at once, for the rest of the process (:func:`bitalloc.memory.return_large_frees`).  Sources it cannot map by name fall back to a whole load.
     """
     from bitalloc.models.archs import arch_for
+    from bitalloc.models.experts import unfuse_experts
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -212,6 +213,7 @@ def load_model(
     else:
         model, tokenizer = _load_gguf(path, dtype)
     arch_for(model.config)
+    unfuse_experts(model)  # MoE: one nn.Linear per expert projection (a spilled model is built unfused already)
     model.eval()
     model.requires_grad_(False)
     log.info("loaded %s (%s, %s%s)", path, model.config.model_type, dtype, ", low memory" if loaded else "")

@@ -26,6 +26,7 @@ from bitalloc.io.gguf import GGUFFile
 from bitalloc.io.safetensors import SafetensorsFile, check_finite
 from bitalloc.models.archs import arch_for
 from bitalloc.models.gguf_map import GGUFNames, config_from_gguf, empty_model, model_names
+from bitalloc.models.experts import fused_rows, fused_source, unfuse_experts
 from bitalloc.memory import release_free_memory
 from bitalloc.models.spill import PAGE, attach, install_release_hooks, spill_parameters
 
@@ -82,7 +83,9 @@ def load_hf_spilled(path: Path, config: Any, dtype: torch.dtype, spill_dir: Any 
             where.update({k: f for k in sf.keys()})
     model = empty_model(config, dtype)
     names = _stored_names(model)
-    missing = [n for n in names if n not in where]
+    # a per-expert tensor may also come from a fused (E, 2I, H) / (E, H, I) checkpoint tensor
+    fused = {n: src for n in names if n not in where and (src := fused_source(n)) is not None and src[0] in where}
+    missing = [n for n in names if n not in where and n not in fused]
     if missing:
         log.warning("%s names its tensors differently from the model (e.g. %r is missing); loading it whole "
                     "in memory instead of low-memory", path, missing[0])
@@ -91,10 +94,16 @@ def load_hf_spilled(path: Path, config: Any, dtype: torch.dtype, spill_dir: Any 
     for f in files:
         with SafetensorsFile(f) as sf:
             for name in names:
-                if where[name] == f:
+                if name in fused and where[fused[name][0]] == f:
+                    fname, e, proj = fused[name]
+                    _store(spill, name, slice(None), fused_rows(sf.get(fname), e, proj), str(f))
+                elif where.get(name) == f:
                     src = sf.get(name)
                     _store(spill, name, slice(None), src, str(f))
                     _drop_source_pages(src.data_ptr(), src.numel() * src.element_size())
+            for fname in {v[0] for v in fused.values() if where[v[0]] == f}:
+                src = sf.get(fname)
+                _drop_source_pages(src.data_ptr(), src.numel() * src.element_size())
     _finish_spilled(model, spill)
     return model
 
