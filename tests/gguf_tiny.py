@@ -123,9 +123,12 @@ def write_arch_gguf(model: torch.nn.Module, path: Path) -> Path:
     add_byte_tokenizer(w, merge=True)
     names = model_names(model)
     meta = gguf_hparams(model.config)
-    for hf, p in model.named_parameters():
-        v = names.to_gguf_value(hf, p.detach().float(), meta)
-        w.add_tensor(names.to_gguf(hf), np.ascontiguousarray(v.numpy()))
+    params = dict(model.named_parameters())
+    for gg in dict.fromkeys(names.to_gguf(hf) for hf in params):  # experts stacked as the converter does
+        members = names.members(gg)
+        v = torch.stack([params[m].detach().float() for m in members]) if len(members) > 1 else \
+            names.to_gguf_value(members[0], params[members[0]].detach().float(), meta)
+        w.add_tensor(gg, np.ascontiguousarray(v.numpy()))
     finish(w)
     write_calib_text(path)
     return path

@@ -24,10 +24,11 @@ from typing import Any, Sequence
 import torch
 from gguf import GGMLQuantizationType
 
-from .budget import Budget
+from .budget import Budget, Constraints
 from .errors import BudgetError, InputError, output_exists
 from .export.gguf import (
-    GGUFTemplate, WrittenGGUF, gguf_file_size, gguf_layout, ggml_nbytes, read_template, runtime_tensor,
+    GGUFTemplate, GGUFTensor, WrittenGGUF, gguf_file_size, gguf_layout, ggml_nbytes, read_template, runtime_tensor,
+    stacked,
 )
 from .io.gguf import GGUFFile
 from .formats import get_format
@@ -96,18 +97,20 @@ def preflight(tpl: GGUFTemplate, fmts: Sequence[str], budget: str) -> None:
     linears = {f".{rel}.weight" for rel in spec.linears}
     shapes = {n: s for n, s, _ in tpl.tensors}
     allocated: dict[str, tuple[int, ...]] = {}
-    for gg, hf in names.to_hf_map.items():
-        if hf in (f"{spec.embedding}.weight", f"{spec.lm_head}.weight") or (
-                hf.startswith(spec.blocks + ".") and any(hf.endswith(s) for s in linears)):
-            allocated[gg] = shapes[gg]
+    for gg, shape in shapes.items():
+        members = names.members(gg)
+        if members and all(hf in (f"{spec.embedding}.weight", f"{spec.lm_head}.weight") or (
+                hf.startswith(spec.blocks + ".") and any(hf.endswith(s) for s in linears)) for hf in members):
+            allocated[gg] = shape
     lo = hi = 0
     for gg, shape in allocated.items():
-        sizes = [get_format(f).nbytes(shape) for f in fmts if get_format(f).supports(shape)]
+        sizes = [get_format(f).nbytes(shape[-2:]) * math.prod(shape[:-2]) for f in fmts
+                 if get_format(f).supports(shape[-2:])]
         if not sizes:
             raise InputError(f"tensor {gg} {tuple(shape)} can take none of --formats {','.join(fmts)} (K-quants "
                              f"need rows of a multiple of 256 values; add a 32-wide type such as q8_0 or q4_0)")
         lo, hi = lo + min(sizes), hi + max(sizes)
-    total = sum(math.prod(s) for gg, s in shapes.items() if gg in names.to_hf_map)
+    total = sum(math.prod(s) for gg, s in shapes.items() if names.members(gg))
     split = split_budget(tpl, list(allocated), budget, total)
     if split.capacity < lo:
         need = split.target - split.capacity + lo
@@ -136,7 +139,8 @@ def plan_gguf(measurement: Any, view: Any, tpl: GGUFTemplate, budget: str | Budg
         need = split.target - split.capacity + smallest
         raise BudgetError(f"budget {budget} ({split.target} B) is below the smallest GGUF these types can make "
                           f"(about {need} B {'of tensor data' if split.kind == 'bpw' else 'file size'})")
-    plan = make_plan(measurement, Budget.parse(split.capacity + measurement.fixed_bytes))
+    ties = tuple(m for m in tpl.names.stacks.values() if len(m) > 1)  # stacked experts: one GGUF type each
+    plan = make_plan(measurement, Budget.parse(split.capacity + measurement.fixed_bytes), Constraints(tie_groups=ties))
     return plan, split
 
 
@@ -190,22 +194,29 @@ def quantize_for_gguf(
     for name, value in originals.items():  # the GGUF keeps norms in F32: undo quantize's fp16 rounding
         set_weight(model, name, value)
     names = allocated_gguf_names(view, tpl)
-    tensors: dict[str, Any] = {gg: qt[hf] for hf, gg in names.items()}
+    tensors: dict[str, Any] = {}
+    for gg in dict.fromkeys(names.values()):
+        members = tpl.names.members(gg)
+        tensors[gg] = qt[members[0]] if len(members) == 1 else stacked(gg, [qt[m] for m in members])
     with GGUFFile(tpl.path) as f:
         for name, _shape, _typ in tpl.tensors:
             if name in tensors:
                 continue
-            hf = tpl.names.to_hf(name)
-            if hf is None:  # a runtime tensor (rope_freqs): kept as it is
+            members = tpl.names.members(name)
+            if not members:  # a runtime tensor (rope_freqs): kept as it is
                 tensors[name] = runtime_tensor(f, name)
-            elif hf not in params:
-                raise InputError(f"the model has no tensor {hf!r} for GGUF tensor {name}")
-            else:
-                tensors[name] = params[hf].detach().to(torch.float32)
+                continue
+            for hf in members:
+                if hf not in params:
+                    raise InputError(f"the model has no tensor {hf!r} for GGUF tensor {name}")
+            values = [params[hf].detach().to(torch.float32) for hf in members]
+            tensors[name] = values[0] if len(values) == 1 else stacked(name, values)
     return tensors
 
 
 def _type_of(v: Any) -> GGMLQuantizationType:
+    if isinstance(v, GGUFTensor):
+        return v.ggml_type
     if isinstance(v, torch.Tensor):
         return F32
     fmt = get_format(v.format)

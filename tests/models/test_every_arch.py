@@ -30,8 +30,15 @@ from bitalloc.pipeline import make_plan, measure_model
 from bitalloc.quantize import quantize_model
 from tests.conftest import ARCH_TIES, tiny_arch, token_ids
 from tests.gguf_tiny import finish, gguf_argv, write_arch_gguf
+from tests.moe_tiny import tiny_moe
 
-ARCH_NAMES = sorted(ARCH_TIES)
+DENSE = sorted(ARCH_TIES)
+MOE = ["olmoe", "qwen2_moe", "qwen3_moe"]  # the GGUF-capable MoE rows (measure/quantize/load: test_moe_pipeline)
+ARCH_NAMES = DENSE + MOE
+
+
+def _tiny(arch: str) -> torch.nn.Module:
+    return tiny_moe(arch) if arch in MOE else tiny_arch(arch)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,7 @@ def gguf_dir(tmp_path_factory) -> Path:
 
 
 def _gguf_of(arch: str, where: Path) -> tuple[Path, torch.nn.Module]:
-    model = tiny_arch(arch)
+    model = _tiny(arch)
     d = where / arch
     d.mkdir(exist_ok=True)
     path = d / f"{arch}.gguf"
@@ -51,6 +58,7 @@ def _gguf_of(arch: str, where: Path) -> tuple[Path, torch.nn.Module]:
 
 def test_the_map_covers_the_issue_architectures() -> None:
     assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"} <= set(ARCH_NAMES)
+    assert {"qwen2_moe", "qwen3_moe", "olmoe", "mixtral"} <= set(ARCHS)
     assert all(ARCHS[a].gguf is not None for a in ARCH_NAMES)
 
 
@@ -92,7 +100,7 @@ def test_converter_transforms_are_in_the_file(gguf_dir) -> None:
     assert names.to_gguf("model.layers.0.mlp.gate_up_proj.weight") == "blk.0.ffn_up.weight"
 
 
-@pytest.mark.parametrize("arch", ARCH_NAMES)
+@pytest.mark.parametrize("arch", DENSE)
 def test_measure_allocate_quantize_load(arch, tmp_path) -> None:
     model = tiny_arch(arch)
     view = ModelView(model)
@@ -118,6 +126,10 @@ def test_bitalloc_gguf_on_every_architecture(arch, gguf_dir, tmp_path) -> None:
         types = {i.type.name for i in f.tensors.values()}
         assert f.metadata["general.architecture"] == ARCHS[arch].gguf.arch
     assert types & {"Q8_0", "Q5_0", "Q4_0"}
+    if arch in MOE:
+        with GGUFFile(out) as f:
+            exps = {n: i for n, i in f.tensors.items() if "_exps" in n}
+        assert exps and all(len(i.shape) == 3 and i.shape[0] == 4 for i in exps.values())
     back, _ = load_model(out)
     with torch.no_grad():
         assert torch.isfinite(back(token_ids(2)).logits).all()
@@ -141,14 +153,14 @@ def _write_foreign_gguf(path: Path, arch: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("arch", ["rwkv6", "olmoe"])
+@pytest.mark.parametrize("arch", ["rwkv6", "deepseek2"])
 def test_unsupported_gguf_architecture_is_refused_at_once(arch, tmp_path, capsys) -> None:
     path = _write_foreign_gguf(tmp_path / "m.gguf", arch)
     t0 = time.perf_counter()
     assert main(gguf_argv(path, tmp_path / "out.gguf")) == 2
     assert time.perf_counter() - t0 < 30
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not supported" in err[0] and "gemma2" in err[0], err
+    assert len(err) == 1 and "not supported" in err[0] and "gemma2" in err[0] and "qwen3moe" in err[0], err
     assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "out.gguf.job").exists()
 
 

@@ -231,6 +231,27 @@ def to_gguf_tensor(name: str, value: TensorLike, template: GGUFTemplate) -> GGUF
     return GGUFTensor(name, shape, typ, np.ascontiguousarray(raw))
 
 
+def stacked(name: str, values: Sequence[TensorLike]) -> TensorLike:
+    """The experts of one MoE layer and projection as llama.cpp's 3-D tensor ``(experts, rows, cols)``: float
+    tensors stacked, or QTensors of ONE GGUF type with their block rows concatenated (expert-major, as the
+    converter's ``torch.stack`` lays them out)."""
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack([v.detach().to(torch.float32) for v in values])
+    if not all(isinstance(v, QTensor) for v in values):
+        raise InputError(f"{name}: cannot stack {sorted({type(v).__name__ for v in values})}")
+    fids = sorted({v.format for v in values})  # type: ignore[union-attr]
+    if len(fids) != 1:
+        raise InputError(f"{name}: its experts have the formats {fids}; llama.cpp stores one type per stacked "
+                         "tensor (allocate with the map's expert tie constraints)")
+    fmt = get_format(fids[0])
+    if not hasattr(fmt, "gguf_type"):
+        raise InputError(f"{name}: format {fids[0]!r} has no GGUF type")
+    rows, cols = (int(d) for d in values[0].shape)  # type: ignore[union-attr]
+    raw = torch.cat([v.parts["weight_packed"] for v in values])  # type: ignore[union-attr]
+    return GGUFTensor(name, (len(values), rows, cols), GGMLQuantizationType(int(fmt.gguf_type)),
+                      np.ascontiguousarray(raw.numpy()).reshape(-1))
+
+
 def _shifted(template: GGUFTemplate, hf: str | None, t: torch.Tensor) -> torch.Tensor:
     """A float value as llama.cpp's converter stores it (Gemma's norms: ``1 + w``)."""
     shift = 0.0 if hf is None else template.names.norm_shift(hf)
@@ -344,13 +365,14 @@ def export_f32_gguf(
     tensors: dict[str, Any] = {}
     with GGUFFile(tpl.path) as f:
         for name, _shape, _typ in tpl.tensors:
-            hf = tpl.names.to_hf(name)
-            if hf is None:
+            members = tpl.names.members(name)
+            if not members:
                 tensors[name] = runtime_tensor(f, name)
-            elif hf not in sd:
-                raise InputError(f"model has no tensor {hf!r} (GGUF {name})")
-            else:
-                tensors[name] = sd[hf]
+                continue
+            for hf in members:
+                if hf not in sd:
+                    raise InputError(f"model has no tensor {hf!r} (GGUF {name})")
+            tensors[name] = sd[members[0]] if len(members) == 1 else stacked(name, [sd[m] for m in members])
     head, emb = sd.get("lm_head.weight"), sd.get(tpl.names.to_hf("token_embd.weight") or "")
     if "output.weight" not in tensors and head is not None and not (emb is not None and torch.equal(head, emb)):
         tensors["output.weight"] = head

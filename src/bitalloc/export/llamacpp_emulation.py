@@ -60,8 +60,7 @@ def linear_types_from_gguf(path: str | os.PathLike[str], model: nn.Module) -> di
 
     names = model_names(model)
     with GGUFFile(path) as f:
-        by_param = {hf: info.type.name.lower() for name, info in f.tensors.items()
-                    if (hf := names.to_hf(name)) is not None}
+        by_param = {hf: info.type.name.lower() for name, info in f.tensors.items() for hf in names.members(name)}
     out: dict[str, str] = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):

@@ -170,7 +170,10 @@ def _phi3() -> ArchSpec:
 _EXPERT_IN = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj")
 
 
-def _moe(name: str, shared: bool, count: str = "num_experts") -> ArchSpec:
+_MOE = (("expert_count", "num_experts"), ("expert_used_count", "num_experts_per_tok"))
+
+
+def _moe(name: str, shared: bool, count: str = "num_experts", gguf: GGUFSpec | None = None) -> ArchSpec:
     # The router (mlp.gate, an (E, H) parameter) and Qwen2-MoE's shared_expert_gate (H -> 1) stay fixed fp16
     # tensors: they are tiny, their errors move routing decisions (which the per-linear error model does not
     # see), and llama.cpp does not quantize ffn_gate_inp either.  The MLP groups have no group norm: the
@@ -189,6 +192,7 @@ def _moe(name: str, shared: bool, count: str = "num_experts") -> ArchSpec:
         up_proj="mlp.experts.{e}.up_proj",
         down_proj="mlp.experts.{e}.down_proj",
         experts=ExpertSpec("mlp.experts", count),
+        gguf=gguf,
     )
 
 
@@ -215,11 +219,15 @@ def _table() -> dict[str, ArchSpec]:
         # The multimodal Gemma 3: its language model is packed-only (llama.cpp keeps the vision tower apart).
         "gemma3": _gemma("gemma3", "model.language_model.", None),
         "phi3": _phi3(),
-        # MoE rows: packed output only for now (llama.cpp stacks each layer's experts in one tensor)
-        "qwen2_moe": _moe("qwen2_moe", shared=True),
-        "qwen3_moe": _moe("qwen3_moe", shared=False),
-        "olmoe": _moe("olmoe", shared=False),
-        "mixtral": _moe("mixtral", shared=False, count="num_local_experts"),
+        # MoE: llama.cpp stacks the experts of a layer and projection into one tensor (ffn_gate_exps ...)
+        "qwen2_moe": _moe("qwen2_moe", True, gguf=GGUFSpec("qwen2moe", _BASE_HPARAMS + _MOE + (
+            ("expert_feed_forward_length", "moe_intermediate_size"),
+            ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")))),
+        "qwen3_moe": _moe("qwen3_moe", False, gguf=GGUFSpec("qwen3moe", _BASE_HPARAMS + _HEAD_DIM + _MOE + (
+            ("expert_feed_forward_length", "moe_intermediate_size"),))),
+        "olmoe": _moe("olmoe", False, gguf=GGUFSpec("olmoe", _BASE_HPARAMS + _MOE)),
+        # Mixtral: packed output only (llama.cpp files it under "llama", the dense row above reads those)
+        "mixtral": _moe("mixtral", False, count="num_local_experts"),
     }
     return table
 

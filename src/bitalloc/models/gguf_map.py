@@ -11,7 +11,8 @@ the bytes equal those of quantizing the permuted matrix.  Hyper-parameters: :fun
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -41,13 +42,21 @@ def _name_map(arch: str, n_blocks: int) -> Any:
     raise InputError(f"gguf-py does not know the llama.cpp architecture {arch!r}")
 
 
+_EXPERT = re.compile(r"^(?P<stem>.+\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<leaf>weight|bias)$")
+
+
 @dataclass(frozen=True)
 class GGUFNames:
-    """HF parameter name <-> GGUF tensor name for one model, with the converter's value transforms."""
+    """HF parameter name <-> GGUF tensor name for one model, with the converter's value transforms.
+
+    Most GGUF tensors hold one parameter; llama.cpp stacks the experts of one MoE layer and projection into one
+    3-D tensor (``blk.N.ffn_gate_exps``: ``(experts, rows, cols)``), listed in ``stacks`` in expert order.
+    """
 
     spec: ArchSpec
     to_gguf_map: Mapping[str, str]
     to_hf_map: Mapping[str, str]
+    stacks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_gguf(self, hf: str) -> str:
         try:
@@ -55,13 +64,22 @@ class GGUFNames:
         except KeyError:
             raise InputError(f"tensor {hf!r} has no GGUF name for architecture {self.spec.name!r}") from None
 
-    def to_hf(self, gg: str) -> str | None:
-        """The HF parameter of a GGUF tensor; None for a runtime tensor (``rope_freqs``); InputError otherwise."""
+    def members(self, gg: str) -> tuple[str, ...]:
+        """The HF parameters stored in GGUF tensor ``gg``: one, the experts stacked in it, or none for a runtime
+        tensor (``rope_freqs``); InputError for a name that is none of these."""
         if gg in self.to_hf_map:
-            return self.to_hf_map[gg]
+            return (self.to_hf_map[gg],)
+        if gg in self.stacks:
+            return self.stacks[gg]
         if gg in RUNTIME_TENSORS:
-            return None
+            return ()
         raise InputError(f"GGUF tensor {gg!r} is not a parameter of the {self.spec.name} model")
+
+    def to_hf(self, gg: str) -> str | None:
+        """The one HF parameter of a GGUF tensor; None for a runtime tensor or stacked experts (see
+        :meth:`members`); InputError for a name the model does not have."""
+        m = self.members(gg)
+        return m[0] if gg in self.to_hf_map else None
 
     def rope_heads(self, hf: str, metadata: Mapping[str, Any]) -> int | None:
         """Heads whose rows llama.cpp's converter permuted in ``hf`` (None when it does not permute it)."""
@@ -94,20 +112,33 @@ class GGUFNames:
 
 
 def names_for(spec: ArchSpec, param_names: Iterable[str], n_blocks: int) -> GGUFNames:
-    """The name map over ``param_names`` (every one must have a GGUF name: InputError naming the first that has none)."""
+    """The name map over ``param_names`` (every one must have a GGUF name: InputError naming the first that has none).
+    An expert's projection (``…experts.{e}.gate_proj.weight``) is named as the stacked tensor of its layer."""
     nm = _name_map(gguf_spec(spec).arch, n_blocks)
     fwd: dict[str, str] = {}
+    stacked: dict[str, dict[int, str]] = {}
     for hf in param_names:
-        gg = nm.get_name(hf, try_suffixes=(".weight", ".bias"))
+        m = _EXPERT.match(hf)
+        key = f"{m['stem']}.{m['proj']}.{m['leaf']}" if m else hf
+        gg = nm.get_name(key, try_suffixes=(".weight", ".bias"))
         if gg is None:
             raise InputError(f"tensor {hf!r} of the {spec.name} model has no llama.cpp name "
                              f"(architecture {gguf_spec(spec).arch!r})")
         fwd[hf] = gg
-    inv = {gg: hf for hf, gg in fwd.items()}
-    if len(inv) != len(fwd):
-        dup = next(g for g in inv if sum(v == g for v in fwd.values()) > 1)
-        raise InputError(f"two tensors of the {spec.name} model map to the GGUF name {dup!r}")
-    return GGUFNames(spec, fwd, inv)
+        if m:
+            stacked.setdefault(gg, {})[int(m["e"])] = hf
+    stacks = {gg: tuple(by_e[e] for e in sorted(by_e)) for gg, by_e in stacked.items()}
+    for gg, by_e in stacked.items():
+        if sorted(by_e) != list(range(len(by_e))):
+            raise InputError(f"the experts stacked in {gg} are not numbered 0..{len(by_e) - 1}")
+    inv: dict[str, str] = {}
+    for hf, gg in fwd.items():
+        if gg in stacks:
+            continue
+        if gg in inv:
+            raise InputError(f"two tensors of the {spec.name} model map to the GGUF name {gg!r}")
+        inv[gg] = hf
+    return GGUFNames(spec, fwd, inv, stacks)
 
 
 def model_names(model: torch.nn.Module) -> GGUFNames:
@@ -235,7 +266,8 @@ def config_from_gguf(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int
     if "head_dim" not in kw and kw.get("num_attention_heads"):
         kw["head_dim"] = int(kw["hidden_size"]) // int(kw["num_attention_heads"])
     for attr in ("max_position_embeddings", "hidden_size", "num_hidden_layers", "intermediate_size",
-                 "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window"):
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window", "num_experts",
+                 "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
         if attr in kw:
             if int(kw[attr]) != kw[attr] or int(kw[attr]) <= 0:
                 raise InputError(f"GGUF metadata: {attr} must be a positive integer, got {kw[attr]!r}")

@@ -146,12 +146,26 @@ def _hf_config(path: Path) -> Any:
     return config
 
 
+def _gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer a GGUF carries, by transformers' GGUF tokenizer conversion.  AutoTokenizer first refuses
+    architectures transformers cannot load as models (olmoe, say), although the tokenizer does not depend on
+    them: those get the generic fast tokenizer built from the same keys."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    except ValueError as e:
+        if "not supported" not in str(e):
+            raise
+        return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+
+
 def _tokenizer(path: Path, gguf: bool) -> Any:
     from transformers import AutoTokenizer
 
     try:
         if gguf:
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+            return _gguf_tokenizer(path)
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         if gguf:

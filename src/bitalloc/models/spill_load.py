@@ -109,15 +109,19 @@ def load_hf_spilled(path: Path, config: Any, dtype: torch.dtype, spill_dir: Any 
 
 
 def _gguf_rows(g: Any, name: str, r0: int, r1: int) -> torch.Tensor:
-    """Rows ``r0:r1`` of a GGUF tensor as float32, decoded by bitalloc's own GGUF formats."""
+    """Rows ``r0:r1`` of a GGUF tensor seen as 2-D ``(rows, last dim)`` (a stacked experts tensor's leading dims
+    flattened) as float32, decoded by bitalloc's own GGUF formats."""
     info = g.info(name)
-    if info.type.name in _FLOAT_GGUF:
+    if len(info.shape) == 1:  # a vector: its elements are its rows
         return g.get(name)[r0:r1].to(torch.float32)
+    cols = int(info.shape[-1])
+    rows = info.numel // cols
+    if info.type.name in _FLOAT_GGUF:
+        return g.get(name).reshape(rows, cols)[r0:r1].to(torch.float32)
     fid = info.type.name.lower()
-    if fid not in GGUF_TYPES or len(info.shape) != 2:
-        return g.dequantize(name)[r0:r1]  # other block types: gguf-py's decoder
+    if fid not in GGUF_TYPES:
+        return g.dequantize(name).reshape(rows, cols)[r0:r1]  # other block types: gguf-py's decoder
     fmt = get_format(fid)
-    rows, cols = info.shape
     raw = torch.from_numpy(g.raw(name)).reshape(rows, fmt.row_bytes(cols))[r0:r1]
     return fmt.decode(QTensor(fid, (r1 - r0, cols), "float32", {"weight_packed": raw}))
 
@@ -142,27 +146,33 @@ class _Params:
 
 
 def _fill_gguf(path: Path, g: Any, dest: Any, want: list[str], names: GGUFNames) -> None:
-    """Decode every GGUF tensor the model has into ``dest``, in HF names, layout and values."""
+    """Decode every GGUF tensor the model has into ``dest``, in HF names, layout and values (stacked experts
+    split back into one tensor per expert)."""
     todo, done = set(want), set()
     meta = g.metadata
     for gname, info in g.tensors.items():
-        hf = names.to_hf(gname)
-        if hf is None:
+        members = names.members(gname)
+        if not members:
             log.debug("%s: tensor %s is not a model parameter; skipped", path, gname)
             continue
-        if hf not in todo:
-            raise InputError(f"{path}: tensor {gname} ({hf}) is not a parameter of this model")
-        rows = info.shape[0]
-        if names.rope_heads(hf, meta) is not None or names.norm_shift(hf):  # whole tensor: rows move
-            _store(dest, hf, slice(None), names.from_gguf_value(hf, _gguf_rows(g, gname, 0, rows), meta), str(path))
-        else:
-            step = max(1, _DECODE_ELEMENTS // max(1, info.numel // rows))
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                _store(dest, hf, slice(r0, r1), _gguf_rows(g, gname, r0, r1), str(path))
+        if not set(members) <= todo:
+            raise InputError(f"{path}: tensor {gname} is not a parameter of this model")
+        cols = int(info.shape[-1]) if len(info.shape) > 1 else 1
+        per = info.numel // cols // len(members)  # rows of each member (a vector: its elements)
+        if len(members) > 1 and (len(info.shape) != 3 or info.shape[0] != len(members)):
+            raise InputError(f"{path}: tensor {gname} has shape {tuple(info.shape)}, not {len(members)} stacked experts")
+        for e, hf in enumerate(members):
+            if names.rope_heads(hf, meta) is not None or names.norm_shift(hf):  # whole tensor: rows move
+                _store(dest, hf, slice(None), names.from_gguf_value(hf, _gguf_rows(g, gname, 0, per), meta),
+                       str(path))
+                continue
+            step = max(1, _DECODE_ELEMENTS // max(1, cols))
+            for r0 in range(0, per, step):
+                r1 = min(per, r0 + step)
+                _store(dest, hf, slice(r0, r1), _gguf_rows(g, gname, e * per + r0, e * per + r1), str(path))
         raw = g.raw(gname)
         _drop_source_pages(raw.ctypes.data, raw.nbytes)
-        done.add(hf)
+        done.update(members)
     if todo - done:
         missing = sorted(todo - done)
         raise InputError(f"{path} has no tensor for {missing[:3]} ({len(missing)} missing)")
