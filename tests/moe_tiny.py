@@ -19,9 +19,10 @@ def moe_config(arch: str, **over: Any) -> Any:
         return Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
                               num_experts=4, **common)
     if arch == "qwen3_moe":
-        return Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=32, num_experts=4, **common)
-    if arch == "olmoe":
-        return OlmoeConfig(intermediate_size=32, num_experts=4, **common)
+        return Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                              norm_topk_prob=True, **common)  # as Qwen3-MoE checkpoints and llama.cpp have it
+    if arch == "olmoe":  # multi-head K/V, as OLMoE checkpoints and llama.cpp's olmoe have it
+        return OlmoeConfig(intermediate_size=32, num_experts=4, **{**common, "num_key_value_heads": 4})
     if arch == "mixtral":
         return MixtralConfig(intermediate_size=32, num_local_experts=4, **common)
     raise ValueError(arch)

@@ -178,8 +178,11 @@ def test_llama_cpp_agrees_with_the_map(arch, gguf_dir, tmp_path) -> None:
     ours = model_logits(model, windows).double()
     lp, lq = torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1)
     kld = float((lp.exp() * (lp - lq)).sum(-1).mean())
-    top1 = float((ours.argmax(-1) == theirs.argmax(-1)).double().mean())
-    assert top1 == 1.0 and kld < 1e-6, (arch, top1, kld)
+    top2 = ours.topk(2, -1).values
+    decided = (top2[..., 0] - top2[..., 1]) > 1e-3  # an argmax at a float tie is no one's (random tiny models)
+    agree = ours.argmax(-1) == theirs.argmax(-1)
+    top1 = float(agree[decided].double().mean())
+    assert decided.double().mean() > 0.9 and top1 == 1.0 and kld < 1e-6, (arch, top1, kld, float(agree.double().mean()))
     out = tmp_path / "q.gguf"
     assert main(gguf_argv(path, out, budget="5.5bpw")) == 0
     assert torch.isfinite(llama_cpp_logits(llama_cpp, out, windows, threads=2)).all()
@@ -203,3 +206,23 @@ def test_impossible_requests_are_refused_before_loading(extra, budget, message, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out.gguf.job").exists()
+
+
+@pytest.mark.parametrize("arch", [a for a in DENSE if a != "phi3"])
+def test_rescale_preserves_every_dense_architecture(arch) -> None:
+    from bitalloc.models.rescale import rescale_llama_
+
+    model, ref = tiny_arch(arch), tiny_arch(arch)
+    rescale_llama_(model, seed=1, sigma=0.2)
+    ids = token_ids(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, ref.model.layers[0].mlp.up_proj.weight)
+
+
+def test_rescale_refuses_fused_linears() -> None:
+    from bitalloc.errors import InputError
+    from bitalloc.models.rescale import rescale_llama_
+
+    with pytest.raises(InputError, match="fused"):
+        rescale_llama_(tiny_arch("phi3"))

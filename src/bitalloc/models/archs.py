@@ -51,6 +51,9 @@ class GGUFSpec:
     optional:      the keys of ``hparams`` a checkpoint may lack (a config value of None is not written).
     rope_permute:  the converter interleaves the rotary halves of q/k rows (Llama-style checkpoints).
     norm_shift:    the converter stores every ``*norm.weight`` plus this (Gemma's RMSNorm computes x̂·(1 + w)).
+    assumes:       (HF config attribute, value) pairs llama.cpp's implementation of the architecture hard-codes
+                   (Qwen3-MoE always renormalises the top-k routing weights): set when reading a GGUF, and a
+                   config that differs has no faithful GGUF.
     """
 
     arch: str
@@ -61,6 +64,7 @@ class GGUFSpec:
         object.__setattr__(self, "optional", tuple(self.optional) + _ALWAYS_OPTIONAL)
     rope_permute: bool = False
     norm_shift: float = 0.0
+    assumes: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -222,10 +226,13 @@ def _table() -> dict[str, ArchSpec]:
         # MoE: llama.cpp stacks the experts of a layer and projection into one tensor (ffn_gate_exps ...)
         "qwen2_moe": _moe("qwen2_moe", True, gguf=GGUFSpec("qwen2moe", _BASE_HPARAMS + _MOE + (
             ("expert_feed_forward_length", "moe_intermediate_size"),
-            ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")))),
+            ("expert_shared_feed_forward_length", "shared_expert_intermediate_size")),
+            assumes=(("norm_topk_prob", False),))),
         "qwen3_moe": _moe("qwen3_moe", False, gguf=GGUFSpec("qwen3moe", _BASE_HPARAMS + _HEAD_DIM + _MOE + (
-            ("expert_feed_forward_length", "moe_intermediate_size"),))),
-        "olmoe": _moe("olmoe", False, gguf=GGUFSpec("olmoe", _BASE_HPARAMS + _MOE)),
+            ("expert_feed_forward_length", "moe_intermediate_size"),), assumes=(("norm_topk_prob", True),))),
+        # llama.cpp's OLMoE has as many K/V heads as query heads (its k_norm spans the hidden width)
+        "olmoe": _moe("olmoe", False, gguf=GGUFSpec("olmoe", _BASE_HPARAMS + _MOE,
+                                                     assumes=(("norm_topk_prob", False),))),
         # Mixtral: packed output only (llama.cpp files it under "llama", the dense row above reads those)
         "mixtral": _moe("mixtral", False, count="num_local_experts"),
     }

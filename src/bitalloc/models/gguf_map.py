@@ -211,6 +211,10 @@ def gguf_hparams(config: Any) -> dict[str, Any]:
     """The ``{arch}.*`` hyper-parameter keys of an HF config, as llama.cpp's converter writes them."""
     spec = arch_for(config)
     g = gguf_spec(spec)
+    for attr, value in g.assumes:
+        if getattr(config, attr, value) != value:
+            raise InputError(f"llama.cpp's {g.arch} assumes {attr}={value!r}; this {spec.name} config has "
+                             f"{getattr(config, attr)!r}, which no {g.arch} GGUF can express")
     out: dict[str, Any] = {}
     for key, attr in g.hparams:
         full = f"{g.arch}.{key}"
@@ -252,6 +256,7 @@ def config_from_gguf(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int
         value = _scalar(metadata, full)
         if attr != "rope_dim":  # written for llama.cpp; the config derives it from head_dim
             kw.setdefault(attr, value)
+    kw.update(dict(g.assumes))
     theta = kw.pop("rope_theta", None)
     if "token_embd.weight" not in shapes or len(shapes["token_embd.weight"]) != 2:
         raise InputError("the GGUF has no 2-D token_embd.weight")

@@ -116,6 +116,8 @@ def rescale_llama_(model: torch.nn.Module, seed: int = 0, sigma: float = 0.1) ->
     spec = arch_for(model.config)
     if spec.experts is not None:  # the MLP norm also feeds the router: no function-preserving fold
         raise InputError(f"cannot rescale {spec.name}: Mixture-of-Experts models are not supported")
+    if None in (spec.v_proj, spec.o_proj, spec.up_proj, spec.down_proj):
+        raise InputError(f"cannot rescale {spec.name}: its v/o or up/down pairs live inside fused linears")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     blocks = _get(model, spec.blocks, "the model")
     if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
