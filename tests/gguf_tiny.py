@@ -108,13 +108,15 @@ def write_loadable_gguf(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_arch_gguf(model: torch.nn.Module, path: Path) -> Path:
+def write_arch_gguf(model: torch.nn.Module, path: Path, rope_freqs: torch.Tensor | None = None) -> Path:
     """An F32 GGUF of a tiny model of any GGUF architecture in the map, as llama.cpp's converter lays it out:
     the map's hyper-parameter keys, names and value transforms, a byte tokenizer; ``calib.txt`` beside it."""
     spec = arch_for(model.config)
     w = gguf.GGUFWriter(str(path), spec.gguf.arch)
     for key, value in gguf_hparams(model.config).items():
-        if isinstance(value, float):
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
             w.add_float32(key, value)
         else:
             w.add_uint32(key, int(value))
@@ -129,6 +131,8 @@ def write_arch_gguf(model: torch.nn.Module, path: Path) -> Path:
         v = torch.stack([params[m].detach().float() for m in members]) if len(members) > 1 else \
             names.to_gguf_value(members[0], params[members[0]].detach().float(), meta)
         w.add_tensor(gg, np.ascontiguousarray(v.numpy()))
+    if rope_freqs is not None:  # Llama 3's RoPE scaling, as the converter writes it
+        w.add_tensor("rope_freqs.weight", np.ascontiguousarray(rope_freqs.float().numpy()))
     finish(w)
     write_calib_text(path)
     return path

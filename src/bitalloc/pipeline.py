@@ -161,6 +161,40 @@ def measure_model(
     return Measurement(tuple(infos), tuple(rows), fixed_bytes(view), view.total_params, fp)
 
 
+def check_reachable(model: nn.Module, formats: Sequence[str], budgets: Sequence[str]) -> None:
+    """Refuse, from names and shapes alone (a meta model is enough), budgets no allocation over ``formats`` can
+    meet: below every tensor in its smallest format (norms and biases at fp16), or above every tensor in its
+    largest (norms and biases at fp32); and a tensor none of the formats can store."""
+    from .formats import get_format
+    from .models.archs import arch_for
+
+    spec = arch_for(model.config)
+    params = dict(model.named_parameters())  # a tied lm_head once, under the embedding's name
+    linears = tuple(f".{rel}.weight" for rel in spec.linears)
+    lo = hi = 0
+    quantized = 0
+    for name, p in params.items():
+        if not (name in (f"{spec.embedding}.weight", f"{spec.lm_head}.weight")
+                or (name.startswith(spec.blocks + ".") and name.endswith(linears))):
+            continue
+        shape = tuple(p.shape)
+        sizes = [get_format(f).nbytes(shape) for f in formats if get_format(f).supports(shape)]
+        if not sizes:
+            raise InputError(f"tensor {name} {shape} can take none of the formats {', '.join(formats)}")
+        lo, hi, quantized = lo + min(sizes), hi + max(sizes), quantized + p.numel()
+    total = sum(p.numel() for p in params.values())
+    lo, hi = lo + 2 * (total - quantized), hi + 4 * (total - quantized)
+    for text in budgets:
+        b = Budget.parse(text)
+        nbytes = b.resolve(total)
+        if nbytes < lo:
+            raise BudgetError(f"budget {text} ({nbytes} B) is below the smallest model these formats can make "
+                              f"({lo} B, {8 * lo / total:.3f} bpw)")
+        if nbytes > hi:
+            raise BudgetError(f"budget {text} ({nbytes} B) is above the largest model these formats can make "
+                              f"({hi} B, {8 * hi / total:.3f} bpw): ask for at most that")
+
+
 def make_plan(
     measurement: Measurement,
     budget: str | Budget,

@@ -226,3 +226,67 @@ def test_rescale_refuses_fused_linears() -> None:
 
     with pytest.raises(InputError, match="fused"):
         rescale_llama_(tiny_arch("phi3"))
+
+
+def _llama3_factors() -> torch.Tensor:
+    return torch.linspace(1.0, 8.0, 8)  # head_dim 16: one factor per rotary pair, as Llama 3's converter writes
+
+
+def _scaled_llama(where: Path) -> tuple[Path, Path]:
+    """A tiny Llama GGUF with rope_freqs factors, and one of a Llama with linear RoPE scaling (factor 4)."""
+    d = where / "rope"
+    d.mkdir(exist_ok=True)
+    freqs = write_arch_gguf(tiny_arch("llama"), d / "freqs.gguf", rope_freqs=_llama3_factors()) \
+        if not (d / "freqs.gguf").exists() else d / "freqs.gguf"
+    linear = tiny_arch("llama")
+    linear.config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    lin = write_arch_gguf(linear, d / "linear.gguf") if not (d / "linear.gguf").exists() else d / "linear.gguf"
+    return freqs, lin
+
+
+def test_rope_scaling_is_read_from_the_gguf(gguf_dir) -> None:
+    freqs, lin = _scaled_llama(gguf_dir)
+    model, _ = load_model(freqs, low_memory=True)
+    plain = tiny_arch("llama")
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq / _llama3_factors())
+    model, _ = load_model(lin)
+    assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == 4.0
+    with GGUFFile(lin) as f:
+        assert f.metadata["llama.rope.scaling.type"] == "linear"
+
+
+@pytest.mark.slow
+def test_llama_cpp_agrees_on_rope_scaling(gguf_dir) -> None:
+    """Both ways llama.cpp scales RoPE (a rope_freqs tensor, linear keys) give bitalloc's model's logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from bench.llamacpp import llama_cpp_logits, model_logits
+
+    windows = token_ids(2, ctx=32, seed=3)
+    for path in _scaled_llama(gguf_dir):
+        model, _ = load_model(path)
+        theirs = llama_cpp_logits(llama_cpp, path, windows, threads=2).double()
+        ours = model_logits(model, windows).double()
+        lp, lq = torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1)
+        assert float((lp.exp() * (lp - lq)).sum(-1).mean()) < 1e-6, path.name
+
+
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+@pytest.mark.parametrize("budget,message", [("1bpw", "below the smallest"), ("24bpw", "above the largest")])
+def test_unreachable_budgets_are_refused_before_loading(source, budget, message, gguf_dir, tmp_path, capsys,
+                                                        monkeypatch) -> None:
+    import bitalloc.models.sources as sources
+
+    if source == "hf":
+        path = tmp_path / "hf"
+        tiny_arch("qwen3").save_pretrained(path)
+        capsys.readouterr()  # transformers' progress bars
+    else:
+        path, _ = _gguf_of("gemma2", gguf_dir)
+    monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    argv = ["quantize", str(path), "--budget", budget, "--formats", "int2-g32,int8-g32", "--calib",
+            str(gguf_dir), "--out", str(tmp_path / "out")]
+    (gguf_dir / "t.txt").write_text("word " * 500)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.job").exists()

@@ -131,6 +131,21 @@ def _precheck(args: argparse.Namespace) -> None:
         v = getattr(args, attr, None)
         if v and not Path(v).is_file():
             raise InputError(f"file not found: {v}")
+    _precheck_budgets(args)
+
+
+def _precheck_budgets(args: argparse.Namespace) -> None:
+    """Budgets the candidate formats cannot reach, refused from the model's config and shapes (no weight read).
+    Not for ``bitalloc gguf`` (its own preflight counts the file) or a given plan or measurement."""
+    from ..models.sources import default_model_path, meta_model
+    from ..pipeline import check_reachable
+
+    budgets = [args.budget] if getattr(args, "budget", None) else _budgets(args.budgets) if getattr(
+        args, "budgets", None) else []
+    if (not budgets or not getattr(args, "formats", None) or args.func.__name__ == "cmd_gguf"
+            or getattr(args, "plan", None) or getattr(args, "measurement", None) or not hasattr(args, "model")):
+        return
+    check_reachable(meta_model(args.model or default_model_path()), _formats(args.formats), budgets)
 
 
 # ------------------------------------------------------------------------- measurement, fingerprints

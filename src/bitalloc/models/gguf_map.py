@@ -207,6 +207,18 @@ def _config_value(config: Any, attr: str) -> Any:
     return getattr(config, attr, None)
 
 
+def _rope_scaling_keys(config: Any, arch: str) -> dict[str, Any]:
+    """``rope.scaling.*`` of a config with linear RoPE scaling (what the converter writes for it)."""
+    rp = getattr(config, "rope_parameters", None) or {}
+    rp = rp.get("full_attention", rp)
+    kind = rp.get("rope_type", "default")
+    if kind in (None, "default"):
+        return {}
+    if kind != "linear":
+        raise InputError(f"RoPE scaling {kind!r} has no GGUF form here (linear only; llama3's factors are a tensor)")
+    return {f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": float(rp["factor"])}
+
+
 def gguf_hparams(config: Any) -> dict[str, Any]:
     """The ``{arch}.*`` hyper-parameter keys of an HF config, as llama.cpp's converter writes them."""
     spec = arch_for(config)
@@ -215,7 +227,7 @@ def gguf_hparams(config: Any) -> dict[str, Any]:
         if getattr(config, attr, value) != value:
             raise InputError(f"llama.cpp's {g.arch} assumes {attr}={value!r}; this {spec.name} config has "
                              f"{getattr(config, attr)!r}, which no {g.arch} GGUF can express")
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = _rope_scaling_keys(config, g.arch)
     for key, attr in g.hparams:
         full = f"{g.arch}.{key}"
         if full in out:
@@ -234,6 +246,37 @@ def _scalar(metadata: Mapping[str, Any], key: str) -> Any:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise InputError(f"GGUF metadata {key!r} must be a number, got {v!r}")
     return v
+
+
+def _set_rope_scaling(config: Any, metadata: Mapping[str, Any], arch: str) -> None:
+    """Linear RoPE scaling from ``{arch}.rope.scaling.*`` (Gemma 3's global layers, say); other kinds refused."""
+    kind = metadata.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return
+    if kind != "linear":
+        raise InputError(f"the GGUF's RoPE scaling {kind!r} is not supported (linear and rope_freqs factors are)")
+    factor = _scalar(metadata, f"{arch}.rope.scaling.factor")
+    rp = getattr(config, "rope_parameters", None)
+    if not isinstance(rp, dict) or not factor > 0:
+        raise InputError(f"cannot apply the GGUF's linear RoPE scaling (factor {factor!r}) to a {arch} config")
+    target = rp["full_attention"] if "full_attention" in rp else rp
+    target.update(rope_type="linear", factor=float(factor))
+
+
+def apply_rope_factors(model: torch.nn.Module, factors: torch.Tensor) -> int:
+    """Divide every rotary frequency table of ``model`` by llama.cpp's per-dimension ``rope_freqs`` factors (how
+    a converted Llama 3 keeps its RoPE scaling; llama.cpp computes θ_i / factor_i); returns the tables changed."""
+    n = 0
+    for mod in model.modules():
+        inv = getattr(mod, "inv_freq", None)
+        if isinstance(inv, torch.Tensor) and inv.shape == factors.shape:
+            mod.inv_freq = inv / factors.to(inv.dtype)
+            if isinstance(getattr(mod, "original_inv_freq", None), torch.Tensor):
+                mod.original_inv_freq = mod.inv_freq.clone()
+            n += 1
+    if not n:
+        raise InputError(f"the GGUF's rope_freqs ({tuple(factors.shape)}) fit no rotary table of the model")
+    return n
 
 
 def config_from_gguf(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Any:
@@ -281,6 +324,7 @@ def config_from_gguf(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int
         config = AutoConfig.for_model(model_type, **kw)
     except (ValueError, TypeError, KeyError) as e:
         raise InputError(f"cannot build a {model_type} config from the GGUF metadata: {e}") from e
+    _set_rope_scaling(config, metadata, arch)
     if theta is not None:
         rp = getattr(config, "rope_parameters", None)
         if isinstance(rp, dict) and "full_attention" in rp:

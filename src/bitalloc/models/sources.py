@@ -194,6 +194,22 @@ def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[An
     return model, tokenizer
 
 
+def meta_model(source: str | Path) -> Any:
+    """The model of a source with its parameters on the meta device: config from ``config.json`` or the GGUF's
+    metadata, no weight read (for checks that need only names and shapes)."""
+    from bitalloc.io.gguf import GGUFFile
+    from bitalloc.models.gguf_map import config_from_gguf, empty_model
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        _check_hf_dir(path)
+        _check_model_type(path)
+        return empty_model(_hf_config(path))
+    _check_gguf(path)
+    with GGUFFile(path) as g:
+        return empty_model(config_from_gguf(g.metadata, {n: tuple(i.shape) for n, i in g.tensors.items()}))
+
+
 def load_model(
     source: str | Path,
     dtype: torch.dtype = torch.float32,

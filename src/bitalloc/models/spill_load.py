@@ -25,7 +25,7 @@ from bitalloc.formats.gguf import GGUF_TYPES
 from bitalloc.io.gguf import GGUFFile
 from bitalloc.io.safetensors import SafetensorsFile, check_finite
 from bitalloc.models.archs import arch_for
-from bitalloc.models.gguf_map import GGUFNames, config_from_gguf, empty_model, model_names
+from bitalloc.models.gguf_map import GGUFNames, apply_rope_factors, config_from_gguf, empty_model, model_names
 from bitalloc.models.experts import fused_rows, fused_source, unfuse_experts
 from bitalloc.memory import release_free_memory
 from bitalloc.models.spill import PAGE, attach, install_release_hooks, spill_parameters
@@ -182,6 +182,12 @@ def _gguf_model(path: Path, g: Any, dtype: torch.dtype) -> tuple[Any, list[str],
     """The empty model of an open GGUF (config from its metadata by the map), its stored names and name map."""
     config = config_from_gguf(g.metadata, {n: tuple(i.shape) for n, i in g.tensors.items()})
     model = empty_model(config, dtype)
+    if "rope_freqs.weight" in g.tensors:  # Llama 3's RoPE scaling, as the converter stores it
+        factors = g.get("rope_freqs.weight").to(torch.float32).clone()  # the map closes with the file
+        check_finite(factors, f"rope_freqs.weight in {path}")
+        if not bool((factors > 0).all()):
+            raise InputError(f"{path}: rope_freqs.weight must be positive")
+        apply_rope_factors(model, factors)
     names = model_names(model)
     return model, _stored_names(model), names
 
