@@ -1,5 +1,6 @@
-"""The modules of a causal LM that calibration hooks, resolved from the architecture table, and small helpers
-shared by the calibration passes (window batches, finiteness checks, early stop of a forward pass)."""
+"""The one resolution of a model against the architecture map (:func:`layout_of`: its blocks, embedding, final
+norm, lm_head and tie, as modules), which :class:`bitalloc.models.view.ModelView` names and the calibration passes
+hook, and small helpers shared by those passes (window batches, finiteness checks, early stop of a forward pass)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ def layout_of(model: nn.Module) -> Layout:
         head = model.get_submodule(spec.lm_head)
     except AttributeError as e:
         raise InputError(f"the model does not match the {spec.name} layout: {e}") from e
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise InputError(f"{spec.blocks} is not a non-empty list of decoder blocks")
     n = len(blocks)
     return Layout(
         spec=spec,
@@ -65,8 +68,17 @@ def layout_of(model: nn.Module) -> Layout:
         embedding=emb,
         final_norm=norm,
         lm_head=head,
-        tied=head.weight is emb.weight,
+        tied=_shares_storage(head.weight, emb.weight),
     )
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One tensor, or two views of the same storage (a tie made by copying the parameter object's data)."""
+    if a is b:
+        return True
+    if a.is_meta or b.is_meta:
+        return False
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape
 
 
 def window_batches(n: int, batch_size: int) -> list[slice]:

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from bitalloc.errors import InputError, NumericsError
-from bitalloc.models.archs import ArchSpec, arch_for
+from bitalloc.models.archs import ArchSpec
 
 FIXED_BYTES_PER_PARAM = 2  # norms and biases are stored as fp16 ...
 FP16_MAX = 65504.0  # ... unless a value lies beyond the fp16 range: then fp32
@@ -77,8 +77,11 @@ class ModelView:
     """Names, roles, blocks and ties of a causal LM from the architecture table.  Weights stay in the model."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        from bitalloc.layout import layout_of
+
         self.model = model
-        self.spec: ArchSpec = arch_for(model.config)
+        self.layout = layout_of(model)  # the one resolution of the model against the architecture map
+        self.spec: ArchSpec = self.layout.spec
         self._params = dict(model.named_parameters())  # tied parameters appear once
         self._blocks = self._build_blocks()
         self._refs = self._build_refs()
@@ -92,28 +95,26 @@ class ModelView:
             raise InputError(f"{self.spec.name} model has no module {path!r} (architecture mismatch)") from e
 
     def _build_blocks(self) -> list[Block]:
-        blocks = self._module(self.spec.blocks)
-        if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
-            raise InputError(f"{self.spec.blocks} is not a non-empty list of decoder blocks")
+        lay = self.layout
         out = []
-        for i, blk in enumerate(blocks):
-            path = f"{self.spec.blocks}.{i}"
+        for i, (path, blk) in enumerate(zip(lay.block_paths, lay.blocks)):
             linears: dict[str, torch.nn.Linear] = {}
             for rel in self.spec.linears:
-                mod = self._module(f"{path}.{rel}")
+                try:
+                    mod = lay.linear(i, rel)
+                except AttributeError as e:
+                    raise InputError(f"{self.spec.name} model has no module {path}.{rel} (architecture mismatch)") from e
                 if not isinstance(mod, torch.nn.Linear):
                     raise InputError(f"{path}.{rel} is a {type(mod).__name__}, expected a Linear")
-                linears[f"{path}.{rel}.weight"] = mod
-            groups = tuple(tuple(f"{path}.{rel}.weight" for rel in g) for g in self.spec.groups)
-            out.append(Block(i, path, blk, groups, linears))
+                linears[lay.tensor_name(i, rel)] = mod
+            out.append(Block(i, path, blk, tuple(map(tuple, lay.block_groups(i))), linears))
         return out
 
     def _build_refs(self) -> list[TensorRef]:
-        emb = self._module(self.spec.embedding)
-        head = self._module(self.spec.lm_head)
+        emb, head = self.layout.embedding, self.layout.lm_head
         if not isinstance(emb, torch.nn.Embedding) or not isinstance(head, torch.nn.Linear):
             raise InputError(f"{self.spec.embedding} must be an Embedding and {self.spec.lm_head} a Linear")
-        emb_name = f"{self.spec.embedding}.weight"
+        emb_name = self.layout.embedding_name
         refs = [TensorRef(emb_name, tuple(emb.weight.shape), ("lookup",), self.spec.embedding, "embedding")]
         for b in self._blocks:
             for name, lin in b.linears.items():
@@ -130,9 +131,7 @@ class ModelView:
     @property
     def tied(self) -> bool:
         """Whether the lm_head shares the embedding's storage."""
-        emb = self._module(self.spec.embedding).weight
-        head = self._module(self.spec.lm_head).weight
-        return head is emb or head.data_ptr() == emb.data_ptr()
+        return self.layout.tied
 
     def quantizable(self) -> list[TensorRef]:
         """Embedding, every block linear (block order, sequential order), then lm_head if untied."""
