@@ -108,3 +108,34 @@ def tiny_arch(model_type: str, tie: bool | None = None, seed: int = 0) -> torch.
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
     _randomize_norms_(model, seed)
     return model
+
+
+def measure_quantize_load(model: torch.nn.Module, out, formats=("int2-g32", "int4-g32", "int8-g32"),
+                          budget: str = "4.5bpw"):
+    """measure (RTN) -> allocate -> quantize (GPTQ) -> packed directory -> ``bitalloc.load``, asserting what every
+    architecture must satisfy (every quantizable tensor measured with finite errors, bytes exact, the loaded
+    model equal to the quantized one); returns ``(measurement, loaded model)``."""
+    import math
+
+    from bitalloc import load
+    from bitalloc.budget import Budget
+    from bitalloc.export.packed import save_packed
+    from bitalloc.models.view import ModelView
+    from bitalloc.pipeline import make_plan, measure_model
+    from bitalloc.quantize import quantize_model
+
+    view = ModelView(model)
+    m = measure_model(model, view, token_ids(4), list(formats), "rtn", progress=False)
+    assert {t.name for t in m.tensors} == {r.name for r in view.quantizable()}
+    assert all(r.fisher_error is not None and math.isfinite(r.output_error) and math.isfinite(r.fisher_error)
+               for r in m.rows)
+    plan = make_plan(m, budget)
+    assert plan.total_bytes <= Budget.parse(budget).resolve(m.total_params)
+    q = quantize_model(model, view, plan, token_ids(4), "gptq", progress=False)
+    info = save_packed(out, model, view, q, plan, None)
+    assert info["bytes"] == plan.total_bytes
+    loaded = load(out)
+    ids = token_ids(2, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    return m, loaded

@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from bitalloc import load
-from bitalloc.budget import Budget
 from bitalloc.evaluate import evaluate
 from bitalloc.export.packed import save_packed
 from bitalloc.models.view import ModelView
-from bitalloc.pipeline import make_plan, measure_model, plan_for_assignments
+from bitalloc.pipeline import plan_for_assignments
 from bitalloc.quantize import quantize_model
 
-from conftest import token_ids
+from conftest import measure_quantize_load, token_ids
 from moe_tiny import MOE_ARCHS, tiny_moe
 
 FORMATS = ["int2-g32", "int4-g32", "int8-g32"]
@@ -27,21 +26,9 @@ FORMATS = ["int2-g32", "int4-g32", "int8-g32"]
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_measure_allocate_quantize_save_load_evaluate(arch, tmp_path):
     model, ref = tiny_moe(arch), tiny_moe(arch)
-    view = ModelView(model)
-    m = measure_model(model, view, token_ids(4), FORMATS, "rtn", progress=False)
-    names = {t.name for t in m.tensors}
-    assert names == {r.name for r in view.quantizable()}
-    assert "model.layers.1.mlp.experts.3.down_proj.weight" in names
-    assert all(r.fisher_error is not None and math.isfinite(r.output_error) for r in m.rows)
-    plan = make_plan(m, "4.5bpw")
-    assert plan.total_bytes <= Budget.parse("4.5bpw").resolve(m.total_params)
-    q = quantize_model(model, view, plan, token_ids(4), "gptq", progress=False)
-    info = save_packed(tmp_path / "out", model, view, q, plan, None)
-    assert info["bytes"] == plan.total_bytes
-    loaded = load(tmp_path / "out")
+    m, loaded = measure_quantize_load(model, tmp_path / "out", FORMATS)
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in {t.name for t in m.tensors}
     w = token_ids(2, seed=7)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(w).logits, model(w).logits, rtol=0, atol=0)
     r = evaluate(loaded, ref, w)
     assert math.isfinite(r.kld) and r.kld > 0
 

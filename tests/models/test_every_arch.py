@@ -8,7 +8,6 @@ bitalloc's float model (top-1 100 %, KLD < 1e-6), and a quantized export loads a
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -17,18 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from bitalloc import load
 from bitalloc.cli import main
 from bitalloc.export import gguf as gx
-from bitalloc.export.packed import save_packed
 from bitalloc.io.gguf import GGUFFile
 from bitalloc.models.archs import ARCHS, fused_groups, gguf_model_type
 from bitalloc.models.gguf_map import model_names
 from bitalloc.models.sources import load_model
 from bitalloc.models.view import ModelView
-from bitalloc.pipeline import make_plan, measure_model
-from bitalloc.quantize import quantize_model
-from tests.conftest import ARCH_TIES, tiny_arch, token_ids
+from tests.conftest import ARCH_TIES, measure_quantize_load, tiny_arch, token_ids
 from tests.gguf_tiny import finish, gguf_argv, write_arch_gguf
 from tests.moe_tiny import tiny_moe
 
@@ -102,19 +97,7 @@ def test_converter_transforms_are_in_the_file(gguf_dir) -> None:
 
 @pytest.mark.parametrize("arch", DENSE)
 def test_measure_allocate_quantize_load(arch, tmp_path) -> None:
-    model = tiny_arch(arch)
-    view = ModelView(model)
-    m = measure_model(model, None, token_ids(4), ["int2-g32", "int4-g32", "int8-g32"], "rtn", progress=False)
-    assert {t.name for t in m.tensors} == {r.name for r in view.quantizable()}
-    assert all(math.isfinite(r.output_error) and math.isfinite(r.fisher_error) for r in m.rows)
-    plan = make_plan(m, "4.5bpw")
-    q = quantize_model(model, view, plan, token_ids(4), "gptq", progress=False)
-    info = save_packed(tmp_path / "out", model, view, q, plan, None)
-    assert info["bytes"] == plan.total_bytes
-    loaded = load(tmp_path / "out")
-    ids = token_ids(2, seed=7)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    measure_quantize_load(tiny_arch(arch), tmp_path / "out")
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
