@@ -12,7 +12,8 @@ import gguf
 import numpy as np
 
 from bitalloc.models.archs import arch_for
-from bitalloc.models.gguf_map import gguf_hparams, model_names
+from bitalloc.models.gguf_config import gguf_hparams
+from bitalloc.models.gguf_map import model_names
 from tests.conftest import tiny_llama
 
 N_HEAD, N_KV = 4, 2

@@ -198,7 +198,8 @@ def meta_model(source: str | Path) -> Any:
     """The model of a source with its parameters on the meta device: config from ``config.json`` or the GGUF's
     metadata, no weight read (for checks that need only names and shapes)."""
     from bitalloc.io.gguf import GGUFFile
-    from bitalloc.models.gguf_map import config_from_gguf, empty_model
+    from bitalloc.models.gguf_config import config_from_gguf
+    from bitalloc.models.gguf_map import empty_model
 
     path = Path(source).expanduser()
     if path.is_dir():

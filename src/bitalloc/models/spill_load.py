@@ -25,7 +25,8 @@ from bitalloc.formats.gguf import GGUF_TYPES
 from bitalloc.io.gguf import GGUFFile
 from bitalloc.io.safetensors import SafetensorsFile, check_finite
 from bitalloc.models.archs import arch_for
-from bitalloc.models.gguf_map import GGUFNames, apply_rope_factors, config_from_gguf, empty_model, model_names
+from bitalloc.models.gguf_config import apply_rope_factors, config_from_gguf
+from bitalloc.models.gguf_map import GGUFNames, empty_model, model_names
 from bitalloc.models.experts import fused_rows, fused_source, unfuse_experts
 from bitalloc.memory import release_free_memory
 from bitalloc.models.spill import PAGE, attach, install_release_hooks, spill_parameters
