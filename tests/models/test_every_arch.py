@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from bitalloc.cli import main
 from bitalloc.export import gguf as gx
@@ -215,20 +216,26 @@ def _llama3_factors() -> torch.Tensor:
     return torch.linspace(1.0, 8.0, 8)  # head_dim 16: one factor per rotary pair, as Llama 3's converter writes
 
 
-def _scaled_llama(where: Path) -> tuple[Path, Path]:
-    """A tiny Llama GGUF with rope_freqs factors, and one of a Llama with linear RoPE scaling (factor 4)."""
+def _rope_variants(where: Path) -> tuple[Path, Path, Path]:
+    """Tiny GGUFs of RoPE beyond the default: a Llama with rope_freqs factors, a Llama with linear scaling
+    (factor 4), a Phi-3 rotating half of each head (partial_rotary_factor 0.5, as Phi-4-mini has 0.75)."""
     d = where / "rope"
     d.mkdir(exist_ok=True)
-    freqs = write_arch_gguf(tiny_arch("llama"), d / "freqs.gguf", rope_freqs=_llama3_factors()) \
-        if not (d / "freqs.gguf").exists() else d / "freqs.gguf"
-    linear = tiny_arch("llama")
-    linear.config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
-    lin = write_arch_gguf(linear, d / "linear.gguf") if not (d / "linear.gguf").exists() else d / "linear.gguf"
-    return freqs, lin
+    paths = d / "freqs.gguf", d / "linear.gguf", d / "partial.gguf"
+    if not all(p.exists() for p in paths):
+        write_arch_gguf(tiny_arch("llama"), paths[0], rope_freqs=_llama3_factors())
+        linear = tiny_arch("llama")
+        linear.config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+        write_arch_gguf(linear, paths[1])
+        cfg = tiny_arch("phi3").config
+        cfg.rope_parameters["partial_rotary_factor"] = 0.5
+        torch.manual_seed(0)
+        write_arch_gguf(AutoModelForCausalLM.from_config(cfg).eval(), paths[2])
+    return paths
 
 
 def test_rope_scaling_is_read_from_the_gguf(gguf_dir) -> None:
-    freqs, lin = _scaled_llama(gguf_dir)
+    freqs, lin, partial = _rope_variants(gguf_dir)
     model, _ = load_model(freqs, low_memory=True)
     plain = tiny_arch("llama")
     torch.testing.assert_close(model.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq / _llama3_factors())
@@ -236,16 +243,20 @@ def test_rope_scaling_is_read_from_the_gguf(gguf_dir) -> None:
     assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == 4.0
     with GGUFFile(lin) as f:
         assert f.metadata["llama.rope.scaling.type"] == "linear"
+    model, _ = load_model(partial)
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.5
+    assert model.model.rotary_emb.inv_freq.numel() == 4  # 8 of 16 dimensions rotate
 
 
 @pytest.mark.slow
 def test_llama_cpp_agrees_on_rope_scaling(gguf_dir) -> None:
-    """Both ways llama.cpp scales RoPE (a rope_freqs tensor, linear keys) give bitalloc's model's logits."""
+    """Each way llama.cpp scales or narrows RoPE (rope_freqs, linear keys, partial rotation) gives the logits of
+    bitalloc's model read from the same file."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from bench.llamacpp import llama_cpp_logits, model_logits
 
     windows = token_ids(2, ctx=32, seed=3)
-    for path in _scaled_llama(gguf_dir):
+    for path in _rope_variants(gguf_dir):
         model, _ = load_model(path)
         theirs = llama_cpp_logits(llama_cpp, path, windows, threads=2).double()
         ours = model_logits(model, windows).double()

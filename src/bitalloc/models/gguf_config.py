@@ -125,6 +125,7 @@ def config_from_gguf(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int
     model_type = gguf_model_type(arch)
     g = gguf_spec(ARCHS[model_type])
     kw: dict[str, Any] = {}
+    rope_dim = None
     for key, attr in g.hparams:
         full = f"{arch}.{key}"
         if full not in metadata:
@@ -132,7 +133,9 @@ def config_from_gguf(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int
                 continue
             raise InputError(f"the GGUF lacks the metadata key {full!r} that a {arch} model needs")
         value = _scalar(metadata, full)
-        if attr != "rope_dim":  # written for llama.cpp; the config derives it from head_dim
+        if attr == "rope_dim":  # rotary dimensions: a partial_rotary_factor below 1 (Phi-4-mini), once built
+            rope_dim = value
+        else:
             kw.setdefault(attr, value)
     kw.update(dict(g.assumes))
     theta = kw.pop("rope_theta", None)
@@ -160,6 +163,12 @@ def config_from_gguf(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int
     except (ValueError, TypeError, KeyError) as e:
         raise InputError(f"cannot build a {model_type} config from the GGUF metadata: {e}") from e
     _set_rope_scaling(config, metadata, arch)
+    if rope_dim is not None and int(rope_dim) != kw["head_dim"]:
+        rp = getattr(config, "rope_parameters", None)
+        if not isinstance(rp, dict) or not 0 < rope_dim < kw["head_dim"] or rope_dim % 2:
+            raise InputError(f"GGUF metadata: {arch}.rope.dimension_count {rope_dim!r} does not fit head_dim "
+                             f"{kw['head_dim']}")
+        rp["partial_rotary_factor"] = float(rope_dim) / kw["head_dim"]
     if theta is not None:
         rp = getattr(config, "rope_parameters", None)
         if isinstance(rp, dict) and "full_attention" in rp:
