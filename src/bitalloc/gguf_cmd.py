@@ -93,15 +93,9 @@ def preflight(tpl: GGUFTemplate, fmts: Sequence[str], budget: str) -> None:
     measuring: an architecture or tensor the map cannot name, a tensor none of the candidate types can store,
     and a budget outside the sizes the candidates can reach."""
     names = tpl.names  # the architecture map: unknown architectures and tensor names are refused here
-    spec = names.spec
-    linears = {f".{rel}.weight" for rel in spec.linears}
     shapes = {n: s for n, s, _ in tpl.tensors}
-    allocated: dict[str, tuple[int, ...]] = {}
-    for gg, shape in shapes.items():
-        members = names.members(gg)
-        if members and all(hf in (f"{spec.embedding}.weight", f"{spec.lm_head}.weight") or (
-                hf.startswith(spec.blocks + ".") and any(hf.endswith(s) for s in linears)) for hf in members):
-            allocated[gg] = shape
+    allocated = {gg: shape for gg, shape in shapes.items()
+                 if (members := names.members(gg)) and all(map(names.spec.is_quantizable, members))}
     lo = hi = 0
     for gg, shape in allocated.items():
         sizes = [get_format(f).nbytes(shape[-2:]) * math.prod(shape[:-2]) for f in fmts
@@ -197,7 +191,7 @@ def quantize_for_gguf(
     tensors: dict[str, Any] = {}
     for gg in dict.fromkeys(names.values()):
         members = tpl.names.members(gg)
-        tensors[gg] = qt[members[0]] if len(members) == 1 else stacked(gg, [qt[m] for m in members])
+        tensors[gg] = stacked(gg, [qt[m] for m in members])
     with GGUFFile(tpl.path) as f:
         for name, _shape, _typ in tpl.tensors:
             if name in tensors:
@@ -209,8 +203,7 @@ def quantize_for_gguf(
             for hf in members:
                 if hf not in params:
                     raise InputError(f"the model has no tensor {hf!r} for GGUF tensor {name}")
-            values = [params[hf].detach().to(torch.float32) for hf in members]
-            tensors[name] = values[0] if len(values) == 1 else stacked(name, values)
+            tensors[name] = stacked(name, [params[hf].detach().to(torch.float32) for hf in members])
     return tensors
 
 

@@ -170,12 +170,10 @@ def check_reachable(model: nn.Module, formats: Sequence[str], budgets: Sequence[
 
     spec = arch_for(model.config)
     params = dict(model.named_parameters())  # a tied lm_head once, under the embedding's name
-    linears = tuple(f".{rel}.weight" for rel in spec.linears)
     lo = hi = 0
     quantized = 0
     for name, p in params.items():
-        if not (name in (f"{spec.embedding}.weight", f"{spec.lm_head}.weight")
-                or (name.startswith(spec.blocks + ".") and name.endswith(linears))):
+        if not spec.is_quantizable(name):
             continue
         shape = tuple(p.shape)
         sizes = [get_format(f).nbytes(shape) for f in formats if get_format(f).supports(shape)]

@@ -232,9 +232,12 @@ def to_gguf_tensor(name: str, value: TensorLike, template: GGUFTemplate) -> GGUF
 
 
 def stacked(name: str, values: Sequence[TensorLike]) -> TensorLike:
-    """The experts of one MoE layer and projection as llama.cpp's 3-D tensor ``(experts, rows, cols)``: float
+    """The value of GGUF tensor ``name`` from its members (:meth:`GGUFNames.members`): one value as it is; the
+    experts of one MoE layer and projection as llama.cpp's 3-D tensor ``(experts, rows, cols)``: float
     tensors stacked, or QTensors of ONE GGUF type with their block rows concatenated (expert-major, as the
     converter's ``torch.stack`` lays them out)."""
+    if len(values) == 1:
+        return values[0]
     if all(isinstance(v, torch.Tensor) for v in values):
         return torch.stack([v.detach().to(torch.float32) for v in values])
     if not all(isinstance(v, QTensor) for v in values):
@@ -372,7 +375,7 @@ def export_f32_gguf(
             for hf in members:
                 if hf not in sd:
                     raise InputError(f"model has no tensor {hf!r} (GGUF {name})")
-            tensors[name] = sd[members[0]] if len(members) == 1 else stacked(name, [sd[m] for m in members])
+            tensors[name] = stacked(name, [sd[m] for m in members])
     head, emb = sd.get("lm_head.weight"), sd.get(tpl.names.to_hf("token_embd.weight") or "")
     if "output.weight" not in tensors and head is not None and not (emb is not None and torch.equal(head, emb)):
         tensors["output.weight"] = head

@@ -121,6 +121,13 @@ class ArchSpec:
         """All linears of one block, in sequential order."""
         return tuple(n for g in self.groups for n in g)
 
+    def is_quantizable(self, name: str) -> bool:
+        """Whether a parameter name is allocated a format: the embedding, the lm_head or a block linear's weight
+        (norms, biases and routers are not)."""
+        if name in (f"{self.embedding}.weight", f"{self.lm_head}.weight"):
+            return True
+        return name.startswith(self.blocks + ".") and any(name.endswith(f".{rel}.weight") for rel in self.linears)
+
 
 def _llama_like(name: str, gguf: GGUFSpec, prefix: str = "model.") -> ArchSpec:
     return ArchSpec(
