@@ -147,17 +147,23 @@ def _hf_config(path: Path) -> Any:
 
 
 def _gguf_tokenizer(path: Path) -> Any:
-    """The tokenizer a GGUF carries, by transformers' GGUF tokenizer conversion.  AutoTokenizer first refuses
-    architectures transformers cannot load as models (olmoe, say), although the tokenizer does not depend on
-    them: those get the generic fast tokenizer built from the same keys."""
+    """The tokenizer a GGUF carries, by transformers' GGUF tokenizer conversion, from the GGUF alone: it is read
+    through a private folder holding only a link to the file, so configs or code beside the GGUF are never seen.
+    AutoTokenizer refuses architectures transformers cannot load as models (olmoe, say), although the tokenizer
+    does not depend on them: those get the generic fast tokenizer built from the same keys."""
+    import tempfile
+
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    except ValueError as e:
-        if "not supported" not in str(e):
-            raise
-        return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    with tempfile.TemporaryDirectory(prefix="bitalloc-gguf-tok-") as private:
+        link = Path(private) / "model.gguf"
+        link.symlink_to(path.resolve())
+        try:
+            return AutoTokenizer.from_pretrained(private, gguf_file=link.name, trust_remote_code=False)
+        except ValueError as e:
+            if "not supported" not in str(e):
+                raise
+            return PreTrainedTokenizerFast.from_pretrained(private, gguf_file=link.name, trust_remote_code=False)
 
 
 def _tokenizer(path: Path, gguf: bool) -> Any:
@@ -170,6 +176,9 @@ def _tokenizer(path: Path, gguf: bool) -> Any:
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         if gguf:
             raise InputError(f"cannot load the tokenizer of the GGUF {path}: {e}") from e
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise InputError(f"the tokenizer in {path} needs custom code from the folder (auto_map in "
+                             "tokenizer_config.json); bitalloc never runs code from a model folder") from e
         log.warning("no usable tokenizer in %s (%s); token ids must be supplied directly", path, e)
         return None
 
