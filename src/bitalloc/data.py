@@ -189,7 +189,13 @@ def text_windows(tokenizer: Any, paths: Sequence[str | Path] | str | Path, ctx: 
     return _windows(ids, ctx, max_windows, f" ({_names(files)})")
 
 
-def check_token_ids(windows: torch.Tensor, rows: int, what: str) -> None:
+def embedding_rows(embedding: Any) -> int:
+    """The rows of an embedding module (``num_embeddings``, else its weight's first dimension)."""
+    rows = getattr(embedding, "num_embeddings", None)
+    return int(rows if rows is not None else embedding.weight.shape[0])
+
+
+def check_token_ids(windows: torch.Tensor, rows: int, what: str, unit: str = "rows") -> None:
     """InputError when a token id is negative or not below ``rows``, the size of ``what``'s embedding or
     vocabulary (a tokenizer that does not belong to the model): found before any forward pass."""
     if windows.numel() == 0:
@@ -197,7 +203,7 @@ def check_token_ids(windows: torch.Tensor, rows: int, what: str) -> None:
     lo, hi = int(windows.min()), int(windows.max())
     if lo < 0 or hi >= rows:
         bad = lo if lo < 0 else hi
-        raise InputError(f"token id {bad} is outside {what} ({rows} rows): the text was tokenized by a "
+        raise InputError(f"token id {bad} is outside {what} of {rows} {unit}: the text was tokenized by a "
                          "tokenizer that does not match the model")
 
 
