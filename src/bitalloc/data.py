@@ -198,6 +198,8 @@ def embedding_rows(embedding: Any) -> int:
 def check_token_ids(windows: torch.Tensor, rows: int, what: str, unit: str = "rows") -> None:
     """InputError when a token id is negative or not below ``rows``, the size of ``what``'s embedding or
     vocabulary (a tokenizer that does not belong to the model): found before any forward pass."""
+    if windows.dtype.is_floating_point or windows.dtype.is_complex or windows.dtype == torch.bool:
+        raise InputError(f"token windows must hold integer token ids, got {str(windows.dtype).removeprefix('torch.')}")
     if windows.numel() == 0:
         return
     lo, hi = int(windows.min()), int(windows.max())

@@ -103,7 +103,8 @@ def _check_finite(logits: torch.Tensor, name: str, s: int) -> None:
     bad = ~torch.isfinite(logits).reshape(logits.shape[0], -1).all(1)
     if bool(bad.any()):
         w = s + int(bad.nonzero()[0, 0])
-        raise NumericsError(f"the {name} model produced NaN/Inf logits (window {w}): its weights overflow")
+        raise NumericsError(f"the {name} model produced NaN/Inf logits (window {w}): its weights hold NaN/Inf "
+                            "or overflow")
 
 
 def _accumulate(acc: _Acc, cand: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> None:
