@@ -124,8 +124,9 @@ def test_huge_file_is_read_only_as_far_as_needed(tokenizers, tmp_path, monkeypat
 
 def test_text_without_tokens_is_refused_after_a_bounded_read(tokenizers, tmp_path, monkeypatch):
     f = tmp_path / "spaces.txt"
-    f.write_bytes(b" \n" * (5 << 19))  # 5 MB of white space: the word-level tokenizer gives no token
+    f.write_bytes(b" \n" * (1 << 20))  # 2 MB of white space: the word-level tokenizer gives no token
     monkeypatch.setattr(data, "TextReader", _Counting)
+    monkeypatch.setattr(data, "MIN_READ_CAP", 256 << 10)
     _Counting.most = 0
     with pytest.raises(InputError, match=r"spaces.txt: the first \d+ bytes of text give only 0 tokens"):
         data.text_windows(tokenizers["wordlevel"], [f], 64, 4)
