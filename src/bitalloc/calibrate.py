@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import get_rounding, output_noise
+from .data import check_token_ids, embedding_rows
 from .errors import InputError, NumericsError
 from .fisher import HEAD_CHUNK, VOCAB_CHUNK, FisherStats, fisher_pass
 from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
@@ -60,6 +61,7 @@ class BlockRunner:
             raise InputError(f"max_positions must be at least 1, got {max_positions}")
         self.model = model
         self.layout = layout_of(model)
+        check_token_ids(windows, embedding_rows(self.layout.embedding), f"the embedding {self.layout.embedding_name}")
         self.windows = windows
         self.batches = window_batches(len(windows), max(1, min(batch_size, max_positions // windows.shape[1])))
         self.block = 0

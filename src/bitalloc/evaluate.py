@@ -20,12 +20,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from bitalloc.data import check_token_ids, embedding_rows
 from bitalloc.errors import InputError, NumericsError
 
 log = logging.getLogger(__name__)
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (b, ctx) int64 -> (b, ctx, vocab) logits
 _ROW_CHUNK = 64
+_MAX_NLL = math.log(1e300)  # a mean NLL above this has no float perplexity (exp overflows near 709.8)
 
 
 @dataclass(frozen=True)
@@ -88,21 +90,51 @@ class _Acc:
     n: int = 0
 
 
+def _check_inputs(m: torch.nn.Module | LogitsFn, windows: torch.Tensor, name: str) -> None:
+    """Token ids beyond a torch model's embedding, refused before its first forward."""
+    if isinstance(m, torch.nn.Module) and hasattr(m, "get_input_embeddings"):
+        emb = m.get_input_embeddings()
+        if emb is not None:
+            check_token_ids(windows, embedding_rows(emb), f"the {name} model's embedding")
+
+
+def _check_finite(logits: torch.Tensor, name: str, s: int) -> None:
+    """NumericsError naming the first window whose logits hold NaN/Inf (float16 overflow, a corrupted scale)."""
+    bad = ~torch.isfinite(logits).reshape(logits.shape[0], -1).all(1)
+    if bool(bad.any()):
+        w = s + int(bad.nonzero()[0, 0])
+        raise NumericsError(f"the {name} model produced NaN/Inf logits (window {w}): its weights hold NaN/Inf "
+                            "or overflow")
+
+
 def _accumulate(acc: _Acc, cand: torch.Tensor, ref: torch.Tensor, targets: torch.Tensor) -> None:
-    """Add one batch: cand/ref (N, V) logits, targets (N,) ids."""
+    """Add one batch: cand/ref (N, V) finite logits, targets (N,) ids below V."""
     for i in range(0, cand.shape[0], _ROW_CHUNK):
         c = cand[i: i + _ROW_CHUNK].to(torch.float64)
         r = ref[i: i + _ROW_CHUNK].to(torch.float64)
         t = targets[i: i + _ROW_CHUNK].to(c.device).unsqueeze(1)
-        if not (torch.isfinite(c).all() and torch.isfinite(r).all()):
-            which = "candidate" if not torch.isfinite(c).all() else "reference"
-            raise NumericsError(f"the {which} model produced NaN/Inf logits")
         lc, lr = torch.log_softmax(c, -1), torch.log_softmax(r, -1)
         acc.nll -= lc.gather(1, t).sum().item()
         acc.ref_nll -= lr.gather(1, t).sum().item()
         acc.kld += (lr.exp() * (lr - lc)).sum().item()
         acc.agree += int((c.argmax(-1) == r.argmax(-1)).sum().item())
         acc.n += c.shape[0]
+
+
+def _exp(nll: float, what: str) -> float:
+    """exp(mean NLL); NumericsError when it overflows or is not finite (absurd logits from corrupted weights)."""
+    if not math.isfinite(nll) or nll > _MAX_NLL:
+        raise NumericsError(f"the {what} perplexity overflows: mean NLL {nll:.4g} nats per token (logits of "
+                            "absurd magnitude, e.g. a corrupted scale)")
+    return math.exp(nll)
+
+
+def _result(acc: _Acc, ctx: int) -> EvalResult:
+    kld = acc.kld / acc.n
+    if not math.isfinite(kld):
+        raise NumericsError(f"the KLD of the candidate is not finite ({kld})")
+    return EvalResult(ppl=_exp(acc.nll / acc.n, "candidate"), ref_ppl=_exp(acc.ref_nll / acc.n, "reference"),
+                      kld=max(kld, 0.0), top1=acc.agree / acc.n, ntokens=acc.n, ctx=ctx)
 
 
 @torch.no_grad()
@@ -122,6 +154,8 @@ def evaluate(candidate: torch.nn.Module | LogitsFn, reference: torch.nn.Module |
     if batch_size < 1:
         raise InputError(f"batch_size must be positive, got {batch_size}")
     first = first_scored(ctx)
+    _check_inputs(candidate, windows, "candidate")
+    _check_inputs(reference, windows, "reference")
     cand_fn, ref_fn = _as_logits_fn(candidate, ctx - first), _as_logits_fn(reference, ctx - first)
     acc = _Acc()
     starts = range(0, n, batch_size)
@@ -137,9 +171,11 @@ def evaluate(candidate: torch.nn.Module | LogitsFn, reference: torch.nn.Module |
         if c.shape[-1] != r.shape[-1]:
             raise InputError(f"candidate vocab {c.shape[-1]} != reference vocab {r.shape[-1]}")
         targets = batch[:, first + 1:]
+        check_token_ids(targets, c.shape[-1], "the models' vocabulary", "logits")
+        _check_finite(c, "candidate", s)
+        _check_finite(r, "reference", s)
         _accumulate(acc, c.reshape(-1, c.shape[-1]), r.reshape(-1, r.shape[-1]), targets.reshape(-1))
-    result = EvalResult(ppl=math.exp(acc.nll / acc.n), ref_ppl=math.exp(acc.ref_nll / acc.n),
-                        kld=max(acc.kld / acc.n, 0.0), top1=acc.agree / acc.n, ntokens=acc.n, ctx=int(ctx))
+    result = _result(acc, int(ctx))
     log.info("eval: ppl %.4f (ref %.4f) kld %.3g top1 %.4f over %d tokens", result.ppl, result.ref_ppl,
              result.kld, result.top1, result.ntokens)
     return result

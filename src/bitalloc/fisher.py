@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import check_token_ids, embedding_rows
 from .errors import InputError, NumericsError
 from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
 from .memory import release_free_memory
@@ -63,6 +64,7 @@ def fisher_pass(
     if vocab_chunk < 1:
         raise InputError(f"vocab_chunk must be at least 1, got {vocab_chunk}")
     lay = layout_of(model)
+    check_token_ids(windows, embedding_rows(lay.embedding), f"the embedding {lay.embedding_name}")
     sums: dict[tuple[str, str], torch.Tensor] = {}
     routed: dict[tuple[str, str], int] = {}  # routed experts' linears: rows (tokens) seen
     handles = _hook_linear_outputs(lay, sums, routed)

@@ -278,7 +278,7 @@ def activations(args: argparse.Namespace) -> str:
 
 
 def cmd_gguf(args: argparse.Namespace) -> int:
-    from .data import default_calibration_files, read_texts, token_windows
+    from .data import default_calibration_files, text_windows
     from .gguf_job import GGUFSteps, run_gguf_job
     from .models.sources import load_model
     from .pipeline import measure_model
@@ -309,7 +309,7 @@ def cmd_gguf(args: argparse.Namespace) -> int:
 
     steps = GGUFSteps(
         load=lambda: load_model(src, low_memory=True),
-        calibration=lambda tok: token_windows(tok, read_texts(files), args.ctx, args.windows),
+        calibration=lambda tok: text_windows(tok, files, args.ctx, args.windows),
         measure=measure,
         plan=lambda m, view: plan_gguf(m, view, tpl, args.budget),
         quantize=quantize,

@@ -35,11 +35,11 @@ def _texts(paths: Sequence[str] | None, default: Callable[[], list[Path]]) -> li
 
 
 def _windows(tokenizer: Any, paths: Sequence[Path], n: int, ctx: int) -> Any:
-    from ..data import read_texts, token_windows
+    from ..data import text_windows
 
     if tokenizer is None:
         raise InputError("the model has no tokenizer, so text cannot be tokenized")
-    return token_windows(tokenizer, read_texts(paths), ctx, n)
+    return text_windows(tokenizer, paths, ctx, n)  # reads only the text the n windows need
 
 
 def _calib(args: argparse.Namespace, tokenizer: Any) -> Any:
