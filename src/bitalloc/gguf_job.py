@@ -232,7 +232,7 @@ def _run(job: Job, out: Path, steps: GGUFSteps, overwrite: bool,
         plan, split = steps.plan(m, view)
         job.save_item("plan", "split", asdict(split) if is_dataclass(split) else dict(split))
         plan.save(ppath)
-        job.complete_stage("plan")
+        job.complete_stage("plan", ppath)
     plan = Plan.load(ppath, m)  # always the plan read back: a resumed run continues with the same bytes
     tensors = steps.quantize(model, view, plan, windows, on_block=block_hook(job, QUANT_STAGE, after_block),
                              start=load_state(job, QUANT_STAGE))

@@ -1,0 +1,100 @@
+"""The state file of a job directory (``job.json``), parsed strictly, and the checks of its checkpoint files.
+
+``job.json`` (version 2)::
+
+    {"version": 2, "fingerprint": {...}, "stages_done": [names, in completion order],
+     "stage_seq": {name: n}, "seq": last n, "checkpoints": {"<stage>/<file>" | "<file>": {"seq": n, "sha256": hex}}}
+
+``n`` numbers the writes (checkpoints and stage completions) in order, so everything that may have been
+computed from a checkpoint has a larger number.  Anything else -- another version, wrong types, a path that
+could leave the job directory -- is refused by :meth:`JobState.parse` with a ValueError naming the problem.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .io.atomic import file_digest
+
+VERSION = 2
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+REL = re.compile(rf"(?:{NAME.pattern}/)?{NAME.pattern}")  # a checkpoint's path inside the job directory
+SHA = re.compile(r"[0-9a-f]{64}")
+
+
+class JobState:
+    """The parsed ``job.json``: stages done and recorded checkpoints, each with its sequence number."""
+
+    def __init__(self, fingerprint: dict[str, Any], stages: dict[str, int] | None = None,
+                 checkpoints: dict[str, tuple[int, str]] | None = None, seq: int = 0) -> None:
+        self.fingerprint = fingerprint
+        self.stages = dict(stages or {})  # name -> seq, in completion order
+        self.checkpoints = dict(checkpoints or {})  # relative path -> (seq, sha256)
+        self.seq = seq
+
+    def to_json(self) -> str:
+        return json.dumps({"version": VERSION, "fingerprint": self.fingerprint, "stages_done": list(self.stages),
+                           "stage_seq": self.stages, "seq": self.seq,
+                           "checkpoints": {k: {"seq": n, "sha256": h} for k, (n, h) in self.checkpoints.items()}},
+                          indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def parse(cls, text: str) -> JobState:
+        """Raises ValueError, naming what is wrong, unless ``text`` is a job state this version wrote."""
+        state = json.loads(text)
+        if not isinstance(state, dict) or state.get("version") != VERSION:
+            raise ValueError(f"not a version {VERSION} job state")
+        fp, names, marks, seq, ckpts = (state.get(k) for k in
+                                        ("fingerprint", "stages_done", "stage_seq", "seq", "checkpoints"))
+        if not isinstance(fp, dict):
+            raise ValueError("fingerprint must be an object")
+        if not _is_seq(seq):
+            raise ValueError("seq must be a non-negative integer")
+        if not (isinstance(names, list) and isinstance(marks, dict) and set(map(str, names)) == set(marks)
+                and len(set(map(str, names))) == len(names)
+                and all(isinstance(n, str) and NAME.fullmatch(n) and _is_seq(marks[n], seq) for n in names)):
+            raise ValueError("stages_done must list distinct stage names, each with its number in stage_seq")
+        if not isinstance(ckpts, dict):
+            raise ValueError("checkpoints must be an object")
+        out: dict[str, tuple[int, str]] = {}
+        for rel, rec in ckpts.items():
+            if not (REL.fullmatch(rel) and isinstance(rec, dict) and _is_seq(rec.get("seq"), seq)
+                    and isinstance(rec.get("sha256"), str) and SHA.fullmatch(rec["sha256"])):
+                raise ValueError(f"bad checkpoint record {rel[:80]!r}")
+            out[rel] = (rec["seq"], rec["sha256"])
+        return cls(fp, {n: marks[n] for n in names}, out, seq)
+
+
+def _is_seq(x: Any, limit: int | None = None) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x and (limit is None or x <= limit)
+
+
+def file_problem(path: Path, sha256: str) -> str | None:
+    """None when ``path`` is a regular file with digest ``sha256``, else what is wrong with it."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "is not a regular file"
+        return None if file_digest(path) == sha256 else "changed since it was written (SHA-256 differs)"
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as exc:
+        return f"is unreadable ({exc.strerror or exc})"
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot remove the discarded checkpoint {path}: {exc.strerror or exc}") from exc
+
+
+__all__ = ["JobState", "NAME", "REL", "VERSION", "file_problem", "remove_path"]
