@@ -16,6 +16,7 @@ checkpoint in that order; the first one missing, unreadable or changed since it 
 a warning, together with everything written after it (it may have been computed from it) and the stages
 completed after it, so the job recomputes them.  A file without a record (a kill came between the write and
 the record) is never read: only recorded checkpoints count as present.
+
 Reopening with a different fingerprint (model, calibration data, options) raises :class:`InputError`
 listing exactly the keys that differ.  Results are deterministic functions of the inputs, so a resumed
 job produces byte-identical outputs.
@@ -149,9 +150,9 @@ class Job:
             if problem is not None:
                 later = sum(m > n for m, _ in self._state.checkpoints.values())
                 stages = [s for s, m in self._state.stages.items() if m > n]
-                log.warning("job %s: checkpoint %s %s; discarding it%s and recomputing", self.dir, rel, problem,
-                            f", {later} later checkpoint(s) and stage(s) {', '.join(stages) or 'none'}"
-                            if later or stages else "")
+                log.warning("job %s: checkpoint %s %s; discarding it%s, to recompute", self.dir, rel, problem,
+                            f" and the {later} checkpoint(s) written after it (stages undone: "
+                            f"{', '.join(stages) or 'none'})" if later or stages else "")
                 self._discard_after(n - 1)
                 return
 
