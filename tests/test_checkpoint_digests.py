@@ -67,6 +67,24 @@ def test_changed_checkpoint_is_discarded_with_everything_written_after_it(tmp_pa
         assert job.items("s") == ["a"]
 
 
+def test_stage_directory_replaced_by_a_link_or_a_file_is_discarded_within_the_job(tmp_path, caplog):
+    _three_items(tmp_path / "job")
+    outside = tmp_path / "outside"
+    shutil.move(tmp_path / "job" / "s", outside)
+    flip(outside / "b.json")
+    (tmp_path / "job" / "s").symlink_to(outside)
+    with Job(tmp_path / "job", FP) as job:
+        assert job.items("s") == [] and job.stages_done == ()
+        job.save_item("s", "a", {"v": 2})  # the stage directory is a real one again
+        assert job.load_item("s", "a") == {"v": 2}
+    assert "s is not a directory" in caplog.text
+    assert sorted(p.name for p in outside.iterdir()) == ["a.safetensors", "b.json", "c.safetensors"]
+    (tmp_path / "job" / "t").write_text("a file where a stage directory belongs")
+    with Job(tmp_path / "job", FP) as job:
+        job.save_item("t", "x", {"v": 3})
+        assert job.items("t") == ["x"]
+
+
 def test_unrecorded_files_are_never_read(tmp_path):
     with Job(tmp_path / "job", FP) as job:
         (job.stage_dir("s") / "planted.json").write_text('{"v": 1}\n')  # as a kill before the record leaves it
@@ -101,6 +119,8 @@ BAD_STATES = {
     "bad digest": lambda d: json.dumps({**d, "checkpoints": {"s/a.json": {"seq": 1, "sha256": "zz"}}}),
     "path escapes": lambda d: json.dumps({**d, "checkpoints": {"../victim": {"seq": 1, "sha256": "0" * 64}}}),
     "absolute path": lambda d: json.dumps({**d, "checkpoints": {"/tmp/victim": {"seq": 1, "sha256": "0" * 64}}}),
+    "the state itself as a checkpoint": lambda d: json.dumps(
+        {**d, "checkpoints": {"job.json": {"seq": 1, "sha256": "0" * 64}}}),
     "deep nesting": lambda d: "[" * 100000 + "]" * 100000,
     "missing keys": lambda d: json.dumps({"version": 2}),
 }

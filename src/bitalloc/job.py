@@ -47,7 +47,7 @@ import torch
 from .errors import BitallocError, InputError
 from .io.atomic import PathLike, atomic_write, file_digest, remove_stale_temps
 from .io.safetensors import SafetensorsFile, write_safetensors_atomic
-from .job_state import NAME, REL, JobState, file_problem, remove_path
+from .job_state import NAME, JobState, checkpoint_name, file_problem, remove_checkpoint, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Job:
     def _verify(self) -> None:
         """Check every recorded checkpoint in write order; discard the first bad one and all that follows."""
         for rel, (n, sha) in sorted(self._state.checkpoints.items(), key=lambda kv: kv[1][0]):
-            problem = file_problem(self.dir / rel, sha)
+            problem = file_problem(self.dir, rel, sha)
             if problem is not None:
                 later = sum(m > n for m, _ in self._state.checkpoints.values())
                 stages = [s for s, m in self._state.stages.items() if m > n]
@@ -163,7 +163,7 @@ class Job:
         st.stages = {s: n for s, n in st.stages.items() if n <= seq}
         self._write_state(st)  # first forget them, then delete: a kill in between leaves unrecorded files
         for rel in gone:
-            remove_path(self.dir / rel)
+            remove_checkpoint(self.dir, rel)
 
     # ---------------------------------------------------------------------------------------- stages
     def stage_done(self, stage: str) -> bool:
@@ -188,7 +188,7 @@ class Job:
             rel = path.relative_to(self.dir).as_posix()
         except ValueError:
             rel = ""
-        if not REL.fullmatch(rel):
+        if not checkpoint_name(rel):
             raise InputError(f"{path} cannot be a checkpoint of job {self.dir}")
         return rel
 
@@ -213,7 +213,7 @@ class Job:
         if any(rel.startswith(prefix) for rel in st.checkpoints):
             st.checkpoints = {rel: rec for rel, rec in st.checkpoints.items() if not rel.startswith(prefix)}
             self._write_state(st)
-        shutil.rmtree(self.dir / stage, ignore_errors=True)
+        remove_path(self.dir / stage)
 
     # ----------------------------------------------------------------------------------------- items
     def stage_dir(self, stage: str) -> Path:

@@ -26,6 +26,12 @@ VERSION = 2
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 REL = re.compile(rf"(?:{NAME.pattern}/)?{NAME.pattern}")  # a checkpoint's path inside the job directory
 SHA = re.compile(r"[0-9a-f]{64}")
+RESERVED = ("job.json", "job.lock")  # never a checkpoint
+
+
+def checkpoint_name(rel: str) -> bool:
+    """True when ``rel`` may name a checkpoint: ``<stage>/<file>`` or ``<file>`` inside the job directory."""
+    return bool(REL.fullmatch(rel)) and rel not in RESERVED
 
 
 class JobState:
@@ -64,7 +70,7 @@ class JobState:
             raise ValueError("checkpoints must be an object")
         out: dict[str, tuple[int, str]] = {}
         for rel, rec in ckpts.items():
-            if not (REL.fullmatch(rel) and isinstance(rec, dict) and _is_seq(rec.get("seq"), seq)
+            if not (checkpoint_name(rel) and isinstance(rec, dict) and _is_seq(rec.get("seq"), seq)
                     and isinstance(rec.get("sha256"), str) and SHA.fullmatch(rec["sha256"])):
                 raise ValueError(f"bad checkpoint record {rel[:80]!r}")
             out[rel] = (rec["seq"], rec["sha256"])
@@ -75,10 +81,23 @@ def _is_seq(x: Any, limit: int | None = None) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x and (limit is None or x <= limit)
 
 
-def file_problem(path: Path, sha256: str) -> str | None:
-    """None when ``path`` is a regular file with digest ``sha256``, else what is wrong with it."""
+def _blocked(root: Path, rel: str) -> Path | None:
+    """The stage directory of ``rel`` when it is not a plain directory (a file, a symbolic link)."""
+    if "/" not in rel:
+        return None
+    d = root / rel.split("/", 1)[0]
+    return d if d.is_symlink() or (d.exists() and not d.is_dir()) else None
+
+
+def file_problem(root: Path, rel: str, sha256: str) -> str | None:
+    """None when ``root/rel`` is a regular file (no symbolic link on the way) with digest ``sha256``, else what
+    is wrong with it."""
+    blocked = _blocked(root, rel)
+    if blocked is not None:
+        return f"is unreachable ({blocked.name} is not a directory)"
+    path = root / rel
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        if not stat.S_ISREG(os.lstat(path).st_mode):
             return "is not a regular file"
         return None if file_digest(path) == sha256 else "changed since it was written (SHA-256 differs)"
     except FileNotFoundError:
@@ -87,7 +106,14 @@ def file_problem(path: Path, sha256: str) -> str | None:
         return f"is unreadable ({exc.strerror or exc})"
 
 
+def remove_checkpoint(root: Path, rel: str) -> None:
+    """Delete the checkpoint ``root/rel`` -- or its stage "directory" when that is a file or a symbolic link:
+    nothing outside ``root`` is ever deleted."""
+    remove_path(_blocked(root, rel) or root / rel)
+
+
 def remove_path(path: Path) -> None:
+    """Delete a file, a symbolic link (not its target) or a directory tree."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -97,4 +123,5 @@ def remove_path(path: Path) -> None:
             raise InputError(f"cannot remove the discarded checkpoint {path}: {exc.strerror or exc}") from exc
 
 
-__all__ = ["JobState", "NAME", "REL", "VERSION", "file_problem", "remove_path"]
+__all__ = ["JobState", "NAME", "REL", "RESERVED", "VERSION", "checkpoint_name", "file_problem",
+           "remove_checkpoint", "remove_path"]
