@@ -14,7 +14,8 @@ kill between the two renames leaves a manifest without a GGUF, which the rerun r
 
 **Job.**  Stages as for ``quantize`` (:mod:`bitalloc.resume`, whose checkpoint code is shared): measure
 (per block) -> plan -> quantize (per block) -> write; the job directory (default ``OUT.gguf.job``) is
-fingerprinted by the input digest, the calibration text digest and every option that changes the file.
+fingerprinted by the input digest, the calibration text digest and every option that changes the file.  Its
+checkpoints are verified against the SHA-256 recorded when each was written (:mod:`bitalloc.job`).
 """
 from __future__ import annotations
 
