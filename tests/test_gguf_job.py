@@ -184,3 +184,18 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, 
     assert proc.returncode == 0, err.decode()
     assert _files(out) == _files(reference)
     assert not job.exists()
+
+
+@pytest.mark.parametrize("name", ["plan/split.json", "quantize/hidden.safetensors"])
+def test_corrupted_checkpoint_is_recomputed_to_identical_files(src, reference, tmp_path, monkeypatch, caplog, name):
+    out = tmp_path / "out.gguf"
+    job = resume.default_job_dir(out)
+    with monkeypatch.context() as m:
+        _crash_at(m, resume.QUANT_STAGE, 1)
+        assert main(gguf_argv(src, out, budget=BUDGET)) == 130
+    data = bytearray((job / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (job / name).write_bytes(bytes(data))
+    assert main(gguf_argv(src, out, budget=BUDGET)) == 0
+    assert f"checkpoint {name} changed since it was written" in caplog.text
+    assert _files(out) == _files(reference) and not job.exists()

@@ -229,3 +229,20 @@ def test_sigkill_during_the_points_then_resume(hf, reference, tmp_path):
     assert [{**p, "seconds": 0.0} for p in doc["points"]] == ref["points"]
     assert (out / "measurement.json").read_bytes() == reference["measurement.json"] and not job.exists()
     assert (out / "sweep.png").read_bytes() == reference["sweep.png"]  # the plot shows no wall times
+
+
+def test_corrupted_point_is_recomputed_to_identical_outputs(hf, reference, tmp_path, monkeypatch, caplog):
+    fixed_clock(monkeypatch)
+    out = tmp_path / "out"
+    job = resume.default_job_dir(out)
+    with monkeypatch.context() as m:
+        interrupt_at_point(m, 2)
+        assert main(sweep_argv(hf, out)) == 130
+    first = sorted((job / sweep_job.POINTS_STAGE).glob("p*.json"))[0]
+    first.write_text(first.read_text().replace("3.5", "9.5"))  # still valid JSON: the silent case
+    with monkeypatch.context() as m:
+        calls = interrupt_at_point(m, 10**6)
+        assert main(sweep_argv(hf, out)) == 0
+    assert f"checkpoint points/{first.name} changed since it was written" in caplog.text
+    assert len(calls) == len(json.loads(reference["sweep.json"])["points"])  # that point and the next again
+    assert outputs(out) == reference

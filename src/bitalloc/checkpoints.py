@@ -9,7 +9,10 @@
 
 Each file is written atomically and in that order, so after ``kill -9`` the hidden-state file names the
 first block whose checkpoint may be missing; the hidden states are saved bit-exactly, so a resumed run
-computes exactly what an uninterrupted one would.
+computes exactly what an uninterrupted one would.  Every file is recorded with its SHA-256 in the job
+(:meth:`bitalloc.job.Job.record`); the job discards a checkpoint that changed, and all written after it, when
+it is opened, so a resumed stage only ever starts from verified files -- or from its first block, with a
+warning, when the files it needs are not all there.
 """
 from __future__ import annotations
 
@@ -39,10 +42,10 @@ def _save_block(job: Job, b: int, qtensors: Mapping[str, QTensor], stage: str = 
         meta[name] = {"format": q.format, "shape": list(q.shape), "dtype": q.dtype, "parts": sorted(q.parts)}
         for part, t in q.parts.items():
             tensors[f"{name}/{part}"] = t.detach().contiguous().cpu()
-    d = job.dir / stage
-    d.mkdir(exist_ok=True)
-    write_safetensors_atomic(d / f"block{b:04d}.safetensors", tensors, {"qtensors": json.dumps(meta, sort_keys=True)},
+    path = job.stage_dir(stage) / f"block{b:04d}.safetensors"
+    write_safetensors_atomic(path, tensors, {"qtensors": json.dumps(meta, sort_keys=True)},
                              overwrite=True, manifest=False)
+    job.record(path)
 
 
 def _load_block(path: Path) -> dict[str, QTensor]:
@@ -60,25 +63,30 @@ def _load_block(path: Path) -> dict[str, QTensor]:
 
 def _save_hidden(job: Job, block: int, hidden: torch.Tensor, stage: str = QUANT_STAGE) -> None:
     """The inputs of ``block`` (saved bit-exactly); written after the checkpoint of the block before it."""
-    (job.dir / stage).mkdir(exist_ok=True)
-    write_safetensors_atomic(job.dir / stage / HIDDEN_FILE, {"hidden": hidden.detach().contiguous()},
+    path = job.stage_dir(stage) / HIDDEN_FILE
+    write_safetensors_atomic(path, {"hidden": hidden.detach().contiguous()},
                              {"block": str(block)}, overwrite=True, manifest=False)
+    job.record(path)
 
 
 def _load_hidden(job: Job, stage: str) -> tuple[int, torch.Tensor] | None:
     path = job.dir / stage / HIDDEN_FILE
-    if not path.exists():
+    if not job.recorded(path):
         return None
     with SafetensorsFile(path) as sf:
         try:
             block = int(sf.metadata()["block"])
+            if block < 1:
+                raise ValueError(f"block {block} is not a resume point")
+            return block, sf.get("hidden").clone()
         except (KeyError, ValueError) as e:
             raise InputError(f"checkpoint {path} is corrupt ({e}); remove the job directory to start over") from e
-        return block, sf.get("hidden").clone()
 
 
-def _missing(job: Job, what: str) -> InputError:
-    return InputError(f"job {job.dir} lacks the checkpoint of {what}; remove the job directory to start over")
+def _restart(job: Job, stage: str, what: str) -> None:
+    """The checkpoint of ``what`` is not recorded although later ones are: start ``stage`` over."""
+    log.warning("job %s lacks the checkpoint of %s; discarding stage %s and recomputing it", job.dir, what, stage)
+    job.discard(stage)
 
 
 def load_state(job: Job, stage: str = QUANT_STAGE) -> Any:
@@ -92,8 +100,9 @@ def load_state(job: Job, stage: str = QUANT_STAGE) -> Any:
     qtensors: dict[str, QTensor] = {}
     for b in range(block):
         p = job.dir / stage / f"block{b:04d}.safetensors"
-        if not p.exists():
-            raise _missing(job, f"block {b}")
+        if not job.recorded(p):
+            _restart(job, stage, f"block {b}")
+            return None
         qtensors.update(_load_block(p))
     log.info("resuming quantization at block %d", block)
     return ResumeState(block, qtensors, hidden)
@@ -147,7 +156,8 @@ class MeasureCheckpoints:
         for b in range(block):
             key = f"rows{b:04d}"
             if not self.job.has_item(MEASURE_STAGE, key):
-                raise _missing(self.job, f"the measurement of block {b}")
+                _restart(self.job, MEASURE_STAGE, f"the measurement of block {b}")
+                return None
             try:
                 rows += [MeasureRow(str(t), str(f), int(n), float(o), None if fi is None else float(fi))
                          for t, f, n, o, fi in self.job.load_item(MEASURE_STAGE, key)]
@@ -166,7 +176,8 @@ class MeasureCheckpoints:
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`bitalloc.pipeline.measure_model` that resume and checkpoint it."""
-        return {"fisher_stats": self.fisher_stats(), "on_fisher": self.save_fisher, "start": self.start(),
+        start = self.start()  # first: it may discard the stage's checkpoints
+        return {"fisher_stats": self.fisher_stats(), "on_fisher": self.save_fisher, "start": start,
                 "on_block": self.on_block}
 
 

@@ -14,7 +14,8 @@ kill between the two renames leaves a manifest without a GGUF, which the rerun r
 
 **Job.**  Stages as for ``quantize`` (:mod:`bitalloc.resume`, whose checkpoint code is shared): measure
 (per block) -> plan -> quantize (per block) -> write; the job directory (default ``OUT.gguf.job``) is
-fingerprinted by the input digest, the calibration text digest and every option that changes the file.
+fingerprinted by the input digest, the calibration text digest and every option that changes the file.  Its
+checkpoints are verified against the SHA-256 recorded when each was written (:mod:`bitalloc.job`).
 """
 from __future__ import annotations
 
@@ -232,7 +233,7 @@ def _run(job: Job, out: Path, steps: GGUFSteps, overwrite: bool,
         plan, split = steps.plan(m, view)
         job.save_item("plan", "split", asdict(split) if is_dataclass(split) else dict(split))
         plan.save(ppath)
-        job.complete_stage("plan")
+        job.complete_stage("plan", ppath)
     plan = Plan.load(ppath, m)  # always the plan read back: a resumed run continues with the same bytes
     tensors = steps.quantize(model, view, plan, windows, on_block=block_hook(job, QUANT_STAGE, after_block),
                              start=load_state(job, QUANT_STAGE))

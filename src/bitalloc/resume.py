@@ -16,7 +16,9 @@ other inputs is refused with a one-line message naming what differs.  Layout::
     quantize/hidden.safetensors             inputs of block k (metadata "block": k), replaced after each block
     export/digests.json                     SHA-256 of every tensor about to be exported
 
-After ``kill -9`` at any moment the same command continues from the last checkpoint.  Every stage's result is
+After ``kill -9`` at any moment the same command continues from the last checkpoint.  Every checkpoint is
+recorded with its SHA-256 when written (:mod:`bitalloc.job`); one that changed is discarded with everything
+computed after it, and recomputed.  Every stage's result is
 reloaded from its file even in an uninterrupted run (the plan is always the one read back), and the hidden
 states are saved bit-exactly, so the output directory is byte-identical whatever the kill points were.
 """
@@ -95,8 +97,8 @@ def measure_stage(job: Job, measure: Callable[[MeasureCheckpoints], Any],
     mpath = job.dir / "measurement.json"
     if not job.stage_done("measure"):
         measure(MeasureCheckpoints(job, after_block)).save(mpath)
-        job.complete_stage("measure")
-        shutil.rmtree(job.dir / MEASURE_STAGE, ignore_errors=True)
+        job.complete_stage("measure", mpath)
+        job.discard(MEASURE_STAGE)
     return Measurement.load(mpath)
 
 
@@ -176,7 +178,7 @@ def _run(
         ppath = job.dir / "plan.json"
         if not job.stage_done("plan"):
             steps.plan(measurement, model, view).save(ppath)
-            job.complete_stage("plan")
+            job.complete_stage("plan", ppath)
         plan = Plan.load(ppath, measurement)
     else:
         plan = steps.plan(None, model, view)  # no measurement: a cheap pure function of the model

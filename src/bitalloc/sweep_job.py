@@ -18,6 +18,8 @@ one *with the same saved timings*.  The only fields that differ between two sepa
 ``measure_seconds`` (the run that finished the measurement; an interrupted measurement counts only its last
 run) and each point's ``seconds`` (the run that computed that point).  An existing output is refused without
 ``overwrite``, except when its files are exactly the ones this job writes (a kill came after the writes).
+Every checkpoint is recorded with its SHA-256 (:mod:`bitalloc.job`): a changed point, measurement or result is
+discarded, with everything saved after it, and recomputed.
 """
 from __future__ import annotations
 
