@@ -192,6 +192,21 @@ def test_existing_directory_is_left_as_it_was(tmp_path):
         assert job.stages_done == ("first", "second")
 
 
+def test_directory_with_other_files_is_never_used_as_a_job(tmp_path):
+    """A finished job's directory is removed, so a --job directory holding a user's files is refused up front
+    (before the lock or job.json is written into it), and the files survive."""
+    pre = tmp_path / "home"
+    pre.mkdir()
+    (pre / "thesis.tex").write_text("years of work")
+    with pytest.raises(InputError, match="not a bitalloc job"):
+        Job(pre, FP)
+    assert os.listdir(pre) == ["thesis.tex"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with Job(empty, FP) as job:  # an empty directory is fine
+        assert job.stages_done == ()
+
+
 # ------------------------------------------------------------------------------------- real commands
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory) -> Path:

@@ -91,12 +91,27 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
+def _refuse_foreign_directory(directory: Path) -> None:
+    """A job directory is new, empty or a bitalloc job: one holding other files is refused before anything is
+    written into it (a finished job's directory is removed, which must never take a user's files with it)."""
+    try:
+        names = set(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        raise InputError(f"cannot use job directory {directory}: {exc.strerror or exc}") from exc
+    if names and JOB_FILE not in names and names - {LOCK_FILE}:
+        raise InputError(f"job directory {directory} already holds files and is not a bitalloc job (no {JOB_FILE}); "
+                         "give a new or empty directory with --job")
+
+
 class Job:
     """A job directory; open it with ``with Job(dir, fingerprint) as job`` (it holds a lock)."""
 
     def __init__(self, directory: PathLike, fingerprint: Mapping[str, Any]) -> None:
         self.dir = Path(directory)
         self.fingerprint = _canonical(fingerprint)
+        _refuse_foreign_directory(self.dir)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._lock_fd: int | None = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
