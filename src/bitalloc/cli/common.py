@@ -106,15 +106,11 @@ def _job_dir(args: argparse.Namespace, out: Path, existing: Sequence[str] | None
 
 
 def _precheck(args: argparse.Namespace) -> None:
-    """Fail on malformed options and missing files before the (slow) model load."""
+    """Fail on malformed options, missing, unreadable or overlapping paths before the (slow) model load."""
     from ..budget import Budget
     from ..data import expand_paths
     from ..formats import get_format
 
-    _check_paths(args)  # first: nothing below may open an input that is a FIFO, or run for an output refused later
-    for attr in ("calib", "eval", "text"):
-        if getattr(args, attr, None):
-            expand_paths(getattr(args, attr))
     if getattr(args, "budget", None):
         Budget.parse(args.budget)
     if getattr(args, "budgets", None):
@@ -129,6 +125,10 @@ def _precheck(args: argparse.Namespace) -> None:
             raise InputError(f"--{attr.replace('_', '-')} must be at least 1, got {v}")
     if getattr(args, "ctx", 512) < 4:
         raise InputError(f"--ctx must be at least 4, got {args.ctx}")
+    _check_paths(args)  # before anything opens an input (a FIFO blocks) or runs for an output refused later
+    for attr in ("calib", "eval", "text"):
+        if getattr(args, attr, None):
+            expand_paths(getattr(args, attr))
     _precheck_budgets(args)
 
 
