@@ -97,17 +97,16 @@ def check_paths(args: argparse.Namespace) -> None:
     """Refuse, before any work, every input/output conflict of the command ``args`` (see the module)."""
     ins, outs, cont = command_paths(args)
     check_overlap(outs, ins, containers=cont)
+    for what, p in cont:  # a sweep's results folder: a folder, apart from its job directory
+        check_output(p, what, "directory")
+        for what2, p2 in outs:
+            if what2 == "job directory" and (rel := relation(p2, p)) is not None:
+                raise InputError(f"{what2} {p2} and {what} {p} overlap ({what2} {rel} {what}); choose separate paths")
     for what, p in outs:
         if what == "job directory":
             _check_job_dir(p)
         else:
             check_output(p, what, "directory" if args.command == "quantize" and what == "output" else "file")
-    for what, p in cont:  # a sweep's results folder, and its job directory
-        check_output(p, what, "directory")
-        for what2, p2 in outs:
-            rel = relation(p2, p) if what2 == "job directory" else None
-            if rel is not None:
-                raise InputError(f"{what2} {p2} and {what} {p} overlap ({what2} {rel} {what}); choose separate paths")
 
 
 __all__ = ["check_paths", "command_paths"]

@@ -133,6 +133,12 @@ def check_overlap(outputs: Sequence[tuple[str, PathLike]], inputs: Sequence[tupl
     """
     srcs = [(what, Path(p), _Where.of(p)) for what, p in inputs]
     outs = [(what, Path(p), _Where.of(p)) for what, p in outputs]
+    for what, p in containers:
+        c = _Where.of(p)
+        for swhat, sp, src in srcs:
+            if (rel := _relation(c, src)) in ("is", "is inside"):
+                raise InputError(f"{what} {p} {_words(rel)} {sp} ({swhat}); results may not be written into an "
+                                 "input: choose another path")
     for what, p, out in outs:
         rels = [(rel, swhat, sp) for swhat, sp, src in srcs if (rel := _relation(out, src)) is not None]
         if rels:
@@ -143,13 +149,6 @@ def check_overlap(outputs: Sequence[tuple[str, PathLike]], inputs: Sequence[tupl
             if _is_temp_of(src, out):
                 raise InputError(f"{swhat} {sp} is named like a temporary of {what} {p} and would be removed; "
                                  "rename it")
-    for what, p in containers:
-        c = _Where.of(p)
-        for swhat, sp, src in srcs:
-            if c.within(src):
-                rel = "is" if c.own is not None and c.own == src.own or c.resolved == src.resolved else "is inside"
-                raise InputError(f"{what} {p} {_words(rel)} {sp} ({swhat}); results may not be written into an "
-                                 "input: choose another path")
     for i, (what, p, out) in enumerate(outs):
         for what2, p2, out2 in outs[i + 1:]:
             rel = _relation(out, out2)
