@@ -212,6 +212,15 @@ def test_an_output_of_the_wrong_kind_is_refused_before_the_job(w, capsys, comman
     refused(capsys, w, COMMANDS[command](w, w / out), kind)
 
 
+def test_outputs_the_writer_would_refuse_after_the_job_are_refused_before_it(w, capsys):
+    (w / "elsewhere").mkdir()
+    (w / "dirlink").symlink_to("elsewhere")  # the packed folder is renamed into place: not through a link
+    refused(capsys, w, quantize(w, w / "dirlink"), "symbolic link")
+    refused(capsys, w, measure(w, w / "nodir" / "t.json", "--job", w / "j"), "does not exist")
+    refused(capsys, w, gguf(w, w / "nodir" / "o.gguf", "--job", w / "j"), "does not exist")
+    refused(capsys, w, plan(w, w / "nodir" / "p.json"), "does not exist")
+
+
 def test_a_job_directory_that_is_not_one_is_refused(w, capsys):
     """A job directory is deleted when the job ends: an existing folder of other files may not be one."""
     (w / "mine").mkdir()

@@ -16,6 +16,7 @@ line, before any model or text is opened:
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -40,7 +41,7 @@ def _texts(arg: Sequence[str] | None, option: str, default: str) -> Pairs:
 def _job(args: argparse.Namespace, out: Path) -> Path:
     from ..resume import default_job_dir
 
-    return Path(args.job).expanduser() if args.job else default_job_dir(out)
+    return Path(args.job) if args.job else default_job_dir(out)
 
 
 def _check_job_dir(job: Path) -> None:
@@ -76,7 +77,7 @@ def command_paths(args: argparse.Namespace) -> tuple[Pairs, Pairs, Pairs]:
         from ..sweep_job import OUTPUTS
 
         ins += _texts(args.eval, "--eval", "default_eval_files")
-        out = Path(args.out).expanduser()
+        out = Path(args.out)
         cont.append(("output directory", out))
         outs += [("output", out / name) for name in OUTPUTS]
     if cmd == "gguf":
@@ -84,12 +85,12 @@ def command_paths(args: argparse.Namespace) -> tuple[Pairs, Pairs, Pairs]:
 
         ins.append(("input GGUF", check_input(args.input, "input GGUF", "file")))
         ins += _texts(args.calib, "--calib", "default_calibration_files")
-        out = Path(args.out).expanduser()
+        out = Path(args.out)
         outs += [("output", out), ("manifest", manifest_path(out))]
     if cmd in ("measure", "plan", "quantize"):
-        outs.append(("output", Path(args.out).expanduser()))
+        outs.append(("output", Path(args.out)))
     if hasattr(args, "job") and outs:
-        outs.append(("job directory", _job(args, Path(args.out).expanduser())))
+        outs.append(("job directory", _job(args, Path(args.out))))
     return ins, outs, cont
 
 
@@ -102,11 +103,17 @@ def check_paths(args: argparse.Namespace) -> None:
         for what2, p2 in outs:
             if what2 == "job directory" and (rel := relation(p2, p)) is not None:
                 raise InputError(f"{what2} {p2} and {what} {p} overlap ({what2} {rel} {what}); choose separate paths")
+    made = {Path(os.path.abspath(p)).parent for what, p in outs if what == "job directory"}  # mkdir -p by the job
     for what, p in outs:
         if what == "job directory":
             _check_job_dir(p)
+        elif args.command == "quantize":
+            check_output(p, what, "directory", replaced=True)
         else:
-            check_output(p, what, "directory" if args.command == "quantize" and what == "output" else "file")
+            check_output(p, what, "file")
+            parent = Path(os.path.abspath(p)).parent
+            if not parent.exists() and parent not in made:  # the writer would refuse it after the job
+                raise InputError(f"cannot write {what} {p}: directory {parent} does not exist")
 
 
 __all__ = ["check_paths", "command_paths"]

@@ -77,7 +77,7 @@ class _Where:
 
     @classmethod
     def of(cls, path: PathLike) -> _Where:
-        p = Path(path).expanduser()
+        p = Path(path)
         resolved = Path(os.path.realpath(p))
         ids = []
         for q in (resolved, *resolved.parents):
@@ -157,10 +157,11 @@ def check_overlap(outputs: Sequence[tuple[str, PathLike]], inputs: Sequence[tupl
                                  "choose separate paths")
 
 
-def check_output(path: PathLike, what: str, expect: str) -> None:
-    """Refuse an output that exists as something other than ``expect`` (``file`` or ``directory``), or whose
-    nearest existing ancestor is not a directory -- refusals the writer would otherwise make after the job."""
-    p = Path(path).expanduser()
+def check_output(path: PathLike, what: str, expect: str, *, replaced: bool = False) -> None:
+    """Refuse an output that exists as something other than ``expect`` (``file`` or ``directory``), whose nearest
+    existing ancestor is not a directory, or (``replaced``: a directory renamed into place as a whole) that is a
+    symbolic link -- refusals the writers would otherwise make only after the job."""
+    p = Path(path)
     try:
         st = os.stat(p)
     except OSError:
@@ -168,8 +169,8 @@ def check_output(path: PathLike, what: str, expect: str) -> None:
     if st is not None and kind_of(st.st_mode) != expect:
         raise InputError(f"{what} {p} exists and is {'a ' if kind_of(st.st_mode) in ('file', 'directory') else ''}"
                          f"{kind_of(st.st_mode)}, expected a {expect}")
-    if st is None and p.is_symlink():
-        raise InputError(f"{what} {p} is a broken symbolic link; remove it or choose another path")
+    if st is not None and replaced and p.is_symlink():
+        raise InputError(f"{what} {p} is a symbolic link to a directory; give the directory itself")
     for parent in Path(os.path.abspath(p)).parents:
         if parent.exists():
             if not parent.is_dir():
