@@ -219,6 +219,9 @@ def test_outputs_the_writer_would_refuse_after_the_job_are_refused_before_it(w, 
     refused(capsys, w, measure(w, w / "nodir" / "t.json", "--job", w / "j"), "does not exist")
     refused(capsys, w, gguf(w, w / "nodir" / "o.gguf", "--job", w / "j"), "does not exist")
     refused(capsys, w, plan(w, w / "nodir" / "p.json"), "does not exist")
+    for out in (".", "/", "", "x/.."):  # no name: was a ValueError traceback from the job directory's name
+        refused(capsys, w, quantize(w, out), "names no file or folder")
+        refused(capsys, w, gguf(w, out), "names no file or folder")
 
 
 def test_a_job_directory_that_is_not_one_is_refused(w, capsys):

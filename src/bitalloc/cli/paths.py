@@ -59,6 +59,9 @@ def _check_job_dir(job: Path) -> None:
 def command_paths(args: argparse.Namespace) -> tuple[Pairs, Pairs, Pairs]:
     """``(inputs, outputs, containers)`` of the parsed command ``args`` (containers: folders written into)."""
     cmd = args.command
+    if getattr(args, "out", None) is not None and Path(args.out).name in ("", ".", ".."):
+        raise InputError(f"output {args.out!r} names no file or folder (its job directory would be OUT.job); give "
+                         "a path such as ./results")
     ins: Pairs = []
     outs: Pairs = []
     cont: Pairs = []
