@@ -224,6 +224,20 @@ def test_outputs_the_writer_would_refuse_after_the_job_are_refused_before_it(w, 
         refused(capsys, w, gguf(w, out), "names no file or folder")
 
 
+def test_new_output_folders_and_resumable_jobs_are_accepted(w):
+    """The check refuses only conflicts: outputs in folders the job or the sweep creates pass, as does a rerun."""
+    from bitalloc.cli.paths import check_paths
+
+    parse = build_parser().parse_args
+    for argv in (sweep(w, w / "new" / "r"), measure(w, w / "new" / "t.json"), gguf(w, w / "new" / "o.gguf"),
+                 quantize(w, w / "new" / "q"), sweep(w, w), measure(w, w / "t.json", "--job", w / "new" / "j")):
+        check_paths(parse([str(a) for a in argv]))
+    (w / "q.job").mkdir()
+    (w / "q.job" / "job.json").write_text("{}")  # a job to resume
+    (w / "q").mkdir()
+    check_paths(parse([str(a) for a in quantize(w, w / "q")]))
+
+
 def test_a_job_directory_that_is_not_one_is_refused(w, capsys):
     """A job directory is deleted when the job ends: an existing folder of other files may not be one."""
     (w / "mine").mkdir()

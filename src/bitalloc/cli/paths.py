@@ -1,6 +1,6 @@
 """Every command's input and output paths, checked against each other before anything is read or computed.
 
-:func:`check_paths` is the first step of the CLI's precheck.  It lists, per command, every path read (the model
+:func:`check_paths` runs in the CLI's precheck, after the options are parsed and checked.  It lists, per command, every path read (the model
 file or folder -- the packaged model when MODEL is omitted -- and the folder's files, calibration and evaluation
 texts and the files inside text folders, tables, plans, the packed folder and reference of ``eval``) and every
 path written (the output, a GGUF's manifest, the job directory, a sweep's result files), then refuses with one
@@ -107,6 +107,7 @@ def check_paths(args: argparse.Namespace) -> None:
             if what2 == "job directory" and (rel := relation(p2, p)) is not None:
                 raise InputError(f"{what2} {p2} and {what} {p} overlap ({what2} {rel} {what}); choose separate paths")
     made = {Path(os.path.abspath(p)).parent for what, p in outs if what == "job directory"}  # mkdir -p by the job
+    made |= {Path(os.path.abspath(p)) for _, p in cont}  # and by the sweep
     for what, p in outs:
         if what == "job directory":
             _check_job_dir(p)
