@@ -58,7 +58,11 @@ def check_input(path: PathLike, what: str, expect: str = "any") -> Path:
 def check_entries(directory: PathLike, what: str) -> None:
     """Refuse a directory holding, at its top level, something a reader could block on (a FIFO, socket, device)."""
     d = Path(directory)
-    for entry in sorted(d.iterdir()):
+    try:
+        entries = sorted(d.iterdir())
+    except OSError as exc:
+        raise InputError(f"{what} {d} cannot be listed: {exc.strerror or exc}") from None
+    for entry in entries:
         try:
             mode = os.stat(entry).st_mode
         except OSError:
