@@ -36,6 +36,7 @@ from .export.gguf import (
     GGUFTemplate, GGUFTensor, WrittenGGUF, choose_file_type, gguf_layout, to_gguf_tensor, write_gguf,
 )
 from .io.atomic import atomic_write, compare_digests, file_digest
+from .io.paths import check_overlap
 from .io.gguf import GGUFFile
 from .job import Job, run_job
 from .resume import (
@@ -129,6 +130,7 @@ def write_prepared(out: str | os.PathLike[str], template: GGUFTemplate, prep: Pr
     mpath = manifest_path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise output_exists(out)
+    check_overlap([("output", out), ("manifest", mpath)], [("input", template.path)])  # before the manifest
     if mpath.is_dir():
         raise InputError(f"{mpath} is a directory; the manifest cannot be written")
     with atomic_write(mpath, overwrite=True, inputs=[template.path]) as f:  # describes the file written next

@@ -251,6 +251,7 @@ def test_gguf_command_rejects_bad_input(tmp_path: Path, capsys) -> None:
 
     (tmp_path / "x.txt").write_text("not a model")
     (tmp_path / "exists.gguf").write_bytes(b"")
+    (tmp_path / "a.gguf").write_bytes(b"")  # an input that exists: the refusals below are of the options
     assert main(["gguf", str(tmp_path / "x.txt"), "--budget", "90MB", "-o", str(tmp_path / "o.gguf")]) == 2
     assert "must be a .gguf" in capsys.readouterr().err
     assert main(["gguf", str(tmp_path / "a.gguf"), "--budget", "90MB", "-o", str(tmp_path / "exists.gguf")]) == 2

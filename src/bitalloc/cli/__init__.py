@@ -3,7 +3,8 @@
 Thin: parses options, calls the library, prints.  Every user mistake (a :class:`BitallocError`) is one line
 ``error: <message>`` on stderr and exit status 2; Ctrl-C exits with 130.
 
-Layout: :mod:`.common` (loading, validation, fingerprints), :mod:`.options` (the shared option blocks),
+Layout: :mod:`.common` (loading, validation, fingerprints), :mod:`.paths` (every input against every output,
+before any work), :mod:`.options` (the shared option blocks),
 one module per command group (:mod:`.measure_plan`, :mod:`.quantize_eval`, :mod:`.sweep_demo`; ``gguf`` lives
 in :mod:`bitalloc.gguf_cmd`), and here the parser, the error-to-exit-status handling and ``main``.
 """

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import InputError, output_exists
+from .paths import check_paths as _check_paths
 
 # one scale per row at 2 and 3 bits: the cheapest stores, what lets a tight budget protect sensitive tensors
 # (bench/pareto.py: GPTQ at 2.5 bpw, allocated/uniform KLD 0.77 without them, 0.59 with them)
@@ -105,14 +106,11 @@ def _job_dir(args: argparse.Namespace, out: Path, existing: Sequence[str] | None
 
 
 def _precheck(args: argparse.Namespace) -> None:
-    """Fail on malformed options and missing files before the (slow) model load."""
+    """Fail on malformed options, missing, unreadable or overlapping paths before the (slow) model load."""
     from ..budget import Budget
     from ..data import expand_paths
     from ..formats import get_format
 
-    for attr in ("calib", "eval", "text"):
-        if getattr(args, attr, None):
-            expand_paths(getattr(args, attr))
     if getattr(args, "budget", None):
         Budget.parse(args.budget)
     if getattr(args, "budgets", None):
@@ -127,10 +125,10 @@ def _precheck(args: argparse.Namespace) -> None:
             raise InputError(f"--{attr.replace('_', '-')} must be at least 1, got {v}")
     if getattr(args, "ctx", 512) < 4:
         raise InputError(f"--ctx must be at least 4, got {args.ctx}")
-    for attr in ("measurement", "plan", "table"):
-        v = getattr(args, attr, None)
-        if v and not Path(v).is_file():
-            raise InputError(f"file not found: {v}")
+    _check_paths(args)  # before anything opens an input (a FIFO blocks) or runs for an output refused later
+    for attr in ("calib", "eval", "text"):
+        if getattr(args, attr, None):
+            expand_paths(getattr(args, attr))
     _precheck_budgets(args)
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors.torch import load_file
@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import InputError
 from ..formats import QTensor, get_format
 from ..io.atomic import atomic_write_dir, compare_digests, manifest, tensor_digest
+from ..io.paths import check_overlap
 from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,16 @@ def save_packed(
     tokenizer: Any = None,
     *,
     overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> dict[str, Any]:
-    """Write the packed directory and return its ``bitalloc.json`` content (after re-reading and checking it)."""
+    """Write the packed directory and return its ``bitalloc.json`` content (after re-reading and checking it).
+
+    ``inputs`` (and the folder the model was loaded from, ``model.config._name_or_path``): refused as ``out_dir``,
+    as its parent or inside it (:func:`bitalloc.io.paths.check_overlap`), so no input is ever replaced."""
     out = Path(out_dir)
+    source = getattr(getattr(model, "config", None), "_name_or_path", "")
+    inputs = [*inputs, *([source] if source and Path(source).exists() else [])]
+    check_overlap([("output directory", out)], [("input", p) for p in inputs])  # before any work
     if out.exists() and not overwrite:
         raise InputError(f"output directory {out} already exists (choose another path or allow overwriting)")
     expected = {n for n, _ in model.named_parameters()}
@@ -131,7 +139,7 @@ def save_packed(
             raise InputError(f"verification of {META_FILE} failed")
         verify_packed(tmp, digests)
 
-    with atomic_write_dir(out, overwrite=overwrite, verify=verify) as tmp:
+    with atomic_write_dir(out, overwrite=overwrite, inputs=inputs, verify=verify) as tmp:
         # re-read and compared tensor by tensor before its own rename
         digests = write_safetensors_atomic(tmp / WEIGHTS_FILE, tensors, {"format": "bitalloc-packed"}, manifest=False)
         (tmp / META_FILE).write_text(meta_text)

@@ -4,6 +4,7 @@
   raises :class:`bitalloc.errors.InputError` before a large allocation.
 * :func:`atomic_write`, :func:`atomic_write_dir`: outputs that are either absent or complete.
 * :func:`write_safetensors_atomic`: write, re-read, verify, rename, plus a per-tensor SHA-256 manifest.
+* :mod:`.paths`: inputs checked without opening them, and outputs that are, lie inside or contain an input refused.
 """
 from __future__ import annotations
 

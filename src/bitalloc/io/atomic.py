@@ -25,11 +25,11 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Union
 import torch
 
 from ..errors import InputError
+from .paths import TEMP_SUFFIX, check_overlap
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-TEMP_SUFFIX = ".bitalloc-tmp"
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _CHUNK = 1 << 20
 
@@ -37,13 +37,7 @@ _CHUNK = 1 << 20
 def _check_destination(dest: Path, overwrite: bool, inputs: Iterable[PathLike]) -> None:
     if not dest.parent.is_dir():
         raise InputError(f"cannot write {dest}: directory {dest.parent} does not exist")
-    for src in inputs:
-        try:
-            same = os.path.samefile(src, dest)
-        except OSError:  # one of the two does not exist: cannot be the same file
-            same = False
-        if same:
-            raise InputError(f"output {dest} is the input {src}; choose another output path")
+    check_overlap([("output", dest)], [("input", src) for src in inputs])
     if dest.exists() or dest.is_symlink():
         if not overwrite:
             raise InputError(f"output {dest} already exists (remove it or choose another path)")
@@ -85,8 +79,9 @@ def atomic_write(
 ) -> Iterator[BinaryIO]:
     """Open a binary file that appears at ``path`` only if the ``with`` block (and ``verify``) succeeds.
 
-    ``inputs``: paths being read to produce this output; a destination that is one of them (same inode) is
-    refused so an input is never replaced.  ``verify(temp_path)`` runs after the data is on disk and before
+    ``inputs``: paths being read to produce this output; a destination that is one of them, lies inside one or
+    contains one (symbolic links followed, :func:`bitalloc.io.paths.check_overlap`) is refused so an input is
+    never replaced.  ``verify(temp_path)`` runs after the data is on disk and before
     the rename; raise from it to abandon the write.
     """
     dest = Path(path)
@@ -140,14 +135,12 @@ def atomic_write_dir(
 
     With ``overwrite`` an existing directory is moved aside, replaced, then deleted (the only moment the
     destination is absent is between two renames).  On error the temporary directory is removed.
+    ``inputs``: as for :func:`atomic_write` (a directory that is, lies inside or contains an input is refused).
     """
     dest = Path(path)
     if not dest.parent.is_dir():
         raise InputError(f"cannot write {dest}: directory {dest.parent} does not exist")
-    for src in inputs:
-        src_p = Path(src).resolve()
-        if src_p == dest.resolve() or dest.resolve() in src_p.parents:
-            raise InputError(f"output directory {dest} contains the input {src}; choose another output path")
+    check_overlap([("output directory", dest)], [("input", src) for src in inputs])
     if dest.exists() or dest.is_symlink():
         if not overwrite:
             raise InputError(f"output {dest} already exists (remove it or choose another path)")
