@@ -340,3 +340,32 @@ def test_every_command_with_overwrite_is_covered():
     for command, build in COMMANDS.items():
         args = parser.parse_args([str(a) for a in build(Path("w"), Path("o"))])
         assert args.command == command and args.overwrite
+
+
+def test_overwrite_replaces_only_a_directory_bitalloc_wrote(tmp_path, capsys):
+    """``--overwrite`` of a folder of other files (a home directory, a project) is refused before any work, and
+    by the library writer; an empty folder or a previous packed output (it holds manifest.json) is replaced."""
+    from bitalloc.cli import main
+    from bitalloc.errors import InputError
+    from bitalloc.io.paths import check_replaceable
+
+    victim = tmp_path / "docs"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    calib = tmp_path / "c.txt"
+    calib.write_text("some text " * 50)
+    argv = ["quantize", str(model), "--format", "int4-g32", "--calib", str(calib), "-q", "--out", str(victim),
+            "--overwrite"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did not write" in err[0], err
+    assert os.listdir(victim) == ["thesis.tex"]
+    with pytest.raises(InputError, match="did not write"):
+        check_replaceable(victim, "output")
+    (victim / "manifest.json").write_text("{}")
+    check_replaceable(victim, "output")
+    check_replaceable(tmp_path / "model" / ".." / "model" / ".." / "docs", "output")

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import InputError
 from ..formats import QTensor, get_format
 from ..io.atomic import atomic_write_dir, compare_digests, manifest, tensor_digest
-from ..io.paths import check_overlap
+from ..io.paths import check_overlap, check_replaceable
 from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ def save_packed(
     check_overlap([("output directory", out)], [("input", p) for p in inputs])  # before any work
     if out.exists() and not overwrite:
         raise InputError(f"output directory {out} already exists (choose another path or allow overwriting)")
+    if out.is_dir() and not out.is_symlink():
+        check_replaceable(out, "output directory")  # never a folder of other files
     expected = {n for n, _ in model.named_parameters()}
     if set(qtensors) != expected:
         missing = sorted(expected - set(qtensors))[:3]

@@ -175,11 +175,25 @@ def check_output(path: PathLike, what: str, expect: str, *, replaced: bool = Fal
                          f"{kind_of(st.st_mode)}, expected a {expect}")
     if st is not None and replaced and p.is_symlink():
         raise InputError(f"{what} {p} is a symbolic link to a directory; give the directory itself")
+    if st is not None and replaced:
+        check_replaceable(p, what)
     for parent in Path(os.path.abspath(p)).parents:
         if parent.exists():
             if not parent.is_dir():
                 raise InputError(f"cannot write {what} {p}: {parent} is not a directory")
             break
+
+
+def check_replaceable(path: Path, what: str) -> None:
+    """``--overwrite`` replaces a directory as a whole: only an empty one or one bitalloc wrote (it holds the
+    ``manifest.json`` every packed output carries), never a directory of someone's other files."""
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if names and "manifest.json" not in names:
+        raise InputError(f"{what} {path} is a directory bitalloc did not write (no manifest.json); --overwrite "
+                         "replaces only a previous bitalloc output: choose another path")
 
 
 def text_inputs(paths: Iterable[PathLike], what: str) -> list[tuple[str, Path]]:
@@ -204,5 +218,5 @@ def model_inputs(path: PathLike, what: str) -> list[tuple[str, Path]]:
     return [(what, p), *((what, f) for f in sorted(p.iterdir()) if f.is_file())]
 
 
-__all__ = ["check_entries", "check_input", "check_output", "check_overlap", "kind_of", "model_inputs", "relation",
+__all__ = ["check_entries", "check_input", "check_output", "check_overlap", "check_replaceable", "kind_of", "model_inputs", "relation",
            "text_inputs"]
