@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .memory import release_free_memory
+from .checked import Checker, parse_json, read_text, short, versioned
 from .errors import InputError, NumericsError
 from .formats import Format, get_format
 from .rounding import ROW_CHUNK_ELEMS, dequantize, quantize_chunks, row_chunks
@@ -32,6 +33,7 @@ from .stats import LinearStats, LookupStats, TensorStats
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+ROLES = ("linear", "lookup")
 _CHUNK_ELEMS = 1 << 20  # rows of ΔW·H computed at once: ~8 MiB of float64
 
 
@@ -203,46 +205,74 @@ class Measurement:
         return json_with_lines(head, {"tensors": tensors, "rows": rows})
 
     @classmethod
-    def from_json(cls, text: str) -> "Measurement":
-        d = parse_versioned_json(text, "measurement", FORMAT_VERSION)
+    def from_json(cls, text: str, source: str = "measurement table") -> "Measurement":
+        """Parse and validate fully (:mod:`bitalloc.checked`): every key present and of its type, tensor
+        shapes and numels consistent, every format id known and able to store its tensor, every row's bytes
+        the format's exact byte count, errors finite and non-negative, no duplicates.  InputError names
+        ``source`` and the offending entry."""
+        c = Checker(source)
+        d = versioned(parse_json(text, source), "bitalloc.measurement", FORMAT_VERSION, source)
+        tensors = [_tensor_from_json(c, t, f"tensors[{i}]")
+                   for i, t in enumerate(c.array(c.key(d, "tensors"), "tensors"))]
+        shapes = {t.name: t.shape for t in tensors}
+        rows = [_row_from_json(c, r, f"rows[{i}]", shapes) for i, r in enumerate(c.array(c.key(d, "rows"), "rows"))]
+        fixed = c.count(c.key(d, "fixed_bytes"), "fixed_bytes")
+        total = c.count(c.key(d, "total_params"), "total_params", 1)
+        fp = c.str_map(d.get("fingerprint", {}), "fingerprint")
+        if total < sum(t.numel for t in tensors):
+            raise c.fail("total_params", f"{total} is less than the {sum(t.numel for t in tensors)} allocated parameters")
         try:
-            tensors = tuple(
-                TensorInfo(t["name"], tuple(t["shape"]), int(t["numel"]), tuple(t["roles"]), t.get("group"))
-                for t in d["tensors"]
-            )
-            rows = tuple(
-                MeasureRow(str(t), str(f), b, float(o), None if fi is None else float(fi))
-                for t, f, b, o, fi in d["rows"]
-            )
-            return cls(tensors, rows, d["fixed_bytes"], d["total_params"], d.get("fingerprint", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, InputError):
-                raise
-            raise InputError(f"malformed measurement: {type(e).__name__}: {e}") from e
+            m = cls(tuple(tensors), tuple(rows), fixed, total, fp)
+        except InputError as e:
+            raise c.fail("", str(e).removeprefix("measurement: ")) from None
+        bare = [t.name for t in m.tensors if not m.rows_for(t.name)]
+        if bare:
+            raise c.fail("rows", f"no row for tensor {short(bare[0])} ({len(bare)} tensors have none)")
+        if "objectives" in d and d["objectives"] != list(m.objectives):
+            raise c.fail("objectives", f"{short(d['objectives'])} disagrees with the rows ({list(m.objectives)})")
+        return m
 
     def save(self, path: str | os.PathLike) -> None:
         write_text_atomic(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Measurement":
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise InputError(f"cannot read measurement {path}: {e}") from e
-        return cls.from_json(text)
+        source = f"measurement table {path}"
+        return cls.from_json(read_text(path, source), source)
 
 
-def parse_versioned_json(text: str, what: str, version: int) -> dict[str, Any]:
+def _tensor_from_json(c: Checker, v: Any, where: str) -> TensorInfo:
+    t = c.obj(v, where)
+    name = c.string(c.key(t, "name", where), f"{where}.name")
+    shape = c.shape(c.key(t, "shape", where), f"{where}.shape")
+    numel = c.count(c.key(t, "numel", where), f"{where}.numel", 1)
+    if numel != math.prod(shape):
+        raise c.fail(f"{where}.numel", f"{numel} does not match shape {list(shape)} of {short(name)}")
+    roles = tuple(c.choice(r, f"{where}.roles[{i}]", ROLES) for i, r in enumerate(c.array(c.key(t, "roles", where),
+                                                                                          f"{where}.roles")))
+    if not roles or len(set(roles)) != len(roles):
+        raise c.fail(f"{where}.roles", f"expected distinct roles from {', '.join(ROLES)}, got {short(list(roles))}")
+    return TensorInfo(name, shape, numel, roles, c.opt_string(t.get("group"), f"{where}.group"))
+
+
+def _row_from_json(c: Checker, v: Any, where: str, shapes: dict[str, tuple[int, ...]]) -> MeasureRow:
+    name, fid, nbytes, out, fisher = c.array(v, where, 5)
+    name = c.string(name, f"{where}[0]")
+    if name not in shapes:
+        raise c.fail(f"{where}[0]", f"tensor {short(name)} is not listed under 'tensors'")
+    fmt = c.format_for(fid, f"{where}[1]", shapes[name])
+    nbytes = c.count(nbytes, f"{where}[2]")
+    exact = fmt.nbytes(shapes[name])
+    if nbytes != exact:
+        raise c.fail(f"{where}[2]", f"{name} {list(shapes[name])} takes exactly {exact} B in {fmt.id}, "
+                                    f"the row says {nbytes}")
+    return MeasureRow(name, fmt.id, nbytes, c.real(out, f"{where}[3]"), c.opt_real(fisher, f"{where}[4]"))
+
+
+def parse_versioned_json(text: str, what: str, version: int, source: str | None = None) -> dict[str, Any]:
     """The object of a bitalloc JSON file of kind ``bitalloc.<what>`` at ``format_version`` (else InputError)."""
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{what} is not valid JSON: {e}") from e
-    if not isinstance(d, dict) or d.get("kind") != f"bitalloc.{what}":
-        raise InputError(f"not a bitalloc {what} file")
-    if d.get("format_version") != version:
-        raise InputError(f"{what} format_version {d.get('format_version')!r} is not {version}")
-    return d
+    src = source or what
+    return versioned(parse_json(text, src), f"bitalloc.{what}", version, src)
 
 
 def json_with_lines(head: dict[str, Any], lists: dict[str, list[Any] | dict[str, Any]]) -> str:
