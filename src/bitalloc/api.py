@@ -17,9 +17,18 @@ from .rounding import dequantize
 
 log = logging.getLogger(__name__)
 
-#: What transformers raises for a config.json whose values cannot build a model (zero heads, wrong types).
-_CONFIG_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError,
-                  IndexError, RuntimeError)
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a config.json whose values cannot build a model (zero heads, wrong types;
+    huggingface_hub's strict dataclasses raise their own, non-ValueError type)."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, TypeError, AttributeError,
+                                               ZeroDivisionError, OverflowError, IndexError, RuntimeError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: no strict dataclasses
+        return errors
+    return errors + (StrictDataclassError,)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, verify: bool = True) -> Any:
@@ -40,16 +49,17 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
 
     p = Path(path)
     info, qtensors = read_packed(p, verify=verify)
+    config_errors = _config_errors()
     try:
         config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
-    except _CONFIG_ERRORS as e:
-        raise InputError(f"cannot read the model config in {p}: {one_line(e)}") from None
+    except config_errors as e:
+        raise InputError(f"cannot read {p / 'config.json'}: {one_line(e)}") from None
     arch_for(config)
     try:  # names and shapes first, on the meta device: a crafted config allocates nothing
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         unfuse_experts(meta)  # MoE: the packed directory stores one tensor per expert projection
-    except _CONFIG_ERRORS as e:
+    except config_errors as e:
         raise InputError(f"{p / 'config.json'} does not describe a model transformers can build: {one_line(e)}") \
             from None
     _check_shapes(p, {n: tuple(t.shape) for n, t in meta.named_parameters()}, qtensors)

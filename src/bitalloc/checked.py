@@ -187,5 +187,6 @@ class Checker:
             if shape is not None:
                 fmt.check_shape(shape)
         except FormatError as e:
-            raise self.fail(where, one_line(e)) from None
+            msg = one_line(e)
+            raise self.fail(where, msg if fid in msg else f"{short(fid)}: {msg}") from None
         return fmt

@@ -148,6 +148,20 @@ class Measurement:
     def allocated_params(self) -> int:
         return sum(t.numel for t in self.tensors)
 
+    def check_tensors(self, model: Sequence[TensorInfo], what: str = "the model") -> None:
+        """InputError unless this table describes exactly ``model``'s allocated tensors, with their shapes."""
+        have = {t.name: t.shape for t in model}
+        mine = {t.name: t.shape for t in self.tensors}
+        unknown = [n for n in mine if n not in have]
+        missing = [n for n in have if n not in mine]
+        wrong = [n for n in mine if n in have and have[n] != mine[n]]
+        if unknown or missing:
+            raise InputError(f"the measurement does not describe {what}: tensors not in it {short(unknown[:3], 200)}, "
+                             f"tensors it lacks {short(missing[:3], 200)}")
+        if wrong:
+            raise InputError(f"the measurement gives {wrong[0]!r} shape {list(mine[wrong[0]])}, {what} has "
+                             f"{list(have[wrong[0]])}")
+
     # --- combining tables -------------------------------------------------------------------------
     def subset(self, formats: Sequence[str]) -> "Measurement":
         """The table restricted to ``formats`` (ids as given or normalised); every one must be measured."""

@@ -36,6 +36,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.plan and not args.measurement:
         raise InputError("--plan needs --measurement (the plan is re-validated against its table)")
     given = Measurement.load(args.measurement) if args.measurement else None
+    if args.plan:  # a bad plan is refused before the model is loaded (re-read against it in the job)
+        Plan.load(args.plan, given)
     job_dir = _job_dir(args, out)
 
     def plan_of(measurement: Any, model: Any, view: Any) -> Any:
