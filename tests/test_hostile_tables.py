@@ -250,3 +250,22 @@ def test_constraints_from_dict_is_type_checked():
                 {"allowed": [["a", "int4-g32"]]}, {"max_bpw": float("inf")}, []):
         with pytest.raises(InputError):
             Constraints.from_dict(bad)  # type: ignore[arg-type]
+
+
+def test_table_naming_tensors_the_model_lacks_is_refused_before_quantizing(made, tmp_path, capsys):
+    d = json.loads(made["table"].read_text())
+    del d["fingerprint"]["model"]  # no weight fingerprint to catch it: the names and shapes must
+    old = d["tensors"][1]["name"]
+    d["tensors"][1]["name"] = old + ".renamed"
+    for r in d["rows"]:
+        r[0] = old + ".renamed" if r[0] == old else r[0]
+    t = tmp_path / "t.json"
+    t.write_text(_dump(d))
+    out = tmp_path / "q"
+    argv = ["quantize", str(made["model"]), "--calib", str(made["calib"]), "--windows", "2", "--ctx", "16",
+            "--method", "rtn", "--budget", "6bpw", "-q", "--measurement", str(t), "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not describe the model" in err[0] and ".renamed" in err[0], err
+    assert not out.exists()
