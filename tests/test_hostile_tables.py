@@ -113,7 +113,6 @@ def test_random_edits_of_tables_and_plans_through_the_library(made, tmp_path):
         p.write_bytes(mutate(plan_text, rng))
         r = _ok_or_one_line(Plan.load, p, good)
         seen["plan " + r] = seen.get("plan " + r, 0) + 1
-    print(seen)
     assert seen.get("table error", 0) > 60 and seen.get("plan error", 0) > 60, seen
 
 
