@@ -128,10 +128,10 @@ def test_measure_tensor_in_row_chunks_equals_whole(method, monkeypatch):
 
 
 def _table() -> Measurement:
-    tensors = (TensorInfo("emb", (10, 4), 40, ("lookup", "linear")), TensorInfo("q", (4, 4), 16, group="qkv"))
-    rows = (MeasureRow("q", "fp16", 32, 0.0, 0.0), MeasureRow("emb", "int4-g32", 30, 1.5, None),
-            MeasureRow("emb", "fp16", 80, 1e-7, None), MeasureRow("q", "int4-g32", 12, 0.25, 0.125))
-    return Measurement(tensors, rows, fixed_bytes=8, total_params=60, fingerprint={"model": "abc", "calib": "d"})
+    tensors = (TensorInfo("emb", (10, 64), 640, ("lookup", "linear")), TensorInfo("q", (4, 64), 256, group="qkv"))
+    rows = (MeasureRow("q", "fp16", 512, 0.0, 0.0), MeasureRow("emb", "int4-g32", 400, 1.5, None),  # exact bytes
+            MeasureRow("emb", "fp16", 1280, 1e-7, None), MeasureRow("q", "int4-g32", 160, 0.25, 0.125))
+    return Measurement(tensors, rows, fixed_bytes=8, total_params=1000, fingerprint={"model": "abc", "calib": "d"})
 
 
 def test_measurement_json_round_trip(tmp_path):
@@ -144,7 +144,7 @@ def test_measurement_json_round_trip(tmp_path):
     assert json.loads(text)["format_version"] == 1 and text.count("\n") > 8  # one row per line
     back = Measurement.load(p)
     assert back.tensors == m.tensors and back.rows == m.rows and back.fingerprint == m.fingerprint
-    assert (back.fixed_bytes, back.total_params) == (8, 60) and back.to_json() == text
+    assert (back.fixed_bytes, back.total_params) == (8, 1000) and back.to_json() == text
 
 
 @pytest.mark.parametrize(
@@ -179,7 +179,7 @@ def test_measurement_load_errors(tmp_path):
     d["format_version"] = 1
     d["rows"][0] = d["rows"][0][:2]
     p.write_text(json.dumps(d))
-    with pytest.raises(InputError, match="malformed"):
+    with pytest.raises(InputError, match=r"rows\[0\]: expected 5 items"):
         Measurement.load(p)
     with pytest.raises(InputError, match="numel"):
         TensorInfo("x", (2, 3), 5)

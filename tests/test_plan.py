@@ -61,7 +61,7 @@ def test_edited_plan_is_revalidated(tmp_path):
     bad = {
         "names tensors not in": lambda d: d["tensors"].__setitem__("zz", "fp16"),
         "no format for": lambda d: d["tensors"].pop("a"),
-        "plan entry for .a.": lambda d: d["tensors"].__setitem__("a", "blah9"),
+        "tensors.'a'.: unknown format": lambda d: d["tensors"].__setitem__("a", "blah9"),
         "not measured for it": lambda d: d["tensors"].__setitem__("a", "q8_0"),
         "must share a format": lambda d: d["tensors"].__setitem__("b", "int4-g32"),
         "not a bitalloc plan": lambda d: d.__setitem__("kind", "x"),

@@ -4,13 +4,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path, dtype=None):  # noqa: ANN001, ANN201 - thin lazy wrapper, see bitalloc.api.load
+def load(path, dtype=None, *, verify=True):  # noqa: ANN001, ANN201 - thin lazy wrapper, see bitalloc.api.load
     """Load a packed directory as a transformers model with dequantized weights (see :func:`bitalloc.api.load`)."""
     import torch
 
     from .api import load as _load
 
-    return _load(path, dtype=torch.float32 if dtype is None else dtype)
+    return _load(path, dtype=torch.float32 if dtype is None else dtype, verify=verify)
 
 
 __all__ = ["load", "__version__"]

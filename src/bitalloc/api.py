@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from .checked import one_line
+from .errors import InputError, NumericsError
 from .export.packed import read_packed
 from .models.archs import arch_for
 from .models.experts import unfuse_experts
@@ -17,35 +18,76 @@ from .rounding import dequantize
 log = logging.getLogger(__name__)
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any:
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a config.json whose values cannot build a model (zero heads, wrong types;
+    huggingface_hub's strict dataclasses raise their own, non-ValueError type)."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, TypeError, AttributeError,
+                                               ZeroDivisionError, OverflowError, IndexError, RuntimeError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub: no strict dataclasses
+        return errors
+    return errors + (StrictDataclassError,)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, verify: bool = True) -> Any:
     """Load a directory written by ``bitalloc quantize`` as a transformers causal LM with dequantized weights.
 
-    Every parameter of the model must be present in the directory; the result is in eval mode, no grad.
+    With ``verify`` (the default) every file and stored tensor is first checked against the directory's
+    ``manifest.json`` (a flipped bit, a missing or extra file or tensor is refused); ``verify=False`` skips
+    that check but never the validation of ``bitalloc.json``.  Every parameter of the model must be present
+    in the directory with its shape, and decode to finite values; the result is in eval mode, no grad.
     """
+    return load_packed(path, dtype, verify=verify)[0]
+
+
+def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
+                verify: bool = True) -> tuple[Any, dict[str, Any]]:
+    """:func:`load`, also returning the directory's ``bitalloc.json`` (bytes, bpw, plan)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = Path(path)
-    info, qtensors = read_packed(p)
+    info, qtensors = read_packed(p, verify=verify)
+    config_errors = _config_errors()
     try:
         config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"cannot read the model config in {p}: {e}") from e
+    except config_errors as e:
+        raise InputError(f"cannot read {p / 'config.json'}: {one_line(e)}") from None
     arch_for(config)
+    try:  # names and shapes first, on the meta device: a crafted config allocates nothing
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        unfuse_experts(meta)  # MoE: the packed directory stores one tensor per expert projection
+    except config_errors as e:
+        raise InputError(f"{p / 'config.json'} does not describe a model transformers can build: {one_line(e)}") \
+            from None
+    _check_shapes(p, {n: tuple(t.shape) for n, t in meta.named_parameters()}, qtensors)
+    del meta
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    unfuse_experts(model)  # MoE: the packed directory stores one tensor per expert projection
+    unfuse_experts(model)
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(qtensors))
-    unknown = sorted(set(qtensors) - set(params))
-    if missing or unknown:
-        raise InputError(f"{p} does not match its config: missing {missing[:3]}, unknown {unknown[:3]}")
     with torch.no_grad():
         for name, q in qtensors.items():
             v = dequantize(q).reshape(params[name].shape)
+            if not torch.isfinite(v).all():
+                raise NumericsError(f"{p}: tensor {name} ({q.format}) decodes to NaN or Inf")
             params[name].copy_(v.to(dtype))
     if info.get("tied") and hasattr(model, "tie_weights"):
         model.tie_weights()
     model.eval()
     model.requires_grad_(False)
-    log.info("loaded %s (%d tensors, %.4f bpw)", p, len(qtensors), info.get("bpw", float("nan")))
-    return model
+    log.info("loaded %s (%d tensors, %.4f bpw%s)", p, len(qtensors), info["bpw"], ", verified" if verify else "")
+    return model, info
 
+
+def _check_shapes(p: Path, params: dict[str, tuple[int, ...]], qtensors: dict[str, Any]) -> None:
+    missing = sorted(set(params) - set(qtensors))
+    unknown = sorted(set(qtensors) - set(params))
+    if missing or unknown:
+        raise InputError(f"{p} does not match its config: missing {missing[:3]}, unknown {unknown[:3]}")
+    wrong = [n for n, s in params.items() if tuple(qtensors[n].shape) != s]
+    if wrong:
+        n = wrong[0]
+        raise InputError(f"{p} does not match its config: {n} is stored as {list(qtensors[n].shape)}, the model "
+                         f"needs {list(params[n])} ({len(wrong)} tensors differ)")

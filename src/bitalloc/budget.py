@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
+from .checked import MAX_COUNT, Checker, short
 from .errors import BudgetError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,6 +28,8 @@ _UNITS: dict[str, int] = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+#: Largest bits-per-weight budget accepted (no format stores more than 32 bits per weight).
+MAX_BPW = 1024.0
 _BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -41,10 +44,15 @@ class Budget:
     def __post_init__(self) -> None:
         if self.kind not in ("bytes", "bpw"):
             raise BudgetError(f"budget kind must be 'bytes' or 'bpw', got {self.kind!r}")
-        if not math.isfinite(self.value) or self.value <= 0:
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise BudgetError(f"budget must be positive and finite, got {self.text!r}")
         if self.kind == "bytes" and self.value < 1:
             raise BudgetError(f"budget {self.text!r} is less than one byte")
+        limit = MAX_BPW if self.kind == "bpw" else MAX_COUNT
+        if v > limit:
+            unit = "bpw" if self.kind == "bpw" else f"B ({MAX_COUNT // 2**50} PiB)"
+            raise BudgetError(f"budget {self.text!r} is beyond the largest supported, {limit:g} {unit}")
 
     @classmethod
     def parse(cls, text: "str | int | Budget") -> "Budget":
@@ -53,15 +61,15 @@ class Budget:
         if isinstance(text, Budget):
             return text
         if isinstance(text, bool) or not isinstance(text, (str, int)):
-            raise BudgetError(f"a budget is a string such as '3.5bpw' or '120MiB', got {text!r}")
+            raise BudgetError(f"a budget is a string such as '3.5bpw' or '120MiB', got {short(text)}")
         if isinstance(text, int):
-            if text <= 0:
-                raise BudgetError(f"budget must be a positive number of bytes, got {text}")
+            if not 0 < text <= MAX_COUNT:
+                raise BudgetError(f"budget must be a positive number of bytes up to {MAX_COUNT}, got {short(text)}")
             return cls(text=str(text), kind="bytes", value=float(text))
-        m = _BUDGET_RE.match(text)
+        m = _BUDGET_RE.match(text) if len(text) <= 64 else None
         if m is None:
             raise BudgetError(
-                f"cannot parse budget {text!r}: use e.g. '3.5bpw', '120MB', '120MiB', '1.2GiB' or '88201792B'"
+                f"cannot parse budget {short(text)}: use e.g. '3.5bpw', '120MB', '120MiB', '1.2GiB' or '88201792B'"
             )
         number, unit = float(m.group(1)), m.group(2).lower()
         if unit == "bpw":
@@ -70,15 +78,22 @@ class Budget:
             raise BudgetError(
                 f"unknown unit {m.group(2)!r} in budget {text!r}: use bpw, B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
             )
-        return cls(text=text.strip(), kind="bytes", value=float(math.floor(number * _UNITS[unit])))
+        value = number * _UNITS[unit]
+        if not math.isfinite(value) or value > MAX_COUNT:  # 1e400B, 30-digit byte counts
+            raise BudgetError(f"budget {text.strip()!r} is beyond the largest supported, {MAX_COUNT} B "
+                              f"({MAX_COUNT // 2**50} PiB)")
+        return cls(text=text.strip(), kind="bytes", value=float(math.floor(value)))
 
     def resolve(self, total_params: int) -> int:
         """The budget in bytes for a model with ``total_params`` stored parameters (bpw: floor(bpw·n/8))."""
         if self.kind == "bytes":
             return int(self.value)
-        if total_params <= 0:
-            raise BudgetError(f"cannot resolve {self.text!r}: the model has {total_params} parameters")
-        return int(math.floor(self.value * total_params / 8.0))
+        if isinstance(total_params, bool) or not isinstance(total_params, int) or not 0 < total_params <= MAX_COUNT:
+            raise BudgetError(f"cannot resolve {self.text!r}: the model has {short(total_params)} parameters")
+        n = int(math.floor(self.value * total_params / 8.0))
+        if n < 1 or n > MAX_COUNT:
+            raise BudgetError(f"budget {self.text!r} is {n} B for {total_params} parameters: outside [1, {MAX_COUNT}]")
+        return n
 
     def __str__(self) -> str:
         return self.text
@@ -98,7 +113,7 @@ class BpwBound:
 
 def _check_bounds(lo: float | None, hi: float | None, what: str) -> None:
     for v in (lo, hi):
-        if v is not None and (not math.isfinite(v) or v < 0):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
             raise InputError(f"{what}: bpw bounds must be finite and non-negative, got {v!r}")
     if lo is not None and hi is not None and lo > hi:
         raise InputError(f"{what}: min_bpw {lo} is larger than max_bpw {hi}")
@@ -193,17 +208,33 @@ class Constraints:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Constraints":
-        try:
-            return cls(
-                tie_groups=tuple(tuple(g) for g in d.get("tie_groups", ())),
-                pinned=dict(d.get("pinned", {})),
-                min_bpw=d.get("min_bpw"),
-                max_bpw=d.get("max_bpw"),
-                bpw_bounds=tuple(BpwBound(p, lo, hi) for p, lo, hi in d.get("bpw_bounds", ())),
-                allowed=tuple((p, tuple(fs)) for p, fs in d.get("allowed", ())),
-            )
-        except (TypeError, ValueError) as e:
-            if isinstance(e, InputError):
-                raise
-            raise InputError(f"malformed constraints: {e}") from e
+    def from_dict(cls, d: Mapping[str, Any], source: str = "constraints") -> "Constraints":
+        """The inverse of :meth:`to_dict`; every name, pattern and bound is type-checked (InputError)."""
+        c = Checker(source)
+        d = c.obj(d, "")
+
+        def names(v: Any, where: str) -> tuple[str, ...]:
+            return tuple(c.string(x, f"{where}[{i}]") for i, x in enumerate(c.array(v, where)))
+
+        def bound(v: Any, where: str) -> float | None:
+            return c.opt_real(v, where, 0.0, MAX_BPW)
+
+        bpw_bounds = []
+        for i, b in enumerate(c.array(d.get("bpw_bounds", []), "bpw_bounds")):
+            p, lo, hi = c.array(b, f"bpw_bounds[{i}]", 3)
+            bpw_bounds.append(BpwBound(c.string(p, f"bpw_bounds[{i}][0]"), bound(lo, f"bpw_bounds[{i}][1]"),
+                                       bound(hi, f"bpw_bounds[{i}][2]")))
+        allowed = []
+        for i, a in enumerate(c.array(d.get("allowed", []), "allowed")):
+            p, fs = c.array(a, f"allowed[{i}]", 2)
+            allowed.append((c.string(p, f"allowed[{i}][0]"), names(fs, f"allowed[{i}][1]")))
+        pinned = c.str_map(d.get("pinned", {}), "pinned")
+        return cls(
+            tie_groups=tuple(names(g, f"tie_groups[{i}]")
+                             for i, g in enumerate(c.array(d.get("tie_groups", []), "tie_groups"))),
+            pinned=pinned,
+            min_bpw=bound(d.get("min_bpw"), "min_bpw"),
+            max_bpw=bound(d.get("max_bpw"), "max_bpw"),
+            bpw_bounds=tuple(bpw_bounds),
+            allowed=tuple(allowed),
+        )

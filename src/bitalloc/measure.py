@@ -1,4 +1,4 @@
-"""The measurement table: for every tensor and candidate format, exact bytes and predicted errors.
+"""Measuring the table: for every tensor and candidate format, the predicted errors of storing it so.
 
 Two error functions (pure, over tensors, float64 accumulation), summed over a tensor's roles:
 
@@ -8,18 +8,14 @@ Two error functions (pure, over tensors, float64 accumulation), summed over a te
 A format whose runtime rounds the activations (``Format.activation_rounding``: llama.cpp's Q8_0/Q8_K) adds
 the output error of that rounding, :func:`activation_error`, to both.
 
-The table is data: :class:`Measurement` round-trips through human-readable JSON (one row per line) and is
-reused for every budget.
+The table itself (:class:`Measurement`, its rows and JSON) lives in :mod:`bitalloc.table`; its names are
+re-exported here.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,242 +24,14 @@ from .errors import InputError, NumericsError
 from .formats import Format, get_format
 from .rounding import ROW_CHUNK_ELEMS, dequantize, quantize_chunks, row_chunks
 from .stats import LinearStats, LookupStats, TensorStats
+from .table import (  # noqa: F401  (re-exported: the table's historical home)
+    FORMAT_VERSION, ROLES, MeasureRow, Measurement, TensorInfo, json_with_lines, parse_versioned_json,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 _CHUNK_ELEMS = 1 << 20  # rows of ΔW·H computed at once: ~8 MiB of float64
-
-
-@dataclass(frozen=True)
-class MeasureRow:
-    """One (tensor, format) cell: exact storage bytes and the predicted errors of that choice."""
-
-    tensor: str
-    format: str
-    bytes: int
-    output_error: float
-    fisher_error: float | None = None
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """An allocated tensor.  ``roles`` e.g. ``("linear",)`` or ``("lookup", "linear")`` for a tied embedding.
-
-    ``group``: a tie group name from the model view; tensors with the same non-None group must share one
-    format (q/k/v stored fused, experts of a layer).  ``allocate`` honours it like a constraint tie group.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    numel: int
-    roles: tuple[str, ...] = ("linear",)
-    group: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-        object.__setattr__(self, "roles", tuple(self.roles))
-        if not self.name:
-            raise InputError("a tensor needs a name")
-        if self.numel <= 0 or math.prod(self.shape) != self.numel:
-            raise InputError(f"tensor {self.name!r}: numel {self.numel} does not match shape {self.shape}")
-
-
-@dataclass(frozen=True, eq=False)
-class Measurement:
-    """The whole table.  ``fixed_bytes``: stored tensors not allocated (norms, biases); ``total_params``:
-    every stored parameter, tied tensors once (the bpw denominator); ``fingerprint``: model, calibration
-    and option hashes.  Rows are kept in a canonical order (tensor order, then bytes, then format id)."""
-
-    tensors: tuple[TensorInfo, ...]
-    rows: tuple[MeasureRow, ...]
-    fixed_bytes: int
-    total_params: int
-    fingerprint: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        tensors, rows = tuple(self.tensors), tuple(self.rows)
-        index: dict[str, int] = {}
-        for i, t in enumerate(tensors):
-            if t.name in index:
-                raise InputError(f"measurement: tensor {t.name!r} is listed twice")
-            index[t.name] = i
-        seen: set[tuple[str, str]] = set()
-        for r in rows:
-            if r.tensor not in index:
-                raise InputError(f"measurement: a row names unknown tensor {r.tensor!r} (format {r.format})")
-            if (r.tensor, r.format) in seen:
-                raise InputError(f"measurement: duplicate row for tensor {r.tensor!r}, format {r.format!r}")
-            seen.add((r.tensor, r.format))
-            if not isinstance(r.bytes, int) or r.bytes < 0:
-                raise InputError(f"measurement: negative or non-integer bytes {r.bytes!r} for {r.tensor}/{r.format}")
-            for what, v in (("output_error", r.output_error), ("fisher_error", r.fisher_error)):
-                if v is None and what == "fisher_error":
-                    continue
-                if v is None or not math.isfinite(v):
-                    raise NumericsError(f"measurement: {what} of {r.tensor}/{r.format} is {v!r}")
-                if v < 0:
-                    raise InputError(f"measurement: negative {what} {v!r} for {r.tensor}/{r.format}")
-        if not isinstance(self.fixed_bytes, int) or self.fixed_bytes < 0:
-            raise InputError(f"measurement: fixed_bytes must be a non-negative int, got {self.fixed_bytes!r}")
-        if not isinstance(self.total_params, int) or self.total_params <= 0:
-            raise InputError(f"measurement: total_params must be a positive int, got {self.total_params!r}")
-        rows = tuple(sorted(rows, key=lambda r: (index[r.tensor], r.bytes, r.format)))
-        object.__setattr__(self, "tensors", tensors)
-        object.__setattr__(self, "rows", rows)
-        object.__setattr__(self, "fingerprint", {str(k): str(v) for k, v in dict(self.fingerprint).items()})
-        by: dict[str, list[MeasureRow]] = {t.name: [] for t in tensors}
-        for r in rows:
-            by[r.tensor].append(r)
-        object.__setattr__(self, "_by_tensor", {k: tuple(v) for k, v in by.items()})
-        object.__setattr__(self, "_index", index)
-
-    # --- queries ----------------------------------------------------------------------------------
-    def rows_for(self, tensor: str) -> tuple[MeasureRow, ...]:
-        try:
-            return self._by_tensor[tensor]  # type: ignore[attr-defined]
-        except KeyError:
-            raise InputError(f"tensor {tensor!r} is not in the measurement") from None
-
-    def tensor(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[self._index[name]]  # type: ignore[attr-defined]
-        except KeyError:
-            raise InputError(f"tensor {name!r} is not in the measurement") from None
-
-    def formats(self) -> list[str]:
-        """Every format id measured for at least one tensor, in order of first appearance."""
-        return list(dict.fromkeys(r.format for r in self.rows))
-
-    @property
-    def objectives(self) -> tuple[str, ...]:
-        """``("fisher", "output")`` when every row has a Fisher error, else ``("output",)``."""
-        if self.rows and all(r.fisher_error is not None for r in self.rows):
-            return ("fisher", "output")
-        return ("output",)
-
-    @property
-    def allocated_params(self) -> int:
-        return sum(t.numel for t in self.tensors)
-
-    # --- combining tables -------------------------------------------------------------------------
-    def subset(self, formats: Sequence[str]) -> "Measurement":
-        """The table restricted to ``formats`` (ids as given or normalised); every one must be measured."""
-        want = [get_format(f).id for f in formats]
-        have = set(self.formats())
-        missing = [f for f in want if f not in have]
-        if missing:
-            raise InputError(f"measurement: formats {missing} were not measured (measured: {self.formats()})")
-        keep = set(want)
-        fp = dict(self.fingerprint)
-        if "formats" in fp:
-            fp["formats"] = ",".join(f for f in fp["formats"].split(",") if f in keep)
-        return Measurement(self.tensors, tuple(r for r in self.rows if r.format in keep), self.fixed_bytes,
-                           self.total_params, fp)
-
-    def merge(self, other: "Measurement") -> "Measurement":
-        """This table plus ``other``'s rows for formats not measured here (same model, calibration, method).
-
-        Errors of one format do not depend on the others (each is measured with fp inputs), so a table
-        measured later for extra formats extends an earlier one.  Refused when the two tables describe
-        different tensors or were measured from different models, calibration data or rounding methods."""
-        if self.tensors != other.tensors or (self.fixed_bytes, self.total_params) != (other.fixed_bytes,
-                                                                                      other.total_params):
-            raise InputError("measurement merge: the two tables describe different tensors")
-        for key in ("model", "calibration", "method", "windows", "fisher_windows"):
-            a, b = self.fingerprint.get(key), other.fingerprint.get(key)
-            if a != b:
-                raise InputError(f"measurement merge: {key} differs ({a!r} vs {b!r})")
-        if self.objectives != other.objectives:
-            raise InputError("measurement merge: one table has Fisher errors and the other does not")
-        have = set(self.formats())
-        new = tuple(r for r in other.rows if r.format not in have)
-        fp = dict(self.fingerprint)
-        fmts = list(dict.fromkeys(self.formats() + other.formats()))
-        fp["formats"] = ",".join(fmts)
-        fp["options"] = "merged:" + ",".join(sorted(filter(None, {self.fingerprint.get("options"),
-                                                                   other.fingerprint.get("options")})))
-        return Measurement(self.tensors, self.rows + new, self.fixed_bytes, self.total_params, fp)
-
-    # --- JSON -------------------------------------------------------------------------------------
-    def to_json(self) -> str:
-        head = {
-            "format_version": FORMAT_VERSION,
-            "kind": "bitalloc.measurement",
-            "fingerprint": {k: self.fingerprint[k] for k in sorted(self.fingerprint)},
-            "fixed_bytes": self.fixed_bytes,
-            "total_params": self.total_params,
-            "objectives": list(self.objectives),
-        }
-        tensors = [
-            {"name": t.name, "shape": list(t.shape), "numel": t.numel, "roles": list(t.roles), "group": t.group}
-            for t in self.tensors
-        ]
-        rows = [[r.tensor, r.format, r.bytes, r.output_error, r.fisher_error] for r in self.rows]
-        return json_with_lines(head, {"tensors": tensors, "rows": rows})
-
-    @classmethod
-    def from_json(cls, text: str) -> "Measurement":
-        d = parse_versioned_json(text, "measurement", FORMAT_VERSION)
-        try:
-            tensors = tuple(
-                TensorInfo(t["name"], tuple(t["shape"]), int(t["numel"]), tuple(t["roles"]), t.get("group"))
-                for t in d["tensors"]
-            )
-            rows = tuple(
-                MeasureRow(str(t), str(f), b, float(o), None if fi is None else float(fi))
-                for t, f, b, o, fi in d["rows"]
-            )
-            return cls(tensors, rows, d["fixed_bytes"], d["total_params"], d.get("fingerprint", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, InputError):
-                raise
-            raise InputError(f"malformed measurement: {type(e).__name__}: {e}") from e
-
-    def save(self, path: str | os.PathLike) -> None:
-        write_text_atomic(Path(path), self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Measurement":
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise InputError(f"cannot read measurement {path}: {e}") from e
-        return cls.from_json(text)
-
-
-def parse_versioned_json(text: str, what: str, version: int) -> dict[str, Any]:
-    """The object of a bitalloc JSON file of kind ``bitalloc.<what>`` at ``format_version`` (else InputError)."""
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{what} is not valid JSON: {e}") from e
-    if not isinstance(d, dict) or d.get("kind") != f"bitalloc.{what}":
-        raise InputError(f"not a bitalloc {what} file")
-    if d.get("format_version") != version:
-        raise InputError(f"{what} format_version {d.get('format_version')!r} is not {version}")
-    return d
-
-
-def json_with_lines(head: dict[str, Any], lists: dict[str, list[Any] | dict[str, Any]]) -> str:
-    """JSON a person can read and diff: ``head`` keys indented, then each list/dict with one item per line."""
-    parts = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
-    for k, items in lists.items():
-        if isinstance(items, dict):
-            body = ",\n".join(f"    {json.dumps(n)}: {json.dumps(v)}" for n, v in items.items())
-            parts.append(f"  {json.dumps(k)}: {{\n{body}\n  }}" if body else f"  {json.dumps(k)}: {{}}")
-        else:
-            body = ",\n".join(f"    {json.dumps(v)}" for v in items)
-            parts.append(f"  {json.dumps(k)}: [\n{body}\n  ]" if body else f"  {json.dumps(k)}: []")
-    return "{\n" + ",\n".join(parts) + "\n}\n"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is either the old file or the complete new one (replaces it)."""
-    from .io.atomic import atomic_write
-
-    with atomic_write(path, overwrite=True) as f:
-        f.write(text.encode("utf-8"))
 
 
 # --- error functions ----------------------------------------------------------------------------

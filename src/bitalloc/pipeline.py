@@ -246,6 +246,7 @@ def check_measurement(measurement: Measurement, model: nn.Module) -> None:
     want = measurement.fingerprint.get("model")
     if want and want != model_fingerprint(model):
         raise InputError("the measurement was made for a different model (weight fingerprints differ)")
+    measurement.check_tensors(tensor_infos(ModelView(model)))
 
 
 class CachedReference:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BudgetError, InputError
-from .formats import FormatError, get_format
-from .measure import Measurement, json_with_lines, parse_versioned_json, write_text_atomic
+from .checked import MAX_REAL, Checker, parse_json, read_text, short, versioned
+from .measure import Measurement, json_with_lines, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -123,59 +123,64 @@ class Plan:
         write_text_atomic(Path(path), self.to_json())
 
     @classmethod
-    def from_json(cls, text: str, measurement: Measurement) -> "Plan":
+    def from_json(cls, text: str, measurement: Measurement, source: str = "plan") -> "Plan":
         """Parse and re-validate against ``measurement``; bytes and errors are recomputed from the table.
 
-        A tensor entry may be ``{"format": "q4_k", ...}`` or just ``"q4_k"``.  Raises :class:`InputError`
-        for unknown or missing tensors, unknown formats, formats not measured for a tensor or a broken tie
-        group, and :class:`BudgetError` when the plan no longer fits its budget."""
-        d = parse_versioned_json(text, "plan", PLAN_VERSION)
-        tensors = d.get("tensors")
-        if not isinstance(tensors, dict):
-            raise InputError("plan has no 'tensors' mapping")
-        fp = d.get("fingerprint") or {}
+        A tensor entry may be ``{"format": "q4_k", ...}`` or just ``"q4_k"``.  Every key is type-checked
+        (:mod:`bitalloc.checked`); raises :class:`InputError` (naming ``source`` and the entry) for malformed
+        values, unknown or missing tensors, unknown formats, formats not measured for a tensor or a broken
+        tie group, and :class:`BudgetError` when the plan no longer fits its budget."""
+        c = Checker(source)
+        d = versioned(parse_json(text, source), "bitalloc.plan", PLAN_VERSION, source)
+        tensors = c.obj(c.key(d, "tensors"), "tensors")
+        fp = c.str_map(d.get("fingerprint", {}), "fingerprint")
+        objective = c.choice(d.get("objective", "output"), "objective", OBJECTIVES)
+        budget_bytes = c.count(c.key(d, "budget_bytes"), "budget_bytes", 1)
+        budget = c.string(d.get("budget", str(budget_bytes)), "budget", 256)
+        solver, status = (c.string(d.get(k, "edited"), k, 256) for k in ("solver", "status"))
+        gaps = {k: c.opt_real(d.get(k), k, -MAX_REAL if k == "lower_bound" else 0.0)
+                for k in ("gap_abs", "gap_rel", "lower_bound")}
+        for k in ("total_bytes", "fixed_bytes", "total_params"):  # informational: recomputed from the table
+            if d.get(k) is not None:
+                c.count(d[k], k)
+        for k in ("bpw", "predicted_error"):
+            c.opt_real(d.get(k), k)
         if fp and measurement.fingerprint and fp != measurement.fingerprint:
-            log.warning("plan fingerprint differs from the measurement's: it was made for another table")
-        objective = d.get("objective", "output")
-        if objective not in OBJECTIVES:
-            raise InputError(f"plan objective must be one of {OBJECTIVES}, got {objective!r}")
+            log.warning("%s: its fingerprint differs from the measurement's: it was made for another table", source)
         if objective == "fisher" and "fisher" not in measurement.objectives:
-            raise InputError("plan uses the fisher objective but the measurement has no Fisher errors")
+            raise c.fail("objective", "fisher, but the measurement has no Fisher errors")
         known = {t.name for t in measurement.tensors}
         unknown = [n for n in tensors if n not in known]
         if unknown:
-            raise InputError(f"plan names tensors not in the measurement: {unknown[:5]}")
-        missing = [n for n in known if n not in tensors]
+            raise c.fail("tensors", f"names tensors not in the measurement: {short(unknown[:5], 200)}")
+        missing = [t.name for t in measurement.tensors if t.name not in tensors]
         if missing:
-            raise InputError(f"plan has no format for {len(missing)} tensors, e.g. {missing[:5]}")
+            raise c.fail("tensors", f"no format for {len(missing)} tensors, e.g. {short(missing[:5], 200)}")
         entries: list[PlanEntry] = []
         edited = False
         for t in measurement.tensors:
+            where = f"tensors[{short(t.name)}]"
             v = tensors[t.name]
-            fmt_id = v.get("format") if isinstance(v, dict) else v
-            if not isinstance(fmt_id, str):
-                raise InputError(f"plan entry for {t.name!r} has no format")
-            try:
-                fmt_id = get_format(fmt_id).id
-            except FormatError as e:
-                raise InputError(f"plan entry for {t.name!r}: {e}") from e
+            if isinstance(v, str):
+                fmt_id, given = c.format_for(v, where).id, None
+            else:
+                ent = c.obj(v, where)
+                fmt_id = c.format_for(c.key(ent, "format", where), f"{where}.format").id
+                given = (None if ent.get("bytes") is None else c.count(ent["bytes"], f"{where}.bytes"),
+                         c.opt_real(ent.get("error"), f"{where}.error"))
             rows = {r.format: r for r in measurement.rows_for(t.name)}
             if fmt_id not in rows:
-                raise InputError(
-                    f"plan gives {t.name!r} format {fmt_id!r}, which was not measured for it "
-                    f"(measured: {', '.join(rows)})"
-                )
+                raise c.fail(where, f"format {fmt_id!r} was not measured for it (measured: {', '.join(rows)})")
             r = rows[fmt_id]
             err = r.fisher_error if objective == "fisher" else r.output_error
             assert err is not None
-            if not isinstance(v, dict) or v.get("bytes") != r.bytes or v.get("error") != err:
+            if given != (r.bytes, err):
                 edited = True
             entries.append(PlanEntry(t.name, fmt_id, r.bytes, float(err)))
-        _check_groups(measurement, {e.tensor: e.format for e in entries})
         try:
-            budget_bytes, budget = int(d["budget_bytes"]), str(d.get("budget", d["budget_bytes"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"plan has no valid budget_bytes: {e}") from e
+            _check_groups(measurement, {e.tensor: e.format for e in entries})
+        except InputError as e:
+            raise c.fail("tensors", str(e)) from None
         plan = cls(
             entries=tuple(entries),
             fixed_bytes=measurement.fixed_bytes,
@@ -183,27 +188,24 @@ class Plan:
             budget_bytes=budget_bytes,
             budget=budget,
             objective=objective,
-            solver="edited" if edited else str(d.get("solver", "edited")),
-            status="edited" if edited else str(d.get("status", "edited")),
-            gap_abs=None if edited else d.get("gap_abs"),
-            gap_rel=None if edited else d.get("gap_rel"),
-            lower_bound=None if edited else d.get("lower_bound"),
+            solver="edited" if edited else solver,
+            status="edited" if edited else status,
+            gap_abs=None if edited else gaps["gap_abs"],
+            gap_rel=None if edited else gaps["gap_rel"],
+            lower_bound=None if edited else gaps["lower_bound"],
             fingerprint=dict(measurement.fingerprint),
         )
         if plan.total_bytes > plan.budget_bytes:
             raise BudgetError(
-                f"plan takes {plan.total_bytes} B ({plan.total_bytes / 2**20:.2f} MiB, {plan.bpw:.4f} bpw), "
+                f"{source} takes {plan.total_bytes} B ({plan.total_bytes / 2**20:.2f} MiB, {plan.bpw:.4f} bpw), "
                 f"over its budget {plan.budget} = {plan.budget_bytes} B by {plan.total_bytes - plan.budget_bytes} B"
             )
         return plan
 
     @classmethod
     def load(cls, path: str | os.PathLike, measurement: Measurement) -> "Plan":
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise InputError(f"cannot read plan {path}: {e}") from e
-        return cls.from_json(text, measurement)
+        source = f"plan {path}"
+        return cls.from_json(read_text(path, source), measurement, source)
 
 
 def _check_groups(measurement: Measurement, assignments: dict[str, str]) -> None:

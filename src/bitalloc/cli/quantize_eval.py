@@ -36,6 +36,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.plan and not args.measurement:
         raise InputError("--plan needs --measurement (the plan is re-validated against its table)")
     given = Measurement.load(args.measurement) if args.measurement else None
+    if args.plan:  # a bad plan is refused before the model is loaded (re-read against it in the job)
+        Plan.load(args.plan, given)
     job_dir = _job_dir(args, out)
 
     def plan_of(measurement: Any, model: Any, view: Any) -> Any:
@@ -64,13 +66,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..api import load
+    from ..api import load_packed
     from ..data import default_eval_files
     from ..evaluate import evaluate
-    from ..export.packed import read_packed
 
-    info, _ = read_packed(args.dir)
-    cand = load(args.dir)
+    cand, info = load_packed(args.dir, verify=not args.no_verify)  # checked against its manifest first
     ref, tok = _load_model(args.reference)
     files = _texts(args.text, default_eval_files)
     windows = _windows(tok, files, args.windows, args.ctx)
@@ -111,6 +111,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--text", nargs="+", metavar="TEXT", help=EVAL_TEXT_HELP)
     p.add_argument("--windows", type=int, default=32, metavar="N", help="evaluation windows (default 32)")
     add_ctx(p)
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking DIR against its manifest.json (bitalloc.json is still validated)")
     p.add_argument("--json", action="store_true", help="print JSON: ppl, ref_ppl, kld, top1, ntokens, bytes, bpw")
     add_common(p)
     p.set_defaults(func=cmd_eval)

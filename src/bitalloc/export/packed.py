@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..checked import Checker, one_line, read_json, short
 from ..errors import InputError
 from ..formats import QTensor, get_format
 from ..io.atomic import atomic_write_dir, compare_digests, manifest, tensor_digest
@@ -33,6 +35,9 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bitalloc.json"
 MANIFEST_FILE = "manifest.json"
+#: The original dtypes a stored tensor may name.
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def part_key(name: str, part: str) -> str:
@@ -70,23 +75,43 @@ def flat_digests(qtensors: Mapping[str, QTensor]) -> dict[str, str]:
     return {k: tensor_digest(t) for k, t in sorted(tensors.items())}
 
 
+def read_packed_manifest(path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """``{"files": {name: sha256}, "tensors": {key: sha256}}`` of a packed directory's ``manifest.json``."""
+    p = Path(path)
+    source = f"{p / MANIFEST_FILE}"
+    if not (p / MANIFEST_FILE).is_file():
+        raise InputError(f"{p}: {MANIFEST_FILE} is missing, so the directory cannot be verified "
+                         f"(read it unverified with verify=False / --no-verify)")
+    c = Checker(source)
+    man = c.obj(read_json(p / MANIFEST_FILE, "manifest"), "")
+    if man.get("kind") != "bitalloc.manifest" or man.get("version") != 1:
+        raise c.fail("", "not a version-1 bitalloc.manifest")
+    out = {k: c.str_map(c.key(man, k), k) for k in ("files", "tensors")}
+    for k, digests in out.items():
+        bad = [n for n, h in digests.items() if not _SHA256.fullmatch(h)]
+        if bad:
+            raise c.fail(f"{k}[{short(bad[0])}]", f"not a SHA-256 digest: {short(digests[bad[0]])}")
+    return out
+
+
 def verify_packed(path: str | os.PathLike, tensors: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Check a packed directory against its ``manifest.json`` (every file, every tensor re-hashed) and, when
     given, against the expected tensor digests; returns the manifest.  InputError names what differs."""
     p = Path(path)
-    try:
-        man = json.loads((p / MANIFEST_FILE).read_text())
-        files, stored = dict(man["files"]), dict(man["tensors"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{p}: {MANIFEST_FILE} is missing or malformed ({e})") from e
+    man = read_packed_manifest(p)
+    _verify_files(p, man["files"])
+    with SafetensorsFile(p / WEIGHTS_FILE) as sf:
+        compare_digests(man["tensors"], {n: tensor_digest(sf.get(n)) for n in sf.keys()}, str(p / WEIGHTS_FILE))
+    if tensors is not None:
+        compare_digests(dict(tensors), man["tensors"], f"{p} (against the quantized tensors)")
+    return man
+
+
+def _verify_files(p: Path, files: Mapping[str, str]) -> None:
+    """Every file of the directory (but the manifest) re-hashed: a flipped bit, a missing or extra file."""
     actual = manifest(p)
     actual.pop(MANIFEST_FILE, None)
     compare_digests(files, actual, f"{p}")
-    with SafetensorsFile(p / WEIGHTS_FILE) as sf:
-        compare_digests(stored, {n: tensor_digest(sf.get(n)) for n in sf.keys()}, str(p / WEIGHTS_FILE))
-    if tensors is not None:
-        compare_digests(dict(tensors), stored, f"{p} (against the quantized tensors)")
-    return man
 
 
 def save_packed(
@@ -155,27 +180,66 @@ def save_packed(
     return info
 
 
-def read_packed(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, QTensor]]:
-    """``(bitalloc.json, {tensor: QTensor})`` of a packed directory (InputError when it is not one)."""
+def read_packed(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, Any], dict[str, QTensor]]:
+    """``(bitalloc.json, {tensor: QTensor})`` of a packed directory, validated strictly (InputError naming the
+    file and entry): with ``verify`` every file and stored tensor is first checked against ``manifest.json``;
+    always, ``bitalloc.json`` must be well-formed (known format ids that store their shapes, parts that exist
+    and take exactly the format's bytes, every stored tensor described once, consistent totals)."""
     p = Path(path)
     meta_path, weights = p / META_FILE, p / WEIGHTS_FILE
     if not meta_path.is_file() or not weights.is_file():
         raise InputError(f"{p} is not a bitalloc packed directory (needs {META_FILE} and {WEIGHTS_FILE})")
-    try:
-        info = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {meta_path}: {e}") from e
+    man = read_packed_manifest(p) if verify else None
+    if man is not None:
+        _verify_files(p, man["files"])  # before anything is parsed: a flipped bit is named as such
+    c = Checker(str(meta_path))
+    info = c.obj(read_json(meta_path, "packed description"), "")
     if info.get("kind") != "bitalloc.packed" or info.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{meta_path} is not a version-{FORMAT_VERSION} bitalloc packed description")
     try:
         stored = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for broken files
-        raise InputError(f"cannot read {weights}: {e}") from e
+        raise InputError(f"cannot read {weights}: {one_line(e)}") from None
+    if man is not None:
+        compare_digests(man["tensors"], {k: tensor_digest(t) for k, t in stored.items()}, str(weights))
     out: dict[str, QTensor] = {}
-    try:
-        for name, m in info["tensors"].items():
-            parts = {part: stored[key] for part, key in m["parts"].items()}
-            out[name] = QTensor(format=m["format"], shape=tuple(m["shape"]), dtype=m["dtype"], parts=parts)
-    except (KeyError, TypeError) as e:
-        raise InputError(f"{p}: {META_FILE} does not match {WEIGHTS_FILE} ({e})") from e
+    used: set[str] = set()
+    for name, m in c.obj(c.key(info, "tensors"), "tensors").items():
+        out[name] = _qtensor(c, name, m, stored, used)
+    unused = sorted(set(stored) - used)
+    if unused:
+        raise c.fail("tensors", f"{WEIGHTS_FILE} holds tensors no entry describes: {short(unused[:3], 200)}")
+    nbytes = c.count(c.key(info, "bytes"), "bytes")
+    total = c.count(c.key(info, "total_params"), "total_params", 1)
+    if nbytes != sum(q.nbytes() for q in out.values()):
+        raise c.fail("bytes", f"{nbytes}, but the tensors take {sum(q.nbytes() for q in out.values())} B")
+    bpw = c.real(c.key(info, "bpw"), "bpw")
+    if abs(bpw - 8.0 * nbytes / total) > 1e-6 * max(1.0, bpw):
+        raise c.fail("bpw", f"{bpw} disagrees with bytes and total_params ({8.0 * nbytes / total:.6f})")
+    if not isinstance(info.get("tied", False), bool):
+        raise c.fail("tied", f"expected true or false, got {short(info.get('tied'))}")
     return info, out
+
+
+def _qtensor(c: Checker, name: str, v: Any, stored: Mapping[str, torch.Tensor], used: set[str]) -> QTensor:
+    """One ``bitalloc.json`` tensor entry as a QTensor over the stored parts (each part used once)."""
+    where = f"tensors[{short(name)}]"
+    c.string(name, where)
+    m = c.obj(v, where)
+    shape = c.shape(c.key(m, "shape", where), f"{where}.shape")
+    fmt = c.format_for(c.key(m, "format", where), f"{where}.format", shape)
+    dtype = c.choice(c.key(m, "dtype", where), f"{where}.dtype", DTYPES)
+    parts: dict[str, torch.Tensor] = {}
+    for part, key in c.obj(c.key(m, "parts", where), f"{where}.parts").items():
+        if not part.startswith("weight") or not isinstance(key, str) or key not in stored:
+            raise c.fail(f"{where}.parts[{short(part)}]", f"no stored tensor {short(key)} in {WEIGHTS_FILE}")
+        if key in used:
+            raise c.fail(f"{where}.parts[{short(part)}]", f"stored tensor {short(key)} is described twice")
+        used.add(key)
+        parts[part] = stored[key]
+    q = QTensor(format=fmt.id, shape=shape, dtype=dtype, parts=parts)
+    nbytes = c.count(c.key(m, "bytes", where), f"{where}.bytes")
+    if not q.nbytes() == nbytes == fmt.nbytes(shape):
+        raise c.fail(where, f"{fmt.id} {list(shape)} takes exactly {fmt.nbytes(shape)} B; the entry says "
+                            f"{nbytes} B and its parts hold {q.nbytes()} B")
+    return q
