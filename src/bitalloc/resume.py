@@ -127,7 +127,7 @@ def _already_exported(job: Job, out: Path) -> dict[str, Any] | None:
     except InputError:
         return None
     log.info("%s was already written and verified by this job", out)
-    return read_packed(out)[0]
+    return read_packed(out, verify=False)[0]  # verified just above
 
 
 # ------------------------------------------------------------------------------------------------- run
