@@ -140,3 +140,22 @@ def test_module_entry_point_prints_help(tmp_path):
     assert r.returncode == 0 and "usage: bitalloc" in r.stdout
     for cmd in COMMANDS:
         assert cmd in r.stdout
+
+
+def test_a_bug_is_one_line_with_exit_1_and_the_traceback_with_verbose(monkeypatch, tmp_path, capsys):
+    """Anything that is not an input error is a bug: one ``error: internal error`` line (exit 1, never the 2 of
+    input errors, so tests of input errors cannot pass on it); ``-v`` adds the traceback."""
+    import bitalloc.cli as cli
+
+    def boom(args):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(cli, "_precheck", boom)
+    for verbose in ([], ["-v"]):
+        capsys.readouterr()
+        assert main(["plan", "t.json", "--budget", "4bpw", "--out", str(tmp_path / "p.json"), *verbose]) == 1
+        err = capsys.readouterr().err
+        assert "error: internal error (ZeroDivisionError: division by zero)" in err
+        assert ("Traceback" in err) == bool(verbose)
+        if not verbose:
+            assert len(err.strip().splitlines()) == 1, err

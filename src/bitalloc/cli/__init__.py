@@ -1,7 +1,8 @@
 """The ``bitalloc`` command: measure, plan, quantize, eval, sweep, demo (and gguf when installed).
 
 Thin: parses options, calls the library, prints.  Every user mistake (a :class:`BitallocError`) is one line
-``error: <message>`` on stderr and exit status 2; Ctrl-C exits with 130.
+``error: <message>`` on stderr and exit status 2; Ctrl-C exits with 130; anything else is a bug, reported as
+one ``error: internal error ...`` line with exit status 1 (``-v`` adds the traceback).
 
 Layout: :mod:`.common` (loading, validation, fingerprints), :mod:`.paths` (every input against every output,
 before any work), :mod:`.options` (the shared option blocks),
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from typing import Sequence
 
 from ..errors import BitallocError
@@ -81,11 +83,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log_peak_memory()
         return rc
     except BitallocError as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("error: out of memory (try fewer --windows, a smaller --ctx, or a machine with more memory)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not an input error: one line (exit 1), the traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: internal error ({type(e).__name__}: {_first_line(e)}); please report it with the "
+              f"command line{'' if args.verbose else ' (-v shows the traceback)'}", file=sys.stderr)
+        return 1
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0] if text.strip() else type(e).__name__
