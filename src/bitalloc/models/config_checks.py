@@ -51,6 +51,12 @@ def regular_file(path: Path, what: str) -> os.stat_result:
     return st
 
 
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """A third-party exception as one line (transformers' validation errors span several)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
@@ -175,7 +181,7 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise InputError(f"model config {file} must be a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
-    if model_type not in ARCHS:
+    if not isinstance(model_type, str) or model_type not in ARCHS:
         raise InputError(f"unsupported architecture {model_type!r:.60} in {file}; "
                          f"supported model types: {', '.join(supported_types())}")
     if "quantization_config" in cfg:
@@ -201,4 +207,4 @@ def check_gguf_value(key: str, value: Any, attr: str) -> Any:
     return value
 
 
-__all__ = ["check_gguf_value", "check_values", "read_config", "read_json", "regular_file"]
+__all__ = ["check_gguf_value", "check_values", "one_line", "read_config", "read_json", "regular_file"]

@@ -191,7 +191,9 @@ def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> Any:
     except InputError:
         raise
     except Exception as e:  # transformers on values that passed the config checks: still the input's fault
-        raise InputError(f"cannot build a {config.model_type} model from its config: {type(e).__name__}: {e}") from e
+        from bitalloc.models.config_checks import one_line
+
+        raise InputError(f"cannot build a {config.model_type} model from its config: {one_line(e)}") from e
     if getattr(config, "tie_word_embeddings", False):  # not every model class ties on the meta device
         model.get_submodule(spec.lm_head).weight = model.get_submodule(spec.embedding).weight
     unfuse_experts(model)  # MoE: per-expert linears, as bitalloc sees the model (on the meta device too)

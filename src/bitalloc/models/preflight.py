@@ -9,10 +9,11 @@ million layers costs nothing.  Only then are weights allocated (sized by these c
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from bitalloc.errors import InputError
 from bitalloc.io.safetensors import SafetensorsFile, TensorInfo
@@ -35,6 +36,17 @@ class Source:
     tensor: str
     expert: int | None = None
     proj: str | None = None
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Every InputError raised inside names ``path`` (messages from the config builders do not know it)."""
+    try:
+        yield
+    except InputError as e:
+        if str(path) in str(e):
+            raise
+        raise InputError(f"{path}: {e}") from e
 
 
 def stored_names(model: Any) -> list[str]:
@@ -224,13 +236,14 @@ def gguf_model(path: Path, g: Any, dtype: Any) -> tuple[Any, list[str], Any]:
 
     shapes = {n: tuple(i.shape) for n, i in g.tensors.items()}
     meta = g.metadata
-    config = config_from_gguf(meta, shapes)  # checks every hyper-parameter's type and range first
-    check_gguf_counts(path, meta, shapes)
-    model = empty_model(config, dtype)
-    names = model_names(model)
-    check_gguf_tensors(path, g, model, names)
+    with naming(path):
+        config = config_from_gguf(meta, shapes)  # checks every hyper-parameter's type and range first
+        check_gguf_counts(path, meta, shapes)
+        model = empty_model(config, dtype)
+        names = model_names(model)
+        check_gguf_tensors(path, g, model, names)
     return model, stored_names(model), names
 
 
 __all__ = ["INDEX", "Source", "check_gguf_counts", "check_gguf_tensors", "check_hf_counts", "checkpoint_files",
-           "gguf_model", "plan_hf", "read_headers", "stored_names"]
+           "gguf_model", "naming", "plan_hf", "read_headers", "stored_names"]

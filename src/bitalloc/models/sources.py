@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from bitalloc.errors import BitallocError, InputError
-from bitalloc.models.config_checks import read_config, regular_file
-from bitalloc.models.preflight import Source, check_hf_counts, checkpoint_files, plan_hf, read_headers
+from bitalloc.models.config_checks import one_line, read_config, regular_file
+from bitalloc.models.preflight import Source, naming, check_hf_counts, checkpoint_files, plan_hf, read_headers
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _check_gguf(path: Path) -> None:
     from bitalloc.models.archs import gguf_model_type
 
     regular_file(path, "model")
-    with GGUFFile(path) as g:
+    with GGUFFile(path) as g, naming(path):
         arch = g.metadata.get("general.architecture")
         if not isinstance(arch, str):
             raise InputError(f"{path}: general.architecture must be a string, got {arch!r:.60}")
@@ -116,14 +116,15 @@ def _hf_checked(path: Path, dtype: torch.dtype) -> tuple[Any, dict[str, Source]]
     the tensor headers are checked against each other (:mod:`bitalloc.models.preflight`): no weight read."""
     from bitalloc.models.gguf_map import empty_model
 
-    _check_hf_dir(path)
-    read_config(path)  # types, ranges, consistency: before transformers parses it
-    files, weight_map = checkpoint_files(path)
-    headers = read_headers(files, weight_map)
-    config = _hf_config(path)
-    check_hf_counts(config, headers, str(path))  # layers and experts, before a model is built from them
-    model = empty_model(config, dtype)
-    return model, plan_hf(path, model, headers)
+    with naming(path):
+        _check_hf_dir(path)
+        read_config(path)  # types, ranges, consistency: before transformers parses it
+        files, weight_map = checkpoint_files(path)
+        headers = read_headers(files, weight_map)
+        config = _hf_config(path)
+        check_hf_counts(config, headers, str(path))  # layers and experts, before a model is built from them
+        model = empty_model(config, dtype)
+        return model, plan_hf(path, model, headers)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -150,7 +151,7 @@ def _hf_config(path: Path) -> Any:
     except BitallocError:
         raise
     except Exception as e:  # transformers on a config whose known values passed read_config: still one line
-        raise InputError(f"cannot read the model config in {path}: {type(e).__name__}: {e}") from e
+        raise InputError(f"cannot read the model config in {path}: {one_line(e)}") from e
     arch_for(config)  # refuse unknown architectures before reading any weights
     return config
 
@@ -165,7 +166,7 @@ def _gguf_tokenizer(path: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except ValueError as e:
         if "not supported" not in str(e):
-            raise InputError(f"cannot load the tokenizer of the GGUF {path}: {e}") from e
+            raise InputError(f"cannot load the tokenizer of the GGUF {path}: {one_line(e)}") from e
         return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
 
 
@@ -180,8 +181,8 @@ def _tokenizer(path: Path, gguf: bool) -> Any:
         raise
     except Exception as e:  # third-party parsers of untrusted tokenizer files: any failure is the input's
         if gguf:
-            raise InputError(f"cannot load the tokenizer of the GGUF {path}: {e}") from e
-        log.warning("no usable tokenizer in %s (%s); token ids must be supplied directly", path, e)
+            raise InputError(f"cannot load the tokenizer of the GGUF {path}: {one_line(e)}") from e
+        log.warning("no usable tokenizer in %s (%s); token ids must be supplied directly", path, one_line(e))
         return None
 
 
