@@ -24,15 +24,15 @@ _K = 1 << 10
 INT_RANGES: Mapping[str, tuple[int, int]] = {
     "vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 17), "intermediate_size": (1, 1 << 20),
     "num_hidden_layers": (1, _K), "num_attention_heads": (1, _K), "num_key_value_heads": (1, _K),
-    "head_dim": (1, 1 << 13), "max_position_embeddings": (1, 1 << 27), "sliding_window": (1, 1 << 27),
+    "head_dim": (1, 1 << 13), "max_position_embeddings": (1, 1 << 27), "sliding_window": (0, 1 << 27),
     "num_experts": (1, 4 * _K), "num_local_experts": (1, 4 * _K), "num_experts_per_tok": (1, 4 * _K),
-    "moe_intermediate_size": (1, 1 << 20), "shared_expert_intermediate_size": (1, 1 << 20),
-    "decoder_sparse_step": (1, _K), "query_pre_attn_scalar": (1, 1 << 20), "original_max_position_embeddings":
+    "moe_intermediate_size": (1, 1 << 20), "shared_expert_intermediate_size": (0, 1 << 20),
+    "decoder_sparse_step": (1, _K), "original_max_position_embeddings":
     (1, 1 << 27), "sliding_window_pattern": (1, _K), "num_shared_experts": (0, _K), "n_shared_experts": (0, _K),
 }
 #: floats that must be positive (and finite)
 POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "rope_local_base_freq", "factor",
-                   "attn_logit_softcapping", "final_logit_softcapping")
+                   "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar")
 #: flags that change which tensors exist or how they are read: a string "false" must not count as true
 BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "norm_topk_prob", "use_sliding_window")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
