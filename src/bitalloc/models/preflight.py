@@ -13,7 +13,7 @@ import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from bitalloc.errors import InputError
 from bitalloc.io.safetensors import SafetensorsFile, TensorInfo
@@ -105,23 +105,68 @@ def _counts_error(where: str, what: str, claimed: Any, found: str) -> InputError
 
 
 def check_hf_counts(config: Any, headers: Mapping[str, tuple[Path, TensorInfo]], where: str) -> None:
-    """Layers and experts of the config against the tensor names, before a model is built from the config."""
+    """Bound the layers and experts of the config by the tensor headers before a model is built from it: each
+    block holds at least one tensor, each expert of each block one (or a fused tensor's leading dimension), so
+    a config claiming a million layers costs nothing; the exact match is :func:`plan_hf`'s."""
     spec = arch_for(config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = getattr(text, "num_hidden_layers", None)
-    pat = re.compile(re.escape(spec.blocks) + r"\.(\d+)\.")
-    found = {int(m[1]) for n in headers if (m := pat.match(n))}
-    if found != set(range(int(layers or 0))):
-        have = f"blocks {min(found)}..{max(found)} ({len(found)} distinct)" if found else f"no {spec.blocks}.N tensor"
-        raise _counts_error(where, "num_hidden_layers", layers, have)
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    if layers > len(headers):
+        raise _counts_error(where, "num_hidden_layers", layers, f"only {len(headers)} tensors")
     if spec.experts is not None:
-        n = getattr(text, spec.experts.count, None)
-        stem = f"{spec.blocks}.0.{spec.experts.module}."
-        idx = {int(m[1]) for k in headers if k.startswith(stem) and (m := re.match(r"(\d+)\.", k[len(stem):]))}
-        fused = headers.get(stem + "gate_up_proj") or headers.get(stem + "down_proj")
-        have = max(idx) + 1 if idx else (fused[1].shape[0] if fused and fused[1].shape else None)
-        if have is not None and have != n:
-            raise _counts_error(where, spec.experts.count, n, f"{have} experts in block 0")
+        n = int(getattr(text, spec.experts.count, 0) or 0)
+        stacked = max((i.shape[0] for _, i in headers.values() if len(i.shape) == 3), default=0)
+        if n > stacked and n * layers > len(headers):
+            raise _counts_error(where, spec.experts.count, n, f"only {len(headers)} tensors for {layers} layers")
+
+
+def checkpoint_renamer(model: Any) -> Callable[[str], str]:
+    """Checkpoint tensor name -> the model's parameter name, by transformers' own conversion table for the
+    model (legacy prefixes such as Gemma 3's ``language_model.model``, Mixtral's ``block_sparse_moe`` and
+    ``w1/w3/w2`` experts, named here as bitalloc's per-expert ``gate_proj/up_proj/down_proj``)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # an older transformers without the table: names are taken as they are
+        return lambda key: key
+    experts: list[tuple[re.Pattern[str], str]] = []
+    renames = []
+    for t in transforms:
+        if not isinstance(t, WeightConverter):
+            renames.append(t)
+            continue
+        target = t.target_patterns[0]
+        projs = ("gate_proj", "up_proj") if target.endswith("gate_up_proj") else \
+            ("down_proj",) if target.endswith("down_proj") else ()
+        if len(projs) == len(t.source_patterns):
+            for src, proj in zip(t.source_patterns, projs):
+                if src.startswith(".experts.*.") and src.endswith(".weight"):
+                    experts.append((re.compile(re.escape(src).replace(r"\*", r"(\d+)") + "$"), proj))
+
+    def rename(key: str) -> str:
+        for t in renames:
+            key = t.rename_source_key(key)[0]
+        for rx, proj in experts:
+            m = rx.search(key)
+            if m:
+                return f"{key[:m.start()]}.experts.{m[1]}.{proj}.weight"
+        return key
+    return rename
+
+
+def model_keys(model: Any, headers: Mapping[str, tuple[Path, TensorInfo]]) -> dict[str, tuple[Path, TensorInfo]]:
+    """``headers`` under the model's parameter names (:func:`checkpoint_renamer`); two tensors that become one
+    name are refused."""
+    rename = checkpoint_renamer(model)
+    out: dict[str, tuple[Path, TensorInfo]] = {}
+    for key, (f, info) in headers.items():
+        name = rename(key)
+        if name in out:
+            raise InputError(f"{f}: tensors {out[name][1].name!r} and {key!r} are both the parameter {name!r}")
+        out[name] = (f, info)
+    return out
 
 
 def _float_dtype(name: str, info: TensorInfo, file: Path) -> None:
@@ -134,8 +179,10 @@ def plan_hf(path: Path, model: Any, headers: Mapping[str, tuple[Path, TensorInfo
     mis-shaped or non-float tensor (tied lm_head optional; a fused experts tensor may hold per-expert ones)."""
     spec = arch_for(model.config)
     kind = model.config.model_type
+    headers = model_keys(model, headers)
     plan: dict[str, Source] = {}
     missing: list[str] = []
+    used: set[str] = set()
     experts: dict[str, int] = {}
     for n in stored_names(model):
         shape = tuple(model.get_parameter(n).shape)
@@ -148,7 +195,8 @@ def plan_hf(path: Path, model: Any, headers: Mapping[str, tuple[Path, TensorInfo
             if len(info.shape) != 1 + len(want) or tuple(info.shape[1:]) != want or e >= info.shape[0]:
                 raise InputError(f"{f}: fused tensor {fname!r} has shape {info.shape}, the {kind} model of "
                                  f"config.json expects (experts, {', '.join(map(str, want))})")
-            plan[n] = Source(f, fname, e, proj)
+            plan[n] = Source(f, info.name, e, proj)
+            used.add(fname)
             experts[fname] = max(experts.get(fname, 0), e + 1)
         elif n in headers:
             f, info = headers[n]
@@ -156,7 +204,8 @@ def plan_hf(path: Path, model: Any, headers: Mapping[str, tuple[Path, TensorInfo
             if tuple(info.shape) != shape:
                 raise InputError(f"{f}: tensor {n!r} has shape {info.shape}, the {kind} model of config.json "
                                  f"expects {shape}")
-            plan[n] = Source(f, n)
+            plan[n] = Source(f, info.name)
+            used.add(n)
         else:
             missing.append(n)
     if missing:
@@ -166,7 +215,6 @@ def plan_hf(path: Path, model: Any, headers: Mapping[str, tuple[Path, TensorInfo
         f, info = headers[fname]
         if info.shape[0] != count:
             raise InputError(f"{f}: fused tensor {fname!r} holds {info.shape[0]} experts, the config {count}")
-    used = {s.tensor for s in plan.values()}
     head, embed = f"{spec.lm_head}.weight", f"{spec.embedding}.weight"
     extra = [n for n in headers if n not in used and not n.endswith(".inv_freq") and n != head]
     if head in headers and head not in used:  # a tied lm_head stored anyway: the embedding's twin
@@ -245,5 +293,5 @@ def gguf_model(path: Path, g: Any, dtype: Any) -> tuple[Any, list[str], Any]:
     return model, stored_names(model), names
 
 
-__all__ = ["INDEX", "Source", "check_gguf_counts", "check_gguf_tensors", "check_hf_counts", "checkpoint_files",
-           "gguf_model", "naming", "plan_hf", "read_headers", "stored_names"]
+__all__ = ["INDEX", "Source", "check_gguf_counts", "check_gguf_tensors", "check_hf_counts", "checkpoint_files", "checkpoint_renamer",
+           "gguf_model", "model_keys", "naming", "plan_hf", "read_headers", "stored_names"]
