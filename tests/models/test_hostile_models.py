@@ -341,3 +341,21 @@ def test_random_gguf_metadata_edits_never_crash(gguf_parts, tmp_path):
             outcome = _one_line_or_success(lambda: load_model(path, low_memory=True), path)
         outcomes.append(outcome)
     assert outcomes.count("InputError") > 30, outcomes
+
+
+def test_legacy_checkpoint_names_load_through_transformers_table(tmp_path):
+    """Mixtral checkpoints name experts block_sparse_moe.experts.N.w1/w3/w2: renamed by transformers' own
+    conversion table, not left to a fallback that could initialise what it cannot find."""
+    from tests.moe_tiny import tiny_moe
+
+    model = tiny_moe("mixtral", unfuse=False)
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    for low in (False, True):
+        loaded, _ = load_model(tmp_path / "m", low_memory=low)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    _edit_tensors(tmp_path / "m", lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
+    _refuses(tmp_path / "m", "model.layers.1.mlp.experts.2.up_proj.weight")
