@@ -28,7 +28,7 @@ from bitalloc.models.archs import arch_for
 from bitalloc.models.gguf_config import apply_rope_factors
 from bitalloc.models.gguf_map import GGUFNames
 from bitalloc.models.experts import fused_rows
-from bitalloc.models.preflight import Source, gguf_model, stored_names
+from bitalloc.models.preflight import Source, gguf_model
 from bitalloc.memory import release_free_memory
 from bitalloc.models.spill import PAGE, attach, install_release_hooks, spill_parameters
 
