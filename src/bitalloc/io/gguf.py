@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .mapped import MappedFile
+from .mapped import MappedFile, open_regular
 from ..errors import InputError
 from .atomic import PathLike
 
@@ -167,7 +167,7 @@ class GGUFFile(MappedFile):
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 24:
                     raise self._bad(f"file is {size} bytes, too short for a GGUF header")

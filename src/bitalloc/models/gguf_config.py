@@ -13,6 +13,7 @@ import torch
 
 from bitalloc.errors import InputError
 from bitalloc.models.archs import ARCHS, arch_for, gguf_model_type
+from bitalloc.models.config_checks import check_gguf_value, check_values
 from bitalloc.models.gguf_map import gguf_spec
 
 
@@ -76,13 +77,6 @@ def gguf_hparams(config: Any) -> dict[str, Any]:
     return out
 
 
-def _scalar(metadata: Mapping[str, Any], key: str) -> Any:
-    v = metadata[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InputError(f"GGUF metadata {key!r} must be a number, got {v!r}")
-    return v
-
-
 def _set_rope_scaling(config: Any, metadata: Mapping[str, Any], arch: str) -> None:
     """Linear RoPE scaling from ``{arch}.rope.scaling.*`` (Gemma 3's global layers, say); other kinds refused."""
     kind = metadata.get(f"{arch}.rope.scaling.type")
@@ -90,7 +84,10 @@ def _set_rope_scaling(config: Any, metadata: Mapping[str, Any], arch: str) -> No
         return
     if kind != "linear":
         raise InputError(f"the GGUF's RoPE scaling {kind!r} is not supported (linear and rope_freqs factors are)")
-    factor = _scalar(metadata, f"{arch}.rope.scaling.factor")
+    key = f"{arch}.rope.scaling.factor"
+    if key not in metadata:
+        raise InputError(f"the GGUF's linear RoPE scaling has no {key!r}")
+    factor = check_gguf_value(key, metadata[key], "factor")
     rp = getattr(config, "rope_parameters", None)
     if not isinstance(rp, dict) or not factor > 0:
         raise InputError(f"cannot apply the GGUF's linear RoPE scaling (factor {factor!r}) to a {arch} config")
@@ -132,7 +129,7 @@ def config_from_gguf(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int
             if key in g.optional:
                 continue
             raise InputError(f"the GGUF lacks the metadata key {full!r} that a {arch} model needs")
-        value = _scalar(metadata, full)
+        value = check_gguf_value(full, metadata[full], attr)
         if attr == "rope_dim":  # rotary dimensions: a partial_rotary_factor below 1 (Phi-4-mini), once built
             rope_dim = value
         else:
@@ -149,6 +146,7 @@ def config_from_gguf(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int
                       ("pad_token_id", "padding_token_id")):  # ids the model config checks against the vocabulary
         v = metadata.get(f"tokenizer.ggml.{key}")
         kw[attr] = int(v) if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < kw["vocab_size"] else None
+    check_values(kw, "GGUF metadata")  # heads divide hidden_size, K/V heads divide heads, top-k <= experts
     if "head_dim" not in kw and kw.get("num_attention_heads"):
         kw["head_dim"] = int(kw["hidden_size"]) // int(kw["num_attention_heads"])
     for attr in ("max_position_embeddings", "hidden_size", "num_hidden_layers", "intermediate_size",

@@ -188,8 +188,12 @@ def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> Any:
     try:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    except (ValueError, TypeError, KeyError, RuntimeError, AssertionError) as e:
-        raise InputError(f"cannot build a {config.model_type} model from its config: {e}") from e
+    except InputError:
+        raise
+    except Exception as e:  # transformers on values that passed the config checks: still the input's fault
+        from bitalloc.models.config_checks import one_line
+
+        raise InputError(f"cannot build a {config.model_type} model from its config: {one_line(e)}") from e
     if getattr(config, "tie_word_embeddings", False):  # not every model class ties on the meta device
         model.get_submodule(spec.lm_head).weight = model.get_submodule(spec.embedding).weight
     unfuse_experts(model)  # MoE: per-expert linears, as bitalloc sees the model (on the meta device too)

@@ -1,22 +1,28 @@
 """Loading causal LMs: a Hugging Face directory with safetensors, or a GGUF file (through the architecture map).
 
-Pickle checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) are refused: loading them can run code.  Before
-transformers touches a file it is validated by the strict readers of :mod:`bitalloc.io`: every ``*.safetensors``
-of a directory (header, offsets, coverage, then a NaN/Inf check of each tensor, memory-mapped one at a time) and
-a ``.gguf`` (header, counts, layout, float tensors checked for NaN/Inf); the config's ``model_type`` must be a
-supported architecture.
+Pickle checkpoints (``.bin``, ``.pt``, ``.pth``, ``.ckpt``) are refused: loading them can run code.  Every load
+path (whole, low-memory, and :func:`meta_model` for the CLI's budget precheck) runs the same checks first, on
+headers alone: the entries of a directory are regular files (a FIFO is never opened), config.json's values or
+the GGUF metadata are checked (:mod:`bitalloc.models.config_checks`), and the tensor headers of the files
+(shards of ``model.safetensors.index.json`` included) must hold exactly the parameters that config describes
+(:mod:`bitalloc.models.preflight`).  Only then is memory or a spill file sized by those checked shapes and the
+weights copied through bitalloc's strict readers, each tensor checked for NaN/Inf as it is copied; transformers
+never loads the weights itself, so no parameter is ever left randomly initialised.
 """
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bitalloc.errors import InputError
+from bitalloc.errors import BitallocError, InputError
+from bitalloc.models.config_checks import one_line, read_config, regular_file
+from bitalloc.models.preflight import Source, naming, check_hf_counts, checkpoint_files, plan_hf, read_headers
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,16 @@ def default_model_path() -> Path:
 
 
 def _check_hf_dir(path: Path) -> None:
+    """Every entry a regular file or a directory (a FIFO named tokenizer.json would block whoever opens it),
+    a config.json, and safetensors weights (pickles refused)."""
+    for entry in os.scandir(path):
+        try:
+            st = os.stat(entry.path)
+        except OSError:
+            continue  # a dangling link: never opened, a needed file is then reported missing by name
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise InputError(f"{entry.path} is not a regular file (a FIFO, socket or device); refusing to read "
+                             f"the model directory {path}")
     files = [p.name for p in path.iterdir() if p.is_file()]
     if not (path / "config.json").is_file():
         raise InputError(f"{path} is not a model: no config.json (expected a Hugging Face directory or a .gguf file)")
@@ -81,56 +97,50 @@ def validate_gguf(path: Path) -> None:
                 check_finite(g.get(name), f"{name} in {path}")
 
 
-def _check_model_type(path: Path) -> None:
-    """Refuse an unknown ``model_type`` from config.json before transformers parses it."""
-    from bitalloc.models.archs import ARCHS, supported_types
-
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {path / 'config.json'}: {e}") from e
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in ARCHS:
-        raise InputError(
-            f"unsupported architecture {model_type!r} in {path / 'config.json'}; "
-            f"supported model types: {', '.join(supported_types())}"
-        )
-
-
 def _check_gguf(path: Path) -> None:
-    """Magic, the strict reader over every structure, and the architecture known to the map (no weights read)."""
+    """A regular file (never opened otherwise), the strict reader over every structure, and the architecture
+    known to the map (no weights read)."""
     from bitalloc.io.gguf import GGUFFile
     from bitalloc.models.archs import gguf_model_type
 
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise InputError(f"{path} is not a GGUF file (bad magic)")
-    with GGUFFile(path) as g:
+    regular_file(path, "model")
+    with GGUFFile(path) as g, naming(path):
         arch = g.metadata.get("general.architecture")
-        gguf_model_type(str(arch))
+        if not isinstance(arch, str):
+            raise InputError(f"{path}: general.architecture must be a string, got {arch!r:.60}")
+        gguf_model_type(arch)
+
+
+def _hf_checked(path: Path, dtype: torch.dtype) -> tuple[Any, dict[str, Source]]:
+    """The meta model of an HF directory and where each of its parameters is, once config.json's values and
+    the tensor headers are checked against each other (:mod:`bitalloc.models.preflight`): no weight read."""
+    from bitalloc.models.gguf_map import empty_model
+
+    with naming(path):
+        _check_hf_dir(path)
+        read_config(path)  # types, ranges, consistency: before transformers parses it
+        files, weight_map = checkpoint_files(path)
+        headers = read_headers(files, weight_map)
+        config = _hf_config(path)
+        check_hf_counts(config, headers, str(path))  # layers and experts, before a model is built from them
+        model = empty_model(config, dtype)
+        return model, plan_hf(path, model, headers)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from bitalloc.models.spill_load import load_gguf_whole
 
-    _check_gguf(path)
-    validate_gguf(path)
-    return load_gguf_whole(path, dtype), _tokenizer(path, gguf=True)
+    meta_model(path)  # metadata against tensor headers first, then the tokenizer, both before any weight
+    tokenizer = _tokenizer(path, gguf=True)
+    return load_gguf_whole(path, dtype), tokenizer
 
 
 def _load_hf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM
+    from bitalloc.models.spill_load import load_hf_whole
 
-    _check_hf_dir(path)
-    _check_model_type(path)
-    validate_safetensors_dir(path)
-    _hf_config(path)  # refuse unknown architectures before reading any weights
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=False)
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
-        raise InputError(f"cannot load the model in {path}: {e}") from e
-    return model, _tokenizer(path, gguf=False)
+    model, plan = _hf_checked(path, dtype)
+    tokenizer = _tokenizer(path, gguf=False)  # before any weight: its refusals cost seconds, not a load
+    return load_hf_whole(model, plan, dtype), tokenizer
 
 
 def _hf_config(path: Path) -> Any:
@@ -140,8 +150,10 @@ def _hf_config(path: Path) -> Any:
 
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
-        raise InputError(f"cannot read the model config in {path}: {e}") from e
+    except BitallocError:
+        raise
+    except Exception as e:  # transformers on a config whose known values passed read_config: still one line
+        raise InputError(f"cannot read the model config in {path}: {one_line(e)}") from e
     arch_for(config)  # refuse unknown architectures before reading any weights
     return config
 
@@ -162,7 +174,7 @@ def _gguf_tokenizer(path: Path) -> Any:
             return AutoTokenizer.from_pretrained(private, gguf_file=link.name, trust_remote_code=False)
         except ValueError as e:
             if "not supported" not in str(e):
-                raise
+                raise InputError(f"cannot load the tokenizer of the GGUF {path}: {one_line(e)}") from e
             return PreTrainedTokenizerFast.from_pretrained(private, gguf_file=link.name, trust_remote_code=False)
 
 
@@ -173,51 +185,49 @@ def _tokenizer(path: Path, gguf: bool) -> Any:
         if gguf:
             return _gguf_tokenizer(path)
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
+    except BitallocError:
+        raise
+    except Exception as e:  # third-party parsers of untrusted tokenizer files: any failure is the input's
         if gguf:
-            raise InputError(f"cannot load the tokenizer of the GGUF {path}: {e}") from e
+            raise InputError(f"cannot load the tokenizer of the GGUF {path}: {one_line(e)}") from e
         if "custom code" in str(e) or "trust_remote_code" in str(e):
             raise InputError(f"the tokenizer in {path} needs custom code from the folder (auto_map in "
                              "tokenizer_config.json); bitalloc never runs code from a model folder") from e
-        log.warning("no usable tokenizer in %s (%s); token ids must be supplied directly", path, e)
+        log.warning("no usable tokenizer in %s (%s); token ids must be supplied directly", path, one_line(e))
         return None
 
 
-def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[Any, Any] | None:
-    """``(model, tokenizer)`` with spilled weights, or None where only a whole load is possible."""
+def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` with spilled weights (the spill file sized by the checked tensor headers)."""
     from bitalloc.memory import release_free_memory, return_large_frees
     from bitalloc.models.spill_load import load_gguf_spilled, load_hf_spilled
 
     return_large_frees()  # freed activations of a few MB go back to the OS instead of staying in the heap
     if path.is_dir():
-        _check_hf_dir(path)
-        _check_model_type(path)
-        model = load_hf_spilled(path, _hf_config(path), dtype, spill_dir)
+        model, plan = _hf_checked(path, dtype)
+        tokenizer = _tokenizer(path, gguf=False)  # before any weight: its refusals cost seconds, not a load
+        model = load_hf_spilled(model, plan, dtype, spill_dir)
     else:
-        _check_gguf(path)
+        meta_model(path)  # metadata against tensor headers first, then the tokenizer, both before any weight
+        tokenizer = _tokenizer(path, gguf=True)
         model = load_gguf_spilled(path, dtype, spill_dir)
-    if model is None:
-        return None
-    tokenizer = _tokenizer(path, gguf=not path.is_dir())
     release_free_memory()  # the GGUF metadata and tokenizer parsing leave large freed buffers behind
     return model, tokenizer
 
 
 def meta_model(source: str | Path) -> Any:
     """The model of a source with its parameters on the meta device: config from ``config.json`` or the GGUF's
-    metadata, no weight read (for checks that need only names and shapes)."""
+    metadata, checked against the tensor headers as a load checks them (no weight read; for checks that need
+    only names and shapes)."""
     from bitalloc.io.gguf import GGUFFile
-    from bitalloc.models.gguf_config import config_from_gguf
-    from bitalloc.models.gguf_map import empty_model
+    from bitalloc.models.preflight import gguf_model
 
     path = Path(source).expanduser()
     if path.is_dir():
-        _check_hf_dir(path)
-        _check_model_type(path)
-        return empty_model(_hf_config(path))
+        return _hf_checked(path, torch.float32)[0]
     _check_gguf(path)
     with GGUFFile(path) as g:
-        return empty_model(config_from_gguf(g.metadata, {n: tuple(i.shape) for n, i in g.tensors.items()}))
+        return gguf_model(path, g, torch.float32)[0]
 
 
 def load_model(
@@ -233,7 +243,10 @@ def load_model(
     With ``low_memory`` the weights are read tensor by tensor into a memory-mapped spill file in
     ``spill_dir`` (default: the temp dir) and kept resident one block at a time (:mod:`bitalloc.models.spill`);
     the values are identical to a whole load; it also makes glibc return freed allocations of 1 MiB or more to
-    the OS at once, for the rest of the process (:func:`bitalloc.memory.return_large_frees`).  Sources it cannot map by name fall back to a whole load.
+    the OS at once, for the rest of the process (:func:`bitalloc.memory.return_large_frees`).
+    Both loads first check config.json (or the GGUF metadata) and the tensor headers against each other
+    (:mod:`bitalloc.models.preflight`): a missing, unexpected, mis-shaped or non-float tensor is one InputError
+    before any weight is allocated, never a randomly initialised parameter.
     """
     from bitalloc.models.archs import arch_for
     from bitalloc.models.experts import unfuse_experts
@@ -245,9 +258,8 @@ def load_model(
         raise InputError(f"{path} is a pickle checkpoint; it can execute code when loaded and is refused")
     if not path.is_dir() and path.suffix.lower() != ".gguf":
         raise InputError(f"{path} is not a model: give a Hugging Face directory (safetensors) or a .gguf file")
-    loaded = _load_low_memory(path, dtype, spill_dir) if low_memory else None
-    if loaded is not None:
-        model, tokenizer = loaded
+    if low_memory:
+        model, tokenizer = _load_low_memory(path, dtype, spill_dir)
     elif path.is_dir():
         model, tokenizer = _load_hf(path, dtype)
     else:
@@ -256,5 +268,5 @@ def load_model(
     unfuse_experts(model)  # MoE: one nn.Linear per expert projection (a spilled model is built unfused already)
     model.eval()
     model.requires_grad_(False)
-    log.info("loaded %s (%s, %s%s)", path, model.config.model_type, dtype, ", low memory" if loaded else "")
+    log.info("loaded %s (%s, %s%s)", path, model.config.model_type, dtype, ", low memory" if low_memory else "")
     return model, tokenizer

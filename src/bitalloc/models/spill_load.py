@@ -25,9 +25,10 @@ from bitalloc.formats.gguf import GGUF_TYPES
 from bitalloc.io.gguf import GGUFFile
 from bitalloc.io.safetensors import SafetensorsFile, check_finite
 from bitalloc.models.archs import arch_for
-from bitalloc.models.gguf_config import apply_rope_factors, config_from_gguf
-from bitalloc.models.gguf_map import GGUFNames, empty_model, model_names
-from bitalloc.models.experts import fused_rows, fused_source, unfuse_experts
+from bitalloc.models.gguf_config import apply_rope_factors
+from bitalloc.models.gguf_map import GGUFNames
+from bitalloc.models.experts import fused_rows
+from bitalloc.models.preflight import Source, gguf_model
 from bitalloc.memory import release_free_memory
 from bitalloc.models.spill import PAGE, attach, install_release_hooks, spill_parameters
 
@@ -38,18 +39,10 @@ _FLOAT_GGUF = ("F32", "F16", "BF16", "F64")
 _DECODE_ELEMENTS = 1 << 20  # rows of a quantized tensor are decoded in chunks of about this many values
 
 
-def _stored_names(model: Any) -> list[str]:
-    """Parameters that hold their own data: all but an lm_head tied to the embedding."""
-    head = f"{arch_for(model.config).lm_head}.weight"
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    return [n for n, _ in model.named_parameters() if not (tied and n == head)]
-
-
 def _finish_spilled(model: Any, spill: Any) -> None:
     """Tie the lm_head to the embedding when the config says so, mark owners, hook residency."""
     spec = arch_for(model.config)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.get_submodule(spec.lm_head).weight = model.get_submodule(spec.embedding).weight
+    _tie(model)
     attach(model, spill)
     install_release_hooks(model, spec.blocks)
     spill.release_all()
@@ -73,40 +66,6 @@ def _drop_source_pages(addr: int, nbytes: int) -> None:
     lo, hi = -(-addr // PAGE) * PAGE, (addr + nbytes) // PAGE * PAGE
     if hi > lo:
         _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(mmap.MADV_DONTNEED))
-
-
-def load_hf_spilled(path: Path, config: Any, dtype: torch.dtype, spill_dir: Any = None) -> Any:
-    """The model of an HF directory with spilled weights (None when its tensor names differ from the model's)."""
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
-    where: dict[str, Path] = {}
-    for f in files:  # headers only: the strict reader validates offsets and coverage
-        with SafetensorsFile(f) as sf:
-            where.update({k: f for k in sf.keys()})
-    model = empty_model(config, dtype)
-    names = _stored_names(model)
-    # a per-expert tensor may also come from a fused (E, 2I, H) / (E, H, I) checkpoint tensor
-    fused = {n: src for n in names if n not in where and (src := fused_source(n)) is not None and src[0] in where}
-    missing = [n for n in names if n not in where and n not in fused]
-    if missing:
-        log.warning("%s names its tensors differently from the model (e.g. %r is missing); loading it whole "
-                    "in memory instead of low-memory", path, missing[0])
-        return None
-    spill = spill_parameters(model, names, dtype, spill_dir)
-    for f in files:
-        with SafetensorsFile(f) as sf:
-            for name in names:
-                if name in fused and where[fused[name][0]] == f:
-                    fname, e, proj = fused[name]
-                    _store(spill, name, slice(None), fused_rows(sf.get(fname), e, proj), str(f))
-                elif where.get(name) == f:
-                    src = sf.get(name)
-                    _store(spill, name, slice(None), src, str(f))
-                    _drop_source_pages(src.data_ptr(), src.numel() * src.element_size())
-            for fname in {v[0] for v in fused.values() if where[v[0]] == f}:
-                src = sf.get(fname)
-                _drop_source_pages(src.data_ptr(), src.numel() * src.element_size())
-    _finish_spilled(model, spill)
-    return model
 
 
 def _gguf_rows(g: Any, name: str, r0: int, r1: int) -> torch.Tensor:
@@ -179,18 +138,58 @@ def _fill_gguf(path: Path, g: Any, dest: Any, want: list[str], names: GGUFNames)
         raise InputError(f"{path} has no tensor for {missing[:3]} ({len(missing)} missing)")
 
 
+def _fill_hf(plan: dict[str, Source], dest: Any) -> None:
+    """Copy every planned parameter from its (already header-checked) file into ``dest``, file by file."""
+    by_file: dict[Path, list[tuple[str, Source]]] = {}
+    for name, src in plan.items():
+        by_file.setdefault(src.file, []).append((name, src))
+    for f, items in by_file.items():
+        with SafetensorsFile(f) as sf:
+            for name, src in items:
+                t = sf.get(src.tensor)
+                values = t if src.expert is None else fused_rows(t, src.expert, str(src.proj))
+                _store(dest, name, slice(None), values, str(f))
+                if src.expert is None:
+                    _drop_source_pages(t.data_ptr(), t.numel() * t.element_size())
+            for fname in {s.tensor for _, s in items if s.expert is not None}:
+                t = sf.get(fname)
+                _drop_source_pages(t.data_ptr(), t.numel() * t.element_size())
+
+
+def load_hf_spilled(model: Any, plan: dict[str, Source], dtype: torch.dtype, spill_dir: Any = None) -> Any:
+    """Fill the meta ``model`` of an HF directory from the checked ``plan`` (:func:`~bitalloc.models.preflight.
+    plan_hf`) into a spill file sized by the checked shapes."""
+    spill = spill_parameters(model, list(plan), dtype, spill_dir)
+    _fill_hf(plan, spill)
+    _finish_spilled(model, spill)
+    return model
+
+
+def load_hf_whole(model: Any, plan: dict[str, Source], dtype: torch.dtype) -> Any:
+    """Fill the meta ``model`` of an HF directory from the checked ``plan`` into ordinary memory (same values
+    as :func:`load_hf_spilled`; never a parameter the files lack: no random initialisation)."""
+    _fill_hf(plan, _Params(model, list(plan), dtype))
+    _tie(model)
+    return model
+
+
 def _gguf_model(path: Path, g: Any, dtype: torch.dtype) -> tuple[Any, list[str], GGUFNames]:
-    """The empty model of an open GGUF (config from its metadata by the map), its stored names and name map."""
-    config = config_from_gguf(g.metadata, {n: tuple(i.shape) for n, i in g.tensors.items()})
-    model = empty_model(config, dtype)
+    """The empty model of an open GGUF once metadata and tensor headers agree (:func:`~bitalloc.models.preflight.
+    gguf_model`), Llama 3's RoPE factors applied; its stored names and name map."""
+    model, stored, names = gguf_model(path, g, dtype)
     if "rope_freqs.weight" in g.tensors:  # Llama 3's RoPE scaling, as the converter stores it
-        factors = g.get("rope_freqs.weight").to(torch.float32).clone()  # the map closes with the file
+        factors = g.dequantize("rope_freqs.weight").clone()  # the map closes with the file
         check_finite(factors, f"rope_freqs.weight in {path}")
         if not bool((factors > 0).all()):
             raise InputError(f"{path}: rope_freqs.weight must be positive")
         apply_rope_factors(model, factors)
-    names = model_names(model)
-    return model, _stored_names(model), names
+    return model, stored, names
+
+
+def _tie(model: Any) -> None:
+    if getattr(model.config, "tie_word_embeddings", False):
+        spec = arch_for(model.config)
+        model.get_submodule(spec.lm_head).weight = model.get_submodule(spec.embedding).weight
 
 
 def load_gguf_spilled(path: Path, dtype: torch.dtype, spill_dir: Any = None) -> Any:
@@ -208,10 +207,8 @@ def load_gguf_whole(path: Path, dtype: torch.dtype) -> Any:
     with GGUFFile(path) as g:
         model, stored, names = _gguf_model(path, g, dtype)
         _fill_gguf(path, g, _Params(model, stored, dtype), stored, names)
-    spec = arch_for(model.config)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.get_submodule(spec.lm_head).weight = model.get_submodule(spec.embedding).weight
+    _tie(model)
     return model
 
 
-__all__ = ["load_gguf_spilled", "load_gguf_whole", "load_hf_spilled"]
+__all__ = ["load_gguf_spilled", "load_gguf_whole", "load_hf_spilled", "load_hf_whole"]
