@@ -12,6 +12,7 @@ from .checked import one_line
 from .errors import InputError, NumericsError
 from .export.packed import read_packed
 from .models.archs import arch_for
+from .models.config_checks import read_config
 from .models.experts import unfuse_experts
 from .rounding import dequantize
 
@@ -50,6 +51,7 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
     p = Path(path)
     info, qtensors = read_packed(p, verify=verify)
     config_errors = _config_errors()
+    read_config(p)  # the checks a model folder's config.json gets: types, ranges, consistency, known type
     try:
         config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
     except config_errors as e:
