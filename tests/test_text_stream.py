@@ -149,7 +149,7 @@ def test_fifo_and_devices_are_refused_without_opening(tmp_path):
     try:
         for path in (fifo, Path("/dev/zero"), Path("/dev/null")):
             for call in (data.expand_paths, data.read_texts, lambda p: data.text_windows(None, p, 4, 1)):
-                with pytest.raises(InputError, match=r"is a (FIFO|character device)\b.*, not a text file"):
+                with pytest.raises(InputError, match=r"is a (FIFO|character device)\b.*, not a regular file"):
                     call(path)
         (tmp_path / "d").mkdir()
         os.mkfifo(tmp_path / "d" / "pipe.txt")  # a FIFO inside a directory is not one of its .txt files

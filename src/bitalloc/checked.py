@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 from .formats import Format, FormatError, get_format
+from .io.paths import open_regular
 
 #: Largest byte, parameter or dimension count accepted (2^53, 8 PiB: exact in float64, no int64 overflow).
 MAX_COUNT = 2**53
@@ -24,6 +26,8 @@ MAX_COUNT = 2**53
 MAX_REAL = 1e200
 _MAX_INT_DIGITS = 30
 _MAX_DIMS = 8
+#: Largest JSON file read (configs, plans, tables, indexes, descriptions).
+MAX_JSON_BYTES = 64 << 20
 
 
 def short(v: Any, n: int = 60) -> str:
@@ -34,6 +38,12 @@ def short(v: Any, n: int = 60) -> str:
 
 def one_line(text: object) -> str:
     return str(text).replace("\n", " ").replace("\r", " ")
+
+
+def error_line(e: BaseException, limit: int = 400) -> str:
+    """A third-party exception as one bounded line with its type (transformers' validation errors span several)."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- parsing --------------------------------------------------------------------------------------
@@ -83,11 +93,21 @@ def decode(raw: bytes, source: str) -> str:
 
 
 def read_text(path: str | Path, source: str) -> str:
-    """The UTF-8 text of the file ``path`` (InputError naming ``source`` when unreadable or not UTF-8)."""
+    """The UTF-8 text of the file ``path`` (InputError naming ``source`` when it is not a regular file, larger
+    than :data:`MAX_JSON_BYTES`, unreadable or not UTF-8).  Opened non-blocking: a FIFO is refused, not read."""
     try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read {source}: {one_line(e.strerror or e)}") from None
+        f = open_regular(path, "file")
+    except InputError as e:  # "file <path> is a FIFO ..." -> "cannot read <source>: it is a FIFO ..."
+        reason = str(e).replace(f"file not found: {path}", "not found").replace(f"file {path} ", "it ")
+        raise InputError(f"cannot read {source}: {reason}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_JSON_BYTES:
+            raise InputError(f"{source} is {size} bytes, more than the {MAX_JSON_BYTES >> 20} MiB allowed")
+        try:
+            raw = f.read()
+        except OSError as e:
+            raise InputError(f"cannot read {source}: {one_line(e.strerror or e)}") from None
     return decode(raw, source)
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import codecs
 import logging
-import os
-import stat
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
 from .errors import InputError
+from .io.paths import check_input, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -25,42 +24,14 @@ _SEPARATOR = "\n\n"
 SNIFF_BYTES = 8192
 
 
-def _kind(mode: int) -> str | None:
-    """What a non-regular, non-directory file is, or None for a regular file or a directory."""
-    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "not a regular file"
-
-
 def text_path_kind(path: Path) -> str:
     """``"dir"`` or ``"file"`` from ``stat`` (nothing is opened); InputError for anything else."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise InputError(f"text file not found: {path}") from None
-    except OSError as e:
-        raise InputError(f"cannot read the text path {path}: {e.strerror or e}") from None
-    kind = _kind(st.st_mode)
-    if kind is not None:
-        raise InputError(f"text path {path} is {kind}, not a text file or a directory of .txt files")
-    return "dir" if stat.S_ISDIR(st.st_mode) else "file"
+    return "dir" if check_input(path, "text path").is_dir() else "file"
 
 
 def open_text_file(path: Path) -> BinaryIO:
     """``path`` opened for binary reading, refused unless it is a regular file (checked on the open file)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise InputError(f"text file not found: {path}") from None
-    except OSError as e:
-        raise InputError(f"cannot read the text file {path}: {e.strerror or e}") from None
-    kind = _kind(os.fstat(fd).st_mode)
-    if kind is not None or stat.S_ISDIR(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise InputError(f"text path {path} is {kind or 'a directory'}, not a text file")
-    return os.fdopen(fd, "rb")
+    return open_regular(path, "text file")
 
 
 def _refuse_nul(path: Path, raw: bytes, offset: int) -> None:

@@ -140,10 +140,10 @@ def test_config_values_checked_before_anything_is_built(hf_src, tmp_path, edit, 
 
 
 @pytest.mark.parametrize("raw, words", [
-    (b'{"model_type": "llama", "hidden_size": 1e400}', ("inf",)),
+    (b'{"model_type": "llama", "hidden_size": 1e400}', ("1e400", "beyond the float range")),
     (b'{"model_type": "llama", "rms_norm_eps": NaN}', ("NaN",)),
     (b'{"model_type": "llama", "x": "\xff\xfe"}', ("not UTF-8",)),
-    (b'{"model_type": "llama", "model_type": "llama"}', ("duplicate",)),
+    (b'{"model_type": "llama", "model_type": "llama"}', ("appears twice",)),
     (b'["llama"]', ("JSON object",)),
 ])
 def test_malformed_config_json(hf_src, tmp_path, raw, words):

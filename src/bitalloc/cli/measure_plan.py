@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .common import (
     DEFAULT_FORMATS, _calib, _check_out, _formats, _inputs_fingerprint, _job_dir, _load_model, _measure,

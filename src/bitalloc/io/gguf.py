@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .mapped import MappedFile, open_regular
+from .mapped import MappedFile
+from .paths import open_regular
 from ..errors import InputError
 from .atomic import PathLike
 
@@ -167,7 +168,7 @@ class GGUFFile(MappedFile):
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         try:
-            with open_regular(self.path) as f:
+            with open_regular(self.path, "GGUF file") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 24:
                     raise self._bad(f"file is {size} bytes, too short for a GGUF header")

@@ -3,30 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import os
-import stat
-from pathlib import Path
-from typing import BinaryIO, TypeVar
-
-from ..errors import InputError
+from typing import TypeVar
 
 _M = TypeVar("_M", bound="MappedFile")
-
-
-def open_regular(path: Path) -> BinaryIO:
-    """``path`` opened for reading, InputError unless it is a regular file.  Opened non-blocking and checked
-    by ``fstat`` on the open descriptor: a FIFO never blocks, and nothing can swap the file in between."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-            raise InputError(f"{path} is {kind}; a regular file is required")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class MappedFile:

@@ -15,7 +15,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import BinaryIO, Iterable, Sequence, Union
 
 from ..errors import InputError
 
@@ -53,6 +53,27 @@ def check_input(path: PathLike, what: str, expect: str = "any") -> Path:
     if expect != "any" and kind != expect:
         raise InputError(f"{what} {p} is a {kind}, expected a {expect}")
     return p
+
+
+def open_regular(path: PathLike, what: str = "file") -> BinaryIO:
+    """``path`` opened for binary reading, InputError unless it is a regular file.  Opened non-blocking and
+    checked by ``fstat`` on the open descriptor: a FIFO never blocks, and nothing can swap the file in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        kind = kind_of(os.fstat(fd).st_mode)
+        if kind != "file":
+            raise InputError(f"{what} {path} is {'a ' if kind == 'directory' else ''}{kind}; a regular file is "
+                             "required")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def check_entries(directory: PathLike, what: str) -> None:
@@ -218,5 +239,5 @@ def model_inputs(path: PathLike, what: str) -> list[tuple[str, Path]]:
     return [(what, p), *((what, f) for f in sorted(p.iterdir()) if f.is_file())]
 
 
-__all__ = ["check_entries", "check_input", "check_output", "check_overlap", "check_replaceable", "kind_of", "model_inputs", "relation",
+__all__ = ["check_entries", "check_input", "open_regular", "check_output", "check_overlap", "check_replaceable", "kind_of", "model_inputs", "relation",
            "text_inputs"]

@@ -18,7 +18,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from .mapped import MappedFile, open_regular
+from .mapped import MappedFile
+from .paths import open_regular
 from ..errors import InputError, NumericsError
 from .atomic import PathLike, atomic_write, compare_digests, tensor_bytes, tensor_digest, write_manifest
 
@@ -105,7 +106,7 @@ class SafetensorsFile(MappedFile):
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         try:
-            with open_regular(self.path) as f:
+            with open_regular(self.path, "safetensors file") as f:
                 size = os.fstat(f.fileno()).st_size
                 head = f.read(8)
                 if len(head) < 8:

@@ -9,16 +9,13 @@ Files are read only when they are regular files (a FIFO is refused without being
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import stat
 from pathlib import Path
 from typing import Any, Mapping
 
+from bitalloc.checked import read_json
 from bitalloc.errors import InputError
 
-MAX_JSON_BYTES = 64 << 20
 _K = 1 << 10
 #: integer sizes: key -> (smallest, largest) accepted; generous bounds on what any released model uses
 INT_RANGES: Mapping[str, tuple[int, int]] = {
@@ -36,57 +33,6 @@ POSITIVE_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "rope_local_b
 #: flags that change which tensors exist or how they are read: a string "false" must not count as true
 BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "norm_topk_prob", "use_sliding_window")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def regular_file(path: Path, what: str) -> os.stat_result:
-    """``os.stat`` of ``path`` (never opened), InputError unless it is a regular file (a FIFO would block)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from e
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
-            "not a regular file"
-        raise InputError(f"{what} {path} is {kind}; a regular file is required")
-    return st
-
-
-def one_line(e: BaseException, limit: int = 400) -> str:
-    """A third-party exception as one line (transformers' validation errors span several)."""
-    text = " ".join(f"{type(e).__name__}: {e}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def read_json(path: Path, what: str) -> Any:
-    """The JSON in ``path``: a regular file of at most 64 MiB, UTF-8, no duplicate keys, no NaN/Infinity."""
-    st = regular_file(path, what)
-    if st.st_size > MAX_JSON_BYTES:
-        raise InputError(f"{what} {path} is {st.st_size} bytes, more than the {MAX_JSON_BYTES >> 20} MiB allowed")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{what} {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as e:
-        raise InputError(f"{what} {path} is not valid JSON: {e}") from None
 
 
 def _is_int(v: Any) -> bool:
@@ -207,4 +153,4 @@ def check_gguf_value(key: str, value: Any, attr: str) -> Any:
     return value
 
 
-__all__ = ["check_gguf_value", "check_values", "one_line", "read_config", "read_json", "regular_file"]
+__all__ = ["check_gguf_value", "check_values", "read_config"]

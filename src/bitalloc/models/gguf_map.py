@@ -191,7 +191,7 @@ def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> Any:
     except InputError:
         raise
     except Exception as e:  # transformers on values that passed the config checks: still the input's fault
-        from bitalloc.models.config_checks import one_line
+        from bitalloc.checked import error_line as one_line
 
         raise InputError(f"cannot build a {config.model_type} model from its config: {one_line(e)}") from e
     if getattr(config, "tie_word_embeddings", False):  # not every model class ties on the meta device

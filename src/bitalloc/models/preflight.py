@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator, Mapping
 from bitalloc.errors import InputError
 from bitalloc.io.safetensors import SafetensorsFile, TensorInfo
 from bitalloc.models.archs import arch_for
-from bitalloc.models.config_checks import read_json, regular_file
+from bitalloc.checked import read_json
+from bitalloc.io.paths import check_input
 from bitalloc.models.experts import fused_source
 
 INDEX = "model.safetensors.index.json"
@@ -64,7 +65,7 @@ def checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     if not (index.exists() or index.is_symlink()):
         files = sorted(p for p in path.iterdir() if p.name.endswith(".safetensors"))
         for f in files:
-            regular_file(f, "weights file")
+            check_input(f, "weights file", "file")
         return files, None
     data = read_json(index, "shard index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -78,7 +79,7 @@ def checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
                              f"name of a .safetensors file in {path}")
         files.setdefault(fname, path / fname)
     for f in files.values():
-        regular_file(f, f"shard (listed in {INDEX})")
+        check_input(f, f"shard (listed in {INDEX})", "file")
     return sorted(files.values()), weight_map
 
 

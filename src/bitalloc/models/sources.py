@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from bitalloc.errors import BitallocError, InputError
-from bitalloc.models.config_checks import one_line, read_config, regular_file
+from bitalloc.checked import error_line as one_line
+from bitalloc.io.paths import check_input
+from bitalloc.models.config_checks import read_config
 from bitalloc.models.preflight import Source, naming, check_hf_counts, checkpoint_files, plan_hf, read_headers
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ def _check_gguf(path: Path) -> None:
     from bitalloc.io.gguf import GGUFFile
     from bitalloc.models.archs import gguf_model_type
 
-    regular_file(path, "model")
+    check_input(path, "model", "file")
     with GGUFFile(path) as g, naming(path):
         arch = g.metadata.get("general.architecture")
         if not isinstance(arch, str):
