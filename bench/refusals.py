@@ -73,6 +73,7 @@ def measure_argv(model: Path, calib: Path, out: Path, *extra: str) -> list[str]:
 def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:
     d = json.loads(path.read_text())
     edit(d)
+    path.unlink()  # the case folders hard-link the intact files: never write through a link
     path.write_text(json.dumps(d))
 
 
@@ -83,6 +84,7 @@ def _rewrite_safetensors(folder: Path, edit: Callable[[dict], None]) -> None:
     f = folder / "model.safetensors"
     tensors = load_file(str(f))
     edit(tensors)
+    f.unlink()  # hard-linked to the intact model: write a new file
     save_file(tensors, str(f), metadata={"format": "pt"})
 
 
@@ -90,7 +92,7 @@ def build_cases(work: Path, hf: Path, gguf: Path, calib: Path) -> list[tuple[str
     """(class, name, setup returning argv) for every case; each setup makes its own copy of the input."""
     def copy_hf(name: str) -> Path:
         dest = work / name / "model"
-        shutil.copytree(hf, dest)
+        shutil.copytree(hf, dest, copy_function=os.link)  # edits replace files, never write through a link
         return dest
 
     def out(name: str) -> Path:
@@ -143,6 +145,11 @@ def build_cases(work: Path, hf: Path, gguf: Path, calib: Path) -> list[tuple[str
         _edit_json(m / "config.json", lambda d: d.update(vocab_size=2_000_000_000))
         return measure_argv(m, calib, out("c5b"))
 
+    def vocab_plus_one() -> list[str]:
+        m = copy_hf("c5d")
+        _edit_json(m / "config.json", lambda d: d.update(vocab_size=d["vocab_size"] + 1))
+        return measure_argv(m, calib, out("c5d"))
+
     def string_heads() -> list[str]:
         m = copy_hf("c6a")
         _edit_json(m / "config.json", lambda d: d.update(num_attention_heads="nine"))
@@ -155,6 +162,7 @@ def build_cases(work: Path, hf: Path, gguf: Path, calib: Path) -> list[tuple[str
 
     def non_utf8_config() -> list[str]:
         m = copy_hf("c6c")
+        (m / "config.json").unlink()
         (m / "config.json").write_bytes(b'{"model_type": "llama", "x": "\xff\xfe"}')
         return measure_argv(m, calib, out("c6c"))
 
@@ -167,11 +175,33 @@ def build_cases(work: Path, hf: Path, gguf: Path, calib: Path) -> list[tuple[str
         os.mkfifo(d / "calib.txt")
         return measure_argv(hf, d / "calib.txt", out("c5c"))
 
-    def non_utf8_text() -> list[str]:
+    def utf16_text() -> list[str]:
         d = work / "c6e"
         d.mkdir()
-        (d / "calib.txt").write_bytes(b"To be, or not \xff\xfe to be" * 100)
+        (d / "calib.txt").write_bytes("To be, or not to be\n".encode("utf-16") * 100)
         return measure_argv(hf, d / "calib.txt", out("c6e"))
+
+    def foreign_tokenizer() -> list[str]:
+        m = copy_hf("c6f")  # a tokenizer whose ids run past the model's embedding rows
+        tok = json.loads((m / "tokenizer.json").read_text())
+        vocab = tok["model"]["vocab"]
+        base = max(vocab.values()) + 1
+        for i, word in enumerate(("Ġthe", "Ġand", "Ġto", "Ġof", "Ġa", "Ġthat", "Ġis", "Ġin")):
+            vocab.pop(word, None)
+            vocab[word] = base + 1000 + i
+        (m / "tokenizer.json").unlink()
+        (m / "tokenizer.json").write_text(json.dumps(tok))
+        return measure_argv(m, calib, out("c6f"))
+
+    def flipped_packed_bit() -> list[str]:
+        packed = work / "intact" / "packed"
+        d = work / "c7" / "packed"
+        shutil.copytree(packed, d)
+        f = d / "model.safetensors"
+        raw = bytearray(f.read_bytes())
+        raw[-3] ^= 0x10
+        f.write_bytes(bytes(raw))
+        return ["eval", str(d), "--reference", str(hf), "--text", str(calib), "--windows", "1", "--ctx", "64", "-q"]
 
     return [
         ("1 custom code", "tokenizer names custom code", custom_tokenizer),
@@ -181,37 +211,44 @@ def build_cases(work: Path, hf: Path, gguf: Path, calib: Path) -> list[tuple[str
         ("3 missing tensor", "a tensor missing from the safetensors", missing_tensor),
         ("3 missing tensor", "a tensor of the wrong shape", misshaped_tensor),
         ("5 metadata", "FIFO named model.gguf", fifo_gguf),
-        ("5 metadata", "config vocab_size 2e9 (tensors disagree)", huge_vocab),
+        ("5 metadata", "config vocab_size 2e9 (out of range)", huge_vocab),
+        ("5 metadata", "config vocab_size +1 (tensors disagree)", vocab_plus_one),
         ("5 metadata", "FIFO named calib.txt", text_fifo),
         ("6 malformed", "config heads as a string", string_heads),
         ("6 malformed", "config with zero KV heads", zero_heads),
         ("6 malformed", "config not UTF-8", non_utf8_config),
         ("6 malformed", "budget 1e400bpw", budget_overflow),
-        ("6 malformed", "calibration text not UTF-8", non_utf8_text),
+        ("6 malformed", "calibration text in UTF-16 (NUL bytes)", utf16_text),
+        ("6 malformed", "tokenizer ids beyond the embedding", foreign_tokenizer),
+        ("7 reading verified", "eval of a packed model with one flipped bit", flipped_packed_bit),
     ]
 
 
-def huge_text(work: Path) -> dict:
-    """Calibration windows from a 2 GiB text file: time and peak RSS of a process that reads them."""
+def _read_windows(path: Path) -> dict:
+    """A fresh process that loads the packaged tokenizer and reads 128 windows of 512 tokens from ``path``:
+    seconds of the read and peak RSS of the process."""
+    code = ("import resource, pathlib, time; from bitalloc.models.sources import default_model_path, _tokenizer; "
+            "from bitalloc.cli.common import _windows; tok = _tokenizer(default_model_path(), gguf=True); "
+            f"t = time.perf_counter(); w = _windows(tok, [pathlib.Path({str(path)!r})], 128, 512); "
+            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=900)
+    if proc.returncode != 0:
+        return {"file_bytes": path.stat().st_size, "error": proc.stderr.strip().splitlines()[-1:]}
+    secs, rss = proc.stdout.split()[-2:]
+    return {"file_bytes": path.stat().st_size, "seconds": round(float(secs), 2), "peak_rss_mib": int(rss)}
+
+
+def huge_text(work: Path, calib: Path) -> dict:
+    """Calibration windows from a 2 GiB text file against the same from the packaged comedy (same process
+    setup): the read must not grow with the file."""
     path = work / "huge.txt"
     line = b"Now is the winter of our discontent made glorious summer by this sun of York.\n"
     with open(path, "wb") as f:
         for _ in range((2 << 30) // (len(line) * 4096)):
             f.write(line * 4096)
-    code = ("import resource, sys; from bitalloc.models.sources import default_model_path, load_model; "
-            "from bitalloc.cli.common import _windows; import pathlib, time; "
-            "t0 = time.perf_counter(); from bitalloc.models.sources import _tokenizer; "
-            "tok = _tokenizer(default_model_path(), gguf=True); t1 = time.perf_counter(); "
-            f"w = _windows(tok, [pathlib.Path({str(path)!r})], 128, 512); t2 = time.perf_counter(); "
-            "print(t2 - t1, tuple(w.shape), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=900)
-    size = path.stat().st_size
+    out = {"windows": "128 x 512", "huge": _read_windows(path), "packaged_text": _read_windows(calib)}
     path.unlink()
-    if proc.returncode != 0:
-        return {"file_bytes": size, "error": proc.stderr.strip().splitlines()[-1:]}
-    secs, *rest = proc.stdout.split()
-    return {"file_bytes": size, "seconds": round(float(secs), 2), "windows": "128 x 512",
-            "peak_rss_mib": int(rest[-1])}
+    return out
 
 
 def plot(rows: list[dict], baseline: float, path: Path) -> None:
@@ -243,11 +280,14 @@ def main() -> None:
         work = Path(tmp)
         hf = write_hf(gguf, work / "intact" / "model")
         base = run(measure_argv(hf, calib, work / "intact" / "table.json"))
+        packed = run(["quantize", str(hf), "--format", "int8-g128", "--calib", str(calib), "--windows", "1",
+                      "--ctx", "64", "-q", "--out", str(work / "intact" / "packed")])
+        assert packed["rc"] == 0, packed
         rows = []
         for cls, name, setup in build_cases(work, hf, gguf, calib):
             r = run(setup(), timeout=max(120.0, 2 * base["seconds"]))
             rows.append({"class": cls, "case": name, **r, "ratio_to_baseline": round(r["seconds"] / base["seconds"], 3)})
-        text = None if args.no_huge_text else huge_text(work)
+        text = None if args.no_huge_text else huge_text(work, calib)
     result = {"baseline": {"command": "measure, 1 window x 64 tokens, RTN, int8-g128", **base}, "cases": rows,
               "huge_text": text, "marker_written": Path("/tmp/bitalloc-bench-marker").exists()}
     (RESULTS / "refusals.json").write_text(json.dumps(result, indent=2))
@@ -258,7 +298,8 @@ def main() -> None:
         print(f"{r['class']:<18} {r['case']:<44} {r['seconds']:>6.2f} {r['ratio_to_baseline']:>6.3f}  "
               f"{'yes' if r['one_line'] else 'NO':<8}  {r['line'][:90]}")
     if text:
-        print(f"2 GiB text: {text}")
+        for k in ("huge", "packaged_text"):
+            print(f"windows from {k} ({text[k]['file_bytes']} B): {text[k]}")
 
 
 if __name__ == "__main__":
