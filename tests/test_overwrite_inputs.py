@@ -369,3 +369,25 @@ def test_overwrite_replaces_only_a_directory_bitalloc_wrote(tmp_path, capsys):
     (victim / "manifest.json").write_text("{}")
     check_replaceable(victim, "output")
     check_replaceable(tmp_path / "model" / ".." / "model" / ".." / "docs", "output")
+
+
+def test_an_output_in_a_directory_that_cannot_be_written_is_refused_before_the_job(tmp_path, monkeypatch, capsys):
+    """A read-only destination is refused at the precheck, not by the writer after the job (``os.access`` is
+    patched: the suite may run as root, for whom every directory is writable)."""
+    from bitalloc.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    calib = tmp_path / "c.txt"
+    calib.write_text("some text " * 50)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and real_access(p, mode, **kw))
+    capsys.readouterr()
+    assert main(["quantize", str(model), "--format", "int4-g32", "--calib", str(calib), "-q",
+                 "--out", str(locked / "q")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"directory {locked} is not writable" in err[0], err
+    assert os.listdir(locked) == []

@@ -202,6 +202,8 @@ def check_output(path: PathLike, what: str, expect: str, *, replaced: bool = Fal
         if parent.exists():
             if not parent.is_dir():
                 raise InputError(f"cannot write {what} {p}: {parent} is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):  # refused now, not after the job
+                raise InputError(f"cannot write {what} {p}: directory {parent} is not writable")
             break
 
 
