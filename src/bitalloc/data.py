@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from bitalloc.checked import error_line as one_line
 from bitalloc.errors import InputError
 from bitalloc.text_stream import TextReader, open_text_file, sniff_text, text_path_kind
 
@@ -103,12 +104,19 @@ def read_texts(paths: Sequence[str | Path] | str | Path) -> str:
     return reader.text
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode(tokenizer: Any, text: str, what: str = "the model's tokenizer") -> list[int]:
+    """Token ids of ``text``; a tokenizer built from untrusted files that fails on it is one InputError."""
     try:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    except TypeError:
-        ids = tokenizer.encode(text)
-    return [int(i) for i in ids]
+        try:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        except TypeError:
+            ids = tokenizer.encode(text)
+        return [int(i) for i in ids]
+    except Exception as e:  # the tokenizer's files are input: any failure of theirs is the input's
+        raise InputError(f"{what} cannot encode text: {one_line(e)}") from e
+
+
+_encode = encode
 
 
 def _check_window_args(ctx: int, max_windows: int | None) -> None:

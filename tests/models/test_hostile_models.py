@@ -78,6 +78,14 @@ def test_untied_head_required_tied_head_optional(tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_tied_config_with_a_different_stored_lm_head_is_refused(tmp_path):
+    """tie_word_embeddings true and an lm_head.weight of other values: which one the file means is unknowable, and
+    tying would silently drop the stored head; refused naming both (an identical copy loads, as above)."""
+    tiny_llama(tie=True).save_pretrained(tmp_path / "t")
+    _edit_tensors(tmp_path / "t", lambda t: t.__setitem__("lm_head.weight", torch.randn(256, 64)))
+    _refuses(tmp_path / "t", "tie_word_embeddings", "lm_head.weight", "model.embed_tokens.weight")
+
+
 def _shard(d: Path) -> dict:
     """Split model.safetensors into two shards with an index (as save_pretrained does for big models)."""
     tensors = load_file(d / "model.safetensors")

@@ -175,6 +175,19 @@ def _float_dtype(name: str, info: TensorInfo, file: Path) -> None:
         raise InputError(f"{file}: tensor {name!r} is {info.dtype}; model weights must be floating point")
 
 
+def _same_values(a: tuple[Path, TensorInfo], b: tuple[Path, TensorInfo], rows: int = 4096) -> bool:
+    """Whether two stored tensors of one shape hold equal values (read through the maps, ``rows`` at a time)."""
+    import torch
+
+    with SafetensorsFile(a[0]) as fa, SafetensorsFile(b[0]) as fb:
+        ta, tb = fa.get(a[1].name), fb.get(b[1].name)
+        for i in range(0, max(ta.shape[0] if ta.dim() else 1, 1), rows):
+            pa, pb = (ta[i : i + rows], tb[i : i + rows]) if ta.dim() else (ta, tb)
+            if not torch.equal(pa.float(), pb.float()):
+                return False
+    return True
+
+
 def plan_hf(path: Path, model: Any, headers: Mapping[str, tuple[Path, TensorInfo]]) -> dict[str, Source]:
     """Where each stored parameter of ``model`` (meta device) is; InputError for a missing, unexpected,
     mis-shaped or non-float tensor (tied lm_head optional; a fused experts tensor may hold per-expert ones)."""
@@ -223,6 +236,9 @@ def plan_hf(path: Path, model: Any, headers: Mapping[str, tuple[Path, TensorInfo
         if embed in headers and info.shape != headers[embed][1].shape:
             raise InputError(f"{f}: tied tensor {head!r} has shape {info.shape}, the embedding "
                              f"{headers[embed][1].shape}")
+        if embed in headers and not _same_values(headers[head], headers[embed]):
+            raise InputError(f"{f}: config.json ties {head!r} to {embed!r} (tie_word_embeddings), but the file "
+                             "stores a different lm_head; set tie_word_embeddings to false or remove the tensor")
     if extra:
         raise InputError(f"{headers[extra[0]][0]}: tensor {extra[0]!r} is not a parameter of the {kind} model of "
                          f"config.json ({len(extra)} unexpected tensors)")

@@ -181,12 +181,12 @@ def _gguf_tokenizer(path: Path) -> Any:
 
 
 def _tokenizer(path: Path, gguf: bool) -> Any:
+    """The model's tokenizer, loaded and probed with a short text before any weight is read: tokenizer files that
+    are present but unusable are one InputError naming them; a folder with none gives None (ids supplied directly)."""
     from transformers import AutoTokenizer
 
     try:
-        if gguf:
-            return _gguf_tokenizer(path)
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = _gguf_tokenizer(path) if gguf else AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except BitallocError:
         raise
     except Exception as e:  # third-party parsers of untrusted tokenizer files: any failure is the input's
@@ -195,8 +195,26 @@ def _tokenizer(path: Path, gguf: bool) -> Any:
         if "custom code" in str(e) or "trust_remote_code" in str(e):
             raise InputError(f"the tokenizer in {path} needs custom code from the folder (auto_map in "
                              "tokenizer_config.json); bitalloc never runs code from a model folder") from e
-        log.warning("no usable tokenizer in %s (%s); token ids must be supplied directly", path, one_line(e))
+        present = sorted(n for n in _TOKENIZER_FILES if (path / n).exists())
+        if present:
+            raise InputError(f"cannot load the tokenizer in {path} ({', '.join(present)}): {one_line(e)}") from e
+        log.info("no tokenizer files in %s; token ids must be supplied directly", path)
         return None
+    _probe_tokenizer(tokenizer, path)
+    return tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
+_PROBE_TEXT = "The probe: words, digits 0123 and an unusual one \u00e9\u2603 qzxj.\n"
+
+
+def _probe_tokenizer(tokenizer: Any, path: Path) -> None:
+    """A tokenizer that loads may still fail on every text (a vocabulary without its unknown token, a
+    model_max_length that is not a number): found here, before the weights, as the input's error."""
+    from bitalloc.data import encode
+
+    encode(tokenizer, _PROBE_TEXT, f"the tokenizer of {path}")
 
 
 def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[Any, Any]:
