@@ -137,6 +137,9 @@ def test_sharded_checkpoint_loads_and_bad_indexes_are_refused(hf_src, tmp_path):
     ({"tie_word_embeddings": "false"}, ("tie_word_embeddings",)),
     ({"model_type": {"a": 1}}, ("unsupported architecture",)),
     ({"rope_scaling": "linear"}, ("rope_scaling",)),
+    ({"rope_scaling": {"type": "bogus", "factor": 2.0}}, ("rope_scaling.type", "'bogus'", "RoPE type")),
+    ({"rope_scaling": {"rope_type": ["linear"], "factor": 2.0}}, ("rope_scaling.rope_type", "RoPE type")),
+    ({"rope_parameters": {"rope_type": "nope"}}, ("rope_parameters.rope_type", "'nope'")),
     ({"eos_token_id": -3}, ("eos_token_id",)),
 ])
 def test_config_values_checked_before_anything_is_built(hf_src, tmp_path, edit, words):

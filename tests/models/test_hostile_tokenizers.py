@@ -71,3 +71,54 @@ def test_cli_broken_tokenizer_is_one_line_exit_2(hf_tok, tmp_path, capsys):
                "--formats", "int4-g32", "--method", "rtn", "--no-fisher", "-q", "--out", str(tmp_path / "t.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: the tokenizer of"), err
+
+
+# --------------------------------------------------------------------------------------------------- GGUF
+def _gguf_with_vocab(path: Path, **change) -> Path:
+    """The tiny Llama as an F32 GGUF whose byte tokenizer arrays are replaced by ``change`` (tokens, types,
+    scores, bos)."""
+    import gguf
+    import gguf_tiny as gt
+    from conftest import tiny_llama
+
+    t = {"tokens": gt._byte_tokens(), "types": [1] * 256, "scores": [0.0] * 256, "bos": 0, **change}
+    w = gguf.GGUFWriter(str(path), "llama")
+    gt.add_llama_hparams(w)
+    w.add_rope_dimension_count(16)
+    w.add_vocab_size(256)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(t["tokens"])
+    w.add_token_types(t["types"])
+    w.add_token_scores(t["scores"])
+    w.add_bos_token_id(t["bos"])
+    w.add_eos_token_id(1)
+    for name, a in gt.gguf_arrays(tiny_llama()):
+        w.add_tensor(name, a)
+    gt.finish(w)
+    return path
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"scores": [0.0] * 10}, ["tokenizer.ggml.scores has 10 entries", "256"]),
+    ({"types": [1] * 300}, ["tokenizer.ggml.token_type has 300 entries"]),
+    ({"bos": 10**6}, ["tokenizer.ggml.bos_token_id = 1000000", "256 tokens"]),
+])
+def test_gguf_tokenizer_arrays_that_disagree_are_refused_from_the_metadata(tmp_path, change, words):
+    from bitalloc.models.sources import meta_model
+
+    path = _gguf_with_vocab(tmp_path / "m.gguf", **change)
+    for load in (lambda: meta_model(path), lambda: load_model(path, low_memory=True)):
+        with pytest.raises(InputError) as e:
+            load()
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and all(w in msg for w in words), msg
+
+
+def test_gguf_with_agreeing_vocab_loads_and_real_file_passes(tmp_path):
+    from bitalloc.io.gguf import GGUFFile
+    from bitalloc.models.sources import check_gguf_vocab, default_model_path
+
+    model, tok = load_model(_gguf_with_vocab(tmp_path / "m.gguf"), low_memory=True)
+    assert tok is not None
+    with GGUFFile(default_model_path()) as g:
+        check_gguf_vocab(g.metadata)

@@ -108,14 +108,23 @@ def check_values(cfg: Mapping[str, Any], where: str) -> None:
         if not isinstance(rp, dict):
             raise InputError(f"{where}: {key} must be an object, got {rp!r:.60}")
         check_values(rp, f"{where}.{key}")
-        if "rope_type" in rp and not isinstance(rp["rope_type"], str):
-            raise InputError(f"{where}: {key}.rope_type must be a string, got {rp['rope_type']!r:.60}")
+        for field in ("rope_type", "type"):
+            if field in rp and not (isinstance(rp[field], str) and rp[field] in _rope_types()):
+                raise InputError(f"{where}: {key}.{field} {rp[field]!r:.60} is not a RoPE type transformers knows "
+                                 f"({', '.join(sorted(_rope_types()))})")
     for key, sub in cfg.items():
         if key.endswith("_config") and key != "quantization_config":
             if sub is not None and not isinstance(sub, dict):
                 raise InputError(f"{where}: {key} must be an object, got {sub!r:.60}")
             if sub is not None:
                 check_values(sub, f"{where}.{key}")
+
+
+def _rope_types() -> set[str]:
+    """The RoPE scaling types transformers implements (an unknown one fails inside it, after a warning)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return {"default", "su", *ROPE_INIT_FUNCTIONS}
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -111,6 +111,26 @@ def _check_gguf(path: Path) -> None:
         if not isinstance(arch, str):
             raise InputError(f"{path}: general.architecture must be a string, got {arch!r:.60}")
         gguf_model_type(arch)
+        check_gguf_vocab(g.metadata)
+
+
+def check_gguf_vocab(meta: dict[str, Any]) -> None:
+    """The tokenizer arrays of a GGUF agree: ``tokens`` a list of strings, ``scores`` and ``token_type`` one per
+    token, every ``*_token_id`` a token (a mismatch crashes transformers' converter and llama.cpp reads past them)."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        return
+    if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+        raise InputError("tokenizer.ggml.tokens must be an array of strings")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        v = meta.get(key)
+        if v is not None and not (isinstance(v, list) and len(v) == len(tokens)):
+            raise InputError(f"{key} has {len(v) if isinstance(v, list) else repr(v)[:40]} entries, "
+                             f"tokenizer.ggml.tokens {len(tokens)}")
+    for key, v in meta.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") and \
+                not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(tokens)):
+            raise InputError(f"{key} = {v!r:.40} is not one of the {len(tokens)} tokens of tokenizer.ggml.tokens")
 
 
 def _hf_checked(path: Path, dtype: torch.dtype) -> tuple[Any, dict[str, Source]]:
