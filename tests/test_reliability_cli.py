@@ -145,3 +145,15 @@ def test_norm_beyond_fp16_range_is_stored_fp32_and_counted(tmp_path, capsys):
     assert info["bytes"] == stored == info["plan"]["total_bytes"]
     w = load(out).get_parameter(name)
     assert torch.isfinite(w).all() and float(w[3]) == 1e6
+
+
+def test_model_folder_without_tokenizer_is_refused_before_loading(good, tmp_path, capsys, monkeypatch):
+    """A folder of weights and config but no tokenizer files: one line before any weight is read."""
+    from bitalloc.models import sources
+
+    model = _copy(good, tmp_path / "model")
+    for f in model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("weights loaded before the refusal"))
+    _refused(capsys, _fmt_argv(model, tmp_path / "out"), "no tokenizer files")

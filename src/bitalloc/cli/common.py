@@ -126,10 +126,25 @@ def _precheck(args: argparse.Namespace) -> None:
     if getattr(args, "ctx", 512) < 4:
         raise InputError(f"--ctx must be at least 4, got {args.ctx}")
     _check_paths(args)  # before anything opens an input (a FIFO blocks) or runs for an output refused later
+    _check_tokenizers(args)
     for attr in ("calib", "eval", "text"):
         if getattr(args, attr, None):
             expand_paths(getattr(args, attr))
     _precheck_budgets(args)
+
+
+def _check_tokenizers(args: argparse.Namespace) -> None:
+    """Commands that tokenize text refuse a model folder without tokenizer files before loading its weights
+    (a GGUF carries its tokenizer; a broken one is refused by the loader, also before the weights)."""
+    from ..models.sources import has_tokenizer_files
+
+    if args.command not in ("measure", "quantize", "sweep", "demo", "eval"):
+        return
+    for attr in ("model", "reference"):
+        source = getattr(args, attr, None)
+        if source and Path(source).is_dir() and not has_tokenizer_files(Path(source)):
+            raise InputError(f"model folder {source} has no tokenizer files (tokenizer.json, tokenizer.model, ...), "
+                             "so the text cannot be tokenized; add the model's tokenizer")
 
 
 def _precheck_budgets(args: argparse.Namespace) -> None:

@@ -229,6 +229,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 _PROBE_TEXT = "The probe: words, digits 0123 and an unusual one \u00e9\u2603 qzxj.\n"
 
 
+def has_tokenizer_files(path: Path) -> bool:
+    """Whether an HF folder holds any tokenizer file (names only, nothing opened)."""
+    return any((path / n).exists() for n in _TOKENIZER_FILES)
+
+
 def _probe_tokenizer(tokenizer: Any, path: Path) -> None:
     """A tokenizer that loads may still fail on every text (a vocabulary without its unknown token, a
     model_max_length that is not a number): found here, before the weights, as the input's error."""
