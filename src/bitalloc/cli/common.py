@@ -132,18 +132,42 @@ def _precheck(args: argparse.Namespace) -> None:
     _precheck_budgets(args)
 
 
+def _model_source(args: argparse.Namespace) -> str | None:
+    """The model a command reads its shapes and context length from (None: it names none)."""
+    from ..models.sources import default_model_path
+
+    if args.command == "gguf":
+        return args.input
+    if args.command == "eval":
+        return args.reference or str(default_model_path())
+    if hasattr(args, "model"):
+        return args.model or str(default_model_path())
+    return None
+
+
 def _precheck_budgets(args: argparse.Namespace) -> None:
-    """Budgets the candidate formats cannot reach, refused from the model's config and shapes (no weight read).
-    Not for ``bitalloc gguf`` (its own preflight counts the file) or a given plan or measurement."""
-    from ..models.sources import default_model_path, meta_model
+    """From the model's config and shapes (no weight read): ``--ctx`` beyond the model's context length, and
+    budgets the candidate formats cannot reach (not for ``bitalloc gguf``, whose own preflight counts the file,
+    or a given plan or measurement)."""
+    from ..models.sources import meta_model
     from ..pipeline import check_reachable
 
+    source = _model_source(args)
+    if source is None:
+        return
     budgets = [args.budget] if getattr(args, "budget", None) else _budgets(args.budgets) if getattr(
         args, "budgets", None) else []
-    if (not budgets or not getattr(args, "formats", None) or args.func.__name__ == "cmd_gguf"
-            or getattr(args, "plan", None) or getattr(args, "measurement", None) or not hasattr(args, "model")):
+    reach = (budgets and getattr(args, "formats", None) and args.command != "gguf"
+             and not getattr(args, "plan", None) and not getattr(args, "measurement", None))
+    if not reach and getattr(args, "ctx", None) is None:
         return
-    check_reachable(meta_model(args.model or default_model_path()), _formats(args.formats), budgets)
+    model = meta_model(source)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if getattr(args, "ctx", None) is not None and isinstance(limit, int) and args.ctx > limit:
+        raise InputError(f"--ctx {args.ctx} is longer than the model's context of {limit} tokens "
+                         f"(max_position_embeddings of {source}); give --ctx {limit} or less")
+    if reach:
+        check_reachable(model, _formats(args.formats), budgets)
 
 
 # ------------------------------------------------------------------------- measurement, fingerprints
