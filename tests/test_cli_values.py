@@ -47,3 +47,35 @@ def test_eval_ctx_is_checked_against_the_reference(tiny, tmp_path, monkeypatch, 
                "--ctx", "200", "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "--ctx 200 is longer than the model's context of 128 tokens" in err, err
+
+
+def _sweep(m: Path, t: Path, *extra: str) -> list[str]:
+    return ["sweep", str(m), *SMALL, "--ctx", "16", "--calib", str(m.parent / "calib.txt"), "--out", str(t / "sw"),
+            *extra]
+
+
+@pytest.mark.parametrize("budgets, first, second", [("6bpw,6bpw", "6bpw", "6bpw"), ("6bpw, 6.0bpw", "6bpw", "6.0bpw"),
+                                                    ("60000B,60000", "60000B", "60000")])
+def test_a_budget_listed_twice_is_refused_before_loading(tiny, tmp_path, monkeypatch, capsys, budgets, first, second):
+    _no_load(monkeypatch)
+    rc = main(_sweep(tiny, tmp_path, "--budgets", budgets))
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: --budgets lists the same budget twice: {first!r} and {second!r}\n", err
+
+
+@pytest.mark.parametrize("uniform, message", [
+    ("int2-g32", "error: --uniform int2-g32 not among --formats"),
+    ("int4-g32,fp32", "error: --uniform fp32 not among --formats"),
+    (",", "error: --uniform is empty")])
+def test_a_uniform_baseline_that_was_not_measured_is_refused_before_loading(tiny, tmp_path, monkeypatch, capsys,
+                                                                            uniform, message):
+    _no_load(monkeypatch)
+    rc = main(_sweep(tiny, tmp_path, "--budgets", "6bpw", "--uniform", uniform))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(message), err
+
+
+def test_a_format_given_twice_is_measured_once():
+    from bitalloc.cli.common import _formats
+
+    assert _formats("int4-g32, INT4-G32,int8-g128,int4-g32") == ["int4-g32", "int8-g128"]

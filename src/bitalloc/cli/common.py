@@ -51,13 +51,13 @@ def _calib(args: argparse.Namespace, tokenizer: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------- validation
-def _formats(text: str) -> list[str]:
+def _formats(text: str, option: str = "--formats") -> list[str]:
     from ..formats import get_format
 
     ids = [f.strip() for f in text.split(",") if f.strip()]
     if not ids:
-        raise InputError("--formats is empty")
-    return [get_format(f).id for f in ids]
+        raise InputError(f"{option} is empty")
+    return list(dict.fromkeys(get_format(f).id for f in ids))  # once each: "int4-g32,INT4-G32" is one format
 
 
 def _budgets(text: str) -> list[str]:
@@ -66,8 +66,13 @@ def _budgets(text: str) -> list[str]:
     out = [b.strip() for b in text.split(",") if b.strip()]
     if not out:
         raise InputError("--budgets is empty")
+    seen: dict[tuple[str, float], str] = {}
     for b in out:
-        Budget.parse(b)
+        parsed = Budget.parse(b)
+        key = (parsed.kind, parsed.value)
+        if key in seen:  # it would be quantized and evaluated twice, and plotted as two points
+            raise InputError(f"--budgets lists the same budget twice: {seen[key]!r} and {b!r}")
+        seen[key] = b
     return out
 
 
@@ -119,6 +124,11 @@ def _precheck(args: argparse.Namespace) -> None:
         get_format(args.format)
     if getattr(args, "formats", None):
         _formats(args.formats)
+    if getattr(args, "uniform", None):  # a baseline is allocated from the measured rows of its format
+        missing = [f for f in _formats(args.uniform, "--uniform") if f not in _formats(args.formats)]
+        if missing:
+            raise InputError(f"--uniform {', '.join(missing)} not among --formats ({args.formats}): a uniform "
+                             "baseline needs its format measured; add it to --formats")
     for attr in ("windows", "eval_windows", "fisher_windows"):
         v = getattr(args, attr, None)
         if v is not None and v < 1:
