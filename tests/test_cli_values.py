@@ -79,3 +79,18 @@ def test_a_format_given_twice_is_measured_once():
     from bitalloc.cli.common import _formats
 
     assert _formats("int4-g32, INT4-G32,int8-g128,int4-g32") == ["int4-g32", "int8-g128"]
+
+
+def test_eval_against_the_reference_of_another_model_is_refused(tiny, tmp_path, capsys):
+    other = make_hf_dir(tmp_path / "o" / "m", layers=3, seed=1)
+    packed = tmp_path / "packed"
+    assert main(["quantize", str(other), "--format", "int4-g32", *SMALL, "--ctx", "16",
+                 "--calib", str(other.parent / "calib.txt"), "--out", str(packed)]) == 0
+    capsys.readouterr()
+    rc = main(["eval", str(packed), "--reference", str(tiny), "--text", str(other.parent / "calib.txt"),
+               "--windows", "2", "--ctx", "16", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: the packed directory's model and the reference are different models "
+                                      "(29 vs 20 tensors; 'model.layers.2."), err
+    assert main(["eval", str(packed), "--reference", str(other), "--text", str(other.parent / "calib.txt"),
+                 "--windows", "2", "--ctx", "16", "-q"]) == 0
