@@ -94,3 +94,62 @@ def test_eval_against_the_reference_of_another_model_is_refused(tiny, tmp_path, 
                                       "(29 vs 20 tensors; 'model.layers.2."), err
     assert main(["eval", str(packed), "--reference", str(other), "--text", str(other.parent / "calib.txt"),
                  "--windows", "2", "--ctx", "16", "-q"]) == 0
+
+
+def test_an_output_another_run_wrote_meanwhile_is_not_replaced(tiny, tmp_path, monkeypatch, capsys):
+    """Two runs with one --out and different --job directories: the later one refuses, never replaces."""
+    import bitalloc.cli.measure_plan as mp
+
+    out = tmp_path / "t.json"
+    real = mp._measure
+
+    def measure_while_another_run_writes(*a, **k):
+        out.write_text("the other run's table")
+        return real(*a, **k)
+
+    monkeypatch.setattr(mp, "_measure", measure_while_another_run_writes)
+    rc = main(["measure", str(tiny), *SMALL, "--ctx", "16", "--calib", str(tiny.parent / "calib.txt"),
+               "--out", str(out), "--job", str(tmp_path / "j2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"output {out} already exists" in err, err
+    assert out.read_text() == "the other run's table"
+
+
+def test_atomic_write_without_overwrite_never_replaces_a_file_that_appeared(tmp_path):
+    from bitalloc.errors import InputError
+    from bitalloc.io.atomic import atomic_write
+
+    dest = tmp_path / "out.bin"
+    with pytest.raises(InputError, match="appeared while writing"):
+        with atomic_write(dest) as f:
+            f.write(b"new")
+            dest.write_bytes(b"theirs")
+    assert dest.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    with atomic_write(tmp_path / "fresh.bin") as f:
+        f.write(b"ok")
+    assert (tmp_path / "fresh.bin").read_bytes() == b"ok" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_atomic_write_without_overwrite_is_atomic_against_a_racing_writer(tmp_path, monkeypatch):
+    """The file appears between the last check and the move (another process): still refused, never replaced."""
+    import os
+
+    from bitalloc.errors import InputError
+    from bitalloc.io import atomic
+
+    dest = tmp_path / "out.bin"
+    real_replace, real_link = os.replace, os.link
+
+    def racing(move):
+        def wrapper(src, dst, *a, **k):
+            if Path(dst) == dest:
+                dest.write_bytes(b"theirs")
+            return move(src, dst, *a, **k)
+        return wrapper
+
+    monkeypatch.setattr(atomic.os, "replace", racing(real_replace))
+    monkeypatch.setattr(atomic.os, "link", racing(real_link))
+    with pytest.raises(InputError, match="appeared while writing"):
+        with atomic.atomic_write(dest) as f:
+            f.write(b"new")
+    assert dest.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
