@@ -153,3 +153,15 @@ def test_atomic_write_without_overwrite_is_atomic_against_a_racing_writer(tmp_pa
         with atomic.atomic_write(dest) as f:
             f.write(b"new")
     assert dest.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_plan_objective_fisher_on_a_table_without_fisher_errors_is_refused(tiny, tmp_path, capsys):
+    table = tmp_path / "t.json"
+    assert main(["measure", str(tiny), *SMALL, "--ctx", "16", "--calib", str(tiny.parent / "calib.txt"),
+                 "--out", str(table)]) == 0  # --no-fisher
+    capsys.readouterr()
+    rc = main(["plan", str(table), "--budget", "6bpw", "--objective", "fisher", "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: objective 'fisher' needs errors the measurement table lacks"), err
+    assert not (tmp_path / "p.json").exists()
+    assert main(["plan", str(table), "--budget", "6bpw", "--out", str(tmp_path / "p.json")]) == 0
