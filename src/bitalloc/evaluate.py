@@ -98,6 +98,24 @@ def _check_inputs(m: torch.nn.Module | LogitsFn, windows: torch.Tensor, name: st
             check_token_ids(windows, embedding_rows(emb), f"the {name} model's embedding")
 
 
+def check_same_architecture(candidate: torch.nn.Module, reference: torch.nn.Module, what: str = "candidate") -> None:
+    """InputError unless both models hold the same parameter names and shapes (``reference`` may sit on the meta
+    device): a quantized model compared with another model's reference gives numbers that mean nothing."""
+    cand = {n: tuple(p.shape) for n, p in candidate.named_parameters()}
+    ref = {n: tuple(p.shape) for n, p in reference.named_parameters()}
+    if cand == ref:
+        return
+    only_c, only_r = sorted(cand.keys() - ref.keys()), sorted(ref.keys() - cand.keys())
+    if only_c or only_r:
+        n, where = (only_c[0], f"only the {what}") if only_c else (only_r[0], "only the reference")
+        detail = f"{len(cand)} vs {len(ref)} tensors; {n!r} is in {where}"
+    else:
+        n = next(k for k in sorted(cand) if cand[k] != ref[k])
+        detail = f"{n!r} is {cand[n]} vs {ref[n]}"
+    raise InputError(f"the {what} and the reference are different models ({detail}): give the reference the "
+                     f"{what} was quantized from")
+
+
 def _check_finite(logits: torch.Tensor, name: str, s: int) -> None:
     """NumericsError naming the first window whose logits hold NaN/Inf (float16 overflow, a corrupted scale)."""
     bad = ~torch.isfinite(logits).reshape(logits.shape[0], -1).all(1)

@@ -199,9 +199,13 @@ def make_plan(
     constraints: Constraints | None = None,
     objective: str | None = None,
 ) -> Plan:
-    """Allocate formats under ``budget``: Fisher objective when the table has it, else output error."""
+    """Allocate formats under ``budget``: ``objective``, by default Fisher when the table has it, else output
+    error (an objective asked for that the table lacks is refused, not replaced)."""
     from .allocate import allocate
 
+    if objective is not None and objective not in measurement.objectives:
+        raise InputError(f"objective {objective!r} needs errors the measurement table lacks (it has "
+                         f"{', '.join(measurement.objectives)}; a table measured with --no-fisher has no Fisher errors)")
     obj = objective or measurement.objectives[0]
     return allocate(measurement, Budget.parse(budget), constraints or Constraints(), obj)
 

@@ -119,8 +119,8 @@ class Plan:
         tensors = {e.tensor: {"format": e.format, "bytes": e.bytes, "error": e.error} for e in self.entries}
         return json_with_lines(head, {"tensors": tensors})
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_text_atomic(Path(path), self.to_json())
+    def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
+        write_text_atomic(Path(path), self.to_json(), overwrite)
 
     @classmethod
     def from_json(cls, text: str, measurement: Measurement, source: str = "plan") -> "Plan":

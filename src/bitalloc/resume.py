@@ -226,7 +226,7 @@ def run_measure_job(
             m = measure_stage(job, lambda ckpt: measure(model, tok, ckpt), after_block)
         else:
             m = Measurement.load(mpath)
-        write_text_atomic(out, mpath.read_text())
+        write_text_atomic(out, mpath.read_text(), overwrite)  # another run may have written ``out`` meanwhile
         return m
 
     return run_job(job_dir, fingerprint, run, keep_job=keep_job, refusal=output_refusal(out, overwrite),

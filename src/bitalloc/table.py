@@ -230,8 +230,8 @@ class Measurement:
             raise c.fail("objectives", f"{short(d['objectives'])} disagrees with the rows ({list(m.objectives)})")
         return m
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_text_atomic(Path(path), self.to_json())
+    def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
+        write_text_atomic(Path(path), self.to_json(), overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Measurement":
@@ -286,9 +286,10 @@ def json_with_lines(head: dict[str, Any], lists: dict[str, list[Any] | dict[str,
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that ``path`` is either the old file or the complete new one (replaces it)."""
+def write_text_atomic(path: Path, text: str, overwrite: bool = True) -> None:
+    """Write ``text`` so that ``path`` is either the old file or the complete new one (replaces it unless
+    ``overwrite`` is False: then a file that appeared meanwhile is refused, never replaced)."""
     from .io.atomic import atomic_write
 
-    with atomic_write(path, overwrite=True) as f:
+    with atomic_write(path, overwrite=overwrite) as f:
         f.write(text.encode("utf-8"))

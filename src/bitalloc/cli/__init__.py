@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Sequence
+from typing import Callable, NoReturn, Sequence
 
 from ..errors import BitallocError
 from . import measure_plan, quantize_eval, sweep_demo
@@ -30,9 +30,17 @@ DESCRIPTION = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: a bad option is one line ``error: ...`` and exit status 2
+    (``bitalloc COMMAND --help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {_first_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitalloc", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser = _Parser(prog="bitalloc", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     measure_plan.add_parsers(sub)
     quantize_eval.add_parsers(sub)
     sweep_demo.add_parsers(sub)
@@ -67,7 +75,38 @@ def _log_peak_memory() -> None:
         mem.removeHandler(handler)
 
 
+def _watch_interrupts() -> tuple[Callable[[], bool], Callable[[], None]]:
+    """``(interrupted, restore)``: whether a Ctrl-C (SIGINT) came during the command, and undo the watch.
+    A library may turn the KeyboardInterrupt into another error (transformers' lazy imports make it a
+    ModuleNotFoundError): the flag still reports it as an interruption, not an input error or a bug."""
+    import signal
+    import threading
+
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return (lambda: False), (lambda: None)
+
+    def on_sigint(signum: int, frame: object) -> None:
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return (lambda: bool(seen)), (lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    interrupted, restore = _watch_interrupts()
+    try:
+        return _main(argv, interrupted)
+    except KeyboardInterrupt:  # while parsing or importing, or in a handler below
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        restore()
+
+
+def _main(argv: Sequence[str] | None, interrupted: Callable[[], bool]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -82,25 +121,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "plan":
             _log_peak_memory()
         return rc
-    except BitallocError as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
-        return 2
-    except MemoryError:
-        print("error: out of memory (try fewer --windows, a smaller --ctx, or a machine with more memory)",
-              file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug, not an input error: one line (exit 1), the traceback with -v
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: internal error ({type(e).__name__}: {_first_line(e)}); please report it with the "
-              f"command line{'' if args.verbose else ' (-v shows the traceback)'}", file=sys.stderr)
+    except BaseException as e:
+        if interrupted():  # the interrupt, whatever a library turned it into
+            print("interrupted", file=sys.stderr)
+            return 130
+        return _report(e, args.verbose)
+
+
+def _report(e: BaseException, verbose: bool) -> int:
+    """Print ``e`` as the one line of the CLI's convention; its exit status (anything not an Exception is
+    raised again)."""
+    if isinstance(e, (BitallocError, OSError)):
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    if isinstance(e, MemoryError):
+        print("error: out of memory (try fewer --windows, a smaller --ctx, or a machine with more memory)",
+              file=sys.stderr)
         return 1
+    if not isinstance(e, Exception):
+        raise e
+    if verbose:  # a bug, not an input error: one line (exit 1), the traceback with -v
+        traceback.print_exception(e)
+    print(f"error: internal error ({type(e).__name__}: {_first_line(e)}); please report it with the "
+          f"command line{'' if verbose else ' (-v shows the traceback)'}", file=sys.stderr)
+    return 1
 
 
 def _first_line(e: BaseException) -> str:

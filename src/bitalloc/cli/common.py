@@ -51,13 +51,13 @@ def _calib(args: argparse.Namespace, tokenizer: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------- validation
-def _formats(text: str) -> list[str]:
+def _formats(text: str, option: str = "--formats") -> list[str]:
     from ..formats import get_format
 
     ids = [f.strip() for f in text.split(",") if f.strip()]
     if not ids:
-        raise InputError("--formats is empty")
-    return [get_format(f).id for f in ids]
+        raise InputError(f"{option} is empty")
+    return list(dict.fromkeys(get_format(f).id for f in ids))  # once each: "int4-g32,INT4-G32" is one format
 
 
 def _budgets(text: str) -> list[str]:
@@ -66,8 +66,13 @@ def _budgets(text: str) -> list[str]:
     out = [b.strip() for b in text.split(",") if b.strip()]
     if not out:
         raise InputError("--budgets is empty")
+    seen: dict[tuple[str, float], str] = {}
     for b in out:
-        Budget.parse(b)
+        parsed = Budget.parse(b)
+        key = (parsed.kind, parsed.value)
+        if key in seen:  # it would be quantized and evaluated twice, and plotted as two points
+            raise InputError(f"--budgets lists the same budget twice: {seen[key]!r} and {b!r}")
+        seen[key] = b
     return out
 
 
@@ -119,6 +124,11 @@ def _precheck(args: argparse.Namespace) -> None:
         get_format(args.format)
     if getattr(args, "formats", None):
         _formats(args.formats)
+    if getattr(args, "uniform", None):  # a baseline is allocated from the measured rows of its format
+        missing = [f for f in _formats(args.uniform, "--uniform") if f not in _formats(args.formats)]
+        if missing:
+            raise InputError(f"--uniform {', '.join(missing)} not among --formats ({args.formats}): a uniform "
+                             "baseline needs its format measured; add it to --formats")
     for attr in ("windows", "eval_windows", "fisher_windows"):
         v = getattr(args, attr, None)
         if v is not None and v < 1:
@@ -147,18 +157,42 @@ def _check_tokenizers(args: argparse.Namespace) -> None:
                              "so the text cannot be tokenized; add the model's tokenizer")
 
 
+def _model_source(args: argparse.Namespace) -> str | None:
+    """The model a command reads its shapes and context length from (None: it names none)."""
+    from ..models.sources import default_model_path
+
+    if args.command == "gguf":
+        return args.input
+    if args.command == "eval":
+        return args.reference or str(default_model_path())
+    if hasattr(args, "model"):
+        return args.model or str(default_model_path())
+    return None
+
+
 def _precheck_budgets(args: argparse.Namespace) -> None:
-    """Budgets the candidate formats cannot reach, refused from the model's config and shapes (no weight read).
-    Not for ``bitalloc gguf`` (its own preflight counts the file) or a given plan or measurement."""
-    from ..models.sources import default_model_path, meta_model
+    """From the model's config and shapes (no weight read): ``--ctx`` beyond the model's context length, and
+    budgets the candidate formats cannot reach (not for ``bitalloc gguf``, whose own preflight counts the file,
+    or a given plan or measurement)."""
+    from ..models.sources import meta_model
     from ..pipeline import check_reachable
 
+    source = _model_source(args)
+    if source is None:
+        return
     budgets = [args.budget] if getattr(args, "budget", None) else _budgets(args.budgets) if getattr(
         args, "budgets", None) else []
-    if (not budgets or not getattr(args, "formats", None) or args.func.__name__ == "cmd_gguf"
-            or getattr(args, "plan", None) or getattr(args, "measurement", None) or not hasattr(args, "model")):
+    reach = (budgets and getattr(args, "formats", None) and args.command != "gguf"
+             and not getattr(args, "plan", None) and not getattr(args, "measurement", None))
+    if not reach and getattr(args, "ctx", None) is None:
         return
-    check_reachable(meta_model(args.model or default_model_path()), _formats(args.formats), budgets)
+    model = meta_model(source)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if getattr(args, "ctx", None) is not None and isinstance(limit, int) and args.ctx > limit:
+        raise InputError(f"--ctx {args.ctx} is longer than the model's context of {limit} tokens "
+                         f"(max_position_embeddings of {source}); give --ctx {limit} or less")
+    if reach:
+        check_reachable(model, _formats(args.formats), budgets)
 
 
 # ------------------------------------------------------------------------- measurement, fingerprints

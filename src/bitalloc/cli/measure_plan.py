@@ -45,7 +45,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         groups = fused_groups([t.name for t in m.tensors])
         cons = Constraints(tie_groups=groups)
     p = make_plan(m, args.budget, cons, args.objective)
-    p.save(out)
+    p.save(out, overwrite=args.overwrite)
     print(p.summary())
     print(f"-> {out}")
     return 0

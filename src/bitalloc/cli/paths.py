@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import InputError
-from ..io.paths import check_input, check_output, check_overlap, model_inputs, relation, text_inputs
+
+# ``bitalloc.io`` imports torch: imported inside the functions, so importing the CLI stays light (a Ctrl-C
+# during that import would escape ``main``) and ``--help`` stays fast
 
 Pairs = list[tuple[str, Path]]
 
 
 def _model(arg: str | None, what: str = "model") -> Pairs:
+    from ..io.paths import model_inputs
     from ..models.sources import default_model_path
 
     return model_inputs(arg if arg else default_model_path(), what)
@@ -34,6 +37,7 @@ def _model(arg: str | None, what: str = "model") -> Pairs:
 
 def _texts(arg: Sequence[str] | None, option: str, default: str) -> Pairs:
     from .. import data
+    from ..io.paths import text_inputs
 
     return text_inputs(arg if arg else getattr(data, default)(), f"{option} text")
 
@@ -46,7 +50,7 @@ def _job(args: argparse.Namespace, out: Path) -> Path:
 
 def _check_job_dir(job: Path) -> None:
     """A job directory given by the user is deleted when the job ends: only an empty or a job directory will do."""
-    from ..io.paths import TEMP_SUFFIX
+    from ..io.paths import TEMP_SUFFIX, check_output
     from ..job import JOB_FILE, LOCK_FILE
 
     check_output(job, "job directory", "directory")
@@ -58,6 +62,8 @@ def _check_job_dir(job: Path) -> None:
 
 def command_paths(args: argparse.Namespace) -> tuple[Pairs, Pairs, Pairs]:
     """``(inputs, outputs, containers)`` of the parsed command ``args`` (containers: folders written into)."""
+    from ..io.paths import check_input, model_inputs
+
     cmd = args.command
     if getattr(args, "out", None) is not None and Path(args.out).name in ("", ".", ".."):
         raise InputError(f"output {args.out!r} names no file or folder (its job directory would be OUT.job); give "
@@ -99,6 +105,8 @@ def command_paths(args: argparse.Namespace) -> tuple[Pairs, Pairs, Pairs]:
 
 def check_paths(args: argparse.Namespace) -> None:
     """Refuse, before any work, every input/output conflict of the command ``args`` (see the module)."""
+    from ..io.paths import check_output, check_overlap, relation
+
     ins, outs, cont = command_paths(args)
     check_overlap(outs, ins, containers=cont)
     for what, p in cont:  # a sweep's results folder: a folder, apart from its job directory

@@ -68,9 +68,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..api import load_packed
     from ..data import default_eval_files
-    from ..evaluate import evaluate
+    from ..evaluate import check_same_architecture, evaluate
+    from ..models.sources import default_model_path, meta_model
 
     cand, info = load_packed(args.dir, verify=not args.no_verify)  # checked against its manifest first
+    check_same_architecture(cand, meta_model(args.reference or default_model_path()), "packed directory's model")
     ref, tok = _load_model(args.reference)
     files = _texts(args.text, default_eval_files)
     windows = _windows(tok, files, args.windows, args.ctx)

@@ -24,7 +24,8 @@ def _sweep_fingerprint(args: argparse.Namespace, title: str) -> dict[str, Any]:
 
     options = {
         **_measure_options(args), "budgets": ",".join(_budgets(args.budgets)), "eval_windows": args.eval_windows,
-        "uniform": ",".join(_formats(args.uniform)) if args.uniform else None, "constraints": args.constraints,
+        "uniform": ",".join(_formats(args.uniform, "--uniform")) if args.uniform else None,
+        "constraints": args.constraints,
         "uniform_candidates": 2, "title": title,
     }
     fp = _inputs_fingerprint(args.model, args.calib, options)
@@ -39,7 +40,7 @@ def _run_sweep(args: argparse.Namespace, title: str) -> int:
 
     budgets = _budgets(args.budgets)
     formats = _formats(args.formats)
-    uniform = tuple(_formats(args.uniform)) if args.uniform else None
+    uniform = tuple(_formats(args.uniform, "--uniform")) if args.uniform else None
     out = Path(args.out)
     eval_files = _texts(args.eval, default_eval_files)
     check_disjoint(_texts(args.calib, default_calibration_files), eval_files)  # before the (slow) model load

@@ -69,6 +69,21 @@ def _disk_full(exc: BaseException, dest: Path) -> InputError | None:
     return None
 
 
+def _place_new(tmp: Path, dest: Path) -> None:
+    """Move ``tmp`` to ``dest`` only if ``dest`` does not exist, atomically: a hard link fails if another process
+    wrote ``dest`` meanwhile (two runs with one output), where a rename would silently replace its output."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise InputError(f"output {dest} already exists (it appeared while writing; another run wrote it?)") from None
+    except OSError:  # a filesystem without hard links: check, then rename
+        if dest.exists() or dest.is_symlink():
+            raise InputError(f"output {dest} already exists (it appeared while writing)") from None
+        os.replace(tmp, dest)
+        return
+    tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_write(
     path: PathLike,
@@ -97,9 +112,10 @@ def atomic_write(
         f.close()
         if verify is not None:
             verify(tmp)
-        if not overwrite and (dest.exists() or dest.is_symlink()):
-            raise InputError(f"output {dest} already exists (it appeared while writing)")
-        os.replace(tmp, dest)
+        if overwrite:
+            os.replace(tmp, dest)
+        else:
+            _place_new(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException as exc:
         with contextlib.suppress(OSError):
