@@ -173,6 +173,7 @@ def test_eval_refuses_a_flipped_bit_in_one_line(packed, tmp_path, capsys):
     ref = tmp_path / "no-such-model"  # exists (inputs are checked before any work) but holds no weights
     ref.mkdir()
     (ref / "config.json").write_text('{"model_type": "llama"}')
+    (ref / "tokenizer.json").write_text("{}")
     capsys.readouterr()
     assert main(["eval", str(d), "--reference", str(ref), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

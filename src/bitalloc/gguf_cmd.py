@@ -294,6 +294,10 @@ def cmd_gguf(args: argparse.Namespace) -> int:
     fmts = gguf_formats(args.formats)
     tpl = read_template(src)
     preflight(tpl, fmts, args.budget)
+    limit = tpl.metadata.get(f"{tpl.arch}.context_length")
+    if isinstance(limit, int) and not isinstance(limit, bool) and args.ctx > limit:
+        raise InputError(f"--ctx {args.ctx} is longer than the model's context of {limit} tokens "
+                         f"({tpl.arch}.context_length of {src}); give --ctx {limit} or less")
     t0 = time.perf_counter()
     files = [Path(p) for p in args.calib] if args.calib else default_calibration_files()
 

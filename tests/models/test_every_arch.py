@@ -278,7 +278,7 @@ def test_unreachable_budgets_are_refused_before_loading(source, budget, message,
         path, _ = _gguf_of("gemma2", gguf_dir)
     monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     argv = ["quantize", str(path), "--budget", budget, "--formats", "int2-g32,int8-g32", "--calib",
-            str(gguf_dir), "--out", str(tmp_path / "out")]
+            str(gguf_dir), "--ctx", "16", "--out", str(tmp_path / "out")]
     (gguf_dir / "t.txt").write_text("word " * 500)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

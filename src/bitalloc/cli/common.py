@@ -136,11 +136,11 @@ def _precheck(args: argparse.Namespace) -> None:
     if getattr(args, "ctx", 512) < 4:
         raise InputError(f"--ctx must be at least 4, got {args.ctx}")
     _check_paths(args)  # before anything opens an input (a FIFO blocks) or runs for an output refused later
-    _check_tokenizers(args)
     for attr in ("calib", "eval", "text"):
         if getattr(args, attr, None):
             expand_paths(getattr(args, attr))
     _precheck_budgets(args)
+    _check_tokenizers(args)
 
 
 def _check_tokenizers(args: argparse.Namespace) -> None:
@@ -162,7 +162,7 @@ def _model_source(args: argparse.Namespace) -> str | None:
     from ..models.sources import default_model_path
 
     if args.command == "gguf":
-        return args.input
+        return None  # `bitalloc gguf` checks its input (options first, then the file) in its own preflight
     if args.command == "eval":
         return args.reference or str(default_model_path())
     if hasattr(args, "model"):
