@@ -170,15 +170,14 @@ def test_crafted_config_is_refused_before_the_model_is_built(packed, tmp_path, c
 def test_eval_refuses_a_flipped_bit_in_one_line(packed, tmp_path, capsys):
     d = _copy(packed, tmp_path)
     _flip(d / "model.safetensors")
-    ref = tmp_path / "no-such-model"  # exists (inputs are checked before any work) but holds no weights
-    ref.mkdir()
-    (ref / "config.json").write_text('{"model_type": "llama"}')
+    ref = tmp_path / "no-such-model"  # the same architecture (checked before any work), a broken tokenizer
+    tiny_llama().save_pretrained(ref)
     (ref / "tokenizer.json").write_text("{}")
     capsys.readouterr()
-    assert main(["eval", str(d), "--reference", str(ref), "-q"]) == 2
+    assert main(["eval", str(d), "--reference", str(ref), "--ctx", "16", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "model.safetensors differs" in err[0], err
     # --no-verify skips the manifest: the failure is now the (absent) reference model, not the weights
-    assert main(["eval", str(d), "--no-verify", "--reference", str(ref), "-q"]) == 2
+    assert main(["eval", str(d), "--no-verify", "--reference", str(ref), "--ctx", "16", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "differs" not in err[0] and "no-such-model" in err[0], err
