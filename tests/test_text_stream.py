@@ -62,7 +62,7 @@ def test_windows_identical_on_the_packaged_texts(tokenizers):
         text = data.read_texts(files)
         for name in ("gpt2", "wordlevel"):
             tok = tokenizers[name]
-            whole = data._encode(tok, text)
+            whole = data.encode(tok, text)
             for ctx, n in ((4, 1), (17, 3), (64, 40), (512, 8)):
                 m = min(len(whole) // ctx, n)
                 got = data.text_windows(tok, files, ctx, n)

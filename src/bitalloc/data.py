@@ -116,9 +116,6 @@ def encode(tokenizer: Any, text: str, what: str = "the model's tokenizer") -> li
         raise InputError(f"{what} cannot encode text: {one_line(e)}") from e
 
 
-_encode = encode
-
-
 def _check_window_args(ctx: int, max_windows: int | None) -> None:
     if ctx < 2:
         raise InputError(f"context must be at least 2 tokens, got {ctx}")
@@ -141,7 +138,7 @@ def token_windows(tokenizer: Any, text: str, ctx: int = 512, max_windows: int | 
     ``tokenizer`` needs an ``encode(text)`` method (HF tokenizers are called without special tokens).
     """
     _check_window_args(ctx, max_windows)
-    return _windows(_encode(tokenizer, text), ctx, max_windows, "")
+    return _windows(encode(tokenizer, text), ctx, max_windows, "")
 
 
 def _safe_cut(text: str) -> int:
@@ -167,9 +164,9 @@ def _leading_tokens(tokenizer: Any, reader: TextReader, need: int) -> list[int]:
     while True:
         reader.read(step)
         if reader.done:
-            return _encode(tokenizer, reader.text)
+            return encode(tokenizer, reader.text)
         text = reader.text
-        ids = _encode(tokenizer, text[: _safe_cut(text)])
+        ids = encode(tokenizer, text[: _safe_cut(text)])
         if len(ids) >= need + TOKEN_MARGIN:
             return ids[:need]
         if reader.nbytes >= cap:
@@ -188,7 +185,7 @@ def text_windows(tokenizer: Any, paths: Sequence[str | Path] | str | Path, ctx: 
     with TextReader(files) as reader:
         if max_windows is None:
             reader.read_all()
-            ids = _encode(tokenizer, reader.text)
+            ids = encode(tokenizer, reader.text)
         else:
             ids = _leading_tokens(tokenizer, reader, max_windows * ctx)
         if reader.done and not reader.text.strip():

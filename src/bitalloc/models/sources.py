@@ -77,28 +77,6 @@ def _check_hf_dir(path: Path) -> None:
     raise InputError(f"{path} has a config.json but no .safetensors weights")
 
 
-def validate_safetensors_dir(path: Path) -> list[Path]:
-    """Every ``*.safetensors`` in ``path`` through the strict reader, each tensor checked for NaN/Inf."""
-    from bitalloc.io.safetensors import iter_tensors
-
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
-    for f in files:
-        for _name, _t in iter_tensors(f, finite=True):
-            pass
-    return files
-
-
-def validate_gguf(path: Path) -> None:
-    """The strict GGUF reader over ``path``; unquantized float tensors are checked for NaN/Inf."""
-    from bitalloc.io.gguf import GGUFFile
-    from bitalloc.io.safetensors import check_finite
-
-    with GGUFFile(path) as g:
-        for name, info in g.tensors.items():
-            if info.type.name in ("F32", "F16", "BF16", "F64"):
-                check_finite(g.get(name), f"{name} in {path}")
-
-
 def _check_gguf(path: Path) -> None:
     """A regular file (never opened otherwise), the strict reader over every structure, and the architecture
     known to the map (no weights read)."""
