@@ -51,8 +51,8 @@ from bitalloc.activations import roundings_for  # noqa: E402
 from bitalloc.calibrate import stream_blocks  # noqa: E402
 from bitalloc.data import default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
 from bitalloc.export.gguf import export_f32_gguf, read_template  # noqa: E402
-from bitalloc.gguf_cmd import GGUF_FORMATS, export_plan, plan_gguf  # noqa: E402
-from bitalloc.job import Job  # noqa: E402
+from bitalloc.targets.gguf import GGUF_FORMATS, export_plan, plan_gguf  # noqa: E402
+from bitalloc.jobs.store import Job  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
 from bitalloc.measure import Measurement, activation_error, output_error  # noqa: E402
 from bitalloc.models.rescale import load_reference  # noqa: E402
@@ -60,7 +60,7 @@ from bitalloc.models.sources import default_model_path  # noqa: E402
 from bitalloc.models.view import ModelView  # noqa: E402
 from bitalloc.pipeline import measure_model, model_fingerprint  # noqa: E402
 from bitalloc.quantize import restore, snapshot  # noqa: E402
-from bitalloc.resume import measure_stage  # noqa: E402
+from bitalloc.jobs.stages import measure_stage  # noqa: E402
 
 RESULTS = lc.REPO / "bench" / "results"
 WORK = lc.REPO / ".cache" / "gguf_bench"
@@ -82,7 +82,8 @@ def measure_code() -> list[Path]:
 
 def output_code() -> list[Path]:
     """Sources whose edits change a written file (part of each size's key)."""
-    return measure_code() + [SRC / "quantize.py", SRC / "allocate.py", SRC / "gguf_cmd.py", SRC / "export" / "gguf.py"]
+    return measure_code() + [SRC / "quantize.py", SRC / "allocate.py", SRC / "targets" / "gguf.py",
+                             SRC / "export" / "gguf.py"]
 
 
 def write_texts(files: list[Path], out: Path) -> Path:

@@ -44,9 +44,9 @@ from bitalloc.models.view import ModelView
 from bitalloc.budget import Budget
 from bitalloc.measure import Measurement, write_text_atomic
 from bitalloc.pipeline import make_plan, measure_model
-from bitalloc.job import Job
+from bitalloc.jobs.store import Job
 from bitalloc.sweep import best_measured_uniform, format_table, plot, sweep
-from bitalloc.sweep_job import save_point, saved_points
+from bitalloc.jobs.sweep import save_point, saved_points
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # 15 candidates: fine groups where bits are few, coarse where they are many, and one scale per row for 2 and

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitalloc import checkpoints, resume
+from bitalloc.jobs import checkpoints
+from bitalloc.jobs.config import default_job_dir
 from bitalloc.cli import main
 from bitalloc.errors import InputError
-from bitalloc.job import Job, run_job
+from bitalloc.jobs.store import Job, run_job
 from tests.test_resume import assert_same_tree, make_hf_dir, measure_argv, quantize_argv
 
 torch.set_num_threads(1)
@@ -55,7 +56,7 @@ def _three_items(job_dir: Path) -> None:
 def test_changed_checkpoint_is_discarded_with_everything_written_after_it(tmp_path, caplog, how):
     _three_items(tmp_path / "job")
     CORRUPTIONS[how](tmp_path / "job" / "s" / "b.json")
-    with caplog.at_level(logging.WARNING, logger="bitalloc.job"):
+    with caplog.at_level(logging.WARNING, logger="bitalloc.jobs.store"):
         with Job(tmp_path / "job", FP) as job:
             assert job.items("s") == ["a"] and job.stages_done == ("first",)
             assert torch.equal(job.load_item("s", "a")["t"], torch.arange(16.0))
@@ -93,7 +94,7 @@ def test_unrecorded_files_are_never_read(tmp_path):
 
 def test_an_intact_job_is_reopened_without_warnings(tmp_path, caplog):
     _three_items(tmp_path / "job")
-    with caplog.at_level(logging.WARNING, logger="bitalloc.job"):
+    with caplog.at_level(logging.WARNING, logger="bitalloc.jobs.store"):
         with Job(tmp_path / "job", FP) as job:
             assert job.items("s") == ["a", "b", "c"] and job.stages_done == ("first", "second")
     assert not caplog.records
@@ -223,7 +224,7 @@ def reference(hf, tmp_path_factory) -> Path:
 def _interrupt(stage: str, block: int, exc: type[BaseException] = KeyboardInterrupt):
     real = checkpoints._save_hidden
 
-    def stopping(job, b, hidden, st=resume.QUANT_STAGE):
+    def stopping(job, b, hidden, st=checkpoints.QUANT_STAGE):
         real(job, b, hidden, st)
         if b == block and st == stage:
             raise exc("stopped here")
@@ -235,28 +236,28 @@ def _interrupt(stage: str, block: int, exc: type[BaseException] = KeyboardInterr
 def interrupted(hf, tmp_path_factory) -> dict[str, Path]:
     """Job directories of quantize runs interrupted in the measurement and in the quantization."""
     jobs = {}
-    for stage in (resume.MEASURE_STAGE, resume.QUANT_STAGE):
+    for stage in (checkpoints.MEASURE_STAGE, checkpoints.QUANT_STAGE):
         out = tmp_path_factory.mktemp("int") / "out"
         with pytest.MonkeyPatch.context() as m:
             m.setattr(checkpoints, "_save_hidden", _interrupt(stage, 1))
             assert main(quantize_argv(hf, out)) == 130
-        jobs[stage] = resume.default_job_dir(out)
+        jobs[stage] = default_job_dir(out)
     return jobs
 
 
 @pytest.mark.parametrize("stage,name", [
-    (resume.MEASURE_STAGE, "measure_blocks/fisher.safetensors"),
-    (resume.MEASURE_STAGE, "measure_blocks/rows0000.json"),
-    (resume.MEASURE_STAGE, "measure_blocks/hidden.safetensors"),
-    (resume.QUANT_STAGE, "measurement.json"),
-    (resume.QUANT_STAGE, "plan.json"),
-    (resume.QUANT_STAGE, "quantize/block0000.safetensors"),
-    (resume.QUANT_STAGE, "quantize/hidden.safetensors"),
+    (checkpoints.MEASURE_STAGE, "measure_blocks/fisher.safetensors"),
+    (checkpoints.MEASURE_STAGE, "measure_blocks/rows0000.json"),
+    (checkpoints.MEASURE_STAGE, "measure_blocks/hidden.safetensors"),
+    (checkpoints.QUANT_STAGE, "measurement.json"),
+    (checkpoints.QUANT_STAGE, "plan.json"),
+    (checkpoints.QUANT_STAGE, "quantize/block0000.safetensors"),
+    (checkpoints.QUANT_STAGE, "quantize/hidden.safetensors"),
 ])
 def test_corrupted_checkpoint_is_recomputed_to_the_clean_output(hf, reference, interrupted, tmp_path, caplog,
                                                                 stage, name):
     out = tmp_path / "out"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     shutil.copytree(interrupted[stage], job)
     flip(job / name)
     caplog.set_level(logging.INFO, logger="bitalloc.resume")
@@ -271,9 +272,9 @@ def test_measure_command_recomputes_a_corrupted_row_checkpoint(hf, tmp_path, cap
     assert main(measure_argv(hf, ref)) == 0
     out = tmp_path / "m.json"
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(checkpoints, "_save_hidden", _interrupt(resume.MEASURE_STAGE, 1))
+        m.setattr(checkpoints, "_save_hidden", _interrupt(checkpoints.MEASURE_STAGE, 1))
         assert main(measure_argv(hf, out)) == 130
-    flip(resume.default_job_dir(out) / "measure_blocks" / "rows0000.json")
+    flip(default_job_dir(out) / "measure_blocks" / "rows0000.json")
     assert main(measure_argv(hf, out)) == 0
     assert "measure_blocks/rows0000.json changed since it was written" in caplog.text
     assert out.read_bytes() == ref.read_bytes()
@@ -282,15 +283,15 @@ def test_measure_command_recomputes_a_corrupted_row_checkpoint(hf, tmp_path, cap
 def test_quantize_failing_with_a_user_error_before_a_stage_leaves_no_job(hf, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(checkpoints, "_save_hidden", _interrupt(resume.MEASURE_STAGE, 1, InputError))
+        m.setattr(checkpoints, "_save_hidden", _interrupt(checkpoints.MEASURE_STAGE, 1, InputError))
         assert main(quantize_argv(hf, out)) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err
-    assert not out.exists() and not resume.default_job_dir(out).exists()
+    assert not out.exists() and not default_job_dir(out).exists()
     pre = tmp_path / "existing"  # a --job directory that was there before is left as it was
     pre.mkdir()
     (pre / "keep.txt").write_text("x")
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(checkpoints, "_save_hidden", _interrupt(resume.MEASURE_STAGE, 1, InputError))
+        m.setattr(checkpoints, "_save_hidden", _interrupt(checkpoints.MEASURE_STAGE, 1, InputError))
         assert main(quantize_argv(hf, out, "--job", str(pre))) == 2
     assert sorted(os.listdir(pre)) == ["keep.txt"]

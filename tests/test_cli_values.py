@@ -21,6 +21,7 @@ def _no_load(monkeypatch) -> None:
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("bitalloc.cli.common._load_model", refuse)
+    monkeypatch.setattr("bitalloc.models.sources.load_model", refuse)
 
 
 @pytest.mark.parametrize("argv", [
@@ -98,16 +99,16 @@ def test_eval_against_the_reference_of_another_model_is_refused(tiny, tmp_path, 
 
 def test_an_output_another_run_wrote_meanwhile_is_not_replaced(tiny, tmp_path, monkeypatch, capsys):
     """Two runs with one --out and different --job directories: the later one refuses, never replaces."""
-    import bitalloc.cli.measure_plan as mp
+    import bitalloc.pipeline as pipeline
 
     out = tmp_path / "t.json"
-    real = mp._measure
+    real = pipeline.measure_model
 
     def measure_while_another_run_writes(*a, **k):
         out.write_text("the other run's table")
         return real(*a, **k)
 
-    monkeypatch.setattr(mp, "_measure", measure_while_another_run_writes)
+    monkeypatch.setattr(pipeline, "measure_model", measure_while_another_run_writes)
     rc = main(["measure", str(tiny), *SMALL, "--ctx", "16", "--calib", str(tiny.parent / "calib.txt"),
                "--out", str(out), "--job", str(tmp_path / "j2")])
     err = capsys.readouterr().err

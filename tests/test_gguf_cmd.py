@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitalloc import gguf_cmd
+from bitalloc.cli import gguf as gguf_cmd
 from bitalloc.cli import build_parser, main
 from tests.gguf_tiny import gguf_argv, write_loadable_gguf
 

@@ -14,15 +14,17 @@ import gguf
 import pytest
 import torch
 
-from bitalloc import checkpoints, gguf_job, resume
+from bitalloc.export import gguf_manifest as gguf_job
+from bitalloc.jobs import checkpoints
+from bitalloc.jobs.config import default_job_dir
 from tests.cli_process import run_cli, wait_for
 from bitalloc.cli import build_parser, main
 from bitalloc.errors import InputError
 from bitalloc.export import gguf as gx
 from bitalloc.models.gguf_map import model_names
-from bitalloc.gguf_cmd import gguf_fingerprint
+from bitalloc.cli.gguf import gguf_fingerprint
 from bitalloc.io.atomic import file_digest
-from bitalloc.job import Job
+from bitalloc.jobs.store import Job
 from tests.conftest import tiny_llama
 from tests.gguf_tiny import gguf_argv, write_loadable_gguf
 
@@ -102,7 +104,7 @@ def test_failed_write_leaves_neither_file_nor_manifest(src, tmp_path, monkeypatc
 def test_changed_option_is_refused_naming_it(src, tmp_path, capsys):
     out = tmp_path / "out.gguf"
     args = build_parser().parse_args(gguf_argv(src, out, budget=BUDGET))
-    with Job(resume.default_job_dir(out), gguf_fingerprint(args)):
+    with Job(default_job_dir(out), gguf_fingerprint(args)):
         pass  # as left by an interrupted run
     assert main(gguf_argv(src, out, budget="70KB")) == 2
     err = capsys.readouterr().err.strip()
@@ -113,13 +115,13 @@ def test_changed_option_is_refused_naming_it(src, tmp_path, capsys):
     argv[argv.index("--calib") + 1] = str(src.parent / "other.txt")
     assert main(argv) == 2
     assert "calibration" in capsys.readouterr().err
-    assert not out.exists() and resume.default_job_dir(out).exists()  # the job is kept for the right command
+    assert not out.exists() and default_job_dir(out).exists()  # the job is kept for the right command
 
 
 def _crash_at(monkeypatch, stage: str, block: int) -> None:
     real = checkpoints._save_hidden
 
-    def crashing(job, b, hidden, st=resume.QUANT_STAGE):
+    def crashing(job, b, hidden, st=checkpoints.QUANT_STAGE):
         real(job, b, hidden, st)
         if b == block and st == stage:
             raise KeyboardInterrupt
@@ -134,10 +136,10 @@ def reference(src, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("stage", [resume.MEASURE_STAGE, resume.QUANT_STAGE])
+@pytest.mark.parametrize("stage", [checkpoints.MEASURE_STAGE, checkpoints.QUANT_STAGE])
 def test_interrupted_gguf_job_resumes_to_identical_files(src, reference, tmp_path, monkeypatch, caplog, stage):
     out = tmp_path / "out.gguf"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     with monkeypatch.context() as m:
         _crash_at(m, stage, 1)
         assert main(gguf_argv(src, out, budget=BUDGET)) == 130
@@ -145,7 +147,7 @@ def test_interrupted_gguf_job_resumes_to_identical_files(src, reference, tmp_pat
     assert (job / stage / "hidden.safetensors").exists()
     caplog.set_level("INFO", logger="bitalloc.resume")
     assert main(gguf_argv(src, out, budget=BUDGET)) == 0
-    what = "measurement" if stage == resume.MEASURE_STAGE else "quantization"
+    what = "measurement" if stage == checkpoints.MEASURE_STAGE else "quantization"
     assert f"resuming {what} at block 1" in caplog.text
     assert _files(out) == _files(reference)
     assert not job.exists()
@@ -155,17 +157,17 @@ def test_kill_after_the_rename_is_recognised(src, reference, tmp_path):
     out = tmp_path / "out.gguf"
     assert main(gguf_argv(src, out, "--keep-job", budget=BUDGET)) == 0  # as if killed before the cleanup
     assert main(gguf_argv(src, out, budget=BUDGET)) == 0
-    assert _files(out) == _files(reference) and not resume.default_job_dir(out).exists()
+    assert _files(out) == _files(reference) and not default_job_dir(out).exists()
 
 
 # ----------------------------------------------------------------------------------- real kill -9
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, tmp_path):
     out = tmp_path / "out.gguf"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     rng = random.Random(4321)
-    marks = [job / "job.json", job / resume.MEASURE_STAGE / "rows0000.json", job / "plan.json",
-             job / resume.QUANT_STAGE / "block0000.safetensors"]
+    marks = [job / "job.json", job / checkpoints.MEASURE_STAGE / "rows0000.json", job / "plan.json",
+             job / checkpoints.QUANT_STAGE / "block0000.safetensors"]
     kills = 0
     for mark in marks:
         proc = run_cli(gguf_argv(src, out, budget=BUDGET))
@@ -186,12 +188,12 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, 
     assert not job.exists()
 
 
-@pytest.mark.parametrize("name", ["plan/split.json", "quantize/hidden.safetensors"])
+@pytest.mark.parametrize("name", ["plan/capacity.json", "quantize/hidden.safetensors"])
 def test_corrupted_checkpoint_is_recomputed_to_identical_files(src, reference, tmp_path, monkeypatch, caplog, name):
     out = tmp_path / "out.gguf"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     with monkeypatch.context() as m:
-        _crash_at(m, resume.QUANT_STAGE, 1)
+        _crash_at(m, checkpoints.QUANT_STAGE, 1)
         assert main(gguf_argv(src, out, budget=BUDGET)) == 130
     data = bytearray((job / name).read_bytes())
     data[len(data) // 2] ^= 0x01

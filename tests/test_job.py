@@ -13,7 +13,7 @@ import torch
 
 from bitalloc.errors import InputError
 from bitalloc.io.atomic import TEMP_SUFFIX
-from bitalloc.job import Job, fingerprint_diff, run_job
+from bitalloc.jobs.store import Job, fingerprint_diff, run_job
 
 FP = {"model": {"path": "m.gguf", "sha256": "ab12"}, "calib": "cd34", "options": {"budget": "4bpw", "method": "gptq"}}
 
@@ -97,7 +97,7 @@ def test_bad_values_and_files(tmp_path):
 WORKER = textwrap.dedent('''
     import sys, time, json
     import torch
-    from bitalloc.job import Job
+    from bitalloc.jobs.store import Job
     from bitalloc.io.safetensors import write_safetensors_atomic
 
     job_dir, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

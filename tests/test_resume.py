@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitalloc import checkpoints, resume
+from bitalloc.io.atomic import TEMP_SUFFIX
+from bitalloc.jobs import checkpoints
+from bitalloc.jobs.config import default_job_dir
 from tests.cli_process import run_cli, wait_for
 from bitalloc.cli import main
 
@@ -83,7 +85,7 @@ def test_uninterrupted_run_is_deterministic_and_cleans_its_job(hf, reference, tm
     out = tmp_path / "again"
     assert main(quantize_argv(hf, out)) == 0
     assert_same_tree(reference, out)
-    assert not resume.default_job_dir(out).exists()
+    assert not default_job_dir(out).exists()
     man = json.loads((out / "manifest.json").read_text())
     assert set(man["files"]) == set(read_tree(out)) - {"manifest.json"}
     assert "peak memory:" in capsys.readouterr().err
@@ -92,9 +94,9 @@ def test_uninterrupted_run_is_deterministic_and_cleans_its_job(hf, reference, tm
 def _crash_at(monkeypatch, block: int) -> None:
     real = checkpoints._save_hidden
 
-    def crashing(job, b, hidden, stage=resume.QUANT_STAGE):
+    def crashing(job, b, hidden, stage=checkpoints.QUANT_STAGE):
         real(job, b, hidden, stage)
-        if b == block and stage == resume.QUANT_STAGE:
+        if b == block and stage == checkpoints.QUANT_STAGE:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoints, "_save_hidden", crashing)
@@ -102,14 +104,14 @@ def _crash_at(monkeypatch, block: int) -> None:
 
 def test_interrupted_run_resumes_to_identical_output(hf, reference, tmp_path, monkeypatch, caplog):
     out = tmp_path / "out"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     with monkeypatch.context() as m:
         _crash_at(m, 2)  # two of three blocks checkpointed
         assert main(quantize_argv(hf, out)) == 130
     assert not out.exists()
     assert {"measure", "plan"} <= set(json.loads((job / "job.json").read_text())["stages_done"])
     assert (job / "quantize" / "block0001.safetensors").exists()
-    debris = tmp_path / f".out.killed{resume.TEMP_SUFFIX}"  # what a kill during the export leaves
+    debris = tmp_path / f".out.killed{TEMP_SUFFIX}"  # what a kill during the export leaves
     debris.mkdir()
     caplog.set_level("INFO", logger="bitalloc.resume")
     assert main(quantize_argv(hf, out)) == 0
@@ -122,9 +124,9 @@ def test_interrupted_run_resumes_to_identical_output(hf, reference, tmp_path, mo
 def _crash_measure_at(monkeypatch, block: int) -> None:
     real = checkpoints._save_hidden
 
-    def crashing(job, b, hidden, stage=resume.QUANT_STAGE):
+    def crashing(job, b, hidden, stage=checkpoints.QUANT_STAGE):
         real(job, b, hidden, stage)
-        if b == block and stage == resume.MEASURE_STAGE:
+        if b == block and stage == checkpoints.MEASURE_STAGE:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoints, "_save_hidden", crashing)
@@ -132,12 +134,12 @@ def _crash_measure_at(monkeypatch, block: int) -> None:
 
 def test_quantize_resumes_inside_the_measurement(hf, reference, tmp_path, monkeypatch, caplog):
     out = tmp_path / "out"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     with monkeypatch.context() as m:
         _crash_measure_at(m, 2)
         assert main(quantize_argv(hf, out)) == 130
     assert "measure" not in json.loads((job / "job.json").read_text())["stages_done"]
-    assert (job / resume.MEASURE_STAGE / "rows0001.json").exists()
+    assert (job / checkpoints.MEASURE_STAGE / "rows0001.json").exists()
     caplog.set_level("INFO", logger="bitalloc.resume")
     assert main(quantize_argv(hf, out)) == 0
     assert "resuming measurement at block 2" in caplog.text
@@ -152,14 +154,14 @@ def measure_argv(model: Path, out: Path, *extra: str) -> list[str]:
 def test_measure_command_resumes_to_identical_table(hf, tmp_path, monkeypatch, caplog, capsys):
     ref = tmp_path / "ref.json"
     assert main(measure_argv(hf, ref)) == 0
-    assert not resume.default_job_dir(ref).exists()
+    assert not default_job_dir(ref).exists()
     out = tmp_path / "m.json"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     for block in (1, 2):  # two interruptions, the second one after resuming
         with monkeypatch.context() as m:
             _crash_measure_at(m, block)
             assert main(measure_argv(hf, out)) == 130
-        assert not out.exists() and (job / resume.MEASURE_STAGE / f"rows{block - 1:04d}.json").exists()
+        assert not out.exists() and (job / checkpoints.MEASURE_STAGE / f"rows{block - 1:04d}.json").exists()
     caplog.set_level("INFO", logger="bitalloc.resume")
     assert main(measure_argv(hf, out)) == 0
     assert "resuming measurement at block 2" in caplog.text
@@ -187,7 +189,7 @@ def test_changed_budget_is_refused_naming_it(hf, tmp_path, monkeypatch, capsys):
 def test_kill_after_export_rename_is_recognised(hf, reference, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(quantize_argv(hf, out, "--keep-job")) == 0  # as if killed before the job was removed
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     assert job.exists()
     assert main(quantize_argv(hf, out)) == 0
     assert not job.exists()
@@ -212,7 +214,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=lambda: os.nice(19))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     rng = random.Random(1234)
     # kill during measurement, early in quantization, later in quantization
     marks = [job / "job.json", job / "quantize" / "block0001.safetensors", job / "quantize" / "block0004.safetensors"]

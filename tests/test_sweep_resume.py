@@ -15,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bitalloc import resume, sweep as sweep_mod, sweep_job
+from bitalloc import sweep as sweep_mod
+from bitalloc.jobs import checkpoints, sweep as sweep_job
+from bitalloc.jobs.config import default_job_dir
 from bitalloc.cli import main
 from bitalloc.errors import InputError
 from bitalloc.sweep import Point, point_key
@@ -80,7 +82,7 @@ def reference(hf, tmp_path_factory) -> dict[str, bytes]:
     with pytest.MonkeyPatch.context() as m:
         fixed_clock(m)
         assert main(sweep_argv(hf, out)) == 0
-    assert not resume.default_job_dir(out).exists()
+    assert not default_job_dir(out).exists()
     return outputs(out)
 
 
@@ -96,7 +98,7 @@ def test_uninterrupted_sweep_writes_every_output(reference):
 def test_interrupted_after_first_point_resumes_to_identical_outputs(hf, reference, tmp_path, monkeypatch, caplog):
     fixed_clock(monkeypatch)
     out = tmp_path / "out"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     with monkeypatch.context() as m:
         interrupt_at_point(m, 1)
         assert main(sweep_argv(hf, out)) == 130
@@ -115,7 +117,7 @@ def test_interrupted_after_first_point_resumes_to_identical_outputs(hf, referenc
 
 def test_resumed_sweep_keeps_the_saved_timings(hf, reference, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     with monkeypatch.context() as m:
         interrupt_at_point(m, 2)
         assert main(sweep_argv(hf, out)) == 130
@@ -141,7 +143,7 @@ def test_sweep_resumes_inside_the_measurement(hf, reference, tmp_path, monkeypat
     with monkeypatch.context() as m:
         _crash_measure_at(m, 1)
         assert main(sweep_argv(hf, out)) == 130
-    assert (resume.default_job_dir(out) / resume.MEASURE_STAGE / "rows0000.json").exists()
+    assert (default_job_dir(out) / checkpoints.MEASURE_STAGE / "rows0000.json").exists()
     caplog.set_level("INFO", logger="bitalloc.resume")
     assert main(sweep_argv(hf, out)) == 0
     assert "resuming measurement at block 1" in caplog.text
@@ -166,13 +168,13 @@ def test_changed_inputs_are_refused_naming_what_differs(hf, tmp_path, monkeypatc
     assert "evaluation" in err and "options" not in err
     assert main([*sweep_argv(hf, out), "--eval-windows", "1"]) == 2
     assert "options.eval_windows" in capsys.readouterr().err
-    assert resume.default_job_dir(out).exists()  # a refused rerun leaves the job for the right command
+    assert default_job_dir(out).exists()  # a refused rerun leaves the job for the right command
 
 
 def test_existing_outputs_are_protected(hf, reference, tmp_path, monkeypatch, capsys):
     fixed_clock(monkeypatch)
     out = tmp_path / "out"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     assert main(sweep_argv(hf, out, "--keep-job")) == 0  # as if killed before the job was removed
     assert job.exists()
     assert main(sweep_argv(hf, out)) == 0  # recognised as this job's own outputs: nothing is recomputed
@@ -213,7 +215,7 @@ def test_sweep_hooks_and_saved_point_checks():
 @pytest.mark.slow
 def test_sigkill_during_the_points_then_resume(hf, reference, tmp_path):
     out = tmp_path / "out"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     proc = run_cli(sweep_argv(hf, out))
     end = time.monotonic() + 120
     while not list((job / sweep_job.POINTS_STAGE).glob("p0000*.json")):
@@ -234,7 +236,7 @@ def test_sigkill_during_the_points_then_resume(hf, reference, tmp_path):
 def test_corrupted_point_is_recomputed_to_identical_outputs(hf, reference, tmp_path, monkeypatch, caplog):
     fixed_clock(monkeypatch)
     out = tmp_path / "out"
-    job = resume.default_job_dir(out)
+    job = default_job_dir(out)
     with monkeypatch.context() as m:
         interrupt_at_point(m, 2)
         assert main(sweep_argv(hf, out)) == 130

@@ -2,7 +2,7 @@
 
 Every point starts from the same fp weights (a snapshot restored before each quantization) and is scored
 against the same cached reference logits, so points differ only by their plan and rounding method; each point
-is therefore independent of the others, which is what lets :mod:`bitalloc.sweep_job` resume a sweep point by
+is therefore independent of the others, which is what lets :mod:`bitalloc.jobs.sweep` resume a sweep point by
 point (``sweep(..., done=..., on_point=...)``).
 """
 from __future__ import annotations
@@ -91,17 +91,18 @@ def run_point(
                  r.top1, time.perf_counter() - t0)
 
 
-def _plans(measurement: Measurement, budgets: Sequence[str], constraints: Constraints | None,
+def _plans(measurement: Measurement, budgets: Sequence[str | Budget], constraints: Constraints | None,
            uniform: Sequence[str] | None, uniform_candidates: int) -> list[tuple[str, str, Plan]]:
     """The allocated plan of every budget, then the uniform baselines (each format once)."""
-    plans: list[tuple[str, str, Plan]] = [("allocated", b, make_plan(measurement, b, constraints)) for b in budgets]
+    plans: list[tuple[str, str, Plan]] = [("allocated", str(b), make_plan(measurement, b, constraints))
+                                          for b in budgets]
     if uniform is None:
         seen: set[str] = set()
         for b in budgets:
             for p in fitting_uniforms(measurement, b, uniform_candidates):
                 if p.entries[0].format not in seen:
                     seen.add(p.entries[0].format)
-                    plans.append(("uniform", b, p))
+                    plans.append(("uniform", str(b), p))
     else:
         plans.extend(("uniform", f, uniform_plan(measurement, f)) for f in uniform)
     return plans
@@ -109,7 +110,7 @@ def _plans(measurement: Measurement, budgets: Sequence[str], constraints: Constr
 
 def sweep(
     model: nn.Module, view: ModelView, measurement: Measurement | Mapping[str, Measurement],
-    budgets: Sequence[str], methods: Sequence[str], calib: torch.Tensor, eval_windows: torch.Tensor,
+    budgets: Sequence[str | Budget], methods: Sequence[str], calib: torch.Tensor, eval_windows: torch.Tensor,
     reference: nn.Module, *, constraints: Constraints | None = None, uniform: Sequence[str] | None = None,
     progress: bool = True, uniform_candidates: int = 2, done: Mapping[str, Point] | None = None,
     on_point: Callable[[str, Point], None] | None = None,

@@ -212,7 +212,7 @@ def test_verify_detects_changed_bytes(tiny, tmp_path: Path) -> None:
 def test_gguf_pipeline_fits_file_budget_and_model_equals_file(tiny, tmp_path: Path) -> None:
     """measure -> allocate under a FILE size -> GPTQ -> write: size <= budget, mixed types, and the model
     left in memory holds exactly what the file decodes to (what llama.cpp will compute with)."""
-    from bitalloc.gguf_cmd import export_plan, plan_gguf
+    from bitalloc.targets.gguf import export_plan, plan_gguf
     from bitalloc.models.view import ModelView
     from bitalloc.pipeline import measure_model
     from tests.conftest import token_ids

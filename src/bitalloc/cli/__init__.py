@@ -6,8 +6,9 @@ one ``error: internal error ...`` line with exit status 1 (``-v`` adds the trace
 
 Layout: :mod:`.common` (loading, validation, fingerprints), :mod:`.paths` (every input against every output,
 before any work), :mod:`.options` (the shared option blocks),
-one module per command group (:mod:`.measure_plan`, :mod:`.quantize_eval`, :mod:`.sweep_demo`; ``gguf`` lives
-in :mod:`bitalloc.gguf_cmd`), and here the parser, the error-to-exit-status handling and ``main``.
+one module per command group (:mod:`.measure_plan`, :mod:`.quantize_eval`, :mod:`.sweep_demo`, :mod:`.gguf`),
+and here the parser, the error-to-exit-status handling and ``main``.  A resumable command builds one frozen
+:class:`bitalloc.jobs.config.RunConfig` (budgets parsed once) and its output target, and calls the job.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import traceback
 from typing import Callable, NoReturn, Sequence
 
 from ..errors import BitallocError
-from . import measure_plan, quantize_eval, sweep_demo
+from . import gguf, measure_plan, quantize_eval, sweep_demo
 from .common import DEFAULT_FORMATS, DEMO_BUDGETS, DEMO_FORMATS, MODEL_HELP, _precheck
 
 __all__ = ["DEFAULT_FORMATS", "DEMO_BUDGETS", "DEMO_FORMATS", "MODEL_HELP", "build_parser", "main", "peak_memory_mib"]
@@ -44,12 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure_plan.add_parsers(sub)
     quantize_eval.add_parsers(sub)
     sweep_demo.add_parsers(sub)
-    try:  # the GGUF export adds its own subcommand when present
-        from .. import gguf_cmd
-    except ImportError:
-        gguf_cmd = None  # type: ignore[assignment]
-    if gguf_cmd is not None:
-        gguf_cmd.add_parser(sub)
+    gguf.add_parser(sub)  # when gguf-py is installed
     return parser
 
 

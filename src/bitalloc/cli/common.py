@@ -43,13 +43,6 @@ def _windows(tokenizer: Any, paths: Sequence[Path], n: int, ctx: int) -> Any:
     return text_windows(tokenizer, paths, ctx, n)  # reads only the text the n windows need
 
 
-def _calib(args: argparse.Namespace, tokenizer: Any) -> Any:
-    from ..data import default_calibration_files
-
-    files = _texts(args.calib, default_calibration_files)
-    return files, _windows(tokenizer, files, args.windows, args.ctx)
-
-
 # ---------------------------------------------------------------------------------- validation
 def _formats(text: str, option: str = "--formats") -> list[str]:
     from ..formats import get_format
@@ -60,29 +53,20 @@ def _formats(text: str, option: str = "--formats") -> list[str]:
     return list(dict.fromkeys(get_format(f).id for f in ids))  # once each: "int4-g32,INT4-G32" is one format
 
 
-def _budgets(text: str) -> list[str]:
+def _budgets(text: str) -> list[Any]:
+    """``--budgets``, each parsed (:class:`bitalloc.budget.Budget`)."""
     from ..budget import Budget
 
-    out = [b.strip() for b in text.split(",") if b.strip()]
+    out = [Budget.parse(b) for b in text.split(",") if b.strip()]
     if not out:
         raise InputError("--budgets is empty")
     seen: dict[tuple[str, float], str] = {}
     for b in out:
-        parsed = Budget.parse(b)
-        key = (parsed.kind, parsed.value)
+        key = (b.kind, b.value)
         if key in seen:  # it would be quantized and evaluated twice, and plotted as two points
-            raise InputError(f"--budgets lists the same budget twice: {seen[key]!r} and {b!r}")
-        seen[key] = b
+            raise InputError(f"--budgets lists the same budget twice: {seen[key]!r} and {b.text!r}")
+        seen[key] = b.text
     return out
-
-
-def _constraints(name: str | None, view: Any) -> Any:
-    from ..budget import Constraints
-    from ..pipeline import fused_constraints
-
-    if name in (None, "none"):
-        return Constraints()
-    return fused_constraints(view)
 
 
 def _check_out(path: str, overwrite: bool) -> Path:
@@ -98,7 +82,7 @@ def _job_dir(args: argparse.Namespace, out: Path, existing: Sequence[str] | None
     Refuses an existing output unless ``--overwrite`` is given or a job directory is there to resume;
     ``existing`` names the outputs already in a results directory (default: ``out`` itself, if it exists).
     """
-    from ..resume import default_job_dir
+    from ..jobs.config import default_job_dir
 
     job_dir = Path(args.job) if args.job else default_job_dir(out)
     if args.overwrite or job_dir.exists():
@@ -195,35 +179,18 @@ def _precheck_budgets(args: argparse.Namespace) -> None:
         check_reachable(model, _formats(args.formats), budgets)
 
 
-# ------------------------------------------------------------------------- measurement, fingerprints
-def _measure(args: argparse.Namespace, model: Any, view: Any, calib: Any, checkpoints: Any = None) -> Any:
-    """The measurement table; ``checkpoints`` (a :class:`bitalloc.resume.MeasureCheckpoints`) resumes it."""
-    from ..pipeline import measure_model
-
-    fisher_w = calib[: args.fisher_windows] if args.fisher else None
-    resume = checkpoints.kwargs() if checkpoints is not None else {}
-    return measure_model(model, view, calib, _formats(args.formats), args.method, args.fisher,
-                         progress=not args.quiet, fisher_windows=fisher_w, **resume)
-
-
-def _measure_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Every option that changes a measurement table."""
-    return {"formats": ",".join(_formats(args.formats)), "method": args.method, "fisher": bool(args.fisher),
-            "fisher_windows": args.fisher_windows, "windows": args.windows, "ctx": args.ctx}
-
-
-def _inputs_fingerprint(model_arg: str | None, calib: Sequence[str] | None, options: dict[str, Any]) -> dict[str, Any]:
-    """A job fingerprint: digests of the model files and of the calibration text, and the options."""
-    from ..data import default_calibration_files, expand_paths
+# ------------------------------------------------------------------------------- the run config
+def run_config(args: argparse.Namespace, out: Path, job_dir: Path, **fields: Any) -> Any:
+    """The :class:`~bitalloc.jobs.config.RunConfig` of a resumable command (``fields``: its own settings)."""
+    from ..data import default_calibration_files
+    from ..jobs.config import RunConfig
     from ..models.sources import default_model_path
-    from ..resume import model_digests, text_digest
 
-    model = Path(model_arg) if model_arg else default_model_path()
-    files = expand_paths(_texts(calib, default_calibration_files))
-    return {"version": 1, "model": model_digests(model), "calibration": text_digest(files), "options": options}
-
-
-def _digest_or_none(path: str | None) -> str | None:
-    from ..io.atomic import file_digest
-
-    return file_digest(path) if path else None
+    model = getattr(args, "model", None)
+    return RunConfig(
+        model=Path(model) if model else default_model_path(),
+        calib_texts=tuple(_texts(args.calib, default_calibration_files)), windows=args.windows, ctx=args.ctx,
+        job_dir=job_dir, formats=tuple(_formats(args.formats)), method=args.method, fisher=bool(args.fisher),
+        fisher_windows=args.fisher_windows, overwrite=args.overwrite, keep_job=args.keep_job,
+        progress=not args.quiet, **fields,
+    )

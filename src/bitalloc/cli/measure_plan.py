@@ -6,28 +6,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import (
-    DEFAULT_FORMATS, _calib, _check_out, _formats, _inputs_fingerprint, _job_dir, _load_model, _measure,
-    _measure_options,
-)
+from .common import DEFAULT_FORMATS, _check_out, _job_dir, run_config
 from .options import add_calib, add_common, add_constraints, add_job, add_measure_opts, add_model, add_out
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
-    from ..models.view import ModelView
-    from ..resume import run_measure_job
+    from ..jobs.run import run_measure
 
     out = Path(args.out)
-    fmts = _formats(args.formats)  # fail on a bad id before loading anything
-    job_dir = _job_dir(args, out)
+    config = run_config(args, out, _job_dir(args, out))  # a bad format id fails before anything is loaded
     t0 = time.perf_counter()
-
-    def measure(model: Any, tok: Any, checkpoints: Any) -> Any:
-        return _measure(args, model, ModelView(model), _calib(args, tok)[1], checkpoints)
-
-    m = run_measure_job(out, job_dir, _inputs_fingerprint(args.model, args.calib, _measure_options(args)),
-                        lambda: _load_model(args.model), measure, keep_job=args.keep_job, overwrite=args.overwrite)
-    print(f"measured {len(m.tensors)} tensors x {len(fmts)} formats in {time.perf_counter() - t0:.0f} s -> {out}")
+    m = run_measure(config, out)
+    print(f"measured {len(m.tensors)} tensors x {len(config.formats)} formats in {time.perf_counter() - t0:.0f} s "
+          f"-> {out}")
     return 0
 
 

@@ -43,7 +43,7 @@ def _texts(arg: Sequence[str] | None, option: str, default: str) -> Pairs:
 
 
 def _job(args: argparse.Namespace, out: Path) -> Path:
-    from ..resume import default_job_dir
+    from ..jobs.config import default_job_dir
 
     return Path(args.job) if args.job else default_job_dir(out)
 
@@ -51,7 +51,7 @@ def _job(args: argparse.Namespace, out: Path) -> Path:
 def _check_job_dir(job: Path) -> None:
     """A job directory given by the user is deleted when the job ends: only an empty or a job directory will do."""
     from ..io.paths import TEMP_SUFFIX, check_output
-    from ..job import JOB_FILE, LOCK_FILE
+    from ..jobs.store import JOB_FILE, LOCK_FILE
 
     check_output(job, "job directory", "directory")
     if job.is_dir() and not (job / JOB_FILE).is_file() and any(
@@ -83,14 +83,14 @@ def command_paths(args: argparse.Namespace) -> tuple[Pairs, Pairs, Pairs]:
         ins += _model(args.reference, "--reference model")
         ins += _texts(args.text, "--text", "default_eval_files")
     if cmd in ("sweep", "demo"):
-        from ..sweep_job import OUTPUTS
+        from ..jobs.sweep import OUTPUTS
 
         ins += _texts(args.eval, "--eval", "default_eval_files")
         out = Path(args.out)
         cont.append(("output directory", out))
         outs += [("output", out / name) for name in OUTPUTS]
     if cmd == "gguf":
-        from ..gguf_job import manifest_path
+        from ..export.gguf_manifest import manifest_path
 
         ins.append(("input GGUF", check_input(args.input, "input GGUF", "file")))
         ins += _texts(args.calib, "--calib", "default_calibration_files")

@@ -7,60 +7,33 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .common import (
-    DEFAULT_FORMATS, MODEL_HELP, _calib, _constraints, _digest_or_none, _inputs_fingerprint, _job_dir,
-    _load_model, _measure, _measure_options, _texts, _windows,
-)
+from .common import DEFAULT_FORMATS, MODEL_HELP, _job_dir, _load_model, _texts, _windows, run_config
 from .options import (
     EVAL_TEXT_HELP, add_calib, add_common, add_constraints, add_ctx, add_job, add_measure_opts, add_model, add_out,
 )
 
 
-def _quantize_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything that changes the output of ``quantize``: model and text digests, and the options."""
-    options = {
-        **_measure_options(args), "budget": args.budget, "format": args.format, "constraints": args.constraints,
-        "measurement": _digest_or_none(args.measurement), "plan": _digest_or_none(args.plan),
-    }
-    return _inputs_fingerprint(args.model, args.calib, options)
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from ..budget import Budget
+    from ..jobs.run import run_export
     from ..measure import Measurement
-    from ..pipeline import check_measurement, make_plan, plan_for_assignments
     from ..plan import Plan
-    from ..quantize import uniform_assignments
-    from ..resume import QuantizeSteps, run_quantize_job
+    from ..targets.packed import PackedTarget
 
     out = Path(args.out)
     if args.plan and not args.measurement:
         raise InputError("--plan needs --measurement (the plan is re-validated against its table)")
-    given = Measurement.load(args.measurement) if args.measurement else None
     if args.plan:  # a bad plan is refused before the model is loaded (re-read against it in the job)
-        Plan.load(args.plan, given)
-    job_dir = _job_dir(args, out)
-
-    def plan_of(measurement: Any, model: Any, view: Any) -> Any:
-        if args.format:
-            return plan_for_assignments(view, uniform_assignments(model, args.format, view), f"uniform {args.format}")
-        check_measurement(measurement, model)
-        if args.plan:
-            return Plan.load(args.plan, measurement)
-        return make_plan(measurement, args.budget, _constraints(args.constraints, view))
-
-    def measure_of(model: Any, view: Any, calib: Any, checkpoints: Any) -> Any:
-        return given if given is not None else _measure(args, model, view, calib, checkpoints)
-
-    steps = QuantizeSteps(
-        load=lambda: _load_model(args.model),
-        calibration=lambda tok: _calib(args, tok)[1],
-        measure=None if args.format else measure_of,
-        plan=plan_of,
-        method=args.method,
-        progress=not args.quiet,
+        Plan.load(args.plan, Measurement.load(args.measurement))
+    config = run_config(
+        args, out, _job_dir(args, out), budgets=(Budget.parse(args.budget),) if args.budget else (),
+        constraints=args.constraints, uniform_format=args.format,
+        measurement=Path(args.measurement) if args.measurement else None, plan=Path(args.plan) if args.plan else None,
     )
-    info = run_quantize_job(out, job_dir, _quantize_fingerprint(args), steps, keep_job=args.keep_job,
-                            overwrite=args.overwrite, report=lambda p: print(p.summary()))
+    res = run_export(config, PackedTarget(out))
+    if res.plan is not None:
+        print(res.plan.summary())
+    info = res.written.info
     print(f"wrote {out}: {info['bytes']} B ({info['bytes'] / 2**20:.2f} MiB, {info['bpw']:.4f} bpw), verified")
     return 0
 

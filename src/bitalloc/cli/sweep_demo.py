@@ -5,10 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import (
-    DEFAULT_FORMATS, DEMO_BUDGETS, DEMO_FORMATS, _budgets, _calib, _constraints, _formats, _inputs_fingerprint,
-    _job_dir, _load_model, _measure, _measure_options, _texts, _windows,
-)
+from .common import DEFAULT_FORMATS, DEMO_BUDGETS, DEMO_FORMATS, _budgets, _formats, _job_dir, _texts, run_config
 from .options import (
     EVAL_TEXT_HELP, add_calib, add_common, add_constraints, add_job, add_measure_opts, add_model, add_out,
 )
@@ -16,27 +13,11 @@ from .options import (
 DEMO_TITLE = "SmolLM2-135M-Instruct: allocated vs uniform (demo)"
 
 
-def _sweep_fingerprint(args: argparse.Namespace, title: str) -> dict[str, Any]:
-    """Everything that changes the outputs of ``sweep`` / ``demo``: model, calibration and evaluation text
-    digests, and the options (the title is drawn in the PNG)."""
-    from ..data import default_eval_files, expand_paths
-    from ..resume import text_digest
-
-    options = {
-        **_measure_options(args), "budgets": ",".join(_budgets(args.budgets)), "eval_windows": args.eval_windows,
-        "uniform": ",".join(_formats(args.uniform, "--uniform")) if args.uniform else None,
-        "constraints": args.constraints,
-        "uniform_candidates": 2, "title": title,
-    }
-    fp = _inputs_fingerprint(args.model, args.calib, options)
-    fp["evaluation"] = text_digest(expand_paths(_texts(args.eval, default_eval_files)))
-    return fp
-
-
 def _run_sweep(args: argparse.Namespace, title: str) -> int:
     from ..data import check_disjoint, default_calibration_files, default_eval_files
+    from ..jobs.config import SweepSpec
+    from ..jobs.sweep import OUTPUTS, run_sweep
     from ..sweep import format_table
-    from ..sweep_job import OUTPUTS, SweepSteps, run_sweep_job
 
     budgets = _budgets(args.budgets)
     formats = _formats(args.formats)
@@ -45,18 +26,10 @@ def _run_sweep(args: argparse.Namespace, title: str) -> int:
     eval_files = _texts(args.eval, default_eval_files)
     check_disjoint(_texts(args.calib, default_calibration_files), eval_files)  # before the (slow) model load
     job_dir = _job_dir(args, out, existing=[n for n in OUTPUTS if (out / n).exists()])
-    steps = SweepSteps(
-        load=lambda: _load_model(args.model),
-        load_reference=lambda: _load_model(args.model)[0],
-        calibration=lambda tok: _calib(args, tok)[1],
-        evaluation=lambda tok: _windows(tok, eval_files, args.eval_windows, args.ctx),
-        measure=lambda model, view, calib, ckpt: _measure(args, model, view, calib, ckpt),
-        constraints=lambda view: _constraints(args.constraints, view),
-        budgets=tuple(budgets), method=args.method, title=title, uniform=uniform,
-        extra=(("ctx", args.ctx), ("formats", formats)), progress=not args.quiet,
-    )
-    res = run_sweep_job(out, job_dir, _sweep_fingerprint(args, title), steps, keep_job=args.keep_job,
-                        overwrite=args.overwrite)
+    spec = SweepSpec(eval_texts=tuple(eval_files), eval_windows=args.eval_windows, title=title, uniform=uniform,
+                     extra=(("ctx", args.ctx), ("formats", formats)))
+    config = run_config(args, out, job_dir, budgets=tuple(budgets), constraints=args.constraints, sweep=spec)
+    res = run_sweep(config, out)
     print(format_table(res.points))
     print(f"measurement {res.measure_seconds:.0f} s; results: {', '.join(str(p) for p in res.paths)}")
     return 0

@@ -4,7 +4,7 @@
 it (re-read), renames it over the destination and fsyncs the directory.  On any error -- a full disk,
 an exception in the caller's code, ``KeyboardInterrupt`` -- the temporary file is removed and the
 destination is untouched.  A ``kill -9`` can leave a temporary file behind; its name ends in
-:data:`TEMP_SUFFIX` so :func:`remove_stale_temps` (called by :class:`bitalloc.job.Job`) can clean it up.
+:data:`TEMP_SUFFIX` so :func:`remove_stale_temps` (called by :class:`bitalloc.jobs.store.Job`) can clean it up.
 
 Manifests map names (tensor names or file names) to SHA-256 digests; they are written beside outputs and
 checked with :func:`verify_manifest`.

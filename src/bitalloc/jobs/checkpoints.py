@@ -1,4 +1,4 @@
-"""Checkpoints inside a job directory (:class:`bitalloc.job.Job`), shared by the quantize, measure and GGUF jobs.
+"""Checkpoints inside a job directory (:class:`bitalloc.jobs.store.Job`), shared by the quantize, measure and GGUF jobs.
 
 * Blocks of a sequential quantization: ``<stage>/block0003.safetensors`` (the QTensor parts of block 3, with
   formats, shapes and dtypes in the metadata), then ``<stage>/hidden.safetensors`` (the inputs of the next
@@ -10,7 +10,7 @@
 Each file is written atomically and in that order, so after ``kill -9`` the hidden-state file names the
 first block whose checkpoint may be missing; the hidden states are saved bit-exactly, so a resumed run
 computes exactly what an uninterrupted one would.  Every file is recorded with its SHA-256 in the job
-(:meth:`bitalloc.job.Job.record`); the job discards a checkpoint that changed, and all written after it, when
+(:meth:`bitalloc.jobs.store.Job.record`); the job discards a checkpoint that changed, and all written after it, when
 it is opened, so a resumed stage only ever starts from verified files -- or from its first block, with a
 warning, when the files it needs are not all there.
 """
@@ -23,10 +23,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .errors import InputError
-from .formats import QTensor
-from .io.safetensors import SafetensorsFile, write_safetensors_atomic
-from .job import Job
+from ..errors import InputError
+from ..formats import QTensor
+from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
+from .store import Job
 
 log = logging.getLogger("bitalloc.resume")  # one logger for everything about resuming
 
@@ -91,7 +91,7 @@ def _restart(job: Job, stage: str, what: str) -> None:
 
 def load_state(job: Job, stage: str = QUANT_STAGE) -> Any:
     """The :class:`~bitalloc.quantize.ResumeState` saved in ``job`` (None when no block is done)."""
-    from .quantize import ResumeState
+    from ..quantize import ResumeState
 
     saved = _load_hidden(job, stage)
     if saved is None:
@@ -111,14 +111,12 @@ def load_state(job: Job, stage: str = QUANT_STAGE) -> Any:
 BlockHook = Callable[[int, dict[str, QTensor], torch.Tensor], None]
 
 
-def block_hook(job: Job, stage: str = QUANT_STAGE, after_block: Callable[[int], None] | None = None) -> BlockHook:
+def block_hook(job: Job, stage: str = QUANT_STAGE) -> BlockHook:
     """``on_block`` for :func:`bitalloc.quantize.quantize_model`: checkpoint block ``b``, then its output."""
 
     def on_block(b: int, qt: dict[str, QTensor], hidden: torch.Tensor) -> None:
         _save_block(job, b, qt, stage)
         _save_hidden(job, b + 1, hidden, stage)
-        if after_block is not None:
-            after_block(b)
 
     return on_block
 
@@ -128,9 +126,8 @@ class MeasureCheckpoints:
     """Checkpoints of :func:`bitalloc.pipeline.measure_model` in ``job``: the Fisher statistics once, then
     each block's rows followed by the fp hidden states at the next block's input."""
 
-    def __init__(self, job: Job, after_block: Callable[[int], None] | None = None) -> None:
+    def __init__(self, job: Job) -> None:
         self.job = job
-        self.after_block = after_block
 
     def fisher_stats(self) -> dict[tuple[str, str], torch.Tensor] | None:
         if not self.job.has_item(MEASURE_STAGE, "fisher"):
@@ -145,8 +142,8 @@ class MeasureCheckpoints:
 
     def start(self) -> Any:
         """The :class:`~bitalloc.pipeline.MeasureStart` saved (None when no block is done)."""
-        from .measure import MeasureRow
-        from .pipeline import MeasureStart
+        from ..measure import MeasureRow
+        from ..pipeline import MeasureStart
 
         saved = _load_hidden(self.job, MEASURE_STAGE)
         if saved is None:
@@ -171,8 +168,6 @@ class MeasureCheckpoints:
         self.job.save_item(MEASURE_STAGE, f"rows{b:04d}",
                            [[r.tensor, r.format, r.bytes, r.output_error, r.fisher_error] for r in rows])
         _save_hidden(self.job, b + 1, hidden, MEASURE_STAGE)
-        if self.after_block is not None:
-            self.after_block(b)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`bitalloc.pipeline.measure_model` that resume and checkpoint it."""

@@ -19,8 +19,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .io.atomic import file_digest
+from ..errors import InputError
+from ..io.atomic import file_digest
 
 VERSION = 2
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")

@@ -1,6 +1,7 @@
-"""``bitalloc sweep`` / ``bitalloc demo`` as a resumable job.
+"""``bitalloc sweep`` / ``bitalloc demo`` as a resumable job: measure once, then plan, quantize and evaluate per
+budget.
 
-A job directory (:class:`bitalloc.job.Job`, default ``<out>.job`` beside the output directory) is fingerprinted
+A job directory (:class:`bitalloc.jobs.store.Job`, default ``<out>.job`` beside the output directory) is fingerprinted
 by the model digests, the calibration and evaluation text digests and every option that changes the results;
 reopening it with other inputs is refused with a one-line message naming what differs.  Layout::
 
@@ -18,7 +19,7 @@ one *with the same saved timings*.  The only fields that differ between two sepa
 ``measure_seconds`` (the run that finished the measurement; an interrupted measurement counts only its last
 run) and each point's ``seconds`` (the run that computed that point).  An existing output is refused without
 ``overwrite``, except when its files are exactly the ones this job writes (a kill came after the writes).
-Every checkpoint is recorded with its SHA-256 (:mod:`bitalloc.job`): a changed point, measurement or result is
+Every checkpoint is recorded with its SHA-256 (:mod:`bitalloc.jobs.store`): a changed point, measurement or result is
 discarded, with everything saved after it, and recomputed.
 """
 from __future__ import annotations
@@ -30,49 +31,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
-from .errors import InputError
-from .io.atomic import TEMP_SUFFIX, atomic_write
-from .job import Job, run_job
-from .resume import MeasureCheckpoints, measure_stage
-from .sweep import Point, plot_png, results_json, sweep
+from ..errors import InputError
+from ..io.atomic import TEMP_SUFFIX, atomic_write
+from ..sweep import Point, plot_png, results_json, sweep
+from .config import RunConfig
+from .stages import MEASUREMENT_FILE, Stages
+from .store import Job, run_job
 
 log = logging.getLogger("bitalloc.resume")
 
 OUTPUTS = ("measurement.json", "sweep.json", "sweep.png")
 POINTS_STAGE = "points"
-
-
-@dataclass(frozen=True)
-class SweepSteps:
-    """What the job runs, supplied by the CLI.
-
-    ``load() -> (model, tokenizer)`` (the model that is quantized, restored after every point);
-    ``load_reference() -> model`` (the fp reference, loaded only when points remain); ``calibration(tok)`` and
-    ``evaluation(tok)`` -> windows; ``measure(model, view, windows, checkpoints) -> Measurement``;
-    ``constraints(view) -> Constraints``.  ``extra``: fields written after ``measure_seconds``,
-    ``measure_method``, ``calib_windows`` and ``eval_windows`` at the top of ``sweep.json``.
-    """
-
-    load: Callable[[], tuple[Any, Any]]
-    load_reference: Callable[[], Any]
-    calibration: Callable[[Any], torch.Tensor]
-    evaluation: Callable[[Any], torch.Tensor]
-    measure: Callable[[Any, Any, torch.Tensor, MeasureCheckpoints], Any]
-    constraints: Callable[[Any], Any]
-    budgets: tuple[str, ...]
-    method: str
-    title: str
-    uniform: tuple[str, ...] | None = None
-    extra: tuple[tuple[str, Any], ...] = ()
-    progress: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in ("gptq", "rtn"):
-            raise InputError(f"unknown rounding method {self.method!r}; use 'gptq' or 'rtn'")
-        if not self.budgets:
-            raise InputError("a sweep needs at least one budget")
 
 
 @dataclass(frozen=True)
@@ -96,7 +65,7 @@ def _result(job: Job) -> tuple[str, list[tuple[str, Any]], list[Point]]:
 def _expected(job: Job) -> dict[str, bytes]:
     """The bytes of every output, from the job's files only."""
     title, extra, points = _result(job)
-    return {"measurement.json": (job.dir / "measurement.json").read_bytes(),
+    return {"measurement.json": (job.dir / MEASUREMENT_FILE).read_bytes(),
             "sweep.json": results_json(points, dict(extra)).encode(), "sweep.png": plot_png(points, title)}
 
 
@@ -114,46 +83,36 @@ def _refuse(out: Path, names: Sequence[str]) -> InputError:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def run_sweep_job(
-    out: str | Path,
-    job_dir: str | Path,
-    fingerprint: Mapping[str, Any],
-    steps: SweepSteps,
-    *,
-    keep_job: bool = False,
-    overwrite: bool = False,
-    after_block: Callable[[int], None] | None = None,
-    on_point: Callable[[str, Point], None] | None = None,
-) -> SweepResult:
-    """Run (or continue) the sweep and write ``out/{measurement.json, sweep.json, sweep.png}``.
-
-    ``after_block(b)`` follows each checkpointed measurement block, ``on_point(key, point)`` each saved point.
-    """
+def run_sweep(config: RunConfig, out: str | Path,
+              on_point: Callable[[str, Point], None] | None = None) -> SweepResult:
+    """Run (or continue) the sweep of ``config`` and write ``out/{measurement.json, sweep.json, sweep.png}``;
+    ``on_point(key, point)`` follows each saved point (a library hook: the CLI passes none)."""
     out = Path(out)
+    if config.sweep is None:
+        raise InputError("a sweep job needs the sweep's settings (RunConfig.sweep)")
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} is a file; the sweep writes a directory")
     existing = _existing(out)
 
     def run(job: Job) -> SweepResult:
-        return _run(job, out, steps, overwrite, after_block, on_point)
+        return _run(job, out, config, on_point)
 
     def finish(job: Job) -> SweepResult | None:  # outputs written (maybe not all) before a kill: write the rest
         return run(job) if job.stage_done(POINTS_STAGE) and _ours(out, _expected(job)) else None
 
-    return run_job(job_dir, fingerprint, run, keep_job=keep_job,
-                   refusal=_refuse(out, existing) if existing and not overwrite else None, reuse=finish)
+    return run_job(config.job_dir, config.fingerprint(), run, keep_job=config.keep_job,
+                   refusal=_refuse(out, existing) if existing and not config.overwrite else None, reuse=finish)
 
 
-def _run(job: Job, out: Path, steps: SweepSteps, overwrite: bool, after_block: Callable[[int], None] | None,
-         on_point: Callable[[str, Point], None] | None) -> SweepResult:
+def _run(job: Job, out: Path, config: RunConfig, on_point: Callable[[str, Point], None] | None) -> SweepResult:
     if not job.stage_done(POINTS_STAGE):
-        _compute(job, steps, after_block, on_point)
+        _compute(job, config, on_point)
     expected = _expected(job)
     if out.is_dir():
         for stale in sorted(out.glob(f".*{TEMP_SUFFIX}")):  # temporaries a kill left during the writes
             if any(stale.name.startswith(f".{n}.") for n in OUTPUTS):
                 stale.unlink(missing_ok=True)
-    if not overwrite and not _ours(out, expected):  # something appeared in ``out`` while the sweep ran
+    if not config.overwrite and not _ours(out, expected):  # something appeared in ``out`` while the sweep ran
         raise _refuse(out, _existing(out))
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -170,23 +129,18 @@ def _run(job: Job, out: Path, steps: SweepSteps, overwrite: bool, after_block: C
     return SweepResult(tuple(points), seconds, tuple(paths))
 
 
-def _compute(job: Job, steps: SweepSteps, after_block: Callable[[int], None] | None,
-             on_point: Callable[[str, Point], None] | None) -> None:
+def _compute(job: Job, config: RunConfig, on_point: Callable[[str, Point], None] | None) -> None:
     """Stages "measure" and "points": load, measure (resumable per block), then every unfinished point."""
-    from .models.view import ModelView
-
-    model, tok = steps.load()
-    view = ModelView(model)
-    calib = steps.calibration(tok)
-    evals = steps.evaluation(tok)
+    spec = config.sweep
+    assert spec is not None
+    stages = Stages(job, config)
     t0 = time.perf_counter()
 
-    def measure(ckpt: MeasureCheckpoints) -> Any:
-        m = steps.measure(model, view, calib, ckpt)
-        job.save_item("sweep", "measure", {"seconds": time.perf_counter() - t0})  # before the stage is done
-        return m
+    def timed() -> None:  # saved before the stage is marked done
+        job.save_item("sweep", "measure", {"seconds": time.perf_counter() - t0})
 
-    m = measure_stage(job, measure, after_block)
+    m = stages.measurement(before_done=timed)
+    assert m is not None, "a sweep measures"
     if not job.has_item("sweep", "measure"):
         raise InputError(f"job {job.dir} lacks the measurement time; remove the job directory to start over")
     measure_seconds = job.load_item("sweep", "measure")["seconds"]
@@ -200,15 +154,24 @@ def _compute(job: Job, steps: SweepSteps, after_block: Callable[[int], None] | N
         if on_point is not None:
             on_point(key, pt)
 
-    ref = steps.load_reference()
-    points = sweep(model, view, m, list(steps.budgets), [steps.method], calib, evals, ref,
-                   constraints=steps.constraints(view), uniform=steps.uniform, progress=steps.progress,
-                   done=done, on_point=save)
-    extra = [("measure_seconds", measure_seconds), ("measure_method", steps.method),
-             ("calib_windows", int(calib.shape[0])), ("eval_windows", int(evals.shape[0])), *steps.extra]
-    doc = {"title": steps.title, "extra": [list(kv) for kv in extra], "points": [asdict(p) for p in points]}
+    lo = stages.loaded
+    calib, evals = stages.calibration, stages.windows(spec.eval_texts, spec.eval_windows)
+    ref = _reference(config)
+    points = sweep(lo.model, lo.view, m, list(config.budgets), [config.method], calib, evals, ref,
+                   constraints=stages.constraints(None), uniform=spec.uniform, progress=config.progress,
+                   uniform_candidates=spec.uniform_candidates, done=done, on_point=save)
+    extra = [("measure_seconds", measure_seconds), ("measure_method", config.method),
+             ("calib_windows", int(calib.shape[0])), ("eval_windows", int(evals.shape[0])), *spec.extra]
+    doc = {"title": spec.title, "extra": [list(kv) for kv in extra], "points": [asdict(p) for p in points]}
     job.save_item("sweep", "result", {"json": json.dumps(doc)})
     job.complete_stage(POINTS_STAGE)
+
+
+def _reference(config: RunConfig) -> Any:
+    """The fp reference: a second copy of the model, loaded only when points remain."""
+    from ..models.sources import load_model
+
+    return load_model(config.model, low_memory=True)[0]
 
 
 def saved_points(job: Job) -> dict[str, Point]:
@@ -222,4 +185,4 @@ def save_point(job: Job, key: str, pt: Point) -> None:
     job.save_item(POINTS_STAGE, key, {"json": json.dumps(asdict(pt))})
 
 
-__all__ = ["OUTPUTS", "POINTS_STAGE", "SweepResult", "SweepSteps", "run_sweep_job", "save_point", "saved_points"]
+__all__ = ["OUTPUTS", "POINTS_STAGE", "SweepResult", "run_sweep", "save_point", "saved_points"]

@@ -44,10 +44,10 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
-from .errors import BitallocError, InputError
-from .io.atomic import PathLike, atomic_write, file_digest, remove_stale_temps
-from .io.safetensors import SafetensorsFile, write_safetensors_atomic
-from .job_state import NAME, JobState, checkpoint_name, file_problem, remove_checkpoint, remove_path
+from ..errors import BitallocError, InputError
+from ..io.atomic import PathLike, atomic_write, file_digest, remove_stale_temps
+from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
+from .state import NAME, JobState, checkpoint_name, file_problem, remove_checkpoint, remove_path
 
 log = logging.getLogger(__name__)
 

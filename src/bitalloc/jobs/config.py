@@ -1,0 +1,138 @@
+"""What a run is: a frozen :class:`RunConfig` the CLI builds once (options parsed, budgets parsed), and the job
+fingerprint derived from it.
+
+The job (:mod:`bitalloc.jobs.run`) reads nothing else: no closures and no argparse namespace cross into it.
+The fingerprint holds the model file digests, the calibration (and evaluation) text digests and every option
+that changes a result; reopening a job directory with another fingerprint is refused, naming the keys that
+differ (:mod:`bitalloc.jobs.store`).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..budget import Budget
+from ..errors import InputError
+from ..io.atomic import file_digest
+
+METHODS = ("gptq", "rtn")
+FINGERPRINT_VERSION = 2
+
+
+def default_job_dir(out: str | Path) -> Path:
+    """``<out>.job`` beside the output."""
+    p = Path(out)
+    return p.with_name(p.name + ".job")
+
+
+def model_digests(source: str | Path) -> dict[str, str]:
+    """SHA-256 of a model: the .gguf file, or every regular top-level file of an HF directory."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+        return {f.name: file_digest(f) for f in files}
+    if p.is_file():
+        return {p.name: file_digest(p)}
+    raise InputError(f"model not found: {p}")
+
+
+def text_digest(paths: Sequence[Path]) -> str:
+    """SHA-256 over the text files' names and contents, in the order they are read."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode() + b"\0" + file_digest(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep adds: held-out text, the uniform baselines and the results' title and extra fields."""
+
+    eval_texts: tuple[Path, ...]
+    eval_windows: int
+    title: str
+    uniform: tuple[str, ...] | None = None  # fixed baselines; None: the best fitting uniform formats
+    uniform_candidates: int = 2
+    extra: tuple[tuple[str, Any], ...] = ()  # written at the top of sweep.json, after the measurement fields
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run of a job, built by the CLI.  ``budgets`` are parsed once here and resolved to bytes once, by the
+    output target; ``formats`` are canonical ids."""
+
+    model: Path  # an HF folder or a .gguf file
+    calib_texts: tuple[Path, ...]
+    windows: int
+    ctx: int
+    job_dir: Path
+    formats: tuple[str, ...] = ()
+    method: str = "gptq"  # rounding of the quantization
+    measure_method: str | None = None  # rounding of the measurement (None: ``method``)
+    fisher: bool = True
+    fisher_windows: int = 8
+    activation_noise: bool = True  # measure the runtime's activation rounding (GGUF types on llama.cpp's CPU)
+    budgets: tuple[Budget, ...] = ()
+    objective: str | None = None  # None: Fisher when measured, else output error
+    constraints: str = "none"  # "none" | "fused" (runtime-fused linears share a format)
+    uniform_format: str | None = None  # quantize --format: every allocated tensor in one format, no measurement
+    measurement: Path | None = None  # a measurement table to reuse instead of measuring
+    plan: Path | None = None  # a (possibly edited) plan to use instead of allocating
+    overwrite: bool = False
+    keep_job: bool = False
+    progress: bool = True
+    sweep: SweepSpec | None = None
+    device: str = "cpu"  # where blocks run (placement); not in the fingerprint: results do not depend on it
+    screen: bool = False  # screen candidate formats by the budgets before measuring (placeholder, not wired yet)
+
+    def __post_init__(self) -> None:
+        for m in (self.method, self.measure_method or self.method):
+            if m not in METHODS:
+                raise InputError(f"unknown rounding method {m!r}; use 'gptq' or 'rtn'")
+        if self.sweep is not None and not self.budgets:
+            raise InputError("a sweep needs at least one budget")
+
+    @property
+    def measuring_method(self) -> str:
+        return self.measure_method or self.method
+
+    @property
+    def budget(self) -> Budget | None:
+        """The one budget of a quantize or gguf run (None for ``--format`` / ``--plan`` runs)."""
+        return self.budgets[0] if self.budgets else None
+
+    def measure_options(self) -> dict[str, Any]:
+        """Every option that changes the measurement table."""
+        return {"formats": ",".join(self.formats), "method": self.method, "measure_method": self.measuring_method,
+                "fisher": self.fisher, "fisher_windows": self.fisher_windows, "windows": self.windows,
+                "ctx": self.ctx, "activations": "cpu" if self.activation_noise else "none"}
+
+    def fingerprint(self, target: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The job fingerprint: model and text digests, the options, and what the output ``target`` adds."""
+        from ..data import expand_paths
+
+        options: dict[str, Any] = self.measure_options()
+        if self.sweep is not None:
+            options.update(budgets=",".join(b.text for b in self.budgets), eval_windows=self.sweep.eval_windows,
+                           uniform=",".join(self.sweep.uniform) if self.sweep.uniform else None,
+                           uniform_candidates=self.sweep.uniform_candidates, title=self.sweep.title)
+        elif self.budgets or self.uniform_format or self.plan:
+            options.update(budget=self.budget.text if self.budget else None, format=self.uniform_format,
+                           measurement=_digest_or_none(self.measurement), plan=_digest_or_none(self.plan))
+        if self.sweep is not None or self.budgets:
+            options.update(constraints=self.constraints, objective=self.objective)
+        options.update(target or {})
+        fp: dict[str, Any] = {"version": FINGERPRINT_VERSION, "model": model_digests(self.model),
+                              "calibration": text_digest(expand_paths(list(self.calib_texts))), "options": options}
+        if self.sweep is not None:
+            fp["evaluation"] = text_digest(expand_paths(list(self.sweep.eval_texts)))
+        return fp
+
+
+def _digest_or_none(path: Path | None) -> str | None:
+    return file_digest(path) if path is not None else None
+
+
+__all__ = ["FINGERPRINT_VERSION", "RunConfig", "SweepSpec", "default_job_dir", "model_digests", "text_digest"]

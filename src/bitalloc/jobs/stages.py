@@ -1,0 +1,202 @@
+"""The stages of a job -- measure -> plan -> quantize -> export -- over one open job directory.
+
+:class:`Stages` runs each stage of a :class:`~bitalloc.jobs.config.RunConfig` at most once per job, checkpointed
+(:mod:`bitalloc.jobs.checkpoints` inside the measurement and the quantization, block by block), and always
+continues from what it reads back from the job's files (the measurement table, the plan), so a resumed run
+computes exactly what an uninterrupted one would.  The model is loaded on first use only: a job whose stages
+are done reads no weight.  Layout (beside ``job.json`` and ``job.lock``, :mod:`bitalloc.jobs.store`)::
+
+    measure_blocks/fisher.safetensors       Fisher statistics (the gradient pass), once
+    measure_blocks/rows0003.json            measurement rows of block 3
+    measure_blocks/hidden.safetensors       inputs of block k of the fp model (metadata "block": k)
+    measurement.json                        stage "measure" (the Measurement table)
+    plan/capacity.json, plan.json           stage "plan": the budget as the target resolved it, the plan
+    quantize/block0003.safetensors          QTensor parts of block 3 (metadata: formats, shapes, dtypes)
+    quantize/hidden.safetensors             inputs of block k (metadata "block": k), replaced after each block
+    export/expected.json                    the digests of the output about to be written (the target's)
+
+The one place where the measurement and the quantization are called (:meth:`Stages.measure_now`,
+:meth:`Stages.quantize`) is where run-wide settings (``config.device``, ``config.screen``) reach them.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..budget import Budget, Constraints
+from ..errors import InputError
+from ..formats import QTensor
+from ..measure import Measurement
+from ..plan import Plan
+from ..targets.base import Capacity, Target, Written
+from .checkpoints import MEASURE_STAGE, QUANT_STAGE, MeasureCheckpoints, block_hook, load_state
+from .config import RunConfig
+from .store import Job
+
+log = logging.getLogger(__name__)
+
+MEASUREMENT_FILE = "measurement.json"
+PLAN_FILE = "plan.json"
+
+
+def measure_stage(job: Job, measure: Callable[[MeasureCheckpoints], Measurement],
+                  before_done: Callable[[], None] | None = None) -> Measurement:
+    """Stage "measure": ``measure(checkpoints)`` once (resumable per block), saved as ``measurement.json`` and
+    always read back from it; ``before_done()`` runs after the save, before the stage is marked done."""
+    mpath = job.dir / MEASUREMENT_FILE
+    if not job.stage_done("measure"):
+        measure(MeasureCheckpoints(job)).save(mpath)
+        if before_done is not None:
+            before_done()
+        job.complete_stage("measure", mpath)
+        job.discard(MEASURE_STAGE)
+    return Measurement.load(mpath)
+
+
+@dataclass(frozen=True, eq=False)
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: Any
+    view: Any
+
+
+class Stages:
+    """The stages of ``config`` in the open ``job``."""
+
+    def __init__(self, job: Job, config: RunConfig) -> None:
+        self.job = job
+        self.config = config
+        self._loaded: Loaded | None = None
+        self._calib: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------- inputs
+    @property
+    def loaded(self) -> Loaded:
+        if self._loaded is None:
+            from ..models.sources import load_model
+            from ..models.view import ModelView
+
+            # weights in a memory-mapped spill file, resident one block at a time (values identical to a whole load)
+            model, tok = load_model(self.config.model, low_memory=True)
+            self._loaded = Loaded(model, tok, ModelView(model))
+        return self._loaded
+
+    def windows(self, texts: tuple[Any, ...], n: int) -> torch.Tensor:
+        """``n`` windows of ``config.ctx`` tokens from ``texts``, read only as far as they need."""
+        from ..data import text_windows
+
+        tok = self.loaded.tokenizer
+        if tok is None:
+            raise InputError("the model has no tokenizer, so text cannot be tokenized")
+        return text_windows(tok, list(texts), self.config.ctx, n)
+
+    @property
+    def calibration(self) -> torch.Tensor:
+        if self._calib is None:
+            self._calib = self.windows(self.config.calib_texts, self.config.windows)
+        return self._calib
+
+    # -------------------------------------------------------------------------------------- measure
+    def measurement(self, before_done: Callable[[], None] | None = None) -> Measurement | None:
+        """Stage "measure" (None for a ``--format`` run, which needs no measurement)."""
+        if self.config.uniform_format is not None:
+            return None
+        if self.config.measurement is not None:
+            return measure_stage(self.job, lambda _: Measurement.load(self.config.measurement), before_done)
+        return measure_stage(self.job, self.measure_now, before_done)
+
+    def measure_now(self, checkpoints: MeasureCheckpoints) -> Measurement:
+        from .. import pipeline
+
+        c, lo = self.config, self.loaded
+        calib = self.calibration
+        fisher_w = calib[: c.fisher_windows] if c.fisher else None
+        return pipeline.measure_model(lo.model, lo.view, calib, list(c.formats), c.measuring_method, c.fisher,
+                                      progress=c.progress, fisher_windows=fisher_w,
+                                      activation_noise=c.activation_noise, **checkpoints.kwargs())
+
+    # ----------------------------------------------------------------------------------------- plan
+    def constraints(self, target: Target | None) -> Constraints:
+        """``config.constraints`` with the ties the target's layout needs."""
+        from ..pipeline import fused_constraints
+
+        view = self.loaded.view
+        ties = fused_constraints(view).tie_groups if self.config.constraints == "fused" else ()
+        if target is not None:
+            ties += target.constraints(view).tie_groups
+        return Constraints(tie_groups=ties)
+
+    def plan(self, measurement: Measurement | None, target: Target, budget: Budget | None) -> tuple[Plan, Capacity]:
+        """Stage "plan": the target resolves ``budget`` (its capacity, saved) and the allocator fills it; or the
+        given ``--plan``; or, without a measurement, the uniform ``--format`` plan (a cheap pure function of the
+        model, not checkpointed)."""
+        from ..pipeline import check_measurement, make_plan, plan_for_assignments
+
+        c = self.config
+        if measurement is None:
+            from ..quantize import uniform_assignments
+
+            lo = self.loaded
+            plan = plan_for_assignments(lo.view, uniform_assignments(lo.model, c.uniform_format, lo.view),
+                                        f"uniform {c.uniform_format}")
+            return plan, _capacity_of(plan)
+        ppath = self.job.dir / PLAN_FILE
+        if not self.job.stage_done("plan"):
+            if c.measurement is not None:  # a table made elsewhere: for these weights?
+                check_measurement(measurement, self.loaded.model)
+            if c.plan is not None:
+                plan = Plan.load(c.plan, measurement)
+                cap = _capacity_of(plan)
+            else:
+                if budget is None:
+                    raise InputError("a plan needs a budget")
+                cap = target.capacity(budget, measurement, self.loaded.view)
+                plan = make_plan(measurement, cap.plan_budget(measurement.fixed_bytes), self.constraints(target),
+                                 c.objective)
+            self.job.save_item("plan", "capacity", cap.to_dict())
+            plan.save(ppath)
+            self.job.complete_stage("plan", ppath)
+        # always the plan read back: a resumed run continues with the same bytes
+        return Plan.load(ppath, measurement), saved_capacity(self.job)
+
+    # ------------------------------------------------------------------------------------- quantize
+    def quantize(self, plan: Plan) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
+        """Stage "quantize", block by block: ``(qtensors, originals)``, originals being the fixed tensors'
+        values before quantization (a target may store them at full precision)."""
+        from ..quantize import quantize_model
+
+        lo = self.loaded
+        originals = {f.name: lo.model.get_parameter(f.name).detach().clone() for f in lo.view.fixed()}
+        method: Any = self.config.method  # checked by RunConfig
+        q = quantize_model(lo.model, lo.view, plan, self.calibration, method=method,
+                           progress=self.config.progress, on_block=block_hook(self.job, QUANT_STAGE),
+                           start=load_state(self.job, QUANT_STAGE))
+        self.job.complete_stage(QUANT_STAGE)
+        return q, originals
+
+    # --------------------------------------------------------------------------------------- export
+    def export(self, target: Target, plan: Plan, capacity: Capacity, qtensors: dict[str, QTensor],
+               originals: dict[str, torch.Tensor]) -> Written:
+        """Stage "export": the expected digests are saved, then the target writes, verifies and asserts the size."""
+        lo = self.loaded
+        prepared = target.prepare(lo.model, lo.view, plan, qtensors, originals, lo.tokenizer)
+        self.job.save_item("export", "expected", prepared.expected)
+        written = target.write_verified(prepared, capacity, overwrite=self.config.overwrite)
+        self.job.complete_stage("export")
+        return written
+
+
+def saved_capacity(job: Job) -> Capacity:
+    """The capacity stage "plan" saved."""
+    return Capacity.from_dict(job.load_item("plan", "capacity"), f"job {job.dir}: plan/capacity")
+
+
+def _capacity_of(plan: Plan) -> Capacity:
+    """A plan made without a target (``--plan``, ``--format``): its own budget, over all weights."""
+    return Capacity(plan.budget, plan.budget_bytes, plan.budget_bytes - plan.fixed_bytes, plan.fixed_bytes, "weights")
+
+
+__all__ = ["Loaded", "MEASUREMENT_FILE", "PLAN_FILE", "Stages", "measure_stage", "saved_capacity"]
