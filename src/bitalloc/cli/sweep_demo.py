@@ -27,7 +27,7 @@ def _run_sweep(args: argparse.Namespace, title: str) -> int:
     check_disjoint(_texts(args.calib, default_calibration_files), eval_files)  # before the (slow) model load
     job_dir = _job_dir(args, out, existing=[n for n in OUTPUTS if (out / n).exists()])
     spec = SweepSpec(eval_texts=tuple(eval_files), eval_windows=args.eval_windows, title=title, uniform=uniform,
-                     extra=(("ctx", args.ctx), ("formats", formats)))
+                     extra=(("ctx", args.ctx), ("formats", tuple(formats))))
     config = run_config(args, out, job_dir, budgets=tuple(budgets), constraints=args.constraints, sweep=spec)
     res = run_sweep(config, out)
     print(format_table(res.points))

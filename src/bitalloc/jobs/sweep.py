@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..errors import InputError
 from ..io.atomic import TEMP_SUFFIX, atomic_write
 from ..sweep import Point, plot_png, results_json, sweep
+from ..targets.packed import weights_capacity
 from .config import RunConfig
 from .stages import MEASUREMENT_FILE, Stages
 from .store import Job, run_job
@@ -157,7 +158,8 @@ def _compute(job: Job, config: RunConfig, on_point: Callable[[str, Point], None]
     lo = stages.loaded
     calib, evals = stages.calibration, stages.windows(spec.eval_texts, spec.eval_windows)
     ref = _reference(config)
-    points = sweep(lo.model, lo.view, m, list(config.budgets), [config.method], calib, evals, ref,
+    budgets = [weights_capacity(b, m).plan_budget(m.fixed_bytes) for b in config.budgets]  # resolved once
+    points = sweep(lo.model, lo.view, m, budgets, [config.method], calib, evals, ref,
                    constraints=stages.constraints(None), uniform=spec.uniform, progress=config.progress,
                    uniform_candidates=spec.uniform_candidates, done=done, on_point=save)
     extra = [("measure_seconds", measure_seconds), ("measure_method", config.method),

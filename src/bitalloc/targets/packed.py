@@ -21,6 +21,12 @@ from .base import Capacity, Prepared, Written, check_size, remove_temps_beside
 log = logging.getLogger(__name__)
 
 
+def weights_capacity(budget: Budget, measurement: Measurement) -> Capacity:
+    """A budget over all stored weights (the packed accounting, which a sweep's points use too)."""
+    limit = budget.resolve(measurement.total_params)
+    return Capacity(budget.text, limit, limit - measurement.fixed_bytes, measurement.fixed_bytes, "weights")
+
+
 class PackedTarget:
     """``out``: the packed directory (:func:`bitalloc.export.packed.save_packed`)."""
 
@@ -36,8 +42,7 @@ class PackedTarget:
         return [self.out]
 
     def capacity(self, budget: Budget, measurement: Measurement, view: ModelView) -> Capacity:
-        limit = budget.resolve(measurement.total_params)
-        return Capacity(budget.text, limit, limit - measurement.fixed_bytes, measurement.fixed_bytes, "weights")
+        return weights_capacity(budget, measurement)
 
     def constraints(self, view: ModelView) -> Constraints:
         return Constraints()
@@ -72,4 +77,4 @@ class PackedTarget:
         remove_temps_beside(self.out)
 
 
-__all__ = ["PackedTarget"]
+__all__ = ["PackedTarget", "weights_capacity"]
