@@ -35,8 +35,9 @@ def test_fingerprint_names_every_option_that_changes_a_result(base, tmp_path):
     assert set(fp) == {"version", "model", "calibration", "options"} and list(fp["model"]) == ["m.gguf"]
     opts = fp["options"]
     assert opts["budget"] == "4bpw" and opts["target"] == "packed" and opts["measure_method"] == "gptq"
-    assert opts["activations"] == "cpu" and "device" not in opts  # where it runs does not change the results
-    assert dataclasses.replace(base, device="cuda").fingerprint({"target": "packed"}) == fp
+    assert opts["activations"] == "cpu" and opts["device"] == "cpu" and opts["screen"] is False
+    # a job resumed on another device would mix two devices' roundings: refused, naming options.device
+    assert dataclasses.replace(base, device="cuda").fingerprint({"target": "packed"})["options"]["device"] == "cuda"
     assert dataclasses.replace(base, ctx=32).fingerprint({"target": "packed"})["options"]["ctx"] == 32
     sweep = dataclasses.replace(base, sweep=SweepSpec((tmp_path / "e.txt",), 2, "t"))
     sfp = sweep.fingerprint()

@@ -84,7 +84,9 @@ class RunConfig:
     keep_job: bool = False
     progress: bool = True
     sweep: SweepSpec | None = None
-    device: str = "cpu"  # where blocks run (placement); not in the fingerprint: results do not depend on it
+    # where blocks run: in the fingerprint, since a GPU's rounding differs from the CPU's and a resumed job must
+    # compute exactly what an uninterrupted one would (placeholder: not wired to the stages yet)
+    device: str = "cpu"
     screen: bool = False  # screen candidate formats by the budgets before measuring (placeholder, not wired yet)
 
     def __post_init__(self) -> None:
@@ -107,7 +109,8 @@ class RunConfig:
         """Every option that changes the measurement table."""
         return {"formats": ",".join(self.formats), "method": self.method, "measure_method": self.measuring_method,
                 "fisher": self.fisher, "fisher_windows": self.fisher_windows, "windows": self.windows,
-                "ctx": self.ctx, "activations": "cpu" if self.activation_noise else "none"}
+                "ctx": self.ctx, "activations": "cpu" if self.activation_noise else "none", "device": self.device,
+                "screen": self.screen}
 
     def fingerprint(self, target: dict[str, Any] | None = None) -> dict[str, Any]:
         """The job fingerprint: model and text digests, the options, and what the output ``target`` adds."""

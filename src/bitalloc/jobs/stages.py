@@ -104,8 +104,9 @@ class Stages:
         """Stage "measure" (None for a ``--format`` run, which needs no measurement)."""
         if self.config.uniform_format is not None:
             return None
-        if self.config.measurement is not None:
-            return measure_stage(self.job, lambda _: Measurement.load(self.config.measurement), before_done)
+        given = self.config.measurement
+        if given is not None:  # a table measured before: saved in the job like one measured here
+            return measure_stage(self.job, lambda _: Measurement.load(given), before_done)
         return measure_stage(self.job, self.measure_now, before_done)
 
     def measure_now(self, checkpoints: MeasureCheckpoints) -> Measurement:
