@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import InputError, output_exists
 from .paths import check_paths as _check_paths
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..jobs.config import RunConfig
 
 # one scale per row at 2 and 3 bits: the cheapest stores, what lets a tight budget protect sensitive tensors
 # (bench/pareto.py: GPTQ at 2.5 bpw, allocated/uniform KLD 0.77 without them, 0.59 with them)
@@ -180,7 +183,7 @@ def _precheck_budgets(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------- the run config
-def run_config(args: argparse.Namespace, out: Path, job_dir: Path, **fields: Any) -> Any:
+def run_config(args: argparse.Namespace, out: Path, job_dir: Path, **fields: Any) -> RunConfig:
     """The :class:`~bitalloc.jobs.config.RunConfig` of a resumable command (``fields``: its own settings)."""
     from ..data import default_calibration_files
     from ..jobs.config import RunConfig

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, output_exists
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..jobs.config import RunConfig
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser | None:
     """Register ``gguf`` (when gguf-py is installed)."""
@@ -69,7 +72,7 @@ def activations(args: argparse.Namespace) -> str:
     return getattr(args, "activations", None) or "cpu"
 
 
-def run_config_of(args: argparse.Namespace) -> Any:
+def run_config_of(args: argparse.Namespace) -> RunConfig:
     """The run config of ``bitalloc gguf``; the budget is parsed here, once."""
     from ..budget import Budget
     from ..data import default_calibration_files
@@ -90,7 +93,9 @@ def run_config_of(args: argparse.Namespace) -> Any:
 
 def gguf_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
     """The job fingerprint of ``bitalloc gguf`` (input and calibration text digests, the options)."""
-    return run_config_of(args).fingerprint({"target": "gguf"})
+    from ..targets.gguf import GGUFTarget
+
+    return run_config_of(args).fingerprint({"target": GGUFTarget.kind})
 
 
 def cmd_gguf(args: argparse.Namespace) -> int:

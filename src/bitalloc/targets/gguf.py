@@ -23,7 +23,7 @@ from ..errors import BudgetError, InputError
 from ..export.gguf import (
     GGUFTemplate, WrittenGGUF, gguf_layout, ggml_nbytes, runtime_tensor, stacked,
 )
-from ..export.gguf_manifest import manifest_path, prepare_gguf, verify_gguf_manifest, write_prepared
+from ..export.gguf_manifest import prepare_gguf, verify_gguf_manifest, write_prepared
 from ..formats import QTensor, get_format
 from ..io.gguf import GGUFFile
 from .base import Capacity, Prepared, Written, check_size, remove_temps_beside
@@ -181,9 +181,6 @@ class GGUFTarget:
 
     def fingerprint(self) -> dict[str, Any]:
         return {"target": self.kind}
-
-    def outputs(self) -> list[Path]:
-        return [self.out, manifest_path(self.out)]
 
     def capacity(self, budget: Budget, measurement: Any, view: Any) -> Capacity:
         return gguf_capacity(self.template, view, measurement, budget)

@@ -38,9 +38,6 @@ class PackedTarget:
     def fingerprint(self) -> dict[str, Any]:
         return {"target": self.kind}
 
-    def outputs(self) -> list[Path]:
-        return [self.out]
-
     def capacity(self, budget: Budget, measurement: Measurement, view: ModelView) -> Capacity:
         return weights_capacity(budget, measurement)
 
