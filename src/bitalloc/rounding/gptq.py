@@ -195,12 +195,12 @@ def gptq_round_many(
         stacked = wp.repeat(len(grids), 1) if len(grids) > 1 else wp
         perm, bad = stacked_codes(stacked, factor.upper.to(w32.device), sg, order, block_size)
         bad_any = bad.reshape(len(grids), rows).any(1).tolist()
-        for f in range(len(grids)):
-            if bad_any[f]:
+        for j, f in enumerate(sg.index):  # stacked block j holds grids[f]
+            if bad_any[j]:
                 log.warning("GPTQ: error feedback overflowed for a %dx%d weight; using RTN", rows, factor.ncols)
                 continue
-            codes = torch.empty_like(perm[f * rows:(f + 1) * rows])
-            codes[:, order] = perm[f * rows:(f + 1) * rows]
+            codes = torch.empty_like(perm[j * rows:(j + 1) * rows])
+            codes[:, order] = perm[j * rows:(j + 1) * rows]
             codes_all[f] = codes
     out = []
     for grid, codes in zip(grids, codes_all):
