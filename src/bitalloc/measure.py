@@ -33,8 +33,10 @@ from .table import (  # noqa: F401  (re-exported: the table's historical home)
 log = logging.getLogger(__name__)
 
 _CHUNK_ELEMS = 1 << 20  # rows of ΔW·H computed at once: ~8 MiB of float64
-#: Most elements of the formats x rows x cols stack the batched measurement rounds at once (~32 MiB float32).
+#: Most elements of the formats x rows x cols stack the batched measurement rounds at once (~32 MiB float32
+#: per stacked tensor); on a CUDA device :data:`STACK_ELEMS_CUDA` (fewer, longer column loops).
 STACK_ELEMS = 1 << 23
+STACK_ELEMS_CUDA = 1 << 26
 
 
 # --- error functions ----------------------------------------------------------------------------
@@ -146,7 +148,7 @@ def measure_tensor(
     max_elems: int | None = ROW_CHUNK_ELEMS,
     release: Callable[[slice], None] | None = None,
     batched: bool = True,
-    stack_elems: int = STACK_ELEMS,
+    stack_elems: int | None = None,
     timer: StageTimer | None = None,
 ) -> list[MeasureRow]:
     """Quantize ``w`` into every format that supports its shape and measure the resulting errors.
@@ -159,7 +161,8 @@ def measure_tensor(
     ΔW from the grid values of the codes (what ``decode`` of the stored bytes gives).  The errors equal
     the per-format path's (``batched=False``: :func:`bitalloc.rounding.quantize_chunks` and ``dequantize``
     per format, as ``quantize_weight`` stores it) up to float rounding in GPTQ's blocked products.  The
-    formats × rows × cols stack holds at most ``stack_elems`` elements: rows are batched in blocks of at
+    formats × rows × cols stack holds at most ``stack_elems`` elements (default :data:`STACK_ELEMS`, on CUDA
+    :data:`STACK_ELEMS_CUDA`): rows are batched in blocks of at
     most that many ÷ formats (rows are independent).  Everything runs on ``w``'s device; ``timer`` gets
     ``measure.fit``, ``measure.gptq``, ``measure.refit``, ``measure.errors`` (and ``measure.store`` for
     pass-through formats).
@@ -234,13 +237,15 @@ def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, me
 
 
 def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[Format], method: str,
-                   max_elems: int | None, stack_elems: int, drop: Callable[[slice], None],
+                   max_elems: int | None, stack_elems: int | None, drop: Callable[[slice], None],
                    timer: StageTimer | None) -> dict[str, tuple[float, float | None]]:
     """(output, fisher) error per grid format, all formats of a block of rows rounded together."""
     if not fmts:
         return {}
     if method not in ("rtn", "gptq"):
         raise ValueError(f"unknown rounding method {method!r} (use 'rtn' or 'gptq')")
+    if stack_elems is None:
+        stack_elems = STACK_ELEMS_CUDA if w.device.type == "cuda" else STACK_ELEMS
     if stack_elems < 1:
         raise ValueError(f"stack_elems must be positive, got {stack_elems}")
     dev = w.device
