@@ -101,20 +101,22 @@ def _tied_embedding(seed: int, V: int = 75, D: int = 64) -> tuple[torch.Tensor, 
     return w, freq, st
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
-def test_measure_tensor_in_row_chunks_equals_whole(method, monkeypatch):
+def test_measure_tensor_in_row_chunks_equals_whole(method, batched, monkeypatch):
     """A tied embedding (lookup + linear roles, Fisher on both) measured in 5 row blocks: the same table."""
     import bitalloc.measure as me
 
     w, freq, st = _tied_embedding(4)
     D = w.shape[1]
     fmts = ["int3-row", "int4-g32", "q4_0", "iq4_nl", "fp16"]
-    whole = measure_tensor("emb", w, st, fmts, method=method, max_elems=None)
+    whole = measure_tensor("emb", w, st, fmts, method=method, max_elems=None, batched=batched)
     blocks: list[int] = []
     chunks = me.quantize_chunks
     monkeypatch.setattr(me, "quantize_chunks", lambda *a, **k: [blocks.append(1) or c for c in chunks(*a, **k)])
-    parts = measure_tensor("emb", w, st, fmts, method=method, max_elems=16 * D)
-    assert len(blocks) == 5 * len(fmts)  # rows 0-16-32-48-64-75
+    parts = measure_tensor("emb", w, st, fmts, method=method, max_elems=16 * D, batched=batched)
+    # rows 0-16-32-48-64-75; batched, only the pass-through fp16 goes through quantize_chunks
+    assert len(blocks) == 5 * (1 if batched else len(fmts))
     assert [(r.format, r.bytes) for r in parts] == [(r.format, r.bytes) for r in whole]
     for a, b in zip(parts, whole):
         assert a.output_error == pytest.approx(b.output_error, rel=1e-9, abs=0)
@@ -185,18 +187,19 @@ def test_measurement_load_errors(tmp_path):
         TensorInfo("x", (2, 3), 5)
 
 
-def test_measure_tensor_releases_each_row_block_after_use_and_changes_nothing():
-    """``release(rows)`` is called after every block of rows is read (finite check and each format), and
-    the table is the one without it."""
+@pytest.mark.parametrize("batched", [True, False])
+def test_measure_tensor_releases_each_row_block_after_use_and_changes_nothing(batched):
+    """``release(rows)`` is called after every block of rows is read (finite check, the batched grid formats
+    or each grid format, each pass-through format), and the table is the one without it."""
     w, _freq, st = _tied_embedding(5)
     V, D = w.shape
-    fmts = ["int4-g32", "fp16"]
-    plain = measure_tensor("emb", w, st, fmts, max_elems=16 * D)
+    fmts = ["int4-g32", "q4_0", "fp16"]
+    plain = measure_tensor("emb", w, st, fmts, max_elems=16 * D, batched=batched)
     released: list[slice] = []
-    got = measure_tensor("emb", w, st, fmts, max_elems=16 * D, release=released.append)
+    got = measure_tensor("emb", w, st, fmts, max_elems=16 * D, release=released.append, batched=batched)
     assert got == plain
     blocks = [slice(a, min(a + 16, V)) for a in range(0, V, 16)]
-    assert released == blocks * (1 + len(fmts))  # the finite check, then every format
+    assert released == blocks * (1 + (2 if batched else len(fmts)))  # the finite check, then the formats
 
 
 def test_tensor_without_calibration_tokens_is_measured_finite_and_named_in_a_warning(caplog):

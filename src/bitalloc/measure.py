@@ -22,8 +22,9 @@ import torch
 from .memory import release_free_memory
 from .errors import InputError, NumericsError
 from .formats import Format, get_format
-from .rounding import ROW_CHUNK_ELEMS, dequantize, quantize_chunks, row_chunks
+from .rounding import ROW_CHUNK_ELEMS, dequantize, gptq_refit_many, quantize_chunks, row_chunks, rtn_round
 from .stats import LinearStats, LookupStats, TensorStats
+from .timing import StageTimer, timed
 from .table import (  # noqa: F401  (re-exported: the table's historical home)
     FORMAT_VERSION, ROLES, MeasureRow, Measurement, TensorInfo, json_with_lines, parse_versioned_json,
     write_text_atomic,
@@ -32,6 +33,10 @@ from .table import (  # noqa: F401  (re-exported: the table's historical home)
 log = logging.getLogger(__name__)
 
 _CHUNK_ELEMS = 1 << 20  # rows of ΔW·H computed at once: ~8 MiB of float64
+#: Most elements of the formats x rows x cols stack the batched measurement rounds at once (~32 MiB float32
+#: per stacked tensor); on a CUDA device :data:`STACK_ELEMS_CUDA` (fewer, longer column loops).
+STACK_ELEMS = 1 << 23
+STACK_ELEMS_CUDA = 1 << 26
 
 
 # --- error functions ----------------------------------------------------------------------------
@@ -39,7 +44,9 @@ def _row_quad(dw: torch.Tensor, h: torch.Tensor | None, col_w: torch.Tensor | No
     """Per-row quadratic forms in float64, over chunks of rows: (ΔW H ΔWᵀ)_jj when ``h`` is given, else
     Σ_c col_w_c ΔW_jc² (col_w = 1 when None)."""
     rows, cols = dw.shape
-    out = torch.empty(rows, dtype=torch.float64)
+    out = torch.empty(rows, dtype=torch.float64, device=dw.device)
+    h = None if h is None else h.to(dw.device)
+    col_w = None if col_w is None else col_w.to(dw.device)
     step = max(1, _CHUNK_ELEMS // max(cols, 1))
     for a in range(0, rows, step):
         d = dw[a : a + step].to(torch.float64)
@@ -79,7 +86,7 @@ def output_error(dw: torch.Tensor, stats: TensorStats) -> float:
         if isinstance(role, LinearStats):
             total += float(_row_quad(dw, _hessian(role, cols)).sum())
         elif isinstance(role, LookupStats):
-            total += float(_vector(role.token_freq, rows, "token_freq") @ _row_quad(dw, None))
+            total += float(_vector(role.token_freq, rows, "token_freq", dw.device) @ _row_quad(dw, None))
         else:
             raise InputError(f"unknown role statistics {type(role).__name__}")
     return max(total, 0.0)
@@ -95,11 +102,11 @@ def fisher_error(dw: torch.Tensor, stats: TensorStats) -> float | None:
     total = 0.0
     for role in stats.roles:
         if isinstance(role, LinearStats):
-            g = _vector(role.grad_sq, rows, "grad_sq")
+            g = _vector(role.grad_sq, rows, "grad_sq", dw.device)
             total += float(g @ _row_quad(dw, _hessian(role, cols)))
         elif isinstance(role, LookupStats):
-            f = _vector(role.token_freq, rows, "token_freq")
-            total += float(f @ _row_quad(dw, None, _vector(role.grad_sq, cols, "grad_sq")))
+            f = _vector(role.token_freq, rows, "token_freq", dw.device)
+            total += float(f @ _row_quad(dw, None, _vector(role.grad_sq, cols, "grad_sq", dw.device)))
         else:
             raise InputError(f"unknown role statistics {type(role).__name__}")
     return max(0.5 * total, 0.0)
@@ -122,13 +129,13 @@ def activation_error(stats: TensorStats, rounding: str | None, rows: int) -> tup
     return out, fisher
 
 
-def _vector(v: torch.Tensor | None, n: int, what: str) -> torch.Tensor:
+def _vector(v: torch.Tensor | None, n: int, what: str, device: torch.device | None = None) -> torch.Tensor:
     assert v is not None
     if tuple(v.shape) != (n,):
         raise InputError(f"{what} of shape {tuple(v.shape)} does not match {n} entries")
     if not torch.isfinite(v).all():
         raise NumericsError(f"{what} contains NaN or Inf")
-    return v.to(torch.float64)
+    return v.to(device=device if device is not None else v.device, dtype=torch.float64)
 
 
 def measure_tensor(
@@ -140,18 +147,33 @@ def measure_tensor(
     *,
     max_elems: int | None = ROW_CHUNK_ELEMS,
     release: Callable[[slice], None] | None = None,
+    batched: bool = True,
+    stack_elems: int | None = None,
+    timer: StageTimer | None = None,
 ) -> list[MeasureRow]:
     """Quantize ``w`` into every format that supports its shape and measure the resulting errors.
 
     ``ΔW = dequantize(quantize_weight(w, fmt, hessian=stats.hessian, method=method)) − w``; bytes are the
     format's exact ``nbytes(shape)``.  Formats that cannot store the shape are skipped (logged).
 
+    ``batched`` (the default) rounds every grid format of the tensor together: one Hessian factorisation
+    and one GPTQ column loop over the formats' stacked rows (:func:`bitalloc.rounding.gptq_refit_many`),
+    ΔW from the grid values of the codes (what ``decode`` of the stored bytes gives).  The errors equal
+    the per-format path's (``batched=False``: :func:`bitalloc.rounding.quantize_chunks` and ``dequantize``
+    per format, as ``quantize_weight`` stores it) up to float rounding in GPTQ's blocked products.  The
+    formats × rows × cols stack holds at most ``stack_elems`` elements (default :data:`STACK_ELEMS`, on CUDA
+    :data:`STACK_ELEMS_CUDA`): rows are batched in blocks of at
+    most that many ÷ formats (rows are independent).  Everything runs on ``w``'s device; ``timer`` gets
+    ``measure.fit``, ``measure.gptq``, ``measure.refit``, ``measure.errors`` (and ``measure.store`` for
+    pass-through formats).
+
     Bounded memory: a tensor of more than ``max_elems`` elements is quantized and measured in blocks of rows
     (:func:`bitalloc.rounding.quantize_chunks`).  Every format quantizes rows independently and both errors
     are sums over rows (per-row ``grad_sq`` / ``token_freq`` sliced with the block, the Hessian shared), so
     the table equals the unchunked one up to float64 summation order.  ``release(rows)``, when given, is
     called after each block of rows was read (a spilled weight drops those pages: only one block of a big
-    tensor is then resident at a time).
+    tensor is then resident at a time): after the finite check, after each batched block of the grid
+    formats and after each block of every other format.
     """
     drop = release if release is not None else (lambda _rows: None)
     shape = tuple(w.shape)
@@ -166,32 +188,127 @@ def measure_tensor(
         drop(sl)
     if w.dim() == 2:
         _check_rows(stats, nrows)
-    rows: list[MeasureRow] = []
+    fmts = []
     for spec in formats:
         fmt = get_format(spec)
-        if not fmt.supports(shape):
+        if fmt.supports(shape):
+            fmts.append(fmt)
+        else:
             log.debug("%s: format %s cannot store shape %s, skipped", name, fmt.id, shape)
-            continue
-        out_err, fi_err = 0.0, 0.0
-        for sl, q in quantize_chunks(w, fmt, hessian=stats.hessian, method=method,  # type: ignore[arg-type]
-                                     max_elems=max_elems):
-            w32 = w[sl].detach().to(torch.float32)
-            dw = dequantize(q).to(torch.float32).reshape(w32.shape) - w32
-            if not torch.isfinite(dw).all():
-                raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
-            part = _rows_of(stats, sl) if w.dim() == 2 else stats
-            out_err += output_error(dw, part)
-            fe = fisher_error(dw, part)
-            fi_err = None if fe is None or fi_err is None else fi_err + fe
-            del q, w32, dw
-            drop(sl)
-            release_free_memory()
+    errs: dict[str, tuple[float, float | None]] = {}
+    if batched and w.dim() == 2:
+        grid_fmts = [f for f in fmts if f.is_grid]
+        errs.update(_measure_grids(name, w, stats, grid_fmts, method, max_elems, stack_elems, drop, timer))
+        fmts_alone = [f for f in fmts if not f.is_grid]
+    else:
+        fmts_alone = fmts
+    for fmt in fmts_alone:
+        with timed(timer, "measure.store" if not fmt.is_grid else "measure.quantize"):
+            errs[fmt.id] = _measure_one(name, w, stats, fmt, method, max_elems, drop)
+    rows: list[MeasureRow] = []
+    for fmt in fmts:
+        out_err, fi_err = errs[fmt.id]
         if w.dim() == 2:
             act_out, act_fi = activation_error(stats, fmt.activation_rounding, nrows)
             out_err += act_out
             fi_err = None if fi_err is None or act_fi is None else fi_err + act_fi
         rows.append(MeasureRow(name, fmt.id, int(fmt.nbytes(shape)), out_err, fi_err))
     return rows
+
+
+def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, method: str,
+                 max_elems: int | None, drop: Callable[[slice], None]) -> tuple[float, float | None]:
+    """(output, fisher) error of one format as :func:`quantize_weight` stores it, block by block."""
+    out_err, fi_err = 0.0, 0.0
+    for sl, q in quantize_chunks(w, fmt, hessian=stats.hessian, method=method,  # type: ignore[arg-type]
+                                 max_elems=max_elems):
+        w32 = w[sl].detach().to(torch.float32)
+        dw = dequantize(q).to(device=w32.device, dtype=torch.float32).reshape(w32.shape) - w32
+        if not torch.isfinite(dw).all():
+            raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
+        part = _rows_of(stats, sl) if w.dim() == 2 else stats
+        out_err += output_error(dw, part)
+        fe = fisher_error(dw, part)
+        fi_err = None if fe is None or fi_err is None else fi_err + fe
+        del q, w32, dw
+        drop(sl)
+        release_free_memory()
+    return out_err, fi_err
+
+
+def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[Format], method: str,
+                   max_elems: int | None, stack_elems: int | None, drop: Callable[[slice], None],
+                   timer: StageTimer | None) -> dict[str, tuple[float, float | None]]:
+    """(output, fisher) error per grid format, all formats of a block of rows rounded together."""
+    if not fmts:
+        return {}
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"unknown rounding method {method!r} (use 'rtn' or 'gptq')")
+    if stack_elems is None:
+        stack_elems = STACK_ELEMS_CUDA if w.device.type == "cuda" else STACK_ELEMS
+    if stack_elems < 1:
+        raise ValueError(f"stack_elems must be positive, got {stack_elems}")
+    dev = w.device
+    rows, cols = (int(d) for d in w.shape)
+    hessian = stats.hessian
+    hessian = None if hessian is None else hessian.detach().to(dev)
+    if hessian is not None and tuple(hessian.shape) != (cols, cols):
+        raise InputError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} input columns")
+    importance = None if hessian is None else torch.diagonal(hessian).to(torch.float32).clamp_min(0)
+    role_h = _role_hessians(stats, cols, dev)
+    cap = max(1, stack_elems // len(fmts))
+    errs: dict[str, tuple[float, float | None]] = {f.id: (0.0, 0.0) for f in fmts}
+    for sl in row_chunks(rows, cols, cap if max_elems is None else min(cap, max_elems)):
+        w32 = w[sl].detach().to(device=dev, dtype=torch.float32)
+        with timed(timer, "measure.fit"):
+            grids = [f.fit(w32, importance) for f in fmts]
+        if method == "gptq" and hessian is not None:
+            done = gptq_refit_many(w32, hessian, grids, fmts, timer=timer)
+        else:
+            with timed(timer, "measure.rtn"):
+                done = [(rtn_round(w32, g)[0], g) for g in grids]
+        part = _rows_of(stats, sl)
+        with timed(timer, "measure.errors"):
+            for fmt, (codes, grid) in zip(fmts, done):
+                dw = grid.values(codes) - w32
+                if not torch.isfinite(dw).all():
+                    raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
+                o, fi = _errors(dw, part, role_h)
+                o0, f0 = errs[fmt.id]
+                errs[fmt.id] = (o0 + o, None if f0 is None or fi is None else f0 + fi)
+        del w32, grids, done
+        drop(sl)
+        release_free_memory()
+    return errs
+
+
+def _role_hessians(stats: TensorStats, cols: int, device: torch.device) -> list[torch.Tensor | None]:
+    """float64 Hessian (checked, on ``device``) of every linear role; None for lookup roles."""
+    return [_hessian(r, cols).to(device) if isinstance(r, LinearStats) else None for r in stats.roles]
+
+
+def _errors(dw: torch.Tensor, stats: TensorStats, hessians: Sequence[torch.Tensor | None]
+            ) -> tuple[float, float | None]:
+    """(:func:`output_error`, :func:`fisher_error`) of ``dw`` with one quadratic form per role
+    (``hessians`` from :func:`_role_hessians`, already checked)."""
+    if not stats.roles:
+        raise InputError("tensor statistics have no roles")
+    rows, cols = dw.shape
+    out, fisher = 0.0, 0.0
+    for role, h in zip(stats.roles, hessians):
+        if isinstance(role, LinearStats):
+            q = _row_quad(dw, h)
+            out += float(q.sum())
+            fisher = None if role.grad_sq is None or fisher is None else \
+                fisher + float(_vector(role.grad_sq, rows, "grad_sq", dw.device) @ q)
+        elif isinstance(role, LookupStats):
+            f = _vector(role.token_freq, rows, "token_freq", dw.device)
+            out += float(f @ _row_quad(dw, None))
+            fisher = None if role.grad_sq is None or fisher is None else \
+                fisher + float(f @ _row_quad(dw, None, _vector(role.grad_sq, cols, "grad_sq", dw.device)))
+        else:
+            raise InputError(f"unknown role statistics {type(role).__name__}")
+    return max(out, 0.0), None if fisher is None else max(0.5 * fisher, 0.0)
 
 
 def _check_rows(stats: TensorStats, rows: int) -> None:

@@ -70,6 +70,14 @@ class Grid:
     def rows(self) -> int:
         return int(self.scale.shape[0])
 
+    def to(self, device: torch.device | str) -> "Grid":
+        """This grid with its tensors (``extra``'s included) on ``device``; itself when already there."""
+        device = torch.device(device)
+        if self.scale.device == device and self.levels.device == device:
+            return self
+        extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
+        return Grid(self.scale.to(device), self.offset.to(device), self.levels.to(device), self.group_size, extra)
+
     def group_of(self, cols: torch.Tensor) -> torch.Tensor:
         return torch.div(cols, self.group_size, rounding_mode="floor")
 
@@ -82,22 +90,28 @@ class Grid:
         """
         w = w.to(torch.float32)
         if cols is None:
-            cols = torch.arange(w.shape[1])
-        g = self.group_of(cols.to(torch.long))
+            cols = torch.arange(w.shape[1], device=w.device)
+        g = self.group_of(cols.to(device=w.device, dtype=torch.long))
         s = self.scale[:, g]
         o = self.offset[:, g]
         zero = s == 0
         u = torch.where(zero, torch.zeros_like(w), (w - o) / torch.where(zero, torch.ones_like(s), s))
-        mids = (self.levels[1:] + self.levels[:-1]) * 0.5
+        levels = self.levels.to(w.device)
+        mids = (levels[1:] + levels[:-1]) * 0.5
         codes = torch.searchsorted(mids, u.contiguous())
-        values = s * self.levels[codes] + o
+        values = s * levels[codes] + o
         return codes, values
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
-        """Decode full-width codes (``rows x cols``) to float32 values."""
-        cols = torch.arange(codes.shape[1])
-        g = self.group_of(cols)
-        return self.scale[:, g] * self.levels[codes] + self.offset[:, g]
+        """Decode full-width codes (``rows x cols``) to float32 values (on the codes' device)."""
+        rows, cols = (int(d) for d in codes.shape)
+        lv = self.levels.to(codes.device).take(codes)
+        gs = self.group_size
+        if cols % gs == 0 and tuple(self.scale.shape) == (rows, cols // gs):  # broadcast: no (rows, cols) gathers
+            s, o = self.scale.unsqueeze(-1), self.offset.unsqueeze(-1)
+            return (s * lv.reshape(rows, -1, gs) + o).reshape(rows, cols)
+        g = self.group_of(torch.arange(cols, device=codes.device))
+        return self.scale[:, g] * lv + self.offset[:, g]
 
 
 class Format(ABC):

@@ -54,7 +54,7 @@ def nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
 def bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
     """(..., 8k) 0/1 values -> (..., k) bytes, bit i of byte j = bits[..., 8j + i] (little bit order)."""
     sh = bits.reshape(*bits.shape[:-1], -1, 8).to(torch.int32)
-    return (sh << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    return (sh << torch.arange(8, dtype=torch.int32, device=bits.device)).sum(-1).to(torch.uint8)
 
 
 def element_weights(importance: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
@@ -105,7 +105,7 @@ def nearest_fn(levels: torch.Tensor) -> NearFn:
     m2 = mids * 2
     if bool((m2 == torch.round(m2)).all()) and float(m2[-1] - m2[0]) < 1 << 16:
         a, b = int(m2[0]), int(m2[-1]) + 1
-        t = torch.arange(a, b + 1, dtype=torch.float32)
+        t = torch.arange(a, b + 1, dtype=torch.float32, device=levels.device)
         table = levels[torch.searchsorted(m2, t, right=False)]  # count of mids with 2*mid < t
 
         def near_table(u: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ def _params(x, levels, symmetric: bool, delta: torch.Tensor):
     r = ((n_eff + delta) / n_eff).unsqueeze(1)  # (., 1, K)
     if symmetric:
         m = x.gather(1, x.abs().argmax(1, keepdim=True)).unsqueeze(2)  # (n, 1, 1) signed extreme
-        t = torch.tensor([v for v in (lmin, lmax) if v != 0]).reshape(1, -1, 1)
+        t = torch.tensor([v for v in (lmin, lmax) if v != 0], device=x.device).reshape(1, -1, 1)
         s = m / (t * r)
         return s, torch.zeros_like(s)
     xmin, xmax = x.amin(1, keepdim=True).unsqueeze(2), x.amax(1, keepdim=True).unsqueeze(2)
@@ -217,14 +217,16 @@ def search_grid(
     top = top if top is not None else (8 if symmetric else 12)
     if k < 2 or fine < 0 or top < 1:
         raise ValueError(f"search_grid: need k >= 2, fine >= 0, top >= 1 (got {k}, {fine}, {top})")
+    dev = x.device
+    levels = levels.to(dev)
     near = nearest_fn(levels)
     lmin, lmax = float(levels[0]), float(levels[-1])
     n_eff = (lmax - lmin) / (2.0 if symmetric else 1.0)
     span = 2.0 + 0.15 * n_eff
-    coarse = torch.linspace(-1.0, 1.0 + 0.15 * n_eff, k).unsqueeze(0)
+    coarse = torch.linspace(-1.0, 1.0 + 0.15 * n_eff, k, device=dev).unsqueeze(0)
     h = span / (k - 1)
-    steps = torch.linspace(-h, h, fine + 2)[1:-1] if fine else torch.zeros(0)
-    s_out, o_out = torch.empty(n), torch.empty(n)
+    steps = torch.linspace(-h, h, fine + 2, device=dev)[1:-1] if fine else torch.zeros(0, device=dev)
+    s_out, o_out = torch.empty(n, device=dev), torch.empty(n, device=dev)
     A = 1 if symmetric else 3
     s_mm_all, o_mm_all = minmax_affine(x, levels, symmetric=symmetric, round_params=rnd)
     per = max(1, _CHUNK // (g * (A * k + 1)))

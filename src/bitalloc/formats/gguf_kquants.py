@@ -74,7 +74,7 @@ def _super_search(vals: torch.Tensor, wgt: torch.Tensor, lo: int, hi: int) -> to
     """fp16 super-scale d (S,) minimising Σ_j wgt·(vals - d·clamp(round(vals/d), lo, hi))² over candidates."""
     idx = vals.abs().argmax(1, keepdim=True)
     m = vals.gather(1, idx)  # (S, 1) signed largest sub-scale
-    f = torch.linspace(0.7, 1.3, 31)
+    f = torch.linspace(0.7, 1.3, 31, device=vals.device)
     targets = [t for t in (lo, hi) if t != 0]
     cand = fp16r(torch.cat([_safe_div(m, t * f) for t in targets], dim=1))  # (S, K)
     ints = torch.clamp(torch.round(_safe_div(vals.unsqueeze(1), cand.unsqueeze(2))), lo, hi)
@@ -105,7 +105,7 @@ class GGUFKQuant(GGUFFormat):
     # --- fit ----------------------------------------------------------------------------------------------
     def _sub_errors(self, x, wt, scale, offset):
         """Weighted RTN error (S, J) of sub-blocks x (S, J, B) for effective scale/offset (S, J)."""
-        return grid_error(x, wt, scale, offset, nearest_fn(self.levels))
+        return grid_error(x, wt, scale, offset, nearest_fn(self.levels.to(x.device)))
 
     def _effective(self, d, dmin, sc, mn):
         scale = d.unsqueeze(1) * sc.to(torch.float32)
@@ -136,7 +136,7 @@ class GGUFKQuant(GGUFFormat):
         """Least-squares (d, dmin) given integer sub-scales and the RTN codes, rounded to fp16."""
         S, J, B = x.shape
         scale, offset = self._effective(d, dmin, sc, mn)
-        q = level_values(x, scale, offset, nearest_fn(self.levels))
+        q = level_values(x, scale, offset, nearest_fn(self.levels.to(x.device)))
         a = (sc.unsqueeze(2) * q).reshape(S, -1)
         xx = x.reshape(S, -1)
         w1 = torch.ones_like(xx) if wt is None else wt.reshape(S, -1)
@@ -156,7 +156,7 @@ class GGUFKQuant(GGUFFormat):
     def _fit_chunk(self, x, wt):
         sp = self.spec
         S, J, B = x.shape
-        levels = self.levels
+        levels = self.levels.to(x.device)
         flat = x.reshape(-1, B)
         fw = None if wt is None else wt.reshape(-1, B)
         if self.affine:
@@ -168,7 +168,7 @@ class GGUFKQuant(GGUFFormat):
         wq = q2.sum(1) if fw is None else (fw * q2).sum(1)
         d = _super_search(s_t, wq.reshape(S, J), sp.sc_lo, sp.sc_hi)
         if self.affine:
-            ws = torch.full((S * J,), float(B)) if fw is None else fw.sum(1)
+            ws = torch.full((S * J,), float(B), device=x.device) if fw is None else fw.sum(1)
             dmin = _super_search(m_t, ws.reshape(S, J), 0, sp.m_hi)
         else:
             dmin = torch.zeros_like(d)
@@ -200,10 +200,10 @@ class GGUFKQuant(GGUFFormat):
         x = w.reshape(-1, J, B)
         wt = None if imp is None else imp.reshape(-1, J, B)
         nsup = x.shape[0]
-        d = torch.empty(nsup)
-        dmin = torch.empty(nsup)
-        sc = torch.empty(nsup, J)
-        mn = torch.empty(nsup, J)
+        d = torch.empty(nsup, device=w.device)
+        dmin = torch.empty(nsup, device=w.device)
+        sc = torch.empty(nsup, J, device=w.device)
+        mn = torch.empty(nsup, J, device=w.device)
         step = max(1, (1 << 20) // QK_K)
         for a in range(0, nsup, step):
             z = slice(a, min(nsup, a + step))
@@ -211,12 +211,14 @@ class GGUFKQuant(GGUFFormat):
         scale, offset = self._effective(d, dmin, sc, mn)
         extra = {"d": d.reshape(rows, -1), "dmin": dmin.reshape(rows, -1),
                  "sc": sc.to(torch.int64).reshape(rows, -1), "m": mn.to(torch.int64).reshape(rows, -1)}
-        return Grid(scale.reshape(rows, -1), offset.reshape(rows, -1), self.levels, B, extra)
+        return Grid(scale.reshape(rows, -1), offset.reshape(rows, -1), self.levels.to(w.device), B, extra)
 
     # --- bytes --------------------------------------------------------------------------------------------
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
+        """The raw llama.cpp blocks, built on the CPU (codes and grid are moved there first)."""
         sp = self.spec
-        codes = self.check_codes(codes, shape, sp.nlev)
+        codes = self.check_codes(codes.cpu(), shape, sp.nlev)
+        grid = grid.to("cpu")
         rows, cols = int(shape[0]), int(shape[1])
         try:
             d = grid.extra["d"].to(torch.float32).reshape(-1)

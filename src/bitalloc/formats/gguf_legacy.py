@@ -78,7 +78,7 @@ class GGUFLegacy(GGUFFormat):
         imp = element_weights(importance, (rows, cols))
         x = w.reshape(-1, QK)
         wt = None if imp is None else imp.reshape(-1, QK)
-        levels, sym = self.levels, self.spec.symmetric
+        levels, sym = self.levels.to(w.device), self.spec.symmetric
         s, o = search_grid(x, wt, levels, symmetric=sym, rnd=round_fp16)
         nb = cols // QK
         return Grid(s.reshape(rows, nb), o.reshape(rows, nb), levels, QK)
@@ -88,8 +88,10 @@ class GGUFLegacy(GGUFFormat):
         return refit_grid(w, codes, grid, hessian, offset=not self.spec.symmetric, rnd=fp16r)
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
+        """The raw llama.cpp blocks, built on the CPU (codes and grid are moved there first)."""
         spec = self.spec
-        codes = self.check_codes(codes, shape, len(spec.levels))
+        codes = self.check_codes(codes.cpu(), shape, len(spec.levels))
+        grid = grid.to("cpu")
         rows, cols = int(shape[0]), int(shape[1])
         if grid.group_size != QK or tuple(grid.scale.shape) != (rows, cols // QK):
             raise FormatError(f"{self.id}: grid is not one of this type's (group size {grid.group_size})")
@@ -129,7 +131,7 @@ class GGUFLegacy(GGUFFormat):
             qh = None
             if spec.qbits == 5:
                 hb = b[:, pos:pos + 4].to(torch.int32)
-                qh = ((hb.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1, 32)
+                qh = ((hb.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=b.device)) & 1).reshape(-1, 32)
                 pos += 4
             qs = b[:, pos:pos + 16].to(torch.int32)
             code = torch.cat([qs & 0xF, qs >> 4], dim=1)
@@ -138,7 +140,7 @@ class GGUFLegacy(GGUFFormat):
             if spec.levels[0] != 0.0 and self.name != "iq4_nl":
                 vals = (code + int(spec.levels[0])).to(torch.float32)
             else:
-                vals = self.levels[code.to(torch.int64)]
+                vals = self.levels.to(b.device)[code.to(torch.int64)]
             out = d * vals
             if m is not None:
                 out = out + m

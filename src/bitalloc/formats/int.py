@@ -106,25 +106,29 @@ class IntFormat(Format):
         rows, cols = w.shape
         gs, ng = self.group_size(cols), self.ngroups(cols)
         pad = ng * gs - cols
+        levels = self.levels.to(w.device)
         imp = _importance(importance, rows, cols, self.id)
         if pad:  # replicate the last column (min/max unchanged) and give the padding zero weight
             w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
-            imp = torch.cat([torch.ones(rows, cols) if imp is None else imp, torch.zeros(rows, pad)], dim=1)
+            imp = torch.cat([torch.ones(rows, cols, device=w.device) if imp is None else imp,
+                             torch.zeros(rows, pad, device=w.device)], dim=1)
         groups = w.reshape(rows * ng, gs)
         gimp = None if imp is None else imp.reshape(rows * ng, gs)
         if search:
-            scale, offset = search_affine(groups, self.levels, gimp, symmetric=self.symmetric)
+            scale, offset = search_affine(groups, levels, gimp, symmetric=self.symmetric)
         else:
-            scale, offset = minmax_affine(groups, self.levels, symmetric=self.symmetric)
+            scale, offset = minmax_affine(groups, levels, symmetric=self.symmetric)
         if self.symmetric:
             offset = torch.zeros_like(scale)
-        return Grid(scale=scale.reshape(rows, ng), offset=offset.reshape(rows, ng), levels=self.levels, group_size=gs)
+        return Grid(scale=scale.reshape(rows, ng), offset=offset.reshape(rows, ng), levels=levels, group_size=gs)
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
+        """Packed codes and fp16 scales/zeros, built on the CPU (codes and grid are moved there first)."""
         shape = tuple(int(d) for d in shape)
         self.check_shape(shape)
         rows, cols = shape
         gs, ng = self.group_size(cols), self.ngroups(cols)
+        codes, grid = codes.cpu(), grid.to("cpu")
         if tuple(codes.shape) != shape:
             raise FormatError(f"{self.id}: codes of shape {tuple(codes.shape)} do not match the tensor shape {shape}")
         if grid.group_size != gs or tuple(grid.scale.shape) != (rows, ng) or tuple(grid.offset.shape) != (rows, ng):
@@ -188,8 +192,8 @@ class IntFormat(Format):
         codes = unpack_bits(q.parts["weight_packed"], self.bits, rows * ng * gs).reshape(rows, ng * gs)[:, :cols]
         scale = q.parts["weight_scale"].to(torch.float32)
         zero = torch.zeros_like(scale) if self.symmetric else q.parts["weight_zero"].to(torch.float32)
-        g = torch.div(torch.arange(cols), gs, rounding_mode="floor")
-        return scale[:, g] * self.levels[codes] + zero[:, g]  # exactly Grid.values
+        g = torch.div(torch.arange(cols, device=scale.device), gs, rounding_mode="floor")
+        return scale[:, g] * self.levels.to(scale.device)[codes] + zero[:, g]  # exactly Grid.values
 
 
 def _importance(importance: torch.Tensor | None, rows: int, cols: int, fid: str) -> torch.Tensor | None:

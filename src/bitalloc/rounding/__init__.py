@@ -7,12 +7,13 @@ and the format packs the codes (``Format.encode``).
 from __future__ import annotations
 
 import math
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Sequence
 
 import torch
 
 from ..formats.base import Format, Grid, QTensor, get_format
-from .gptq import gptq_round
+from ..timing import StageTimer, timed
+from .gptq import GPTQFactor, gptq_factor, gptq_round, gptq_round_many
 from .rtn import rtn_round
 
 Method = Literal["rtn", "gptq"]
@@ -69,6 +70,8 @@ def quantize_chunks(
     dtype = str(w.dtype).removeprefix("torch.")
     if importance is None and hessian is not None:
         importance = torch.diagonal(hessian).to(torch.float32).clamp_min(0)
+    if importance is not None:
+        importance = importance.to(w.device)
     if method not in ("rtn", "gptq"):
         raise ValueError(f"unknown rounding method {method!r} (use 'rtn' or 'gptq')")
     rows, cols = (int(d) for d in w.shape)
@@ -88,17 +91,53 @@ def gptq_refit(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, fmt: Format,
     """GPTQ codes on ``grid``, then up to ``rounds`` times: the format refits the grid to the codes
     (:meth:`Format.refine`) and GPTQ rounds again on the refit grid, ending with a refit.
 
-    Returns ``(codes, grid)``.  Stops early when the format refits nothing (returns the same grid).
+    Returns ``(codes, grid)``.  Stops early when the format refits nothing (returns the same grid).  The
+    Hessian is factorised once for all rounds.
     """
-    codes, _ = gptq_round(w, hessian, grid)
+    return gptq_refit_many(w, hessian, [grid], [fmt], rounds)[0]
+
+
+def gptq_refit_many(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    grids: Sequence[Grid],
+    fmts: Sequence[Format],
+    rounds: int = GPTQ_REFITS,
+    *,
+    timer: StageTimer | None = None,
+) -> list[tuple[torch.Tensor, Grid]]:
+    """:func:`gptq_refit` of ``w`` for every ``(grid, fmt)`` pair at once: ``[(codes, grid)]`` in order.
+
+    One factorisation of ``hessian``; each GPTQ round stacks the formats still refitting
+    (:func:`~.gptq.gptq_round_many`); a format whose ``refine`` returns its grid unchanged drops out.  The
+    result for each format equals :func:`gptq_refit` of it alone up to float rounding in the blocked
+    matrix products (exactly, for one format).  Memory grows with ``len(grids)``: stack fewer rows to bound
+    it.  ``timer`` gets ``measure.gptq`` (factorisation and rounding) and ``measure.refit``.
+    """
+    grids = list(grids)
+    if len(fmts) != len(grids):
+        raise ValueError(f"{len(grids)} grids but {len(fmts)} formats")
+    with timed(timer, "measure.gptq"):
+        factor = gptq_factor(hessian, device=w.device)
+        codes = [c for c, _ in gptq_round_many(w, factor, grids)]
+    active = list(range(len(grids)))
     for r in range(rounds):
-        refined = fmt.refine(w, codes, grid, hessian)
-        if refined is grid:
+        still = []
+        with timed(timer, "measure.refit"):
+            for f in active:
+                refined = fmts[f].refine(w, codes[f], grids[f], hessian)
+                if refined is not grids[f]:
+                    grids[f] = refined
+                    still.append(f)
+        active = still
+        if not active:
             break
-        grid = refined
         if r + 1 < rounds:
-            codes, _ = gptq_round(w, hessian, grid)
-    return codes, grid
+            with timed(timer, "measure.gptq"):
+                again = gptq_round_many(w, factor, [grids[f] for f in active])
+            for f, (c, _) in zip(active, again):
+                codes[f] = c
+    return list(zip(codes, grids))
 
 
 def quantize_weight(
@@ -130,4 +169,6 @@ def dequantize(q: QTensor) -> torch.Tensor:
     return get_format(q.format).decode(q)
 
 
-__all__ = ["quantize_weight", "quantize_chunks", "row_chunks", "ROW_CHUNK_ELEMS", "dequantize", "gptq_round", "gptq_refit", "GPTQ_REFITS", "rtn_round", "Method"]
+__all__ = ["quantize_weight", "quantize_chunks", "row_chunks", "ROW_CHUNK_ELEMS", "dequantize", "gptq_round",
+           "gptq_round_many", "gptq_factor", "GPTQFactor", "gptq_refit", "gptq_refit_many", "GPTQ_REFITS",
+           "rtn_round", "Method"]

@@ -14,11 +14,14 @@ factorisation fails, and after ``max_damp_tries`` failures the weight is rounded
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from ..errors import InputError, NumericsError
 from ..formats.base import Grid
+from .stacked import StackedGrid, stacked_codes
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ MIN_DAMP = 1e-10
 def row_errors(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """``(w_hat_r − w_r)ᵀ H (w_hat_r − w_r)`` for every row (output) ``r``: float64, shape ``rows``."""
     dw = w_hat.to(torch.float64) - w.to(torch.float64)
-    return ((dw @ hessian.to(torch.float64)) * dw).sum(1)
+    return ((dw @ hessian.to(device=dw.device, dtype=torch.float64)) * dw).sum(1)
 
 
 def layer_output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -90,37 +93,128 @@ def _try_factor(h: torch.Tensor) -> torch.Tensor | None:
     return upper
 
 
-def gptq_codes(
-    w: torch.Tensor, u: torch.Tensor, grid: Grid, cols: torch.Tensor, block_size: int
-) -> torch.Tensor | None:
-    """Codes for ``w`` (columns already in processing order, original indices ``cols``) given ``U``.
+@dataclass(frozen=True, eq=False)
+class GPTQFactor:
+    """What every GPTQ rounding of weights with this Hessian shares: the column processing ``order`` and
+    the upper Cholesky factor ``upper`` (float32) of the permuted, damped inverse Hessian, or None when no
+    damping made it factorisable (the weights are then rounded to nearest)."""
 
-    Pure: ``w`` is not modified.  Returns int64 codes in the processing order, or None when the error
-    feedback overflowed (non-finite updated weights).
+    order: torch.Tensor
+    upper: torch.Tensor | None
+    ncols: int
+
+
+def gptq_factor(
+    hessian: torch.Tensor,
+    *,
+    percdamp: float = 0.01,
+    act_order: bool = True,
+    max_damp_tries: int = 6,
+    device: torch.device | str | None = None,
+) -> GPTQFactor:
+    """Check, decouple dead columns, order and factorise ``hessian`` (cols x cols) on ``device`` (default:
+    the Hessian's own), once for any number of weights and grids rounded with it."""
+    ncols = int(hessian.shape[0]) if hessian.dim() == 2 else -1
+    if hessian.dim() != 2 or tuple(hessian.shape) != (ncols, ncols):
+        raise InputError(f"GPTQ: the Hessian must be square, got shape {tuple(hessian.shape)}")
+    if percdamp < 0 or max_damp_tries < 0:
+        raise InputError(f"GPTQ: invalid percdamp={percdamp}, max_damp_tries={max_damp_tries}")
+    hessian = hessian.detach().to(device if device is not None else hessian.device)
+    if not bool(torch.isfinite(hessian).all()):
+        raise NumericsError(f"GPTQ: Hessian ({ncols}x{ncols}) contains NaN or Inf")
+    dtype = torch.float64 if ncols <= FLOAT64_MAX_COLS else torch.float32
+    h, dead = prepare_hessian(hessian, dtype)
+    ndead = int(dead.sum())
+    if ndead:
+        log.debug("GPTQ: %d dead input columns rounded to nearest", ndead)
+    order = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order
+             else torch.arange(ncols, device=h.device))
+    h = h[order][:, order]
+    factor = inverse_cholesky_upper(h, percdamp, max_damp_tries)
+    if factor is None and dtype != torch.float64:
+        factor = inverse_cholesky_upper(h.to(torch.float64), percdamp, max_damp_tries)
+    if factor is None:
+        log.warning("GPTQ: Hessian (%dx%d) could not be factorised after %d damping increases; using RTN",
+                    ncols, ncols, max_damp_tries)
+        return GPTQFactor(order, None, ncols)
+    return GPTQFactor(order, factor[0].to(torch.float32), ncols)
+
+
+def _check_weight(w: torch.Tensor, ncols: int, grids: Sequence[Grid], block_size: int) -> torch.Tensor:
+    if w.dim() != 2:
+        raise InputError(f"GPTQ: expected a 2-D weight, got shape {tuple(w.shape)}")
+    rows, cols = (int(d) for d in w.shape)
+    if cols != ncols:
+        raise InputError(f"GPTQ: Hessian shape ({ncols}, {ncols}) does not match weight columns {cols}")
+    if block_size < 1:
+        raise InputError(f"GPTQ: invalid block_size={block_size}")
+    for grid in grids:
+        if grid.rows != rows:
+            raise InputError(f"GPTQ: grid has {grid.rows} rows, weight has {rows}")
+    w32 = w.detach().to(torch.float32)
+    if not bool(torch.isfinite(w32).all()):
+        raise NumericsError(f"GPTQ: weight ({rows}x{cols}) contains NaN or Inf")
+    for grid in grids:
+        if not (bool(torch.isfinite(grid.scale).all()) and bool(torch.isfinite(grid.offset).all())):
+            raise NumericsError("GPTQ: grid scales/offsets contain NaN or Inf")
+    return w32
+
+
+def gptq_round_many(
+    w: torch.Tensor,
+    hessian: torch.Tensor | GPTQFactor,
+    grids: Sequence[Grid],
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = True,
+    max_damp_tries: int = 6,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ-round ``w`` (rows x cols) onto every grid of ``grids`` at once: ``[(codes, values)]`` per grid.
+
+    The grids' copies of the rows are stacked and rounded by one column loop (:mod:`.stacked`) with one
+    factorisation (pass a :class:`GPTQFactor` to reuse one across calls; ``percdamp``, ``act_order`` and
+    ``max_damp_tries`` then do not apply).  Each grid's codes are those :func:`gptq_round` gives for it
+    alone up to float rounding in the blocked matrix products (bit-identical for a single grid).  A grid
+    whose error feedback overflows is rounded to nearest, as is everything when the Hessian could not be
+    factorised.  Memory: about ``len(grids)`` times that of one rounding; callers stack fewer rows to bound
+    it (rows are independent).  Everything runs on ``w``'s device.
     """
-    w = w.clone()
-    rows, n = w.shape
-    codes = torch.empty((rows, n), dtype=torch.int64)
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        w1 = w[:, i1:i2].clone()
-        u1 = u[i1:i2, i1:i2]
-        err1 = torch.empty_like(w1)
-        for i in range(i2 - i1):
-            c, q = grid.snap(w1[:, i : i + 1], cols[i1 + i : i1 + i + 1])
-            codes[:, i1 + i] = c[:, 0]
-            e = (w1[:, i] - q[:, 0]) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = e
-        if not bool(torch.isfinite(err1).all()):
-            return None
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return codes
+    grids = list(grids)
+    if not grids:
+        return []
+    factor = hessian if isinstance(hessian, GPTQFactor) else gptq_factor(
+        hessian, percdamp=percdamp, act_order=act_order, max_damp_tries=max_damp_tries, device=w.device)
+    w32 = _check_weight(w, factor.ncols, grids, block_size)
+    rows = int(w32.shape[0])
+    codes_all: list[torch.Tensor | None] = [None] * len(grids)
+    if factor.upper is not None:
+        order = factor.order.to(w32.device)
+        sg = StackedGrid.of(grids, w32.device)
+        wp = w32[:, order]
+        stacked = wp.repeat(len(grids), 1) if len(grids) > 1 else wp
+        perm, bad = stacked_codes(stacked, factor.upper.to(w32.device), sg, order, block_size)
+        bad_any = bad.reshape(len(grids), rows).any(1).tolist()
+        for j, f in enumerate(sg.index):  # stacked block j holds grids[f]
+            if bad_any[j]:
+                log.warning("GPTQ: error feedback overflowed for a %dx%d weight; using RTN", rows, factor.ncols)
+                continue
+            codes = torch.empty_like(perm[j * rows:(j + 1) * rows])
+            codes[:, order] = perm[j * rows:(j + 1) * rows]
+            codes_all[f] = codes
+    out = []
+    for grid, codes in zip(grids, codes_all):
+        if codes is None:
+            codes, _ = grid.snap(w32)
+        values = grid.values(codes)
+        assert bool(torch.isfinite(values).all()), "GPTQ produced non-finite values from finite inputs"
+        out.append((codes, values))
+    return out
 
 
 def gptq_round(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | GPTQFactor,
     grid: Grid,
     *,
     block_size: int = 128,
@@ -130,48 +224,15 @@ def gptq_round(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Round ``w`` (rows x cols) onto ``grid`` with GPTQ; returns ``(codes int64, values float32)``.
 
-    ``hessian`` is ``E[xxᵀ]`` of the layer input (cols x cols).  ``values == grid.values(codes)`` exactly.
+    ``hessian`` is ``E[xxᵀ]`` of the layer input (cols x cols), or its :class:`GPTQFactor`.
+    ``values == grid.values(codes)`` exactly.
     """
     if w.dim() != 2:
         raise InputError(f"GPTQ: expected a 2-D weight, got shape {tuple(w.shape)}")
-    rows, ncols = w.shape
-    if tuple(hessian.shape) != (ncols, ncols):
-        raise InputError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match weight columns {ncols}")
-    if grid.rows != rows:
-        raise InputError(f"GPTQ: grid has {grid.rows} rows, weight has {rows}")
+    if isinstance(hessian, torch.Tensor) and tuple(hessian.shape) != (int(w.shape[1]),) * 2:
+        raise InputError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match weight columns {w.shape[1]}")
     if block_size < 1 or percdamp < 0 or max_damp_tries < 0:
         raise InputError(f"GPTQ: invalid block_size={block_size}, percdamp={percdamp}, "
                          f"max_damp_tries={max_damp_tries}")
-    w32 = w.detach().to(torch.float32)
-    if not bool(torch.isfinite(w32).all()):
-        raise NumericsError(f"GPTQ: weight ({rows}x{ncols}) contains NaN or Inf")
-    if not bool(torch.isfinite(hessian).all()):
-        raise NumericsError(f"GPTQ: Hessian ({ncols}x{ncols}) contains NaN or Inf")
-    if not (bool(torch.isfinite(grid.scale).all()) and bool(torch.isfinite(grid.offset).all())):
-        raise NumericsError("GPTQ: grid scales/offsets contain NaN or Inf")
-
-    dtype = torch.float64 if ncols <= FLOAT64_MAX_COLS else torch.float32
-    h, dead = prepare_hessian(hessian.detach(), dtype)
-    if bool(dead.any()):
-        log.debug("GPTQ: %d dead input columns rounded to nearest", int(dead.sum()))
-    order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(ncols)
-    h = h[order][:, order]
-    factor = inverse_cholesky_upper(h, percdamp, max_damp_tries)
-    if factor is None and dtype != torch.float64:
-        factor = inverse_cholesky_upper(h.to(torch.float64), percdamp, max_damp_tries)
-    perm_codes = None
-    if factor is None:
-        log.warning("GPTQ: Hessian (%dx%d) could not be factorised after %d damping increases; using RTN",
-                    ncols, ncols, max_damp_tries)
-    else:
-        perm_codes = gptq_codes(w32[:, order], factor[0].to(torch.float32), grid, order, block_size)
-        if perm_codes is None:
-            log.warning("GPTQ: error feedback overflowed for a %dx%d weight; using RTN", rows, ncols)
-    if perm_codes is None:
-        codes, _ = grid.snap(w32)
-    else:
-        codes = torch.empty_like(perm_codes)
-        codes[:, order] = perm_codes
-    values = grid.values(codes)
-    assert bool(torch.isfinite(values).all()), "GPTQ produced non-finite values from finite inputs"
-    return codes, values
+    return gptq_round_many(w, hessian, [grid], block_size=block_size, percdamp=percdamp, act_order=act_order,
+                           max_damp_tries=max_damp_tries)[0]

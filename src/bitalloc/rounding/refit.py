@@ -46,7 +46,7 @@ def group_lstsq(
     if cols % group_size:
         raise ValueError(f"{cols} columns are not a multiple of the group size {group_size}")
     nb = cols // group_size
-    h = hessian.to(torch.float64)
+    h = hessian.to(device=w.device, dtype=torch.float64)
     h = (h + h.T) * 0.5
     hb = h.reshape(nb, group_size, cols)
     with_offset = offset0 is not None

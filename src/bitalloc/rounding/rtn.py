@@ -105,7 +105,7 @@ def _check(w: torch.Tensor, levels: torch.Tensor, importance: torch.Tensor | Non
     w = w.to(torch.float32)
     if not bool(torch.isfinite(w).all()):
         raise NumericsError(f"weights of shape {tuple(w.shape)} hold NaN/Inf values")
-    levels = levels.to(torch.float32).reshape(-1)
+    levels = levels.to(device=w.device, dtype=torch.float32).reshape(-1)
     if levels.numel() < 2 or not bool((levels[1:] > levels[:-1]).all()):
         raise ValueError("levels must be a strictly increasing codebook of at least 2 values")
     if importance is not None:
@@ -146,7 +146,8 @@ def _refit(w, x, imp, scale, offset, symmetric):
 
 def _consecutive(levels: torch.Tensor) -> bool:
     """True when ``levels`` are consecutive integers (int/Q-formats): nearest level is round + clamp."""
-    return bool(torch.equal(levels, torch.arange(levels.numel(), dtype=torch.float32) + levels[0])) and float(
+    return bool(torch.equal(levels, torch.arange(levels.numel(), dtype=torch.float32, device=levels.device)
+                            + levels[0])) and float(
         levels[0]) == round(float(levels[0]))
 
 
@@ -232,8 +233,8 @@ def search_affine(
     n, g = w.shape
     ratios = [1.0 - (1.0 - min_ratio) * (i + 1) / steps for i in range(steps)] if steps else []
     ratios = [r for r in ratios if r < 1.0]
-    scale = torch.empty(n, dtype=torch.float32)
-    offset = torch.empty(n, dtype=torch.float32)
+    scale = torch.empty(n, dtype=torch.float32, device=w.device)
+    offset = torch.empty(n, dtype=torch.float32, device=w.device)
     consecutive = _consecutive(levels)
     rows = max(1, _CHUNK_ELEMS // max(g, 1))
     for a in range(0, n, rows):
