@@ -8,6 +8,10 @@ Layout: :mod:`.common` (loading, validation, fingerprints), :mod:`.paths` (every
 before any work), :mod:`.options` (the shared option blocks),
 one module per command group (:mod:`.measure_plan`, :mod:`.quantize_eval`, :mod:`.sweep_demo`; ``gguf`` lives
 in :mod:`bitalloc.gguf_cmd`), and here the parser, the error-to-exit-status handling and ``main``.
+
+Every command takes ``--device`` and ``--threads`` (added here to each subcommand); ``main`` resolves the device
+(a missing one is a one-line error) and sets torch's intra- and inter-op threads once, before any work: the
+library never sets them.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Callable, NoReturn, Sequence
 from ..errors import BitallocError
 from . import measure_plan, quantize_eval, sweep_demo
 from .common import DEFAULT_FORMATS, DEMO_BUDGETS, DEMO_FORMATS, MODEL_HELP, _precheck
+from .options import add_runtime, available_cpus
 
 __all__ = ["DEFAULT_FORMATS", "DEMO_BUDGETS", "DEMO_FORMATS", "MODEL_HELP", "build_parser", "main", "peak_memory_mib"]
 
@@ -50,7 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
         gguf_cmd = None  # type: ignore[assignment]
     if gguf_cmd is not None:
         gguf_cmd.add_parser(sub)
+    for p in dict.fromkeys(sub.choices.values()):  # every command: --device, --threads
+        add_runtime(p)
     return parser
+
+
+def _apply_runtime(args: argparse.Namespace) -> None:
+    """Resolve ``--device`` (InputError when this machine lacks it; ``args.device`` becomes e.g. ``cuda:0``) and
+    set torch's threads to ``--threads`` (default: every CPU this process may use), once per process."""
+    import torch
+
+    from ..placement import resolve_device
+
+    args.device = str(resolve_device(args.device))
+    n = args.threads or available_cpus()
+    args.threads = n
+    torch.set_num_threads(n)
+    if torch.get_num_interop_threads() != n:
+        try:  # allowed once, before any inter-op work: a second main() in one process keeps the first value
+            torch.set_num_interop_threads(n)
+        except RuntimeError:
+            logging.getLogger(__name__).debug("inter-op threads already fixed at %d", torch.get_num_interop_threads())
 
 
 def peak_memory_mib() -> float:
@@ -112,6 +137,7 @@ def _main(argv: Sequence[str] | None, interrupted: Callable[[], bool]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        _apply_runtime(args)
         _precheck(args)
         if getattr(args, "quiet", False) and args.command != "plan":
             from transformers.utils import logging as hf_logging
