@@ -195,3 +195,10 @@ def test_the_library_never_sets_thread_counts():
                  if pattern.search(f.read_text()) and f.relative_to(src).parts[0] != "cli"]
     assert offenders == []
     assert pattern.search((src / "cli" / "__init__.py").read_text())
+
+
+def test_load_refuses_a_missing_device_before_reading(tmp_path):
+    from bitalloc.api import load
+
+    with pytest.raises(InputError, match="unknown device"):
+        load(tmp_path / "nothing-here", device="tpu")

@@ -25,7 +25,7 @@ from .errors import InputError, NumericsError
 from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
 from .models.experts import routed_owner
 from .models.spill import release_rows
-from .placement import HEAD_CHUNK, VOCAB_CHUNK, Placement, Residency
+from .placement import HEAD_CHUNK, VOCAB_CHUNK, Placement, Residency  # noqa: F401  (chunk defaults re-exported)
 from .timing import StageTimer, timed
 
 log = logging.getLogger(__name__)

@@ -1,50 +1,28 @@
-"""Calibration statistics from text, with bounded memory.
-
-* :func:`fisher_pass` (module :mod:`bitalloc.fisher`, re-exported here) — gradients squared per output channel,
-  with bounded memory.
-* :class:`BlockRunner` — the hidden states of every window at the input of the current block (n·ctx·hidden
-  floats), the per-block call arguments (masks, rotary tables) captured once, and ``collect`` / ``advance``:
-  input Hessians ``H = E[xxᵀ]`` of chosen linear groups, and the step to the next block.
-* :func:`stream_blocks` — for each block ``{tensor: TensorStats}`` from the fp model, then the embedding and
-  lm_head (tied: one tensor, two roles); memory holds one block's statistics at a time.
-
-Every step runs where the runner's :class:`~bitalloc.placement.Placement` says (its device, offloaded blocks,
-chunk sizes); the default placement is the CPU.  A :class:`~bitalloc.timing.StageTimer`, when given, records
-``calibrate.forward`` (block forwards), ``calibrate.hessians`` and ``calibrate.act_noise`` (inside them).
-"""
+"""The block runner: every calibration window's hidden states at the current block, Hessians of its linear groups
+and the activation noise of their inputs, on the run's placement (see :mod:`bitalloc.calibrate`)."""
 from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .activations import get_rounding, output_noise
-from .data import check_token_ids, embedding_rows
-from .errors import InputError, NumericsError
-from .fisher import HEAD_CHUNK, VOCAB_CHUNK, FisherStats, fisher_pass
-from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
-from .memory import release_free_memory
-from .models.experts import routed_owner
-from .models.spill import SpillFile, release_rows, scratch_tensor, spill_directory
-from .placement import MAX_POSITIONS, Placement, cpu_copy
-from .stats import LinearStats, LookupStats, TensorStats
-from .timing import StageTimer, timed
+from ..activations import get_rounding, output_noise
+from ..data import check_token_ids, embedding_rows
+from ..errors import InputError, NumericsError
+from ..layout import StopForward, check_windows, layout_of, require_finite, window_batches
+from ..models.experts import routed_owner
+from ..models.spill import SpillFile, release_rows, scratch_tensor, spill_directory
+from ..placement import Placement, cpu_copy
+from ..timing import StageTimer, timed
 
 log = logging.getLogger(__name__)
-
-__all__ = ["BlockRunner", "FisherStats", "HEAD_CHUNK", "Layout", "MAX_POSITIONS", "Placement", "fisher_pass", "head_stats",
-           "layout_of", "release_free_memory", "stream_blocks"]
-
 
 NoiseStats = dict[str, dict[str, torch.Tensor]]
 """``tensor name -> activation rounding -> E[((x − R(x)) · w_j)²]`` per output channel."""
 
-
-# ------------------------------------------------------------------------------------- block streaming
 class BlockRunner:
     """Hidden states of all windows at the current block's input, and Hessians of its linear groups.
 
@@ -370,76 +348,6 @@ class BlockRunner:
         return torch.bincount(ids, minlength=vocab).float() / ids.numel()
 
 
-def head_stats(runner: BlockRunner, fisher: FisherStats | None,
-               roundings: Sequence[str] = ()) -> dict[str, TensorStats]:
-    """Statistics of the embedding and lm_head (one tensor with two roles when they are tied)."""
-    lay = runner.layout
-    fisher = fisher or {}
-    lookup = LookupStats(
-        token_freq=runner.placement.to_device(runner.token_freq()),
-        ntokens=runner.windows.numel(),
-        grad_sq=_on(runner, fisher.get((lay.embedding_name, "lookup"))),
-    )
-    h, noise = runner.head_with_noise(roundings)
-    proj = LinearStats(hessian=h, ntokens=runner.windows.numel(),
-                       grad_sq=_on(runner, fisher.get((lay.lm_head_name, "linear"))), act_noise=noise)
-    if lay.tied:
-        return {lay.embedding_name: TensorStats(roles=(lookup, proj))}
-    return {lay.embedding_name: TensorStats(roles=(lookup,)), lay.lm_head_name: TensorStats(roles=(proj,))}
-
-
-def stream_blocks(
-    model: nn.Module,
-    view: Any,
-    windows: torch.Tensor,
-    *,
-    fisher: FisherStats | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-    start_block: int = 0,
-    start_hidden: torch.Tensor | None = None,
-    after_block: Callable[[int, torch.Tensor], None] | None = None,
-    roundings: Sequence[str] = (),
-    placement: Placement | None = None,
-    timer: StageTimer | None = None,
-) -> Iterator[dict[str, TensorStats]]:
-    """Per block ``{tensor: TensorStats}`` of the fp model (one forward per block), then the head tensors.
-
-    Resuming (:mod:`bitalloc.resume`): ``start_block`` > 0 with ``start_hidden``, the saved inputs of that block,
-    skips the blocks before it; ``after_block(b, hidden)`` runs when the consumer has finished block ``b``'s
-    statistics (asks for the next item), with the inputs of block ``b + 1`` (in CPU memory).  ``roundings``: the
-    activation roundings (:mod:`bitalloc.activations`) whose output noise each linear's stats carry
-    (``act_noise``).  The statistics are on ``placement``'s device (default: the CPU), and so are the model's
-    weights while the consumer handles a block (an offloaded block is back in CPU memory by then).
-    """
-    with BlockRunner(model, windows, batch_size, placement=placement, timer=timer) as runner:
-        _resume_runner(runner, start_block, start_hidden)
-        fisher = fisher or {}
-        ntok = runner.windows.numel()
-        nblocks = len(runner.layout.blocks)
-        for b in tqdm(range(start_block, nblocks), desc="calibrate", disable=not progress, leave=False,
-                      initial=start_block, total=nblocks):
-            hs, noise = runner.collect_with_noise(advance=True, roundings=roundings)
-            stats = {
-                name: TensorStats(roles=(LinearStats(hessian=h, ntokens=runner.tokens.get(name, ntok),
-                                                     grad_sq=_on(runner, fisher.get((name, "linear"))),
-                                                     act_noise=noise.get(name, {})),))
-                for name, h in hs.items()
-            }
-            del hs, noise
-            yield stats
-            del stats  # the consumer is done with this block: its Hessians leave before the next forward
-            if after_block is not None:
-                after_block(b, runner.hidden_cpu())
-                runner._release(runner.hidden)  # a consumer that read the states (to save them) left them resident
-        yield head_stats(runner, fisher, roundings)
-
-
-def _on(runner: BlockRunner, t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` on the runner's device (None stays None)."""
-    return None if t is None else runner.placement.to_device(t)
-
-
 def _accumulate(into: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
     into[key] = into[key] + value if key in into else value
 
@@ -452,19 +360,4 @@ def _mean(sums: dict[str, torch.Tensor], count: int, name: str) -> dict[str, tor
     return out
 
 
-def _resume_runner(runner: BlockRunner, block: int, hidden: torch.Tensor | None) -> None:
-    """Move ``runner`` to ``block`` with the saved inputs ``hidden`` (InputError when they do not fit)."""
-    nblocks = len(runner.layout.blocks)
-    if not 0 <= block <= nblocks:
-        raise InputError(f"cannot resume calibration at block {block}: the model has {nblocks} blocks")
-    if block == 0 and hidden is None:
-        return
-    if hidden is None:
-        raise InputError(f"resuming calibration at block {block} needs the hidden states at its input")
-    want = tuple(runner.hidden.shape)
-    if tuple(hidden.shape) != want or hidden.dtype != runner.hidden.dtype:
-        raise InputError(f"saved hidden states {tuple(hidden.shape)} {hidden.dtype} do not match the calibration "
-                         f"{want} {runner.hidden.dtype}")
-    runner.hidden = hidden.to(runner.placement.states_device)
-    runner.block = block
-    runner._hold(block)
+__all__ = ["BlockRunner", "NoiseStats"]
