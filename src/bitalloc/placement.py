@@ -175,6 +175,16 @@ class Residency:
             return self
         if self.placement.offload and not self.blocks:
             raise InputError("offloading needs the model's decoder blocks")
+        try:
+            self._enter()
+        except BaseException:  # out of device memory half-way: every weight goes home before the error leaves
+            self.close()
+            raise
+        log.debug("residency on %s: %d tensors moved%s", self.placement.device, len(self._moved),
+                  ", blocks offloaded" if self.placement.offload else "")
+        return self
+
+    def _enter(self) -> None:
         inside = {id(t) for b in self.blocks for t in _tensors(b)}
         if not self.placement.offload:
             for b in self.blocks:  # block by block: a spilled model's pages are released after each copy
@@ -189,9 +199,6 @@ class Residency:
             for b in self.blocks:
                 self._hooks.append(b.register_forward_pre_hook(self._pre))
                 self._hooks.append(b.register_forward_hook(self._post))
-        log.debug("residency on %s: %d tensors moved%s", self.placement.device, len(self._moved),
-                  ", blocks offloaded" if self.placement.offload else "")
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
@@ -243,10 +250,9 @@ class Residency:
         todo = [t for t in tensors if id(t) not in self._moved]
         for t in todo:
             home = t.data
-            key = (home.data_ptr(), home.dtype, tuple(home.shape))  # two objects sharing storage: one copy
-            dev = self._shared.get(key)
-            if dev is None:
-                dev = self._shared[key] = home.to(self.placement.device, copy=True)
+            key = _key(home)  # two objects sharing storage: one copy
+            if key not in self._shared:
+                self._shared[key] = home.to(self.placement.device, copy=True)
             self._moved[id(t)] = _Moved(t, home)
         if todo:
             release(owner)  # a spilled weight's pages, read for the copy, leave host memory
