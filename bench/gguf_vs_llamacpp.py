@@ -77,7 +77,7 @@ def measure_code() -> list[Path]:
     """Sources whose edits change measured errors (the measurement cache key)."""
     return [*sorted((SRC / "formats").glob("gguf*.py")), SRC / "formats" / "base.py",
             *sorted((SRC / "rounding").glob("*.py")), SRC / "measure.py", SRC / "activations.py",
-            SRC / "calibrate.py", SRC / "stats.py"]
+            *sorted((SRC / "calibrate").glob("*.py")), SRC / "fisher.py", SRC / "placement.py", SRC / "stats.py"]
 
 
 def output_code() -> list[Path]:

@@ -32,21 +32,27 @@ def _config_errors() -> tuple[type[BaseException], ...]:
     return errors + (StrictDataclassError,)
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, verify: bool = True) -> Any:
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, verify: bool = True,
+         device: str | torch.device = "cpu") -> Any:
     """Load a directory written by ``bitalloc quantize`` as a transformers causal LM with dequantized weights.
 
     With ``verify`` (the default) every file and stored tensor is first checked against the directory's
     ``manifest.json`` (a flipped bit, a missing or extra file or tensor is refused); ``verify=False`` skips
     that check but never the validation of ``bitalloc.json``.  Every parameter of the model must be present
-    in the directory with its shape, and decode to finite values; the result is in eval mode, no grad.
+    in the directory with its shape, and decode to finite values; the result is in eval mode, no grad, on
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; :func:`bitalloc.placement.resolve_device`).
     """
-    return load_packed(path, dtype, verify=verify)[0]
+    return load_packed(path, dtype, verify=verify, device=device)[0]
 
 
 def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
-                verify: bool = True) -> tuple[Any, dict[str, Any]]:
+                verify: bool = True, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
     """:func:`load`, also returning the directory's ``bitalloc.json`` (bytes, bpw, plan)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .placement import resolve_device
+
+    target = resolve_device(device)  # a missing device is refused before anything is read
 
     p = Path(path)
     info, qtensors = read_packed(p, verify=verify)
@@ -79,6 +85,8 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
         model.tie_weights()
     model.eval()
     model.requires_grad_(False)
+    if target.type != "cpu":
+        model.to(target)
     log.info("loaded %s (%d tensors, %.4f bpw%s)", p, len(qtensors), info["bpw"], ", verified" if verify else "")
     return model, info
 

@@ -10,18 +10,25 @@ context only; the logits at positions ``first .. ctx-2`` are scored against toke
 
 Log-softmax runs in float64 over chunks of token rows (bounded memory at vocab 49152; exact enough to
 resolve KLD ~1e-12) and every sum is accumulated in float64.
+
+With a :class:`~bitalloc.placement.Placement` the forwards and the scoring run on its device (torch models are
+moved there for the evaluation, offloaded blocks one at a time, and put back after); a
+:class:`~bitalloc.timing.StageTimer` records ``evaluate``.
 """
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 
 import torch
 
 from bitalloc.data import check_token_ids, embedding_rows
 from bitalloc.errors import InputError, NumericsError
+from bitalloc.placement import Placement
+from bitalloc.timing import StageTimer, timed
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +63,11 @@ def first_scored(ctx: int) -> int:
     return ctx // 2
 
 
-def _as_logits_fn(m: torch.nn.Module | LogitsFn, n_keep: int) -> LogitsFn:
+def _as_logits_fn(m: torch.nn.Module | LogitsFn, n_keep: int, device: torch.device | None = None) -> LogitsFn:
+    """A torch model as a logits function on ``device`` (default: where its first parameter is)."""
     if not isinstance(m, torch.nn.Module):
         return m
-    device = next(m.parameters()).device
+    device = device if device is not None else next(m.parameters()).device
 
     def fn(batch: torch.Tensor) -> torch.Tensor:
         ids = batch.to(device)
@@ -157,13 +165,33 @@ def _result(acc: _Acc, ctx: int) -> EvalResult:
 
 @torch.no_grad()
 def evaluate(candidate: torch.nn.Module | LogitsFn, reference: torch.nn.Module | LogitsFn,
-             windows: torch.Tensor, *, batch_size: int = 2, progress: bool = False) -> EvalResult:
+             windows: torch.Tensor, *, batch_size: int = 2, progress: bool = False,
+             placement: Placement | None = None, timer: StageTimer | None = None) -> EvalResult:
     """Score ``candidate`` against ``reference`` on token windows ``(n, ctx)``.
 
     Each of ``candidate``/``reference`` is a torch causal LM (called with ``input_ids``) or a callable
     mapping a ``(b, ctx)`` int64 batch to logits ``(b, ctx, vocab)`` (or only the last ``ctx - ctx//2``
-    positions), e.g. llama.cpp's logits for a GGUF.
+    positions), e.g. llama.cpp's logits for a GGUF.  ``placement``: where the forwards and the scoring run
+    (default: where each torch model already is; a callable's logits are scored where the candidate's are).
     """
+    with timed(timer, "evaluate"), ExitStack() as stack:
+        device = None
+        if placement is not None:
+            device = placement.device
+            for m in (candidate, reference):
+                if isinstance(m, torch.nn.Module) and not placement.on_cpu:
+                    stack.enter_context(placement.residency(m, _blocks(m) if placement.offload else ()))
+        return _evaluate(candidate, reference, windows, batch_size, progress, device)
+
+
+def _blocks(m: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    from bitalloc.layout import layout_of
+
+    return layout_of(m).blocks
+
+
+def _evaluate(candidate: torch.nn.Module | LogitsFn, reference: torch.nn.Module | LogitsFn, windows: torch.Tensor,
+              batch_size: int, progress: bool, device: torch.device | None) -> EvalResult:
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.long:
         raise InputError("windows must be a 2-D int64 tensor (n, ctx)")
     n, ctx = windows.shape
@@ -174,7 +202,7 @@ def evaluate(candidate: torch.nn.Module | LogitsFn, reference: torch.nn.Module |
     first = first_scored(ctx)
     _check_inputs(candidate, windows, "candidate")
     _check_inputs(reference, windows, "reference")
-    cand_fn, ref_fn = _as_logits_fn(candidate, ctx - first), _as_logits_fn(reference, ctx - first)
+    cand_fn, ref_fn = _as_logits_fn(candidate, ctx - first, device), _as_logits_fn(reference, ctx - first, device)
     acc = _Acc()
     starts = range(0, n, batch_size)
     if progress:
@@ -185,7 +213,9 @@ def evaluate(candidate: torch.nn.Module | LogitsFn, reference: torch.nn.Module |
         batch = windows[s: s + batch_size]
         b = batch.shape[0]
         c = _scored(cand_fn(batch), b, ctx, "candidate")
-        r = _scored(ref_fn(batch), b, ctx, "reference")
+        if device is not None:
+            c = c.to(device)
+        r = _scored(ref_fn(batch), b, ctx, "reference").to(c.device)  # a callable's logits may come from the CPU
         if c.shape[-1] != r.shape[-1]:
             raise InputError(f"candidate vocab {c.shape[-1]} != reference vocab {r.shape[-1]}")
         targets = batch[:, first + 1:]

@@ -6,6 +6,9 @@ positions and, within a chunk, over slices of the vocabulary (an online logsumex
 slice), so neither the (positions x vocab) logits nor the whole lm_head weight are ever resident; then the
 blocks are recomputed with autograd one at a time, last to first, a segment's inputs re-derived from its
 checkpoint, so neither all activations nor all block inputs exist at once.
+
+It runs where its :class:`~bitalloc.placement.Placement` says (device, offloaded blocks, chunk sizes; default the
+CPU) and returns the statistics in CPU memory; a :class:`~bitalloc.timing.StageTimer` records ``fisher``.
 """
 from __future__ import annotations
 
@@ -20,19 +23,15 @@ from tqdm.auto import tqdm
 from .data import check_token_ids, embedding_rows
 from .errors import InputError, NumericsError
 from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
-from .memory import release_free_memory
 from .models.experts import routed_owner
 from .models.spill import release_rows
+from .placement import HEAD_CHUNK, VOCAB_CHUNK, Placement, Residency  # noqa: F401  (chunk defaults re-exported)
+from .timing import StageTimer, timed
 
 log = logging.getLogger(__name__)
 
 FisherStats = dict[tuple[str, str], torch.Tensor]
 """``(tensor name, role) -> E[g²]``; role is ``"linear"`` (per output channel) or ``"lookup"`` (per hidden)."""
-
-#: positions whose logits exist at once in the Fisher head pass (for one vocabulary slice)
-HEAD_CHUNK = 256
-#: rows of the lm_head weight (vocabulary entries) resident at once in the Fisher head pass
-VOCAB_CHUNK = 4096
 
 
 def fisher_pass(
@@ -42,8 +41,10 @@ def fisher_pass(
     batch_size: int = 2,
     progress: bool = True,
     *,
-    head_chunk: int = HEAD_CHUNK,
-    vocab_chunk: int = VOCAB_CHUNK,
+    head_chunk: int | None = None,
+    vocab_chunk: int | None = None,
+    placement: Placement | None = None,
+    timer: StageTimer | None = None,
 ) -> FisherStats:
     """``E[(∂ Σ log p(next token) / ∂ y)²]`` per output channel of every linear, the embedding, the logits.
 
@@ -57,7 +58,18 @@ def fisher_pass(
     gradient of its output to its input (gradient checkpointing; a segment's block inputs are recomputed
     from its checkpoint first).  Every block linear output is hooked during the recomputation only, so
     nothing is counted twice; the lm_head's output gradient is accumulated slice by slice.
+
+    ``head_chunk`` / ``vocab_chunk`` override ``placement``'s (default: the CPU placement, 256 and 4,096).
     """
+    place = placement if placement is not None else Placement()
+    head_chunk = place.head_chunk if head_chunk is None else head_chunk
+    vocab_chunk = place.vocab_chunk if vocab_chunk is None else vocab_chunk
+    with timed(timer, "fisher"):
+        return _fisher_pass(model, windows, batch_size, progress, head_chunk, vocab_chunk, place)
+
+
+def _fisher_pass(model: nn.Module, windows: torch.Tensor, batch_size: int, progress: bool, head_chunk: int,
+                 vocab_chunk: int, place: Placement) -> FisherStats:
     check_windows(windows)
     if head_chunk < 1:
         raise InputError(f"head_chunk must be at least 1, got {head_chunk}")
@@ -70,23 +82,25 @@ def fisher_pass(
     handles = _hook_linear_outputs(lay, sums, routed)
     scale = float(getattr(lay.embedding, "embed_scale", 1.0))
     emb_key = (lay.embedding_name, "lookup")
-    head = _Head(model, lay, _softcap(model), head_chunk, vocab_chunk)
     ntok = 0
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)  # gradients w.r.t. activations only, never weights
     try:
-        for sl in tqdm(window_batches(len(windows), batch_size), desc="fisher", disable=not progress, leave=False):
-            ids = windows[sl]
-            g_emb = _fisher_batch(model, lay, ids, head)
-            _accumulate(sums, emb_key, g_emb)
-            ntok += ids.numel()
+        with place.residency(model, lay.blocks) as res:
+            head = _Head(model, lay, _softcap(model), head_chunk, vocab_chunk, place)
+            for sl in tqdm(window_batches(len(windows), batch_size), desc="fisher", disable=not progress,
+                           leave=False):
+                ids = place.to_device(windows[sl])
+                g_emb = _fisher_batch(model, lay, ids, head, res)
+                _accumulate(sums, emb_key, g_emb)
+                ntok += ids.numel()
+            sums[(lay.lm_head_name, "linear")] = head.grad_sq
     finally:
         for h in handles:
             h.remove()
         for p, f in flags:
             p.requires_grad_(f)
-    sums[(lay.lm_head_name, "linear")] = head.grad_sq
-    out = {k: v / (routed[k] if k in routed else ntok) for k, v in sums.items()}
+    out = {k: (v / (routed[k] if k in routed else ntok)).cpu() for k, v in sums.items()}
     for (name, role), n in routed.items():  # an expert no token was routed to: no gradient seen
         if n == 0:
             out[(name, role)] = torch.zeros(int(model.get_parameter(name).shape[0]))
@@ -188,7 +202,7 @@ def _block0_input(model: nn.Module, lay: Layout, emb: torch.Tensor) -> torch.Ten
         got.append(args[0] if args else kw["hidden_states"])
         raise StopForward
 
-    h = lay.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    h = lay.blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         model(inputs_embeds=emb, use_cache=False)
     except StopForward:
@@ -222,30 +236,35 @@ def head_logits(
 class _Head:
     """``∂ Σ log p(next token) / ∂ final`` and the lm_head output's ``Σ g²``, vocabulary slice by slice."""
 
-    def __init__(self, model: nn.Module, lay: Layout, cap: float | None, chunk: int, vocab_chunk: int) -> None:
+    def __init__(self, model: nn.Module, lay: Layout, cap: float | None, chunk: int, vocab_chunk: int,
+                 place: Placement) -> None:
         self.model, self.lay, self.cap = model, lay, cap
-        self.chunk, self.vocab_chunk = chunk, vocab_chunk
+        self.chunk, self.vocab_chunk, self.place = chunk, vocab_chunk, place
         self.weight = lay.lm_head.weight
         self.bias = getattr(lay.lm_head, "bias", None)
-        self.grad_sq = torch.zeros(int(self.weight.shape[0]), dtype=torch.float32)
+        self.grad_sq = torch.zeros(int(self.weight.shape[0]), dtype=torch.float32, device=place.device)
+
+    def _rows(self, v0: int, v1: int) -> torch.Tensor:
+        """Rows ``v0:v1`` of the lm_head weight on the device."""
+        return self.place.to_device(self.weight[v0:v1].detach())
 
     def _slices(self, h: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
         """``(v0, v1, logits, dcap)`` per vocabulary slice; each weight slice is released after use."""
         vocab = int(self.weight.shape[0])
         for v0 in range(0, vocab, self.vocab_chunk):
             v1 = min(vocab, v0 + self.vocab_chunk)
-            b = None if self.bias is None else self.bias[v0:v1]
-            z, dcap = head_logits(h, self.weight[v0:v1].detach(), b, self.cap)
+            b = None if self.bias is None else self.place.to_device(self.bias[v0:v1])
+            z, dcap = head_logits(h, self._rows(v0, v1), b, self.cap)
             yield v0, v1, z, dcap
             release_rows(self.model, self.lay.lm_head_name, slice(v0, v1))
 
     def _grad_h(self, h: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``∂ ll / ∂ h`` for final-norm outputs ``h`` (float32, rows = positions) and the log-likelihood ll."""
-        n = h.shape[0]
-        rows = torch.arange(n)
-        m = torch.full((n,), -math.inf)
-        s = torch.zeros(n)
-        tl = torch.zeros(n)
+        n, dev = h.shape[0], h.device
+        rows = torch.arange(n, device=dev)
+        m = torch.full((n,), -math.inf, device=dev)
+        s = torch.zeros(n, device=dev)
+        tl = torch.zeros(n, device=dev)
         for v0, v1, z, _ in self._slices(h):  # pass 1: online logsumexp and the target logits
             m_new = torch.maximum(m, z.max(1).values)
             s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
@@ -261,7 +280,7 @@ class _Head:
             if dcap is not None:
                 g = g * dcap
             self.grad_sq[v0:v1] += g.pow(2).sum(0)
-            gh.addmm_(g, self.weight[v0:v1].detach().float())
+            gh.addmm_(g, self._rows(v0, v1).float())
         return gh, float((tl - lse).sum())
 
     def grad(self, final: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -269,7 +288,7 @@ class _Head:
         bsz, ctx, hidden = final.shape
         x_all = final[:, :-1].reshape(-1, hidden)
         tgt = ids[:, 1:].reshape(-1)
-        grad = torch.zeros(bsz * (ctx - 1), hidden, dtype=final.dtype)
+        grad = torch.zeros(bsz * (ctx - 1), hidden, dtype=final.dtype, device=final.device)
         total = 0.0
         for a in range(0, x_all.shape[0], self.chunk):
             x = x_all[a : a + self.chunk].detach().requires_grad_(True)
@@ -286,17 +305,18 @@ class _Head:
         return out
 
 
-def _fisher_batch(model: nn.Module, lay: Layout, ids: torch.Tensor, head: _Head) -> torch.Tensor:
-    """Backpropagate the summed log-likelihood of ``ids`` block by block; returns the embedding-output gradient."""
+def _fisher_batch(model: nn.Module, lay: Layout, ids: torch.Tensor, head: _Head, res: Residency) -> torch.Tensor:
+    """Backpropagate the summed log-likelihood of ``ids`` block by block; returns the embedding-output gradient.
+    An offloaded block stays on the device (``res``) through its recomputation and backward."""
     emb = lay.embedding(ids).detach()
     n = len(lay.blocks)
     every = _checkpoint_every(n)
     checkpoints, kwargs, final = _block_inputs(model, lay, emb, every)
     with torch.enable_grad():
-        release_free_memory()
+        head.place.release()
         g = head.grad(final, ids)
         del final
-        release_free_memory()
+        head.place.release()
         for start in reversed(range(0, n, every)):
             xs = [checkpoints.pop(start)]
             with torch.no_grad():  # the segment's block inputs, recomputed from its checkpoint
@@ -305,12 +325,13 @@ def _fisher_batch(model: nn.Module, lay: Layout, ids: torch.Tensor, head: _Head)
                     xs.append(out[0] if isinstance(out, tuple) else out)
             for i in reversed(range(start, start + len(xs))):
                 x = xs.pop().requires_grad_(True)
-                out = lay.blocks[i](x, **kwargs[i])
-                y = out[0] if isinstance(out, tuple) else out
-                torch.autograd.backward(y, g)
+                with res.holding(lay.blocks[i]):  # the backward reads the block's weights too
+                    out = lay.blocks[i](x, **kwargs[i])
+                    y = out[0] if isinstance(out, tuple) else out
+                    torch.autograd.backward(y, g)
                 g = x.grad
                 del x, y, out
-                release_free_memory()
+                head.place.release()
         emb.requires_grad_(True)
         x0 = _block0_input(model, lay, emb)
         torch.autograd.backward(x0, g)

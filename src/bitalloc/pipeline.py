@@ -27,7 +27,9 @@ from .measure import Measurement, MeasureRow, TensorInfo, measure_tensor
 from .plan import Plan, PlanEntry
 from .models.view import ModelView
 from .models.spill import release_parameter, release_rows
+from .placement import Placement
 from .quantize import view_of
+from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ def measure_model(
     start: MeasureStart | None = None,
     on_block: MeasureHook | None = None,
     activation_noise: bool = True,
+    placement: Placement | None = None,
+    timer: StageTimer | None = None,
 ) -> Measurement:
     """The measurement table of ``model`` over ``formats`` (each tensor × each format that fits its shape).
 
@@ -107,9 +111,12 @@ def measure_model(
     runtime rounds the activations (GGUF types in llama.cpp), the output error of that rounding
     (``activation_noise=False``: the weights' error alone).
 
-    Resuming (:mod:`bitalloc.resume`): ``fisher_stats`` replaces the gradient pass (``on_fisher`` receives
+    Resuming (:mod:`bitalloc.jobs`): ``fisher_stats`` replaces the gradient pass (``on_fisher`` receives
     the statistics when the pass runs); ``start`` continues at its block with its rows; ``on_block(b, rows,
     hidden)`` is called after block ``b`` is measured, with its rows and the inputs of block ``b + 1``.
+
+    ``placement``: where the Fisher pass, the block forwards and Hessians, and the measurement run (default: the
+    CPU); each weight and its statistics are on its device when measured.  ``timer`` records the stages.
     """
     if method not in ("gptq", "rtn"):
         raise InputError(f"unknown rounding method {method!r}; use 'gptq' or 'rtn'")
@@ -122,7 +129,8 @@ def measure_model(
     if fisher:
         grads = fisher_stats
         if grads is None:
-            grads = fisher_pass(model, view, fw, batch_size=max(1, batch_size // 4), progress=progress)
+            grads = fisher_pass(model, view, fw, batch_size=max(1, batch_size // 4), progress=progress,
+                                placement=placement, timer=timer)
             if on_fisher is not None:
                 on_fisher(grads)
     infos = tensor_infos(view)
@@ -134,15 +142,17 @@ def measure_model(
             on_block(b, list(current), hidden)
 
     roundings = roundings_for(fmts) if activation_noise else []
+    place = placement if placement is not None else Placement()
+    timer_kw = {} if timer is None else {"timer": timer}  # measure_tensor(..., timer=) records the per-format stages
     for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress,
                                start_block=start.block if start is not None else 0,
                                start_hidden=start.hidden if start is not None else None, after_block=after,
-                               roundings=roundings):
+                               roundings=roundings, placement=placement, timer=timer):
         current.clear()
         for name, stats in block.items():
-            w = model.get_parameter(name).detach()
+            w = place.to_device(model.get_parameter(name).detach())  # the stats are on the device already
             got = measure_tensor(name, w, stats, fmts, method,
-                                 release=functools.partial(release_rows, model, name))
+                                 release=functools.partial(release_rows, model, name), **timer_kw)
             if not got:
                 raise InputError(f"none of the formats {fmts} can store {name} of shape {tuple(w.shape)}")
             current.extend(got)

@@ -7,13 +7,18 @@ come last (their Hessian is that of the final-norm output after all quantized bl
 not allocate (norms, biases) are stored as fp16 -- or fp32 when a value lies beyond the fp16 range (see
 :func:`fixed_format`) -- so the in-memory model equals what the export reloads.
 
-Resumable runs (:mod:`bitalloc.resume`) pass ``on_block`` (called after each block with its QTensors and the
+Resumable runs (:mod:`bitalloc.jobs`) pass ``on_block`` (called after each block with its QTensors and the
 hidden states at the next block's input) and ``start`` (a :class:`ResumeState` to continue from block k).
+
+The work (forwards, Hessians, GPTQ and refits) runs where the :class:`~bitalloc.placement.Placement` says
+(default: the CPU, today's results byte for byte); the QTensors handed out, and the hidden states given to
+``on_block``, are in CPU memory, and the model's weights are back in their CPU storage (with the quantized
+values) when :func:`quantize_model` returns.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -22,11 +27,12 @@ from tqdm.auto import tqdm
 
 from .calibrate import BlockRunner
 from .layout import layout_of
-from .memory import release_free_memory
 from .errors import InputError
 from .formats import QTensor, get_format
 from .models.spill import release_rows
 from .models.view import ModelView, fixed_format
+from .placement import Placement, cpu_copy
+from .timing import StageTimer, timed
 from . import rounding
 from .rounding import Method, dequantize, quantize_chunks
 
@@ -86,22 +92,34 @@ def restore(model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
         set_weight(model, n, v)
 
 
+def qtensor_cpu(q: QTensor) -> QTensor:
+    """``q`` with its parts in CPU memory (``q`` itself when they are there): what outputs are written from."""
+    if all(t.device.type == "cpu" for t in q.parts.values()):
+        return q
+    return replace(q, parts={k: cpu_copy(t) for k, t in q.parts.items()})
+
+
 def _quantize_one(
-    model: nn.Module, name: str, fmt_id: str, hessian: torch.Tensor | None, method: Method
+    model: nn.Module, name: str, fmt_id: str, hessian: torch.Tensor | None, method: Method,
+    placement: Placement | None = None,
 ) -> QTensor:
     """Quantize one parameter in row blocks (byte-identical to the whole tensor) and write each block's
-    dequantized values back as soon as it is done, so no full-size float32/int64 temporaries exist."""
+    dequantized values back as soon as it is done, so no full-size float32/int64 temporaries exist.  The rounding
+    runs on ``placement``'s device (the weight is copied there when it is not); the QTensor is in CPU memory."""
+    place = placement if placement is not None else Placement()
     p = model.get_parameter(name)
     fmt = get_format(fmt_id)
     parts: list[QTensor] = []
     # a block is written back after it was quantized; later blocks read only their own (untouched) rows
     chunk = rounding.ROW_CHUNK_ELEMS
-    for rows, q in quantize_chunks(p.detach(), fmt, hessian=hessian, method=method, max_elems=chunk):
+    w = place.to_device(p.detach())
+    h = None if hessian is None else place.to_device(hessian)
+    for rows, q in quantize_chunks(w, fmt, hessian=h, method=method, max_elems=chunk):
         with torch.no_grad():
             p[rows] = dequantize(q).reshape(p[rows].shape).to(p.dtype)
         release_rows(model, name, rows)  # a spilled weight keeps one block of rows resident (no-op otherwise)
-        parts.append(q)
-        release_free_memory()
+        parts.append(qtensor_cpu(q))
+        place.release()
     return parts[0] if len(parts) == 1 else fmt.concat_rows(parts)
 
 
@@ -127,6 +145,8 @@ def quantize_model(
     progress: bool = True,
     on_block: BlockHook | None = None,
     start: ResumeState | None = None,
+    placement: Placement | None = None,
+    timer: StageTimer | None = None,
 ) -> dict[str, QTensor]:
     """Quantize ``model`` in place by ``plan`` (a Plan or ``{tensor: format id}``); returns every stored tensor.
 
@@ -135,6 +155,8 @@ def quantize_model(
     ``method`` "gptq" rounds with the Hessian of each group's input; "rtn" uses it only to weight the
     scale search.  ``on_block(b, qtensors_of_block_b, hidden_after_b)`` is called after each block;
     ``start`` continues a run from its block (its QTensors are put back into the model first).
+    ``placement``: where the work runs (default: the CPU); ``timer`` records ``quantize`` (the whole stage),
+    ``quantize.round`` (GPTQ/RTN and refits) and the runner's ``calibrate.*`` stages.
     """
     if method not in ("gptq", "rtn"):
         raise InputError(f"unknown rounding method {method!r}; use 'gptq' or 'rtn'")
@@ -151,37 +173,51 @@ def quantize_model(
     for n in names:  # fail before the long run on a format that cannot store a tensor
         get_format(assign[n]).check_shape(tuple(model.get_parameter(n).shape))
 
+    with timed(timer, "quantize"):
+        out = _run(model, lay, assign, windows, method, batch_size, progress, on_block, start, placement, timer)
+        out.update(store_fixed(model, view))
+    return out
+
+
+def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tensor, method: Method, batch_size: int,
+         progress: bool, on_block: BlockHook | None, start: ResumeState | None, placement: Placement | None,
+         timer: StageTimer | None) -> dict[str, QTensor]:
+    """The blocks and the head of :func:`quantize_model` under one runner (weights written back when it closes)."""
     out: dict[str, QTensor] = {}
-    runner = BlockRunner(model, windows, batch_size)
-    first = 0
-    if start is not None:
-        first = _restore_state(model, runner, start)
-        out.update(start.qtensors)
-    ngroups = len(lay.spec.groups)
-    for b in tqdm(range(first, len(lay.blocks)), desc=f"quantize ({method})", disable=not progress, leave=False):
-        done: dict[str, QTensor] = {}
-        if method == "rtn":  # RTN only weights its scale search: one pass with the quantized-prefix inputs
-            hs = runner.collect()
-            for name, h in hs.items():
-                done[name] = _quantize_one(model, name, assign[name], h, method)
+
+    def one(name: str, h: torch.Tensor | None, how: Method) -> QTensor:
+        with timed(timer, "quantize.round"):
+            return _quantize_one(model, name, assign[name], h, how, runner.placement)
+
+    with BlockRunner(model, windows, batch_size, placement=placement, timer=timer, write_back=True) as runner:
+        first = 0
+        if start is not None:
+            first = _restore_state(model, runner, start)
+            out.update(start.qtensors)
+        ngroups = len(lay.spec.groups)
+        for b in tqdm(range(first, len(lay.blocks)), desc=f"quantize ({method})", disable=not progress, leave=False):
+            done: dict[str, QTensor] = {}
+            if method == "rtn":  # RTN only weights its scale search: one pass with the quantized-prefix inputs
+                hs = runner.collect()
+                for name, h in hs.items():
+                    done[name] = one(name, h, method)
+            else:
+                for g in range(ngroups):
+                    hs = runner.collect([g])
+                    for name in lay.block_groups(b)[g]:
+                        done[name] = one(name, hs[name], method)
+            runner.advance()
+            out.update(done)
+            if on_block is not None:
+                on_block(b, done, runner.hidden_cpu())
+            log.debug("block %d quantized", b)
+        h_head = runner.head_hessian()
+        if lay.tied:
+            out[lay.embedding_name] = one(lay.embedding_name, h_head, method)
         else:
-            for g in range(ngroups):
-                hs = runner.collect([g])
-                for name in lay.block_groups(b)[g]:
-                    done[name] = _quantize_one(model, name, assign[name], hs[name], method)
-        runner.advance()
-        out.update(done)
-        if on_block is not None:
-            on_block(b, done, runner.hidden)
-        log.debug("block %d quantized", b)
-    h_head = runner.head_hessian()
-    if lay.tied:
-        out[lay.embedding_name] = _quantize_one(model, lay.embedding_name, assign[lay.embedding_name], h_head, method)
-    else:
-        out[lay.lm_head_name] = _quantize_one(model, lay.lm_head_name, assign[lay.lm_head_name], h_head, method)
-        # a pure lookup has no input Hessian: rounded to nearest on its grid
-        out[lay.embedding_name] = _quantize_one(model, lay.embedding_name, assign[lay.embedding_name], None, "rtn")
-    out.update(store_fixed(model, view))
+            out[lay.lm_head_name] = one(lay.lm_head_name, h_head, method)
+            # a pure lookup has no input Hessian: rounded to nearest on its grid
+            out[lay.embedding_name] = one(lay.embedding_name, None, "rtn")
     return out
 
 
@@ -195,8 +231,9 @@ def _restore_state(model: nn.Module, runner: BlockRunner, start: ResumeState) ->
         raise InputError(f"saved hidden states {tuple(start.hidden.shape)} do not match the calibration {want}")
     for name, q in start.qtensors.items():
         set_weight(model, name, dequantize(q).reshape(model.get_parameter(name).shape))
-    runner.hidden = start.hidden
+    runner.hidden = start.hidden.to(runner.placement.states_device)
     runner.block = start.block
+    runner._hold(start.block)
     return start.block
 
 

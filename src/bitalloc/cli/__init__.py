@@ -9,6 +9,10 @@ before any work), :mod:`.options` (the shared option blocks),
 one module per command group (:mod:`.measure_plan`, :mod:`.quantize_eval`, :mod:`.sweep_demo`, :mod:`.gguf`),
 and here the parser, the error-to-exit-status handling and ``main``.  A resumable command builds one frozen
 :class:`bitalloc.jobs.config.RunConfig` (budgets parsed once) and its output target, and calls the job.
+
+Every command takes ``--device`` and ``--threads`` (added here to each subcommand); ``main`` resolves the device
+(a missing one is a one-line error) and sets torch's intra- and inter-op threads once, before any work: the
+library never sets them.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Callable, NoReturn, Sequence
 from ..errors import BitallocError
 from . import gguf, measure_plan, quantize_eval, sweep_demo
 from .common import DEFAULT_FORMATS, DEMO_BUDGETS, DEMO_FORMATS, MODEL_HELP, _precheck
+from .options import add_runtime, available_cpus
 
 __all__ = ["DEFAULT_FORMATS", "DEMO_BUDGETS", "DEMO_FORMATS", "MODEL_HELP", "build_parser", "main", "peak_memory_mib"]
 
@@ -45,8 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     measure_plan.add_parsers(sub)
     quantize_eval.add_parsers(sub)
     sweep_demo.add_parsers(sub)
-    gguf.add_parser(sub)  # when gguf-py is installed
+    gguf.add_parser(sub)
+    for p in dict.fromkeys(sub.choices.values()):  # every command: --device, --threads
+        add_runtime(p)
     return parser
+
+
+def _apply_runtime(args: argparse.Namespace) -> None:
+    """Resolve ``--device`` (InputError when this machine lacks it; ``args.device`` becomes e.g. ``cuda:0``) and
+    set torch's threads to ``--threads`` (default: every CPU this process may use), once per process."""
+    import torch
+
+    from ..placement import resolve_device
+
+    args.device = str(resolve_device(args.device))
+    n = args.threads or available_cpus()
+    args.threads = n
+    torch.set_num_threads(n)
+    if torch.get_num_interop_threads() != n:
+        try:  # allowed once, before any inter-op work: a second main() in one process keeps the first value
+            torch.set_num_interop_threads(n)
+        except RuntimeError:
+            logging.getLogger(__name__).debug("inter-op threads already fixed at %d", torch.get_num_interop_threads())
 
 
 def peak_memory_mib() -> float:
@@ -108,6 +133,7 @@ def _main(argv: Sequence[str] | None, interrupted: Callable[[], bool]) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        _apply_runtime(args)
         _precheck(args)
         if getattr(args, "quiet", False) and args.command != "plan":
             from transformers.utils import logging as hf_logging

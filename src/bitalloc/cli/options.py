@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Any
 
 from .common import MODEL_HELP
 
@@ -63,3 +65,39 @@ def add_common(p: argparse.ArgumentParser) -> None:
     """``-q/--quiet`` and ``-v/--verbose``."""
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; the machine's count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def add_runtime(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--threads``: where the work runs and how many CPU threads torch and BLAS use (every
+    command takes them; they are applied once, at the entry point)."""
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where calibration, Fisher, GPTQ, measurement and evaluation run (default auto: CUDA when "
+                   "available, else the CPU); weights that do not fit move to the device one block at a time")
+    p.add_argument("--threads", type=_threads, default=None, metavar="N",
+                   help="CPU threads for torch and BLAS (default: every CPU this process may use)")
+
+
+def placement_of(args: argparse.Namespace, model: Any = None) -> Any:
+    """The :class:`bitalloc.placement.Placement` of ``--device`` (offloading decided from ``model``'s size when
+    the device is an accelerator): what a command hands to the library's stages."""
+    from ..placement import Placement
+
+    return Placement.for_device(getattr(args, "device", "cpu"), model=model)

@@ -1,46 +1,28 @@
-"""Calibration statistics from text, with bounded memory.
-
-* :func:`fisher_pass` (module :mod:`bitalloc.fisher`, re-exported here) — gradients squared per output channel,
-  with bounded memory.
-* :class:`BlockRunner` — the hidden states of every window at the input of the current block (n·ctx·hidden
-  floats), the per-block call arguments (masks, rotary tables) captured once, and ``collect`` / ``advance``:
-  input Hessians ``H = E[xxᵀ]`` of chosen linear groups, and the step to the next block.
-* :func:`stream_blocks` — for each block ``{tensor: TensorStats}`` from the fp model, then the embedding and
-  lm_head (tied: one tensor, two roles); memory holds one block's statistics at a time.
-"""
+"""The block runner: every calibration window's hidden states at the current block, Hessians of its linear groups
+and the activation noise of their inputs, on the run's placement (see :mod:`bitalloc.calibrate`)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from contextlib import nullcontext
+from typing import Any, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .activations import get_rounding, output_noise
-from .data import check_token_ids, embedding_rows
-from .errors import InputError, NumericsError
-from .fisher import HEAD_CHUNK, VOCAB_CHUNK, FisherStats, fisher_pass
-from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
-from .memory import release_free_memory
-from .models.experts import routed_owner
-from .models.spill import SpillFile, release_rows, scratch_tensor, spill_directory
-from .stats import LinearStats, LookupStats, TensorStats
+from ..activations import get_rounding, output_noise
+from ..data import check_token_ids, embedding_rows
+from ..errors import InputError, NumericsError
+from ..layout import StopForward, check_windows, layout_of, require_finite, window_batches
+from ..models.experts import routed_owner
+from ..models.spill import SpillFile, release_rows, scratch_tensor, spill_directory
+from ..placement import Placement, cpu_copy
+from ..timing import StageTimer, timed
 
 log = logging.getLogger(__name__)
-
-__all__ = ["BlockRunner", "FisherStats", "HEAD_CHUNK", "Layout", "MAX_POSITIONS", "fisher_pass", "head_stats", "layout_of",
-           "release_free_memory", "stream_blocks"]
-
 
 NoiseStats = dict[str, dict[str, torch.Tensor]]
 """``tensor name -> activation rounding -> E[((x − R(x)) · w_j)²]`` per output channel."""
 
-#: positions (windows x ctx) per block forward: bounds one forward's activations (MLP, attention scores)
-MAX_POSITIONS = 1024
-
-
-# ------------------------------------------------------------------------------------- block streaming
 class BlockRunner:
     """Hidden states of all windows at the current block's input, and Hessians of its linear groups.
 
@@ -52,14 +34,24 @@ class BlockRunner:
     their own (a new one per block, so a consumer holding older states keeps them), in the same directory,
     and each batch's slice is released after it is read or written: only the running batch's states are
     resident.
+
+    The runner owns the run's ``placement`` (default: the CPU, today's behaviour): its device computes every
+    forward and Hessian, the hidden states live there (in CPU memory when blocks are offloaded, each batch moved
+    to the device), and the model's weights are on the device from construction until :meth:`close` (a ``with``
+    block; see :class:`~bitalloc.placement.Residency`: ``write_back`` for a stage that changes weights).
+    ``max_positions`` overrides the placement's.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *,
-                 max_positions: int = MAX_POSITIONS) -> None:
+                 max_positions: int | None = None, placement: Placement | None = None,
+                 timer: StageTimer | None = None, write_back: bool = False) -> None:
         check_windows(windows)
+        self.placement = placement if placement is not None else Placement()
+        max_positions = self.placement.max_positions if max_positions is None else max_positions
         if max_positions < 1:
             raise InputError(f"max_positions must be at least 1, got {max_positions}")
         self.model = model
+        self.timer = timer
         self.layout = layout_of(model)
         check_token_ids(windows, embedding_rows(self.layout.embedding), f"the embedding {self.layout.embedding_name}")
         self.windows = windows
@@ -67,12 +59,43 @@ class BlockRunner:
         self.block = 0
         self._spill_dir = spill_directory(model)
         self._files: list[SpillFile] = []  # scratch files of the current and the next hidden states (spilled models)
-        self.kwargs = self._capture_kwargs()
-        self.hidden = self._embed()
+        self.residency = self.placement.residency(model, self.layout.blocks, write_back=write_back).__enter__()
+        try:
+            self.kwargs = self._capture_kwargs()
+            self.hidden = self._embed()
+        except BaseException:
+            self.close()
+            raise
         self.tokens: dict[str, int] = {}  # tokens seen by each tensor in the last collect (routed experts: fewer)
 
+    def close(self) -> None:
+        """Put the model's weights back in CPU memory (a no-op on the CPU); the runner is done."""
+        self.residency.close()
+
+    def __enter__(self) -> "BlockRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def hidden_cpu(self) -> torch.Tensor:
+        """The current hidden states in CPU memory (the states themselves on the CPU): what checkpoints save."""
+        return cpu_copy(self.hidden)
+
+    def _hold(self, i: int) -> None:
+        """Keep block ``i`` on the device (offloaded blocks), and only it."""
+        for j, blk in enumerate(self.layout.blocks):
+            if j != i:
+                self.residency.drop(blk)
+        if i < len(self.layout.blocks):
+            self.residency.hold(self.layout.blocks[i])
+
     def _new_states(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An (n, ctx, hidden) buffer: a scratch spill file for a spilled model, else ordinary memory."""
+        """An (n, ctx, hidden) buffer: on the device (unless offloading), a scratch spill file for a spilled
+        model, else ordinary memory."""
+        where = self.placement.states_device
+        if where.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=where)
         if self._spill_dir is None:
             return torch.empty(shape, dtype=dtype)
         t, f = scratch_tensor(shape, dtype, self._spill_dir)
@@ -103,10 +126,12 @@ class BlockRunner:
 
             return hook
 
-        hs = [blk.register_forward_pre_hook(pre(i), with_kwargs=True) for i, blk in enumerate(self.layout.blocks)]
+        # prepended: the stop comes before an offloaded block would move to the device
+        hs = [blk.register_forward_pre_hook(pre(i), with_kwargs=True, prepend=True)
+              for i, blk in enumerate(self.layout.blocks)]
         try:
             with torch.no_grad():
-                self.model(self.windows[:1], use_cache=False)
+                self.model(self.placement.to_device(self.windows[:1]), use_cache=False)
         except StopForward:
             pass
         finally:
@@ -127,20 +152,20 @@ class BlockRunner:
             self._release(out[0][where[0]])
             raise StopForward
 
-        h = self.layout.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        h = self.layout.blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), timed(self.timer, "calibrate.forward"):
                 for sl in self.batches:
                     where[:] = [sl]
                     try:
-                        self.model(self.windows[sl], use_cache=False)
+                        self.model(self.placement.to_device(self.windows[sl]), use_cache=False)
                     except StopForward:
                         pass
         finally:
             h.remove()
         hidden = self._adopt(out[0])
         self._require_finite(hidden, "the embedding output")
-        release_free_memory()
+        self.placement.release()
         return hidden
 
     def _require_finite(self, t: torch.Tensor, what: str) -> None:
@@ -149,8 +174,10 @@ class BlockRunner:
             self._release(t[sl])
 
     def _forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        out = self.layout.blocks[i](x, **self.kwargs[i])
-        return out[0] if isinstance(out, tuple) else out
+        """Block ``i`` on a batch of states ``x`` (moved to the device)."""
+        with timed(self.timer, "calibrate.forward"):
+            out = self.layout.blocks[i](self.placement.to_device(x), **self.kwargs[i])
+            return out[0] if isinstance(out, tuple) else out
 
     def collect(self, groups: list[int] | None = None, advance: bool = False) -> dict[str, torch.Tensor]:
         """``H = E[xxᵀ]`` (float32) of the current block's groups ``groups`` (default all), by tensor name.
@@ -188,22 +215,26 @@ class BlockRunner:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                 require_finite(x, f"the calibration activations at the input of {first}")
                 p = None if owner is None else owner.routing_weight
-                xw = x if p is None else x * p.float().reshape(-1, 1)  # routed expert: Σ p² x xᵀ
-                sums[g] = sums[g] + xw.T @ xw if g in sums else xw.T @ xw
+                with timed(self.timer, "calibrate.hessians"):
+                    xw = x if p is None else x * p.float().reshape(-1, 1)  # routed expert: Σ p² x xᵀ
+                    sums[g] = sums[g] + xw.T @ xw if g in sums else xw.T @ xw
                 tokens[g] = tokens.get(g, 0) + x.shape[0]
-                for rnd in (r for r in rounders if r.applies(x.shape[1])):
-                    d = rnd.residual(x)  # once for the group: q/k/v (gate/up) read the same input
-                    if p is not None:
-                        d = d * p.float().reshape(-1, 1)
-                    for lin in lay.spec.groups[g]:
-                        _accumulate(noise.setdefault(lay.tensor_name(i, lin), {}), rnd.name,
-                                    output_noise(d, lay.linear(i, lin).weight.detach()))
+                applied = [r for r in rounders if r.applies(x.shape[1])]
+                with timed(self.timer, "calibrate.act_noise") if applied else nullcontext():
+                    for rnd in applied:
+                        d = rnd.residual(x)  # once for the group: q/k/v (gate/up) read the same input
+                        if p is not None:
+                            d = d * p.float().reshape(-1, 1)
+                        for lin in lay.spec.groups[g]:
+                            _accumulate(noise.setdefault(lay.tensor_name(i, lin), {}), rnd.name,
+                                        output_noise(d, lay.linear(i, lin).weight.detach()))
                 seen.add(g)
                 if not advance and len(seen) == len(gidx):
                     raise StopForward
 
             return hook
 
+        self._hold(i)
         hs = [lay.linear(i, lay.spec.groups[g][0]).register_forward_pre_hook(pre(g)) for g in gidx]
         # outputs go straight into one new tensor (a list + torch.cat would hold them twice)
         nxt = self._new_states(tuple(self.hidden.shape), self.hidden.dtype) if advance else None
@@ -229,7 +260,8 @@ class BlockRunner:
         if nxt is not None:
             self.hidden = self._adopt(nxt)
             self.block += 1
-        release_free_memory()
+            self._hold(self.block)
+        self.placement.release()
         result: dict[str, torch.Tensor] = {}
         self.tokens = {}
         for g in gidx:
@@ -238,11 +270,13 @@ class BlockRunner:
                 if owners[g] is None:
                     raise NumericsError(f"block {i}: group {lay.spec.groups[g]} received no input during calibration")
                 width = int(lay.linear(i, lay.spec.groups[g][0]).weight.shape[1])
-                sums[g] = torch.zeros(width, width)  # an expert no calibration token was routed to
+                dev = self.placement.device
+                sums[g] = torch.zeros(width, width, device=dev)  # an expert no calibration token was routed to
                 for rnd in (r for r in rounders if r.applies(width)):
                     for lin in lay.spec.groups[g]:
                         rows = int(lay.linear(i, lin).weight.shape[0])
-                        noise.setdefault(lay.tensor_name(i, lin), {})[rnd.name] = torch.zeros(rows, dtype=torch.float64)
+                        noise.setdefault(lay.tensor_name(i, lin), {})[rnd.name] = torch.zeros(
+                            rows, dtype=torch.float64, device=dev)
             h = sums[g] / count  # every Hessian is normalised by all tokens (routed experts: Σ p² x xᵀ / all)
             require_finite(h, f"the Hessian of {name0}")
             for lin in lay.spec.groups[g]:
@@ -253,6 +287,7 @@ class BlockRunner:
     def advance(self) -> None:
         """Run the current block on every window and move to the next block."""
         nxt = self._new_states(tuple(self.hidden.shape), self.hidden.dtype)
+        self._hold(self.block)
         with torch.no_grad():
             for sl in self.batches:
                 nxt[sl] = self._forward(self.block, self.hidden[sl])
@@ -261,7 +296,8 @@ class BlockRunner:
         self._require_finite(nxt, f"the output of block {self.block}")
         self.hidden = self._adopt(nxt)
         self.block += 1
-        release_free_memory()
+        self._hold(self.block)
+        self.placement.release()
 
     @property
     def done(self) -> bool:
@@ -282,19 +318,24 @@ class BlockRunner:
         total: torch.Tensor | None = None
         noise: dict[str, torch.Tensor] = {}
         count = 0
+        vocab_chunk = self.placement.vocab_chunk
         with torch.no_grad():
             for sl in self.batches:
-                x = lay.final_norm(self.hidden[sl]).reshape(-1, self.hidden.shape[-1]).float()
+                with timed(self.timer, "calibrate.forward"):
+                    x = lay.final_norm(self.placement.to_device(self.hidden[sl]))
+                x = x.reshape(-1, self.hidden.shape[-1]).float()
                 self._release(self.hidden[sl])
-                total = x.T @ x if total is None else total + x.T @ x
+                with timed(self.timer, "calibrate.hessians"):
+                    total = x.T @ x if total is None else total + x.T @ x
                 count += x.shape[0]
-                for rnd in rounders:
-                    d, parts = rnd.residual(x), []  # one residual for every vocabulary slice
-                    for v0 in range(0, int(weight.shape[0]), VOCAB_CHUNK):
-                        v1 = min(v0 + VOCAB_CHUNK, int(weight.shape[0]))
-                        parts.append(output_noise(d, weight[v0:v1].detach()))
-                        release_rows(self.model, lay.lm_head_name, slice(v0, v1))
-                    _accumulate(noise, rnd.name, torch.cat(parts))
+                with timed(self.timer, "calibrate.act_noise") if rounders else nullcontext():
+                    for rnd in rounders:
+                        d, parts = rnd.residual(x), []  # one residual for every vocabulary slice
+                        for v0 in range(0, int(weight.shape[0]), vocab_chunk):
+                            v1 = min(v0 + vocab_chunk, int(weight.shape[0]))
+                            parts.append(output_noise(d, self.placement.to_device(weight[v0:v1].detach())))
+                            release_rows(self.model, lay.lm_head_name, slice(v0, v1))
+                        _accumulate(noise, rnd.name, torch.cat(parts))
         h = total / count
         require_finite(h, f"the Hessian of {lay.lm_head_name}")
         return h, _mean(noise, count, lay.lm_head_name)
@@ -305,67 +346,6 @@ class BlockRunner:
         if int(ids.max()) >= vocab or int(ids.min()) < 0:
             raise InputError(f"calibration token ids fall outside the vocabulary (0..{vocab - 1})")
         return torch.bincount(ids, minlength=vocab).float() / ids.numel()
-
-
-def head_stats(runner: BlockRunner, fisher: FisherStats | None,
-               roundings: Sequence[str] = ()) -> dict[str, TensorStats]:
-    """Statistics of the embedding and lm_head (one tensor with two roles when they are tied)."""
-    lay = runner.layout
-    fisher = fisher or {}
-    lookup = LookupStats(
-        token_freq=runner.token_freq(),
-        ntokens=runner.windows.numel(),
-        grad_sq=fisher.get((lay.embedding_name, "lookup")),
-    )
-    h, noise = runner.head_with_noise(roundings)
-    proj = LinearStats(hessian=h, ntokens=runner.windows.numel(), grad_sq=fisher.get((lay.lm_head_name, "linear")),
-                       act_noise=noise)
-    if lay.tied:
-        return {lay.embedding_name: TensorStats(roles=(lookup, proj))}
-    return {lay.embedding_name: TensorStats(roles=(lookup,)), lay.lm_head_name: TensorStats(roles=(proj,))}
-
-
-def stream_blocks(
-    model: nn.Module,
-    view: Any,
-    windows: torch.Tensor,
-    *,
-    fisher: FisherStats | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-    start_block: int = 0,
-    start_hidden: torch.Tensor | None = None,
-    after_block: Callable[[int, torch.Tensor], None] | None = None,
-    roundings: Sequence[str] = (),
-) -> Iterator[dict[str, TensorStats]]:
-    """Per block ``{tensor: TensorStats}`` of the fp model (one forward per block), then the head tensors.
-
-    Resuming (:mod:`bitalloc.resume`): ``start_block`` > 0 with ``start_hidden``, the saved inputs of that block,
-    skips the blocks before it; ``after_block(b, hidden)`` runs when the consumer has finished block ``b``'s
-    statistics (asks for the next item), with the inputs of block ``b + 1``.  ``roundings``: the activation
-    roundings (:mod:`bitalloc.activations`) whose output noise each linear's stats carry (``act_noise``).
-    """
-    runner = BlockRunner(model, windows, batch_size)
-    _resume_runner(runner, start_block, start_hidden)
-    fisher = fisher or {}
-    ntok = runner.windows.numel()
-    nblocks = len(runner.layout.blocks)
-    for b in tqdm(range(start_block, nblocks), desc="calibrate", disable=not progress, leave=False,
-                  initial=start_block, total=nblocks):
-        hs, noise = runner.collect_with_noise(advance=True, roundings=roundings)
-        stats = {
-            name: TensorStats(roles=(LinearStats(hessian=h, ntokens=runner.tokens.get(name, ntok),
-                                                 grad_sq=fisher.get((name, "linear")),
-                                                 act_noise=noise.get(name, {})),))
-            for name, h in hs.items()
-        }
-        del hs, noise
-        yield stats
-        del stats  # the consumer is done with this block: its Hessians leave before the next forward
-        if after_block is not None:
-            after_block(b, runner.hidden)
-            runner._release(runner.hidden)  # a consumer that read the states (to save them) left them resident
-    yield head_stats(runner, fisher, roundings)
 
 
 def _accumulate(into: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
@@ -380,18 +360,4 @@ def _mean(sums: dict[str, torch.Tensor], count: int, name: str) -> dict[str, tor
     return out
 
 
-def _resume_runner(runner: BlockRunner, block: int, hidden: torch.Tensor | None) -> None:
-    """Move ``runner`` to ``block`` with the saved inputs ``hidden`` (InputError when they do not fit)."""
-    nblocks = len(runner.layout.blocks)
-    if not 0 <= block <= nblocks:
-        raise InputError(f"cannot resume calibration at block {block}: the model has {nblocks} blocks")
-    if block == 0 and hidden is None:
-        return
-    if hidden is None:
-        raise InputError(f"resuming calibration at block {block} needs the hidden states at its input")
-    want = tuple(runner.hidden.shape)
-    if tuple(hidden.shape) != want or hidden.dtype != runner.hidden.dtype:
-        raise InputError(f"saved hidden states {tuple(hidden.shape)} {hidden.dtype} do not match the calibration "
-                         f"{want} {runner.hidden.dtype}")
-    runner.hidden = hidden
-    runner.block = block
+__all__ = ["BlockRunner", "NoiseStats"]
