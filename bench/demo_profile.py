@@ -102,8 +102,82 @@ def main(argv: list[str] | None = None) -> None:
     {"search": cmd_search, "stages": cmd_stages}[args.cmd](args)
 
 
+class _Clock:
+    """Wall seconds spent inside wrapped functions (by label), outermost call only."""
+
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+        self.depth = 0
+
+    def wrap(self, mod, attr: str, label: str) -> None:
+        fn = getattr(mod, attr)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.t[label] = self.t.get(label, 0.0) + time.perf_counter() - t0
+        setattr(mod, attr, timed)
+
+
 def cmd_stages(args: argparse.Namespace) -> None:
-    raise SystemExit("stages: see below")
+    """The demo's stages one by one (the library calls ``bitalloc demo`` makes), with the time inside the
+    scale search, the RTN rounding and the error functions split out of the measurement."""
+    import bitalloc.measure as measure
+    import bitalloc.pipeline as pipeline
+    import bitalloc.rounding as rounding
+    import bitalloc.rounding.rtn as rtn
+    from bitalloc.cli.common import DEMO_BUDGETS, DEMO_FORMATS as FMTS, _load_model
+    from bitalloc.data import default_calibration_files, default_eval_files, text_windows
+    from bitalloc.evaluate import evaluate
+    from bitalloc.fisher import fisher_pass
+    from bitalloc.models.view import ModelView
+    from bitalloc.pipeline import CachedReference, fitting_uniforms, make_plan
+    from bitalloc.quantize import quantize_model
+
+    clock = _Clock()
+    clock.wrap(rtn, "search_affine", "fit: search_affine")
+    clock.wrap(rounding, "rtn_round", "rtn_round (Grid.snap)")
+    clock.wrap(measure, "output_error", "errors: output_error")
+    clock.wrap(measure, "fisher_error", "errors: fisher_error")
+    clock.wrap(measure, "dequantize", "dequantize")
+    clock.wrap(pipeline, "measure_tensor", "measure_tensor (all)")
+    clock.wrap(pipeline, "fisher_pass", "fisher pass")
+    times: dict[str, float] = {}
+
+    def stage(label, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        times[label] = time.perf_counter() - t0
+        print(f"{label:28s} {times[label]:8.1f} s", flush=True)
+        return out
+
+    model, tok = stage("load", lambda: _load_model(None))
+    view = ModelView(model)
+    calib = stage("calib windows", lambda: text_windows(tok, default_calibration_files(), 512, 16))
+    evals = stage("eval windows", lambda: text_windows(tok, default_eval_files(), 512, 8))
+    fmts = FMTS.split(",")
+    m = stage("measure_model", lambda: pipeline.measure_model(model, view, calib, fmts, "rtn", True,
+                                                              progress=False, fisher_windows=calib[:4]))
+    inner = dict(clock.t)
+    for k, v in sorted(inner.items()):
+        print(f"  {k:26s} {v:8.1f} s")
+    fisher = inner.get("fisher pass", 0.0)
+    mt = inner.get("measure_tensor (all)", 0.0)
+    print(f"  {'calibration (forwards, H)':26s} {times['measure_model'] - fisher - mt:8.1f} s  (the rest)")
+    budgets = DEMO_BUDGETS.split(",")
+    plans = stage("allocate (plans)", lambda: [make_plan(m, b) for b in budgets]
+                  + [p for b in budgets for p in fitting_uniforms(m, b, 2)])
+    print(f"  points: {len(plans)} ({len(budgets)} allocated + uniform candidates, some shared)")
+    ref_model = stage("load reference", lambda: _load_model(None)[0])
+    ref = CachedReference(ref_model)
+    clock.t.clear()
+    stage("quantize one point", lambda: quantize_model(model, view, plans[0], calib, method="rtn", progress=False))
+    for k, v in sorted(clock.t.items()):
+        print(f"  {k:26s} {v:8.1f} s")
+    stage("evaluate (reference+cand)", lambda: evaluate(model, ref, evals))
+    stage("evaluate again (cached ref)", lambda: evaluate(model, ref, evals))
 
 
 if __name__ == "__main__":
