@@ -33,8 +33,10 @@ RoundParams = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.T
 FP16_MAX = 65504.0
 #: Elements per chunk of groups in the search (cache-sized: faster than big chunks, bounded memory).
 _CHUNK_ELEMS = 1 << 19
-#: Elements per piece of a chunk in the integer search (measured best on 2 MiB of L2: 1<<16 and 1<<18 within noise, 1<<14 2x slower).
-_CACHE_ELEMS = 1 << 17
+#: Elements per piece of a chunk in the integer search: with the buffers reused, the per-candidate (n,) vector
+#: ops (fp16 rounding, where) dominate small pieces, so whole chunks measured fastest on 2 cores (1<<16: 1.6x,
+#: 1<<17: 1.3x, 1<<18: 1.1x slower); smaller pieces give the same bytes (the alignment below).
+_CACHE_ELEMS = 1 << 19
 #: Pieces start at multiples of this many rows within a chunk (see search_affine).
 _ALIGN = 64
 
