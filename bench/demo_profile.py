@@ -5,7 +5,10 @@
       weights (the packaged GGUF), the demo's six formats, with a per-column importance as the demo's RTN
       measurement passes it (diag H), in one process, alternating: ratio old/new per tensor and format, and
       the results checked equal byte for byte.  ``return_large_frees`` is on, as in the CLI (low-memory load).
-  python bench/demo_profile.py stages [--blocks B]
+  python bench/demo_profile.py tensor [--name blk.0.ffn_down.weight]
+      cProfile of ``measure_tensor`` (RTN, the six demo formats, a synthetic Hessian) on one real tensor:
+      how the measurement splits between the scale search, RTN, packing/unpacking and the error functions.
+  python bench/demo_profile.py stages
       the demo's stages on the real model, timed one by one: load, Fisher pass, calibration (Hessians),
       measurement (fit / RTN / errors, per tensor kind), allocation, quantize, evaluation windows.
 
@@ -93,13 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--rows", type=int, default=8192, help="rows of the embedding to use (default 8192)")
     s.add_argument("--repeat", type=int, default=1)
     s.add_argument("--threads", type=int, default=None)
+    t = sub.add_parser("tensor")
+    t.add_argument("--name", default="blk.0.ffn_down.weight")
+    t.add_argument("--threads", type=int, default=None)
     st = sub.add_parser("stages")
-    st.add_argument("--blocks", type=int, default=None)
     st.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"search": cmd_search, "stages": cmd_stages}[args.cmd](args)
+    {"search": cmd_search, "tensor": cmd_tensor, "stages": cmd_stages}[args.cmd](args)
 
 
 class _Clock:
@@ -119,6 +124,24 @@ class _Clock:
             finally:
                 self.t[label] = self.t.get(label, 0.0) + time.perf_counter() - t0
         setattr(mod, attr, timed)
+
+
+def cmd_tensor(args: argparse.Namespace) -> None:
+    import cProfile
+    import pstats
+
+    from bitalloc import measure
+    from bitalloc.memory import return_large_frees
+    from bitalloc.stats import LinearStats, TensorStats
+
+    return_large_frees()
+    g = torch.Generator().manual_seed(0)
+    w = real_weight(args.name)
+    x = torch.randn(1024, w.shape[1], generator=g) * torch.rand(w.shape[1], generator=g)
+    st = TensorStats(roles=(LinearStats(x.T @ x / 1024, 1024, torch.rand(w.shape[0], generator=g), {}),))
+    prof = cProfile.Profile()
+    prof.runcall(measure.measure_tensor, args.name, w, st, DEMO_FORMATS, "rtn")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(20)
 
 
 def cmd_stages(args: argparse.Namespace) -> None:
