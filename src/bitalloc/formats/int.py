@@ -97,11 +97,11 @@ class IntFormat(Format):
     # --- grid ---------------------------------------------------------------------------------
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, *, search: bool = True) -> Grid:
         """Grid with fp16 scales/zeros chosen by :func:`search_affine` (``search=False``: min-max)."""
-        from ..rounding.rtn import minmax_affine, search_affine  # rounding imports formats.base only
+        from ..rounding.rtn import all_finite, minmax_affine, search_affine  # rounding imports formats.base only
 
         self.check_shape(tuple(w.shape))
         w = w.detach().to(torch.float32)
-        if not bool(torch.isfinite(w).all()):
+        if not all_finite(w):
             raise NumericsError(f"{self.id}: weight of shape {tuple(w.shape)} holds NaN/Inf values")
         rows, cols = w.shape
         gs, ng = self.group_size(cols), self.ngroups(cols)
@@ -204,7 +204,9 @@ def _importance(importance: torch.Tensor | None, rows: int, cols: int, fid: str)
         imp = imp.unsqueeze(0).expand(rows, cols)
     elif tuple(imp.shape) != (rows, cols):
         raise FormatError(f"{fid}: importance must have shape ({cols},) or ({rows}, {cols}), got {tuple(imp.shape)}")
-    if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
+    from ..rounding.rtn import finite_non_negative
+
+    if not finite_non_negative(imp):
         raise NumericsError(f"{fid}: importance must be finite and non-negative")
     return imp
 
