@@ -25,8 +25,10 @@ from .evaluate import evaluate
 from .measure import Measurement
 from .models.view import ModelView
 from .pipeline import CachedReference, fitting_uniforms, make_plan, uniform_plan
+from .placement import Placement
 from .plan import Plan
 from .quantize import quantize_model, restore, snapshot
+from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +81,14 @@ def point_key(index: int, method: str, kind: str, budget: str, label: str) -> st
 def run_point(
     model: nn.Module, view: ModelView, saved: dict[str, torch.Tensor], plan: Plan, kind: str, budget: str,
     method: str, calib: torch.Tensor, eval_windows: torch.Tensor, reference: CachedReference,
-    *, progress: bool = True,
+    *, progress: bool = True, placement: Placement | None = None, timer: StageTimer | None = None,
 ) -> Point:
     """Restore the fp weights, quantize by ``plan`` with ``method``, evaluate; the model keeps the result."""
     t0 = time.perf_counter()
     restore(model, saved)
-    quantize_model(model, view, plan, calib, method=method, progress=progress)  # type: ignore[arg-type]
-    r = evaluate(model, reference, eval_windows)
+    quantize_model(model, view, plan, calib, method=method, progress=progress,  # type: ignore[arg-type]
+                   placement=placement, timer=timer)
+    r = evaluate(model, reference, eval_windows, placement=placement, timer=timer)
     label = "allocated" if kind == "allocated" else plan.entries[0].format
     return Point(kind, budget, method, label, plan.total_bytes, plan.bpw, plan.error, r.ppl, r.ref_ppl, r.kld,
                  r.top1, time.perf_counter() - t0)
@@ -113,7 +116,8 @@ def sweep(
     budgets: Sequence[str | Budget], methods: Sequence[str], calib: torch.Tensor, eval_windows: torch.Tensor,
     reference: nn.Module, *, constraints: Constraints | None = None, uniform: Sequence[str] | None = None,
     progress: bool = True, uniform_candidates: int = 2, done: Mapping[str, Point] | None = None,
-    on_point: Callable[[str, Point], None] | None = None,
+    on_point: Callable[[str, Point], None] | None = None, placement: Placement | None = None,
+    timer: StageTimer | None = None,
 ) -> list[Point]:
     """For every budget and method: the allocated plan and the uniform formats that fit the same bytes.
 
@@ -145,7 +149,8 @@ def sweep(
                     pt = _check_saved(key, done[key], kind, b, method, label, p)
                     log.info("%s %s %s: saved point reused", kind, b, method)
                 else:
-                    pt = run_point(model, view, saved, p, kind, b, method, calib, eval_windows, ref, progress=progress)
+                    pt = run_point(model, view, saved, p, kind, b, method, calib, eval_windows, ref, progress=progress,
+                                   placement=placement, timer=timer)
                     log.info("%s %s %s: %d B, %.4f bpw, kld %.5f", kind, b, method, pt.bytes, pt.bpw, pt.kld)
                     if on_point is not None:
                         on_point(key, pt)

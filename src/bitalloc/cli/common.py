@@ -191,9 +191,16 @@ def run_config(args: argparse.Namespace, out: Path, job_dir: Path, **fields: Any
 
     model = getattr(args, "model", None)
     return RunConfig(
+        device=str(getattr(args, "device", "cpu")),
         model=Path(model) if model else default_model_path(),
         calib_texts=tuple(_texts(args.calib, default_calibration_files)), windows=args.windows, ctx=args.ctx,
         job_dir=job_dir, formats=tuple(_formats(args.formats)), method=args.method, fisher=bool(args.fisher),
         fisher_windows=args.fisher_windows, overwrite=args.overwrite, keep_job=args.keep_job,
         progress=not args.quiet, **fields,
     )
+
+
+def print_timings(timings: dict[str, dict[str, float | int]]) -> None:
+    """One line: wall seconds of the run's stages (:mod:`bitalloc.timing`; nested stages count inside their parents)."""
+    if timings:
+        print("time: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in timings.items()))

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, output_exists
+from .common import print_timings
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..jobs.config import RunConfig
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser | None:
     """Register ``gguf`` (when gguf-py is installed)."""
@@ -81,6 +83,7 @@ def run_config_of(args: argparse.Namespace) -> RunConfig:
 
     out = Path(args.out)
     return RunConfig(
+        device=str(getattr(args, "device", "cpu")),
         model=Path(args.input), calib_texts=tuple(Path(p) for p in args.calib) if args.calib else
         tuple(default_calibration_files()), windows=args.windows, ctx=args.ctx,
         job_dir=Path(args.job) if args.job else default_job_dir(out), formats=tuple(gguf_formats(args.formats)),
@@ -128,4 +131,5 @@ def cmd_gguf(args: argparse.Namespace) -> int:
     budget = f", budget {cap.limit} B{' of tensor data' if cap.unit == 'tensor data' else ''}" if cap else ""
     print(f"wrote {w.path}: {w.file_size} B ({w.file_size / 2**20:.2f} MiB{budget}), {w.n_tensors} tensors{mix}, "
           f"verified against {w.path.name}.manifest.json, in {time.perf_counter() - t0:.0f} s")
+    print_timings(res.timings)
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .common import DEFAULT_FORMATS, MODEL_HELP, _job_dir, _load_model, _texts, _windows, run_config
+from .common import DEFAULT_FORMATS, MODEL_HELP, _job_dir, _load_model, _texts, _windows, print_timings, run_config
 from .options import (
     EVAL_TEXT_HELP, add_calib, add_common, add_constraints, add_ctx, add_job, add_measure_opts, add_model, add_out,
 )
@@ -35,7 +35,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(res.plan.summary())
     info = res.written.info
     print(f"wrote {out}: {info['bytes']} B ({info['bytes'] / 2**20:.2f} MiB, {info['bpw']:.4f} bpw), verified")
+    print_timings(res.timings)
     return 0
+
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -43,13 +45,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import default_eval_files
     from ..evaluate import check_same_architecture, evaluate
     from ..models.sources import default_model_path, meta_model
+    from .options import placement_of
 
     cand, info = load_packed(args.dir, verify=not args.no_verify)  # checked against its manifest first
     check_same_architecture(cand, meta_model(args.reference or default_model_path()), "packed directory's model")
     ref, tok = _load_model(args.reference)
     files = _texts(args.text, default_eval_files)
     windows = _windows(tok, files, args.windows, args.ctx)
-    r = evaluate(cand, ref, windows, progress=not args.quiet)
+    r = evaluate(cand, ref, windows, progress=not args.quiet, placement=placement_of(args, ref))
     res = {**r.to_dict(), "bytes": info["bytes"], "bpw": info["bpw"]}
     if args.json:
         print(json.dumps(res, indent=1))

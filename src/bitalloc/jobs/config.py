@@ -86,7 +86,7 @@ class RunConfig:
     sweep: SweepSpec | None = None
     # where blocks run: in the fingerprint, since a GPU's rounding differs from the CPU's and a resumed job must
     # compute exactly what an uninterrupted one would (placeholder: not wired to the stages yet)
-    device: str = "cpu"
+    device: str = "cpu"  # resolved by the CLI (``cpu``, ``cuda:0``): where every stage runs
     screen: bool = False  # screen candidate formats by the budgets before measuring (placeholder, not wired yet)
 
     def __post_init__(self) -> None:

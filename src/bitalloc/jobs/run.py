@@ -13,7 +13,7 @@ kill came after the write): the target recognises it from the digests the job sa
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from ..errors import output_exists
 from ..measure import Measurement
@@ -31,6 +31,9 @@ class ExportResult:
     written: Written
     plan: Plan | None  # None when a finished ``--format`` output was found (its plan is not checkpointed)
     capacity: Capacity | None
+    #: wall seconds and calls per stage of this run (:meth:`bitalloc.timing.StageTimer.as_dict`; empty when the
+    #: finished output was found)
+    timings: dict[str, dict[str, float | int]] = field(default_factory=dict)
 
 
 def run_export(config: RunConfig, target: Target) -> ExportResult:
@@ -48,7 +51,7 @@ def _export(job: Job, config: RunConfig, target: Target) -> ExportResult:
     plan, capacity = stages.plan(measurement, target, config.budget)
     qtensors, originals = stages.quantize(plan)
     written = stages.export(target, plan, capacity, qtensors, originals)
-    return ExportResult(written, plan, capacity)
+    return ExportResult(written, plan, capacity, stages.timer.as_dict())
 
 
 def _finished(job: Job, target: Target) -> ExportResult | None:

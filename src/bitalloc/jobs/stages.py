@@ -30,8 +30,10 @@ from ..budget import Budget, Constraints
 from ..errors import InputError
 from ..formats import QTensor
 from ..measure import Measurement
+from ..placement import Placement
 from ..plan import Plan
 from ..targets.base import Capacity, Target, Written
+from ..timing import StageTimer
 from .checkpoints import MEASURE_STAGE, QUANT_STAGE, MeasureCheckpoints, block_hook, load_state
 from .config import RunConfig
 from .store import Job
@@ -71,6 +73,9 @@ class Stages:
         self.config = config
         self._loaded: Loaded | None = None
         self._calib: torch.Tensor | None = None
+        self._placement: Placement | None = None
+        #: wall time per stage of this run (load, calibrate.*, fisher, measure.*, allocate, quantize, write)
+        self.timer = StageTimer(device=config.device)
 
     # ------------------------------------------------------------------------------------- inputs
     @property
@@ -80,9 +85,17 @@ class Stages:
             from ..models.view import ModelView
 
             # weights in a memory-mapped spill file, resident one block at a time (values identical to a whole load)
-            model, tok = load_model(self.config.model, low_memory=True)
-            self._loaded = Loaded(model, tok, ModelView(model))
+            with self.timer.stage("load"):
+                model, tok = load_model(self.config.model, low_memory=True)
+                self._loaded = Loaded(model, tok, ModelView(model))
         return self._loaded
+
+    @property
+    def placement(self) -> Placement:
+        """Where the stages compute: ``config.device``, offloading decided from the loaded model's size."""
+        if self._placement is None:
+            self._placement = Placement.for_device(self.config.device, model=self.loaded.model)
+        return self._placement
 
     def windows(self, texts: tuple[Any, ...], n: int) -> torch.Tensor:
         """``n`` windows of ``config.ctx`` tokens from ``texts``, read only as far as they need."""
@@ -96,7 +109,8 @@ class Stages:
     @property
     def calibration(self) -> torch.Tensor:
         if self._calib is None:
-            self._calib = self.windows(self.config.calib_texts, self.config.windows)
+            with self.timer.stage("tokenize"):
+                self._calib = self.windows(self.config.calib_texts, self.config.windows)
         return self._calib
 
     # -------------------------------------------------------------------------------------- measure
@@ -117,7 +131,8 @@ class Stages:
         fisher_w = calib[: c.fisher_windows] if c.fisher else None
         return pipeline.measure_model(lo.model, lo.view, calib, list(c.formats), c.measuring_method, c.fisher,
                                       progress=c.progress, fisher_windows=fisher_w,
-                                      activation_noise=c.activation_noise, **checkpoints.kwargs())
+                                      activation_noise=c.activation_noise, placement=self.placement,
+                                      timer=self.timer, **checkpoints.kwargs())
 
     # ----------------------------------------------------------------------------------------- plan
     def constraints(self, target: Target | None) -> Constraints:
@@ -155,8 +170,9 @@ class Stages:
                 if budget is None:
                     raise InputError("a plan needs a budget")
                 cap = target.capacity(budget, measurement, self.loaded.view)
-                plan = make_plan(measurement, cap.plan_budget(measurement.fixed_bytes), self.constraints(target),
-                                 c.objective)
+                with self.timer.stage("allocate"):
+                    plan = make_plan(measurement, cap.plan_budget(measurement.fixed_bytes),
+                                     self.constraints(target), c.objective)
             self.job.save_item("plan", "capacity", cap.to_dict())
             plan.save(ppath)
             self.job.complete_stage("plan", ppath)
@@ -174,7 +190,7 @@ class Stages:
         method: Any = self.config.method  # checked by RunConfig
         q = quantize_model(lo.model, lo.view, plan, self.calibration, method=method,
                            progress=self.config.progress, on_block=block_hook(self.job, QUANT_STAGE),
-                           start=load_state(self.job, QUANT_STAGE))
+                           start=load_state(self.job, QUANT_STAGE), placement=self.placement, timer=self.timer)
         self.job.complete_stage(QUANT_STAGE)
         return q, originals
 
@@ -183,9 +199,10 @@ class Stages:
                originals: dict[str, torch.Tensor]) -> Written:
         """Stage "export": the expected digests are saved, then the target writes, verifies and asserts the size."""
         lo = self.loaded
-        prepared = target.prepare(lo.model, lo.view, plan, qtensors, originals, lo.tokenizer)
-        self.job.save_item("export", "expected", prepared.expected)
-        written = target.write_verified(prepared, capacity, overwrite=self.config.overwrite)
+        with self.timer.stage("write"):
+            prepared = target.prepare(lo.model, lo.view, plan, qtensors, originals, lo.tokenizer)
+            self.job.save_item("export", "expected", prepared.expected)
+            written = target.write_verified(prepared, capacity, overwrite=self.config.overwrite)
         self.job.complete_stage("export")
         return written
 

@@ -161,7 +161,8 @@ def _compute(job: Job, config: RunConfig, on_point: Callable[[str, Point], None]
     budgets = [weights_capacity(b, m).plan_budget(m.fixed_bytes) for b in config.budgets]  # resolved once
     points = sweep(lo.model, lo.view, m, budgets, [config.method], calib, evals, ref,
                    constraints=stages.constraints(None), uniform=spec.uniform, progress=config.progress,
-                   uniform_candidates=spec.uniform_candidates, done=done, on_point=save)
+                   uniform_candidates=spec.uniform_candidates, done=done, on_point=save,
+                   placement=stages.placement, timer=stages.timer)
     extra = [("measure_seconds", measure_seconds), ("measure_method", config.method),
              ("calib_windows", int(calib.shape[0])), ("eval_windows", int(evals.shape[0])), *spec.extra]
     doc = {"title": spec.title, "extra": [list(kv) for kv in extra], "points": [asdict(p) for p in points]}
