@@ -18,7 +18,8 @@ then runs, in a new Python process so that the peak RSS is that size's alone:
 Each stage runs under a :class:`bitalloc.timing.StageTimer`; a library function that accepts ``timer=`` (and
 ``device=``) gets it, so the finer stages (calibration forwards, Hessians, Fisher pass, measurement, refits...)
 appear in the JSON as soon as the library records them, and nothing breaks before.  The worker reports
-``ru_maxrss`` (peak RSS) after each stage and at the end, and the runtime floor: its RSS after importing torch,
+its peak RSS after each stage and at the end (``VmHWM``: Linux's ``ru_maxrss`` would include the parent's RSS,
+carried across fork + exec; it is stored too), and the runtime floor: its peak RSS after importing torch,
 transformers' Llama modelling code and bitalloc (and initialising CUDA when used), before building anything.
 
 Results: per stage the seconds at each size and the exponent of a least-squares line through
@@ -169,20 +170,33 @@ def write_model(shape: Shape, out: Path, seed: int = 0) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ the worker
-def maxrss_bytes() -> int:
-    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def current_rss_bytes() -> int | None:
+def _proc_status(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status in bytes (None off Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def ru_maxrss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def maxrss_bytes() -> int:
+    """Peak resident set size of this process so far: ``VmHWM`` (the high-water mark of this program's own
+    memory) on Linux, else ``ru_maxrss``.  Linux's ``ru_maxrss`` carries the parent's peak across fork + exec
+    (the spawning process's RSS becomes the child's starting maximum), which would hide a small size's peak
+    under the parent's; VmHWM starts afresh with the new program."""
+    hwm = _proc_status("VmHWM")
+    return hwm if hwm is not None else ru_maxrss_bytes()
+
+
+def current_rss_bytes() -> int | None:
+    return _proc_status("VmRSS")
 
 
 def call(fn: Callable[..., Any], used: dict[str, list[str]], *args: Any, **optional: Any) -> Any:
@@ -260,6 +274,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "optional_kwargs_passed": used, "budget": budget, "plan_bytes": int(plan.total_bytes),
         "packed_bytes": int(info.get("bytes", 0)) if isinstance(info, dict) else None,
         "process_seconds": round(time.perf_counter() - t_process, 3),
+        "rss_source": "VmHWM" if _proc_status("VmHWM") is not None else "ru_maxrss",
+        "ru_maxrss_bytes": ru_maxrss_bytes(),
     }
     if device.type == "cuda" and not any("device" in kws for kws in used.values()):
         result["device_note"] = "no library function accepts device=: everything ran on the CPU"
