@@ -24,6 +24,7 @@ demo_time-smoke.json) and prints a summary.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import logging
 import os
@@ -78,27 +79,34 @@ def phase_seconds(marks: Sequence[tuple[float, str]], end: float) -> dict[str, f
 def run_timed(argv: Sequence[str], cwd: Path, env: dict[str, str], timeout: float | None) -> dict[str, Any]:
     """Run ``argv``; wall time, exit status, the child's peak RSS, phase marks and the output."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace")
+    proc = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     marks: list[tuple[float, str]] = []
     lines: list[str] = []
 
     def pump() -> None:
         assert proc.stdout is not None
-        buf = ""
+        fd = proc.stdout.fileno()
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        buf, since = "", 0.0  # the unfinished fragment and when its first characters came
         while True:
-            chunk = proc.stdout.read(256)
-            if not chunk:
+            raw = os.read(fd, 65536)  # whatever has arrived: a progress bar's "\r" update comes as it is drawn
+            if not raw:
                 break
+            chunk = decode(raw)
+            now = time.monotonic() - t0
+            if not buf:
+                since = now
             buf += chunk
             parts = re.split(r"[\r\n]", buf)
             buf = parts.pop()
-            now = time.monotonic() - t0
-            for frag in parts:
-                if frag.strip():
-                    marks.append((now, frag))
+            for i, frag in enumerate(parts):
+                if frag.strip():  # a fragment is dated by its first characters: a bar's text comes at its start
+                    marks.append((since if i == 0 else now, frag))
                     lines.append(frag)
+            if parts:
+                since = now
         if buf.strip():
+            marks.append((since, buf))
             lines.append(buf)
 
     reader = threading.Thread(target=pump, daemon=True)
@@ -161,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                                               stdout=subprocess.PIPE, text=True).stdout.strip()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), *filter(None, [env.get("PYTHONPATH")])])
+        # progress bars end in "\r", not "\n": a line-buffered stderr would deliver them (and so the phase
+        # marks) only at the next newline
+        env["PYTHONUNBUFFERED"] = "1"
         if args.threads:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
         before = peak_children_bytes()
