@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow bench bench-formats bench-gptq bench-allocate bench-pareto bench-gguf bench-activations bench-memory llamacpp clean
+.PHONY: venv demo test test-slow bench bench-formats bench-gptq bench-allocate bench-pareto bench-gguf bench-activations bench-memory bench-scaling bench-demo-time llamacpp clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,12 @@ bench-pareto: venv
 	$(PY) bench/pareto.py
 bench-memory: venv
 	$(PY) bench/memory.py
+## Time per stage and peak memory vs model size (random Llama models of 0.1B, 0.5B, 1.5B parameters).
+bench-scaling: venv
+	$(PY) bench/scaling.py
+## Wall time of `make demo` in a fresh clone (the venv is this one; `bench/demo_time.py --clone --make` times it too).
+bench-demo-time: venv
+	$(PY) bench/demo_time.py --clone
 
 ## llama.cpp: the Python binding (builds from source, ~10 min) and the command-line tools (cmake).
 llamacpp: venv
@@ -51,7 +57,7 @@ bench-gguf: llamacpp
 bench-activations: venv
 	$(PY) bench/activation_noise.py
 
-bench: bench-formats bench-gptq bench-allocate bench-pareto bench-memory bench-gguf bench-activations
+bench: bench-formats bench-gptq bench-allocate bench-pareto bench-memory bench-gguf bench-activations bench-scaling
 
 clean:
 	rm -rf $(VENV) .pytest_cache

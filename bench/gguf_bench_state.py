@@ -1,11 +1,14 @@
 """Saved state of ``bench/gguf_vs_llamacpp.py``, so a rerun reuses finished work and a killed run continues.
 
 * llama.cpp's side: ``bench/results/gguf_vs_llamacpp_llamaside.json`` (reference PPL and one result per
-  llama.cpp type) with the settings that made it.  It is reused when the settings match and the files the
-  bitalloc side needs (the F32 reference GGUF and its saved logits) still exist.
+  llama.cpp type, with its ``llama-quantize`` wall time) with the settings that made it and the
+  ``llama-imatrix`` wall time (``timing``).  It is reused when the settings match, every result has the keys
+  asked for and the files the bitalloc side needs (the F32 reference GGUF and its saved logits) still exist.
 * bitalloc's side: one result per target size in ``.cache/gguf_bench/bitalloc-sizes.json``, keyed by a digest
   of everything that changes it (measurement fingerprint, target bytes, rounding, evaluation settings and
-  the source of the code that quantizes and writes), written after every size.
+  the source of the code that quantizes and writes), written after every size, with its stage times.
+* the measurement's wall time: ``measure-<key>.seconds.json`` beside its job directory, so a reused
+  measurement still reports what it cost when it was made (:func:`save_seconds` / :func:`load_seconds`).
 * :func:`code_digest`: SHA-256 of source files, part of the measurement and size keys (an edited GGUF fit
   makes a new measurement rather than reusing a stale one).
 * :func:`error_agreement`: how well the measured (predicted) per-tensor errors match the final ones.
@@ -17,7 +20,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from bitalloc.measure import write_text_atomic
 
@@ -58,10 +61,14 @@ def _saved_settings(raw: Any) -> dict[str, int] | None:
     return None
 
 
-def load_llama_side(path: Path, settings: Mapping[str, int], types: Sequence[str],
-                    needed: Sequence[Path]) -> tuple[float, dict[str, dict]] | None:
+RESULT_KEYS = frozenset({"bytes", "kld", "ppl", "top1"})
+
+
+def load_llama_side(path: Path, settings: Mapping[str, int], types: Sequence[str], needed: Sequence[Path],
+                    keys: Collection[str] = RESULT_KEYS) -> tuple[float, dict[str, dict]] | None:
     """``(reference PPL, {type: result})`` saved at ``path`` for the same ``settings`` and every type of
-    ``types``; None when there is none, it differs, or a file of ``needed`` is missing."""
+    ``types``, each result holding every key of ``keys``; None when there is none, it differs, or a file of
+    ``needed`` is missing."""
     if not path.is_file() or not all(Path(p).is_file() for p in needed):
         return None
     try:
@@ -72,15 +79,45 @@ def load_llama_side(path: Path, settings: Mapping[str, int], types: Sequence[str
         return None
     if _saved_settings(saved.get("settings")) != dict(settings) or not isinstance(results, dict):
         return None
-    if not all(isinstance(results.get(t), dict) and {"bytes", "kld", "ppl", "top1"} <= set(results[t])
-               for t in types):
+    if not all(isinstance(results.get(t), dict) and set(keys) <= set(results[t]) for t in types):
         return None
     return ref_ppl, {t: dict(results[t]) for t in types}
 
 
-def save_llama_side(path: Path, settings: Mapping[str, int], ref_ppl: float, results: Mapping[str, dict]) -> None:
-    body = {"reference_ppl": ref_ppl, "settings": dict(settings), "llamacpp": dict(results)}
+def save_llama_side(path: Path, settings: Mapping[str, int], ref_ppl: float, results: Mapping[str, dict],
+                    timing: Mapping[str, float] | None = None) -> None:
+    """Save llama.cpp's side; ``timing`` (e.g. ``{"imatrix_seconds": s}``) is kept beside the results."""
+    body: dict[str, Any] = {"reference_ppl": ref_ppl, "settings": dict(settings), "llamacpp": dict(results)}
+    if timing is not None:
+        body["timing"] = dict(timing)
     write_text_atomic(path, json.dumps(body, indent=2) + "\n")
+
+
+def save_seconds(path: Path, seconds: float, **info: Any) -> None:
+    """Record the wall time of a piece of work (e.g. the measurement) made from scratch."""
+    write_text_atomic(path, json.dumps({"seconds": round(float(seconds), 3), **info}, indent=1) + "\n")
+
+
+def load_seconds(path: Path) -> float | None:
+    """Seconds saved by :func:`save_seconds` (None when absent or unreadable)."""
+    try:
+        return float(json.loads(Path(path).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_llama_timing(path: Path) -> dict[str, float] | None:
+    """The ``timing`` saved with llama.cpp's side at ``path`` (None when absent or unreadable)."""
+    try:
+        timing = json.loads(Path(path).read_text()).get("timing")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(timing, dict):
+        return None
+    try:
+        return {str(k): float(v) for k, v in timing.items()}
+    except (TypeError, ValueError):
+        return None
 
 
 class SizeResults:
@@ -161,5 +198,5 @@ def error_agreement(pairs: Mapping[str, tuple[str, float, float]]) -> dict[str, 
             "ratio_by_format": {k: stats(v) for k, v in sorted(by_fmt.items())}}
 
 
-__all__ = ["SizeResults", "code_digest", "digest", "error_agreement", "llama_settings", "load_llama_side",
-           "save_llama_side", "spearman"]
+__all__ = ["RESULT_KEYS", "SizeResults", "code_digest", "digest", "error_agreement", "llama_settings",
+           "load_llama_side", "load_llama_timing", "load_seconds", "save_llama_side", "save_seconds", "spearman"]

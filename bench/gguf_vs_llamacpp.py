@@ -8,7 +8,23 @@ evaluated by llama-perplexity on the tragedies (context 512, second half of each
 the F32 model's saved logits: PPL, mean KLD, top-1 ("Same top p") and file bytes; ratios bitalloc/llama.cpp.
 
     python bench/gguf_vs_llamacpp.py [--eval-chunks 24] [--calib-windows 24] [--sides both|llamacpp|bitalloc]
-                                     [--sizes IQ4_NL,Q4_K_M,...] [--threads 1]
+                                     [--sizes IQ4_NL,Q4_K_M,...] [--threads 1] [--fresh] [--quick]
+
+Time (goal: bitalloc at most 5x llama.cpp's wall time at every size). Both sides start from the same F32 GGUF,
+calibrate on the same comedies with the same number of 512-token windows (``--calib-windows``: bitalloc's windows,
+llama-imatrix's chunks) and run on ``--threads`` threads (torch and every llama.cpp tool). llama.cpp's time for a
+size is ``llama-imatrix`` + that type's ``llama-quantize``; bitalloc's is what ``bitalloc gguf`` does for one
+file, timed in-process stage by stage (a :class:`bitalloc.timing.StageTimer`): load the F32 GGUF (low-memory, as
+the command), read its template, tokenize the calibration windows, hash the model (the job key), measure, plan,
+quantize and write + verify the file. The 6-size sweep compares one imatrix + six quantizes with one load + one
+measurement + a plan/quantize/write per distinct file size (IQ4_NL and Q4_0 share one size, so one file serves
+both). Evaluation (llama-perplexity) and the measured-vs-final error check are timed too but counted on neither
+side. Library functions that accept ``timer=`` get a second StageTimer whose finer stages (calibration forwards,
+Hessians, Fisher pass, per-format measurement, refits...) are stored as ``library_stages``. A measurement or size
+reused from an earlier run reports the time saved when it was made (flagged ``reused``); ``--fresh`` recomputes
+the measurement, every size and llama.cpp's side for a clean timing.
+``--quick`` is a plumbing smoke test (2 calibration windows, 2 evaluation chunks, 3 GGUF types, RTN, one
+size); its results go to ``gguf_vs_llamacpp-quick.*`` and never replace the full ones.
 
 Reuse and resume (state in .cache/gguf_bench, see bench/gguf_bench_state.py): llama.cpp's side is skipped when
 bench/results/gguf_vs_llamacpp_llamaside.json holds it for the same settings and the reference GGUF and logits
@@ -32,6 +48,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,18 +66,20 @@ from bench import llamacpp as lc  # noqa: E402
 # all of bitalloc is imported up front: a long run is not broken by later edits of the working tree
 from bitalloc.activations import roundings_for  # noqa: E402
 from bitalloc.calibrate import stream_blocks  # noqa: E402
-from bitalloc.data import default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
+from bitalloc.data import default_calibration_files, default_eval_files, text_windows  # noqa: E402
 from bitalloc.export.gguf import export_f32_gguf, read_template  # noqa: E402
-from bitalloc.targets.gguf import GGUF_FORMATS, export_plan, plan_gguf  # noqa: E402
+from bitalloc.targets.gguf import GGUF_FORMATS, plan_gguf, quantize_for_gguf  # noqa: E402
+from bitalloc.export.gguf_manifest import write_gguf_verified  # noqa: E402
 from bitalloc.jobs.store import Job  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
 from bitalloc.measure import Measurement, activation_error, output_error  # noqa: E402
 from bitalloc.models.rescale import load_reference  # noqa: E402
-from bitalloc.models.sources import default_model_path  # noqa: E402
+from bitalloc.models.sources import default_model_path, load_model  # noqa: E402
 from bitalloc.models.view import ModelView  # noqa: E402
 from bitalloc.pipeline import measure_model, model_fingerprint  # noqa: E402
 from bitalloc.quantize import restore, snapshot  # noqa: E402
 from bitalloc.jobs.stages import measure_stage  # noqa: E402
+from bitalloc.timing import StageTimer  # noqa: E402
 
 RESULTS = lc.REPO / "bench" / "results"
 WORK = lc.REPO / ".cache" / "gguf_bench"
@@ -70,6 +89,15 @@ LLAMA_TYPES = (("IQ4_NL", True), ("Q4_0", True), ("Q4_K_M", False), ("Q3_K_M", F
                ("Q2_K", False))
 TABLE_ORDER = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_NL", "Q4_0")
 FLOOR_TYPE = "Q8_0"  # pure: nearly exact weights, so its KLD is mostly llama.cpp's 8-bit activation rounding
+TIME_GOAL = 5.0  # bitalloc's wall time at most this many times llama.cpp's (imatrix + quantize)
+KLD_GOAL = 0.7
+# what one `bitalloc gguf` run does before its per-size work (bench stages), and that per-size work
+SHARED_STAGES = ("load", "template", "calibration", "fingerprint", "measure")
+SIZE_STAGES = ("plan", "quantize", "write")
+LLAMA_KEYS = (*st.RESULT_KEYS, "quantize_seconds")
+# --quick: a plumbing smoke test (minutes), results under their own names
+QUICK = {"calib_windows": 2, "fisher_windows": 1, "eval_chunks": 2, "formats": "q8_0,q5_0,q4_0", "method": "rtn",
+         "measure_method": "rtn", "sizes": "Q4_K_M", "check_errors": False, "floor": False}
 log = logging.getLogger("gguf_bench")
 
 
@@ -91,21 +119,37 @@ def write_texts(files: list[Path], out: Path) -> Path:
     return out
 
 
-def measure_cached(args: argparse.Namespace, model: torch.nn.Module, view: ModelView,
-                   calib: torch.Tensor) -> Measurement:
-    """The measurement for these options: read from its job directory, continued, or made."""
+def measure_cached(args: argparse.Namespace, model: torch.nn.Module, view: ModelView, calib: torch.Tensor,
+                   timer: StageTimer | None = None, lib_timer: StageTimer | None = None) -> tuple[Measurement, dict[str, Any]]:
+    """The measurement for these options: read from its job directory, continued, or made; with what it cost
+    (``seconds``: this run's when made from scratch here, else the time saved when it was made, None when it
+    was continued from a killed run's checkpoints)."""
     fmts = args.formats.split(",") if args.formats else list(GGUF_FORMATS)
     fw = calib[: args.fisher_windows]
-    fp = {"model": model_fingerprint(model), "calibration": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
+    timer = timer if timer is not None else StageTimer()
+    with timer.stage("fingerprint"):  # the job key (`bitalloc gguf` hashes its input file for its own)
+        model_fp = model_fingerprint(model)
+    fp = {"model": model_fp, "calibration": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
           "windows": list(calib.shape), "fisher_windows": args.fisher_windows if args.fisher else 0, "formats": fmts,
           "method": args.measure_method, "code": st.code_digest(measure_code())}
+    job_dir = WORK / f"measure-{st.digest(fp)}"
+    seconds_file = job_dir.with_name(job_dir.name + ".seconds.json")
+    if getattr(args, "fresh", False) and job_dir.exists():
+        shutil.rmtree(job_dir)
+        seconds_file.unlink(missing_ok=True)
+    made_here = not job_dir.exists()
     t0 = time.perf_counter()
-    with Job(WORK / f"measure-{st.digest(fp)}", fp) as job:
+    with timer.stage("measure"), Job(job_dir, fp) as job:
         m = measure_stage(job, lambda ck: measure_model(
             model, view, calib, fmts, args.measure_method, fisher=args.fisher,
-            fisher_windows=fw if args.fisher else None, progress=True, **ck.kwargs()))
-    log.info("measurement ready in %.0f s (%d rows)", time.perf_counter() - t0, len(m.rows))
-    return m
+            fisher_windows=fw if args.fisher else None, progress=True, timer=lib_timer, **ck.kwargs()))
+    seconds = time.perf_counter() - t0
+    if made_here:
+        st.save_seconds(seconds_file, seconds, rows=len(m.rows))
+    info = {"seconds": seconds if made_here else st.load_seconds(seconds_file), "reused": not made_here,
+            "this_run_seconds": round(seconds, 3)}
+    log.info("measurement ready in %.0f s (%d rows%s)", seconds, len(m.rows), "" if made_here else ", reused")
+    return m, info
 
 
 def final_errors(model: torch.nn.Module, view: ModelView, saved: dict[str, torch.Tensor], calib: torch.Tensor,
@@ -127,49 +171,82 @@ def final_errors(model: torch.nn.Module, view: ModelView, saved: dict[str, torch
     return st.error_agreement(pairs)
 
 
+def stage_seconds(stages: dict[str, dict], names: tuple[str, ...]) -> float:
+    """Sum of the seconds of ``names`` in a ``StageTimer.as_dict()`` (absent stages count 0)."""
+    return sum(float(stages.get(n, {}).get("seconds", 0.0)) for n in names)
+
+
 def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, int], base: Path,
-                  eval_txt: Path, on_size: Any) -> dict[str, dict]:
-    """Measure once (cached), then one bitalloc GGUF per distinct llama.cpp file size (saved results reused),
-    evaluated by llama-perplexity."""
+                  eval_txt: Path, on_size: Any, shared: dict[str, Any] | None = None) -> dict[str, dict]:
+    """What ``bitalloc gguf`` does, timed stage by stage: load the F32 reference GGUF, measure once (cached),
+    then one bitalloc GGUF per distinct llama.cpp file size (saved results reused), each evaluated by
+    llama-perplexity.  ``shared`` receives the stages done once (load, template, calibration, measure)."""
     torch.set_num_threads(args.threads)
-    model, tok = load_reference(rescaled=True)
+    shared = shared if shared is not None else {}
+    timer, lib_timer = StageTimer(), StageTimer()
+    with timer.stage("load"):  # as `bitalloc gguf`: weights in a spill file, one block resident
+        model, tok = load_model(ref_gguf, low_memory=True)
     view = ModelView(model)
-    tpl = read_template(ref_gguf)
-    calib = token_windows(tok, read_texts(default_calibration_files()), 512, args.calib_windows)
-    m = measure_cached(args, model, view, calib)
+    with timer.stage("template"):
+        tpl = read_template(ref_gguf)
+    with timer.stage("calibration"):
+        calib = text_windows(tok, default_calibration_files(), 512, args.calib_windows)
+    m, minfo = measure_cached(args, model, view, calib, timer, lib_timer)
+    stages = timer.as_dict()
+    if minfo["seconds"] is not None:  # a reused measurement counts what it cost when it was made
+        stages["measure"] = {"seconds": round(minfo["seconds"], 3), "calls": 1}
+    shared.update({"stages": stages, "library_stages": lib_timer.as_dict(), "measure": minfo,
+                   "seconds": stage_seconds(stages, SHARED_STAGES) if minfo["seconds"] is not None else None})
     saved = snapshot(model)
     store = st.SizeResults(WORK / "bitalloc-sizes.json")
     code = st.code_digest(output_code())
     out: dict[str, dict] = {}
+    made: set[str] = set()
     check = args.check_errors
     for name, size in targets.items():
         key = st.digest({"measurement": m.fingerprint, "bytes": size, "method": args.method, "code": code,
                          "eval_chunks": args.eval_chunks, "threads": args.threads})
-        done = store.get(key)
-        if done is not None:
+        # --fresh: a saved result counts only when this run made it (a second type of the same size)
+        done = store.get(key) if not getattr(args, "fresh", False) or key in made else None
+        if done is not None and "gguf_seconds" in done:
             log.info("bitalloc at %s (%d B): saved result reused", name, size)
-            out[name] = done
+            out[name] = {**done, "reused": key not in made, "same_file_as_earlier_type": key in made}
             on_size(out)
             continue
         t1 = time.perf_counter()
-        plan, _split = plan_gguf(m, view, tpl, f"{size}B")
+        size_timer, size_lib = StageTimer(), StageTimer()
+        with size_timer.stage("plan"):
+            plan, _split = plan_gguf(m, view, tpl, f"{size}B")
         path = WORK / f"bitalloc-{size}.gguf"
-        written = export_plan(model, view, plan, calib, tpl, path, method=args.method, overwrite=True)
-        t_quant = time.perf_counter() - t1
-        agreement = final_errors(model, view, saved, calib, m, plan) if check else None
+        with size_timer.stage("quantize"):  # export_plan's two steps, timed apart
+            tensors = quantize_for_gguf(model, view, plan, calib, tpl, method=args.method, progress=True,
+                                        timer=size_lib)
+        with size_timer.stage("write"):
+            written = write_gguf_verified(path, tpl, tensors, overwrite=True)
+        del tensors
+        gguf_s = stage_seconds(size_timer.as_dict(), SIZE_STAGES)
+        agreement = None
+        if check:
+            with size_timer.stage("error_check"):
+                agreement = final_errors(model, view, saved, calib, m, plan)
         restore(model, saved)
-        res = lc.perplexity_kld(path, eval_txt, base, chunks=args.eval_chunks, threads=args.threads)
+        with size_timer.stage("evaluate"):
+            res = lc.perplexity_kld(path, eval_txt, base, chunks=args.eval_chunks, threads=args.threads)
         mix: dict[str, int] = {}
         for e in plan.entries:
             mix[e.format] = mix.get(e.format, 0) + 1
         result = {"bytes": written.file_size, "target_bytes": size, "ppl": res.ppl, "kld": res.kld, "top1": res.top1,
-                  "mix": mix, "quantize_seconds": round(t_quant, 1), "seconds": round(time.perf_counter() - t1, 1)}
+                  "mix": mix, "quantize_seconds": round(gguf_s, 1), "gguf_seconds": round(gguf_s, 3),
+                  "stages": size_timer.as_dict(), "library_stages": size_lib.as_dict(),
+                  "seconds": round(time.perf_counter() - t1, 1)}
         if agreement is not None:
             result["error_check"] = agreement
             check = False  # one size is enough to judge the measurement
         store.put(key, result)
+        made.add(key)
         out[name] = result
-        log.info("bitalloc at %s: %s", name, {k: v for k, v in result.items() if k != "error_check"})
+        log.info("bitalloc at %s: %s", name, {k: v for k, v in result.items()
+                                               if k not in ("error_check", "stages", "library_stages")})
         on_size(out)
         if not args.keep:
             path.unlink(missing_ok=True)
@@ -177,33 +254,53 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     return out
 
 
+def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
+    """``bench/results/<name>.<ext>``; ``-quick`` is added to the name of a ``--quick`` run's files."""
+    return RESULTS / f"{name}{'-quick' if getattr(args, 'quick', False) else ''}.{ext}"
+
+
+def saved_llama_side(args: argparse.Namespace, ref: Path, base: Path) -> tuple[float, dict[str, dict], dict] | None:
+    """llama.cpp's side saved for these settings, with its wall times (None when any is missing)."""
+    path = result_path(args, "gguf_vs_llamacpp_llamaside")
+    found = st.load_llama_side(path, st.llama_settings(args), [t for t, _ in LLAMA_TYPES], [ref, base], LLAMA_KEYS)
+    timing = st.load_llama_timing(path)
+    if found is None or timing is None or "imatrix_seconds" not in timing:
+        return None
+    return found[0], found[1], timing
+
+
 def llama_side(args: argparse.Namespace, ref: Path, calib_txt: Path, eval_txt: Path,
-               base: Path) -> tuple[float, dict[str, dict]]:
-    """Reference PPL and llama.cpp's results: reused when saved for the same settings, else run (and saved)."""
+               base: Path) -> tuple[float, dict[str, dict], dict[str, float]]:
+    """Reference PPL, llama.cpp's results (each with its ``llama-quantize`` wall time) and ``{"imatrix_seconds":
+    s}``: reused when saved for the same settings, else run (and saved)."""
     settings = st.llama_settings(args)
-    saved_path = RESULTS / "gguf_vs_llamacpp_llamaside.json"
-    types = [t for t, _ in LLAMA_TYPES]
+    saved_path = result_path(args, "gguf_vs_llamacpp_llamaside")
     if not args.redo_llamacpp:
-        found = st.load_llama_side(saved_path, settings, types, [ref, base])
+        found = saved_llama_side(args, ref, base)
         if found is not None:
             log.info("llama.cpp side reused from %s (%s)", saved_path, settings)
             return found
     model, _tok = load_reference(rescaled=True)
     export_f32_gguf(model, default_model_path(), ref, overwrite=True)
     del model
+    t0 = time.perf_counter()
     imat = lc.imatrix(ref, calib_txt, WORK / "imatrix.gguf", chunks=args.calib_windows, threads=args.threads)
+    timing = {"imatrix_seconds": round(time.perf_counter() - t0, 3)}
     ref_ppl = lc.perplexity_base(ref, eval_txt, base, chunks=args.eval_chunks, threads=args.threads).ppl
     llama: dict[str, dict] = {}
     for qtype, pure in LLAMA_TYPES:
         path = WORK / f"llamacpp-{qtype}.gguf"
+        t1 = time.perf_counter()
         lc.quantize(ref, path, qtype, imatrix_file=imat, pure=pure, threads=args.threads)
+        t_quant = time.perf_counter() - t1
         res = lc.perplexity_kld(path, eval_txt, base, chunks=args.eval_chunks, threads=args.threads)
-        llama[qtype] = {"bytes": os.path.getsize(path), "ppl": res.ppl, "kld": res.kld, "top1": res.top1, "pure": pure}
+        llama[qtype] = {"bytes": os.path.getsize(path), "ppl": res.ppl, "kld": res.kld, "top1": res.top1, "pure": pure,
+                        "quantize_seconds": round(t_quant, 3)}
         log.info("llama.cpp %s: %s", qtype, llama[qtype])
         if not args.keep:
             path.unlink()
-    st.save_llama_side(saved_path, settings, ref_ppl, llama)
-    return ref_ppl, llama
+    st.save_llama_side(saved_path, settings, ref_ppl, llama, timing)
+    return ref_ppl, llama, timing
 
 
 def llama_floor(args: argparse.Namespace, ref: Path, eval_txt: Path, base: Path, ref_ppl: float) -> dict:
@@ -212,7 +309,7 @@ def llama_floor(args: argparse.Namespace, ref: Path, eval_txt: Path, base: Path,
     Every quantized type makes llama.cpp round the matmul inputs to 8 bits (bitalloc.activations); Q8_0 weights
     are nearly exact, so this file's KLD is close to the part of every file's KLD that no weight rounding can
     remove (only F16/F32 weights avoid it)."""
-    path, settings = RESULTS / "gguf_vs_llamacpp_floor.json", st.llama_settings(args)
+    path, settings = result_path(args, "gguf_vs_llamacpp_floor"), st.llama_settings(args)
     found = st.load_llama_side(path, settings, [FLOOR_TYPE], [ref, base])
     if found is not None:
         return found[1][FLOOR_TYPE]
@@ -226,9 +323,44 @@ def llama_floor(args: argparse.Namespace, ref: Path, eval_txt: Path, base: Path,
     return floor
 
 
+def add_times(rows: list[dict], llama_timing: dict[str, float] | None, shared: dict[str, Any] | None) -> dict | None:
+    """Give each row with both sides a ``time`` entry (seconds of one ``bitalloc gguf`` run vs llama-imatrix +
+    that type's llama-quantize, their ratio and the goal) and return the whole-sweep comparison (one bitalloc
+    load + measurement + each distinct file size vs one imatrix + every llama.cpp type), or None without times."""
+    imatrix_s = (llama_timing or {}).get("imatrix_seconds")
+    shared_s = (shared or {}).get("seconds")
+    if imatrix_s is None or shared_s is None:
+        return None
+    files: dict[int, float] = {}
+    llama_sum, ran = imatrix_s, []
+    for r in rows:
+        b, l_ = r.get("bitalloc"), r["llamacpp"]
+        if "quantize_seconds" not in l_:
+            return None
+        llama_sum += l_["quantize_seconds"]
+        if not b or "gguf_seconds" not in b:
+            continue
+        ran.append(r["type"])
+        files.setdefault(int(b["target_bytes"]), float(b["gguf_seconds"]))
+        ours_s, theirs_s = shared_s + float(b["gguf_seconds"]), imatrix_s + float(l_["quantize_seconds"])
+        ratio = ours_s / theirs_s if theirs_s > 0 else None
+        r["time"] = {"bitalloc_seconds": round(ours_s, 3), "llamacpp_seconds": round(theirs_s, 3), "ratio": ratio,
+                     "goal_met": ratio is not None and ratio <= TIME_GOAL}
+    if len(ran) < len(rows):  # the sweep compares whole sweeps only
+        return {"complete": False, "sizes_timed": ran}
+    ours_sweep = shared_s + sum(files.values())
+    ratio = ours_sweep / llama_sum if llama_sum > 0 else None
+    return {"complete": True, "bitalloc_seconds": round(ours_sweep, 3), "bitalloc_files": len(files),
+            "llamacpp_seconds": round(llama_sum, 3), "llamacpp_files": len(rows), "ratio": ratio,
+            "goal_met": ratio is not None and ratio <= TIME_GOAL,
+            "bitalloc_shared_seconds": round(shared_s, 3), "llamacpp_imatrix_seconds": imatrix_s}
+
+
 def report(args: argparse.Namespace, ref_ppl: float, ref_bytes: int, llama: dict[str, dict],
-           ours: dict[str, dict], seconds: float, floor: dict | None = None) -> list[dict]:
-    """Rows of both sides with the bitalloc/llama.cpp ratios (also of the KLD above ``floor``'s, when given);
+           ours: dict[str, dict], seconds: float, floor: dict | None = None, *,
+           llama_timing: dict[str, float] | None = None, shared: dict[str, Any] | None = None) -> list[dict]:
+    """Rows of both sides with the bitalloc/llama.cpp ratios (also of the KLD above ``floor``'s, when given, and
+    of the wall times when ``llama_timing`` and ``shared`` -- bitalloc's stages done once -- are given);
     writes the JSON and the plot."""
     rows = []
     for qtype in TABLE_ORDER:
@@ -240,16 +372,24 @@ def report(args: argparse.Namespace, ref_ppl: float, ref_bytes: int, llama: dict
                 row["kld_above_floor_ratio"] = (b["kld"] - floor["kld"]) / (l_["kld"] - floor["kld"])
             row["ppl_ratio"] = b["ppl"] / l_["ppl"]
             row["bytes_ratio"] = b["bytes"] / l_["bytes"]
-            row["goal_met"] = row["kld_ratio"] is not None and row["kld_ratio"] <= 0.7
+            row["goal_met"] = row["kld_ratio"] is not None and row["kld_ratio"] <= KLD_GOAL
         rows.append(row)
+    sweep = add_times(rows, llama_timing, shared)
     settings = {k: v for k, v in vars(args).items()}
     body = {"reference": {"model": "SmolLM2-135M-Instruct rescaled, F32 GGUF", "ppl": ref_ppl, "bytes": ref_bytes},
             "settings": settings, "sizes_run": [r["type"] for r in rows if r["bitalloc"]],
             "sizes_missing": [r["type"] for r in rows if not r["bitalloc"]], "rows": rows,
             "floor": None if floor is None else {"type": f"{FLOOR_TYPE} (pure)", **floor},
+            "goals": {"kld_ratio_max": KLD_GOAL, "time_ratio_max": TIME_GOAL},
+            "time": {"llamacpp": llama_timing, "bitalloc_shared": shared, "sweep": sweep,
+                     "note": "bitalloc per size = load + template + calibration + fingerprint + measure + plan + "
+                             "quantize + write; "
+                             "llama.cpp per size = llama-imatrix + llama-quantize; evaluation counted on neither"},
             "seconds_this_run": round(seconds, 1)}
-    st.write_text_atomic(RESULTS / "gguf_vs_llamacpp.json", json.dumps(body, indent=2) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    st.write_text_atomic(result_path(args, "gguf_vs_llamacpp"), json.dumps(body, indent=2) + "\n")
+    timed = [r for r in rows if r.get("time")]
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(13 if timed else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     for side, marker in (("llamacpp", "o"), ("bitalloc", "s")):
         pts = [(r[side]["bytes"] / 2**20, r[side]["kld"], r["type"]) for r in rows if r.get(side)]
         if pts:
@@ -263,8 +403,25 @@ def report(args: argparse.Namespace, ref_ppl: float, ref_bytes: int, llama: dict
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M (rescaled): bitalloc vs llama.cpp at equal file size")
     ax.legend()
+    if timed:
+        ax2 = axes[0][1]
+        xs = range(len(timed))
+        ax2.bar([x - 0.2 for x in xs], [r["time"]["llamacpp_seconds"] for r in timed], 0.4,
+                label="llama.cpp: imatrix + quantize")
+        ax2.bar([x + 0.2 for x in xs], [r["time"]["bitalloc_seconds"] for r in timed], 0.4,
+                label="bitalloc gguf (one size)")
+        for x, r in zip(xs, timed):
+            ax2.annotate(f"{r['time']['ratio']:.1f}x", (x + 0.2, r["time"]["bitalloc_seconds"]), fontsize=7,
+                         ha="center", xytext=(0, 2), textcoords="offset points")
+        ax2.set_xticks(list(xs), [r["type"] for r in timed])
+        ax2.set_ylabel(f"wall seconds ({getattr(args, 'threads', '?')} threads)")
+        title = "time per size"
+        if sweep and sweep.get("complete"):
+            title += f"; 6-size sweep {sweep['ratio']:.1f}x"
+        ax2.set_title(title)
+        ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "gguf_vs_llamacpp.png", dpi=120)
+    fig.savefig(result_path(args, "gguf_vs_llamacpp", "png"), dpi=120)
     plt.close(fig)
     return rows
 
@@ -274,17 +431,31 @@ def print_table(ref_ppl: float, chunks: int, rows: list[dict], floor: dict | Non
     if floor is not None:
         print(f"floor: llama.cpp pure {FLOOR_TYPE}, {floor['bytes'] / 2**20:.2f} MiB, KLD {floor['kld']:.4f}, "
               f"top1 {floor['top1']:.3f} (the 8-bit activation rounding every quantized type shares)")
+    timed = any(r.get("time") for r in rows)
     print(f"{'type':8} {'llama MiB':>9} {'PPL':>8} {'KLD':>8} {'top1':>6} | {'ours MiB':>8} {'PPL':>8} {'KLD':>8} "
-          f"{'top1':>6} | {'KLD ratio':>9} {'above floor':>11}")
+          f"{'top1':>6} | {'KLD ratio':>9} {'above floor':>11}" + (f" | {'llama s':>8} {'ours s':>8} {'time x':>6}"
+                                                                     if timed else ""))
     for r in rows:
         l_, b = r["llamacpp"], r["bitalloc"]
         left = f"{r['type']:8} {l_['bytes'] / 2**20:9.2f} {l_['ppl']:8.3f} {l_['kld']:8.4f} {l_['top1']:6.3f}"
         above = r.get("kld_above_floor_ratio")
         right = "       -  (not run)"
         if b:
-            right = f"{b['bytes'] / 2**20:8.2f} {b['ppl']:8.3f} {b['kld']:8.4f} {b['top1']:6.3f} | {r['kld_ratio']:9.3f}"
-            right += f" {above:11.3f}" if above is not None else ""
+            right = (f"{b['bytes'] / 2**20:8.2f} {b['ppl']:8.3f} {b['kld']:8.4f} {b['top1']:6.3f} | "
+                     f"{r['kld_ratio']:9.3f}")
+            right += f" {above:11.3f}" if above is not None else f" {'':11}"
+            t = r.get("time")
+            if t:
+                right += f" | {t['llamacpp_seconds']:8.1f} {t['bitalloc_seconds']:8.1f} {t['ratio']:6.2f}"
         print(left + " | " + right)
+
+
+def print_sweep(sweep: dict | None) -> None:
+    if not sweep or not sweep.get("complete"):
+        return
+    print(f"sweep: llama.cpp {sweep['llamacpp_seconds']:.1f} s (imatrix + {sweep['llamacpp_files']} quantizes) vs "
+          f"bitalloc {sweep['bitalloc_seconds']:.1f} s (one load + measurement, {sweep['bitalloc_files']} files): "
+          f"{sweep['ratio']:.2f}x (goal <= {TIME_GOAL:g}x: {'met' if sweep['goal_met'] else 'NOT met'})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,13 +474,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default=",".join(t for t, _ in LLAMA_TYPES),
                     help="llama.cpp types whose file sizes the bitalloc side matches, in this order")
     ap.add_argument("--redo-llamacpp", action="store_true", help="run llama.cpp's side even when it is saved")
+    ap.add_argument("--fresh", action="store_true",
+                    help="recompute everything that is timed: the measurement, every size and llama.cpp's side")
+    ap.add_argument("--quick", action="store_true",
+                    help="plumbing smoke test: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+                    + "; results in gguf_vs_llamacpp-quick.*")
     ap.add_argument("--no-check-errors", dest="check_errors", action="store_false",
                     help="skip the measured-vs-final error comparison")
-    ap.add_argument("--threads", type=int, default=1, help="threads for torch and the llama.cpp tools")
+    ap.add_argument("--threads", type=int, default=1, help="threads for torch and the llama.cpp tools (both sides)")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files in .cache/gguf_bench")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help=f"skip llama.cpp's pure {FLOOR_TYPE} file (the activation-rounding floor)")
     args = ap.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    if args.fresh:
+        args.redo_llamacpp = True
     known = {t for t, _ in LLAMA_TYPES}
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     bad = [s for s in sizes if s not in known]
@@ -325,24 +506,28 @@ def main(argv: list[str] | None = None) -> int:
     # the saved F32 logits cover --eval-chunks chunks: one file per count, so a saved side never pairs with others
     ref, base = WORK / "ref-f32.gguf", WORK / f"kld-base-{args.eval_chunks}.bin"
     if args.sides == "bitalloc":
-        found = st.load_llama_side(RESULTS / "gguf_vs_llamacpp_llamaside.json", st.llama_settings(args),
-                                   [t for t, _ in LLAMA_TYPES], [ref, base])
+        found = saved_llama_side(args, ref, base)
         if found is None:
-            ap.error("--sides bitalloc: no saved llama.cpp side for these settings (run with --sides both)")
-        ref_ppl, llama = found
+            ap.error("--sides bitalloc: no saved llama.cpp side (with its times) for these settings "
+                     "(run with --sides both)")
+        ref_ppl, llama, llama_timing = found
     else:
-        ref_ppl, llama = llama_side(args, ref, calib_txt, eval_txt, base)
+        ref_ppl, llama, llama_timing = llama_side(args, ref, calib_txt, eval_txt, base)
     log.info("reference PPL %.4f", ref_ppl)
     floor = llama_floor(args, ref, eval_txt, base, ref_ppl) if args.floor else None
+    shared: dict[str, Any] = {}
 
     def on_size(ours: dict[str, dict]) -> None:
-        report(args, ref_ppl, os.path.getsize(ref), llama, ours, time.perf_counter() - t_start, floor)
+        report(args, ref_ppl, os.path.getsize(ref), llama, ours, time.perf_counter() - t_start, floor,
+               llama_timing=llama_timing, shared=shared)
 
     ours: dict[str, dict] = {}
     if args.sides != "llamacpp":
-        ours = bitalloc_side(args, ref, {t: llama[t]["bytes"] for t in sizes}, base, eval_txt, on_size)
-    rows = report(args, ref_ppl, os.path.getsize(ref), llama, ours, time.perf_counter() - t_start, floor)
+        ours = bitalloc_side(args, ref, {t: llama[t]["bytes"] for t in sizes}, base, eval_txt, on_size, shared)
+    rows = report(args, ref_ppl, os.path.getsize(ref), llama, ours, time.perf_counter() - t_start, floor,
+                  llama_timing=llama_timing, shared=shared)
     print_table(ref_ppl, args.eval_chunks, rows, floor)
+    print_sweep(add_times(rows, llama_timing, shared))
     return 0
 
 

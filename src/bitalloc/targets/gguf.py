@@ -147,13 +147,16 @@ def gguf_tensors(tpl: GGUFTemplate, view: Any, qtensors: Mapping[str, QTensor],
 
 
 def quantize_for_gguf(model: torch.nn.Module, view: Any, plan: Any, windows: torch.Tensor, tpl: GGUFTemplate, *,
-                      method: str = "gptq", progress: bool = True) -> dict[str, Any]:
+                      method: str = "gptq", progress: bool = True, placement: Any = None,
+                      timer: Any = None) -> dict[str, Any]:
     """Quantize ``model`` in place by ``plan``; returns every GGUF tensor (QTensors, F32 norms) by GGUF name.
-    Afterwards ``model`` holds exactly the values the file decodes to (norms at their original values)."""
+    Afterwards ``model`` holds exactly the values the file decodes to (norms at their original values).
+    ``placement``/``timer``: as :func:`bitalloc.quantize.quantize_model`."""
     from ..quantize import quantize_model, set_weight
 
     originals = {f.name: model.get_parameter(f.name).detach().clone() for f in view.fixed()}
-    qt = quantize_model(model, view, plan, windows, method=method, progress=progress)  # type: ignore[arg-type]
+    qt = quantize_model(model, view, plan, windows, method=method, progress=progress,  # type: ignore[arg-type]
+                        placement=placement, timer=timer)
     for name, value in originals.items():  # the GGUF keeps norms in F32: undo quantize's fp16 rounding
         set_weight(model, name, value)
     return gguf_tensors(tpl, view, qt, dict(model.named_parameters()))
