@@ -242,11 +242,12 @@ class _IntSearch:
     ``u``, ties included; see :meth:`_grid_error`).
     """
 
-    def __init__(self, rows: int, g: int, lo: float, hi: float, imp: bool) -> None:
+    def __init__(self, rows: int, g: int, lo: float, hi: float, imp: bool,
+                 device: torch.device | str = "cpu") -> None:
         self.lo, self.hi = lo, hi
-        self.u = torch.empty(rows, g, dtype=torch.float32)
-        self.q = torch.empty(rows, g, dtype=torch.float32)
-        self.t = torch.empty(rows, g, dtype=torch.float32) if imp else None
+        self.u = torch.empty(rows, g, dtype=torch.float32, device=device)
+        self.q = torch.empty(rows, g, dtype=torch.float32, device=device)
+        self.t = torch.empty(rows, g, dtype=torch.float32, device=device) if imp else None
 
     def candidate(self, w, s, o, imp, sym_zero):
         """Error (n,) of RTN onto ``s * levels + o``: exactly ``_candidate``'s (the codes stay in ``self.q``)."""
@@ -383,7 +384,7 @@ def search_affine(
     # a zero scale (max/min/clamp of ±0) is the same as with one piece per chunk
     sub = max(_ALIGN, _CACHE_ELEMS // max(g, 1) // _ALIGN * _ALIGN)
     sub = min(sub, rows, n)
-    search = _IntSearch(sub, g, float(levels[0]), float(levels[-1]), imp is not None)
+    search = _IntSearch(sub, g, float(levels[0]), float(levels[-1]), imp is not None, w.device)
     for a0 in range(0, n, rows):
         b0 = min(n, a0 + rows)
         for a in range(a0, b0, sub):
