@@ -12,7 +12,7 @@ import functools
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from .plan import Plan, PlanEntry
 from .models.view import ModelView
 from .models.spill import release_parameter, release_rows
 from .quantize import view_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .screen import Screen, Selection
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,7 @@ def measure_model(
     start: MeasureStart | None = None,
     on_block: MeasureHook | None = None,
     activation_noise: bool = True,
+    screen: "Screen | Selection | None" = None,
 ) -> Measurement:
     """The measurement table of ``model`` over ``formats`` (each tensor × each format that fits its shape).
 
@@ -110,6 +114,11 @@ def measure_model(
     Resuming (:mod:`bitalloc.resume`): ``fisher_stats`` replaces the gradient pass (``on_fisher`` receives
     the statistics when the pass runs); ``start`` continues at its block with its rows; ``on_block(b, rows,
     hidden)`` is called after block ``b`` is measured, with its rows and the inputs of block ``b + 1``.
+
+    ``screen`` (:mod:`bitalloc.screen`): measure exactly only the formats that can matter at its budgets (a
+    first pass estimates every format by RTN; a :class:`~bitalloc.screen.Selection` from an earlier first pass
+    skips it).  The table then holds those exact rows only and its fingerprint records the screening, so
+    ``make_plan`` refuses other budgets.  With ``method="rtn"`` the estimate is exact: nothing is screened.
     """
     if method not in ("gptq", "rtn"):
         raise InputError(f"unknown rounding method {method!r}; use 'gptq' or 'rtn'")
@@ -134,6 +143,13 @@ def measure_model(
             on_block(b, list(current), hidden)
 
     roundings = roundings_for(fmts) if activation_noise else []
+    selection = None
+    if screen is not None and method != "rtn":
+        from .screen import Selection, screen_formats
+
+        selection = screen if isinstance(screen, Selection) else screen_formats(
+            model, view, windows, fmts, method, screen, fisher=grads, batch_size=batch_size, roundings=roundings,
+            progress=progress)
     for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress,
                                start_block=start.block if start is not None else 0,
                                start_hidden=start.hidden if start is not None else None, after_block=after,
@@ -141,8 +157,10 @@ def measure_model(
         current.clear()
         for name, stats in block.items():
             w = model.get_parameter(name).detach()
-            got = measure_tensor(name, w, stats, fmts, method,
-                                 release=functools.partial(release_rows, model, name))
+            todo = fmts if selection is None else selection.to_measure(name)
+            got = [] if selection is None else list(selection.reused.get(name, ()))
+            if todo:
+                got += measure_tensor(name, w, stats, todo, method, release=functools.partial(release_rows, model, name))
             if not got:
                 raise InputError(f"none of the formats {fmts} can store {name} of shape {tuple(w.shape)}")
             current.extend(got)
@@ -152,12 +170,15 @@ def measure_model(
     fp = {
         "model": model_fingerprint(model),
         "calibration": _hash_tensors([("windows", windows)] + ([("fisher_windows", fw)] if fisher else [])),
-        "options": hashlib.sha256(repr((fmts, method, bool(fisher))).encode()).hexdigest()[:16],
+        "options": hashlib.sha256(repr((fmts, method, bool(fisher)) + ((selection.record,) if selection else ())
+                                       ).encode()).hexdigest()[:16],
         "method": method,
         "formats": ",".join(fmts),
         "windows": f"{windows.shape[0]}x{windows.shape[1]}",
         "fisher_windows": f"{fw.shape[0]}x{fw.shape[1]}" if fisher else "none",
     }
+    if selection is not None:
+        fp["screen"] = selection.record
     return Measurement(tuple(infos), tuple(rows), fixed_bytes(view), view.total_params, fp)
 
 
@@ -206,8 +227,12 @@ def make_plan(
     if objective is not None and objective not in measurement.objectives:
         raise InputError(f"objective {objective!r} needs errors the measurement table lacks (it has "
                          f"{', '.join(measurement.objectives)}; a table measured with --no-fisher has no Fisher errors)")
+    from .screen import check_budget
+
     obj = objective or measurement.objectives[0]
-    return allocate(measurement, Budget.parse(budget), constraints or Constraints(), obj)
+    b = Budget.parse(budget)
+    check_budget(measurement, b.resolve(measurement.total_params), constraints, obj)
+    return allocate(measurement, b, constraints or Constraints(), obj)
 
 
 plan = make_plan
