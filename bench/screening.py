@@ -21,6 +21,7 @@ import collections
 import copy
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     t_scr = time.perf_counter() - t0
     exact = {(r.tensor, r.format): r for r in full.rows}
     honest = all(exact[(r.tensor, r.format)] == r for r in scr.rows)
+    obj = full.objectives[0]
+    off = sorted(abs(math.log(getattr(r, f"{obj}_error") / getattr(exact[(r.tensor, r.format)], f"{obj}_error")))
+                 for r in sel.estimates.rows if r.tensor not in sel.reused and getattr(r, f"{obj}_error") > 0)
+    estimate_error = {"objective": obj, "rows": len(off),
+                      **{f"q{q}": math.exp(off[min(len(off) - 1, int(q / 100 * len(off)))]) for q in (50, 90, 99, 100)}
+                      } if off else {}
 
     saved = snapshot(model)
     scored: dict[tuple[tuple[str, str], ...], dict] = {}
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "measure_seconds": {"exhaustive": t_full, "screened": t_scr, "screened_fisher": t_fisher,
                             "screened_pass1": sel.seconds, "screened_pass2": t_scr - t_fisher - sel.seconds},
         "fingerprint_screen": scr.fingerprint.get("screen"),
+        "estimate_factor_off": estimate_error,
         "comparison": rows,
         "total_seconds": time.perf_counter() - t_start,
     }
@@ -162,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GPTQ measurements: exhaustive {g['exhaustive']}, screened {g['screened']} ({g['saved_share']:.0%} saved); "
           f"measure time: exhaustive {t_full:.0f} s, screened {t_scr:.0f} s (pass 1 {sel.seconds:.0f} s); "
           f"screened rows equal exhaustive rows: {honest}")
+    print(f"estimates off by a factor (quantiles over unsampled rows): {estimate_error}")
     print(f"{'budget':<8} {'same':>6} {'err exh':>10} {'err scr':>10} {'KLD exh':>9} {'KLD scr':>9} {'bytes exh':>10} "
           f"{'bytes scr':>10}")
     for r in rows:

@@ -13,7 +13,8 @@ from bitalloc.budget import Budget, Constraints
 from bitalloc.errors import BudgetError, InputError
 from bitalloc.formats import get_format
 from bitalloc.pipeline import make_plan, measure_model
-from bitalloc.screen import (Screen, check_budget, estimate_rows, kind_of, near_options, record, select_formats,
+from bitalloc.models.view import ModelView
+from bitalloc.screen import (Screen, Selection, check_budget, estimate_rows, kind_of, near_options, record, select_formats,
                              spread)
 from bitalloc.table import MeasureRow, Measurement, TensorInfo
 
@@ -152,8 +153,8 @@ def test_a_screened_table_refuses_other_budgets_objectives_and_constraints():
 
 
 # --- a tiny model, measured exhaustively and screened: same run, same budgets ------------------------------
-TINY_FORMATS = ["int2-g32", "int3-g32", "int4-g32", "int6-g32", "q4_0", "q8_0"]
-TINY_BUDGETS = ("3.3bpw", "4bpw", "5bpw", "6.5bpw")
+TINY_FORMATS = ["int2-g32", "int3-g32", "int4-g32", "q4_0", "q8_0"]
+TINY_BUDGETS = ("3.3bpw", "4bpw", "5.5bpw")
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +190,18 @@ def test_screening_is_recorded_and_the_default_is_unchanged(tiny_tables):
     with pytest.raises(BudgetError, match="screened"):
         make_plan(screened, "4.5bpw")
     assert math.isfinite(make_plan(full, "4.5bpw").error)
+
+
+def test_a_selection_for_another_model_or_other_formats_is_refused():
+    model = tiny_llama()
+    exact, _ = _tables(0, noise=0.0)
+    sel = Selection({t.name: ("int4-g32",) for t in exact.tensors}, {}, exact, "x", 0)
+    with pytest.raises(InputError, match="other tensors"):
+        measure_model(model, None, token_ids(1), ["int4-g32"], "gptq", fisher=False, progress=False, screen=sel)
+    names = [r.name for r in ModelView(model).quantizable()]
+    sel = Selection({n: ("int4-g32", "q8_0") for n in names}, {}, exact, "x", 0)
+    with pytest.raises(InputError, match="not candidates"):
+        measure_model(model, None, token_ids(1), ["int4-g32"], "gptq", fisher=False, progress=False, screen=sel)
 
 
 def test_rtn_measurement_is_not_screened():

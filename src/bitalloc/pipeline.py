@@ -150,6 +150,7 @@ def measure_model(
         selection = screen if isinstance(screen, Selection) else screen_formats(
             model, view, windows, fmts, method, screen, fisher=grads, batch_size=batch_size, roundings=roundings,
             progress=progress)
+        selection.check(fmts, [t.name for t in infos])
     for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress,
                                start_block=start.block if start is not None else 0,
                                start_hidden=start.hidden if start is not None else None, after_block=after,

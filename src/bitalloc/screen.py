@@ -100,6 +100,14 @@ class Selection:
         done = {r.format for r in self.reused.get(name, ())}
         return [f for f in self.formats.get(name, ()) if f not in done]
 
+    def check(self, formats: Sequence[str], tensors: Sequence[str]) -> None:
+        """InputError unless this selection was made for exactly ``tensors`` over candidates within ``formats``."""
+        if set(self.formats) != set(tensors):
+            raise InputError("the screening selection was made for other tensors than this model's")
+        extra = sorted({f for v in self.formats.values() for f in v} - set(formats))
+        if extra:
+            raise InputError(f"the screening selection names formats {extra} that are not candidates here")
+
     @property
     def exact_measurements(self) -> int:
         """Exact (GPTQ) measurements of both passes together."""
