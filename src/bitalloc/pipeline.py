@@ -12,7 +12,7 @@ import functools
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,10 @@ from .models.view import ModelView
 from .models.spill import release_parameter, release_rows
 from .placement import Placement
 from .quantize import view_of
-from .timing import StageTimer
+from .timing import StageTimer, timed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .screen import Screen, Selection
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,7 @@ def measure_model(
     activation_noise: bool = True,
     placement: Placement | None = None,
     timer: StageTimer | None = None,
+    screen: "Screen | Selection | None" = None,
 ) -> Measurement:
     """The measurement table of ``model`` over ``formats`` (each tensor × each format that fits its shape).
 
@@ -117,6 +121,11 @@ def measure_model(
 
     ``placement``: where the Fisher pass, the block forwards and Hessians, and the measurement run (default: the
     CPU); each weight and its statistics are on its device when measured.  ``timer`` records the stages.
+
+    ``screen`` (:mod:`bitalloc.screen`): measure exactly only the formats that can matter at its budgets (a
+    first pass estimates every format by RTN; a :class:`~bitalloc.screen.Selection` from an earlier first pass
+    skips it).  The table then holds those exact rows only and its fingerprint records the screening, so
+    ``make_plan`` refuses other budgets.  With ``method="rtn"`` the estimate is exact: nothing is screened.
     """
     if method not in ("gptq", "rtn"):
         raise InputError(f"unknown rounding method {method!r}; use 'gptq' or 'rtn'")
@@ -143,7 +152,15 @@ def measure_model(
 
     roundings = roundings_for(fmts) if activation_noise else []
     place = placement if placement is not None else Placement()
-    timer_kw = {} if timer is None else {"timer": timer}  # measure_tensor(..., timer=) records the per-format stages
+    selection = None
+    if screen is not None and method != "rtn":
+        from .screen import Selection, screen_formats
+
+        with timed(timer, "screen"):
+            selection = screen if isinstance(screen, Selection) else screen_formats(
+                model, view, windows, fmts, method, screen, fisher=grads, batch_size=batch_size,
+                roundings=roundings, progress=progress, placement=placement, timer=timer)
+        selection.check(fmts, [t.name for t in infos])
     for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress,
                                start_block=start.block if start is not None else 0,
                                start_hidden=start.hidden if start is not None else None, after_block=after,
@@ -151,8 +168,11 @@ def measure_model(
         current.clear()
         for name, stats in block.items():
             w = place.to_device(model.get_parameter(name).detach())  # the stats are on the device already
-            got = measure_tensor(name, w, stats, fmts, method,
-                                 release=functools.partial(release_rows, model, name), **timer_kw)
+            todo = fmts if selection is None else selection.to_measure(name)
+            got = [] if selection is None else list(selection.reused.get(name, ()))
+            if todo:
+                got += measure_tensor(name, w, stats, todo, method,
+                                      release=functools.partial(release_rows, model, name), timer=timer)
             if not got:
                 raise InputError(f"none of the formats {fmts} can store {name} of shape {tuple(w.shape)}")
             current.extend(got)
@@ -162,12 +182,15 @@ def measure_model(
     fp = {
         "model": model_fingerprint(model),
         "calibration": _hash_tensors([("windows", windows)] + ([("fisher_windows", fw)] if fisher else [])),
-        "options": hashlib.sha256(repr((fmts, method, bool(fisher))).encode()).hexdigest()[:16],
+        "options": hashlib.sha256(repr((fmts, method, bool(fisher)) + ((selection.record,) if selection else ())
+                                       ).encode()).hexdigest()[:16],
         "method": method,
         "formats": ",".join(fmts),
         "windows": f"{windows.shape[0]}x{windows.shape[1]}",
         "fisher_windows": f"{fw.shape[0]}x{fw.shape[1]}" if fisher else "none",
     }
+    if selection is not None:
+        fp["screen"] = selection.record
     return Measurement(tuple(infos), tuple(rows), fixed_bytes(view), view.total_params, fp)
 
 
@@ -216,8 +239,12 @@ def make_plan(
     if objective is not None and objective not in measurement.objectives:
         raise InputError(f"objective {objective!r} needs errors the measurement table lacks (it has "
                          f"{', '.join(measurement.objectives)}; a table measured with --no-fisher has no Fisher errors)")
+    from .screen import check_budget
+
     obj = objective or measurement.objectives[0]
-    return allocate(measurement, Budget.parse(budget), constraints or Constraints(), obj)
+    b = Budget.parse(budget)
+    check_budget(measurement, b.resolve(measurement.total_params), constraints, obj)
+    return allocate(measurement, b, constraints or Constraints(), obj)
 
 
 plan = make_plan

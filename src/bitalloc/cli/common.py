@@ -196,7 +196,7 @@ def run_config(args: argparse.Namespace, out: Path, job_dir: Path, **fields: Any
         calib_texts=tuple(_texts(args.calib, default_calibration_files)), windows=args.windows, ctx=args.ctx,
         job_dir=job_dir, formats=tuple(_formats(args.formats)), method=args.method, fisher=bool(args.fisher),
         fisher_windows=args.fisher_windows, overwrite=args.overwrite, keep_job=args.keep_job,
-        progress=not args.quiet, **fields,
+        progress=not args.quiet, screen=bool(getattr(args, "screen", False)), **fields,
     )
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, output_exists
 from .common import print_timings
+from .options import add_screen
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..jobs.config import RunConfig
@@ -44,6 +45,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser | None:
     p.add_argument("--formats", default=",".join(GGUF_FORMATS), metavar="F,F,...",
                    help="candidate GGUF types (default: all of them; each tensor gets those its shape allows)")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rounding (default gptq)")
+    add_screen(p)
     p.add_argument("--measure-method", choices=("gptq", "rtn"), default=None,
                    help="rounding when measuring each tensor x type (default: --method); rtn measures about "
                    "twice as fast, GPTQ predicts the errors of a GPTQ output more closely")
@@ -90,7 +92,7 @@ def run_config_of(args: argparse.Namespace) -> RunConfig:
         method=args.method, measure_method=measure_method(args), fisher=bool(args.fisher),
         fisher_windows=args.fisher_windows, activation_noise=activations(args) == "cpu",
         budgets=(Budget.parse(args.budget),), overwrite=args.overwrite, keep_job=args.keep_job,
-        progress=not args.quiet,
+        progress=not args.quiet, screen=bool(args.screen),
     )
 
 

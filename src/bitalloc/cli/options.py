@@ -85,6 +85,13 @@ def _threads(text: str) -> int:
     return n
 
 
+def add_screen(p: argparse.ArgumentParser) -> None:
+    """``--screen``: measure exactly (GPTQ) only the formats that can matter at this budget (:mod:`bitalloc.screen`)."""
+    p.add_argument("--screen", action="store_true",
+                   help="estimate every candidate by RTN (GPTQ on a few sample blocks), then measure with GPTQ only the "
+                   "formats near each tensor's place at this budget (faster; the table then serves this budget only)")
+
+
 def add_runtime(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads``: where the work runs and how many CPU threads torch and BLAS use (every
     command takes them; they are applied once, at the entry point)."""

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import InputError
 from .common import DEFAULT_FORMATS, MODEL_HELP, _job_dir, _load_model, _texts, _windows, print_timings, run_config
 from .options import (
-    EVAL_TEXT_HELP, add_calib, add_common, add_constraints, add_ctx, add_job, add_measure_opts, add_model, add_out,
+    EVAL_TEXT_HELP, add_calib, add_common, add_constraints, add_ctx, add_job, add_measure_opts, add_model, add_out, add_screen,
 )
 
 
@@ -73,6 +73,7 @@ def add_parsers(sub: Any) -> None:
     g.add_argument("--format", metavar="FMT", help="uniform baseline: every allocated tensor in FMT (e.g. int4-g128)")
     add_calib(p, 32)
     add_measure_opts(p, DEFAULT_FORMATS, "gptq", 8)
+    add_screen(p)
     p.add_argument("--measurement", metavar="TABLE", help="reuse a measurement table instead of measuring")
     p.add_argument("--plan", metavar="PLAN", help="use this (possibly edited) plan; needs --measurement")
     add_constraints(p)

@@ -87,7 +87,7 @@ class RunConfig:
     # where blocks run: in the fingerprint, since a GPU's rounding differs from the CPU's and a resumed job must
     # compute exactly what an uninterrupted one would (placeholder: not wired to the stages yet)
     device: str = "cpu"  # resolved by the CLI (``cpu``, ``cuda:0``): where every stage runs
-    screen: bool = False  # screen candidate formats by the budgets before measuring (placeholder, not wired yet)
+    screen: bool = False  # measure exactly only the formats that can matter at ``budgets`` (bitalloc.screen)
 
     def __post_init__(self) -> None:
         for m in (self.method, self.measure_method or self.method):

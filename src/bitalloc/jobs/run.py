@@ -46,7 +46,7 @@ def run_export(config: RunConfig, target: Target) -> ExportResult:
 
 def _export(job: Job, config: RunConfig, target: Target) -> ExportResult:
     target.remove_stale()
-    stages = Stages(job, config)
+    stages = Stages(job, config, target)
     measurement = stages.measurement()
     plan, capacity = stages.plan(measurement, target, config.budget)
     qtensors, originals = stages.quantize(plan)

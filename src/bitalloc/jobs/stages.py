@@ -68,9 +68,10 @@ class Loaded:
 class Stages:
     """The stages of ``config`` in the open ``job``."""
 
-    def __init__(self, job: Job, config: RunConfig) -> None:
+    def __init__(self, job: Job, config: RunConfig, target: Target | None = None) -> None:
         self.job = job
         self.config = config
+        self.target = target  # the output: its capacity is what a screened measurement screens for
         self._loaded: Loaded | None = None
         self._calib: torch.Tensor | None = None
         self._placement: Placement | None = None
@@ -132,7 +133,22 @@ class Stages:
         return pipeline.measure_model(lo.model, lo.view, calib, list(c.formats), c.measuring_method, c.fisher,
                                       progress=c.progress, fisher_windows=fisher_w,
                                       activation_noise=c.activation_noise, placement=self.placement,
-                                      timer=self.timer, **checkpoints.kwargs())
+                                      timer=self.timer, screen=self.screen(), **checkpoints.kwargs())
+
+    def screen(self) -> Any:
+        """The :class:`bitalloc.screen.Screen` of a ``--screen`` run: the budget as the target resolves it for the
+        allocator (the same bytes ``plan`` gives ``make_plan``), the same constraints and objective."""
+        c = self.config
+        if not c.screen:
+            return None
+        if self.target is None or c.budget is None or c.plan is not None:
+            raise InputError("--screen needs a budget and an output to screen for (quantize --budget, gguf)")
+        from ..screen import Screen
+
+        view = self.loaded.view
+        cap = self.target.capacity(c.budget, None, view)
+        return Screen((cap.plan_budget(view.fixed_bytes),), constraints=self.constraints(self.target),
+                      objective=c.objective)
 
     # ----------------------------------------------------------------------------------------- plan
     def constraints(self, target: Target | None) -> Constraints:

@@ -103,7 +103,8 @@ class Target(Protocol):
 
     def fingerprint(self) -> dict[str, Any]: ...
 
-    def capacity(self, budget: Budget, measurement: Measurement, view: ModelView) -> Capacity: ...
+    def capacity(self, budget: Budget, measurement: Measurement | None, view: ModelView) -> Capacity:
+        """``budget`` in bytes for this output; ``measurement`` None: before measuring (no measured-floor check)."""
 
     def constraints(self, view: ModelView) -> Constraints: ...
 

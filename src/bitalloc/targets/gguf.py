@@ -101,9 +101,12 @@ def allocated_gguf_names(view: Any, tpl: GGUFTemplate) -> dict[str, str]:
 
 
 def gguf_capacity(tpl: GGUFTemplate, view: Any, measurement: Any, budget: Budget) -> Capacity:
-    """The budget resolved for this file: BudgetError when even the smallest measured types do not fit."""
+    """The budget resolved for this file: BudgetError when even the smallest measured types do not fit (checked
+    once ``measurement`` exists; before it, e.g. to screen the formats, only the split)."""
     names = allocated_gguf_names(view, tpl)
-    cap = split_budget(tpl, list(names.values()), budget, measurement.total_params)
+    cap = split_budget(tpl, list(names.values()), budget, view.total_params)
+    if measurement is None:
+        return cap
     smallest = sum(min(r.bytes for r in measurement.rows_for(hf)) for hf in names)
     if cap.allocatable < smallest:
         raise BudgetError(f"budget {budget} ({cap.limit} B) is below the smallest GGUF these types can make "

@@ -21,8 +21,9 @@ from .base import Capacity, Prepared, Written, check_size, remove_temps_beside
 log = logging.getLogger(__name__)
 
 
-def weights_capacity(budget: Budget, measurement: Measurement) -> Capacity:
-    """A budget over all stored weights (the packed accounting, which a sweep's points use too)."""
+def weights_capacity(budget: Budget, measurement: Measurement | ModelView) -> Capacity:
+    """A budget over all stored weights (the packed accounting, which a sweep's points use too); the view's
+    totals serve before a measurement exists (the same ``total_params`` and ``fixed_bytes``)."""
     limit = budget.resolve(measurement.total_params)
     return Capacity(budget.text, limit, limit - measurement.fixed_bytes, measurement.fixed_bytes, "weights")
 
@@ -38,8 +39,8 @@ class PackedTarget:
     def fingerprint(self) -> dict[str, Any]:
         return {"target": self.kind}
 
-    def capacity(self, budget: Budget, measurement: Measurement, view: ModelView) -> Capacity:
-        return weights_capacity(budget, measurement)
+    def capacity(self, budget: Budget, measurement: Measurement | None, view: ModelView) -> Capacity:
+        return weights_capacity(budget, measurement if measurement is not None else view)
 
     def constraints(self, view: ModelView) -> Constraints:
         return Constraints()
