@@ -50,3 +50,33 @@ def test_uniform_format_needs_no_measurement(hf, tmp_path):
     res = run_export(_config(hf, tmp_path, uniform_format="int8-g128"), PackedTarget(tmp_path / "out"))
     assert res.plan is not None and {e.format for e in res.plan.entries} == {"int8-g128"}
     assert not (tmp_path / "job").exists()  # finished: the job directory is removed
+
+
+def test_screened_job_allocates_like_the_exhaustive_one_and_records_its_stages(hf, tmp_path):
+    """``--screen`` through the job: the target resolves the budget before measuring, the screened table holds
+    fewer GPTQ rows, and the plan at that budget is the exhaustive one (a tiny model: the estimates are close)."""
+    fmts = ("int2-g32", "int3-g32", "int4-g32", "int8-g128")
+    runs = {}
+    for screen in (False, True):
+        config = _config(hf, tmp_path / str(screen), formats=fmts, method="gptq", budgets=(Budget.parse("4bpw"),),
+                         screen=screen, keep_job=True)
+        runs[screen] = run_export(config, PackedTarget(tmp_path / str(screen) / "out"))
+    full, screened = runs[False], runs[True]
+    assert full.plan is not None and screened.plan is not None
+    from bitalloc.jobs.stages import MEASUREMENT_FILE
+    from bitalloc.measure import Measurement
+
+    tables = {k: Measurement.load(tmp_path / str(k) / "job" / MEASUREMENT_FILE) for k in runs}
+    assert "screen" in tables[True].fingerprint and "screen" not in tables[False].fingerprint
+    assert len(tables[True].rows) < len(tables[False].rows)
+    assert [(e.tensor, e.format) for e in screened.plan.entries] == [(e.tensor, e.format) for e in full.plan.entries]
+    assert screened.written.info["bytes"] == full.written.info["bytes"]
+    for res in runs.values():
+        assert {"load", "measure.fit", "allocate", "quantize", "write"} <= set(res.timings)
+    assert "screen" in screened.timings and "screen" not in full.timings
+
+
+def test_screen_without_a_budget_is_refused(hf, tmp_path):
+    config = _config(hf, tmp_path, uniform_format=None, plan=None, budgets=(), method="gptq", screen=True)
+    with pytest.raises(InputError, match="--screen"):
+        run_export(config, PackedTarget(tmp_path / "out"))
