@@ -191,11 +191,17 @@ def _candidate(w, s, o, levels, imp, consecutive):
     q = torch.round(u).clamp_(float(levels[0]), float(levels[-1]))
     d = u.sub_(q).square_()
     e = (d if imp is None else d.mul_(imp)).sum(1).mul_(s * s)
-    if not bool(nz.all()):  # zero scale: every element decodes to the offset
+    return _zero_scale_errors(e, w, o, imp, nz), q
+
+
+def _zero_scale_errors(e: torch.Tensor, w: torch.Tensor, o: torch.Tensor, imp: torch.Tensor | None,
+                       nz: torch.Tensor) -> torch.Tensor:
+    """``e`` with the groups of zero scale (``~nz``) given their true error: every element decodes to the offset."""
+    if not bool(nz.all()):
         z = ~nz
         dz = (w[z] - o[z].unsqueeze(1)).square_()
         e[z] = (dz if imp is None else dz.mul_(imp[z])).sum(1)
-    return e, q
+    return e
 
 
 def _search_chunk(w, levels, imp, symmetric, rp, ratios, refine, consecutive):
@@ -262,11 +268,7 @@ class _IntSearch:
         torch.round(u, out=q).clamp_(self.lo, self.hi)
         d = u.sub_(q).square_()
         e = (d if imp is None else d.mul_(imp)).sum(1).mul_(s * s)
-        if not bool(nz.all()):  # zero scale: every element decodes to the offset
-            z = ~nz
-            dz = (w[z] - o[z].unsqueeze(1)).square_()
-            e[z] = (dz if imp is None else dz.mul_(imp[z])).sum(1)
-        return e
+        return _zero_scale_errors(e, w, o, imp, nz)
 
     def refit(self, w, imp, sw, sy, scale, offset, symmetric):
         """Exactly ``_refit(w, self.q, imp, scale, offset, symmetric)`` with ``Σimp``, ``Σimp·w`` given."""
