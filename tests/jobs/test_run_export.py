@@ -76,7 +76,8 @@ def test_screened_job_allocates_like_the_exhaustive_one_and_records_its_stages(h
     assert "screen" in screened.timings and "screen" not in full.timings
 
 
-def test_screen_without_a_budget_is_refused(hf, tmp_path):
-    config = _config(hf, tmp_path, uniform_format=None, plan=None, budgets=(), method="gptq", screen=True)
-    with pytest.raises(InputError, match="--screen"):
-        run_export(config, PackedTarget(tmp_path / "out"))
+def test_screen_without_one_budget_is_refused_before_any_work(hf, tmp_path):
+    for kw in ({"budgets": ()}, {"budgets": (Budget.parse("4bpw"),), "uniform_format": "int4-g32"}):
+        with pytest.raises(InputError, match="--screen"):
+            _config(hf, tmp_path, method="gptq", screen=True, **kw)
+    assert not (tmp_path / "job").exists()

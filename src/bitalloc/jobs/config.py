@@ -95,6 +95,10 @@ class RunConfig:
                 raise InputError(f"unknown rounding method {m!r}; use 'gptq' or 'rtn'")
         if self.sweep is not None and not self.budgets:
             raise InputError("a sweep needs at least one budget")
+        if self.screen and (self.sweep is not None or len(self.budgets) != 1 or self.plan is not None
+                            or self.measurement is not None or self.uniform_format is not None):
+            raise InputError("--screen needs one budget to screen for, and measures the table itself (quantize "
+                             "--budget or gguf; not with --plan, --measurement, --format or a sweep)")
 
     @property
     def measuring_method(self) -> str:

@@ -141,7 +141,7 @@ class Stages:
         c = self.config
         if not c.screen:
             return None
-        if self.target is None or c.budget is None or c.plan is not None:
+        if self.target is None or c.budget is None:  # RunConfig refuses the rest before any work
             raise InputError("--screen needs a budget and an output to screen for (quantize --budget, gguf)")
         from ..screen import Screen
 
