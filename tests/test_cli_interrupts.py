@@ -40,10 +40,16 @@ def test_an_interrupt_a_library_turns_into_another_error_is_still_an_interrupt(m
 
     monkeypatch.setattr(mp, "cmd_plan", interrupted_load)
     monkeypatch.setattr("bitalloc.cli._precheck", lambda args: None)
-    rc = main(["plan", "t.json", "--budget", "3bpw", "--out", "p.json"])
+    # a process started in the background by a non-interactive shell ignores SIGINT from birth: Python's
+    # default handler is what a terminal's Ctrl-C reaches, so the test installs it for its own duration
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc = main(["plan", "t.json", "--budget", "3bpw", "--out", "p.json"])
+    finally:
+        after = signal.signal(signal.SIGINT, before)
     err = capsys.readouterr().err
     assert rc == 130 and err.strip() == "interrupted", err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the watch is undone
+    assert after is signal.default_int_handler  # the watch is undone
 
 
 @pytest.mark.parametrize("argv", [["quantize", "--budget", "-3bpw", "--out", "q"], ["measure", "--windows", "x"],
