@@ -153,14 +153,25 @@ def _refit(w, x, imp, scale, offset, symmetric):
     ix = x if imp is None else imp * x
     sxx, sxy = (ix * x).sum(1), (ix * w).sum(1)
     if symmetric:
-        ok = sxx > 0
-        return torch.where(ok, sxy / torch.where(ok, sxx, torch.ones_like(sxx)), scale), offset
+        return _solve_scale(sxx, sxy, scale), offset
     if imp is None:
         sw = torch.full_like(sxx, w.shape[1])
         sy = w.sum(1)
     else:
         sw, sy = imp.sum(1), (imp * w).sum(1)
-    sx = ix.sum(1)
+    return _solve_affine(sw, sy, ix.sum(1), sxx, sxy, scale, offset)
+
+
+def _solve_scale(sxx: torch.Tensor, sxy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The least-squares scale ``Σimp·x·w / Σimp·x²`` of a symmetric grid; the old one where ``Σimp·x² = 0``."""
+    ok = sxx > 0
+    return torch.where(ok, sxy / torch.where(ok, sxx, torch.ones_like(sxx)), scale)
+
+
+def _solve_affine(sw: torch.Tensor, sy: torch.Tensor, sx: torch.Tensor, sxx: torch.Tensor, sxy: torch.Tensor,
+                  scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted least-squares scale and offset from the sums ``Σimp``, ``Σimp·w``, ``Σimp·x``, ``Σimp·x²``,
+    ``Σimp·x·w``; the old ones where the system is singular."""
     det = sw * sxx - sx * sx
     ok = (det > 1e-9 * sw * sxx) & (sw > 0)
     s = (sw * sxy - sx * sy) / torch.where(ok, det, torch.ones_like(det))
@@ -278,14 +289,8 @@ class _IntSearch:
         sxx = torch.mul(ix, x, out=u).sum(1)
         sxy = torch.mul(ix, w, out=u).sum(1)
         if symmetric:
-            ok = sxx > 0
-            return torch.where(ok, sxy / torch.where(ok, sxx, torch.ones_like(sxx)), scale), offset
-        sx = ix.sum(1)
-        det = sw * sxx - sx * sx
-        ok = (det > 1e-9 * sw * sxx) & (sw > 0)
-        s = (sw * sxy - sx * sy) / torch.where(ok, det, torch.ones_like(det))
-        o = (sy - s * sx) / torch.where(sw > 0, sw, torch.ones_like(sw))
-        return torch.where(ok, s, scale), torch.where(ok, o, offset)
+            return _solve_scale(sxx, sxy, scale), offset
+        return _solve_affine(sw, sy, ix.sum(1), sxx, sxy, scale, offset)
 
     def grid_error(self, w, s, o, levels, imp):
         """Exactly ``affine_error(w, s, o, levels, imp)`` (the :meth:`Grid.snap` arithmetic).
