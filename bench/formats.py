@@ -11,7 +11,12 @@ that supports the shape, on three data sets:
   rescaled copy keeps it untouched on its Q8_0 grid, so q8_0 would show no error at all;
 
 it reports exact bpw, SQNR = 10·log10(Σw² / Σ(w-ŵ)²) in dB (real data: the mean over tensors of the
-per-tensor SQNR), and the gap to the Gaussian Shannon bound 6.02·bpw - SQNR.  Integer formats are run with
+per-tensor SQNR), and the gap to the Gaussian Shannon bound 6.02·bpw - SQNR.  Every format is scored on the *same*
+tensors; a format that cannot store some of them (q4_k/q3_k/q2_k need a column count that is a multiple of 256) is
+scored on those it can take, marked ``*`` and listed in the JSON (``refused``), and ``every_linear`` says whether it
+can store every linear of the whole model (the bar for a format a user can apply uniformly).  The float, NF4,
+mixture, outlier, double-scale and rotated families (issue 18) are run with their own fit, like the GGUF types; the
+summary line names the best format of at most 4.5 bpw (on the real tensors) that takes every linear.  Integer formats are run with
 min-max RTN (the baseline, computed in the same run) and with RTN after the scale/clipping search; the
 search must not be worse than min-max on any row (checked per group with the exact grid arithmetic, and
 the bench fails otherwise).  GGUF formats use their own ``fit``.
@@ -48,6 +53,32 @@ LAYERS = (0, 15, 29)
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj")
 MAX_ROWS = 128
 GGUF_IDS = ("q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", "iq4_nl", "q3_k", "q2_k")
+# issue 18's families (skipped, with a log line, when an id is not registered)
+NEW_IDS = ("nf4", "fp4-g32", "fp4-g64", "fp4-g128", "mxfp4", "nvfp4", "fp8", "fp3-e1m1-g32", "fp5-e2m2-g64",
+           "fp6-e2m3-g64", "fp6-e3m2-g64", "mix3-g32", "mix3-g64", "mix4-g32", "mix4-g64", "int3-g32-dq",
+           "int4-g16-dq", "int4-g32-dq", "int5-g32-dq", "int3-g128+o4", "int3-g128+o8", "int4-g128+o4", "int4-g64+o2",
+           "had-int3-g128", "had-int4-g64", "had-int4-g128", "had-iq4_nl", "had-nf4", "had-mix4-g64",
+           "had-int4-g32-dq")
+GOAL_BPW, GOAL_DB = 4.5, 24.0
+
+
+def family(fmt: Format) -> str:
+    fid = fmt.id
+    if isinstance(fmt, IntFormat):
+        return "int"
+    if not fmt.is_grid:
+        return "keep"
+    if fid.startswith("had-"):
+        return "rotated"
+    if "+o" in fid:
+        return "outliers"
+    if fid.startswith("mix"):
+        return "mixture"
+    if fid.endswith("-dq"):
+        return "double-scale"
+    if fid.startswith(("fp", "mxfp", "nvfp", "nf")):
+        return "float"
+    return "gguf"
 
 
 def synthetic() -> dict[str, torch.Tensor]:
@@ -58,25 +89,27 @@ def synthetic() -> dict[str, torch.Tensor]:
     return {"normal": normal, "laplace": laplace}
 
 
-def real_tensors() -> dict[str, torch.Tensor]:
+def real_tensors() -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """The sampled real tensors and the distinct shapes of every linear of the model (for ``every_linear``)."""
     from bitalloc.models.rescale import load_reference
 
     model, _tok = load_reference(rescaled=True)
     names = [f"model.layers.{i}.{m}.weight" for i in LAYERS for m in MODULES]
     params = dict(model.named_parameters())
+    shapes = sorted({tuple(int(d) for d in m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
     out = {}
     for n in names:
         w = params[n].detach().to(torch.float32)
         rows = torch.linspace(0, w.shape[0] - 1, min(MAX_ROWS, w.shape[0])).round().long()
         out[n] = w[rows].contiguous()
     del model
-    return out
+    return out, shapes
 
 
 def candidates() -> list[Format]:
     fmts: list[Format] = [IntFormat(b, g, s) for b, g, s in itertools.product(BITS, GROUPS, (False, True))]
     fmts.append(get_format("fp16"))
-    for fid in GGUF_IDS:
+    for fid in GGUF_IDS + NEW_IDS:
         try:
             fmts.append(get_format(fid))
         except FormatError:
@@ -106,8 +139,11 @@ def other_error(fmt: Format, w: torch.Tensor) -> float:
     return float(((w - dequantize(q)).double() ** 2).sum())
 
 
-def run_format(fmt: Format, data: dict[str, dict[str, torch.Tensor]], checks: dict[str, int]) -> dict | None:
-    row: dict = {"id": fmt.id, "family": "int" if isinstance(fmt, IntFormat) else ("gguf" if fmt.is_grid else "keep")}
+def run_format(fmt: Format, data: dict[str, dict[str, torch.Tensor]], checks: dict[str, int],
+               linear_shapes: list[tuple[int, int]]) -> dict | None:
+    row: dict = {"id": fmt.id, "family": family(fmt)}
+    if linear_shapes:
+        row["every_linear"] = all(fmt.supports(s) for s in linear_shapes)
     try:
         row["bpw"] = fmt.bpw(SYNTH_SHAPE)
     except (FormatError, NotImplementedError):
@@ -115,8 +151,10 @@ def run_format(fmt: Format, data: dict[str, dict[str, torch.Tensor]], checks: di
     row["datasets"] = {}
     for dname, tensors in data.items():
         per: dict[str, dict] = {}
+        refused = []
         for tname, w in tensors.items():
             if not fmt.supports(tuple(w.shape)):
+                refused.append(tname)
                 continue
             try:
                 entry = {"bytes": fmt.nbytes(tuple(w.shape)), "numel": w.numel()}
@@ -143,7 +181,7 @@ def run_format(fmt: Format, data: dict[str, dict[str, torch.Tensor]], checks: di
         s = mean("sqnr_search")
         row["datasets"][dname] = {"bpw": bpw, "sqnr_minmax": mean("sqnr_minmax"), "sqnr_search": s,
                                   "gap_db": 6.02 * bpw - s, "tensors": len(per),
-                                  "tensors_total": len(tensors), "per_tensor": per}
+                                  "tensors_total": len(tensors), "refused": refused, "per_tensor": per}
     return row
 
 
@@ -179,7 +217,9 @@ def plot(rows: list[dict], dnames: list[str], path: Path) -> None:
     for ax, d in zip(axes[0], dnames):
         xs = [b / 10 for b in range(15, 95)]
         ax.plot(xs, [6.02 * x for x in xs], "k--", lw=1, label="Shannon 6.02·bpw")
-        for fam, color, marker in (("int", "tab:blue", "o"), ("gguf", "tab:red", "s")):
+        for fam, color, marker in (("int", "tab:blue", "o"), ("gguf", "tab:red", "s"), ("float", "tab:green", "^"),
+                                   ("mixture", "tab:purple", "D"), ("double-scale", "tab:orange", "P"),
+                                   ("outliers", "tab:brown", "v"), ("rotated", "tab:cyan", "*")):
             pts = [(r["datasets"][d]["bpw"], r["datasets"][d]) for r in rows
                    if r["family"] == fam and d in r["datasets"]]
             if not pts:
@@ -202,6 +242,18 @@ def plot(rows: list[dict], dnames: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def best_uniform(rows: list[dict]) -> dict | None:
+    """The format of at most GOAL_BPW bpw (on the real tensors) storing every linear, with the best mean SQNR."""
+    best = None
+    for r in rows:
+        x = r["datasets"].get("smollm2")
+        if not r.get("every_linear") or x is None or x["bpw"] > GOAL_BPW + 1e-9 or x["tensors"] < x["tensors_total"]:
+            continue
+        if best is None or x["sqnr_search"] > best["sqnr"]:
+            best = {"id": r["id"], "bpw": x["bpw"], "sqnr": x["sqnr_search"]}
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
@@ -212,19 +264,25 @@ def main() -> None:
     t0 = time.time()
     synth = synthetic()
     data = {k: {k: v} for k, v in synth.items()}
+    linear_shapes: list[tuple[int, int]] = []
     if not args.no_real:
-        data["smollm2"] = real_tensors()
+        data["smollm2"], linear_shapes = real_tensors()
         log.info("loaded %d real tensors in %.0fs", len(data["smollm2"]), time.time() - t0)
     checks = {"groups": 0, "rows": 0, "groups_worse": 0, "rows_worse": 0}
     rows = []
     for fmt in candidates():
         t = time.time()
-        r = run_format(fmt, data, checks)
+        r = run_format(fmt, data, checks, linear_shapes)
         if r is not None:
             rows.append(r)
             log.info("%-14s %.1fs", fmt.id, time.time() - t)
     dnames = list(data)
     print_table(rows, dnames)
+    goal = best_uniform(rows)
+    if goal is not None:
+        print(f"best format of <= {GOAL_BPW} bpw that every linear can take: {goal['id']} at {goal['bpw']:.3f} bpw, "
+              f"{goal['sqnr']:.2f} dB mean SQNR on the real tensors (goal >= {GOAL_DB} dB: "
+              f"{'met' if goal['sqnr'] >= GOAL_DB else 'NOT met'})")
     print(f"search vs min-max: {checks['rows_worse']} of {checks['rows']} rows and {checks['groups_worse']} of "
           f"{checks['groups']} groups worse (must be 0)")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -236,7 +294,8 @@ def main() -> None:
             "tensors": list(data["smollm2"]), "max_rows": MAX_ROWS},
         "sqnr": "10*log10(sum w^2 / sum (w - w_hat)^2) dB; real data: mean over tensors",
         "gap": "6.02*bpw - SQNR (Gaussian Shannon bound) dB",
-        "checks": checks, "seconds": time.time() - t0, "formats": rows,
+        "checks": checks, "seconds": time.time() - t0, "linear_shapes": linear_shapes,
+        "goal": {"max_bpw": GOAL_BPW, "min_sqnr_db": GOAL_DB, "best": goal}, "formats": rows,
     }
     (OUT / "formats.json").write_text(json.dumps(result, indent=1, allow_nan=True))
     plot(rows, dnames, OUT / "formats.png")
