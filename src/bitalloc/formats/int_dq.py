@@ -26,11 +26,20 @@ every part is 2-D with one row per tensor row, each row starting on a byte bound
 Example: ``(3, 40)`` int4-g32-dq = 3*32 + 3*2 + 3*2 + 3*4 = 120 bytes.
 
 Fitting (importance-weighted, as the K-quants in :mod:`.gguf_kquants`): a continuous scale/min search per
-group (:func:`.gguf_common.search_grid`, offsets <= 0); per row a search of ``d`` (and ``dmin``) minimising
-the weighted error of rounding the groups' scales (mins) to ``S``-bit integers; then alternating: each group
-tries the neighbouring integers against its true weighted error, and ``d``/``dmin`` are refit by least
-squares to the integers and codes, a step kept only where it lowers the row's error.  :meth:`refine` (GPTQ)
-refits ``d``/``dmin`` per row to fixed codes and integers under the full Hessian, kept only where better.
+group (:func:`.gguf_common.search_grid`, offsets <= 0, plus the range [0, max] for all-positive groups); per
+row a search of ``d`` (and ``dmin``) minimising the weighted error of rounding the groups' scales (mins) to
+``S``-bit integers; then alternating: each group tries the neighbouring integers against its true weighted
+error, and ``d``/``dmin`` are refit by least squares to the integers and codes, a step kept only where it
+lowers the row's error.  :meth:`IntDQFormat.refine` (GPTQ) refits ``d``/``dmin`` per row to fixed codes
+under the full Hessian and moves the integers where the Hessian error says so, kept only where better.
+
+Why these choices (RTN SQNR, ``/tmp`` scripts reported with the branch; SmolLM2 = the 12 rescaled tensors of
+``bench/formats.py``): per-row super-scales cost 32/cols bpw (0.056 on 576 columns) where Q4_K's per-256
+ones cost 0.125 and need cols % 256 == 0; on down_proj (1536 columns, the only shape Q4_K takes) one ``d``
+per 48 groups loses 0.15 dB to Q4_K (24.37 vs 24.52 dB; the same fit with 256-wide super-blocks gives
+24.52), on every SmolLM2 linear ``int4-g32-dq`` averages 24.50 dB at 4.42 bpw (iq4_nl 22.46 at 4.5, int4-g64
+21.47 at 4.5).  Scale bits: 6 -> 7 -> 8 give 24.50 / 24.68 / 24.73 dB at 4.42 / 4.48 / 4.54 bpw; groups of
+16 need fewer scale bits to stay near 4.5 bpw (``int4-g16-dq4``: 24.02 dB at 4.54).
 """
 from __future__ import annotations
 
@@ -55,6 +64,8 @@ _ID = re.compile(r"int(\d+)-g(\d+)-dq(\d*)")
 _FIT_ELEMS = 1 << 20
 #: candidate super-scales per row, as multiples of (largest group value / largest integer)
 _SUPER_STEPS = 41
+#: Hessian-guided integer moves in :meth:`IntDQFormat.refine` (each followed by a d/dmin refit)
+REFINE_STEPS = 2
 
 
 def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -123,7 +134,8 @@ class IntDQFormat(Format):
     def nbytes(self, shape: Shape) -> int:
         self.check_shape(shape)
         rows, cols = (int(d) for d in shape)
-        return sum(rows * shp[1] * (2 if dt == torch.float16 else 1) for dt, shp in self._part_shapes(rows, cols).values())
+        parts = self._part_shapes(rows, cols).values()
+        return sum(rows * shp[1] * (2 if dt == torch.float16 else 1) for dt, shp in parts)
 
     # --- fit ----------------------------------------------------------------------------------
     def _effective(self, d, dmin, sc, mn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,26 +229,68 @@ class IntDQFormat(Format):
         return Grid(scale, offset, self.levels.to(d.device), self.group, {"d": d, "dmin": dmin, "sc": sc, "m": mn})
 
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
-        """Least-squares fp16 ``d``/``dmin`` per row for fixed codes and integers under ``hessian``; rows
-        whose error does not drop keep their old values; ``grid`` itself when no row improves."""
+        """A grid for the fixed ``codes`` under ``hessian``: least-squares fp16 ``d``/``dmin`` per row, then
+        :data:`REFINE_STEPS` Hessian-guided moves of the integer scales/mins (each followed by that refit).
+        Every row keeps whichever candidate has the smallest error (its old values when none is smaller), so
+        no row gets worse; ``grid`` itself when no row improves."""
         d, dmin, sc, mn = (grid.extra[k] for k in ("d", "dmin", "sc", "m"))
-        cols = int(w.shape[1])
-        g = torch.arange(cols, device=w.device) // self.group
         h = hessian.to(device=w.device, dtype=torch.float64)
         h = (h + h.T) * 0.5
-        a = (sc[:, g].to(torch.float64) * grid.levels.to(torch.float64)[codes])
-        b = -mn[:, g].to(torch.float64)
-        ha, hb = a @ h, b @ h
+        z = grid.levels.to(device=w.device, dtype=torch.float64)[codes]
         w64 = w.to(torch.float64)
-        saa, sab, sbb = (a * ha).sum(1), (b * ha).sum(1), (b * hb).sum(1)
-        sxa, sxb = (w64 * ha).sum(1), (w64 * hb).sum(1)
-        d2, m2 = _solve_normal(saa, sab, sbb, sxa, sxb, d.to(torch.float64), dmin.to(torch.float64))
-        d2, m2 = fp16r(d2.to(torch.float32)), fp16r(m2.to(torch.float32))
-        new = self._grid(d2, m2, sc, mn)
-        better = row_errors(w, new.values(codes), hessian) < row_errors(w, grid.values(codes), hessian)
-        if not bool(better.any()):
-            return grid
-        return self._grid(torch.where(better, d2, d), torch.where(better, m2, dmin), sc, mn)
+        best = [d, dmin, sc, mn, row_errors(w, grid.values(codes), hessian)]
+        improved = False
+        for step in range(1 + REFINE_STEPS):
+            c_sc, c_mn = (sc, mn) if step == 0 else self._move_ints(w64, z, h, *best[:4])
+            d2, m2 = self._lsq_super(w64, z, h, c_sc, c_mn, best[0], best[1])
+            err = row_errors(w, self._grid(d2, m2, c_sc, c_mn).values(codes), hessian)
+            take = err < best[4]
+            if not bool(take.any()):
+                break
+            improved, t1 = True, take.unsqueeze(1)
+            best = [torch.where(take, d2, best[0]), torch.where(take, m2, best[1]), torch.where(t1, c_sc, best[2]),
+                    torch.where(t1, c_mn, best[3]), torch.where(take, err, best[4])]
+        return self._grid(*best[:4]) if improved else grid
+
+    def _lsq_super(self, w64, z, h, sc, mn, d0, m0) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp16 (d, dmin) per row minimising ``(w - d·a - dmin·b)ᵀ H (w - d·a - dmin·b)``, a = sc·z, b = -m."""
+        g = torch.arange(int(w64.shape[1]), device=w64.device) // self.group
+        a, b = sc[:, g].to(torch.float64) * z, -mn[:, g].to(torch.float64)
+        ha, hb = a @ h, b @ h
+        d2, m2 = _solve_normal((a * ha).sum(1), (b * ha).sum(1), (b * hb).sum(1), (w64 * ha).sum(1),
+                               (w64 * hb).sum(1), d0.to(torch.float64), m0.to(torch.float64))
+        return fp16r(d2.to(torch.float32)), fp16r(m2.to(torch.float32))
+
+    def _move_ints(self, w64, z, h, d, dmin, sc, mn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, the step of (sc, m) in {-1, 0, 1}² that most lowers the row's Hessian error when taken
+        alone (the exact change: gradient through ``H (w - v)``, curvature from the group's diagonal block)."""
+        rows, cols = (int(n) for n in w64.shape)
+        G, ng = self.group, self.ngroups(cols)
+        pad = ng * G - cols
+        d64, m64 = d.to(torch.float64).unsqueeze(1), dmin.to(torch.float64).unsqueeze(1)
+        g = torch.arange(cols, device=w64.device) // G
+        v = d64 * sc[:, g].to(torch.float64) * z - m64 * mn[:, g].to(torch.float64)
+        r = torch.nn.functional.pad((w64 - v) @ h, (0, pad)).reshape(rows, ng, G)
+        zg = torch.nn.functional.pad(z, (0, pad)).reshape(rows, ng, G)
+        hp = torch.nn.functional.pad(h, (0, pad, 0, pad)).reshape(ng, G, ng, G)
+        blocks = hp[torch.arange(ng), :, torch.arange(ng)]  # (ng, G, G) diagonal blocks
+        zhz = torch.einsum("rgi,gij,rgj->rg", zg, blocks, zg)
+        zh1 = torch.einsum("rgi,gi->rg", zg, blocks.sum(2))
+        one = blocks.sum((1, 2)).unsqueeze(0)
+        zr, r1 = (zg * r).sum(2), r.sum(2)
+        hi = (1 << self.sbits) - 1
+        best_e = torch.zeros_like(zr)
+        out_sc, out_mn = sc.clone(), mn.clone()
+        for ds in (-1, 0, 1):
+            for dm in (-1, 0, 1):
+                if ds == dm == 0:
+                    continue
+                a, b = ds * d64, -dm * m64
+                de = -2 * (a * zr + b * r1) + a * a * zhz + 2 * a * b * zh1 + b * b * one
+                ok = (sc + ds >= 0) & (sc + ds <= hi) & (mn + dm >= 0) & (mn + dm <= hi) & (de < best_e)
+                best_e = torch.where(ok, de, best_e)
+                out_sc, out_mn = torch.where(ok, sc + ds, out_sc), torch.where(ok, mn + dm, out_mn)
+        return out_sc, out_mn
 
     # --- bytes --------------------------------------------------------------------------------
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
