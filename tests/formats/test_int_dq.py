@@ -204,6 +204,27 @@ def test_gptq_not_worse_than_rtn_and_refine_never_worse() -> None:
     assert torch.equal(fmt.decode(q), new.values(codes))
 
 
+def test_refine_integer_moves_beat_the_super_scale_refit_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hessian-guided moves of the integer scales/mins lower the error below refitting d/dmin alone
+    (measured: 64.4 vs 67.2 here, plain GPTQ 68.8), with padded last groups (200 columns)."""
+    import bitalloc.formats.int_dq as int_dq
+    from bitalloc.rounding import gptq_refit
+    from bitalloc.rounding.gptq import gptq_round
+
+    fmt = get_format("int4-g32-dq")
+    _x, h = correlated(4096, 200, seed=3)
+    w = _w(64, 200, seed=1)
+    grid = fmt.fit(w, torch.diagonal(h))
+    plain = layer_output_error(w, gptq_round(w, h, grid)[1], h)
+    errs = {}
+    for steps in (0, 2):
+        monkeypatch.setattr(int_dq, "REFINE_STEPS", steps)
+        codes, g = gptq_refit(w, h, grid, fmt)
+        errs[steps] = layer_output_error(w, g.values(codes), h)
+        assert torch.equal(fmt.decode(fmt.encode(codes, g, tuple(w.shape))), g.values(codes))
+    assert errs[2] < 0.98 * errs[0] < plain
+
+
 def test_batched_measurement_equals_per_format() -> None:
     g = torch.Generator().manual_seed(4)
     w = _w(24, 200, seed=4)

@@ -272,8 +272,10 @@ class IntDQFormat(Format):
         v = d64 * sc[:, g].to(torch.float64) * z - m64 * mn[:, g].to(torch.float64)
         r = torch.nn.functional.pad((w64 - v) @ h, (0, pad)).reshape(rows, ng, G)
         zg = torch.nn.functional.pad(z, (0, pad)).reshape(rows, ng, G)
-        hp = torch.nn.functional.pad(h, (0, pad, 0, pad)).reshape(ng, G, ng, G)
-        blocks = hp[torch.arange(ng), :, torch.arange(ng)]  # (ng, G, G) diagonal blocks
+        idx = torch.arange(ng * G, device=h.device).reshape(ng, G)
+        inside = (idx < cols).to(torch.float64)
+        idx = idx.clamp_max(cols - 1)
+        blocks = h[idx.unsqueeze(2), idx.unsqueeze(1)] * inside.unsqueeze(2) * inside.unsqueeze(1)  # (ng, G, G)
         zhz = torch.einsum("rgi,gij,rgj->rg", zg, blocks, zg)
         zh1 = torch.einsum("rgi,gi->rg", zg, blocks.sum(2))
         one = blocks.sum((1, 2)).unsqueeze(0)
