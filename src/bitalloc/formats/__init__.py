@@ -1,6 +1,7 @@
 """Storage formats: exact byte costs, grids, packing.  Importing this package registers every family."""
 from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape, get_format
 from . import keep as _keep  # noqa: F401  (registers fp16/bf16/fp32)
+from . import int_dq as _int_dq  # noqa: F401  (int{b}-g{G}-dq[S]; before int, which refuses other int ids)
 from . import int as _int  # noqa: F401  (registers int{2..8}-g{32,64,128}|row[-sym])
 from . import gguf as _gguf  # noqa: F401  (registers q8_0 ... q2_k, iq4_nl)
 

@@ -1,0 +1,409 @@
+"""Integer formats with double-quantized scales, ``int{b}-g{G}-dq[{S}]``: K-quant scales on any column count.
+
+Like llama.cpp's Q4_K, every group of ``G`` consecutive columns has an unsigned ``S``-bit integer scale
+``sc`` and min ``m``, themselves scaled by fp16 super-scales ``d`` and ``dmin``; unlike Q4_K the super-block
+is one whole row (any column count, the last group padded as in :mod:`.int`), so SmolLM2's 576-wide
+tensors, which no K-quant can store, take it.  An element of group ``g`` of row ``r`` decodes to
+
+    ``(d[r] * sc[r, g]) * q - dmin[r] * m[r, g]``,   ``q`` in ``[0, 2^b - 1]``, ``sc``, ``m`` in ``[0, 2^S - 1]``
+
+(float32 arithmetic in this order; ``d``/``dmin`` may take any finite fp16 value).  As a :class:`Grid`:
+``levels = arange(2^b)``, ``scale = d * sc``, ``offset = -(dmin * m)``, ``group_size = G``; ``grid.extra``
+holds ``d``, ``dmin`` (rows,) float32 and ``sc``, ``m`` (rows, ngroups) int64.
+
+Ids: ``b`` in {2, 3, 4, 5, 6}, ``G`` in {16, 32, 64}, ``S`` in 4..8; ``-dq`` means ``S = 6`` (``-dq6`` is
+accepted on input).  ``int4-g32-dq`` is the Q4_K analogue: 4 + 12/32 + 32/cols bpw (4.44 on 576 columns).
+
+Exact storage of a ``(rows, cols)`` tensor, ``ng = ceil(cols / G)`` (this defines :meth:`IntDQFormat.nbytes`);
+every part is 2-D with one row per tensor row, each row starting on a byte boundary, so row blocks stack:
+
+* ``weight_packed``: uint8 ``(rows, ng*G*b/8)``: row ``r``'s codes, padded with zero codes to ``ng*G``
+  columns, as one :func:`~.packing.pack_bits` stream (``G*b`` is a multiple of 8, so no padding bits);
+* ``weight_scale``: uint8 ``(rows, ceil(ng*S/8))``: ``pack_bits(sc[r], S)``, the last byte's unused high
+  bits zero;
+* ``weight_zero``: uint8 ``(rows, ceil(ng*S/8))``: ``pack_bits(m[r], S)``, likewise;
+* ``weight_super``: fp16 ``(rows, 2)``: ``d[r]``, ``dmin[r]``.
+Example: ``(3, 40)`` int4-g32-dq = 3*32 + 3*2 + 3*2 + 3*4 = 120 bytes.
+
+Fitting (importance-weighted, as the K-quants in :mod:`.gguf_kquants`): a continuous scale/min search per
+group (:func:`.gguf_common.search_grid`, offsets <= 0, plus the range [0, max] for all-positive groups); per
+row a search of ``d`` (and ``dmin``) minimising the weighted error of rounding the groups' scales (mins) to
+``S``-bit integers; then alternating: each group tries the neighbouring integers against its true weighted
+error, and ``d``/``dmin`` are refit by least squares to the integers and codes, a step kept only where it
+lowers the row's error.  :meth:`IntDQFormat.refine` (GPTQ) refits ``d``/``dmin`` per row to fixed codes
+under the full Hessian and moves the integers where the Hessian error says so, kept only where better.
+
+Why these choices (RTN SQNR, ``/tmp`` scripts reported with the branch; SmolLM2 = the 12 rescaled tensors of
+``bench/formats.py``): per-row super-scales cost 32/cols bpw (0.056 on 576 columns) where Q4_K's per-256
+ones cost 0.125 and need cols % 256 == 0; on down_proj (1536 columns, the only shape Q4_K takes) one ``d``
+per 48 groups loses 0.15 dB to Q4_K (24.37 vs 24.52 dB; the same fit with 256-wide super-blocks gives
+24.52), on every SmolLM2 linear ``int4-g32-dq`` averages 24.50 dB at 4.42 bpw (iq4_nl 22.46 at 4.5, int4-g64
+21.47 at 4.5).  Scale bits: 6 -> 7 -> 8 give 24.50 / 24.68 / 24.73 dB at 4.42 / 4.48 / 4.54 bpw; groups of
+16 need fewer scale bits to stay near 4.5 bpw (``int4-g16-dq4``: 24.02 dB at 4.54).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..rounding.gptq import row_errors
+from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
+from .gguf_common import (bits_to_bytes, check_weights, element_weights, fp16r, grid_error, level_values,
+                          nearest_fn, search_grid)
+from .packing import pack_bits, unpack_bits
+
+BITS = (2, 3, 4, 5, 6)
+GROUPS = (16, 32, 64)
+SCALE_BITS = (4, 5, 6, 7, 8)
+DEFAULT_SCALE_BITS = 6
+_ID = re.compile(r"int(\d+)-g(\d+)-dq(\d*)")
+#: elements of the weight fitted at once (bounds the search's temporaries)
+_FIT_ELEMS = 1 << 20
+#: candidate super-scales per row, as multiples of (largest group value / largest integer)
+_SUPER_STEPS = 41
+#: Hessian-guided integer moves in :meth:`IntDQFormat.refine` (each followed by a d/dmin refit)
+REFINE_STEPS = 2
+
+
+def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b == 0, torch.zeros_like(a), a / torch.where(b == 0, torch.ones_like(b), b))
+
+
+def _nonneg(s: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return s.clamp_min(0), o.clamp_max(0)
+
+
+def _super_search(vals: torch.Tensor, wgt: torch.Tensor, hi: int) -> torch.Tensor:
+    """fp16 ``d`` (R,) minimising ``Σ_g wgt·(vals - d·clamp(round(vals/d), 0, hi))²`` over candidates around
+    ``max(vals) / hi`` (vals >= 0, (R, ng))."""
+    top = vals.amax(1, keepdim=True)
+    f = torch.linspace(0.6, 1.4, _SUPER_STEPS, device=vals.device)
+    cand = fp16r(top / (hi * f))  # (R, K)
+    ints = torch.clamp(torch.round(_safe_div(vals.unsqueeze(1), cand.unsqueeze(2))), 0, hi)
+    err = (wgt.unsqueeze(1) * (vals.unsqueeze(1) - cand.unsqueeze(2) * ints) ** 2).sum(2)
+    return cand.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
+
+
+def _bits_of(bytes_: torch.Tensor) -> torch.Tensor:
+    """uint8 (R, n) -> (R, 8n) 0/1 int64, bit i of byte j at 8j + i (the pack_bits order)."""
+    return ((bytes_.to(torch.int64).unsqueeze(-1) >> torch.arange(8)) & 1).reshape(bytes_.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class IntDQFormat(Format):
+    """``bits``-bit codes per ``group`` columns; ``sbits``-bit scale and min per group; fp16 d, dmin per row."""
+
+    bits: int = 4  # type: ignore[assignment]
+    group: int = 32
+    sbits: int = DEFAULT_SCALE_BITS
+
+    def __post_init__(self) -> None:
+        for name, val, allowed in (("bits", self.bits, BITS), ("group", self.group, GROUPS),
+                                   ("sbits", self.sbits, SCALE_BITS)):
+            if isinstance(val, bool) or val not in allowed:
+                raise FormatError(f"double-quantized integer formats support {name} in {allowed}, got {val!r}")
+
+    @property
+    def id(self) -> str:
+        tail = "" if self.sbits == DEFAULT_SCALE_BITS else str(self.sbits)
+        return f"int{self.bits}-g{self.group}-dq{tail}"
+
+    @property
+    def levels(self) -> torch.Tensor:
+        return torch.arange(1 << self.bits, dtype=torch.float32)
+
+    # --- geometry -----------------------------------------------------------------------------
+    def check_shape(self, shape: Shape) -> None:
+        if len(tuple(shape)) != 2:
+            raise FormatError(f"{self.id}: stores 2-D (rows, cols) tensors only, got shape {tuple(shape)}")
+        super().check_shape(shape)
+
+    def ngroups(self, cols: int) -> int:
+        return -(-cols // self.group)
+
+    def _part_shapes(self, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:
+        ng = self.ngroups(cols)
+        sb = (ng * self.sbits + 7) // 8
+        return {"weight_packed": (torch.uint8, (rows, ng * self.group * self.bits // 8)),
+                "weight_scale": (torch.uint8, (rows, sb)), "weight_zero": (torch.uint8, (rows, sb)),
+                "weight_super": (torch.float16, (rows, 2))}
+
+    def nbytes(self, shape: Shape) -> int:
+        self.check_shape(shape)
+        rows, cols = (int(d) for d in shape)
+        parts = self._part_shapes(rows, cols).values()
+        return sum(rows * shp[1] * (2 if dt == torch.float16 else 1) for dt, shp in parts)
+
+    # --- fit ----------------------------------------------------------------------------------
+    def _effective(self, d, dmin, sc, mn) -> tuple[torch.Tensor, torch.Tensor]:
+        return d.unsqueeze(1) * sc.to(torch.float32), -(dmin.unsqueeze(1) * mn.to(torch.float32))
+
+    def _group_errors(self, x, wt, d, dmin, sc, mn) -> torch.Tensor:
+        return grid_error(x, wt, *self._effective(d, dmin, sc, mn), nearest_fn(self.levels.to(x.device)))
+
+    def _choose_ints(self, x, wt, d, dmin, s_t, m_t):
+        """Best integers (sc, m) per group among the neighbours of round(target / super-scale)."""
+        hi = (1 << self.sbits) - 1
+        base_sc, base_m = torch.round(_safe_div(s_t, d.unsqueeze(1))), torch.round(_safe_div(m_t, dmin.unsqueeze(1)))
+        best = None
+        for ds in (-1, 0, 1):
+            for dm in (-1, 0, 1):
+                sc, mn = torch.clamp(base_sc + ds, 0, hi), torch.clamp(base_m + dm, 0, hi)
+                e = self._group_errors(x, wt, d, dmin, sc, mn)
+                if best is None:
+                    best = (sc, mn, e)
+                else:
+                    b = e < best[2]
+                    best = (torch.where(b, sc, best[0]), torch.where(b, mn, best[1]), torch.where(b, e, best[2]))
+        return best
+
+    def _refit_super(self, x, wt, d, dmin, sc, mn):
+        """Weighted least-squares (d, dmin) per row for fixed integers and the RTN codes, as fp16."""
+        scale, offset = self._effective(d, dmin, sc, mn)
+        q = level_values(x, scale, offset, nearest_fn(self.levels.to(x.device)))
+        a = (sc.unsqueeze(2) * q).flatten(1)
+        b = (-mn).unsqueeze(2).expand_as(x).flatten(1)
+        xx, w1 = x.flatten(1), wt.flatten(1)
+        d2, m2 = _solve2(a, b, xx, w1, d, dmin)
+        return fp16r(d2), fp16r(m2)
+
+    def _fit_rows(self, x: torch.Tensor, wt: torch.Tensor):
+        R, J, G = x.shape
+        hi = (1 << self.sbits) - 1
+        levels = self.levels.to(x.device)
+        flat, fw = x.reshape(-1, G), wt.reshape(-1, G)
+        s, o = search_grid(flat, fw, levels, symmetric=False, rnd=_nonneg, nonpos_offset=True)
+        # groups of positive values only: every searched range starts above 0, which the offset (<= 0) cannot;
+        # the range [0, max] can, so it is a candidate too (a constant positive row, a lone padded column)
+        lo = flat.amin(1).clamp_max(0)
+        s0 = (flat.amax(1).clamp_min(0) - lo) / float(levels[-1])
+        near = nearest_fn(levels)
+        zero_better = grid_error(flat, fw, s0, lo, near) < grid_error(flat, fw, s, o, near)
+        s, o = torch.where(zero_better, s0, s), torch.where(zero_better, lo, o)
+        q2 = level_values(flat, s, o, near).square_()
+        s_t, m_t = s.reshape(R, J), (-o).reshape(R, J)
+        d = _super_search(s_t, (fw * q2).sum(1).reshape(R, J), hi)
+        dmin = _super_search(m_t, fw.sum(1).reshape(R, J), hi)
+        sc, mn, e = self._choose_ints(x, wt, d, dmin, s_t, m_t)
+        err = e.sum(1)
+        for _ in range(4):
+            d2, dmin2 = self._refit_super(x, wt, d, dmin, sc, mn)
+            sc2, mn2, e2 = self._choose_ints(x, wt, d2, dmin2, s_t, m_t)
+            e_keep = self._group_errors(x, wt, d2, dmin2, sc, mn)
+            keep = e_keep < e2
+            sc2, mn2, e2 = torch.where(keep, sc, sc2), torch.where(keep, mn, mn2), torch.where(keep, e_keep, e2)
+            err2 = e2.sum(1)
+            better = err2 < err
+            if not bool(better.any()):
+                break
+            b1 = better.unsqueeze(1)
+            d, dmin, err = torch.where(better, d2, d), torch.where(better, dmin2, dmin), torch.where(better, err2, err)
+            sc, mn = torch.where(b1, sc2, sc), torch.where(b1, mn2, mn)
+        return d, dmin, sc, mn
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
+        w = check_weights(w, self.id)
+        self.check_shape(tuple(w.shape))
+        rows, cols = (int(n) for n in w.shape)
+        G, ng = self.group, self.ngroups(cols)
+        pad = ng * G - cols
+        imp = element_weights(importance, (rows, cols))
+        wt = torch.ones(rows, cols, device=w.device) if imp is None else imp
+        if pad:  # replicate the last column (group min/max unchanged), weight 0 on the padding
+            w = torch.cat([w, w[:, -1:].expand(rows, pad)], 1)
+            wt = torch.cat([wt, torch.zeros(rows, pad, device=w.device)], 1)
+        x, wt = w.reshape(rows, ng, G), wt.reshape(rows, ng, G)
+        d, dmin = torch.empty(rows, device=w.device), torch.empty(rows, device=w.device)
+        sc, mn = torch.empty(rows, ng, device=w.device), torch.empty(rows, ng, device=w.device)
+        step = max(1, _FIT_ELEMS // (ng * G))
+        for a in range(0, rows, step):
+            z = slice(a, min(rows, a + step))
+            d[z], dmin[z], sc[z], mn[z] = self._fit_rows(x[z], wt[z])
+        return self._grid(d, dmin, sc.to(torch.int64), mn.to(torch.int64))
+
+    def _grid(self, d, dmin, sc, mn) -> Grid:
+        scale, offset = self._effective(d, dmin, sc, mn)
+        return Grid(scale, offset, self.levels.to(d.device), self.group, {"d": d, "dmin": dmin, "sc": sc, "m": mn})
+
+    def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
+        """A grid for the fixed ``codes`` under ``hessian``: least-squares fp16 ``d``/``dmin`` per row, then
+        :data:`REFINE_STEPS` Hessian-guided moves of the integer scales/mins (each followed by that refit).
+        Every row keeps whichever candidate has the smallest error (its old values when none is smaller), so
+        no row gets worse; ``grid`` itself when no row improves."""
+        d, dmin, sc, mn = (grid.extra[k] for k in ("d", "dmin", "sc", "m"))
+        h = hessian.to(device=w.device, dtype=torch.float64)
+        h = (h + h.T) * 0.5
+        z = grid.levels.to(device=w.device, dtype=torch.float64)[codes]
+        w64 = w.to(torch.float64)
+        best = [d, dmin, sc, mn, row_errors(w, grid.values(codes), hessian)]
+        improved = False
+        for step in range(1 + REFINE_STEPS):
+            c_sc, c_mn = (sc, mn) if step == 0 else self._move_ints(w64, z, h, *best[:4])
+            d2, m2 = self._lsq_super(w64, z, h, c_sc, c_mn, best[0], best[1])
+            err = row_errors(w, self._grid(d2, m2, c_sc, c_mn).values(codes), hessian)
+            take = err < best[4]
+            if not bool(take.any()):
+                break
+            improved, t1 = True, take.unsqueeze(1)
+            best = [torch.where(take, d2, best[0]), torch.where(take, m2, best[1]), torch.where(t1, c_sc, best[2]),
+                    torch.where(t1, c_mn, best[3]), torch.where(take, err, best[4])]
+        return self._grid(*best[:4]) if improved else grid
+
+    def _lsq_super(self, w64, z, h, sc, mn, d0, m0) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp16 (d, dmin) per row minimising ``(w - d·a - dmin·b)ᵀ H (w - d·a - dmin·b)``, a = sc·z, b = -m."""
+        g = torch.arange(int(w64.shape[1]), device=w64.device) // self.group
+        a, b = sc[:, g].to(torch.float64) * z, -mn[:, g].to(torch.float64)
+        ha, hb = a @ h, b @ h
+        d2, m2 = _solve_normal((a * ha).sum(1), (b * ha).sum(1), (b * hb).sum(1), (w64 * ha).sum(1),
+                               (w64 * hb).sum(1), d0.to(torch.float64), m0.to(torch.float64))
+        return fp16r(d2.to(torch.float32)), fp16r(m2.to(torch.float32))
+
+    def _move_ints(self, w64, z, h, d, dmin, sc, mn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per group, the step of (sc, m) in {-1, 0, 1}² that most lowers the row's Hessian error when taken
+        alone (the exact change: gradient through ``H (w - v)``, curvature from the group's diagonal block)."""
+        rows, cols = (int(n) for n in w64.shape)
+        G, ng = self.group, self.ngroups(cols)
+        pad = ng * G - cols
+        d64, m64 = d.to(torch.float64).unsqueeze(1), dmin.to(torch.float64).unsqueeze(1)
+        g = torch.arange(cols, device=w64.device) // G
+        v = d64 * sc[:, g].to(torch.float64) * z - m64 * mn[:, g].to(torch.float64)
+        r = torch.nn.functional.pad((w64 - v) @ h, (0, pad)).reshape(rows, ng, G)
+        zg = torch.nn.functional.pad(z, (0, pad)).reshape(rows, ng, G)
+        idx = torch.arange(ng * G, device=h.device).reshape(ng, G)
+        inside = (idx < cols).to(torch.float64)
+        idx = idx.clamp_max(cols - 1)
+        blocks = h[idx.unsqueeze(2), idx.unsqueeze(1)] * inside.unsqueeze(2) * inside.unsqueeze(1)  # (ng, G, G)
+        zhz = torch.einsum("rgi,gij,rgj->rg", zg, blocks, zg)
+        zh1 = torch.einsum("rgi,gi->rg", zg, blocks.sum(2))
+        one = blocks.sum((1, 2)).unsqueeze(0)
+        zr, r1 = (zg * r).sum(2), r.sum(2)
+        hi = (1 << self.sbits) - 1
+        best_e = torch.zeros_like(zr)
+        out_sc, out_mn = sc.clone(), mn.clone()
+        for ds in (-1, 0, 1):
+            for dm in (-1, 0, 1):
+                if ds == dm == 0:
+                    continue
+                a, b = ds * d64, -dm * m64
+                de = -2 * (a * zr + b * r1) + a * a * zhz + 2 * a * b * zh1 + b * b * one
+                ok = (sc + ds >= 0) & (sc + ds <= hi) & (mn + dm >= 0) & (mn + dm <= hi) & (de < best_e)
+                best_e = torch.where(ok, de, best_e)
+                out_sc, out_mn = torch.where(ok, sc + ds, out_sc), torch.where(ok, mn + dm, out_mn)
+        return out_sc, out_mn
+
+    # --- bytes --------------------------------------------------------------------------------
+    def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
+        """The four parts, built on the CPU (codes and grid are moved there first)."""
+        shape = tuple(int(n) for n in shape)
+        self.check_shape(shape)
+        rows, cols = shape
+        G, ng = self.group, self.ngroups(cols)
+        codes, grid = codes.cpu().to(torch.int64), grid.to("cpu")
+        if tuple(codes.shape) != shape:
+            raise FormatError(f"{self.id}: codes of shape {tuple(codes.shape)} do not match the tensor shape {shape}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << self.bits):
+            raise FormatError(f"{self.id}: codes outside 0..{(1 << self.bits) - 1}")
+        try:
+            d, dmin = grid.extra["d"].to(torch.float32), grid.extra["dmin"].to(torch.float32)
+            sc, mn = grid.extra["sc"].to(torch.int64), grid.extra["m"].to(torch.int64)
+        except (KeyError, AttributeError) as exc:
+            raise FormatError(f"{self.id}: grid lacks this format's super-scales ({exc})") from None
+        if grid.group_size != G or tuple(d.shape) != (rows,) or tuple(dmin.shape) != (rows,) \
+                or tuple(sc.shape) != (rows, ng) or tuple(mn.shape) != (rows, ng):
+            raise FormatError(f"{self.id}: grid does not match shape {shape} ({ng} groups of {G} per row)")
+        if not (torch.equal(fp16r(d), d) and torch.equal(fp16r(dmin), dmin)):
+            raise FormatError(f"{self.id}: super-scales d/dmin are not finite fp16 values")
+        hi = (1 << self.sbits) - 1
+        if sc.numel() and (int(torch.minimum(sc, mn).min()) < 0 or int(torch.maximum(sc, mn).max()) > hi):
+            raise FormatError(f"{self.id}: integer scales/mins outside 0..{hi}")
+        scale, offset = self._effective(d, dmin, sc, mn)
+        if not (torch.equal(scale, grid.scale) and torch.equal(offset, grid.offset)):
+            raise FormatError(f"{self.id}: grid scales disagree with its super-scales and integer scales")
+        full = torch.zeros(rows, ng * G, dtype=torch.int64)
+        full[:, :cols] = codes
+        spec = self._part_shapes(rows, cols)
+        parts = {"weight_packed": pack_bits(full, self.bits).reshape(spec["weight_packed"][1]),
+                 "weight_scale": self._pack_ints(sc), "weight_zero": self._pack_ints(mn),
+                 "weight_super": torch.stack([d, dmin], 1).to(torch.float16).contiguous()}
+        return QTensor(format=self.id, shape=shape, dtype=dtype, parts=parts)
+
+    def _pack_ints(self, v: torch.Tensor) -> torch.Tensor:
+        """(rows, ng) S-bit integers -> (rows, ceil(ng*S/8)) bytes, each row one pack_bits stream."""
+        rows, ng = v.shape
+        bits = ((v.unsqueeze(-1) >> torch.arange(self.sbits)) & 1).reshape(rows, ng * self.sbits)
+        bits = torch.cat([bits, torch.zeros(rows, (-ng * self.sbits) % 8, dtype=bits.dtype)], 1)
+        return bits_to_bytes(bits).reshape(rows, -1)
+
+    def _unpack_ints(self, b: torch.Tensor, ng: int) -> torch.Tensor:
+        bits = _bits_of(b)[:, :ng * self.sbits].reshape(b.shape[0], ng, self.sbits)
+        return (bits << torch.arange(self.sbits)).sum(-1)
+
+    def _check_parts(self, q: QTensor) -> None:
+        want = self._part_shapes(int(q.shape[0]), int(q.shape[1]))
+        got = {k: (t.dtype, tuple(t.shape)) for k, t in q.parts.items()}
+        if got != want:
+            raise FormatError(f"{self.id}: a tensor of shape {tuple(q.shape)} needs parts {want}, got {got}")
+
+    def decode(self, q: QTensor) -> torch.Tensor:
+        if q.format != self.id:
+            raise FormatError(f"{self.id}: cannot decode a tensor stored as {q.format!r}")
+        shape = tuple(int(n) for n in q.shape)
+        self.check_shape(shape)
+        self._check_parts(q)
+        rows, cols = shape
+        G, ng = self.group, self.ngroups(cols)
+        sup = q.parts["weight_super"].cpu().to(torch.float32)
+        if not bool(torch.isfinite(sup).all()):
+            raise FormatError(f"{self.id}: stored super-scales hold NaN/Inf")
+        sc = self._unpack_ints(q.parts["weight_scale"].cpu(), ng)
+        mn = self._unpack_ints(q.parts["weight_zero"].cpu(), ng)
+        codes = unpack_bits(q.parts["weight_packed"].cpu().reshape(-1), self.bits, rows * ng * G)
+        codes = codes.reshape(rows, ng * G)[:, :cols]
+        return self._grid(sup[:, 0].contiguous(), sup[:, 1].contiguous(), sc, mn).values(codes)
+
+    def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
+        """Row blocks -> one tensor: every part stores whole rows on byte boundaries, so they stack."""
+        rows, cols, dtype = self._check_concat(parts)
+        for p in parts:
+            self._check_parts(p)
+        out = {name: torch.cat([p.parts[name] for p in parts]) for name in self._part_shapes(1, cols)}
+        return QTensor(format=self.id, shape=(rows, cols), dtype=dtype, parts=out)
+
+
+def _solve_normal(saa, sab, sbb, sxa, sxb, d0, m0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, dmin) from the 2x2 normal equations; d alone (dmin kept) where singular, old values where that is too."""
+    det = saa * sbb - sab * sab
+    ok = det > 1e-9 * (saa * sbb).clamp_min(1e-30)
+    safe = torch.where(ok, det, torch.ones_like(det))
+    d2 = torch.where(ok, (sxa * sbb - sxb * sab) / safe, d0)
+    m2 = torch.where(ok, (saa * sxb - sab * sxa) / safe, m0)
+    alone = ~ok & (saa > 0)
+    d2 = torch.where(alone, (sxa - m0 * sab) / torch.where(alone, saa, torch.ones_like(saa)), d2)
+    return d2, m2
+
+
+def _solve2(a, b, x, w1, d0, m0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted least squares ``x ≈ d·a + dmin·b`` per row (diagonal weights ``w1``)."""
+    wa, wb = w1 * a, w1 * b
+    return _solve_normal((wa * a).sum(1), (wa * b).sum(1), (wb * b).sum(1), (wa * x).sum(1), (wb * x).sum(1), d0, m0)
+
+
+def parse_int_dq(format_id: str) -> IntDQFormat | None:
+    """``int4-g32-dq`` / ``int3-g16-dq8`` -> :class:`IntDQFormat`; ids without ``-dq`` -> None."""
+    key = format_id.strip().lower()
+    if not (key.startswith("int") and "-dq" in key):
+        return None
+    m = _ID.fullmatch(key)
+    if m is None:
+        raise FormatError(f"malformed double-quantized integer format id {format_id!r}; expected e.g. int4-g32-dq, "
+                          f"int3-g16-dq8 (bits {BITS}, groups {GROUPS}, scale bits {SCALE_BITS})")
+    bits, group, sbits = m.groups()
+    return IntDQFormat(int(bits), int(group), int(sbits) if sbits else DEFAULT_SCALE_BITS)
+
+
+REGISTRY.register("int-dq", parse_int_dq, examples=["int4-g32-dq", "int3-g16-dq", "int5-g32-dq", "int4-g32-dq8"])
+
+__all__ = ["IntDQFormat", "parse_int_dq", "BITS", "GROUPS", "SCALE_BITS"]
