@@ -140,10 +140,11 @@ def _errors(x: torch.Tensor, wt: torch.Tensor | None, s: torch.Tensor, near) -> 
     return grid_error(x.unsqueeze(1), w3, s, torch.zeros_like(s), near)
 
 
-def best_of(x: torch.Tensor, wt: torch.Tensor | None, levels: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+def best_of(x: torch.Tensor, wt: torch.Tensor | None, levels: torch.Tensor, cands: torch.Tensor,
+            *, check: bool = True) -> torch.Tensor:
     """The candidate scale (n,) of ``cands`` (n, K) with the smallest weighted RTN error per group of ``x``.
 
-    Ties go to the earlier candidate; the winner is re-checked against ``cands[:, 0]`` with
+    Ties go to the earlier candidate; with ``check`` the winner is re-checked against ``cands[:, 0]`` with
     :meth:`Grid.snap`'s arithmetic, so it is never worse than the first candidate."""
     n, g = x.shape
     near = nearest_fn(levels.to(x.device))
@@ -153,7 +154,7 @@ def best_of(x: torch.Tensor, wt: torch.Tensor | None, levels: torch.Tensor, cand
         sl = slice(a, a + per)
         e = _errors(x[sl], None if wt is None else wt[sl], cands[sl], near)
         out[sl] = cands[sl].gather(1, e.argmin(1, keepdim=True)).squeeze(1)
-    return _never_worse(x, wt, levels, out, cands[:, 0])
+    return _never_worse(x, wt, levels, out, cands[:, 0]) if check else out
 
 
 def _never_worse(x, wt, levels, s, plain):
@@ -177,7 +178,7 @@ def search_scale(x: torch.Tensor, wt: torch.Tensor | None, levels: torch.Tensor,
     base = amax / top
     r = torch.tensor((1.0,) + tuple(ratios), device=x.device)
     cands = rnd((base.unsqueeze(1) * r).reshape(-1)).reshape(base.shape[0], -1)
-    s = best_of(x, wt, lv, cands)
+    s = best_of(x, wt, lv, cands, check=False)
     near = nearest_fn(lv)
     for _ in range(refine):
         inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
@@ -186,7 +187,7 @@ def search_scale(x: torch.Tensor, wt: torch.Tensor | None, levels: torch.Tensor,
         sxx, sxy = (wq * q).sum(1), (wq * x).sum(1)
         ls = torch.where(sxx > 0, sxy / torch.where(sxx > 0, sxx, torch.ones_like(sxx)), s)
         ls = rnd(ls.clamp_min(0))
-        s = best_of(x, wt, lv, torch.stack([s, ls], 1))
+        s = best_of(x, wt, lv, torch.stack([s, ls], 1), check=False)
     return _never_worse(x, wt, lv, s, cands[:, 0])
 
 
