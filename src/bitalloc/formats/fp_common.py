@@ -11,6 +11,8 @@
   least-squares refits of the best, all compared after the format's own rounding of the scale; never worse
   than the plain rule on the weighted error (re-checked with :meth:`Grid.snap`'s arithmetic).
 * :func:`best_of` — the same comparison over explicit candidate scales (power-of-two MX exponents).
+* :class:`FloatFormat` — the base of :mod:`.fp`'s formats: geometry, exact bytes, packing, encode/decode,
+  row concatenation, GPTQ refit; subclasses say how their scales are stored.
 * :func:`pack_codes` / :func:`unpack_codes` — ``b``-bit codes of a ``(rows, cols)`` tensor as one
   little-endian bitstream per tensor (:mod:`.packing`), i.e. for 4 bits element ``2k`` in the low nibble of
   byte ``k`` and ``2k + 1`` in the high nibble (compressed-tensors' ``pack_fp4_to_uint8`` order).
@@ -20,13 +22,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
+from ..rounding.refit import refit_grid
 from ..rounding.rtn import affine_error
-from .base import FormatError
-from .gguf_common import grid_error, nearest_fn
+from .base import Format, FormatError, Grid, QTensor, Shape
+from .gguf_common import check_weights, element_weights, fp16r, grid_error, nearest_fn
 from .packing import pack_bits, unpack_bits
 
 ScaleRound = Callable[[torch.Tensor], torch.Tensor]
@@ -197,5 +200,134 @@ def group_view(w: torch.Tensor, imp: torch.Tensor | None, gs: int) -> tuple[torc
     return x, None if imp is None else imp.reshape(-1, gs)
 
 
-__all__ = ["MiniFloat", "E2M1", "E4M3FN", "pack_codes", "unpack_codes", "search_scale", "best_of", "group_view",
+# ---------------------------------------------------------------------------------------------- base format
+@dataclass(frozen=True)
+class FloatFormat(Format):
+    """Common geometry, packing, encode/decode and concatenation; subclasses own the scale storage."""
+
+    ebits: int = 2
+    mbits: int = 1
+    group: int = 32
+
+    @property
+    def elem(self) -> MiniFloat:
+        return MiniFloat(self.ebits, self.mbits)
+
+    @property
+    def bits(self) -> float:  # type: ignore[override]
+        return float(self.elem.bits)
+
+    def group_size(self, cols: int) -> int:
+        return self.group
+
+    def check_shape(self, shape: Shape) -> None:
+        shape = tuple(shape)
+        if len(shape) != 2:
+            raise FormatError(f"{self.id}: stores 2-D (rows, cols) tensors only, got shape {shape}")
+        super().check_shape(shape)
+        if int(shape[1]) % self.group_size(int(shape[1])) or int(shape[1]) * self.elem.bits % 8:
+            raise FormatError(f"{self.id}: row length {shape[1]} is not a multiple of the group size {self.group}")
+
+    def nbytes(self, shape: Shape) -> int:
+        self.check_shape(shape)
+        rows, cols = (int(d) for d in shape)
+        return rows * cols * self.elem.bits // 8 + self._scale_nbytes(rows, cols // self.group_size(cols))
+
+    # --- subclass hooks -----------------------------------------------------------------------
+    def _scale_nbytes(self, rows: int, ng: int) -> int:
+        return 2 * rows * ng
+
+    def _scale_parts_spec(self, rows: int, ng: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {"weight_scale": (torch.float16, (rows, ng))}
+
+    def _fit_scales(self, x: torch.Tensor, wt: torch.Tensor | None, w: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return search_scale(x, wt, self.elem.levels.to(x.device), fp16r), {}
+
+    def _scale_parts(self, grid: Grid) -> dict[str, torch.Tensor]:
+        s16 = grid.scale.to(torch.float16)
+        if not torch.equal(s16.to(torch.float32), grid.scale):
+            raise FormatError(f"{self.id}: grid scales are not fp16 values (use {self.id}.fit)")
+        return {"weight_scale": s16.contiguous()}
+
+    def _scales(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["weight_scale"].to(torch.float32)
+
+    def _round_scale(self, grid: Grid):
+        return fp16r
+
+    # --- grid ---------------------------------------------------------------------------------
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
+        w = check_weights(w, self.id)
+        self.check_shape(tuple(w.shape))
+        rows, cols = (int(d) for d in w.shape)
+        gs = self.group_size(cols)
+        x, wt = group_view(w, element_weights(importance, (rows, cols)), gs)
+        scale, extra = self._fit_scales(x, wt, w)
+        zero = torch.zeros(rows, cols // gs, device=w.device)
+        return Grid(scale.reshape(rows, cols // gs), zero, self.elem.levels.to(w.device), gs, extra)
+
+    def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
+        """Least-squares scales for GPTQ's codes under the Hessian, rounded to storage (never worse)."""
+        return refit_grid(w, codes, grid, hessian, offset=False, rnd=self._round_scale(grid))
+
+    def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
+        shape = tuple(int(d) for d in shape)
+        self.check_shape(shape)
+        rows, cols = shape
+        gs = self.group_size(cols)
+        codes, grid = codes.cpu().to(torch.int64), grid.to("cpu")
+        nl = self.elem.levels.numel()
+        if tuple(codes.shape) != shape:
+            raise FormatError(f"{self.id}: codes of shape {tuple(codes.shape)} do not match the tensor shape {shape}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= nl):
+            raise FormatError(f"{self.id}: codes outside 0..{nl - 1}")
+        if grid.group_size != gs or tuple(grid.scale.shape) != (rows, cols // gs):
+            raise FormatError(f"{self.id}: grid (group {grid.group_size}, scale {tuple(grid.scale.shape)}) does not "
+                              f"match shape {shape}")
+        if not torch.equal(grid.levels.to(torch.float32), self.elem.levels) or bool((grid.offset != 0).any()):
+            raise FormatError(f"{self.id}: grid levels/offsets are not this format's")
+        parts = {"weight_packed": self._pack(codes)}
+        parts.update(self._scale_parts(grid))
+        return QTensor(self.id, shape, dtype, parts)
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return pack_codes(codes, self.elem)
+
+    def _unpack(self, packed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        return unpack_codes(packed, self.elem, rows, cols)
+
+    def _expect(self, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        spec = {"weight_packed": (torch.uint8, (rows, cols * self.elem.bits // 8))}
+        spec.update(self._scale_parts_spec(rows, cols // self.group_size(cols)))
+        return spec
+
+    def _checked(self, q: QTensor) -> tuple[int, int]:
+        if q.format != self.id:
+            raise FormatError(f"{self.id}: cannot decode a tensor stored as {q.format!r}")
+        shape = tuple(int(d) for d in q.shape)
+        self.check_shape(shape)
+        want = self._expect(*shape)
+        got = {k: (t.dtype, tuple(t.shape)) for k, t in q.parts.items()}
+        if got != want:
+            raise FormatError(f"{self.id}: a tensor of shape {shape} stores {want}, got {got}")
+        return shape
+
+    def decode(self, q: QTensor) -> torch.Tensor:
+        rows, cols = self._checked(q)
+        gs = self.group_size(cols)
+        idx = self._unpack(q.parts["weight_packed"], rows, cols)
+        lv = self.elem.levels.to(idx.device).take(idx)
+        s = self._scales(q.parts).to(lv.device).unsqueeze(-1)
+        return (s * lv.reshape(rows, -1, gs)).reshape(rows, cols)  # exactly Grid.values (offset 0)
+
+    def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
+        """Row blocks -> one tensor: every part's per-row arrays stack (rows are whole bytes)."""
+        rows, cols, dtype = self._check_concat(parts)
+        for p in parts:
+            self._checked(p)
+        out = {k: torch.cat([p.parts[k] for p in parts]) for k in parts[0].parts}
+        return QTensor(self.id, (rows, cols), dtype, out)
+
+
+__all__ = ["FloatFormat", "MiniFloat", "E2M1", "E4M3FN", "pack_codes", "unpack_codes", "search_scale", "best_of", "group_view",
            "RATIOS", "ScaleRound"]
