@@ -163,3 +163,15 @@ def test_batched_measurement_mixes_codebooks():
     for f in fids:
         assert a[f].bytes == get_format(f).nbytes(tuple(w.shape))
         assert a[f].output_error == pytest.approx(b[f].output_error, rel=1e-3), f
+
+
+@pytest.mark.parametrize("fid", IDS)
+def test_zero_and_tiny_weights(fid):
+    fmt = get_format(fid)
+    w = torch.zeros(8, 128)
+    w[1] = 1e-20 * torch.randn(128)
+    w[2, 5] = 3.0
+    q = quantize_weight(w, fmt, method="rtn")
+    d = fmt.decode(q)
+    assert bool(torch.isfinite(d).all()) and bool((d[0] == 0).all())
+    assert float(d[2, 5]) == pytest.approx(3.0, rel=0.1)

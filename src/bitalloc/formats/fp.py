@@ -25,6 +25,8 @@ Stored parts of a ``(rows, cols)`` tensor (``cols`` must be a multiple of ``G``;
   (:meth:`NVFP4Format.concat_rows`).  4.5 bpw + 4 bytes.
 * ``fp8``: E4M3FN elements, ``weight_scale`` float32 ``(rows, 1)`` (compressed-tensors' channel-wise scale
   shape; float32 chosen), value = ``element · scale`` (``stored.to(float32) * scale``).  8 bpw + 32 / cols.
+  RTN codes equal torch's ``(w / scale).to(float8_e4m3fn)`` except at exact midpoints between two levels,
+  which :meth:`Grid.snap` sends to the lower level and torch's cast to the even one.
 
 Scale searches are importance-weighted (:func:`~.fp_common.search_scale`; MX: the OCP exponent
 ``floor(log2 amax) - 2`` and its neighbours, :func:`~.fp_common.best_of`) and never worse than the plain
