@@ -245,7 +245,7 @@ def parse_fp(format_id: str) -> Format | None:
         return NVFP4Format(2, 1, 16)
     if key in ("fp8", "fp8-e4m3"):
         return FP8Format(4, 3, 1)
-    if key in ("fp16", "fp32") or not key.startswith("fp"):
+    if not re.fullmatch(r"fp\d+-.*", key):  # fp16/fp32 and unknown ids ("fp12") are not this family's
         return None
     m = _FP_ID.fullmatch(key)
     if m is None:
