@@ -1,0 +1,173 @@
+"""Which bitalloc formats compressed-tensors can express, and how (the mapping table of the
+compressed-tensors output, :mod:`bitalloc.export.compressed_tensors`).
+
+Each row (:class:`Scheme`) maps one family of bitalloc formats onto one of the library's compressors:
+
+* ``intB-gG-sym`` / ``intB-row-sym`` (:class:`IntSym`) -> ``pack-quantized``, integer, symmetric, ``group``
+  strategy of ``G`` columns / ``channel`` strategy.  bitalloc's symmetric codes ``q`` in ``[-2^(B-1), 2^(B-1))``
+  with value ``scale * q`` are exactly the library's; the fp16 scale is stored as fp16.  The library packs each
+  row densely into int32 words (``ceil(cols * B / 32)`` per row) and adds ``weight_shape`` (int64, 2 values).
+
+Refused (no row): the asymmetric ``intB-gG`` (an fp16 *float* minimum, which the library's integer
+``zero_point`` cannot hold exactly) and every GGUF type.  Rows the lead may add once the formats exist
+(``formats/fp.py``, ``formats/nf4.py``): ``nvfp4`` -> ``nvfp4-pack-quantized``; ``fp8`` (E4M3, per-row scale)
+-> ``float-quantized`` channel; ``mxfp4`` -> ``mxfp4-pack-quantized``; ``nf4`` / ``fp4-gG``: no library format.
+
+A scheme ``fits`` a tensor when the library can store that shape *and* its bytes are exactly bitalloc's
+``nbytes`` plus :data:`SHAPE_BYTES` (the allocator then sees the written size, see
+:mod:`bitalloc.targets.compressed_tensors`): for ``group`` the columns must be a multiple of ``G`` (the library
+refuses others), for ``channel`` ``cols * B`` a multiple of 32 (no padding bits in a row).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import InputError
+from ..formats import Format, FormatError, QTensor, get_format
+from ..formats.int import IntFormat
+
+#: bytes of the ``weight_shape`` tensor (int64, 2 values) the library stores beside every packed weight
+SHAPE_BYTES = 16
+#: the formats compressed-tensors stores as they are (the module then sits in ``ignore``)
+PASS_THROUGH = ("fp16", "bf16", "fp32")
+
+
+class Scheme(Protocol):
+    """One row of the table: a family of bitalloc formats as one compressed-tensors compressor."""
+
+    compressor: str  # the library's CompressionFormat value
+
+    def handles(self, fmt: Format) -> bool: ...
+
+    def args(self, fmt: Format) -> Any:
+        """The library's ``QuantizationArgs`` of ``fmt``."""
+
+    def fits(self, fmt: Format, shape: tuple[int, ...]) -> bool: ...
+
+    def patterns(self, shape: tuple[int, ...]) -> tuple[str, ...]:
+        """fnmatch patterns of the format ids of this family that fit ``shape`` (for allocation constraints)."""
+
+    def format_of(self, args: Any) -> Format:
+        """The bitalloc format of the library's ``args`` (FormatError when it is none of this family)."""
+
+    def to_library(self, q: QTensor) -> dict[str, torch.Tensor]:
+        """The module's compressed tensors (local names), made by the library's compressor from ``q``."""
+
+    def from_library(self, fmt: Format, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The float32 weight the library decompresses from ``parts`` (local names)."""
+
+
+def _compressor(name: str) -> Any:
+    from compressed_tensors.compressors import BaseCompressor
+
+    return BaseCompressor.get_value_from_registry(name)
+
+
+class IntSym:
+    """``intB-gG-sym`` / ``intB-row-sym`` as ``pack-quantized`` (see the module)."""
+
+    compressor = "pack-quantized"
+
+    def handles(self, fmt: Format) -> bool:
+        return isinstance(fmt, IntFormat) and fmt.symmetric
+
+    def args(self, fmt: Format) -> Any:
+        from compressed_tensors.quantization import QuantizationArgs
+
+        assert isinstance(fmt, IntFormat)
+        if fmt.group is None:
+            return QuantizationArgs(num_bits=fmt.bits, type="int", symmetric=True, strategy="channel")
+        return QuantizationArgs(num_bits=fmt.bits, type="int", symmetric=True, strategy="group", group_size=fmt.group)
+
+    def fits(self, fmt: Format, shape: tuple[int, ...]) -> bool:
+        assert isinstance(fmt, IntFormat)
+        if len(shape) != 2:
+            return False
+        cols = int(shape[1])
+        if fmt.group is None:
+            return fmt.bits * cols % 32 == 0  # no padding bits in a row
+        return cols % fmt.group == 0  # (then every row is whole int32 words too)
+
+    def patterns(self, shape: tuple[int, ...]) -> tuple[str, ...]:
+        cols = int(shape[1])
+        out = [f"int*-g{g}-sym" for g in (32, 64, 128) if cols % g == 0]
+        out += [f"int{b}-row-sym" for b in (2, 3, 4, 5, 6, 8) if self.fits(IntFormat(b, None, True), shape)]
+        return tuple(out)
+
+    def format_of(self, args: Any) -> Format:
+        if args.type != "int" or not args.symmetric or args.strategy not in ("group", "channel"):
+            raise FormatError(f"{args.type} {args.strategy} weights (symmetric {args.symmetric}) are not a bitalloc "
+                              "integer format")
+        group = args.group_size if args.strategy == "group" else None
+        return IntFormat(int(args.num_bits), group, True)
+
+    def to_library(self, q: QTensor) -> dict[str, torch.Tensor]:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+        from compressed_tensors.quantization import QuantizationScheme
+
+        from ..formats.packing import unpack_bits
+
+        fmt = get_format(q.format)
+        assert isinstance(fmt, IntFormat)
+        rows, cols = (int(d) for d in q.shape)
+        scale = q.parts["weight_scale"]
+        w = fmt.decode(q)  # scale * level, exact in float32: the library's w / scale gives the level back exactly
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale).to(torch.float32)  # the library divides
+        scheme = QuantizationScheme(targets=["x"], weights=self.args(fmt))
+        out = dict(_compressor(self.compressor).compress({"weight": w, "weight_scale": safe}, scheme))
+        out["weight_scale"] = scale.contiguous()  # bitalloc's fp16 scales, zeros included
+        gs, ng = fmt.group_size(cols), fmt.ngroups(cols)
+        codes = unpack_bits(q.parts["weight_packed"], fmt.bits, rows * ng * gs).reshape(rows, ng * gs)[:, :cols]
+        levels = fmt.levels.to(torch.int64)[codes]
+        packed = unpack_from_int32(out["weight_packed"], fmt.bits, torch.Size((rows, cols))).to(torch.int64)
+        live = (scale != 0).repeat_interleave(gs, dim=1)[:, :cols]  # a zero scale's codes do not matter
+        if not torch.equal(packed[live], levels[live]):
+            raise InputError(f"compressed-tensors packed other codes than bitalloc chose ({q.format} {list(q.shape)})")
+        return out
+
+    def from_library(self, fmt: Format, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        from compressed_tensors.quantization import QuantizationScheme
+
+        scheme = QuantizationScheme(targets=["x"], weights=self.args(fmt))
+        given = {**parts, "weight_scale": parts["weight_scale"].to(torch.float32)}  # products exact in float32
+        return _compressor(self.compressor).decompress(given, scheme)["weight"].to(torch.float32)
+
+
+#: the table: the first row that handles a format maps it
+SCHEMES: tuple[Scheme, ...] = (IntSym(),)
+# TODO(lead): rows for nvfp4 (nvfp4-pack-quantized), fp8 (float-quantized, channel), mxfp4 (mxfp4-pack-quantized)
+
+
+def scheme_for(fmt: Format | str) -> Scheme | None:
+    """The row that maps ``fmt`` (None for a pass-through format)."""
+    fmt = get_format(fmt)
+    if not fmt.is_grid:
+        return None
+    for s in SCHEMES:
+        if s.handles(fmt):
+            return s
+    raise FormatError(f"{fmt.id} cannot be written as compressed-tensors ({why_not(fmt)})")
+
+
+def why_not(fmt: Format) -> str:
+    if isinstance(fmt, IntFormat) and not fmt.symmetric:
+        return "its fp16 float minimum has no integer zero point there; use the -sym variant"
+    return "the library has no format for it; expressible: intB-gG-sym, intB-row-sym, fp16, bf16, fp32"
+
+
+def check_expressible(formats: tuple[str, ...] | list[str]) -> None:
+    """Refuse (FormatError, one line) a candidate format compressed-tensors cannot express."""
+    for f in formats:
+        scheme_for(f)
+
+
+def ct_bytes(fmt: Format | str, shape: tuple[int, ...]) -> int:
+    """Bytes the tensor takes in a compressed-tensors checkpoint (when its scheme fits the shape)."""
+    fmt = get_format(fmt)
+    return fmt.nbytes(shape) + (SHAPE_BYTES if fmt.is_grid else 0)
+
+
+__all__ = ["PASS_THROUGH", "SCHEMES", "SHAPE_BYTES", "IntSym", "Scheme", "check_expressible", "ct_bytes",
+           "scheme_for", "why_not"]
