@@ -24,7 +24,7 @@ def test_job_budget_restriction_and_resume(tmp_path):
                        formats=("int2-g32-sym", "int4-g32-sym", "int4-g128-sym", "int8-row-sym", "fp16"),
                        method="rtn", fisher=False, progress=False, budgets=(Budget.parse("6bpw"),), keep_job=True,
                        output="compressed-tensors")
-    res = run_export(config, CompressedTensorsTarget(tmp_path / "out"))
+    res = run_export(config, CompressedTensorsTarget(tmp_path / "out", config.formats))
     cap, plan = res.capacity, res.plan
     assert cap is not None and plan is not None and cap.unit == "weights"
     info = res.written.info
@@ -35,7 +35,7 @@ def test_job_budget_restriction_and_resume(tmp_path):
         info["total_params"])
     # the allocator got the limit less the fixed tensors and 16 B per linear (its weight_shape): the written bytes
     assert plan.budget_bytes == cap.limit - 16 * (len(fmts) - 1) and plan.total_bytes <= plan.budget_bytes
-    again = run_export(config, CompressedTensorsTarget(tmp_path / "out"))  # the finished output, recognised
+    again = run_export(config, CompressedTensorsTarget(tmp_path / "out", config.formats))  # recognised
     assert again.written.info == info
     other = dataclasses.replace(config, budgets=(Budget.parse("7bpw"),), job_dir=tmp_path / "job2")
     with pytest.raises(InputError, match="already exists"):

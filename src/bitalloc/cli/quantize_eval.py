@@ -53,7 +53,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         measurement=Path(args.measurement) if args.measurement else None, plan=Path(args.plan) if args.plan else None,
         output=args.to,  # compressed-tensors: the formats it cannot express are refused here, before any load
     )
-    res = run_export(config, CompressedTensorsTarget(out) if args.to == "compressed-tensors" else PackedTarget(out))
+    res = run_export(config, CompressedTensorsTarget(out, config.formats) if args.to == "compressed-tensors"
+                     else PackedTarget(out))
     if res.plan is not None:
         print(res.plan.summary())
     info = res.written.info

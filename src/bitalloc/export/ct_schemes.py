@@ -46,6 +46,9 @@ class Scheme(Protocol):
 
     def fits(self, fmt: Format, shape: tuple[int, ...]) -> bool: ...
 
+    def extra_bytes(self, fmt: Format, shape: tuple[int, ...]) -> int:
+        """Bytes the library stores beyond bitalloc's ``nbytes`` (when the scheme fits the shape)."""
+
     def patterns(self, shape: tuple[int, ...]) -> tuple[str, ...]:
         """fnmatch patterns of the format ids of this family that fit ``shape`` (for allocation constraints)."""
 
@@ -89,6 +92,9 @@ class IntSym:
         if fmt.group is None:
             return fmt.bits * cols % 32 == 0  # no padding bits in a row
         return cols % fmt.group == 0  # (then every row is whole int32 words too)
+
+    def extra_bytes(self, fmt: Format, shape: tuple[int, ...]) -> int:
+        return SHAPE_BYTES  # weight_shape; the packed words and fp16 scales are bitalloc's bytes exactly
 
     def patterns(self, shape: tuple[int, ...]) -> tuple[str, ...]:
         cols = int(shape[1])
@@ -166,7 +172,8 @@ def check_expressible(formats: tuple[str, ...] | list[str]) -> None:
 def ct_bytes(fmt: Format | str, shape: tuple[int, ...]) -> int:
     """Bytes the tensor takes in a compressed-tensors checkpoint (when its scheme fits the shape)."""
     fmt = get_format(fmt)
-    return fmt.nbytes(shape) + (SHAPE_BYTES if fmt.is_grid else 0)
+    scheme = scheme_for(fmt)
+    return fmt.nbytes(shape) + (0 if scheme is None else scheme.extra_bytes(fmt, shape))
 
 
 __all__ = ["PASS_THROUGH", "SCHEMES", "SHAPE_BYTES", "IntSym", "Scheme", "check_expressible", "ct_bytes",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..budget import Budget, Constraints
 from ..errors import InputError
@@ -55,18 +55,48 @@ def linear_modules(config: Any) -> set[str]:
     return {n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def allowed_formats(view: ModelView) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``Constraints.allowed`` of this target: per tensor, the format patterns the library can store."""
-    from ..export.ct_schemes import PASS_THROUGH, SCHEMES
+def allowed_formats(view: ModelView, formats: Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
+    """Per quantizable tensor, the formats (of ``formats``; without them, patterns of every format of the table)
+    the library can store for it: pass-through for all, a grid format for a linear whose shape it fits."""
+    from ..export.ct_schemes import PASS_THROUGH, SCHEMES, scheme_for
+    from ..formats import get_format
 
     linears = linear_modules(view.model.config)
-    out = []
+    out: dict[str, tuple[str, ...]] = {}
     for r in view.quantizable():
-        grid: tuple[str, ...] = ()
-        if r.name.endswith(".weight") and r.name[: -len(".weight")] in linears:
-            grid = tuple(p for s in SCHEMES for p in s.patterns(tuple(r.shape)))
-        out.append((r.name, PASS_THROUGH + grid))
-    return tuple(out)
+        shape = tuple(r.shape)
+        linear = r.name.endswith(".weight") and r.name[: -len(".weight")] in linears
+        if formats:
+            ok = []
+            for f in formats:
+                s = scheme_for(f)
+                if s is None or (linear and s.fits(get_format(f), shape)):
+                    ok.append(get_format(f).id)
+            out[r.name] = tuple(ok)
+        else:
+            out[r.name] = PASS_THROUGH + (tuple(p for s in SCHEMES for p in s.patterns(shape)) if linear else ())
+    return out
+
+
+def set_aside(view: ModelView, formats: Sequence[str] = ()) -> int:
+    """Bytes the library stores beyond bitalloc's for the allocated tensors at most: per tensor, the largest
+    extra of its allowed grid formats (16 B of ``weight_shape`` for the integer formats)."""
+    from ..export.ct_schemes import PASS_THROUGH, SHAPE_BYTES, scheme_for
+    from ..formats import get_format
+
+    allowed = allowed_formats(view, formats)
+    total = 0
+    for r in view.quantizable():
+        extras = [0]
+        for f in allowed[r.name]:
+            if f in PASS_THROUGH:
+                continue
+            if any(c in f for c in "*?["):  # no formats given: the table's patterns (its integer rows)
+                extras.append(SHAPE_BYTES)
+            else:
+                extras.append(scheme_for(f).extra_bytes(get_format(f), tuple(r.shape)))
+        total += max(extras)
+    return total
 
 
 class CompressedTensorsTarget:
@@ -74,25 +104,23 @@ class CompressedTensorsTarget:
 
     kind = "compressed-tensors"
 
-    def __init__(self, out: str | Path) -> None:
+    def __init__(self, out: str | Path, formats: Sequence[str] = ()) -> None:
         self.out = Path(out)
+        self.formats = tuple(formats)  # the candidate formats (the run's); empty: every format of the table
 
     def fingerprint(self) -> dict[str, Any]:
         return {"target": self.kind}
 
     def capacity(self, budget: Budget, measurement: Measurement | None, view: ModelView) -> Capacity:
-        from ..export.ct_schemes import PASS_THROUGH, SHAPE_BYTES
-
         limit = budget.resolve(view.total_params)
-        quantizable = sum(1 for _, fs in allowed_formats(view) if len(fs) > len(PASS_THROUGH))
-        overhead = view.fixed_bytes + SHAPE_BYTES * quantizable
+        overhead = view.fixed_bytes + set_aside(view, self.formats)
         if overhead > limit:
             raise InputError(f"budget {budget.text} ({limit} B) is below the fixed tensors and compressed-tensors' "
-                             f"per-tensor shapes ({overhead} B)")
+                             f"per-tensor overhead ({overhead} B)")
         return Capacity(budget.text, limit, limit - overhead, overhead, "weights")
 
     def constraints(self, view: ModelView) -> Constraints:
-        return Constraints(allowed=allowed_formats(view))
+        return Constraints(allowed=tuple(allowed_formats(view, self.formats).items()))
 
     def prepare(self, model: Any, view: ModelView, plan: Plan, qtensors: Mapping[str, QTensor],
                 originals: Mapping[str, Any], tokenizer: Any) -> Prepared:
@@ -141,4 +169,4 @@ class CompressedTensorsTarget:
         remove_temps_beside(self.out)
 
 
-__all__ = ["CompressedTensorsTarget", "allowed_formats", "default_formats", "linear_modules"]
+__all__ = ["CompressedTensorsTarget", "allowed_formats", "default_formats", "linear_modules", "set_aside"]
