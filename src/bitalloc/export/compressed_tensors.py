@@ -69,9 +69,10 @@ def convert(qtensors: Mapping[str, QTensor], linears: Collection[str]) -> tuple[
         if not scheme.fits(fmt, tuple(q.shape)):
             raise InputError(f"{name}: compressed-tensors cannot store {fmt.id} for shape {list(q.shape)}")
         parts = scheme.to_library(q)
-        if sum(t.numel() * t.element_size() for t in parts.values()) != ct_bytes(fmt, tuple(q.shape)):
-            raise InputError(f"{name}: the library's {scheme.compressor} layout of {fmt.id} does not take the "
-                             f"expected {ct_bytes(fmt, tuple(q.shape))} B")
+        if {k: (t.dtype, tuple(t.shape)) for k, t in parts.items()} != scheme.layout(fmt, tuple(q.shape)) or \
+                sum(t.numel() * t.element_size() for t in parts.values()) != ct_bytes(fmt, tuple(q.shape)):
+            raise InputError(f"{name}: the library's {scheme.compressor} layout of {fmt.id} is not the expected "
+                             f"one ({ct_bytes(fmt, tuple(q.shape))} B)")
         for k, t in parts.items():
             state[f"{module}.{k}"] = t.contiguous()
         groups.setdefault(fmt.id, []).append(module)
@@ -118,7 +119,8 @@ def save_compressed_tensors(
     check_size(out, nbytes, limit, "weights")
     info = {"format_version": FORMAT_VERSION, "kind": KIND, "bytes": nbytes, "bpw": 8.0 * nbytes / total_params,
             "total_params": total_params, "tied": tied, "plan": plan,
-            "formats": {n: q.format for n, q in sorted(qtensors.items())}}
+            "formats": {n: q.format for n, q in sorted(qtensors.items())},
+            "shapes": {n: list(q.shape) for n, q in sorted(qtensors.items())}}
     meta_text = json.dumps(info, indent=1, sort_keys=True) + "\n"
     expected = {n: get_format(q.format).decode(q) for n, q in qtensors.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +207,9 @@ def read_compressed_tensors(path: str | os.PathLike, *, verify: bool = True,
     if info.get("kind") != KIND or info.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{p / META_FILE} is not a version-{FORMAT_VERSION} {KIND} description")
     formats = c.str_map(c.key(info, "formats"), "formats")
+    shapes = c.obj(c.key(info, "shapes"), "shapes")
+    if set(shapes) != set(formats):
+        raise c.fail("shapes", "does not describe the same tensors as formats")
     total = c.count(c.key(info, "total_params"), "total_params", 1)
     nbytes = c.count(c.key(info, "bytes"), "bytes")
     if not isinstance(info.get("tied"), bool):
@@ -221,7 +226,8 @@ def read_compressed_tensors(path: str | os.PathLike, *, verify: bool = True,
                 if name in out or formats.get(name) != fmt.id:
                     raise InputError(f"{p}: config group {short(gname)} targets {short(module)}, which "
                                      f"{META_FILE} does not describe as {fmt.id} (or another group targets too)")
-                out[name] = _decompress(p, sf, module, fmt, scheme, used)
+                out[name] = _decompress(p, sf, module, fmt, scheme, used,
+                                        c.shape(shapes[name], f"shapes[{short(name)}]"))
         for name, fid in formats.items():
             if name in out:
                 continue
@@ -257,29 +263,36 @@ def _group_format(p: Path, gname: str, group: Any) -> tuple[Any, Any]:
                      f"{group.weights.num_bits} bits, {group.weights.strategy}) is no bitalloc format")
 
 
-def _decompress(p: Path, sf: SafetensorsFile, module: str, fmt: Any, scheme: Any, used: set[str]) -> torch.Tensor:
+def _declared_shape(p: Path, module: str, stored: torch.Tensor | None, described: Any) -> tuple[int, int]:
+    """The weight's shape: ``weight_shape`` where the library stores one (it must agree with ``bitalloc.json``)."""
+    if len(described) != 2:
+        raise InputError(f"{p}: {module}.weight is described as {short(list(described))}, not 2-D")
+    if stored is not None and (stored.dtype != torch.int64 or tuple(stored.shape) != (2,)):
+        raise InputError(f"{p}: {module}.weight_shape is not 2 int64 values")
+    if stored is not None and stored.tolist() != list(described):
+        raise InputError(f"{p}: {module}.weight_shape {short(stored.tolist())} disagrees with {META_FILE} "
+                         f"({short(list(described))})")
+    return int(described[0]), int(described[1])
+
+
+def _decompress(p: Path, sf: SafetensorsFile, module: str, fmt: Any, scheme: Any, used: set[str],
+                formats_shape: Any) -> torch.Tensor:
     """One module's weight, decompressed by the library after every stored part's dtype and shape is checked."""
-    names = {"weight_packed": torch.int32, "weight_scale": torch.float16, "weight_shape": torch.int64}
-    parts = {}
-    for local, dt in names.items():
-        key = f"{module}.{local}"
-        if key not in sf or sf.get(key).dtype != dt:
-            raise InputError(f"{p}: {key} is missing or not {dt}")
-        parts[local] = sf.get(key).clone()
-        used.add(key)
-    shp = parts["weight_shape"]
-    if tuple(shp.shape) != (2,) or int(shp.min()) <= 0:
-        raise InputError(f"{p}: {module}.weight_shape is not a 2-D shape: {short(shp.tolist())}")
-    shape = (int(shp[0]), int(shp[1]))
+    shp = sf.get(f"{module}.weight_shape") if f"{module}.weight_shape" in sf else None
+    shape = _declared_shape(p, module, shp, formats_shape)
     try:
         fmt.check_shape(shape)
     except Exception as e:
         raise InputError(f"{p}: {module}: {one_line(e)}") from None
-    rows, cols = shape
-    want = {"weight_packed": (rows, -(-cols * fmt.bits // 32)), "weight_scale": (rows, fmt.ngroups(cols))}
-    if not scheme.fits(fmt, shape) or any(tuple(parts[k].shape) != s for k, s in want.items()):
-        raise InputError(f"{p}: {module} is not stored as {fmt.id} {list(shape)} (packed "
-                         f"{list(parts['weight_packed'].shape)}, scale {list(parts['weight_scale'].shape)})")
+    if not scheme.fits(fmt, shape):
+        raise InputError(f"{p}: {module}: compressed-tensors does not store {fmt.id} for shape {list(shape)}")
+    parts = {}
+    for local, (dt, want) in scheme.layout(fmt, shape).items():
+        key = f"{module}.{local}"
+        if key not in sf or sf.get(key).dtype != dt or tuple(sf.get(key).shape) != want:
+            raise InputError(f"{p}: {key} is missing or not {dt} {list(want)}")
+        parts[local] = sf.get(key).clone()
+        used.add(key)
     w = scheme.from_library(fmt, parts)
     if tuple(w.shape) != shape or not torch.isfinite(w).all():
         raise NumericsError(f"{p}: {module} decompresses to NaN/Inf or another shape")

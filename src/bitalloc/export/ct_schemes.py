@@ -46,6 +46,9 @@ class Scheme(Protocol):
 
     def fits(self, fmt: Format, shape: tuple[int, ...]) -> bool: ...
 
+    def layout(self, fmt: Format, shape: tuple[int, ...]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The module's stored tensors (local names) with their dtypes and shapes, as the library writes them."""
+
     def extra_bytes(self, fmt: Format, shape: tuple[int, ...]) -> int:
         """Bytes the library stores beyond bitalloc's ``nbytes`` (when the scheme fits the shape)."""
 
@@ -60,6 +63,17 @@ class Scheme(Protocol):
 
     def from_library(self, fmt: Format, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The float32 weight the library decompresses from ``parts`` (local names)."""
+
+
+def layout_bytes(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    """Bytes of the tensors of a :meth:`Scheme.layout`."""
+    total = 0
+    for dtype, shape in layout.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n * torch.empty((), dtype=dtype).element_size()
+    return total
 
 
 def _compressor(name: str) -> Any:
@@ -93,8 +107,14 @@ class IntSym:
             return fmt.bits * cols % 32 == 0  # no padding bits in a row
         return cols % fmt.group == 0  # (then every row is whole int32 words too)
 
+    def layout(self, fmt: Format, shape: tuple[int, ...]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        assert isinstance(fmt, IntFormat)
+        rows, cols = (int(d) for d in shape)
+        return {"weight_packed": (torch.int32, (rows, -(-cols * fmt.bits // 32))),
+                "weight_scale": (torch.float16, (rows, fmt.ngroups(cols))), "weight_shape": (torch.int64, (2,))}
+
     def extra_bytes(self, fmt: Format, shape: tuple[int, ...]) -> int:
-        return SHAPE_BYTES  # weight_shape; the packed words and fp16 scales are bitalloc's bytes exactly
+        return layout_bytes(self.layout(fmt, shape)) - fmt.nbytes(shape)  # weight_shape's 16 B when it fits
 
     def patterns(self, shape: tuple[int, ...]) -> tuple[str, ...]:
         cols = int(shape[1])
@@ -176,5 +196,5 @@ def ct_bytes(fmt: Format | str, shape: tuple[int, ...]) -> int:
     return fmt.nbytes(shape) + (0 if scheme is None else scheme.extra_bytes(fmt, shape))
 
 
-__all__ = ["PASS_THROUGH", "SCHEMES", "SHAPE_BYTES", "IntSym", "Scheme", "check_expressible", "ct_bytes",
+__all__ = ["PASS_THROUGH", "SCHEMES", "SHAPE_BYTES", "IntSym", "Scheme", "check_expressible", "ct_bytes", "layout_bytes",
            "scheme_for", "why_not"]
