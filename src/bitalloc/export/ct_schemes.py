@@ -161,9 +161,135 @@ class IntSym:
         return _compressor(self.compressor).decompress(given, scheme)["weight"].to(torch.float32)
 
 
-#: the table: the first row that handles a format maps it
-SCHEMES: tuple[Scheme, ...] = (IntSym(),)
-# TODO(lead): rows for nvfp4 (nvfp4-pack-quantized), fp8 (float-quantized, channel), mxfp4 (mxfp4-pack-quantized)
+class _Float:
+    """A float-element format of :mod:`bitalloc.formats.fp` whose stored parts *are* the library's layout (the
+    ``formats/fp.py`` helper chose them so): the library's compressor is fed bitalloc's decoded weight and scales
+    and must give back bitalloc's bytes."""
+
+    compressor = ""
+    format_id = ""
+    group = 0  # columns per scale (0: one per row)
+    packed = "weight_packed"  # the library's name of the codes
+
+    def handles(self, fmt: Format) -> bool:
+        return fmt.id == self.format_id
+
+    def fits(self, fmt: Format, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 and fmt.supports(shape) and (self.group == 0 or int(shape[1]) % self.group == 0)
+
+    def patterns(self, shape: tuple[int, ...]) -> tuple[str, ...]:
+        ok = len(shape) == 2 and (self.group == 0 or int(shape[1]) % self.group == 0)
+        return (self.format_id,) if ok else ()
+
+    def extra_bytes(self, fmt: Format, shape: tuple[int, ...]) -> int:
+        return layout_bytes(self.layout(fmt, shape)) - fmt.nbytes(shape)
+
+    def layout(self, fmt: Format, shape: tuple[int, ...]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        rows, cols = (int(d) for d in shape)
+        q = {self.packed: (torch.float8_e4m3fn, (rows, cols))} if self.packed == "weight" else \
+            {"weight_packed": (torch.uint8, (rows, cols // 2))}
+        return {**q, **self._scales_layout(rows, cols)}
+
+    def _scales_layout(self, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def format_of(self, args: Any) -> Format:
+        want = self.args(get_format(self.format_id))
+        if (args.type, args.num_bits, args.strategy, args.group_size, args.symmetric) != \
+                (want.type, want.num_bits, want.strategy, want.group_size, want.symmetric):
+            raise FormatError(f"{args.type} {args.num_bits}-bit {args.strategy} weights are not {self.format_id}")
+        return get_format(self.format_id)
+
+    def _given(self, q: QTensor) -> dict[str, torch.Tensor]:
+        """The library's inputs besides the weight (bitalloc's scales as the library takes them)."""
+        raise NotImplementedError
+
+    def to_library(self, q: QTensor) -> dict[str, torch.Tensor]:
+        from compressed_tensors.quantization import QuantizationScheme
+
+        fmt = get_format(q.format)
+        scheme = QuantizationScheme(targets=["x"], weights=self.args(fmt))
+        given = self._given(q)
+        zero = given["weight_scale"] == 0  # the library divides by the scale: 1 there, bitalloc's 0 stored
+        given["weight_scale"] = torch.where(zero, torch.ones_like(given["weight_scale"]), given["weight_scale"])
+        out = dict(_compressor(self.compressor).compress({"weight": fmt.decode(q), **given}, scheme))
+        for k, t in out.items():
+            mine = q.parts["weight_packed" if k == self.packed else k]
+            if k == self.packed:
+                same = t.dtype == mine.dtype and torch.equal(t.contiguous().view(torch.uint8),
+                                                             mine.contiguous().view(torch.uint8))
+            else:
+                same = t.dtype == mine.dtype and bool(((t.float() == mine.float()) | (zero if k == "weight_scale"
+                                                                                     else False)).all())
+                out[k] = mine  # bitalloc's bytes (a zero scale's sign included)
+            if not same:
+                raise InputError(f"compressed-tensors stored other {k} than bitalloc chose ({q.format} {list(q.shape)})")
+        return out
+
+    def from_library(self, fmt: Format, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        from compressed_tensors.quantization import QuantizationScheme
+
+        scheme = QuantizationScheme(targets=["x"], weights=self.args(fmt))
+        return _compressor(self.compressor).decompress(parts, scheme)["weight"].to(torch.float32)
+
+
+class NVFP4(_Float):
+    """``nvfp4`` -> ``nvfp4-pack-quantized`` (E2M1 codes, E4M3 scales per 16 columns, a float32 global scale)."""
+
+    compressor, format_id, group = "nvfp4-pack-quantized", "nvfp4", 16
+
+    def args(self, fmt: Format) -> Any:
+        from compressed_tensors.quantization import QuantizationArgs
+
+        return QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", symmetric=True, dynamic=False,
+                                group_size=16, scale_dtype=torch.float8_e4m3fn, zp_dtype=torch.float8_e4m3fn)
+
+    def _scales_layout(self, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {"weight_scale": (torch.float8_e4m3fn, (rows, cols // 16)), "weight_global_scale": (torch.float32, (1,))}
+
+    def _given(self, q: QTensor) -> dict[str, torch.Tensor]:
+        return {"weight_scale": q.parts["weight_scale"].to(torch.float32),
+                "weight_global_scale": q.parts["weight_global_scale"]}
+
+
+class MXFP4(_Float):
+    """``mxfp4`` -> ``mxfp4-pack-quantized`` (E2M1 codes, E8M0 exponent bytes per 32 columns)."""
+
+    compressor, format_id, group = "mxfp4-pack-quantized", "mxfp4", 32
+
+    def args(self, fmt: Format) -> Any:
+        from compressed_tensors.quantization import QuantizationArgs
+
+        return QuantizationArgs(num_bits=4, type="float", strategy="group", symmetric=True, dynamic=False,
+                                group_size=32, scale_dtype=torch.uint8, zp_dtype=torch.uint8)
+
+    def _scales_layout(self, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {"weight_scale": (torch.uint8, (rows, cols // 32))}
+
+    def _given(self, q: QTensor) -> dict[str, torch.Tensor]:
+        e = q.parts["weight_scale"].to(torch.float32) - 127.0
+        return {"weight_scale": torch.exp2(e)}
+
+
+class FP8(_Float):
+    """``fp8`` (E4M3, one float32 scale per row) -> ``float-quantized``, channel strategy (the codes are ``weight``)."""
+
+    compressor, format_id, group, packed = "float-quantized", "fp8", 0, "weight"
+
+    def args(self, fmt: Format) -> Any:
+        from compressed_tensors.quantization import QuantizationArgs
+
+        return QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True, dynamic=False)
+
+    def _scales_layout(self, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {"weight_scale": (torch.float32, (rows, 1))}
+
+    def _given(self, q: QTensor) -> dict[str, torch.Tensor]:
+        return {"weight_scale": q.parts["weight_scale"]}
+
+
+#: the table: the first row that handles a format maps it (the float rows need ``formats/fp.py``'s formats)
+SCHEMES: tuple[Scheme, ...] = (IntSym(), NVFP4(), MXFP4(), FP8())
 
 
 def scheme_for(fmt: Format | str) -> Scheme | None:
@@ -180,7 +306,7 @@ def scheme_for(fmt: Format | str) -> Scheme | None:
 def why_not(fmt: Format) -> str:
     if isinstance(fmt, IntFormat) and not fmt.symmetric:
         return "its fp16 float minimum has no integer zero point there; use the -sym variant"
-    return "the library has no format for it; expressible: intB-gG-sym, intB-row-sym, fp16, bf16, fp32"
+    return "the library has no format for it; expressible: intB-gG-sym, intB-row-sym, nvfp4, mxfp4, fp8, fp16, bf16, fp32"
 
 
 def check_expressible(formats: tuple[str, ...] | list[str]) -> None:
