@@ -32,7 +32,7 @@ from ..formats import QTensor, get_format
 from ..io.atomic import atomic_write_dir, compare_digests, manifest, tensor_digest
 from ..io.paths import check_overlap, check_replaceable
 from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
-from .ct_schemes import SCHEMES, ct_bytes, scheme_for
+from .ct_schemes import SCHEMES, ct_bytes, require_library, scheme_for
 from .packed import MANIFEST_FILE, META_FILE, WEIGHTS_FILE, read_packed_manifest
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def _module_of(name: str) -> str:
 def convert(qtensors: Mapping[str, QTensor], linears: Collection[str]) -> tuple[dict[str, torch.Tensor], Any]:
     """``(tensors to store, the library's QuantizationConfig)`` of ``qtensors``; ``linears``: the nn.Linear
     module names of the model transformers builds from the config (the only modules that may be quantized)."""
+    require_library()
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     state: dict[str, torch.Tensor] = {}
@@ -74,6 +75,8 @@ def convert(qtensors: Mapping[str, QTensor], linears: Collection[str]) -> tuple[
             raise InputError(f"{name}: the library's {scheme.compressor} layout of {fmt.id} is not the expected "
                              f"one ({ct_bytes(fmt, tuple(q.shape))} B)")
         for k, t in parts.items():
+            if f"{module}.{k}" in state:
+                raise InputError(f"two tensors would be stored as {module}.{k}")
             state[f"{module}.{k}"] = t.contiguous()
         groups.setdefault(fmt.id, []).append(module)
     config_groups = {fid: QuantizationScheme(targets=sorted(mods), weights=scheme_for(fid).args(get_format(fid)),
@@ -175,6 +178,7 @@ def is_compressed_tensors_dir(path: str | os.PathLike) -> bool:
 
 def _quantization_config(p: Path) -> tuple[dict[str, Any], Any]:
     """``(config.json, the library's QuantizationConfig)`` of the folder, checked (InputError, one line)."""
+    require_library()
     from compressed_tensors.quantization import QuantizationConfig
 
     source = f"{p / 'config.json'}"

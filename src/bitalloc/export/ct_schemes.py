@@ -76,6 +76,15 @@ def layout_bytes(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
     return total
 
 
+def require_library() -> None:
+    """InputError (one line) when the ``compressed-tensors`` package is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise InputError("compressed-tensors output needs the compressed-tensors package "
+                         "(pip install compressed-tensors)")
+
+
 def _compressor(name: str) -> Any:
     from compressed_tensors.compressors import BaseCompressor
 
@@ -311,6 +320,7 @@ def why_not(fmt: Format) -> str:
 
 def check_expressible(formats: tuple[str, ...] | list[str]) -> None:
     """Refuse (FormatError, one line) a candidate format compressed-tensors cannot express."""
+    require_library()
     for f in formats:
         scheme_for(f)
 
@@ -323,4 +333,5 @@ def ct_bytes(fmt: Format | str, shape: tuple[int, ...]) -> int:
 
 
 __all__ = ["PASS_THROUGH", "SCHEMES", "SHAPE_BYTES", "IntSym", "Scheme", "check_expressible", "ct_bytes", "layout_bytes",
+           "require_library",
            "scheme_for", "why_not"]
