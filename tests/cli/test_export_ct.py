@@ -136,3 +136,13 @@ def test_library_callers_get_the_same_refusal(hf, tmp_path):
         RunConfig(formats=("int4-g128", "fp16"), **base)
     with pytest.raises(InputError, match="--format"):
         RunConfig(formats=("int4-g32-sym", "fp16"), uniform_format="int4-g32-sym", **base)
+
+
+def test_help(capsys):
+    for argv in (["export", "--help"], ["quantize", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "--to" in out and "compressed-tensors" in out
+    assert "export" in build_parser().format_help()

@@ -203,3 +203,43 @@ def test_crafted_quantization_config_refused(tmp_path):
     with pytest.raises(InputError) as e:
         load(out, verify=False)
     assert "\n" not in str(e.value)
+
+
+def _have(fid: str) -> bool:
+    from bitalloc.formats import get_format
+
+    try:
+        get_format(fid)
+    except FormatError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("floats", [("nvfp4",), ("fp8",), ("mxfp4",), ("nvfp4", "fp8", "int4-g32-sym")])
+def test_float_formats_in_the_library_layout(tmp_path, floats):
+    """``formats/fp.py``'s nvfp4 / fp8 / mxfp4 as the library's nvfp4-pack-quantized / float-quantized /
+    mxfp4-pack-quantized: transformers' logits equal ``bitalloc.load``'s, a mix of compressors included."""
+    from transformers import AutoModelForCausalLM
+
+    from bitalloc import load
+
+    if not all(_have(f) for f in floats):
+        pytest.skip("formats/fp.py is not in this tree")
+    model = tiny_llama(tie=True)
+    view = ModelView(model)
+    a = {r.name: "fp16" if r.kind == "embedding" else floats[i % len(floats)]
+         for i, r in enumerate(view.quantizable())}
+    _, plan, q = _quantized_mix(model, a)
+    target = CompressedTensorsTarget(tmp_path / "ct")
+    prepared = target.prepare(model, view, plan, q, {}, None)
+    assert prepared.sizes["weights"] == plan.total_bytes + 16 * sum(1 for f in a.values() if f.startswith("int"))
+    target.write_verified(prepared, Capacity("x", prepared.sizes["weights"], 0, 0, "weights"), overwrite=False)
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert set(cfg["config_groups"]) == set(floats)
+    ours = load(tmp_path / "ct")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
+    ids = token_ids(3, seed=5)
+    with torch.no_grad():
+        a_, b_ = ours(ids).logits, hf(ids).logits
+    kld, top1 = _kld_top1(a_, b_)
+    assert top1 == 1.0 and kld < 1e-6
