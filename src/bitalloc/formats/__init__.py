@@ -3,6 +3,7 @@ from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape, get_forma
 from . import keep as _keep  # noqa: F401  (registers fp16/bf16/fp32)
 from . import int as _int  # noqa: F401  (registers int{2..8}-g{32,64,128}|row[-sym])
 from . import gguf as _gguf  # noqa: F401  (registers q8_0 ... q2_k, iq4_nl)
+from . import fp as _fp, nf4 as _nf4  # noqa: F401  (registers fp4-g32 ... mxfp4, nvfp4, fp8; nf4)
 
 
 def list_formats() -> list[str]:
