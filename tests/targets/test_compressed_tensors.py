@@ -215,7 +215,8 @@ def _have(fid: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("floats", [("nvfp4",), ("fp8",), ("mxfp4",), ("nvfp4", "fp8", "int4-g32-sym")])
+@pytest.mark.parametrize("floats", [("nvfp4",), ("fp8",), ("mxfp4",), ("nvfp4", "mxfp4"),
+                                    ("fp8", "int4-g32-sym", "int8-row-sym")])
 def test_float_formats_in_the_library_layout(tmp_path, floats):
     """``formats/fp.py``'s nvfp4 / fp8 / mxfp4 as the library's nvfp4-pack-quantized / float-quantized /
     mxfp4-pack-quantized: transformers' logits equal ``bitalloc.load``'s, a mix of compressors included."""
@@ -236,10 +237,15 @@ def test_float_formats_in_the_library_layout(tmp_path, floats):
     target.write_verified(prepared, Capacity("x", prepared.sizes["weights"], 0, 0, "weights"), overwrite=False)
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert set(cfg["config_groups"]) == set(floats)
-    ours = load(tmp_path / "ct")
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
+    # the library decompresses fp4 weights in bfloat16 (exact there: 2-bit mantissas times E4M3/E8M0 scales), which
+    # a float32 model cannot multiply: those checkpoints are compared in bfloat16, both sides
+    dtype = torch.bfloat16 if {"nvfp4", "mxfp4"} & set(floats) else torch.float32
+    ours = load(tmp_path / "ct", dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=dtype).eval()
     ids = token_ids(3, seed=5)
     with torch.no_grad():
         a_, b_ = ours(ids).logits, hf(ids).logits
     kld, top1 = _kld_top1(a_, b_)
     assert top1 == 1.0 and kld < 1e-6
+    for n, p in ours.named_parameters():  # the same weights, bit for bit
+        assert torch.equal(p, hf.get_parameter(n).to(p.dtype)), n

@@ -38,6 +38,7 @@ class Scheme(Protocol):
     """One row of the table: a family of bitalloc formats as one compressed-tensors compressor."""
 
     compressor: str  # the library's CompressionFormat value
+    extra_bound: int  # the most :meth:`extra_bytes` gives for any format of the row that fits
 
     def handles(self, fmt: Format) -> bool: ...
 
@@ -95,6 +96,7 @@ class IntSym:
     """``intB-gG-sym`` / ``intB-row-sym`` as ``pack-quantized`` (see the module)."""
 
     compressor = "pack-quantized"
+    extra_bound = SHAPE_BYTES
 
     def handles(self, fmt: Format) -> bool:
         return isinstance(fmt, IntFormat) and fmt.symmetric
@@ -176,6 +178,7 @@ class _Float:
     and must give back bitalloc's bytes."""
 
     compressor = ""
+    extra_bound = 0  # the stored parts are bitalloc's
     format_id = ""
     group = 0  # columns per scale (0: one per row)
     packed = "weight_packed"  # the library's name of the codes

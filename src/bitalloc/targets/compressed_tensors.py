@@ -81,21 +81,19 @@ def allowed_formats(view: ModelView, formats: Sequence[str] = ()) -> dict[str, t
 def set_aside(view: ModelView, formats: Sequence[str] = ()) -> int:
     """Bytes the library stores beyond bitalloc's for the allocated tensors at most: per tensor, the largest
     extra of its allowed grid formats (16 B of ``weight_shape`` for the integer formats)."""
-    from ..export.ct_schemes import PASS_THROUGH, SHAPE_BYTES, scheme_for
+    from ..export.ct_schemes import PASS_THROUGH, SCHEMES, scheme_for
     from ..formats import get_format
 
     allowed = allowed_formats(view, formats)
     total = 0
     for r in view.quantizable():
-        extras = [0]
-        for f in allowed[r.name]:
-            if f in PASS_THROUGH:
-                continue
-            if any(c in f for c in "*?["):  # no formats given: the table's patterns (its integer rows)
-                extras.append(SHAPE_BYTES)
-            else:
-                extras.append(scheme_for(f).extra_bytes(get_format(f), tuple(r.shape)))
-        total += max(extras)
+        shape = tuple(r.shape)
+        if formats:  # the largest extra among the tensor's allowed grid formats
+            grid = [f for f in allowed[r.name] if scheme_for(f) is not None]
+            total += max((scheme_for(f).extra_bytes(get_format(f), shape) for f in grid), default=0)
+        else:  # every format of the table: the largest bound among the rows that fit it
+            quantizable = len(allowed[r.name]) > len(PASS_THROUGH)  # a linear the library stores some row for
+            total += max((s.extra_bound for s in SCHEMES if quantizable and s.patterns(shape)), default=0)
     return total
 
 
