@@ -139,7 +139,7 @@ def test_packed_codes_are_bitalloc_codes(tmp_path):
 
 
 @pytest.mark.parametrize("fid, match", [("int4-g32", "integer zero point"), ("q4_0", "no format"),
-                                        ("q8_0", "no format")])
+                                        ("nf4", "no format"), ("q8_0", "no format")])
 def test_inexpressible_formats_refused_in_one_line(tmp_path, fid, match):
     from bitalloc.export.ct_schemes import check_expressible
 

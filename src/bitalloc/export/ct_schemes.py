@@ -235,7 +235,8 @@ class _Float:
                                                                                      else False)).all())
                 out[k] = mine  # bitalloc's bytes (a zero scale's sign included)
             if not same:
-                raise InputError(f"compressed-tensors stored other {k} than bitalloc chose ({q.format} {list(q.shape)})")
+                raise InputError(f"compressed-tensors stored other {k} than bitalloc chose "
+                                 f"({q.format} {list(q.shape)})")
         return out
 
     def from_library(self, fmt: Format, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -318,7 +319,8 @@ def scheme_for(fmt: Format | str) -> Scheme | None:
 def why_not(fmt: Format) -> str:
     if isinstance(fmt, IntFormat) and not fmt.symmetric:
         return "its fp16 float minimum has no integer zero point there; use the -sym variant"
-    return "the library has no format for it; expressible: intB-gG-sym, intB-row-sym, nvfp4, mxfp4, fp8, fp16, bf16, fp32"
+    return ("the library has no format for it; expressible: intB-gG-sym, intB-row-sym, nvfp4, mxfp4, fp8, fp16, "
+            "bf16, fp32")
 
 
 def check_expressible(formats: tuple[str, ...] | list[str]) -> None:
@@ -335,6 +337,6 @@ def ct_bytes(fmt: Format | str, shape: tuple[int, ...]) -> int:
     return fmt.nbytes(shape) + (0 if scheme is None else scheme.extra_bytes(fmt, shape))
 
 
-__all__ = ["PASS_THROUGH", "SCHEMES", "SHAPE_BYTES", "IntSym", "Scheme", "check_expressible", "ct_bytes", "layout_bytes",
-           "require_library",
+__all__ = ["PASS_THROUGH", "SCHEMES", "SHAPE_BYTES", "FP8", "IntSym", "MXFP4", "NVFP4", "Scheme", "check_expressible",
+           "ct_bytes", "layout_bytes", "require_library",
            "scheme_for", "why_not"]

@@ -147,7 +147,8 @@ class CompressedTensorsTarget:
         info = save_compressed_tensors(
             self.out, qtensors, linears=linears, write_base=write_base, total_params=view.total_params,
             tied=bool(getattr(model.config, "tie_word_embeddings", False)),
-            plan=json.loads(plan.to_json()) if hasattr(plan, "to_json") else None, limit=capacity.limit, overwrite=overwrite,
+            plan=json.loads(plan.to_json()) if hasattr(plan, "to_json") else None, limit=capacity.limit,
+            overwrite=overwrite,
             inputs=[source] if source and Path(source).exists() else [])
         return Written(self.out, (self.out / WEIGHTS_FILE).stat().st_size, len(info["formats"]), info)
 
