@@ -1,4 +1,5 @@
-"""``bitalloc.load(path)``: a packed directory back as a working transformers model."""
+"""``bitalloc.load(path)``: a packed directory (or a compressed-tensors folder bitalloc wrote) back as a working
+transformers model."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ import torch
 
 from .checked import one_line
 from .errors import InputError, NumericsError
+from .export.compressed_tensors import is_compressed_tensors_dir, read_compressed_tensors
 from .export.packed import read_packed
 from .models.archs import arch_for
 from .models.config_checks import read_config
@@ -55,13 +57,27 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
     target = resolve_device(device)  # a missing device is refused before anything is read
 
     p = Path(path)
-    info, qtensors = read_packed(p, verify=verify)
+    if is_compressed_tensors_dir(p):  # a compressed-tensors folder bitalloc wrote: decompressed by the library
+        info, weights = read_compressed_tensors(p, verify=verify)
+        values = {n: (lambda w=w: w) for n, w in weights.items()}
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        kind = "compressed-tensors"
+    else:
+        info, qtensors = read_packed(p, verify=verify)
+        values = {n: (lambda q=q: dequantize(q)) for n, q in qtensors.items()}
+        shapes = {n: tuple(q.shape) for n, q in qtensors.items()}
+        kind = "packed"
     config_errors = _config_errors()
-    read_config(p)  # the checks a model folder's config.json gets: types, ranges, consistency, known type
+    if kind == "packed":
+        read_config(p)  # the checks a model folder's config.json gets: types, ranges, consistency, known type
+    else:
+        _read_quantized_config(p)
     try:
         config = AutoConfig.from_pretrained(str(p), trust_remote_code=False)
     except config_errors as e:
         raise InputError(f"cannot read {p / 'config.json'}: {one_line(e)}") from None
+    if hasattr(config, "quantization_config"):  # the weights are decompressed here: build a dense model
+        del config.quantization_config
     arch_for(config)
     try:  # names and shapes first, on the meta device: a crafted config allocates nothing
         with torch.device("meta"):
@@ -70,16 +86,16 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
     except config_errors as e:
         raise InputError(f"{p / 'config.json'} does not describe a model transformers can build: {one_line(e)}") \
             from None
-    _check_shapes(p, {n: tuple(t.shape) for n, t in meta.named_parameters()}, qtensors)
+    _check_shapes(p, {n: tuple(t.shape) for n, t in meta.named_parameters()}, shapes)
     del meta
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     unfuse_experts(model)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, q in qtensors.items():
-            v = dequantize(q).reshape(params[name].shape)
+        for name, value in values.items():
+            v = value().reshape(params[name].shape)
             if not torch.isfinite(v).all():
-                raise NumericsError(f"{p}: tensor {name} ({q.format}) decodes to NaN or Inf")
+                raise NumericsError(f"{p}: tensor {name} decodes to NaN or Inf")
             params[name].copy_(v.to(dtype))
     if info.get("tied") and hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -87,17 +103,33 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
     model.requires_grad_(False)
     if target.type != "cpu":
         model.to(target)
-    log.info("loaded %s (%d tensors, %.4f bpw%s)", p, len(qtensors), info["bpw"], ", verified" if verify else "")
+    log.info("loaded %s %s (%d tensors, %.4f bpw%s)", kind, p, len(values), info["bpw"], ", verified" if verify else "")
     return model, info
 
 
-def _check_shapes(p: Path, params: dict[str, tuple[int, ...]], qtensors: dict[str, Any]) -> None:
-    missing = sorted(set(params) - set(qtensors))
-    unknown = sorted(set(qtensors) - set(params))
+def _read_quantized_config(p: Path) -> None:
+    """:func:`read_config`'s checks of a compressed-tensors folder's ``config.json`` less its
+    ``quantization_config`` (which :func:`bitalloc.export.compressed_tensors.read_compressed_tensors` checked)."""
+    from .checked import read_json
+    from .models.archs import ARCHS, supported_types
+    from .models.config_checks import _walk_finite, check_values
+
+    file = p / "config.json"
+    cfg = read_json(file, "model config")
+    if not isinstance(cfg, dict) or cfg.get("model_type") not in ARCHS:
+        raise InputError(f"{file}: not a config of a supported architecture ({', '.join(supported_types())})")
+    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    _walk_finite(cfg, str(file))
+    check_values(cfg, str(file))
+
+
+def _check_shapes(p: Path, params: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(params) - set(shapes))
+    unknown = sorted(set(shapes) - set(params))
     if missing or unknown:
         raise InputError(f"{p} does not match its config: missing {missing[:3]}, unknown {unknown[:3]}")
-    wrong = [n for n, s in params.items() if tuple(qtensors[n].shape) != s]
+    wrong = [n for n, s in params.items() if tuple(shapes[n]) != s]
     if wrong:
         n = wrong[0]
-        raise InputError(f"{p} does not match its config: {n} is stored as {list(qtensors[n].shape)}, the model "
+        raise InputError(f"{p} does not match its config: {n} is stored as {list(shapes[n])}, the model "
                          f"needs {list(params[n])} ({len(wrong)} tensors differ)")

@@ -77,9 +77,10 @@ def command_paths(args: argparse.Namespace) -> tuple[Pairs, Pairs, Pairs]:
     for attr, what in (("measurement", "--measurement"), ("plan", "--plan"), ("table", "TABLE")):
         if getattr(args, attr, None):
             ins.append((what, check_input(getattr(args, attr), what, "file")))
-    if cmd == "eval":
+    if cmd in ("eval", "export"):
         ins.append(("packed directory", check_input(args.dir, "packed directory", "directory")))
         ins += model_inputs(args.dir, "packed directory")[1:]
+    if cmd == "eval":
         ins += _model(args.reference, "--reference model")
         ins += _texts(args.text, "--text", "default_eval_files")
     if cmd in ("sweep", "demo"):
@@ -96,7 +97,7 @@ def command_paths(args: argparse.Namespace) -> tuple[Pairs, Pairs, Pairs]:
         ins += _texts(args.calib, "--calib", "default_calibration_files")
         out = Path(args.out)
         outs += [("output", out), ("manifest", manifest_path(out))]
-    if cmd in ("measure", "plan", "quantize"):
+    if cmd in ("measure", "plan", "quantize", "export"):
         outs.append(("output", Path(args.out)))
     if hasattr(args, "job") and outs:
         outs.append(("job directory", _job(args, Path(args.out))))
@@ -119,7 +120,7 @@ def check_paths(args: argparse.Namespace) -> None:
     for what, p in outs:
         if what == "job directory":
             _check_job_dir(p)
-        elif args.command == "quantize":
+        elif args.command in ("quantize", "export"):
             check_output(p, what, "directory", replaced=True)
         else:
             check_output(p, what, "file")

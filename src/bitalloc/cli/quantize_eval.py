@@ -1,4 +1,5 @@
-"""``bitalloc quantize`` (a verified packed directory) and ``bitalloc eval`` (its quality vs the reference)."""
+"""``bitalloc quantize`` (a verified packed directory or compressed-tensors checkpoint) and ``bitalloc eval`` (its
+quality vs the reference)."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +14,32 @@ from .options import (
 )
 
 
+OUTPUTS = ("packed", "compressed-tensors")
+
+
+class _DefaultFormats(str):
+    """``--formats`` left at its default (so ``--to compressed-tensors`` may replace it by what it can express)."""
+
+
+class _ToAction(argparse.Action):
+    """``--to``: with ``compressed-tensors`` the default candidate formats become the ones it can express (an
+    explicit ``--formats`` is kept, and refused by the run config if it holds one it cannot)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        if values == "compressed-tensors" and isinstance(getattr(namespace, "formats", None), _DefaultFormats):
+            from ..targets.compressed_tensors import default_formats
+
+            namespace.formats = _DefaultFormats(default_formats(namespace.formats))
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from ..budget import Budget
     from ..jobs.run import run_export
     from ..measure import Measurement
     from ..plan import Plan
+    from ..targets.compressed_tensors import CompressedTensorsTarget
     from ..targets.packed import PackedTarget
 
     out = Path(args.out)
@@ -29,8 +51,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args, out, _job_dir(args, out), budgets=(Budget.parse(args.budget),) if args.budget else (),
         constraints=args.constraints, uniform_format=args.format,
         measurement=Path(args.measurement) if args.measurement else None, plan=Path(args.plan) if args.plan else None,
+        output=args.to,  # compressed-tensors: the formats it cannot express are refused here, before any load
     )
-    res = run_export(config, PackedTarget(out))
+    res = run_export(config, CompressedTensorsTarget(out, config.formats) if args.to == "compressed-tensors"
+                     else PackedTarget(out))
     if res.plan is not None:
         print(res.plan.summary())
     info = res.written.info
@@ -47,7 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..models.sources import default_model_path, meta_model
     from .options import placement_of
 
-    cand, info = load_packed(args.dir, verify=not args.no_verify)  # checked against its manifest first
+    cand, info = load_packed(args.dir, verify=not args.no_verify)  # checked against its manifest first (packed or
+    # compressed-tensors, see bitalloc.api)
     check_same_architecture(cand, meta_model(args.reference or default_model_path()), "packed directory's model")
     ref, tok = _load_model(args.reference)
     files = _texts(args.text, default_eval_files)
@@ -73,6 +98,10 @@ def add_parsers(sub: Any) -> None:
     g.add_argument("--format", metavar="FMT", help="uniform baseline: every allocated tensor in FMT (e.g. int4-g128)")
     add_calib(p, 32)
     add_measure_opts(p, DEFAULT_FORMATS, "gptq", 8)
+    p.set_defaults(formats=_DefaultFormats(DEFAULT_FORMATS))
+    p.add_argument("--to", choices=OUTPUTS, default="packed", action=_ToAction,
+                   help="output: a packed directory (bitalloc.load) or a compressed-tensors checkpoint (transformers "
+                   "and vLLM load it; default formats then the symmetric ints and fp16) (default packed)")
     add_screen(p)
     p.add_argument("--measurement", metavar="TABLE", help="reuse a measurement table instead of measuring")
     p.add_argument("--plan", metavar="PLAN", help="use this (possibly edited) plan; needs --measurement")
@@ -85,7 +114,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("eval", help="perplexity, KLD and top-1 agreement of a quantized model vs its reference",
                        description="Evaluate a packed directory against the fp reference on held-out text "
                        "(context windows scored on their second half, as llama.cpp's perplexity tool does).")
-    p.add_argument("dir", metavar="DIR", help="packed directory from `bitalloc quantize`")
+    p.add_argument("dir", metavar="DIR", help="packed directory (or compressed-tensors folder) from `bitalloc quantize`")
     p.add_argument("--reference", metavar="MODEL", help=MODEL_HELP.replace("model:", "reference model:"))
     p.add_argument("--text", nargs="+", metavar="TEXT", help=EVAL_TEXT_HELP)
     p.add_argument("--windows", type=int, default=32, metavar="N", help="evaluation windows (default 32)")

@@ -88,6 +88,7 @@ class RunConfig:
     # compute exactly what an uninterrupted one would (placeholder: not wired to the stages yet)
     device: str = "cpu"  # resolved by the CLI (``cpu``, ``cuda:0``): where every stage runs
     screen: bool = False  # measure exactly only the formats that can matter at ``budgets`` (bitalloc.screen)
+    output: str = "packed"  # the output's kind: "packed" | "gguf" | "compressed-tensors" (restricts ``formats``)
 
     def __post_init__(self) -> None:
         for m in (self.method, self.measure_method or self.method):
@@ -99,6 +100,9 @@ class RunConfig:
                             or self.measurement is not None or self.uniform_format is not None):
             raise InputError("--screen needs one budget to screen for, and measures the table itself (quantize "
                              "--budget or gguf; not with --plan, --measurement, --format or a sweep)")
+
+        if self.output == "compressed-tensors":
+            _check_compressed_tensors(self)
 
     @property
     def measuring_method(self) -> str:
@@ -136,6 +140,19 @@ class RunConfig:
         if self.sweep is not None:
             fp["evaluation"] = text_digest(expand_paths(list(self.sweep.eval_texts)))
         return fp
+
+
+def _check_compressed_tensors(config: RunConfig) -> None:
+    """A compressed-tensors output: every candidate format expressible there (one line naming the first that is
+    not), one pass-through format among them (embeddings stay unquantized), a budget to allocate."""
+    from ..export.ct_schemes import PASS_THROUGH, check_expressible
+
+    check_expressible(config.formats)
+    if config.formats and not any(f in PASS_THROUGH for f in config.formats):
+        raise InputError("compressed-tensors output needs fp16, bf16 or fp32 among the formats (transformers "
+                         "quantizes linear modules only: the embedding is stored unquantized)")
+    if config.uniform_format is not None or config.plan is not None:
+        raise InputError("compressed-tensors output is allocated under a --budget (not with --format or --plan)")
 
 
 def _digest_or_none(path: Path | None) -> str | None:

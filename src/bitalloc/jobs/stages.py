@@ -157,9 +157,12 @@ class Stages:
 
         view = self.loaded.view
         ties = fused_constraints(view).tie_groups if self.config.constraints == "fused" else ()
+        allowed: tuple[tuple[str, tuple[str, ...]], ...] = ()
         if target is not None:
-            ties += target.constraints(view).tie_groups
-        return Constraints(tie_groups=ties)
+            own = target.constraints(view)
+            ties += own.tie_groups
+            allowed = own.allowed  # the formats the output can store, per tensor
+        return Constraints(tie_groups=ties, allowed=allowed)
 
     def plan(self, measurement: Measurement | None, target: Target, budget: Budget | None) -> tuple[Plan, Capacity]:
         """Stage "plan": the target resolves ``budget`` (its capacity, saved) and the allocator fills it; or the
