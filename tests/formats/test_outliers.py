@@ -1,5 +1,5 @@
 """Sparse outliers over a grid format (``BASE+oK``): ids, exact bytes, decode against the base's decode,
-never worse than the base, GPTQ, batched measurement, row concatenation, the GGUF refusal, the packed directory."""
+never worse than the base, GPTQ (and the refit of the stored values), batched measurement, row concatenation, the GGUF refusal, the packed directory."""
 from __future__ import annotations
 
 import pytest
@@ -98,8 +98,32 @@ def test_gptq(base: str) -> None:
     assert q.nbytes() == fmt.nbytes(tuple(w.shape))
     e = float(row_errors(w, dequantize(q), h).sum())
     assert e < e_rtn and e < e_base
-    idx = q.parts[INDEX].to(torch.int64)  # GPTQ keeps the stored originals
-    assert torch.equal(q.parts[VALUES].float(), w.gather(1, idx).half().float())
+
+
+def test_refit_of_the_stored_values_is_the_least_squares_optimum() -> None:
+    from bitalloc.formats.outliers import refit_exact
+    from bitalloc.rounding import gptq_round
+
+    w, h = _data(6, 128, seed=7)
+    fmt = get_format("int3-g32+o4")
+    grid = fmt.fit(w, torch.diagonal(h))
+    codes, values = gptq_round(w, h, grid)
+    new = refit_exact(w, codes, grid, h)
+    before, after = row_errors(w, values, h), row_errors(w, new.values(codes), h)
+    assert bool((after <= before).all()) and float(after.sum()) < float(before.sum())
+    assert torch.equal(new.exact_mask, grid.exact_mask)
+    hd = h.double()
+    for r in range(6):  # x = -(AᵀHA)⁻¹ AᵀH b with A the selector of the stored columns, b the rest of δ
+        pos = torch.nonzero(grid.exact_mask[r]).reshape(-1)
+        b = (values[r] - w[r]).double()
+        b[pos] = 0
+        a = torch.zeros(128, len(pos), dtype=torch.float64)
+        a[pos, torch.arange(len(pos))] = 1
+        x = -torch.linalg.solve(a.T @ hd @ a, a.T @ hd @ b)
+        want = (w[r, pos].double() + x).float().half().float()
+        if after[r] < before[r]:
+            got = new.exact_values[r, pos]
+            assert bool(((got - want).abs() <= 1e-3 * want.abs() + 1e-6).all()), (r, got, want)
 
 
 def test_batched_measurement_equals_one_format_at_a_time() -> None:

@@ -12,6 +12,10 @@ Exact storage of a ``(rows, cols)`` tensor: the base format's parts, plus
 * ``weight_outlier_index``: the columns, ascending per row: uint16 ``(rows, k)`` when ``cols <= 65536``
   (``2·rows·k`` bytes), else int32 (``4·rows·k`` bytes).
 
+With GPTQ the stored values are then refit (:meth:`OutlierFormat.refine`): the least-squares optimum of each
+row's outlier values given its other, rounded, elements under the Hessian (so they compensate the error feedback
+GPTQ left in the row), stored in fp16.
+
 Decoding is the base format's decode with those positions overwritten.  The stored base code at an outlier
 position is the base grid's nearest code (RTN) or GPTQ's; it never reaches a decoded value.  Formats have no
 ``gguf_type``: a GGUF file cannot store them.
@@ -96,8 +100,9 @@ class OutlierFormat(Format):
         return _pick_rows(e2 < e1, again, first)
 
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
-        """The base format's refit (which keeps the exactly stored elements fixed)."""
-        return self.base.refine(w, codes, grid, hessian)
+        """The base format's refit (the exactly stored elements fixed), then the stored values refit to the other
+        elements' rounding under the Hessian (:func:`refit_exact`), kept per row where that lowers the error."""
+        return refit_exact(w, codes, self.base.refine(w, codes, grid, hessian), hessian)
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
         shape = tuple(int(d) for d in shape)
@@ -155,6 +160,41 @@ class OutlierFormat(Format):
         out[VALUES] = torch.cat([p.parts[VALUES] for p in parts])
         out[INDEX] = torch.cat([p.parts[INDEX] for p in parts])
         return QTensor(format=self.id, shape=(rows, cols), dtype=dtype, parts=out)
+
+
+def refit_exact(w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
+    """``grid`` with each row's exactly stored values set to the fp16 of their least-squares optimum given the
+    other elements' values: with ``δ = v − w``, ``δ_O = −H_OO⁻¹ H_OR δ_R`` over the row's stored positions ``O``.
+    After GPTQ the rest of the row carries error feedback that the original weights ignore; this stores the
+    values that compensate it.  Rows whose error does not drop keep their values; never worse in-sample."""
+    if grid.exact_mask is None:
+        return grid
+    from ..rounding.gptq import row_errors
+
+    mask = grid.exact_mask.to(w.device)
+    rows = int(w.shape[0])
+    k = int(mask[0].sum()) if rows else 0
+    if k == 0 or not bool((mask.sum(1) == k).all()):
+        return grid
+    w64 = w.to(torch.float64)
+    old = grid.values(codes)
+    d = old.to(torch.float64) - w64
+    h = hessian.to(device=w.device, dtype=torch.float64)
+    h = (h + h.T) * 0.5
+    idx = torch.arange(int(w.shape[1]), device=w.device).expand_as(mask)[mask].reshape(rows, k)
+    h_oo = h[idx.unsqueeze(2), idx.unsqueeze(1)]  # (rows, k, k)
+    d_o = d.gather(1, idx)
+    rhs = (d @ h).gather(1, idx) - (h_oo @ d_o.unsqueeze(2)).squeeze(2)  # H_OR δ_R
+    diag = h_oo.diagonal(dim1=1, dim2=2).abs()
+    ridge = 1e-9 * diag + 1e-30 * (1.0 + diag.mean(1, keepdim=True))
+    sol = torch.linalg.solve(h_oo + torch.diag_embed(ridge), -rhs.unsqueeze(2)).squeeze(2)
+    vals = fp16r((w64.gather(1, idx) + sol).to(torch.float32))
+    exact = grid.exact_values.to(w.device).clone()
+    exact[mask] = vals.reshape(-1)
+    new = dataclasses.replace(grid, exact_values=exact)
+    better = torch.isfinite(vals).all(1) & (row_errors(w, new.values(codes), hessian) < row_errors(w, old, hessian))
+    return dataclasses.replace(grid, exact_values=torch.where(better.unsqueeze(1), exact,
+                                                              grid.exact_values.to(w.device)))
 
 
 def _pick_rows(take: torch.Tensor, a: Grid, b: Grid) -> Grid:
