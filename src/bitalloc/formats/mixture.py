@@ -11,8 +11,11 @@ free and the four index values go to genuinely different shapes):
 * 3 bits (:data:`SETS3`): ``int`` = -4..3, ``er`` = FP3 {0, ±1, ±2, ±4} + 3, ``ea`` = FP3 + 6, ``lm`` = the 8-level
   Lloyd-Max quantizer of N(0, 1) ×2 in sixteenths (no zero level).
 
-Measured (RTN, g32, SQNR dB; see the report of branch ``fmtmix``): on N(0,1) the set mixture gains ~0.3 dB over
-IQ4_NL alone, on Laplace ~0.8 dB, the FP-like sets winning the heavy-tailed groups.
+Measured (RTN, SQNR dB, 512x1024 N(0,1) / Laplace, SmolLM2-135M rescaled linears): mix4-g32 (4.5625 bpw)
+23.04 / 22.28 / 23.19 (all 210 linears) against IQ4_NL (4.5 bpw) 22.67 / 21.41 / 22.58, the FP-like sets winning
+the heavy-tailed groups; mix3-g32 (3.5625 bpw) 16.69 / 15.64 / 16.32 (bench sample) matches int3-g32 (4.0 bpw)
+16.59 / 15.22 / 16.33.  Of the 4-bit sets tried, {int, nl, er, ea} was best; sets shifted by whole steps (a
+quantized zero point: -8..7, -6..9, -4..11, -2..13) were 1.3 dB worse on SmolLM2.
 
 Exact storage of a ``(rows, cols)`` tensor, ``ng = ceil(cols / G)``, rows padded with zero codes to ``ng·G``:
 
