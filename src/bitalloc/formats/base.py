@@ -58,6 +58,16 @@ class Grid:
     the format stores them (already rounded to fp16 etc.), ``levels`` a sorted float32 codebook and
     ``group_size`` the number of consecutive input columns sharing one (scale, offset).  ``extra`` carries
     format-specific data that ``encode`` needs (e.g. K-quant super-block scales and integer sub-scales).
+
+    Two optional extensions (None for every plain grid, whose arithmetic is then exactly as without them):
+
+    * ``set_index`` (int64 ``(rows, ngroups)``): a mixture of value sets.  ``levels`` is then 2-D ``(nsets, L)``,
+      each row a sorted codebook, and group ``(r, g)`` uses ``levels[set_index[r, g]]``; codes index within it.
+    * ``exact_mask`` (bool ``(rows, cols)``) with ``exact_values`` (float32 ``(rows, cols)``): elements stored
+      exactly (sparse outliers).  Where the mask is set the element's value is ``exact_values`` whatever its
+      code (the code still indexes the grid, so the base format can pack it); elsewhere ``exact_values`` is
+      ignored.  The values are fixed when the grid is fitted (the format's stored values, e.g. fp16 of the
+      original weights), so rounding at such a column leaves the error ``w − exact`` (GPTQ propagates it).
     """
 
     scale: torch.Tensor
@@ -65,6 +75,22 @@ class Grid:
     levels: torch.Tensor
     group_size: int
     extra: dict[str, Any] = field(default_factory=dict)
+    set_index: torch.Tensor | None = None
+    exact_mask: torch.Tensor | None = None
+    exact_values: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.exact_mask is None) != (self.exact_values is None):
+            raise FormatError("Grid: exact_mask and exact_values go together")
+        if self.set_index is not None and self.levels.dim() != 2:
+            raise FormatError(f"Grid: a set_index needs 2-D levels (nsets, L), got {tuple(self.levels.shape)}")
+        if self.set_index is None and self.levels.dim() != 1:
+            raise FormatError(f"Grid: levels must be 1-D without a set_index, got {tuple(self.levels.shape)}")
+
+    @property
+    def plain(self) -> bool:
+        """True when the grid uses neither a mixture of value sets nor exactly stored elements."""
+        return self.set_index is None and self.exact_mask is None
 
     @property
     def rows(self) -> int:
@@ -73,10 +99,15 @@ class Grid:
     def to(self, device: torch.device | str) -> "Grid":
         """This grid with its tensors (``extra``'s included) on ``device``; itself when already there."""
         device = torch.device(device)
-        if self.scale.device == device and self.levels.device == device:
+        opt = [t for t in (self.set_index, self.exact_mask, self.exact_values) if t is not None]
+        if self.scale.device == device and self.levels.device == device and all(t.device == device for t in opt):
             return self
         extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.extra.items()}
-        return Grid(self.scale.to(device), self.offset.to(device), self.levels.to(device), self.group_size, extra)
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+        return Grid(self.scale.to(device), self.offset.to(device), self.levels.to(device), self.group_size, extra,
+                    move(self.set_index), move(self.exact_mask), move(self.exact_values))
 
     def group_of(self, cols: torch.Tensor) -> torch.Tensor:
         return torch.div(cols, self.group_size, rounding_mode="floor")
@@ -91,27 +122,58 @@ class Grid:
         w = w.to(torch.float32)
         if cols is None:
             cols = torch.arange(w.shape[1], device=w.device)
-        g = self.group_of(cols.to(device=w.device, dtype=torch.long))
+        cols = cols.to(device=w.device, dtype=torch.long)
+        g = self.group_of(cols)
         s = self.scale[:, g]
         o = self.offset[:, g]
         zero = s == 0
         u = torch.where(zero, torch.zeros_like(w), (w - o) / torch.where(zero, torch.ones_like(s), s))
         levels = self.levels.to(w.device)
-        mids = (levels[1:] + levels[:-1]) * 0.5
-        codes = torch.searchsorted(mids, u.contiguous())
-        values = s * levels[codes] + o
+        if self.set_index is None:
+            mids = (levels[1:] + levels[:-1]) * 0.5
+            codes = torch.searchsorted(mids, u.contiguous())
+            lv = levels[codes]
+        else:
+            codes, lv = _snap_sets(u, self.set_index.to(w.device)[:, g], levels)
+        values = s * lv + o
+        if self.exact_mask is not None:
+            values = torch.where(self.exact_mask.to(w.device)[:, cols], self.exact_values.to(w.device)[:, cols],
+                                 values)
         return codes, values
+
+    def level_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """The codebook value of every code (``rows x cols``), before scale and offset (each group's own set)."""
+        levels = self.levels.to(codes.device)
+        if self.set_index is None:
+            return levels.take(codes)
+        g = self.group_of(torch.arange(int(codes.shape[1]), device=codes.device))
+        return levels.reshape(-1).take(self.set_index.to(codes.device)[:, g] * int(levels.shape[1]) + codes)
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """Decode full-width codes (``rows x cols``) to float32 values (on the codes' device)."""
         rows, cols = (int(d) for d in codes.shape)
-        lv = self.levels.to(codes.device).take(codes)
+        lv = self.levels.to(codes.device).take(codes) if self.set_index is None else self.level_values(codes)
         gs = self.group_size
         if cols % gs == 0 and tuple(self.scale.shape) == (rows, cols // gs):  # broadcast: no (rows, cols) gathers
             s, o = self.scale.unsqueeze(-1), self.offset.unsqueeze(-1)
-            return (s * lv.reshape(rows, -1, gs) + o).reshape(rows, cols)
-        g = self.group_of(torch.arange(cols, device=codes.device))
-        return self.scale[:, g] * lv + self.offset[:, g]
+            out = (s * lv.reshape(rows, -1, gs) + o).reshape(rows, cols)
+        else:
+            g = self.group_of(torch.arange(cols, device=codes.device))
+            out = self.scale[:, g] * lv + self.offset[:, g]
+        if self.exact_mask is not None:
+            out = torch.where(self.exact_mask.to(out.device), self.exact_values.to(out.device), out)
+        return out
+
+
+def _snap_sets(u: torch.Tensor, sets: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest level of each element of ``u`` in its own set ``levels[sets]`` (``levels`` ``(nsets, L)``):
+    ``(codes, level values)``, each exactly ``searchsorted`` over that set's midpoints (ties: the lower level)."""
+    codes = torch.zeros(u.shape, dtype=torch.int64, device=u.device)
+    uc = u.contiguous()
+    for k in range(int(levels.shape[0])):
+        mids = ((levels[k, 1:] + levels[k, :-1]) * 0.5).contiguous()
+        codes = torch.where(sets == k, torch.searchsorted(mids, uc), codes)
+    return codes, levels.reshape(-1).take(sets * int(levels.shape[1]) + codes)
 
 
 class Format(ABC):

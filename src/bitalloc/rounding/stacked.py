@@ -53,6 +53,12 @@ class StackedGrid:
     mids: torch.Tensor
     table: torch.Tensor
     base: torch.Tensor | None
+    #: mixture mode (some grid has a ``set_index``): per searched row and column a codebook id into ``mids``
+    #: (``(ncodebooks, M-1)``) and ``table`` (``ncodebooks·M``): ``cbase[j]`` is the first codebook of searched
+    #: grid ``j``; None otherwise
+    cbase: tuple[int, ...] | None = None
+    #: some grid stores elements exactly (``Grid.exact_mask``)
+    exact: bool = False
 
     @classmethod
     def of(cls, grids: Sequence[Grid], device: torch.device) -> "StackedGrid":
@@ -61,6 +67,8 @@ class StackedGrid:
         rows = grids[0].rows
         if any(g.rows != rows for g in grids):
             raise ValueError(f"stacked grids must have equal rows, got {[g.rows for g in grids]}")
+        if not all(g.plain for g in grids):
+            return cls._extended(grids, device, rows)
         levels = [g.levels.to(device=device, dtype=torch.float32).reshape(-1) for g in grids]
         uni = [_uniform(lv) for lv in levels]
         index = tuple(sorted(range(len(grids)), key=lambda j: not uni[j]))
@@ -87,6 +95,57 @@ class StackedGrid:
                                 for lv in rest]).repeat_interleave(rows, dim=0).contiguous()
             base = (torch.arange(len(rest), device=device) * m).repeat_interleave(rows)
         return cls(tuple(grids[j] for j in index), index, rows, nuf * rows, lo, hi, mids, table, base)
+
+    @classmethod
+    def _extended(cls, grids: Sequence[Grid], device: torch.device, rows: int) -> "StackedGrid":
+        """Stack with mixtures or exactly stored elements: every row searches a padded codebook table (uniform
+        codebooks included), by a per-column codebook id (:meth:`codebooks`)."""
+        books = [g.levels.to(device=device, dtype=torch.float32).reshape(-1, int(g.levels.shape[-1])) for g in grids]
+        m = max(int(b.shape[1]) for b in books)
+        cbase, tabs, mids = [], [], []
+        for b in books:
+            cbase.append(sum(int(t.shape[0]) for t in tabs))
+            pad = m - int(b.shape[1])
+            tabs.append(torch.cat([b, b[:, -1:].expand(-1, pad)], 1))
+            mids.append(torch.cat([_mids(b.T).T, torch.full((b.shape[0], pad), torch.inf, device=device)], 1))
+        table = torch.cat(tabs).reshape(-1).contiguous()
+        return cls(tuple(grids), tuple(range(len(grids))), rows, 0, 0.0, 0.0, torch.cat(mids).contiguous(), table,
+                   None, tuple(cbase), any(g.exact_mask is not None for g in grids))
+
+    def codebooks(self, cols: torch.Tensor) -> torch.Tensor | None:
+        """Codebook id ``(k, F·rows)`` of every stacked row at the original columns ``cols`` (mixture mode)."""
+        if self.cbase is None:
+            return None
+        out = []
+        for g, c0 in zip(self.grids, self.cbase):
+            if g.set_index is None:
+                out.append(torch.full((int(cols.shape[0]), self.rows), c0, dtype=torch.int64, device=cols.device))
+            else:
+                out.append(g.set_index[:, torch.div(cols, g.group_size, rounding_mode="floor")].T.to(torch.int64) + c0)
+        return torch.cat(out, 1).contiguous()
+
+    def exact_at(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mask and values ``(k, F·rows)`` of the exactly stored elements at the original columns ``cols``."""
+        if not self.exact:
+            return None
+        k = int(cols.shape[0])
+        masks, vals = [], []
+        for g in self.grids:
+            if g.exact_mask is None:
+                masks.append(torch.zeros((k, self.rows), dtype=torch.bool, device=cols.device))
+                vals.append(torch.zeros((k, self.rows), dtype=torch.float32, device=cols.device))
+            else:
+                masks.append(g.exact_mask[:, cols].T)
+                vals.append(g.exact_values[:, cols].T.to(torch.float32))
+        return torch.cat(masks, 1).contiguous(), torch.cat(vals, 1).contiguous()
+
+    def nearest_in(self, u: torch.Tensor, codes: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+        """Mixture mode: the level nearest ``u`` in codebook ``cb`` (per stacked row), exactly as
+        :meth:`Grid.snap` (``searchsorted`` over that codebook's midpoints)."""
+        m = int(self.mids.shape[1]) + 1
+        c = torch.searchsorted(self.mids.index_select(0, cb), u.unsqueeze(1)).squeeze(1)
+        codes.copy_(c)
+        return self.table.take(cb * m + c)
 
     @property
     def size(self) -> int:
@@ -153,17 +212,39 @@ def stacked_codes(
         u1 = u[i1:i2, i1:i2]
         diag = torch.diagonal(u1).tolist()
         err1 = torch.empty_like(w1)
-        for i in range(i2 - i1):
-            x = w1[i]
-            t = torch.where(zero[i], torch.zeros_like(x), (x - o[i]) / safe[i])
-            lv = sg.nearest(t, codes[i1 + i])
-            e = (x - (s[i] * lv + o[i])) / diag[i]
-            w1[i + 1:] -= u1[i, i + 1:].unsqueeze(1) * e.unsqueeze(0)
-            err1[i] = e
+        if sg.cbase is not None or sg.exact:  # mixtures / exactly stored elements
+            _extended_block(w1, err1, s, o, zero, safe, u1, diag, sg, cols[i1:i2], codes[i1:i2])
+        else:
+            for i in range(i2 - i1):
+                x = w1[i]
+                t = torch.where(zero[i], torch.zeros_like(x), (x - o[i]) / safe[i])
+                lv = sg.nearest(t, codes[i1 + i])
+                e = (x - (s[i] * lv + o[i])) / diag[i]
+                w1[i + 1:] -= u1[i, i + 1:].unsqueeze(1) * e.unsqueeze(0)
+                err1[i] = e
         bad |= ~torch.isfinite(err1).all(0)
         if i2 < n:
             w[:, i2:] -= err1.T.contiguous() @ u[i1:i2, i2:]
     return codes.T, bad
+
+
+def _extended_block(w1, err1, s, o, zero, safe, u1, diag, sg: StackedGrid, cols: torch.Tensor,
+                    codes: torch.Tensor) -> None:
+    """One block of the column loop for stacks with mixtures or exactly stored elements (see
+    :meth:`StackedGrid._extended`): each row's own codebook per column; an exactly stored element takes its
+    stored value, its error ``x − exact`` fed back like any rounding error."""
+    cb = sg.codebooks(cols)
+    ex = sg.exact_at(cols)
+    for i in range(int(cols.shape[0])):
+        x = w1[i]
+        t = torch.where(zero[i], torch.zeros_like(x), (x - o[i]) / safe[i])
+        lv = sg.nearest_in(t, codes[i], cb[i]) if cb is not None else sg.nearest(t, codes[i])
+        v = s[i] * lv + o[i]
+        if ex is not None:
+            v = torch.where(ex[0][i], ex[1][i], v)
+        e = (x - v) / diag[i]
+        w1[i + 1:] -= u1[i, i + 1:].unsqueeze(1) * e.unsqueeze(0)
+        err1[i] = e
 
 
 __all__ = ["StackedGrid", "stacked_codes"]
