@@ -21,7 +21,8 @@ import torch
 
 from .memory import release_free_memory
 from .errors import InputError, NumericsError
-from .formats import Format, get_format
+from .formats import Format, Grid, get_format
+from .formats.rotated import Rotation, rotation_of
 from .rounding import ROW_CHUNK_ELEMS, dequantize, gptq_refit_many, quantize_chunks, row_chunks, rtn_round
 from .stats import LinearStats, LookupStats, TensorStats
 from .timing import StageTimer, timed
@@ -163,7 +164,9 @@ def measure_tensor(
     per format, as ``quantize_weight`` stores it) up to float rounding in GPTQ's blocked products.  The
     formats × rows × cols stack holds at most ``stack_elems`` elements (default :data:`STACK_ELEMS`, on CUDA
     :data:`STACK_ELEMS_CUDA`): rows are batched in blocks of at
-    most that many ÷ formats (rows are independent).  Everything runs on ``w``'s device; ``timer`` gets
+    most that many ÷ formats (rows are independent).  A recorded rotation (``had-…``) rounds ``W·R`` under
+    ``Rᵀ·H·R`` in its own stack (one per rotation) and its ΔW is rotated back: the errors are the original
+    weight's, as ``decode`` gives it.  Everything runs on ``w``'s device; ``timer`` gets
     ``measure.fit``, ``measure.gptq``, ``measure.refit``, ``measure.errors`` (and ``measure.store`` for
     pass-through formats).
 
@@ -254,32 +257,59 @@ def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequenc
     hessian = None if hessian is None else hessian.detach().to(dev)
     if hessian is not None and tuple(hessian.shape) != (cols, cols):
         raise InputError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} input columns")
-    importance = None if hessian is None else torch.diagonal(hessian).to(torch.float32).clamp_min(0)
     role_h = _role_hessians(stats, cols, dev)
     cap = max(1, stack_elems // len(fmts))
     errs: dict[str, tuple[float, float | None]] = {f.id: (0.0, 0.0) for f in fmts}
+    groups = _rotation_groups(fmts, cols, hessian)
     for sl in row_chunks(rows, cols, cap if max_elems is None else min(cap, max_elems)):
         w32 = w[sl].detach().to(device=dev, dtype=torch.float32)
-        with timed(timer, "measure.fit"):
-            grids = [f.fit(w32, importance) for f in fmts]
-        if method == "gptq" and hessian is not None:
-            done = gptq_refit_many(w32, hessian, grids, fmts, timer=timer)
-        else:
-            with timed(timer, "measure.rtn"):
-                done = [(rtn_round(w32, g)[0], g) for g in grids]
+        done: list[tuple[torch.Tensor, Grid, Rotation | None]] = [None] * len(fmts)  # type: ignore[list-item]
+        for rot, members, h_g, importance in groups:
+            w_g = w32 if rot is None else rot.apply(w32)
+            g_fmts = [fmts[i] for i in members]
+            with timed(timer, "measure.fit"):
+                grids = [f.fit(w_g, importance) for f in g_fmts]
+            if method == "gptq" and h_g is not None:
+                got = gptq_refit_many(w_g, h_g, grids, g_fmts, timer=timer)
+            else:
+                with timed(timer, "measure.rtn"):
+                    got = [(rtn_round(w_g, g)[0], g) for g in grids]
+            for i, (codes, grid) in zip(members, got):
+                done[i] = (codes, grid, rot)
+            del w_g, grids, got
         part = _rows_of(stats, sl)
         with timed(timer, "measure.errors"):
-            for fmt, (codes, grid) in zip(fmts, done):
-                dw = grid.values(codes) - w32
+            for fmt, (codes, grid, rot) in zip(fmts, done):
+                values = grid.values(codes)
+                dw = (values if rot is None else rot.apply_t(values)) - w32
                 if not torch.isfinite(dw).all():
                     raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
                 o, fi = _errors(dw, part, role_h)
                 o0, f0 = errs[fmt.id]
                 errs[fmt.id] = (o0 + o, None if f0 is None or fi is None else f0 + fi)
-        del w32, grids, done
+        del w32, done
         drop(sl)
         release_free_memory()
     return errs
+
+
+def _rotation_groups(fmts: Sequence[Format], cols: int, hessian: torch.Tensor | None
+                     ) -> list[tuple[Rotation | None, list[int], torch.Tensor | None, torch.Tensor | None]]:
+    """The formats (indices into ``fmts``) that round one weight under one Hessian: ``(rotation, members,
+    Hessian, importance)``, the unrotated formats first with ``hessian`` itself, then one group per recorded
+    rotation (``had-…``: ``W·R`` under ``Rᵀ·H·R``; ΔW is rotated back before the errors).  Importance: the
+    Hessian's diagonal, clamped at 0."""
+    groups: dict[tuple[int, int] | None, tuple[Rotation | None, list[int]]] = {None: (None, [])}
+    for i, fmt in enumerate(fmts):
+        rot = rotation_of(fmt, cols)
+        key = None if rot is None else rot.key
+        groups.setdefault(key, (rot, []))[1].append(i)
+    out = []
+    for rot, members in groups.values():
+        if members:
+            h = hessian if rot is None or hessian is None else rot.conjugate(hessian)
+            out.append((rot, members, h, None if h is None else torch.diagonal(h).to(torch.float32).clamp_min(0)))
+    return out
 
 
 def _role_hessians(stats: TensorStats, cols: int, device: torch.device) -> list[torch.Tensor | None]:

@@ -12,6 +12,7 @@ from typing import Iterator, Literal, Sequence
 import torch
 
 from ..formats.base import Format, Grid, QTensor, get_format
+from ..formats.rotated import rotation_of
 from ..timing import StageTimer, timed
 from .gptq import GPTQFactor, gptq_factor, gptq_round, gptq_round_many
 from .rtn import rtn_round
@@ -55,6 +56,10 @@ def quantize_chunks(
     whole tensor, and ``fmt.concat_rows`` of them is byte-identical to it.  Temporaries (float32 copy,
     int64 codes, grids) exist for one block at a time.  A per-element ``importance`` (rows, cols) is not
     split (its mean enters some scale searches): the tensor is then one block.
+
+    A format with an input rotation R (:func:`bitalloc.formats.rotated.rotation_of`: ``had-…``) fits, rounds and
+    stores ``W·R`` under the Hessian ``Rᵀ·H·R`` (importance: its diagonal, or ``diag(Rᵀ·diag(importance)·R)``);
+    every other format takes exactly the float operations it always did.
     """
     fmt = get_format(fmt)
     if not fmt.is_grid:
@@ -68,6 +73,10 @@ def quantize_chunks(
         raise ValueError(f"{fmt.id}: grid formats store 2-D tensors, got shape {tuple(w.shape)}")
     fmt.check_shape(tuple(w.shape))
     dtype = str(w.dtype).removeprefix("torch.")
+    rot = rotation_of(fmt, int(w.shape[1]))  # None but for recorded rotations (had-…): they round W·R
+    if rot is not None:
+        importance = None if importance is None else rot.importance(importance.to(w.device))
+        hessian = None if hessian is None else rot.conjugate(hessian)
     if importance is None and hessian is not None:
         importance = torch.diagonal(hessian).to(torch.float32).clamp_min(0)
     if importance is not None:
@@ -78,6 +87,8 @@ def quantize_chunks(
     split = importance is None or importance.dim() == 1
     for sl in row_chunks(rows, cols, max_elems if split else None):
         w32 = w[sl].detach().to(torch.float32)
+        if rot is not None:
+            w32 = rot.apply(w32)
         grid = fmt.fit(w32, importance)
         if method == "gptq" and hessian is not None:
             codes, grid = gptq_refit(w32, hessian, grid, fmt)
