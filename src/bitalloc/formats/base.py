@@ -209,6 +209,18 @@ class Format(ABC):
         if len(shape) == 0 or any(int(d) <= 0 for d in shape):
             raise FormatError(f"{self.id}: cannot store a tensor of shape {tuple(shape)}")
 
+    def check_2d(self, shape: Shape) -> None:
+        """:meth:`check_shape` for formats that store 2-D ``(rows, cols)`` tensors only."""
+        if len(tuple(shape)) != 2:
+            raise FormatError(f"{self.id}: stores 2-D (rows, cols) tensors only, got shape {tuple(shape)}")
+        Format.check_shape(self, shape)
+
+    def check_parts(self, q: QTensor, want: dict[str, tuple[torch.dtype, Shape]]) -> None:
+        """FormatError unless ``q``'s parts are exactly ``want`` (name -> (dtype, shape))."""
+        got = {k: (t.dtype, tuple(t.shape)) for k, t in q.parts.items()}
+        if got != want:
+            raise FormatError(f"{self.id}: a tensor of shape {tuple(q.shape)} stores {want}, got {got}")
+
     def supports(self, shape: Shape) -> bool:
         try:
             self.check_shape(shape)

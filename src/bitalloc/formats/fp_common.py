@@ -222,9 +222,7 @@ class FloatFormat(Format):
 
     def check_shape(self, shape: Shape) -> None:
         shape = tuple(shape)
-        if len(shape) != 2:
-            raise FormatError(f"{self.id}: stores 2-D (rows, cols) tensors only, got shape {shape}")
-        super().check_shape(shape)
+        self.check_2d(shape)
         if int(shape[1]) % self.group_size(int(shape[1])) or int(shape[1]) * self.elem.bits % 8:
             raise FormatError(f"{self.id}: row length {shape[1]} is not a multiple of the group size {self.group}")
 
@@ -306,10 +304,7 @@ class FloatFormat(Format):
             raise FormatError(f"{self.id}: cannot decode a tensor stored as {q.format!r}")
         shape = tuple(int(d) for d in q.shape)
         self.check_shape(shape)
-        want = self._expect(*shape)
-        got = {k: (t.dtype, tuple(t.shape)) for k, t in q.parts.items()}
-        if got != want:
-            raise FormatError(f"{self.id}: a tensor of shape {shape} stores {want}, got {got}")
+        self.check_parts(q, self._expect(*shape))
         return shape
 
     def decode(self, q: QTensor) -> torch.Tensor:

@@ -76,9 +76,7 @@ class IntFormat(Format):
     # --- geometry -----------------------------------------------------------------------------
     def check_shape(self, shape: Shape) -> None:
         shape = tuple(shape)
-        if len(shape) != 2:
-            raise FormatError(f"{self.id}: stores 2-D (rows, cols) tensors only, got shape {shape}")
-        super().check_shape(shape)
+        self.check_2d(shape)
 
     def group_size(self, cols: int) -> int:
         return cols if self.group is None else self.group

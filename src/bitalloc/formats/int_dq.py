@@ -117,9 +117,7 @@ class IntDQFormat(Format):
 
     # --- geometry -----------------------------------------------------------------------------
     def check_shape(self, shape: Shape) -> None:
-        if len(tuple(shape)) != 2:
-            raise FormatError(f"{self.id}: stores 2-D (rows, cols) tensors only, got shape {tuple(shape)}")
-        super().check_shape(shape)
+        self.check_2d(shape)
 
     def ngroups(self, cols: int) -> int:
         return -(-cols // self.group)
@@ -342,10 +340,7 @@ class IntDQFormat(Format):
         return (bits << torch.arange(self.sbits)).sum(-1)
 
     def _check_parts(self, q: QTensor) -> None:
-        want = self._part_shapes(int(q.shape[0]), int(q.shape[1]))
-        got = {k: (t.dtype, tuple(t.shape)) for k, t in q.parts.items()}
-        if got != want:
-            raise FormatError(f"{self.id}: a tensor of shape {tuple(q.shape)} needs parts {want}, got {got}")
+        self.check_parts(q, self._part_shapes(int(q.shape[0]), int(q.shape[1])))
 
     def decode(self, q: QTensor) -> torch.Tensor:
         if q.format != self.id:

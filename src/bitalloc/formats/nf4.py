@@ -59,9 +59,7 @@ class NF4Format(Format):
 
     def check_shape(self, shape: Shape) -> None:
         shape = tuple(shape)
-        if len(shape) != 2:
-            raise FormatError(f"{self.id}: stores 2-D (rows, cols) tensors only, got shape {shape}")
-        super().check_shape(shape)
+        self.check_2d(shape)
         if int(shape[1]) % BLOCK:
             raise FormatError(f"{self.id}: row length {shape[1]} is not a multiple of the block size {BLOCK}")
 
@@ -110,9 +108,7 @@ class NF4Format(Format):
         self.check_shape(shape)
         n = shape[0] * shape[1]
         want = {"weight_packed": (torch.uint8, (n // 2, 1)), "weight_scale": (torch.float32, (n // BLOCK,))}
-        got = {k: (t.dtype, tuple(t.shape)) for k, t in q.parts.items()}
-        if got != want:
-            raise FormatError(f"{self.id}: a tensor of shape {shape} stores {want}, got {got}")
+        self.check_parts(q, want)
         return shape
 
     def decode(self, q: QTensor) -> torch.Tensor:

@@ -227,7 +227,7 @@ class RotatedFormat(Format):
 
     def check_shape(self, shape: Shape) -> None:
         if len(tuple(shape)) != 2:
-            raise FormatError(f"{self.id}: stores 2-D (rows, cols) tensors only, got shape {tuple(shape)}")
+            self.check_2d(shape)
         self.base.check_shape(shape)
 
     def input_rotation(self, cols: int) -> Rotation:
