@@ -9,8 +9,9 @@ tragedies (context 512, second half of each window scored), all with GPTQ:
 * per budget (2.5-4.5 bpw over ALL weights): the allocation from the int-only table and the allocation from the
   full table, quantized and evaluated: the ratio new/int KLD (goal < 1, never > 1);
 * the uniform ``--uniform`` formats (every allocated tensor in NF4 / MXFP4 / NVFP4: what users pick by hand; the
-  embedding is stored in the format too, norms in fp16 as everywhere) and, at each of their exact sizes, both
-  allocations: the ratio allocated/uniform KLD at equal bytes.
+  embedding is stored in the format too, norms in fp16 as everywhere) and, at each of their exact sizes, the
+  allocation with the new formats (the int-only one at the first uniform's size): allocated/uniform KLD at
+  equal bytes.
 
 ``--cache DIR`` keeps the measurement (formats added later are measured alone and merged) and every finished
 point; pass ``--fresh`` after changing the code.  Writes bench/results/pareto_formats.{json,png} and prints the
@@ -147,22 +148,26 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [uniform_plan(full, f).total_bytes for f in uniform]
     all_budgets = budgets + [f"{s}B" for s in sizes]
 
-    int_pts = run_sweep(model, view, int_table, all_budgets, calib, evals, reference, cache, "int", [])
+    # the int-only allocation at the bpw budgets and at the first uniform's size (the last point of its curve);
+    # the allocation with the new formats at every budget and every uniform's size
+    int_budgets = budgets + all_budgets[len(budgets):len(budgets) + 1]
+    int_pts = run_sweep(model, view, int_table, int_budgets, calib, evals, reference, cache, "int", [])
     new_all = run_sweep(model, view, full, all_budgets, calib, evals, reference, cache, "new", uniform)
     new_pts = [p for p in new_all if p.kind == "allocated"]
     uni_pts = [p for p in new_all if p.kind == "uniform"]
 
     rows = []
     for b in all_budgets:
-        a_int = next(p for p in int_pts if p.budget == b)
+        a_int = next((p for p in int_pts if p.budget == b), None)
         a_new = next(p for p in new_pts if p.budget == b)
         u = next((p for p, s in zip(uni_pts, sizes) if f"{s}B" == b), None)
         rows.append({"budget": b, "uniform": None if u is None else u.label,
-                     "int_kld": a_int.kld, "new_kld": a_new.kld, "new_over_int": a_new.kld / a_int.kld,
-                     "int_bytes": a_int.bytes, "new_bytes": a_new.bytes,
+                     "int_kld": None if a_int is None else a_int.kld, "new_kld": a_new.kld,
+                     "new_over_int": None if a_int is None else a_new.kld / a_int.kld,
+                     "int_bytes": None if a_int is None else a_int.bytes, "new_bytes": a_new.bytes,
                      "uniform_kld": None if u is None else u.kld, "uniform_bytes": None if u is None else u.bytes,
                      "new_over_uniform": None if u is None else a_new.kld / u.kld,
-                     "int_over_uniform": None if u is None else a_int.kld / u.kld,
+                     "int_over_uniform": None if u is None or a_int is None else a_int.kld / u.kld,
                      "new_plan_formats": plan_formats(full, b)})
     result = {
         "bench": "pareto_formats", "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)",
@@ -185,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["new_plan_formats"].items())[:4])
         uk = "-" if r["uniform_kld"] is None else f"{r['uniform_kld']:.5f}"
         nu = "-" if r["new_over_uniform"] is None else f"{r['new_over_uniform']:.3f}"
-        print(f"{r['budget']:<12} {r['int_kld']:>9.5f} {r['new_kld']:>9.5f} {r['new_over_int']:>8.3f} "
+        ik = "-" if r["int_kld"] is None else f"{r['int_kld']:.5f}"
+        ni = "-" if r["new_over_int"] is None else f"{r['new_over_int']:.3f}"
+        print(f"{r['budget']:<12} {ik:>9} {r['new_kld']:>9.5f} {ni:>8} "
               f"{r['uniform'] or '-':>8} {uk:>9} {nu:>9}  {top}")
     print(f"measurement {sum(r['seconds'] for r in runs):.0f} s; total {time.perf_counter() - t0:.0f} s -> "
           f"{out / (args.name + '.json')}")
