@@ -231,3 +231,22 @@ def test_the_allocator_weighs_outliers_and_mixtures_end_to_end(tmp_path) -> None
     ids = token_ids(2, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(m2(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_rotated_outliers_round_trip_in_the_rotated_domain() -> None:
+    """``had-BASE+oK`` is the rotation of BASE+oK (outliers of W·R), not outliers over a rotated base that would
+    be fitted to the unrotated weight: its error is close to the plain outlier format's."""
+    from bitalloc.formats.rotated import RotatedFormat
+    from bitalloc.rounding import dequantize, quantize_weight
+
+    fmt = get_format("had-int3-g128+o4")
+    assert isinstance(fmt, RotatedFormat) and fmt.base.id == "int3-g128+o4"
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    rel = {f: float(((w - dequantize(quantize_weight(w, f, method="rtn"))) ** 2).sum() / (w ** 2).sum())
+           for f in ("int3-g128+o4", "had-int3-g128+o4")}
+    assert rel["had-int3-g128+o4"] < 1.5 * rel["int3-g128+o4"]
+
+
+def test_outliers_over_double_scaled_ints_are_refused_in_one_line() -> None:
+    with pytest.raises(FormatError, match="not supported"):
+        get_format("int4-g32-dq+o2")

@@ -214,7 +214,7 @@ def _pick_rows(take: torch.Tensor, a: Grid, b: Grid) -> Grid:
 def parse_outliers(format_id: str) -> OutlierFormat | None:
     """``int3-g128+o4`` -> :class:`OutlierFormat` over ``int3-g128``; ids without ``+o`` -> None."""
     key = format_id.strip().lower()
-    if "+" not in key:
+    if "+" not in key or key.startswith("had-"):  # had-BASE+oK: the rotation is outermost (outliers of W·R)
         return None
     m = _ID.fullmatch(key)
     if m is None or not m.group(2).isdigit():
@@ -223,6 +223,8 @@ def parse_outliers(format_id: str) -> OutlierFormat | None:
     base = get_format(m.group(1))
     if not base.is_grid:
         raise FormatError(f"{format_id}: sparse outliers modify a grid format, {base.id} stores values as they are")
+    if type(base).__name__ == "IntDQFormat":  # its fit/refine rebuild the grid without the stored outliers
+        raise FormatError(f"{format_id}: sparse outliers over double-scaled integer formats are not supported")
     k = int(m.group(2))
     if k not in KS:
         raise FormatError(f"{format_id}: outliers per row must be one of {KS}, got {k}")
