@@ -180,13 +180,7 @@ class MixtureFormat(Format):
                 "weight_set": (torch.uint8, (packed_nbytes(rows * ng, INDEX_BITS),))}
 
     def _check_parts(self, q: QTensor, rows: int, cols: int) -> None:
-        expect = self._expect(rows, cols)
-        if set(q.parts) != set(expect):
-            raise FormatError(f"{self.id}: expected parts {sorted(expect)}, got {sorted(q.parts)}")
-        for name, (dt, shp) in expect.items():
-            t = q.parts[name]
-            if t.dtype != dt or tuple(t.shape) != shp:
-                raise FormatError(f"{self.id}: part {name} should be {dt} {shp}, got {t.dtype} {tuple(t.shape)}")
+        self.check_parts(q, self._expect(rows, cols))
 
     def decode(self, q: QTensor) -> torch.Tensor:
         if q.format != self.id:
