@@ -230,10 +230,12 @@ def write_extracted_gguf(out: Path, tpl: GGUFTemplate, config_dir: Path, qtensor
         t = fixed.get(name)
         if t is None or tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
             raise InputError(f"fixed tensor {name}: missing, not of shape {shape} or not finite")
-    try:
-        converted = {n: as_gguf(q) for n, q in qtensors.items()}
-    except FormatError as e:
-        raise InputError(one_line(e)) from None
+    converted: dict[str, QTensor] = {}
+    for name, q in qtensors.items():
+        try:
+            converted[name] = as_gguf(q)
+        except FormatError as e:
+            raise InputError(f"{name}: {one_line(e)}; nothing was written") from None
     tensors = gguf_tensors(tpl, view, converted, fixed)
     prep = prepare_gguf(Path(out).name, tpl, tensors)
     shapes = {n: tuple(s) for n, s, _ in tpl.tensors}
