@@ -35,7 +35,7 @@ def _config_errors() -> tuple[type[BaseException], ...]:
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, verify: bool = True,
-         device: str | torch.device = "cpu") -> Any:
+         device: str | torch.device = "cpu", budget: Any = None) -> Any:
     """Load a directory written by ``bitalloc quantize`` as a transformers causal LM with dequantized weights.
 
     With ``verify`` (the default) every file and stored tensor is first checked against the directory's
@@ -43,12 +43,16 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, verify:
     that check but never the validation of ``bitalloc.json``.  Every parameter of the model must be present
     in the directory with its shape, and decode to finite values; the result is in eval mode, no grad, on
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; :func:`bitalloc.placement.resolve_device`).
+
+    A nested artifact (``bitalloc nest``) needs ``budget`` (``"3.5bpw"``, ``"90MB"``, ...): the model of that size
+    is extracted from it (:func:`bitalloc.nest.extract`: allocation from the stored errors, no calibration).
     """
-    return load_packed(path, dtype, verify=verify, device=device)[0]
+    return load_packed(path, dtype, verify=verify, device=device, budget=budget)[0]
 
 
 def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
-                verify: bool = True, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+                verify: bool = True, device: str | torch.device = "cpu",
+                budget: Any = None) -> tuple[Any, dict[str, Any]]:
     """:func:`load`, also returning the directory's ``bitalloc.json`` (bytes, bpw, plan)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -57,7 +61,22 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
     target = resolve_device(device)  # a missing device is refused before anything is read
 
     p = Path(path)
-    if is_compressed_tensors_dir(p):  # a compressed-tensors folder bitalloc wrote: decompressed by the library
+    from .nest.artifact import is_artifact
+
+    if is_artifact(p):
+        if budget is None:
+            raise InputError(f"{p} is a nested artifact: say which size to load (budget=, e.g. '3.5bpw')")
+        from .nest.extract import extract
+
+        ex = extract(p, budget, verify=verify)
+        values = {n: (lambda q=q: dequantize(q)) for n, q in ex.qtensors.items()}
+        shapes = {n: tuple(q.shape) for n, q in ex.qtensors.items()}
+        info = {"bpw": ex.plan.bpw, "bytes": ex.plan.total_bytes, "tied": bool(ex.info.get("tied")),
+                "plan": ex.plan, "budget": ex.capacity.budget}
+        kind = "nested artifact"
+    elif budget is not None:
+        raise InputError(f"budget= applies to a nested artifact (from `bitalloc nest`); {p} is not one")
+    elif is_compressed_tensors_dir(p):  # a compressed-tensors folder bitalloc wrote: decompressed by the library
         info, weights = read_compressed_tensors(p, verify=verify)
         values = {n: (lambda w=w: w) for n, w in weights.items()}
         shapes = {n: tuple(w.shape) for n, w in weights.items()}
@@ -68,7 +87,7 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
         shapes = {n: tuple(q.shape) for n, q in qtensors.items()}
         kind = "packed"
     config_errors = _config_errors()
-    if kind == "packed":
+    if kind != "compressed-tensors":
         read_config(p)  # the checks a model folder's config.json gets: types, ranges, consistency, known type
     else:
         _read_quantized_config(p)

@@ -7,7 +7,7 @@ one ``error: internal error ...`` line with exit status 1 (``-v`` adds the trace
 Layout: :mod:`.common` (loading, validation, fingerprints), :mod:`.paths` (every input against every output,
 before any work), :mod:`.options` (the shared option blocks),
 one module per command group (:mod:`.measure_plan`, :mod:`.quantize_eval`, :mod:`.sweep_demo`, :mod:`.gguf`,
-:mod:`.export`),
+:mod:`.export`, :mod:`.nest`),
 and here the parser, the error-to-exit-status handling and ``main``.  A resumable command builds one frozen
 :class:`bitalloc.jobs.config.RunConfig` (budgets parsed once) and its output target, and calls the job.
 
@@ -24,7 +24,7 @@ import traceback
 from typing import Callable, NoReturn, Sequence
 
 from ..errors import BitallocError
-from . import export, gguf, measure_plan, quantize_eval, sweep_demo
+from . import export, gguf, measure_plan, nest, quantize_eval, sweep_demo
 from .common import DEFAULT_FORMATS, DEMO_BUDGETS, DEMO_FORMATS, MODEL_HELP, _precheck
 from .options import add_runtime, available_cpus
 
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_demo.add_parsers(sub)
     gguf.add_parser(sub)
     export.add_parser(sub)
+    nest.add_parsers(sub)
     for p in dict.fromkeys(sub.choices.values()):  # every command: --device, --threads
         add_runtime(p)
     return parser

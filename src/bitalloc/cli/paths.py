@@ -71,7 +71,7 @@ def command_paths(args: argparse.Namespace) -> tuple[Pairs, Pairs, Pairs]:
     ins: Pairs = []
     outs: Pairs = []
     cont: Pairs = []
-    if cmd in ("measure", "quantize", "sweep", "demo"):
+    if cmd in ("measure", "quantize", "sweep", "demo", "nest"):
         ins += _model(args.model)
         ins += _texts(args.calib, "--calib", "default_calibration_files")
     for attr, what in (("measurement", "--measurement"), ("plan", "--plan"), ("table", "TABLE")):
@@ -97,7 +97,13 @@ def command_paths(args: argparse.Namespace) -> tuple[Pairs, Pairs, Pairs]:
         ins += _texts(args.calib, "--calib", "default_calibration_files")
         out = Path(args.out)
         outs += [("output", out), ("manifest", manifest_path(out))]
-    if cmd in ("measure", "plan", "quantize", "export"):
+    if cmd == "extract":
+        ins.append(("nested artifact", check_input(args.art, "nested artifact", "directory")))
+        if args.gguf is not None:
+            from ..export.gguf_manifest import manifest_path
+
+            outs += [("output", Path(args.gguf)), ("manifest", manifest_path(Path(args.gguf)))]
+    if cmd in ("measure", "plan", "quantize", "export", "nest") or (cmd == "extract" and args.out is not None):
         outs.append(("output", Path(args.out)))
     if hasattr(args, "job") and outs:
         outs.append(("job directory", _job(args, Path(args.out))))
@@ -120,7 +126,8 @@ def check_paths(args: argparse.Namespace) -> None:
     for what, p in outs:
         if what == "job directory":
             _check_job_dir(p)
-        elif args.command in ("quantize", "export"):
+        elif args.command in ("quantize", "export", "nest") or (args.command == "extract" and what == "output"
+                                                                  and getattr(args, "gguf", None) is None):
             check_output(p, what, "directory", replaced=True)
         else:
             check_output(p, what, "file")

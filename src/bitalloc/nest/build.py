@@ -1,0 +1,196 @@
+"""``nest_model``: write the nested artifact of a model -- calibrate once, round every tensor at every depth, measure
+every depth's errors with the statistics ``measure`` uses, store the bit-planes (:mod:`bitalloc.nest.artifact`).
+
+Streamed block by block like the measurement (:func:`bitalloc.calibrate.stream.stream_blocks`, the fp model's
+inputs): one block's statistics, codes and planes are resident at a time, and each block's tensors go to their own
+shard as soon as they are rounded.  The output directory is written under a temporary name, every stored tensor
+re-read and hashed against the manifest, then renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..formats import get_format
+from ..io.atomic import atomic_write_dir, compare_digests, file_digest, tensor_digest
+from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
+from ..measure import MeasureRow, Measurement, fisher_error, output_error
+from ..memory import release_free_memory
+from ..placement import Placement
+from ..rounding import ROW_CHUNK_ELEMS, row_chunks
+from ..stats import TensorStats
+from .artifact import GROUPS, MANIFEST_FILE, META_FILE, TABLE_FILE, Artifact, nest_json, offered
+from .codes import MAX_DEPTH, MIN_DEPTH, depth_grid, nested_codes, nested_grid, to_planes
+
+log = logging.getLogger(__name__)
+
+
+def check_options(group: int, depth: int) -> None:
+    """One-line refusals of a group or depth the artifact cannot hold (before any work)."""
+    if group not in GROUPS or isinstance(group, bool):
+        raise InputError(f"nest: --group must be one of {', '.join(map(str, GROUPS))}, got {group!r}")
+    if not isinstance(depth, int) or isinstance(depth, bool) or not MIN_DEPTH <= depth <= MAX_DEPTH:
+        raise InputError(f"nest: --max-bits must be an integer in {MIN_DEPTH}..{MAX_DEPTH}, got {depth!r}")
+
+
+def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, depth: int,
+                weights: Mapping[int, float] | None = None, max_elems: int | None = ROW_CHUNK_ELEMS
+                ) -> tuple[dict[str, torch.Tensor], list[MeasureRow]]:
+    """The stored parts of one tensor (planes, step, low) and its measurement rows (every offered depth)."""
+    from ..measure import _rows_of
+
+    rows, cols = (int(d) for d in w.shape)
+    hessian = stats.hessian
+    importance = None if hessian is None else torch.diagonal(hessian).to(torch.float32).clamp_min(0)
+    fmts = offered(group, depth)
+    errs = {f: [0.0, 0.0] for f in fmts}
+    leaf, steps, lows = [], [], []
+    for sl in row_chunks(rows, cols, max_elems):
+        w32 = w[sl].detach().to(torch.float32)
+        step, low = nested_grid(w32, group, depth, importance)
+        codes = nested_codes(w32, step, low, group, depth, hessian, dict(weights) if weights else None)
+        part = _rows_of(stats, sl)
+        for f in fmts:
+            k = int(f.split("-")[0][3:])
+            dw = depth_grid(step, low, depth, k, group).values(codes[k]) - w32
+            errs[f][0] += output_error(dw, part)
+            fe = fisher_error(dw, part)
+            errs[f][1] = None if fe is None or errs[f][1] is None else errs[f][1] + fe  # type: ignore[operator]
+        leaf.append(codes[depth].to(torch.uint8).cpu())
+        steps.append(step.to(torch.float16).cpu())
+        lows.append(low.to(torch.float16).cpu())
+        del codes, w32
+        release_free_memory()
+    stored = {f"{name}.plane{j}": p for j, p in enumerate(to_planes(torch.cat(leaf).to(torch.int64), depth))}
+    stored[f"{name}.step"] = torch.cat(steps).contiguous()
+    stored[f"{name}.low"] = torch.cat(lows).contiguous()
+    out = [MeasureRow(name, f, get_format(f).nbytes((rows, cols)), e[0], e[1]) for f, e in errs.items()]
+    return stored, out
+
+
+def nest_model(
+    model: nn.Module,
+    view: Any,
+    windows: torch.Tensor,
+    out: str | os.PathLike,
+    *,
+    group: int = 64,
+    max_bits: int = 6,
+    fisher: bool = True,
+    fisher_windows: torch.Tensor | None = None,
+    tokenizer: Any = None,
+    template: Any = None,
+    weights: Mapping[int, float] | None = None,
+    progress: bool = True,
+    placement: Placement | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Write the nested artifact of ``model`` to ``out`` (see :mod:`bitalloc.nest`); returns its ``nest.json``.
+
+    ``group``: columns per scale (32, 64, 128); ``max_bits``: the deepest depth (2..8; every ``int{k}-g{group}``
+    with ``k ≤ max_bits`` is offered); ``windows``: calibration (Hessians), ``fisher_windows`` the gradient pass
+    (default: the same); ``template``: a GGUF source's :class:`~bitalloc.export.gguf.GGUFTemplate`, kept so the
+    artifact can extract GGUFs; ``weights``: each depth's weight in the joint rounding
+    (:func:`bitalloc.nest.codes.depth_weights` by default)."""
+    from ..calibrate.stream import stream_blocks
+    from ..fisher import fisher_pass
+    from ..io.paths import check_overlap, check_replaceable
+    from ..models.view import ModelView
+    from ..models.spill import release_parameter
+    from ..pipeline import _hash_tensors, fixed_bytes, model_fingerprint, tensor_infos
+
+    check_options(group, max_bits)
+    dest = Path(out)
+    source = getattr(getattr(model, "config", None), "_name_or_path", "")
+    inputs = [*inputs, *([source] if source and Path(source).exists() else [])]
+    check_overlap([("artifact", dest)], [("input", p) for p in inputs])
+    if dest.exists() and not overwrite:
+        raise InputError(f"{dest} already exists (choose another path or allow overwriting)")
+    if dest.is_dir() and not dest.is_symlink():
+        check_replaceable(dest, "artifact")
+    view = view if view is not None else ModelView(model)
+    place = placement if placement is not None else Placement()
+    fw = windows if fisher_windows is None else fisher_windows
+    grads = fisher_pass(model, view, fw, batch_size=max(1, batch_size // 4), progress=progress,
+                        placement=placement) if fisher else None
+    fp = {"model": model_fingerprint(model),
+          "calibration": _hash_tensors([("windows", windows)] + ([("fisher_windows", fw)] if fisher else [])),
+          "method": "nested-gptq", "formats": ",".join(offered(group, max_bits)),
+          "windows": f"{windows.shape[0]}x{windows.shape[1]}",
+          "fisher_windows": f"{fw.shape[0]}x{fw.shape[1]}" if fisher else "none"}
+    fixed_values = {f.name: model.get_parameter(f.name).detach().to(torch.float32).cpu().clone() for f in view.fixed()}
+    rows: list[MeasureRow] = []
+    entries: dict[str, Any] = {}
+    fixed_entries: dict[str, Any] = {}
+    digests: dict[str, str] = {}
+
+    def verify(tmp: Path) -> None:
+        with Artifact(tmp, verify=True) as art:  # structure, small files, table against the tensors
+            for shard in sorted({e["shard"] for e in [*art.tensors.values(), *art.fixed.values()]}):
+                with SafetensorsFile(tmp / shard) as sf:
+                    compare_digests({k: v for k, v in digests.items() if k.startswith(shard + "/")},
+                                    {f"{shard}/{k}": tensor_digest(sf.get(k)) for k in sf.keys()}, str(tmp / shard))
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write_dir(dest, overwrite=overwrite, inputs=inputs, verify=verify) as tmp:
+        for b, block in enumerate(stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size,
+                                                progress=progress, placement=placement)):
+            shard = f"tensors-{b:04d}.safetensors"
+            stored: dict[str, torch.Tensor] = {}
+            for name, stats in block.items():
+                w = place.to_device(model.get_parameter(name).detach())
+                parts, got = nest_tensor(name, w, stats, group, max_bits, weights)
+                stored.update(parts)
+                rows.extend(got)
+                entries[name] = {"shape": list(w.shape), "shard": shard,
+                                 "dtype": str(w.dtype).removeprefix("torch.")}
+                del w
+                release_parameter(model, name)
+            del block
+            _write_shard(tmp, shard, stored, digests)
+        shard = "tensors-9999.safetensors"
+        _write_shard(tmp, shard, fixed_values, digests)
+        fixed_entries = {n: {"shape": list(v.shape), "shard": shard} for n, v in fixed_values.items()}
+        infos = tensor_infos(view)
+        table = Measurement(tuple(infos), tuple(rows), fixed_bytes(view), view.total_params, fp)
+        table.save(tmp / TABLE_FILE)
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        text = nest_json(group, max_bits, view.total_params, tied, entries, fixed_entries, fp,
+                         {"gguf_template": template is not None})
+        (tmp / META_FILE).write_text(text)
+        model.config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if template is not None:
+            from .gguf import template_to_files
+
+            template_to_files(template, tmp)
+        files = {p.name: file_digest(p) for p in sorted(tmp.iterdir())
+                 if p.is_file() and not p.name.startswith("tensors-")}
+        man = {"version": 1, "kind": "bitalloc.manifest", "files": files, "tensors": dict(sorted(digests.items()))}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
+    size = sum(p.stat().st_size for p in dest.iterdir() if p.is_file())
+    log.info("wrote nested artifact %s: %d tensors, depths %d..%d, %d B", dest, len(entries), MIN_DEPTH, max_bits, size)
+    return json.loads(text)
+
+
+def _write_shard(tmp: Path, shard: str, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> None:
+    got = write_safetensors_atomic(tmp / shard, tensors, {"format": "bitalloc-nest"}, manifest=False)
+    digests.update({f"{shard}/{k}": v for k, v in got.items()})
+
+
+def artifact_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file of an artifact on disk."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
+
+__all__ = ["artifact_bytes", "check_options", "nest_model", "nest_tensor"]

@@ -1,0 +1,209 @@
+"""The nested artifact: nested codes, exact prefixes, exact budgets, byte-identical extraction, strict reading."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import bitalloc
+from bitalloc.errors import BitallocError, InputError
+from bitalloc.formats import get_format
+from bitalloc.formats.packing import unpack_bits
+from bitalloc.io.safetensors import SafetensorsFile
+from bitalloc.models.view import ModelView
+from bitalloc.nest import Artifact, artifact_bytes, extract, extract_packed, nest_model
+from bitalloc.nest.codes import depth_grid, from_planes, nested_codes, nested_grid, to_planes
+from bitalloc.rounding import dequantize
+from bitalloc.rounding.gptq import layer_output_error
+from tests.conftest import tiny_llama, tiny_qwen2
+
+GROUP, DEPTH = 32, 6
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tiny_llama()
+    win = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("nest") / "art"
+    nest_model(model, ModelView(model), win, out, group=GROUP, max_bits=DEPTH, progress=False)
+    return out
+
+
+def _codes(q) -> torch.Tensor:  # noqa: ANN001
+    fmt = get_format(q.format)
+    rows, cols = q.shape
+    ng = fmt.ngroups(cols)
+    return unpack_bits(q.parts["weight_packed"], fmt.bits, rows * ng * GROUP).reshape(rows, ng * GROUP)[:, :cols]
+
+
+# --- codes ---------------------------------------------------------------------------------------------------
+def test_codes_nest_and_gptq_lowers_the_error() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(24, 96)
+    x = torch.randn(512, 96) * torch.linspace(0.2, 3, 96)
+    h = x.T @ x / 512
+    step, low = nested_grid(w, GROUP, DEPTH, torch.diagonal(h))
+    rtn = nested_codes(w, step, low, GROUP, DEPTH, None)
+    gptq = nested_codes(w, step, low, GROUP, DEPTH, h)
+    for codes in (rtn, gptq):
+        for k in range(2, DEPTH):
+            assert torch.equal(codes[k], codes[DEPTH] >> (DEPTH - k))
+    err = {k: [layer_output_error(w, depth_grid(step, low, DEPTH, k, GROUP).values(c[k]), h) for c in (rtn, gptq)]
+           for k in range(2, DEPTH + 1)}
+    assert sum(g for _, g in err.values()) < sum(r for r, _ in err.values())  # the joint GPTQ beats nearest bins
+    assert all(err[k][0] > err[k + 1][0] for k in range(2, DEPTH))  # deeper is finer
+
+
+def test_planes_round_trip() -> None:
+    codes = torch.randint(0, 1 << 5, (7, 13))
+    planes = to_planes(codes, 5)
+    assert all(p.numel() == -(-7 * 13 // 8) for p in planes)
+    for k in range(1, 6):
+        assert torch.equal(from_planes(planes[:k], (7, 13)), codes >> (5 - k))
+
+
+def test_depth_grids_are_exact_int_formats() -> None:
+    w = torch.randn(8, 64) * 0.05 + 0.01
+    step, low = nested_grid(w, GROUP, DEPTH)
+    codes = nested_codes(w, step, low, GROUP, DEPTH, None)
+    for k in range(2, DEPTH + 1):
+        grid = depth_grid(step, low, DEPTH, k, GROUP)
+        q = get_format(f"int{k}-g{GROUP}").encode(codes[k], grid, (8, 64))  # refuses non-fp16 scales and zeros
+        assert torch.equal(dequantize(q), grid.values(codes[k]))
+
+
+# --- the artifact --------------------------------------------------------------------------------------------
+def test_every_prefix_decodes_to_what_the_extracted_model_holds(art: Path) -> None:
+    ex = extract(art, "4bpw")
+    with Artifact(art) as a:
+        for name, fmt in ex.plan.assignments.items():
+            assert torch.equal(_codes(a.qtensor(name, fmt)), _codes(a.qtensor(name, f"int{DEPTH}-g{GROUP}")) >>
+                               (DEPTH - int(fmt[3])))
+            assert all(torch.equal(t, ex.qtensors[name].parts[p]) for p, t in a.qtensor(name, fmt).parts.items())
+    model = bitalloc.load(art, budget="4bpw")
+    params = dict(model.named_parameters())
+    for name, q in ex.qtensors.items():
+        assert torch.equal(params[name], dequantize(q).reshape(params[name].shape))
+
+
+@pytest.mark.parametrize("budget", ["3.2bpw", "3.9bpw", "5.5bpw", "45000B"])
+def test_budget_met_to_the_byte(art: Path, budget: str) -> None:
+    from bitalloc.budget import Budget
+
+    ex = extract(art, budget)
+    with Artifact(art) as a:
+        limit = Budget.parse(budget).resolve(a.total_params)
+    stored = sum(q.nbytes() for q in ex.qtensors.values())
+    assert stored == ex.plan.total_bytes <= limit
+    slack = limit - stored
+    with Artifact(art) as a:  # no tensor could take its next depth within the bytes left (the plan is optimal)
+        for name, fmt in ex.plan.assignments.items():
+            k = int(fmt[3])
+            if k < DEPTH:
+                shape = tuple(a.tensors[name]["shape"])
+                step = get_format(f"int{k + 1}-g{GROUP}").nbytes(shape) - get_format(fmt).nbytes(shape)
+                assert step > slack, (name, fmt, step, slack)
+
+
+def test_more_bytes_less_error(art: Path) -> None:
+    errs = [extract(art, f"{b}bpw").plan.error for b in (3.1, 3.5, 4, 5, 6.5)]
+    assert errs == sorted(errs, reverse=True) and errs[0] > errs[-1]
+
+
+def test_extract_twice_is_byte_identical(art: Path, tmp_path: Path) -> None:
+    a = extract_packed(art, "3.5bpw", tmp_path / "a")
+    b = extract_packed(art, "3.5bpw", tmp_path / "b")
+    assert a == b
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    loaded = bitalloc.load(tmp_path / "a")
+    direct = bitalloc.load(art, budget="3.5bpw")
+    assert all(torch.equal(p, dict(direct.named_parameters())[n]) for n, p in loaded.named_parameters())
+
+
+def test_nested_not_a_cache(art: Path) -> None:
+    with Artifact(art) as a:
+        largest = sum(get_format(f"int{DEPTH}-g{GROUP}").nbytes(tuple(e["shape"])) for e in a.tensors.values())
+        largest += a.measurement.fixed_bytes
+        tensors = 0
+        for shard in {e["shard"] for e in [*a.tensors.values(), *a.fixed.values()]}:
+            with SafetensorsFile(art / shard) as sf:
+                tensors += sum(sf.info(k).nbytes for k in sf.keys())
+    assert tensors <= 1.15 * largest  # tensor data; the bench reports the whole directory of the real model
+    assert artifact_bytes(art) > tensors
+
+
+def test_refusals_before_work(art: Path) -> None:
+    with pytest.raises(BitallocError, match="budget"):
+        extract(art, "1bpw")
+    with pytest.raises(InputError, match="nested artifact"):
+        bitalloc.load(art)
+    with pytest.raises(InputError, match="not nested from a GGUF"):
+        extract(art, "5.5bpw", gguf=True)
+
+
+def _copy(art: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(art, dst)
+    return dst
+
+
+def test_flipped_plane_bit_refused_when_read(art: Path, tmp_path: Path) -> None:
+    dst = _copy(art, tmp_path)
+    shard = sorted(dst.glob("tensors-0000.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # the last stored tensor of the shard
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="does not match its manifest"):
+        extract(dst, "4bpw")
+
+
+@pytest.mark.parametrize("craft", ["truncate", "nest_json", "group", "table", "manifest", "extra_file", "shape"])
+def test_crafted_artifacts_refused_in_one_line(art: Path, tmp_path: Path, craft: str) -> None:
+    dst = _copy(art, tmp_path)
+    meta = json.loads((dst / "nest.json").read_text())
+    if craft == "truncate":
+        p = dst / "tensors-0001.safetensors"
+        p.write_bytes(p.read_bytes()[:100])
+    elif craft == "nest_json":
+        (dst / "nest.json").write_text("{not json")
+    elif craft == "group":
+        meta["group"] = 48
+        (dst / "nest.json").write_text(json.dumps(meta))
+    elif craft == "table":
+        (dst / "measurement.json").write_text((dst / "measurement.json").read_text().replace("int3-g32", "int3-g64"))
+    elif craft == "manifest":
+        (dst / "manifest.json").unlink()
+    elif craft == "extra_file":
+        (dst / "tensors-0042.safetensors").write_bytes(b"\0" * 16)
+    elif craft == "shape":
+        name = next(iter(meta["tensors"]))
+        meta["tensors"][name]["shape"] = [3, 5]
+        (dst / "nest.json").write_text(json.dumps(meta))
+    for verify in (True, False) if craft in ("group", "shape", "truncate") else (True,):
+        with pytest.raises(InputError) as e:
+            extract(dst, "4bpw", verify=verify)
+        assert "\n" not in str(e.value)
+
+
+def test_untied_model_with_biases(tmp_path: Path) -> None:
+    model = tiny_qwen2()
+    win = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    nest_model(model, ModelView(model), win, tmp_path / "art", group=64, max_bits=3, fisher=False, progress=False)
+    ex = extract(tmp_path / "art", "3bpw", objective="output")
+    assert {f for f in ex.plan.assignments.values()} <= {"int2-g64", "int3-g64"}
+    loaded = bitalloc.load(tmp_path / "art", budget="3bpw")
+    assert set(dict(loaded.named_parameters())) == set(ex.qtensors)
+
+
+def test_options_refused(tmp_path: Path) -> None:
+    model = tiny_llama()
+    win = torch.randint(0, 256, (2, 16))
+    for kw in ({"group": 48}, {"max_bits": 9}, {"max_bits": 1}):
+        with pytest.raises(InputError):
+            nest_model(model, ModelView(model), win, tmp_path / "x", progress=False, **kw)
+    assert not (tmp_path / "x").exists()
