@@ -207,3 +207,25 @@ def test_options_refused(tmp_path: Path) -> None:
         with pytest.raises(InputError):
             nest_model(model, ModelView(model), win, tmp_path / "x", progress=False, **kw)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_prefix_reads_only_its_planes(art: Path, tmp_path: Path) -> None:
+    """Zeroing the deepest plane of every tensor in place: a small model never reads it (extracts and verifies), a
+    model that needs it is refused."""
+    from bitalloc.io.safetensors import SafetensorsFile
+
+    dst = _copy(art, tmp_path)
+    for shard in sorted(dst.glob("tensors-000*.safetensors")):
+        with SafetensorsFile(shard) as sf:
+            spans = [sf.info(k) for k in sf.keys() if k.endswith(f".plane{DEPTH - 1}")]
+            base = shard.stat().st_size - sum(sf.info(k).nbytes for k in sf.keys())
+        data = bytearray(shard.read_bytes())
+        for info in spans:
+            data[base + info.begin: base + info.end] = b"\xff" * (info.end - info.begin)
+        shard.write_bytes(bytes(data))
+    small = extract(dst, "4bpw")
+    assert all(not f.startswith(f"int{DEPTH}-") for f in small.plan.assignments.values())
+    assert all(torch.equal(q.parts["weight_packed"], extract(art, "4bpw").qtensors[n].parts["weight_packed"])
+               for n, q in small.qtensors.items() if n in small.plan.assignments)
+    with pytest.raises(InputError, match="does not match its manifest"):
+        extract(dst, "7.2bpw")

@@ -71,8 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..models.sources import default_model_path, meta_model
     from .options import placement_of
 
-    cand, info = load_packed(args.dir, verify=not args.no_verify)  # checked against its manifest first (packed or
-    # compressed-tensors, see bitalloc.api)
+    # checked against its manifest first (packed, compressed-tensors, or the --budget model of a nested artifact)
+    cand, info = load_packed(args.dir, verify=not args.no_verify, budget=args.budget)
     check_same_architecture(cand, meta_model(args.reference or default_model_path()), "packed directory's model")
     ref, tok = _load_model(args.reference)
     files = _texts(args.text, default_eval_files)
@@ -114,7 +114,9 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("eval", help="perplexity, KLD and top-1 agreement of a quantized model vs its reference",
                        description="Evaluate a packed directory against the fp reference on held-out text "
                        "(context windows scored on their second half, as llama.cpp's perplexity tool does).")
-    p.add_argument("dir", metavar="DIR", help="packed directory (or compressed-tensors folder) from `bitalloc quantize`")
+    p.add_argument("dir", metavar="DIR", help="packed directory (or compressed-tensors folder) from `bitalloc quantize`, "
+                   "or a nested artifact from `bitalloc nest` with --budget")
+    p.add_argument("--budget", help="with a nested artifact: the size to extract and evaluate (3.5bpw, 90MB)")
     p.add_argument("--reference", metavar="MODEL", help=MODEL_HELP.replace("model:", "reference model:"))
     p.add_argument("--text", nargs="+", metavar="TEXT", help=EVAL_TEXT_HELP)
     p.add_argument("--windows", type=int, default=32, metavar="N", help="evaluation windows (default 32)")

@@ -1,0 +1,68 @@
+"""``bitalloc nest`` / ``bitalloc extract`` end to end on a tiny GGUF: a packed directory and a GGUF from one
+artifact, refusals in one line before work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import bitalloc
+from bitalloc.cli import main
+from bitalloc.rounding import dequantize
+from tests.gguf_tiny import write_loadable_gguf
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("nestcli")
+    src = write_loadable_gguf(d / "tiny.gguf")
+    out = d / "art"
+    assert main(["nest", str(src), "--calib", str(d / "calib.txt"), "--windows", "4", "--ctx", "32",
+                 "--fisher-windows", "2", "--group", "32", "--max-bits", "5", "-q", "--out", str(out)]) == 0
+    return out
+
+
+def test_extract_packed_and_load(art: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    assert main(["extract", str(art), "--budget", "4.5bpw", "--out", str(out), "-q"]) == 0
+    info = bitalloc.load(out)
+    same = bitalloc.load(art, budget="4.5bpw")
+    assert all(torch.equal(p, dict(same.named_parameters())[n]) for n, p in info.named_parameters())
+
+
+def test_extract_gguf_decodes_to_the_extracted_model(art: Path, tmp_path: Path) -> None:
+    from bitalloc.models.sources import load_model
+    from bitalloc.nest import extract
+
+    out = tmp_path / "m.gguf"
+    assert main(["extract", str(art), "--budget", "6bpw", "--gguf", str(out), "-q"]) == 0
+    ex = extract(art, "6bpw", gguf=True)
+    assert set(ex.plan.assignments.values()) <= {"int4-g32", "int5-g32"}
+    model, _ = load_model(out, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    for name in ex.plan.assignments:
+        assert torch.equal(params[name], dequantize(ex.qtensors[name]).reshape(params[name].shape)), name
+    for name, v in ex.fixed.items():
+        assert torch.equal(params[name], v), name
+
+
+def test_refusals_are_one_line(art: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = [
+        ["extract", str(art), "--budget", "4bpw"],  # no output
+        ["extract", str(art), "--budget", "4bpw", "--out", str(tmp_path / "a"), "--gguf", str(tmp_path / "a.gguf")],
+        ["extract", str(art), "--budget", "1bpw", "--out", str(tmp_path / "b")],  # below the smallest model
+        ["extract", str(art), "--budget", "3bpw", "--gguf", str(tmp_path / "c.gguf")],  # below Q4_1 everywhere
+        ["extract", str(tmp_path), "--budget", "4bpw", "--out", str(tmp_path / "d")],  # not an artifact
+        ["extract", str(art), "--budget", "4bpw", "--out", str(art / "inside")],  # output inside the input
+        ["nest", "--group", "48", "--out", str(tmp_path / "e")],  # before the model is loaded
+        ["nest", "--max-bits", "9", "--out", str(tmp_path / "f")],
+        ["nest", "--out", str(art)],  # exists
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, (argv, err)
+    assert not any((tmp_path / n).exists() for n in "abcdef")
