@@ -49,6 +49,24 @@ def test_bitstack_points_fit_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert info2["base_bytes"] == info["base_bytes"]
 
 
+def test_direct_and_uniform_points(tmp_path: Path) -> None:
+    from bitalloc.pipeline import measure_model
+
+    ctx = _ctx(["4bpw", "6bpw"])
+    table = measure_model(ctx["model"], ctx["view"], ctx["calib"], ["int2-g32", "int4-g32", "int8-g32"], "gptq",
+                          fisher=False, progress=False)
+    args = argparse.Namespace(skip_direct=False, skip_uniform=False)
+    with Job(tmp_path / "job", {"t": 1}) as job:
+        points = anysize.run_quantized(args, ctx, anysize.Cache(job), table)
+    kinds = [(p.kind, p.budget) for p in points]
+    assert ("allocated", "4bpw") in kinds and ("allocated", "6bpw") in kinds and ("uniform", "4bpw") in kinds
+    assert all(p.bytes <= ctx["budget_bytes"][p.budget] and p.method == "gptq" for p in points)
+    rows = anysize_report.comparison(points, ["4bpw", "6bpw"], ctx["budget_bytes"], {})
+    assert all(r["direct_kld"] is not None and r["uniform_kld"] is not None for r in rows)
+    with Job(tmp_path / "job", {"t": 1}) as job:  # resumed: every point from the cache
+        assert str(anysize.run_quantized(args, ctx, anysize.Cache(job), table)) == str(points)
+
+
 def _pt(kind: str, budget: str, label: str, nbytes: int, kld: float) -> Point:
     return Point(kind, budget, "gptq" if kind in ("allocated", "uniform") else kind, label, nbytes, nbytes / 100,
                  math.nan, 10.0, 9.0, kld, 0.5, 1.0)
