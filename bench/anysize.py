@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import copy
 import json
 import logging
@@ -38,23 +39,24 @@ from typing import Any
 
 import torch
 
-from bench import bitstack as bs
-from bench.anysize_report import comparison, plot_png, table
-from bench.pareto import cached_measurement, digest, peak_rss_mib
-from bitalloc.budget import Budget
-from bitalloc.errors import BudgetError
-from bitalloc.cli.common import DEFAULT_FORMATS
-from bitalloc.data import check_disjoint, default_calibration_files, default_eval_files, read_texts, token_windows
-from bitalloc.evaluate import evaluate
-from bitalloc.io.atomic import atomic_write
-from bitalloc.jobs.store import Job
-from bitalloc.jobs.sweep import save_point, saved_points
-from bitalloc.measure import Measurement
-from bitalloc.models.rescale import load_reference
-from bitalloc.models.view import ModelView
-from bitalloc.pipeline import CachedReference, fitting_uniforms, make_plan, measure_model
-from bitalloc.quantize import restore, snapshot
-from bitalloc.sweep import Point, format_table, run_point
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/anysize.py` finds bench.*
+from bench import bitstack as bs  # noqa: E402
+from bench.anysize_report import comparison, plot_png, table  # noqa: E402
+from bench.pareto import cached_measurement, digest, peak_rss_mib  # noqa: E402
+from bitalloc.budget import Budget  # noqa: E402
+from bitalloc.errors import BudgetError  # noqa: E402
+from bitalloc.cli.common import DEFAULT_FORMATS  # noqa: E402
+from bitalloc.data import check_disjoint, default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
+from bitalloc.evaluate import evaluate  # noqa: E402
+from bitalloc.io.atomic import atomic_write  # noqa: E402
+from bitalloc.jobs.store import Job  # noqa: E402
+from bitalloc.jobs.sweep import save_point, saved_points  # noqa: E402
+from bitalloc.measure import Measurement  # noqa: E402
+from bitalloc.models.rescale import load_reference  # noqa: E402
+from bitalloc.models.view import ModelView  # noqa: E402
+from bitalloc.pipeline import CachedReference, fitting_uniforms, make_plan, measure_model  # noqa: E402
+from bitalloc.quantize import restore, snapshot  # noqa: E402
+from bitalloc.sweep import Point, format_table, run_point  # noqa: E402
 
 log = logging.getLogger("bench.anysize")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,6 +88,13 @@ def load_nested(out_dir: Path, budget: str) -> Nested:
     t1 = time.perf_counter()
     model = bitalloc.load(out_dir, budget=budget)
     return Nested(model, int(ex.plan.total_bytes), t1 - t0, time.perf_counter() - t1)
+
+
+def largest_nested_bytes(out_dir: Path) -> int:
+    """Bytes of the largest model the artifact holds (every tensor at its deepest depth)."""
+    from bitalloc.nest import extract
+
+    return int(extract(out_dir, "32bpw").plan.total_bytes)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -240,8 +249,10 @@ def run_nested(args: argparse.Namespace, ctx: dict, cache: Cache, cache_dir: Pat
             return point("nested", b, "nested", nm.bytes, ctx["total_params"], r, time.perf_counter() - t0)
         points.append(cache.point(pkey("nested", "nested", b, digest(NEST, ctx["key"])), compute))
         info["extract"][b] = cache.item("nest_extract", b.replace(".", "_"), lambda: {})
-    info["largest_model_bytes"] = max(p.bytes for p in points)
+    info["largest_model_bytes"] = cache.item("nest", "largest", lambda: largest_nested_bytes(art))
     info["artifact_ratio"] = info["artifact_bytes"] / info["largest_model_bytes"]
+    info["largest_budget_model_bytes"] = max(p.bytes for p in points)
+    info["artifact_over_largest_budget"] = info["artifact_bytes"] / info["largest_budget_model_bytes"]
     return points, info
 
 
@@ -267,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bitstack-sort-windows", type=int, default=4)
     ap.add_argument("--bitstack-embedding", choices=("stack", "fp16"), default="stack")
     args = ap.parse_args(argv)
+    if not args.skip_nest:  # fail before the long parts
+        try:
+            importlib.import_module("bitalloc.nest")
+        except ImportError as e:
+            ap.error(f"the nested API is not available ({e}); pass --skip-nest")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -323,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                              + ("by calibration perplexity (the paper's)" if args.bitstack_sort == "ppl" else
                                 "by the residual fall per byte (a cheaper substitute for the paper's perplexity)")
                              + f"; embedding/lm_head: {args.bitstack_embedding}"),
-        "goals": "nested_over_direct <= 1.15 and nested_beats_uniform at every budget; artifact_ratio <= 1.15",
+        "goals": "nested_over_direct <= 1.15 and nested_beats_uniform at every budget; artifact_ratio (artifact on disk / its largest model) <= 1.15",
         "peak_rss_mib": peak_rss_mib(), "total_seconds": time.perf_counter() - t_start,
         "threads": torch.get_num_threads(), "comparison": rows, "points": [asdict(p) for p in points],
     }

@@ -77,6 +77,7 @@ def test_comparison_table_and_plot() -> None:
               _pt("uniform", "3bpw", "int3-g64", 290, 0.5), _pt("uniform", "3bpw", "int2-g32", 250, 0.4),
               _pt("uniform", "3bpw", "int4-g64", 420, 0.1), _pt("bitstack", "3bpw", "bitstack-9", 300, 3.0)]
     nest = {"nest_seconds": 5.0, "artifact_bytes": 330, "largest_model_bytes": 299, "artifact_ratio": 330 / 299,
+            "largest_budget_model_bytes": 299, "artifact_over_largest_budget": 330 / 299,
             "extract": {"3bpw": {"extract_seconds": 0.5, "load_seconds": 0.1}}}
     (row,) = anysize_report.comparison(points, ["3bpw"], {"3bpw": 300}, nest)
     assert row["uniform_format"] == "int2-g32" and row["nested_beats_uniform"] is True
