@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import copy
 import json
 import logging
 import math
@@ -42,17 +41,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/anysize.py` finds bench.*
 from bench import bitstack as bs  # noqa: E402
 from bench.anysize_report import comparison, plot_png, table  # noqa: E402
-from bench.pareto import cached_measurement, digest, peak_rss_mib  # noqa: E402
+from bench.pareto import bench_inputs, cached_measurement, digest, peak_rss_mib  # noqa: E402
 from bitalloc.budget import Budget  # noqa: E402
 from bitalloc.errors import BudgetError  # noqa: E402
 from bitalloc.cli.common import DEFAULT_FORMATS  # noqa: E402
-from bitalloc.data import check_disjoint, default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
 from bitalloc.evaluate import evaluate  # noqa: E402
 from bitalloc.io.atomic import atomic_write  # noqa: E402
 from bitalloc.jobs.store import Job  # noqa: E402
 from bitalloc.jobs.sweep import save_point, saved_points  # noqa: E402
 from bitalloc.measure import Measurement  # noqa: E402
-from bitalloc.models.rescale import load_reference  # noqa: E402
 from bitalloc.models.view import ModelView  # noqa: E402
 from bitalloc.pipeline import CachedReference, fitting_uniforms, make_plan, measure_model  # noqa: E402
 from bitalloc.quantize import restore, snapshot  # noqa: E402
@@ -61,7 +58,7 @@ from bitalloc.sweep import Point, format_table, run_point  # noqa: E402
 log = logging.getLogger("bench.anysize")
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = "2.5bpw,3bpw,3.5bpw,4bpw,5bpw,6bpw"
-NEST = {"group": 64, "max_bits": 8}
+NEST = {"group": 64, "max_bits": 6}
 
 
 # ---------------------------------------------------------------- the nested API (adapt here if it changes)
@@ -73,10 +70,11 @@ class Nested:
     load_seconds: float
 
 
-def build_nested(model: torch.nn.Module, view: ModelView, calib: torch.Tensor, out_dir: Path) -> None:
+def build_nested(model: torch.nn.Module, view: ModelView, calib: torch.Tensor, out_dir: Path,
+                 fisher_windows: int) -> None:
     from bitalloc.nest import nest_model
 
-    nest_model(model, view, calib, out_dir, progress=True, **NEST)
+    nest_model(model, view, calib, out_dir, fisher_windows=calib[:fisher_windows], progress=True, **NEST)
 
 
 def load_nested(out_dir: Path, budget: str) -> Nested:
@@ -230,7 +228,7 @@ def run_nested(args: argparse.Namespace, ctx: dict, cache: Cache, cache_dir: Pat
         shutil.rmtree(art, ignore_errors=True)
         restore(model, saved)
         t0 = time.perf_counter()
-        build_nested(model, view, ctx["calib"], art)
+        build_nested(model, view, ctx["calib"], art, args.fisher_windows)
         seconds = time.perf_counter() - t0
         restore(model, saved)
         if cache.job is not None:
@@ -287,12 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     t_start = time.perf_counter()
 
-    model, tok = load_reference(rescaled=True)
-    reference = copy.deepcopy(model)
-    view = ModelView(model)
-    check_disjoint(default_calibration_files(), default_eval_files())
-    calib = token_windows(tok, read_texts(default_calibration_files()), args.ctx, args.windows)
-    evals = token_windows(tok, read_texts(default_eval_files()), args.ctx, args.eval_windows)
+    model, tok, reference, view, calib, evals = bench_inputs(args.ctx, args.windows, args.eval_windows)
     budgets = [b for b in args.budgets.split(",") if b]
     formats = [f for f in args.formats.split(",") if f]
     total = view.total_params
@@ -313,16 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         job = None if cache_dir is None else stack.enter_context(
             Job(cache_dir / f"points-{ctx['key']}", {"anysize": ctx["key"]}))
         cache = Cache(job)
+        nest: dict = {}
+        if not args.skip_nest:  # first: the artifact's points come before the long direct/uniform ones
+            nested, nest = run_nested(args, ctx, cache, cache_dir)
+            points += nested
         if not (args.skip_direct and args.skip_uniform):
             def measure(fmts: list[str]) -> Measurement:
                 return measure_model(model, view, calib, fmts, "gptq", True, fisher_windows=calib[: args.fisher_windows])
             table_, runs = cached_measurement(cache_dir, digest(settings, "gptq", calib), formats, measure)
             result.update(measure_seconds=sum(r["seconds"] for r in runs), measure_runs=runs)
             points += run_quantized(args, ctx, cache, table_)
-        nest: dict = {}
-        if not args.skip_nest:
-            nested, nest = run_nested(args, ctx, cache, cache_dir)
-            points += nested
         if not args.skip_bitstack:
             stacked, result["bitstack"] = run_bitstack(args, ctx, cache)
             points += stacked

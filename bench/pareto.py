@@ -82,6 +82,18 @@ def cached_measurement(cache: Path | None, key: str, formats: list[str], measure
     return table.subset(formats), runs
 
 
+def bench_inputs(ctx: int, calib_windows: int, eval_windows: int) -> tuple:
+    """``(model, tokenizer, reference, view, calib, evals)`` of the Pareto-style benches: the rescaled SmolLM2, an
+    untouched copy as the reference, comedies for calibration and tragedies (disjoint) for evaluation."""
+    model, tok = load_reference(rescaled=True)
+    reference = copy.deepcopy(model)
+    view = ModelView(model)
+    check_disjoint(default_calibration_files(), default_eval_files())
+    calib = token_windows(tok, read_texts(default_calibration_files()), ctx, calib_windows)
+    evals = token_windows(tok, read_texts(default_eval_files()), ctx, eval_windows)
+    return model, tok, reference, view, calib, evals
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -107,12 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     t_start = time.perf_counter()
-    model, tok = load_reference(rescaled=True)
-    reference = copy.deepcopy(model)
-    view = ModelView(model)
-    check_disjoint(default_calibration_files(), default_eval_files())
-    calib = token_windows(tok, read_texts(default_calibration_files()), args.ctx, args.calib_windows)
-    evals = token_windows(tok, read_texts(default_eval_files()), args.ctx, args.eval_windows)
+    model, tok, reference, view, calib, evals = bench_inputs(args.ctx, args.calib_windows, args.eval_windows)
     formats = [f for f in args.formats.split(",") if f]
     budgets = [b for b in args.budgets.split(",") if b]
     methods = [m for m in args.methods.split(",") if m]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import json
 import logging
@@ -36,16 +35,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from bitalloc.data import check_disjoint, default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
 from bitalloc.jobs.store import Job  # noqa: E402
 from bitalloc.jobs.sweep import save_point, saved_points  # noqa: E402
-from bitalloc.models.rescale import load_reference  # noqa: E402
-from bitalloc.models.view import ModelView  # noqa: E402
 from bitalloc.pipeline import make_plan, measure_model, uniform_plan  # noqa: E402
 from bitalloc.sweep import Point, format_table, sweep  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pareto import FORMATS, cached_measurement, digest, peak_rss_mib  # noqa: E402
+from pareto import FORMATS, bench_inputs, cached_measurement, digest, peak_rss_mib  # noqa: E402
 
 log = logging.getLogger("bench.pareto_formats")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -122,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--uniform formats must be among --new")
     budgets = [b for b in args.budgets.split(",") if b]
 
-    model, tok = load_reference(rescaled=True)
-    reference = copy.deepcopy(model)
-    view = ModelView(model)
-    check_disjoint(default_calibration_files(), default_eval_files())
-    calib = token_windows(tok, read_texts(default_calibration_files()), args.ctx, args.calib_windows)
-    evals = token_windows(tok, read_texts(default_eval_files()), args.ctx, args.eval_windows)
+    model, tok, reference, view, calib, evals = bench_inputs(args.ctx, args.calib_windows, args.eval_windows)
     cache = Path(args.cache) if args.cache else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
