@@ -58,7 +58,6 @@ from bitalloc.sweep import Point, format_table, run_point  # noqa: E402
 log = logging.getLogger("bench.anysize")
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = "2.5bpw,3bpw,3.5bpw,4bpw,5bpw,6bpw"
-NEST = {"group": 64, "max_bits": 6}
 
 
 # ---------------------------------------------------------------- the nested API (adapt here if it changes)
@@ -71,10 +70,10 @@ class Nested:
 
 
 def build_nested(model: torch.nn.Module, view: ModelView, calib: torch.Tensor, out_dir: Path,
-                 fisher_windows: int) -> None:
+                 fisher_windows: int, nest: dict) -> None:
     from bitalloc.nest import nest_model
 
-    nest_model(model, view, calib, out_dir, fisher_windows=calib[:fisher_windows], progress=True, **NEST)
+    nest_model(model, view, calib, out_dir, fisher_windows=calib[:fisher_windows], progress=True, **nest)
 
 
 def load_nested(out_dir: Path, budget: str) -> Nested:
@@ -223,18 +222,20 @@ def run_bitstack(args: argparse.Namespace, ctx: dict, cache: Cache) -> tuple[lis
 def run_nested(args: argparse.Namespace, ctx: dict, cache: Cache, cache_dir: Path | None) -> tuple[list[Point], dict]:
     """(c) one artifact, every budget extracted from it."""
     model, view, saved = ctx["model"], ctx["view"], ctx["saved"]
-    art = (cache_dir if cache_dir is not None else Path(args.out)) / f"nest-{digest(NEST, ctx['key'])}"
-    if cache.job is None or not cache.job.has_item("nest", "info") or not art.exists():
+    NEST = {"group": args.nest_group, "max_bits": args.nest_bits}
+    tag = digest(NEST, ctx["key"])
+    art = (cache_dir if cache_dir is not None else Path(args.out)) / f"nest-{tag}"
+    if cache.job is None or not cache.job.has_item("nest", f"info-{tag}") or not art.exists():
         shutil.rmtree(art, ignore_errors=True)
         restore(model, saved)
         t0 = time.perf_counter()
-        build_nested(model, view, ctx["calib"], art, args.fisher_windows)
+        build_nested(model, view, ctx["calib"], art, args.fisher_windows, NEST)
         seconds = time.perf_counter() - t0
         restore(model, saved)
         if cache.job is not None:
-            cache.job.save_item("nest", "info", {"json": json.dumps({"seconds": seconds})})
+            cache.job.save_item("nest", f"info-{tag}", {"json": json.dumps({"seconds": seconds})})
     else:
-        seconds = json.loads(cache.job.load_item("nest", "info")["json"])["seconds"]
+        seconds = json.loads(cache.job.load_item("nest", f"info-{tag}")["json"])["seconds"]
     info: dict = {"nest_seconds": seconds, "artifact_bytes": dir_bytes(art), "artifact": str(art), "extract": {}}
     points = []
     for b in ctx["budgets"]:
@@ -242,12 +243,16 @@ def run_nested(args: argparse.Namespace, ctx: dict, cache: Cache, cache_dir: Pat
             t0 = time.perf_counter()
             nm = load_nested(art, b)
             r = evaluate(nm.model, ctx["ref"], ctx["evals"])
-            cache.item("nest_extract", b.replace(".", "_"), lambda: {"extract_seconds": nm.extract_seconds,
+            cache.item("nest_extract", f"{b.replace('.', '_')}-{tag}", lambda: {"extract_seconds": nm.extract_seconds,
                                                                      "load_seconds": nm.load_seconds})
             return point("nested", b, "nested", nm.bytes, ctx["total_params"], r, time.perf_counter() - t0)
-        points.append(cache.point(pkey("nested", "nested", b, digest(NEST, ctx["key"])), compute))
-        info["extract"][b] = cache.item("nest_extract", b.replace(".", "_"), lambda: {})
-    info["largest_model_bytes"] = cache.item("nest", "largest", lambda: largest_nested_bytes(art))
+        try:
+            points.append(cache.point(pkey("nested", "nested", b, tag), compute))
+        except BudgetError as e:  # below the artifact's smallest model (int2 at its group everywhere)
+            log.warning("nested at %s: %s", b, e)
+            continue
+        info["extract"][b] = cache.item("nest_extract", f"{b.replace('.', '_')}-{tag}", lambda: {})
+    info["largest_model_bytes"] = cache.item("nest", f"largest-{tag}", lambda: largest_nested_bytes(art))
     info["artifact_ratio"] = info["artifact_bytes"] / info["largest_model_bytes"]
     info["largest_budget_model_bytes"] = max(p.bytes for p in points)
     info["artifact_over_largest_budget"] = info["artifact_bytes"] / info["largest_budget_model_bytes"]
@@ -269,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="anysize")
     for part in ("direct", "uniform", "nest", "bitstack"):
         ap.add_argument(f"--skip-{part}", action="store_true")
+    ap.add_argument("--nest-group", type=int, default=128, help="columns per scale of the artifact (default 128: "
+                    "int2-g128 reaches 2.5 bpw, int2-g64 does not)")
+    ap.add_argument("--nest-bits", type=int, default=6, help="the artifact's deepest depth (default 6)")
     ap.add_argument("--bitstack-blocks", type=int, default=8, help="residual blocks per weight (paper: 16)")
     ap.add_argument("--bitstack-rank", type=int, default=bs.RANK)
     ap.add_argument("--bitstack-sort", choices=("ppl", "proxy"), default="ppl",
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies",
         "evaluation": "tragedies", "ctx": args.ctx, "calib_windows": int(calib.shape[0]),
         "eval_windows": int(evals.shape[0]), "formats": formats, "method": "gptq", "total_params": total,
-        "nest": {**NEST, **nest}, **result,
+        "nest": {"group": args.nest_group, "max_bits": args.nest_bits, **nest}, **result,
         "bitstack_variant": ("activation-aware scaling (per-channel L2 norm over tokens, mean over windows; fp16 "
                              "vector stored per weight), iterative absolute-value decomposition (packed signs + "
                              f"rank-{args.bitstack_rank} fp16 SVD factors of |residual|, {args.bitstack_blocks} blocks), "

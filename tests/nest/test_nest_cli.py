@@ -66,3 +66,16 @@ def test_refusals_are_one_line(art: Path, tmp_path: Path, capsys: pytest.Capture
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err, (argv, err)
     assert not any((tmp_path / n).exists() for n in "abcdef")
+
+
+def test_eval_reads_an_artifact_at_a_budget(art: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    src = art.parent / "tiny.gguf"
+    assert main(["eval", str(art), "--budget", "5bpw", "--reference", str(src), "--text", str(art.parent / "calib.txt"),
+                 "--windows", "2", "--ctx", "32", "-q", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["kld"] >= 0 and res["bpw"] <= 5.0
+    assert main(["eval", str(art), "--reference", str(src), "--text", str(art.parent / "calib.txt"), "--ctx", "32",
+                 "-q"]) == 2
+    assert "budget" in capsys.readouterr().err
