@@ -222,7 +222,7 @@ def run_bitstack(args: argparse.Namespace, ctx: dict, cache: Cache) -> tuple[lis
 def run_nested(args: argparse.Namespace, ctx: dict, cache: Cache, cache_dir: Path | None) -> tuple[list[Point], dict]:
     """(c) one artifact, every budget extracted from it."""
     model, view, saved = ctx["model"], ctx["view"], ctx["saved"]
-    NEST = {"group": args.nest_group, "max_bits": args.nest_bits}
+    NEST = {"group": args.nest_group, "max_bits": args.nest_bits, "outliers": args.nest_outliers}
     tag = digest(NEST, ctx["key"])
     art = (cache_dir if cache_dir is not None else Path(args.out)) / f"nest-{tag}"
     if cache.job is None or not cache.job.has_item("nest", f"info-{tag}") or not art.exists():
@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nest-group", type=int, default=128, help="columns per scale of the artifact (default 128: "
                     "int2-g128 reaches 2.5 bpw, int2-g64 does not)")
     ap.add_argument("--nest-bits", type=int, default=6, help="the artifact's deepest depth (default 6)")
+    ap.add_argument("--nest-outliers", type=int, default=2, help="elements per row stored exactly (default 2)")
     ap.add_argument("--bitstack-blocks", type=int, default=8, help="residual blocks per weight (paper: 16)")
     ap.add_argument("--bitstack-rank", type=int, default=bs.RANK)
     ap.add_argument("--bitstack-sort", choices=("ppl", "proxy"), default="ppl",
@@ -332,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies",
         "evaluation": "tragedies", "ctx": args.ctx, "calib_windows": int(calib.shape[0]),
         "eval_windows": int(evals.shape[0]), "formats": formats, "method": "gptq", "total_params": total,
-        "nest": {"group": args.nest_group, "max_bits": args.nest_bits, **nest}, **result,
+        "nest": {"group": args.nest_group, "max_bits": args.nest_bits, "outliers": args.nest_outliers, **nest},
+        **result,
         "bitstack_variant": ("activation-aware scaling (per-channel L2 norm over tokens, mean over windows; fp16 "
                              "vector stored per weight), iterative absolute-value decomposition (packed signs + "
                              f"rank-{args.bitstack_rank} fp16 SVD factors of |residual|, {args.bitstack_blocks} blocks), "

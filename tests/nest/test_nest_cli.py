@@ -21,7 +21,8 @@ def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = write_loadable_gguf(d / "tiny.gguf")
     out = d / "art"
     assert main(["nest", str(src), "--calib", str(d / "calib.txt"), "--windows", "4", "--ctx", "32",
-                 "--fisher-windows", "2", "--group", "32", "--max-bits", "5", "-q", "--out", str(out)]) == 0
+                 "--fisher-windows", "2", "--group", "32", "--max-bits", "5", "--outliers", "0", "-q", "--out",
+                 str(out)]) == 0
     return out
 
 

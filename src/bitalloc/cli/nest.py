@@ -19,7 +19,7 @@ def cmd_nest(args: argparse.Namespace) -> int:
     from ..nest import artifact_bytes, nest_model
     from ..nest.build import check_options
 
-    check_options(args.group, args.max_bits)  # before the model is loaded
+    check_options(args.group, args.max_bits, args.outliers)  # before the model is loaded
     source = Path(args.model) if args.model else default_model_path()
     template = None
     if source.suffix.lower() == ".gguf":  # kept, so the artifact can extract GGUFs with the source's metadata
@@ -31,11 +31,12 @@ def cmd_nest(args: argparse.Namespace) -> int:
     view = ModelView(model)
     calib = _windows(tok, _texts(args.calib, default_calibration_files), args.windows, args.ctx)
     fw = calib[: args.fisher_windows] if args.fisher else None
-    info = nest_model(model, view, calib, args.out, group=args.group, max_bits=args.max_bits, fisher=args.fisher,
+    info = nest_model(model, view, calib, args.out, group=args.group, max_bits=args.max_bits, outliers=args.outliers,
+                      fisher=args.fisher,
                       fisher_windows=fw, tokenizer=tok, template=template, progress=not args.quiet,
                       placement=placement_of(args, model), overwrite=args.overwrite, inputs=[source])
     size = artifact_bytes(args.out)
-    print(f"nested {len(info['tensors'])} tensors (int{2}..int{args.max_bits}, groups of {args.group}) in "
+    print(f"nested {len(info['tensors'])} tensors (int{2}..int{args.max_bits}, groups of {args.group}, {args.outliers} exact per row) in "
           f"{time.perf_counter() - t0:.0f} s -> {args.out} ({size} B, {8 * size / info['total_params']:.3f} bits per "
           f"weight on disk){'; GGUFs can be extracted' if template is not None else ''}")
     return 0
@@ -68,10 +69,14 @@ def add_parsers(sub: Any) -> None:
                        "then writes the best model at any budget without calibration or rounding.")
     add_model(p)
     add_calib(p, 32)
-    p.add_argument("--group", type=int, default=64, help="columns per scale: 32, 64 or 128 (default 64; 32 lets a "
-                   "GGUF source's artifact extract GGUFs: its int4/int5 depths are exactly Q4_1/Q5_1)")
+    p.add_argument("--group", type=int, default=64, help="columns per scale: 32, 64 or 128 (default 64; 128 reaches "
+                   "smaller models; 32 with --outliers 0 lets a GGUF source's artifact extract GGUFs: its int4/int5 "
+                   "depths are exactly Q4_1/Q5_1)")
     p.add_argument("--max-bits", type=int, default=6, help="deepest depth, 2..8 (default 6): the largest model the "
                    "artifact holds, and about its size")
+    p.add_argument("--outliers", type=int, default=2, help="elements per row stored exactly by every depth: 0, 1, 2, "
+                   "4, 8 or 16 (default 2: the weights of massive-activation channels set a shared range no depth can "
+                   "serve; 0 for GGUF extraction)")
     p.add_argument("--no-fisher", dest="fisher", action="store_false",
                    help="skip the gradient pass: allocate by layer-output error instead of Fisher-weighted error")
     p.add_argument("--fisher-windows", type=int, default=8, metavar="N", help="windows of the gradient pass (default 8)")

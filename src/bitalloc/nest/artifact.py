@@ -3,10 +3,11 @@ atomically, read strictly and only as far as a prefix needs.
 
 Layout of ``ART/``::
 
-    nest.json                 kind bitalloc.nest: group, depth, tensors (shape, dtype, shard, parts), fixed tensors
+    nest.json                 kind bitalloc.nest: group, depth, outliers per row, tensors (shape, dtype, shard, parts), fixed tensors
     measurement.json          the errors of every depth as a Measurement table (formats int{k}-g{G})
     tensors-0003.safetensors  block 3's tensors: "<name>.plane0" .. "<name>.plane{D-1}" (uint8, one bit per weight,
-                              most significant first), "<name>.step" / "<name>.low" (fp16 per group); fixed tensors
+                              most significant first), "<name>.step" / "<name>.low" (fp16 per group), "<name>.ovalue" / "<name>.oindex"
+                              (the elements every depth stores exactly, per row: fp16, ascending columns); fixed tensors
                               (norms, biases) at float32 under their own name
     config.json, tokenizer files, gguf_template.* (a GGUF source's header, see bitalloc.nest.gguf)
     manifest.json             SHA-256 of every small file, and of every stored tensor (by shard and key)
@@ -44,15 +45,20 @@ _SHARD = re.compile(r"tensors-\d{4}\.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def offered(group: int, depth: int) -> list[str]:
-    """The formats an artifact of ``group``/``depth`` offers: ``int{k}-g{group}`` for every integer width ≤ depth."""
+def offered(group: int, depth: int, outliers: int = 0) -> list[str]:
+    """The formats an artifact of ``group``/``depth``/``outliers`` offers: ``int{k}-g{group}`` for every integer width
+    ≤ depth, with ``+o{outliers}`` when it stores that many exact elements per row."""
     from ..formats.int import BITS
 
-    return [f"int{k}-g{group}" for k in range(MIN_DEPTH, depth + 1) if k in BITS]
+    tail = f"+o{outliers}" if outliers else ""
+    return [f"int{k}-g{group}{tail}" for k in range(MIN_DEPTH, depth + 1) if k in BITS]
 
 
 def depth_of(format_id: str) -> int:
     return int(format_id.split("-")[0].removeprefix("int"))
+
+
+OUTLIERS = (0, 1, 2, 4, 8, 16)
 
 
 def is_artifact(path: str | Path) -> bool:
@@ -81,6 +87,9 @@ class Artifact:
         if self.group not in GROUPS:
             raise c.fail("group", f"expected one of {GROUPS}, got {self.group}")
         self.depth = c.count(c.key(info, "depth"), "depth", MIN_DEPTH, MAX_DEPTH)
+        self.outliers = c.count(c.key(info, "outliers"), "outliers", 0, 16)
+        if self.outliers not in OUTLIERS:
+            raise c.fail("outliers", f"expected one of {OUTLIERS}, got {self.outliers}")
         self.total_params = c.count(c.key(info, "total_params"), "total_params", 1)
         if not isinstance(info.get("tied"), bool):
             raise c.fail("tied", "expected true or false")
@@ -128,6 +137,11 @@ class Artifact:
         ng = -(-cols // self.group)
         want = {f"{name}.plane{j}": ("U8", (packed_nbytes(rows * cols, 1),)) for j in range(self.depth)}
         want |= {f"{name}.step": ("F16", (rows, ng)), f"{name}.low": ("F16", (rows, ng))}
+        if self.outliers:
+            want |= {f"{name}.ovalue": ("F16", (rows, self.outliers)),
+                     f"{name}.oindex": ("U16" if cols <= 65536 else "I32", (rows, self.outliers))}
+        if self.outliers > cols:
+            raise c.fail(where, f"{self.outliers} outliers per row of {cols} columns")
         return {"shape": shape, "shard": shard, "dtype": dtype, "want": want}
 
     def _fixed_entry(self, c: Checker, name: str, v: Any) -> dict[str, Any]:
@@ -149,7 +163,7 @@ class Artifact:
         fixed = sum(4 * _numel(e["shape"]) for e in self.fixed.values())
         if not 0 <= m.fixed_bytes <= fixed:
             raise InputError(f"{where}: fixed_bytes {m.fixed_bytes} does not fit the stored fixed tensors")
-        fmts = offered(self.group, self.depth)
+        fmts = offered(self.group, self.depth, self.outliers)
         for t in m.tensors:
             if tuple(t.shape) != tuple(self.tensors[t.name]["shape"]):
                 raise InputError(f"{where}: {t.name} has shape {list(t.shape)}, the artifact stores "
@@ -188,8 +202,9 @@ class Artifact:
         e = self.tensors.get(name)
         if e is None:
             raise InputError(f"{self.path}: no allocated tensor {name!r}")
-        if format_id not in offered(self.group, self.depth):
-            raise InputError(f"{self.path}: {name} is not offered as {format_id} ({offered(self.group, self.depth)})")
+        fmts = offered(self.group, self.depth, self.outliers)
+        if format_id not in fmts:
+            raise InputError(f"{self.path}: {name} is not offered as {format_id} ({fmts})")
         k = depth_of(format_id)
         planes = [self._read(e["shard"], f"{name}.plane{j}", e["want"][f"{name}.plane{j}"]) for j in range(k)]
         step = self._read(e["shard"], f"{name}.step", e["want"][f"{name}.step"]).to(torch.float32)
@@ -198,7 +213,25 @@ class Artifact:
             raise InputError(f"{self.path}: {name} has non-finite or non-positive scales")
         codes = from_planes(planes, tuple(e["shape"]))
         grid = depth_grid(step, low, self.depth, k, self.group)
+        if self.outliers:
+            grid = self._exact(name, e, grid)
         return get_format(format_id).encode(codes, grid, tuple(e["shape"]), e["dtype"])
+
+    def _exact(self, name: str, e: dict[str, Any], grid: Any) -> Any:
+        """``grid`` with the tensor's exactly stored elements (checked: ascending columns in range, finite)."""
+        import dataclasses
+
+        rows, cols = e["shape"]
+        vals = self._read(e["shard"], f"{name}.ovalue", e["want"][f"{name}.ovalue"]).to(torch.float32)
+        idx = self._read(e["shard"], f"{name}.oindex", e["want"][f"{name}.oindex"]).to(torch.int64)
+        ok = bool(torch.isfinite(vals).all()) and int(idx.min()) >= 0 and int(idx.max()) < cols
+        if ok and self.outliers > 1:
+            ok = bool((idx[:, 1:] > idx[:, :-1]).all())
+        if not ok:
+            raise InputError(f"{self.path}: {name} has outliers out of range, unordered or not finite")
+        mask = torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, idx, True)
+        exact = torch.zeros(rows, cols).scatter_(1, idx, vals)
+        return dataclasses.replace(grid, exact_mask=mask, exact_values=exact)
 
     def fixed_value(self, name: str) -> torch.Tensor:
         e = self.fixed[name]
@@ -226,13 +259,13 @@ def _numel(shape: Any) -> int:
     return n
 
 
-def nest_json(group: int, depth: int, total_params: int, tied: bool, tensors: Mapping[str, Any],
+def nest_json(group: int, depth: int, outliers: int, total_params: int, tied: bool, tensors: Mapping[str, Any],
               fixed: Mapping[str, Any], fingerprint: Mapping[str, str], extra: Mapping[str, Any]) -> str:
-    info = {"kind": KIND, "format_version": FORMAT_VERSION, "group": group, "depth": depth,
+    info = {"kind": KIND, "format_version": FORMAT_VERSION, "group": group, "depth": depth, "outliers": outliers,
             "total_params": total_params, "tied": tied, "tensors": dict(tensors), "fixed": dict(fixed),
             "fingerprint": dict(fingerprint), **extra}
     return json.dumps(info, indent=1, sort_keys=True) + "\n"
 
 
-__all__ = ["Artifact", "FORMAT_VERSION", "GROUPS", "META_FILE", "MANIFEST_FILE", "TABLE_FILE", "depth_of",
+__all__ = ["Artifact", "FORMAT_VERSION", "GROUPS", "OUTLIERS", "META_FILE", "MANIFEST_FILE", "TABLE_FILE", "depth_of",
            "is_artifact", "nest_json", "offered"]

@@ -26,14 +26,17 @@ from ..memory import release_free_memory
 from ..placement import Placement
 from ..rounding import ROW_CHUNK_ELEMS, row_chunks
 from ..stats import TensorStats
-from .artifact import GROUPS, MANIFEST_FILE, META_FILE, TABLE_FILE, Artifact, nest_json, offered
-from .codes import MAX_DEPTH, MIN_DEPTH, depth_grid, nested_codes, nested_grid, to_planes
+from .artifact import GROUPS, MANIFEST_FILE, OUTLIERS, META_FILE, TABLE_FILE, Artifact, nest_json, offered
+from .codes import (MAX_DEPTH, MIN_DEPTH, depth_grid, nested_codes, nested_grid, pick_outliers, to_planes,
+                    without_outliers)
 
 log = logging.getLogger(__name__)
 
 
-def check_options(group: int, depth: int) -> None:
-    """One-line refusals of a group or depth the artifact cannot hold (before any work)."""
+def check_options(group: int, depth: int, outliers: int = 0) -> None:
+    """One-line refusals of a group, depth or outlier count the artifact cannot hold (before any work)."""
+    if outliers not in OUTLIERS or isinstance(outliers, bool):
+        raise InputError(f"nest: --outliers must be one of {', '.join(map(str, OUTLIERS))}, got {outliers!r}")
     if group not in GROUPS or isinstance(group, bool):
         raise InputError(f"nest: --group must be one of {', '.join(map(str, GROUPS))}, got {group!r}")
     if not isinstance(depth, int) or isinstance(depth, bool) or not MIN_DEPTH <= depth <= MAX_DEPTH:
@@ -41,36 +44,58 @@ def check_options(group: int, depth: int) -> None:
 
 
 def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, depth: int,
-                weights: Mapping[int, float] | None = None, max_elems: int | None = ROW_CHUNK_ELEMS
-                ) -> tuple[dict[str, torch.Tensor], list[MeasureRow]]:
-    """The stored parts of one tensor (planes, step, low) and its measurement rows (every offered depth)."""
+                weights: Mapping[int, float] | None = None, max_elems: int | None = ROW_CHUNK_ELEMS,
+                outliers: int = 0) -> tuple[dict[str, torch.Tensor], list[MeasureRow]]:
+    """The stored parts of one tensor (planes, step, low, outliers) and its measurement rows (every offered depth)."""
+    import dataclasses
+
     from ..measure import _rows_of
 
     rows, cols = (int(d) for d in w.shape)
+    if outliers > cols:
+        raise InputError(f"nest: {name} has {cols} columns, fewer than --outliers {outliers}")
     hessian = stats.hessian
     importance = None if hessian is None else torch.diagonal(hessian).to(torch.float32).clamp_min(0)
-    fmts = offered(group, depth)
+    fmts = offered(group, depth, outliers)
     errs = {f: [0.0, 0.0] for f in fmts}
-    leaf, steps, lows = [], [], []
+    leaf, steps, lows, ovals, oidx = [], [], [], [], []
     for sl in row_chunks(rows, cols, max_elems):
         w32 = w[sl].detach().to(torch.float32)
-        step, low = nested_grid(w32, group, depth, importance)
-        codes = nested_codes(w32, step, low, group, depth, hessian, dict(weights) if weights else None)
+        exact = None
+        if outliers:
+            exact = pick_outliers(w32, outliers, importance)
+            imp = torch.ones_like(w32) if importance is None else importance.reshape(1, cols).expand_as(w32).clone()
+            imp[exact[0]] = 0
+            step, low = nested_grid(without_outliers(w32, exact[0]), group, depth, imp)
+        else:
+            step, low = nested_grid(w32, group, depth, importance)
+        codes = nested_codes(w32, step, low, group, depth, hessian, dict(weights) if weights else None, exact=exact)
         part = _rows_of(stats, sl)
         for f in fmts:
             k = int(f.split("-")[0][3:])
-            dw = depth_grid(step, low, depth, k, group).values(codes[k]) - w32
+            grid = depth_grid(step, low, depth, k, group)
+            if exact is not None:
+                grid = dataclasses.replace(grid, exact_mask=exact[0], exact_values=exact[1])
+            dw = grid.values(codes[k]) - w32
             errs[f][0] += output_error(dw, part)
             fe = fisher_error(dw, part)
             errs[f][1] = None if fe is None or errs[f][1] is None else errs[f][1] + fe  # type: ignore[operator]
         leaf.append(codes[depth].to(torch.uint8).cpu())
         steps.append(step.to(torch.float16).cpu())
         lows.append(low.to(torch.float16).cpu())
+        if exact is not None:
+            n = exact[0].shape[0]
+            idx = torch.arange(cols, device=w32.device).expand(n, cols)[exact[0]].reshape(n, outliers)
+            oidx.append(idx.cpu().to(torch.uint16 if cols <= 65536 else torch.int32))
+            ovals.append(exact[1][exact[0]].reshape(n, outliers).to(torch.float16).cpu())
         del codes, w32
         release_free_memory()
     stored = {f"{name}.plane{j}": p for j, p in enumerate(to_planes(torch.cat(leaf).to(torch.int64), depth))}
     stored[f"{name}.step"] = torch.cat(steps).contiguous()
     stored[f"{name}.low"] = torch.cat(lows).contiguous()
+    if outliers:
+        stored[f"{name}.ovalue"] = torch.cat(ovals).contiguous()
+        stored[f"{name}.oindex"] = torch.cat(oidx).contiguous()
     out = [MeasureRow(name, f, get_format(f).nbytes((rows, cols)), e[0], e[1]) for f, e in errs.items()]
     return stored, out
 
@@ -83,6 +108,7 @@ def nest_model(
     *,
     group: int = 64,
     max_bits: int = 6,
+    outliers: int = 2,
     fisher: bool = True,
     fisher_windows: torch.Tensor | None = None,
     tokenizer: Any = None,
@@ -97,7 +123,8 @@ def nest_model(
     """Write the nested artifact of ``model`` to ``out`` (see :mod:`bitalloc.nest`); returns its ``nest.json``.
 
     ``group``: columns per scale (32, 64, 128); ``max_bits``: the deepest depth (2..8; every ``int{k}-g{group}``
-    with ``k ≤ max_bits`` is offered); ``windows``: calibration (Hessians), ``fisher_windows`` the gradient pass
+    with ``k ≤ max_bits`` is offered); ``outliers``: elements per row every depth stores exactly (0, 1, 2, 4, 8, 16;
+    :func:`bitalloc.nest.codes.pick_outliers`: offered as ``int{k}-g{group}+o{outliers}``); ``windows``: calibration (Hessians), ``fisher_windows`` the gradient pass
     (default: the same); ``template``: a GGUF source's :class:`~bitalloc.export.gguf.GGUFTemplate`, kept so the
     artifact can extract GGUFs; ``weights``: each depth's weight in the joint rounding
     (:func:`bitalloc.nest.codes.depth_weights` by default)."""
@@ -108,7 +135,7 @@ def nest_model(
     from ..models.spill import release_parameter
     from ..pipeline import _hash_tensors, fixed_bytes, model_fingerprint, tensor_infos
 
-    check_options(group, max_bits)
+    check_options(group, max_bits, outliers)
     dest = Path(out)
     source = getattr(getattr(model, "config", None), "_name_or_path", "")
     inputs = [*inputs, *([source] if source and Path(source).exists() else [])]
@@ -124,7 +151,7 @@ def nest_model(
                         placement=placement) if fisher else None
     fp = {"model": model_fingerprint(model),
           "calibration": _hash_tensors([("windows", windows)] + ([("fisher_windows", fw)] if fisher else [])),
-          "method": "nested-gptq", "formats": ",".join(offered(group, max_bits)),
+          "method": "nested-gptq", "formats": ",".join(offered(group, max_bits, outliers)),
           "windows": f"{windows.shape[0]}x{windows.shape[1]}",
           "fisher_windows": f"{fw.shape[0]}x{fw.shape[1]}" if fisher else "none"}
     fixed_values = {f.name: model.get_parameter(f.name).detach().to(torch.float32).cpu().clone() for f in view.fixed()}
@@ -148,7 +175,7 @@ def nest_model(
             stored: dict[str, torch.Tensor] = {}
             for name, stats in block.items():
                 w = place.to_device(model.get_parameter(name).detach())
-                parts, got = nest_tensor(name, w, stats, group, max_bits, weights)
+                parts, got = nest_tensor(name, w, stats, group, max_bits, weights, outliers=outliers)
                 stored.update(parts)
                 rows.extend(got)
                 entries[name] = {"shape": list(w.shape), "shard": shard,
@@ -164,7 +191,7 @@ def nest_model(
         table = Measurement(tuple(infos), tuple(rows), fixed_bytes(view), view.total_params, fp)
         table.save(tmp / TABLE_FILE)
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        text = nest_json(group, max_bits, view.total_params, tied, entries, fixed_entries, fp,
+        text = nest_json(group, max_bits, outliers, view.total_params, tied, entries, fixed_entries, fp,
                          {"gguf_template": template is not None})
         (tmp / META_FILE).write_text(text)
         model.config.save_pretrained(str(tmp))

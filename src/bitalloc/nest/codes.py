@@ -85,7 +85,7 @@ def _padded_groups(w: torch.Tensor, group: int) -> torch.Tensor:
 
 def nested_grid(w: torch.Tensor, group: int, depth: int, importance: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(step, low)`` (rows, groups) of ``w``: per group, the range of the importance-weighted scale search of one
+    """``(step, low)`` (rows, groups) of ``w`` (``importance`` per column or per element): per group, the range of the importance-weighted scale search of one
     depth ``m`` (:func:`bitalloc.rounding.rtn.search_affine` on ``2^m`` levels: its grid is the nested grid's depth
     ``m`` up to fp16 rounding) -- the ``m`` whose nested grid has the least sum over depths of the nearest-bin
     error, each depth's relative to that of its own search."""
@@ -95,9 +95,12 @@ def nested_grid(w: torch.Tensor, group: int, depth: int, importance: torch.Tenso
     g = _padded_groups(w.to(torch.float32), group)
     ng = g.shape[1]
     imp = torch.ones(cols, device=w.device) if importance is None else importance.to(w.device, torch.float32)
-    if imp.dim() != 1 or imp.numel() != cols:
-        raise InputError(f"nested grid: importance must have {cols} entries, got shape {tuple(imp.shape)}")
-    gi = _padded_groups(imp.reshape(1, cols), group).expand(rows, -1, -1).clone()
+    if imp.dim() == 1 and imp.numel() == cols:
+        imp = imp.reshape(1, cols).expand(rows, cols)
+    if tuple(imp.shape) != (rows, cols):
+        raise InputError(f"nested grid: importance must have shape ({cols},) or ({rows}, {cols}), got "
+                         f"{tuple(imp.shape)}")
+    gi = _padded_groups(imp, group).clone()
     if ng * group > cols:  # the padding columns weigh nothing
         gi.reshape(rows, -1)[:, cols:] = 0
     flat, fimp = g.reshape(rows * ng, group), gi.reshape(rows * ng, group)
@@ -130,6 +133,29 @@ def _rtn_error(g: torch.Tensor, gi: torch.Tensor, step: torch.Tensor, low: torch
 DEPTH_RATIO = 2.5
 
 
+def pick_outliers(w: torch.Tensor, k: int, importance: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, values)`` of the ``k`` elements per row stored exactly (fp16 of the weight) by every depth: those with
+    the largest importance-weighted squared distance from their row's mean.  One such element sets a group's range
+    for every depth, so no shared grid serves both it and the rest; stored apart, it costs every depth nothing."""
+    w32 = w.detach().to(torch.float32)
+    rows, cols = w32.shape
+    score = (w32 - w32.mean(1, keepdim=True)).square()
+    if importance is not None:
+        score = score * importance.to(w32.device, torch.float32).reshape(1, cols)
+    idx = score.topk(k, dim=1).indices
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=w32.device).scatter_(1, idx, True)
+    values = torch.where(mask, w32.to(torch.float16).to(torch.float32), torch.zeros_like(w32))
+    return mask, values
+
+
+def without_outliers(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``w`` with the exactly stored elements replaced by their row's mean of the others (for fitting the grid)."""
+    keep = (~mask).to(torch.float32)
+    mean = (w * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+    return torch.where(mask, mean.expand_as(w), w)
+
+
 def depth_weights(depth: int, ratio: float = DEPTH_RATIO) -> dict[int, float]:
     """The weight of each depth's error in the joint rounding: ``ratio^(k−2)``.  ``4`` would count every depth's
     error relative to its own size (a bin of width ``∝ 2^-k`` leaves an error ``∝ 4^-k``); less favours the
@@ -141,14 +167,16 @@ def depth_weights(depth: int, ratio: float = DEPTH_RATIO) -> dict[int, float]:
 
 def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: int, depth: int,
                  hessian: torch.Tensor | None, weights: dict[int, float] | None = None,
-                 block_size: int = 128) -> dict[int, torch.Tensor]:
+                 block_size: int = 128, exact: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> dict[int, torch.Tensor]:
     """``{k: codes (rows, cols) int64}`` for ``k = MIN_DEPTH..depth``, nested (``codes[k] == codes[k+1] >> 1``).
 
     Without ``hessian`` every depth is its nearest bin (nested by construction).  With it, a GPTQ column loop
     that keeps one error-feedback state per depth (each depth's own targets, updated by its own rounding
     errors, as GPTQ would for that depth alone) and chooses the one code path per element that minimises the
     ``weights``-weighted sum over depths of the squared distance to each depth's target
-    (:func:`_descend`).  Rounding one depth with GPTQ and constraining the deeper ones to its children fails:
+    (:func:`_descend`).  ``exact``: ``(mask, values)`` of elements stored exactly (:func:`pick_outliers`): their
+    codes are whatever the rounding gives, their value in the error feedback the stored one.  Rounding one depth with GPTQ and constraining the deeper ones to its children fails:
     GPTQ moves a shallow code by up to a bin, and every deeper depth inherits that whole error."""
     w32 = w.detach().to(torch.float32)
     rows, cols = w32.shape
@@ -159,7 +187,9 @@ def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: 
         return {k: leaf >> (depth - k) for k in depths}
     factor = gptq_factor(hessian, device=w32.device)
     if factor.upper is None:  # no damping made the Hessian factorisable: nearest bins
-        return nested_codes(w32, step, low, group, depth, None)
+        return nested_codes(w32, step, low, group, depth, None, exact=exact)
+    if exact is not None:
+        emask, evals = exact[0][:, factor.order.to(w32.device)], exact[1][:, factor.order.to(w32.device)]
     lam = weights if weights is not None else depth_weights(depth)
     lam_t = torch.tensor([float(lam.get(k, 0.0)) for k in depths], device=w32.device).unsqueeze(1)
     grids = [depth_grid(step, low, depth, k, group) for k in depths]
@@ -181,6 +211,8 @@ def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: 
             d, z = dk[:, :, g], zk[:, :, g]
             c = _descend(t, d, low[:, g], z, lam_t, depths, depth)
             v = d * (c.unsqueeze(0) >> torch.tensor([depth - k for k in depths], device=c.device).unsqueeze(1)) + z
+            if exact is not None:
+                v = torch.where(emask[:, b0 + i], evals[:, b0 + i], v)
             e = (t - v) / ub[i, i]
             tb[:, :, i + 1:] -= e.unsqueeze(2) * ub[i, i + 1:]
             err[:, :, i] = e
@@ -232,5 +264,6 @@ def from_planes(planes: list[torch.Tensor], shape: tuple[int, int]) -> torch.Ten
     return codes.reshape(shape)
 
 
-__all__ = ["MAX_DEPTH", "MIN_DEPTH", "depth_grid", "from_planes", "lattice", "nested_codes", "nested_grid",
+__all__ = ["MAX_DEPTH", "MIN_DEPTH", "depth_grid", "depth_weights", "from_planes", "lattice", "nested_codes", "nested_grid",
+           "pick_outliers", "without_outliers",
            "to_planes"]

@@ -78,9 +78,10 @@ def _gguf_capacity(a: Artifact, b: Budget) -> tuple[Capacity, tuple[tuple[str, t
         raise InputError(f"{a.path} was not nested from a GGUF, so it holds no GGUF metadata to write one "
                          "(nest the .gguf model to extract GGUFs)")
     fmts = tuple(f for f in sorted({r.format for r in a.measurement.rows}) if gguf_type_of(f) is not None)
-    if a.group != 32 or not fmts:
-        raise InputError(f"{a.path} has groups of {a.group} columns: only an artifact nested with --group 32 has "
-                         "depths that are exactly GGUF types (int4-g32 = Q4_1, int5-g32 = Q5_1)")
+    if a.group != 32 or a.outliers or not fmts:
+        raise InputError(f"{a.path} has groups of {a.group} columns and {a.outliers} exact elements per row: only an "
+                         "artifact nested with --group 32 --outliers 0 has depths that are exactly GGUF types "
+                         "(int4-g32 = Q4_1, int5-g32 = Q5_1)")
     limit = b.resolve(a.total_params)
     fixed32 = sum(4 * _numel(e["shape"]) for e in a.fixed.values())
     cap = Capacity(b.text, limit, limit - fixed32, fixed32, "weights")
