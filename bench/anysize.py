@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nest-group", type=int, default=128, help="columns per scale of the artifact (default 128: "
                     "int2-g128 reaches 2.5 bpw, int2-g64 does not)")
     ap.add_argument("--nest-bits", type=int, default=6, help="the artifact's deepest depth (default 6)")
-    ap.add_argument("--nest-outliers", type=int, default=2, help="elements per row stored exactly (default 2)")
+    ap.add_argument("--nest-outliers", type=int, default=0, help="elements per row stored exactly (default 0)")
     ap.add_argument("--bitstack-blocks", type=int, default=8, help="residual blocks per weight (paper: 16)")
     ap.add_argument("--bitstack-rank", type=int, default=bs.RANK)
     ap.add_argument("--bitstack-sort", choices=("ppl", "proxy"), default="ppl",

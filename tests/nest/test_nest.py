@@ -28,7 +28,7 @@ def art(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tiny_llama()
     win = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(0))
     out = tmp_path_factory.mktemp("nest") / "art"
-    nest_model(model, ModelView(model), win, out, group=GROUP, max_bits=DEPTH, progress=False)
+    nest_model(model, ModelView(model), win, out, group=GROUP, max_bits=DEPTH, outliers=2, progress=False)
     return out
 
 

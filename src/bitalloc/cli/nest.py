@@ -74,9 +74,9 @@ def add_parsers(sub: Any) -> None:
                    "depths are exactly Q4_1/Q5_1)")
     p.add_argument("--max-bits", type=int, default=6, help="deepest depth, 2..8 (default 6): the largest model the "
                    "artifact holds, and about its size")
-    p.add_argument("--outliers", type=int, default=2, help="elements per row stored exactly by every depth: 0, 1, 2, "
-                   "4, 8 or 16 (default 2: the weights of massive-activation channels set a shared range no depth can "
-                   "serve; 0 for GGUF extraction)")
+    p.add_argument("--outliers", type=int, default=0, help="elements per row stored exactly by every depth: 0, 1, 2, "
+                   "4, 8 or 16 (default 0; they keep a massive-activation channel's weights from setting one range for "
+                   "every depth, at 4 bytes each; GGUF extraction needs 0)")
     p.add_argument("--no-fisher", dest="fisher", action="store_false",
                    help="skip the gradient pass: allocate by layer-output error instead of Fisher-weighted error")
     p.add_argument("--fisher-windows", type=int, default=8, metavar="N", help="windows of the gradient pass (default 8)")

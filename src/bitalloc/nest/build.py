@@ -108,7 +108,7 @@ def nest_model(
     *,
     group: int = 64,
     max_bits: int = 6,
-    outliers: int = 2,
+    outliers: int = 0,
     fisher: bool = True,
     fisher_windows: torch.Tensor | None = None,
     tokenizer: Any = None,
