@@ -232,3 +232,15 @@ def test_a_prefix_reads_only_its_planes(art: Path, tmp_path: Path) -> None:
                for n, q in small.qtensors.items() if n in small.plan.assignments)
     with pytest.raises(InputError, match="does not match its manifest"):
         extract(dst, "7.9bpw")
+
+
+def test_lattice_covers_every_group_range_with_fp16_values() -> None:
+    from bitalloc.nest.codes import lattice
+
+    torch.manual_seed(3)
+    lo = torch.randn(4000) * 0.3  # positive and negative minima, some rounding up in fp16
+    hi = lo + torch.rand(4000) * 0.7
+    for depth in (2, 6, 8):
+        step, low = lattice(lo, hi, depth)
+        assert bool((low <= lo).all()) and bool((low + step * 2 ** depth >= hi).all())
+        assert torch.equal(step.half().float(), step) and torch.equal(low.half().float(), low)

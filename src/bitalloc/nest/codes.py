@@ -34,22 +34,22 @@ MAX_DEPTH = 8
 _FP16_MAX = 65504.0
 
 
-def _next_fp16(x: torch.Tensor) -> torch.Tensor:
-    """The next larger fp16 value of positive fp16 values (as float64)."""
-    bits = x.to(torch.float16).view(torch.int16)
-    return (bits + 1).view(torch.float16).to(torch.float64)
+def _fp16_step(h: torch.Tensor, up: bool) -> torch.Tensor:
+    """The fp16 neighbour of the fp16 values ``h`` (float64 in, float64 out), above (``up``) or below."""
+    h16 = h.to(torch.float16)
+    return torch.nextafter(h16, torch.full_like(h16, float("inf") if up else float("-inf"))).to(torch.float64)
 
 
 def _fp16_ceil(x: torch.Tensor) -> torch.Tensor:
-    """Smallest fp16 value ≥ ``x`` (positive, finite), as float64."""
+    """Smallest fp16 value ≥ ``x`` (finite, within fp16's range), as float64."""
     h = x.to(torch.float16).to(torch.float64)
-    return torch.where(h < x, _next_fp16(h), h)
+    return torch.where(h < x, _fp16_step(h, True), h)
 
 
 def _fp16_floor(x: torch.Tensor) -> torch.Tensor:
     """Largest fp16 value ≤ ``x`` (finite, within fp16's range), as float64."""
     h = x.to(torch.float16).to(torch.float64)
-    return torch.where(h > x, -_next_fp16(-h), h)
+    return torch.where(h > x, _fp16_step(h, False), h)
 
 
 def lattice(lo: torch.Tensor, hi: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
