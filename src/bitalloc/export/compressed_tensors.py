@@ -30,7 +30,7 @@ from ..checked import Checker, one_line, read_json, short
 from ..errors import InputError, NumericsError
 from ..formats import QTensor, get_format
 from ..io.atomic import atomic_write_dir, compare_digests, manifest, tensor_digest
-from ..io.paths import check_overlap, check_replaceable
+from ..io.paths import check_new_dir
 from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
 from .ct_schemes import SCHEMES, ct_bytes, require_library, scheme_for
 from .packed import MANIFEST_FILE, META_FILE, WEIGHTS_FILE, read_packed_manifest
@@ -112,11 +112,7 @@ def save_compressed_tensors(
 
     out = Path(out_dir)
     inputs = list(inputs)
-    check_overlap([("output directory", out)], [("input", p) for p in inputs])
-    if out.exists() and not overwrite:
-        raise InputError(f"output directory {out} already exists (choose another path or allow overwriting)")
-    if out.is_dir() and not out.is_symlink():
-        check_replaceable(out, "output directory")
+    check_new_dir(out, inputs, overwrite)
     state, qc = convert(qtensors, linears)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     check_size(out, nbytes, limit, "weights")

@@ -26,7 +26,7 @@ from ..checked import Checker, one_line, read_json, short
 from ..errors import InputError
 from ..formats import QTensor, get_format
 from ..io.atomic import atomic_write_dir, compare_digests, manifest, tensor_digest
-from ..io.paths import check_overlap, check_replaceable
+from ..io.paths import check_new_dir
 from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
 
 log = logging.getLogger(__name__)
@@ -132,11 +132,7 @@ def save_packed(
     out = Path(out_dir)
     source = getattr(getattr(model, "config", None), "_name_or_path", "")
     inputs = [*inputs, *([source] if source and Path(source).exists() else [])]
-    check_overlap([("output directory", out)], [("input", p) for p in inputs])  # before any work
-    if out.exists() and not overwrite:
-        raise InputError(f"output directory {out} already exists (choose another path or allow overwriting)")
-    if out.is_dir() and not out.is_symlink():
-        check_replaceable(out, "output directory")  # never a folder of other files
+    check_new_dir(out, inputs, overwrite)  # before any work
     expected = {n for n, _ in model.named_parameters()}
     if set(qtensors) != expected:
         missing = sorted(expected - set(qtensors))[:3]

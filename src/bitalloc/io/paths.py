@@ -207,6 +207,17 @@ def check_output(path: PathLike, what: str, expect: str, *, replaced: bool = Fal
             break
 
 
+def check_new_dir(out: Path, inputs: Iterable[PathLike], overwrite: bool, what: str = "output directory") -> None:
+    """A directory writer's refusals before any work: ``out`` is not an input, its parent or inside one
+    (:func:`check_overlap`); it does not exist unless ``overwrite``; and then it is replaced only when empty or a
+    previous bitalloc output (:func:`check_replaceable`)."""
+    check_overlap([(what, out)], [("input", p) for p in inputs])
+    if out.exists() and not overwrite:
+        raise InputError(f"{what} {out} already exists (choose another path or allow overwriting)")
+    if out.is_dir() and not out.is_symlink():
+        check_replaceable(out, what)  # never a folder of other files
+
+
 def check_replaceable(path: Path, what: str) -> None:
     """``--overwrite`` replaces a directory as a whole: only an empty one or one bitalloc wrote (it holds the
     ``manifest.json`` every packed output carries), never a directory of someone's other files."""

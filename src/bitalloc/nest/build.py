@@ -130,7 +130,7 @@ def nest_model(
     (:func:`bitalloc.nest.codes.depth_weights` by default)."""
     from ..calibrate.stream import stream_blocks
     from ..fisher import fisher_pass
-    from ..io.paths import check_overlap, check_replaceable
+    from ..io.paths import check_new_dir
     from ..models.view import ModelView
     from ..models.spill import release_parameter
     from ..pipeline import _hash_tensors, fixed_bytes, model_fingerprint, tensor_infos
@@ -139,11 +139,7 @@ def nest_model(
     dest = Path(out)
     source = getattr(getattr(model, "config", None), "_name_or_path", "")
     inputs = [*inputs, *([source] if source and Path(source).exists() else [])]
-    check_overlap([("artifact", dest)], [("input", p) for p in inputs])
-    if dest.exists() and not overwrite:
-        raise InputError(f"{dest} already exists (choose another path or allow overwriting)")
-    if dest.is_dir() and not dest.is_symlink():
-        check_replaceable(dest, "artifact")
+    check_new_dir(dest, inputs, overwrite, "artifact")
     view = view if view is not None else ModelView(model)
     place = placement if placement is not None else Placement()
     fw = windows if fisher_windows is None else fisher_windows
