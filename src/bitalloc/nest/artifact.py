@@ -20,6 +20,7 @@ tensor and never touches the others.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,7 +43,6 @@ TABLE_FILE = "measurement.json"
 MANIFEST_FILE = "manifest.json"
 GROUPS = (32, 64, 128)
 _SHARD = re.compile(r"tensors-\d{4}\.safetensors")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def offered(group: int, depth: int, outliers: int = 0) -> list[str]:
@@ -102,17 +102,10 @@ class Artifact:
 
     # --- validation -------------------------------------------------------------------------------------
     def _verify_files(self) -> None:
-        c = Checker(str(self.path / MANIFEST_FILE))
-        if not (self.path / MANIFEST_FILE).is_file():
-            raise InputError(f"{self.path}: {MANIFEST_FILE} is missing, so the artifact cannot be verified")
-        man = c.obj(read_json(self.path / MANIFEST_FILE, "manifest"), "")
-        if man.get("kind") != "bitalloc.manifest" or man.get("version") != 1:
-            raise c.fail("", "not a version-1 bitalloc.manifest")
-        files, tensors = c.str_map(c.key(man, "files"), "files"), c.str_map(c.key(man, "tensors"), "tensors")
-        for what, d in (("files", files), ("tensors", tensors)):
-            bad = [n for n, h in d.items() if not _SHA256.fullmatch(h)]
-            if bad:
-                raise c.fail(f"{what}[{short(bad[0])}]", "not a SHA-256 digest")
+        from ..export.packed import read_packed_manifest
+
+        man = read_packed_manifest(self.path)  # kind, version, SHA-256 digests: the packed directory's manifest
+        files, tensors = man["files"], man["tensors"]
         present = {p.name for p in self.path.iterdir()}
         shards = {n for n in present if _SHARD.fullmatch(n)}
         small = present - shards - {MANIFEST_FILE}
@@ -160,7 +153,7 @@ class Artifact:
             raise InputError(f"{where}: its tensors are not the artifact's")
         if m.total_params != self.total_params:
             raise InputError(f"{where}: total_params {m.total_params} is not the artifact's {self.total_params}")
-        fixed = sum(4 * _numel(e["shape"]) for e in self.fixed.values())
+        fixed = self.fixed_f32_bytes
         if not 0 <= m.fixed_bytes <= fixed:
             raise InputError(f"{where}: fixed_bytes {m.fixed_bytes} does not fit the stored fixed tensors")
         fmts = offered(self.group, self.depth, self.outliers)
@@ -174,6 +167,11 @@ class Artifact:
             for f, r in rows.items():
                 if r.bytes != get_format(f).nbytes(t.shape):
                     raise InputError(f"{where}: {t.name} in {f} takes {get_format(f).nbytes(t.shape)} B, not {r.bytes}")
+
+    @property
+    def fixed_f32_bytes(self) -> int:
+        """Bytes of the fixed tensors as stored (float32)."""
+        return sum(4 * math.prod(e["shape"]) for e in self.fixed.values())
 
     # --- reading ------------------------------------------------------------------------------------------
     def _shard(self, name: str) -> SafetensorsFile:
@@ -250,13 +248,6 @@ class Artifact:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _numel(shape: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def nest_json(group: int, depth: int, outliers: int, total_params: int, tied: bool, tensors: Mapping[str, Any],

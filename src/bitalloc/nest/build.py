@@ -26,7 +26,8 @@ from ..memory import release_free_memory
 from ..placement import Placement
 from ..rounding import ROW_CHUNK_ELEMS, row_chunks
 from ..stats import TensorStats
-from .artifact import GROUPS, MANIFEST_FILE, OUTLIERS, META_FILE, TABLE_FILE, Artifact, nest_json, offered
+from .artifact import (GROUPS, MANIFEST_FILE, OUTLIERS, META_FILE, TABLE_FILE, Artifact, depth_of, nest_json,
+                       offered)
 from .codes import (MAX_DEPTH, MIN_DEPTH, depth_grid, nested_codes, nested_grid, pick_outliers, to_planes,
                     without_outliers)
 
@@ -72,7 +73,7 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
         codes = nested_codes(w32, step, low, group, depth, hessian, dict(weights) if weights else None, exact=exact)
         part = _rows_of(stats, sl)
         for f in fmts:
-            k = int(f.split("-")[0][3:])
+            k = depth_of(f)
             grid = depth_grid(step, low, depth, k, group)
             if exact is not None:
                 grid = dataclasses.replace(grid, exact_mask=exact[0], exact_values=exact[1])
@@ -153,7 +154,6 @@ def nest_model(
     fixed_values = {f.name: model.get_parameter(f.name).detach().to(torch.float32).cpu().clone() for f in view.fixed()}
     rows: list[MeasureRow] = []
     entries: dict[str, Any] = {}
-    fixed_entries: dict[str, Any] = {}
     digests: dict[str, str] = {}
 
     def verify(tmp: Path) -> None:
@@ -201,7 +201,7 @@ def nest_model(
                  if p.is_file() and not p.name.startswith("tensors-")}
         man = {"version": 1, "kind": "bitalloc.manifest", "files": files, "tensors": dict(sorted(digests.items()))}
         (tmp / MANIFEST_FILE).write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
-    size = sum(p.stat().st_size for p in dest.iterdir() if p.is_file())
+    size = artifact_bytes(dest)
     log.info("wrote nested artifact %s: %d tensors, depths %d..%d, %d B", dest, len(entries), MIN_DEPTH, max_bits, size)
     return json.loads(text)
 

@@ -83,18 +83,11 @@ def _gguf_capacity(a: Artifact, b: Budget) -> tuple[Capacity, tuple[tuple[str, t
                          "artifact nested with --group 32 --outliers 0 has depths that are exactly GGUF types "
                          "(int4-g32 = Q4_1, int5-g32 = Q5_1)")
     limit = b.resolve(a.total_params)
-    fixed32 = sum(4 * _numel(e["shape"]) for e in a.fixed.values())
+    fixed32 = a.fixed_f32_bytes
     cap = Capacity(b.text, limit, limit - fixed32, fixed32, "weights")
     if cap.allocatable < 0:
         raise InputError(f"budget {b.text} ({limit} B) is below the F32 norms alone ({fixed32} B)")
     return cap, (("*", fmts),)
-
-
-def _numel(shape: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 class _CopiedTokenizer:
@@ -129,14 +122,13 @@ def extract_gguf(art: str | os.PathLike, budget: str | Budget, out: str | os.Pat
                  objective: str | None = None, verify: bool = True, overwrite: bool = False) -> Written:
     """Write the extracted model of ``budget`` as a GGUF (see the module); refuses an artifact without exact
     GGUF depths in one line before any work."""
+    from ..targets.base import check_size
     from .gguf import template_from_files, write_extracted_gguf
 
     ex = extract(art, budget, objective=objective, verify=verify, gguf=True)
     tpl = template_from_files(Path(art))
     allocated = {n: q for n, q in ex.qtensors.items() if n in ex.plan.assignments}
     size = sum(q.nbytes() for q in allocated.values()) + sum(4 * v.numel() for v in ex.fixed.values())
-    from ..targets.base import check_size
-
     check_size(Path(out), size, ex.capacity.limit, "tensor data")
     return write_extracted_gguf(Path(out), tpl, Path(art), allocated, ex.fixed, overwrite=overwrite)
 
