@@ -251,6 +251,22 @@ class Format(ABC):
     def decode(self, q: QTensor) -> torch.Tensor:
         """Dequantize to a float32 tensor of ``q.shape``."""
 
+    # --- recovery (training what the file stores) -----------------------------------------------
+    def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        """``(codes, grid)`` of a stored tensor: ``encode(codes, grid, q.shape, q.dtype)`` gives back ``q``'s
+        parts byte for byte and ``grid.values(codes)`` equals ``decode(q)``.  What recovery trains from;
+        FormatError for a format that does not offer it (recovery then leaves its tensors as they are)."""
+        raise FormatError(f"{self.id}: stored tensors cannot be unpacked to codes and a grid for training")
+
+    #: True when :meth:`with_scales` stores learned scales/offsets (recovery trains them); False: only the codes
+    learns_scales: bool = False
+
+    def with_scales(self, grid: Grid, scale: torch.Tensor, offset: torch.Tensor) -> Grid:
+        """The grid this format can encode nearest to the learned per-group ``scale``/``offset`` (float32, the
+        shape of ``grid.scale``), rounded to the storage precision (fp16, integer sub-scales...); levels, group
+        and the optional parts of ``grid`` unchanged.  The default (``learns_scales`` False): ``grid`` itself."""
+        return grid
+
     def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
         """One stored tensor from row blocks of it stored separately, byte-identical to storing it whole.
 

@@ -148,6 +148,26 @@ class IntFormat(Format):
             parts["weight_zero"] = zero16.contiguous()
         return QTensor(format=self.id, shape=shape, dtype=dtype, parts=parts)
 
+    learns_scales = True
+
+    def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        rows, cols = self._check_parts(q)
+        gs, ng = self.group_size(cols), self.ngroups(cols)
+        codes = unpack_bits(q.parts["weight_packed"], self.bits, rows * ng * gs).reshape(rows, ng * gs)[:, :cols]
+        scale = q.parts["weight_scale"].to(torch.float32)
+        zero = torch.zeros_like(scale) if self.symmetric else q.parts["weight_zero"].to(torch.float32)
+        return codes.to(torch.int64), Grid(scale, zero, self.levels.to(scale.device), gs)
+
+    def with_scales(self, grid: Grid, scale: torch.Tensor, offset: torch.Tensor) -> Grid:
+        """fp16 scales (and zeros when asymmetric; a symmetric grid keeps its zero offset), clamped to ±65504."""
+        from ..rounding.rtn import round_fp16
+
+        s, o = round_fp16(scale.detach().to(torch.float32), offset.detach().to(torch.float32))
+        if self.symmetric:
+            o = torch.zeros_like(s)
+        return Grid(s, o, grid.levels, grid.group_size, grid.extra, grid.set_index, grid.exact_mask,
+                    grid.exact_values)
+
     def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
         """Row blocks -> one tensor: scales/zeros stack, the packed bitstreams join on byte boundaries.
 
@@ -170,7 +190,8 @@ class IntFormat(Format):
         out = {name: torch.cat([p.parts[name] for p in parts]) for name in parts[0].parts}
         return QTensor(format=self.id, shape=(rows, cols), dtype=dtype, parts=out)
 
-    def decode(self, q: QTensor) -> torch.Tensor:
+    def _check_parts(self, q: QTensor) -> tuple[int, int]:
+        """``(rows, cols)`` of ``q`` after checking that it holds exactly this format's parts."""
         if get_id(q.format) != self.id:
             raise FormatError(f"{self.id}: cannot decode a tensor stored as {q.format!r}")
         shape = tuple(int(d) for d in q.shape)
@@ -187,6 +208,11 @@ class IntFormat(Format):
             t = q.parts[name]
             if t.dtype != dt or tuple(t.shape) != shp:
                 raise FormatError(f"{self.id}: part {name} should be {dt} {shp}, got {t.dtype} {tuple(t.shape)}")
+        return rows, cols
+
+    def decode(self, q: QTensor) -> torch.Tensor:
+        rows, cols = self._check_parts(q)
+        gs, ng = self.group_size(cols), self.ngroups(cols)
         codes = unpack_bits(q.parts["weight_packed"], self.bits, rows * ng * gs).reshape(rows, ng * gs)[:, :cols]
         scale = q.parts["weight_scale"].to(torch.float32)
         zero = torch.zeros_like(scale) if self.symmetric else q.parts["weight_zero"].to(torch.float32)
