@@ -82,12 +82,20 @@ def run_point(
     model: nn.Module, view: ModelView, saved: dict[str, torch.Tensor], plan: Plan, kind: str, budget: str,
     method: str, calib: torch.Tensor, eval_windows: torch.Tensor, reference: CachedReference,
     *, progress: bool = True, placement: Placement | None = None, timer: StageTimer | None = None,
+    recover: Any = None,
 ) -> Point:
-    """Restore the fp weights, quantize by ``plan`` with ``method``, evaluate; the model keeps the result."""
+    """Restore the fp weights, quantize by ``plan`` with ``method``, recover (a
+    :class:`~bitalloc.recover.RecoverConfig` whose mode is not "none", toward the reference model) and evaluate;
+    the model keeps the result."""
     t0 = time.perf_counter()
     restore(model, saved)
-    quantize_model(model, view, plan, calib, method=method, progress=progress,  # type: ignore[arg-type]
-                   placement=placement, timer=timer)
+    q = quantize_model(model, view, plan, calib, method=method, progress=progress,  # type: ignore[arg-type]
+                       placement=placement, timer=timer)
+    if recover is not None and recover.active:
+        from .recover import recover_model
+
+        teacher = reference.reference if isinstance(reference, CachedReference) else reference
+        recover_model(model, teacher, calib, q, recover, placement=placement, progress=progress, timer=timer)
     r = evaluate(model, reference, eval_windows, placement=placement, timer=timer)
     label = "allocated" if kind == "allocated" else plan.entries[0].format
     return Point(kind, budget, method, label, plan.total_bytes, plan.bpw, plan.error, r.ppl, r.ref_ppl, r.kld,
@@ -117,7 +125,7 @@ def sweep(
     reference: nn.Module, *, constraints: Constraints | None = None, uniform: Sequence[str] | None = None,
     progress: bool = True, uniform_candidates: int = 2, done: Mapping[str, Point] | None = None,
     on_point: Callable[[str, Point], None] | None = None, placement: Placement | None = None,
-    timer: StageTimer | None = None,
+    timer: StageTimer | None = None, recover: Any = None,
 ) -> list[Point]:
     """For every budget and method: the allocated plan and the uniform formats that fit the same bytes.
 
@@ -126,7 +134,8 @@ def sweep(
     ones, so an RTN-measured table misallocates GPTQ models).  Per budget the ``uniform_candidates`` largest
     fitting uniform formats and the one with the least predicted error are all quantized and evaluated, so
     the best uniform baseline is picked by *measured* quality (:func:`best_measured_uniform`).  ``uniform``
-    (format ids) replaces them by a fixed list.  The model is left with its original weights.
+    (format ids) replaces them by a fixed list.  ``recover`` (a RecoverConfig) trains every point's model after
+    its quantization (:func:`run_point`).  The model is left with its original weights.
 
     Resuming: every point has a key (:func:`point_key`); a point whose key is in ``done`` is taken from it
     (checked against its plan) instead of being computed, and ``on_point(key, point)`` is called after each
@@ -150,7 +159,7 @@ def sweep(
                     log.info("%s %s %s: saved point reused", kind, b, method)
                 else:
                     pt = run_point(model, view, saved, p, kind, b, method, calib, eval_windows, ref, progress=progress,
-                                   placement=placement, timer=timer)
+                                   placement=placement, timer=timer, recover=recover)
                     log.info("%s %s %s: %d B, %.4f bpw, kld %.5f", kind, b, method, pt.bytes, pt.bpw, pt.kld)
                     if on_point is not None:
                         on_point(key, pt)

@@ -92,6 +92,54 @@ def add_screen(p: argparse.ArgumentParser) -> None:
                    "formats near each tensor's place at this budget (faster; the table then serves this budget only)")
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _rate(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < x <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return x
+
+
+def add_recover(p: argparse.ArgumentParser) -> None:
+    """``--recover`` and its length and learning rate (:mod:`bitalloc.recover`)."""
+    from ..recover.config import DEFAULT_BLOCK_STEPS, DEFAULT_E2E_STEPS, MODES, RecoverConfig
+
+    p.add_argument("--recover", choices=MODES, default="none",
+                   help="train the quantized model back toward the original on the calibration text, in the same "
+                   "formats and bytes: block (each block's codes, scales and norms against its full-precision "
+                   "outputs), e2e (scales and norms by KL distillation over the whole model) or both (default none)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--recover-steps", type=_positive, default=None, metavar="N",
+                        help=f"optimizer steps per block (block) and in all (e2e) (default {DEFAULT_BLOCK_STEPS} "
+                        f"and {DEFAULT_E2E_STEPS})")
+    length.add_argument("--recover-tokens", type=_positive, default=None, metavar="N",
+                        help="training tokens per block (block) and in all (e2e), instead of --recover-steps")
+    p.add_argument("--recover-lr", type=_rate, default=RecoverConfig.lr, metavar="LR",
+                   help=f"Adam step of the learned rounding in levels (scales and norms: a tenth of it, relative) "
+                   f"(default {RecoverConfig.lr})")
+
+
+def recover_of(args: argparse.Namespace) -> Any:
+    """The :class:`~bitalloc.recover.config.RecoverConfig` the options ask for."""
+    from ..recover.config import RecoverConfig
+
+    return RecoverConfig(mode=getattr(args, "recover", "none"), steps=getattr(args, "recover_steps", None),
+                         tokens=getattr(args, "recover_tokens", None),
+                         lr=float(getattr(args, "recover_lr", RecoverConfig.lr)))
+
+
 def add_runtime(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--threads``: where the work runs and how many CPU threads torch and BLAS use (every
     command takes them; they are applied once, at the entry point)."""

@@ -176,4 +176,72 @@ class MeasureCheckpoints:
                 "on_block": self.on_block}
 
 
-__all__ = ["HIDDEN_FILE", "MEASURE_STAGE", "MeasureCheckpoints", "QUANT_STAGE", "block_hook", "load_state"]
+
+# --------------------------------------------------------------------------------------------- recovery
+RECOVER_STAGE = "recover_blocks"
+_VALUE = "value:"  # prefix of a fixed tensor's trained float32 value among a block's saved tensors
+
+
+def save_recovered(job: Job, path_key: str, qtensors: Mapping[str, QTensor], values: Mapping[str, torch.Tensor],
+                   stage: str) -> Path:
+    """QTensors and trained fixed values in one checkpoint file ``<stage>/block<key>.safetensors``."""
+    from ..formats import get_format
+
+    both = dict(qtensors) | {_VALUE + n: get_format("fp32").store(v) for n, v in values.items()}
+    _save_block(job, int(path_key), both, stage)
+    return job.dir / stage / f"block{int(path_key):04d}.safetensors"
+
+
+def load_recovered(path: Path) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
+    """What :func:`save_recovered` wrote: ``(qtensors, values)``."""
+    from ..rounding import dequantize
+
+    both = _load_block(path)
+    values = {n[len(_VALUE):]: dequantize(q) for n, q in both.items() if n.startswith(_VALUE)}
+    return {n: q for n, q in both.items() if not n.startswith(_VALUE)}, values
+
+
+class RecoverCheckpoints:
+    """Per-block checkpoints of the block-wise recovery (:func:`bitalloc.recover.train.recover_blocks`): the
+    recovered QTensors and trained fixed values of block ``b``, then both models' states at block ``b + 1``."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    def on_block(self, b: int, qt: dict[str, QTensor], vals: dict[str, torch.Tensor], hs: torch.Tensor,
+                 ht: torch.Tensor) -> None:
+        save_recovered(self.job, str(b), qt, vals, RECOVER_STAGE)
+        path = self.job.stage_dir(RECOVER_STAGE) / HIDDEN_FILE
+        write_safetensors_atomic(path, {"student": hs.detach().contiguous(), "teacher": ht.detach().contiguous()},
+                                 {"block": str(b + 1)}, overwrite=True, manifest=False)
+        self.job.record(path)
+
+    def start(self) -> tuple[tuple[int, torch.Tensor, torch.Tensor], dict[str, QTensor], dict[str, torch.Tensor]] | None:
+        """``((block, student states, teacher states), qtensors, values)`` of the recovered blocks (None: none)."""
+        path = self.job.dir / RECOVER_STAGE / HIDDEN_FILE
+        if not self.job.recorded(path):
+            return None
+        with SafetensorsFile(path) as sf:
+            try:
+                block = int(sf.metadata()["block"])
+                if block < 1:
+                    raise ValueError(f"block {block} is not a resume point")
+                hs, ht = sf.get("student").clone(), sf.get("teacher").clone()
+            except (KeyError, ValueError) as e:
+                raise InputError(f"checkpoint {path} is corrupt ({e}); remove the job directory to start over") from e
+        qtensors: dict[str, QTensor] = {}
+        values: dict[str, torch.Tensor] = {}
+        for b in range(block):
+            p = self.job.dir / RECOVER_STAGE / f"block{b:04d}.safetensors"
+            if not self.job.recorded(p):
+                _restart(self.job, RECOVER_STAGE, f"recovered block {b}")
+                return None
+            q, v = load_recovered(p)
+            qtensors.update(q)
+            values.update(v)
+        log.info("resuming recovery at block %d", block)
+        return (block, hs, ht), qtensors, values
+
+
+__all__ = ["HIDDEN_FILE", "MEASURE_STAGE", "MeasureCheckpoints", "QUANT_STAGE", "RECOVER_STAGE",
+           "RecoverCheckpoints", "block_hook", "load_recovered", "load_state", "save_recovered"]

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from ..budget import Budget
 from ..errors import InputError
+from ..recover.config import RecoverConfig
 from ..io.atomic import file_digest
 
 METHODS = ("gptq", "rtn")
@@ -89,6 +90,7 @@ class RunConfig:
     device: str = "cpu"  # resolved by the CLI (``cpu``, ``cuda:0``): where every stage runs
     screen: bool = False  # measure exactly only the formats that can matter at ``budgets`` (bitalloc.screen)
     output: str = "packed"  # the output's kind: "packed" | "gguf" | "compressed-tensors" (restricts ``formats``)
+    recover: RecoverConfig = RecoverConfig()  # training after quantization (mode "none": no recovery stage)
 
     def __post_init__(self) -> None:
         for m in (self.method, self.measure_method or self.method):
@@ -134,6 +136,8 @@ class RunConfig:
                            measurement=_digest_or_none(self.measurement), plan=_digest_or_none(self.plan))
         if self.sweep is not None or self.budgets:
             options.update(constraints=self.constraints, objective=self.objective)
+        if self.recover.active:
+            options.update(recover=self.recover.fingerprint())
         options.update(target or {})
         fp: dict[str, Any] = {"version": FINGERPRINT_VERSION, "model": model_digests(self.model),
                               "calibration": text_digest(expand_paths(list(self.calib_texts))), "options": options}

@@ -50,6 +50,7 @@ def _export(job: Job, config: RunConfig, target: Target) -> ExportResult:
     measurement = stages.measurement()
     plan, capacity = stages.plan(measurement, target, config.budget)
     qtensors, originals = stages.quantize(plan)
+    qtensors, originals = stages.recover(qtensors, originals)
     written = stages.export(target, plan, capacity, qtensors, originals)
     return ExportResult(written, plan, capacity, stages.timer.as_dict())
 

@@ -1,4 +1,5 @@
-"""The stages of a job -- measure -> plan -> quantize -> export -- over one open job directory.
+"""The stages of a job -- measure -> plan -> quantize -> recover -> export -- over one open job
+directory.
 
 :class:`Stages` runs each stage of a :class:`~bitalloc.jobs.config.RunConfig` at most once per job, checkpointed
 (:mod:`bitalloc.jobs.checkpoints` inside the measurement and the quantization, block by block), and always
@@ -13,6 +14,9 @@ are done reads no weight.  Layout (beside ``job.json`` and ``job.lock``, :mod:`b
     plan/capacity.json, plan.json           stage "plan": the budget as the target resolved it, the plan
     quantize/block0003.safetensors          QTensor parts of block 3 (metadata: formats, shapes, dtypes)
     quantize/hidden.safetensors             inputs of block k (metadata "block": k), replaced after each block
+    recover_blocks/block0003.safetensors    recovered QTensors and trained norms of block 3 (--recover block...)
+    recover_blocks/hidden.safetensors       both models' states at block k's input (student, teacher)
+    recover/block0000.safetensors           stage "recover": every tensor the recovery changed
     export/expected.json                    the digests of the output about to be written (the target's)
 
 The one place where the measurement and the quantization are called (:meth:`Stages.measure_now`,
@@ -34,7 +38,8 @@ from ..placement import Placement
 from ..plan import Plan
 from ..targets.base import Capacity, Target, Written
 from ..timing import StageTimer
-from .checkpoints import MEASURE_STAGE, QUANT_STAGE, MeasureCheckpoints, block_hook, load_state
+from .checkpoints import (MEASURE_STAGE, QUANT_STAGE, RECOVER_STAGE, MeasureCheckpoints, RecoverCheckpoints, block_hook,
+                          load_recovered, load_state, save_recovered)
 from .config import RunConfig
 from .store import Job
 
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MEASUREMENT_FILE = "measurement.json"
 PLAN_FILE = "plan.json"
+RECOVER_FILE = "recover/block0000.safetensors"
 
 
 def measure_stage(job: Job, measure: Callable[[MeasureCheckpoints], Measurement],
@@ -212,6 +218,49 @@ class Stages:
                            start=load_state(self.job, QUANT_STAGE), placement=self.placement, timer=self.timer)
         self.job.complete_stage(QUANT_STAGE)
         return q, originals
+
+    # -------------------------------------------------------------------------------------- recover
+    def recover(self, qtensors: dict[str, QTensor], originals: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
+        """Stage "recover" (``config.recover``; nothing when its mode is "none"): the quantized model trained toward
+        a second, full-precision copy of the source on the calibration windows, block by block (checkpointed per
+        block), then end to end.  Returns the recovered QTensors (same formats, same bytes) and the originals with
+        the fixed tensors' trained values (a target storing them at full precision writes those)."""
+        from ..quantize import set_weight
+        from ..rounding import dequantize
+
+        rc = self.config.recover
+        if not rc.active:
+            return qtensors, originals
+        model = self.loaded.model
+        path = self.job.dir / RECOVER_FILE
+        if not self.job.stage_done("recover"):
+            from ..models.sources import load_model
+            from ..recover import recover_model
+
+            ckpt = RecoverCheckpoints(self.job)
+            saved = ckpt.start()
+            start = None
+            if saved is not None:
+                start, done_q, done_v = saved
+                for name, q in done_q.items():
+                    set_weight(model, name, dequantize(q).reshape(model.get_parameter(name).shape))
+                qtensors = {**qtensors, **done_q}
+            with self.timer.stage("load"):
+                teacher = load_model(self.config.model, low_memory=True)[0]
+            q, values = recover_model(model, teacher, self.calibration, qtensors, rc, placement=self.placement,
+                                      progress=self.config.progress, on_block=ckpt.on_block, start=start,
+                                      timer=self.timer)
+            if saved is not None:
+                values = {**saved[2], **values}
+            changed = {n: t for n, t in q.items() if t is not qtensors.get(n)}
+            save_recovered(self.job, "0", changed, values, "recover")
+            self.job.complete_stage("recover", path)
+            self.job.discard(RECOVER_STAGE)
+        changed, values = load_recovered(path)  # always what the job saved: a resumed run writes the same bytes
+        for name, t in changed.items():
+            set_weight(model, name, dequantize(t).reshape(model.get_parameter(name).shape))
+        return {**qtensors, **changed}, {**originals, **values}
 
     # --------------------------------------------------------------------------------------- export
     def export(self, target: Target, plan: Plan, capacity: Capacity, qtensors: dict[str, QTensor],

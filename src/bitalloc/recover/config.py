@@ -1,0 +1,73 @@
+"""What a recovery run does: :class:`RecoverConfig` (mode, training length, learning rate, seed), checked once."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+MODES = ("none", "block", "e2e", "block+e2e")
+
+#: defaults when neither steps nor tokens are given: optimizer steps per block (block stage) and in all (e2e)
+DEFAULT_BLOCK_STEPS = 48
+DEFAULT_E2E_STEPS = 48
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """``mode``: which stages run. ``steps``: optimizer steps of each block (``block``) and of the whole model
+    (``e2e``); or ``tokens``: the training tokens each of those sees (steps = tokens ÷ tokens per step), not both.
+    ``lr``: Adam's step in level units for the codes (the learned rounding); scales, offsets and norms move at
+    ``lr / 10`` of their stored step (all parametrised scale-free). ``block_windows`` / ``e2e_windows``: the
+    calibration windows of one step.  ``seed`` fixes the order of the windows (the run is deterministic)."""
+
+    mode: str = "none"
+    steps: int | None = None
+    tokens: int | None = None
+    lr: float = 5e-3
+    block_windows: int = 2
+    e2e_windows: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"unknown recovery {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.steps is not None and self.tokens is not None:
+            raise InputError("give the recovery length as steps or as tokens, not both")
+        for what, v in (("recovery steps", self.steps), ("recovery tokens", self.tokens)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InputError(f"{what} must be a positive integer, got {v!r}")
+        if not (isinstance(self.lr, float) and math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise InputError(f"the recovery learning rate must be in (0, 1], got {self.lr!r}")
+        for what, v in (("block_windows", self.block_windows), ("e2e_windows", self.e2e_windows)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"recovery {what} must be a positive integer, got {v!r}")
+
+    @property
+    def block(self) -> bool:
+        return self.mode in ("block", "block+e2e")
+
+    @property
+    def e2e(self) -> bool:
+        return self.mode in ("e2e", "block+e2e")
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+    def steps_for(self, stage: str, ctx: int) -> int:
+        """Optimizer steps of ``stage`` ("block": per block, "e2e": in all) for windows of ``ctx`` tokens."""
+        per_step = (self.block_windows if stage == "block" else self.e2e_windows) * ctx
+        if self.steps is not None:
+            return self.steps
+        if self.tokens is not None:
+            return max(1, -(-self.tokens // per_step))
+        return DEFAULT_BLOCK_STEPS if stage == "block" else DEFAULT_E2E_STEPS
+
+    def fingerprint(self) -> dict[str, object]:
+        """What changes a recovered result (a job reopened with another recovery is refused)."""
+        return {"mode": self.mode, "steps": self.steps, "tokens": self.tokens, "lr": self.lr,
+                "block_windows": self.block_windows, "e2e_windows": self.e2e_windows, "seed": self.seed}
+
+
+__all__ = ["MODES", "RecoverConfig"]

@@ -1,0 +1,199 @@
+"""The two recovery stages (EfficientQAT's order: block-wise, then end to end), on the calibration windows only.
+
+* :func:`recover_blocks`: block by block, the quantized block -- fed the outputs of the already recovered blocks --
+  learns its codes (a learned rounding), group scales/offsets and norms to match the full-precision block's
+  outputs on the full-precision inputs (mean squared error); the recovered block's stored values then produce the
+  next block's inputs.  A block whose calibration loss does not fall keeps what it had.
+* :func:`recover_e2e`: the whole model learns the stored floats only (scales, offsets, norms; codes fixed) by
+  KL divergence to the full-precision model's next-token distribution; blocks are recomputed in the backward
+  (gradient checkpointing), so one block's activations are resident.  Kept only when the calibration KL falls.
+
+Both are deterministic for a fixed seed (the windows of each step come from a seeded generator).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from ..calibrate import BlockRunner
+from ..formats import QTensor
+from ..layout import Layout, layout_of, window_batches
+from ..models.view import ModelView
+from ..placement import Placement
+from .attach import Attached
+from .config import RecoverConfig
+
+log = logging.getLogger(__name__)
+
+#: ``on_block(b, recovered QTensors of block b, fixed values of block b, student states, teacher states)``
+RecoverHook = Callable[[int, dict[str, QTensor], dict[str, torch.Tensor], torch.Tensor, torch.Tensor], None]
+
+
+def _out(y: Any) -> torch.Tensor:
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _optimizer(att: Attached, cfg: RecoverConfig) -> torch.optim.Optimizer:
+    codes, floats = att.parameters()
+    groups = [g for g in ({"params": codes, "lr": cfg.lr}, {"params": floats, "lr": cfg.lr / 10}) if g["params"]]
+    return torch.optim.Adam(groups)
+
+
+def _picks(n: int, per_step: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """The windows of every step: seeded shuffles of all ``n``, ``per_step`` at a time (sorted within a step)."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * per_step:
+        order += torch.randperm(n, generator=gen).tolist()
+    k = min(per_step, n)
+    return [torch.tensor(sorted(order[i * k:(i + 1) * k])) for i in range(steps)]
+
+
+def fixed_formats(model: nn.Module, prefix: str = "") -> dict[str, str]:
+    """Stored format of every fixed tensor (norm, bias) whose name starts with ``prefix``."""
+    return {f.name: f.format for f in ModelView(model).fixed() if f.name.startswith(prefix)}
+
+
+# ------------------------------------------------------------------------------------------- block-wise
+def recover_blocks(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, qtensors: Mapping[str, QTensor],
+                   cfg: RecoverConfig, *, placement: Placement | None = None, progress: bool = True,
+                   on_block: RecoverHook | None = None,
+                   start: tuple[int, torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
+    """Block-wise recovery of ``student`` (holding ``qtensors``' values) toward ``teacher`` (full precision).
+
+    Returns the QTensors of every recovered tensor and the trained float values of the blocks' fixed tensors;
+    ``student``'s weights hold the stored values.  ``start`` = ``(block, student states, teacher states)`` resumes
+    at that block (the blocks before it already recovered and put into ``student``)."""
+    lay = layout_of(student)
+    ctx = int(windows.shape[1])
+    steps = cfg.steps_for("block", ctx)
+    out: dict[str, QTensor] = {}
+    values: dict[str, torch.Tensor] = {}
+    with BlockRunner(student, windows, placement=placement, write_back=True) as rs, \
+            BlockRunner(teacher, windows, placement=placement) as rt:
+        first = 0
+        if start is not None:
+            first, hs, ht = start
+            for r, h in ((rs, hs), (rt, ht)):
+                r.hidden, r.block = h.to(r.placement.states_device), first
+                r._hold(first)
+        bar = tqdm(range(first, len(lay.blocks)), desc="recover (block)", disable=not progress, leave=False)
+        for b in bar:
+            rt.advance()  # the full-precision block's outputs on the full-precision inputs: the targets
+            names = [n for g in lay.block_groups(b) for n in g]
+            att = Attached(student, {n: qtensors[n] for n in names}, fixed_formats(student, lay.block_paths[b] + "."),
+                           codes=True, scales=True)
+            before, after = _train_block(rs, b, att, rt.hidden, steps, cfg)
+            bar.set_postfix(mse=f"{min(before, after):.3g}", was=f"{before:.3g}")
+            done, vals = att.finish()
+            rs.advance()
+            out.update(done)
+            values.update(vals)
+            if on_block is not None:
+                on_block(b, done, vals, rs.hidden_cpu(), rt.hidden_cpu())
+    return out, values
+
+
+def _block_loss(rs: BlockRunner, b: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    blk = rs.layout.blocks[b]
+    got = _out(blk(rs.placement.to_device(x), **rs.kwargs[b]))
+    return F.mse_loss(got.float(), rs.placement.to_device(y).float())
+
+
+def _train_block(rs: BlockRunner, b: int, att: Attached, target: torch.Tensor, steps: int,
+                 cfg: RecoverConfig) -> tuple[float, float]:
+    """Train block ``b``'s attached parameters; ``(loss before, loss after)`` over every window (the better kept)."""
+    n = int(rs.hidden.shape[0])
+
+    def full() -> float:
+        with torch.no_grad():
+            tot = 0.0
+            for sl in window_batches(n, 8):
+                tot += float(_block_loss(rs, b, rs.hidden[sl], target[sl])) * (sl.stop - sl.start)
+            return tot / n
+
+    before, saved = full(), att.snapshot()
+    opt = _optimizer(att, cfg)
+    for idx in _picks(n, cfg.block_windows, steps, cfg.seed * 100003 + b):
+        loss = _block_loss(rs, b, rs.hidden[idx], target[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        att.clamp_()
+    after = full()
+    if not after < before:
+        log.info("block %d: recovery did not lower the calibration loss (%.4g -> %.4g); kept as quantized", b,
+                 before, after)
+        att.restore(saved)
+    return before, after
+
+
+# -------------------------------------------------------------------------------------------- end to end
+def _logits(lay: Layout, kwargs: list[dict[str, Any]], x: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Blocks, final norm and lm_head from block 0's inputs ``x`` (each block recomputed in the backward)."""
+    for b, blk in enumerate(lay.blocks):
+        if grad:
+            x = checkpoint(lambda h, blk=blk, kw=kwargs[b]: _out(blk(h, **kw)), x, use_reentrant=False)
+        else:
+            x = _out(blk(x, **kwargs[b]))
+    return lay.lm_head(lay.final_norm(x)).float()
+
+
+def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student), natural log."""
+    t = F.log_softmax(teacher_logits, dim=-1)
+    s = F.log_softmax(student_logits, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, qtensors: Mapping[str, QTensor],
+                cfg: RecoverConfig, *, placement: Placement | None = None, progress: bool = True
+                ) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
+    """End-to-end distillation of the stored floats of every block linear in ``qtensors`` and every fixed tensor;
+    returns ``(recovered QTensors, fixed values)`` as :func:`recover_blocks`."""
+    lay, lay_t = layout_of(student), layout_of(teacher)
+    block_names = {n for b in range(len(lay.blocks)) for g in lay.block_groups(b) for n in g}
+    n, ctx = int(windows.shape[0]), int(windows.shape[1])
+    steps = cfg.steps_for("e2e", ctx)
+    with BlockRunner(student, windows, placement=placement, write_back=True) as rs, \
+            BlockRunner(teacher, windows, placement=placement) as rt:
+        xs, xt, kw, kwt = rs.hidden, rt.hidden, rs.kwargs, rt.kwargs
+        place = rs.placement
+        att = Attached(student, {k: q for k, q in qtensors.items() if k in block_names}, fixed_formats(student),
+                       codes=False, scales=True)
+
+        def loss(idx: torch.Tensor, grad: bool) -> torch.Tensor:
+            with torch.no_grad():
+                t = _logits(lay_t, kwt, place.to_device(xt[idx]), False)
+            return _kl(t, _logits(lay, kw, place.to_device(xs[idx]), grad))
+
+        def full() -> float:
+            with torch.no_grad():
+                return sum(float(loss(torch.arange(s.start, s.stop), False)) * (s.stop - s.start)
+                           for s in window_batches(n, cfg.e2e_windows)) / n
+
+        before, saved = full(), att.snapshot()
+        opt = _optimizer(att, cfg)
+        bar = tqdm(_picks(n, cfg.e2e_windows, steps, cfg.seed * 100003 + 99991), desc="recover (e2e)",
+                   disable=not progress, leave=False)
+        for idx in bar:
+            value = loss(idx, True)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            bar.set_postfix(kl=f"{float(value.detach()):.4g}")
+        after = full()
+        log.info("e2e recovery: calibration KL %.4g -> %.4g", before, after)
+        if not after < before:
+            att.restore(saved)
+        return att.finish()
+
+
+__all__ = ["RecoverHook", "fixed_formats", "recover_blocks", "recover_e2e"]

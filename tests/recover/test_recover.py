@@ -1,0 +1,188 @@
+"""Recovery (``--recover``): training lowers the calibration loss, the file decodes exactly to the trained values,
+formats and bytes never change, a resumed run is byte-identical, bad options are refused in one line."""
+from __future__ import annotations
+
+import copy
+import pytest
+import torch
+
+from bitalloc.cli import main
+from bitalloc.errors import InputError
+from bitalloc.formats import get_format
+from bitalloc.jobs import checkpoints
+from bitalloc.jobs.config import default_job_dir
+from bitalloc.quantize import quantize_model, uniform_assignments
+from bitalloc.recover import RecoverConfig, recover_model
+from bitalloc.recover.params import QWeight
+from bitalloc.recover.train import _kl, _logits
+from bitalloc.layout import layout_of
+from bitalloc.rounding import dequantize, quantize_weight
+from tests.conftest import tiny_llama, token_ids
+from tests.test_resume import assert_same_tree, make_hf_dir, quantize_argv
+
+torch.set_num_threads(1)
+
+
+def _calib_kl(student, teacher, windows) -> float:
+    """Mean KL(teacher ‖ student) over the calibration windows, through the same path recovery trains."""
+    from bitalloc.calibrate import BlockRunner
+
+    with torch.no_grad(), BlockRunner(student, windows) as rs, BlockRunner(teacher, windows) as rt:
+        return float(_kl(_logits(layout_of(teacher), rt.kwargs, rt.hidden, False),
+                         _logits(layout_of(student), rs.kwargs, rs.hidden, False)))
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    teacher = tiny_llama()
+    windows = token_ids(8)
+    student = copy.deepcopy(teacher)
+    q = quantize_model(student, None, uniform_assignments(student, "int2-g32"), windows, progress=False)
+    return teacher, student, windows, q
+
+
+def test_qweight_untrained_is_the_stored_tensor():
+    w = torch.randn(16, 64)
+    for fid in ("int3-g32", "int4-row-sym", "int2-g64"):
+        q = quantize_weight(w, get_format(fid), method="rtn")
+        qw = QWeight(q)
+        assert torch.equal(qw(), dequantize(q))
+        back = qw.stored()
+        assert all(torch.equal(back.parts[k], q.parts[k]) for k in q.parts)
+
+
+@pytest.mark.parametrize("mode", ["block", "e2e", "block+e2e"])
+def test_recovery_lowers_calibration_loss_keeps_bytes_and_decodes_exactly(quantized, mode):
+    teacher, base, windows, q = quantized
+    student = copy.deepcopy(base)
+    before = _calib_kl(student, teacher, windows)
+    q2, values = recover_model(student, teacher, windows, q, RecoverConfig(mode=mode, steps=30, lr=2e-2),
+                               progress=False)
+    after = _calib_kl(student, teacher, windows)
+    assert after < before
+    assert set(q2) == set(q)
+    changed = 0
+    for name, t in q2.items():
+        assert t.format == q[name].format and t.nbytes() == q[name].nbytes()
+        p = student.get_parameter(name)
+        assert torch.equal(dequantize(t).reshape(p.shape), p.detach().float()), name  # the file is the model
+        changed += any(not torch.equal(t.parts[k], q[name].parts[k]) for k in t.parts)
+    assert changed > 0
+    for name, v in values.items():  # trained fixed tensors: stored at their format's precision
+        assert torch.equal(student.get_parameter(name).detach().float(), dequantize(q2[name]))
+        assert torch.allclose(v, dequantize(q2[name]), rtol=1e-3, atol=1e-6)
+
+
+def test_recovery_is_deterministic(quantized):
+    teacher, base, windows, q = quantized
+    outs = []
+    for _ in range(2):
+        student = copy.deepcopy(base)
+        q2, _ = recover_model(student, teacher, windows, q, RecoverConfig(mode="block+e2e", steps=5),
+                              progress=False)
+        outs.append(q2)
+    for name in outs[0]:
+        assert all(torch.equal(outs[0][name].parts[k], outs[1][name].parts[k]) for k in outs[0][name].parts)
+
+
+def test_mode_none_is_the_identity(quantized):
+    teacher, base, windows, q = quantized
+    q2, values = recover_model(copy.deepcopy(base), teacher, windows, q, RecoverConfig(), progress=False)
+    assert values == {} and all(q2[n] is q[n] for n in q)
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    ({"mode": "all"}, "unknown recovery"),
+    ({"mode": "block", "steps": 2, "tokens": 10}, "not both"),
+    ({"mode": "block", "steps": 0}, "positive integer"),
+    ({"mode": "block", "lr": 0.0}, "learning rate"),
+    ({"mode": "block", "lr": float("nan")}, "learning rate"),
+])
+def test_bad_config_is_refused(kwargs, msg):
+    with pytest.raises(InputError, match=msg):
+        RecoverConfig(**kwargs)
+
+
+def test_steps_from_tokens():
+    assert RecoverConfig(mode="block", tokens=1000).steps_for("block", 100) == 5  # 2 windows of 100 a step
+    assert RecoverConfig(mode="e2e", tokens=1000).steps_for("e2e", 100) == 10
+    assert RecoverConfig(mode="e2e", steps=7).steps_for("block", 100) == 7
+
+
+# --------------------------------------------------------------------------------------------- the job
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    return make_hf_dir(tmp_path_factory.mktemp("m") / "model", layers=3)
+
+
+RECOVER = ("--recover", "block+e2e", "--recover-steps", "4")
+
+
+@pytest.fixture(scope="module")
+def plain_and_recovered(hf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(quantize_argv(hf, root / "plain")) == 0
+    assert main(quantize_argv(hf, root / "rec", *RECOVER)) == 0
+    return root / "plain", root / "rec"
+
+
+def test_quantize_with_recovery_keeps_every_format_and_byte(plain_and_recovered):
+    from bitalloc.export.packed import read_packed
+
+    plain, rec = plain_and_recovered
+    (da, a), (db, b) = read_packed(plain), read_packed(rec)
+    assert set(a) == set(b)
+    assert all(a[n].format == b[n].format and a[n].nbytes() == b[n].nbytes() for n in a)
+    assert any(any(not torch.equal(a[n].parts[k], b[n].parts[k]) for k in a[n].parts) for n in a)
+    assert sum(q.nbytes() for q in a.values()) == sum(q.nbytes() for q in b.values())
+
+
+def test_recovery_resumes_byte_identical(hf, plain_and_recovered, tmp_path, monkeypatch, caplog):
+    _, rec = plain_and_recovered
+    out = tmp_path / "out"
+    real = checkpoints.RecoverCheckpoints.on_block
+
+    def crashing(self, b, *args):
+        real(self, b, *args)
+        if b == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.RecoverCheckpoints, "on_block", crashing)
+        assert main(quantize_argv(hf, out, *RECOVER)) == 130
+    job = default_job_dir(out)
+    assert (job / checkpoints.RECOVER_STAGE / "block0001.safetensors").exists()
+    caplog.set_level("INFO", logger="bitalloc.resume")
+    assert main(quantize_argv(hf, out, *RECOVER)) == 0
+    assert "resuming recovery at block 2" in caplog.text
+    assert_same_tree(rec, out)
+
+
+def test_changed_recovery_is_refused_by_the_job(hf, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+
+    def stop(self, b, *args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.RecoverCheckpoints, "on_block", stop)
+        assert main(quantize_argv(hf, out, *RECOVER)) == 130
+    capsys.readouterr()
+    assert main(quantize_argv(hf, out, "--recover", "block", "--recover-steps", "4")) == 2
+    err = capsys.readouterr().err
+    assert "recover" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (("--recover", "bogus"), "invalid choice"),
+    (("--recover", "block", "--recover-steps", "0"), "positive integer"),
+    (("--recover", "block", "--recover-steps", "3", "--recover-tokens", "9"), "not allowed with"),
+    (("--recover", "block", "--recover-lr", "2"), "(0, 1]"),
+])
+def test_cli_refuses_bad_recovery_options(hf, tmp_path, capsys, extra, msg):
+    with pytest.raises(SystemExit) as exc:
+        main(quantize_argv(hf, tmp_path / "o", *extra))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
