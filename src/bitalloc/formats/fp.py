@@ -161,6 +161,13 @@ class NVFP4Format(FloatFormat):
             raise FormatError(f"{self.id}: the global scale must be a positive number, got {float(g[0])}")
         return parts["weight_scale"].to(torch.float32) / g  # compressed-tensors: scale / global_scale
 
+    def _extra(self, parts):
+        g = float(parts["weight_global_scale"][0])
+        m, e = math.frexp(g)
+        if m != 0.5 or not -120 <= e - 1 <= 120:
+            raise FormatError(f"{self.id}: global scale {g} is not a power of two 2^e, |e| <= 120, as fit stores")
+        return {"global_exp": e - 1}
+
     def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
         """Row blocks -> one tensor under the smallest global scale; each part's E4M3 scales are shifted by
         the power-of-two ratio, which must be exact (else FormatError: quantize the tensor whole)."""

@@ -315,6 +315,22 @@ class FloatFormat(Format):
         s = self._scales(q.parts).to(lv.device).unsqueeze(-1)
         return (s * lv.reshape(rows, -1, gs)).reshape(rows, cols)  # exactly Grid.values (offset 0)
 
+    def _extra(self, parts: dict[str, torch.Tensor]) -> dict:
+        """The ``extra`` of the grid of stored ``parts`` (what :meth:`fit` puts there); none by default."""
+        return {}
+
+    def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        """Level indices (rows, cols) and the grid :meth:`fit` would build (the decoded scales, offset 0).
+
+        A stored ``-0`` element (which :meth:`encode` never writes) unpacks to the zero level and re-encodes
+        as ``+0``: the same value, a different byte."""
+        rows, cols = self._checked(q)
+        gs = self.group_size(cols)
+        idx = self._unpack(q.parts["weight_packed"], rows, cols)
+        scale = self._scales(q.parts).reshape(rows, cols // gs)
+        extra = self._extra(q.parts)
+        return idx, Grid(scale, torch.zeros_like(scale), self.elem.levels.to(scale.device), gs, extra)
+
     def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
         """Row blocks -> one tensor: every part's per-row arrays stack (rows are whole bytes)."""
         rows, cols, dtype = self._check_concat(parts)

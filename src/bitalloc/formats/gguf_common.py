@@ -359,6 +359,14 @@ class GGUFFormat(Format):
             raise FormatError(f"{self.id}: weight_packed must be uint8 of {rows * self.row_bytes(cols)} bytes")
         return raw.reshape(-1, self.type_size)
 
+    def exact_blocks(self, q: QTensor) -> torch.Tensor:
+        """:meth:`blocks_of` for a tensor holding exactly the parts :meth:`encode` writes (``weight_packed``
+        uint8 ``(rows, row bytes)``, nothing else): what :meth:`~.base.Format.unpack` needs to give them back."""
+        blocks = self.blocks_of(q)
+        rows, cols = int(q.shape[0]), int(q.shape[1])
+        self.check_parts(q, {"weight_packed": (torch.uint8, (rows, self.row_bytes(cols)))})
+        return blocks
+
     def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
         """Row blocks -> one tensor: every row holds whole blocks, so the raw rows simply stack."""
         rows, cols, dtype = self._check_concat(parts)

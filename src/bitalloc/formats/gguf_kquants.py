@@ -253,6 +253,73 @@ class GGUFKQuant(GGUFFormat):
             out = out - (dmin * mn.to(torch.float32)).reshape(n, -1, 1)
         return out.reshape(int(q.shape[0]), int(q.shape[1]))
 
+    # --- recovery -----------------------------------------------------------------------------------------
+    learns_scales = True
+
+    def _grid(self, rows: int, d: torch.Tensor, dmin: torch.Tensor, sc: torch.Tensor, mn: torch.Tensor) -> Grid:
+        """The grid :meth:`fit` builds from super-scales ``d``, ``dmin`` (S,) and integers ``sc``, ``m`` (S, J)."""
+        scale, offset = self._effective(d, dmin, sc, mn)
+        extra = {"d": d.reshape(rows, -1), "dmin": dmin.reshape(rows, -1),
+                 "sc": sc.to(torch.int64).reshape(rows, -1), "m": mn.to(torch.int64).reshape(rows, -1)}
+        return Grid(scale.reshape(rows, -1), offset.reshape(rows, -1), self.levels.to(d.device), self.spec.sub,
+                    extra)
+
+    def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        """Codes (rows, cols) and the grid :meth:`fit` would build (effective sub-block scale/offset, the
+        super-scales and integer sub-scales in ``extra``)."""
+        rows, cols = int(q.shape[0]), int(q.shape[1])
+        u, d, dmin, sc, mn = _UNPACK[self.name](self.exact_blocks(q))
+        return u.reshape(rows, cols), self._grid(rows, d.reshape(-1), dmin.reshape(-1), sc, mn)
+
+    def with_scales(self, grid: Grid, scale: torch.Tensor, offset: torch.Tensor) -> Grid:
+        """Integer sub-scales ``clamp(round(scale / d), sc_lo, sc_hi)`` (and mins ``clamp(round(-offset / dmin),
+        0, m_hi)``) under fp16 super-scales: per super-block the grid's own ``d`` (``dmin``) or, where that
+        represents the learned values with a smaller squared error, the best of :func:`_super_search`'s
+        candidates fitted to them (so learned scales beyond ``d · sc_hi`` are not clipped).  Where a super-scale
+        is 0 and no candidate is better the old integers stay.  Identity on the grid's own scales/offsets."""
+        sp = self.spec
+        try:
+            d0, dmin0 = grid.extra["d"], grid.extra["dmin"]
+            sc0, mn0 = grid.extra["sc"], grid.extra["m"]
+        except KeyError as exc:
+            raise FormatError(f"{self.id}: grid lacks this type's super-scales ({exc})") from None
+        rows = int(grid.scale.shape[0])
+        J = QK_K // sp.sub
+        dev = grid.scale.device
+        s_t = scale.detach().to(device=dev, dtype=torch.float32).reshape(-1, J)
+        d, sc = _requantize(s_t, d0.to(dev, torch.float32).reshape(-1), sc0.to(dev).reshape(-1, J), sp.sc_lo,
+                            sp.sc_hi)
+        if self.affine:
+            m_t = -offset.detach().to(device=dev, dtype=torch.float32).reshape(-1, J)
+            dmin, mn = _requantize(m_t, dmin0.to(dev, torch.float32).reshape(-1), mn0.to(dev).reshape(-1, J), 0,
+                                   sp.m_hi)
+        else:
+            dmin, mn = dmin0.to(dev, torch.float32).reshape(-1), mn0.to(dev).reshape(-1, J)
+        g = self._grid(rows, d, dmin, sc, mn)
+        return Grid(g.scale, g.offset, grid.levels, grid.group_size, {**grid.extra, **g.extra}, grid.set_index,
+                    grid.exact_mask, grid.exact_values)
+
+
+def _requantize(vals: torch.Tensor, d: torch.Tensor, ints: torch.Tensor, lo: int, hi: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 super-scales (S,) and integers (S, J) in ``lo..hi`` nearest the learned values ``vals`` (S, J):
+    ``clamp(round(vals / d), lo, hi)`` under the current ``d`` (old ``ints`` where ``d`` is 0), replaced per
+    super-block by :func:`_super_search`'s choice when that has a strictly smaller squared error."""
+    vals = torch.nan_to_num(vals, nan=0.0).clamp(-3e38, 3e38)
+    ints = ints.to(torch.int64)
+    keep = torch.where(d.unsqueeze(1) == 0, ints.to(torch.float32),
+                       torch.clamp(torch.round(_safe_div(vals, d.unsqueeze(1))), lo, hi))
+    err_keep = _sq_err(vals, d, keep)
+    cand = _super_search(vals, torch.ones_like(vals), lo, hi)
+    ints_c = torch.clamp(torch.round(_safe_div(vals, cand.unsqueeze(1))), lo, hi)
+    take = _sq_err(vals, cand, ints_c) < err_keep
+    return torch.where(take, cand, d), torch.where(take.unsqueeze(1), ints_c, keep).to(torch.int64)
+
+
+def _sq_err(vals: torch.Tensor, d: torch.Tensor, ints: torch.Tensor) -> torch.Tensor:
+    """``Σ_j (vals - d·ints)²`` per super-block, in float64 (learned values may be huge)."""
+    return ((vals.to(torch.float64) - d.to(torch.float64).unsqueeze(1) * ints.to(torch.float64)) ** 2).sum(1)
+
 
 # --- per-type block layouts: pack (codes u (n,256), d, dmin (n,1), sc, m (n,J)) -> bytes; unpack inverse ---
 def _scales_k4(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:

@@ -115,9 +115,10 @@ class GGUFLegacy(GGUFFormat):
             parts.append(nibbles(q[:, :16], q[:, 16:]))
         return self.packed(torch.cat(parts, dim=1), shape, dtype)
 
-    def decode(self, q: QTensor) -> torch.Tensor:
+    def _parse(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Raw blocks (n, type_size) -> ``(d (n, 1), m (n, 1) or None, codes (n, 32) int64)``, float32 d/m as
+        stored and the codes as :meth:`encode` takes them (the stored unsigned value; Q8_0: the int8 + 128)."""
         spec = self.spec
-        b = self.blocks_of(q)
         d = fp16_from_bytes(b[:, 0:2])
         pos = 2
         m = None
@@ -125,26 +126,49 @@ class GGUFLegacy(GGUFFormat):
             m = fp16_from_bytes(b[:, 2:4])
             pos = 4
         if spec.qbits == 8:
-            v = b[:, pos:].contiguous().view(torch.int8).to(torch.float32)
-            out = v * d
+            return d, m, b[:, pos:].to(torch.int64) ^ 0x80  # two's complement int8 + 128 = the byte with bit 7 flipped
+        qh = None
+        if spec.qbits == 5:
+            hb = b[:, pos:pos + 4].to(torch.int64)
+            qh = ((hb.unsqueeze(-1) >> torch.arange(8, device=b.device)) & 1).reshape(-1, 32)
+            pos += 4
+        qs = b[:, pos:pos + 16].to(torch.int64)
+        code = torch.cat([qs & 0xF, qs >> 4], dim=1)
+        if qh is not None:
+            code = code | (qh << 4)
+        return d, m, code
+
+    def decode(self, q: QTensor) -> torch.Tensor:
+        spec = self.spec
+        b = self.blocks_of(q)
+        d, m, code = self._parse(b)
+        if spec.levels[0] != 0.0 and self.name != "iq4_nl":  # uniform symmetric: level = code + lowest level
+            vals = (code + int(spec.levels[0])).to(torch.float32)
         else:
-            qh = None
-            if spec.qbits == 5:
-                hb = b[:, pos:pos + 4].to(torch.int32)
-                qh = ((hb.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=b.device)) & 1).reshape(-1, 32)
-                pos += 4
-            qs = b[:, pos:pos + 16].to(torch.int32)
-            code = torch.cat([qs & 0xF, qs >> 4], dim=1)
-            if qh is not None:
-                code = code | (qh << 4)
-            if spec.levels[0] != 0.0 and self.name != "iq4_nl":
-                vals = (code + int(spec.levels[0])).to(torch.float32)
-            else:
-                vals = self.levels.to(b.device)[code.to(torch.int64)]
-            out = d * vals
-            if m is not None:
-                out = out + m
+            vals = self.levels.to(b.device)[code]
+        out = d * vals
+        if m is not None:
+            out = out + m
         return out.reshape(int(q.shape[0]), int(q.shape[1]))
 
+    # --- recovery -------------------------------------------------------------------------------------
+    learns_scales = True
+
+    def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        """Codes (rows, cols) and the grid :meth:`fit` would build: ``scale = d``, ``offset = m`` (0 for the
+        symmetric types) per block of 32, this type's levels."""
+        rows, cols = int(q.shape[0]), int(q.shape[1])
+        d, m, code = self._parse(self.exact_blocks(q))
+        nb = cols // QK
+        scale = d.reshape(rows, nb)
+        offset = torch.zeros_like(scale) if m is None else m.reshape(rows, nb)
+        return code.reshape(rows, cols), Grid(scale, offset, self.levels.to(scale.device), QK)
+
+    def with_scales(self, grid: Grid, scale: torch.Tensor, offset: torch.Tensor) -> Grid:
+        """fp16 ``d`` (and ``m`` for the ``_1`` types; the symmetric types keep offset 0), clamped to ±65504."""
+        d = fp16r(scale.detach().to(torch.float32))
+        m = torch.zeros_like(d) if self.spec.symmetric else fp16r(offset.detach().to(torch.float32))
+        return Grid(d, m, grid.levels, grid.group_size, grid.extra, grid.set_index, grid.exact_mask,
+                    grid.exact_values)
 
 __all__ = ["GGUFLegacy", "IQ4NL_VALUES", "LegacySpec"]

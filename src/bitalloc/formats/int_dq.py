@@ -342,7 +342,9 @@ class IntDQFormat(Format):
     def _check_parts(self, q: QTensor) -> None:
         self.check_parts(q, self._part_shapes(int(q.shape[0]), int(q.shape[1])))
 
-    def decode(self, q: QTensor) -> torch.Tensor:
+    def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        """Codes (rows, cols) and the grid :meth:`fit` would build (``d``, ``dmin``, ``sc``, ``m`` in ``extra``),
+        on the CPU."""
         if q.format != self.id:
             raise FormatError(f"{self.id}: cannot decode a tensor stored as {q.format!r}")
         shape = tuple(int(n) for n in q.shape)
@@ -357,7 +359,32 @@ class IntDQFormat(Format):
         mn = self._unpack_ints(q.parts["weight_zero"].cpu(), ng)
         codes = unpack_bits(q.parts["weight_packed"].cpu().reshape(-1), self.bits, rows * ng * G)
         codes = codes.reshape(rows, ng * G)[:, :cols]
-        return self._grid(sup[:, 0].contiguous(), sup[:, 1].contiguous(), sc, mn).values(codes)
+        return codes, self._grid(sup[:, 0].contiguous(), sup[:, 1].contiguous(), sc, mn)
+
+    def decode(self, q: QTensor) -> torch.Tensor:
+        codes, grid = self.unpack(q)
+        return grid.values(codes)
+
+    learns_scales = True
+
+    def with_scales(self, grid: Grid, scale: torch.Tensor, offset: torch.Tensor) -> Grid:
+        """Integer scales ``clamp(round(scale / d), 0, 2^S - 1)`` and mins ``clamp(round(-offset / dmin), 0,
+        2^S - 1)`` under fp16 super-scales: per row the grid's own ``d`` (``dmin``) or, where that represents
+        the learned values with a smaller squared error, the best of :func:`_super_search`'s candidates fitted
+        to them.  Where a super-scale is 0 and no candidate is better the old integers stay.  Identity on the
+        grid's own scales/offsets."""
+        try:
+            d0, dmin0, sc0, mn0 = (grid.extra[k] for k in ("d", "dmin", "sc", "m"))
+        except KeyError as exc:
+            raise FormatError(f"{self.id}: grid lacks this format's super-scales ({exc})") from None
+        hi = (1 << self.sbits) - 1
+        dev = grid.scale.device
+        d, sc = _requantize(scale.detach().to(dev, torch.float32), d0.to(dev, torch.float32), sc0.to(dev), hi)
+        dmin, mn = _requantize(-offset.detach().to(dev, torch.float32), dmin0.to(dev, torch.float32), mn0.to(dev),
+                               hi)
+        g = self._grid(d, dmin, sc, mn)
+        return Grid(g.scale, g.offset, grid.levels, grid.group_size, {**grid.extra, **g.extra}, grid.set_index,
+                    grid.exact_mask, grid.exact_values)
 
     def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
         """Row blocks -> one tensor: every part stores whole rows on byte boundaries, so they stack."""
@@ -366,6 +393,26 @@ class IntDQFormat(Format):
             self._check_parts(p)
         out = {name: torch.cat([p.parts[name] for p in parts]) for name in self._part_shapes(1, cols)}
         return QTensor(format=self.id, shape=(rows, cols), dtype=dtype, parts=out)
+
+
+def _requantize(vals: torch.Tensor, d: torch.Tensor, ints: torch.Tensor, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 super-scales (R,) and integers (R, ng) in ``0..hi`` nearest the learned values ``vals`` (R, ng):
+    ``clamp(round(vals / d), 0, hi)`` under the current ``d`` (old ``ints`` where ``d`` is 0), replaced per row
+    by :func:`_super_search`'s choice (fitted to ``max(vals, 0)``) when that has a strictly smaller squared
+    error."""
+    vals = torch.nan_to_num(vals, nan=0.0).clamp(-3e38, 3e38)
+    keep = torch.where(d.unsqueeze(1) == 0, ints.to(torch.float32),
+                       torch.clamp(torch.round(_safe_div(vals, d.unsqueeze(1))), 0, hi))
+    pos = vals.clamp_min(0)
+    cand = _super_search(pos, torch.ones_like(pos), hi)
+    ints_c = torch.clamp(torch.round(_safe_div(vals, cand.unsqueeze(1))), 0, hi)
+    take = _sq_err(vals, cand, ints_c) < _sq_err(vals, d, keep)
+    return torch.where(take, cand, d), torch.where(take.unsqueeze(1), ints_c, keep).to(torch.int64)
+
+
+def _sq_err(vals: torch.Tensor, d: torch.Tensor, ints: torch.Tensor) -> torch.Tensor:
+    """``Σ_g (vals - d·ints)²`` per row, in float64 (learned values may be huge)."""
+    return ((vals.to(torch.float64) - d.to(torch.float64).unsqueeze(1) * ints.to(torch.float64)) ** 2).sum(1)
 
 
 def _solve_normal(saa, sab, sbb, sxa, sxb, d0, m0) -> tuple[torch.Tensor, torch.Tensor]:

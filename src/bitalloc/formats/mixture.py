@@ -182,7 +182,8 @@ class MixtureFormat(Format):
     def _check_parts(self, q: QTensor, rows: int, cols: int) -> None:
         self.check_parts(q, self._expect(rows, cols))
 
-    def decode(self, q: QTensor) -> torch.Tensor:
+    def _parse(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        """The padded codes (rows, ng·G) and the grid of a stored tensor, checked."""
         if q.format != self.id:
             raise FormatError(f"{self.id}: cannot decode a tensor stored as {q.format!r}")
         shape = tuple(int(d) for d in q.shape)
@@ -193,8 +194,16 @@ class MixtureFormat(Format):
         codes = unpack_bits(q.parts["weight_packed"], self.bits, rows * ng * gs).reshape(rows, ng * gs)
         sets = unpack_bits(q.parts["weight_set"], INDEX_BITS, rows * ng).reshape(rows, ng)
         scale = q.parts["weight_scale"].to(torch.float32)
-        grid = Grid(scale, torch.zeros_like(scale), self.levels, gs, set_index=sets)
-        return grid.values(codes)[:, :cols]
+        return codes, Grid(scale, torch.zeros_like(scale), self.levels, gs, set_index=sets)
+
+    def decode(self, q: QTensor) -> torch.Tensor:
+        codes, grid = self._parse(q)
+        return grid.values(codes)[:, :int(q.shape[1])]
+
+    def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        """Codes (rows, cols) and the grid :meth:`fit` would build (fp16 scales, offset 0, the set indices)."""
+        codes, grid = self._parse(q)
+        return codes[:, :int(q.shape[1])].contiguous(), grid
 
     def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
         """Row blocks -> one tensor: scales stack; the code and set-index streams join on byte boundaries, so

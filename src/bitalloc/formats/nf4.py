@@ -119,6 +119,14 @@ class NF4Format(Format):
         s = q.parts["weight_scale"].reshape(rows, -1, 1)
         return (s * lv).reshape(rows, cols)  # exactly Grid.values (offset 0) and bitsandbytes' dequantize_4bit
 
+    def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        """Codes (rows, cols) and the grid :meth:`fit` would build (the stored absmax, offset 0)."""
+        rows, cols = self._checked(q)
+        b = q.parts["weight_packed"].reshape(-1).to(torch.int64)
+        codes = torch.stack([b >> 4, b & 0xF], dim=1).reshape(rows, cols)
+        s = q.parts["weight_scale"].reshape(rows, cols // BLOCK).clone()
+        return codes, Grid(s, torch.zeros_like(s), self.levels.to(s.device), BLOCK)
+
     def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
         """Row blocks -> one tensor: blocks never cross rows, so both flat arrays simply join."""
         rows, cols, dtype = self._check_concat(parts)

@@ -151,6 +151,19 @@ class OutlierFormat(Format):
         out = self.base.decode(base)
         return out.scatter(1, idx.to(out.device), vals.to(device=out.device, dtype=torch.float32))
 
+    def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        """The base format's codes and grid with the stored outliers as ``exact_mask``/``exact_values`` (the
+        fp16 values at their columns, 0 elsewhere, as :meth:`fit` builds them); FormatError when the base
+        format cannot be unpacked."""
+        base, vals, idx = self._split(q)
+        codes, grid = self.base.unpack(base)
+        dev = grid.scale.device
+        rows, cols = (int(d) for d in q.shape)
+        idx = idx.to(dev)
+        mask = torch.zeros(rows, cols, dtype=torch.bool, device=dev).scatter_(1, idx, True)
+        exact = torch.zeros(rows, cols, device=dev).scatter_(1, idx, vals.to(device=dev, dtype=torch.float32))
+        return codes, dataclasses.replace(grid, exact_mask=mask, exact_values=exact)
+
     def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
         """The base format's concatenation of its parts; the outlier parts stack."""
         rows, cols, dtype = self._check_concat(parts)
