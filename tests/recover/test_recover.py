@@ -130,7 +130,7 @@ def test_quantize_with_recovery_keeps_every_format_and_byte(plain_and_recovered)
     from bitalloc.export.packed import read_packed
 
     plain, rec = plain_and_recovered
-    (da, a), (db, b) = read_packed(plain), read_packed(rec)
+    (_, a), (_, b) = read_packed(plain), read_packed(rec)
     assert set(a) == set(b)
     assert all(a[n].format == b[n].format and a[n].nbytes() == b[n].nbytes() for n in a)
     assert any(any(not torch.equal(a[n].parts[k], b[n].parts[k]) for k in a[n].parts) for n in a)
@@ -186,3 +186,38 @@ def test_cli_refuses_bad_recovery_options(hf, tmp_path, capsys, extra, msg):
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------ recovery-aware allocation
+def test_format_gains_and_scaled_table():
+    from bitalloc.recover.aware import format_gains, sample_blocks, scaled_table
+    from bitalloc.table import MeasureRow, TensorInfo
+    from bitalloc.measure import Measurement
+
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gains = format_gains(model, token_ids(6), ["int2-g32", "int4-g32", "fp16"],
+                         RecoverConfig(mode="block", steps=20, lr=2e-2), progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # the fp model is put back
+    assert gains["fp16"] == 1.0
+    assert 0 < gains["int2-g32"] < 1 and 0 < gains["int4-g32"] <= 1
+    assert sample_blocks(30) == [9, 19] and sample_blocks(2) == [0, 1]
+    m = Measurement((TensorInfo("w", (2, 32), 64, ("linear",)),),
+                    (MeasureRow("w", "int2-g32", 10, 4.0, 2.0), MeasureRow("w", "fp16", 128, 0.0, 0.0)), 0, 64)
+    s = scaled_table(m, {"int2-g32": 0.5})
+    assert [(r.format, r.output_error, r.fisher_error) for r in s.rows] == [("int2-g32", 2.0, 1.0), ("fp16", 0.0, 0.0)]
+
+
+def test_recovery_aware_job_runs_and_saves_its_gains(hf, tmp_path):
+    out = tmp_path / "aware"
+    assert main(quantize_argv(hf, out, "--recover", "block", "--recover-steps", "3", "--recover-aware",
+                              "--keep-job")) == 0
+    job = default_job_dir(out)
+    assert (out / "manifest.json").exists()
+    assert any("recovery_gains" in p.name for p in (job / "plan").iterdir())
+
+
+def test_recovery_aware_needs_block_recovery(hf, tmp_path, capsys):
+    assert main(quantize_argv(hf, tmp_path / "o", "--recover", "e2e", "--recover-aware")) == 2
+    err = capsys.readouterr().err
+    assert "block" in err and len(err.strip().splitlines()) == 1

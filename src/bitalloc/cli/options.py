@@ -129,6 +129,10 @@ def add_recover(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recover-lr", type=_rate, default=RecoverConfig.lr, metavar="LR",
                    help=f"Adam step of the learned rounding in levels (scales and norms: a tenth of it, relative) "
                    f"(default {RecoverConfig.lr})")
+    p.add_argument("--recover-aware", action="store_true",
+                   help="allocate knowing recovery follows: each candidate format's error is scaled by the share "
+                   "block-wise recovery leaves of it, measured on two sample blocks (needs --recover block or "
+                   "block+e2e and a measured budget)")
 
 
 def recover_of(args: argparse.Namespace) -> Any:
@@ -137,7 +141,8 @@ def recover_of(args: argparse.Namespace) -> Any:
 
     return RecoverConfig(mode=getattr(args, "recover", "none"), steps=getattr(args, "recover_steps", None),
                          tokens=getattr(args, "recover_tokens", None),
-                         lr=float(getattr(args, "recover_lr", RecoverConfig.lr)))
+                         lr=float(getattr(args, "recover_lr", RecoverConfig.lr)),
+                         aware=bool(getattr(args, "recover_aware", False)))
 
 
 def add_runtime(p: argparse.ArgumentParser) -> None:

@@ -195,14 +195,31 @@ class Stages:
                 if budget is None:
                     raise InputError("a plan needs a budget")
                 cap = target.capacity(budget, measurement, self.loaded.view)
+                table = self.recovery_aware(measurement)
                 with self.timer.stage("allocate"):
-                    plan = make_plan(measurement, cap.plan_budget(measurement.fixed_bytes),
+                    plan = make_plan(table, cap.plan_budget(measurement.fixed_bytes),
                                      self.constraints(target), c.objective)
             self.job.save_item("plan", "capacity", cap.to_dict())
             plan.save(ppath)
             self.job.complete_stage("plan", ppath)
         # always the plan read back: a resumed run continues with the same bytes
         return Plan.load(ppath, measurement), saved_capacity(self.job)
+
+    def recovery_aware(self, measurement: Measurement) -> Measurement:
+        """The table the allocator reads: ``measurement``, or with ``--recover-aware`` its errors scaled by each
+        format's recovery gain (measured once on sample blocks of the full-precision model, saved in the job)."""
+        rc = self.config.recover
+        if not rc.aware:
+            return measurement
+        from ..recover.aware import format_gains, scaled_table
+
+        if not self.job.has_item("plan", "recovery_gains"):
+            with self.timer.stage("recover.gains"):
+                gains = format_gains(self.loaded.model, self.calibration, measurement.formats(), rc,
+                                     placement=self.placement, progress=self.config.progress)
+            self.job.save_item("plan", "recovery_gains", gains)
+        saved = self.job.load_item("plan", "recovery_gains")
+        return scaled_table(measurement, {str(k): float(v) for k, v in dict(saved).items()})
 
     # ------------------------------------------------------------------------------------- quantize
     def quantize(self, plan: Plan) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:

@@ -19,7 +19,8 @@ class RecoverConfig:
     (``e2e``); or ``tokens``: the training tokens each of those sees (steps = tokens ÷ tokens per step), not both.
     ``lr``: Adam's step in level units for the codes (the learned rounding); scales, offsets and norms move at
     ``lr / 10`` of their stored step (all parametrised scale-free). ``block_windows`` / ``e2e_windows``: the
-    calibration windows of one step.  ``seed`` fixes the order of the windows (the run is deterministic)."""
+    calibration windows of one step.  ``seed`` fixes the order of the windows (the run is deterministic).
+    ``aware``: the allocation sees each format's error after recovery (:mod:`bitalloc.recover.aware`)."""
 
     mode: str = "none"
     steps: int | None = None
@@ -28,6 +29,7 @@ class RecoverConfig:
     block_windows: int = 2
     e2e_windows: int = 1
     seed: int = 0
+    aware: bool = False  # allocate from errors scaled by each format's measured recovery gain (.aware)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -42,6 +44,10 @@ class RecoverConfig:
         for what, v in (("block_windows", self.block_windows), ("e2e_windows", self.e2e_windows)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"recovery {what} must be a positive integer, got {v!r}")
+
+        if self.aware and not self.block:
+            raise InputError("recovery-aware allocation measures block-wise recovery: use it with --recover block "
+                             "or block+e2e")
 
     @property
     def block(self) -> bool:
@@ -67,7 +73,8 @@ class RecoverConfig:
     def fingerprint(self) -> dict[str, object]:
         """What changes a recovered result (a job reopened with another recovery is refused)."""
         return {"mode": self.mode, "steps": self.steps, "tokens": self.tokens, "lr": self.lr,
-                "block_windows": self.block_windows, "e2e_windows": self.e2e_windows, "seed": self.seed}
+                "block_windows": self.block_windows, "e2e_windows": self.e2e_windows, "seed": self.seed,
+                "aware": self.aware}
 
 
 __all__ = ["MODES", "RecoverConfig"]

@@ -1,0 +1,274 @@
+"""Recovery bench (issue #14): what training after quantization buys, in the same formats and the same bytes.
+
+On the rescaled SmolLM2 (comedies for calibration and training, tragedies held out for evaluation):
+
+* **packed**: the allocated GPTQ mix at each budget (one measurement, shared with ``bench/anysize.py`` through
+  ``--measure-cache``), then every ``--modes`` recovery of it; KLD ratio of ``block+e2e`` to ``none`` per budget
+  (goal: <= 0.6 at 2.5 and 3.0 bpw, never above 1 anywhere);
+* **curve**: at ``--curve-budget``, KLD against training tokens for ``block``, ``e2e`` and ``block+e2e``
+  (``--curve-steps``; block tokens are per block, e2e tokens in all), with the wall time of each point.
+
+Every point's bytes are checked equal to the unrecovered model's.  ``--cache DIR`` keeps the quantized models and
+every finished point: a rerun resumes.  Writes ``<out>/<name>.json`` and ``.png`` and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.anysize import Cache, pkey  # noqa: E402
+from bench.pareto import bench_inputs, cached_measurement, digest, peak_rss_mib  # noqa: E402
+from bitalloc.cli.common import DEFAULT_FORMATS  # noqa: E402
+from bitalloc.evaluate import evaluate  # noqa: E402
+from bitalloc.io.atomic import atomic_write  # noqa: E402
+from bitalloc.jobs.store import Job  # noqa: E402
+from bitalloc.measure import Measurement  # noqa: E402
+from bitalloc.pipeline import CachedReference, make_plan, measure_model  # noqa: E402
+from bitalloc.quantize import quantize_model, restore, snapshot  # noqa: E402
+from bitalloc.recover import RecoverConfig, recover_model  # noqa: E402
+from bitalloc.sweep import Point  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+log = logging.getLogger("bench.recovery")
+
+
+@dataclass(frozen=True)
+class RPoint:
+    part: str  # "packed" | "curve"
+    budget: str
+    mode: str
+    steps: int
+    tokens: int  # training tokens: per block for the block stage, in all for e2e (block+e2e: the sum)
+    bytes: int
+    bpw: float
+    kld: float
+    ppl: float
+    ref_ppl: float
+    top1: float
+    train_seconds: float
+
+
+def tokens_of(cfg: RecoverConfig, ctx: int) -> int:
+    return (cfg.steps_for("block", ctx) * cfg.block_windows * ctx if cfg.block else 0) + \
+        (cfg.steps_for("e2e", ctx) * cfg.e2e_windows * ctx if cfg.e2e else 0)
+
+
+class Quantized:
+    """The GPTQ model of each budget's plan, quantized once (QTensors cached in ``--cache``)."""
+
+    def __init__(self, model: torch.nn.Module, view: Any, calib: torch.Tensor, table: Measurement,
+                 cache_dir: Path | None) -> None:
+        self.model, self.view, self.calib, self.table, self.cache_dir = model, view, calib, table, cache_dir
+        self.fp = snapshot(model)
+        self.current: tuple[str, dict, dict] | None = None
+
+    def load(self, budget: str) -> tuple[dict, Any]:
+        """QTensors of ``budget`` with the model holding their values; the plan."""
+        plan = make_plan(self.table, budget)
+        if self.current is not None and self.current[0] == budget:
+            restore(self.model, self.current[2])
+            return self.current[1], plan
+        restore(self.model, self.fp)
+        path = None if self.cache_dir is None else self.cache_dir / f"q-{digest(plan.to_json(), self.calib)}.pt"
+        if path is not None and path.exists():
+            q = torch.load(path)
+            from bitalloc.rounding import dequantize
+            from bitalloc.quantize import set_weight
+
+            for n, t in q.items():
+                set_weight(self.model, n, dequantize(t).reshape(self.model.get_parameter(n).shape))
+        else:
+            q = quantize_model(self.model, self.view, plan, self.calib, progress=False)
+            if path is not None:
+                torch.save(q, path)
+        self.current = (budget, q, snapshot(self.model))
+        return q, plan
+
+
+def run(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantized, part: str, budget: str,
+        cfg: RecoverConfig) -> RPoint:
+    model, reference, calib, evals = ctx["model"], ctx["reference"], ctx["calib"], ctx["evals"]
+    key = pkey(part, cfg.mode, budget, digest(ctx["key"], cfg.fingerprint(), args.bench_version))
+    steps = 0 if not cfg.active else cfg.steps_for("block" if cfg.block else "e2e", args.ctx)
+
+    def compute() -> Point:
+        q, plan = quant.load(budget)
+        t0 = time.perf_counter()
+        q2, _ = recover_model(model, reference, calib, q, cfg, progress=True)
+        seconds = time.perf_counter() - t0
+        nb = sum(t.nbytes() for t in q2.values())
+        if nb != sum(t.nbytes() for t in q.values()) or any(q2[n].format != q[n].format for n in q):
+            raise AssertionError("recovery changed a format or the bytes")
+        r = evaluate(model, ctx["ref"], evals)
+        return Point(part, budget, cfg.mode, f"{steps}", nb, 8.0 * (nb + 0) / ctx["total_params"], float("nan"),
+                     r.ppl, r.ref_ppl, r.kld, r.top1, seconds)
+
+    pt = cache.point(key, compute)
+    return RPoint(part, budget, cfg.mode, steps, tokens_of(cfg, args.ctx) if cfg.active else 0, pt.bytes, pt.bpw,
+                  pt.kld, pt.ppl, pt.ref_ppl, pt.top1, pt.seconds)
+
+
+def comparison(points: list[RPoint], budgets: list[str]) -> list[dict]:
+    rows = []
+    for b in budgets:
+        base = [p for p in points if p.part == "packed" and p.budget == b and p.mode == "none"]
+        if not base:
+            continue
+        row: dict[str, Any] = {"budget": b, "none": base[0].kld}
+        for p in points:
+            if p.part == "packed" and p.budget == b and p.mode != "none":
+                row[p.mode] = p.kld
+                row[f"{p.mode}/none"] = p.kld / base[0].kld
+                row[f"{p.mode} seconds"] = p.train_seconds
+        rows.append(row)
+    return rows
+
+
+def plot_png(points: list[RPoint], rows: list[dict], title: str) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    modes = sorted({p.mode for p in points if p.part == "packed"}, key=["none", "block", "e2e", "block+e2e"].index)
+    for m in modes:
+        ps = sorted((p for p in points if p.part == "packed" and p.mode == m), key=lambda p: p.bytes)
+        ax1.plot([p.bytes / 2**20 for p in ps], [p.kld for p in ps], "o-", label=m)
+    ax1.set_xlabel("size (MiB)")
+    ax1.set_ylabel("KLD vs fp (tragedies)")
+    ax1.set_yscale("log")
+    ax1.set_title("allocated mixes, with and without recovery")
+    ax1.legend()
+    base = [p for p in points if p.part == "curve" and p.mode == "none"]
+    for m in ("block", "e2e", "block+e2e"):
+        ps = sorted((p for p in points if p.part == "curve" and p.mode == m), key=lambda p: p.tokens)
+        if ps:
+            ax2.plot([p.tokens for p in ps], [p.kld for p in ps], "o-", label=m)
+            for p in ps:
+                ax2.annotate(f"{p.train_seconds:.0f}s", (p.tokens, p.kld), fontsize=7)
+    if base:
+        ax2.axhline(base[0].kld, color="gray", ls="--", label="no recovery")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("training tokens (block: per block; e2e: in all; both: the sum)")
+    ax2.set_ylabel("KLD")
+    ax2.set_title("recovery curve" + (f" at {base[0].budget}" if base else ""))
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def table(points: list[RPoint], rows: list[dict]) -> str:
+    head = f"{'part':<7} {'budget':<8} {'mode':<10} {'steps':>6} {'tokens':>8} {'MiB':>7} {'kld':>8} {'ppl':>8} {'train s':>8}"
+    lines = [head, "-" * len(head)]
+    for p in points:
+        lines.append(f"{p.part:<7} {p.budget:<8} {p.mode:<10} {p.steps:>6} {p.tokens:>8} {p.bytes / 2**20:>7.2f} "
+                     f"{p.kld:>8.4f} {p.ppl:>8.2f} {p.train_seconds:>8.0f}")
+    lines.append("")
+    for r in rows:
+        lines.append(f"{r['budget']}: none {r['none']:.4f}; " + "; ".join(
+            f"{m} {r[m]:.4f} ({r[m + '/none']:.2f}x)" for m in ("block", "e2e", "block+e2e") if m in r))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budgets", default="2.5bpw,3bpw,4bpw")
+    ap.add_argument("--modes", default="none,block+e2e", help="recoveries of the packed points")
+    ap.add_argument("--steps", type=int, default=None, help="recovery steps of the packed points (default: "
+                    "bitalloc's)")
+    ap.add_argument("--lr", type=float, default=RecoverConfig.lr)
+    ap.add_argument("--curve-budget", default="2.5bpw")
+    ap.add_argument("--curve-steps", default="4,8,16,32,64", help="steps of the curve's points ('' = no curve)")
+    ap.add_argument("--curve-modes", default="block,e2e,block+e2e")
+    ap.add_argument("--windows", type=int, default=32, help="calibration (training) windows (comedies)")
+    ap.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (tragedies)")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--fisher-windows", type=int, default=8)
+    ap.add_argument("--formats", default=DEFAULT_FORMATS)
+    ap.add_argument("--cache", default=str(RESULTS.parent.parent / ".cache" / "recovery"))
+    ap.add_argument("--measure-cache", default=str(RESULTS.parent.parent / ".cache" / "anysize"),
+                    help="where the measurement table is kept (shared with bench/anysize.py)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="recovery")
+    ap.add_argument("--bench-version", default="1", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+
+    model, tok, reference, view, calib, evals = bench_inputs(args.ctx, args.windows, args.eval_windows)
+    budgets = [b for b in args.budgets.split(",") if b]
+    formats = [f for f in args.formats.split(",") if f]
+    settings = ("rescaled SmolLM2 seed 0 sigma 0.1", args.ctx, args.fisher_windows)  # as bench/pareto.py
+    mcache = Path(args.measure_cache) if args.measure_cache else None
+    if mcache is not None:
+        mcache.mkdir(parents=True, exist_ok=True)
+
+    def measure(fmts: list[str]) -> Measurement:
+        return measure_model(model, view, calib, fmts, "gptq", True, fisher_windows=calib[: args.fisher_windows])
+
+    table_, runs = cached_measurement(mcache, digest(settings, "gptq", calib), formats, measure)
+    ctx = {"model": model, "reference": reference, "ref": CachedReference(reference), "calib": calib,
+           "evals": evals, "total_params": view.total_params, "key": digest(settings, calib, evals, formats)}
+    cache_dir = Path(args.cache) if args.cache else None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    quant = Quantized(model, view, calib, table_, cache_dir)
+    points: list[RPoint] = []
+    with contextlib.ExitStack() as stack:
+        job = None if cache_dir is None else stack.enter_context(Job(cache_dir / f"points-{ctx['key']}",
+                                                                     {"recovery": ctx["key"]}))
+        cache = Cache(job)
+        for b in budgets:  # the budget's quantized model is reused by its points
+            for m in (x for x in args.modes.split(",") if x):
+                points.append(run(args, ctx, cache, quant, "packed", b, RecoverConfig(mode=m, steps=args.steps,
+                                                                                      lr=args.lr)))
+        steps_list = [int(s) for s in args.curve_steps.split(",") if s]
+        if steps_list:
+            points.append(run(args, ctx, cache, quant, "curve", args.curve_budget, RecoverConfig()))
+            for m in (x for x in args.curve_modes.split(",") if x):
+                for s in steps_list:
+                    points.append(run(args, ctx, cache, quant, "curve", args.curve_budget,
+                                      RecoverConfig(mode=m, steps=s, lr=args.lr)))
+    rows = comparison(points, budgets)
+    result = {
+        "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies (training)",
+        "evaluation": "tragedies (held out)", "ctx": args.ctx, "calib_windows": int(calib.shape[0]),
+        "eval_windows": int(evals.shape[0]), "formats": formats, "method": "gptq", "lr": args.lr,
+        "steps": args.steps, "measure_runs": runs,
+        "goals": "block+e2e KLD / none KLD <= 0.6 at 2.5 and 3.0 bpw, <= 1 at every budget",
+        "comparison": rows, "points": [asdict(p) for p in points],
+        "peak_rss_mib": peak_rss_mib(), "total_seconds": time.perf_counter() - t_start,
+        "threads": torch.get_num_threads(),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / f"{args.name}.json", overwrite=True) as fh:
+        fh.write((json.dumps(result, indent=1) + "\n").encode())
+    with atomic_write(out / f"{args.name}.png", overwrite=True) as fh:
+        fh.write(plot_png(points, rows, "rescaled SmolLM2-135M: recovery in the same bytes (KLD on tragedies)"))
+    print(table(points, rows))
+    print(f"peak RSS {peak_rss_mib():.0f} MiB; total {time.perf_counter() - t_start:.0f} s -> "
+          f"{out / (args.name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

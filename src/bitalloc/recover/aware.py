@@ -1,0 +1,109 @@
+"""Recovery-aware allocation: how much of each format's error block-wise recovery takes back, measured on a few
+sample blocks, folded into the measurement table before the allocator reads it.
+
+For every sample block and candidate grid format, the block's linears are GPTQ-rounded in that format (Hessians of
+the full-precision inputs) and the block is recovered as :func:`bitalloc.recover.train.recover_blocks` would;
+the format's *gain* is the geometric mean over the samples of (block output error after) / (before).  The table's
+errors of that format are multiplied by its gain (:func:`scaled_table`), so the allocator sees the errors the
+recovered model will have: formats that recovery helps most become cheaper in error.  Formats that cannot store
+every linear of a sample block, and pass-through formats, keep a gain of 1.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibrate import BlockRunner
+from ..formats import get_format
+from ..layout import layout_of, window_batches
+from ..measure import Measurement
+from ..placement import Placement
+from ..rounding import dequantize, quantize_weight
+from ..table import MeasureRow
+from .attach import Attached
+from .config import RecoverConfig
+from .train import _out, _train_block
+
+log = logging.getLogger(__name__)
+
+
+def sample_blocks(nblocks: int, count: int = 2) -> list[int]:
+    """``count`` blocks spread over the depth (first quarter to last quarter)."""
+    if nblocks <= count:
+        return list(range(nblocks))
+    return sorted({round((i + 1) * nblocks / (count + 1)) - 1 for i in range(count)})
+
+
+def format_gains(model: nn.Module, windows: torch.Tensor, formats: Sequence[str], cfg: RecoverConfig, *,
+                 blocks: Sequence[int] | None = None, placement: Placement | None = None,
+                 progress: bool = True) -> dict[str, float]:
+    """``{format: remaining error fraction after block recovery}`` measured on ``blocks`` of the full-precision
+    ``model`` (its weights are put back); formats that cannot be measured get 1.0."""
+    lay = layout_of(model)
+    blocks = sorted(set(blocks if blocks is not None else sample_blocks(len(lay.blocks))))
+    ctx = int(windows.shape[1])
+    steps = cfg.steps_for("block", ctx)
+    grid = [f for f in formats if get_format(f).is_grid]
+    ratios: dict[str, list[float]] = {f: [] for f in grid}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bar = tqdm(total=len(blocks) * len(grid), desc="recovery gains", disable=not progress, leave=False)
+    with BlockRunner(model, windows, placement=placement) as r:
+        for b in range(max(blocks) + 1):
+            if b in blocks:
+                _sample(model, r, b, grid, steps, cfg, ratios, bar)
+            r.advance()
+    bar.close()
+    gains = {f: math.exp(sum(map(math.log, v)) / len(v)) if v else 1.0 for f, v in ratios.items()}
+    log.info("recovery gains (error kept after block recovery): %s",
+             ", ".join(f"{f} {g:.3f}" for f, g in gains.items()))
+    return {f: gains.get(f, 1.0) for f in formats}
+
+
+def _sample(model: nn.Module, r: BlockRunner, b: int, formats: Sequence[str], steps: int, cfg: RecoverConfig,
+            ratios: dict[str, list[float]], bar: tqdm) -> None:
+    lay = r.layout
+    hs = r.collect()
+    n = int(r.hidden.shape[0])
+    with torch.no_grad():  # the full-precision block's outputs: the targets
+        target = torch.cat([_out(lay.blocks[b](r.placement.to_device(r.hidden[s]), **r.kwargs[b]))
+                            for s in window_batches(n, 8)])
+    names = [t for g in lay.block_groups(b) for t in g]
+    saved = {t: model.get_parameter(t).detach().clone() for t in names}
+    try:
+        for f in formats:
+            fmt = get_format(f)
+            if all(fmt.supports(tuple(saved[t].shape)) for t in names):
+                q = {t: quantize_weight(r.placement.to_device(saved[t]), fmt, hessian=hs[t], method="gptq")
+                     for t in names}
+                with torch.no_grad():
+                    for t, qt in q.items():
+                        model.get_parameter(t).copy_(dequantize(qt).reshape(saved[t].shape))
+                att = Attached(model, q, {}, codes=True, scales=True)
+                before, after = _train_block(r, b, att, target, steps, cfg)
+                att.finish()
+                if before > 0:
+                    ratios[f].append(max(min(after, before), 1e-12) / before)
+            bar.update(1)
+    finally:
+        with torch.no_grad():
+            for t, w in saved.items():
+                model.get_parameter(t).copy_(w)
+
+
+def scaled_table(m: Measurement, gains: Mapping[str, float]) -> Measurement:
+    """``m`` with every row's errors multiplied by its format's gain (1 when not given)."""
+    rows = tuple(MeasureRow(r.tensor, r.format, r.bytes, r.output_error * gains.get(r.format, 1.0),
+                            None if r.fisher_error is None else r.fisher_error * gains.get(r.format, 1.0))
+                 for r in m.rows)
+    fp = dict(m.fingerprint)
+    fp["recovery_gains"] = ",".join(f"{f}:{g:.6g}" for f, g in sorted(gains.items()))
+    return Measurement(m.tensors, rows, m.fixed_bytes, m.total_params, fp)
+
+
+__all__ = ["format_gains", "sample_blocks", "scaled_table"]
