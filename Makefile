@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-slow bench bench-formats bench-gptq bench-allocate bench-pareto bench-anysize bench-gguf bench-activations bench-memory bench-scaling bench-demo-time llamacpp clean
+.PHONY: venv demo test test-slow bench bench-formats bench-gptq bench-allocate bench-pareto bench-anysize bench-recovery bench-gguf bench-activations bench-memory bench-scaling bench-demo-time llamacpp clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,8 @@ bench-pareto: venv
 	$(PY) bench/pareto.py
 bench-anysize: venv
 	$(PY) bench/anysize.py
+bench-recovery: venv
+	$(PY) bench/recovery.py
 bench-memory: venv
 	$(PY) bench/memory.py
 ## Time per stage and peak memory vs model size (random Llama models of 0.1B, 0.5B, 1.5B parameters).

@@ -44,6 +44,7 @@ Needs the tools from bench/build_llamacpp_tools.sh.  Writes bench/results/gguf_v
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -78,6 +79,7 @@ from bitalloc.models.sources import default_model_path, load_model  # noqa: E402
 from bitalloc.models.view import ModelView  # noqa: E402
 from bitalloc.pipeline import measure_model, model_fingerprint  # noqa: E402
 from bitalloc.quantize import restore, snapshot  # noqa: E402
+from bitalloc.recover import RecoverConfig  # noqa: E402
 from bitalloc.jobs.stages import measure_stage  # noqa: E402
 from bitalloc.timing import StageTimer  # noqa: E402
 
@@ -198,6 +200,8 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     shared.update({"stages": stages, "library_stages": lib_timer.as_dict(), "measure": minfo,
                    "seconds": stage_seconds(stages, SHARED_STAGES) if minfo["seconds"] is not None else None})
     saved = snapshot(model)
+    recover = RecoverConfig(mode=args.recover, steps=args.recover_steps)
+    teacher = copy.deepcopy(model) if recover.active else None  # the full-precision model recovery trains toward
     store = st.SizeResults(WORK / "bitalloc-sizes.json")
     code = st.code_digest(output_code())
     out: dict[str, dict] = {}
@@ -205,7 +209,8 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     check = args.check_errors
     for name, size in targets.items():
         key = st.digest({"measurement": m.fingerprint, "bytes": size, "method": args.method, "code": code,
-                         "eval_chunks": args.eval_chunks, "threads": args.threads})
+                         "eval_chunks": args.eval_chunks, "threads": args.threads,
+                         **({"recover": recover.fingerprint()} if recover.active else {})})
         # --fresh: a saved result counts only when this run made it (a second type of the same size)
         done = store.get(key) if not getattr(args, "fresh", False) or key in made else None
         if done is not None and "gguf_seconds" in done:
@@ -220,7 +225,7 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
         path = WORK / f"bitalloc-{size}.gguf"
         with size_timer.stage("quantize"):  # export_plan's two steps, timed apart
             tensors = quantize_for_gguf(model, view, plan, calib, tpl, method=args.method, progress=True,
-                                        timer=size_lib)
+                                        timer=size_lib, recover=recover, teacher=teacher)
         with size_timer.stage("write"):
             written = write_gguf_verified(path, tpl, tensors, overwrite=True)
         del tensors
@@ -255,8 +260,11 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
 
 
 def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
-    """``bench/results/<name>.<ext>``; ``-quick`` is added to the name of a ``--quick`` run's files."""
-    return RESULTS / f"{name}{'-quick' if getattr(args, 'quick', False) else ''}.{ext}"
+    """``bench/results/<name>.<ext>``; ``_recover-<mode>`` is added for a ``--recover`` run, ``-quick`` for a
+    ``--quick`` run's files."""
+    rec = getattr(args, "recover", "none")
+    tag = "" if rec == "none" else f"_recover-{rec.replace('+', '-')}"
+    return RESULTS / f"{name}{tag}{'-quick' if getattr(args, 'quick', False) else ''}.{ext}"
 
 
 def saved_llama_side(args: argparse.Namespace, ref: Path, base: Path) -> tuple[float, dict[str, dict], dict] | None:
@@ -481,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
                     + "; results in gguf_vs_llamacpp-quick.*")
     ap.add_argument("--no-check-errors", dest="check_errors", action="store_false",
                     help="skip the measured-vs-final error comparison")
+    ap.add_argument("--recover", choices=("none", "block", "e2e", "block+e2e"), default="none",
+                    help="bitalloc's side trains each quantized model back toward the reference (bitalloc gguf --recover)")
+    ap.add_argument("--recover-steps", type=int, default=None, help="recovery steps (default bitalloc's)")
     ap.add_argument("--threads", type=int, default=1, help="threads for torch and the llama.cpp tools (both sides)")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files in .cache/gguf_bench")
     ap.add_argument("--no-floor", dest="floor", action="store_false",

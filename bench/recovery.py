@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +70,22 @@ class Quantized:
                  cache_dir: Path | None) -> None:
         self.model, self.view, self.calib, self.table, self.cache_dir = model, view, calib, table, cache_dir
         self.fp = snapshot(model)
-        self.current: tuple[str, dict, dict] | None = None
+        self.current: tuple[Any, dict, dict] | None = None
 
-    def load(self, budget: str) -> tuple[dict, Any]:
-        """QTensors of ``budget`` with the model holding their values; the plan."""
-        plan = make_plan(self.table, budget)
-        if self.current is not None and self.current[0] == budget:
+    def load(self, budget: str, aware: dict[str, float] | None = None) -> tuple[dict, Any]:
+        """QTensors of ``budget`` (allocated from the table scaled by ``aware`` gains when given) with the model
+        holding their values; the plan."""
+        from bitalloc.recover.aware import scaled_table
+
+        plan = make_plan(self.table if aware is None else scaled_table(self.table, aware), budget)
+        tag = (budget, plan.to_json())
+        if self.current is not None and self.current[0] == tag:
             restore(self.model, self.current[2])
             return self.current[1], plan
         restore(self.model, self.fp)
         path = None if self.cache_dir is None else self.cache_dir / f"q-{digest(plan.to_json(), self.calib)}.pt"
         if path is not None and path.exists():
-            q = torch.load(path)
+            q = torch.load(path, weights_only=False)  # the bench's own cache
             from bitalloc.rounding import dequantize
             from bitalloc.quantize import set_weight
 
@@ -91,18 +95,20 @@ class Quantized:
             q = quantize_model(self.model, self.view, plan, self.calib, progress=False)
             if path is not None:
                 torch.save(q, path)
-        self.current = (budget, q, snapshot(self.model))
+        self.current = (tag, q, snapshot(self.model))
         return q, plan
 
 
 def run(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantized, part: str, budget: str,
-        cfg: RecoverConfig) -> RPoint:
+        cfg: RecoverConfig, aware: dict[str, float] | None = None) -> RPoint:
+    """One point: the budget's GPTQ model (allocated from the table, or from the table scaled by ``aware`` gains),
+    recovered by ``cfg``, evaluated on the held-out windows (cached by what it depends on, whatever the part)."""
     model, reference, calib, evals = ctx["model"], ctx["reference"], ctx["calib"], ctx["evals"]
-    key = pkey(part, cfg.mode, budget, digest(ctx["key"], cfg.fingerprint(), args.bench_version))
+    key = pkey("run", cfg.mode, budget, digest(ctx["key"], cfg.fingerprint(), args.bench_version, aware))
     steps = 0 if not cfg.active else cfg.steps_for("block" if cfg.block else "e2e", args.ctx)
 
     def compute() -> Point:
-        q, plan = quant.load(budget)
+        q, plan = quant.load(budget, aware)
         t0 = time.perf_counter()
         q2, _ = recover_model(model, reference, calib, q, cfg, progress=True)
         seconds = time.perf_counter() - t0
@@ -116,6 +122,31 @@ def run(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantized, par
     pt = cache.point(key, compute)
     return RPoint(part, budget, cfg.mode, steps, tokens_of(cfg, args.ctx) if cfg.active else 0, pt.bytes, pt.bpw,
                   pt.kld, pt.ppl, pt.ref_ppl, pt.top1, pt.seconds)
+
+
+def run_aware(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantized, table: Measurement,
+              points: list[RPoint]) -> dict[str, Any]:
+    """Recovery-aware allocation vs allocate-then-recover at ``--aware-budget``, both recovered by block+e2e with
+    ``--aware-steps`` steps; the gains are measured once on the full-precision model (cached)."""
+    from bitalloc.recover.aware import format_gains
+
+    b, cfg = args.aware_budget, RecoverConfig(mode="block+e2e", steps=args.aware_steps, lr=args.lr)
+    gains_cfg = RecoverConfig(mode="block", steps=args.aware_steps, lr=args.lr)
+
+    def gains() -> dict[str, Any]:
+        restore(quant.model, quant.fp)
+        quant.current = None
+        t0 = time.perf_counter()
+        g = format_gains(quant.model, ctx["calib"], table.formats(), gains_cfg, progress=True)
+        return {"gains": g, "seconds": time.perf_counter() - t0}
+
+    measured = cache.item("aware", digest(ctx["key"], gains_cfg.fingerprint()), gains)
+    plain = run(args, ctx, cache, quant, "aware", b, cfg)
+    aware = run(args, ctx, cache, quant, "aware", b, cfg, measured["gains"])
+    points += [plain, replace(aware, mode="block+e2e aware")]
+    return {"budget": b, "steps": args.aware_steps, "gains": measured["gains"], "gain_seconds": measured["seconds"],
+            "allocate_then_recover_kld": plain.kld, "recovery_aware_kld": aware.kld,
+            "aware/plain": aware.kld / plain.kld, "bytes": [plain.bytes, aware.bytes]}
 
 
 def comparison(points: list[RPoint], budgets: list[str]) -> list[dict]:
@@ -197,14 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve-budget", default="2.5bpw")
     ap.add_argument("--curve-steps", default="4,8,16,32,64", help="steps of the curve's points ('' = no curve)")
     ap.add_argument("--curve-modes", default="block,e2e,block+e2e")
-    ap.add_argument("--windows", type=int, default=32, help="calibration (training) windows (comedies)")
+    ap.add_argument("--windows", type=int, default=16, help="calibration (training) windows (comedies)")
     ap.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (tragedies)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--fisher-windows", type=int, default=8)
-    ap.add_argument("--formats", default=DEFAULT_FORMATS)
+    ap.add_argument("--formats", default=None, help="candidate formats (default: the --measurement table's, else "
+                    "bitalloc's defaults)")
     ap.add_argument("--cache", default=str(RESULTS.parent.parent / ".cache" / "recovery"))
     ap.add_argument("--measure-cache", default=str(RESULTS.parent.parent / ".cache" / "anysize"),
                     help="where the measurement table is kept (shared with bench/anysize.py)")
+    ap.add_argument("--measurement", default=None, help="a measurement table of these formats to allocate from "
+                    "(e.g. bench/anysize.py's, measured on more windows of the same text) instead of measuring")
+    ap.add_argument("--aware-budget", default="2.5bpw", help="budget of the recovery-aware allocation comparison "
+                    "('' = none)")
+    ap.add_argument("--aware-steps", type=int, default=16, help="recovery steps of both arms of that comparison")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="recovery")
     ap.add_argument("--bench-version", default="1", help=argparse.SUPPRESS)
@@ -215,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok, reference, view, calib, evals = bench_inputs(args.ctx, args.windows, args.eval_windows)
     budgets = [b for b in args.budgets.split(",") if b]
-    formats = [f for f in args.formats.split(",") if f]
+    given = Measurement.load(args.measurement) if args.measurement else None
+    formats = [f for f in (args.formats or (",".join(given.formats()) if given else DEFAULT_FORMATS)).split(",") if f]
     settings = ("rescaled SmolLM2 seed 0 sigma 0.1", args.ctx, args.fisher_windows)  # as bench/pareto.py
     mcache = Path(args.measure_cache) if args.measure_cache else None
     if mcache is not None:
@@ -224,9 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     def measure(fmts: list[str]) -> Measurement:
         return measure_model(model, view, calib, fmts, "gptq", True, fisher_windows=calib[: args.fisher_windows])
 
-    table_, runs = cached_measurement(mcache, digest(settings, "gptq", calib), formats, measure)
+    if given is not None:
+        table_, runs = given.subset(formats), [{"table": args.measurement}]
+    else:
+        table_, runs = cached_measurement(mcache, digest(settings, "gptq", calib), formats, measure)
     ctx = {"model": model, "reference": reference, "ref": CachedReference(reference), "calib": calib,
-           "evals": evals, "total_params": view.total_params, "key": digest(settings, calib, evals, formats)}
+           "evals": evals, "total_params": view.total_params,
+           "key": digest(settings, calib, evals, formats, table_.to_json())}
     cache_dir = Path(args.cache) if args.cache else None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             for m in (x for x in args.modes.split(",") if x):
                 points.append(run(args, ctx, cache, quant, "packed", b, RecoverConfig(mode=m, steps=args.steps,
                                                                                       lr=args.lr)))
+        aware_row: dict[str, Any] = {}
+        if args.aware_budget:
+            aware_row = run_aware(args, ctx, cache, quant, table_, points)
         steps_list = [int(s) for s in args.curve_steps.split(",") if s]
         if steps_list:
             points.append(run(args, ctx, cache, quant, "curve", args.curve_budget, RecoverConfig()))
@@ -254,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_windows": int(evals.shape[0]), "formats": formats, "method": "gptq", "lr": args.lr,
         "steps": args.steps, "measure_runs": runs,
         "goals": "block+e2e KLD / none KLD <= 0.6 at 2.5 and 3.0 bpw, <= 1 at every budget",
-        "comparison": rows, "points": [asdict(p) for p in points],
+        "comparison": rows, "recovery_aware": aware_row, "points": [asdict(p) for p in points],
         "peak_rss_mib": peak_rss_mib(), "total_seconds": time.perf_counter() - t_start,
         "threads": torch.get_num_threads(),
     }

@@ -51,6 +51,31 @@ def test_qweight_untrained_is_the_stored_tensor():
         assert all(torch.equal(back.parts[k], q.parts[k]) for k in q.parts)
 
 
+@pytest.mark.parametrize("fid", ["int4-g32", "int3-row-sym", "q4_0", "q4_1", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k",
+                                 "q6_k", "int3-g32-dq", "nf4", "mxfp4", "nvfp4", "mix4-g32", "int3-g32+o2"])
+def test_every_unpacking_format_trains_and_stores_in_its_own_bytes(fid):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 256, generator=g)
+    fmt = get_format(fid)
+    q = quantize_weight(w, fmt, method="rtn")
+    qw = QWeight(q)
+    assert torch.equal(qw(), dequantize(q))
+    with torch.no_grad():  # a trained state: codes moved, scales and offsets changed
+        qw.u.add_(torch.randn(qw.u.shape, generator=g) * 0.7)
+        qw.clamp_()
+        qw.a.add_(torch.randn(qw.a.shape, generator=g) * 0.05)
+        qw.b.add_(torch.randn(qw.b.shape, generator=g) * 0.05)
+    back = qw.stored()
+    assert back.format == q.format and back.nbytes() == q.nbytes() == fmt.nbytes(tuple(w.shape))
+    assert {k: (t.dtype, tuple(t.shape)) for k, t in back.parts.items()} == \
+        {k: (t.dtype, tuple(t.shape)) for k, t in q.parts.items()}
+    decoded = dequantize(back)
+    assert bool(torch.isfinite(decoded).all())
+    assert not torch.equal(decoded, dequantize(q))
+    if fmt.learns_scales:  # what the forward computes, up to the rounding of the scales to storage
+        assert float((decoded - qw().detach()).abs().mean()) < 0.25 * float(dequantize(q).abs().mean())
+
+
 @pytest.mark.parametrize("mode", ["block", "e2e", "block+e2e"])
 def test_recovery_lowers_calibration_loss_keeps_bytes_and_decodes_exactly(quantized, mode):
     teacher, base, windows, q = quantized

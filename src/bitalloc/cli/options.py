@@ -127,7 +127,7 @@ def add_recover(p: argparse.ArgumentParser) -> None:
     length.add_argument("--recover-tokens", type=_positive, default=None, metavar="N",
                         help="training tokens per block (block) and in all (e2e), instead of --recover-steps")
     p.add_argument("--recover-lr", type=_rate, default=RecoverConfig.lr, metavar="LR",
-                   help=f"Adam step of the learned rounding in levels (scales and norms: a tenth of it, relative) "
+                   help=f"Adam step of the learned rounding in levels (scales and norms, relative: a tenth of it in the block stage, a quarter in e2e) "
                    f"(default {RecoverConfig.lr})")
     p.add_argument("--recover-aware", action="store_true",
                    help="allocate knowing recovery follows: each candidate format's error is scaled by the share "

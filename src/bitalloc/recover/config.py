@@ -9,8 +9,8 @@ from ..errors import InputError
 MODES = ("none", "block", "e2e", "block+e2e")
 
 #: defaults when neither steps nor tokens are given: optimizer steps per block (block stage) and in all (e2e)
-DEFAULT_BLOCK_STEPS = 48
-DEFAULT_E2E_STEPS = 48
+DEFAULT_BLOCK_STEPS = 64
+DEFAULT_E2E_STEPS = 64
 
 
 @dataclass(frozen=True)
@@ -18,14 +18,14 @@ class RecoverConfig:
     """``mode``: which stages run. ``steps``: optimizer steps of each block (``block``) and of the whole model
     (``e2e``); or ``tokens``: the training tokens each of those sees (steps = tokens ÷ tokens per step), not both.
     ``lr``: Adam's step in level units for the codes (the learned rounding); scales, offsets and norms move at
-    ``lr / 10`` of their stored step (all parametrised scale-free). ``block_windows`` / ``e2e_windows``: the
+    ``lr / 10`` (block) and ``lr / 4`` (e2e, where they are all that trains) relative to their stored values. ``block_windows`` / ``e2e_windows``: the
     calibration windows of one step.  ``seed`` fixes the order of the windows (the run is deterministic).
     ``aware``: the allocation sees each format's error after recovery (:mod:`bitalloc.recover.aware`)."""
 
     mode: str = "none"
     steps: int | None = None
     tokens: int | None = None
-    lr: float = 5e-3
+    lr: float = 2e-2
     block_windows: int = 2
     e2e_windows: int = 1
     seed: int = 0

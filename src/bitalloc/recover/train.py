@@ -39,9 +39,11 @@ def _out(y: Any) -> torch.Tensor:
     return y[0] if isinstance(y, tuple) else y
 
 
-def _optimizer(att: Attached, cfg: RecoverConfig) -> torch.optim.Optimizer:
+def _optimizer(att: Attached, cfg: RecoverConfig, float_share: float) -> torch.optim.Optimizer:
+    """Adam over the codes at ``cfg.lr`` and the floats (scales, offsets, norms) at ``cfg.lr * float_share``."""
     codes, floats = att.parameters()
-    groups = [g for g in ({"params": codes, "lr": cfg.lr}, {"params": floats, "lr": cfg.lr / 10}) if g["params"]]
+    groups = [g for g in ({"params": codes, "lr": cfg.lr}, {"params": floats, "lr": cfg.lr * float_share})
+              if g["params"]]
     return torch.optim.Adam(groups)
 
 
@@ -120,7 +122,7 @@ def _train_block(rs: BlockRunner, b: int, att: Attached, target: torch.Tensor, s
             return tot / n
 
     before, saved = full(), att.snapshot()
-    opt = _optimizer(att, cfg)
+    opt = _optimizer(att, cfg, 0.1)
     for idx in _picks(n, cfg.block_windows, steps, cfg.seed * 100003 + b):
         loss = _block_loss(rs, b, rs.hidden[idx], target[idx])
         opt.zero_grad(set_to_none=True)
@@ -180,7 +182,7 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
                            for s in window_batches(n, cfg.e2e_windows)) / n
 
         before, saved = full(), att.snapshot()
-        opt = _optimizer(att, cfg)
+        opt = _optimizer(att, cfg, 0.25)
         bar = tqdm(_picks(n, cfg.e2e_windows, steps, cfg.seed * 100003 + 99991), desc="recover (e2e)",
                    disable=not progress, leave=False)
         for idx in bar:

@@ -151,15 +151,25 @@ def gguf_tensors(tpl: GGUFTemplate, view: Any, qtensors: Mapping[str, QTensor],
 
 def quantize_for_gguf(model: torch.nn.Module, view: Any, plan: Any, windows: torch.Tensor, tpl: GGUFTemplate, *,
                       method: str = "gptq", progress: bool = True, placement: Any = None,
-                      timer: Any = None) -> dict[str, Any]:
+                      timer: Any = None, recover: Any = None, teacher: torch.nn.Module | None = None
+                      ) -> dict[str, Any]:
     """Quantize ``model`` in place by ``plan``; returns every GGUF tensor (QTensors, F32 norms) by GGUF name.
-    Afterwards ``model`` holds exactly the values the file decodes to (norms at their original values).
-    ``placement``/``timer``: as :func:`bitalloc.quantize.quantize_model`."""
+    Afterwards ``model`` holds exactly the values the file decodes to (norms at their original values, or their
+    trained ones).  ``placement``/``timer``: as :func:`bitalloc.quantize.quantize_model`; ``recover`` (a
+    :class:`~bitalloc.recover.RecoverConfig`) trains the quantized model toward ``teacher`` (full precision)."""
     from ..quantize import quantize_model, set_weight
 
     originals = {f.name: model.get_parameter(f.name).detach().clone() for f in view.fixed()}
     qt = quantize_model(model, view, plan, windows, method=method, progress=progress,  # type: ignore[arg-type]
                         placement=placement, timer=timer)
+    if recover is not None and recover.active:
+        from ..recover import recover_model
+
+        if teacher is None:
+            raise InputError("recovery needs the full-precision model as its teacher")
+        qt, trained = recover_model(model, teacher, windows, qt, recover, placement=placement, progress=progress,
+                                    timer=timer)
+        originals.update(trained)
     for name, value in originals.items():  # the GGUF keeps norms in F32: undo quantize's fp16 rounding
         set_weight(model, name, value)
     return gguf_tensors(tpl, view, qt, dict(model.named_parameters()))
