@@ -246,3 +246,23 @@ def test_recovery_aware_needs_block_recovery(hf, tmp_path, capsys):
     assert main(quantize_argv(hf, tmp_path / "o", "--recover", "e2e", "--recover-aware")) == 2
     err = capsys.readouterr().err
     assert "block" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch):
+    """``sweep --recover``: every point's model is recovered after its quantization (on the calibration windows)."""
+    import bitalloc.recover as rec_pkg
+    from tests.test_sweep_resume import sweep_argv
+
+    (hf.parent / "eval.txt").write_text((hf.parent / "calib.txt").read_text()[::-1])
+    calls = []
+    real = rec_pkg.recover_model
+
+    def spy(student, teacher, windows, q, cfg, **kw):
+        calls.append((cfg.mode, tuple(windows.shape)))
+        return real(student, teacher, windows, q, cfg, **kw)
+
+    monkeypatch.setattr(rec_pkg, "recover_model", spy)
+    assert main(sweep_argv(hf, tmp_path / "s", "--recover", "block", "--recover-steps", "2",
+                           budgets="3.5bpw")) == 0
+    assert calls and all(c == ("block", (4, 32)) for c in calls)
+    assert (tmp_path / "s" / "sweep.json").exists()
