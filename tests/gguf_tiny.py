@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -143,3 +143,25 @@ def gguf_argv(src: Path, out: Path, *extra: str, budget: str = "0.06MB") -> list
     return ["gguf", str(src), "--budget", budget, "--formats", "q8_0,q5_0,q4_0", "--calib",
             str(src.parent / "calib.txt"), "--windows", "4", "--ctx", "32", "--fisher-windows", "2", "-q",
             "-o", str(out), *extra]
+
+
+def assert_llama_cpp_agrees(path: Path, ids: Sequence[int] = (3, 70, 101, 200, 9, 42)) -> None:
+    """llama.cpp loads and runs the GGUF at ``path``, and its logits agree with bitalloc's load of the same file
+    (llama.cpp rounds activations to 8 bits: close, not equal; a decoding bug would leave them unrelated)."""
+    import pytest
+
+    from bitalloc.models.sources import load_model
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=False, verbose=False, n_ctx=32, logits_all=True,
+                          n_threads=1)
+    try:
+        llm.eval(list(ids))
+        theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    finally:
+        llm.close()
+    model, _ = load_model(path)
+    with torch.no_grad():
+        ours = model(torch.tensor([list(ids)])).logits[0]
+    assert bool(torch.isfinite(theirs).all())
+    assert float(torch.nn.functional.cosine_similarity(theirs, ours, dim=-1).min()) > 0.99

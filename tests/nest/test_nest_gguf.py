@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,7 +21,7 @@ from bitalloc.nest.gguf import (TEMPLATE_GGUF, TEMPLATE_JSON, as_gguf, gguf_type
                                 template_to_files, write_extracted_gguf)
 from bitalloc.rounding import dequantize, quantize_weight
 from tests.conftest import tiny_arch, tiny_llama
-from tests.gguf_tiny import write_arch_gguf
+from tests.gguf_tiny import assert_llama_cpp_agrees, write_arch_gguf
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:
@@ -205,25 +204,11 @@ def test_extracted_gguf_decodes_to_the_int_values(sources, which: str, tmp_path:
 
 
 def test_llama_cpp_loads_and_runs_the_extracted_gguf(sources, tmp_path: Path) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     q, fixed, cfg = _extracted(sources["llama"], tmp_path)
     template_to_files(read_template(sources["llama"]), tmp_path / "art")
     out = tmp_path / "out.gguf"
     write_extracted_gguf(out, template_from_files(tmp_path / "art"), cfg, q, fixed)
-    ids = [3, 70, 101, 200, 9, 42]
-    llm = llama_cpp.Llama(model_path=str(out), vocab_only=False, verbose=False, n_ctx=32, logits_all=True,
-                          n_threads=1)
-    try:
-        llm.eval(ids)
-        theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    finally:
-        llm.close()
-    model, _ = load_model(out)
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0]
-    assert bool(torch.isfinite(theirs).all())
-    # llama.cpp rounds activations to 8 bits: close, not equal; a decoding bug would leave them unrelated
-    assert float(torch.nn.functional.cosine_similarity(theirs, ours, dim=-1).min()) > 0.99
+    assert_llama_cpp_agrees(out)
 
 
 def test_a_tensor_without_an_exact_type_is_refused_before_writing(sources, tmp_path: Path) -> None:

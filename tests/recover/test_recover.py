@@ -200,7 +200,7 @@ def test_changed_recovery_is_refused_by_the_job(hf, tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("extra, msg", [
     (("--recover", "bogus"), "invalid choice"),
-    (("--recover", "block", "--recover-steps", "0"), "positive integer"),
+    (("--recover", "block", "--recover-steps", "0"), "at least 1"),
     (("--recover", "block", "--recover-steps", "3", "--recover-tokens", "9"), "not allowed with"),
     (("--recover", "block", "--recover-lr", "2"), "(0, 1]"),
 ])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,7 @@ from bitalloc.cli import main
 from bitalloc.data import text_windows
 from bitalloc.models.sources import load_model
 from tests.conftest import tiny_llama
-from tests.gguf_tiny import gguf_argv, write_arch_gguf
+from tests.gguf_tiny import assert_llama_cpp_agrees, gguf_argv, write_arch_gguf
 
 torch.set_num_threads(1)
 FORMATS = ("--formats", "q4_0,q4_1,q8_0")
@@ -58,18 +57,4 @@ def test_recovered_file_is_closer_to_the_source_on_the_calibration_text(files) -
 
 
 def test_llama_cpp_runs_the_recovered_file(files) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    _, _, rec = files
-    ids = [3, 70, 101, 200, 9, 42]
-    llm = llama_cpp.Llama(model_path=str(rec), vocab_only=False, verbose=False, n_ctx=32, logits_all=True,
-                          n_threads=1)
-    try:
-        llm.eval(ids)
-        theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    finally:
-        llm.close()
-    model, _ = load_model(rec)
-    with torch.no_grad():
-        ours = model(torch.tensor([ids])).logits[0]
-    assert bool(torch.isfinite(theirs).all())
-    assert float(torch.nn.functional.cosine_similarity(theirs, ours, dim=-1).min()) > 0.99
+    assert_llama_cpp_agrees(files[2])

@@ -75,7 +75,8 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _threads(text: str) -> int:
+def _positive(text: str) -> int:
+    """A whole number of at least 1 (threads, steps, tokens)."""
     try:
         n = int(text)
     except ValueError:
@@ -90,16 +91,6 @@ def add_screen(p: argparse.ArgumentParser) -> None:
     p.add_argument("--screen", action="store_true",
                    help="estimate every candidate by RTN (GPTQ on a few sample blocks), then measure with GPTQ only the "
                    "formats near each tensor's place at this budget (faster; the table then serves this budget only)")
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
 
 
 def _rate(text: str) -> float:
@@ -151,7 +142,7 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
                    help="where calibration, Fisher, GPTQ, measurement and evaluation run (default auto: CUDA when "
                    "available, else the CPU); weights that do not fit move to the device one block at a time")
-    p.add_argument("--threads", type=_threads, default=None, metavar="N",
+    p.add_argument("--threads", type=_positive, default=None, metavar="N",
                    help="CPU threads for torch and BLAS (default: every CPU this process may use)")
 
 

@@ -61,15 +61,17 @@ def _load_block(path: Path) -> dict[str, QTensor]:
             raise InputError(f"checkpoint {path} is corrupt ({e}); remove the job directory to start over") from e
 
 
-def _save_hidden(job: Job, block: int, hidden: torch.Tensor, stage: str = QUANT_STAGE) -> None:
-    """The inputs of ``block`` (saved bit-exactly); written after the checkpoint of the block before it."""
+def _save_states(job: Job, block: int, states: Mapping[str, torch.Tensor], stage: str) -> None:
+    """The inputs of ``block`` (named states, saved bit-exactly); written after the checkpoint of the block before
+    it."""
     path = job.stage_dir(stage) / HIDDEN_FILE
-    write_safetensors_atomic(path, {"hidden": hidden.detach().contiguous()},
+    write_safetensors_atomic(path, {k: v.detach().contiguous() for k, v in states.items()},
                              {"block": str(block)}, overwrite=True, manifest=False)
     job.record(path)
 
 
-def _load_hidden(job: Job, stage: str) -> tuple[int, torch.Tensor] | None:
+def _load_states(job: Job, stage: str, names: Sequence[str]) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """``(block, states)`` saved by :func:`_save_states` (None when nothing is recorded)."""
     path = job.dir / stage / HIDDEN_FILE
     if not job.recorded(path):
         return None
@@ -78,9 +80,18 @@ def _load_hidden(job: Job, stage: str) -> tuple[int, torch.Tensor] | None:
             block = int(sf.metadata()["block"])
             if block < 1:
                 raise ValueError(f"block {block} is not a resume point")
-            return block, sf.get("hidden").clone()
+            return block, {k: sf.get(k).clone() for k in names}
         except (KeyError, ValueError) as e:
             raise InputError(f"checkpoint {path} is corrupt ({e}); remove the job directory to start over") from e
+
+
+def _save_hidden(job: Job, block: int, hidden: torch.Tensor, stage: str = QUANT_STAGE) -> None:
+    _save_states(job, block, {"hidden": hidden}, stage)
+
+
+def _load_hidden(job: Job, stage: str) -> tuple[int, torch.Tensor] | None:
+    saved = _load_states(job, stage, ("hidden",))
+    return None if saved is None else (saved[0], saved[1]["hidden"])
 
 
 def _restart(job: Job, stage: str, what: str) -> None:
@@ -211,24 +222,15 @@ class RecoverCheckpoints:
     def on_block(self, b: int, qt: dict[str, QTensor], vals: dict[str, torch.Tensor], hs: torch.Tensor,
                  ht: torch.Tensor) -> None:
         save_recovered(self.job, str(b), qt, vals, RECOVER_STAGE)
-        path = self.job.stage_dir(RECOVER_STAGE) / HIDDEN_FILE
-        write_safetensors_atomic(path, {"student": hs.detach().contiguous(), "teacher": ht.detach().contiguous()},
-                                 {"block": str(b + 1)}, overwrite=True, manifest=False)
-        self.job.record(path)
+        _save_states(self.job, b + 1, {"student": hs, "teacher": ht}, RECOVER_STAGE)
 
     def start(self) -> tuple[tuple[int, torch.Tensor, torch.Tensor], dict[str, QTensor], dict[str, torch.Tensor]] | None:
         """``((block, student states, teacher states), qtensors, values)`` of the recovered blocks (None: none)."""
-        path = self.job.dir / RECOVER_STAGE / HIDDEN_FILE
-        if not self.job.recorded(path):
+        saved = _load_states(self.job, RECOVER_STAGE, ("student", "teacher"))
+        if saved is None:
             return None
-        with SafetensorsFile(path) as sf:
-            try:
-                block = int(sf.metadata()["block"])
-                if block < 1:
-                    raise ValueError(f"block {block} is not a resume point")
-                hs, ht = sf.get("student").clone(), sf.get("teacher").clone()
-            except (KeyError, ValueError) as e:
-                raise InputError(f"checkpoint {path} is corrupt ({e}); remove the job directory to start over") from e
+        block, states = saved
+        hs, ht = states["student"], states["teacher"]
         qtensors: dict[str, QTensor] = {}
         values: dict[str, torch.Tensor] = {}
         for b in range(block):
