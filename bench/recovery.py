@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     "bitalloc's)")
     ap.add_argument("--lr", type=float, default=RecoverConfig.lr)
     ap.add_argument("--curve-budget", default="2.5bpw")
-    ap.add_argument("--curve-steps", default="4,8,16,32,64", help="steps of the curve's points ('' = no curve)")
+    ap.add_argument("--curve-steps", default="2,4,8,16", help="steps of the curve's points ('' = no curve)")
     ap.add_argument("--curve-modes", default="block,e2e,block+e2e")
     ap.add_argument("--windows", type=int, default=16, help="calibration (training) windows (comedies)")
     ap.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (tragedies)")
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(e.g. bench/anysize.py's, measured on more windows of the same text) instead of measuring")
     ap.add_argument("--aware-budget", default="2.5bpw", help="budget of the recovery-aware allocation comparison "
                     "('' = none)")
-    ap.add_argument("--aware-steps", type=int, default=16, help="recovery steps of both arms of that comparison")
+    ap.add_argument("--aware-steps", type=int, default=8, help="recovery steps of both arms of that comparison")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="recovery")
     ap.add_argument("--bench-version", default="1", help=argparse.SUPPRESS)
@@ -292,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                 for s in steps_list:
                     points.append(run(args, ctx, cache, quant, "curve", args.curve_budget,
                                       RecoverConfig(mode=m, steps=s, lr=args.lr)))
+            for p in list(points):  # a packed point of the curve's budget is one more point of its curve
+                if p.part == "packed" and p.budget == args.curve_budget and p.mode in args.curve_modes.split(",") \
+                        and p.steps not in steps_list:
+                    points.append(replace(p, part="curve"))
     rows = comparison(points, budgets)
     result = {
         "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies (training)",

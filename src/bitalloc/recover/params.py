@@ -83,7 +83,7 @@ class QWeight(nn.Module):
         w = _per_column(s, g, cols) * level + _per_column(o, g, cols)
         if self.grid.exact_mask is not None:
             w = torch.where(self.grid.exact_mask, self.grid.exact_values, w)
-        return w
+        return w if _replaced is None else w.to(_replaced.dtype)
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -110,7 +110,8 @@ class Multiplier(nn.Module):
         self.c = nn.Parameter(torch.zeros_like(self.w0))
 
     def forward(self, _replaced: torch.Tensor | None = None) -> torch.Tensor:
-        return self.w0 * (1 + self.c)
+        w = self.w0 * (1 + self.c)
+        return w if _replaced is None else w.to(_replaced.dtype)
 
 
 def trainable_qtensor(q: QTensor) -> bool:
