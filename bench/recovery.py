@@ -100,9 +100,14 @@ class Quantized:
 
 
 def run(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantized, part: str, budget: str,
-        cfg: RecoverConfig, aware: dict[str, float] | None = None) -> RPoint:
+        cfg: RecoverConfig, aware: dict[str, float] | None = None, keep: dict | None = None,
+        after_block: dict | None = None) -> RPoint:
     """One point: the budget's GPTQ model (allocated from the table, or from the table scaled by ``aware`` gains),
-    recovered by ``cfg``, evaluated on the held-out windows (cached by what it depends on, whatever the part)."""
+    recovered by ``cfg``, evaluated on the held-out windows (cached by what it depends on, whatever the part).
+
+    ``keep`` (a dict) receives the recovered QTensors, weights and seconds of a computed point; ``after_block``
+    (what ``keep`` received from the ``block`` point of the same steps) lets a ``block+e2e`` point run only its
+    e2e stage from there: the same computation, since the block stage does not depend on what follows it."""
     model, reference, calib, evals = ctx["model"], ctx["reference"], ctx["calib"], ctx["evals"]
     key = pkey("run", cfg.mode, budget, digest(ctx["key"], cfg.fingerprint(), args.bench_version, aware))
     steps = 0 if not cfg.active else cfg.steps_for("block" if cfg.block else "e2e", args.ctx)
@@ -110,8 +115,17 @@ def run(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantized, par
     def compute() -> Point:
         q, plan = quant.load(budget, aware)
         t0 = time.perf_counter()
-        q2, _ = recover_model(model, reference, calib, q, cfg, progress=True)
-        seconds = time.perf_counter() - t0
+        if after_block and cfg.mode == "block+e2e":
+            restore(model, after_block["weights"])
+            quant.current = None  # the model no longer holds the quantized values
+            q2, _ = recover_model(model, reference, calib, after_block["q"],
+                                  RecoverConfig(mode="e2e", steps=cfg.steps, lr=cfg.lr, seed=cfg.seed), progress=True)
+            seconds = after_block["seconds"] + time.perf_counter() - t0
+        else:
+            q2, _ = recover_model(model, reference, calib, q, cfg, progress=True)
+            seconds = time.perf_counter() - t0
+        if keep is not None:
+            keep.update(q=q2, weights=snapshot(model), seconds=seconds)
         nb = sum(t.nbytes() for t in q2.values())
         if nb != sum(t.nbytes() for t in q.values()) or any(q2[n].format != q[n].format for n in q):
             raise AssertionError("recovery changed a format or the bytes")
@@ -228,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve-budget", default="2.5bpw")
     ap.add_argument("--curve-steps", default="2,4,8,16", help="steps of the curve's points ('' = no curve)")
     ap.add_argument("--curve-modes", default="block,e2e,block+e2e")
+    ap.add_argument("--curve-eval-windows", type=int, default=8, help="evaluation windows of the curve's points "
+                    "(its own no-recovery point included)")
     ap.add_argument("--windows", type=int, default=16, help="calibration (training) windows (comedies)")
     ap.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (tragedies)")
     ap.add_argument("--ctx", type=int, default=512)
@@ -287,21 +303,29 @@ def main(argv: list[str] | None = None) -> int:
             aware_row = run_aware(args, ctx, cache, quant, table_, points)
         steps_list = [int(s) for s in args.curve_steps.split(",") if s]
         if steps_list:
-            points.append(run(args, ctx, cache, quant, "curve", args.curve_budget, RecoverConfig()))
-            for m in (x for x in args.curve_modes.split(",") if x):
-                for s in steps_list:
-                    points.append(run(args, ctx, cache, quant, "curve", args.curve_budget,
-                                      RecoverConfig(mode=m, steps=s, lr=args.lr)))
-            for p in list(points):  # a packed point of the curve's budget is one more point of its curve
-                if p.part == "packed" and p.budget == args.curve_budget and p.mode in args.curve_modes.split(",") \
-                        and p.steps not in steps_list:
-                    points.append(replace(p, part="curve"))
+            cctx = ctx if args.curve_eval_windows >= len(evals) else \
+                {**ctx, "evals": evals[: args.curve_eval_windows],
+                 "key": digest(ctx["key"], "curve eval windows", args.curve_eval_windows)}
+            curve = [run(args, cctx, cache, quant, "curve", args.curve_budget, RecoverConfig())]
+            modes = [x for x in args.curve_modes.split(",") if x]
+            for s in steps_list:
+                kept: dict = {}
+                for m in sorted(modes, key=["block", "block+e2e", "e2e"].index):
+                    curve.append(run(args, cctx, cache, quant, "curve", args.curve_budget,
+                                     RecoverConfig(mode=m, steps=s, lr=args.lr),
+                                     keep=kept if m == "block" else None,
+                                     after_block=kept if m == "block+e2e" else None))
+            if cctx is ctx:  # a packed point of the curve's budget is one more point of its curve
+                curve += [replace(p, part="curve") for p in points if p.part == "packed" and
+                          p.budget == args.curve_budget and p.mode in modes and p.steps not in steps_list]
+            points += curve
     rows = comparison(points, budgets)
     result = {
         "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies (training)",
         "evaluation": "tragedies (held out)", "ctx": args.ctx, "calib_windows": int(calib.shape[0]),
         "eval_windows": int(evals.shape[0]), "formats": formats, "method": "gptq", "lr": args.lr,
-        "steps": args.steps, "measure_runs": runs,
+        "steps": args.steps, "curve_budget": args.curve_budget, "curve_eval_windows": args.curve_eval_windows,
+        "measure_runs": runs,
         "goals": "block+e2e KLD / none KLD <= 0.6 at 2.5 and 3.0 bpw, <= 1 at every budget",
         "comparison": rows, "recovery_aware": aware_row, "points": [asdict(p) for p in points],
         "peak_rss_mib": peak_rss_mib(), "total_seconds": time.perf_counter() - t_start,
