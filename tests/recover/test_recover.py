@@ -3,6 +3,7 @@ formats and bytes never change, a resumed run is byte-identical, bad options are
 from __future__ import annotations
 
 import copy
+import json
 import pytest
 import torch
 
@@ -162,8 +163,12 @@ def test_quantize_with_recovery_keeps_every_format_and_byte(plain_and_recovered)
     assert sum(q.nbytes() for q in a.values()) == sum(q.nbytes() for q in b.values())
 
 
-def test_recovery_resumes_byte_identical(hf, plain_and_recovered, tmp_path, monkeypatch, caplog):
-    _, rec = plain_and_recovered
+BLOCK_ONLY = ("--recover", "block", "--recover-steps", "4")
+
+
+def test_recovery_resumes_byte_identical(hf, tmp_path, monkeypatch, caplog):
+    rec = tmp_path / "rec"  # block only: no e2e stage rewrites every tensor after a resume
+    assert main(quantize_argv(hf, rec, *BLOCK_ONLY)) == 0
     out = tmp_path / "out"
     real = checkpoints.RecoverCheckpoints.on_block
 
@@ -174,12 +179,21 @@ def test_recovery_resumes_byte_identical(hf, plain_and_recovered, tmp_path, monk
 
     with monkeypatch.context() as m:
         m.setattr(checkpoints.RecoverCheckpoints, "on_block", crashing)
-        assert main(quantize_argv(hf, out, *RECOVER)) == 130
+        assert main(quantize_argv(hf, out, *BLOCK_ONLY)) == 130
     job = default_job_dir(out)
     assert (job / checkpoints.RECOVER_STAGE / "block0001.safetensors").exists()
     caplog.set_level("INFO", logger="bitalloc.resume")
-    assert main(quantize_argv(hf, out, *RECOVER)) == 0
+    from bitalloc.jobs.stages import Stages
+
+    def stop(*args, **kwargs):  # the recovery finishes, then a kill before the export
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Stages, "export", stop)
+        assert main(quantize_argv(hf, out, *BLOCK_ONLY)) == 130
     assert "resuming recovery at block 2" in caplog.text
+    assert "recover" in json.loads((job / "job.json").read_text())["stages_done"]
+    assert main(quantize_argv(hf, out, *BLOCK_ONLY)) == 0  # from the saved recovery: every block, not the last one
     assert_same_tree(rec, out)
 
 

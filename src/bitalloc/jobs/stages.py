@@ -257,15 +257,15 @@ class Stages:
 
             ckpt = RecoverCheckpoints(self.job)
             saved = ckpt.start()
-            start = None
+            start, given = None, qtensors
             if saved is not None:
                 start, done_q, done_v = saved
                 for name, q in done_q.items():
                     set_weight(model, name, dequantize(q).reshape(model.get_parameter(name).shape))
-                qtensors = {**qtensors, **done_q}
+                given = {**qtensors, **done_q}
             with self.timer.stage("load"):
                 teacher = load_model(self.config.model, low_memory=True)[0]
-            q, values = recover_model(model, teacher, self.calibration, qtensors, rc, placement=self.placement,
+            q, values = recover_model(model, teacher, self.calibration, given, rc, placement=self.placement,
                                       progress=self.config.progress, on_block=ckpt.on_block, start=start,
                                       timer=self.timer)
             if saved is not None:
