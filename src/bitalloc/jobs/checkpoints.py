@@ -193,14 +193,13 @@ RECOVER_STAGE = "recover_blocks"
 _VALUE = "value:"  # prefix of a fixed tensor's trained float32 value among a block's saved tensors
 
 
-def save_recovered(job: Job, path_key: str, qtensors: Mapping[str, QTensor], values: Mapping[str, torch.Tensor],
-                   stage: str) -> Path:
-    """QTensors and trained fixed values in one checkpoint file ``<stage>/block<key>.safetensors``."""
+def save_recovered(job: Job, block: int, qtensors: Mapping[str, QTensor], values: Mapping[str, torch.Tensor],
+                   stage: str) -> None:
+    """QTensors and trained fixed values in one checkpoint file ``<stage>/block<block>.safetensors``."""
     from ..formats import get_format
 
     both = dict(qtensors) | {_VALUE + n: get_format("fp32").store(v) for n, v in values.items()}
-    _save_block(job, int(path_key), both, stage)
-    return job.dir / stage / f"block{int(path_key):04d}.safetensors"
+    _save_block(job, block, both, stage)
 
 
 def load_recovered(path: Path) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
@@ -221,7 +220,7 @@ class RecoverCheckpoints:
 
     def on_block(self, b: int, qt: dict[str, QTensor], vals: dict[str, torch.Tensor], hs: torch.Tensor,
                  ht: torch.Tensor) -> None:
-        save_recovered(self.job, str(b), qt, vals, RECOVER_STAGE)
+        save_recovered(self.job, b, qt, vals, RECOVER_STAGE)
         _save_states(self.job, b + 1, {"student": hs, "teacher": ht}, RECOVER_STAGE)
 
     def start(self) -> tuple[tuple[int, torch.Tensor, torch.Tensor], dict[str, QTensor], dict[str, torch.Tensor]] | None:

@@ -271,7 +271,7 @@ class Stages:
             if saved is not None:
                 values = {**saved[2], **values}
             changed = {n: t for n, t in q.items() if t is not qtensors.get(n)}
-            save_recovered(self.job, "0", changed, values, "recover")
+            save_recovered(self.job, 0, changed, values, "recover")
             self.job.complete_stage("recover", path)
             self.job.discard(RECOVER_STAGE)
         changed, values = load_recovered(path)  # always what the job saved: a resumed run writes the same bytes

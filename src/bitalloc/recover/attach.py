@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..formats import QTensor, get_format
+from ..quantize import set_weight
 from ..rounding import dequantize
 from ..rounding.rtn import FP16_MAX
 from .params import Multiplier, QWeight, trainable_qtensor
@@ -25,12 +26,6 @@ log = logging.getLogger(__name__)
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, attr = name.rpartition(".")
     return (model.get_submodule(path) if path else model), attr
-
-
-def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    p = model.get_parameter(name)
-    with torch.no_grad():
-        p.copy_(value.reshape(p.shape).to(p.dtype))
 
 
 class Attached:
@@ -107,13 +102,13 @@ class Attached:
             trained = {n: m().detach().float().cpu() for n, (m, _) in self.fixed.items()}
         self._remove()
         for name, q in stored.items():
-            _set(self.model, name, dequantize(q))
+            set_weight(self.model, name, dequantize(q).reshape(self.model.get_parameter(name).shape))
             out[name] = q
         for name, v in trained.items():
             fmt = self.fixed[name][1]
             v = v.clamp(-FP16_MAX, FP16_MAX) if fmt == "fp16" else v
             q = get_format(fmt).store(v)
-            _set(self.model, name, dequantize(q))
+            set_weight(self.model, name, dequantize(q).reshape(self.model.get_parameter(name).shape))
             out[name], values[name] = q, v
         return out, values
 
