@@ -200,7 +200,9 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     shared.update({"stages": stages, "library_stages": lib_timer.as_dict(), "measure": minfo,
                    "seconds": stage_seconds(stages, SHARED_STAGES) if minfo["seconds"] is not None else None})
     saved = snapshot(model)
-    recover = RecoverConfig(mode=args.recover, steps=args.recover_steps)
+    recover = RecoverConfig(mode=args.recover, steps=args.recover_steps, windows=args.recover_windows)
+    train_on = None if recover.windows is None else \
+        text_windows(tok, default_calibration_files(), 512, recover.windows)  # the calibration windows come first
     teacher = copy.deepcopy(model) if recover.active else None  # the full-precision model recovery trains toward
     store = st.SizeResults(WORK / "bitalloc-sizes.json")
     code = st.code_digest(output_code())
@@ -225,7 +227,7 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
         path = WORK / f"bitalloc-{size}.gguf"
         with size_timer.stage("quantize"):  # export_plan's two steps, timed apart
             tensors = quantize_for_gguf(model, view, plan, calib, tpl, method=args.method, progress=True,
-                                        timer=size_lib, recover=recover, teacher=teacher)
+                                        timer=size_lib, recover=recover, teacher=teacher, recover_windows=train_on)
         with size_timer.stage("write"):
             written = write_gguf_verified(path, tpl, tensors, overwrite=True)
         del tensors
@@ -492,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover", choices=("none", "block", "e2e", "block+e2e"), default="none",
                     help="bitalloc's side trains each quantized model back toward the reference (bitalloc gguf --recover)")
     ap.add_argument("--recover-steps", type=int, default=None, help="recovery steps (default bitalloc's)")
+    ap.add_argument("--recover-windows", type=int, default=None,
+                    help="comedy windows recovery trains on (default: the calibration windows)")
     ap.add_argument("--threads", type=int, default=1, help="threads for torch and the llama.cpp tools (both sides)")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files in .cache/gguf_bench")
     ap.add_argument("--no-floor", dest="floor", action="store_false",

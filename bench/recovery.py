@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.anysize import Cache, pkey  # noqa: E402
 from bench.pareto import bench_inputs, cached_measurement, digest, peak_rss_mib  # noqa: E402
 from bitalloc.cli.common import DEFAULT_FORMATS  # noqa: E402
+from bitalloc.data import default_calibration_files, read_texts, token_windows  # noqa: E402
 from bitalloc.evaluate import evaluate  # noqa: E402
 from bitalloc.io.atomic import atomic_write  # noqa: E402
 from bitalloc.jobs.store import Job  # noqa: E402
@@ -56,6 +57,11 @@ class RPoint:
     ref_ppl: float
     top1: float
     train_seconds: float
+
+
+def rcfg(args: argparse.Namespace, mode: str, steps: int | None) -> RecoverConfig:
+    """The bench's recovery of ``mode`` and ``steps`` (its learning rate and training windows)."""
+    return RecoverConfig(mode=mode, steps=steps, lr=args.lr, windows=args.train_windows if mode != "none" else None)
 
 
 def tokens_of(cfg: RecoverConfig, ctx: int) -> int:
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantized, par
     ``keep`` (a dict) receives the recovered QTensors, weights and seconds of a computed point; ``after_block``
     (what ``keep`` received from the ``block`` point of the same steps) lets a ``block+e2e`` point run only its
     e2e stage from there: the same computation, since the block stage does not depend on what follows it."""
-    model, reference, calib, evals = ctx["model"], ctx["reference"], ctx["calib"], ctx["evals"]
+    model, reference, evals = ctx["model"], ctx["reference"], ctx["evals"]
     key = pkey("run", cfg.mode, budget, digest(ctx["key"], cfg.fingerprint(), args.bench_version, aware))
     steps = 0 if not cfg.active else cfg.steps_for("block" if cfg.block else "e2e", args.ctx)
 
@@ -118,11 +124,11 @@ def run(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantized, par
         if after_block and cfg.mode == "block+e2e":
             restore(model, after_block["weights"])
             quant.current = None  # the model no longer holds the quantized values
-            q2, _ = recover_model(model, reference, calib, after_block["q"],
-                                  RecoverConfig(mode="e2e", steps=cfg.steps, lr=cfg.lr, seed=cfg.seed), progress=True)
+            q2, _ = recover_model(model, reference, ctx["train"], after_block["q"],
+                                  replace(cfg, mode="e2e"), progress=True)
             seconds = after_block["seconds"] + time.perf_counter() - t0
         else:
-            q2, _ = recover_model(model, reference, calib, q, cfg, progress=True)
+            q2, _ = recover_model(model, reference, ctx["train"], q, cfg, progress=True)
             seconds = time.perf_counter() - t0
         if keep is not None:
             keep.update(q=q2, weights=snapshot(model), seconds=seconds)
@@ -144,8 +150,8 @@ def run_aware(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantize
     ``--aware-steps`` steps; the gains are measured once on the full-precision model (cached)."""
     from bitalloc.recover.aware import format_gains
 
-    b, cfg = args.aware_budget, RecoverConfig(mode="block+e2e", steps=args.aware_steps, lr=args.lr)
-    gains_cfg = RecoverConfig(mode="block", steps=args.aware_steps, lr=args.lr)
+    b, cfg = args.aware_budget, rcfg(args, "block+e2e", args.aware_steps)
+    gains_cfg = rcfg(args, "block", args.aware_steps)
 
     def gains() -> dict[str, Any]:
         restore(quant.model, quant.fp)
@@ -245,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve-eval-windows", type=int, default=8, help="evaluation windows of the curve's points "
                     "(its own no-recovery point included)")
     ap.add_argument("--windows", type=int, default=16, help="calibration (training) windows (comedies)")
+    ap.add_argument("--train-windows", type=int, default=None, help="comedy windows recovery trains on (the "
+                    "first --windows are the quantization's; default: those)")
     ap.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (tragedies)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--fisher-windows", type=int, default=8)
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aware-steps", type=int, default=8, help="recovery steps of both arms of that comparison")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="recovery")
-    ap.add_argument("--bench-version", default="1", help=argparse.SUPPRESS)
+    ap.add_argument("--bench-version", default="2", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(0)
@@ -282,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         table_, runs = given.subset(formats), [{"table": args.measurement}]
     else:
         table_, runs = cached_measurement(mcache, digest(settings, "gptq", calib), formats, measure)
-    ctx = {"model": model, "reference": reference, "ref": CachedReference(reference), "calib": calib,
+    train = calib if args.train_windows is None else \
+        token_windows(tok, read_texts(default_calibration_files()), args.ctx, args.train_windows)
+    ctx = {"model": model, "reference": reference, "ref": CachedReference(reference), "calib": calib, "train": train,
            "evals": evals, "total_params": view.total_params,
            "key": digest(settings, calib, evals, formats, table_.to_json())}
     cache_dir = Path(args.cache) if args.cache else None
@@ -296,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = Cache(job)
         for b in budgets:  # the budget's quantized model is reused by its points
             for m in (x for x in args.modes.split(",") if x):
-                points.append(run(args, ctx, cache, quant, "packed", b, RecoverConfig(mode=m, steps=args.steps,
-                                                                                      lr=args.lr)))
+                points.append(run(args, ctx, cache, quant, "packed", b, rcfg(args, m, args.steps)))
         aware_row: dict[str, Any] = {}
         if args.aware_budget:
             aware_row = run_aware(args, ctx, cache, quant, table_, points)
@@ -312,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 kept: dict = {}
                 for m in sorted(modes, key=["block", "block+e2e", "e2e"].index):
                     curve.append(run(args, cctx, cache, quant, "curve", args.curve_budget,
-                                     RecoverConfig(mode=m, steps=s, lr=args.lr),
+                                     rcfg(args, m, s),
                                      keep=kept if m == "block" else None,
                                      after_block=kept if m == "block+e2e" else None))
             if cctx is ctx:  # a packed point of the curve's budget is one more point of its curve
@@ -323,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies (training)",
         "evaluation": "tragedies (held out)", "ctx": args.ctx, "calib_windows": int(calib.shape[0]),
-        "eval_windows": int(evals.shape[0]), "formats": formats, "method": "gptq", "lr": args.lr,
+        "eval_windows": int(evals.shape[0]), "train_windows": int(train.shape[0]), "formats": formats, "method": "gptq", "lr": args.lr,
         "steps": args.steps, "curve_budget": args.curve_budget, "curve_eval_windows": args.curve_eval_windows,
         "measure_runs": runs,
         "goals": "block+e2e KLD / none KLD <= 0.6 at 2.5 and 3.0 bpw, <= 1 at every budget",

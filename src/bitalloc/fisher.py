@@ -87,7 +87,7 @@ def _fisher_pass(model: nn.Module, windows: torch.Tensor, batch_size: int, progr
     model.requires_grad_(False)  # gradients w.r.t. activations only, never weights
     try:
         with place.residency(model, lay.blocks) as res:
-            head = _Head(model, lay, _softcap(model), head_chunk, vocab_chunk, place)
+            head = _Head(model, lay, final_logit_cap(model), head_chunk, vocab_chunk, place)
             for sl in tqdm(window_batches(len(windows), batch_size), desc="fisher", disable=not progress,
                            leave=False):
                 ids = place.to_device(windows[sl])
@@ -212,7 +212,9 @@ def _block0_input(model: nn.Module, lay: Layout, emb: torch.Tensor) -> torch.Ten
     return got[0]
 
 
-def _softcap(model: nn.Module) -> float | None:
+def final_logit_cap(model: nn.Module) -> float | None:
+    """The model's final logit soft cap (Gemma 2's ``final_logit_softcapping``: logits = cap·tanh(z/cap)), or
+    None."""
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
     cap = getattr(cfg, "final_logit_softcapping", None)

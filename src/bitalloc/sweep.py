@@ -82,10 +82,11 @@ def run_point(
     model: nn.Module, view: ModelView, saved: dict[str, torch.Tensor], plan: Plan, kind: str, budget: str,
     method: str, calib: torch.Tensor, eval_windows: torch.Tensor, reference: CachedReference,
     *, progress: bool = True, placement: Placement | None = None, timer: StageTimer | None = None,
-    recover: Any = None,
+    recover: Any = None, recover_windows: torch.Tensor | None = None,
 ) -> Point:
     """Restore the fp weights, quantize by ``plan`` with ``method``, recover (a
-    :class:`~bitalloc.recover.RecoverConfig` whose mode is not "none", toward the reference model) and evaluate;
+    :class:`~bitalloc.recover.RecoverConfig` whose mode is not "none", toward the reference model, on
+    ``recover_windows``, default ``calib``) and evaluate;
     the model keeps the result."""
     t0 = time.perf_counter()
     restore(model, saved)
@@ -95,7 +96,7 @@ def run_point(
         from .recover import recover_model
 
         teacher = reference.reference if isinstance(reference, CachedReference) else reference
-        recover_model(model, teacher, calib, q, recover, placement=placement, progress=progress, timer=timer)
+        recover_model(model, teacher, calib if recover_windows is None else recover_windows, q, recover, placement=placement, progress=progress, timer=timer)
     r = evaluate(model, reference, eval_windows, placement=placement, timer=timer)
     label = "allocated" if kind == "allocated" else plan.entries[0].format
     return Point(kind, budget, method, label, plan.total_bytes, plan.bpw, plan.error, r.ppl, r.ref_ppl, r.kld,
@@ -125,7 +126,7 @@ def sweep(
     reference: nn.Module, *, constraints: Constraints | None = None, uniform: Sequence[str] | None = None,
     progress: bool = True, uniform_candidates: int = 2, done: Mapping[str, Point] | None = None,
     on_point: Callable[[str, Point], None] | None = None, placement: Placement | None = None,
-    timer: StageTimer | None = None, recover: Any = None,
+    timer: StageTimer | None = None, recover: Any = None, recover_windows: torch.Tensor | None = None,
 ) -> list[Point]:
     """For every budget and method: the allocated plan and the uniform formats that fit the same bytes.
 
@@ -159,7 +160,8 @@ def sweep(
                     log.info("%s %s %s: saved point reused", kind, b, method)
                 else:
                     pt = run_point(model, view, saved, p, kind, b, method, calib, eval_windows, ref, progress=progress,
-                                   placement=placement, timer=timer, recover=recover)
+                                   placement=placement, timer=timer, recover=recover,
+                                   recover_windows=recover_windows)
                     log.info("%s %s %s: %d B, %.4f bpw, kld %.5f", kind, b, method, pt.bytes, pt.bpw, pt.kld)
                     if on_point is not None:
                         on_point(key, pt)

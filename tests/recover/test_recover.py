@@ -123,6 +123,7 @@ def test_mode_none_is_the_identity(quantized):
     ({"mode": "block", "steps": 0}, "positive integer"),
     ({"mode": "block", "lr": 0.0}, "learning rate"),
     ({"mode": "block", "lr": float("nan")}, "learning rate"),
+    ({"mode": "block", "windows": 0}, "recovery windows"),
 ])
 def test_bad_config_is_refused(kwargs, msg):
     with pytest.raises(InputError, match=msg):
@@ -217,6 +218,7 @@ def test_changed_recovery_is_refused_by_the_job(hf, tmp_path, monkeypatch, capsy
     (("--recover", "block", "--recover-steps", "0"), "at least 1"),
     (("--recover", "block", "--recover-steps", "3", "--recover-tokens", "9"), "not allowed with"),
     (("--recover", "block", "--recover-lr", "2"), "(0, 1]"),
+    (("--recover", "block", "--recover-windows", "0"), "at least 1"),
 ])
 def test_cli_refuses_bad_recovery_options(hf, tmp_path, capsys, extra, msg):
     with pytest.raises(SystemExit) as exc:
@@ -280,3 +282,48 @@ def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch):
                            budgets="3.5bpw")) == 0
     assert calls and all(c == ("block", (4, 32)) for c in calls)
     assert (tmp_path / "s" / "sweep.json").exists()
+
+
+def test_recover_windows_train_on_more_of_the_calibration_text(hf, tmp_path, monkeypatch):
+    """``--recover-windows N``: recovery trains on N windows of the same text, the quantization's first; the
+    windows are in the job's fingerprint (another N is refused), and without it recovery uses the calibration."""
+    import bitalloc.recover as rec_pkg
+    from bitalloc.data import text_windows
+    from bitalloc.models.sources import load_model
+
+    seen = []
+    real = rec_pkg.recover_model
+
+    def spy(student, teacher, windows, q, cfg, **kw):
+        seen.append(windows.clone())
+        return real(student, teacher, windows, q, cfg, **kw)
+
+    monkeypatch.setattr(rec_pkg, "recover_model", spy)
+    out = tmp_path / "w"
+    assert main(quantize_argv(hf, out, *BLOCK_ONLY, "--recover-windows", "7", "--keep-job")) == 0
+    tok = load_model(str(hf))[1]
+    want = text_windows(tok, [hf.parent / "calib.txt"], 32, 7)
+    assert want.shape == (7, 32) and torch.equal(seen[-1], want)
+    assert main(quantize_argv(hf, tmp_path / "d", *BLOCK_ONLY)) == 0
+    assert torch.equal(seen[-1], want[:4])  # the quantization's 4 windows
+    assert RecoverConfig(mode="block", windows=7).fingerprint() != RecoverConfig(mode="block").fingerprint()
+    assert "windows" not in RecoverConfig(mode="block").fingerprint()  # jobs made before the option still match
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3"])
+def test_e2e_path_gives_the_models_own_logits(arch):
+    """The distillation forward (blocks, final norm, lm_head, then the model's final logit soft cap) is the
+    model's own next-token distribution, so e2e recovery trains toward what the model really outputs."""
+    from bitalloc.calibrate import BlockRunner
+    from bitalloc.fisher import final_logit_cap
+    from tests.conftest import tiny_arch
+
+    model = tiny_arch(arch)
+    if arch == "gemma2":
+        model.config.final_logit_softcapping = 2.0  # small: the cap changes the logits a lot
+        assert final_logit_cap(model) == 2.0
+    ids = token_ids(2)
+    with torch.no_grad(), BlockRunner(model, ids) as r:
+        got = _logits(layout_of(model), r.kwargs, r.hidden, False, final_logit_cap(model))
+        want = model(input_ids=ids, use_cache=False).logits.float()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

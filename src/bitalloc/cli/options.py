@@ -120,6 +120,10 @@ def add_recover(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recover-lr", type=_rate, default=RecoverConfig.lr, metavar="LR",
                    help=f"Adam step of the learned rounding in levels (scales and norms, relative: a tenth of it in the block stage, a quarter in e2e) "
                    f"(default {RecoverConfig.lr})")
+    p.add_argument("--recover-windows", type=_positive, default=None, metavar="N",
+                   help="calibration windows recovery trains on, read from the same --calib text (default: the "
+                   "quantization's --windows); more text than the quantization needs makes the learned rounding "
+                   "overfit less")
     p.add_argument("--recover-aware", action="store_true",
                    help="allocate knowing recovery follows: each candidate format's error is scaled by the share "
                    "block-wise recovery leaves of it, measured on two sample blocks (needs --recover block or "
@@ -133,6 +137,7 @@ def recover_of(args: argparse.Namespace) -> Any:
     return RecoverConfig(mode=getattr(args, "recover", "none"), steps=getattr(args, "recover_steps", None),
                          tokens=getattr(args, "recover_tokens", None),
                          lr=float(getattr(args, "recover_lr", RecoverConfig.lr)),
+                         windows=getattr(args, "recover_windows", None),
                          aware=bool(getattr(args, "recover_aware", False)))
 
 

@@ -120,6 +120,22 @@ class Stages:
                 self._calib = self.windows(self.config.calib_texts, self.config.windows)
         return self._calib
 
+    @property
+    def recovery_windows(self) -> torch.Tensor:
+        """The windows recovery trains on: ``config.recover.windows`` of the calibration text (the first ones
+        are the quantization's), or the calibration windows when it is None."""
+        n = self.config.recover.windows
+        if n is None:
+            return self.calibration
+        if n <= self.calibration.shape[0]:
+            return self.calibration[:n]
+        with self.timer.stage("tokenize"):
+            w = self.windows(self.config.calib_texts, n)
+        if w.shape[0] < n:
+            log.warning("the calibration text holds %d windows of %d tokens; recovery trains on those, not %d",
+                        w.shape[0], self.config.ctx, n)
+        return w
+
     # -------------------------------------------------------------------------------------- measure
     def measurement(self, before_done: Callable[[], None] | None = None) -> Measurement | None:
         """Stage "measure" (None for a ``--format`` run, which needs no measurement)."""
@@ -265,7 +281,7 @@ class Stages:
                 given = {**qtensors, **done_q}
             with self.timer.stage("load"):
                 teacher = load_model(self.config.model, low_memory=True)[0]
-            q, values = recover_model(model, teacher, self.calibration, given, rc, placement=self.placement,
+            q, values = recover_model(model, teacher, self.recovery_windows, given, rc, placement=self.placement,
                                       progress=self.config.progress, on_block=ckpt.on_block, start=start,
                                       timer=self.timer)
             if saved is not None:

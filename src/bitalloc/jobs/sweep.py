@@ -162,7 +162,8 @@ def _compute(job: Job, config: RunConfig, on_point: Callable[[str, Point], None]
     points = sweep(lo.model, lo.view, m, budgets, [config.method], calib, evals, ref,
                    constraints=stages.constraints(None), uniform=spec.uniform, progress=config.progress,
                    uniform_candidates=spec.uniform_candidates, done=done, on_point=save,
-                   placement=stages.placement, timer=stages.timer, recover=config.recover)
+                   placement=stages.placement, timer=stages.timer, recover=config.recover,
+                   recover_windows=stages.recovery_windows if config.recover.active else None)
     extra = [("measure_seconds", measure_seconds), ("measure_method", config.method),
              ("calib_windows", int(calib.shape[0])), ("eval_windows", int(evals.shape[0])), *spec.extra]
     doc = {"title": spec.title, "extra": [list(kv) for kv in extra], "points": [asdict(p) for p in points]}

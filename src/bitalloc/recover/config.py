@@ -18,9 +18,13 @@ class RecoverConfig:
     """``mode``: which stages run. ``steps``: optimizer steps of each block (``block``) and of the whole model
     (``e2e``); or ``tokens``: the training tokens each of those sees (steps = tokens ÷ tokens per step), not both.
     ``lr``: Adam's step in level units for the codes (the learned rounding); scales, offsets and norms move at
-    ``lr / 10`` (block) and ``lr / 4`` (e2e, where they are all that trains) relative to their stored values. ``block_windows`` / ``e2e_windows``: the
-    calibration windows of one step.  ``seed`` fixes the order of the windows (the run is deterministic).
-    ``aware``: the allocation sees each format's error after recovery (:mod:`bitalloc.recover.aware`)."""
+    ``lr / 10`` (block) and ``lr / 4`` (e2e, where they are all that trains) relative to their stored values; every
+    rate decays to zero along a cosine over the stage's steps.  ``block_windows`` / ``e2e_windows``: the
+    calibration windows of one step.  ``windows``: how many calibration windows training draws from (the first
+    ones are those the quantization used; more text overfits less, since the learned rounding has as many free
+    choices as the block has weights); None = the quantization's.  ``seed`` fixes the order of the windows (the
+    run is deterministic).  ``aware``: the allocation sees each format's error after recovery
+    (:mod:`bitalloc.recover.aware`)."""
 
     mode: str = "none"
     steps: int | None = None
@@ -28,6 +32,7 @@ class RecoverConfig:
     lr: float = 2e-2
     block_windows: int = 2
     e2e_windows: int = 1
+    windows: int | None = None
     seed: int = 0
     aware: bool = False  # allocate from errors scaled by each format's measured recovery gain (.aware)
 
@@ -41,6 +46,9 @@ class RecoverConfig:
                 raise InputError(f"{what} must be a positive integer, got {v!r}")
         if not (isinstance(self.lr, float) and math.isfinite(self.lr) and 0 < self.lr <= 1):
             raise InputError(f"the recovery learning rate must be in (0, 1], got {self.lr!r}")
+        if self.windows is not None and (isinstance(self.windows, bool) or not isinstance(self.windows, int)
+                                         or self.windows < 1):
+            raise InputError(f"recovery windows must be a positive integer, got {self.windows!r}")
         for what, v in (("block_windows", self.block_windows), ("e2e_windows", self.e2e_windows)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"recovery {what} must be a positive integer, got {v!r}")
@@ -74,7 +82,7 @@ class RecoverConfig:
         """What changes a recovered result (a job reopened with another recovery is refused)."""
         return {"mode": self.mode, "steps": self.steps, "tokens": self.tokens, "lr": self.lr,
                 "block_windows": self.block_windows, "e2e_windows": self.e2e_windows, "seed": self.seed,
-                "aware": self.aware}
+                "aware": self.aware, **({} if self.windows is None else {"windows": self.windows})}
 
 
 __all__ = ["MODES", "RecoverConfig"]

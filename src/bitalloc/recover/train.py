@@ -13,6 +13,7 @@ Both are deterministic for a fixed seed (the windows of each step come from a se
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Mapping
 
 import torch
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..calibrate import BlockRunner
+from ..fisher import final_logit_cap
 from ..formats import QTensor
 from ..layout import Layout, layout_of, window_batches
 from ..models.view import ModelView
@@ -31,6 +33,10 @@ from .config import RecoverConfig
 
 log = logging.getLogger(__name__)
 
+#: the calibration windows (the first ones) on which the guard compares the loss before and after training: a
+#: sample is enough to catch a stage that made things worse, and training on many windows stays cheap to check
+GUARD_WINDOWS = 16
+
 #: ``on_block(b, recovered QTensors of block b, fixed values of block b, student states, teacher states)``
 RecoverHook = Callable[[int, dict[str, QTensor], dict[str, torch.Tensor], torch.Tensor, torch.Tensor], None]
 
@@ -39,12 +45,16 @@ def _out(y: Any) -> torch.Tensor:
     return y[0] if isinstance(y, tuple) else y
 
 
-def _optimizer(att: Attached, cfg: RecoverConfig, float_share: float) -> torch.optim.Optimizer:
-    """Adam over the codes at ``cfg.lr`` and the floats (scales, offsets, norms) at ``cfg.lr * float_share``."""
+def _optimizer(att: Attached, cfg: RecoverConfig, float_share: float, steps: int
+               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Adam over the codes at ``cfg.lr`` and the floats (scales, offsets, norms) at ``cfg.lr * float_share``,
+    with the learning rates decaying to zero over ``steps`` along a cosine (the last steps settle the codes)."""
     codes, floats = att.parameters()
     groups = [g for g in ({"params": codes, "lr": cfg.lr}, {"params": floats, "lr": cfg.lr * float_share})
               if g["params"]]
-    return torch.optim.Adam(groups)
+    opt = torch.optim.Adam(groups)
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
 
 
 def _picks(n: int, per_step: int, steps: int, seed: int) -> list[torch.Tensor]:
@@ -111,23 +121,26 @@ def _block_loss(rs: BlockRunner, b: int, x: torch.Tensor, y: torch.Tensor) -> to
 
 def _train_block(rs: BlockRunner, b: int, att: Attached, target: torch.Tensor, steps: int,
                  cfg: RecoverConfig) -> tuple[float, float]:
-    """Train block ``b``'s attached parameters; ``(loss before, loss after)`` over every window (the better kept)."""
+    """Train block ``b``'s attached parameters; ``(loss before, loss after)`` on the guard's windows (the better
+    kept)."""
     n = int(rs.hidden.shape[0])
+    m = min(n, GUARD_WINDOWS)
 
     def full() -> float:
         with torch.no_grad():
             tot = 0.0
-            for sl in window_batches(n, 8):
+            for sl in window_batches(m, 8):
                 tot += float(_block_loss(rs, b, rs.hidden[sl], target[sl])) * (sl.stop - sl.start)
-            return tot / n
+            return tot / m
 
     before, saved = full(), att.snapshot()
-    opt = _optimizer(att, cfg, 0.1)
+    opt, sched = _optimizer(att, cfg, 0.1, steps)
     for idx in _picks(n, cfg.block_windows, steps, cfg.seed * 100003 + b):
         loss = _block_loss(rs, b, rs.hidden[idx], target[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         att.clamp_()
     after = full()
     if not after < before:
@@ -138,14 +151,17 @@ def _train_block(rs: BlockRunner, b: int, att: Attached, target: torch.Tensor, s
 
 
 # -------------------------------------------------------------------------------------------- end to end
-def _logits(lay: Layout, kwargs: list[dict[str, Any]], x: torch.Tensor, grad: bool) -> torch.Tensor:
-    """Blocks, final norm and lm_head from block 0's inputs ``x`` (each block recomputed in the backward)."""
+def _logits(lay: Layout, kwargs: list[dict[str, Any]], x: torch.Tensor, grad: bool,
+            cap: float | None = None) -> torch.Tensor:
+    """Blocks, final norm and lm_head from block 0's inputs ``x`` (each block recomputed in the backward), then
+    the model's final logit soft cap ``cap`` (:func:`bitalloc.fisher.final_logit_cap`) when it has one."""
     for b, blk in enumerate(lay.blocks):
         if grad:
             x = checkpoint(lambda h, blk=blk, kw=kwargs[b]: _out(blk(h, **kw)), x, use_reentrant=False)
         else:
             x = _out(blk(x, **kwargs[b]))
-    return lay.lm_head(lay.final_norm(x)).float()
+    z = lay.lm_head(lay.final_norm(x)).float()
+    return z if cap is None else cap * torch.tanh(z / cap)
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -167,22 +183,24 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
     with BlockRunner(student, windows, placement=placement, write_back=True) as rs, \
             BlockRunner(teacher, windows, placement=placement) as rt:
         xs, xt, kw, kwt = rs.hidden, rt.hidden, rs.kwargs, rt.kwargs
-        place = rs.placement
+        place, cap = rs.placement, final_logit_cap(student)
         att = Attached(student, {k: q for k, q in qtensors.items() if k in block_names}, fixed_formats(student),
                        codes=False, scales=True)
 
         def loss(idx: torch.Tensor, grad: bool) -> torch.Tensor:
             with torch.no_grad():
-                t = _logits(lay_t, kwt, place.to_device(xt[idx]), False)
-            return _kl(t, _logits(lay, kw, place.to_device(xs[idx]), grad))
+                t = _logits(lay_t, kwt, place.to_device(xt[idx]), False, cap)
+            return _kl(t, _logits(lay, kw, place.to_device(xs[idx]), grad, cap))
+
+        m = min(n, GUARD_WINDOWS)
 
         def full() -> float:
             with torch.no_grad():
                 return sum(float(loss(torch.arange(s.start, s.stop), False)) * (s.stop - s.start)
-                           for s in window_batches(n, cfg.e2e_windows)) / n
+                           for s in window_batches(m, cfg.e2e_windows)) / m
 
         before, saved = full(), att.snapshot()
-        opt = _optimizer(att, cfg, 0.25)
+        opt, sched = _optimizer(att, cfg, 0.25, steps)
         bar = tqdm(_picks(n, cfg.e2e_windows, steps, cfg.seed * 100003 + 99991), desc="recover (e2e)",
                    disable=not progress, leave=False)
         for idx in bar:
@@ -190,6 +208,7 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
+            sched.step()
             bar.set_postfix(kl=f"{float(value.detach()):.4g}")
         after = full()
         log.info("e2e recovery: calibration KL %.4g -> %.4g", before, after)
