@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies (training)",
         "evaluation": "tragedies (held out)", "ctx": args.ctx, "calib_windows": int(calib.shape[0]),
-        "eval_windows": int(evals.shape[0]), "train_windows": int(train.shape[0]), "formats": formats, "method": "gptq", "lr": args.lr,
+        "eval_windows": int(evals.shape[0]), "train_windows": int(train.shape[0]), "formats": formats,
+        "method": "gptq", "lr": args.lr,
         "steps": args.steps, "curve_budget": args.curve_budget, "curve_eval_windows": args.curve_eval_windows,
         "measure_runs": runs,
         "goals": "block+e2e KLD / none KLD <= 0.6 at 2.5 and 3.0 bpw, <= 1 at every budget",

@@ -96,7 +96,8 @@ def run_point(
         from .recover import recover_model
 
         teacher = reference.reference if isinstance(reference, CachedReference) else reference
-        recover_model(model, teacher, calib if recover_windows is None else recover_windows, q, recover, placement=placement, progress=progress, timer=timer)
+        train_on = calib if recover_windows is None else recover_windows
+        recover_model(model, teacher, train_on, q, recover, placement=placement, progress=progress, timer=timer)
     r = evaluate(model, reference, eval_windows, placement=placement, timer=timer)
     label = "allocated" if kind == "allocated" else plan.entries[0].format
     return Point(kind, budget, method, label, plan.total_bytes, plan.bpw, plan.error, r.ppl, r.ref_ppl, r.kld,
