@@ -41,14 +41,12 @@ class RecoverConfig:
             raise InputError(f"unknown recovery {self.mode!r}; use one of {', '.join(MODES)}")
         if self.steps is not None and self.tokens is not None:
             raise InputError("give the recovery length as steps or as tokens, not both")
-        for what, v in (("recovery steps", self.steps), ("recovery tokens", self.tokens)):
+        for what, v in (("recovery steps", self.steps), ("recovery tokens", self.tokens),
+                        ("recovery windows", self.windows)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InputError(f"{what} must be a positive integer, got {v!r}")
         if not (isinstance(self.lr, float) and math.isfinite(self.lr) and 0 < self.lr <= 1):
             raise InputError(f"the recovery learning rate must be in (0, 1], got {self.lr!r}")
-        if self.windows is not None and (isinstance(self.windows, bool) or not isinstance(self.windows, int)
-                                         or self.windows < 1):
-            raise InputError(f"recovery windows must be a positive integer, got {self.windows!r}")
         for what, v in (("block_windows", self.block_windows), ("e2e_windows", self.e2e_windows)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"recovery {what} must be a positive integer, got {v!r}")
