@@ -8,8 +8,14 @@ Each row (:class:`Scheme`) maps one family of bitalloc formats onto one of the l
   with value ``scale * q`` are exactly the library's; the fp16 scale is stored as fp16.  The library packs each
   row densely into int32 words (``ceil(cols * B / 32)`` per row) and adds ``weight_shape`` (int64, 2 values).
 
+* ``intB-gG-zp`` / ``intB-row-zp`` (:class:`IntZp`) -> ``pack-quantized``, integer, asymmetric: bitalloc's codes
+  ``u`` and integer zero points ``z`` in ``[0, 2^B)`` are the library's signed ``u - 2^(B-1)`` and
+  ``z - 2^(B-1)``, so its ``(q - zero_point) * scale`` is bitalloc's ``(u - z) * scale``.  The library packs the zero
+  points along the rows (``ceil(rows * B / 32)`` int32 per group column): bitalloc's bytes exactly when
+  ``rows * B`` is a multiple of 32, the shapes the row fits.
+
 Refused (no row): the asymmetric ``intB-gG`` (an fp16 *float* minimum, which the library's integer
-``zero_point`` cannot hold exactly) and every GGUF type.  Rows the lead may add once the formats exist
+``zero_point`` cannot hold exactly: use ``-zp``) and every GGUF type.  Rows the lead may add once the formats exist
 (``formats/fp.py``, ``formats/nf4.py``): ``nvfp4`` -> ``nvfp4-pack-quantized``; ``fp8`` (E4M3, per-row scale)
 -> ``float-quantized`` channel; ``mxfp4`` -> ``mxfp4-pack-quantized``; ``nf4`` / ``fp4-gG``: no library format.
 
@@ -26,7 +32,8 @@ import torch
 
 from ..errors import InputError
 from ..formats import Format, FormatError, QTensor, get_format
-from ..formats.int import IntFormat
+from ..formats.int import BITS, IntFormat
+from ..formats.int_zp import IntZpFormat
 
 #: bytes of the ``weight_shape`` tensor (int64, 2 values) the library stores beside every packed weight
 SHAPE_BYTES = 16
@@ -101,16 +108,19 @@ class IntSym:
     def handles(self, fmt: Format) -> bool:
         return isinstance(fmt, IntFormat) and fmt.symmetric
 
+    symmetric = True
+
     def args(self, fmt: Format) -> Any:
         from compressed_tensors.quantization import QuantizationArgs
 
-        assert isinstance(fmt, IntFormat)
+        assert isinstance(fmt, (IntFormat, IntZpFormat))
         if fmt.group is None:
-            return QuantizationArgs(num_bits=fmt.bits, type="int", symmetric=True, strategy="channel")
-        return QuantizationArgs(num_bits=fmt.bits, type="int", symmetric=True, strategy="group", group_size=fmt.group)
+            return QuantizationArgs(num_bits=fmt.bits, type="int", symmetric=self.symmetric, strategy="channel")
+        return QuantizationArgs(num_bits=fmt.bits, type="int", symmetric=self.symmetric, strategy="group",
+                                group_size=fmt.group)
 
     def fits(self, fmt: Format, shape: tuple[int, ...]) -> bool:
-        assert isinstance(fmt, IntFormat)
+        assert isinstance(fmt, (IntFormat, IntZpFormat))
         if len(shape) != 2:
             return False
         cols = int(shape[1])
@@ -119,7 +129,7 @@ class IntSym:
         return cols % fmt.group == 0  # (then every row is whole int32 words too)
 
     def layout(self, fmt: Format, shape: tuple[int, ...]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        assert isinstance(fmt, IntFormat)
+        assert isinstance(fmt, (IntFormat, IntZpFormat))
         rows, cols = (int(d) for d in shape)
         return {"weight_packed": (torch.int32, (rows, -(-cols * fmt.bits // 32))),
                 "weight_scale": (torch.float16, (rows, fmt.ngroups(cols))), "weight_shape": (torch.int64, (2,))}
@@ -170,6 +180,59 @@ class IntSym:
         scheme = QuantizationScheme(targets=["x"], weights=self.args(fmt))
         given = {**parts, "weight_scale": parts["weight_scale"].to(torch.float32)}  # products exact in float32
         return _compressor(self.compressor).decompress(given, scheme)["weight"].to(torch.float32)
+
+
+class IntZp(IntSym):
+    """``intB-gG-zp`` / ``intB-row-zp`` as asymmetric ``pack-quantized`` (see the module)."""
+
+    symmetric = False
+
+    def handles(self, fmt: Format) -> bool:
+        return isinstance(fmt, IntZpFormat)
+
+    def fits(self, fmt: Format, shape: tuple[int, ...]) -> bool:
+        return super().fits(fmt, shape) and int(shape[0]) * fmt.bits % 32 == 0  # whole int32 words of zeros
+
+    def layout(self, fmt: Format, shape: tuple[int, ...]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        assert isinstance(fmt, IntZpFormat)
+        rows, cols = (int(d) for d in shape)
+        return {**super().layout(fmt, shape),
+                "weight_zero_point": (torch.int32, (-(-rows * fmt.bits // 32), fmt.ngroups(cols)))}
+
+    def patterns(self, shape: tuple[int, ...]) -> tuple[str, ...]:
+        rows, cols = (int(d) for d in shape)
+        groups = [f"g{g}" for g in (32, 64, 128) if cols % g == 0]
+        return tuple(f"int{b}-{g}-zp" for b in BITS if rows * b % 32 == 0
+                     for g in groups + (["row"] if b * cols % 32 == 0 else []))
+
+    def format_of(self, args: Any) -> Format:
+        if args.type != "int" or args.symmetric or args.strategy not in ("group", "channel"):
+            raise FormatError(f"{args.type} {args.strategy} weights (symmetric {args.symmetric}) are not a bitalloc "
+                              "integer zero-point format")
+        return IntZpFormat(int(args.num_bits), args.group_size if args.strategy == "group" else None)
+
+    def to_library(self, q: QTensor) -> dict[str, torch.Tensor]:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+        from compressed_tensors.quantization import QuantizationScheme
+
+        fmt = get_format(q.format)
+        assert isinstance(fmt, IntZpFormat)
+        rows, cols = (int(d) for d in q.shape)
+        codes, grid = fmt.unpack(q)
+        half = 1 << (fmt.bits - 1)
+        zero = (fmt.zeros_of(grid) - half).to(torch.int8)  # the library's signed zero points
+        scale = q.parts["weight_scale"]
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale).to(torch.float32)  # the library divides
+        scheme = QuantizationScheme(targets=["x"], weights=self.args(fmt))
+        out = dict(_compressor(self.compressor).compress(
+            {"weight": grid.values(codes), "weight_scale": safe, "weight_zero_point": zero}, scheme))
+        out["weight_scale"] = scale.contiguous()  # bitalloc's fp16 scales, zeros included
+        packed = unpack_from_int32(out["weight_packed"], fmt.bits, torch.Size((rows, cols))).to(torch.int64)
+        zeros = unpack_from_int32(out["weight_zero_point"], fmt.bits, torch.Size(tuple(scale.shape)), packed_dim=0)
+        live = (scale != 0).repeat_interleave(fmt.group_size(cols), dim=1)[:, :cols]  # a zero scale's codes: any
+        if not torch.equal(packed[live], codes[live] - half) or not torch.equal(zeros.to(torch.int8), zero):
+            raise InputError(f"compressed-tensors packed other codes than bitalloc chose ({q.format} {list(q.shape)})")
+        return out
 
 
 class _Float:
@@ -302,7 +365,7 @@ class FP8(_Float):
 
 
 #: the table: the first row that handles a format maps it (the float rows need ``formats/fp.py``'s formats)
-SCHEMES: tuple[Scheme, ...] = (IntSym(), NVFP4(), MXFP4(), FP8())
+SCHEMES: tuple[Scheme, ...] = (IntSym(), IntZp(), NVFP4(), MXFP4(), FP8())
 
 
 def scheme_for(fmt: Format | str) -> Scheme | None:
@@ -318,9 +381,9 @@ def scheme_for(fmt: Format | str) -> Scheme | None:
 
 def why_not(fmt: Format) -> str:
     if isinstance(fmt, IntFormat) and not fmt.symmetric:
-        return "its fp16 float minimum has no integer zero point there; use the -sym variant"
-    return ("the library has no format for it; expressible: intB-gG-sym, intB-row-sym, nvfp4, mxfp4, fp8, fp16, "
-            "bf16, fp32")
+        return "its fp16 float minimum has no integer zero point there; use the -zp or -sym variant"
+    return ("the library has no format for it; expressible: intB-gG-sym, intB-row-sym, intB-gG-zp, intB-row-zp, "
+            "nvfp4, mxfp4, fp8, fp16, bf16, fp32")
 
 
 def check_expressible(formats: tuple[str, ...] | list[str]) -> None:
@@ -337,6 +400,6 @@ def ct_bytes(fmt: Format | str, shape: tuple[int, ...]) -> int:
     return fmt.nbytes(shape) + (0 if scheme is None else scheme.extra_bytes(fmt, shape))
 
 
-__all__ = ["PASS_THROUGH", "SCHEMES", "SHAPE_BYTES", "FP8", "IntSym", "MXFP4", "NVFP4", "Scheme", "check_expressible",
+__all__ = ["PASS_THROUGH", "SCHEMES", "SHAPE_BYTES", "FP8", "IntSym", "IntZp", "MXFP4", "NVFP4", "Scheme", "check_expressible",
            "ct_bytes", "layout_bytes", "require_library",
            "scheme_for", "why_not"]

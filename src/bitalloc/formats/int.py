@@ -1,6 +1,7 @@
 """Integer formats ``int{b}-g{G}`` / ``int{b}-row`` with fp16 scales (and fp16 zero-points when asymmetric).
 
-Ids: ``int4-g128`` (asymmetric, the default), ``int4-g128-sym``, ``int3-row``, ``int3-row-sym``; an explicit
+Ids: ``int4-g128`` (asymmetric, the default), ``int4-g128-sym``, ``int3-row``, ``int3-row-sym``
+(``int4-g128-zp``: an integer zero point instead of the fp16 one, :mod:`.int_zp`); an explicit
 ``-asym`` suffix is accepted on input (``int4-g128-asym`` -> ``int4-g128``).  Widths ``b`` in
 {2, 3, 4, 5, 6, 8}; groups ``G`` in {32, 64, 128} consecutive input columns, or ``row`` (one group per row).
 
@@ -38,7 +39,7 @@ from .packing import pack_bits, packed_nbytes, unpack_bits
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128, None)
-_ID = re.compile(r"int(\d+)-(?:g(\d+)|(row))(?:-(sym|asym))?")
+_ID = re.compile(r"int(\d+)-(?:g(\d+)|(row))(?:-(sym|asym|zp))?")
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,9 @@ def _importance(importance: torch.Tensor | None, rows: int, cols: int, fid: str)
     return imp
 
 
-def parse_int(format_id: str) -> IntFormat | None:
-    """``int4-g128[-sym|-asym]`` / ``int3-row[-sym|-asym]`` -> :class:`IntFormat`; other families -> None.
+def parse_int(format_id: str) -> Format | None:
+    """``int4-g128[-sym|-asym]`` / ``int3-row[-sym|-asym]`` -> :class:`IntFormat`, ``int4-g128-zp`` /
+    ``int3-row-zp`` -> :class:`~.int_zp.IntZpFormat` (integer zero point); other families -> None.
 
     An id of this family with an unsupported width or group raises :class:`FormatError` saying why.
     """
@@ -244,9 +246,13 @@ def parse_int(format_id: str) -> IntFormat | None:
     if m is None:
         if format_id.strip().lower().startswith("int"):
             raise FormatError(f"malformed integer format id {format_id!r}; expected e.g. int4-g128, int4-g128-sym, "
-                              f"int3-row (bits {BITS}, groups g32/g64/g128/row)")
+                              f"int4-g128-zp, int3-row (bits {BITS}, groups g32/g64/g128/row)")
         return None
     bits, group, _row, kind = m.groups()
+    if kind == "zp":
+        from .int_zp import IntZpFormat
+
+        return IntZpFormat(int(bits), None if group is None else int(group))
     return IntFormat(int(bits), None if group is None else int(group), kind == "sym")
 
 
@@ -259,7 +265,7 @@ def get_id(format_id: str) -> str:
     return format_id if fmt is None else fmt.id
 
 
-REGISTRY.register("int", parse_int, examples=["int4-g128", "int4-g128-sym", "int3-row", "int8-row-sym",
-                                               "int2-g32"])
+REGISTRY.register("int", parse_int, examples=["int4-g128", "int4-g128-sym", "int4-g128-zp", "int3-row",
+                                               "int8-row-sym", "int2-g32"])
 
 __all__ = ["IntFormat", "parse_int", "BITS", "GROUPS"]

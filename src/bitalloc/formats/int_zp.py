@@ -1,0 +1,211 @@
+"""Asymmetric integer formats with an *integer* zero point: ``int{b}-g{G}-zp`` / ``int{b}-row-zp``.
+
+The asymmetric ``int{b}-g{G}`` of :mod:`.int` stores a free fp16 minimum per group; GPTQ checkpoints, AutoGPTQ,
+vLLM's kernels and compressed-tensors' ``pack-quantized`` asymmetric scheme store an integer zero point instead:
+``w ≈ scale[r, g] * (q - zero[r, g])`` with ``q`` and ``zero`` in ``[0, 2^b - 1]``.  The zero point costs ``b``
+bits per group instead of 16, and the format is exactly what that library (and the runtimes reading it) decode.
+
+As a :class:`Grid`: ``levels = arange(0, 2^b)``, ``offset = -scale * zero`` (exact in float32: ``scale`` is an
+fp16 value and ``zero`` an integer below 256), so ``Grid.values`` = ``scale * q - scale * zero`` =
+``scale * (q - zero)`` exactly, the library's dequantisation.  The fit is :func:`search_affine`'s with the
+stored-parameter rounding replaced by :func:`snap_zero` (fp16 scale, zero rounded to an integer in range), so
+every candidate scale is compared as it will be stored.
+
+Exact storage layout of a ``(rows, cols)`` tensor (this defines :meth:`IntZpFormat.nbytes`), ``ngroups`` and the
+row padding as for :class:`~.int.IntFormat`:
+* ``weight_packed``: the codes, one :func:`~bitalloc.formats.packing.pack_bits` stream of ``b`` bits each;
+* ``weight_scale``: fp16 ``(rows, ngroups)``;
+* ``weight_zero_point``: the zeros of the ``(rows, ngroups)`` tensor, row-major, one ``b``-bit stream:
+  ``ceil(rows * ngroups * b / 8)`` bytes.
+Example: ``(3, 200)`` int4-g128-zp = 384 + 12 + 3 = 399 bytes.
+
+A group whose scale rounds to 0 stores zero 0 and decodes to 0 (a constant non-zero group gets its value as the
+scale instead, one level from the zero point, see :func:`snap_zero`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..errors import NumericsError
+from .base import Format, FormatError, Grid, QTensor, Shape
+from .int import BITS, GROUPS, _importance
+from .packing import pack_bits, packed_nbytes, unpack_bits
+
+
+def snap_zero(scale: torch.Tensor, offset: torch.Tensor, nlevels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored ``(scale, offset)`` of a free ``(scale, offset)``: the scale rounded to fp16 (clamped to ±65504), the
+    offset replaced by ``-scale * zero`` with ``zero`` the nearest integer to ``-offset / scale`` in
+    ``[0, nlevels - 1]``.  Where the scale rounds to 0 but the offset does not (a constant group), the scale
+    becomes ``|offset|`` (fp16): the constant is then one step from the zero point, stored as exactly as fp16
+    allows."""
+    from ..rounding.rtn import round_fp16
+
+    s, o = round_fp16(scale, offset)
+    top = float(nlevels - 1)
+    flat = (s == 0) & (o != 0)
+    if bool(flat.any()):
+        s = torch.where(flat, o.abs(), s)
+    live = s != 0
+    zero = torch.where(live, torch.round(-o / torch.where(live, s, torch.ones_like(s))), torch.zeros_like(s))
+    zero = zero.clamp(0.0, top)
+    return s, -(s * zero) + 0.0  # + 0.0: no negative zeros
+
+
+@dataclass(frozen=True)
+class IntZpFormat(Format):
+    """``bits``-bit unsigned codes with one fp16 scale and one ``bits``-bit integer zero point per ``group``
+    columns (``group=None``: one group per row).  Always pass both fields."""
+
+    bits: int = 4  # type: ignore[assignment]
+    group: int | None = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS or isinstance(self.bits, bool):
+            raise FormatError(f"integer formats support bits in {BITS}, got {self.bits!r}")
+        if self.group not in GROUPS or isinstance(self.group, bool):
+            raise FormatError(f"integer formats support groups of 32, 64, 128 or one per row, got {self.group!r}")
+
+    @property
+    def id(self) -> str:
+        return f"int{self.bits}-{'row' if self.group is None else f'g{self.group}'}-zp"
+
+    @property
+    def levels(self) -> torch.Tensor:
+        return torch.arange(0, 1 << self.bits, dtype=torch.float32)
+
+    def check_shape(self, shape: Shape) -> None:
+        self.check_2d(tuple(shape))
+
+    def group_size(self, cols: int) -> int:
+        return cols if self.group is None else self.group
+
+    def ngroups(self, cols: int) -> int:
+        return -(-cols // self.group_size(cols))
+
+    def _layout(self, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        ng = self.ngroups(cols)
+        return {"weight_packed": (torch.uint8, (packed_nbytes(rows * ng * self.group_size(cols), self.bits),)),
+                "weight_scale": (torch.float16, (rows, ng)),
+                "weight_zero_point": (torch.uint8, (packed_nbytes(rows * ng, self.bits),))}
+
+    def nbytes(self, shape: Shape) -> int:
+        self.check_shape(shape)
+        rows, cols = (int(d) for d in shape)
+        return sum(dt.itemsize * (int(torch.Size(s).numel())) for dt, s in self._layout(rows, cols).values())
+
+    # --- grid ---------------------------------------------------------------------------------
+    def _snap(self, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return snap_zero(scale, offset, 1 << self.bits)
+
+    def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, *, search: bool = True) -> Grid:
+        """Grid of fp16 scales and integer zeros chosen by :func:`search_affine` (``search=False``: min-max),
+        every candidate compared after :func:`snap_zero`."""
+        from ..rounding.rtn import all_finite, minmax_affine, search_affine
+
+        self.check_shape(tuple(w.shape))
+        w = w.detach().to(torch.float32)
+        if not all_finite(w):
+            raise NumericsError(f"{self.id}: weight of shape {tuple(w.shape)} holds NaN/Inf values")
+        rows, cols = w.shape
+        gs, ng = self.group_size(cols), self.ngroups(cols)
+        pad = ng * gs - cols
+        levels = self.levels.to(w.device)
+        imp = _importance(importance, rows, cols, self.id)
+        if pad:  # replicate the last column (min/max unchanged) and give the padding zero weight
+            w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
+            imp = torch.cat([torch.ones(rows, cols, device=w.device) if imp is None else imp,
+                             torch.zeros(rows, pad, device=w.device)], dim=1)
+        groups = w.reshape(rows * ng, gs)
+        gimp = None if imp is None else imp.reshape(rows * ng, gs)
+        if search:
+            scale, offset = search_affine(groups, levels, gimp, symmetric=False, round_params=self._snap)
+        else:
+            scale, offset = minmax_affine(groups, levels, symmetric=False, round_params=self._snap)
+        return Grid(scale=scale.reshape(rows, ng), offset=offset.reshape(rows, ng), levels=levels, group_size=gs)
+
+    def zeros_of(self, grid: Grid) -> torch.Tensor:
+        """The integer zero point of every group of ``grid`` (int64), checked to be what this format stores."""
+        s, o = grid.scale.to(torch.float32), grid.offset.to(torch.float32)
+        if not torch.equal(s.to(torch.float16).to(torch.float32), s):
+            raise FormatError(f"{self.id}: grid scales are not exactly fp16 values (use {self.id}.fit)")
+        live = s != 0
+        z = torch.where(live, -o / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
+        zi = torch.round(z)
+        if bool((live.logical_not() & (o != 0)).any()) or not torch.equal(zi, z) or bool(
+                ((zi < 0) | (zi > (1 << self.bits) - 1)).any()) or not torch.equal(-(s * zi) + 0.0, o + 0.0):
+            raise FormatError(f"{self.id}: grid offsets are not -scale * an integer zero point in "
+                              f"[0, {(1 << self.bits) - 1}] (use {self.id}.fit)")
+        return zi.to(torch.int64)
+
+    def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
+        shape = tuple(int(d) for d in shape)
+        self.check_shape(shape)
+        rows, cols = shape
+        gs, ng = self.group_size(cols), self.ngroups(cols)
+        codes, grid = codes.cpu(), grid.to("cpu")
+        if tuple(codes.shape) != shape:
+            raise FormatError(f"{self.id}: codes of shape {tuple(codes.shape)} do not match the tensor shape {shape}")
+        if grid.group_size != gs or tuple(grid.scale.shape) != (rows, ng) or tuple(grid.offset.shape) != (rows, ng):
+            raise FormatError(f"{self.id}: grid (group {grid.group_size}, scale {tuple(grid.scale.shape)}) does not "
+                              f"match shape {shape} (group {gs}, {ng} groups per row)")
+        if not grid.plain or not torch.equal(grid.levels.to(torch.float32), self.levels):
+            raise FormatError(f"{self.id}: grid levels are not this format's codebook")
+        zeros = self.zeros_of(grid)
+        full = torch.zeros(rows, ng * gs, dtype=torch.int64)
+        full[:, :cols] = codes
+        parts = {"weight_packed": pack_bits(full, self.bits),
+                 "weight_scale": grid.scale.to(torch.float16).contiguous(),
+                 "weight_zero_point": pack_bits(zeros.reshape(-1), self.bits)}
+        return QTensor(format=self.id, shape=shape, dtype=dtype, parts=parts)
+
+    learns_scales = True
+
+    def with_scales(self, grid: Grid, scale: torch.Tensor, offset: torch.Tensor) -> Grid:
+        """Learned scales and offsets as stored: fp16 scales, offsets snapped to ``-scale * integer zero``."""
+        s, o = self._snap(scale.detach().to(torch.float32), offset.detach().to(torch.float32))
+        return Grid(s, o, grid.levels, grid.group_size, grid.extra, grid.set_index, grid.exact_mask,
+                    grid.exact_values)
+
+    def _check_parts(self, q: QTensor) -> tuple[int, int]:
+        from .int import get_id
+
+        if get_id(q.format) != self.id:
+            raise FormatError(f"{self.id}: cannot decode a tensor stored as {q.format!r}")
+        shape = tuple(int(d) for d in q.shape)
+        self.check_shape(shape)
+        self.check_parts(q, self._layout(*shape))
+        return shape
+
+    def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
+        rows, cols = self._check_parts(q)
+        gs, ng = self.group_size(cols), self.ngroups(cols)
+        codes = unpack_bits(q.parts["weight_packed"], self.bits, rows * ng * gs).reshape(rows, ng * gs)[:, :cols]
+        scale = q.parts["weight_scale"].to(torch.float32)
+        zero = unpack_bits(q.parts["weight_zero_point"], self.bits, rows * ng).reshape(rows, ng).to(scale.device)
+        offset = -(scale * zero.to(torch.float32)) + 0.0
+        return codes.to(torch.int64), Grid(scale, offset, self.levels.to(scale.device), gs)
+
+    def decode(self, q: QTensor) -> torch.Tensor:
+        codes, grid = self.unpack(q)
+        return grid.values(codes)
+
+    def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
+        """Row blocks -> one tensor: scales stack, the code and zero streams join on byte boundaries (every part
+        but the last must end on one: multiples of 8 rows always do)."""
+        rows, cols, dtype = self._check_concat(parts)
+        ng, gs = self.ngroups(cols), self.group_size(cols)
+        for p in parts[:-1]:
+            r = int(p.shape[0])
+            if r * ng * gs * self.bits % 8 or r * ng * self.bits % 8:
+                raise FormatError(f"{self.id}: a part of {r} rows x {cols} columns does not end on a byte "
+                                  f"boundary; split at multiples of 8 rows")
+        for p in parts:
+            self._check_parts(p)
+        out = {name: torch.cat([p.parts[name] for p in parts]) for name in parts[0].parts}
+        return QTensor(format=self.id, shape=(rows, cols), dtype=dtype, parts=out)
+
+
+__all__ = ["IntZpFormat", "snap_zero"]
