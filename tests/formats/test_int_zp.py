@@ -129,3 +129,29 @@ def test_learned_scales_are_stored_with_integer_zeros() -> None:
     assert fmt.learns_scales
     fmt.zeros_of(moved)  # integers in range, fp16 scales: encodable
     assert torch.equal(fmt.unpack(fmt.encode(codes, moved, (4, 64)))[1].offset, moved.offset)
+
+
+def test_a_packed_directory_of_zero_point_formats_loads_back_exactly(tmp_path) -> None:
+    """Through the packed target and ``bitalloc.load``: every weight is the format's decode, the bytes the plan's."""
+    from bitalloc import load
+    from bitalloc.models.view import ModelView
+    from bitalloc.pipeline import plan_for_assignments
+    from bitalloc.quantize import quantize_model
+    from bitalloc.targets.base import Capacity
+    from bitalloc.targets.packed import PackedTarget
+
+    from conftest import tiny_llama, token_ids
+
+    model = tiny_llama(tie=True)
+    view = ModelView(model)
+    fids = ("int4-g32-zp", "int3-row-zp", "int2-g64-zp", "int8-g32-zp")
+    plan = plan_for_assignments(view, {r.name: fids[i % len(fids)] for i, r in enumerate(view.quantizable())}, "zp")
+    q = quantize_model(model, view, plan, token_ids(2), "gptq", progress=False)
+    target = PackedTarget(tmp_path / "o")
+    prepared = target.prepare(model, view, plan, q, {}, None)
+    assert prepared.sizes["weights"] == plan.total_bytes
+    target.write_verified(prepared, Capacity("x", plan.total_bytes, 0, 0, "weights"), overwrite=False)
+    back = load(tmp_path / "o")
+    for name, t in q.items():
+        p = back.get_parameter(name)
+        assert torch.equal(p, dequantize(t).reshape(p.shape)), name
