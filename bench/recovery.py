@@ -330,21 +330,21 @@ def main(argv: list[str] | None = None) -> int:
     def measure(fmts: list[str]) -> Measurement:
         return measure_model(model, view, calib, fmts, "gptq", True, fisher_windows=calib[: args.fisher_windows])
 
-    if given is not None:
-        table_, runs = given.subset(formats), [{"table": args.measurement}]
-    else:
-        table_, runs = cached_measurement(mcache, digest(settings, "gptq", calib), formats, measure)
     train = calib if args.train_windows is None else \
         token_windows(tok, read_texts(default_calibration_files()), args.ctx, args.train_windows)
-    ctx = {"model": model, "reference": reference, "ref": CachedReference(reference), "calib": calib, "train": train,
-           "evals": evals, "total_params": view.total_params,
-           "key": digest(settings, calib, evals, formats, table_.to_json())}
     settings_now = {"model": MODEL, "calibration": "comedies (training)", "evaluation": "tragedies (held out)",
                     "ctx": args.ctx, "calib_windows": int(calib.shape[0]), "eval_windows": int(evals.shape[0]),
                     "train_windows": int(train.shape[0]), "formats": formats, "method": "gptq", "lr": args.lr,
                     "steps": args.steps}
-    carry = load_carry(args.carry, settings_now) if args.carry else []
+    carry = load_carry(args.carry, settings_now) if args.carry else []  # refused before the measurement
     carry_source = None if not args.carry else f"{args.carry} (as of commit {git_commit_of(args.carry)})"
+    if given is not None:
+        table_, runs = given.subset(formats), [{"table": args.measurement}]
+    else:
+        table_, runs = cached_measurement(mcache, digest(settings, "gptq", calib), formats, measure)
+    ctx = {"model": model, "reference": reference, "ref": CachedReference(reference), "calib": calib, "train": train,
+           "evals": evals, "total_params": view.total_params,
+           "key": digest(settings, calib, evals, formats, table_.to_json())}
     carried_keys: list[dict] = []
     cache_dir = Path(args.cache) if args.cache else None
     if cache_dir is not None:
