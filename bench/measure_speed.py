@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from bitalloc.gguf_cmd import GGUF_FORMATS  # noqa: E402
+from bitalloc.targets.gguf import GGUF_FORMATS  # noqa: E402
 from bitalloc.measure import measure_tensor  # noqa: E402
 from bitalloc.stats import LinearStats, TensorStats  # noqa: E402
 from bitalloc.timing import StageTimer  # noqa: E402

@@ -32,7 +32,7 @@ from bitalloc.data import check_disjoint, default_calibration_files, default_eva
 from bitalloc.activations import roundings_for
 from bitalloc.calibrate import fisher_pass
 from bitalloc.evaluate import evaluate
-from bitalloc.gguf_cmd import GGUF_FORMATS
+from bitalloc.targets.gguf import GGUF_FORMATS
 from bitalloc.models.rescale import load_reference
 from bitalloc.models.view import ModelView
 from bitalloc.pipeline import make_plan, measure_model
