@@ -9,9 +9,7 @@ On the rescaled SmolLM2 (comedies for calibration and training, tragedies held o
   (``--curve-steps``; block tokens are per block, e2e tokens in all), with the wall time of each point.
 
 Every point's bytes are checked equal to the unrecovered model's.  ``--cache DIR`` keeps the quantized models and
-every finished point: a rerun resumes.  ``--carry JSON`` reuses the recovered packed points of an earlier result
-with the same settings, for the budgets whose unrecovered point this run reproduces exactly (same bytes and KLD).
-Writes ``<out>/<name>.json`` and ``.png`` and prints a table.
+every finished point: a rerun resumes.  Writes ``<out>/<name>.json`` and ``.png`` and prints a table.
 """
 from __future__ import annotations
 
@@ -42,7 +40,6 @@ from bitalloc.recover import RecoverConfig, recover_model  # noqa: E402
 from bitalloc.sweep import Point  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODEL = "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)"
 log = logging.getLogger("bench.recovery")
 
 
@@ -172,43 +169,6 @@ def run_aware(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantize
             "aware/plain": aware.kld / plain.kld, "bytes": [plain.bytes, aware.bytes]}
 
 
-CARRY_SETTINGS = ("model", "calibration", "evaluation", "ctx", "calib_windows", "eval_windows", "train_windows",
-                  "formats", "method", "lr", "steps")
-
-
-def load_carry(path: str, settings: dict[str, Any]) -> list[RPoint]:
-    """The packed points of an earlier result of this bench made with the same ``settings`` (refused otherwise)."""
-    try:
-        old = json.loads(Path(path).read_text())
-        diff = [k for k in CARRY_SETTINGS if old.get(k) != settings[k]]
-        pts = [RPoint(**p) for p in old["points"] if p["part"] == "packed"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--carry {path}: not a result of this bench ({e})")
-    if diff:
-        raise SystemExit(f"--carry {path}: made with other settings ({', '.join(diff)})")
-    return pts
-
-
-def git_commit_of(path: str) -> str:
-    """The last commit that changed ``path`` ('uncommitted' when it has changes since, or is not in git)."""
-    import subprocess
-
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=RESULTS.parent.parent, capture_output=True, text=True).stdout.strip()
-
-    sha = git("log", "-1", "--format=%h", "--", str(Path(path).resolve()))
-    return sha if sha and not git("status", "--porcelain", "--", str(Path(path).resolve())) else "uncommitted"
-
-
-def carried(old: list[RPoint], none: RPoint, want: RPoint) -> RPoint | None:
-    """``want``'s point from an earlier run, when that run's unrecovered point of the budget is this run's (same
-    bytes, same KLD to 1e-9: the same quantized model evaluated on the same windows)."""
-    same_none = [p for p in old if p.budget == none.budget and p.mode == "none" and p.bytes == none.bytes
-                 and abs(p.kld - none.kld) <= 1e-9 * max(abs(none.kld), 1e-12)]
-    hit = [p for p in old if (p.budget, p.mode, p.steps, p.tokens) == (want.budget, want.mode, want.steps, want.tokens)]
-    return hit[0] if same_none and hit else None
-
-
 def comparison(points: list[RPoint], budgets: list[str]) -> list[dict]:
     rows = []
     for b in budgets:
@@ -306,10 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aware-budget", default="2.5bpw", help="budget of the recovery-aware allocation comparison "
                     "('' = none)")
     ap.add_argument("--aware-steps", type=int, default=8, help="recovery steps of both arms of that comparison")
-    ap.add_argument("--carry", default=None, metavar="JSON",
-                    help="an earlier result of this bench with the same settings: its recovered packed points are "
-                    "reused where this run's unrecovered point of the budget is identical to that run's (listed "
-                    "under 'carried')")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="recovery")
     ap.add_argument("--bench-version", default="2", help=argparse.SUPPRESS)
@@ -330,22 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     def measure(fmts: list[str]) -> Measurement:
         return measure_model(model, view, calib, fmts, "gptq", True, fisher_windows=calib[: args.fisher_windows])
 
-    train = calib if args.train_windows is None else \
-        token_windows(tok, read_texts(default_calibration_files()), args.ctx, args.train_windows)
-    settings_now = {"model": MODEL, "calibration": "comedies (training)", "evaluation": "tragedies (held out)",
-                    "ctx": args.ctx, "calib_windows": int(calib.shape[0]), "eval_windows": int(evals.shape[0]),
-                    "train_windows": int(train.shape[0]), "formats": formats, "method": "gptq", "lr": args.lr,
-                    "steps": args.steps}
-    carry = load_carry(args.carry, settings_now) if args.carry else []  # refused before the measurement
-    carry_source = None if not args.carry else f"{args.carry} (as of commit {git_commit_of(args.carry)})"
     if given is not None:
         table_, runs = given.subset(formats), [{"table": args.measurement}]
     else:
         table_, runs = cached_measurement(mcache, digest(settings, "gptq", calib), formats, measure)
+    train = calib if args.train_windows is None else \
+        token_windows(tok, read_texts(default_calibration_files()), args.ctx, args.train_windows)
     ctx = {"model": model, "reference": reference, "ref": CachedReference(reference), "calib": calib, "train": train,
            "evals": evals, "total_params": view.total_params,
            "key": digest(settings, calib, evals, formats, table_.to_json())}
-    carried_keys: list[dict] = []
     cache_dir = Path(args.cache) if args.cache else None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -355,23 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         job = None if cache_dir is None else stack.enter_context(Job(cache_dir / f"points-{ctx['key']}",
                                                                      {"recovery": ctx["key"]}))
         cache = Cache(job)
-        modes = sorted((x for x in args.modes.split(",") if x), key=lambda m: m != "none")
         for b in budgets:  # the budget's quantized model is reused by its points
-            none = None
-            for m in modes:
-                cfg = rcfg(args, m, args.steps)
-                steps = 0 if not cfg.active else cfg.steps_for("block" if cfg.block else "e2e", args.ctx)
-                want = RPoint("packed", b, m, steps, tokens_of(cfg, args.ctx) if cfg.active else 0,
-                              0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-                old = carried(carry, none, want) if carry and none is not None else None
-                if old is not None:
-                    log.info("%s %s: carried from %s (unrecovered point identical)", b, m, args.carry)
-                    carried_keys.append({"budget": b, "mode": m, "from": carry_source})
-                    points.append(old)
-                    continue
-                points.append(run(args, ctx, cache, quant, "packed", b, cfg))
-                if m == "none":
-                    none = points[-1]
+            for m in (x for x in args.modes.split(",") if x):
+                points.append(run(args, ctx, cache, quant, "packed", b, rcfg(args, m, args.steps)))
         aware_row: dict[str, Any] = {}
         if args.aware_budget:
             aware_row = run_aware(args, ctx, cache, quant, table_, points)
@@ -395,10 +330,14 @@ def main(argv: list[str] | None = None) -> int:
             points += curve
     rows = comparison(points, budgets)
     result = {
-        **settings_now, "curve_budget": args.curve_budget, "curve_eval_windows": args.curve_eval_windows,
+        "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies (training)",
+        "evaluation": "tragedies (held out)", "ctx": args.ctx, "calib_windows": int(calib.shape[0]),
+        "eval_windows": int(evals.shape[0]), "train_windows": int(train.shape[0]), "formats": formats,
+        "method": "gptq", "lr": args.lr,
+        "steps": args.steps, "curve_budget": args.curve_budget, "curve_eval_windows": args.curve_eval_windows,
         "measure_runs": runs,
         "goals": "block+e2e KLD / none KLD <= 0.6 at 2.5 and 3.0 bpw, <= 1 at every budget",
-        "comparison": rows, "recovery_aware": aware_row, "carried": carried_keys, "points": [asdict(p) for p in points],
+        "comparison": rows, "recovery_aware": aware_row, "points": [asdict(p) for p in points],
         "peak_rss_mib": peak_rss_mib(), "total_seconds": time.perf_counter() - t_start,
         "threads": torch.get_num_threads(),
     }
