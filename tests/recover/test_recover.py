@@ -53,7 +53,8 @@ def test_qweight_untrained_is_the_stored_tensor():
 
 
 @pytest.mark.parametrize("fid", ["int4-g32", "int3-row-sym", "q4_0", "q4_1", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k",
-                                 "q6_k", "int3-g32-dq", "nf4", "mxfp4", "nvfp4", "mix4-g32", "int3-g32+o2"])
+                                 "q6_k", "int3-g32-dq", "nf4", "mxfp4", "nvfp4", "mix4-g32", "int3-g32+o2",
+                                 "int4-g32-zp", "int3-row-zp"])
 def test_every_unpacking_format_trains_and_stores_in_its_own_bytes(fid):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(16, 256, generator=g)
@@ -327,3 +328,38 @@ def test_e2e_path_gives_the_models_own_logits(arch):
         got = _logits(layout_of(model), r.kwargs, r.hidden, False, final_logit_cap(model))
         want = model(input_ids=ids, use_cache=False).logits.float()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_integer_zero_points_are_kept_and_the_offset_follows_the_scale():
+    """An ``-zp`` tensor trains its codes and scales; its zero points stay, so what the forward computes is what the
+    file stores up to the fp16 rounding of the scales alone (no offset is snapped to an integer zero afterwards)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 128, generator=g) * 0.03 + 0.01
+    fmt = get_format("int4-g32-zp")
+    q = quantize_weight(w, fmt, method="rtn")
+    qw = QWeight(q)
+    assert qw.a.requires_grad and not qw.b.requires_grad
+    with torch.no_grad():
+        qw.a.add_(torch.randn(qw.a.shape, generator=g) * 0.05)
+    back = qw.stored()
+    assert torch.equal(fmt.zeros_of(fmt.unpack(back)[1]), fmt.zeros_of(fmt.unpack(q)[1]))
+    s = fmt.unpack(back)[1].scale
+    assert torch.equal(s, qw.scale_offset()[0].half().float())
+    err = (dequantize(back) - qw().detach()).abs().max()
+    assert float(err) <= float(s.abs().max()) * 2 ** -10 * 2 ** fmt.bits  # one fp16 rounding of the scale
+
+
+
+def test_recovery_of_zero_point_formats_lowers_the_loss_and_is_the_file():
+    teacher = tiny_llama()
+    windows = token_ids(8)
+    student = copy.deepcopy(teacher)
+    q = quantize_model(student, None, uniform_assignments(student, "int2-g32-zp"), windows, progress=False)
+    before = _calib_kl(student, teacher, windows)
+    q2, _ = recover_model(student, teacher, windows, q, RecoverConfig(mode="block+e2e", steps=30, lr=2e-2),
+                          progress=False)
+    assert _calib_kl(student, teacher, windows) < before
+    for name, t in q2.items():
+        assert t.format == q[name].format and t.nbytes() == q[name].nbytes()
+        p = student.get_parameter(name)
+        assert torch.equal(dequantize(t).reshape(p.shape), p.detach().float()), name

@@ -260,6 +260,9 @@ class Format(ABC):
 
     #: True when :meth:`with_scales` stores learned scales/offsets (recovery trains them); False: only the codes
     learns_scales: bool = False
+    #: True when each group's offset is its scale times a stored integer (an integer zero point): recovery then
+    #: keeps that integer and lets the offset follow the learned scale, instead of learning the offset freely
+    offset_follows_scale: bool = False
 
     def with_scales(self, grid: Grid, scale: torch.Tensor, offset: torch.Tensor) -> Grid:
         """The grid this format can encode nearest to the learned per-group ``scale``/``offset`` (float32, the

@@ -162,6 +162,7 @@ class IntZpFormat(Format):
         return QTensor(format=self.id, shape=shape, dtype=dtype, parts=parts)
 
     learns_scales = True
+    offset_follows_scale = True  # offset = -scale * zero: recovery keeps the zeros and learns the scales
 
     def with_scales(self, grid: Grid, scale: torch.Tensor, offset: torch.Tensor) -> Grid:
         """Learned scales and offsets as stored: fp16 scales, offsets snapped to ``-scale * integer zero``."""

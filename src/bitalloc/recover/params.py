@@ -10,7 +10,9 @@ Training then holds, per tensor,
   a code changes when ``u`` crosses a midpoint: a learned rounding, independent of the scales;
 * ``a``, ``b`` (``rows x groups``): the group's scale ``s0·(1 + a)`` and offset ``o0 + |s0|·b`` (both in units of the
   stored step, so one learning rate fits every tensor), trained when the format stores learned scales
-  (``Format.learns_scales``; the offset only when the grid has one).
+  (``Format.learns_scales``; the offset only when the grid has one).  A format whose offset is the scale times a
+  stored integer (``Format.offset_follows_scale``: an integer zero point) trains no ``b``: its offset is
+  ``o0·(1 + a)``, the same integer times the learned scale, so storing it rounds nothing but the scale.
 
 :meth:`QWeight.stored` rounds everything to what the file holds -- codes on the codebook, scales through
 ``Format.with_scales`` (fp16, integer sub-scales...) -- and encodes it: the same format, the same bytes; its
@@ -54,8 +56,10 @@ class QWeight(nn.Module):
         self.lo, self.hi = float(levels.min()) - 0.5, float(levels.max()) + 0.5
         self.u = nn.Parameter(lv.clone(), requires_grad=codes)
         learn = scales and self.fmt.learns_scales
+        self.tied = self.fmt.offset_follows_scale
         self.a = nn.Parameter(torch.zeros_like(grid.scale), requires_grad=learn)
-        self.b = nn.Parameter(torch.zeros_like(grid.offset), requires_grad=learn and bool((grid.offset != 0).any()))
+        self.b = nn.Parameter(torch.zeros_like(grid.offset),
+                              requires_grad=learn and not self.tied and bool((grid.offset != 0).any()))
         self._frozen_codes: torch.Tensor | None = None if codes else c
 
     @property
@@ -71,6 +75,8 @@ class QWeight(nn.Module):
 
     def scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
         s0, o0 = self.grid.scale, self.grid.offset
+        if self.tied:
+            return s0 * (1 + self.a), o0 * (1 + self.a)
         return s0 * (1 + self.a), o0 + s0.abs() * self.b
 
     def forward(self, _replaced: torch.Tensor | None = None) -> torch.Tensor:
