@@ -96,30 +96,14 @@ class IntFormat(Format):
     # --- grid ---------------------------------------------------------------------------------
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, *, search: bool = True) -> Grid:
         """Grid with fp16 scales/zeros chosen by :func:`search_affine` (``search=False``: min-max)."""
-        from ..rounding.rtn import all_finite, minmax_affine, search_affine  # rounding imports formats.base only
+        from ..rounding.rtn import round_fp16  # rounding imports formats.base only
 
         self.check_shape(tuple(w.shape))
-        w = w.detach().to(torch.float32)
-        if not all_finite(w):
-            raise NumericsError(f"{self.id}: weight of shape {tuple(w.shape)} holds NaN/Inf values")
-        rows, cols = w.shape
-        gs, ng = self.group_size(cols), self.ngroups(cols)
-        pad = ng * gs - cols
-        levels = self.levels.to(w.device)
-        imp = _importance(importance, rows, cols, self.id)
-        if pad:  # replicate the last column (min/max unchanged) and give the padding zero weight
-            w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
-            imp = torch.cat([torch.ones(rows, cols, device=w.device) if imp is None else imp,
-                             torch.zeros(rows, pad, device=w.device)], dim=1)
-        groups = w.reshape(rows * ng, gs)
-        gimp = None if imp is None else imp.reshape(rows * ng, gs)
-        if search:
-            scale, offset = search_affine(groups, levels, gimp, symmetric=self.symmetric)
-        else:
-            scale, offset = minmax_affine(groups, levels, symmetric=self.symmetric)
+        grid = fit_groups(w, importance, self.id, self.group_size(int(w.shape[1])), self.levels,
+                          symmetric=self.symmetric, search=search, round_params=round_fp16)
         if self.symmetric:
-            offset = torch.zeros_like(scale)
-        return Grid(scale=scale.reshape(rows, ng), offset=offset.reshape(rows, ng), levels=levels, group_size=gs)
+            grid.offset.zero_()
+        return grid
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
         """Packed codes and fp16 scales/zeros, built on the CPU (codes and grid are moved there first)."""
@@ -221,6 +205,34 @@ class IntFormat(Format):
         return scale[:, g] * self.levels.to(scale.device)[codes] + zero[:, g]  # exactly Grid.values
 
 
+def fit_groups(w: torch.Tensor, importance: torch.Tensor | None, fid: str, gs: int, levels: torch.Tensor, *,
+               symmetric: bool, search: bool, round_params) -> Grid:
+    """The affine grid of groups of ``gs`` columns of ``w`` on consecutive ``levels``: per group the scale and offset
+    of :func:`search_affine` (``search=False``: min-max), stored through ``round_params``.  Rows are padded to whole
+    groups by repeating their last column, which weighs nothing in the search."""
+    from ..rounding.rtn import all_finite, minmax_affine, search_affine  # rounding imports formats.base only
+
+    w = w.detach().to(torch.float32)
+    if not all_finite(w):
+        raise NumericsError(f"{fid}: weight of shape {tuple(w.shape)} holds NaN/Inf values")
+    rows, cols = w.shape
+    ng = -(-cols // gs)
+    pad = ng * gs - cols
+    levels = levels.to(w.device)
+    imp = _importance(importance, rows, cols, fid)
+    if pad:  # replicate the last column (min/max unchanged) and give the padding zero weight
+        w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
+        imp = torch.cat([torch.ones(rows, cols, device=w.device) if imp is None else imp,
+                         torch.zeros(rows, pad, device=w.device)], dim=1)
+    groups = w.reshape(rows * ng, gs)
+    gimp = None if imp is None else imp.reshape(rows * ng, gs)
+    if search:
+        scale, offset = search_affine(groups, levels, gimp, symmetric=symmetric, round_params=round_params)
+    else:
+        scale, offset = minmax_affine(groups, levels, symmetric=symmetric, round_params=round_params)
+    return Grid(scale=scale.reshape(rows, ng), offset=offset.reshape(rows, ng), levels=levels, group_size=gs)
+
+
 def _importance(importance: torch.Tensor | None, rows: int, cols: int, fid: str) -> torch.Tensor | None:
     if importance is None:
         return None
@@ -268,4 +280,4 @@ def get_id(format_id: str) -> str:
 REGISTRY.register("int", parse_int, examples=["int4-g128", "int4-g128-sym", "int4-g128-zp", "int3-row",
                                                "int8-row-sym", "int2-g32"])
 
-__all__ = ["IntFormat", "parse_int", "BITS", "GROUPS"]
+__all__ = ["IntFormat", "fit_groups", "parse_int", "BITS", "GROUPS"]

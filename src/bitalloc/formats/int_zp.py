@@ -29,9 +29,8 @@ from typing import Sequence
 
 import torch
 
-from ..errors import NumericsError
 from .base import Format, FormatError, Grid, QTensor, Shape
-from .int import BITS, GROUPS, _importance
+from .int import BITS, GROUPS, fit_groups
 from .packing import pack_bits, packed_nbytes, unpack_bits
 
 
@@ -103,28 +102,9 @@ class IntZpFormat(Format):
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, *, search: bool = True) -> Grid:
         """Grid of fp16 scales and integer zeros chosen by :func:`search_affine` (``search=False``: min-max),
         every candidate compared after :func:`snap_zero`."""
-        from ..rounding.rtn import all_finite, minmax_affine, search_affine
-
         self.check_shape(tuple(w.shape))
-        w = w.detach().to(torch.float32)
-        if not all_finite(w):
-            raise NumericsError(f"{self.id}: weight of shape {tuple(w.shape)} holds NaN/Inf values")
-        rows, cols = w.shape
-        gs, ng = self.group_size(cols), self.ngroups(cols)
-        pad = ng * gs - cols
-        levels = self.levels.to(w.device)
-        imp = _importance(importance, rows, cols, self.id)
-        if pad:  # replicate the last column (min/max unchanged) and give the padding zero weight
-            w = torch.cat([w, w[:, -1:].expand(rows, pad)], dim=1)
-            imp = torch.cat([torch.ones(rows, cols, device=w.device) if imp is None else imp,
-                             torch.zeros(rows, pad, device=w.device)], dim=1)
-        groups = w.reshape(rows * ng, gs)
-        gimp = None if imp is None else imp.reshape(rows * ng, gs)
-        if search:
-            scale, offset = search_affine(groups, levels, gimp, symmetric=False, round_params=self._snap)
-        else:
-            scale, offset = minmax_affine(groups, levels, symmetric=False, round_params=self._snap)
-        return Grid(scale=scale.reshape(rows, ng), offset=offset.reshape(rows, ng), levels=levels, group_size=gs)
+        return fit_groups(w, importance, self.id, self.group_size(int(w.shape[1])), self.levels, symmetric=False,
+                          search=search, round_params=self._snap)
 
     def zeros_of(self, grid: Grid) -> torch.Tensor:
         """The integer zero point of every group of ``grid`` (int64), checked to be what this format stores."""
