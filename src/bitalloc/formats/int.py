@@ -111,14 +111,7 @@ class IntFormat(Format):
         self.check_shape(shape)
         rows, cols = shape
         gs, ng = self.group_size(cols), self.ngroups(cols)
-        codes, grid = codes.cpu(), grid.to("cpu")
-        if tuple(codes.shape) != shape:
-            raise FormatError(f"{self.id}: codes of shape {tuple(codes.shape)} do not match the tensor shape {shape}")
-        if grid.group_size != gs or tuple(grid.scale.shape) != (rows, ng) or tuple(grid.offset.shape) != (rows, ng):
-            raise FormatError(f"{self.id}: grid (group {grid.group_size}, scale {tuple(grid.scale.shape)}) does not "
-                              f"match shape {shape} (group {gs}, {ng} groups per row)")
-        if not torch.equal(grid.levels.to(torch.float32), self.levels):
-            raise FormatError(f"{self.id}: grid levels are not this format's codebook")
+        codes, grid = check_codes_grid(self.id, codes, grid, shape, gs, self.levels)
         scale16 = grid.scale.to(torch.float16)
         zero16 = grid.offset.to(torch.float16)
         exact = torch.equal(scale16.to(torch.float32), grid.scale) and torch.equal(zero16.to(torch.float32), grid.offset)
@@ -205,6 +198,23 @@ class IntFormat(Format):
         return scale[:, g] * self.levels.to(scale.device)[codes] + zero[:, g]  # exactly Grid.values
 
 
+def check_codes_grid(fid: str, codes: torch.Tensor, grid: Grid, shape: tuple[int, int], gs: int,
+                     levels: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+    """``(codes, grid)`` in CPU memory after checking they describe a ``shape`` tensor in groups of ``gs`` columns on
+    the plain codebook ``levels`` (FormatError, one line, otherwise)."""
+    rows, cols = shape
+    ng = -(-cols // gs)
+    codes, grid = codes.cpu(), grid.to("cpu")
+    if tuple(codes.shape) != shape:
+        raise FormatError(f"{fid}: codes of shape {tuple(codes.shape)} do not match the tensor shape {shape}")
+    if grid.group_size != gs or tuple(grid.scale.shape) != (rows, ng) or tuple(grid.offset.shape) != (rows, ng):
+        raise FormatError(f"{fid}: grid (group {grid.group_size}, scale {tuple(grid.scale.shape)}) does not "
+                          f"match shape {shape} (group {gs}, {ng} groups per row)")
+    if not grid.plain or not torch.equal(grid.levels.to(torch.float32), levels):
+        raise FormatError(f"{fid}: grid levels are not this format's codebook")
+    return codes, grid
+
+
 def fit_groups(w: torch.Tensor, importance: torch.Tensor | None, fid: str, gs: int, levels: torch.Tensor, *,
                symmetric: bool, search: bool, round_params) -> Grid:
     """The affine grid of groups of ``gs`` columns of ``w`` on consecutive ``levels``: per group the scale and offset
@@ -280,4 +290,4 @@ def get_id(format_id: str) -> str:
 REGISTRY.register("int", parse_int, examples=["int4-g128", "int4-g128-sym", "int4-g128-zp", "int3-row",
                                                "int8-row-sym", "int2-g32"])
 
-__all__ = ["IntFormat", "fit_groups", "parse_int", "BITS", "GROUPS"]
+__all__ = ["IntFormat", "check_codes_grid", "fit_groups", "parse_int", "BITS", "GROUPS"]

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from .base import Format, FormatError, Grid, QTensor, Shape
-from .int import BITS, GROUPS, fit_groups
+from .int import BITS, GROUPS, check_codes_grid, fit_groups
 from .packing import pack_bits, packed_nbytes, unpack_bits
 
 
@@ -125,14 +125,7 @@ class IntZpFormat(Format):
         self.check_shape(shape)
         rows, cols = shape
         gs, ng = self.group_size(cols), self.ngroups(cols)
-        codes, grid = codes.cpu(), grid.to("cpu")
-        if tuple(codes.shape) != shape:
-            raise FormatError(f"{self.id}: codes of shape {tuple(codes.shape)} do not match the tensor shape {shape}")
-        if grid.group_size != gs or tuple(grid.scale.shape) != (rows, ng) or tuple(grid.offset.shape) != (rows, ng):
-            raise FormatError(f"{self.id}: grid (group {grid.group_size}, scale {tuple(grid.scale.shape)}) does not "
-                              f"match shape {shape} (group {gs}, {ng} groups per row)")
-        if not grid.plain or not torch.equal(grid.levels.to(torch.float32), self.levels):
-            raise FormatError(f"{self.id}: grid levels are not this format's codebook")
+        codes, grid = check_codes_grid(self.id, codes, grid, shape, gs, self.levels)
         zeros = self.zeros_of(grid)
         full = torch.zeros(rows, ng * gs, dtype=torch.int64)
         full[:, :cols] = codes
