@@ -84,6 +84,18 @@ def test_zero_and_constant_groups() -> None:
     assert torch.equal(d[2], torch.full((64,), float(torch.tensor(-1e-3).half())))
 
 
+def test_groups_away_from_zero_are_stretched_to_reach_it() -> None:
+    """All-positive and all-negative groups: the grid must hold 0 (an integer zero point), so it spans [0, max] or
+    [min, 0] rather than cutting the values off at the zero point's limit."""
+    g = _gen(7)
+    w = torch.cat([1.0 + 0.2 * torch.rand(4, 64, generator=g), -3.0 - torch.rand(4, 64, generator=g)])
+    for fid in ("int4-g32-zp", "int3-row-zp", "int8-g64-zp"):
+        fmt = get_format(fid)
+        d = dequantize(quantize_weight(w, fmt, method="rtn"))
+        step = w.abs().amax(1) / ((1 << fmt.bits) - 1)  # the grid [0, max] or [min, 0]
+        assert bool(((w - d).square().mean(1) <= 2 * step.square() / 12).all()), fid  # rounding noise, no cut-off
+
+
 def test_snap_zero_stores_integers_in_range() -> None:
     scale = torch.tensor([0.1, 0.1, 0.1, 0.0, 0.0, -0.2])
     offset = torch.tensor([-0.33, 0.5, -9.0, 0.0, 0.7, 0.35])

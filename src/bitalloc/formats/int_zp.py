@@ -37,18 +37,26 @@ from .packing import pack_bits, packed_nbytes, unpack_bits
 def snap_zero(scale: torch.Tensor, offset: torch.Tensor, nlevels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored ``(scale, offset)`` of a free ``(scale, offset)``: the scale rounded to fp16 (clamped to ±65504), the
     offset replaced by ``-scale * zero`` with ``zero`` the nearest integer to ``-offset / scale`` in
-    ``[0, nlevels - 1]``.  Where the scale rounds to 0 but the offset does not (a constant group), the scale
-    becomes ``|offset|`` (fp16): the constant is then one step from the zero point, stored as exactly as fp16
-    allows."""
+    ``[0, nlevels - 1]``.
+
+    An integer zero point in range means the grid holds 0: a range ``[offset, offset + scale·(nlevels - 1)]`` that
+    lies above or below 0 is first stretched to reach it (as GPTQ's quantizer does), or its values would be cut
+    off.  A constant group (the scale rounds to 0 but the offset does not) gets its value as the scale, one step
+    from the zero point, stored as exactly as fp16 allows."""
     from ..rounding.rtn import round_fp16
 
-    s, o = round_fp16(scale, offset)
     top = float(nlevels - 1)
-    flat = (s == 0) & (o != 0)
-    if bool(flat.any()):
-        s = torch.where(flat, o.abs(), s)
+    zero_t = torch.zeros_like(offset)
+    s16, o16 = round_fp16(scale, offset)
+    flat = (s16 == 0) & (o16 != 0)
+    hi = offset + scale * top
+    stretch = (scale >= 0) & ((offset > 0) | (hi < 0)) & ~flat
+    lo_x, hi_x = torch.minimum(offset, zero_t), torch.maximum(hi, zero_t)
+    scale = torch.where(flat, o16.abs(), torch.where(stretch, (hi_x - lo_x) / top, scale))
+    offset = torch.where(flat, torch.minimum(o16, zero_t), torch.where(stretch, lo_x, offset))
+    s, o = round_fp16(scale, offset)
     live = s != 0
-    zero = torch.where(live, torch.round(-o / torch.where(live, s, torch.ones_like(s))), torch.zeros_like(s))
+    zero = torch.where(live, torch.round(-o / torch.where(live, s, torch.ones_like(s))), zero_t)
     zero = zero.clamp(0.0, top)
     return s, -(s * zero) + 0.0  # + 0.0: no negative zeros
 
