@@ -104,11 +104,10 @@ class IntSym:
 
     compressor = "pack-quantized"
     extra_bound = SHAPE_BYTES
+    symmetric = True  # the library's QuantizationArgs.symmetric of this row
 
     def handles(self, fmt: Format) -> bool:
         return isinstance(fmt, IntFormat) and fmt.symmetric
-
-    symmetric = True
 
     def args(self, fmt: Format) -> Any:
         from compressed_tensors.quantization import QuantizationArgs

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -216,7 +216,8 @@ def check_codes_grid(fid: str, codes: torch.Tensor, grid: Grid, shape: tuple[int
 
 
 def fit_groups(w: torch.Tensor, importance: torch.Tensor | None, fid: str, gs: int, levels: torch.Tensor, *,
-               symmetric: bool, search: bool, round_params) -> Grid:
+               symmetric: bool, search: bool,
+               round_params: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> Grid:
     """The affine grid of groups of ``gs`` columns of ``w`` on consecutive ``levels``: per group the scale and offset
     of :func:`search_affine` (``search=False``: min-max), stored through ``round_params``.  Rows are padded to whole
     groups by repeating their last column, which weighs nothing in the search."""
