@@ -55,10 +55,7 @@ class IntFormat(Format):
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS or isinstance(self.bits, bool):
-            raise FormatError(f"integer formats support bits in {BITS}, got {self.bits!r}")
-        if self.group not in GROUPS or isinstance(self.group, bool):
-            raise FormatError(f"integer formats support groups of 32, 64, 128 or one per row, got {self.group!r}")
+        check_bits_group(self.bits, self.group)
         if not isinstance(self.symmetric, bool):
             raise FormatError(f"symmetric must be a bool, got {self.symmetric!r}")
 
@@ -198,6 +195,14 @@ class IntFormat(Format):
         return scale[:, g] * self.levels.to(scale.device)[codes] + zero[:, g]  # exactly Grid.values
 
 
+def check_bits_group(bits: object, group: object) -> None:
+    """FormatError (one line) unless ``bits`` is one of :data:`BITS` and ``group`` one of :data:`GROUPS`."""
+    if bits not in BITS or isinstance(bits, bool):
+        raise FormatError(f"integer formats support bits in {BITS}, got {bits!r}")
+    if group not in GROUPS or isinstance(group, bool):
+        raise FormatError(f"integer formats support groups of 32, 64, 128 or one per row, got {group!r}")
+
+
 def check_codes_grid(fid: str, codes: torch.Tensor, grid: Grid, shape: tuple[int, int], gs: int,
                      levels: torch.Tensor) -> tuple[torch.Tensor, Grid]:
     """``(codes, grid)`` in CPU memory after checking they describe a ``shape`` tensor in groups of ``gs`` columns on
@@ -291,4 +296,4 @@ def get_id(format_id: str) -> str:
 REGISTRY.register("int", parse_int, examples=["int4-g128", "int4-g128-sym", "int4-g128-zp", "int3-row",
                                                "int8-row-sym", "int2-g32"])
 
-__all__ = ["IntFormat", "check_codes_grid", "fit_groups", "parse_int", "BITS", "GROUPS"]
+__all__ = ["IntFormat", "check_bits_group", "check_codes_grid", "fit_groups", "parse_int", "BITS", "GROUPS"]

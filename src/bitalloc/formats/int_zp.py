@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from .base import Format, FormatError, Grid, QTensor, Shape
-from .int import BITS, GROUPS, check_codes_grid, fit_groups
+from .int import check_bits_group, check_codes_grid, fit_groups
 from .packing import pack_bits, packed_nbytes, unpack_bits
 
 
@@ -70,10 +70,7 @@ class IntZpFormat(Format):
     group: int | None = 128
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS or isinstance(self.bits, bool):
-            raise FormatError(f"integer formats support bits in {BITS}, got {self.bits!r}")
-        if self.group not in GROUPS or isinstance(self.group, bool):
-            raise FormatError(f"integer formats support groups of 32, 64, 128 or one per row, got {self.group!r}")
+        check_bits_group(self.bits, self.group)
 
     @property
     def id(self) -> str:
