@@ -100,6 +100,24 @@ def test_recovery_lowers_calibration_loss_keeps_bytes_and_decodes_exactly(quanti
         assert torch.allclose(v, dequantize(q2[name]), rtol=1e-3, atol=1e-6)
 
 
+def test_e2e_returns_to_its_best_and_halves_the_rate_when_a_check_finds_the_loss_higher(quantized, monkeypatch,
+                                                                                       caplog):
+    """A rate far too large for the end-to-end stage: its checks see the calibration KL rise, go back to the best
+    state and halve the rate, so the stage never ends worse than it started."""
+    import logging
+
+    from bitalloc.recover import train
+
+    teacher, base, windows, q = quantized
+    student = copy.deepcopy(base)
+    before = _calib_kl(student, teacher, windows)
+    monkeypatch.setattr(train, "E2E_FLOAT_SHARE", 200.0)  # every scale and norm moves by its whole size a step
+    with caplog.at_level(logging.INFO, logger="bitalloc.recover.train"):
+        recover_model(student, teacher, windows, q, RecoverConfig(mode="e2e", steps=8, lr=0.5), progress=False)
+    assert "rates halved" in caplog.text
+    assert _calib_kl(student, teacher, windows) <= before * (1 + 1e-3)  # the stored scales round to fp16
+
+
 def test_recovery_is_deterministic(quantized):
     teacher, base, windows, q = quantized
     outs = []

@@ -6,7 +6,9 @@
   next block's inputs.  A block whose calibration loss does not fall keeps what it had.
 * :func:`recover_e2e`: the whole model learns the stored floats only (scales, offsets, norms; codes fixed) by
   KL divergence to the full-precision model's next-token distribution; blocks are recomputed in the backward
-  (gradient checkpointing), so one block's activations are resident.  Kept only when the calibration KL falls.
+  (gradient checkpointing), so one block's activations are resident.  The calibration KL is checked
+  :data:`E2E_CHECKS` times along the run: the stage ends at its best check (as it started when none was lower), and
+  a check that finds no gain halves the rates from there.
 
 Both are deterministic for a fixed seed (the windows of each step come from a seeded generator).
 """
@@ -37,6 +39,15 @@ log = logging.getLogger(__name__)
 #: sample is enough to catch a stage that made things worse, and training on many windows stays cheap to check
 GUARD_WINDOWS = 16
 
+#: the e2e stage's rate for the stored floats, relative to ``RecoverConfig.lr``: every scale (and norm) of the model
+#: moves at once, so it is well below the block stage's 1/10 for one block's.  The first version's 1/4 raised the
+#: calibration KL at 4 bpw until the guard reverted the whole stage; this rate suits the low-bit models, where the
+#: stage gains most, and the checks below halve it where it is still too large (README, "Recovery")
+E2E_FLOAT_SHARE = 1 / 16
+#: how often the e2e stage measures the calibration KL on the guard's windows (evenly along the run, the last at its
+#: end): a check that finds it no lower than the best so far returns to the best and halves the rates
+E2E_CHECKS = 4
+
 #: ``on_block(b, recovered QTensors of block b, fixed values of block b, student states, teacher states)``
 RecoverHook = Callable[[int, dict[str, QTensor], dict[str, torch.Tensor], torch.Tensor, torch.Tensor], None]
 
@@ -45,16 +56,17 @@ def _out(y: Any) -> torch.Tensor:
     return y[0] if isinstance(y, tuple) else y
 
 
-def _optimizer(att: Attached, cfg: RecoverConfig, float_share: float, steps: int
+def _optimizer(att: Attached, cfg: RecoverConfig, float_share: float, steps: int, start: int = 0
                ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Adam over the codes at ``cfg.lr`` and the floats (scales, offsets, norms) at ``cfg.lr * float_share``,
-    with the learning rates decaying to zero over ``steps`` along a cosine (the last steps settle the codes)."""
+    with the learning rates decaying to zero over ``steps`` along a cosine (the last steps settle the codes);
+    ``start``: the step the schedule starts at (a fresh optimizer in the middle of a run)."""
     codes, floats = att.parameters()
     groups = [g for g in ({"params": codes, "lr": cfg.lr}, {"params": floats, "lr": cfg.lr * float_share})
               if g["params"]]
     opt = torch.optim.Adam(groups)
     return opt, torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i + start, steps) / steps)))
 
 
 def _picks(n: int, per_step: int, steps: int, seed: int) -> list[torch.Tensor]:
@@ -200,20 +212,30 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
                            for s in window_batches(m, cfg.e2e_windows)) / m
 
         before, saved = full(), att.snapshot()
-        opt, sched = _optimizer(att, cfg, 0.25, steps)
+        best, rate = before, 1.0
+        checks = {max(1, round(steps * (j + 1) / E2E_CHECKS)) for j in range(E2E_CHECKS)}
+        opt, sched = _optimizer(att, cfg, E2E_FLOAT_SHARE, steps)
         bar = tqdm(_picks(n, cfg.e2e_windows, steps, cfg.seed * 100003 + 99991), desc="recover (e2e)",
                    disable=not progress, leave=False)
-        for idx in bar:
+        for i, idx in enumerate(bar, 1):
             value = loss(idx, True)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
             sched.step()
-            bar.set_postfix(kl=f"{float(value.detach()):.4g}")
-        after = full()
-        log.info("e2e recovery: calibration KL %.4g -> %.4g", before, after)
-        if not after < before:
-            att.restore(saved)
+            bar.set_postfix(kl=f"{float(value.detach()):.4g}", best=f"{best:.4g}")
+            if i in checks:
+                now = full()
+                if now < best:
+                    best, saved = now, att.snapshot()
+                    continue
+                log.info("e2e recovery: calibration KL %.4g at step %d, not below %.4g: back to it, rates halved",
+                         now, i, best)
+                att.restore(saved)
+                rate /= 2
+                opt, sched = _optimizer(att, cfg, E2E_FLOAT_SHARE * rate, steps, start=i)
+        log.info("e2e recovery: calibration KL %.4g -> %.4g", before, best)
+        att.restore(saved)
         return att.finish()
 
 
