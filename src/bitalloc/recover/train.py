@@ -229,11 +229,12 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
                 if now < best:
                     best, saved = now, att.snapshot()
                     continue
-                log.info("e2e recovery: calibration KL %.4g at step %d, not below %.4g: back to it, rates halved",
-                         now, i, best)
                 att.restore(saved)
-                rate /= 2
-                opt, sched = _optimizer(att, cfg, E2E_FLOAT_SHARE * rate, steps, start=i)
+                if i < steps:
+                    rate /= 2
+                    opt, sched = _optimizer(att, cfg, E2E_FLOAT_SHARE * rate, steps, start=i)
+                log.info("e2e recovery: calibration KL %.4g at step %d, not below %.4g: back to it%s", now, i, best,
+                         ", rates halved" if i < steps else "")
         log.info("e2e recovery: calibration KL %.4g -> %.4g", before, best)
         att.restore(saved)
         return att.finish()
