@@ -33,7 +33,9 @@ from bench.pareto import bench_inputs  # noqa: E402
 from bitalloc.calibrate.stream import stream_blocks  # noqa: E402
 from bitalloc.io.atomic import atomic_write  # noqa: E402
 from bitalloc.measure import output_error  # noqa: E402
-from bitalloc.nest.codes import MIN_DEPTH, depth_grid, depth_weights, nested_codes, nested_grid  # noqa: E402
+from bitalloc.nest.artifact import depth_of  # noqa: E402
+from bitalloc.nest.build import nest_tensor  # noqa: E402
+from bitalloc.nest.codes import MIN_DEPTH, depth_weights  # noqa: E402
 from bitalloc.rounding import dequantize, quantize_weight  # noqa: E402
 
 log = logging.getLogger("bench.nest_depths")
@@ -52,22 +54,19 @@ def variants(depth: int, pairs: list[tuple[int, int]]) -> dict[str, dict[int, fl
     return out
 
 
-def tensor_errors(w: torch.Tensor, stats, group: int, depth: int,
+def tensor_errors(name: str, w: torch.Tensor, stats, group: int, depth: int,
                   vs: dict[str, dict[int, float] | str]) -> dict[str, dict[int, float]]:
-    """``{variant: {depth: output error}}`` of one tensor."""
-    hessian = stats.hessian
-    imp = torch.diagonal(hessian).to(torch.float32).clamp_min(0)
+    """``{variant: {depth: output error}}`` of one tensor; the nested ones are the rows ``bitalloc nest`` measures
+    and stores (:func:`bitalloc.nest.build.nest_tensor`), with each variant's depth weights."""
     ks = list(range(MIN_DEPTH, depth + 1))
-    step, low = nested_grid(w, group, depth, imp)
     out: dict[str, dict[int, float]] = {}
-    for name, how in vs.items():
+    for variant, how in vs.items():
         if isinstance(how, str):
-            out[name] = {k: output_error(dequantize(quantize_weight(w, f"int{k}-g{group}", hessian=hessian,
-                                                                    method=how)) - w, stats) for k in ks}
+            out[variant] = {k: output_error(dequantize(quantize_weight(w, f"int{k}-g{group}", hessian=stats.hessian,
+                                                                       method=how)) - w, stats) for k in ks}
         else:
-            codes = nested_codes(w, step, low, group, depth, hessian, how)
-            out[name] = {k: output_error(depth_grid(step, low, depth, k, group).values(codes[k]) - w, stats)
-                         for k in ks}
+            _, rows = nest_tensor(name, w, stats, group, depth, how)
+            out[variant] = {depth_of(r.format): r.output_error for r in rows}
     return out
 
 
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 w = model.get_parameter(name).detach().to(torch.float32)
                 t = time.perf_counter()
-                per_tensor[name] = tensor_errors(w, stats, args.group, args.max_bits, vs)
+                per_tensor[name] = tensor_errors(name, w, stats, args.group, args.max_bits, vs)
                 log.info("%s: %.1f s", name, time.perf_counter() - t)
         if b >= blocks[-1]:
             break

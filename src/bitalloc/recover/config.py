@@ -21,9 +21,9 @@ class RecoverConfig:
     ``lr / 10`` (block) and ``lr / 16`` (e2e, where every scale of the model moves at once:
     :data:`bitalloc.recover.train.E2E_FLOAT_SHARE`; halved at each of the stage's checks that finds the calibration
     KL no lower) relative to their stored values; every rate decays to zero along a cosine over the stage's steps.
-    ``block_windows`` / ``e2e_windows``: the calibration windows of one step.  ``windows``: how many calibration windows training draws from (the first
-    ones are those the quantization used; more text overfits less, since the learned rounding has as many free
-    choices as the block has weights); None = the quantization's.  ``seed`` fixes the order of the windows (the
+    ``block_windows`` / ``e2e_windows``: the calibration windows of one step.  ``windows``: how many calibration
+    windows training draws from (the first ones are those the quantization used; more text overfits less, since the
+    learned rounding has as many free choices as the block has weights); None = the quantization's.  ``seed`` fixes the order of the windows (the
     run is deterministic).  ``aware``: the allocation sees each format's error after recovery
     (:mod:`bitalloc.recover.aware`)."""
 

@@ -236,8 +236,7 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
                 log.info("e2e recovery: calibration KL %.4g at step %d, not below %.4g: back to it%s", now, i, best,
                          ", rates halved" if i < steps else "")
         log.info("e2e recovery: calibration KL %.4g -> %.4g", before, best)
-        att.restore(saved)
-        return att.finish()
+        return att.finish()  # the last step is a check: the state is the best one (or the first)
 
 
 __all__ = ["RecoverHook", "fixed_formats", "recover_blocks", "recover_e2e"]
