@@ -92,7 +92,7 @@ def test_eval_against_the_reference_of_another_model_is_refused(tiny, tmp_path, 
                "--windows", "2", "--ctx", "16", "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: the packed directory's model and the reference are different models "
-                                      "(29 vs 20 tensors; 'model.layers.2."), err
+                                      "(30 vs 21 tensors; 'model.layers.2."), err
     assert main(["eval", str(packed), "--reference", str(other), "--text", str(other.parent / "calib.txt"),
                  "--windows", "2", "--ctx", "16", "-q"]) == 0
 
@@ -166,3 +166,17 @@ def test_plan_objective_fisher_on_a_table_without_fisher_errors_is_refused(tiny,
     assert rc == 2 and err.startswith("error: objective 'fisher' needs errors the measurement table lacks"), err
     assert not (tmp_path / "p.json").exists()
     assert main(["plan", str(table), "--budget", "6bpw", "--out", str(tmp_path / "p.json")]) == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rotate", "qk"], "error: --rotate 'qk': use vo, residual or vo+residual"),
+    (["--untie-head"], "error: --untie-head only serves the residual rotation"),
+    (["--rotate", "vo", "--untie-head"], "error: --untie-head only serves the residual rotation"),
+])
+def test_bad_rotations_are_refused_before_loading(tiny, tmp_path, monkeypatch, capsys, extra, message):
+    _no_load(monkeypatch)
+    rc = main(["quantize", str(tiny), "--budget", "6bpw", *SMALL, "--calib", str(tiny.parent / "calib.txt"),
+               "--ctx", "16", "--out", str(tmp_path / "q"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []

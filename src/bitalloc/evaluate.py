@@ -108,9 +108,11 @@ def _check_inputs(m: torch.nn.Module | LogitsFn, windows: torch.Tensor, name: st
 
 def check_same_architecture(candidate: torch.nn.Module, reference: torch.nn.Module, what: str = "candidate") -> None:
     """InputError unless both models hold the same parameter names and shapes (``reference`` may sit on the meta
-    device): a quantized model compared with another model's reference gives numbers that mean nothing."""
-    cand = {n: tuple(p.shape) for n, p in candidate.named_parameters()}
-    ref = {n: tuple(p.shape) for n, p in reference.named_parameters()}
+    device): a quantized model compared with another model's reference gives numbers that mean nothing.  Tying
+    is storage, not architecture: a tied lm_head counts under both names (``--untie-head`` outputs compare with
+    their tied source)."""
+    cand = {n: tuple(p.shape) for n, p in candidate.named_parameters(remove_duplicate=False)}
+    ref = {n: tuple(p.shape) for n, p in reference.named_parameters(remove_duplicate=False)}
     if cand == ref:
         return
     only_c, only_r = sorted(cand.keys() - ref.keys()), sorted(ref.keys() - cand.keys())

@@ -188,7 +188,7 @@ def run_config(args: argparse.Namespace, out: Path, job_dir: Path, **fields: Any
     from ..data import default_calibration_files
     from ..jobs.config import RunConfig
     from ..models.sources import default_model_path
-    from .options import recover_of
+    from .options import recover_of, rotate_of
 
     model = getattr(args, "model", None)
     return RunConfig(
@@ -197,7 +197,8 @@ def run_config(args: argparse.Namespace, out: Path, job_dir: Path, **fields: Any
         calib_texts=tuple(_texts(args.calib, default_calibration_files)), windows=args.windows, ctx=args.ctx,
         job_dir=job_dir, formats=tuple(_formats(args.formats)), method=args.method, fisher=bool(args.fisher),
         fisher_windows=args.fisher_windows, overwrite=args.overwrite, keep_job=args.keep_job,
-        progress=not args.quiet, screen=bool(getattr(args, "screen", False)), recover=recover_of(args), **fields,
+        progress=not args.quiet, screen=bool(getattr(args, "screen", False)), recover=recover_of(args),
+        **rotate_of(args), **fields,
     )
 
 

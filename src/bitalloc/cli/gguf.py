@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, output_exists
 from .common import print_timings
-from .options import add_recover, add_screen, recover_of
+from .options import add_recover, add_rotate, add_screen, recover_of, rotate_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..jobs.config import RunConfig
@@ -47,6 +47,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser | None:
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rounding (default gptq)")
     add_screen(p)
     add_recover(p)
+    add_rotate(p)
     p.add_argument("--measure-method", choices=("gptq", "rtn"), default=None,
                    help="rounding when measuring each tensor x type (default: --method); rtn measures about "
                    "twice as fast, GPTQ predicts the errors of a GPTQ output more closely")
@@ -93,7 +94,8 @@ def run_config_of(args: argparse.Namespace) -> RunConfig:
         method=args.method, measure_method=measure_method(args), fisher=bool(args.fisher),
         fisher_windows=args.fisher_windows, activation_noise=activations(args) == "cpu",
         budgets=(Budget.parse(args.budget),), overwrite=args.overwrite, keep_job=args.keep_job,
-        progress=not args.quiet, screen=bool(args.screen), recover=recover_of(args),
+        progress=not args.quiet, screen=bool(args.screen), recover=recover_of(args), output="gguf",
+        **rotate_of(args),
     )
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from .common import DEFAULT_FORMATS, _check_out, _job_dir, run_config
-from .options import add_calib, add_common, add_constraints, add_job, add_measure_opts, add_model, add_out
+from .options import (
+    add_calib, add_common, add_constraints, add_job, add_measure_opts, add_model, add_out, add_rotate,
+)
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
@@ -49,6 +51,7 @@ def add_parsers(sub: Any) -> None:
     add_model(p)
     add_calib(p, 32)
     add_measure_opts(p, DEFAULT_FORMATS, "gptq", 8)
+    add_rotate(p)
     add_out(p, "output table (JSON)", "replace an existing output")
     add_job(p)
     add_common(p)

@@ -93,6 +93,26 @@ def add_screen(p: argparse.ArgumentParser) -> None:
                    "formats near each tensor's place at this budget (faster; the table then serves this budget only)")
 
 
+def add_rotate(p: argparse.ArgumentParser) -> None:
+    """``--rotate`` and ``--untie-head``: rotations folded into the model before anything is measured
+    (:mod:`bitalloc.models.rotate`)."""
+    p.add_argument("--rotate", metavar="vo|residual|vo+residual", default=None,
+                   help="fold randomised Hadamard rotations into the model first (the same function in fp32, weights "
+                   "with fewer outlier columns): vo rotates each block's value heads, residual the whole residual "
+                   "stream (RMSNorm models: llama, mistral, qwen2/3, phi3); the output holds the rotated weights")
+    p.add_argument("--untie-head", dest="untie", action="store_true",
+                   help="with --rotate residual on a tied model whose final norm is not uniform: give lm_head its own "
+                   "rotated copy (vocab x hidden more weights inside the budget; not for GGUF)")
+
+
+def rotate_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The run config's ``rotate`` and ``untie`` fields from ``--rotate`` / ``--untie-head``."""
+    from ..models.rotate import parse_rotation
+
+    text = getattr(args, "rotate", None)
+    return {"rotate": parse_rotation(text) if text is not None else (), "untie": bool(getattr(args, "untie", False))}
+
+
 def _rate(text: str) -> float:
     try:
         x = float(text)

@@ -11,7 +11,7 @@ from ..errors import InputError
 from .common import DEFAULT_FORMATS, MODEL_HELP, _job_dir, _load_model, _texts, _windows, print_timings, run_config
 from .options import (
     EVAL_TEXT_HELP, add_calib, add_common, add_constraints, add_ctx, add_job, add_measure_opts, add_model, add_out,
-    add_recover, add_screen,
+    add_recover, add_rotate, add_screen,
 )
 
 
@@ -105,6 +105,7 @@ def add_parsers(sub: Any) -> None:
                    "and vLLM load it; default formats then the symmetric ints and fp16) (default packed)")
     add_screen(p)
     add_recover(p)
+    add_rotate(p)
     p.add_argument("--measurement", metavar="TABLE", help="reuse a measurement table instead of measuring")
     p.add_argument("--plan", metavar="PLAN", help="use this (possibly edited) plan; needs --measurement")
     add_constraints(p)

@@ -91,6 +91,10 @@ class RunConfig:
     screen: bool = False  # measure exactly only the formats that can matter at ``budgets`` (bitalloc.screen)
     output: str = "packed"  # the output's kind: "packed" | "gguf" | "compressed-tensors" (restricts ``formats``)
     recover: RecoverConfig = RecoverConfig()  # training after quantization (mode "none": no recovery stage)
+    # rotations folded into the model once it is loaded (bitalloc.models.rotate.parse_rotation): every stage, the
+    # recovery teacher and the output see the rotated model; ``untie`` gives a tied lm_head its own rotated copy
+    rotate: tuple[str, ...] = ()
+    untie: bool = False
 
     def __post_init__(self) -> None:
         for m in (self.method, self.measure_method or self.method):
@@ -103,6 +107,11 @@ class RunConfig:
             raise InputError("--screen needs one budget to screen for, and measures the table itself (quantize "
                              "--budget or gguf; not with --plan, --measurement, --format or a sweep)")
 
+        if self.untie and "residual" not in self.rotate:
+            raise InputError("--untie-head only serves the residual rotation (--rotate residual)")
+        if self.untie and self.output == "gguf":
+            raise InputError("--untie-head cannot go into a GGUF: the output keeps the input's tensor list, which "
+                             "has no separate output.weight for a tied model (use --rotate vo, or a packed output)")
         if self.output == "compressed-tensors":
             _check_compressed_tensors(self)
 
@@ -120,7 +129,11 @@ class RunConfig:
         return {"formats": ",".join(self.formats), "method": self.method, "measure_method": self.measuring_method,
                 "fisher": self.fisher, "fisher_windows": self.fisher_windows, "windows": self.windows,
                 "ctx": self.ctx, "activations": "cpu" if self.activation_noise else "none", "device": self.device,
-                "screen": self.screen}
+                "screen": self.screen, **self.rotate_options()}
+
+    def rotate_options(self) -> dict[str, Any]:
+        """The rotation's options (none without ``--rotate``: the fingerprints of unrotated jobs are unchanged)."""
+        return {"rotate": "+".join(self.rotate), "untie": self.untie} if self.rotate else {}
 
     def fingerprint(self, target: dict[str, Any] | None = None) -> dict[str, Any]:
         """The job fingerprint: model and text digests, the options, and what the output ``target`` adds."""

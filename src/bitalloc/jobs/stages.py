@@ -85,16 +85,26 @@ class Stages:
         self.timer = StageTimer(device=config.device)
 
     # ------------------------------------------------------------------------------------- inputs
+    def load_source(self) -> tuple[torch.nn.Module, Any]:
+        """``(model, tokenizer)`` of ``config.model`` as every stage sees it: weights in a memory-mapped spill file,
+        resident one block at a time (values identical to a whole load), with ``config.rotate`` folded in."""
+        from ..models.sources import load_model
+
+        with self.timer.stage("load"):
+            model, tok = load_model(self.config.model, low_memory=True)
+            if self.config.rotate:
+                from ..models.rotate import rotate_model_
+
+                rotate_model_(model, self.config.rotate, untie=self.config.untie)
+        return model, tok
+
     @property
     def loaded(self) -> Loaded:
         if self._loaded is None:
-            from ..models.sources import load_model
             from ..models.view import ModelView
 
-            # weights in a memory-mapped spill file, resident one block at a time (values identical to a whole load)
-            with self.timer.stage("load"):
-                model, tok = load_model(self.config.model, low_memory=True)
-                self._loaded = Loaded(model, tok, ModelView(model))
+            model, tok = self.load_source()
+            self._loaded = Loaded(model, tok, ModelView(model))
         return self._loaded
 
     @property
@@ -268,7 +278,6 @@ class Stages:
         model = self.loaded.model
         path = self.job.dir / RECOVER_FILE
         if not self.job.stage_done("recover"):
-            from ..models.sources import load_model
             from ..recover import recover_model
 
             ckpt = RecoverCheckpoints(self.job)
@@ -279,8 +288,7 @@ class Stages:
                 for name, q in done_q.items():
                     set_weight(model, name, dequantize(q).reshape(model.get_parameter(name).shape))
                 given = {**qtensors, **done_q}
-            with self.timer.stage("load"):
-                teacher = load_model(self.config.model, low_memory=True)[0]
+            teacher = self.load_source()[0]  # rotated like the student: recovery matches them block by block
             q, values = recover_model(model, teacher, self.recovery_windows, given, rc, placement=self.placement,
                                       progress=self.config.progress, on_block=ckpt.on_block, start=start,
                                       timer=self.timer)

@@ -157,7 +157,7 @@ def _compute(job: Job, config: RunConfig, on_point: Callable[[str, Point], None]
 
     lo = stages.loaded
     calib, evals = stages.calibration, stages.windows(spec.eval_texts, spec.eval_windows)
-    ref = _reference(config)
+    ref = _reference(stages)
     budgets = [weights_capacity(b, m).plan_budget(m.fixed_bytes) for b in config.budgets]  # resolved once
     points = sweep(lo.model, lo.view, m, budgets, [config.method], calib, evals, ref,
                    constraints=stages.constraints(None), uniform=spec.uniform, progress=config.progress,
@@ -171,11 +171,10 @@ def _compute(job: Job, config: RunConfig, on_point: Callable[[str, Point], None]
     job.complete_stage(POINTS_STAGE)
 
 
-def _reference(config: RunConfig) -> Any:
-    """The fp reference: a second copy of the model, loaded only when points remain."""
-    from ..models.sources import load_model
-
-    return load_model(config.model, low_memory=True)[0]
+def _reference(stages: Stages) -> Any:
+    """The fp reference (and recovery's teacher): a second copy of the model as the stages see it (rotated by
+    ``--rotate``: the same function, matching block by block), loaded only when points remain."""
+    return stages.load_source()[0]
 
 
 def saved_points(job: Job) -> dict[str, Point]:

@@ -203,4 +203,23 @@ def rotate_(model: torch.nn.Module, mode: str, seed: int = 0, untie: bool = Fals
         raise InputError(f"unknown rotation {mode!r} (use {' or '.join(MODES)})")
 
 
-__all__ = ["rotate_vo_", "rotate_residual_", "rotate_", "MODES", "Mode"]
+def parse_rotation(text: str) -> tuple[str, ...]:
+    """``--rotate``: ``vo``, ``residual`` or both joined by ``+`` -> the modes in the order they are applied
+    (residual first: it checks the whole model before changing a weight).  InputError for anything else."""
+    modes = [m.strip().lower() for m in text.split("+")]
+    bad = [m for m in modes if m not in MODES]
+    if not text.strip() or bad or len(set(modes)) != len(modes):
+        raise InputError(f"--rotate {text!r}: use vo, residual or vo+residual")
+    return tuple(m for m in ("residual", "vo") if m in modes)
+
+
+def rotate_model_(model: torch.nn.Module, modes: tuple[str, ...], seed: int = 0, untie: bool = False) -> None:
+    """Every rotation of ``modes`` (:func:`parse_rotation`), folded into ``model`` in place (same function in
+    fp32).  ``untie`` only matters for ``residual`` on a tied model (:func:`rotate_residual_`)."""
+    if untie and "residual" not in modes:
+        raise InputError("untying the lm_head only serves the residual rotation (--rotate residual)")
+    for mode in modes:
+        rotate_(model, mode, seed, untie=untie)
+
+
+__all__ = ["rotate_vo_", "rotate_residual_", "rotate_", "rotate_model_", "parse_rotation", "MODES", "Mode"]
