@@ -248,3 +248,16 @@ def test_corrupted_point_is_recomputed_to_identical_outputs(hf, reference, tmp_p
     assert f"checkpoint points/{first.name} changed since it was written" in caplog.text
     assert len(calls) == len(json.loads(reference["sweep.json"])["points"])  # that point and the next again
     assert outputs(out) == reference
+
+
+def test_rotated_sweep_recovers_toward_the_rotated_reference(hf, tmp_path):
+    """``--rotate residual`` in a sweep: the reference (recovery's teacher there) is loaded through the same
+    rotation, so block recovery gains; an unrotated teacher's block outputs live in another basis."""
+    kld = {}
+    for mode in ("none", "block"):
+        out = tmp_path / mode
+        assert main(sweep_argv(hf, out, "--rotate", "residual", "--recover", mode, "--recover-steps", "8",
+                               "--uniform", "int3-g32", budgets="3.5bpw")) == 0
+        doc = json.loads((out / "sweep.json").read_text())
+        kld[mode] = next(p["kld"] for p in doc["points"] if p["kind"] == "allocated")
+    assert kld["block"] < kld["none"], kld
