@@ -107,8 +107,10 @@ class RunConfig:
             raise InputError("--screen needs one budget to screen for, and measures the table itself (quantize "
                              "--budget or gguf; not with --plan, --measurement, --format or a sweep)")
 
-        if self.untie and "residual" not in self.rotate:
-            raise InputError("--untie-head only serves the residual rotation (--rotate residual)")
+        if self.untie:
+            from ..models.rotate import check_untie
+
+            check_untie(self.rotate, self.untie)
         if self.untie and self.output == "gguf":
             raise InputError("--untie-head cannot go into a GGUF: the output keeps the input's tensor list, which "
                              "has no separate output.weight for a tied model (use --rotate vo, or a packed output)")

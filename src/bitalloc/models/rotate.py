@@ -213,13 +213,18 @@ def parse_rotation(text: str) -> tuple[str, ...]:
     return tuple(m for m in ("residual", "vo") if m in modes)
 
 
+def check_untie(modes: tuple[str, ...], untie: bool) -> None:
+    """InputError when ``untie`` is asked for without the residual rotation, the only one it serves."""
+    if untie and "residual" not in modes:
+        raise InputError("--untie-head only serves the residual rotation (--rotate residual)")
+
+
 def rotate_model_(model: torch.nn.Module, modes: tuple[str, ...], seed: int = 0, untie: bool = False) -> None:
     """Every rotation of ``modes`` (:func:`parse_rotation`), folded into ``model`` in place (same function in
     fp32).  ``untie`` only matters for ``residual`` on a tied model (:func:`rotate_residual_`)."""
-    if untie and "residual" not in modes:
-        raise InputError("untying the lm_head only serves the residual rotation (--rotate residual)")
+    check_untie(modes, untie)
     for mode in modes:
         rotate_(model, mode, seed, untie=untie)
 
 
-__all__ = ["rotate_vo_", "rotate_residual_", "rotate_", "rotate_model_", "parse_rotation", "MODES", "Mode"]
+__all__ = ["rotate_vo_", "rotate_residual_", "rotate_", "rotate_model_", "parse_rotation", "check_untie", "MODES", "Mode"]
