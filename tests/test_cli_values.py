@@ -180,3 +180,23 @@ def test_bad_rotations_are_refused_before_loading(tiny, tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_that_cannot_be_rotated_is_refused_before_loading(tiny, tmp_path, monkeypatch, capsys):
+    """Gemma 2's post-attention norm sits on the residual path: ``--rotate residual`` is refused from the config
+    and headers, before any weight is read."""
+    import shutil
+
+    from tests.conftest import tiny_arch
+
+    gemma = tmp_path / "gemma2"
+    tiny_arch("gemma2").save_pretrained(str(gemma), safe_serialization=True)
+    for f in tiny.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, gemma / f.name)
+    _no_load(monkeypatch)
+    rc = main(["quantize", str(gemma), "--budget", "6bpw", *SMALL, "--calib", str(tiny.parent / "calib.txt"),
+               "--ctx", "16", "--out", str(tmp_path / "q"), "--rotate", "residual"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: cannot rotate the residual stream") and err.count("\n") == 1, err
+    assert not (tmp_path / "q").exists()

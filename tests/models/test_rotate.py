@@ -9,7 +9,7 @@ import torch
 from bitalloc.errors import InputError
 from bitalloc.formats.rotated import Rotation
 from bitalloc.models.rescale import _LAYER_STRIDE
-from bitalloc.models.rotate import rotate_, rotate_residual_, rotate_vo_
+from bitalloc.models.rotate import check_rotation, rotate_, rotate_residual_, rotate_vo_
 from tests.conftest import tiny_arch, tiny_llama, token_ids
 from tests.moe_tiny import tiny_moe
 
@@ -142,6 +142,42 @@ def test_refused_architectures_get_one_line_and_an_untouched_model(arch: str, mo
         rotate_(model, mode, untie=True)
     assert "\n" not in str(e.value)
     assert not _changed(ref, model)
+
+
+def _meta(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every parameter on the meta device (shapes and tying kept): what the CLI's precheck sees."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+
+
+@pytest.mark.parametrize("arch, mode, why", [
+    ("gemma2", "residual", "post_attention_layernorm"),
+    ("qwen3_moe", "residual", "router"),
+    ("phi3", "vo", "fused"),
+])
+def test_check_rotation_refuses_from_shapes_alone(arch: str, mode: str, why: str) -> None:
+    with pytest.raises(InputError, match=why):
+        check_rotation(_meta(_tiny(arch)), (mode,), untie=mode == "residual")
+
+
+@pytest.mark.parametrize("arch", RESIDUAL_ARCHS)
+def test_check_rotation_passes_every_rotatable_meta_model(arch: str) -> None:
+    meta = _meta(_tiny(arch))
+    assert next(meta.parameters()).is_meta
+    check_rotation(meta, ("residual", "vo") if arch != "phi3" else ("residual",), untie=True)
+
+
+def test_a_non_uniform_final_norm_is_refused_once_its_values_are_known() -> None:
+    """The one refusal that needs values: the meta precheck lets it through, the loaded model refuses it."""
+    model = tiny_llama(tie=True)
+    with torch.no_grad():
+        model.model.norm.weight[0] = 2.0
+    check_rotation(_meta(model), ("residual",))
+    with pytest.raises(InputError, match="final norm"):
+        check_rotation(model, ("residual",))
+    check_rotation(model, ("residual",), untie=True)
 
 
 def test_layernorm_is_refused() -> None:

@@ -127,7 +127,32 @@ def _precheck(args: argparse.Namespace) -> None:
         if getattr(args, attr, None):
             expand_paths(getattr(args, attr))
     _precheck_budgets(args)
+    _precheck_rotation(args)
     _check_tokenizers(args)
+
+
+def _precheck_rotation(args: argparse.Namespace) -> None:
+    """``--rotate`` / ``--untie-head`` that the model cannot take, refused from its config and tensor headers
+    (:func:`bitalloc.models.rotate.check_rotation`; ``bitalloc gguf`` checks its input after its own preflight)."""
+    text = getattr(args, "rotate", None)
+    if text is None and not getattr(args, "untie", False):
+        return
+    from .options import rotate_of
+
+    fields = rotate_of(args)
+    source = _model_source(args)
+    if source is not None:
+        check_rotation_of(source, fields["rotate"], fields["untie"])
+
+
+def check_rotation_of(source: str | Path, modes: tuple[str, ...], untie: bool) -> None:
+    """InputError when the model at ``source`` cannot take the rotations ``modes`` (no weight read)."""
+    from ..models.rotate import check_rotation, check_untie
+    from ..models.sources import meta_model
+
+    check_untie(modes, untie)
+    if modes:
+        check_rotation(meta_model(source), modes, untie)
 
 
 def _check_tokenizers(args: argparse.Namespace) -> None:

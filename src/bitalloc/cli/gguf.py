@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, output_exists
-from .common import print_timings
+from .common import check_rotation_of, print_timings
 from .options import add_recover, add_rotate, add_screen, recover_of, rotate_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,6 +119,8 @@ def cmd_gguf(args: argparse.Namespace) -> int:
         raise output_exists(out)
     tpl = read_template(src)
     preflight(tpl, config.formats, config.budget)
+    if config.rotate:
+        check_rotation_of(src, config.rotate, config.untie)
     limit = tpl.metadata.get(f"{tpl.arch}.context_length")
     if isinstance(limit, int) and not isinstance(limit, bool) and args.ctx > limit:
         raise InputError(f"--ctx {args.ctx} is longer than the model's context of {limit} tokens "

@@ -60,10 +60,9 @@ def _text_config(model: torch.nn.Module) -> Any:
 
 
 # --- v/o ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def rotate_vo_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Rotate every block's value heads in place: v_proj rows ``Qᵀ·`` per KV head, o_proj columns ``·Q`` per
-    query head (grouped-query attention: a query head takes its KV head's ``Q``).  Function-preserving."""
+def _check_vo(model: torch.nn.Module) -> tuple[ArchSpec, Any, torch.nn.ModuleList]:
+    """InputError unless every block has a separate v_proj/o_proj whose shapes give the head layout (names and
+    shapes only: works on a meta model).  Returns ``(spec, text config, blocks)``."""
     spec = arch_for(model.config)
     if spec.v_proj is None or spec.o_proj is None:
         raise InputError(f"cannot rotate {spec.name}: its v/o pair lives inside a fused linear")
@@ -72,6 +71,18 @@ def rotate_vo_(model: torch.nn.Module, seed: int = 0) -> None:
     for i, block in enumerate(blocks):
         where = f"{spec.blocks}.{i}"
         v, o = _get(block, spec.v_proj, where), _get(block, spec.o_proj, where)
+        _head_layout(config, v.weight.shape[0], o.weight.shape[1])
+    return spec, config, blocks
+
+
+@torch.no_grad()
+def rotate_vo_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Rotate every block's value heads in place: v_proj rows ``Qᵀ·`` per KV head, o_proj columns ``·Q`` per
+    query head (grouped-query attention: a query head takes its KV head's ``Q``).  Function-preserving."""
+    spec, config, blocks = _check_vo(model)
+    for i, block in enumerate(blocks):
+        where = f"{spec.blocks}.{i}"
+        v, o = _get(block, spec.v_proj, where), _get(block, spec.o_proj, where)  # type: ignore[arg-type]
         n_heads, n_kv, hd = _head_layout(config, v.weight.shape[0], o.weight.shape[1])
         rot = Rotation.build(hd, seed * _LAYER_STRIDE + i)
         wv = v.weight.detach().to(torch.float64).reshape(n_kv, hd, -1)  # (kv, hd, in): rows of each KV head
@@ -92,7 +103,10 @@ def _check_norm(norm: torch.nn.Module, what: str, offset: float, rot: Rotation) 
         raise InputError(f"cannot rotate the residual stream: {what} has no per-channel weight of size {rot.n}")
     if getattr(norm, "bias", None) is not None:
         raise InputError(f"cannot rotate the residual stream: {what} has a bias (LayerNorm, not RMSNorm)")
-    probe = copy.deepcopy(norm).to(torch.float32)
+    probe = copy.deepcopy(norm)
+    if w.is_meta:  # a precheck on a meta model: the structure is checked on an empty copy
+        probe = probe.to_empty(device="cpu")
+    probe = probe.to(torch.float32)
     probe.weight.data.fill_(1.0 - offset)
     x = torch.randn(4, rot.n, generator=torch.Generator().manual_seed(0)) * 3 + 1
     got, want = probe(rot.apply(x)), rot.apply(probe(x))
@@ -134,11 +148,10 @@ def _write(lin: torch.nn.Module, rot: Rotation) -> None:
         _set(lin.bias, rot.apply(lin.bias.detach().to(torch.float64)))
 
 
-@torch.no_grad()
-def rotate_residual_(model: torch.nn.Module, seed: int = 0, untie: bool = False) -> None:
-    """Rotate the residual stream by one randomised Hadamard ``Q`` (order hidden), folding every RMSNorm weight
-    into the linears it feeds.  Everything is checked before the first weight changes (InputError, model
-    untouched); ``untie`` lets a tied lm_head take its own copy when the final norm is not uniform."""
+def _check_residual(model: torch.nn.Module, seed: int, untie: bool) -> tuple[ArchSpec, Rotation, bool, bool]:
+    """Everything :func:`rotate_residual_` refuses, checked without changing the model: ``(spec, rotation, tied,
+    uniform final norm)``.  On a meta model (a precheck from the config and headers) the values are unknown: the
+    final norm's uniformity is not checked there (``uniform`` True) and is refused once the weights are loaded."""
     spec = arch_for(model.config)
     if spec.experts is not None:
         raise InputError(f"cannot rotate the residual stream of {spec.name}: the MoE router reads it and the "
@@ -164,11 +177,26 @@ def rotate_residual_(model: torch.nn.Module, seed: int = 0, untie: bool = False)
                     raise InputError(f"cannot rotate the residual stream: {where}.{lin} does not "
                                      f"{'write' if norm_name is None else 'read'} the {hidden}-wide stream")
     tied = head.weight is emb.weight
-    w_final = final.weight.detach().to(torch.float64) + spec.norm_offset
-    uniform = bool((w_final == w_final[0]).all())
+    if final.weight.is_meta:
+        uniform = True
+    else:
+        w_final = final.weight.detach().to(torch.float64) + spec.norm_offset
+        uniform = bool((w_final == w_final[0]).all())
     if tied and not uniform and not untie:
         raise InputError(f"cannot rotate the residual stream of this tied {spec.name}: the final norm's weight "
                          f"cannot be folded into the shared embedding (untie=True gives lm_head its own copy)")
+    return spec, rot, tied, uniform
+
+
+@torch.no_grad()
+def rotate_residual_(model: torch.nn.Module, seed: int = 0, untie: bool = False) -> None:
+    """Rotate the residual stream by one randomised Hadamard ``Q`` (order hidden), folding every RMSNorm weight
+    into the linears it feeds.  Everything is checked before the first weight changes (InputError, model
+    untouched); ``untie`` lets a tied lm_head take its own copy when the final norm is not uniform."""
+    spec, rot, tied, uniform = _check_residual(model, seed, untie)
+    emb, head = _get(model, spec.embedding, "the model"), _get(model, spec.lm_head, "the model")
+    final = _get(model, spec.final_norm, "the model")
+    blocks = _blocks(model, spec)
     # --- checked: now fold and rotate
     for i, block in enumerate(blocks):
         where = f"{spec.blocks}.{i}"
@@ -189,7 +217,7 @@ def rotate_residual_(model: torch.nn.Module, seed: int = 0, untie: bool = False)
                 cfg.tie_word_embeddings = False
         _read(emb, rot, None)
         _read(head, rot, _fold_norm(final, spec.norm_offset))
-    log.info("rotated the residual stream of %d blocks (hidden %d, seed=%d%s)", len(blocks), hidden, seed,
+    log.info("rotated the residual stream of %d blocks (hidden %d, seed=%d%s)", len(blocks), rot.n, seed,
              ", lm_head untied" if tied and not uniform else "")
 
 
@@ -219,6 +247,18 @@ def check_untie(modes: tuple[str, ...], untie: bool) -> None:
         raise InputError("--untie-head only serves the residual rotation (--rotate residual)")
 
 
+@torch.no_grad()
+def check_rotation(model: torch.nn.Module, modes: tuple[str, ...], untie: bool = False) -> None:
+    """InputError for whatever :func:`rotate_model_` would refuse, with the model unchanged.  Works on a meta
+    model (:func:`bitalloc.models.sources.meta_model`), so the CLI refuses before loading any weight; only the
+    refusal that needs values (a tied model whose final norm is not uniform, without ``untie``) waits for them."""
+    check_untie(modes, untie)
+    if "residual" in modes:
+        _check_residual(model, 0, untie)
+    if "vo" in modes:
+        _check_vo(model)
+
+
 def rotate_model_(model: torch.nn.Module, modes: tuple[str, ...], seed: int = 0, untie: bool = False) -> None:
     """Every rotation of ``modes`` (:func:`parse_rotation`), folded into ``model`` in place (same function in
     fp32).  ``untie`` only matters for ``residual`` on a tied model (:func:`rotate_residual_`)."""
@@ -227,4 +267,4 @@ def rotate_model_(model: torch.nn.Module, modes: tuple[str, ...], seed: int = 0,
         rotate_(model, mode, seed, untie=untie)
 
 
-__all__ = ["rotate_vo_", "rotate_residual_", "rotate_", "rotate_model_", "parse_rotation", "check_untie", "MODES", "Mode"]
+__all__ = ["rotate_vo_", "rotate_residual_", "rotate_", "rotate_model_", "parse_rotation", "check_untie", "check_rotation", "MODES", "Mode"]
