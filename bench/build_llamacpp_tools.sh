@@ -38,12 +38,20 @@ LLAMA="$SRC/vendor/llama.cpp"
 [ -f "$LLAMA/CMakeLists.txt" ] || { echo "error: no llama.cpp sources in $SRC" >&2; exit 1; }
 
 BUILD="$PREFIX/build"
+# ggml's AMX kernels (picked by -march=native on CPUs that advertise AMX) crash llama-perplexity with a
+# segmentation fault on Q4_0 files in VMs that advertise AMX without enabling it; the AVX-512 repacked kernels
+# that every other x86 CPU uses are kept.
+NO_AMX=()
+if [ "$(uname -m)" = "x86_64" ]; then
+    NO_AMX=(-DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+            -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+fi
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
 nice -n 10 cmake -S "$LLAMA" -B "$BUILD" "${GEN[@]}" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON "${NO_AMX[@]}"
 nice -n 10 cmake --build "$BUILD" -j "$JOBS" --target "${TOOLS[@]}"
 for t in "${TOOLS[@]}"; do
     cp "$BUILD/bin/$t" "$PREFIX/bin/$t"
