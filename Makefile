@@ -54,8 +54,12 @@ bench-demo-time: venv
 	$(PY) bench/demo_time.py --clone
 
 ## llama.cpp: the Python binding (builds from source, ~10 min) and the command-line tools (cmake).
+## On x86-64 both are built without ggml's AMX kernels: they crash on Q4_0 files where a VM advertises AMX
+## without enabling it (see bench/build_llamacpp_tools.sh).
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)')
 llamacpp: venv
-	$(PY) -m pip install -q llama-cpp-python==0.3.36
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q llama-cpp-python==0.3.36
 	bash bench/build_llamacpp_tools.sh
 
 bench-gguf: llamacpp

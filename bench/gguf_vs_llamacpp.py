@@ -23,6 +23,10 @@ side. Library functions that accept ``timer=`` get a second StageTimer whose fin
 Hessians, Fisher pass, per-format measurement, refits...) are stored as ``library_stages``. A measurement or size
 reused from an earlier run reports the time saved when it was made (flagged ``reused``); ``--fresh`` recomputes
 the measurement, every size and llama.cpp's side for a clean timing.
+``--recover MODE`` trains each bitalloc file back toward the reference (``bitalloc gguf --recover``; same bytes);
+its results go to ``gguf_vs_llamacpp_recover-<mode>.*`` and each size is also compared with the same size without
+recovery when a run without ``--recover`` saved it (same measurement, method and evaluation): KLD ratio, goal
+<= 0.8.  llama.cpp's side is shared by both.
 ``--quick`` is a plumbing smoke test (2 calibration windows, 2 evaluation chunks, 3 GGUF types, RTN, one
 size); its results go to ``gguf_vs_llamacpp-quick.*`` and never replace the full ones.
 
@@ -93,6 +97,7 @@ TABLE_ORDER = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "IQ4_NL", "Q4_0")
 FLOOR_TYPE = "Q8_0"  # pure: nearly exact weights, so its KLD is mostly llama.cpp's 8-bit activation rounding
 TIME_GOAL = 5.0  # bitalloc's wall time at most this many times llama.cpp's (imatrix + quantize)
 KLD_GOAL = 0.7
+RECOVER_GOAL = 0.8  # --recover: KLD at most this many times the same size's without recovery
 # what one `bitalloc gguf` run does before its per-size work (bench stages), and that per-size work
 SHARED_STAGES = ("load", "template", "calibration", "fingerprint", "measure")
 SIZE_STAGES = ("plan", "quantize", "write")
@@ -173,6 +178,17 @@ def final_errors(model: torch.nn.Module, view: ModelView, saved: dict[str, torch
     return st.error_agreement(pairs)
 
 
+def versus_unrecovered(result: dict, unrecovered: dict | None) -> dict[str, Any]:
+    """For a ``--recover`` size: the same size's result without recovery (same measurement, bytes, method and
+    evaluation; saved by a run without ``--recover``) and the KLD ratio recovered / unrecovered (goal
+    ``RECOVER_GOAL``); empty when there is no such result."""
+    if not unrecovered or "kld" not in unrecovered:
+        return {}
+    ratio = result["kld"] / unrecovered["kld"] if unrecovered["kld"] > 0 else None
+    return {"unrecovered": {k: unrecovered[k] for k in ("bytes", "kld", "ppl", "top1") if k in unrecovered},
+            "kld_vs_unrecovered": ratio, "recovery_goal_met": ratio is not None and ratio <= RECOVER_GOAL}
+
+
 def stage_seconds(stages: dict[str, dict], names: tuple[str, ...]) -> float:
     """Sum of the seconds of ``names`` in a ``StageTimer.as_dict()`` (absent stages count 0)."""
     return sum(float(stages.get(n, {}).get("seconds", 0.0)) for n in names)
@@ -210,14 +226,16 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     made: set[str] = set()
     check = args.check_errors
     for name, size in targets.items():
-        key = st.digest({"measurement": m.fingerprint, "bytes": size, "method": args.method, "code": code,
-                         "eval_chunks": args.eval_chunks, "threads": args.threads,
-                         **({"recover": recover.fingerprint()} if recover.active else {})})
+        plain_key = {"measurement": m.fingerprint, "bytes": size, "method": args.method, "code": code,
+                     "eval_chunks": args.eval_chunks, "threads": args.threads}
+        key = st.digest({**plain_key, **({"recover": recover.fingerprint()} if recover.active else {})})
+        unrecovered = store.get(st.digest(plain_key)) if recover.active else None
         # --fresh: a saved result counts only when this run made it (a second type of the same size)
         done = store.get(key) if not getattr(args, "fresh", False) or key in made else None
         if done is not None and "gguf_seconds" in done:
             log.info("bitalloc at %s (%d B): saved result reused", name, size)
-            out[name] = {**done, "reused": key not in made, "same_file_as_earlier_type": key in made}
+            out[name] = {**done, "reused": key not in made, "same_file_as_earlier_type": key in made,
+                         **versus_unrecovered(done, unrecovered)}
             on_size(out)
             continue
         t1 = time.perf_counter()
@@ -251,7 +269,7 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
             check = False  # one size is enough to judge the measurement
         store.put(key, result)
         made.add(key)
-        out[name] = result
+        out[name] = {**result, **versus_unrecovered(result, unrecovered)}
         log.info("bitalloc at %s: %s", name, {k: v for k, v in result.items()
                                                if k not in ("error_check", "stages", "library_stages")})
         on_size(out)
@@ -269,9 +287,14 @@ def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
     return RESULTS / f"{name}{tag}{'-quick' if getattr(args, 'quick', False) else ''}.{ext}"
 
 
+def llama_side_path(args: argparse.Namespace) -> Path:
+    """Where llama.cpp's side is saved: one file for every ``--recover`` (recovery is bitalloc's side only)."""
+    return result_path(argparse.Namespace(**{**vars(args), "recover": "none"}), "gguf_vs_llamacpp_llamaside")
+
+
 def saved_llama_side(args: argparse.Namespace, ref: Path, base: Path) -> tuple[float, dict[str, dict], dict] | None:
     """llama.cpp's side saved for these settings, with its wall times (None when any is missing)."""
-    path = result_path(args, "gguf_vs_llamacpp_llamaside")
+    path = llama_side_path(args)
     found = st.load_llama_side(path, st.llama_settings(args), [t for t, _ in LLAMA_TYPES], [ref, base], LLAMA_KEYS)
     timing = st.load_llama_timing(path)
     if found is None or timing is None or "imatrix_seconds" not in timing:
@@ -284,7 +307,7 @@ def llama_side(args: argparse.Namespace, ref: Path, calib_txt: Path, eval_txt: P
     """Reference PPL, llama.cpp's results (each with its ``llama-quantize`` wall time) and ``{"imatrix_seconds":
     s}``: reused when saved for the same settings, else run (and saved)."""
     settings = st.llama_settings(args)
-    saved_path = result_path(args, "gguf_vs_llamacpp_llamaside")
+    saved_path = llama_side_path(args)
     if not args.redo_llamacpp:
         found = saved_llama_side(args, ref, base)
         if found is not None:
@@ -390,7 +413,8 @@ def report(args: argparse.Namespace, ref_ppl: float, ref_bytes: int, llama: dict
             "settings": settings, "sizes_run": [r["type"] for r in rows if r["bitalloc"]],
             "sizes_missing": [r["type"] for r in rows if not r["bitalloc"]], "rows": rows,
             "floor": None if floor is None else {"type": f"{FLOOR_TYPE} (pure)", **floor},
-            "goals": {"kld_ratio_max": KLD_GOAL, "time_ratio_max": TIME_GOAL},
+            "goals": {"kld_ratio_max": KLD_GOAL, "time_ratio_max": TIME_GOAL,
+                      "recovered_vs_unrecovered_max": RECOVER_GOAL},
             "time": {"llamacpp": llama_timing, "bitalloc_shared": shared, "sweep": sweep,
                      "note": "bitalloc per size = load + template + calibration + fingerprint + measure + plan + "
                              "quantize + write; "
@@ -458,6 +482,17 @@ def print_table(ref_ppl: float, chunks: int, rows: list[dict], floor: dict | Non
             if t:
                 right += f" | {t['llamacpp_seconds']:8.1f} {t['bitalloc_seconds']:8.1f} {t['ratio']:6.2f}"
         print(left + " | " + right)
+
+
+def print_recovery(rows: list[dict]) -> None:
+    """One line per size with a recovered and an unrecovered bitalloc result."""
+    for r in rows:
+        b = r.get("bitalloc") or {}
+        if b.get("kld_vs_unrecovered") is not None:
+            print(f"{r['type']}: bitalloc with recovery KLD {b['kld']:.4f} vs without {b['unrecovered']['kld']:.4f}: "
+                  f"{b['kld_vs_unrecovered']:.3f}x (goal <= {RECOVER_GOAL:g}x: "
+                  f"{'met' if b['recovery_goal_met'] else 'NOT met'}); bytes {b['bytes']} vs "
+                  f"{b['unrecovered'].get('bytes')}")
 
 
 def print_sweep(sweep: dict | None) -> None:
@@ -542,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = report(args, ref_ppl, os.path.getsize(ref), llama, ours, time.perf_counter() - t_start, floor,
                   llama_timing=llama_timing, shared=shared)
     print_table(ref_ppl, args.eval_chunks, rows, floor)
+    print_recovery(rows)
     print_sweep(add_times(rows, llama_timing, shared))
     return 0
 

@@ -57,3 +57,26 @@ def test_report_ratio_above_the_activation_rounding_floor(tmp_path: Path, monkey
     bench.print_table(42.0, 8, plain)
     out = capsys.readouterr().out
     assert "floor:" not in out and "0.0600" in out and "0.600" in out  # a row without a floor still prints
+
+
+def test_a_recovered_size_is_compared_with_the_same_size_without_recovery(capsys) -> None:
+    plain = {"bytes": 990, "ppl": 45.0, "kld": 0.05, "top1": 0.8, "gguf_seconds": 3.0}
+    better = {"bytes": 990, "ppl": 44.0, "kld": 0.035, "top1": 0.82}
+    got = bench.versus_unrecovered(better, plain)
+    assert got["kld_vs_unrecovered"] == pytest.approx(0.7) and got["recovery_goal_met"] is True
+    assert got["unrecovered"] == {"bytes": 990, "kld": 0.05, "ppl": 45.0, "top1": 0.8}
+    worse = bench.versus_unrecovered({**better, "kld": 0.045}, plain)
+    assert worse["kld_vs_unrecovered"] == pytest.approx(0.9) and worse["recovery_goal_met"] is False
+    assert bench.versus_unrecovered(better, None) == {}
+    bench.print_recovery([{"type": "Q2_K", "bitalloc": {**better, **got}}, {"type": "Q4_0", "bitalloc": plain}])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "Q2_K: bitalloc with recovery KLD 0.0350 vs without 0.0500: 0.700x" in out
+
+
+def test_llama_cpp_side_is_saved_under_one_name_whatever_the_recovery() -> None:
+    """Recovery changes bitalloc's side only: a --recover run reuses llama.cpp's saved side."""
+    plain = bench.llama_side_path(Namespace(recover="none", quick=False))
+    assert plain == bench.llama_side_path(Namespace(recover="block+e2e", quick=False))
+    assert plain.name == "gguf_vs_llamacpp_llamaside.json"
+    assert bench.result_path(Namespace(recover="block+e2e", quick=False), "gguf_vs_llamacpp").name == \
+        "gguf_vs_llamacpp_recover-block-e2e.json"
