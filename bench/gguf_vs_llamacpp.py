@@ -287,9 +287,10 @@ def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
     return RESULTS / f"{name}{tag}{'-quick' if getattr(args, 'quick', False) else ''}.{ext}"
 
 
-def llama_side_path(args: argparse.Namespace) -> Path:
-    """Where llama.cpp's side is saved: one file for every ``--recover`` (recovery is bitalloc's side only)."""
-    return result_path(argparse.Namespace(**{**vars(args), "recover": "none"}), "gguf_vs_llamacpp_llamaside")
+def llama_side_path(args: argparse.Namespace, name: str = "gguf_vs_llamacpp_llamaside") -> Path:
+    """Where llama.cpp's side (or its floor) is saved: one file for every ``--recover`` (recovery is bitalloc's
+    side only)."""
+    return result_path(argparse.Namespace(**{**vars(args), "recover": "none"}), name)
 
 
 def saved_llama_side(args: argparse.Namespace, ref: Path, base: Path) -> tuple[float, dict[str, dict], dict] | None:
@@ -342,7 +343,7 @@ def llama_floor(args: argparse.Namespace, ref: Path, eval_txt: Path, base: Path,
     Every quantized type makes llama.cpp round the matmul inputs to 8 bits (bitalloc.activations); Q8_0 weights
     are nearly exact, so this file's KLD is close to the part of every file's KLD that no weight rounding can
     remove (only F16/F32 weights avoid it)."""
-    path, settings = result_path(args, "gguf_vs_llamacpp_floor"), st.llama_settings(args)
+    path, settings = llama_side_path(args, "gguf_vs_llamacpp_floor"), st.llama_settings(args)
     found = st.load_llama_side(path, settings, [FLOOR_TYPE], [ref, base])
     if found is not None:
         return found[1][FLOOR_TYPE]

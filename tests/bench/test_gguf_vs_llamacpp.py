@@ -78,5 +78,7 @@ def test_llama_cpp_side_is_saved_under_one_name_whatever_the_recovery() -> None:
     plain = bench.llama_side_path(Namespace(recover="none", quick=False))
     assert plain == bench.llama_side_path(Namespace(recover="block+e2e", quick=False))
     assert plain.name == "gguf_vs_llamacpp_llamaside.json"
+    assert bench.llama_side_path(Namespace(recover="block", quick=False), "gguf_vs_llamacpp_floor").name == \
+        "gguf_vs_llamacpp_floor.json"
     assert bench.result_path(Namespace(recover="block+e2e", quick=False), "gguf_vs_llamacpp").name == \
         "gguf_vs_llamacpp_recover-block-e2e.json"

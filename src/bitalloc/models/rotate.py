@@ -82,7 +82,7 @@ def rotate_vo_(model: torch.nn.Module, seed: int = 0) -> None:
     spec, config, blocks = _check_vo(model)
     for i, block in enumerate(blocks):
         where = f"{spec.blocks}.{i}"
-        v, o = _get(block, spec.v_proj, where), _get(block, spec.o_proj, where)  # type: ignore[arg-type]
+        v, o = _get(block, spec.v_proj, where), _get(block, spec.o_proj, where)
         n_heads, n_kv, hd = _head_layout(config, v.weight.shape[0], o.weight.shape[1])
         rot = Rotation.build(hd, seed * _LAYER_STRIDE + i)
         wv = v.weight.detach().to(torch.float64).reshape(n_kv, hd, -1)  # (kv, hd, in): rows of each KV head
@@ -267,4 +267,5 @@ def rotate_model_(model: torch.nn.Module, modes: tuple[str, ...], seed: int = 0,
         rotate_(model, mode, seed, untie=untie)
 
 
-__all__ = ["rotate_vo_", "rotate_residual_", "rotate_", "rotate_model_", "parse_rotation", "check_untie", "check_rotation", "MODES", "Mode"]
+__all__ = ["rotate_vo_", "rotate_residual_", "rotate_", "rotate_model_", "parse_rotation", "check_untie",
+           "check_rotation", "MODES", "Mode"]
