@@ -200,3 +200,28 @@ def test_a_model_that_cannot_be_rotated_is_refused_before_loading(tiny, tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: cannot rotate the residual stream") and err.count("\n") == 1, err
     assert not (tmp_path / "q").exists()
+
+
+def test_the_prechecks_read_the_model_headers_once(tiny, tmp_path, monkeypatch, capsys):
+    """The budget and rotation prechecks share one meta model (one read of the config and tensor headers)."""
+    import bitalloc.models.sources as sources
+    from bitalloc.errors import InputError
+
+    calls = []
+    real = sources.meta_model
+
+    def counted(source):
+        calls.append(source)
+        return real(source)
+
+    def stop(*a, **k):
+        raise InputError("stopped at the load")
+
+    monkeypatch.setattr(sources, "meta_model", counted)
+    monkeypatch.setattr("bitalloc.cli.common._load_model", stop)
+    monkeypatch.setattr("bitalloc.models.sources.load_model", stop)
+    rc = main(["quantize", str(tiny), "--budget", "6bpw", *SMALL, "--calib", str(tiny.parent / "calib.txt"),
+               "--ctx", "16", "--out", str(tmp_path / "q"), "--rotate", "vo"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: stopped at the load"), err  # both prechecks passed
+    assert len(calls) == 1

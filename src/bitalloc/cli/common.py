@@ -126,12 +126,29 @@ def _precheck(args: argparse.Namespace) -> None:
     for attr in ("calib", "eval", "text"):
         if getattr(args, attr, None):
             expand_paths(getattr(args, attr))
-    _precheck_budgets(args)
-    _precheck_rotation(args)
+    source = _model_source(args)
+    meta = _meta_once(source)
+    _precheck_budgets(args, source, meta)
+    _precheck_rotation(args, source, meta)
     _check_tokenizers(args)
 
 
-def _precheck_rotation(args: argparse.Namespace) -> None:
+def _meta_once(source: str | None) -> Callable[[], Any]:
+    """The meta model of ``source`` (:func:`~bitalloc.models.sources.meta_model`), built on the first call only:
+    the prechecks share one read of the config and headers."""
+    built: list[Any] = []
+
+    def get() -> Any:
+        if not built:
+            from ..models.sources import meta_model
+
+            built.append(meta_model(source))  # type: ignore[arg-type]
+        return built[0]
+
+    return get
+
+
+def _precheck_rotation(args: argparse.Namespace, source: str | None, meta: Callable[[], Any]) -> None:
     """``--rotate`` / ``--untie-head`` that the model cannot take, refused from its config and tensor headers
     (:func:`bitalloc.models.rotate.check_rotation`; ``bitalloc gguf`` checks its input after its own preflight)."""
     text = getattr(args, "rotate", None)
@@ -140,19 +157,18 @@ def _precheck_rotation(args: argparse.Namespace) -> None:
     from .options import rotate_of
 
     fields = rotate_of(args)
-    source = _model_source(args)
     if source is not None:
-        check_rotation_of(source, fields["rotate"], fields["untie"])
+        check_rotation_of(meta, fields["rotate"], fields["untie"])
 
 
-def check_rotation_of(source: str | Path, modes: tuple[str, ...], untie: bool) -> None:
-    """InputError when the model at ``source`` cannot take the rotations ``modes`` (no weight read)."""
+def check_rotation_of(meta: Callable[[], Any], modes: tuple[str, ...], untie: bool) -> None:
+    """InputError when the model ``meta()`` returns (a meta model: no weight read) cannot take the rotations
+    ``modes``; ``--untie-head`` without ``residual`` is refused before ``meta`` is called."""
     from ..models.rotate import check_rotation, check_untie
-    from ..models.sources import meta_model
 
     check_untie(modes, untie)
     if modes:
-        check_rotation(meta_model(source), modes, untie)
+        check_rotation(meta(), modes, untie)
 
 
 def _check_tokenizers(args: argparse.Namespace) -> None:
@@ -182,14 +198,12 @@ def _model_source(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _precheck_budgets(args: argparse.Namespace) -> None:
+def _precheck_budgets(args: argparse.Namespace, source: str | None, meta: Callable[[], Any]) -> None:
     """From the model's config and shapes (no weight read): ``--ctx`` beyond the model's context length, and
     budgets the candidate formats cannot reach (not for ``bitalloc gguf``, whose own preflight counts the file,
     or a given plan or measurement)."""
-    from ..models.sources import meta_model
     from ..pipeline import check_reachable
 
-    source = _model_source(args)
     if source is None:
         return
     budgets = [args.budget] if getattr(args, "budget", None) else _budgets(args.budgets) if getattr(
@@ -198,7 +212,7 @@ def _precheck_budgets(args: argparse.Namespace) -> None:
              and not getattr(args, "plan", None) and not getattr(args, "measurement", None))
     if not reach and getattr(args, "ctx", None) is None:
         return
-    model = meta_model(source)
+    model = meta()
     limit = getattr(model.config, "max_position_embeddings", None)
     if getattr(args, "ctx", None) is not None and isinstance(limit, int) and args.ctx > limit:
         raise InputError(f"--ctx {args.ctx} is longer than the model's context of {limit} tokens "

@@ -109,6 +109,7 @@ def gguf_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_gguf(args: argparse.Namespace) -> int:
     from ..export.gguf import read_template
     from ..jobs.run import run_export
+    from ..models.sources import meta_model
     from ..targets.gguf import GGUFTarget, preflight
 
     src, out = Path(args.input), Path(args.out)
@@ -120,7 +121,7 @@ def cmd_gguf(args: argparse.Namespace) -> int:
     tpl = read_template(src)
     preflight(tpl, config.formats, config.budget)
     if config.rotate:
-        check_rotation_of(src, config.rotate, config.untie)
+        check_rotation_of(lambda: meta_model(src), config.rotate, config.untie)
     limit = tpl.metadata.get(f"{tpl.arch}.context_length")
     if isinstance(limit, int) and not isinstance(limit, bool) and args.ctx > limit:
         raise InputError(f"--ctx {args.ctx} is longer than the model's context of {limit} tokens "
