@@ -66,6 +66,11 @@ HEAD_DIM = 64
 SHARD_BYTES = 2 << 30
 GOAL_EXPONENT = 1.1
 GOAL_RSS_FRACTION = 0.5
+#: The sizes (billions) the speed issue names: the goal exponents are fitted over these when two or more ran
+#: (smaller sizes are dominated by the embedding, whose work grows unlike the blocks').
+GOAL_SIZES = (0.1, 0.5, 1.5)
+#: Settings that must be equal for a size's earlier result to be reused (``--reuse``).
+RUN_KEYS = ("device", "formats", "method", "windows", "fisher_windows", "ctx", "threads", "vocab", "seed")
 log = logging.getLogger("scaling")
 
 
@@ -281,6 +286,42 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
 
 
+def source_commit() -> str | None:
+    """The repository's commit, with ``-dirty`` when the library or this bench differ from it (None outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "bench/scaling.py"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a size's result depends on (:data:`RUN_KEYS`)."""
+    return {k: getattr(args, k) for k in RUN_KEYS}
+
+
+def reusable(path: Path, args: argparse.Namespace) -> dict[float, dict[str, Any]]:
+    """Finished sizes of an earlier result file run with the same :func:`run_settings` (an entry's own
+    ``run_settings``, else the file's ``settings``), by size; {} when the file is missing or unreadable."""
+    try:
+        body = json.loads(path.read_text())
+        entries, file_settings = list(body["sizes"]), dict(body.get("settings", {}))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    want = run_settings(args)
+    out: dict[float, dict[str, Any]] = {}
+    for e in entries:
+        if not isinstance(e, dict) or "error" in e or "size_b" not in e:
+            continue
+        have = e.get("run_settings") or {k: file_settings.get(k) for k in RUN_KEYS}
+        if have == want:
+            out[float(e["size_b"])] = dict(e, run_settings=want)
+    return out
+
+
 def run_size(args: argparse.Namespace, billions: float) -> dict[str, Any]:
     shape = shape_for(billions, args.vocab)
     tag = f"llama-{billions:g}b-v{args.vocab}"
@@ -301,7 +342,8 @@ def run_size(args: argparse.Namespace, billions: float) -> dict[str, Any]:
              write_s, " ".join(cmd))
     t1 = time.perf_counter()
     entry: dict[str, Any] = {"size_b": billions, "shape": asdict(shape), "nominal_params": shape.params,
-                             "model_write_seconds": round(write_s, 1)}
+                             "model_write_seconds": round(write_s, 1), "commit": source_commit(),
+                             "run_settings": run_settings(args)}
     try:
         proc = subprocess.run(cmd, env=env, timeout=args.timeout, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -321,6 +363,19 @@ def run_size(args: argparse.Namespace, billions: float) -> dict[str, Any]:
 
 
 def summarise(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exponents over every size that ran (``time_exponents``...), and, under ``goal``, the same fitted over the
+    :data:`GOAL_SIZES` only (None when fewer than two of them ran); the RSS goal at the largest size."""
+    out = _fit(entries)
+    at_goal = [e for e in entries if any(math.isclose(float(e["size_b"]), b) for b in GOAL_SIZES)]
+    n_goal = sum("error" not in e for e in at_goal)
+    goal = _fit(at_goal) if n_goal >= 2 else None
+    out["goal"] = {"sizes_b": list(GOAL_SIZES), "sizes_run": n_goal,
+                   "time_exponents": None if goal is None else goal["time_exponents"],
+                   "total_exponent": None if goal is None else goal["total_exponent"]}
+    return out
+
+
+def _fit(entries: list[dict[str, Any]]) -> dict[str, Any]:
     ok = [e for e in entries if "error" not in e]
     params = [float(e["params"]) for e in ok]
     fits: dict[str, Any] = {}
@@ -399,6 +454,10 @@ def plot(entries: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> 
     plt.close(fig)
 
 
+def _fmt(k: float | None) -> str:
+    return "-" if k is None else format(k, ".2f")
+
+
 def print_table(entries: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     stages = list(summary["time_exponents"])
     mib = 2**20
@@ -415,8 +474,15 @@ def print_table(entries: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     ks = " ".join(f"{'-' if f['exponent'] is None else format(f['exponent'], '.2f'):>12}"
                   for f in summary["time_exponents"].values())
     k_total = summary["total_exponent"]["exponent"]
-    print(f"{'exponent':>21} {ks}   (goal <= {GOAL_EXPONENT}; bench stages' total "
+    print(f"{'exponent':>21} {ks}   (all sizes; bench stages' total "
           f"{'-' if k_total is None else format(k_total, '.2f')})")
+    goal = summary.get("goal") or {}
+    if goal.get("time_exponents"):
+        kg = " ".join(f"{_fmt(goal['time_exponents'].get(s, {}).get('exponent')):>12}" for s in stages)
+        kt = goal["total_exponent"]["exponent"]
+        sizes = ",".join(f"{b:g}" for b in GOAL_SIZES)
+        print(f"{'exponent ' + sizes + 'B':>21} {kg}   (goal <= {GOAL_EXPONENT}; total {_fmt(kt)}: "
+              f"{'met' if kt is not None and kt <= GOAL_EXPONENT else 'NOT met'})")
     if "largest" in summary:
         L = summary["largest"]
         print(f"largest size: peak RSS above the floor = {L['rss_above_floor_fraction_of_fp32']:.3f} x fp32 size "
@@ -440,6 +506,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per size (default: no limit)")
     ap.add_argument("--work", default=str(WORK), help=f"models, spill files and packed outputs (default {WORK})")
     ap.add_argument("--keep-models", action="store_true", help="keep the random models for a rerun (reused)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take the sizes already in --out that ran with the same settings instead of running them "
+                         "again (each entry records its commit)")
     ap.add_argument("--out", default=str(RESULTS / "scaling.json"), help="result JSON (the PNG goes beside it)")
     ap.add_argument("--worker", metavar="MODEL_DIR", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -478,10 +547,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     entries: list[dict[str, Any]] = []
-    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "result", "spill")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "result", "spill", "reuse")}
     t0 = time.perf_counter()
+    earlier = reusable(out, args) if args.reuse else {}
     for b in sizes:
-        entries.append(run_size(args, b))
+        if b in earlier:
+            log.info("size %gB: reusing the result in %s (commit %s)", b, out, earlier[b].get("commit"))
+            entries.append(dict(earlier[b], reused=True))
+        else:
+            entries.append(run_size(args, b))
         summary = summarise(entries)
         body = {"settings": settings, "checkpoint_dtype": "bfloat16", "compute_dtype": "float32",
                 "weights": "random N(0, 0.02^2), norms 1, tied embedding", "tokens": "uniform random ids",

@@ -73,3 +73,37 @@ def test_gguf_bench_time_columns_and_sweep() -> None:
     assert sweep["bitalloc_files"] == 5 and sweep["bitalloc_seconds"] == pytest.approx(45.0)
     assert sweep["llamacpp_seconds"] == pytest.approx(20.0) and sweep["ratio"] == pytest.approx(2.25)
     assert gbench.add_times(rows, None, {"seconds": 1.0}) is None  # no llama.cpp times saved
+
+
+def test_goal_exponents_use_the_issue_sizes_only() -> None:
+    def entry(b: float, t: float) -> dict:
+        p = int(b * 1e9)
+        return {"size_b": b, "params": p, "stages": {"measure": {"seconds": t, "calls": 1}},
+                "library_stages": {}, "rss_peak_bytes": 100 + p, "rss_floor_bytes": 100}
+
+    # small sizes grow steeply (exponent 2 between them), the issue's sizes linearly
+    entries = [entry(0.01, 1e-4), entry(0.03, 9e-4), entry(0.1, 1e-2), entry(0.5, 5e-2), entry(1.5, 0.15)]
+    s = scaling.summarise(entries)
+    assert s["time_exponents"]["measure"]["exponent"] > 1.2
+    assert s["goal"]["sizes_run"] == 3
+    assert s["goal"]["time_exponents"]["measure"]["exponent"] == pytest.approx(1.0)
+    assert s["goal"]["total_exponent"]["goal_met"] is True
+    one = scaling.summarise(entries[:3])  # one of the issue's sizes: no goal fit
+    assert one["goal"]["time_exponents"] is None and one["goal"]["sizes_run"] == 1
+
+
+def test_reuse_takes_finished_sizes_with_equal_settings(tmp_path: Path) -> None:
+    args = scaling.parse_args(["--sizes", "0.1,0.5", "--threads", "2", "--device", "cpu"])
+    same = scaling.run_settings(args)
+    body = {"settings": dict(same, sizes="0.1"), "sizes": [
+        {"size_b": 0.1, "params": 1, "commit": "abc"},                      # file settings match
+        {"size_b": 0.5, "params": 2, "error": "timed out"},                 # failed: run again
+        {"size_b": 1.5, "params": 3, "run_settings": dict(same, threads=16)},  # other threads
+        "junk"]}
+    out = tmp_path / "scaling.json"
+    out.write_text(json.dumps(body))
+    got = scaling.reusable(out, args)
+    assert list(got) == [0.1] and got[0.1]["commit"] == "abc" and got[0.1]["run_settings"] == same
+    assert scaling.reusable(tmp_path / "missing.json", args) == {}
+    (tmp_path / "bad.json").write_text("{")
+    assert scaling.reusable(tmp_path / "bad.json", args) == {}

@@ -38,6 +38,12 @@ def test_default_formats_become_the_expressible_ones():
     assert explicit.formats == "int4-g32,fp16"  # kept: the run config refuses it
 
 
+def test_default_formats_leave_out_what_has_no_scheme():
+    from bitalloc.targets.compressed_tensors import default_formats
+
+    assert default_formats("int4-g32-dq,int4-g64,q4_0,nvfp4,fp16") == "int4-g64-sym,nvfp4,fp16"
+
+
 @pytest.mark.parametrize("formats, budget, match", [("int4-g32,fp16", "6bpw", "integer zero point"),
                                                     ("q4_0,fp16", "6bpw", "no format"),
                                                     ("int4-g32-sym", "4.57bpw", "fp16, bf16 or fp32")])

@@ -239,3 +239,54 @@ def test_batched_measurement_equals_per_format() -> None:
         for a, b in zip(new, old):
             assert a.output_error == pytest.approx(b.output_error, rel=1e-6)
             assert a.fisher_error == pytest.approx(b.fisher_error, rel=1e-6)
+
+
+def _refine_by_explicit_errors(fmt: IntDQFormat, w, codes, grid, h) -> Grid:
+    """The refine evaluated the slow way: every candidate's error from its decoded values, each least-squares
+    fit and move gradient from its own products with H (what :meth:`IntDQFormat.refine` computes by algebra)."""
+    from bitalloc.formats.gguf_common import fp16r
+    from bitalloc.formats.int_dq import REFINE_STEPS, _solve_normal
+
+    d, dmin, sc, mn = (grid.extra[k] for k in ("d", "dmin", "sc", "m"))
+    h64 = ((h + h.T) * 0.5).double()
+    z, w64 = grid.levels.double()[codes], w.double()
+    g = torch.arange(w.shape[1]) // fmt.group
+    best = [d, dmin, sc, mn, row_errors(w, grid.values(codes), h)]
+    for step in range(1 + REFINE_STEPS):
+        c_sc, c_mn = sc, mn
+        if step:
+            v = best[0].double()[:, None] * best[2][:, g].double() * z - best[1].double()[:, None] * best[3][:, g]
+            c_sc, c_mn = fmt._move_ints((w64 - v) @ h64, z, h64, *best[:4])
+        a, b = c_sc[:, g].double() * z, -c_mn[:, g].double()
+        ha, hb = a @ h64, b @ h64
+        d2, m2 = _solve_normal((a * ha).sum(1), (b * ha).sum(1), (b * hb).sum(1), (w64 * ha).sum(1),
+                               (w64 * hb).sum(1), best[0].double(), best[1].double())
+        d2, m2 = fp16r(d2.float()), fp16r(m2.float())
+        err = row_errors(w, fmt._grid(d2, m2, c_sc, c_mn).values(codes), h)
+        take = err < best[4]
+        if not bool(take.any()):
+            break
+        t1 = take[:, None]
+        best = [torch.where(take, d2, best[0]), torch.where(take, m2, best[1]), torch.where(t1, c_sc, best[2]),
+                torch.where(t1, c_mn, best[3]), torch.where(take, err, best[4])]
+    return fmt._grid(*best[:4])
+
+
+@pytest.mark.parametrize("fid, rows, cols", [("int4-g32-dq", 48, 200), ("int3-g64-dq", 40, 256),
+                                             ("int2-g16-dq5", 24, 100)])
+def test_refine_equals_the_explicit_evaluation(fid: str, rows: int, cols: int) -> None:
+    """The algebraic refine (errors from the normal-equation sums, b·H from group sums of H) picks exactly
+    the grid that evaluating every candidate explicitly picks (padded last groups, a dead column)."""
+    from bitalloc.rounding.gptq import gptq_round
+
+    fmt = get_format(fid)
+    x, h = correlated(2048, cols, seed=5)
+    h[:, 3] = 0
+    h[3, :] = 0
+    w = _w(rows, cols, seed=4)
+    grid = fmt.fit(w, torch.diagonal(h))
+    codes, _ = gptq_round(w, h, grid)
+    got, want = fmt.refine(w, codes, grid, h), _refine_by_explicit_errors(fmt, w, codes, grid, h)
+    assert got is not grid
+    for k in ("d", "dmin", "sc", "m"):
+        assert torch.equal(got.extra[k], want.extra[k]), k

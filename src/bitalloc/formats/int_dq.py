@@ -229,46 +229,76 @@ class IntDQFormat(Format):
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
         """A grid for the fixed ``codes`` under ``hessian``: least-squares fp16 ``d``/``dmin`` per row, then
         :data:`REFINE_STEPS` Hessian-guided moves of the integer scales/mins (each followed by that refit).
-        Every row keeps whichever candidate has the smallest error (its old values when none is smaller), so
-        no row gets worse; ``grid`` itself when no row improves."""
+        Every row keeps whichever candidate has the smallest error (its old values when none is smaller, checked
+        on the decoded values at the end), so no row gets worse; ``grid`` itself when no row improves.
+
+        Candidates are compared by the quadratic form of the row error in ``d``/``dmin``, whose coefficients
+        the refit computes anyway: one ``rows x cols x cols`` product per candidate (``a H``, ``a`` = integer
+        scale x level) where evaluating each error and the move gradients would take three more."""
         d, dmin, sc, mn = (grid.extra[k] for k in ("d", "dmin", "sc", "m"))
-        h = hessian.to(device=w.device, dtype=torch.float64)
+        f64 = torch.float64
+        h = hessian.to(device=w.device, dtype=f64)
         h = (h + h.T) * 0.5
-        z = grid.levels.to(device=w.device, dtype=torch.float64)[codes]
-        w64 = w.to(torch.float64)
-        best = [d, dmin, sc, mn, row_errors(w, grid.values(codes), hessian)]
+        z = grid.levels.to(device=w.device, dtype=f64)[codes]
+        w64 = w.to(f64)
+        cols = int(w.shape[1])
+        g = torch.arange(cols, device=w.device) // self.group
+        hw = w64 @ h
+        whw = (w64 * hw).sum(1)
+        hs = torch.zeros(self.ngroups(cols), cols, dtype=f64, device=w.device).index_add_(0, g, h)  # S H: group sums
+        shs = torch.zeros(hs.shape[0], hs.shape[0], dtype=f64, device=w.device).index_add_(1, g, hs)
+
+        def terms(c_sc: torch.Tensor, c_mn: torch.Tensor):
+            """``a H``, ``b H`` and the normal-equation sums for v = d·a + dmin·b, a = sc·z, b = −m."""
+            a, m64 = c_sc[:, g].to(f64) * z, c_mn.to(f64)
+            ha, hb = a @ h, -(m64 @ hs)
+            return ha, hb, ((a * ha).sum(1), (-m64[:, g] * ha).sum(1), ((m64 @ shs) * m64).sum(1),
+                            (w64 * ha).sum(1), (w64 * hb).sum(1))
+
+        def err(t, dd: torch.Tensor, mm: torch.Tensor) -> torch.Tensor:
+            aa, ab, bb, aw, bw = t
+            dd, mm = dd.to(f64), mm.to(f64)
+            return whw - 2 * dd * aw - 2 * mm * bw + dd * dd * aa + 2 * dd * mm * ab + mm * mm * bb
+
+        ha, hb, t = terms(sc, mn)
+        best = [d, dmin, sc, mn, err(t, d, dmin)]
+        best_ha, best_hb = ha, hb
         improved = False
         for step in range(1 + REFINE_STEPS):
-            c_sc, c_mn = (sc, mn) if step == 0 else self._move_ints(w64, z, h, *best[:4])
-            d2, m2 = self._lsq_super(w64, z, h, c_sc, c_mn, best[0], best[1])
-            err = row_errors(w, self._grid(d2, m2, c_sc, c_mn).values(codes), hessian)
-            take = err < best[4]
+            c_sc, c_mn = sc, mn
+            if step:
+                r = hw - best[0].to(f64).unsqueeze(1) * best_ha - best[1].to(f64).unsqueeze(1) * best_hb
+                c_sc, c_mn = self._move_ints(r, z, h, *best[:4])
+                ha, hb, t = terms(c_sc, c_mn)
+            d2, m2 = _solve_normal(*t, best[0].to(f64), best[1].to(f64))
+            d2, m2 = fp16r(d2.to(torch.float32)), fp16r(m2.to(torch.float32))
+            e = err(t, d2, m2)
+            take = e < best[4]
             if not bool(take.any()):
                 break
             improved, t1 = True, take.unsqueeze(1)
             best = [torch.where(take, d2, best[0]), torch.where(take, m2, best[1]), torch.where(t1, c_sc, best[2]),
-                    torch.where(t1, c_mn, best[3]), torch.where(take, err, best[4])]
-        return self._grid(*best[:4]) if improved else grid
+                    torch.where(t1, c_mn, best[3]), torch.where(take, e, best[4])]
+            best_ha, best_hb = torch.where(t1, ha, best_ha), torch.where(t1, hb, best_hb)
+        if not improved:
+            return grid
+        new = self._grid(*best[:4])
+        ok = row_errors(w, new.values(codes), hessian) < row_errors(w, grid.values(codes), hessian)
+        if not bool(ok.any()):
+            return grid
+        o1 = ok.unsqueeze(1)
+        return self._grid(torch.where(ok, best[0], d), torch.where(ok, best[1], dmin),
+                          torch.where(o1, best[2], sc), torch.where(o1, best[3], mn))
 
-    def _lsq_super(self, w64, z, h, sc, mn, d0, m0) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp16 (d, dmin) per row minimising ``(w - d·a - dmin·b)ᵀ H (w - d·a - dmin·b)``, a = sc·z, b = -m."""
-        g = torch.arange(int(w64.shape[1]), device=w64.device) // self.group
-        a, b = sc[:, g].to(torch.float64) * z, -mn[:, g].to(torch.float64)
-        ha, hb = a @ h, b @ h
-        d2, m2 = _solve_normal((a * ha).sum(1), (b * ha).sum(1), (b * hb).sum(1), (w64 * ha).sum(1),
-                               (w64 * hb).sum(1), d0.to(torch.float64), m0.to(torch.float64))
-        return fp16r(d2.to(torch.float32)), fp16r(m2.to(torch.float32))
-
-    def _move_ints(self, w64, z, h, d, dmin, sc, mn) -> tuple[torch.Tensor, torch.Tensor]:
+    def _move_ints(self, r_full, z, h, d, dmin, sc, mn) -> tuple[torch.Tensor, torch.Tensor]:
         """Per group, the step of (sc, m) in {-1, 0, 1}² that most lowers the row's Hessian error when taken
-        alone (the exact change: gradient through ``H (w - v)``, curvature from the group's diagonal block)."""
-        rows, cols = (int(n) for n in w64.shape)
+        alone (the exact change: gradient ``r_full`` = ``(w - v) H``, curvature from the group's diagonal
+        block)."""
+        rows, cols = (int(n) for n in r_full.shape)
         G, ng = self.group, self.ngroups(cols)
         pad = ng * G - cols
         d64, m64 = d.to(torch.float64).unsqueeze(1), dmin.to(torch.float64).unsqueeze(1)
-        g = torch.arange(cols, device=w64.device) // G
-        v = d64 * sc[:, g].to(torch.float64) * z - m64 * mn[:, g].to(torch.float64)
-        r = torch.nn.functional.pad((w64 - v) @ h, (0, pad)).reshape(rows, ng, G)
+        r = torch.nn.functional.pad(r_full, (0, pad)).reshape(rows, ng, G)
         zg = torch.nn.functional.pad(z, (0, pad)).reshape(rows, ng, G)
         idx = torch.arange(ng * G, device=h.device).reshape(ng, G)
         inside = (idx < cols).to(torch.float64)

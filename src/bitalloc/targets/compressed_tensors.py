@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def default_formats(formats: str) -> str:
-    """The formats of ``formats`` (comma-separated) this target can express: integer ids become ``-sym``."""
-    from ..formats import get_format
+    """The formats of ``formats`` (comma-separated) this target can express: integer ids become ``-sym``, and
+    formats it has no scheme for (the double-scale ``-dq`` ones, GGUF types...) are left out."""
+    from ..export.ct_schemes import scheme_for
+    from ..formats import FormatError, get_format
     from ..formats.int import IntFormat
 
     out: list[str] = []
@@ -39,6 +41,10 @@ def default_formats(formats: str) -> str:
         fmt = get_format(f)
         if isinstance(fmt, IntFormat) and not fmt.symmetric:
             fmt = IntFormat(fmt.bits, fmt.group, True)
+        try:
+            scheme_for(fmt)
+        except FormatError:
+            continue
         if fmt.id not in out:
             out.append(fmt.id)
     return ",".join(out)

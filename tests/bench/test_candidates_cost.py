@@ -1,0 +1,19 @@
+"""bench/candidates_cost.py's plumbing (no timing is asserted): both lists timed on every tensor, the ratio
+and the added formats recorded."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import candidates_cost
+
+
+def test_two_lists_timed_on_every_tensor(tmp_path: Path) -> None:
+    out = tmp_path / "cost.json"
+    assert candidates_cost.main(["--before", "int4-row", "--after", "int4-row,int3-row", "--repeats", "1",
+                                 "--threads", "1", "--out", str(out)]) == 0
+    body = json.loads(out.read_text())
+    names = [n for n, _, _ in candidates_cost.BLOCK]
+    assert all(set(body["seconds"][k]) == set(names) for k in ("before", "after"))
+    assert body["added"] == ["int3-row"] and body["removed"] == []
+    assert body["ratio_after_over_before"] > 0 and out.with_suffix(".png").is_file()
