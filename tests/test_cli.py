@@ -103,7 +103,9 @@ def test_defaults_of_every_command(cmd):
     args = vars(build_parser().parse_args([cmd, *argv]))
     assert {k: args[k] for k in expected} == expected
     if cmd in ("measure", "quantize", "sweep"):
-        assert args["formats"].startswith("int2-row,int2-g32,") and args["formats"].endswith(",fp16")
+        fmts = args["formats"].split(",")
+        assert fmts[:2] == ["int2-row", "int2-g32"] and "fp16" in fmts
+        assert {"int2-g32-dq", "int3-g32-dq", "int4-g32-dq", "int5-g32-dq"} <= set(fmts)
 
 
 @pytest.mark.parametrize("argv", [["sweep", "--budgets", "3bpw"], ["quantize", "--out", "q"],

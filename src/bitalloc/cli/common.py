@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # one scale per row at 2 and 3 bits: the cheapest stores, what lets a tight budget protect sensitive tensors
 # (bench/pareto.py: GPTQ at 2.5 bpw, allocated/uniform KLD 0.77 without them, 0.59 with them); the -dq formats
-# (6-bit scales and mins per 32, fp16 per row) for 0.97/0.73/0.62x the KLD at 2.5/3.5/4.5 bpw, at about 2.6x
+# (6-bit scales and mins per 32, fp16 per row) for 0.97/0.73/0.62x the KLD at 2.5/3.5/4.5 bpw, at about 2.7x
 # the measurement time (bench/pareto_formats.py and bench/candidates_cost.py, README "Formats")
 PREVIOUS_DEFAULT_FORMATS = (
     "int2-row,int2-g32,int2-g64,int2-g128,int3-row,int3-g32,int3-g64,int3-g128,int4-g32,int4-g64,int4-g128,"
