@@ -448,7 +448,10 @@ def plot(entries: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> 
     a2.set_ylabel("GiB")
     a2.set_title("peak resident memory")
     a2.legend(fontsize=7)
-    fig.suptitle("bitalloc scaling: random-weight Llama models, random tokens")
+    goal = (summary.get("goal") or {}).get("total_exponent") or {}
+    over = "" if goal.get("exponent") is None else (
+        f"; whole job over {','.join(f'{b:g}' for b in GOAL_SIZES)}B: k={goal['exponent']:.2f} (goal <= {GOAL_EXPONENT})")
+    fig.suptitle(f"bitalloc scaling: random-weight Llama models, random tokens (k: fit over all sizes{over})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
