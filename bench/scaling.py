@@ -449,8 +449,9 @@ def plot(entries: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> 
     a2.set_title("peak resident memory")
     a2.legend(fontsize=7)
     goal = (summary.get("goal") or {}).get("total_exponent") or {}
+    sizes = ",".join(f"{b:g}" for b in GOAL_SIZES)
     over = "" if goal.get("exponent") is None else (
-        f"; whole job over {','.join(f'{b:g}' for b in GOAL_SIZES)}B: k={goal['exponent']:.2f} (goal <= {GOAL_EXPONENT})")
+        f"; whole job over {sizes}B: k={goal['exponent']:.2f} (goal <= {GOAL_EXPONENT})")
     fig.suptitle(f"bitalloc scaling: random-weight Llama models, random tokens (k: fit over all sizes{over})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -474,11 +475,8 @@ def print_table(entries: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         frac = (e["rss_peak_bytes"] - e["rss_floor_bytes"]) / (4 * e["params"])
         print(f"{e['size_b']:>6g} {e['params']:>14,d} {cells} {e['rss_peak_bytes'] / mib:>9.0f} "
               f"{e['rss_floor_bytes'] / mib:>9.0f} {frac:>10.3f}")
-    ks = " ".join(f"{'-' if f['exponent'] is None else format(f['exponent'], '.2f'):>12}"
-                  for f in summary["time_exponents"].values())
-    k_total = summary["total_exponent"]["exponent"]
-    print(f"{'exponent':>21} {ks}   (all sizes; bench stages' total "
-          f"{'-' if k_total is None else format(k_total, '.2f')})")
+    ks = " ".join(f"{_fmt(f['exponent']):>12}" for f in summary["time_exponents"].values())
+    print(f"{'exponent':>21} {ks}   (all sizes; bench stages' total {_fmt(summary['total_exponent']['exponent'])})")
     goal = summary.get("goal") or {}
     if goal.get("time_exponents"):
         kg = " ".join(f"{_fmt(goal['time_exponents'].get(s, {}).get('exponent')):>12}" for s in stages)
