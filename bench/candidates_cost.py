@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure_speed import tensor_and_stats  # noqa: E402
 
 from bitalloc.cli.common import DEFAULT_FORMATS, PREVIOUS_DEFAULT_FORMATS  # noqa: E402
+from bitalloc.formats import FormatError, get_format  # noqa: E402
 from bitalloc.measure import measure_tensor  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -63,9 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT / "candidates_cost.json")
     args = ap.parse_args(argv)
+    lists = {"before": [f for f in args.before.split(",") if f], "after": [f for f in args.after.split(",") if f]}
+    for k, fmts in lists.items():  # refused before any tensor is built
+        if not fmts:
+            ap.error(f"--{k} names no format")
+        for f in fmts:
+            try:
+                get_format(f)
+            except FormatError as exc:
+                ap.error(f"--{k}: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    lists = {"before": [f for f in args.before.split(",") if f], "after": [f for f in args.after.split(",") if f]}
     times = time_lists(lists, args.repeats)
     totals = {k: sum(v.values()) for k, v in times.items()}
     ratio = totals["after"] / totals["before"]

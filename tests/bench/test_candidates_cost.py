@@ -24,3 +24,14 @@ def test_two_lists_timed_on_every_tensor(tmp_path: Path) -> None:
     assert all(set(body["seconds"][k]) == set(names) for k in ("before", "after"))
     assert body["added"] == ["int3-row"] and body["removed"] == []
     assert body["ratio_after_over_before"] > 0 and out.with_suffix(".png").is_file()
+
+
+def test_unknown_or_empty_lists_are_refused_before_any_work(capsys) -> None:
+    import pytest
+
+    for argv in (["--after", "int4-g128,bogus"], ["--before", ""]):
+        with pytest.raises(SystemExit) as e:
+            candidates_cost.main(argv)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--after: unknown format 'bogus'" in err and "--before names no format" in err
