@@ -1,5 +1,6 @@
-"""``bitalloc export PACKED_DIR --to compressed-tensors --out DIR``: a packed directory converted, without
-re-quantizing, into a compressed-tensors checkpoint (:mod:`bitalloc.export.compressed_tensors`)."""
+"""``bitalloc export PACKED_DIR --to compressed-tensors|vllm --out DIR``: a packed directory converted, without
+re-quantizing, into a compressed-tensors checkpoint (:mod:`bitalloc.export.compressed_tensors`); ``vllm`` first
+refuses a tensor in a format vLLM cannot run (:mod:`bitalloc.targets.vllm`)."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..formats import FormatError
     from ..models.config_checks import read_config
     from ..targets.compressed_tensors import linear_modules
+    from ..targets.vllm import check_fused, why_not as why_not_vllm
 
     src, out = Path(args.dir), Path(args.out)
     info, qtensors = read_packed(src, verify=not args.no_verify)  # checked against its manifest first
@@ -33,6 +35,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             scheme_for(q.format)
         except FormatError as e:
             raise InputError(f"{name}: {e}") from None
+        if args.to == "vllm" and why_not_vllm(q.format) is not None:
+            raise InputError(f"{name}: --to vllm: {q.format} cannot be run by vLLM: {why_not_vllm(q.format)}")
+    if args.to == "vllm":
+        check_fused(qtensors)
     read_config(src)
     try:
         config = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
@@ -60,7 +66,9 @@ def add_parser(sub: Any) -> None:
                        "compressed-tensors checkpoint that transformers and vLLM load, codes and scales unchanged; "
                        "a format compressed-tensors cannot express (asymmetric ints, GGUF types) is refused.")
     p.add_argument("dir", metavar="PACKED_DIR", help="packed directory from `bitalloc quantize`")
-    p.add_argument("--to", choices=("compressed-tensors",), required=True, help="output format")
+    p.add_argument("--to", choices=("compressed-tensors", "vllm"), required=True,
+                   help="output format: compressed-tensors, or vllm (the same checkpoint, refused when a tensor is in a "
+                   "format vLLM has no kernel for)")
     add_out(p, "output directory (must not exist)", "replace an existing output directory")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking PACKED_DIR against its manifest.json (bitalloc.json is still validated)")

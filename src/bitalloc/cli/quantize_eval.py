@@ -15,7 +15,7 @@ from .options import (
 )
 
 
-OUTPUTS = ("packed", "compressed-tensors")
+OUTPUTS = ("packed", "compressed-tensors", "vllm")
 
 
 class _DefaultFormats(str):
@@ -29,10 +29,13 @@ class _ToAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         setattr(namespace, self.dest, values)
-        if values == "compressed-tensors" and isinstance(getattr(namespace, "formats", None), _DefaultFormats):
+        if values in ("compressed-tensors", "vllm") and isinstance(getattr(namespace, "formats", None),
+                                                                  _DefaultFormats):
             from ..targets.compressed_tensors import default_formats
+            from ..targets.vllm import VLLM_DEFAULT_FORMATS
 
-            namespace.formats = _DefaultFormats(default_formats(namespace.formats))
+            namespace.formats = _DefaultFormats(default_formats(namespace.formats) if values == "compressed-tensors"
+                                                else VLLM_DEFAULT_FORMATS)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -50,11 +53,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         Plan.load(args.plan, Measurement.load(args.measurement))
     config = run_config(
         args, out, _job_dir(args, out), budgets=(Budget.parse(args.budget),) if args.budget else (),
-        constraints=args.constraints, uniform_format=args.format,
+        constraints="fused" if args.to == "vllm" else args.constraints, uniform_format=args.format,
         measurement=Path(args.measurement) if args.measurement else None, plan=Path(args.plan) if args.plan else None,
         output=args.to,  # compressed-tensors: the formats it cannot express are refused here, before any load
     )
-    res = run_export(config, CompressedTensorsTarget(out, config.formats) if args.to == "compressed-tensors"
+    res = run_export(config, CompressedTensorsTarget(out, config.formats) if args.to in ("compressed-tensors", "vllm")
                      else PackedTarget(out))
     if res.plan is not None:
         print(res.plan.summary())
@@ -101,8 +104,10 @@ def add_parsers(sub: Any) -> None:
     add_measure_opts(p, DEFAULT_FORMATS, "gptq", 8)
     p.set_defaults(formats=_DefaultFormats(DEFAULT_FORMATS))
     p.add_argument("--to", choices=OUTPUTS, default="packed", action=_ToAction,
-                   help="output: a packed directory (bitalloc.load) or a compressed-tensors checkpoint (transformers "
-                   "and vLLM load it; default formats then the symmetric ints and fp16) (default packed)")
+                   help="output: a packed directory (bitalloc.load), a compressed-tensors checkpoint (transformers "
+                   "loads it; default formats then the symmetric ints and fp16), or vllm: the same checkpoint from "
+                   "only the formats vLLM has kernels for (4/8-bit ints, fp8, nvfp4, fp16), with --constraints fused "
+                   "(vLLM fuses q/k/v and gate/up) (default packed)")
     add_screen(p)
     add_recover(p)
     add_rotate(p)

