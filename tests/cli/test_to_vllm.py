@@ -141,3 +141,13 @@ def test_library_callers_need_the_fused_constraint(hf, tmp_path):
     RunConfig(**kw, constraints="fused")
     with pytest.raises(InputError, match="no kernel for 3-bit"):
         RunConfig(**(kw | {"formats": ("int3-g32-sym", "fp16")}), constraints="fused")
+
+
+def test_config_names_the_model_class(tmp_path):
+    """A model built from a config (or read from a GGUF) has no ``architectures``; the outputs name its class, as
+    ``save_pretrained`` does (vLLM picks the model class from it: Gemma2Model, without its head, otherwise)."""
+    packed = tmp_path / "p"
+    _packed(packed, ("int4-g32-sym",))
+    assert json.loads((packed / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert main(["export", str(packed), "--to", "vllm", "--out", str(tmp_path / "ct")]) == 0
+    assert json.loads((tmp_path / "ct" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

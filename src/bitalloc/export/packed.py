@@ -11,6 +11,7 @@ inputs (sorted tensors, sorted JSON, no timestamps), so a resumed job writes an 
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -114,6 +115,17 @@ def _verify_files(p: Path, files: Mapping[str, str]) -> None:
     compare_digests(files, actual, f"{p}")
 
 
+def save_config(model: nn.Module, folder: Path) -> None:
+    """``model``'s HF config as ``folder/config.json``, naming its class in ``architectures`` when the config does
+    not (as ``save_pretrained`` of the model does): runtimes such as vLLM pick the model class from it, and a
+    model built from a config or loaded from a GGUF has none (vLLM then took Gemma2Model, without its head)."""
+    cfg = model.config
+    if not getattr(cfg, "architectures", None):
+        cfg = copy.deepcopy(cfg)
+        cfg.architectures = [type(model).__name__]
+    cfg.save_pretrained(str(folder))
+
+
 def save_packed(
     out_dir: str | os.PathLike,
     model: nn.Module,
@@ -166,7 +178,7 @@ def save_packed(
         # re-read and compared tensor by tensor before its own rename
         digests = write_safetensors_atomic(tmp / WEIGHTS_FILE, tensors, {"format": "bitalloc-packed"}, manifest=False)
         (tmp / META_FILE).write_text(meta_text)
-        model.config.save_pretrained(str(tmp))
+        save_config(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         files = manifest(tmp)

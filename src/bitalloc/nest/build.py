@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..export.packed import save_config
 from ..formats import get_format
 from ..io.atomic import atomic_write_dir, compare_digests, file_digest, tensor_digest
 from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
@@ -190,7 +191,7 @@ def nest_model(
         text = nest_json(group, max_bits, outliers, view.total_params, tied, entries, fixed_entries, fp,
                          {"gguf_template": template is not None})
         (tmp / META_FILE).write_text(text)
-        model.config.save_pretrained(str(tmp))
+        save_config(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if template is not None:

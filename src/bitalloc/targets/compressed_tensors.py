@@ -139,14 +139,14 @@ class CompressedTensorsTarget:
 
     def write_verified(self, prepared: Prepared, capacity: Capacity, *, overwrite: bool) -> Written:
         from ..export.compressed_tensors import save_compressed_tensors
-        from ..export.packed import WEIGHTS_FILE
+        from ..export.packed import WEIGHTS_FILE, save_config
 
         check_size(self.out, prepared.sizes[capacity.unit], capacity.limit, capacity.unit)
         model, view, qtensors, plan, tokenizer, linears = prepared.payload
         source = getattr(model.config, "_name_or_path", "")
 
         def write_base(tmp: Path) -> None:
-            model.config.save_pretrained(str(tmp))
+            save_config(model, tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
 
