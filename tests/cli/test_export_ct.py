@@ -12,6 +12,7 @@ import torch
 from bitalloc.cli import build_parser, main
 from bitalloc.errors import InputError
 from bitalloc.formats import FormatError
+from tests.cli.ct_cli import quantize_argv as _argv
 from tests.test_resume import make_hf_dir
 
 pytest.importorskip("compressed_tensors")
@@ -20,11 +21,6 @@ pytest.importorskip("compressed_tensors")
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory) -> Path:
     return make_hf_dir(tmp_path_factory.mktemp("ct") / "model")
-
-
-def _argv(hf: Path, out: Path, *extra: str) -> list[str]:
-    return ["quantize", str(hf), "--calib", str(hf.parent / "calib.txt"), "--windows", "2", "--ctx", "16",
-            "--fisher-windows", "2", "--method", "rtn", "-q", "--out", str(out), *extra]
 
 
 def test_default_formats_become_the_expressible_ones():

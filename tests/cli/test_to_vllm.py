@@ -10,6 +10,7 @@ import pytest
 
 from bitalloc.cli import build_parser, main
 from bitalloc.targets.vllm import VLLM_DEFAULT_FORMATS, check_runs, runnable, why_not
+from tests.cli.ct_cli import quantize_argv as _argv
 from tests.test_resume import make_hf_dir
 
 pytest.importorskip("compressed_tensors")
@@ -18,11 +19,6 @@ pytest.importorskip("compressed_tensors")
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory) -> Path:
     return make_hf_dir(tmp_path_factory.mktemp("vllm") / "model")
-
-
-def _argv(hf: Path, out: Path, *extra: str) -> list[str]:
-    return ["quantize", str(hf), "--calib", str(hf.parent / "calib.txt"), "--windows", "2", "--ctx", "16",
-            "--fisher-windows", "2", "--method", "rtn", "-q", "--out", str(out), *extra]
 
 
 @pytest.mark.parametrize("fmt, ok", [("int4-g32-sym", True), ("int4-g128-sym", True), ("int8-row-sym", True),
