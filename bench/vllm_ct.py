@@ -60,9 +60,9 @@ VARIANTS: dict[str, tuple[str, dict[str, str], str | None]] = {
     "control-unquantized [float32]": ("control-unquantized", {}, "float32"),
     "control-unquantized [bfloat16]": ("control-unquantized", {}, "bfloat16"),
     "w4a16-g64 [bfloat16]": ("w4a16-g64", {}, "bfloat16"),
-    "w4a16-g64 [bfloat16, VLLM_CPU_INT4_W4A8=0]": ("w4a16-g64", {"VLLM_CPU_INT4_W4A8": "0"}, "bfloat16"),
+    "w4a16-g64 [bfloat16 + VLLM_CPU_INT4_W4A8=0]": ("w4a16-g64", {"VLLM_CPU_INT4_W4A8": "0"}, "bfloat16"),
     "allocated-int4 [bfloat16]": ("allocated-int4", {}, "bfloat16"),
-    "allocated-int4 [bfloat16, VLLM_CPU_INT4_W4A8=0]": ("allocated-int4", {"VLLM_CPU_INT4_W4A8": "0"}, "bfloat16"),
+    "allocated-int4 [bfloat16 + VLLM_CPU_INT4_W4A8=0]": ("allocated-int4", {"VLLM_CPU_INT4_W4A8": "0"}, "bfloat16"),
 }
 
 
@@ -74,7 +74,7 @@ for _t in ARCHS:
     ARCH_RUNS[f"arch-{_t}"] = (f"arch-{_t}", {}, None)
     ARCH_RUNS[f"arch-{_t}-control [float32]"] = (f"arch-{_t}-control", {}, "float32")
 for _t in ("gemma2", "gemma3_text"):  # vLLM refuses float16 for Gemma (its ModelConfig validation)
-    ARCH_RUNS[f"arch-{_t} [bfloat16, VLLM_CPU_INT4_W4A8=0]"] = (f"arch-{_t}", {"VLLM_CPU_INT4_W4A8": "0"}, "bfloat16")
+    ARCH_RUNS[f"arch-{_t} [bfloat16 + VLLM_CPU_INT4_W4A8=0]"] = (f"arch-{_t}", {"VLLM_CPU_INT4_W4A8": "0"}, "bfloat16")
 
 ALLOCATED_BUDGET = "6.8bpw"
 
@@ -253,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             res = run_one(Path(args.one), args.topk, args.dtype)
         except Exception as exc:  # record what happened, one line
-            res = {"loaded": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}"}
+            lines = [x.strip() for x in str(exc).splitlines() if x.strip()][:3]  # pydantic puts the reason below
+            res = {"loaded": False, "error": f"{type(exc).__name__}: {' | '.join(lines)[:600]}"}
         print("VLLM_CT_RESULT " + json.dumps(res), flush=True)
         return 0
     runs = {n: (n, {}, None) for n in CHECKPOINTS} | VARIANTS | ARCH_RUNS
@@ -300,6 +301,9 @@ def _root_cause(lines: list[str]) -> dict:
     """The first exception a vLLM worker logged (``ERROR ... SomeError: ...``) with its indented continuation
     lines (vLLM lists one reason per kernel it tried), or nothing."""
     msgs = [x.split("] ", 1)[-1] if "ERROR" in x and "] " in x else None for x in lines]
+    died = [m for m in msgs if m and "died unexpectedly" in m]  # a crash (e.g. exit code -4: SIGILL) comes first
+    if died:
+        return {"root_cause": died[0].strip()[:1000]}
     for k, m in enumerate(msgs):
         if m and ("Error: " in m or "Exception: " in m) and "See stack trace" not in m:
             more = []
@@ -398,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float16", help="vLLM's dtype (its CPU 4-bit kernel has no float32; in "
                     "bfloat16 it takes an AMX path that changes numerics and crashed on small shapes here)")
     ap.add_argument("--out", default=str(RESULTS / "vllm_ct.json"), help="report phase: the JSON (and its PNG)")
-    ap.add_argument("--only", default="", help="run phase: these checkpoints only (comma-separated), keep the rest")
+    ap.add_argument("--only", default="", help="run phase: these runs only (comma-separated names), keep the rest")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -25,6 +25,9 @@ def test_root_cause_with_its_reasons():
     assert "A cannot implement due to: uint8b128 | B cannot implement due to: needs Zen" in got
     assert "WorkerProc" not in got
     assert vllm_ct._root_cause(["INFO all fine"]) == {}
+    crash = ["(EngineCore pid=1) ERROR 12-05 [m.py:315] Worker proc VllmWorker-0 died unexpectedly (exit code: -4), "
+             "shutting down executor.", "(EngineCore pid=1) ERROR 12-05 [core.py:1] RuntimeError: cancelled"]
+    assert "exit code: -4" in vllm_ct._root_cause(crash)["root_cause"]
 
 
 def test_report_from_saved_results(tmp_path: Path, capsys):
