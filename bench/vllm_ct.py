@@ -41,7 +41,8 @@ log = logging.getLogger("vllm_ct")
 
 #: checkpoint name -> per-tensor format rule: one format for every linear, or a list taken in turn
 CHECKPOINTS: dict[str, list[str]] = {
-    "control-unquantized": [],  # the model itself, save_pretrained: what vLLM and bitalloc differ by without quantization
+    # the model itself (save_pretrained): what vLLM and bitalloc differ by without quantization
+    "control-unquantized": [],
     # ``bitalloc quantize --to vllm`` of the control folder, allocated under ALLOCATED_BUDGET among the 4-bit
     # formats (the only ones vLLM's CPU build runs); RTN, calibration on the comedies
     "allocated-int4": ["int4-g32-sym", "int4-g64-sym", "int4-g128-sym", "int4-row-sym", "fp16"],
@@ -355,8 +356,8 @@ def report(args: argparse.Namespace) -> int:
             print(f"{name:46s} {'no':6s} {(r.get('root_cause') or r.get('error', ''))[:140]}")
             continue
         c = r["vs_bitalloc_float32"]
-        print(f"{name:46s} {'yes':6s} {r['dtype']:8s} {c['top1_agreement']:7.4f} {c['max_abs_top1_logprob_diff']:11.2e} "
-              f"{c['kld_top20']:10.2e}")
+        print(f"{name:46s} {'yes':6s} {r['dtype']:8s} {c['top1_agreement']:7.4f} "
+              f"{c['max_abs_top1_logprob_diff']:11.2e} {c['kld_top20']:10.2e}")
     return 0
 
 

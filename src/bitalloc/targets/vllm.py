@@ -90,9 +90,5 @@ def check_fused(formats_of: Mapping[str, Any]) -> None:
                              f"in one format (quantize with --constraints fused)")
 
 
-def runnable(formats: str) -> str:
-    """The formats of ``formats`` (comma-separated ids) that vLLM runs, in order."""
-    return ",".join(f for f in formats.split(",") if f and why_not(f) is None)
-
-
-__all__ = ["why_not", "check_runs", "check_fused", "runnable", "VLLM_DEFAULT_FORMATS", "VLLM_VERSION", "INT_BITS", "INT_GROUPS", "FLOATS", "PASS_THROUGH"]
+__all__ = ["why_not", "check_runs", "check_fused", "VLLM_DEFAULT_FORMATS", "VLLM_VERSION", "INT_BITS", "INT_GROUPS",
+           "FLOATS", "PASS_THROUGH"]
