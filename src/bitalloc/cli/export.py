@@ -35,8 +35,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             scheme_for(q.format)
         except FormatError as e:
             raise InputError(f"{name}: {e}") from None
-        if args.to == "vllm" and why_not_vllm(q.format) is not None:
-            raise InputError(f"{name}: --to vllm: {q.format} cannot be run by vLLM: {why_not_vllm(q.format)}")
+        reason = why_not_vllm(q.format) if args.to == "vllm" else None
+        if reason is not None:
+            raise InputError(f"{name}: --to vllm: {q.format} cannot be run by vLLM: {reason}")
     if args.to == "vllm":
         check_fused(qtensors)
     read_config(src)
