@@ -99,16 +99,28 @@ def tiny_model(model_type: str, seed: int = 0):
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).float().eval()
 
 
+def _write_ct(model, view, assign: dict[str, str], out: Path, calib) -> int:
+    """``model`` RTN-quantized with the per-tensor formats ``assign`` and written as a verified compressed-tensors
+    checkpoint in ``out`` (replaced); its stored bytes."""
+    from bitalloc.pipeline import plan_for_assignments
+    from bitalloc.quantize import quantize_model
+    from bitalloc.targets.base import Capacity
+    from bitalloc.targets.compressed_tensors import CompressedTensorsTarget
+
+    plan = plan_for_assignments(view, assign, out.name)
+    q = quantize_model(model, view, plan, calib, "rtn", progress=False)
+    target = CompressedTensorsTarget(out)
+    prepared = target.prepare(model, view, plan, q, {}, None)
+    target.write_verified(prepared, Capacity(out.name, prepared.sizes["weights"], 0, 0, "weights"), overwrite=True)
+    return int(prepared.sizes["weights"])
+
+
 def write_archs(work: Path, windows: int) -> None:
     """The ``arch-*`` checkpoints and their references (token ids drawn at random: the models are random)."""
     import torch
 
     from bitalloc import load
     from bitalloc.models.view import ModelView
-    from bitalloc.pipeline import plan_for_assignments
-    from bitalloc.quantize import quantize_model
-    from bitalloc.targets.base import Capacity
-    from bitalloc.targets.compressed_tensors import CompressedTensorsTarget
 
     ids = torch.randint(2, 512, (windows, 64), generator=torch.Generator().manual_seed(0))
     for t in ARCHS:
@@ -119,14 +131,10 @@ def write_archs(work: Path, windows: int) -> None:
         model = tiny_model(t)
         view = ModelView(model)
         assign = {r.name: "fp16" if r.kind == "embedding" else "int4-g32-sym" for r in view.quantizable()}
-        plan = plan_for_assignments(view, assign, t)
-        q = quantize_model(model, view, plan, ids[:1], "rtn", progress=False)
-        target = CompressedTensorsTarget(q_dir)
-        prepared = target.prepare(model, view, plan, q, {}, None)
-        target.write_verified(prepared, Capacity(t, prepared.sizes["weights"], 0, 0, "weights"), overwrite=True)
+        nbytes = _write_ct(model, view, assign, q_dir, ids[:1])
         model.save_pretrained(str(c_dir))
         for name, m, fmts, nbytes in (
-                (f"arch-{t}", load(q_dir), sorted(set(assign.values())), prepared.sizes["weights"]),
+                (f"arch-{t}", load(q_dir), sorted(set(assign.values())), nbytes),
                 (f"arch-{t}-control", model, ["fp32"], sum(p.numel() * 4 for p in model.parameters()))):
             meta = {"ids": ids.clone(), "formats": fmts, "bytes": int(nbytes), "model_type": t}
             meta.update(_references(m, ids))
@@ -141,16 +149,11 @@ def write(args: argparse.Namespace) -> int:
     from bitalloc.data import default_eval_files, read_texts, token_windows
     from bitalloc.models.rescale import load_reference
     from bitalloc.models.view import ModelView
-    from bitalloc.pipeline import plan_for_assignments
-    from bitalloc.quantize import quantize_model
-    from bitalloc.targets.base import Capacity
-    from bitalloc.targets.compressed_tensors import CompressedTensorsTarget
 
     torch.manual_seed(0)
     model, tok = load_reference(rescaled=True)
     view = ModelView(model)
-    evals = token_windows(tok, read_texts(default_eval_files()), args.ctx, args.windows)
-    ids = evals
+    ids = token_windows(tok, read_texts(default_eval_files()), args.ctx, args.windows)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for name, rule in CHECKPOINTS.items():
@@ -176,14 +179,8 @@ def write(args: argparse.Namespace) -> int:
                 else:
                     assign[r.name] = rule[i % len(rule)]
                     i += 1
-            plan = plan_for_assignments(view, assign, name)
-            q = quantize_model(model, view, plan, ids[:1], "rtn", progress=False)
-            target = CompressedTensorsTarget(out)
-            prepared = target.prepare(model, view, plan, q, {}, None)
-            target.write_verified(prepared, Capacity(name, prepared.sizes["weights"], 0, 0, "weights"),
-                                  overwrite=True)
             meta = {"ids": ids.clone(), "formats": sorted(set(assign.values())),
-                    "bytes": int(prepared.sizes["weights"])}
+                    "bytes": _write_ct(model, view, assign, out, ids[:1])}
         else:
             meta = torch.load(ref)
         if "logprobs_bf16" in meta:
