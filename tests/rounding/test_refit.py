@@ -113,6 +113,39 @@ def test_refit_grid_keeps_rows_that_would_get_worse() -> None:
     assert torch.equal(nan.scale, grid.scale)
 
 
+def test_refit_grid_quadratic_form_is_the_row_error() -> None:
+    """The keep-or-not test uses the least squares' own quadratic form: it equals the row errors of the
+    decoded values up to the constant ``wᵀHw`` (no rows × cols × cols product per comparison)."""
+    fmt, w, h, grid = fitted("q4_1", 6, 64, 300)
+    codes, _ = gptq_round(w, h, grid)
+    z = grid.level_values(codes)
+    x = torch.cat([grid.scale, grid.offset], 1).to(torch.float64)
+    (sl, m, rhs), = refit_mod._normal_equations(w, z, 32, h, x, True)
+    w64, h64 = w.to(torch.float64), h.to(torch.float64)
+    const = ((w64 @ h64) * w64).sum(1)
+    assert torch.allclose(refit_mod._quad(m, rhs, x) + const, row_errors(w, grid.values(codes), h), rtol=1e-6)
+
+
+def test_refit_grid_batches_equal_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    fmt, w, h, grid = fitted("q5_1", 9, 64, 300)
+    codes, _ = gptq_round(w, h, grid)
+    whole = fmt.refine(w, codes, grid, h)
+    monkeypatch.setattr(refit_mod, "BATCH_BYTES", 8 * 2 * 64 * 2)  # two rows per batch
+    parts = fmt.refine(w, codes, grid, h)
+    assert torch.equal(whole.scale, parts.scale) and torch.equal(whole.offset, parts.offset)
+
+
+def test_refit_of_scales_alone_fits_around_fixed_offsets() -> None:
+    """``offset=False`` on a grid whose offsets are not 0: the scales are fit to what the offsets leave, and
+    no row gets worse."""
+    fmt, w, h, grid = fitted("q4_1", 8, 64, 300)
+    codes, values = gptq_round(w, h, grid)
+    new = refit_grid(w, codes, grid, h, offset=False, rnd=fp16r)
+    assert torch.equal(new.offset, grid.offset) and bool((grid.offset != 0).any())
+    before, after = row_errors(w, values, h), row_errors(w, new.values(codes), h)
+    assert bool((after <= before * (1 + 1e-6)).all()) and float(after.sum()) < float(before.sum())
+
+
 def test_formats_without_refit_return_the_same_grid() -> None:
     for fmt_id in ("q4_k", "int4-g32"):
         fmt = get_format(fmt_id)
