@@ -120,7 +120,7 @@ def test_refit_grid_quadratic_form_is_the_row_error() -> None:
     codes, _ = gptq_round(w, h, grid)
     z = grid.level_values(codes)
     x = torch.cat([grid.scale, grid.offset], 1).to(torch.float64)
-    (sl, m, rhs), = refit_mod._normal_equations(w, z, 32, h, x, True)
+    (sl, m, rhs), = refit_mod._normal_equations(w, z, 32, h, True)
     w64, h64 = w.to(torch.float64), h.to(torch.float64)
     const = ((w64 @ h64) * w64).sum(1)
     assert torch.allclose(refit_mod._quad(m, rhs, x) + const, row_errors(w, grid.values(codes), h), rtol=1e-6)

@@ -35,7 +35,6 @@ def _normal_equations(
     z: torch.Tensor,
     group_size: int,
     hessian: torch.Tensor,
-    x0: torch.Tensor,
     with_offset: bool,
     active: torch.Tensor | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
@@ -113,7 +112,7 @@ def group_lstsq(
     nb = int(scale0.shape[1])
     x0 = _unknowns(scale0, offset0)
     xs = [_solve(m, rhs, x0[sl]) for sl, m, rhs in
-          _normal_equations(w, z, group_size, hessian, x0, offset0 is not None, active)]
+          _normal_equations(w, z, group_size, hessian, offset0 is not None, active)]
     x = torch.cat(xs) if xs else x0
     return x[:, :nb], (x[:, nb:] if offset0 is not None else None)
 
@@ -141,21 +140,22 @@ def refit_grid(
     the scales are fit around them.  ``grid.extra`` is carried over unchanged.
     """
     z = grid.level_values(codes)
-    target, active = w.to(torch.float64), None
+    target, active = w, None
     if grid.exact_mask is not None:  # exactly stored elements leave a fixed residual and take no offset
         mask = grid.exact_mask.to(w.device)
         z = torch.where(mask, torch.zeros_like(z), z)
-        target = torch.where(mask, target - grid.exact_values.to(device=w.device, dtype=torch.float64), target)
+        w32 = w.to(torch.float32)
+        target = torch.where(mask, w32 - grid.exact_values.to(w.device), w32)
         active = ~mask
     cols = int(w.shape[1])
     gs = grid.group_size
     if not offset and bool((grid.offset != 0).any()):  # fixed offsets: fit the scales to what they leave
-        o = grid.offset.to(device=w.device, dtype=torch.float64).repeat_interleave(gs, 1)[:, :cols]
-        target = target - (o if active is None else o * active)
+        o = grid.offset.to(device=w.device, dtype=torch.float32).repeat_interleave(gs, 1)[:, :cols]
+        target = target.to(torch.float32) - (o if active is None else o * active)
     nb = int(grid.scale.shape[1])
     x_old = _unknowns(grid.scale, grid.offset if offset else None).to(w.device)
     scale, off = grid.scale.clone(), grid.offset.clone()
-    for sl, m, rhs in _normal_equations(target, z, gs, hessian, x_old, offset, active):
+    for sl, m, rhs in _normal_equations(target, z, gs, hessian, offset, active):
         x = _solve(m, rhs, x_old[sl])
         s32 = rnd(x[:, :nb].to(torch.float32))
         o32 = rnd(x[:, nb:].to(torch.float32)) if offset else grid.offset[sl]
