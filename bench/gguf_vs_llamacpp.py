@@ -280,10 +280,13 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
 
 
 def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
-    """``bench/results/<name>.<ext>``; ``_recover-<mode>`` is added for a ``--recover`` run, ``-quick`` for a
-    ``--quick`` run's files."""
+    """``bench/results/<name>.<ext>``; ``_recover-<mode>`` is added for a ``--recover`` run (with ``-s<steps>``
+    and ``-w<windows>`` when those are given), ``-quick`` for a ``--quick`` run's files."""
     rec = getattr(args, "recover", "none")
     tag = "" if rec == "none" else f"_recover-{rec.replace('+', '-')}"
+    for flag, key in (("s", "recover_steps"), ("w", "recover_windows")):
+        if rec != "none" and getattr(args, key, None) is not None:
+            tag += f"-{flag}{getattr(args, key)}"
     return RESULTS / f"{name}{tag}{'-quick' if getattr(args, 'quick', False) else ''}.{ext}"
 
 

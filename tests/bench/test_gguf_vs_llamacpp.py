@@ -82,3 +82,6 @@ def test_llama_cpp_side_is_saved_under_one_name_whatever_the_recovery() -> None:
         "gguf_vs_llamacpp_floor.json"
     assert bench.result_path(Namespace(recover="block+e2e", quick=False), "gguf_vs_llamacpp").name == \
         "gguf_vs_llamacpp_recover-block-e2e.json"
+    longer = Namespace(recover="block+e2e", quick=False, recover_steps=128, recover_windows=64)
+    assert bench.result_path(longer, "gguf_vs_llamacpp").name == "gguf_vs_llamacpp_recover-block-e2e-s128-w64.json"
+    assert bench.llama_side_path(longer) == plain  # llama.cpp's side is shared whatever bitalloc's recovery
