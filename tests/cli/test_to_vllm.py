@@ -11,6 +11,7 @@ import pytest
 from bitalloc.cli import build_parser, main
 from bitalloc.targets.vllm import VLLM_DEFAULT_FORMATS, check_runs, why_not
 from tests.cli.ct_cli import quantize_argv as _argv
+from tests.cli.ct_cli import refused_before_loading
 from tests.test_resume import make_hf_dir
 
 pytest.importorskip("compressed_tensors")
@@ -48,13 +49,9 @@ def test_defaults_are_runnable_and_expressible():
                                             ("int4-g32-zp,fp16", "zero points"),
                                             ("int4-g32-dq,fp16", "no format")])
 def test_unrunnable_formats_refused_before_loading(hf, tmp_path, capsys, formats, match, monkeypatch):
-    import bitalloc.models.sources as sources
-
-    monkeypatch.setattr(sources, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    rc = main(_argv(hf, tmp_path / "o", "--budget", "6bpw", "--to", "vllm", "--formats", formats))
-    err = capsys.readouterr().err
-    assert rc == 2 and match in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+    err = refused_before_loading(hf, tmp_path / "o", capsys, monkeypatch,
+                                 "--budget", "6bpw", "--to", "vllm", "--formats", formats)
+    assert match in err
 
 
 def test_quantize_to_vllm_writes_runnable_formats(hf, tmp_path, capsys):
