@@ -116,9 +116,10 @@ def measure_code() -> list[Path]:
 
 
 def output_code() -> list[Path]:
-    """Sources whose edits change a written file (part of each size's key)."""
+    """Sources whose edits change a written file (part of each size's key; recovery's too, for a ``--recover``
+    size)."""
     return measure_code() + [SRC / "quantize.py", SRC / "allocate.py", SRC / "targets" / "gguf.py",
-                             SRC / "export" / "gguf.py"]
+                             SRC / "export" / "gguf.py", *sorted((SRC / "recover").glob("*.py"))]
 
 
 def write_texts(files: list[Path], out: Path) -> Path:

@@ -381,3 +381,66 @@ def test_recovery_of_zero_point_formats_lowers_the_loss_and_is_the_file():
         assert t.format == q[name].format and t.nbytes() == q[name].nbytes()
         p = student.get_parameter(name)
         assert torch.equal(dequantize(t).reshape(p.shape), p.detach().float()), name
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_e2e_trains_the_output_projection_and_the_embedding(tie):
+    """End to end, the stored floats of the output projection and of the embedding are recovered too (no block
+    holds them, so the block stage never sees them; the embedding's through block 0's inputs), their codes kept;
+    a tied head stays the stored embedding."""
+    teacher = tiny_llama(tie=tie)
+    windows = token_ids(8)
+    student = copy.deepcopy(teacher)
+    q = quantize_model(student, None, uniform_assignments(student, "int2-g32"), windows, progress=False)
+    lay = layout_of(student)
+    assert lay.tied == tie and {lay.lm_head_name, lay.embedding_name} <= set(q)
+    before = _calib_kl(student, teacher, windows)
+    q2, _ = recover_model(student, teacher, windows, q, RecoverConfig(mode="e2e", steps=30, lr=5e-2),
+                          progress=False)
+    assert _calib_kl(student, teacher, windows) < before
+    for name in {lay.lm_head_name, lay.embedding_name}:
+        assert any(not torch.equal(q2[name].parts[k], q[name].parts[k]) for k in q[name].parts), name
+        p = student.get_parameter(name)
+        assert torch.equal(dequantize(q2[name]).reshape(p.shape), p.detach().float()), name
+        fmt = get_format(q[name].format)
+        assert torch.equal(fmt.unpack(q2[name])[0], fmt.unpack(q[name])[0]), name  # e2e keeps every code
+    assert (student.lm_head.weight is student.model.embed_tokens.weight) == tie
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in student.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_block0_inputs_are_the_models_own(arch):
+    """e2e recovery computes block 0's inputs from the (trained) embedding with the model's own forward: equal to
+    the calibration runner's states, embedding scale included (Gemma multiplies by sqrt(hidden))."""
+    from bitalloc.calibrate import BlockRunner
+    from bitalloc.recover.train import _block0_inputs
+    from tests.conftest import tiny_arch
+
+    model = tiny_arch(arch)
+    ids = token_ids(2)
+    with torch.no_grad(), BlockRunner(model, ids) as r:
+        torch.testing.assert_close(_block0_inputs(model, layout_of(model), ids), r.hidden, rtol=0, atol=0)
+
+
+def test_e2e_scale_rates_follow_how_far_each_grid_reaches():
+    """A relative change of a scale moves a grid's outermost level by its reach in steps: 3 for int2 (levels 0..3),
+    16 for q5_0 (-16..15); e2e moves each tensor's scales at the int2 rate times 3 / reach, its offsets and the
+    norms at the full rate."""
+    from bitalloc.recover.attach import Attached
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(5))
+    reach = {f: QWeight(quantize_weight(w, get_format(f), method="rtn")).reach
+             for f in ("int2-g32", "int4-g32", "q5_0", "q8_0", "iq4_nl")}
+    assert reach["int2-g32"] == pytest.approx(3) and reach["int4-g32"] == pytest.approx(15)
+    assert reach["q5_0"] == pytest.approx(16) and reach["q8_0"] == pytest.approx(128)
+    assert 7 < reach["iq4_nl"] < 9  # a codebook: its mean spacing is the step
+    model = tiny_llama()
+    qs = {n: quantize_weight(model.get_parameter(n).detach(), get_format(f), method="rtn") for n, f in
+          (("model.layers.0.mlp.up_proj.weight", "int2-g32"), ("model.layers.0.mlp.down_proj.weight", "q5_0"))}
+    att = Attached(model, qs, {"model.norm.weight": "fp32"}, codes=False, scales=True)
+    try:
+        groups = att.float_groups(3.0)
+        assert sorted(r for _, r in groups) == pytest.approx([3 / 16, 1.0, 1.0])
+        assert sum(len(ps) for ps, _ in groups) == len(att.parameters()[1])  # every float once
+    finally:
+        att.finish()

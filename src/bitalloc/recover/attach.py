@@ -28,14 +28,25 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), attr
 
 
+def _holders(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
+    """Every ``(module, attribute)`` holding the parameter ``name``: the owner first, then the modules tied to it
+    (a tied lm_head holds the embedding's parameter), so a parametrization covers every use of the tensor."""
+    p = model.get_parameter(name)
+    own = _owner(model, name)
+    return [own] + [(m, a) for m in model.modules() for a, q in m._parameters.items()
+                    if q is p and (m, a) != own]
+
+
 class Attached:
     """Trainable forms of ``qtensors`` (those whose format unpacks) and of the fixed tensors ``fixed`` (name ->
-    stored format id), registered in ``model``.  ``codes``/``scales`` choose what the QWeights train."""
+    stored format id), registered in ``model`` (on every module holding the tensor: a tied lm_head computes
+    with the trained embedding too).  ``codes``/``scales`` choose what the QWeights train."""
 
     def __init__(self, model: nn.Module, qtensors: Mapping[str, QTensor], fixed: Mapping[str, str], *,
                  codes: bool, scales: bool) -> None:
         self.model = model
         self.q: dict[str, QWeight] = {}
+        self._at: dict[str, list[tuple[nn.Module, str]]] = {}
         self.fixed: dict[str, tuple[Multiplier, str]] = {}
         self.skipped = sorted(n for n, q in qtensors.items() if not trainable_qtensor(q))
         try:
@@ -45,13 +56,11 @@ class Attached:
                 qw = QWeight(q, codes=codes, scales=scales, device=model.get_parameter(name).device)
                 if not qw.trainable:
                     continue
-                mod, attr = _owner(model, name)
-                parametrize.register_parametrization(mod, attr, qw, unsafe=True)
+                self._register(name, qw)
                 self.q[name] = qw
             for name, fmt in fixed.items():
-                mod, attr = _owner(model, name)
                 m = Multiplier(model.get_parameter(name))
-                parametrize.register_parametrization(mod, attr, m, unsafe=True)
+                self._register(name, m)
                 self.fixed[name] = (m, fmt)
         except BaseException:
             self._remove()
@@ -60,12 +69,27 @@ class Attached:
             log.info("recovery leaves %d tensor(s) as stored (their formats do not unpack): %s",
                      len(self.skipped), ", ".join(self.skipped[:4]))
 
+    def _register(self, name: str, form: nn.Module) -> None:
+        self._at[name] = []
+        for mod, attr in _holders(self.model, name):
+            parametrize.register_parametrization(mod, attr, form, unsafe=True)
+            self._at[name].append((mod, attr))
+
     def parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """``(codes, floats)``: the rounding latents and the scale/offset/norm multipliers (two learning rates)."""
         codes = [qw.u for qw in self.q.values() if qw.u.requires_grad]
         floats = [p for qw in self.q.values() for p in (qw.a, qw.b) if p.requires_grad]
         floats += [m.c for m, _ in self.fixed.values()]
         return codes, floats
+
+    def float_groups(self, reach: float) -> list[tuple[list[nn.Parameter], float]]:
+        """The floats in groups with their rate factors: each tensor's scales at ``min(1, reach / QWeight.reach)``
+        (a relative change of the scale moves the outermost level of q5_0, -16..15, five times as many steps as
+        int2's, 0..3); the offsets (already in steps) and the norm multipliers at 1."""
+        groups = [([qw.a], min(1.0, reach / qw.reach)) for qw in self.q.values() if qw.a.requires_grad]
+        groups.append(([qw.b for qw in self.q.values() if qw.b.requires_grad] + [m.c for m, _ in self.fixed.values()],
+                       1.0))
+        return [(ps, r) for ps, r in groups if ps]
 
     def clamp_(self) -> None:
         for qw in self.q.values():
@@ -84,10 +108,12 @@ class Attached:
                 m.c.copy_(saved[f"{n}/c"])
 
     def _remove(self) -> None:
-        for name in list(self.q) + list(self.fixed):
-            mod, attr = _owner(self.model, name)
-            if parametrize.is_parametrized(mod, attr):
-                parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+        """Take every parametrization out: each holder gets its original parameter back (ties kept)."""
+        for held in self._at.values():
+            for mod, attr in held:
+                if parametrize.is_parametrized(mod, attr):
+                    parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+        self._at.clear()
 
     def finish(self) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
         """Round to storage, take the parametrizations out and put the stored values in the weights.

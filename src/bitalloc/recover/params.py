@@ -63,6 +63,14 @@ class QWeight(nn.Module):
         self._frozen_codes: torch.Tensor | None = None if codes else c
 
     @property
+    def reach(self) -> float:
+        """The outermost level's distance from zero in steps of its codebook (the mean spacing of its levels): how
+        many steps a relative change of the scale moves it per unit (3 for int2's 0..3, 16 for q5_0's -16..15)."""
+        lv = self.grid.levels.reshape(-1, int(self.grid.levels.shape[-1])).double()
+        step = (lv[:, -1] - lv[:, 0]) / max(int(lv.shape[1]) - 1, 1)
+        return float((lv.abs().amax(1) / step.clamp_min(1e-30)).max())
+
+    @property
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in (self.u, self.a, self.b) if p.requires_grad]
 

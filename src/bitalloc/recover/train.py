@@ -5,7 +5,9 @@
   outputs on the full-precision inputs (mean squared error); the recovered block's stored values then produce the
   next block's inputs.  A block whose calibration loss does not fall keeps what it had.
 * :func:`recover_e2e`: the whole model learns the stored floats only (scales, offsets, norms; codes fixed) by
-  KL divergence to the full-precision model's next-token distribution; blocks are recomputed in the backward
+  KL divergence to the full-precision model's next-token distribution: the blocks', and the output projection's
+  and the embedding's, which no block holds (block 0's inputs are computed from the embedding in every step, so
+  its scales train through both uses when it is tied to the output); blocks are recomputed in the backward
   (gradient checkpointing), so one block's activations are resident.  The calibration KL is checked
   :data:`E2E_CHECKS` times along the run: the stage ends at its best check (as it started when none was lower), and
   a check that finds no gain halves the rates from there.
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 from ..calibrate import BlockRunner
 from ..fisher import final_logit_cap
 from ..formats import QTensor
-from ..layout import Layout, layout_of, window_batches
+from ..layout import Layout, StopForward, layout_of, window_batches
 from ..models.view import ModelView
 from ..placement import Placement
 from .attach import Attached
@@ -44,6 +46,10 @@ GUARD_WINDOWS = 16
 #: calibration KL at 4 bpw until the guard reverted the whole stage; this rate suits the low-bit models, where the
 #: stage gains most, and the checks below halve it where it is still too large (README, "Recovery")
 E2E_FLOAT_SHARE = 1 / 16
+#: the e2e stage's float rate holds for grids whose outermost level is this many steps from zero (int2: 0..3); a grid
+#: reaching further moves its scales proportionally slower, so that a relative change of a scale moves the weights
+#: by the same number of steps in every format (at 5 bits and above the full rate overshot: README, "Recovery")
+E2E_REACH = 3.0
 #: how often the e2e stage measures the calibration KL on the guard's windows (evenly along the run, the last at its
 #: end): a check that finds it no lower than the best so far returns to the best and halves the rates
 E2E_CHECKS = 4
@@ -56,13 +62,16 @@ def _out(y: Any) -> torch.Tensor:
     return y[0] if isinstance(y, tuple) else y
 
 
-def _optimizer(att: Attached, cfg: RecoverConfig, float_share: float, steps: int, start: int = 0
-               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def _optimizer(att: Attached, cfg: RecoverConfig, float_share: float, steps: int, start: int = 0,
+               reach: float | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Adam over the codes at ``cfg.lr`` and the floats (scales, offsets, norms) at ``cfg.lr * float_share``,
     with the learning rates decaying to zero over ``steps`` along a cosine (the last steps settle the codes);
-    ``start``: the step the schedule starts at (a fresh optimizer in the middle of a run)."""
+    ``start``: the step the schedule starts at (a fresh optimizer in the middle of a run).  ``reach``: each tensor's
+    floats move at that rate times ``min(1, reach / its grid's reach)`` (:meth:`Attached.float_groups`)."""
     codes, floats = att.parameters()
-    groups = [g for g in ({"params": codes, "lr": cfg.lr}, {"params": floats, "lr": cfg.lr * float_share})
+    float_groups = [(floats, 1.0)] if reach is None else att.float_groups(reach)
+    groups = [g for g in ({"params": codes, "lr": cfg.lr},
+                          *({"params": ps, "lr": cfg.lr * float_share * r} for ps, r in float_groups))
               if g["params"]]
     opt = torch.optim.Adam(groups)
     return opt, torch.optim.lr_scheduler.LambdaLR(
@@ -176,6 +185,25 @@ def _logits(lay: Layout, kwargs: list[dict[str, Any]], x: torch.Tensor, grad: bo
     return z if cap is None else cap * torch.tanh(z / cap)
 
 
+def _block0_inputs(model: nn.Module, lay: Layout, ids: torch.Tensor) -> torch.Tensor:
+    """Block 0's inputs for the token ``ids``, computed by the model itself (its embedding, and whatever it does
+    before the first block, e.g. an embedding scale), with the graph when gradients are on."""
+    got: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        got.append(args[0] if args else kwargs["hidden_states"])
+        raise StopForward
+
+    h = lay.blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    try:
+        model(ids, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        h.remove()
+    return got[0]
+
+
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher ‖ student), natural log."""
     t = F.log_softmax(teacher_logits, dim=-1)
@@ -186,23 +214,27 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, qtensors: Mapping[str, QTensor],
                 cfg: RecoverConfig, *, placement: Placement | None = None, progress: bool = True
                 ) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
-    """End-to-end distillation of the stored floats of every block linear in ``qtensors`` and every fixed tensor;
-    returns ``(recovered QTensors, fixed values)`` as :func:`recover_blocks`."""
+    """End-to-end distillation of the stored floats of every block linear, the output projection and the embedding
+    in ``qtensors`` and of every fixed tensor; returns ``(recovered QTensors, fixed values)`` as
+    :func:`recover_blocks`."""
     lay, lay_t = layout_of(student), layout_of(teacher)
-    block_names = {n for b in range(len(lay.blocks)) for g in lay.block_groups(b) for n in g}
+    head, emb = lay.lm_head_name, lay.embedding_name
+    trained = {n for b in range(len(lay.blocks)) for g in lay.block_groups(b) for n in g} | {head, emb}
     n, ctx = int(windows.shape[0]), int(windows.shape[1])
     steps = cfg.steps_for("e2e", ctx)
     with BlockRunner(student, windows, placement=placement, write_back=True) as rs, \
             BlockRunner(teacher, windows, placement=placement) as rt:
         xs, xt, kw, kwt = rs.hidden, rt.hidden, rs.kwargs, rt.kwargs
         place, cap = rs.placement, final_logit_cap(student)
-        att = Attached(student, {k: q for k, q in qtensors.items() if k in block_names}, fixed_formats(student),
+        att = Attached(student, {k: q for k, q in qtensors.items() if k in trained}, fixed_formats(student),
                        codes=False, scales=True)
+        embedded = emb in att.q  # the embedding trains: block 0's inputs are computed from it in every step
 
         def loss(idx: torch.Tensor, grad: bool) -> torch.Tensor:
             with torch.no_grad():
                 t = _logits(lay_t, kwt, place.to_device(xt[idx]), False, cap)
-            return _kl(t, _logits(lay, kw, place.to_device(xs[idx]), grad, cap))
+            x = _block0_inputs(student, lay, place.to_device(windows[idx])) if embedded else place.to_device(xs[idx])
+            return _kl(t, _logits(lay, kw, x, grad, cap))
 
         m = min(n, GUARD_WINDOWS)
 
@@ -214,7 +246,7 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
         before, saved = full(), att.snapshot()
         best, rate = before, 1.0
         checks = {max(1, round(steps * (j + 1) / E2E_CHECKS)) for j in range(E2E_CHECKS)}
-        opt, sched = _optimizer(att, cfg, E2E_FLOAT_SHARE, steps)
+        opt, sched = _optimizer(att, cfg, E2E_FLOAT_SHARE, steps, reach=E2E_REACH)
         bar = tqdm(_picks(n, cfg.e2e_windows, steps, cfg.seed * 100003 + 99991), desc="recover (e2e)",
                    disable=not progress, leave=False)
         for i, idx in enumerate(bar, 1):
@@ -232,7 +264,7 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
                 att.restore(saved)
                 if i < steps:
                     rate /= 2
-                    opt, sched = _optimizer(att, cfg, E2E_FLOAT_SHARE * rate, steps, start=i)
+                    opt, sched = _optimizer(att, cfg, E2E_FLOAT_SHARE * rate, steps, start=i, reach=E2E_REACH)
                 log.info("e2e recovery: calibration KL %.4g at step %d, not below %.4g: back to it%s", now, i, best,
                          ", rates halved" if i < steps else "")
         log.info("e2e recovery: calibration KL %.4g -> %.4g", before, best)
