@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .data import check_token_ids, embedding_rows
 from .errors import InputError, NumericsError
-from .layout import Layout, StopForward, check_windows, layout_of, require_finite, window_batches
+from .layout import Layout, StopForward, block0_inputs, check_windows, layout_of, require_finite, window_batches
 from .models.experts import routed_owner
 from .models.spill import release_rows
 from .placement import HEAD_CHUNK, VOCAB_CHUNK, Placement, Residency  # noqa: F401  (chunk defaults re-exported)
@@ -194,24 +194,6 @@ def _block_inputs(
     return inputs, kwargs, final[0]
 
 
-def _block0_input(model: nn.Module, lay: Layout, emb: torch.Tensor) -> torch.Tensor:
-    """The input of block 0 as a differentiable function of the embedding output ``emb``."""
-    got: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
-        got.append(args[0] if args else kw["hidden_states"])
-        raise StopForward
-
-    h = lay.blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
-    try:
-        model(inputs_embeds=emb, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        h.remove()
-    return got[0]
-
-
 def final_logit_cap(model: nn.Module) -> float | None:
     """The model's final logit soft cap (Gemma 2's ``final_logit_softcapping``: logits = cap·tanh(z/cap)), or
     None."""
@@ -335,6 +317,6 @@ def _fisher_batch(model: nn.Module, lay: Layout, ids: torch.Tensor, head: _Head,
                 del x, y, out
                 head.place.release()
         emb.requires_grad_(True)
-        x0 = _block0_input(model, lay, emb)
+        x0 = block0_inputs(model, lay, inputs_embeds=emb)
         torch.autograd.backward(x0, g)
     return emb.grad

@@ -4,6 +4,7 @@ hook, and small helpers shared by those passes (window batches, finiteness check
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,6 +71,26 @@ def layout_of(model: nn.Module) -> Layout:
         lm_head=head,
         tied=_shares_storage(head.weight, emb.weight),
     )
+
+
+def block0_inputs(model: nn.Module, lay: Layout, **inputs: Any) -> torch.Tensor:
+    """The inputs of block 0 for the model's ``inputs`` (``input_ids=`` or ``inputs_embeds=``), computed by the model
+    itself (whatever it does before the first block, e.g. an embedding scale), with the graph when gradients are
+    on; the forward stops there."""
+    got: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple, kw: dict) -> None:
+        got.append(args[0] if args else kw["hidden_states"])
+        raise StopForward
+
+    h = lay.blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    try:
+        model(**inputs, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        h.remove()
+    return got[0]
 
 
 def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -413,13 +413,14 @@ def test_block0_inputs_are_the_models_own(arch):
     """e2e recovery computes block 0's inputs from the (trained) embedding with the model's own forward: equal to
     the calibration runner's states, embedding scale included (Gemma multiplies by sqrt(hidden))."""
     from bitalloc.calibrate import BlockRunner
-    from bitalloc.recover.train import _block0_inputs
+    from bitalloc.layout import block0_inputs
     from tests.conftest import tiny_arch
 
     model = tiny_arch(arch)
     ids = token_ids(2)
     with torch.no_grad(), BlockRunner(model, ids) as r:
-        torch.testing.assert_close(_block0_inputs(model, layout_of(model), ids), r.hidden, rtol=0, atol=0)
+        torch.testing.assert_close(block0_inputs(model, layout_of(model), input_ids=ids), r.hidden, rtol=0,
+                                   atol=0)
 
 
 def test_e2e_scale_rates_follow_how_far_each_grid_reaches():

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..calibrate import BlockRunner
 from ..fisher import final_logit_cap
 from ..formats import QTensor
-from ..layout import Layout, StopForward, layout_of, window_batches
+from ..layout import Layout, block0_inputs, layout_of, window_batches
 from ..models.view import ModelView
 from ..placement import Placement
 from .attach import Attached
@@ -185,25 +185,6 @@ def _logits(lay: Layout, kwargs: list[dict[str, Any]], x: torch.Tensor, grad: bo
     return z if cap is None else cap * torch.tanh(z / cap)
 
 
-def _block0_inputs(model: nn.Module, lay: Layout, ids: torch.Tensor) -> torch.Tensor:
-    """Block 0's inputs for the token ``ids``, computed by the model itself (its embedding, and whatever it does
-    before the first block, e.g. an embedding scale), with the graph when gradients are on."""
-    got: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        got.append(args[0] if args else kwargs["hidden_states"])
-        raise StopForward
-
-    h = lay.blocks[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
-    try:
-        model(ids, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        h.remove()
-    return got[0]
-
-
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher ‖ student), natural log."""
     t = F.log_softmax(teacher_logits, dim=-1)
@@ -233,7 +214,8 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
         def loss(idx: torch.Tensor, grad: bool) -> torch.Tensor:
             with torch.no_grad():
                 t = _logits(lay_t, kwt, place.to_device(xt[idx]), False, cap)
-            x = _block0_inputs(student, lay, place.to_device(windows[idx])) if embedded else place.to_device(xs[idx])
+            x = block0_inputs(student, lay, input_ids=place.to_device(windows[idx])) if embedded else \
+                place.to_device(xs[idx])
             return _kl(t, _logits(lay, kw, x, grad, cap))
 
         m = min(n, GUARD_WINDOWS)
