@@ -69,7 +69,7 @@ def layout_of(model: nn.Module) -> Layout:
         embedding=emb,
         final_norm=norm,
         lm_head=head,
-        tied=_shares_storage(head.weight, emb.weight),
+        tied=shares_storage(head.weight, emb.weight),
     )
 
 
@@ -93,7 +93,7 @@ def block0_inputs(model: nn.Module, lay: Layout, **inputs: Any) -> torch.Tensor:
     return got[0]
 
 
-def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     """One tensor, or two views of the same storage (a tie made by copying the parameter object's data)."""
     if a is b:
         return True

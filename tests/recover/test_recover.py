@@ -445,3 +445,25 @@ def test_e2e_scale_rates_follow_how_far_each_grid_reaches():
         assert sum(len(ps) for ps, _ in groups) == len(att.parameters()[1])  # every float once
     finally:
         att.finish()
+
+
+def test_a_tie_by_shared_storage_is_parametrized_on_both_modules():
+    """A head tied by sharing the embedding's storage (another Parameter object: what layout_of calls tied) computes
+    with the trained embedding during recovery, as an identical-object tie does."""
+    from bitalloc.recover.attach import Attached
+
+    model = tiny_llama()
+    emb = model.model.embed_tokens.weight
+    model.lm_head.weight = torch.nn.Parameter(emb.data, requires_grad=False)
+    assert model.lm_head.weight is not emb and layout_of(model).tied
+    name = "model.embed_tokens.weight"
+    q = {name: quantize_weight(emb.detach(), get_format("int4-g32"), method="rtn")}
+    att = Attached(model, q, {}, codes=False, scales=True)
+    try:
+        with torch.no_grad():
+            att.q[name].a.add_(0.1)
+        assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+        assert torch.equal(model.lm_head.weight, att.q[name]())
+    finally:
+        att.finish()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

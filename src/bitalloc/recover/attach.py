@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..formats import QTensor, get_format
+from ..layout import shares_storage
 from ..quantize import set_weight
 from ..rounding import dequantize
 from ..rounding.rtn import FP16_MAX
@@ -30,11 +31,12 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def _holders(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
     """Every ``(module, attribute)`` holding the parameter ``name``: the owner first, then the modules tied to it
-    (a tied lm_head holds the embedding's parameter), so a parametrization covers every use of the tensor."""
+    (a tied lm_head holds the embedding's parameter, or one sharing its storage: the tie :func:`layout_of` sees),
+    so a parametrization covers every use of the tensor."""
     p = model.get_parameter(name)
     own = _owner(model, name)
     return [own] + [(m, a) for m in model.modules() for a, q in m._parameters.items()
-                    if q is p and (m, a) != own]
+                    if q is not None and (m, a) != own and shares_storage(q, p)]
 
 
 class Attached:
