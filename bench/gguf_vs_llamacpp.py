@@ -217,12 +217,14 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     shared.update({"stages": stages, "library_stages": lib_timer.as_dict(), "measure": minfo,
                    "seconds": stage_seconds(stages, SHARED_STAGES) if minfo["seconds"] is not None else None})
     saved = snapshot(model)
-    recover = RecoverConfig(mode=args.recover, steps=args.recover_steps, windows=args.recover_windows)
+    recover = RecoverConfig(mode=args.recover, steps=args.recover_steps, windows=args.recover_windows,
+                            aware=getattr(args, "recover_aware", False))
     train_on = None if recover.windows is None else \
         text_windows(tok, default_calibration_files(), 512, recover.windows)  # the calibration windows come first
     teacher = copy.deepcopy(model) if recover.active else None  # the full-precision model recovery trains toward
     store = st.SizeResults(WORK / "bitalloc-sizes.json")
     code = st.code_digest(output_code())
+    table = aware_table(m, model, view, calib, recover, code) if recover.aware else m
     out: dict[str, dict] = {}
     made: set[str] = set()
     check = args.check_errors
@@ -242,7 +244,7 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
         t1 = time.perf_counter()
         size_timer, size_lib = StageTimer(), StageTimer()
         with size_timer.stage("plan"):
-            plan, _split = plan_gguf(m, view, tpl, f"{size}B")
+            plan, _split = plan_gguf(table, view, tpl, f"{size}B")
         path = WORK / f"bitalloc-{size}.gguf"
         with size_timer.stage("quantize"):  # export_plan's two steps, timed apart
             tensors = quantize_for_gguf(model, view, plan, calib, tpl, method=args.method, progress=True,
@@ -280,6 +282,23 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     return out
 
 
+def aware_table(m: Any, model: torch.nn.Module, view: ModelView, calib: torch.Tensor, recover: RecoverConfig,
+                code: str) -> Any:
+    """``--recover-aware``: the table the allocator reads, its block linears' errors scaled by each format's
+    measured recovery gain (as ``bitalloc gguf --recover-aware``); the gains are saved in .cache/gguf_bench."""
+    from bitalloc.recover.aware import block_tensors, format_gains, scaled_table
+
+    path = WORK / f"recovery-gains-{st.digest({'measurement': m.fingerprint, 'recover': recover.fingerprint(), 'code': code})}.json"
+    if path.exists():
+        gains = json.loads(path.read_text())
+    else:
+        t0 = time.perf_counter()
+        gains = format_gains(model, calib, m.formats(), recover, progress=True)
+        log.info("recovery gains measured in %.0f s", time.perf_counter() - t0)
+        path.write_text(json.dumps(gains, indent=1))
+    return scaled_table(m, gains, block_tensors(view))
+
+
 def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
     """``bench/results/<name>.<ext>``; ``_recover-<mode>`` is added for a ``--recover`` run (with ``-s<steps>``
     and ``-w<windows>`` when those are given), ``-quick`` for a ``--quick`` run's files."""
@@ -288,6 +307,8 @@ def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
     for flag, key in (("s", "recover_steps"), ("w", "recover_windows")):
         if rec != "none" and getattr(args, key, None) is not None:
             tag += f"-{flag}{getattr(args, key)}"
+    if rec != "none" and getattr(args, "recover_aware", False):
+        tag += "-aware"
     return RESULTS / f"{name}{tag}{'-quick' if getattr(args, 'quick', False) else ''}.{ext}"
 
 
@@ -536,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-steps", type=int, default=None, help="recovery steps (default bitalloc's)")
     ap.add_argument("--recover-windows", type=int, default=None,
                     help="comedy windows recovery trains on (default: the calibration windows)")
+    ap.add_argument("--recover-aware", action="store_true",
+                    help="allocate from the errors scaled by each format's measured block-recovery gain "
+                    "(bitalloc gguf --recover-aware; needs --recover block or block+e2e)")
     ap.add_argument("--threads", type=int, default=1, help="threads for torch and the llama.cpp tools (both sides)")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files in .cache/gguf_bench")
     ap.add_argument("--no-floor", dest="floor", action="store_false",

@@ -81,9 +81,10 @@ class Quantized:
     def load(self, budget: str, aware: dict[str, float] | None = None) -> tuple[dict, Any]:
         """QTensors of ``budget`` (allocated from the table scaled by ``aware`` gains when given) with the model
         holding their values; the plan."""
-        from bitalloc.recover.aware import scaled_table
+        from bitalloc.recover.aware import block_tensors, scaled_table
 
-        plan = make_plan(self.table if aware is None else scaled_table(self.table, aware), budget)
+        plan = make_plan(self.table if aware is None else
+                         scaled_table(self.table, aware, block_tensors(self.view)), budget)
         tag = (budget, plan.to_json())
         if self.current is not None and self.current[0] == tag:
             restore(self.model, self.current[2])

@@ -250,7 +250,8 @@ def test_cli_refuses_bad_recovery_options(hf, tmp_path, capsys, extra, msg):
 
 # ------------------------------------------------------------------------------------ recovery-aware allocation
 def test_format_gains_and_scaled_table():
-    from bitalloc.recover.aware import format_gains, sample_blocks, scaled_table
+    from bitalloc.models.view import ModelView
+    from bitalloc.recover.aware import block_tensors, format_gains, sample_blocks, scaled_table
     from bitalloc.table import MeasureRow, TensorInfo
     from bitalloc.measure import Measurement
 
@@ -262,10 +263,16 @@ def test_format_gains_and_scaled_table():
     assert gains["fp16"] == 1.0
     assert 0 < gains["int2-g32"] < 1 and 0 < gains["int4-g32"] <= 1
     assert sample_blocks(30) == [9, 19] and sample_blocks(2) == [0, 1]
-    m = Measurement((TensorInfo("w", (2, 32), 64, ("linear",)),),
-                    (MeasureRow("w", "int2-g32", 10, 4.0, 2.0), MeasureRow("w", "fp16", 128, 0.0, 0.0)), 0, 64)
-    s = scaled_table(m, {"int2-g32": 0.5})
-    assert [(r.format, r.output_error, r.fisher_error) for r in s.rows] == [("int2-g32", 2.0, 1.0), ("fp16", 0.0, 0.0)]
+    m = Measurement((TensorInfo("w", (2, 32), 64, ("linear",)), TensorInfo("head", (2, 32), 64, ("linear",))),
+                    (MeasureRow("w", "int2-g32", 10, 4.0, 2.0), MeasureRow("w", "fp16", 128, 0.0, 0.0),
+                     MeasureRow("head", "int2-g32", 10, 4.0, 2.0)), 0, 128)
+    s = scaled_table(m, {"int2-g32": 0.5}, {"w"})  # "head" is not trained by block recovery: its errors stay
+    assert [(r.tensor, r.format, r.output_error, r.fisher_error) for r in s.rows] == [
+        ("w", "int2-g32", 2.0, 1.0), ("w", "fp16", 0.0, 0.0), ("head", "int2-g32", 4.0, 2.0)]
+    view = ModelView(model)
+    names = block_tensors(view)
+    assert names == {n for b in view.blocks() for g in b.groups for n in g}  # every block linear, nothing else
+    assert not names & {r.name for r in view.quantizable() if r.block is None} and len(names) > 0
 
 
 def test_recovery_aware_job_runs_and_saves_its_gains(hf, tmp_path):

@@ -237,7 +237,7 @@ class Stages:
         rc = self.config.recover
         if not rc.aware:
             return measurement
-        from ..recover.aware import format_gains, scaled_table
+        from ..recover.aware import block_tensors, format_gains, scaled_table
 
         if not self.job.has_item("plan", "recovery_gains"):
             with self.timer.stage("recover.gains"):
@@ -245,7 +245,8 @@ class Stages:
                                      placement=self.placement, progress=self.config.progress)
             self.job.save_item("plan", "recovery_gains", gains)
         saved = self.job.load_item("plan", "recovery_gains")
-        return scaled_table(measurement, {str(k): float(v) for k, v in dict(saved).items()})
+        return scaled_table(measurement, {str(k): float(v) for k, v in dict(saved).items()},
+                            block_tensors(self.loaded.view))
 
     # ------------------------------------------------------------------------------------- quantize
     def quantize(self, plan: Plan) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:

@@ -4,15 +4,17 @@ sample blocks, folded into the measurement table before the allocator reads it.
 For every sample block and candidate grid format, the block's linears are GPTQ-rounded in that format (Hessians of
 the full-precision inputs) and the block is recovered as :func:`bitalloc.recover.train.recover_blocks` would;
 the format's *gain* is the geometric mean over the samples of (block output error after) / (before).  The table's
-errors of that format are multiplied by its gain (:func:`scaled_table`), so the allocator sees the errors the
-recovered model will have: formats that recovery helps most become cheaper in error.  Formats that cannot store
-every linear of a sample block, and pass-through formats, keep a gain of 1.
+errors of that format are multiplied by its gain (:func:`scaled_table`) for the tensors block recovery trains (the
+blocks' linears), so the allocator sees the errors the recovered model will have: formats that recovery helps most
+become cheaper in error.  The embedding and the output projection, which no block holds, keep their errors: the e2e
+stage only moves their scales, and a tied one at 5 bits can carry a quarter of a GGUF mix's error.  Formats that
+cannot store every linear of a sample block, and pass-through formats, keep a gain of 1.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from ..calibrate import BlockRunner
 from ..formats import get_format
 from ..layout import layout_of, window_batches
 from ..measure import Measurement
+from ..models.view import ModelView
 from ..placement import Placement
 from ..rounding import dequantize, quantize_weight
 from ..table import MeasureRow
@@ -96,14 +99,25 @@ def _sample(model: nn.Module, r: BlockRunner, b: int, formats: Sequence[str], st
                 model.get_parameter(t).copy_(w)
 
 
-def scaled_table(m: Measurement, gains: Mapping[str, float]) -> Measurement:
-    """``m`` with every row's errors multiplied by its format's gain (1 when not given)."""
-    rows = tuple(MeasureRow(r.tensor, r.format, r.bytes, r.output_error * gains.get(r.format, 1.0),
-                            None if r.fisher_error is None else r.fisher_error * gains.get(r.format, 1.0))
+def block_tensors(view: ModelView) -> set[str]:
+    """The tensors block recovery trains: every decoder block's linears (not the embedding, not the lm_head)."""
+    return {r.name for r in view.quantizable() if r.block is not None}
+
+
+def scaled_table(m: Measurement, gains: Mapping[str, float], trained: Collection[str]) -> Measurement:
+    """``m`` with the errors of every row of a ``trained`` tensor multiplied by its format's gain (1 when not
+    given); the rows of other tensors as they are."""
+    trained = frozenset(trained)
+
+    def g(r: MeasureRow) -> float:
+        return gains.get(r.format, 1.0) if r.tensor in trained else 1.0
+
+    rows = tuple(MeasureRow(r.tensor, r.format, r.bytes, r.output_error * g(r),
+                            None if r.fisher_error is None else r.fisher_error * g(r))
                  for r in m.rows)
     fp = dict(m.fingerprint)
     fp["recovery_gains"] = ",".join(f"{f}:{g:.6g}" for f, g in sorted(gains.items()))
     return Measurement(m.tensors, rows, m.fixed_bytes, m.total_params, fp)
 
 
-__all__ = ["format_gains", "sample_blocks", "scaled_table"]
+__all__ = ["block_tensors", "format_gains", "sample_blocks", "scaled_table"]
