@@ -219,8 +219,8 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     saved = snapshot(model)
     recover = RecoverConfig(mode=args.recover, steps=args.recover_steps, windows=args.recover_windows,
                             aware=getattr(args, "recover_aware", False))
-    train_on = None if recover.windows is None else \
-        text_windows(tok, default_calibration_files(), 512, recover.windows)  # the calibration windows come first
+    n_train = recover.train_windows(int(calib.shape[0]))  # as `bitalloc gguf`: the calibration windows come first
+    train_on = text_windows(tok, default_calibration_files(), 512, n_train) if recover.active else None
     teacher = copy.deepcopy(model) if recover.active else None  # the full-precision model recovery trains toward
     store = st.SizeResults(WORK / "bitalloc-sizes.json")
     code = st.code_digest(output_code())

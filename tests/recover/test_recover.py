@@ -312,7 +312,9 @@ def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch):
 
 def test_recover_windows_train_on_more_of_the_calibration_text(hf, tmp_path, monkeypatch):
     """``--recover-windows N``: recovery trains on N windows of the same text, the quantization's first; the
-    windows are in the job's fingerprint (another N is refused), and without it recovery uses the calibration."""
+    windows are in the job's fingerprint (another N is refused), and without it recovery trains on
+    DEFAULT_WINDOW_FACTOR times the quantization's windows (as many as the text holds)."""
+    from bitalloc.recover.config import DEFAULT_WINDOW_FACTOR
     import bitalloc.recover as rec_pkg
     from bitalloc.data import text_windows
     from bitalloc.models.sources import load_model
@@ -331,9 +333,11 @@ def test_recover_windows_train_on_more_of_the_calibration_text(hf, tmp_path, mon
     want = text_windows(tok, [hf.parent / "calib.txt"], 32, 7)
     assert want.shape == (7, 32) and torch.equal(seen[-1], want)
     assert main(quantize_argv(hf, tmp_path / "d", *BLOCK_ONLY)) == 0
-    assert torch.equal(seen[-1], want[:4])  # the quantization's 4 windows
-    assert RecoverConfig(mode="block", windows=7).fingerprint() != RecoverConfig(mode="block").fingerprint()
-    assert "windows" not in RecoverConfig(mode="block").fingerprint()  # jobs made before the option still match
+    default = text_windows(tok, [hf.parent / "calib.txt"], 32, DEFAULT_WINDOW_FACTOR * 4)  # the quantization's 4, x4
+    assert default.shape[0] > 7 and torch.equal(seen[-1], default) and torch.equal(seen[-1][:7], want)
+    assert RecoverConfig().train_windows(24) == DEFAULT_WINDOW_FACTOR * 24 and RecoverConfig(windows=7).train_windows(24) == 7
+    fps = {str(RecoverConfig(mode="block", windows=w).fingerprint()) for w in (None, 7, 4 * DEFAULT_WINDOW_FACTOR)}
+    assert len(fps) == 3  # a job made with other windows (or before the default changed) is not resumed
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3"])

@@ -141,9 +141,9 @@ def add_recover(p: argparse.ArgumentParser) -> None:
                    help=f"Adam step of the learned rounding in levels (scales and norms, relative: a tenth of it in the block stage, a quarter in e2e) "
                    f"(default {RecoverConfig.lr})")
     p.add_argument("--recover-windows", type=_positive, default=None, metavar="N",
-                   help="calibration windows recovery trains on, read from the same --calib text (default: the "
-                   "quantization's --windows); more text than the quantization needs makes the learned rounding "
-                   "overfit less")
+                   help="calibration windows recovery trains on, read from the same --calib text (default: 4 times "
+                   "the quantization's --windows, as many as the text holds); more text than the quantization "
+                   "needs makes the learned rounding overfit less")
     p.add_argument("--recover-aware", action="store_true",
                    help="allocate knowing recovery follows: each candidate format's error is scaled by the share "
                    "block-wise recovery leaves of it, measured on two sample blocks (needs --recover block or "

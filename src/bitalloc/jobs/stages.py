@@ -132,18 +132,19 @@ class Stages:
 
     @property
     def recovery_windows(self) -> torch.Tensor:
-        """The windows recovery trains on: ``config.recover.windows`` of the calibration text (the first ones
-        are the quantization's), or the calibration windows when it is None."""
-        n = self.config.recover.windows
-        if n is None:
-            return self.calibration
+        """The windows recovery trains on: ``config.recover.windows`` of the calibration text, by default
+        :data:`~bitalloc.recover.config.DEFAULT_WINDOW_FACTOR` times the quantization's (the first ones are the
+        quantization's); as many as the text holds when it holds fewer (a warning when they were asked for)."""
+        rc = self.config.recover
+        n = rc.train_windows(int(self.calibration.shape[0]))
         if n <= self.calibration.shape[0]:
             return self.calibration[:n]
         with self.timer.stage("tokenize"):
             w = self.windows(self.config.calib_texts, n)
         if w.shape[0] < n:
-            log.warning("the calibration text holds %d windows of %d tokens; recovery trains on those, not %d",
-                        w.shape[0], self.config.ctx, n)
+            (log.warning if rc.windows is not None else log.info)(
+                "the calibration text holds %d windows of %d tokens; recovery trains on those, not %d",
+                w.shape[0], self.config.ctx, n)
         return w
 
     # -------------------------------------------------------------------------------------- measure

@@ -11,6 +11,10 @@ MODES = ("none", "block", "e2e", "block+e2e")
 #: defaults when neither steps nor tokens are given: optimizer steps per block (block stage) and in all (e2e)
 DEFAULT_BLOCK_STEPS = 64
 DEFAULT_E2E_STEPS = 64
+#: without ``windows``, recovery trains on this many times the quantization's calibration windows (read further
+#: into the same text, as far as it goes): the learned rounding has a free choice per weight, and on the
+#: quantization's windows alone it fits them and not the text (README, "Recovery")
+DEFAULT_WINDOW_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,8 @@ class RecoverConfig:
     KL no lower) relative to their stored values; every rate decays to zero along a cosine over the stage's steps.
     ``block_windows`` / ``e2e_windows``: the calibration windows of one step.  ``windows``: how many calibration
     windows training draws from (the first ones are those the quantization used; more text overfits less, since the
-    learned rounding has as many free choices as the block has weights); None = the quantization's.  ``seed`` fixes the order of the windows (the
+    learned rounding has as many free choices as the block has weights); None = :data:`DEFAULT_WINDOW_FACTOR` times the
+    quantization's (:meth:`train_windows`).  ``seed`` fixes the order of the windows (the
     run is deterministic).  ``aware``: the allocation sees each format's error after recovery
     (:mod:`bitalloc.recover.aware`)."""
 
@@ -77,11 +82,16 @@ class RecoverConfig:
             return max(1, -(-self.tokens // per_step))
         return DEFAULT_BLOCK_STEPS if stage == "block" else DEFAULT_E2E_STEPS
 
+    def train_windows(self, quant_windows: int) -> int:
+        """How many calibration windows recovery trains on when the quantization used ``quant_windows``."""
+        return self.windows if self.windows is not None else DEFAULT_WINDOW_FACTOR * quant_windows
+
     def fingerprint(self) -> dict[str, object]:
         """What changes a recovered result (a job reopened with another recovery is refused)."""
         return {"mode": self.mode, "steps": self.steps, "tokens": self.tokens, "lr": self.lr,
                 "block_windows": self.block_windows, "e2e_windows": self.e2e_windows, "seed": self.seed,
-                "aware": self.aware, **({} if self.windows is None else {"windows": self.windows})}
+                "aware": self.aware,
+                "windows": self.windows if self.windows is not None else f"{DEFAULT_WINDOW_FACTOR}x"}
 
 
-__all__ = ["MODES", "RecoverConfig"]
+__all__ = ["DEFAULT_WINDOW_FACTOR", "MODES", "RecoverConfig"]
