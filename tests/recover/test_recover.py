@@ -291,7 +291,9 @@ def test_recovery_aware_needs_block_recovery(hf, tmp_path, capsys):
 
 
 def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch):
-    """``sweep --recover``: every point's model is recovered after its quantization (on the calibration windows)."""
+    """``sweep --recover``: every point's model is recovered after its quantization (on DEFAULT_WINDOW_FACTOR times
+    the calibration windows, as quantize does)."""
+    from bitalloc.recover.config import DEFAULT_WINDOW_FACTOR
     import bitalloc.recover as rec_pkg
     from tests.test_sweep_resume import sweep_argv
 
@@ -306,7 +308,7 @@ def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch):
     monkeypatch.setattr(rec_pkg, "recover_model", spy)
     assert main(sweep_argv(hf, tmp_path / "s", "--recover", "block", "--recover-steps", "2",
                            budgets="3.5bpw")) == 0
-    assert calls and all(c == ("block", (4, 32)) for c in calls)
+    assert calls and all(c == ("block", (4 * DEFAULT_WINDOW_FACTOR, 32)) for c in calls)
     assert (tmp_path / "s" / "sweep.json").exists()
 
 
