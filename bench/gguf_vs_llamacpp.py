@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="bitalloc's side trains each quantized model back toward the reference (bitalloc gguf --recover)")
     ap.add_argument("--recover-steps", type=int, default=None, help="recovery steps (default bitalloc's)")
     ap.add_argument("--recover-windows", type=int, default=None,
-                    help="comedy windows recovery trains on (default: the calibration windows)")
+                    help="comedy windows recovery trains on (default: bitalloc's, 4x the calibration windows)")
     ap.add_argument("--recover-aware", action="store_true",
                     help="allocate from the errors scaled by each format's measured block-recovery gain "
                     "(bitalloc gguf --recover-aware; needs --recover block or block+e2e)")

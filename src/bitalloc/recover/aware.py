@@ -7,7 +7,7 @@ the format's *gain* is the geometric mean over the samples of (block output erro
 errors of that format are multiplied by its gain (:func:`scaled_table`) for the tensors block recovery trains (the
 blocks' linears), so the allocator sees the errors the recovered model will have: formats that recovery helps most
 become cheaper in error.  The embedding and the output projection, which no block holds, keep their errors: the e2e
-stage only moves their scales, and a tied one at 5 bits can carry a quarter of a GGUF mix's error.  Formats that
+stage only moves their scales.  Formats that
 cannot store every linear of a sample block, and pass-through formats, keep a gain of 1.
 """
 from __future__ import annotations
