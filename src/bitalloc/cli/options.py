@@ -138,7 +138,7 @@ def add_recover(p: argparse.ArgumentParser) -> None:
     length.add_argument("--recover-tokens", type=_positive, default=None, metavar="N",
                         help="training tokens per block (block) and in all (e2e), instead of --recover-steps")
     p.add_argument("--recover-lr", type=_rate, default=RecoverConfig.lr, metavar="LR",
-                   help=f"Adam step of the learned rounding in levels (scales and norms, relative: a tenth of it in the block stage, a quarter in e2e) "
+                   help=f"Adam step of the learned rounding in levels (scales and norms, relative: a tenth of it in the block stage, a sixteenth in e2e) "
                    f"(default {RecoverConfig.lr})")
     p.add_argument("--recover-windows", type=_positive, default=None, metavar="N",
                    help="calibration windows recovery trains on, read from the same --calib text (default: 4 times "
