@@ -83,7 +83,7 @@ from bitalloc.models.sources import default_model_path, load_model  # noqa: E402
 from bitalloc.models.view import ModelView  # noqa: E402
 from bitalloc.pipeline import measure_model, model_fingerprint  # noqa: E402
 from bitalloc.quantize import restore, snapshot  # noqa: E402
-from bitalloc.recover import RecoverConfig  # noqa: E402
+from bitalloc.recover import RecoverConfig, training_windows  # noqa: E402
 from bitalloc.jobs.stages import measure_stage  # noqa: E402
 from bitalloc.timing import StageTimer  # noqa: E402
 
@@ -219,8 +219,9 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     saved = snapshot(model)
     recover = RecoverConfig(mode=args.recover, steps=args.recover_steps, windows=args.recover_windows,
                             aware=getattr(args, "recover_aware", False))
-    n_train = recover.train_windows(int(calib.shape[0]))  # as `bitalloc gguf`: the calibration windows come first
-    train_on = text_windows(tok, default_calibration_files(), 512, n_train) if recover.active else None
+    # as `bitalloc gguf`: the calibration windows first, then more of the same text, then the held-out guard windows
+    train_on = training_windows(recover, calib, lambda n: text_windows(tok, default_calibration_files(), 512, n)) \
+        if recover.active else None
     teacher = copy.deepcopy(model) if recover.active else None  # the full-precision model recovery trains toward
     store = st.SizeResults(WORK / "bitalloc-sizes.json")
     code = st.code_digest(output_code())

@@ -36,7 +36,7 @@ from bitalloc.jobs.store import Job  # noqa: E402
 from bitalloc.measure import Measurement  # noqa: E402
 from bitalloc.pipeline import CachedReference, make_plan, measure_model  # noqa: E402
 from bitalloc.quantize import quantize_model, restore, snapshot  # noqa: E402
-from bitalloc.recover import RecoverConfig, recover_model  # noqa: E402
+from bitalloc.recover import RecoverConfig, recover_model, training_windows  # noqa: E402
 from bitalloc.sweep import Point  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -126,10 +126,10 @@ def run(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantized, par
             restore(model, after_block["weights"])
             quant.current = None  # the model no longer holds the quantized values
             q2, _ = recover_model(model, reference, ctx["train"], after_block["q"],
-                                  replace(cfg, mode="e2e"), progress=True)
+                                  replace(cfg, mode="e2e"), progress=True, guard=ctx["guard"])
             seconds = after_block["seconds"] + time.perf_counter() - t0
         else:
-            q2, _ = recover_model(model, reference, ctx["train"], q, cfg, progress=True)
+            q2, _ = recover_model(model, reference, ctx["train"], q, cfg, progress=True, guard=ctx["guard"])
             seconds = time.perf_counter() - t0
         if keep is not None:
             keep.update(q=q2, weights=snapshot(model), seconds=seconds)
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(its own no-recovery point included)")
     ap.add_argument("--windows", type=int, default=16, help="calibration (training) windows (comedies)")
     ap.add_argument("--train-windows", type=int, default=None, help="comedy windows recovery trains on (the "
-                    "first --windows are the quantization's; default: those)")
+                    "first --windows are the quantization's; default: 4 times those, as the CLI); 16 more after "
+                    "them are held out for the stages' checks")
     ap.add_argument("--eval-windows", type=int, default=16, help="evaluation windows (tragedies)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--fisher-windows", type=int, default=8)
@@ -291,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         table_, runs = given.subset(formats), [{"table": args.measurement}]
     else:
         table_, runs = cached_measurement(mcache, digest(settings, "gptq", calib), formats, measure)
-    train = calib if args.train_windows is None else \
-        token_windows(tok, read_texts(default_calibration_files()), args.ctx, args.train_windows)
+    # as the CLI: the calibration windows first, more of the same text, then the held-out windows the stages check on
+    train, guard = training_windows(rcfg(args, "block", None), calib,
+                                    lambda n: token_windows(tok, read_texts(default_calibration_files()), args.ctx, n))
     ctx = {"model": model, "reference": reference, "ref": CachedReference(reference), "calib": calib, "train": train,
+           "guard": guard,
            "evals": evals, "total_params": view.total_params,
            "key": digest(settings, calib, evals, formats, table_.to_json())}
     cache_dir = Path(args.cache) if args.cache else None
@@ -333,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies (training)",
         "evaluation": "tragedies (held out)", "ctx": args.ctx, "calib_windows": int(calib.shape[0]),
-        "eval_windows": int(evals.shape[0]), "train_windows": int(train.shape[0]), "formats": formats,
-        "method": "gptq", "lr": args.lr,
+        "eval_windows": int(evals.shape[0]), "train_windows": int(train.shape[0]) - guard, "guard_windows": guard,
+        "formats": formats, "method": "gptq", "lr": args.lr,
         "steps": args.steps, "curve_budget": args.curve_budget, "curve_eval_windows": args.curve_eval_windows,
         "measure_runs": runs,
         "goals": "block+e2e KLD / none KLD <= 0.6 at 2.5 and 3.0 bpw, <= 1 at every budget",

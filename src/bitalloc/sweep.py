@@ -82,11 +82,12 @@ def run_point(
     model: nn.Module, view: ModelView, saved: dict[str, torch.Tensor], plan: Plan, kind: str, budget: str,
     method: str, calib: torch.Tensor, eval_windows: torch.Tensor, reference: CachedReference,
     *, progress: bool = True, placement: Placement | None = None, timer: StageTimer | None = None,
-    recover: Any = None, recover_windows: torch.Tensor | None = None,
+    recover: Any = None, recover_windows: tuple[torch.Tensor, int] | None = None,
 ) -> Point:
     """Restore the fp weights, quantize by ``plan`` with ``method``, recover (a
     :class:`~bitalloc.recover.RecoverConfig` whose mode is not "none", toward the reference model, on
-    ``recover_windows``, default ``calib``) and evaluate;
+    ``recover_windows`` = ``(windows, held-out guard windows)`` as :func:`bitalloc.recover.training_windows`
+    gives them, default ``calib`` checked on its first windows) and evaluate;
     the model keeps the result."""
     t0 = time.perf_counter()
     restore(model, saved)
@@ -96,8 +97,9 @@ def run_point(
         from .recover import recover_model
 
         teacher = reference.reference if isinstance(reference, CachedReference) else reference
-        train_on = calib if recover_windows is None else recover_windows
-        recover_model(model, teacher, train_on, q, recover, placement=placement, progress=progress, timer=timer)
+        train_on, guard = (calib, 0) if recover_windows is None else recover_windows
+        recover_model(model, teacher, train_on, q, recover, placement=placement, progress=progress, timer=timer,
+                      guard=guard)
     r = evaluate(model, reference, eval_windows, placement=placement, timer=timer)
     label = "allocated" if kind == "allocated" else plan.entries[0].format
     return Point(kind, budget, method, label, plan.total_bytes, plan.bpw, plan.error, r.ppl, r.ref_ppl, r.kld,
@@ -127,7 +129,7 @@ def sweep(
     reference: nn.Module, *, constraints: Constraints | None = None, uniform: Sequence[str] | None = None,
     progress: bool = True, uniform_candidates: int = 2, done: Mapping[str, Point] | None = None,
     on_point: Callable[[str, Point], None] | None = None, placement: Placement | None = None,
-    timer: StageTimer | None = None, recover: Any = None, recover_windows: torch.Tensor | None = None,
+    timer: StageTimer | None = None, recover: Any = None, recover_windows: tuple[torch.Tensor, int] | None = None,
 ) -> list[Point]:
     """For every budget and method: the allocated plan and the uniform formats that fit the same bytes.
 

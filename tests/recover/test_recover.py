@@ -292,8 +292,8 @@ def test_recovery_aware_needs_block_recovery(hf, tmp_path, capsys):
 
 def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch):
     """``sweep --recover``: every point's model is recovered after its quantization (on DEFAULT_WINDOW_FACTOR times
-    the calibration windows, as quantize does)."""
-    from bitalloc.recover.config import DEFAULT_WINDOW_FACTOR
+    the calibration windows, then the held-out guard windows, as quantize does)."""
+    from bitalloc.recover.config import DEFAULT_GUARD_WINDOWS, DEFAULT_WINDOW_FACTOR
     import bitalloc.recover as rec_pkg
     from tests.test_sweep_resume import sweep_argv
 
@@ -302,21 +302,22 @@ def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch):
     real = rec_pkg.recover_model
 
     def spy(student, teacher, windows, q, cfg, **kw):
-        calls.append((cfg.mode, tuple(windows.shape)))
+        calls.append((cfg.mode, tuple(windows.shape), kw["guard"]))
         return real(student, teacher, windows, q, cfg, **kw)
 
     monkeypatch.setattr(rec_pkg, "recover_model", spy)
     assert main(sweep_argv(hf, tmp_path / "s", "--recover", "block", "--recover-steps", "2",
                            budgets="3.5bpw")) == 0
-    assert calls and all(c == ("block", (4 * DEFAULT_WINDOW_FACTOR, 32)) for c in calls)
+    g = DEFAULT_GUARD_WINDOWS
+    assert calls and all(c == ("block", (4 * DEFAULT_WINDOW_FACTOR + g, 32), g) for c in calls)
     assert (tmp_path / "s" / "sweep.json").exists()
 
 
 def test_recover_windows_train_on_more_of_the_calibration_text(hf, tmp_path, monkeypatch):
-    """``--recover-windows N``: recovery trains on N windows of the same text, the quantization's first; the
-    windows are in the job's fingerprint (another N is refused), and without it recovery trains on
-    DEFAULT_WINDOW_FACTOR times the quantization's windows (as many as the text holds)."""
-    from bitalloc.recover.config import DEFAULT_WINDOW_FACTOR
+    """``--recover-windows N``: recovery trains on N windows of the same text, the quantization's first, and checks
+    on the DEFAULT_GUARD_WINDOWS after them; the windows are in the job's fingerprint (another N is refused), and
+    without it recovery trains on DEFAULT_WINDOW_FACTOR times the quantization's windows."""
+    from bitalloc.recover.config import DEFAULT_GUARD_WINDOWS as G, DEFAULT_WINDOW_FACTOR
     import bitalloc.recover as rec_pkg
     from bitalloc.data import text_windows
     from bitalloc.models.sources import load_model
@@ -325,21 +326,93 @@ def test_recover_windows_train_on_more_of_the_calibration_text(hf, tmp_path, mon
     real = rec_pkg.recover_model
 
     def spy(student, teacher, windows, q, cfg, **kw):
-        seen.append(windows.clone())
+        seen.append((windows.clone(), kw["guard"]))
         return real(student, teacher, windows, q, cfg, **kw)
 
     monkeypatch.setattr(rec_pkg, "recover_model", spy)
     out = tmp_path / "w"
     assert main(quantize_argv(hf, out, *BLOCK_ONLY, "--recover-windows", "7", "--keep-job")) == 0
     tok = load_model(str(hf))[1]
-    want = text_windows(tok, [hf.parent / "calib.txt"], 32, 7)
-    assert want.shape == (7, 32) and torch.equal(seen[-1], want)
+    want = text_windows(tok, [hf.parent / "calib.txt"], 32, 7 + G)
+    assert want.shape == (7 + G, 32) and torch.equal(seen[-1][0], want) and seen[-1][1] == G
     assert main(quantize_argv(hf, tmp_path / "d", *BLOCK_ONLY)) == 0
-    default = text_windows(tok, [hf.parent / "calib.txt"], 32, DEFAULT_WINDOW_FACTOR * 4)  # the quantization's 4, x4
-    assert default.shape[0] > 7 and torch.equal(seen[-1], default) and torch.equal(seen[-1][:7], want)
+    n = DEFAULT_WINDOW_FACTOR * 4  # the quantization's 4, x4
+    default = text_windows(tok, [hf.parent / "calib.txt"], 32, n + G)
+    assert default.shape[0] == n + G and torch.equal(seen[-1][0], default) and seen[-1][1] == G
+    assert torch.equal(seen[-1][0][:7], want[:7])
     assert RecoverConfig().train_windows(24) == DEFAULT_WINDOW_FACTOR * 24 and RecoverConfig(windows=7).train_windows(24) == 7
     fps = {str(RecoverConfig(mode="block", windows=w).fingerprint()) for w in (None, 7, 4 * DEFAULT_WINDOW_FACTOR)}
     assert len(fps) == 3  # a job made with other windows (or before the default changed) is not resumed
+    assert RecoverConfig(guard_windows=0).fingerprint() != RecoverConfig().fingerprint()
+
+
+@pytest.mark.parametrize("available, expect", [
+    (200, (96, 16)),  # the text holds both: 4 x 24 training windows and the 16 held out
+    (100, (84, 16)),  # short: training shrinks, the held-out windows stay
+    (40, (24, 16)),   # just the quantization's windows left to train on
+    (39, (39, 0)),    # shorter: nothing held out, the checks use training windows
+])
+def test_split_holds_the_guard_windows_out(available, expect):
+    assert RecoverConfig(mode="block").split(available, 24) == expect
+    assert RecoverConfig(mode="block", guard_windows=0).split(available, 24) == (min(available, 96), 0)
+    assert RecoverConfig(mode="block", windows=7).split(available, 24) == (7, 16)
+    with pytest.raises(InputError, match="guard_windows"):
+        RecoverConfig(guard_windows=-1)
+
+
+def test_training_windows_reads_the_guard_after_the_training_text(caplog):
+    """The training windows start with the quantization's, then more of the text; the held-out windows follow
+    them; a text too short is logged in one line (a warning when the windows were asked for)."""
+    from bitalloc.recover import training_windows
+
+    text = torch.arange(50 * 4).reshape(50, 4)  # a "text" of 50 windows
+    calib = text[:6]
+    asked = []
+
+    def read(n):
+        asked.append(n)
+        return text[:n]
+
+    w, guard = training_windows(RecoverConfig(mode="block", guard_windows=5), calib, read)
+    assert asked == [29] and guard == 5 and torch.equal(w, text[:29])
+    w, guard = training_windows(RecoverConfig(mode="block", windows=3, guard_windows=2), calib, read)
+    assert asked == [29] and guard == 2 and torch.equal(w, calib[:5])  # inside the quantization's windows
+    with caplog.at_level("INFO", logger="bitalloc.recover.run"):
+        w, guard = training_windows(RecoverConfig(mode="block", windows=60, guard_windows=5), calib, read)
+    assert (w.shape[0], guard) == (50, 5) and "trains on 45 (not 60)" in caplog.text
+    assert caplog.records[-1].levelname == "WARNING"
+
+
+def test_the_guard_windows_are_never_trained_on(quantized, monkeypatch):
+    """With ``guard`` held-out windows, both stages draw their steps from the others only, and their checks
+    measure on the held-out ones."""
+    import bitalloc.recover.train as tr
+
+    teacher, _, windows, q = quantized
+    student = copy.deepcopy(teacher)
+    for n, t in q.items():
+        with torch.no_grad():
+            student.get_parameter(n).copy_(dequantize(t).reshape(student.get_parameter(n).shape))
+    drawn, checked = [], []
+    real_picks, real_range = tr._picks, tr.guard_range
+
+    def picks(n, per_step, steps, seed):
+        out = real_picks(n, per_step, steps, seed)
+        drawn.append((n, max(int(i.max()) for i in out)))
+        return out
+
+    def guard_range(n, guard):
+        checked.append(real_range(n, guard))
+        return checked[-1]
+
+    monkeypatch.setattr(tr, "_picks", picks)
+    monkeypatch.setattr(tr, "guard_range", guard_range)
+    recover_model(student, teacher, windows, q, RecoverConfig(mode="block+e2e", steps=3), progress=False, guard=3)
+    assert drawn and all(n == 5 and top < 5 for n, top in drawn)
+    assert checked and all(r == range(5, 8) for r in checked)
+    assert tr.guard_range(8, 0) == range(8) and tr.guard_range(40, 0) == range(16)
+    with pytest.raises(ValueError):
+        tr.guard_range(8, 8)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3"])

@@ -125,7 +125,7 @@ def _rate(text: str) -> float:
 
 def add_recover(p: argparse.ArgumentParser) -> None:
     """``--recover`` and its length and learning rate (:mod:`bitalloc.recover`)."""
-    from ..recover.config import DEFAULT_BLOCK_STEPS, DEFAULT_E2E_STEPS, MODES, RecoverConfig
+    from ..recover.config import DEFAULT_BLOCK_STEPS, DEFAULT_E2E_STEPS, DEFAULT_GUARD_WINDOWS, MODES, RecoverConfig
 
     p.add_argument("--recover", choices=MODES, default="none",
                    help="train the quantized model back toward the original on the calibration text, in the same "
@@ -143,7 +143,8 @@ def add_recover(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recover-windows", type=_positive, default=None, metavar="N",
                    help="calibration windows recovery trains on, read from the same --calib text (default: 4 times "
                    "the quantization's --windows, as many as the text holds); more text than the quantization "
-                   "needs makes the learned rounding overfit less")
+                   f"needs makes the learned rounding overfit less.  The {DEFAULT_GUARD_WINDOWS} windows after them "
+                   "are held out: each stage checks its gain there and keeps what it had where it found none")
     p.add_argument("--recover-aware", action="store_true",
                    help="allocate knowing recovery follows: each candidate format's error is scaled by the share "
                    "block-wise recovery leaves of it, measured on two sample blocks (needs --recover block or "

@@ -131,21 +131,18 @@ class Stages:
         return self._calib
 
     @property
-    def recovery_windows(self) -> torch.Tensor:
-        """The windows recovery trains on: ``config.recover.windows`` of the calibration text, by default
-        :data:`~bitalloc.recover.config.DEFAULT_WINDOW_FACTOR` times the quantization's (the first ones are the
-        quantization's); as many as the text holds when it holds fewer (a warning when they were asked for)."""
-        rc = self.config.recover
-        n = rc.train_windows(int(self.calibration.shape[0]))
-        if n <= self.calibration.shape[0]:
-            return self.calibration[:n]
-        with self.timer.stage("tokenize"):
-            w = self.windows(self.config.calib_texts, n)
-        if w.shape[0] < n:
-            (log.warning if rc.windows is not None else log.info)(
-                "the calibration text holds %d windows of %d tokens; recovery trains on those, not %d",
-                w.shape[0], self.config.ctx, n)
-        return w
+    def recovery_windows(self) -> tuple[torch.Tensor, int]:
+        """``(windows, guard)``: the windows recovery trains on, ``config.recover.windows`` of the calibration text,
+        by default :data:`~bitalloc.recover.config.DEFAULT_WINDOW_FACTOR` times the quantization's (the first ones
+        are the quantization's), then the ``guard`` held-out windows its stages check their gains on
+        (:func:`bitalloc.recover.training_windows`; a log line when the text holds fewer)."""
+        from ..recover import training_windows
+
+        def read(n: int) -> torch.Tensor:
+            with self.timer.stage("tokenize"):
+                return self.windows(self.config.calib_texts, n)
+
+        return training_windows(self.config.recover, self.calibration, read)
 
     # -------------------------------------------------------------------------------------- measure
     def measurement(self, before_done: Callable[[], None] | None = None) -> Measurement | None:
@@ -291,9 +288,10 @@ class Stages:
                     set_weight(model, name, dequantize(q).reshape(model.get_parameter(name).shape))
                 given = {**qtensors, **done_q}
             teacher = self.load_source()[0]  # rotated like the student: recovery matches them block by block
-            q, values = recover_model(model, teacher, self.recovery_windows, given, rc, placement=self.placement,
+            windows, guard = self.recovery_windows
+            q, values = recover_model(model, teacher, windows, given, rc, placement=self.placement,
                                       progress=self.config.progress, on_block=ckpt.on_block, start=start,
-                                      timer=self.timer)
+                                      timer=self.timer, guard=guard)
             if saved is not None:
                 values = {**saved[2], **values}
             changed = {n: t for n, t in q.items() if t is not qtensors.get(n)}

@@ -6,6 +6,6 @@ float values of the fixed tensors.  What is trained is what the file stores (:mo
 rounded to the storage precision before it is written, so the file decodes exactly to the recovered model.
 """
 from .config import MODES, RecoverConfig
-from .run import recover_model
+from .run import recover_model, training_windows
 
-__all__ = ["MODES", "RecoverConfig", "recover_model"]
+__all__ = ["MODES", "RecoverConfig", "recover_model", "training_windows"]

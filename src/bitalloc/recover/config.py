@@ -15,6 +15,9 @@ DEFAULT_E2E_STEPS = 64
 #: into the same text, as far as it goes): the learned rounding has a free choice per weight, and on the
 #: quantization's windows alone it fits them and not the text (README, "Recovery")
 DEFAULT_WINDOW_FACTOR = 4
+#: calibration windows read after the training windows and held out: the guards and checks of both stages measure
+#: their gain there, so a stage that only fits its training windows is reverted (README, "Recovery")
+DEFAULT_GUARD_WINDOWS = 16
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,9 @@ class RecoverConfig:
     ``block_windows`` / ``e2e_windows``: the calibration windows of one step.  ``windows``: how many calibration
     windows training draws from (the first ones are those the quantization used; more text overfits less, since the
     learned rounding has as many free choices as the block has weights); None = :data:`DEFAULT_WINDOW_FACTOR` times the
-    quantization's (:meth:`train_windows`).  ``seed`` fixes the order of the windows (the
+    quantization's (:meth:`train_windows`).  ``guard_windows``: the windows after those, never trained on, on which
+    each stage checks that it gained (:meth:`split`; 0 = check on the first training windows).  ``seed`` fixes the
+    order of the windows (the
     run is deterministic).  ``aware``: the allocation sees each format's error after recovery
     (:mod:`bitalloc.recover.aware`)."""
 
@@ -39,6 +44,7 @@ class RecoverConfig:
     block_windows: int = 2
     e2e_windows: int = 1
     windows: int | None = None
+    guard_windows: int = DEFAULT_GUARD_WINDOWS
     seed: int = 0
     aware: bool = False  # allocate from errors scaled by each format's measured recovery gain (.aware)
 
@@ -56,6 +62,9 @@ class RecoverConfig:
         for what, v in (("block_windows", self.block_windows), ("e2e_windows", self.e2e_windows)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"recovery {what} must be a positive integer, got {v!r}")
+        g = self.guard_windows
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            raise InputError(f"recovery guard_windows must be a non-negative integer, got {g!r}")
 
         if self.aware and not self.block:
             raise InputError("recovery-aware allocation measures block-wise recovery: use it with --recover block "
@@ -86,11 +95,23 @@ class RecoverConfig:
         """How many calibration windows recovery trains on when the quantization used ``quant_windows``."""
         return self.windows if self.windows is not None else DEFAULT_WINDOW_FACTOR * quant_windows
 
+    def split(self, available: int, quant_windows: int) -> tuple[int, int]:
+        """``(training windows, held-out windows)`` from a text of ``available`` windows: :meth:`train_windows`
+        and ``guard_windows`` when it holds both; when it runs short, the held-out windows are kept as long as at
+        least the quantization's ``quant_windows`` are left to train on, and the training windows shrink;
+        otherwise no window is held out (the checks then use training windows)."""
+        want, guard = self.train_windows(quant_windows), self.guard_windows
+        if available >= want + guard:
+            return want, guard
+        if guard and available - guard >= min(want, quant_windows):
+            return available - guard, guard
+        return min(available, want), 0
+
     def fingerprint(self) -> dict[str, object]:
         """What changes a recovered result (a job reopened with another recovery is refused)."""
         return {"mode": self.mode, "steps": self.steps, "tokens": self.tokens, "lr": self.lr,
                 "block_windows": self.block_windows, "e2e_windows": self.e2e_windows, "seed": self.seed,
-                "aware": self.aware,
+                "aware": self.aware, "guard_windows": self.guard_windows,
                 "windows": self.windows if self.windows is not None else f"{DEFAULT_WINDOW_FACTOR}x"}
 
 

@@ -12,7 +12,10 @@
   :data:`E2E_CHECKS` times along the run: the stage ends at its best check (as it started when none was lower), and
   a check that finds no gain halves the rates from there.
 
-Both are deterministic for a fixed seed (the windows of each step come from a seeded generator).
+Both train on the windows before the last ``guard`` ones; those last windows are held out, never trained on, and
+the guards and checks measure the loss on them, so a stage that only fits its training windows is caught (with
+``guard=0``, on the first :data:`GUARD_WINDOWS` training windows).  Both are deterministic for a fixed seed (the
+windows of each step come from a seeded generator).
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ from .config import RecoverConfig
 
 log = logging.getLogger(__name__)
 
-#: the calibration windows (the first ones) on which the guard compares the loss before and after training: a
-#: sample is enough to catch a stage that made things worse, and training on many windows stays cheap to check
+#: without held-out windows (``guard=0``), the training windows (the first ones) on which the guard compares the
+#: loss before and after training: a sample is enough to catch a stage that made things worse
 GUARD_WINDOWS = 16
 
 #: the e2e stage's rate for the stored floats, relative to ``RecoverConfig.lr``: every scale (and norm) of the model
@@ -88,6 +91,13 @@ def _picks(n: int, per_step: int, steps: int, seed: int) -> list[torch.Tensor]:
     return [torch.tensor(sorted(order[i * k:(i + 1) * k])) for i in range(steps)]
 
 
+def guard_range(n: int, guard: int) -> range:
+    """The windows (of ``n``, the last ``guard`` held out) on which the guards and checks measure the loss."""
+    if not 0 <= guard < n:
+        raise ValueError(f"{guard} held-out windows of {n}: at least one must be left to train on")
+    return range(n - guard, n) if guard else range(min(n, GUARD_WINDOWS))
+
+
 def fixed_formats(model: nn.Module, prefix: str = "") -> dict[str, str]:
     """Stored format of every fixed tensor (norm, bias) whose name starts with ``prefix``."""
     return {f.name: f.format for f in ModelView(model).fixed() if f.name.startswith(prefix)}
@@ -97,9 +107,10 @@ def fixed_formats(model: nn.Module, prefix: str = "") -> dict[str, str]:
 def recover_blocks(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, qtensors: Mapping[str, QTensor],
                    cfg: RecoverConfig, *, placement: Placement | None = None, progress: bool = True,
                    on_block: RecoverHook | None = None,
-                   start: tuple[int, torch.Tensor, torch.Tensor] | None = None
+                   start: tuple[int, torch.Tensor, torch.Tensor] | None = None, guard: int = 0
                    ) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
-    """Block-wise recovery of ``student`` (holding ``qtensors``' values) toward ``teacher`` (full precision).
+    """Block-wise recovery of ``student`` (holding ``qtensors``' values) toward ``teacher`` (full precision), on
+    ``windows`` less the last ``guard`` (held out for the guard).
 
     Returns the QTensors of every recovered tensor and the trained float values of the blocks' fixed tensors;
     ``student``'s weights hold the stored values.  ``start`` = ``(block, student states, teacher states)`` resumes
@@ -123,7 +134,7 @@ def recover_blocks(student: nn.Module, teacher: nn.Module, windows: torch.Tensor
             names = [n for g in lay.block_groups(b) for n in g]
             att = Attached(student, {n: qtensors[n] for n in names}, fixed_formats(student, lay.block_paths[b] + "."),
                            codes=True, scales=True)
-            before, after = _train_block(rs, b, att, rt.hidden, steps, cfg)
+            before, after = _train_block(rs, b, att, rt.hidden, steps, cfg, guard)
             bar.set_postfix(mse=f"{min(before, after):.3g}", was=f"{before:.3g}")
             done, vals = att.finish()
             rs.advance()
@@ -141,22 +152,23 @@ def _block_loss(rs: BlockRunner, b: int, x: torch.Tensor, y: torch.Tensor) -> to
 
 
 def _train_block(rs: BlockRunner, b: int, att: Attached, target: torch.Tensor, steps: int,
-                 cfg: RecoverConfig) -> tuple[float, float]:
-    """Train block ``b``'s attached parameters; ``(loss before, loss after)`` on the guard's windows (the better
-    kept)."""
+                 cfg: RecoverConfig, guard: int = 0) -> tuple[float, float]:
+    """Train block ``b``'s attached parameters on all windows but the last ``guard``; ``(loss before, loss
+    after)`` on the guard's windows (:func:`guard_range`; the better kept)."""
     n = int(rs.hidden.shape[0])
-    m = min(n, GUARD_WINDOWS)
+    check = guard_range(n, guard)
 
     def full() -> float:
         with torch.no_grad():
             tot = 0.0
-            for sl in window_batches(m, 8):
+            for sl in window_batches(len(check), 8):
+                sl = slice(check.start + sl.start, check.start + sl.stop)
                 tot += float(_block_loss(rs, b, rs.hidden[sl], target[sl])) * (sl.stop - sl.start)
-            return tot / m
+            return tot / len(check)
 
     before, saved = full(), att.snapshot()
     opt, sched = _optimizer(att, cfg, 0.1, steps)
-    for idx in _picks(n, cfg.block_windows, steps, cfg.seed * 100003 + b):
+    for idx in _picks(n - guard, cfg.block_windows, steps, cfg.seed * 100003 + b):
         loss = _block_loss(rs, b, rs.hidden[idx], target[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,11 +205,11 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 
 
 def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, qtensors: Mapping[str, QTensor],
-                cfg: RecoverConfig, *, placement: Placement | None = None, progress: bool = True
+                cfg: RecoverConfig, *, placement: Placement | None = None, progress: bool = True, guard: int = 0
                 ) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
     """End-to-end distillation of the stored floats of every block linear, the output projection and the embedding
-    in ``qtensors`` and of every fixed tensor; returns ``(recovered QTensors, fixed values)`` as
-    :func:`recover_blocks`."""
+    in ``qtensors`` and of every fixed tensor, on ``windows`` less the last ``guard`` (held out for the checks);
+    returns ``(recovered QTensors, fixed values)`` as :func:`recover_blocks`."""
     lay, lay_t = layout_of(student), layout_of(teacher)
     head, emb = lay.lm_head_name, lay.embedding_name
     trained = {n for b in range(len(lay.blocks)) for g in lay.block_groups(b) for n in g} | {head, emb}
@@ -218,18 +230,18 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
                 place.to_device(xs[idx])
             return _kl(t, _logits(lay, kw, x, grad, cap))
 
-        m = min(n, GUARD_WINDOWS)
+        check = guard_range(n, guard)
 
         def full() -> float:
             with torch.no_grad():
-                return sum(float(loss(torch.arange(s.start, s.stop), False)) * (s.stop - s.start)
-                           for s in window_batches(m, cfg.e2e_windows)) / m
+                return sum(float(loss(torch.arange(check.start + s.start, check.start + s.stop), False))
+                           * (s.stop - s.start) for s in window_batches(len(check), cfg.e2e_windows)) / len(check)
 
         before, saved = full(), att.snapshot()
         best, rate = before, 1.0
         checks = {max(1, round(steps * (j + 1) / E2E_CHECKS)) for j in range(E2E_CHECKS)}
         opt, sched = _optimizer(att, cfg, E2E_FLOAT_SHARE, steps, reach=E2E_REACH)
-        bar = tqdm(_picks(n, cfg.e2e_windows, steps, cfg.seed * 100003 + 99991), desc="recover (e2e)",
+        bar = tqdm(_picks(n - guard, cfg.e2e_windows, steps, cfg.seed * 100003 + 99991), desc="recover (e2e)",
                    disable=not progress, leave=False)
         for i, idx in enumerate(bar, 1):
             value = loss(idx, True)
@@ -253,4 +265,4 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
         return att.finish()  # the last step is a check: the state is the best one (or the first)
 
 
-__all__ = ["RecoverHook", "fixed_formats", "recover_blocks", "recover_e2e"]
+__all__ = ["GUARD_WINDOWS", "RecoverHook", "fixed_formats", "guard_range", "recover_blocks", "recover_e2e"]

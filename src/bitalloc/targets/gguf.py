@@ -152,11 +152,13 @@ def gguf_tensors(tpl: GGUFTemplate, view: Any, qtensors: Mapping[str, QTensor],
 def quantize_for_gguf(model: torch.nn.Module, view: Any, plan: Any, windows: torch.Tensor, tpl: GGUFTemplate, *,
                       method: str = "gptq", progress: bool = True, placement: Any = None,
                       timer: Any = None, recover: Any = None, teacher: torch.nn.Module | None = None,
-                      recover_windows: torch.Tensor | None = None) -> dict[str, Any]:
+                      recover_windows: tuple[torch.Tensor, int] | None = None) -> dict[str, Any]:
     """Quantize ``model`` in place by ``plan``; returns every GGUF tensor (QTensors, F32 norms) by GGUF name.
     Afterwards ``model`` holds exactly the values the file decodes to (norms at their original values, or their
     trained ones).  ``placement``/``timer``: as :func:`bitalloc.quantize.quantize_model`; ``recover`` (a
-    :class:`~bitalloc.recover.RecoverConfig`) trains the quantized model toward ``teacher`` (full precision) on ``recover_windows`` (default ``windows``)."""
+    :class:`~bitalloc.recover.RecoverConfig`) trains the quantized model toward ``teacher`` (full precision) on
+    ``recover_windows`` = ``(windows, held-out guard windows)`` (:func:`bitalloc.recover.training_windows`;
+    default ``windows``, checked on its first ones)."""
     from ..quantize import quantize_model, set_weight
 
     originals = {f.name: model.get_parameter(f.name).detach().clone() for f in view.fixed()}
@@ -167,9 +169,9 @@ def quantize_for_gguf(model: torch.nn.Module, view: Any, plan: Any, windows: tor
 
         if teacher is None:
             raise InputError("recovery needs the full-precision model as its teacher")
-        train_on = windows if recover_windows is None else recover_windows
+        train_on, guard = (windows, 0) if recover_windows is None else recover_windows
         qt, trained = recover_model(model, teacher, train_on, qt, recover, placement=placement, progress=progress,
-                                    timer=timer)
+                                    timer=timer, guard=guard)
         originals.update(trained)
     for name, value in originals.items():  # the GGUF keeps norms in F32: undo quantize's fp16 rounding
         set_weight(model, name, value)
