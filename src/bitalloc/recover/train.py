@@ -98,6 +98,10 @@ def guard_range(n: int, guard: int) -> range:
     return range(n - guard, n) if guard else range(min(n, GUARD_WINDOWS))
 
 
+def _where(guard: int) -> str:
+    return f"{guard} held-out windows" if guard else "first training windows"
+
+
 def fixed_formats(model: nn.Module, prefix: str = "") -> dict[str, str]:
     """Stored format of every fixed tensor (norm, bias) whose name starts with ``prefix``."""
     return {f.name: f.format for f in ModelView(model).fixed() if f.name.startswith(prefix)}
@@ -177,8 +181,8 @@ def _train_block(rs: BlockRunner, b: int, att: Attached, target: torch.Tensor, s
         att.clamp_()
     after = full()
     if not after < before:
-        log.info("block %d: recovery did not lower the calibration loss (%.4g -> %.4g); kept as quantized", b,
-                 before, after)
+        log.info("block %d: recovery did not lower the loss on the %s (%.4g -> %.4g); kept as quantized", b,
+                 _where(guard), before, after)
         att.restore(saved)
     return before, after
 
@@ -259,9 +263,10 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
                 if i < steps:
                     rate /= 2
                     opt, sched = _optimizer(att, cfg, E2E_FLOAT_SHARE * rate, steps, start=i, reach=E2E_REACH)
-                log.info("e2e recovery: calibration KL %.4g at step %d, not below %.4g: back to it%s", now, i, best,
+                log.info("e2e recovery: KL %.4g on the %s at step %d, not below %.4g: back to it%s", now,
+                         _where(guard), i, best,
                          ", rates halved" if i < steps else "")
-        log.info("e2e recovery: calibration KL %.4g -> %.4g", before, best)
+        log.info("e2e recovery: KL on the %s %.4g -> %.4g", _where(guard), before, best)
         return att.finish()  # the last step is a check: the state is the best one (or the first)
 
 
