@@ -98,7 +98,8 @@ class RecoverConfig:
     def split(self, available: int, quant_windows: int) -> tuple[int, int]:
         """``(training windows, held-out windows)`` from a text of ``available`` windows: :meth:`train_windows`
         and ``guard_windows`` when it holds both; when it runs short, the held-out windows are kept as long as at
-        least the quantization's ``quant_windows`` are left to train on, and the training windows shrink;
+        least the quantization's ``quant_windows`` (or :meth:`train_windows`, when fewer) are left to train on, and
+        the training windows shrink;
         otherwise no window is held out (the checks then use training windows)."""
         want, guard = self.train_windows(quant_windows), self.guard_windows
         if available >= want + guard:

@@ -62,7 +62,8 @@ def training_windows(cfg: RecoverConfig, calibration: torch.Tensor, read: Callab
     after them (:meth:`RecoverConfig.split` when the text runs short).  ``read(n)``: the first ``n`` windows of
     the calibration text (as many as it holds)."""
     q = int(calibration.shape[0])
-    want, need = cfg.train_windows(q), cfg.train_windows(q) + cfg.guard_windows
+    want = cfg.train_windows(q)
+    need = want + cfg.guard_windows
     w = calibration[:need] if need <= q else read(need)
     train, guard = cfg.split(int(w.shape[0]), q)
     if train + guard < need:

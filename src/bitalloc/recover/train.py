@@ -98,6 +98,11 @@ def guard_range(n: int, guard: int) -> range:
     return range(n - guard, n) if guard else range(min(n, GUARD_WINDOWS))
 
 
+def _check_batches(check: range, per_batch: int) -> list[slice]:
+    """``check`` (a :func:`guard_range`) as slices of at most ``per_batch`` windows."""
+    return [slice(check.start + s.start, check.start + s.stop) for s in window_batches(len(check), per_batch)]
+
+
 def _where(guard: int) -> str:
     return f"{guard} held-out windows" if guard else "first training windows"
 
@@ -165,8 +170,7 @@ def _train_block(rs: BlockRunner, b: int, att: Attached, target: torch.Tensor, s
     def full() -> float:
         with torch.no_grad():
             tot = 0.0
-            for sl in window_batches(len(check), 8):
-                sl = slice(check.start + sl.start, check.start + sl.stop)
+            for sl in _check_batches(check, 8):
                 tot += float(_block_loss(rs, b, rs.hidden[sl], target[sl])) * (sl.stop - sl.start)
             return tot / len(check)
 
@@ -238,8 +242,8 @@ def recover_e2e(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, q
 
         def full() -> float:
             with torch.no_grad():
-                return sum(float(loss(torch.arange(check.start + s.start, check.start + s.stop), False))
-                           * (s.stop - s.start) for s in window_batches(len(check), cfg.e2e_windows)) / len(check)
+                return sum(float(loss(torch.arange(s.start, s.stop), False)) * (s.stop - s.start)
+                           for s in _check_batches(check, cfg.e2e_windows)) / len(check)
 
         before, saved = full(), att.snapshot()
         best, rate = before, 1.0
