@@ -301,10 +301,14 @@ def aware_table(m: Any, model: torch.nn.Module, view: ModelView, calib: torch.Te
 
 
 def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
-    """``bench/results/<name>.<ext>``; ``_recover-<mode>`` is added for a ``--recover`` run (with ``-s<steps>``
-    and ``-w<windows>`` when those are given), ``-quick`` for a ``--quick`` run's files."""
+    """``bench/results/<name>.<ext>``; ``_<method>`` (``_rtn``, or ``_<method>-m<measure method>`` when the two
+    differ) is added when bitalloc does not round with GPTQ throughout, ``_recover-<mode>`` for a ``--recover`` run
+    (with ``-s<steps>`` and ``-w<windows>`` when those are given), ``-quick`` for a ``--quick`` run's files."""
     rec = getattr(args, "recover", "none")
-    tag = "" if rec == "none" else f"_recover-{rec.replace('+', '-')}"
+    method, measure = getattr(args, "method", "gptq"), getattr(args, "measure_method", "gptq")
+    tag = "" if (method, measure) == ("gptq", "gptq") or getattr(args, "quick", False) else \
+        f"_{method}" if method == measure else f"_{method}-m{measure}"
+    tag += "" if rec == "none" else f"_recover-{rec.replace('+', '-')}"
     for flag, key in (("s", "recover_steps"), ("w", "recover_windows")):
         if rec != "none" and getattr(args, key, None) is not None:
             tag += f"-{flag}{getattr(args, key)}"
@@ -314,9 +318,10 @@ def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
 
 
 def llama_side_path(args: argparse.Namespace, name: str = "gguf_vs_llamacpp_llamaside") -> Path:
-    """Where llama.cpp's side (or its floor) is saved: one file for every ``--recover`` (recovery is bitalloc's
-    side only)."""
-    return result_path(argparse.Namespace(**{**vars(args), "recover": "none"}), name)
+    """Where llama.cpp's side (or its floor) is saved: one file whatever bitalloc's ``--recover`` and rounding
+    (they are bitalloc's side only)."""
+    return result_path(argparse.Namespace(**{**vars(args), "recover": "none", "method": "gptq",
+                                             "measure_method": "gptq"}), name)
 
 
 def saved_llama_side(args: argparse.Namespace, ref: Path, base: Path) -> tuple[float, dict[str, dict], dict] | None:

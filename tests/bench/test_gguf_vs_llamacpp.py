@@ -85,3 +85,18 @@ def test_llama_cpp_side_is_saved_under_one_name_whatever_the_recovery() -> None:
     longer = Namespace(recover="block+e2e", quick=False, recover_steps=128, recover_windows=64)
     assert bench.result_path(longer, "gguf_vs_llamacpp").name == "gguf_vs_llamacpp_recover-block-e2e-s128-w64.json"
     assert bench.llama_side_path(longer) == plain  # llama.cpp's side is shared whatever bitalloc's recovery
+
+
+def test_a_run_that_rounds_otherwise_than_gptq_writes_its_own_files() -> None:
+    """An RTN run (both methods, or only the measurement) never replaces the GPTQ results; llama.cpp's side is
+    still shared."""
+    plain = bench.llama_side_path(Namespace(recover="none", quick=False))
+    rtn = Namespace(recover="none", quick=False, method="rtn", measure_method="rtn")
+    assert bench.result_path(rtn, "gguf_vs_llamacpp").name == "gguf_vs_llamacpp_rtn.json"
+    mixed = Namespace(recover="block", quick=False, method="gptq", measure_method="rtn")
+    assert bench.result_path(mixed, "gguf_vs_llamacpp", "png").name == "gguf_vs_llamacpp_gptq-mrtn_recover-block.png"
+    gptq = Namespace(recover="none", quick=False, method="gptq", measure_method="gptq")
+    assert bench.result_path(gptq, "gguf_vs_llamacpp").name == "gguf_vs_llamacpp.json"
+    assert bench.llama_side_path(rtn) == bench.llama_side_path(mixed) == plain
+    quick = Namespace(recover="none", quick=True, method="rtn", measure_method="rtn")
+    assert bench.result_path(quick, "gguf_vs_llamacpp").name == "gguf_vs_llamacpp-quick.json"
