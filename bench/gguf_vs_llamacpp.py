@@ -21,8 +21,9 @@ measurement + a plan/quantize/write per distinct file size (IQ4_NL and Q4_0 shar
 both). Evaluation (llama-perplexity) and the measured-vs-final error check are timed too but counted on neither
 side. Library functions that accept ``timer=`` get a second StageTimer whose finer stages (calibration forwards,
 Hessians, Fisher pass, per-format measurement, refits...) are stored as ``library_stages``. A measurement or size
-reused from an earlier run reports the time saved when it was made (flagged ``reused``); ``--fresh`` recomputes
-the measurement, every size and llama.cpp's side for a clean timing.
+reused from an earlier run reports the time saved when it was made (flagged ``reused``, and the ratio's
+``same_run`` is false, marked ``*`` in the table); ``--fresh`` recomputes the measurement, every size and llama.cpp's
+side for a clean timing.
 ``--recover MODE`` trains each bitalloc file back toward the reference (``bitalloc gguf --recover``; same bytes);
 its results go to ``gguf_vs_llamacpp_recover-<mode>.*`` and each size is also compared with the same size without
 recovery when a run without ``--recover`` saved it (same measurement, method and evaluation): KLD ratio, goal
@@ -32,9 +33,10 @@ size); its results go to ``gguf_vs_llamacpp-quick.*`` and never replace the full
 
 Reuse and resume (state in .cache/gguf_bench, see bench/gguf_bench_state.py): llama.cpp's side is skipped when
 bench/results/gguf_vs_llamacpp_llamaside.json holds it for the same settings and the reference GGUF and logits
-still exist (``--redo-llamacpp`` forces it); the measurement is a job directory keyed by the model, calibration,
-options and the source of the fit/measure code (per-block checkpoints: a killed run continues); each size's
-result is saved when done, so a rerun skips finished sizes.  Sizes run in the order of ``--sizes`` (default: the
+still exist (``--redo-llamacpp`` forces it), and then its imatrix and quantizes are run once more, unevaluated,
+for their wall times in this run (about a minute; ``--no-retime`` takes the saved times); the measurement is a job
+directory keyed by the model, calibration, options and the source of the fit/measure code (per-block checkpoints: a
+killed run continues); each size's result is saved when done, so a rerun skips finished sizes.  Sizes run in the order of ``--sizes`` (default: the
 pure 4-bit size first, shared by IQ4_NL and Q4_0, then Q4_K_M, Q3_K_M, Q5_K_M, Q2_K).
 
 The measurement rounds with GPTQ by default (``--measure-method``; rtn is about half the time but its errors
@@ -334,38 +336,72 @@ def saved_llama_side(args: argparse.Namespace, ref: Path, base: Path) -> tuple[f
     return found[0], found[1], timing
 
 
+def run_llama_tools(args: argparse.Namespace, ref: Path, calib_txt: Path) -> tuple[dict[str, float], dict[str, Path]]:
+    """What llama.cpp's side times: ``llama-imatrix`` on the comedies, then ``llama-quantize`` of every type with
+    that imatrix; ``({"imatrix_seconds": s, <type>: its quantize seconds...}, {type: file})``."""
+    t0 = time.perf_counter()
+    imat = lc.imatrix(ref, calib_txt, WORK / "imatrix.gguf", chunks=args.calib_windows, threads=args.threads)
+    timing = {"imatrix_seconds": round(time.perf_counter() - t0, 3)}
+    files: dict[str, Path] = {}
+    for qtype, pure in LLAMA_TYPES:
+        files[qtype] = WORK / f"llamacpp-{qtype}.gguf"
+        t1 = time.perf_counter()
+        lc.quantize(ref, files[qtype], qtype, imatrix_file=imat, pure=pure, threads=args.threads)
+        timing[qtype] = round(time.perf_counter() - t1, 3)
+    return timing, files
+
+
 def llama_side(args: argparse.Namespace, ref: Path, calib_txt: Path, eval_txt: Path,
-               base: Path) -> tuple[float, dict[str, dict], dict[str, float]]:
+               base: Path) -> tuple[float, dict[str, dict], dict[str, Any]]:
     """Reference PPL, llama.cpp's results (each with its ``llama-quantize`` wall time) and ``{"imatrix_seconds":
-    s}``: reused when saved for the same settings, else run (and saved)."""
+    s, "timed_this_run": bool}``: reused when saved for the same settings, else run (and saved)."""
     settings = st.llama_settings(args)
     saved_path = llama_side_path(args)
     if not args.redo_llamacpp:
         found = saved_llama_side(args, ref, base)
         if found is not None:
             log.info("llama.cpp side reused from %s (%s)", saved_path, settings)
-            return found
+            return found[0], found[1], {**found[2], "timed_this_run": False}
     model, _tok = load_reference(rescaled=True)
     export_f32_gguf(model, default_model_path(), ref, overwrite=True)
     del model
-    t0 = time.perf_counter()
-    imat = lc.imatrix(ref, calib_txt, WORK / "imatrix.gguf", chunks=args.calib_windows, threads=args.threads)
-    timing = {"imatrix_seconds": round(time.perf_counter() - t0, 3)}
+    tools, files = run_llama_tools(args, ref, calib_txt)
+    timing = {"imatrix_seconds": tools["imatrix_seconds"]}
     ref_ppl = lc.perplexity_base(ref, eval_txt, base, chunks=args.eval_chunks, threads=args.threads).ppl
     llama: dict[str, dict] = {}
     for qtype, pure in LLAMA_TYPES:
-        path = WORK / f"llamacpp-{qtype}.gguf"
-        t1 = time.perf_counter()
-        lc.quantize(ref, path, qtype, imatrix_file=imat, pure=pure, threads=args.threads)
-        t_quant = time.perf_counter() - t1
+        path = files[qtype]
         res = lc.perplexity_kld(path, eval_txt, base, chunks=args.eval_chunks, threads=args.threads)
         llama[qtype] = {"bytes": os.path.getsize(path), "ppl": res.ppl, "kld": res.kld, "top1": res.top1, "pure": pure,
-                        "quantize_seconds": round(t_quant, 3)}
+                        "quantize_seconds": tools[qtype]}
         log.info("llama.cpp %s: %s", qtype, llama[qtype])
         if not args.keep:
             path.unlink()
     st.save_llama_side(saved_path, settings, ref_ppl, llama, timing)
-    return ref_ppl, llama, timing
+    return ref_ppl, llama, {**timing, "timed_this_run": True}
+
+
+def retime_llama(args: argparse.Namespace, ref: Path, calib_txt: Path, llama: dict[str, dict],
+                 timing: dict[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
+    """llama.cpp's side reused from an earlier run, its wall times measured again now (imatrix + every quantize,
+    no evaluation: about a minute), so every time ratio compares two sides timed on this machine in this run.
+    The saved times are kept under ``saved_*``; a file whose size differs from the saved one is an error (the
+    tools changed: rerun with --redo-llamacpp)."""
+    if timing.get("timed_this_run"):
+        return llama, timing
+    tools, files = run_llama_tools(args, ref, calib_txt)
+    out: dict[str, dict] = {}
+    for qtype, info in llama.items():
+        size = os.path.getsize(files[qtype])
+        files[qtype].unlink()
+        if size != info["bytes"]:
+            raise SystemExit(f"error: llama.cpp's {qtype} file is {size} B now against {info['bytes']} B saved: "
+                             "its tools changed; rerun with --redo-llamacpp")
+        out[qtype] = {**info, "quantize_seconds": tools[qtype], "saved_quantize_seconds": info.get("quantize_seconds")}
+    log.info("llama.cpp timed again in this run: imatrix %.1f s (saved %.1f s)", tools["imatrix_seconds"],
+             timing.get("imatrix_seconds") or float("nan"))
+    return out, {"imatrix_seconds": tools["imatrix_seconds"], "saved_imatrix_seconds": timing.get("imatrix_seconds"),
+                 "timed_this_run": True}
 
 
 def llama_floor(args: argparse.Namespace, ref: Path, eval_txt: Path, base: Path, ref_ppl: float) -> dict:
@@ -398,6 +434,9 @@ def add_times(rows: list[dict], llama_timing: dict[str, float] | None, shared: d
         return None
     files: dict[int, float] = {}
     llama_sum, ran = imatrix_s, []
+    # both sides timed in this run: llama.cpp's tools, bitalloc's measurement and the size itself
+    now = bool((llama_timing or {}).get("timed_this_run")) and not (shared or {}).get("measure", {}).get("reused", True)
+    sweep_now = now
     for r in rows:
         b, l_ = r.get("bitalloc"), r["llamacpp"]
         if "quantize_seconds" not in l_:
@@ -409,15 +448,17 @@ def add_times(rows: list[dict], llama_timing: dict[str, float] | None, shared: d
         files.setdefault(int(b["target_bytes"]), float(b["gguf_seconds"]))
         ours_s, theirs_s = shared_s + float(b["gguf_seconds"]), imatrix_s + float(l_["quantize_seconds"])
         ratio = ours_s / theirs_s if theirs_s > 0 else None
+        same = now and not b.get("reused", False)
+        sweep_now = sweep_now and same
         r["time"] = {"bitalloc_seconds": round(ours_s, 3), "llamacpp_seconds": round(theirs_s, 3), "ratio": ratio,
-                     "goal_met": ratio is not None and ratio <= TIME_GOAL}
+                     "goal_met": ratio is not None and ratio <= TIME_GOAL, "same_run": same}
     if len(ran) < len(rows):  # the sweep compares whole sweeps only
         return {"complete": False, "sizes_timed": ran}
     ours_sweep = shared_s + sum(files.values())
     ratio = ours_sweep / llama_sum if llama_sum > 0 else None
     return {"complete": True, "bitalloc_seconds": round(ours_sweep, 3), "bitalloc_files": len(files),
             "llamacpp_seconds": round(llama_sum, 3), "llamacpp_files": len(rows), "ratio": ratio,
-            "goal_met": ratio is not None and ratio <= TIME_GOAL,
+            "goal_met": ratio is not None and ratio <= TIME_GOAL, "same_run": sweep_now,
             "bitalloc_shared_seconds": round(shared_s, 3), "llamacpp_imatrix_seconds": imatrix_s}
 
 
@@ -513,7 +554,11 @@ def print_table(ref_ppl: float, chunks: int, rows: list[dict], floor: dict | Non
             t = r.get("time")
             if t:
                 right += f" | {t['llamacpp_seconds']:8.1f} {t['bitalloc_seconds']:8.1f} {t['ratio']:6.2f}"
+                right += "" if t.get("same_run") else "*"
         print(left + " | " + right)
+    if any(r.get("time") and not r["time"].get("same_run") for r in rows):
+        print("* times of the two sides not both measured in this run (a saved side or size reused): "
+              "rerun with --fresh for a clean ratio")
 
 
 def print_recovery(rows: list[dict]) -> None:
@@ -532,7 +577,8 @@ def print_sweep(sweep: dict | None) -> None:
         return
     print(f"sweep: llama.cpp {sweep['llamacpp_seconds']:.1f} s (imatrix + {sweep['llamacpp_files']} quantizes) vs "
           f"bitalloc {sweep['bitalloc_seconds']:.1f} s (one load + measurement, {sweep['bitalloc_files']} files): "
-          f"{sweep['ratio']:.2f}x (goal <= {TIME_GOAL:g}x: {'met' if sweep['goal_met'] else 'NOT met'})")
+          f"{sweep['ratio']:.2f}x (goal <= {TIME_GOAL:g}x: {'met' if sweep['goal_met'] else 'NOT met'})"
+          + ("" if sweep.get("same_run") else "; the sides were not both timed in this run"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="allocate from the errors scaled by each format's measured block-recovery gain "
                     "(bitalloc gguf --recover-aware; needs --recover block or block+e2e)")
     ap.add_argument("--threads", type=int, default=1, help="threads for torch and the llama.cpp tools (both sides)")
+    ap.add_argument("--no-retime", dest="retime", action="store_false",
+                    help="take llama.cpp's wall times from its saved side instead of timing its imatrix and quantizes "
+                    "again in this run (the time ratios then compare runs made at different times)")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files in .cache/gguf_bench")
     ap.add_argument("--no-floor", dest="floor", action="store_false",
                     help=f"skip llama.cpp's pure {FLOOR_TYPE} file (the activation-rounding floor)")
@@ -595,9 +644,11 @@ def main(argv: list[str] | None = None) -> int:
         if found is None:
             ap.error("--sides bitalloc: no saved llama.cpp side (with its times) for these settings "
                      "(run with --sides both)")
-        ref_ppl, llama, llama_timing = found
+        ref_ppl, llama, llama_timing = found[0], found[1], {**found[2], "timed_this_run": False}
     else:
         ref_ppl, llama, llama_timing = llama_side(args, ref, calib_txt, eval_txt, base)
+    if args.sides != "llamacpp" and args.retime:
+        llama, llama_timing = retime_llama(args, ref, calib_txt, llama, llama_timing)
     log.info("reference PPL %.4f", ref_ppl)
     floor = llama_floor(args, ref, eval_txt, base, ref_ppl) if args.floor else None
     shared: dict[str, Any] = {}

@@ -100,3 +100,57 @@ def test_a_run_that_rounds_otherwise_than_gptq_writes_its_own_files() -> None:
     assert bench.llama_side_path(rtn) == bench.llama_side_path(mixed) == plain
     quick = Namespace(recover="none", quick=True, method="rtn", measure_method="rtn")
     assert bench.result_path(quick, "gguf_vs_llamacpp").name == "gguf_vs_llamacpp-quick.json"
+
+
+def _timed_rows(reused_size: bool) -> list[dict]:
+    """Every size run by both sides, bitalloc's Q2_K reused from an earlier run when ``reused_size``."""
+    rows = []
+    for t in bench.TABLE_ORDER:
+        b = {"bytes": 1, "ppl": 1.0, "kld": 0.1, "top1": 0.9, "target_bytes": LLAMA[t]["bytes"], "gguf_seconds": 10.0,
+             "reused": reused_size and t == "Q2_K"}
+        rows.append({"type": t, "llamacpp": {**LLAMA[t], "quantize_seconds": 1.0}, "bitalloc": b, "kld_ratio": 0.5})
+    return rows
+
+
+@pytest.mark.parametrize("llama_now, measure_reused, reused_size", [
+    (True, False, False), (False, False, False), (True, True, False), (True, False, True)])
+def test_a_time_ratio_says_whether_both_sides_were_timed_in_this_run(llama_now, measure_reused, reused_size,
+                                                                       capsys) -> None:
+    rows = _timed_rows(reused_size)
+    shared = {"seconds": 100.0, "measure": {"reused": measure_reused}}
+    sweep = bench.add_times(rows, {"imatrix_seconds": 20.0, "timed_this_run": llama_now}, shared)
+    per_row = [llama_now and not measure_reused and not (reused_size and r["type"] == "Q2_K") for r in rows]
+    assert [r["time"]["same_run"] for r in rows] == per_row
+    assert rows[0]["time"]["ratio"] == pytest.approx(110 / 21)
+    assert sweep["complete"] and sweep["same_run"] is all(per_row)
+    bench.print_table(42.0, 8, rows)
+    bench.print_sweep(sweep)
+    out = capsys.readouterr().out
+    assert ("not both measured in this run" in out) is not all(per_row)
+    assert ("were not both timed in this run" in out) is not all(per_row)
+    assert out.count("*\n") == per_row.count(False)
+
+
+def test_a_reused_llama_cpp_side_is_timed_again_and_a_changed_file_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(bench, "WORK", tmp_path)
+    sizes = {t: LLAMA[t]["bytes"] for t in LLAMA}
+
+    def tools(args, ref, calib):
+        files = {}
+        for t, n in sizes.items():
+            files[t] = tmp_path / f"{t}.gguf"
+            files[t].write_bytes(b"x" * n)
+        return {"imatrix_seconds": 3.0, **{t: 0.5 for t in sizes}}, files
+
+    monkeypatch.setattr(bench, "run_llama_tools", tools)
+    saved = {t: {**v, "quantize_seconds": 9.0} for t, v in LLAMA.items()}
+    llama, timing = bench.retime_llama(Namespace(), tmp_path, tmp_path, saved, {"imatrix_seconds": 30.0,
+                                                                                "timed_this_run": False})
+    assert timing == {"imatrix_seconds": 3.0, "saved_imatrix_seconds": 30.0, "timed_this_run": True}
+    assert all(v["quantize_seconds"] == 0.5 and v["saved_quantize_seconds"] == 9.0 for v in llama.values())
+    assert not any(tmp_path.glob("*.gguf"))  # the timing files are not kept
+    now = {"imatrix_seconds": 30.0, "timed_this_run": True}
+    assert bench.retime_llama(Namespace(), tmp_path, tmp_path, saved, now) == (saved, now)  # timed already
+    sizes["Q2_K"] += 1
+    with pytest.raises(SystemExit, match="Q2_K file is .* --redo-llamacpp"):
+        bench.retime_llama(Namespace(), tmp_path, tmp_path, saved, {"imatrix_seconds": 30.0, "timed_this_run": False})
