@@ -227,7 +227,7 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     teacher = copy.deepcopy(model) if recover.active else None  # the full-precision model recovery trains toward
     store = st.SizeResults(WORK / "bitalloc-sizes.json")
     code = st.code_digest(output_code())
-    table = aware_table(m, model, view, calib, recover, code) if recover.aware else m
+    table = aware_table(m, model, view, calib, recover, code, train_on) if recover.aware else m
     out: dict[str, dict] = {}
     made: set[str] = set()
     check = args.check_errors
@@ -286,17 +286,21 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
 
 
 def aware_table(m: Any, model: torch.nn.Module, view: ModelView, calib: torch.Tensor, recover: RecoverConfig,
-                code: str) -> Any:
+                code: str, train_on: tuple[torch.Tensor, int]) -> Any:
     """``--recover-aware``: the table the allocator reads, its block linears' errors scaled by each format's
-    measured recovery gain (as ``bitalloc gguf --recover-aware``); the gains are saved in .cache/gguf_bench."""
+    measured recovery gain (as ``bitalloc gguf --recover-aware``: trained on recovery's windows ``train_on``,
+    checked on its held-out ones); the gains are saved in .cache/gguf_bench."""
     from bitalloc.recover.aware import block_tensors, format_gains, scaled_table
 
-    path = WORK / f"recovery-gains-{st.digest({'measurement': m.fingerprint, 'recover': recover.fingerprint(), 'code': code})}.json"
+    windows, guard = train_on
+    key = {'measurement': m.fingerprint, 'recover': recover.fingerprint(), 'code': code, 'held_out': guard}
+    path = WORK / f"recovery-gains-{st.digest(key)}.json"
     if path.exists():
         gains = json.loads(path.read_text())
     else:
         t0 = time.perf_counter()
-        gains = format_gains(model, calib, m.formats(), recover, progress=True)
+        gains = format_gains(model, windows, m.formats(), recover, guard=guard,
+                             quant=int(calib.shape[0]), progress=True)
         log.info("recovery gains measured in %.0f s", time.perf_counter() - t0)
         path.write_text(json.dumps(gains, indent=1))
     return scaled_table(m, gains, block_tensors(view))

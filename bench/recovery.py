@@ -158,10 +158,12 @@ def run_aware(args: argparse.Namespace, ctx: dict, cache: Cache, quant: Quantize
         restore(quant.model, quant.fp)
         quant.current = None
         t0 = time.perf_counter()
-        g = format_gains(quant.model, ctx["calib"], table.formats(), gains_cfg, progress=True)
+        # trained on the recovery's windows, checked on the held-out ones after them (as the recovery itself)
+        g = format_gains(quant.model, ctx["train"], table.formats(), gains_cfg, guard=ctx["guard"],
+                         quant=int(ctx["calib"].shape[0]), progress=True)
         return {"gains": g, "seconds": time.perf_counter() - t0}
 
-    measured = cache.item("aware", digest(ctx["key"], gains_cfg.fingerprint()), gains)
+    measured = cache.item("aware", digest(ctx["key"], gains_cfg.fingerprint(), "held-out", ctx["guard"]), gains)
     plain = run(args, ctx, cache, quant, "aware", b, cfg)
     aware = run(args, ctx, cache, quant, "aware", b, cfg, measured["gains"])
     points += [plain, replace(aware, mode="block+e2e aware")]

@@ -383,6 +383,59 @@ def test_training_windows_reads_the_guard_after_the_training_text(caplog):
     assert caplog.records[-1].levelname == "WARNING"
 
 
+def test_format_gains_train_on_the_training_windows_and_check_on_the_held_out_ones(monkeypatch):
+    """The recovery-aware gains are measured as recovery runs: the samples' GPTQ Hessians from the quantization's
+    windows, training steps from the training windows only, before/after on the held-out windows."""
+    import bitalloc.calibrate.runner as runner
+    import bitalloc.recover.train as tr
+    from bitalloc.recover.aware import format_gains
+
+    drawn, checked, firsts = [], [], []
+    real_picks, real_range, real_collect = tr._picks, tr.guard_range, runner.BlockRunner.collect
+
+    def picks(n, per_step, steps, seed):
+        out = real_picks(n, per_step, steps, seed)
+        drawn.append((n, max(int(i.max()) for i in out)))
+        return out
+
+    def guard_range(n, guard):
+        checked.append(real_range(n, guard))
+        return checked[-1]
+
+    def collect(self, groups=None, advance=False, first=None):
+        firsts.append(first)
+        return real_collect(self, groups, advance, first)
+
+    monkeypatch.setattr(tr, "_picks", picks)
+    monkeypatch.setattr(tr, "guard_range", guard_range)
+    monkeypatch.setattr(runner.BlockRunner, "collect", collect)
+    gains = format_gains(tiny_llama(), token_ids(9), ["int2-g32"], RecoverConfig(mode="block", steps=3),
+                         guard=3, quant=4, progress=False)
+    assert 0 < gains["int2-g32"] <= 1
+    assert drawn and all(n == 6 and top < 6 for n, top in drawn)
+    assert checked and all(r == range(6, 9) for r in checked)
+    assert firsts and all(f == 4 for f in firsts)
+    with pytest.raises(ValueError):
+        format_gains(tiny_llama(), token_ids(3), ["int2-g32"], RecoverConfig(mode="block", steps=1), guard=3)
+
+
+def test_collect_on_the_first_windows_equals_a_runner_of_those_windows():
+    from bitalloc.calibrate import BlockRunner
+
+    model, ids = tiny_llama(), token_ids(7)
+    with torch.no_grad(), BlockRunner(model, ids, batch_size=2) as full, \
+            BlockRunner(model, ids[:5], batch_size=2) as part:
+        full.advance(), part.advance()
+        got, want = full.collect(first=5), part.collect()
+        assert got.keys() == want.keys()
+        for n in got:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(full.collect()[n], want[n], rtol=1e-3, atol=0)  # the 2 other windows count there
+        for bad in (dict(first=0), dict(first=8), dict(first=3, advance=True)):
+            with pytest.raises(ValueError):
+                full.collect(**bad)
+
+
 def test_the_guard_windows_are_never_trained_on(quantized, monkeypatch):
     """With ``guard`` held-out windows, both stages draw their steps from the others only, and their checks
     measure on the held-out ones."""

@@ -179,16 +179,19 @@ class BlockRunner:
             out = self.layout.blocks[i](self.placement.to_device(x), **self.kwargs[i])
             return out[0] if isinstance(out, tuple) else out
 
-    def collect(self, groups: list[int] | None = None, advance: bool = False) -> dict[str, torch.Tensor]:
+    def collect(self, groups: list[int] | None = None, advance: bool = False,
+                first: int | None = None) -> dict[str, torch.Tensor]:
         """``H = E[xxᵀ]`` (float32) of the current block's groups ``groups`` (default all), by tensor name.
 
         Every tensor of a group gets the same H object.  With ``advance`` the block's outputs replace the
-        hidden states (one pass for both); otherwise the pass stops after the last requested group.
+        hidden states (one pass for both); otherwise the pass stops after the last requested group.  ``first``:
+        only the first that many windows feed the statistics (not with ``advance``, which needs every window).
         """
-        return self.collect_with_noise(groups, advance)[0]
+        return self.collect_with_noise(groups, advance, first=first)[0]
 
     def collect_with_noise(self, groups: list[int] | None = None, advance: bool = False,
-                           roundings: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], NoiseStats]:
+                           roundings: Sequence[str] = (), first: int | None = None
+                           ) -> tuple[dict[str, torch.Tensor], NoiseStats]:
         """:meth:`collect`, and per tensor and activation rounding R (names from :mod:`bitalloc.activations`)
         ``E[((x − R(x)) · w_j)²]`` per output channel (float64), for the tensors whose inputs R can round.
 
@@ -197,6 +200,11 @@ class BlockRunner:
         no token reached gets a zero Hessian.  ``self.tokens`` then holds each tensor's token count (routed
         tokens for an expert, every token otherwise)."""
         i, lay = self.block, self.layout
+        if first is not None and (advance or not 0 < first <= int(self.hidden.shape[0])):
+            raise ValueError(f"collect: first={first} needs 0 < first <= {int(self.hidden.shape[0])} windows and "
+                             "no advance")
+        batches = self.batches if first is None else \
+            [slice(sl.start, min(sl.stop, first)) for sl in self.batches if sl.start < first]
         gidx = list(range(len(lay.spec.groups))) if groups is None else sorted(groups)
         sums: dict[int, torch.Tensor] = {}
         noise: dict[str, dict[str, torch.Tensor]] = {}
@@ -240,7 +248,7 @@ class BlockRunner:
         nxt = self._new_states(tuple(self.hidden.shape), self.hidden.dtype) if advance else None
         try:
             with torch.no_grad():
-                for sl in self.batches:
+                for sl in batches:
                     seen.clear()
                     x = self.hidden[sl]
                     try:

@@ -231,16 +231,19 @@ class Stages:
 
     def recovery_aware(self, measurement: Measurement) -> Measurement:
         """The table the allocator reads: ``measurement``, or with ``--recover-aware`` its errors scaled by each
-        format's recovery gain (measured once on sample blocks of the full-precision model, saved in the job)."""
+        format's recovery gain (measured once on sample blocks of the full-precision model, on the recovery's
+        training and held-out windows, saved in the job)."""
         rc = self.config.recover
         if not rc.aware:
             return measurement
         from ..recover.aware import block_tensors, format_gains, scaled_table
 
         if not self.job.has_item("plan", "recovery_gains"):
+            windows, guard = self.recovery_windows()  # trained and checked as the recovery stage will
             with self.timer.stage("recover.gains"):
-                gains = format_gains(self.loaded.model, self.calibration, measurement.formats(), rc,
-                                     placement=self.placement, progress=self.config.progress)
+                gains = format_gains(self.loaded.model, windows, measurement.formats(), rc, guard=guard,
+                                     quant=int(self.calibration.shape[0]), placement=self.placement,
+                                     progress=self.config.progress)
             self.job.save_item("plan", "recovery_gains", gains)
         saved = self.job.load_item("plan", "recovery_gains")
         return scaled_table(measurement, {str(k): float(v) for k, v in dict(saved).items()},

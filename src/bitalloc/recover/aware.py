@@ -2,13 +2,15 @@
 sample blocks, folded into the measurement table before the allocator reads it.
 
 For every sample block and candidate grid format, the block's linears are GPTQ-rounded in that format (Hessians of
-the full-precision inputs) and the block is recovered as :func:`bitalloc.recover.train.recover_blocks` would;
-the format's *gain* is the geometric mean over the samples of (block output error after) / (before).  The table's
-errors of that format are multiplied by its gain (:func:`scaled_table`) for the tensors block recovery trains (the
-blocks' linears), so the allocator sees the errors the recovered model will have: formats that recovery helps most
-become cheaper in error.  The embedding and the output projection, which no block holds, keep their errors: the e2e
-stage only moves their scales.  Formats that
-cannot store every linear of a sample block, and pass-through formats, keep a gain of 1.
+the full-precision inputs on the quantization's windows) and the block is recovered as
+:func:`bitalloc.recover.train.recover_blocks` would, on the same training windows; the format's *gain* is the
+geometric mean over the samples of (block output error after) / (before), both measured on the windows held out
+after the training ones (as recovery's own guard: a gain that holds only on the training text is not counted).
+The table's errors of that format are multiplied by its gain (:func:`scaled_table`) for the tensors block recovery
+trains (the blocks' linears), so the allocator sees the errors the recovered model will have: formats that recovery
+helps most become cheaper in error.  The embedding and the output projection, which no block holds, keep their
+errors: the e2e stage only moves their scales.  Formats that cannot store every linear of a sample block, and
+pass-through formats, keep a gain of 1.
 """
 from __future__ import annotations
 
@@ -43,10 +45,19 @@ def sample_blocks(nblocks: int, count: int = 2) -> list[int]:
 
 
 def format_gains(model: nn.Module, windows: torch.Tensor, formats: Sequence[str], cfg: RecoverConfig, *,
-                 blocks: Sequence[int] | None = None, placement: Placement | None = None,
-                 progress: bool = True) -> dict[str, float]:
+                 guard: int = 0, quant: int | None = None, blocks: Sequence[int] | None = None,
+                 placement: Placement | None = None, progress: bool = True) -> dict[str, float]:
     """``{format: remaining error fraction after block recovery}`` measured on ``blocks`` of the full-precision
-    ``model`` (its weights are put back); formats that cannot be measured get 1.0."""
+    ``model`` (its weights are put back); formats that cannot be measured get 1.0.
+
+    ``windows`` are recovery's (:func:`bitalloc.recover.training_windows`): the samples train on all but the last
+    ``guard`` and measure the errors before and after on those (on the first training windows when ``guard`` is
+    0); their GPTQ Hessians come from the first ``quant`` windows (the quantization's; at most, and by default,
+    every training window)."""
+    n = int(windows.shape[0])
+    quant = n - guard if quant is None else min(quant, n - guard)
+    if not 0 <= guard < n or quant < 1:
+        raise ValueError(f"format_gains: {guard} held-out and {quant} quantization windows of {n}")
     lay = layout_of(model)
     blocks = sorted(set(blocks if blocks is not None else sample_blocks(len(lay.blocks))))
     ctx = int(windows.shape[1])
@@ -59,7 +70,7 @@ def format_gains(model: nn.Module, windows: torch.Tensor, formats: Sequence[str]
     with BlockRunner(model, windows, placement=placement) as r:
         for b in range(max(blocks) + 1):
             if b in blocks:
-                _sample(model, r, b, grid, steps, cfg, ratios, bar)
+                _sample(model, r, b, grid, steps, cfg, ratios, bar, guard, quant)
             r.advance()
     bar.close()
     gains = {f: math.exp(sum(map(math.log, v)) / len(v)) if v else 1.0 for f, v in ratios.items()}
@@ -69,9 +80,9 @@ def format_gains(model: nn.Module, windows: torch.Tensor, formats: Sequence[str]
 
 
 def _sample(model: nn.Module, r: BlockRunner, b: int, formats: Sequence[str], steps: int, cfg: RecoverConfig,
-            ratios: dict[str, list[float]], bar: tqdm) -> None:
+            ratios: dict[str, list[float]], bar: tqdm, guard: int, quant: int) -> None:
     lay = r.layout
-    hs = r.collect()
+    hs = r.collect(first=quant)
     n = int(r.hidden.shape[0])
     with torch.no_grad():  # the full-precision block's outputs: the targets
         target = torch.cat([_out(lay.blocks[b](r.placement.to_device(r.hidden[s]), **r.kwargs[b]))
@@ -88,7 +99,7 @@ def _sample(model: nn.Module, r: BlockRunner, b: int, formats: Sequence[str], st
                     for t, qt in q.items():
                         model.get_parameter(t).copy_(dequantize(qt).reshape(saved[t].shape))
                 att = Attached(model, q, {}, codes=True, scales=True)
-                before, after = _train_block(r, b, att, target, steps, cfg)
+                before, after = _train_block(r, b, att, target, steps, cfg, guard)
                 att.finish()
                 if before > 0:
                     ratios[f].append(max(min(after, before), 1e-12) / before)
