@@ -239,7 +239,7 @@ class Stages:
         from ..recover.aware import block_tensors, format_gains, scaled_table
 
         if not self.job.has_item("plan", "recovery_gains"):
-            windows, guard = self.recovery_windows()  # trained and checked as the recovery stage will
+            windows, guard = self.recovery_windows  # trained and checked as the recovery stage will
             with self.timer.stage("recover.gains"):
                 gains = format_gains(self.loaded.model, windows, measurement.formats(), rc, guard=guard,
                                      quant=int(self.calibration.shape[0]), placement=self.placement,
