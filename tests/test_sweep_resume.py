@@ -261,3 +261,28 @@ def test_rotated_sweep_recovers_toward_the_rotated_reference(hf, tmp_path):
         doc = json.loads((out / "sweep.json").read_text())
         kld[mode] = next(p["kld"] for p in doc["points"] if p["kind"] == "allocated")
     assert kld["block"] < kld["none"], kld
+
+
+def test_a_recovery_aware_sweep_allocates_from_the_scaled_table(hf, tmp_path, monkeypatch):
+    """``--recover-aware`` in a sweep is not ignored: the gains are measured once, saved in the job, and every
+    allocated point is planned from the table they scale (here a gain that makes int2 look free)."""
+    import bitalloc.recover.aware as aware
+
+    calls = []
+
+    def gains(model, windows, formats, cfg, **kw):
+        calls.append(kw["guard"])
+        return {f: (1e-6 if f.startswith("int2") else 1.0) for f in formats}
+
+    monkeypatch.setattr(aware, "format_gains", gains)
+    plain, scaled = tmp_path / "plain", tmp_path / "aware"
+    assert main(sweep_argv(hf, plain, "--recover", "block", "--recover-steps", "2", "--uniform", "int3-g32",
+                           budgets="3.5bpw")) == 0
+    assert main(sweep_argv(hf, scaled, "--recover", "block", "--recover-steps", "2", "--uniform", "int3-g32",
+                           "--recover-aware", "--keep-job", budgets="3.5bpw")) == 0
+    assert len(calls) == 1
+    job = default_job_dir(scaled)
+    assert any("recovery_gains" in p.name for p in (job / "plan").iterdir())
+    allocated = [json.loads((d / "sweep.json").read_text())["points"][0] for d in (plain, scaled)]
+    assert all(p["kind"] == "allocated" for p in allocated)
+    assert allocated[0]["kld"] != allocated[1]["kld"]  # another plan: the int2 rows' errors were scaled down

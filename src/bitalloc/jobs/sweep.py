@@ -159,7 +159,8 @@ def _compute(job: Job, config: RunConfig, on_point: Callable[[str, Point], None]
     calib, evals = stages.calibration, stages.windows(spec.eval_texts, spec.eval_windows)
     ref = _reference(stages)
     budgets = [weights_capacity(b, m).plan_budget(m.fixed_bytes) for b in config.budgets]  # resolved once
-    points = sweep(lo.model, lo.view, m, budgets, [config.method], calib, evals, ref,
+    table = stages.recovery_aware(m)  # --recover-aware: errors scaled by each format's recovery gain (saved)
+    points = sweep(lo.model, lo.view, table, budgets, [config.method], calib, evals, ref,
                    constraints=stages.constraints(None), uniform=spec.uniform, progress=config.progress,
                    uniform_candidates=spec.uniform_candidates, done=done, on_point=save,
                    placement=stages.placement, timer=stages.timer, recover=config.recover,
