@@ -290,6 +290,22 @@ def test_recovery_aware_needs_block_recovery(hf, tmp_path, capsys):
     assert "block" in err and len(err.strip().splitlines()) == 1
 
 
+def test_recovery_aware_without_an_allocation_is_refused_before_loading(hf, tmp_path, capsys, monkeypatch):
+    """``--format`` allocates nothing, so ``--recover-aware`` would be silently ignored: refused in one line."""
+    import bitalloc.jobs.stages as stages
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(stages.Stages, "load_source", no_load)
+    argv = [a for a in quantize_argv(hf, tmp_path / "o", "--recover", "block", "--recover-aware", "--format",
+                                     "int4-g32") if a != "--budget" and a != "3.5bpw"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--recover-aware" in err and "--format" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch):
     """``sweep --recover``: every point's model is recovered after its quantization (on DEFAULT_WINDOW_FACTOR times
     the calibration windows, then the held-out guard windows, as quantize does)."""

@@ -106,6 +106,9 @@ class RunConfig:
                             or self.measurement is not None or self.uniform_format is not None):
             raise InputError("--screen needs one budget to screen for, and measures the table itself (quantize "
                              "--budget or gguf; not with --plan, --measurement, --format or a sweep)")
+        if self.recover.aware and (self.plan is not None or self.uniform_format is not None):
+            raise InputError("--recover-aware changes how a budget is allocated: it needs --budget (not --format or "
+                             "--plan, which allocate nothing)")
 
         if self.untie:
             from ..models.rotate import check_untie
