@@ -248,6 +248,16 @@ def test_cli_refuses_bad_recovery_options(hf, tmp_path, capsys, extra, msg):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("option", [("--recover-steps", "8"), ("--recover-tokens", "900"), ("--recover-lr", "0.05"),
+                                    ("--recover-windows", "12")])
+def test_a_recovery_option_without_recover_is_refused(hf, tmp_path, capsys, option):
+    """Without ``--recover`` nothing trains: a length, rate or text for it is a mistake, not something to ignore."""
+    assert main(quantize_argv(hf, tmp_path / "o", *option)) == 2
+    err = capsys.readouterr().err
+    assert option[0] in err and "--recover block" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 # ------------------------------------------------------------------------------------ recovery-aware allocation
 def test_format_gains_and_scaled_table():
     from bitalloc.models.view import ModelView

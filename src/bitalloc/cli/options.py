@@ -137,7 +137,7 @@ def add_recover(p: argparse.ArgumentParser) -> None:
                         f"and {DEFAULT_E2E_STEPS})")
     length.add_argument("--recover-tokens", type=_positive, default=None, metavar="N",
                         help="training tokens per block (block) and in all (e2e), instead of --recover-steps")
-    p.add_argument("--recover-lr", type=_rate, default=RecoverConfig.lr, metavar="LR",
+    p.add_argument("--recover-lr", type=_rate, default=None, metavar="LR",
                    help=f"Adam step of the learned rounding in levels (scales and norms, relative: a tenth of it in the block stage, a sixteenth in e2e) "
                    f"(default {RecoverConfig.lr})")
     p.add_argument("--recover-windows", type=_positive, default=None, metavar="N",
@@ -152,12 +152,20 @@ def add_recover(p: argparse.ArgumentParser) -> None:
 
 
 def recover_of(args: argparse.Namespace) -> Any:
-    """The :class:`~bitalloc.recover.config.RecoverConfig` the options ask for."""
+    """The :class:`~bitalloc.recover.config.RecoverConfig` the options ask for; a recovery option without
+    ``--recover`` is refused (it would train nothing)."""
+    from ..errors import InputError
     from ..recover.config import RecoverConfig
 
-    return RecoverConfig(mode=getattr(args, "recover", "none"), steps=getattr(args, "recover_steps", None),
+    mode = getattr(args, "recover", "none")
+    given = [o for o in ("steps", "tokens", "lr", "windows") if getattr(args, f"recover_{o}", None) is not None]
+    if mode == "none" and given:
+        raise InputError(f"--recover-{given[0]} sets how recovery trains, but no recovery was asked for: add "
+                         "--recover block, e2e or block+e2e")
+    lr = getattr(args, "recover_lr", None)
+    return RecoverConfig(mode=mode, steps=getattr(args, "recover_steps", None),
                          tokens=getattr(args, "recover_tokens", None),
-                         lr=float(getattr(args, "recover_lr", RecoverConfig.lr)),
+                         lr=float(RecoverConfig.lr if lr is None else lr),
                          windows=getattr(args, "recover_windows", None),
                          aware=bool(getattr(args, "recover_aware", False)))
 
