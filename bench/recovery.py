@@ -196,7 +196,9 @@ def plot_png(points: list[RPoint], rows: list[dict], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    curve = any(p.part == "curve" for p in points)  # a run without the curve gets one panel, not an empty second
+    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(12 if curve else 6.5, 4.5), squeeze=False)
+    ax1 = axes[0][0]
     modes = sorted({p.mode for p in points if p.part == "packed"}, key=["none", "block", "e2e", "block+e2e"].index)
     for m in modes:
         ps = sorted((p for p in points if p.part == "packed" and p.mode == m), key=lambda p: p.bytes)
@@ -206,6 +208,18 @@ def plot_png(points: list[RPoint], rows: list[dict], title: str) -> bytes:
     ax1.set_yscale("log")
     ax1.set_title("allocated mixes, with and without recovery")
     ax1.legend()
+    if curve:
+        _plot_curve(axes[0][1], points)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plot_curve(ax2: Any, points: list[RPoint]) -> None:
+    """The recovery curve: KLD against training tokens per mode, each point's training time written beside it."""
     base = [p for p in points if p.part == "curve" and p.mode == "none"]
     for m in ("block", "e2e", "block+e2e"):
         ps = sorted((p for p in points if p.part == "curve" and p.mode == m), key=lambda p: p.tokens)
@@ -220,12 +234,6 @@ def plot_png(points: list[RPoint], rows: list[dict], title: str) -> bytes:
     ax2.set_ylabel("KLD")
     ax2.set_title("recovery curve" + (f" at {base[0].budget}" if base else ""))
     ax2.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def table(points: list[RPoint], rows: list[dict]) -> str:
