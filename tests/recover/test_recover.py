@@ -409,15 +409,13 @@ def test_training_windows_reads_the_guard_after_the_training_text(caplog):
     assert caplog.records[-1].levelname == "WARNING"
 
 
-def test_format_gains_train_on_the_training_windows_and_check_on_the_held_out_ones(monkeypatch):
-    """The recovery-aware gains are measured as recovery runs: the samples' GPTQ Hessians from the quantization's
-    windows, training steps from the training windows only, before/after on the held-out windows."""
-    import bitalloc.calibrate.runner as runner
+def _spy_on_windows(monkeypatch) -> tuple[list, list]:
+    """``(drawn, checked)``: filled with ``(windows drawn from, highest window drawn)`` of every training schedule
+    and the window range of every check."""
     import bitalloc.recover.train as tr
-    from bitalloc.recover.aware import format_gains
 
-    drawn, checked, firsts = [], [], []
-    real_picks, real_range, real_collect = tr._picks, tr.guard_range, runner.BlockRunner.collect
+    drawn, checked = [], []
+    real_picks, real_range = tr._picks, tr.guard_range
 
     def picks(n, per_step, steps, seed):
         out = real_picks(n, per_step, steps, seed)
@@ -428,12 +426,25 @@ def test_format_gains_train_on_the_training_windows_and_check_on_the_held_out_on
         checked.append(real_range(n, guard))
         return checked[-1]
 
+    monkeypatch.setattr(tr, "_picks", picks)
+    monkeypatch.setattr(tr, "guard_range", guard_range)
+    return drawn, checked
+
+
+def test_format_gains_train_on_the_training_windows_and_check_on_the_held_out_ones(monkeypatch):
+    """The recovery-aware gains are measured as recovery runs: the samples' GPTQ Hessians from the quantization's
+    windows, training steps from the training windows only, before/after on the held-out windows."""
+    import bitalloc.calibrate.runner as runner
+    from bitalloc.recover.aware import format_gains
+
+    firsts = []
+    real_collect = runner.BlockRunner.collect
+
     def collect(self, groups=None, advance=False, first=None):
         firsts.append(first)
         return real_collect(self, groups, advance, first)
 
-    monkeypatch.setattr(tr, "_picks", picks)
-    monkeypatch.setattr(tr, "guard_range", guard_range)
+    drawn, checked = _spy_on_windows(monkeypatch)
     monkeypatch.setattr(runner.BlockRunner, "collect", collect)
     gains = format_gains(tiny_llama(), token_ids(9), ["int2-g32"], RecoverConfig(mode="block", steps=3),
                          guard=3, quant=4, progress=False)
@@ -472,20 +483,7 @@ def test_the_guard_windows_are_never_trained_on(quantized, monkeypatch):
     for n, t in q.items():
         with torch.no_grad():
             student.get_parameter(n).copy_(dequantize(t).reshape(student.get_parameter(n).shape))
-    drawn, checked = [], []
-    real_picks, real_range = tr._picks, tr.guard_range
-
-    def picks(n, per_step, steps, seed):
-        out = real_picks(n, per_step, steps, seed)
-        drawn.append((n, max(int(i.max()) for i in out)))
-        return out
-
-    def guard_range(n, guard):
-        checked.append(real_range(n, guard))
-        return checked[-1]
-
-    monkeypatch.setattr(tr, "_picks", picks)
-    monkeypatch.setattr(tr, "guard_range", guard_range)
+    drawn, checked = _spy_on_windows(monkeypatch)
     recover_model(student, teacher, windows, q, RecoverConfig(mode="block+e2e", steps=3), progress=False, guard=3)
     assert drawn and all(n == 5 and top < 5 for n, top in drawn)
     assert checked and all(r == range(5, 8) for r in checked)
