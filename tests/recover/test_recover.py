@@ -285,13 +285,23 @@ def test_format_gains_and_scaled_table():
     assert not names & {r.name for r in view.quantizable() if r.block is None} and len(names) > 0
 
 
-def test_recovery_aware_job_runs_and_saves_its_gains(hf, tmp_path):
+def test_recovery_aware_job_runs_and_saves_its_gains(hf, tmp_path, monkeypatch):
+    import bitalloc.recover as rec
+
+    reads, real = [], rec.training_windows
+
+    def training_windows(*a, **k):
+        reads.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(rec, "training_windows", training_windows)
     out = tmp_path / "aware"
     assert main(quantize_argv(hf, out, "--recover", "block", "--recover-steps", "3", "--recover-aware",
                               "--keep-job")) == 0
     job = default_job_dir(out)
     assert (out / "manifest.json").exists()
     assert any("recovery_gains" in p.name for p in (job / "plan").iterdir())
+    assert len(reads) == 1  # the gains and the recovery stage train on the same windows, read once
 
 
 def test_recovery_aware_needs_block_recovery(hf, tmp_path, capsys):

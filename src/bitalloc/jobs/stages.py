@@ -80,6 +80,7 @@ class Stages:
         self.target = target  # the output: its capacity is what a screened measurement screens for
         self._loaded: Loaded | None = None
         self._calib: torch.Tensor | None = None
+        self._recovery_windows: tuple[torch.Tensor, int] | None = None
         self._placement: Placement | None = None
         #: wall time per stage of this run (load, calibrate.*, fisher, measure.*, allocate, quantize, write)
         self.timer = StageTimer(device=config.device)
@@ -135,14 +136,17 @@ class Stages:
         """``(windows, guard)``: the windows recovery trains on, ``config.recover.windows`` of the calibration text,
         by default :data:`~bitalloc.recover.config.DEFAULT_WINDOW_FACTOR` times the quantization's (the first ones
         are the quantization's), then the ``guard`` held-out windows its stages check their gains on
-        (:func:`bitalloc.recover.training_windows`; a log line when the text holds fewer)."""
+        (:func:`bitalloc.recover.training_windows`; a log line when the text holds fewer).  Read once: the
+        recovery-aware gains and the recovery stage share them."""
         from ..recover import training_windows
 
         def read(n: int) -> torch.Tensor:
             with self.timer.stage("tokenize"):
                 return self.windows(self.config.calib_texts, n)
 
-        return training_windows(self.config.recover, self.calibration, read)
+        if self._recovery_windows is None:
+            self._recovery_windows = training_windows(self.config.recover, self.calibration, read)
+        return self._recovery_windows
 
     # -------------------------------------------------------------------------------------- measure
     def measurement(self, before_done: Callable[[], None] | None = None) -> Measurement | None:
