@@ -441,6 +441,24 @@ def _spy_on_windows(monkeypatch) -> tuple[list, list]:
     return drawn, checked
 
 
+def test_a_format_that_stores_some_of_a_blocks_linears_gets_its_gain_measured_on_them():
+    """q4_k takes only the 256-wide down_proj of a 64-wide model: its gain is measured there (the other linears at
+    full precision), not left at 1, which made the allocator count no recovery for the K-quants."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitalloc.recover.aware import format_gains
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                         max_position_embeddings=128, initializer_range=0.05)).float().eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gains = format_gains(model, token_ids(6), ["q4_k", "q2_k", "fp16"], RecoverConfig(mode="block", steps=20, lr=2e-2),
+                         progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert 0 < gains["q2_k"] < 1 and 0 < gains["q4_k"] <= 1 and gains["fp16"] == 1.0
+
+
 def test_format_gains_train_on_the_training_windows_and_check_on_the_held_out_ones(monkeypatch):
     """The recovery-aware gains are measured as recovery runs: the samples' GPTQ Hessians from the quantization's
     windows, training steps from the training windows only, before/after on the held-out windows."""

@@ -9,8 +9,9 @@ after the training ones (as recovery's own guard: a gain that holds only on the 
 The table's errors of that format are multiplied by its gain (:func:`scaled_table`) for the tensors block recovery
 trains (the blocks' linears), so the allocator sees the errors the recovered model will have: formats that recovery
 helps most become cheaper in error.  The embedding and the output projection, which no block holds, keep their
-errors: the e2e stage only moves their scales.  Formats that cannot store every linear of a sample block, and
-pass-through formats, keep a gain of 1.
+errors: the e2e stage only moves their scales.  A format that can store only some linears of a sample block (the
+K-quants' 256-wide blocks and narrow rows) is measured on those, the others at full precision; formats that store
+none of them, and pass-through formats, keep a gain of 1.
 """
 from __future__ import annotations
 
@@ -92,12 +93,15 @@ def _sample(model: nn.Module, r: BlockRunner, b: int, formats: Sequence[str], st
     try:
         for f in formats:
             fmt = get_format(f)
-            if all(fmt.supports(tuple(saved[t].shape)) for t in names):
+            # the linears this format can store (a K-quant takes the 1536-wide down_proj of a 576-wide model, not
+            # the others); the rest stay at full precision, so a format is not left without a gain for them
+            takes = [t for t in names if fmt.supports(tuple(saved[t].shape))]
+            if takes:
                 q = {t: quantize_weight(r.placement.to_device(saved[t]), fmt, hessian=hs[t], method="gptq")
-                     for t in names}
+                     for t in takes}
                 with torch.no_grad():
-                    for t, qt in q.items():
-                        model.get_parameter(t).copy_(dequantize(qt).reshape(saved[t].shape))
+                    for t, w in saved.items():
+                        model.get_parameter(t).copy_(dequantize(q[t]).reshape(w.shape) if t in q else w)
                 att = Attached(model, q, {}, codes=True, scales=True)
                 before, after = _train_block(r, b, att, target, steps, cfg, guard)
                 att.finish()
