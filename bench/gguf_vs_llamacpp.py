@@ -36,8 +36,9 @@ bench/results/gguf_vs_llamacpp_llamaside.json holds it for the same settings and
 still exist (``--redo-llamacpp`` forces it), and then its imatrix and quantizes are run once more, unevaluated,
 for their wall times in this run (about a minute; ``--no-retime`` takes the saved times); the measurement is a job
 directory keyed by the model, calibration, options and the source of the fit/measure code (per-block checkpoints: a
-killed run continues); each size's result is saved when done, so a rerun skips finished sizes.  Sizes run in the order of ``--sizes`` (default: the
-pure 4-bit size first, shared by IQ4_NL and Q4_0, then Q4_K_M, Q3_K_M, Q5_K_M, Q2_K).
+killed run continues); each size's result is saved when done, so a rerun skips finished sizes.  Sizes run in the
+order of ``--sizes`` (default: the pure 4-bit size first, shared by IQ4_NL and Q4_0, then Q4_K_M, Q3_K_M, Q5_K_M,
+Q2_K).
 
 The measurement rounds with GPTQ by default (``--measure-method``; rtn is about half the time but its errors
 overrate some types against others) and counts llama.cpp's CPU activation rounding (Q8_0 / Q8_K) for each type;
@@ -394,10 +395,12 @@ def retime_llama(args: argparse.Namespace, ref: Path, calib_txt: Path, llama: di
     if timing.get("timed_this_run"):
         return llama, timing
     tools, files = run_llama_tools(args, ref, calib_txt)
+    sizes = {qtype: os.path.getsize(path) for qtype, path in files.items()}
+    for path in files.values():
+        path.unlink()
     out: dict[str, dict] = {}
     for qtype, info in llama.items():
-        size = os.path.getsize(files[qtype])
-        files[qtype].unlink()
+        size = sizes[qtype]
         if size != info["bytes"]:
             raise SystemExit(f"error: llama.cpp's {qtype} file is {size} B now against {info['bytes']} B saved: "
                              "its tools changed; rerun with --redo-llamacpp")
