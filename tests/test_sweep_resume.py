@@ -256,7 +256,8 @@ def test_rotated_sweep_recovers_toward_the_rotated_reference(hf, tmp_path):
     kld = {}
     for mode in ("none", "block"):
         out = tmp_path / mode
-        assert main(sweep_argv(hf, out, "--rotate", "residual", "--recover", mode, "--recover-steps", "8",
+        steps = ("--recover-steps", "8") if mode != "none" else ()  # a length without recovery is refused
+        assert main(sweep_argv(hf, out, "--rotate", "residual", "--recover", mode, *steps,
                                "--uniform", "int3-g32", budgets="3.5bpw")) == 0
         doc = json.loads((out / "sweep.json").read_text())
         kld[mode] = next(p["kld"] for p in doc["points"] if p["kind"] == "allocated")
