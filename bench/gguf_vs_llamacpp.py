@@ -289,22 +289,28 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
 def aware_table(m: Any, model: torch.nn.Module, view: ModelView, calib: torch.Tensor, recover: RecoverConfig,
                 code: str, train_on: tuple[torch.Tensor, int]) -> Any:
     """``--recover-aware``: the table the allocator reads, its block linears' errors scaled by each format's
-    measured recovery gain (as ``bitalloc gguf --recover-aware``: trained on recovery's windows ``train_on``,
-    checked on its held-out ones); the gains are saved in .cache/gguf_bench."""
-    from bitalloc.recover.aware import block_tensors, format_gains, scaled_table
+    measured recovery gain (:func:`aware_gains`)."""
+    from bitalloc.recover.aware import block_tensors, scaled_table
+
+    return scaled_table(m, aware_gains(m, model, calib, recover, code, train_on), block_tensors(view))
+
+
+def aware_gains(m: Any, model: torch.nn.Module, calib: torch.Tensor, recover: RecoverConfig, code: str,
+                train_on: tuple[torch.Tensor, int]) -> dict[str, float]:
+    """Each format's block-recovery gain, as ``bitalloc gguf --recover-aware`` measures it (trained on recovery's
+    windows ``train_on``, checked on its held-out ones); saved in .cache/gguf_bench and read back from there."""
+    from bitalloc.recover.aware import format_gains
 
     windows, guard = train_on
     key = {'measurement': m.fingerprint, 'recover': recover.fingerprint(), 'code': code, 'held_out': guard}
     path = WORK / f"recovery-gains-{st.digest(key)}.json"
     if path.exists():
-        gains = json.loads(path.read_text())
-    else:
-        t0 = time.perf_counter()
-        gains = format_gains(model, windows, m.formats(), recover, guard=guard,
-                             quant=int(calib.shape[0]), progress=True)
-        log.info("recovery gains measured in %.0f s", time.perf_counter() - t0)
-        path.write_text(json.dumps(gains, indent=1))
-    return scaled_table(m, gains, block_tensors(view))
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    gains = format_gains(model, windows, m.formats(), recover, guard=guard, quant=int(calib.shape[0]), progress=True)
+    log.info("recovery gains measured in %.0f s", time.perf_counter() - t0)
+    path.write_text(json.dumps(gains, indent=1))
+    return gains
 
 
 def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
