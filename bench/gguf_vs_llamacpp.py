@@ -59,6 +59,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,17 @@ def versus_unrecovered(result: dict, unrecovered: dict | None) -> dict[str, Any]
             "kld_vs_unrecovered": ratio, "recovery_goal_met": ratio is not None and ratio <= RECOVER_GOAL}
 
 
+def versus_plain_recovery(result: dict, plain: dict | None) -> dict[str, Any]:
+    """For a ``--recover-aware`` size: the same size recovered from the plain allocation (same measurement, bytes,
+    recovery and evaluation; saved by the run without ``--recover-aware``) and the KLD ratio aware / plain, the
+    issue's "recovery-aware allocation against allocate-then-recover at equal bytes"; empty when there is none."""
+    if not plain or "kld" not in plain:
+        return {}
+    ratio = result["kld"] / plain["kld"] if plain["kld"] > 0 else None
+    return {"allocate_then_recover": {k: plain[k] for k in ("bytes", "kld", "ppl", "top1", "mix") if k in plain},
+            "kld_vs_allocate_then_recover": ratio}
+
+
 def stage_seconds(stages: dict[str, dict], names: tuple[str, ...]) -> float:
     """Sum of the seconds of ``names`` in a ``StageTimer.as_dict()`` (absent stages count 0)."""
     return sum(float(stages.get(n, {}).get("seconds", 0.0)) for n in names)
@@ -237,12 +249,14 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
                      "eval_chunks": args.eval_chunks, "threads": args.threads}
         key = st.digest({**plain_key, **({"recover": recover.fingerprint()} if recover.active else {})})
         unrecovered = store.get(st.digest(plain_key)) if recover.active else None
+        plain_recovered = store.get(st.digest({**plain_key, "recover": replace(recover, aware=False).fingerprint()})) \
+            if recover.aware else None
         # --fresh: a saved result counts only when this run made it (a second type of the same size)
         done = store.get(key) if not getattr(args, "fresh", False) or key in made else None
         if done is not None and "gguf_seconds" in done:
             log.info("bitalloc at %s (%d B): saved result reused", name, size)
             out[name] = {**done, "reused": key not in made, "same_file_as_earlier_type": key in made,
-                         **versus_unrecovered(done, unrecovered)}
+                         **versus_unrecovered(done, unrecovered), **versus_plain_recovery(done, plain_recovered)}
             on_size(out)
             continue
         t1 = time.perf_counter()
@@ -276,7 +290,8 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
             check = False  # one size is enough to judge the measurement
         store.put(key, result)
         made.add(key)
-        out[name] = {**result, **versus_unrecovered(result, unrecovered)}
+        out[name] = {**result, **versus_unrecovered(result, unrecovered),
+                     **versus_plain_recovery(result, plain_recovered)}
         log.info("bitalloc at %s: %s", name, {k: v for k, v in result.items()
                                                if k not in ("error_check", "stages", "library_stages")})
         on_size(out)
@@ -583,6 +598,10 @@ def print_recovery(rows: list[dict]) -> None:
                   f"{b['kld_vs_unrecovered']:.3f}x (goal <= {RECOVER_GOAL:g}x: "
                   f"{'met' if b['recovery_goal_met'] else 'NOT met'}); bytes {b['bytes']} vs "
                   f"{b['unrecovered'].get('bytes')}")
+        if b.get("kld_vs_allocate_then_recover") is not None:
+            p = b["allocate_then_recover"]
+            print(f"{r['type']}: recovery-aware allocation KLD {b['kld']:.4f} vs allocate-then-recover {p['kld']:.4f}: "
+                  f"{b['kld_vs_allocate_then_recover']:.3f}x; bytes {b['bytes']} vs {p.get('bytes')}")
 
 
 def print_sweep(sweep: dict | None) -> None:

@@ -73,6 +73,23 @@ def test_a_recovered_size_is_compared_with_the_same_size_without_recovery(capsys
     assert out.count("\n") == 1 and "Q2_K: bitalloc with recovery KLD 0.0350 vs without 0.0500: 0.700x" in out
 
 
+def test_an_aware_size_is_compared_with_the_same_size_recovered_from_the_plain_allocation(capsys) -> None:
+    """--recover-aware against allocate-then-recover at equal bytes (issue #14): the ratio and its printed line."""
+    plain = {"bytes": 990, "ppl": 44.0, "kld": 0.04, "top1": 0.82, "mix": {"q5_0": 3}, "gguf_seconds": 9.0}
+    aware = {"bytes": 990, "ppl": 43.0, "kld": 0.03, "top1": 0.83}
+    got = bench.versus_plain_recovery(aware, plain)
+    assert got["kld_vs_allocate_then_recover"] == pytest.approx(0.75)
+    assert got["allocate_then_recover"] == {"bytes": 990, "kld": 0.04, "ppl": 44.0, "top1": 0.82, "mix": {"q5_0": 3}}
+    assert bench.versus_plain_recovery(aware, None) == {}
+    bench.print_recovery([{"type": "Q2_K", "bitalloc": {**aware, **got}}])
+    out = capsys.readouterr().out
+    assert "Q2_K: recovery-aware allocation KLD 0.0300 vs allocate-then-recover 0.0400: 0.750x" in out
+    # the plain recovered result is looked up under the key a run without --recover-aware saves it under
+    cfg = bench.RecoverConfig(mode="block+e2e", steps=None, windows=None, aware=True)
+    assert bench.replace(cfg, aware=False).fingerprint() == \
+        bench.RecoverConfig(mode="block+e2e", steps=None, windows=None).fingerprint()
+
+
 def test_llama_cpp_side_is_saved_under_one_name_whatever_the_recovery() -> None:
     """Recovery changes bitalloc's side only: a --recover run reuses llama.cpp's saved side."""
     plain = bench.llama_side_path(Namespace(recover="none", quick=False))
