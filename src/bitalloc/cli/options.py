@@ -148,7 +148,8 @@ def add_recover(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recover-aware", action="store_true",
                    help="allocate knowing recovery follows: each candidate format's error is scaled by the share "
                    "block-wise recovery leaves of it, measured on two sample blocks (needs --recover block or "
-                   "block+e2e and a measured budget)")
+                   "block+e2e and a measured budget); measured on blocks alone, it can overstate what recovery "
+                   "gains in the whole model: at a ~5 bpw GGUF mix it did worse than without it (README)")
 
 
 def recover_of(args: argparse.Namespace) -> Any:

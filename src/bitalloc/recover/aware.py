@@ -12,6 +12,11 @@ helps most become cheaper in error.  The embedding and the output projection, wh
 errors: the e2e stage only moves their scales.  A format that can store only some linears of a sample block (the
 K-quants' 256-wide blocks and narrow rows) is measured on those, the others at full precision; formats that store
 none of them, and pass-through formats, keep a gain of 1.
+
+The samples are single blocks fed full-precision inputs; in the whole model most of a deep block's error is
+inherited from the blocks before it, which its recovery cannot take back, so these gains can overstate what the
+pipeline recovers (at the GGUF bench's Q2_K size the aware plan recovered to a higher KLD than the plain one:
+README, "Recovery").
 """
 from __future__ import annotations
 
