@@ -222,7 +222,8 @@ def run_bitstack(args: argparse.Namespace, ctx: dict, cache: Cache) -> tuple[lis
 def run_nested(args: argparse.Namespace, ctx: dict, cache: Cache, cache_dir: Path | None) -> tuple[list[Point], dict]:
     """(c) one artifact, every budget extracted from it."""
     model, view, saved = ctx["model"], ctx["view"], ctx["saved"]
-    NEST = {"group": args.nest_group, "max_bits": args.nest_bits, "outliers": args.nest_outliers}
+    NEST = {"group": args.nest_group, "max_bits": args.nest_bits, "outliers": args.nest_outliers,
+            "passes": args.nest_passes, "refit": args.nest_refit}
     tag = digest(NEST, ctx["key"])
     art = (cache_dir if cache_dir is not None else Path(args.out)) / f"nest-{tag}"
     if cache.job is None or not cache.job.has_item("nest", f"info-{tag}") or not art.exists():
@@ -278,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                     "int2-g128 reaches 2.5 bpw, int2-g64 does not)")
     ap.add_argument("--nest-bits", type=int, default=6, help="the artifact's deepest depth (default 6)")
     ap.add_argument("--nest-outliers", type=int, default=0, help="elements per row stored exactly (default 0)")
+    ap.add_argument("--nest-passes", type=int, default=None,
+                    help="sweeps of coordinate descent after the joint rounding (default: bitalloc nest's)")
+    ap.add_argument("--nest-refit", type=int, default=None,
+                    help="shallowest depths with their own scale and zero (default: bitalloc nest's for the group)")
     ap.add_argument("--bitstack-blocks", type=int, default=8, help="residual blocks per weight (paper: 16)")
     ap.add_argument("--bitstack-rank", type=int, default=bs.RANK)
     ap.add_argument("--bitstack-sort", choices=("ppl", "proxy"), default="ppl",
@@ -290,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module("bitalloc.nest")
         except ImportError as e:
             ap.error(f"the nested API is not available ({e}); pass --skip-nest")
+        if args.nest_passes is None:
+            args.nest_passes = importlib.import_module("bitalloc.nest.codes").DESCENT_PASSES
+        if args.nest_refit is None:
+            args.nest_refit = importlib.import_module("bitalloc.nest.refit").default_refit(args.nest_group,
+                                                                                            args.nest_bits)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -333,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies",
         "evaluation": "tragedies", "ctx": args.ctx, "calib_windows": int(calib.shape[0]),
         "eval_windows": int(evals.shape[0]), "formats": formats, "method": "gptq", "total_params": total,
-        "nest": {"group": args.nest_group, "max_bits": args.nest_bits, "outliers": args.nest_outliers, **nest},
+        "nest": {"group": args.nest_group, "max_bits": args.nest_bits, "outliers": args.nest_outliers,
+                 "passes": args.nest_passes, "refit": args.nest_refit, **nest},
         **result,
         "bitstack_variant": ("activation-aware scaling (per-channel L2 norm over tokens, mean over windows; fp16 "
                              "vector stored per weight), iterative absolute-value decomposition (packed signs + "

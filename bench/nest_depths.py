@@ -8,7 +8,9 @@ scale, sums over those tensors the output error ``tr(ΔW H ΔWᵀ)`` (bitalloc.m
   allocates from;
 * **direct RTN** of the same format (its own range, nearest codes);
 * **nested, every depth** (what ``bitalloc nest`` stores: one range for all depths, the joint GPTQ of
-  :func:`bitalloc.nest.codes.nested_codes` with its default depth weights);
+  :func:`bitalloc.nest.codes.nested_codes` with its default depth weights, then its coordinate descent on every
+  depth's output error, :mod:`bitalloc.nest.descent`, and its default refit depths, :mod:`bitalloc.nest.refit`),
+  the same **without the refit depths**, and **without either**;
 * **nested, one depth weighed**: the same shared range, the joint rounding with weight on depth ``m`` only (every
   other depth is then what its top bits give): the best a nest can do at one depth, at the others' expense;
 * **nested, two depths weighed** (``--pairs``): what two depths cost each other.
@@ -35,18 +37,23 @@ from bitalloc.io.atomic import atomic_write  # noqa: E402
 from bitalloc.measure import output_error  # noqa: E402
 from bitalloc.nest.artifact import depth_of  # noqa: E402
 from bitalloc.nest.build import nest_tensor  # noqa: E402
-from bitalloc.nest.codes import MIN_DEPTH, depth_weights  # noqa: E402
+from bitalloc.nest.codes import DESCENT_PASSES, MIN_DEPTH, depth_weights  # noqa: E402
+from bitalloc.nest.refit import default_refit  # noqa: E402
 from bitalloc.rounding import dequantize, quantize_weight  # noqa: E402
 
 log = logging.getLogger("bench.nest_depths")
 RESULTS = Path(__file__).resolve().parent / "results"
+NO_REFIT = "nested, every depth, no refit"
+NO_DESCENT = "nested, every depth, neither descent nor refit"
 
 
 def variants(depth: int, pairs: list[tuple[int, int]]) -> dict[str, dict[int, float] | str]:
-    """Name -> depth weights of a nested rounding, or the direct method ("gptq"/"rtn")."""
+    """Name -> depth weights of a nested rounding, or the direct method ("gptq"/"rtn").  Every nested variant takes
+    ``bitalloc nest``'s default descent passes and refit depths, but for those named without them."""
     ks = range(MIN_DEPTH, depth + 1)
     out: dict[str, dict[int, float] | str] = {"direct gptq": "gptq", "direct rtn": "rtn",
-                                              "nested, every depth": depth_weights(depth)}
+                                              "nested, every depth": depth_weights(depth),
+                                              NO_REFIT: depth_weights(depth), NO_DESCENT: depth_weights(depth)}
     for m in ks:
         out[f"nested, depth {m} only"] = {k: float(k == m) for k in ks}
     for a, b in pairs:  # relative weights as the default's: a bin of width ∝ 2^-k leaves an error ∝ 4^-k
@@ -65,7 +72,9 @@ def tensor_errors(name: str, w: torch.Tensor, stats, group: int, depth: int,
             out[variant] = {k: output_error(dequantize(quantize_weight(w, f"int{k}-g{group}", hessian=stats.hessian,
                                                                        method=how)) - w, stats) for k in ks}
         else:
-            _, rows = nest_tensor(name, w, stats, group, depth, how)
+            _, rows = nest_tensor(name, w, stats, group, depth, how,
+                                  passes=0 if variant == NO_DESCENT else DESCENT_PASSES,
+                                  refit=0 if variant in (NO_DESCENT, NO_REFIT) else default_refit(group, depth))
             out[variant] = {depth_of(r.format): r.output_error for r in rows}
     return out
 

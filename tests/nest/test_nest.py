@@ -158,13 +158,17 @@ def test_flipped_plane_bit_refused_when_read(art: Path, tmp_path: Path) -> None:
     dst = _copy(art, tmp_path)
     shard = sorted(dst.glob("tensors-0000.safetensors"))[0]
     data = bytearray(shard.read_bytes())
-    data[-1] ^= 1  # the last stored tensor of the shard
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = max((k for k in header if k.endswith(".plane0")), key=lambda k: header[k]["data_offsets"][1])
+    data[8 + n + header[key]["data_offsets"][1] - 1] ^= 1  # the top plane of a tensor: every depth reads it
     shard.write_bytes(bytes(data))
     with pytest.raises(InputError, match="does not match its manifest"):
         extract(dst, "5bpw")
 
 
-@pytest.mark.parametrize("craft", ["truncate", "nest_json", "group", "table", "manifest", "extra_file", "shape"])
+@pytest.mark.parametrize("craft", ["truncate", "nest_json", "group", "table", "manifest", "extra_file", "shape",
+                                   "refit", "refit_v1", "version"])
 def test_crafted_artifacts_refused_in_one_line(art: Path, tmp_path: Path, craft: str) -> None:
     dst = _copy(art, tmp_path)
     meta = json.loads((dst / "nest.json").read_text())
@@ -186,10 +190,52 @@ def test_crafted_artifacts_refused_in_one_line(art: Path, tmp_path: Path, craft:
         name = next(iter(meta["tensors"]))
         meta["tensors"][name]["shape"] = [3, 5]
         (dst / "nest.json").write_text(json.dumps(meta))
-    for verify in (True, False) if craft in ("group", "shape", "truncate") else (True,):
+    elif craft in ("refit", "refit_v1", "version"):
+        meta.update({"refit": DEPTH - 1} if craft == "refit" else {"format_version": 1} if craft == "refit_v1"
+                    else {"format_version": 3})
+        (dst / "nest.json").write_text(json.dumps(meta))
+    for verify in (True, False) if craft in ("group", "shape", "truncate", "refit", "refit_v1", "version") else (True,):
         with pytest.raises(InputError) as e:
             extract(dst, "5bpw", verify=verify)
         assert "\n" not in str(e.value)
+
+
+def test_zero_scale_byte_refused(art: Path, tmp_path: Path) -> None:
+    from bitalloc.io.safetensors import SafetensorsFile
+
+    dst = _copy(art, tmp_path)
+    shard = dst / "tensors-0000.safetensors"
+    with SafetensorsFile(shard) as sf:
+        info = sf.info(next(k for k in sf.keys() if k.endswith(".mu2")))
+        base = shard.stat().st_size - sum(sf.info(k).nbytes for k in sf.keys())
+        name = next(k for k in sf.keys() if k.endswith(".mu2")).removesuffix(".mu2")
+    data = bytearray(shard.read_bytes())
+    data[base + info.begin] = 0
+    shard.write_bytes(bytes(data))
+    with Artifact(dst, verify=False) as a, pytest.raises(InputError, match="zero scale byte"):
+        a.qtensor(name, f"int2-g{GROUP}+o2")
+
+
+def test_refit_lowers_the_shallow_errors_and_version_1_still_reads(tmp_path: Path) -> None:
+    model = tiny_llama()
+    win = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(2))
+    for refit in (0, 2):
+        nest_model(model, ModelView(model), win, tmp_path / f"r{refit}", group=GROUP, max_bits=4, refit=refit,
+                   fisher=False, progress=False)
+    errs = [{k: sum(r.output_error for r in Artifact(tmp_path / f"r{refit}").measurement.rows
+                    if r.format == f"int{k}-g{GROUP}") for k in (2, 3)} for refit in (0, 2)]
+    assert errs[1][2] < 0.9 * errs[0][2] and errs[1][3] < errs[0][3]
+    assert json.loads((tmp_path / "r2" / "nest.json").read_text())["refit"] == 2
+    with SafetensorsFile(tmp_path / "r2" / "tensors-0000.safetensors") as sf:
+        assert any(k.endswith(".mu3") for k in sf.keys()) and not any(k.endswith(".mu4") for k in sf.keys())
+    meta = json.loads((tmp_path / "r0" / "nest.json").read_text())  # what version 1 wrote: no refit key
+    before = extract(tmp_path / "r0", "4bpw")
+    meta["format_version"] = 1
+    del meta["refit"]
+    (tmp_path / "r0" / "nest.json").write_text(json.dumps(meta))
+    after = extract(tmp_path / "r0", "4bpw", verify=False)
+    assert before.plan.assignments == after.plan.assignments and set(before.qtensors) == set(after.qtensors)
+    assert all(torch.equal(before.qtensors[n].parts[p], t) for n, q in after.qtensors.items() for p, t in q.parts.items())
 
 
 def test_untied_model_with_biases(tmp_path: Path) -> None:
@@ -206,7 +252,8 @@ def test_untied_model_with_biases(tmp_path: Path) -> None:
 def test_options_refused(tmp_path: Path) -> None:
     model = tiny_llama()
     win = torch.randint(0, 256, (2, 16))
-    for kw in ({"group": 48}, {"max_bits": 9}, {"max_bits": 1}, {"outliers": 3}, {"outliers": 128}):
+    for kw in ({"group": 48}, {"max_bits": 9}, {"max_bits": 1}, {"outliers": 3}, {"outliers": 128}, {"passes": -1},
+               {"passes": 17}, {"passes": True}, {"refit": 5, "max_bits": 6}, {"refit": -1}):
         with pytest.raises(InputError):
             nest_model(model, ModelView(model), win, tmp_path / "x", progress=False, **kw)
     assert not (tmp_path / "x").exists()
@@ -226,9 +273,9 @@ def test_a_prefix_reads_only_its_planes(art: Path, tmp_path: Path) -> None:
         for info in spans:
             data[base + info.begin: base + info.end] = b"\xff" * (info.end - info.begin)
         shard.write_bytes(bytes(data))
-    small = extract(dst, "5bpw")
+    small = extract(dst, "4bpw")
     assert all(not f.startswith(f"int{DEPTH}-") for f in small.plan.assignments.values())
-    assert all(torch.equal(q.parts["weight_packed"], extract(art, "5bpw").qtensors[n].parts["weight_packed"])
+    assert all(torch.equal(q.parts["weight_packed"], extract(art, "4bpw").qtensors[n].parts["weight_packed"])
                for n, q in small.qtensors.items() if n in small.plan.assignments)
     with pytest.raises(InputError, match="does not match its manifest"):
         extract(dst, "7.9bpw")

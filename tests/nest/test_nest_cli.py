@@ -60,6 +60,7 @@ def test_refusals_are_one_line(art: Path, tmp_path: Path, capsys: pytest.Capture
         ["extract", str(art), "--budget", "4bpw", "--out", str(art / "inside")],  # output inside the input
         ["nest", "--group", "48", "--out", str(tmp_path / "e")],  # before the model is loaded
         ["nest", "--max-bits", "9", "--out", str(tmp_path / "f")],
+        ["nest", "--descent-passes", "-1", "--out", str(tmp_path / "f")],
         ["nest", "--out", str(art)],  # exists
     ]
     for argv in cases:

@@ -18,8 +18,12 @@ def cmd_nest(args: argparse.Namespace) -> int:
     from ..models.view import ModelView
     from ..nest import artifact_bytes, nest_model
     from ..nest.build import check_options
+    from ..nest.codes import DESCENT_PASSES
+    from ..nest.refit import default_refit
 
-    check_options(args.group, args.max_bits, args.outliers)  # before the model is loaded
+    passes = DESCENT_PASSES if args.descent_passes is None else args.descent_passes
+    refit = default_refit(args.group, args.max_bits) if args.refit_depths is None else args.refit_depths
+    check_options(args.group, args.max_bits, args.outliers, passes, refit)  # before the model is loaded
     source = Path(args.model) if args.model else default_model_path()
     template = None
     if source.suffix.lower() == ".gguf":  # kept, so the artifact can extract GGUFs with the source's metadata
@@ -32,11 +36,12 @@ def cmd_nest(args: argparse.Namespace) -> int:
     calib = _windows(tok, _texts(args.calib, default_calibration_files), args.windows, args.ctx)
     fw = calib[: args.fisher_windows] if args.fisher else None
     info = nest_model(model, view, calib, args.out, group=args.group, max_bits=args.max_bits, outliers=args.outliers,
-                      fisher=args.fisher,
+                      fisher=args.fisher, passes=passes, refit=refit,
                       fisher_windows=fw, tokenizer=tok, template=template, progress=not args.quiet,
                       placement=placement_of(args, model), overwrite=args.overwrite, inputs=[source])
     size = artifact_bytes(args.out)
-    print(f"nested {len(info['tensors'])} tensors (int{2}..int{args.max_bits}, groups of {args.group}, {args.outliers} exact per row) in "
+    print(f"nested {len(info['tensors'])} tensors (int{2}..int{args.max_bits}, groups of {args.group}, {args.outliers} "
+          f"exact per row, {refit} refit depths, {passes} descent passes) in "
           f"{time.perf_counter() - t0:.0f} s -> {args.out} ({size} B, {8 * size / info['total_params']:.3f} bits per "
           f"weight on disk){'; GGUFs can be extracted' if template is not None else ''}")
     return 0
@@ -77,6 +82,14 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--outliers", type=int, default=0, help="elements per row stored exactly by every depth: 0, 1, 2, "
                    "4, 8 or 16 (default 0; they keep a massive-activation channel's weights from setting one range for "
                    "every depth, at 4 bytes each; GGUF extraction needs 0)")
+    p.add_argument("--descent-passes", type=int, default=None, metavar="N",
+                   help="sweeps of coordinate descent on every depth's output error after the joint rounding, 0..16 "
+                   "(default: bitalloc.nest.codes.DESCENT_PASSES, 2; each costs about one GPTQ pass; 0 = the joint "
+                   "rounding alone)")
+    p.add_argument("--refit-depths", type=int, default=None, metavar="N",
+                   help="the N shallowest depths get their own scale and zero per group, refit to their codes (2 bytes "
+                   "per group each; their prefixes stay exactly int{k}-g{G}); default: as many as add at most 12%% to "
+                   "the artifact (3 at --group 64 --max-bits 6); 0 = every depth on the shared lattice")
     p.add_argument("--no-fisher", dest="fisher", action="store_false",
                    help="skip the gradient pass: allocate by layer-output error instead of Fisher-weighted error")
     p.add_argument("--fisher-windows", type=int, default=8, metavar="N", help="windows of the gradient pass (default 8)")

@@ -3,11 +3,14 @@ atomically, read strictly and only as far as a prefix needs.
 
 Layout of ``ART/``::
 
-    nest.json                 kind bitalloc.nest: group, depth, outliers per row, tensors (shape, dtype, shard, parts), fixed tensors
+    nest.json                 kind bitalloc.nest: group, depth, outliers per row, refit (how many of the shallowest
+                              depths have their own scale and zero), tensors (shape, dtype, shard), fixed tensors
     measurement.json          the errors of every depth as a Measurement table (formats int{k}-g{G})
     tensors-0003.safetensors  block 3's tensors: "<name>.plane0" .. "<name>.plane{D-1}" (uint8, one bit per weight,
                               most significant first), "<name>.step" / "<name>.low" (fp16 per group), "<name>.ovalue" / "<name>.oindex"
-                              (the elements every depth stores exactly, per row: fp16, ascending columns); fixed tensors
+                              (the elements every depth stores exactly, per row: fp16, ascending columns),
+                              "<name>.mu{k}" / "<name>.tau{k}" (uint8 per group, a refit depth k's scale and zero:
+                              bitalloc.nest.refit); fixed tensors
                               (norms, biases) at float32 under their own name
     config.json, tokenizer files, gguf_template.* (a GGUF source's header, see bitalloc.nest.gguf)
     manifest.json             SHA-256 of every small file, and of every stored tensor (by shard and key)
@@ -35,8 +38,11 @@ from ..io.atomic import compare_digests, file_digest, tensor_digest
 from ..io.safetensors import SafetensorsFile
 from ..measure import Measurement
 from .codes import MAX_DEPTH, MIN_DEPTH, depth_grid, from_planes
+from .refit import refit_grid
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions read: 1 (before refit depths: none) and this one.
+READ_VERSIONS = (1, FORMAT_VERSION)
 KIND = "bitalloc.nest"
 META_FILE = "nest.json"
 TABLE_FILE = "measurement.json"
@@ -80,8 +86,10 @@ class Artifact:
             self._verify_files()
         c = Checker(str(self.path / META_FILE))
         info = c.obj(read_json(self.path / META_FILE, "nest description"), "")
-        if info.get("kind") != KIND or info.get("format_version") != FORMAT_VERSION:
-            raise InputError(f"{self.path / META_FILE} is not a version-{FORMAT_VERSION} {KIND} description")
+        version = info.get("format_version")
+        if info.get("kind") != KIND or isinstance(version, bool) or version not in READ_VERSIONS:
+            raise InputError(f"{self.path / META_FILE} is not a {KIND} description of version "
+                             f"{' or '.join(map(str, READ_VERSIONS))}")
         self.info = info
         self.group = c.count(c.key(info, "group"), "group", 32, 128)
         if self.group not in GROUPS:
@@ -90,6 +98,9 @@ class Artifact:
         self.outliers = c.count(c.key(info, "outliers"), "outliers", 0, 16)
         if self.outliers not in OUTLIERS:
             raise c.fail("outliers", f"expected one of {OUTLIERS}, got {self.outliers}")
+        if version == 1 and "refit" in info:
+            raise c.fail("refit", "a version-1 artifact has no refit depths")
+        self.refit = 0 if version == 1 else c.count(c.key(info, "refit"), "refit", 0, self.depth - MIN_DEPTH)
         self.total_params = c.count(c.key(info, "total_params"), "total_params", 1)
         if not isinstance(info.get("tied"), bool):
             raise c.fail("tied", "expected true or false")
@@ -130,6 +141,8 @@ class Artifact:
         ng = -(-cols // self.group)
         want = {f"{name}.plane{j}": ("U8", (packed_nbytes(rows * cols, 1),)) for j in range(self.depth)}
         want |= {f"{name}.step": ("F16", (rows, ng)), f"{name}.low": ("F16", (rows, ng))}
+        for k in self.refit_depths:
+            want |= {f"{name}.mu{k}": ("U8", (rows, ng)), f"{name}.tau{k}": ("U8", (rows, ng))}
         if self.outliers:
             want |= {f"{name}.ovalue": ("F16", (rows, self.outliers)),
                      f"{name}.oindex": ("U16" if cols <= 65536 else "I32", (rows, self.outliers))}
@@ -167,6 +180,11 @@ class Artifact:
             for f, r in rows.items():
                 if r.bytes != get_format(f).nbytes(t.shape):
                     raise InputError(f"{where}: {t.name} in {f} takes {get_format(f).nbytes(t.shape)} B, not {r.bytes}")
+
+    @property
+    def refit_depths(self) -> list[int]:
+        """The depths decoded with their own scale and zero (:mod:`bitalloc.nest.refit`)."""
+        return list(range(MIN_DEPTH, MIN_DEPTH + self.refit))
 
     @property
     def fixed_f32_bytes(self) -> int:
@@ -210,7 +228,14 @@ class Artifact:
         if not (bool(torch.isfinite(step).all()) and bool(torch.isfinite(low).all()) and bool((step > 0).all())):
             raise InputError(f"{self.path}: {name} has non-finite or non-positive scales")
         codes = from_planes(planes, tuple(e["shape"]))
-        grid = depth_grid(step, low, self.depth, k, self.group)
+        if k in self.refit_depths:
+            mu = self._read(e["shard"], f"{name}.mu{k}", e["want"][f"{name}.mu{k}"])
+            tau = self._read(e["shard"], f"{name}.tau{k}", e["want"][f"{name}.tau{k}"])
+            if not bool((mu > 0).all()):
+                raise InputError(f"{self.path}: {name} has a zero scale byte at depth {k}")
+            grid = refit_grid(step, low, self.depth, k, self.group, mu, tau)
+        else:
+            grid = depth_grid(step, low, self.depth, k, self.group)
         if self.outliers:
             grid = self._exact(name, e, grid)
         return get_format(format_id).encode(codes, grid, tuple(e["shape"]), e["dtype"])
@@ -250,9 +275,11 @@ class Artifact:
         self.close()
 
 
-def nest_json(group: int, depth: int, outliers: int, total_params: int, tied: bool, tensors: Mapping[str, Any],
-              fixed: Mapping[str, Any], fingerprint: Mapping[str, str], extra: Mapping[str, Any]) -> str:
+def nest_json(group: int, depth: int, outliers: int, refit: int, total_params: int, tied: bool,
+              tensors: Mapping[str, Any], fixed: Mapping[str, Any], fingerprint: Mapping[str, str],
+              extra: Mapping[str, Any]) -> str:
     info = {"kind": KIND, "format_version": FORMAT_VERSION, "group": group, "depth": depth, "outliers": outliers,
+            "refit": refit,
             "total_params": total_params, "tied": tied, "tensors": dict(tensors), "fixed": dict(fixed),
             "fingerprint": dict(fingerprint), **extra}
     return json.dumps(info, indent=1, sort_keys=True) + "\n"

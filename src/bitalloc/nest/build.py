@@ -29,26 +29,39 @@ from ..rounding import ROW_CHUNK_ELEMS, row_chunks
 from ..stats import TensorStats
 from .artifact import (GROUPS, MANIFEST_FILE, OUTLIERS, META_FILE, TABLE_FILE, Artifact, depth_of, nest_json,
                        offered)
-from .codes import (MAX_DEPTH, MIN_DEPTH, depth_grid, nested_codes, nested_grid, pick_outliers, to_planes,
-                    without_outliers)
+from .codes import (DESCENT_PASSES, MAX_DEPTH, MIN_DEPTH, depth_grid, depth_weights, nested_codes, nested_grid,
+                    pick_outliers, to_planes, without_outliers)
+from .refit import IDENTITY, default_refit, refit_codes, refit_grid
 
 log = logging.getLogger(__name__)
+#: Most sweeps of coordinate descent a nest takes (each costs about one GPTQ pass over the model).
+MAX_PASSES = 16
 
 
-def check_options(group: int, depth: int, outliers: int = 0) -> None:
-    """One-line refusals of a group, depth or outlier count the artifact cannot hold (before any work)."""
+def check_options(group: int, depth: int, outliers: int = 0, passes: int = DESCENT_PASSES, refit: int = 0) -> None:
+    """One-line refusals of a group, depth, outlier count, descent passes or refit depths the artifact cannot hold
+    (before any work)."""
+    if not isinstance(passes, int) or isinstance(passes, bool) or not 0 <= passes <= MAX_PASSES:
+        raise InputError(f"nest: --descent-passes must be an integer in 0..{MAX_PASSES}, got {passes!r}")
     if outliers not in OUTLIERS or isinstance(outliers, bool):
         raise InputError(f"nest: --outliers must be one of {', '.join(map(str, OUTLIERS))}, got {outliers!r}")
     if group not in GROUPS or isinstance(group, bool):
         raise InputError(f"nest: --group must be one of {', '.join(map(str, GROUPS))}, got {group!r}")
     if not isinstance(depth, int) or isinstance(depth, bool) or not MIN_DEPTH <= depth <= MAX_DEPTH:
         raise InputError(f"nest: --max-bits must be an integer in {MIN_DEPTH}..{MAX_DEPTH}, got {depth!r}")
+    if not isinstance(refit, int) or isinstance(refit, bool) or not 0 <= refit <= depth - MIN_DEPTH:
+        raise InputError(f"nest: --refit-depths must be an integer in 0..{depth - MIN_DEPTH} (the depths below the "
+                         f"deepest), got {refit!r}")
 
 
 def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, depth: int,
                 weights: Mapping[int, float] | None = None, max_elems: int | None = ROW_CHUNK_ELEMS,
-                outliers: int = 0) -> tuple[dict[str, torch.Tensor], list[MeasureRow]]:
-    """The stored parts of one tensor (planes, step, low, outliers) and its measurement rows (every offered depth)."""
+                outliers: int = 0, passes: int = DESCENT_PASSES, refit: int = 0
+                ) -> tuple[dict[str, torch.Tensor], list[MeasureRow]]:
+    """The stored parts of one tensor (planes, step, low, outliers, refit bytes) and its measurement rows (every
+    offered depth); ``passes``: sweeps of coordinate descent after the joint rounding
+    (:func:`~bitalloc.nest.codes.nested_codes`); ``refit``: how many of the shallowest depths get their own scale
+    and zero per group (:mod:`bitalloc.nest.refit`; without a Hessian, none is fit and they store the lattice)."""
     import dataclasses
 
     from ..measure import _rows_of
@@ -61,6 +74,8 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
     fmts = offered(group, depth, outliers)
     errs = {f: [0.0, 0.0] for f in fmts}
     leaf, steps, lows, ovals, oidx = [], [], [], [], []
+    refit_ks = list(range(MIN_DEPTH, MIN_DEPTH + refit))
+    corrs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in refit_ks}
     for sl in row_chunks(rows, cols, max_elems):
         w32 = w[sl].detach().to(torch.float32)
         exact = None
@@ -71,11 +86,24 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
             step, low = nested_grid(without_outliers(w32, exact[0]), group, depth, imp)
         else:
             step, low = nested_grid(w32, group, depth, importance)
-        codes = nested_codes(w32, step, low, group, depth, hessian, dict(weights) if weights else None, exact=exact)
+        codes = nested_codes(w32, step, low, group, depth, hessian, dict(weights) if weights else None, exact=exact,
+                             passes=passes)
+        corr = {}
+        if refit_ks and hessian is not None:
+            lam = weights if weights else depth_weights(depth)
+            new_leaf, corr = refit_codes(w32, hessian, codes[depth], step, low, group, depth, refit_ks,
+                                         [k for k in range(MIN_DEPTH, depth + 1) if lam.get(k, 0.0) > 0], exact,
+                                         passes=passes)
+            codes = {k: new_leaf >> (depth - k) for k in codes}
+        for k in refit_ks:
+            ident = torch.full(step.shape, IDENTITY, dtype=torch.uint8, device=step.device)
+            corr.setdefault(k, (ident, ident))
+            corrs[k].append(tuple(t.cpu() for t in corr[k]))  # type: ignore[arg-type]
         part = _rows_of(stats, sl)
         for f in fmts:
             k = depth_of(f)
-            grid = depth_grid(step, low, depth, k, group)
+            grid = refit_grid(step, low, depth, k, group, *corr[k]) if k in corr else depth_grid(step, low, depth, k,
+                                                                                                  group)
             if exact is not None:
                 grid = dataclasses.replace(grid, exact_mask=exact[0], exact_values=exact[1])
             dw = grid.values(codes[k]) - w32
@@ -95,6 +123,9 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
     stored = {f"{name}.plane{j}": p for j, p in enumerate(to_planes(torch.cat(leaf).to(torch.int64), depth))}
     stored[f"{name}.step"] = torch.cat(steps).contiguous()
     stored[f"{name}.low"] = torch.cat(lows).contiguous()
+    for k in refit_ks:
+        stored[f"{name}.mu{k}"] = torch.cat([c[0] for c in corrs[k]]).contiguous()
+        stored[f"{name}.tau{k}"] = torch.cat([c[1] for c in corrs[k]]).contiguous()
     if outliers:
         stored[f"{name}.ovalue"] = torch.cat(ovals).contiguous()
         stored[f"{name}.oindex"] = torch.cat(oidx).contiguous()
@@ -121,6 +152,8 @@ def nest_model(
     overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
     batch_size: int = 8,
+    passes: int = DESCENT_PASSES,
+    refit: int | None = None,
 ) -> dict[str, Any]:
     """Write the nested artifact of ``model`` to ``out`` (see :mod:`bitalloc.nest`); returns its ``nest.json``.
 
@@ -129,7 +162,10 @@ def nest_model(
     :func:`bitalloc.nest.codes.pick_outliers`: offered as ``int{k}-g{group}+o{outliers}``); ``windows``: calibration (Hessians), ``fisher_windows`` the gradient pass
     (default: the same); ``template``: a GGUF source's :class:`~bitalloc.export.gguf.GGUFTemplate`, kept so the
     artifact can extract GGUFs; ``weights``: each depth's weight in the joint rounding
-    (:func:`bitalloc.nest.codes.depth_weights` by default)."""
+    (:func:`bitalloc.nest.codes.depth_weights` by default); ``passes``: sweeps of coordinate descent on every
+    depth's output error after it (:mod:`bitalloc.nest.descent`; 0 = the joint rounding alone); ``refit``: how many
+    of the shallowest depths get their own scale and zero per group (:mod:`bitalloc.nest.refit`; default
+    :func:`~bitalloc.nest.refit.default_refit`)."""
     from ..calibrate.stream import stream_blocks
     from ..fisher import fisher_pass
     from ..io.paths import check_new_dir
@@ -137,7 +173,8 @@ def nest_model(
     from ..models.spill import release_parameter
     from ..pipeline import _hash_tensors, fixed_bytes, model_fingerprint, tensor_infos
 
-    check_options(group, max_bits, outliers)
+    refit = default_refit(group, max_bits) if refit is None else refit
+    check_options(group, max_bits, outliers, passes, refit)
     dest = Path(out)
     source = getattr(getattr(model, "config", None), "_name_or_path", "")
     inputs = [*inputs, *([source] if source and Path(source).exists() else [])]
@@ -149,7 +186,8 @@ def nest_model(
                         placement=placement) if fisher else None
     fp = {"model": model_fingerprint(model),
           "calibration": _hash_tensors([("windows", windows)] + ([("fisher_windows", fw)] if fisher else [])),
-          "method": "nested-gptq", "formats": ",".join(offered(group, max_bits, outliers)),
+          "method": "nested-gptq" + (f"+descent{passes}" if passes else "") + (f"+refit{refit}" if refit else ""),
+          "formats": ",".join(offered(group, max_bits, outliers)),
           "windows": f"{windows.shape[0]}x{windows.shape[1]}",
           "fisher_windows": f"{fw.shape[0]}x{fw.shape[1]}" if fisher else "none"}
     fixed_values = {f.name: model.get_parameter(f.name).detach().to(torch.float32).cpu().clone() for f in view.fixed()}
@@ -172,7 +210,8 @@ def nest_model(
             stored: dict[str, torch.Tensor] = {}
             for name, stats in block.items():
                 w = place.to_device(model.get_parameter(name).detach())
-                parts, got = nest_tensor(name, w, stats, group, max_bits, weights, outliers=outliers)
+                parts, got = nest_tensor(name, w, stats, group, max_bits, weights, outliers=outliers, passes=passes,
+                                         refit=refit)
                 stored.update(parts)
                 rows.extend(got)
                 entries[name] = {"shape": list(w.shape), "shard": shard,
@@ -188,7 +227,7 @@ def nest_model(
         table = Measurement(tuple(infos), tuple(rows), fixed_bytes(view), view.total_params, fp)
         table.save(tmp / TABLE_FILE)
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        text = nest_json(group, max_bits, outliers, view.total_params, tied, entries, fixed_entries, fp,
+        text = nest_json(group, max_bits, outliers, refit, view.total_params, tied, entries, fixed_entries, fp,
                          {"gguf_template": template is not None})
         (tmp / META_FILE).write_text(text)
         save_config(model, tmp)

@@ -15,8 +15,10 @@ are the next depth's codes shifted right by one.  ``step`` and ``low`` are fp16 
 too and the prefix's scales and zeros are those of an ``int{k}`` tensor, stored without rounding.
 
 Codes (:func:`nested_codes`): a GPTQ column loop with one error-feedback state per depth choosing one code path
-per element for all depths at once; without a Hessian (a lookup-only embedding) every depth is the nearest bin,
-which nests by construction.
+per element for all depths at once, then coordinate descent on every depth's output error
+(:mod:`bitalloc.nest.descent`); without a Hessian (a lookup-only embedding) every depth is the nearest bin, which
+nests by construction.  The shallowest depths may decode their codes off the lattice, with their own scale and
+zero per group (:mod:`bitalloc.nest.refit`).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from ..errors import InputError, NumericsError
 from ..formats.base import Grid
 from ..formats.packing import pack_bits, unpack_bits
 from ..rounding.gptq import gptq_factor
+from .descent import descend_codes, relative_weights
 
 #: Shallowest depth a nest offers (int2).
 MIN_DEPTH = 2
@@ -129,6 +132,8 @@ def _rtn_error(g: torch.Tensor, gi: torch.Tensor, step: torch.Tensor, low: torch
     return ((d * c + z - g).square() * gi).sum(2)
 
 
+#: Sweeps of coordinate descent after the joint rounding (:mod:`bitalloc.nest.descent`); 0 = none.
+DESCENT_PASSES = 2
 #: Growth per depth of a depth's weight in the joint rounding (see :func:`depth_weights`).
 DEPTH_RATIO = 2.5
 
@@ -167,8 +172,8 @@ def depth_weights(depth: int, ratio: float = DEPTH_RATIO) -> dict[int, float]:
 
 def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: int, depth: int,
                  hessian: torch.Tensor | None, weights: dict[int, float] | None = None,
-                 block_size: int = 128, exact: tuple[torch.Tensor, torch.Tensor] | None = None
-                 ) -> dict[int, torch.Tensor]:
+                 block_size: int = 128, exact: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 passes: int = DESCENT_PASSES) -> dict[int, torch.Tensor]:
     """``{k: codes (rows, cols) int64}`` for ``k = MIN_DEPTH..depth``, nested (``codes[k] == codes[k+1] >> 1``).
 
     Without ``hessian`` every depth is its nearest bin (nested by construction).  With it, a GPTQ column loop
@@ -177,7 +182,13 @@ def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: 
     ``weights``-weighted sum over depths of the squared distance to each depth's target
     (:func:`_descend`).  ``exact``: ``(mask, values)`` of elements stored exactly (:func:`pick_outliers`): their
     codes are whatever the rounding gives, their value in the error feedback the stored one.  Rounding one depth with GPTQ and constraining the deeper ones to its children fails:
-    GPTQ moves a shallow code by up to a bin, and every deeper depth inherits that whole error."""
+    GPTQ moves a shallow code by up to a bin, and every deeper depth inherits that whole error.
+
+    Then ``passes`` sweeps of coordinate descent (:func:`bitalloc.nest.descent.descend_codes`) on the sum over
+    the depths ``weights`` weighs (all by default) of the output errors, each relative to the one the joint
+    rounding left
+    (:func:`~bitalloc.nest.descent.relative_weights`): it never raises that sum (``bench/nest_depths.py`` shows
+    each depth's error on real weights)."""
     w32 = w.detach().to(torch.float32)
     rows, cols = w32.shape
     gidx = torch.div(torch.arange(cols, device=w32.device), group, rounding_mode="floor")
@@ -223,6 +234,15 @@ def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: 
     out[:, order] = leaf
     if not bool(torch.isfinite(targets).all()):
         raise NumericsError("nested GPTQ: the error feedback overflowed")
+    if passes > 0:  # the depths the rounding weighs, each relative to the error it left
+        values = {}
+        for i, k in enumerate(depths):
+            if float(lam.get(k, 0.0)) <= 0:
+                continue
+            v = grids[i].values(out >> (depth - k))
+            values[k] = v if exact is None else torch.where(exact[0].to(v.device), exact[1].to(v.device), v)
+        out = descend_codes(w32, hessian, out, dk, zk, depths, depth, relative_weights(w32, hessian, values),
+                            group, passes, block_size, exact)
     return {k: out >> (depth - k) for k in depths}
 
 
@@ -264,6 +284,6 @@ def from_planes(planes: list[torch.Tensor], shape: tuple[int, int]) -> torch.Ten
     return codes.reshape(shape)
 
 
-__all__ = ["MAX_DEPTH", "MIN_DEPTH", "depth_grid", "depth_weights", "from_planes", "lattice", "nested_codes", "nested_grid",
+__all__ = ["DESCENT_PASSES", "MAX_DEPTH", "MIN_DEPTH", "depth_grid", "depth_weights", "from_planes", "lattice", "nested_codes", "nested_grid",
            "pick_outliers", "without_outliers",
            "to_planes"]
