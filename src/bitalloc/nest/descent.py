@@ -20,6 +20,8 @@ with every column known.  ``bench/nest_depths.py`` measures it per depth against
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import NumericsError
@@ -33,7 +35,7 @@ def relative_weights(w: torch.Tensor, hessian: torch.Tensor, values: dict[int, t
     for k, v in values.items():
         e = v - w
         err = float(((e @ hf) * e).sum())
-        out[k] = 1.0 / err if err > 0 and torch.isfinite(torch.tensor(err)) else 1.0
+        out[k] = 1.0 / err if err > 0 and math.isfinite(err) else 1.0
     return out
 
 
