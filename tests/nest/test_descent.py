@@ -6,7 +6,7 @@ import torch
 
 from bitalloc.nest.codes import depth_grid, nested_codes, nested_grid, pick_outliers
 from bitalloc.nest.descent import descend_codes, relative_weights
-from bitalloc.nest.refit import IDENTITY, default_refit, fit_refit, refit_codes, refit_grid
+from bitalloc.nest.refit import IDENTITY, default_refit, fit_refit, refit_codes, refit_depth_grid
 
 GROUP, DEPTH = 32, 5
 DEPTHS = list(range(2, DEPTH + 1))
@@ -104,11 +104,11 @@ def test_refit_grids_are_exact_int_formats_and_identity_is_the_lattice() -> None
     for k in (2, 3):
         mu = torch.randint(1, 256, step.shape, generator=g, dtype=torch.uint8)
         tau = torch.randint(0, 256, step.shape, generator=g, dtype=torch.uint8)
-        grid = refit_grid(step, low, DEPTH, k, GROUP, mu, tau)
+        grid = refit_depth_grid(step, low, DEPTH, k, GROUP, mu, tau)
         q = get_format(f"int{k}-g{GROUP}").encode(leaf >> (DEPTH - k), grid, tuple(w.shape))  # fp16 scale and zero
         assert torch.equal(dequantize(q), grid.values(leaf >> (DEPTH - k)))
         ident = torch.full(step.shape, IDENTITY, dtype=torch.uint8)
-        lat, same = depth_grid(step, low, DEPTH, k, GROUP), refit_grid(step, low, DEPTH, k, GROUP, ident, ident)
+        lat, same = depth_grid(step, low, DEPTH, k, GROUP), refit_depth_grid(step, low, DEPTH, k, GROUP, ident, ident)
         assert torch.equal(lat.scale, same.scale) and torch.equal(lat.offset, same.offset)
 
 
@@ -122,7 +122,7 @@ def test_fit_refit_is_never_worse_than_the_lattice_row_by_row() -> None:
             codes = leaf >> (DEPTH - k)
             mu, tau = fit_refit(w, h, codes, step, low, DEPTH, k, GROUP, ex)
             errs = []
-            for grid in (depth_grid(step, low, DEPTH, k, GROUP), refit_grid(step, low, DEPTH, k, GROUP, mu, tau)):
+            for grid in (depth_grid(step, low, DEPTH, k, GROUP), refit_depth_grid(step, low, DEPTH, k, GROUP, mu, tau)):
                 v = grid.values(codes)
                 v = v if ex is None else torch.where(ex[0], ex[1], v)
                 errs.append((((v - w) @ h) * (v - w)).sum(1))

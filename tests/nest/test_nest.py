@@ -235,7 +235,8 @@ def test_refit_lowers_the_shallow_errors_and_version_1_still_reads(tmp_path: Pat
     (tmp_path / "r0" / "nest.json").write_text(json.dumps(meta))
     after = extract(tmp_path / "r0", "4bpw", verify=False)
     assert before.plan.assignments == after.plan.assignments and set(before.qtensors) == set(after.qtensors)
-    assert all(torch.equal(before.qtensors[n].parts[p], t) for n, q in after.qtensors.items() for p, t in q.parts.items())
+    assert all(torch.equal(before.qtensors[n].parts[p], t)
+               for n, q in after.qtensors.items() for p, t in q.parts.items())
 
 
 def test_untied_model_with_biases(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from ..io.atomic import compare_digests, file_digest, tensor_digest
 from ..io.safetensors import SafetensorsFile
 from ..measure import Measurement
 from .codes import MAX_DEPTH, MIN_DEPTH, depth_grid, from_planes
-from .refit import refit_grid
+from .refit import refit_depth_grid
 
 FORMAT_VERSION = 2
 #: Versions read: 1 (before refit depths: none) and this one.
@@ -233,7 +233,7 @@ class Artifact:
             tau = self._read(e["shard"], f"{name}.tau{k}", e["want"][f"{name}.tau{k}"])
             if not bool((mu > 0).all()):
                 raise InputError(f"{self.path}: {name} has a zero scale byte at depth {k}")
-            grid = refit_grid(step, low, self.depth, k, self.group, mu, tau)
+            grid = refit_depth_grid(step, low, self.depth, k, self.group, mu, tau)
         else:
             grid = depth_grid(step, low, self.depth, k, self.group)
         if self.outliers:

@@ -31,10 +31,10 @@ from .artifact import (GROUPS, MANIFEST_FILE, OUTLIERS, META_FILE, TABLE_FILE, A
                        offered)
 from .codes import (DESCENT_PASSES, MAX_DEPTH, MIN_DEPTH, depth_grid, depth_weights, nested_codes, nested_grid,
                     pick_outliers, to_planes, without_outliers)
-from .refit import IDENTITY, default_refit, refit_codes, refit_grid
+from .refit import IDENTITY, default_refit, refit_codes, refit_depth_grid
 
 log = logging.getLogger(__name__)
-#: Most sweeps of coordinate descent a nest takes (each costs about one GPTQ pass over the model).
+#: Most sweeps of coordinate descent a nest takes.
 MAX_PASSES = 16
 
 
@@ -102,8 +102,10 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
         part = _rows_of(stats, sl)
         for f in fmts:
             k = depth_of(f)
-            grid = refit_grid(step, low, depth, k, group, *corr[k]) if k in corr else depth_grid(step, low, depth, k,
-                                                                                                  group)
+            if k in corr:
+                grid = refit_depth_grid(step, low, depth, k, group, *corr[k])
+            else:
+                grid = depth_grid(step, low, depth, k, group)
             if exact is not None:
                 grid = dataclasses.replace(grid, exact_mask=exact[0], exact_values=exact[1])
             dw = grid.values(codes[k]) - w32

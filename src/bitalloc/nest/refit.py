@@ -101,7 +101,7 @@ def fit_refit(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, step:
     return mu, tau
 
 
-def refit_grid(step: torch.Tensor, low: torch.Tensor, depth: int, k: int, group: int, mu: torch.Tensor,
+def refit_depth_grid(step: torch.Tensor, low: torch.Tensor, depth: int, k: int, group: int, mu: torch.Tensor,
                tau: torch.Tensor) -> Grid:
     """The ``int{k}-g{group}`` grid of a refit depth."""
     scale, zero = refit_values(step, low, depth, k, mu, tau)
@@ -110,7 +110,7 @@ def refit_grid(step: torch.Tensor, low: torch.Tensor, depth: int, k: int, group:
 
 
 def _values(step, low, depth, k, mu, tau, codes, group, exact):  # noqa: ANN001, ANN202
-    v = refit_grid(step, low, depth, k, group, mu, tau).values(codes)
+    v = refit_depth_grid(step, low, depth, k, group, mu, tau).values(codes)
     return v if exact is None else torch.where(exact[0], exact[1], v)
 
 
@@ -131,7 +131,7 @@ def refit_codes(w: torch.Tensor, hessian: torch.Tensor, leaf: torch.Tensor, step
             corr[k] = fit_refit(w, hessian, leaf >> (depth - k), step, low, depth, k, group, exact)
         if r == rounds:
             break
-        grids = {k: refit_grid(step, low, depth, k, group, *corr[k]) if k in corr
+        grids = {k: refit_depth_grid(step, low, depth, k, group, *corr[k]) if k in corr
                  else depth_grid(step, low, depth, k, group) for k in depths}
         values = {}
         for k in weighed:
@@ -144,4 +144,5 @@ def refit_codes(w: torch.Tensor, hessian: torch.Tensor, leaf: torch.Tensor, step
     return leaf, corr
 
 
-__all__ = ["DEFAULT_SHARE", "IDENTITY", "default_refit", "fit_refit", "refit_codes", "refit_grid", "refit_values"]
+__all__ = ["DEFAULT_SHARE", "IDENTITY", "default_refit", "fit_refit", "refit_codes", "refit_depth_grid",
+           "refit_values"]
