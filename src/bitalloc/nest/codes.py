@@ -154,6 +154,13 @@ def pick_outliers(w: torch.Tensor, k: int, importance: torch.Tensor | None = Non
     return mask, values
 
 
+def with_exact(values: torch.Tensor, exact: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``values`` with the exactly stored elements (``(mask, values)`` of :func:`pick_outliers`) put in."""
+    if exact is None:
+        return values
+    return torch.where(exact[0].to(values.device), exact[1].to(values.device), values)
+
+
 def without_outliers(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``w`` with the exactly stored elements replaced by their row's mean of the others (for fitting the grid)."""
     keep = (~mask).to(torch.float32)
@@ -239,8 +246,7 @@ def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: 
         for i, k in enumerate(depths):
             if float(lam.get(k, 0.0)) <= 0:
                 continue
-            v = grids[i].values(out >> (depth - k))
-            values[k] = v if exact is None else torch.where(exact[0].to(v.device), exact[1].to(v.device), v)
+            values[k] = with_exact(grids[i].values(out >> (depth - k)), exact)
         out = descend_codes(w32, hessian, out, dk, zk, depths, depth, relative_weights(w32, hessian, values),
                             group, passes, block_size, exact)
     return {k: out >> (depth - k) for k in depths}
@@ -285,5 +291,5 @@ def from_planes(planes: list[torch.Tensor], shape: tuple[int, int]) -> torch.Ten
 
 
 __all__ = ["DESCENT_PASSES", "MAX_DEPTH", "MIN_DEPTH", "depth_grid", "depth_weights", "from_planes", "lattice", "nested_codes", "nested_grid",
-           "pick_outliers", "without_outliers",
+           "pick_outliers", "with_exact", "without_outliers",
            "to_planes"]

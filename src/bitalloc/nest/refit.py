@@ -24,6 +24,7 @@ import torch
 
 from ..formats.base import Grid
 from ..rounding.refit import group_lstsq
+from .codes import MIN_DEPTH, depth_grid, with_exact
 from .descent import descend_codes, relative_weights
 
 #: ``mu`` of the lattice's own scale (``μ = 1``) and ``tau`` of its own zero (``τ = 0``).
@@ -37,8 +38,6 @@ DEFAULT_SHARE = 0.12
 def default_refit(group: int, depth: int) -> int:
     """How many of the shallowest depths ``bitalloc nest`` refits by default: as many as keep their bytes (2 per
     group each) within :data:`DEFAULT_SHARE` of the largest model's (``depth`` bits and 4 bytes per group)."""
-    from .codes import MIN_DEPTH
-
     per_depth = 16 / group
     return max(0, min(depth - MIN_DEPTH, int(DEFAULT_SHARE * (depth + 32 / group) / per_depth)))
 
@@ -66,7 +65,7 @@ def fit_refit(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, step:
     """``(mu, tau)`` uint8 (rows, groups) of depth ``k``'s codes (module docstring): least squares, rounded to bytes,
     the lattice kept on rows where that is not better."""
     w32 = w.to(torch.float32)
-    rows, cols = w32.shape
+    cols = int(w32.shape[1])
     ng = step.shape[1]
     pad = ng * group - cols
     z = codes.to(torch.float32)
@@ -92,8 +91,7 @@ def fit_refit(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, step:
     hf = hessian.to(w32.device, torch.float32)
     errs = []
     for m, t in ((ident, ident), (mu, tau)):
-        v = _values(step, low, depth, k, m, t, codes, group, exact)
-        e = v - w32
+        e = with_exact(refit_depth_grid(step, low, depth, k, group, m, t).values(codes), exact) - w32
         errs.append(((e @ hf) * e).sum(1))
     worse = ~(errs[1] < errs[0])
     mu = torch.where(worse.unsqueeze(1), ident, mu)
@@ -102,16 +100,11 @@ def fit_refit(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, step:
 
 
 def refit_depth_grid(step: torch.Tensor, low: torch.Tensor, depth: int, k: int, group: int, mu: torch.Tensor,
-               tau: torch.Tensor) -> Grid:
+                     tau: torch.Tensor) -> Grid:
     """The ``int{k}-g{group}`` grid of a refit depth."""
     scale, zero = refit_values(step, low, depth, k, mu, tau)
     return Grid(scale=scale, offset=zero, levels=torch.arange(1 << k, dtype=torch.float32, device=step.device),
                 group_size=group)
-
-
-def _values(step, low, depth, k, mu, tau, codes, group, exact):  # noqa: ANN001, ANN202
-    v = refit_depth_grid(step, low, depth, k, group, mu, tau).values(codes)
-    return v if exact is None else torch.where(exact[0], exact[1], v)
 
 
 def refit_codes(w: torch.Tensor, hessian: torch.Tensor, leaf: torch.Tensor, step: torch.Tensor, low: torch.Tensor,
@@ -121,8 +114,6 @@ def refit_codes(w: torch.Tensor, hessian: torch.Tensor, leaf: torch.Tensor, step
     """``(leaf, {k: (mu, tau)})``: ``rounds`` times, the ``refit`` depths' bytes fit to the codes and one pass of
     descent on every ``weighed`` depth's output error (each relative to its own) with those values; then a last
     fit.  Depths not in ``refit`` decode on the lattice.  ``passes = 0``: one fit, the codes unchanged."""
-    from .codes import depth_grid
-
     rounds = rounds if passes > 0 else 0
     depths = list(range(min(weighed + refit), depth + 1))
     corr: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -133,10 +124,7 @@ def refit_codes(w: torch.Tensor, hessian: torch.Tensor, leaf: torch.Tensor, step
             break
         grids = {k: refit_depth_grid(step, low, depth, k, group, *corr[k]) if k in corr
                  else depth_grid(step, low, depth, k, group) for k in depths}
-        values = {}
-        for k in weighed:
-            v = grids[k].values(leaf >> (depth - k))
-            values[k] = v if exact is None else torch.where(exact[0], exact[1], v)
+        values = {k: with_exact(grids[k].values(leaf >> (depth - k)), exact) for k in weighed}
         lam = relative_weights(w, hessian, values)
         scales = torch.stack([grids[k].scale for k in depths])
         zeros = torch.stack([grids[k].offset for k in depths])
