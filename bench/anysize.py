@@ -224,7 +224,12 @@ def run_nested(args: argparse.Namespace, ctx: dict, cache: Cache, cache_dir: Pat
     model, view, saved = ctx["model"], ctx["view"], ctx["saved"]
     NEST = {"group": args.nest_group, "max_bits": args.nest_bits, "outliers": args.nest_outliers,
             "passes": args.nest_passes, "refit": args.nest_refit}
-    tag = digest(NEST, ctx["key"])
+    # what the cache key must also tell apart (settings of the code, not options): the depths' emphasis and how the
+    # lattice is chosen (range scored with the refit depths free, then fit to the codes; older artifacts are cached
+    # under keys without these)
+    key = {**NEST, "emphasis": importlib.import_module("bitalloc.nest.descent").DEPTH_EMPHASIS,
+           "lattice": "free refit depths, fit"}
+    tag = digest(key, ctx["key"])
     art = (cache_dir if cache_dir is not None else Path(args.out)) / f"nest-{tag}"
     if cache.job is None or not cache.job.has_item("nest", f"info-{tag}") or not art.exists():
         shutil.rmtree(art, ignore_errors=True)

@@ -10,7 +10,8 @@ scale, sums over those tensors the output error ``tr(ΔW H ΔWᵀ)`` (bitalloc.m
 * **nested, every depth** (what ``bitalloc nest`` stores: one range for all depths, the joint GPTQ of
   :func:`bitalloc.nest.codes.nested_codes` with its default depth weights, then its coordinate descent on every
   depth's output error, :mod:`bitalloc.nest.descent`, and its default refit depths, :mod:`bitalloc.nest.refit`),
-  the same **without the refit depths**, and **without either**;
+  the same **without the refit depths**, **without either**, and with the depths weighed with another
+  **emphasis** (1: each relative to its own error only; 2: each deeper one twice the one above);
 * **nested, one depth weighed**: the same shared range, the joint rounding with weight on depth ``m`` only (every
   other depth is then what its top bits give): the best a nest can do at one depth, at the others' expense;
 * **nested, two depths weighed** (``--pairs``): what two depths cost each other.
@@ -38,6 +39,7 @@ from bitalloc.measure import output_error  # noqa: E402
 from bitalloc.nest.artifact import depth_of  # noqa: E402
 from bitalloc.nest.build import nest_tensor  # noqa: E402
 from bitalloc.nest.codes import DESCENT_PASSES, MIN_DEPTH, depth_weights  # noqa: E402
+from bitalloc.nest.descent import DEPTH_EMPHASIS  # noqa: E402
 from bitalloc.nest.refit import default_refit  # noqa: E402
 from bitalloc.rounding import dequantize, quantize_weight  # noqa: E402
 
@@ -45,6 +47,8 @@ log = logging.getLogger("bench.nest_depths")
 RESULTS = Path(__file__).resolve().parent / "results"
 NO_REFIT = "nested, every depth, no refit"
 NO_DESCENT = "nested, every depth, neither descent nor refit"
+#: Variants whose depths are weighed with another emphasis than the default (bitalloc.nest.descent.relative_weights).
+EMPHASIS = {"nested, every depth, emphasis 1": 1.0, "nested, every depth, emphasis 2": 2.0}
 
 
 def variants(depth: int, pairs: list[tuple[int, int]]) -> dict[str, dict[int, float] | str]:
@@ -53,7 +57,8 @@ def variants(depth: int, pairs: list[tuple[int, int]]) -> dict[str, dict[int, fl
     ks = range(MIN_DEPTH, depth + 1)
     out: dict[str, dict[int, float] | str] = {"direct gptq": "gptq", "direct rtn": "rtn",
                                               "nested, every depth": depth_weights(depth),
-                                              NO_REFIT: depth_weights(depth), NO_DESCENT: depth_weights(depth)}
+                                              NO_REFIT: depth_weights(depth), NO_DESCENT: depth_weights(depth),
+                                              **{v: depth_weights(depth) for v in EMPHASIS}}
     for m in ks:
         out[f"nested, depth {m} only"] = {k: float(k == m) for k in ks}
     for a, b in pairs:  # relative weights as the default's: a bin of width ∝ 2^-k leaves an error ∝ 4^-k
@@ -74,7 +79,8 @@ def tensor_errors(name: str, w: torch.Tensor, stats, group: int, depth: int,
         else:
             _, rows = nest_tensor(name, w, stats, group, depth, how,
                                   passes=0 if variant == NO_DESCENT else DESCENT_PASSES,
-                                  refit=0 if variant in (NO_DESCENT, NO_REFIT) else default_refit(group, depth))
+                                  refit=0 if variant in (NO_DESCENT, NO_REFIT) else default_refit(group, depth),
+                                  emphasis=EMPHASIS.get(variant, DEPTH_EMPHASIS))
             out[variant] = {depth_of(r.format): r.output_error for r in rows}
     return out
 

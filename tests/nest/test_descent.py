@@ -2,11 +2,13 @@
 refit depths (exact int formats, never worse than the lattice for the same codes)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bitalloc.nest.codes import depth_grid, nested_codes, nested_grid, pick_outliers
 from bitalloc.nest.descent import descend_codes, relative_weights
-from bitalloc.nest.refit import IDENTITY, default_refit, fit_refit, refit_codes, refit_depth_grid
+from bitalloc.errors import InputError
+from bitalloc.nest.refit import IDENTITY, default_refit, fit_lattice, fit_refit, refit_codes, refit_depth_grid
 
 GROUP, DEPTH = 32, 5
 DEPTHS = list(range(2, DEPTH + 1))
@@ -133,7 +135,63 @@ def test_refit_codes_stay_nested_and_default_refit_counts() -> None:
     w, h = _problem(6)
     step, low = nested_grid(w, GROUP, DEPTH, torch.diagonal(h))
     leaf = nested_codes(w, step, low, GROUP, DEPTH, h)[DEPTH]
-    new, corr = refit_codes(w, h, leaf, step, low, GROUP, DEPTH, [2, 3], DEPTHS)
+    new, st, lw, corr = refit_codes(w, h, leaf, step, low, GROUP, DEPTH, [2, 3], DEPTHS)
     assert sorted(corr) == [2, 3] and new.dtype == torch.int64 and int(new.max()) < 1 << DEPTH
+    assert st.shape == step.shape and lw.shape == low.shape and not torch.equal(st, step)
     assert all(m.dtype == torch.uint8 and m.shape == step.shape for pair in corr.values() for m in pair)
     assert (default_refit(64, 6), default_refit(32, 6), default_refit(128, 6), default_refit(64, 2)) == (3, 1, 4, 0)
+
+
+@pytest.mark.parametrize("group", [GROUP, 64])  # 96 columns: 64 pads the last group
+def test_fit_lattice_is_fp16_and_never_worse_row_by_row(group: int) -> None:
+    w, h = _problem(7)
+    exact = pick_outliers(w, 2, torch.diagonal(h))
+    step, low = nested_grid(w, group, DEPTH, torch.diagonal(h), free=[2, 3])
+    lam = {4: 1.0, 5: 3.0}
+    for ex in (None, exact):
+        leaf = nested_codes(w, step, low, group, DEPTH, h, exact=ex)[DEPTH]
+        st, lw = fit_lattice(w, h, leaf, step, low, DEPTH, group, lam, ex)
+        assert torch.equal(st, st.half().float()) and torch.equal(lw, lw.half().float()) and bool((st > 0).all())
+        errs = []
+        for s_, l_ in ((step, low), (st, lw)):
+            tot = torch.zeros(w.shape[0], dtype=torch.float64)
+            for k, a in lam.items():
+                v = depth_grid(s_, l_, DEPTH, k, group).values(leaf >> (DEPTH - k))
+                e = (v if ex is None else torch.where(ex[0], ex[1], v)) - w
+                tot += a * ((e @ h) * e).sum(1).double()
+            errs.append(tot)
+        assert bool((errs[1] <= errs[0]).all()) and float(errs[1].sum()) < 0.99 * float(errs[0].sum())
+    assert fit_lattice(w, h, leaf, step, low, DEPTH, group, {}, None) == (step, low)
+
+
+def test_nested_grid_refuses_depths_it_does_not_offer() -> None:
+    w, h = _problem(8)
+    with pytest.raises(InputError, match="free depths"):
+        nested_grid(w, GROUP, DEPTH, torch.diagonal(h), free=[DEPTH + 1])
+
+
+def test_relative_weights_count_each_depth_relative_to_its_own_error_times_the_emphasis() -> None:
+    w, h = _problem(9)
+    step, low = nested_grid(w, GROUP, DEPTH, torch.diagonal(h))
+    vals = _values(step, low, nested_codes(w, step, low, GROUP, DEPTH, h)[DEPTH])
+    errs = {k: float((((v - w) @ h) * (v - w)).sum()) for k, v in vals.items()}
+    plain, deep = relative_weights(w, h, vals, emphasis=1.0), relative_weights(w, h, vals, emphasis=2.0)
+    for k in DEPTHS:
+        assert abs(plain[k] * errs[k] - 1) < 1e-4 and abs(deep[k] / plain[k] - 2.0 ** k) < 1e-3 * 2.0 ** k
+    assert relative_weights(w, h, {3: w.clone()}, emphasis=2.0) == {3: 8.0}  # no error: counts 1
+
+
+def test_free_depths_count_their_bins_with_their_best_scale_and_zero() -> None:
+    """nested_grid's ``free`` depths (refit depths) are scored with the least-squares scale and zero of their bins:
+    never a larger error than the lattice's own values for the same bins."""
+    from bitalloc.nest.codes import _padded_groups, _rtn_error
+
+    w, h = _problem(10)
+    step, low = nested_grid(w, GROUP, DEPTH, torch.diagonal(h))
+    g = _padded_groups(w, GROUP)
+    gi = _padded_groups(torch.diagonal(h).reshape(1, -1).expand_as(w), GROUP)
+    for k in DEPTHS:
+        lat, free = _rtn_error(g, gi, step, low, DEPTH, k), _rtn_error(g, gi, step, low, DEPTH, k, True)
+        assert bool((free <= lat * (1 + 1e-4) + 1e-9).all())
+    assert float(_rtn_error(g, gi, step, low, DEPTH, 2, True).sum()) < 0.9 * float(_rtn_error(g, gi, step, low,
+                                                                                                DEPTH, 2).sum())

@@ -64,6 +64,36 @@ def test_group_lstsq_matches_explicit_design_matrix(offset: bool, monkeypatch: p
         assert o is None
 
 
+def test_group_lstsq_of_several_code_sets_minimises_their_weighted_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Codes sharing one scale and offset per group (a nest's depths on one lattice): the weighted sum of their
+    errors, against an explicit design matrix; one code set with weight 1 is the plain least squares, bit for bit."""
+    monkeypatch.setattr(refit_mod, "RIDGE", 0.0)
+    rows, cols, group = 4, 48, 16
+    w = weight(rows, cols)
+    _, h = correlated(400, cols)
+    h64 = h.to(torch.float64)
+    zs = [torch.randint(0, 4, (rows, cols)).float() * 4 + 1.5, torch.randint(0, 16, (rows, cols)).float() + 0.5]
+    lam = [0.3, 2.0]
+    s, o = group_lstsq(w, zs, group, h, torch.ones(rows, 3), torch.zeros(rows, 3), weights=lam)
+    nb = cols // group
+    for r in range(rows):
+        lhs, rhs = torch.zeros(2 * nb, 2 * nb, dtype=torch.float64), torch.zeros(2 * nb, dtype=torch.float64)
+        for a, z in zip(lam, zs):
+            design = torch.zeros(cols, 2 * nb, dtype=torch.float64)
+            for b in range(nb):
+                design[b * group:(b + 1) * group, b] = z[r, b * group:(b + 1) * group].double()
+                design[b * group:(b + 1) * group, nb + b] = 1.0
+            lhs += a * design.T @ h64 @ design
+            rhs += a * design.T @ h64 @ w[r].double()
+        x = torch.linalg.solve(lhs, rhs)
+        assert torch.allclose(s[r], x[:nb], rtol=1e-6, atol=1e-9) and torch.allclose(o[r], x[nb:], rtol=1e-6, atol=1e-9)
+    one = group_lstsq(w, zs[1], group, h, torch.ones(rows, 3), torch.zeros(rows, 3))
+    same = group_lstsq(w, [zs[1]], group, h, torch.ones(rows, 3), torch.zeros(rows, 3), weights=[1.0])
+    assert torch.equal(one[0], same[0]) and torch.equal(one[1], same[1])
+    with pytest.raises(ValueError, match="weights"):
+        group_lstsq(w, zs, group, h, torch.ones(rows, 3), torch.zeros(rows, 3), weights=[1.0])
+
+
 def test_group_lstsq_batches_equal_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     w = weight(7, 64)
     _, h = correlated(300, 64)

@@ -89,7 +89,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--refit-depths", type=int, default=None, metavar="N",
                    help="the N shallowest depths get their own scale and zero per group, refit to their codes (2 bytes "
                    "per group each; their prefixes stay exactly int{k}-g{G}); default: as many as add at most 12%% to "
-                   "the artifact (3 at --group 64 --max-bits 6); 0 = every depth on the shared lattice")
+                   "the artifact (3 at --group 64 --max-bits 6); 0 = every depth on the shared lattice (which is refit to "
+                   "the codes either way)")
     p.add_argument("--no-fisher", dest="fisher", action="store_false",
                    help="skip the gradient pass: allocate by layer-output error instead of Fisher-weighted error")
     p.add_argument("--fisher-windows", type=int, default=8, metavar="N", help="windows of the gradient pass (default 8)")

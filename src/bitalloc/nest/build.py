@@ -31,6 +31,7 @@ from .artifact import (GROUPS, MANIFEST_FILE, OUTLIERS, META_FILE, TABLE_FILE, A
                        offered)
 from .codes import (DESCENT_PASSES, MAX_DEPTH, MIN_DEPTH, depth_grid, depth_weights, nested_codes, nested_grid,
                     pick_outliers, to_planes, without_outliers)
+from .descent import DEPTH_EMPHASIS
 from .refit import IDENTITY, default_refit, refit_codes, refit_depth_grid
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,12 @@ def check_options(group: int, depth: int, outliers: int = 0, passes: int = DESCE
 
 def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, depth: int,
                 weights: Mapping[int, float] | None = None, max_elems: int | None = ROW_CHUNK_ELEMS,
-                outliers: int = 0, passes: int = DESCENT_PASSES, refit: int = 0
-                ) -> tuple[dict[str, torch.Tensor], list[MeasureRow]]:
+                outliers: int = 0, passes: int = DESCENT_PASSES, refit: int = 0,
+                emphasis: float = DEPTH_EMPHASIS) -> tuple[dict[str, torch.Tensor], list[MeasureRow]]:
     """The stored parts of one tensor (planes, step, low, outliers, refit bytes) and its measurement rows (every
     offered depth); ``passes``: sweeps of coordinate descent after the joint rounding
-    (:func:`~bitalloc.nest.codes.nested_codes`); ``refit``: how many of the shallowest depths get their own scale
+    (:func:`~bitalloc.nest.codes.nested_codes`), weighing each depth ``emphasis`` times the one above
+    (:func:`~bitalloc.nest.descent.relative_weights`); ``refit``: how many of the shallowest depths get their own scale
     and zero per group (:mod:`bitalloc.nest.refit`; without a Hessian, none is fit and they store the lattice)."""
     import dataclasses
 
@@ -75,6 +77,7 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
     errs = {f: [0.0, 0.0] for f in fmts}
     leaf, steps, lows, ovals, oidx = [], [], [], [], []
     refit_ks = list(range(MIN_DEPTH, MIN_DEPTH + refit))
+    free = refit_ks if hessian is not None else []  # depths with their own scale and zero (none without a Hessian)
     corrs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in refit_ks}
     for sl in row_chunks(rows, cols, max_elems):
         w32 = w[sl].detach().to(torch.float32)
@@ -83,17 +86,18 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
             exact = pick_outliers(w32, outliers, importance)
             imp = torch.ones_like(w32) if importance is None else importance.reshape(1, cols).expand_as(w32).clone()
             imp[exact[0]] = 0
-            step, low = nested_grid(without_outliers(w32, exact[0]), group, depth, imp)
+            step, low = nested_grid(without_outliers(w32, exact[0]), group, depth, imp, free)
         else:
-            step, low = nested_grid(w32, group, depth, importance)
+            step, low = nested_grid(w32, group, depth, importance, free)
         codes = nested_codes(w32, step, low, group, depth, hessian, dict(weights) if weights else None, exact=exact,
-                             passes=passes)
+                             passes=passes, emphasis=emphasis)
         corr = {}
-        if refit_ks and hessian is not None:
+        if hessian is not None:
             lam = weights if weights else depth_weights(depth)
-            new_leaf, corr = refit_codes(w32, hessian, codes[depth], step, low, group, depth, refit_ks,
-                                         [k for k in range(MIN_DEPTH, depth + 1) if lam.get(k, 0.0) > 0], exact,
-                                         passes=passes)
+            new_leaf, step, low, corr = refit_codes(
+                w32, hessian, codes[depth], step, low, group, depth, refit_ks,
+                [k for k in range(MIN_DEPTH, depth + 1) if lam.get(k, 0.0) > 0], exact, passes=passes,
+                emphasis=emphasis)
             codes = {k: new_leaf >> (depth - k) for k in codes}
         for k in refit_ks:
             ident = torch.full(step.shape, IDENTITY, dtype=torch.uint8, device=step.device)

@@ -18,9 +18,13 @@ Codes (:func:`nested_codes`): a GPTQ column loop with one error-feedback state p
 per element for all depths at once, then coordinate descent on every depth's output error
 (:mod:`bitalloc.nest.descent`); without a Hessian (a lookup-only embedding) every depth is the nearest bin, which
 nests by construction.  The shallowest depths may decode their codes off the lattice, with their own scale and
-zero per group (:mod:`bitalloc.nest.refit`).
+zero per group (:mod:`bitalloc.nest.refit`); the lattice's range then scores them with their own best scale and
+zero (:func:`nested_grid`'s ``free``) and, once the codes are known, the lattice is refit to the other depths'
+(:func:`bitalloc.nest.refit.fit_lattice`).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -28,13 +32,13 @@ from ..errors import InputError, NumericsError
 from ..formats.base import Grid
 from ..formats.packing import pack_bits, unpack_bits
 from ..rounding.gptq import gptq_factor
-from .descent import descend_codes, relative_weights
+from .descent import DEPTH_EMPHASIS, descend_codes, relative_weights
 
 #: Shallowest depth a nest offers (int2).
 MIN_DEPTH = 2
 #: Deepest depth a nest may store.
 MAX_DEPTH = 8
-_FP16_MAX = 65504.0
+FP16_MAX = 65504.0
 
 
 def _fp16_step(h: torch.Tensor, up: bool) -> torch.Tensor:
@@ -59,11 +63,11 @@ def lattice(lo: torch.Tensor, hi: torch.Tensor, depth: int) -> tuple[torch.Tenso
     """``(step, low)`` per group (fp16 values, as float32) for the range ``[lo, hi]`` at deepest depth ``depth``:
     ``low ≤ lo`` and ``low + 2^depth·step ≥ hi``."""
     lo64, hi64 = lo.to(torch.float64), hi.to(torch.float64)
-    if bool((lo64.abs() > _FP16_MAX).any() | (hi64.abs() > _FP16_MAX).any()):
+    if bool((lo64.abs() > FP16_MAX).any() | (hi64.abs() > FP16_MAX).any()):
         raise NumericsError("a weight lies beyond the fp16 range: nested codes store fp16 scales")
     low = _fp16_floor(lo64)
     step = _fp16_ceil(((hi64 - low) / 2 ** depth).clamp_min(2.0 ** -24))
-    if float(step.max()) * 2 ** (depth - MIN_DEPTH) > _FP16_MAX:
+    if float(step.max()) * 2 ** (depth - MIN_DEPTH) > FP16_MAX:
         raise NumericsError(f"a weight group spans {float((hi64 - lo64).max()):.3g}: beyond what fp16 scales hold")
     return step.to(torch.float32), low.to(torch.float32)
 
@@ -86,12 +90,14 @@ def _padded_groups(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.reshape(rows, ng, group)
 
 
-def nested_grid(w: torch.Tensor, group: int, depth: int, importance: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(step, low)`` (rows, groups) of ``w`` (``importance`` per column or per element): per group, the range of the importance-weighted scale search of one
-    depth ``m`` (:func:`bitalloc.rounding.rtn.search_affine` on ``2^m`` levels: its grid is the nested grid's depth
-    ``m`` up to fp16 rounding) -- the ``m`` whose nested grid has the least sum over depths of the nearest-bin
-    error, each depth's relative to that of its own search."""
+def nested_grid(w: torch.Tensor, group: int, depth: int, importance: torch.Tensor | None = None,
+                free: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(step, low)`` (rows, groups) of ``w`` (``importance`` per column or per element): per group, the range of
+    the importance-weighted scale search of one depth ``m`` (:func:`bitalloc.rounding.rtn.search_affine` on ``2^m``
+    levels: its grid is the nested grid's depth ``m`` up to fp16 rounding) -- the ``m`` whose nested grid has the
+    least sum over depths of the nearest-bin error, each depth's relative to that of its own search.  The depths
+    ``free`` (refit depths: their own scale and zero per group) count with the scale and zero that fit their bins
+    best, so the lattice need not clip for them, only place their bins' boundaries."""
     from ..rounding.rtn import search_affine
 
     rows, cols = w.shape
@@ -114,7 +120,10 @@ def nested_grid(w: torch.Tensor, group: int, depth: int, importance: torch.Tenso
                                       symmetric=False)
         lo = (offset - scale / 2).reshape(rows, ng)
         cands.append(lattice(lo, lo + scale.reshape(rows, ng) * 2 ** m, depth))
-    errs = torch.stack([torch.stack([_rtn_error(g, gi, st, lw, depth, k) for k in depths]) for st, lw in cands])
+    if not set(free) <= set(depths):
+        raise InputError(f"nested grid: the free depths must be some of {depths[0]}..{depths[-1]}, got {list(free)}")
+    errs = torch.stack([torch.stack([_rtn_error(g, gi, st, lw, depth, k, k in free) for k in depths])
+                        for st, lw in cands])
     own = errs.diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # (depth, rows, ng): each depth under its own search
     rel = errs / own.unsqueeze(0).clamp_min(1e-30)  # (cand, depth, rows, ng)
     best = rel.sum(1).argmin(0)  # (rows, ng)
@@ -123,12 +132,22 @@ def nested_grid(w: torch.Tensor, group: int, depth: int, importance: torch.Tenso
     return step, low
 
 
-def _rtn_error(g: torch.Tensor, gi: torch.Tensor, step: torch.Tensor, low: torch.Tensor, depth: int, k: int
-               ) -> torch.Tensor:
-    """Importance-weighted squared error per group of the nearest bins at depth ``k``."""
+def _rtn_error(g: torch.Tensor, gi: torch.Tensor, step: torch.Tensor, low: torch.Tensor, depth: int, k: int,
+               free: bool = False) -> torch.Tensor:
+    """Importance-weighted squared error per group of the nearest bins at depth ``k``; ``free``: decoded with the
+    scale and zero that fit those bins' codes best (weighted least squares per group), not the lattice's."""
     grid = depth_grid(step, low, depth, k, g.shape[2])
     d, z = grid.scale.unsqueeze(2), grid.offset.unsqueeze(2)
     c = torch.floor((g - low.unsqueeze(2)) / d).clamp_(0, (1 << k) - 1)
+    if free:
+        g64, c64, i64 = g.to(torch.float64), c.to(torch.float64), gi.to(torch.float64)
+        sw, sc, scc = i64.sum(2), (i64 * c64).sum(2), (i64 * c64 * c64).sum(2)
+        sg, scg = (i64 * g64).sum(2), (i64 * c64 * g64).sum(2)
+        det = sw * scc - sc * sc
+        ok = det > 1e-12 * (sw * scc).clamp_min(1e-300)
+        s = torch.where(ok, (sw * scg - sc * sg) / torch.where(ok, det, torch.ones_like(det)), d[..., 0].double())
+        zz = torch.where(ok, (sg - s * sc) / sw.clamp_min(1e-300), z[..., 0].double())
+        d, z = s.to(torch.float32).unsqueeze(2), zz.to(torch.float32).unsqueeze(2)
     return ((d * c + z - g).square() * gi).sum(2)
 
 
@@ -180,7 +199,7 @@ def depth_weights(depth: int, ratio: float = DEPTH_RATIO) -> dict[int, float]:
 def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: int, depth: int,
                  hessian: torch.Tensor | None, weights: dict[int, float] | None = None,
                  block_size: int = 128, exact: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 passes: int = DESCENT_PASSES) -> dict[int, torch.Tensor]:
+                 passes: int = DESCENT_PASSES, emphasis: float = DEPTH_EMPHASIS) -> dict[int, torch.Tensor]:
     """``{k: codes (rows, cols) int64}`` for ``k = MIN_DEPTH..depth``, nested (``codes[k] == codes[k+1] >> 1``).
 
     Without ``hessian`` every depth is its nearest bin (nested by construction).  With it, a GPTQ column loop
@@ -193,7 +212,7 @@ def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: 
 
     Then ``passes`` sweeps of coordinate descent (:func:`bitalloc.nest.descent.descend_codes`) on the sum over
     the depths ``weights`` weighs (all by default) of the output errors, each relative to the one the joint
-    rounding left
+    rounding left and times ``emphasis`` per depth
     (:func:`~bitalloc.nest.descent.relative_weights`): it never raises that sum (``bench/nest_depths.py`` shows
     each depth's error on real weights)."""
     w32 = w.detach().to(torch.float32)
@@ -247,8 +266,8 @@ def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: 
             if float(lam.get(k, 0.0)) <= 0:
                 continue
             values[k] = with_exact(grids[i].values(out >> (depth - k)), exact)
-        out = descend_codes(w32, hessian, out, dk, zk, depths, depth, relative_weights(w32, hessian, values),
-                            group, passes, block_size, exact)
+        lam_d = relative_weights(w32, hessian, values, emphasis)
+        out = descend_codes(w32, hessian, out, dk, zk, depths, depth, lam_d, group, passes, block_size, exact)
     return {k: out >> (depth - k) for k in depths}
 
 

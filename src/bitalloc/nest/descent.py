@@ -27,15 +27,23 @@ import torch
 from ..errors import NumericsError
 
 
-def relative_weights(w: torch.Tensor, hessian: torch.Tensor, values: dict[int, torch.Tensor]) -> dict[int, float]:
-    """``λ_k = 1 / tr(E_k H E_kᵀ)`` of the given values per depth: each depth's error counted relative to its own
-    size (a depth with no error, or a tensor with none, weighs 1)."""
+#: Growth per depth of a depth's weight beyond its own error's size (:func:`relative_weights`).
+DEPTH_EMPHASIS = 1.5
+
+
+def relative_weights(w: torch.Tensor, hessian: torch.Tensor, values: dict[int, torch.Tensor],
+                     emphasis: float = DEPTH_EMPHASIS) -> dict[int, float]:
+    """``λ_k = emphasis^k / tr(E_k H E_kᵀ)`` of the given values per depth: each depth's error counted relative to
+    its own size, times ``emphasis`` per depth (a depth with no error, or a tensor with none, counts 1 for its
+    error).  At ``emphasis = 1`` the trade between depths leaves the deep ones furthest from direct rounding (a
+    deep code's value depends on every bit, a shallow one's only on its top bits); ``bench/nest_depths.py``
+    compares the choices, ``bench/anysize.py`` shows the chosen one end to end."""
     hf = hessian.to(w.device, torch.float32)
     out = {}
     for k, v in values.items():
         e = v - w
         err = float(((e @ hf) * e).sum())
-        out[k] = 1.0 / err if err > 0 and math.isfinite(err) else 1.0
+        out[k] = float(emphasis) ** k / (err if err > 0 and math.isfinite(err) else 1.0)
     return out
 
 
@@ -99,4 +107,4 @@ def descend_codes(w: torch.Tensor, hessian: torch.Tensor, leaf: torch.Tensor, sc
     return leaf
 
 
-__all__ = ["descend_codes", "relative_weights"]
+__all__ = ["DEPTH_EMPHASIS", "descend_codes", "relative_weights"]

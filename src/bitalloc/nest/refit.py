@@ -17,6 +17,12 @@ per group of the artifact (0.25 bits per weight at ``G = 64``) buy it.
 (:func:`bitalloc.rounding.refit.group_lstsq`), then keeps, row by row, the lattice where the rounded refit is not
 better.  :func:`refit_codes` alternates that with coordinate descent of the codes
 (:func:`bitalloc.nest.descent.descend_codes`) on the decoded values.
+
+The depths that decode on the lattice get the same treatment without stored bytes: :func:`fit_lattice` refits
+``(step, low)`` itself to their codes, by least squares of the sum of their output errors (each relative to its own),
+before each refit of the bytes (which are relative to the lattice).  The lattice's range is chosen knowing which
+depths will be refit (:func:`bitalloc.nest.codes.nested_grid`'s ``free``): they clip for themselves, and only
+their bins' boundaries come from the lattice.
 """
 from __future__ import annotations
 
@@ -24,8 +30,8 @@ import torch
 
 from ..formats.base import Grid
 from ..rounding.refit import group_lstsq
-from .codes import MIN_DEPTH, depth_grid, with_exact
-from .descent import descend_codes, relative_weights
+from .codes import FP16_MAX, MIN_DEPTH, depth_grid, with_exact
+from .descent import DEPTH_EMPHASIS, descend_codes, relative_weights
 
 #: ``mu`` of the lattice's own scale (``μ = 1``) and ``tau`` of its own zero (``τ = 0``).
 IDENTITY = 128
@@ -99,6 +105,54 @@ def fit_refit(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, step:
     return mu, tau
 
 
+def fit_lattice(w: torch.Tensor, hessian: torch.Tensor, leaf: torch.Tensor, step: torch.Tensor, low: torch.Tensor,
+                depth: int, group: int, lam: dict[int, float],
+                exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(step, low)`` (fp16 values, float32) refit to the codes: least squares of the ``lam``-weighted sum of the
+    output errors of the depths ``lam`` names, each decoding on the lattice (``value ≈ step·2^(D−k)·(c_k + ½) +
+    low``), rounded to fp16, the old lattice kept on rows where that is not better (or where a depth's scale would
+    leave fp16).  The lattice is first chosen from the weights' range alone (:func:`~.codes.nested_grid`); once
+    the codes are known, the Hessian says where in each bin the weights that chose it lie."""
+    ks = sorted(k for k, x in lam.items() if x > 0)
+    if not ks:
+        return step, low
+    w32 = w.to(torch.float32)
+    cols = int(w32.shape[1])
+    pad = step.shape[1] * group - cols
+    target, active = w32, None
+    if exact is not None:
+        active = ~exact[0]
+        target = w32 - torch.where(exact[0], exact[1].to(torch.float32), torch.zeros_like(w32))
+    zs = []
+    for k in ks:
+        z = ((leaf >> (depth - k)).to(torch.float64) + 0.5) * float(2 ** (depth - k))
+        zs.append(z if active is None else torch.where(active, z, torch.zeros_like(z)))
+    h = hessian.to(w32.device, torch.float64)
+    if pad:  # padding columns weigh nothing
+        h = torch.nn.functional.pad(h, (0, pad, 0, pad))
+        zs = [torch.nn.functional.pad(z, (0, pad)) for z in zs]
+        target = torch.nn.functional.pad(target, (0, pad))
+        active = None if active is None else torch.nn.functional.pad(active, (0, pad))
+    s, o = group_lstsq(target, zs, group, h, step.to(torch.float64), low.to(torch.float64), active=active,
+                       weights=[lam[k] for k in ks])
+    new_step = s.to(torch.float16).to(torch.float32)
+    new_low = o.to(torch.float16).to(torch.float32)  # type: ignore[union-attr]
+    widest = new_step * float(2 ** (depth - MIN_DEPTH))
+    ok = torch.isfinite(new_step) & (new_step > 0) & torch.isfinite(new_low) & (widest <= FP16_MAX)
+    ok &= torch.isfinite((new_low + widest / 2).to(torch.float16))  # the widest depth's zero stays an fp16 value
+    new_step, new_low = torch.where(ok, new_step, step), torch.where(ok, new_low, low)
+    hf = hessian.to(w32.device, torch.float32)
+    errs = []
+    for st, lw in ((step, low), (new_step, new_low)):
+        tot = torch.zeros(w32.shape[0], dtype=torch.float64, device=w32.device)
+        for k in ks:
+            e = with_exact(depth_grid(st, lw, depth, k, group).values(leaf >> (depth - k)), exact) - w32
+            tot += lam[k] * ((e @ hf) * e).sum(1).to(torch.float64)
+        errs.append(tot)
+    better = (errs[1] < errs[0]).unsqueeze(1)
+    return torch.where(better, new_step, step), torch.where(better, new_low, low)
+
+
 def refit_depth_grid(step: torch.Tensor, low: torch.Tensor, depth: int, k: int, group: int, mu: torch.Tensor,
                      tau: torch.Tensor) -> Grid:
     """The ``int{k}-g{group}`` grid of a refit depth."""
@@ -109,28 +163,41 @@ def refit_depth_grid(step: torch.Tensor, low: torch.Tensor, depth: int, k: int, 
 
 def refit_codes(w: torch.Tensor, hessian: torch.Tensor, leaf: torch.Tensor, step: torch.Tensor, low: torch.Tensor,
                 group: int, depth: int, refit: list[int], weighed: list[int],
-                exact: tuple[torch.Tensor, torch.Tensor] | None = None, rounds: int = ROUNDS, passes: int = 1
-                ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """``(leaf, {k: (mu, tau)})``: ``rounds`` times, the ``refit`` depths' bytes fit to the codes and one pass of
-    descent on every ``weighed`` depth's output error (each relative to its own) with those values; then a last
-    fit.  Depths not in ``refit`` decode on the lattice.  ``passes = 0``: one fit, the codes unchanged."""
+                exact: tuple[torch.Tensor, torch.Tensor] | None = None, rounds: int = ROUNDS, passes: int = 1,
+                emphasis: float = DEPTH_EMPHASIS
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """``(leaf, step, low, {k: (mu, tau)})``: ``rounds`` times, the lattice fit to the codes of the ``weighed``
+    depths that decode on it (:func:`fit_lattice`), the ``refit`` depths' bytes fit to theirs, and one pass of
+    descent on every ``weighed`` depth's output error (each relative to its own, times ``emphasis`` per depth:
+    :func:`~.descent.relative_weights`) with those values; then a last fit.  ``passes = 0``: one fit, the codes
+    unchanged."""
     rounds = rounds if passes > 0 else 0
     depths = list(range(min(weighed + refit), depth + 1))
+    on_lattice = [k for k in weighed if k not in refit]
     corr: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def grids() -> dict[int, Grid]:
+        return {k: refit_depth_grid(step, low, depth, k, group, *corr[k]) if k in corr
+                else depth_grid(step, low, depth, k, group) for k in depths}
+
     for r in range(rounds + 1):
+        if on_lattice:
+            g = grids()
+            lam = relative_weights(w, hessian, {k: with_exact(g[k].values(leaf >> (depth - k)), exact)
+                                                for k in on_lattice}, emphasis)
+            step, low = fit_lattice(w, hessian, leaf, step, low, depth, group, lam, exact)
         for k in refit:
             corr[k] = fit_refit(w, hessian, leaf >> (depth - k), step, low, depth, k, group, exact)
         if r == rounds:
             break
-        grids = {k: refit_depth_grid(step, low, depth, k, group, *corr[k]) if k in corr
-                 else depth_grid(step, low, depth, k, group) for k in depths}
-        values = {k: with_exact(grids[k].values(leaf >> (depth - k)), exact) for k in weighed}
-        lam = relative_weights(w, hessian, values)
-        scales = torch.stack([grids[k].scale for k in depths])
-        zeros = torch.stack([grids[k].offset for k in depths])
+        g = grids()
+        lam = relative_weights(w, hessian, {k: with_exact(g[k].values(leaf >> (depth - k)), exact) for k in weighed},
+                               emphasis)
+        scales = torch.stack([g[k].scale for k in depths])
+        zeros = torch.stack([g[k].offset for k in depths])
         leaf = descend_codes(w, hessian, leaf, scales, zeros, depths, depth, lam, group, 1, exact=exact)
-    return leaf, corr
+    return leaf, step, low, corr
 
 
-__all__ = ["DEFAULT_SHARE", "IDENTITY", "default_refit", "fit_refit", "refit_codes", "refit_depth_grid",
+__all__ = ["DEFAULT_SHARE", "IDENTITY", "default_refit", "fit_lattice", "fit_refit", "refit_codes", "refit_depth_grid",
            "refit_values"]

@@ -16,7 +16,7 @@ form, so a refit costs one such product, not four.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -93,12 +93,13 @@ def _quad(m: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def group_lstsq(
     w: torch.Tensor,
-    z: torch.Tensor,
+    z: torch.Tensor | Sequence[torch.Tensor],
     group_size: int,
     hessian: torch.Tensor,
     scale0: torch.Tensor,
     offset0: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
+    weights: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row and group, the ``scale`` (and ``offset`` when ``offset0`` is given) that minimise
     ``(w_r − v_r)ᵀ H (w_r − v_r)`` with ``v_rj = scale_{r,g(j)} · z_rj + offset_{r,g(j)}``.
@@ -106,13 +107,19 @@ def group_lstsq(
     ``w`` and ``z`` (the level values of the codes) are ``rows × cols``; ``scale0``/``offset0``
     (``rows × groups``) are the current values, toward which a tiny ridge (:data:`RIDGE`) pulls
     undetermined unknowns.  ``active`` (bool ``rows × cols``, optional) marks the elements the group's offset
-    reaches (elements stored exactly do not depend on it; their ``z`` must then be 0 too).  Returns float64
-    ``(scale, offset or None)``.
+    reaches (elements stored exactly do not depend on it; their ``z`` must then be 0 too).  ``z`` may be several
+    level-value tensors sharing the unknowns, with ``weights``: the sum of their errors so weighted is minimised.
+    Returns float64 ``(scale, offset or None)``.
     """
     nb = int(scale0.shape[1])
     x0 = _unknowns(scale0, offset0)
-    xs = [_solve(m, rhs, x0[sl]) for sl, m, rhs in
-          _normal_equations(w, z, group_size, hessian, offset0 is not None, active)]
+    zs = [z] if isinstance(z, torch.Tensor) else list(z)
+    lam = [1.0] * len(zs) if weights is None else [float(x) for x in weights]
+    if not zs or len(lam) != len(zs):
+        raise ValueError(f"group_lstsq: {len(zs)} level-value tensors but {len(lam)} weights")
+    parts = zip(*(_normal_equations(w, zk, group_size, hessian, offset0 is not None, active) for zk in zs))
+    xs = [_solve(sum(a * m for a, (_, m, _) in zip(lam, eqs)), sum(a * b for a, (_, _, b) in zip(lam, eqs)),
+                 x0[eqs[0][0]]) for eqs in parts]
     x = torch.cat(xs) if xs else x0
     return x[:, :nb], (x[:, nb:] if offset0 is not None else None)
 
