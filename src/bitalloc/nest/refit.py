@@ -65,27 +65,35 @@ def refit_values(step: torch.Tensor, low: torch.Tensor, depth: int, k: int, mu: 
     return scale, zero
 
 
+def _lstsq_problem(w32: torch.Tensor, hessian: torch.Tensor, zs: list[torch.Tensor],
+                   exact: tuple[torch.Tensor, torch.Tensor] | None, pad: int
+                   ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """``(target, zs, hessian float64, active)`` of a per-group least squares over level values ``zs`` for
+    :func:`~bitalloc.rounding.refit.group_lstsq`: an exactly stored element's value is fixed (it leaves ``w −
+    exact`` in the target, level 0, no offset), and ``pad`` padding columns complete the last group, weighing
+    nothing."""
+    target, active = w32, None
+    if exact is not None:
+        active = ~exact[0]
+        zs = [torch.where(active, z, torch.zeros_like(z)) for z in zs]
+        target = w32 - torch.where(exact[0], exact[1].to(torch.float32), torch.zeros_like(w32))
+    h = hessian.to(w32.device, torch.float64)
+    if pad:
+        h = torch.nn.functional.pad(h, (0, pad, 0, pad))
+        zs = [torch.nn.functional.pad(z, (0, pad)) for z in zs]
+        target = torch.nn.functional.pad(target, (0, pad))
+        active = None if active is None else torch.nn.functional.pad(active, (0, pad))
+    return target, zs, h, active
+
+
 def fit_refit(w: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor,
               depth: int, k: int, group: int, exact: tuple[torch.Tensor, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mu, tau)`` uint8 (rows, groups) of depth ``k``'s codes (module docstring): least squares, rounded to bytes,
     the lattice kept on rows where that is not better."""
     w32 = w.to(torch.float32)
-    cols = int(w32.shape[1])
-    ng = step.shape[1]
-    pad = ng * group - cols
-    z = codes.to(torch.float32)
-    target, active = w32, None
-    if exact is not None:  # an exactly stored element's value is fixed: it leaves w − exact in the target
-        active = ~exact[0]
-        z = torch.where(active, z, torch.zeros_like(z))
-        target = w32 - torch.where(exact[0], exact[1].to(torch.float32), torch.zeros_like(w32))
-    h = hessian.to(w32.device, torch.float64)
-    if pad:  # padding columns weigh nothing
-        h = torch.nn.functional.pad(h, (0, pad, 0, pad))
-        z = torch.nn.functional.pad(z, (0, pad))
-        target = torch.nn.functional.pad(target, (0, pad))
-        active = None if active is None else torch.nn.functional.pad(active, (0, pad))
+    target, (z,), h, active = _lstsq_problem(w32, hessian, [codes.to(torch.float32)], exact,
+                                             step.shape[1] * group - int(w32.shape[1]))
     d = step.to(torch.float64) * float(2 ** (depth - k))
     zero0 = low.to(torch.float64) + d / 2
     scale, offset = group_lstsq(target, z, group, h, d, zero0, active=active)
@@ -117,22 +125,8 @@ def fit_lattice(w: torch.Tensor, hessian: torch.Tensor, leaf: torch.Tensor, step
     if not ks:
         return step, low
     w32 = w.to(torch.float32)
-    cols = int(w32.shape[1])
-    pad = step.shape[1] * group - cols
-    target, active = w32, None
-    if exact is not None:
-        active = ~exact[0]
-        target = w32 - torch.where(exact[0], exact[1].to(torch.float32), torch.zeros_like(w32))
-    zs = []
-    for k in ks:
-        z = ((leaf >> (depth - k)).to(torch.float64) + 0.5) * float(2 ** (depth - k))
-        zs.append(z if active is None else torch.where(active, z, torch.zeros_like(z)))
-    h = hessian.to(w32.device, torch.float64)
-    if pad:  # padding columns weigh nothing
-        h = torch.nn.functional.pad(h, (0, pad, 0, pad))
-        zs = [torch.nn.functional.pad(z, (0, pad)) for z in zs]
-        target = torch.nn.functional.pad(target, (0, pad))
-        active = None if active is None else torch.nn.functional.pad(active, (0, pad))
+    levels = [((leaf >> (depth - k)).to(torch.float64) + 0.5) * float(2 ** (depth - k)) for k in ks]
+    target, zs, h, active = _lstsq_problem(w32, hessian, levels, exact, step.shape[1] * group - int(w32.shape[1]))
     s, o = group_lstsq(target, zs, group, h, step.to(torch.float64), low.to(torch.float64), active=active,
                        weights=[lam[k] for k in ks])
     new_step = s.to(torch.float16).to(torch.float32)
