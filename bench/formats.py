@@ -58,7 +58,8 @@ NEW_IDS = ("nf4", "fp4-g32", "fp4-g64", "fp4-g128", "mxfp4", "nvfp4", "fp8", "fp
            "fp6-e2m3-g64", "fp6-e3m2-g64", "mix3-g32", "mix3-g64", "mix4-g32", "mix4-g64", "int3-g32-dq",
            "int4-g16-dq", "int4-g32-dq", "int5-g32-dq", "int3-g128+o4", "int3-g128+o8", "int4-g128+o4", "int4-g64+o2",
            "had-int3-g128", "had-int4-g64", "had-int4-g128", "had-iq4_nl", "had-nf4", "had-mix4-g64",
-           "had-int4-g32-dq", "int4-g32-zp", "int4-g64-zp", "int4-g128-zp", "int3-g64-zp", "int3-g128-zp")
+           "had-int4-g32-dq", "int4-g32-zp", "int4-g64-zp", "int4-g128-zp", "int3-g64-zp", "int3-g128-zp",
+           "mix4-g32-dq", "mix4-g16-dq5", "mix4-g16-dq", "had-mix4-g16-dq5", "mix3-g32-dq", "mix3-g16-dq5")
 GOAL_BPW, GOAL_DB = 4.5, 24.0
 
 

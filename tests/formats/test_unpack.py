@@ -22,13 +22,15 @@ SHAPES: dict[str, tuple[int, int]] = {
     "nf4": (4, 128),
     "fp4-g32": (6, 96), "fp6-e2m3-g32": (6, 96), "fp3-e1m1-g64": (4, 128), "mxfp4": (6, 96), "nvfp4": (6, 96),
     "fp8": (6, 96),
-    "mix4-g32": (6, 96), "mix3-g64": (5, 100),
+    "mix4-g32": (6, 96), "mix3-g64": (5, 100), "mix4-g16-dq5": (5, 100), "mix4-g32-dq": (4, 96),
+    "mix3-g16-dq5": (5, 100),
     "int3-g32+o2": (6, 96), "q4_0+o2": (6, 96), "q4_k+o1": (4, 512), "mix4-g64+o1": (4, 128), "nf4+o4": (4, 128),
     "fp4-g32+o1": (6, 96),
 }
 FORMATS = sorted(SHAPES)
 LEARNS = [f for f in FORMATS if get_format(f).learns_scales]
-GPTQ = ["q4_1", "iq4_nl", "q4_k", "q6_k", "q2_k", "int4-g32-dq", "nvfp4", "mix4-g32", "int3-g32+o2", "nf4"]
+GPTQ = ["q4_1", "iq4_nl", "q4_k", "q6_k", "q2_k", "int4-g32-dq", "nvfp4", "mix4-g32", "int3-g32+o2", "nf4",
+        "mix4-g16-dq5"]
 
 
 def _weights(shape: tuple[int, int], seed: int) -> torch.Tensor:

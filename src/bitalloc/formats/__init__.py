@@ -7,6 +7,7 @@ from . import int as _int  # noqa: F401  (registers int{2..8}-g{32,64,128}|row[-
 from . import gguf as _gguf  # noqa: F401  (registers q8_0 ... q2_k, iq4_nl)
 from . import fp as _fp, nf4 as _nf4  # noqa: F401  (registers fp4-g32 ... mxfp4, nvfp4, fp8; nf4)
 from . import mixture as _mixture  # noqa: F401  (registers mix{3,4}-g{32,64,128})
+from . import mixture_dq as _mixture_dq  # noqa: F401  (registers mix{3,4}-g{16,32}-dq[S])
 from . import rotated as _rotated  # noqa: F401  (registers had-<grid format>)
 
 

@@ -43,97 +43,53 @@ per 48 groups loses 0.15 dB to Q4_K (24.37 vs 24.52 dB; the same fit with 256-wi
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from ..rounding.gptq import row_errors
-from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
-from .gguf_common import (bits_to_bytes, check_weights, element_weights, fp16r, grid_error, level_values,
-                          nearest_fn, search_grid)
-from .packing import pack_bits, unpack_bits
+from .base import REGISTRY, FormatError, Grid, QTensor, Shape
+from .gguf_common import check_weights, element_weights, fp16r, grid_error, level_values, nearest_fn, search_grid
+from .packing import pack_bits
+from .superscale import (DEFAULT_SCALE_BITS, RowSuperScaled, pack_row_ints, safe_div, super_search,
+                         unpack_row_ints)
 
 BITS = (2, 3, 4, 5, 6)
 GROUPS = (16, 32, 64)
 SCALE_BITS = (4, 5, 6, 7, 8)
-DEFAULT_SCALE_BITS = 6
-_ID = re.compile(r"int(\d+)-g(\d+)-dq(\d*)")
 #: elements of the weight fitted at once (bounds the search's temporaries)
 _FIT_ELEMS = 1 << 20
-#: candidate super-scales per row, as multiples of (largest group value / largest integer)
-_SUPER_STEPS = 41
 #: Hessian-guided integer moves in :meth:`IntDQFormat.refine` (each followed by a d/dmin refit)
 REFINE_STEPS = 2
-
-
-def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(b == 0, torch.zeros_like(a), a / torch.where(b == 0, torch.ones_like(b), b))
 
 
 def _nonneg(s: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s.clamp_min(0), o.clamp_max(0)
 
 
-def _super_search(vals: torch.Tensor, wgt: torch.Tensor, hi: int) -> torch.Tensor:
-    """fp16 ``d`` (R,) minimising ``Σ_g wgt·(vals - d·clamp(round(vals/d), 0, hi))²`` over candidates around
-    ``max(vals) / hi`` (vals >= 0, (R, ng))."""
-    top = vals.amax(1, keepdim=True)
-    f = torch.linspace(0.6, 1.4, _SUPER_STEPS, device=vals.device)
-    cand = fp16r(top / (hi * f))  # (R, K)
-    ints = torch.clamp(torch.round(_safe_div(vals.unsqueeze(1), cand.unsqueeze(2))), 0, hi)
-    err = (wgt.unsqueeze(1) * (vals.unsqueeze(1) - cand.unsqueeze(2) * ints) ** 2).sum(2)
-    return cand.gather(1, err.argmin(1, keepdim=True)).squeeze(1)
-
-
-def _bits_of(bytes_: torch.Tensor) -> torch.Tensor:
-    """uint8 (R, n) -> (R, 8n) 0/1 int64, bit i of byte j at 8j + i (the pack_bits order)."""
-    return ((bytes_.to(torch.int64).unsqueeze(-1) >> torch.arange(8)) & 1).reshape(bytes_.shape[0], -1)
-
-
 @dataclass(frozen=True)
-class IntDQFormat(Format):
+class IntDQFormat(RowSuperScaled):
     """``bits``-bit codes per ``group`` columns; ``sbits``-bit scale and min per group; fp16 d, dmin per row."""
 
     bits: int = 4  # type: ignore[assignment]
     group: int = 32
     sbits: int = DEFAULT_SCALE_BITS
-
-    def __post_init__(self) -> None:
-        for name, val, allowed in (("bits", self.bits, BITS), ("group", self.group, GROUPS),
-                                   ("sbits", self.sbits, SCALE_BITS)):
-            if isinstance(val, bool) or val not in allowed:
-                raise FormatError(f"double-quantized integer formats support {name} in {allowed}, got {val!r}")
-
-    @property
-    def id(self) -> str:
-        tail = "" if self.sbits == DEFAULT_SCALE_BITS else str(self.sbits)
-        return f"int{self.bits}-g{self.group}-dq{tail}"
+    PREFIX = "int"
+    FAMILY = "double-quantized integer"
+    ALLOWED = {"bits": BITS, "group": GROUPS, "sbits": SCALE_BITS}
+    EXAMPLES = ("int4-g32-dq", "int3-g16-dq8")
 
     @property
     def levels(self) -> torch.Tensor:
         return torch.arange(1 << self.bits, dtype=torch.float32)
 
     # --- geometry -----------------------------------------------------------------------------
-    def check_shape(self, shape: Shape) -> None:
-        self.check_2d(shape)
-
-    def ngroups(self, cols: int) -> int:
-        return -(-cols // self.group)
-
     def _part_shapes(self, rows: int, cols: int) -> dict[str, tuple[torch.dtype, tuple[int, int]]]:
         ng = self.ngroups(cols)
         sb = (ng * self.sbits + 7) // 8
         return {"weight_packed": (torch.uint8, (rows, ng * self.group * self.bits // 8)),
                 "weight_scale": (torch.uint8, (rows, sb)), "weight_zero": (torch.uint8, (rows, sb)),
                 "weight_super": (torch.float16, (rows, 2))}
-
-    def nbytes(self, shape: Shape) -> int:
-        self.check_shape(shape)
-        rows, cols = (int(d) for d in shape)
-        parts = self._part_shapes(rows, cols).values()
-        return sum(rows * shp[1] * (2 if dt == torch.float16 else 1) for dt, shp in parts)
 
     # --- fit ----------------------------------------------------------------------------------
     def _effective(self, d, dmin, sc, mn) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +101,7 @@ class IntDQFormat(Format):
     def _choose_ints(self, x, wt, d, dmin, s_t, m_t):
         """Best integers (sc, m) per group among the neighbours of round(target / super-scale)."""
         hi = (1 << self.sbits) - 1
-        base_sc, base_m = torch.round(_safe_div(s_t, d.unsqueeze(1))), torch.round(_safe_div(m_t, dmin.unsqueeze(1)))
+        base_sc, base_m = torch.round(safe_div(s_t, d.unsqueeze(1))), torch.round(safe_div(m_t, dmin.unsqueeze(1)))
         best = None
         for ds in (-1, 0, 1):
             for dm in (-1, 0, 1):
@@ -183,8 +139,8 @@ class IntDQFormat(Format):
         s, o = torch.where(zero_better, s0, s), torch.where(zero_better, lo, o)
         q2 = level_values(flat, s, o, near).square_()
         s_t, m_t = s.reshape(R, J), (-o).reshape(R, J)
-        d = _super_search(s_t, (fw * q2).sum(1).reshape(R, J), hi)
-        dmin = _super_search(m_t, fw.sum(1).reshape(R, J), hi)
+        d = super_search(s_t, (fw * q2).sum(1).reshape(R, J), hi)
+        dmin = super_search(m_t, fw.sum(1).reshape(R, J), hi)
         sc, mn, e = self._choose_ints(x, wt, d, dmin, s_t, m_t)
         err = e.sum(1)
         for _ in range(4):
@@ -329,11 +285,7 @@ class IntDQFormat(Format):
         self.check_shape(shape)
         rows, cols = shape
         G, ng = self.group, self.ngroups(cols)
-        codes, grid = codes.cpu().to(torch.int64), grid.to("cpu")
-        if tuple(codes.shape) != shape:
-            raise FormatError(f"{self.id}: codes of shape {tuple(codes.shape)} do not match the tensor shape {shape}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << self.bits):
-            raise FormatError(f"{self.id}: codes outside 0..{(1 << self.bits) - 1}")
+        full, grid = self._full_codes(codes, shape), grid.to("cpu")
         try:
             d, dmin = grid.extra["d"].to(torch.float32), grid.extra["dmin"].to(torch.float32)
             sc, mn = grid.extra["sc"].to(torch.int64), grid.extra["m"].to(torch.int64)
@@ -350,46 +302,22 @@ class IntDQFormat(Format):
         scale, offset = self._effective(d, dmin, sc, mn)
         if not (torch.equal(scale, grid.scale) and torch.equal(offset, grid.offset)):
             raise FormatError(f"{self.id}: grid scales disagree with its super-scales and integer scales")
-        full = torch.zeros(rows, ng * G, dtype=torch.int64)
-        full[:, :cols] = codes
         spec = self._part_shapes(rows, cols)
         parts = {"weight_packed": pack_bits(full, self.bits).reshape(spec["weight_packed"][1]),
-                 "weight_scale": self._pack_ints(sc), "weight_zero": self._pack_ints(mn),
+                 "weight_scale": pack_row_ints(sc, self.sbits), "weight_zero": pack_row_ints(mn, self.sbits),
                  "weight_super": torch.stack([d, dmin], 1).to(torch.float16).contiguous()}
         return QTensor(format=self.id, shape=shape, dtype=dtype, parts=parts)
-
-    def _pack_ints(self, v: torch.Tensor) -> torch.Tensor:
-        """(rows, ng) S-bit integers -> (rows, ceil(ng*S/8)) bytes, each row one pack_bits stream."""
-        rows, ng = v.shape
-        bits = ((v.unsqueeze(-1) >> torch.arange(self.sbits)) & 1).reshape(rows, ng * self.sbits)
-        bits = torch.cat([bits, torch.zeros(rows, (-ng * self.sbits) % 8, dtype=bits.dtype)], 1)
-        return bits_to_bytes(bits).reshape(rows, -1)
-
-    def _unpack_ints(self, b: torch.Tensor, ng: int) -> torch.Tensor:
-        bits = _bits_of(b)[:, :ng * self.sbits].reshape(b.shape[0], ng, self.sbits)
-        return (bits << torch.arange(self.sbits)).sum(-1)
-
-    def _check_parts(self, q: QTensor) -> None:
-        self.check_parts(q, self._part_shapes(int(q.shape[0]), int(q.shape[1])))
 
     def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
         """Codes (rows, cols) and the grid :meth:`fit` would build (``d``, ``dmin``, ``sc``, ``m`` in ``extra``),
         on the CPU."""
-        if q.format != self.id:
-            raise FormatError(f"{self.id}: cannot decode a tensor stored as {q.format!r}")
-        shape = tuple(int(n) for n in q.shape)
-        self.check_shape(shape)
-        self._check_parts(q)
-        rows, cols = shape
-        G, ng = self.group, self.ngroups(cols)
+        ng = self.ngroups(self._stored(q)[1])
         sup = q.parts["weight_super"].cpu().to(torch.float32)
         if not bool(torch.isfinite(sup).all()):
             raise FormatError(f"{self.id}: stored super-scales hold NaN/Inf")
-        sc = self._unpack_ints(q.parts["weight_scale"].cpu(), ng)
-        mn = self._unpack_ints(q.parts["weight_zero"].cpu(), ng)
-        codes = unpack_bits(q.parts["weight_packed"].cpu().reshape(-1), self.bits, rows * ng * G)
-        codes = codes.reshape(rows, ng * G)[:, :cols]
-        return codes, self._grid(sup[:, 0].contiguous(), sup[:, 1].contiguous(), sc, mn)
+        sc = unpack_row_ints(q.parts["weight_scale"].cpu(), ng, self.sbits)
+        mn = unpack_row_ints(q.parts["weight_zero"].cpu(), ng, self.sbits)
+        return self._stored_codes(q), self._grid(sup[:, 0].contiguous(), sup[:, 1].contiguous(), sc, mn)
 
     def decode(self, q: QTensor) -> torch.Tensor:
         codes, grid = self.unpack(q)
@@ -400,7 +328,7 @@ class IntDQFormat(Format):
     def with_scales(self, grid: Grid, scale: torch.Tensor, offset: torch.Tensor) -> Grid:
         """Integer scales ``clamp(round(scale / d), 0, 2^S - 1)`` and mins ``clamp(round(-offset / dmin), 0,
         2^S - 1)`` under fp16 super-scales: per row the grid's own ``d`` (``dmin``) or, where that represents
-        the learned values with a smaller squared error, the best of :func:`_super_search`'s candidates fitted
+        the learned values with a smaller squared error, the best of :func:`super_search`'s candidates fitted
         to them.  Where a super-scale is 0 and no candidate is better the old integers stay.  Identity on the
         grid's own scales/offsets."""
         try:
@@ -416,26 +344,18 @@ class IntDQFormat(Format):
         return Grid(g.scale, g.offset, grid.levels, grid.group_size, {**grid.extra, **g.extra}, grid.set_index,
                     grid.exact_mask, grid.exact_values)
 
-    def concat_rows(self, parts: Sequence[QTensor]) -> QTensor:
-        """Row blocks -> one tensor: every part stores whole rows on byte boundaries, so they stack."""
-        rows, cols, dtype = self._check_concat(parts)
-        for p in parts:
-            self._check_parts(p)
-        out = {name: torch.cat([p.parts[name] for p in parts]) for name in self._part_shapes(1, cols)}
-        return QTensor(format=self.id, shape=(rows, cols), dtype=dtype, parts=out)
-
 
 def _requantize(vals: torch.Tensor, d: torch.Tensor, ints: torch.Tensor, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 super-scales (R,) and integers (R, ng) in ``0..hi`` nearest the learned values ``vals`` (R, ng):
     ``clamp(round(vals / d), 0, hi)`` under the current ``d`` (old ``ints`` where ``d`` is 0), replaced per row
-    by :func:`_super_search`'s choice (fitted to ``max(vals, 0)``) when that has a strictly smaller squared
+    by :func:`super_search`'s choice (fitted to ``max(vals, 0)``) when that has a strictly smaller squared
     error."""
     vals = torch.nan_to_num(vals, nan=0.0).clamp(-3e38, 3e38)
     keep = torch.where(d.unsqueeze(1) == 0, ints.to(torch.float32),
-                       torch.clamp(torch.round(_safe_div(vals, d.unsqueeze(1))), 0, hi))
+                       torch.clamp(torch.round(safe_div(vals, d.unsqueeze(1))), 0, hi))
     pos = vals.clamp_min(0)
-    cand = _super_search(pos, torch.ones_like(pos), hi)
-    ints_c = torch.clamp(torch.round(_safe_div(vals, cand.unsqueeze(1))), 0, hi)
+    cand = super_search(pos, torch.ones_like(pos), hi)
+    ints_c = torch.clamp(torch.round(safe_div(vals, cand.unsqueeze(1))), 0, hi)
     take = _sq_err(vals, cand, ints_c) < _sq_err(vals, d, keep)
     return torch.where(take, cand, d), torch.where(take.unsqueeze(1), ints_c, keep).to(torch.int64)
 
@@ -465,15 +385,7 @@ def _solve2(a, b, x, w1, d0, m0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def parse_int_dq(format_id: str) -> IntDQFormat | None:
     """``int4-g32-dq`` / ``int3-g16-dq8`` -> :class:`IntDQFormat`; ids without ``-dq`` -> None."""
-    key = format_id.strip().lower()
-    if not (key.startswith("int") and "-dq" in key):
-        return None
-    m = _ID.fullmatch(key)
-    if m is None:
-        raise FormatError(f"malformed double-quantized integer format id {format_id!r}; expected e.g. int4-g32-dq, "
-                          f"int3-g16-dq8 (bits {BITS}, groups {GROUPS}, scale bits {SCALE_BITS})")
-    bits, group, sbits = m.groups()
-    return IntDQFormat(int(bits), int(group), int(sbits) if sbits else DEFAULT_SCALE_BITS)
+    return IntDQFormat.parse(format_id)  # type: ignore[return-value]
 
 
 REGISTRY.register("int-dq", parse_int_dq, examples=["int4-g32-dq", "int3-g16-dq", "int5-g32-dq", "int4-g32-dq8"])

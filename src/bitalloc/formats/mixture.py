@@ -125,7 +125,7 @@ class MixtureFormat(Format):
         levels = self.levels.to(w.device)
         best_s = best_e = best_k = None
         for k in range(int(levels.shape[0])):
-            m = _search_multiplier(levels[k])  # levels·m have half-integer midpoints: the fast exact nearest
+            m = search_multiplier(levels[k])  # levels·m have half-integer midpoints: the fast exact nearest
             lv = levels[k] * m
             s, _ = search_grid(x, wt, lv, symmetric=True, rnd=round_fp16)
             e = grid_error(x, wt, s, torch.zeros_like(s), nearest_fn(lv))
@@ -220,7 +220,7 @@ class MixtureFormat(Format):
         return QTensor(format=self.id, shape=(rows, cols), dtype=dtype, parts=out)
 
 
-def _search_multiplier(levels: torch.Tensor) -> float:
+def search_multiplier(levels: torch.Tensor) -> float:
     """The smallest power of two ``m <= 256`` making every midpoint of ``levels·m`` a multiple of 1/2 (so
     :func:`.gguf_common.nearest_fn` takes its table path); 1 when none does."""
     for e in range(9):
@@ -236,7 +236,7 @@ def parse_mixture(format_id: str) -> MixtureFormat | None:
     key = format_id.strip().lower()
     m = _ID.fullmatch(key)
     if m is None:
-        if key.startswith("mix"):
+        if key.startswith("mix") and "-dq" not in key:  # mix…-dq ids: .mixture_dq
             raise FormatError(f"malformed mixture format id {format_id!r}; expected mix{{3,4}}-g{{32,64,128}}, "
                               f"e.g. mix4-g32")
         return None
