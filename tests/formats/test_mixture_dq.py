@@ -1,5 +1,6 @@
-"""Mixtures with double-quantized scales ``mix{3,4}-g{16,32}-dq[S]``: ids, exact bytes, layout, round trips, concat,
-GPTQ and refine, wrappers, refusals, quality against the formats it is meant to beat."""
+"""Mixtures with double-quantized scales ``mix{3,4}-g{16,32}-dq[S]``: ids, exact bytes, layout, round trips, wrappers,
+refusals, quality against the formats they are meant to beat (concat, GPTQ/refine and batched measurement:
+``test_superscale.py``)."""
 from __future__ import annotations
 
 import math
@@ -12,12 +13,8 @@ from bitalloc.formats import FormatError, get_format
 from bitalloc.formats.base import Grid
 from bitalloc.formats.mixture import MixtureFormat
 from bitalloc.formats.mixture_dq import SETS_DQ, MixtureDQFormat, parse_mixture_dq
-from bitalloc.measure import measure_tensor
 from bitalloc.rounding import dequantize, quantize_weight
-from bitalloc.rounding.gptq import layer_output_error, row_errors
 from bitalloc.rounding.rtn import rtn_round
-from bitalloc.stats import LinearStats, TensorStats
-from tests.rounding.test_gptq import correlated
 
 FMTS = ["mix4-g16-dq5", "mix4-g16-dq", "mix4-g32-dq", "mix4-g32-dq4", "mix4-g16-dq8", "mix3-g16-dq5", "mix3-g32-dq7"]
 ODD = [(1, 1), (3, 40), (7, 577), (5, 33), (2, 64), (9, 1536)]
@@ -217,37 +214,7 @@ def test_every_set_is_used() -> None:
     assert bool((counts > 0.05 * counts.sum()).all()), counts
 
 
-# --- rows: chunks and concatenation ------------------------------------------------------------------
-@pytest.mark.parametrize("fid", ["mix4-g16-dq5", "mix4-g32-dq7"])
-def test_concat_rows_byte_identical(fid: str) -> None:
-    fmt = get_format(fid)
-    w = _w(23, 200, seed=5)
-    whole = quantize_weight(w, fmt, method="rtn", max_elems=None)
-    parts = [quantize_weight(w[a:b], fmt, method="rtn", max_elems=None) for a, b in ((0, 5), (5, 6), (6, 23))]
-    joined = fmt.concat_rows(parts)
-    assert joined.shape == whole.shape and all(torch.equal(joined.parts[k], whole.parts[k]) for k in whole.parts)
-    chunked = quantize_weight(w, fmt, method="rtn", max_elems=8 * 200)
-    assert all(torch.equal(chunked.parts[k], whole.parts[k]) for k in whole.parts)
-    with pytest.raises(FormatError):
-        fmt.concat_rows([parts[0], quantize_weight(w[:, :199], fmt, method="rtn")])
-
-
-# --- GPTQ, refine, wrappers --------------------------------------------------------------------------
-def test_gptq_not_worse_than_rtn_and_refine_never_worse() -> None:
-    fmt = get_format("mix4-g16-dq5")
-    _x, h = correlated(1024, 96, seed=2)
-    w = _w(32, 96, seed=7)
-    rtn = layer_output_error(w, dequantize(quantize_weight(w, fmt, hessian=h, method="rtn")), h)
-    gptq = layer_output_error(w, dequantize(quantize_weight(w, fmt, hessian=h, method="gptq")), h)
-    assert gptq < 0.8 * rtn
-    grid = fmt.fit(w, torch.diagonal(h))
-    codes, _ = rtn_round(w, grid)
-    new = fmt.refine(w, codes, grid, h)
-    assert bool((row_errors(w, new.values(codes), h) <= row_errors(w, grid.values(codes), h)).all())
-    assert new is not grid  # the least-squares d helps some row on a correlated Hessian
-    assert torch.equal(fmt.decode(fmt.encode(codes, new, tuple(w.shape))), new.values(codes))
-
-
+# --- wrappers -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fid", ["had-mix4-g16-dq5", "mix4-g16-dq5+o2"])
 def test_wrappers_take_it(fid: str) -> None:
     fmt = get_format(fid)
@@ -255,19 +222,3 @@ def test_wrappers_take_it(fid: str) -> None:
     q = quantize_weight(w, fmt, method="rtn")
     assert q.nbytes() == fmt.nbytes((8, 96))
     assert _sqnr(w, dequantize(q)) > 22.0
-
-
-def test_batched_measurement_equals_per_format() -> None:
-    g = torch.Generator().manual_seed(4)
-    w = _w(24, 200, seed=4)
-    x = torch.randn(400, 200, generator=g) * torch.rand(200, generator=g)
-    x = x + 0.6 * x.roll(1, 1)
-    st = TensorStats((LinearStats(x.T @ x / 400, 100, torch.rand(24, generator=g), {}),))
-    fmts = ["mix4-g16-dq5", "mix4-g32-dq", "int4-g32-dq"]
-    for method in ("gptq", "rtn"):
-        new = measure_tensor("t", w, st, fmts, method)
-        old = measure_tensor("t", w, st, fmts, method, batched=False)
-        assert [(r.format, r.bytes) for r in new] == [(r.format, r.bytes) for r in old]
-        for a, b in zip(new, old):
-            assert a.output_error == pytest.approx(b.output_error, rel=1e-6)
-            assert a.fisher_error == pytest.approx(b.fisher_error, rel=1e-6)
