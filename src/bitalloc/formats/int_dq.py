@@ -49,7 +49,7 @@ import torch
 
 from ..rounding.gptq import row_errors
 from .base import REGISTRY, FormatError, Grid, QTensor, Shape
-from .gguf_common import check_weights, element_weights, fp16r, grid_error, level_values, nearest_fn, search_grid
+from .gguf_common import fp16r, grid_error, level_values, nearest_fn, search_grid
 from .packing import pack_bits
 from .superscale import (DEFAULT_SCALE_BITS, RowSuperScaled, pack_row_ints, safe_div, super_search,
                          unpack_row_ints)
@@ -57,8 +57,6 @@ from .superscale import (DEFAULT_SCALE_BITS, RowSuperScaled, pack_row_ints, safe
 BITS = (2, 3, 4, 5, 6)
 GROUPS = (16, 32, 64)
 SCALE_BITS = (4, 5, 6, 7, 8)
-#: elements of the weight fitted at once (bounds the search's temporaries)
-_FIT_ELEMS = 1 << 20
 #: Hessian-guided integer moves in :meth:`IntDQFormat.refine` (each followed by a d/dmin refit)
 REFINE_STEPS = 2
 
@@ -159,23 +157,7 @@ class IntDQFormat(RowSuperScaled):
         return d, dmin, sc, mn
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
-        w = check_weights(w, self.id)
-        self.check_shape(tuple(w.shape))
-        rows, cols = (int(n) for n in w.shape)
-        G, ng = self.group, self.ngroups(cols)
-        pad = ng * G - cols
-        imp = element_weights(importance, (rows, cols))
-        wt = torch.ones(rows, cols, device=w.device) if imp is None else imp
-        if pad:  # replicate the last column (group min/max unchanged), weight 0 on the padding
-            w = torch.cat([w, w[:, -1:].expand(rows, pad)], 1)
-            wt = torch.cat([wt, torch.zeros(rows, pad, device=w.device)], 1)
-        x, wt = w.reshape(rows, ng, G), wt.reshape(rows, ng, G)
-        d, dmin = torch.empty(rows, device=w.device), torch.empty(rows, device=w.device)
-        sc, mn = torch.empty(rows, ng, device=w.device), torch.empty(rows, ng, device=w.device)
-        step = max(1, _FIT_ELEMS // (ng * G))
-        for a in range(0, rows, step):
-            z = slice(a, min(rows, a + step))
-            d[z], dmin[z], sc[z], mn[z] = self._fit_rows(x[z], wt[z])
+        d, dmin, sc, mn = self._fit_by_rows(w, importance)
         return self._grid(d, dmin, sc.to(torch.int64), mn.to(torch.int64))
 
     def _grid(self, d, dmin, sc, mn) -> Grid:
@@ -311,10 +293,7 @@ class IntDQFormat(RowSuperScaled):
     def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
         """Codes (rows, cols) and the grid :meth:`fit` would build (``d``, ``dmin``, ``sc``, ``m`` in ``extra``),
         on the CPU."""
-        ng = self.ngroups(self._stored(q)[1])
-        sup = q.parts["weight_super"].cpu().to(torch.float32)
-        if not bool(torch.isfinite(sup).all()):
-            raise FormatError(f"{self.id}: stored super-scales hold NaN/Inf")
+        ng, sup = self._stored(q)
         sc = unpack_row_ints(q.parts["weight_scale"].cpu(), ng, self.sbits)
         mn = unpack_row_ints(q.parts["weight_zero"].cpu(), ng, self.sbits)
         return self._stored_codes(q), self._grid(sup[:, 0].contiguous(), sup[:, 1].contiguous(), sc, mn)

@@ -47,10 +47,11 @@ import torch
 
 from ..rounding.gptq import row_errors
 from .base import REGISTRY, FormatError, Grid, QTensor, Shape
-from .gguf_common import check_weights, element_weights, fp16r, grid_error, level_values, nearest_fn, search_grid
+from .gguf_common import fp16r, grid_error, level_values, nearest_fn, search_grid
 from .mixture import search_multiplier
 from .packing import pack_bits
-from .superscale import DEFAULT_SCALE_BITS, RowSuperScaled, pack_row_ints, super_search, unpack_row_ints
+from .superscale import (DEFAULT_SCALE_BITS, RowSuperScaled, pack_row_ints, safe_div, super_search,
+                         unpack_row_ints)
 
 #: bits -> the four value sets of ``mix{bits}-…-dq``, in 128ths (see the module docstring for how they were designed)
 SETS_DQ: dict[int, tuple[tuple[int, ...], ...]] = {
@@ -67,8 +68,6 @@ BITS = tuple(SETS_DQ)
 GROUPS = (16, 32)
 SCALE_BITS = (4, 5, 6, 7, 8)
 INDEX_BITS = 2
-#: elements of the weight fitted at once (bounds the search's temporaries)
-_FIT_ELEMS = 1 << 20
 #: least-squares refits of ``d`` (each followed by a new choice of integers and sets) in :meth:`fit`
 _REFITS = 2
 #: integer scales tried per set, as multiples of (the group's largest magnitude / d)
@@ -117,8 +116,7 @@ class MixtureDQFormat(RowSuperScaled):
         ``S <= 5`` that covers every integer of the window).  Returns ``(sc, set, error)``, each (R, J)."""
         hi = (1 << self.sbits) - 1
         dd = d.unsqueeze(1)
-        amax = x.abs().amax(-1)
-        base = torch.where(dd == 0, torch.zeros_like(amax), amax / torch.where(dd == 0, 1.0, dd))
+        base = safe_div(x.abs().amax(-1), dd)
         best = None
         for j, (near, m) in enumerate(nears):
             cand = [torch.clamp(torch.round(base * r), 0, hi) for r in _RATIOS]
@@ -200,24 +198,7 @@ class MixtureDQFormat(RowSuperScaled):
         return d, sc, sets
 
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> Grid:
-        w = check_weights(w, self.id)
-        self.check_shape(tuple(w.shape))
-        rows, cols = (int(n) for n in w.shape)
-        G, ng = self.group, self.ngroups(cols)
-        pad = ng * G - cols
-        imp = element_weights(importance, (rows, cols))
-        wt = torch.ones(rows, cols, device=w.device) if imp is None else imp
-        if pad:  # replicate the last column (group range unchanged), weight 0 on the padding
-            w = torch.cat([w, w[:, -1:].expand(rows, pad)], 1)
-            wt = torch.cat([wt, torch.zeros(rows, pad, device=w.device)], 1)
-        x, wt = w.reshape(rows, ng, G), wt.reshape(rows, ng, G)
-        d = torch.empty(rows, device=w.device)
-        sc = torch.empty(rows, ng, device=w.device)
-        sets = torch.empty(rows, ng, dtype=torch.int64, device=w.device)
-        step = max(1, _FIT_ELEMS // (ng * G))
-        for a in range(0, rows, step):
-            z = slice(a, min(rows, a + step))
-            d[z], sc[z], sets[z] = self._fit_rows(x[z], wt[z])
+        d, sc, sets = self._fit_by_rows(w, importance)
         return self._grid(d, sc.to(torch.int64), sets)
 
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
@@ -271,10 +252,8 @@ class MixtureDQFormat(RowSuperScaled):
 
     def unpack(self, q: QTensor) -> tuple[torch.Tensor, Grid]:
         """Codes (rows, cols) and the grid :meth:`fit` would build, on the CPU."""
-        ng = self.ngroups(self._stored(q)[1])
-        d = q.parts["weight_super"].cpu().to(torch.float32)[:, 0].contiguous()
-        if not bool(torch.isfinite(d).all()):
-            raise FormatError(f"{self.id}: stored super-scales hold NaN/Inf")
+        ng, sup = self._stored(q)
+        d = sup[:, 0].contiguous()
         sc = unpack_row_ints(q.parts["weight_scale"].cpu(), ng, self.sbits)
         sets = unpack_row_ints(q.parts["weight_set"].cpu(), ng, INDEX_BITS)
         return self._stored_codes(q), self._grid(d, sc, sets)

@@ -15,11 +15,13 @@ from typing import Sequence
 import torch
 
 from .base import Format, FormatError, QTensor, Shape
-from .gguf_common import bits_to_bytes, fp16r
+from .gguf_common import bits_to_bytes, check_weights, element_weights, fp16r
 from .packing import unpack_bits
 
 #: candidate super-scales per row, as multiples of (largest group value / largest integer)
 _SUPER_STEPS = 41
+#: elements of the weight fitted at once
+_FIT_ELEMS = 1 << 20
 
 
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -118,6 +120,30 @@ class RowSuperScaled(Format):
         parts = self._part_shapes(rows, cols).values()
         return sum(rows * shp[1] * (2 if dt == torch.float16 else 1) for dt, shp in parts)
 
+    def _fit_rows(self, x: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The subclass's fit of whole rows: groups ``x`` and weights ``wt`` (R, ng, G) -> per-row/per-group
+        tensors (each with R leading)."""
+        raise NotImplementedError
+
+    def _fit_by_rows(self, w: torch.Tensor, importance: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """:meth:`_fit_rows` over ``w`` (checked, the last group padded by replicating the last column with
+        weight 0, so group ranges are unchanged) in blocks of rows of about :data:`_FIT_ELEMS` elements (bounds
+        the search's temporaries); its outputs joined along the rows."""
+        w = check_weights(w, self.id)
+        self.check_shape(tuple(w.shape))
+        rows, cols = (int(n) for n in w.shape)
+        G, ng = self.group, self.ngroups(cols)
+        pad = ng * G - cols
+        imp = element_weights(importance, (rows, cols))
+        wt = torch.ones(rows, cols, device=w.device) if imp is None else imp
+        if pad:
+            w = torch.cat([w, w[:, -1:].expand(rows, pad)], 1)
+            wt = torch.cat([wt, torch.zeros(rows, pad, device=w.device)], 1)
+        x, wt = w.reshape(rows, ng, G), wt.reshape(rows, ng, G)
+        step = max(1, _FIT_ELEMS // (ng * G))
+        outs = [self._fit_rows(x[a:a + step], wt[a:a + step]) for a in range(0, rows, step)]
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+
     def _full_codes(self, codes: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         """``codes`` (on the CPU, int64) checked against ``shape`` and the code range, padded with zero codes to
         whole groups: (rows, ngroups·group)."""
@@ -134,14 +160,18 @@ class RowSuperScaled(Format):
     def _check_parts(self, q: QTensor) -> None:
         self.check_parts(q, self._part_shapes(int(q.shape[0]), int(q.shape[1])))
 
-    def _stored(self, q: QTensor) -> tuple[int, int]:
-        """``(rows, cols)`` of a stored tensor of this format, its parts checked."""
+    def _stored(self, q: QTensor) -> tuple[int, torch.Tensor]:
+        """``(ngroups, weight_super as float32)`` of a stored tensor of this format, its parts checked and its
+        super-scales finite."""
         if q.format != self.id:
             raise FormatError(f"{self.id}: cannot decode a tensor stored as {q.format!r}")
         shape = tuple(int(n) for n in q.shape)
         self.check_shape(shape)
         self._check_parts(q)
-        return shape[0], shape[1]
+        sup = q.parts["weight_super"].cpu().to(torch.float32)
+        if not bool(torch.isfinite(sup).all()):
+            raise FormatError(f"{self.id}: stored super-scales hold NaN/Inf")
+        return self.ngroups(shape[1]), sup
 
     def _stored_codes(self, q: QTensor) -> torch.Tensor:
         """The codes (rows, cols) of a checked stored tensor."""
