@@ -81,3 +81,22 @@ def test_eval_reads_an_artifact_at_a_budget(art: Path, capsys: pytest.CaptureFix
     assert main(["eval", str(art), "--reference", str(src), "--text", str(art.parent / "calib.txt"), "--ctx", "32",
                  "-q"]) == 2
     assert "budget" in capsys.readouterr().err
+
+
+def test_the_gguf_target_resolves_an_extraction_budget(art: Path, tmp_path: Path) -> None:
+    """As for ``bitalloc gguf``: a size is the whole file's (header and padding included), bits per weight count
+    all tensor data; either way the target asserts it before writing."""
+    from bitalloc.export.gguf_manifest import manifest_path
+    from bitalloc.nest import extract
+
+    big = tmp_path / "big.gguf"
+    assert main(["extract", str(art), "--budget", "6bpw", "--gguf", str(big), "-q"]) == 0
+    ex = extract(art, "6bpw", gguf=True)
+    assert ex.capacity.unit == "tensor data" and ex.capacity.limit >= sum(
+        q.nbytes() for n, q in ex.qtensors.items() if n in ex.plan.assignments) + 4 * sum(
+        v.numel() for v in ex.fixed.values())
+    budget = big.stat().st_size - 600  # a file size between the Q4_1-only and the 6 bpw models
+    out = tmp_path / "sized.gguf"
+    assert main(["extract", str(art), "--budget", f"{budget}B", "--gguf", str(out), "-q"]) == 0
+    assert extract(art, f"{budget}B", gguf=True).capacity.unit == "file"
+    assert out.stat().st_size <= budget < big.stat().st_size and manifest_path(out).is_file()

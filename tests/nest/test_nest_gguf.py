@@ -17,11 +17,18 @@ from bitalloc.io.atomic import file_digest
 from bitalloc.io.gguf import GGUFFile
 from bitalloc.models.sources import load_model
 from bitalloc.models.view import ModelView
-from bitalloc.nest.gguf import (TEMPLATE_GGUF, TEMPLATE_JSON, as_gguf, gguf_type_of, template_from_files,
-                                template_to_files, write_extracted_gguf)
+from bitalloc.nest.gguf import (TEMPLATE_GGUF, TEMPLATE_JSON, as_gguf, extracted_gguf, gguf_type_of,
+                                template_from_files, template_to_files)
+from bitalloc.targets.base import Capacity, Written
 from bitalloc.rounding import dequantize, quantize_weight
 from tests.conftest import tiny_arch, tiny_llama
 from tests.gguf_tiny import assert_llama_cpp_agrees, write_arch_gguf
+
+
+def write_extracted_gguf(out: Path, tpl, cfg: Path, q, fixed, *, overwrite: bool = False) -> Written:
+    """The checked, prepared extraction written by its GGUF target (no budget: the size is not what is tested)."""
+    target, prepared = extracted_gguf(out, tpl, cfg, q, fixed)
+    return target.write_verified(prepared, Capacity("any", 1 << 40, 1 << 40, 0, "tensor data"), overwrite=overwrite)
 
 
 def _one_line(e: pytest.ExceptionInfo) -> str:

@@ -8,15 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from .common import _load_model, _texts, _windows
-from .options import add_calib, add_common, add_model, add_out, placement_of
+from .common import _job_dir, _texts
+from .options import add_calib, add_common, add_job, add_model, add_out
 
 
 def cmd_nest(args: argparse.Namespace) -> int:
     from ..data import default_calibration_files
-    from ..models.sources import default_model_path
-    from ..models.view import ModelView
-    from ..nest import artifact_bytes, nest_model
+    from ..jobs.nest import NestConfig, run_nest
+    from ..nest import artifact_bytes
     from ..nest.build import check_options
     from ..nest.codes import DESCENT_PASSES
     from ..nest.refit import default_refit
@@ -24,26 +23,20 @@ def cmd_nest(args: argparse.Namespace) -> int:
     passes = DESCENT_PASSES if args.descent_passes is None else args.descent_passes
     refit = default_refit(args.group, args.max_bits) if args.refit_depths is None else args.refit_depths
     check_options(args.group, args.max_bits, args.outliers, passes, refit)  # before the model is loaded
-    source = Path(args.model) if args.model else default_model_path()
-    template = None
-    if source.suffix.lower() == ".gguf":  # kept, so the artifact can extract GGUFs with the source's metadata
-        from ..export.gguf import read_template
-
-        template = read_template(source)
+    out = Path(args.out)
+    config = NestConfig(model=Path(args.model) if args.model else None, out=out,
+                        calib_texts=tuple(_texts(args.calib, default_calibration_files)), windows=args.windows,
+                        ctx=args.ctx, fisher=bool(args.fisher), fisher_windows=args.fisher_windows, group=args.group,
+                        max_bits=args.max_bits, outliers=args.outliers, passes=passes, refit=refit,
+                        job_dir=_job_dir(args, out), keep_job=args.keep_job, overwrite=args.overwrite,
+                        progress=not args.quiet, device=getattr(args, "device", "cpu"))
     t0 = time.perf_counter()
-    model, tok = _load_model(args.model)
-    view = ModelView(model)
-    calib = _windows(tok, _texts(args.calib, default_calibration_files), args.windows, args.ctx)
-    fw = calib[: args.fisher_windows] if args.fisher else None
-    info = nest_model(model, view, calib, args.out, group=args.group, max_bits=args.max_bits, outliers=args.outliers,
-                      fisher=args.fisher, passes=passes, refit=refit,
-                      fisher_windows=fw, tokenizer=tok, template=template, progress=not args.quiet,
-                      placement=placement_of(args, model), overwrite=args.overwrite, inputs=[source])
-    size = artifact_bytes(args.out)
+    info = run_nest(config)
+    size = artifact_bytes(out)
     print(f"nested {len(info['tensors'])} tensors (int{2}..int{args.max_bits}, groups of {args.group}, {args.outliers} "
           f"exact per row, {refit} refit depths, {passes} descent passes) in "
-          f"{time.perf_counter() - t0:.0f} s -> {args.out} ({size} B, {8 * size / info['total_params']:.3f} bits per "
-          f"weight on disk){'; GGUFs can be extracted' if template is not None else ''}")
+          f"{time.perf_counter() - t0:.0f} s -> {out} ({size} B, {8 * size / info['total_params']:.3f} bits per "
+          f"weight on disk){'; GGUFs can be extracted' if info.get('gguf_template') else ''}")
     return 0
 
 
@@ -95,6 +88,7 @@ def add_parsers(sub: Any) -> None:
                    help="skip the gradient pass: allocate by layer-output error instead of Fisher-weighted error")
     p.add_argument("--fisher-windows", type=int, default=8, metavar="N", help="windows of the gradient pass (default 8)")
     add_out(p, "artifact directory (must not exist)", "replace an existing artifact")
+    add_job(p)
     add_common(p)
     p.set_defaults(func=cmd_nest)
 

@@ -133,52 +133,64 @@ def block_hook(job: Job, stage: str = QUANT_STAGE) -> BlockHook:
 
 
 # ------------------------------------------------------------------------------------ measurement
+def rows_to_json(rows: Sequence[Any]) -> list[list[Any]]:
+    """Measurement rows as JSON data (floats round-trip exactly)."""
+    return [[r.tensor, r.format, r.bytes, r.output_error, r.fisher_error] for r in rows]
+
+
+def rows_from_json(job: Job, key: str, data: Any) -> list[Any]:
+    """The rows :func:`rows_to_json` saved as checkpoint ``key`` (InputError naming it when corrupt)."""
+    from ..measure import MeasureRow
+
+    try:
+        return [MeasureRow(str(t), str(f), int(n), float(o), None if fi is None else float(fi))
+                for t, f, n, o, fi in data]
+    except (TypeError, ValueError) as e:
+        raise InputError(f"job {job.dir}: checkpoint {key} is corrupt ({e}); remove the job directory") from e
+
+
 class MeasureCheckpoints:
     """Checkpoints of :func:`bitalloc.pipeline.measure_model` in ``job``: the Fisher statistics once, then
     each block's rows followed by the fp hidden states at the next block's input."""
+
+    #: the job stage the checkpoints live in (:class:`bitalloc.jobs.nest.NestCheckpoints` has its own)
+    stage = MEASURE_STAGE
 
     def __init__(self, job: Job) -> None:
         self.job = job
 
     def fisher_stats(self) -> dict[tuple[str, str], torch.Tensor] | None:
-        if not self.job.has_item(MEASURE_STAGE, "fisher"):
+        if not self.job.has_item(self.stage, "fisher"):
             return None
-        saved = self.job.load_item(MEASURE_STAGE, "fisher")
+        saved = self.job.load_item(self.stage, "fisher")
         if not isinstance(saved, dict) or not all(":" in k for k in saved):
             raise InputError(f"job {self.job.dir}: the Fisher checkpoint is corrupt; remove the job directory")
         return {(k.split(":", 1)[1], k.split(":", 1)[0]): v for k, v in saved.items()}
 
     def save_fisher(self, stats: Mapping[tuple[str, str], torch.Tensor]) -> None:
-        self.job.save_item(MEASURE_STAGE, "fisher", {f"{role}:{name}": t for (name, role), t in stats.items()})
+        self.job.save_item(self.stage, "fisher", {f"{role}:{name}": t for (name, role), t in stats.items()})
 
     def start(self) -> Any:
         """The :class:`~bitalloc.pipeline.MeasureStart` saved (None when no block is done)."""
-        from ..measure import MeasureRow
         from ..pipeline import MeasureStart
 
-        saved = _load_hidden(self.job, MEASURE_STAGE)
+        saved = _load_hidden(self.job, self.stage)
         if saved is None:
             return None
         block, hidden = saved
-        rows: list[MeasureRow] = []
+        rows: list[Any] = []
         for b in range(block):
             key = f"rows{b:04d}"
-            if not self.job.has_item(MEASURE_STAGE, key):
-                _restart(self.job, MEASURE_STAGE, f"the measurement of block {b}")
+            if not self.job.has_item(self.stage, key):
+                _restart(self.job, self.stage, f"the measurement of block {b}")
                 return None
-            try:
-                rows += [MeasureRow(str(t), str(f), int(n), float(o), None if fi is None else float(fi))
-                         for t, f, n, o, fi in self.job.load_item(MEASURE_STAGE, key)]
-            except (TypeError, ValueError) as e:
-                raise InputError(f"job {self.job.dir}: checkpoint {key} is corrupt ({e}); "
-                                 "remove the job directory") from e
+            rows += rows_from_json(self.job, key, self.job.load_item(self.stage, key))
         log.info("resuming measurement at block %d", block)
         return MeasureStart(block, hidden, tuple(rows))
 
     def on_block(self, b: int, rows: Sequence[Any], hidden: torch.Tensor) -> None:
-        self.job.save_item(MEASURE_STAGE, f"rows{b:04d}",
-                           [[r.tensor, r.format, r.bytes, r.output_error, r.fisher_error] for r in rows])
-        _save_hidden(self.job, b + 1, hidden, MEASURE_STAGE)
+        self.job.save_item(self.stage, f"rows{b:04d}", rows_to_json(rows))
+        _save_hidden(self.job, b + 1, hidden, self.stage)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`bitalloc.pipeline.measure_model` that resume and checkpoint it."""
@@ -245,4 +257,5 @@ class RecoverCheckpoints:
 
 
 __all__ = ["HIDDEN_FILE", "MEASURE_STAGE", "MeasureCheckpoints", "QUANT_STAGE", "RECOVER_STAGE",
-           "RecoverCheckpoints", "block_hook", "load_recovered", "load_state", "save_recovered"]
+           "RecoverCheckpoints", "block_hook", "load_recovered", "load_state", "rows_from_json", "rows_to_json",
+           "save_recovered"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -139,6 +140,55 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
     return stored, out
 
 
+@dataclass(frozen=True, eq=False)
+class NestBlock:
+    """What one block (or the head) of the model adds to an artifact: its shard's tensors (``stored``), its
+    measurement rows and its tensors' entries in ``nest.json`` (shape, shard, dtype)."""
+
+    stored: dict[str, torch.Tensor]
+    rows: tuple[MeasureRow, ...]
+    entries: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class NestStart:
+    """Where a resumed :func:`nest_model` continues (:mod:`bitalloc.jobs.nest`): ``block``, the first block still to
+    nest, with its inputs ``hidden`` (the fp model's); ``load(b)`` gives a finished block's :class:`NestBlock`."""
+
+    block: int
+    hidden: torch.Tensor
+    load: Callable[[int], NestBlock]
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise InputError(f"a nest resumes after a finished block, not at block {self.block}")
+
+
+def _shard(b: int) -> str:
+    return f"tensors-{b:04d}.safetensors"
+
+
+def _nest_block(model: nn.Module, block: Mapping[str, TensorStats], shard: str, place: Placement, group: int,
+                max_bits: int, weights: Mapping[int, float] | None, outliers: int, passes: int,
+                refit: int) -> NestBlock:
+    """Every tensor of one block of statistics nested (:func:`nest_tensor`); each weight leaves memory once done."""
+    from ..models.spill import release_parameter
+
+    stored: dict[str, torch.Tensor] = {}
+    rows: list[MeasureRow] = []
+    entries: dict[str, dict[str, Any]] = {}
+    for name, stats in block.items():
+        w = place.to_device(model.get_parameter(name).detach())
+        parts, got = nest_tensor(name, w, stats, group, max_bits, weights, outliers=outliers, passes=passes,
+                                 refit=refit)
+        stored.update(parts)
+        rows.extend(got)
+        entries[name] = {"shape": list(w.shape), "shard": shard, "dtype": str(w.dtype).removeprefix("torch.")}
+        del w
+        release_parameter(model, name)
+    return NestBlock(stored, tuple(rows), entries)
+
+
 def nest_model(
     model: nn.Module,
     view: Any,
@@ -160,6 +210,11 @@ def nest_model(
     batch_size: int = 8,
     passes: int = DESCENT_PASSES,
     refit: int | None = None,
+    fisher_stats: Any = None,
+    on_fisher: Callable[[Any], None] | None = None,
+    start: NestStart | None = None,
+    on_block: Callable[[int, NestBlock, torch.Tensor], None] | None = None,
+    before_publish: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Write the nested artifact of ``model`` to ``out`` (see :mod:`bitalloc.nest`); returns its ``nest.json``.
 
@@ -171,12 +226,18 @@ def nest_model(
     (:func:`bitalloc.nest.codes.depth_weights` by default); ``passes``: sweeps of coordinate descent on every
     depth's output error after it (:mod:`bitalloc.nest.descent`; 0 = the joint rounding alone); ``refit``: how many
     of the shallowest depths get their own scale and zero per group (:mod:`bitalloc.nest.refit`; default
-    :func:`~bitalloc.nest.refit.default_refit`)."""
+    :func:`~bitalloc.nest.refit.default_refit`).
+
+    Resuming (:mod:`bitalloc.jobs.nest`, as :func:`bitalloc.pipeline.measure_model`): ``fisher_stats`` replaces the
+    gradient pass (``on_fisher`` receives the statistics when it runs); ``start`` continues at its block, the
+    blocks before it read back with ``start.load``; ``on_block(b, nested, hidden)`` is called once block ``b`` is
+    nested, with the inputs of block ``b + 1``; ``before_publish(tmp)`` once the artifact is written and verified
+    under its temporary name ``tmp``, before it is renamed into place.  Every block's shard holds the same bytes
+    whether it was nested now or read back."""
     from ..calibrate.stream import stream_blocks
     from ..fisher import fisher_pass
     from ..io.paths import check_new_dir
     from ..models.view import ModelView
-    from ..models.spill import release_parameter
     from ..pipeline import _hash_tensors, fixed_bytes, model_fingerprint, tensor_infos
 
     refit = default_refit(group, max_bits) if refit is None else refit
@@ -188,8 +249,12 @@ def nest_model(
     view = view if view is not None else ModelView(model)
     place = placement if placement is not None else Placement()
     fw = windows if fisher_windows is None else fisher_windows
-    grads = fisher_pass(model, view, fw, batch_size=max(1, batch_size // 4), progress=progress,
-                        placement=placement) if fisher else None
+    grads = fisher_stats if fisher else None
+    if fisher and grads is None:
+        grads = fisher_pass(model, view, fw, batch_size=max(1, batch_size // 4), progress=progress,
+                            placement=placement)
+        if on_fisher is not None:
+            on_fisher(grads)
     fp = {"model": model_fingerprint(model),
           "calibration": _hash_tensors([("windows", windows)] + ([("fisher_windows", fw)] if fisher else [])),
           "method": "nested-gptq" + (f"+descent{passes}" if passes else "") + (f"+refit{refit}" if refit else ""),
@@ -207,25 +272,33 @@ def nest_model(
                 with SafetensorsFile(tmp / shard) as sf:
                     compare_digests({k: v for k, v in digests.items() if k.startswith(shard + "/")},
                                     {f"{shard}/{k}": tensor_digest(sf.get(k)) for k in sf.keys()}, str(tmp / shard))
+        if before_publish is not None:
+            before_publish(tmp)
+
+    def add(tmp: Path, b: int, nested: NestBlock) -> None:
+        _write_shard(tmp, _shard(b), nested.stored, digests)
+        rows.extend(nested.rows)
+        entries.update(nested.entries)
+
+    first = start.block if start is not None else 0
+    current: list[NestBlock] = []
+
+    def after(b: int, hidden: torch.Tensor) -> None:
+        if on_block is not None:
+            on_block(b, current[-1], hidden)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write_dir(dest, overwrite=overwrite, inputs=inputs, verify=verify) as tmp:
+        for b in range(first):  # finished before an interruption: read back
+            add(tmp, b, start.load(b))  # type: ignore[union-attr]
         for b, block in enumerate(stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size,
-                                                progress=progress, placement=placement)):
-            shard = f"tensors-{b:04d}.safetensors"
-            stored: dict[str, torch.Tensor] = {}
-            for name, stats in block.items():
-                w = place.to_device(model.get_parameter(name).detach())
-                parts, got = nest_tensor(name, w, stats, group, max_bits, weights, outliers=outliers, passes=passes,
-                                         refit=refit)
-                stored.update(parts)
-                rows.extend(got)
-                entries[name] = {"shape": list(w.shape), "shard": shard,
-                                 "dtype": str(w.dtype).removeprefix("torch.")}
-                del w
-                release_parameter(model, name)
+                                                progress=progress, placement=placement, start_block=first,
+                                                start_hidden=None if start is None else start.hidden,
+                                                after_block=after), start=first):
+            current[:] = [_nest_block(model, block, _shard(b), place, group, max_bits, weights, outliers, passes,
+                                      refit)]
             del block
-            _write_shard(tmp, shard, stored, digests)
+            add(tmp, b, current[0])
         shard = "tensors-9999.safetensors"
         _write_shard(tmp, shard, fixed_values, digests)
         fixed_entries = {n: {"shape": list(v.shape), "shard": shard} for n, v in fixed_values.items()}
@@ -262,4 +335,4 @@ def artifact_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
 
 
-__all__ = ["artifact_bytes", "check_options", "nest_model", "nest_tensor"]
+__all__ = ["NestBlock", "NestStart", "artifact_bytes", "check_options", "nest_model", "nest_tensor"]

@@ -4,10 +4,13 @@ prefixes; no calibration text, no rounding, no weights beyond the artifact.
 * :func:`extract`: the plan (the exact allocator over the artifact's table, budget over all stored weights as the
   packed directory counts them) and every tensor (allocated: ``int{k}-g{G}`` from ``k`` planes; fixed: fp16, or
   fp32 beyond its range, as ``quantize`` stores them);
-* :func:`extract_packed`: that model as a packed directory (``bitalloc.load`` and ``bitalloc eval`` read it);
+* :func:`extract_packed`: that model as a packed directory (``bitalloc.load`` and ``bitalloc eval`` read it), written
+  by the packed target (:class:`bitalloc.targets.packed.PackedTarget`);
 * :func:`extract_gguf`: as a GGUF llama.cpp runs, for an artifact nested with ``--group 32`` from a GGUF source:
   its ``int4``/``int5`` depths are exactly Q4_1/Q5_1 (:mod:`bitalloc.nest.gguf`); other depths have no GGUF type,
-  so the allocation is restricted to those two and the norms stay F32 (their bytes count in the budget);
+  so the allocation is restricted to those two (one per stacked expert tensor) and the norms stay F32.  The GGUF
+  target resolves the budget as for ``bitalloc gguf`` (bits per weight over all tensor data, a size over the whole
+  file) and writes it (:class:`bitalloc.targets.gguf.GGUFTarget`);
 * ``bitalloc.load(ART, budget=B)``: the extracted model, dequantized, as a transformers model.
 """
 from __future__ import annotations
@@ -56,11 +59,8 @@ def extract(art: str | os.PathLike, budget: str | Budget, *, objective: str | No
     b = Budget.parse(budget)
     with Artifact(art, verify=verify) as a:
         m = a.measurement
-        if gguf:
-            cap, allowed = _gguf_capacity(a, b)
-        else:
-            cap, allowed = weights_capacity(b, m), ()
-        plan = make_plan(m, cap.plan_budget(m.fixed_bytes), Constraints(allowed=allowed), objective)
+        cap, constraints = _gguf_capacity(a, b) if gguf else (weights_capacity(b, m), Constraints())
+        plan = make_plan(m, cap.plan_budget(m.fixed_bytes), constraints, objective)
         qtensors = {name: a.qtensor(name, fmt) for name, fmt in sorted(plan.assignments.items())}
         fixed = {name: a.fixed_value(name) for name in sorted(a.fixed)}
         info = dict(a.info)
@@ -70,9 +70,12 @@ def extract(art: str | os.PathLike, budget: str | Budget, *, objective: str | No
     return Extracted(plan, qtensors, fixed, cap, info)
 
 
-def _gguf_capacity(a: Artifact, b: Budget) -> tuple[Capacity, tuple[tuple[str, tuple[str, ...]], ...]]:
-    """The budget of a GGUF extraction (tensor data: allocated tensors + F32 fixed tensors) and the formats allowed."""
-    from .gguf import gguf_type_of
+def _gguf_capacity(a: Artifact, b: Budget) -> tuple[Capacity, Constraints]:
+    """The budget of a GGUF extraction as the GGUF target resolves it (:func:`bitalloc.targets.gguf.split_budget`:
+    bits per weight count all tensor data, a size counts the file) and its constraints: the formats with a GGUF
+    type, one type per stacked expert tensor."""
+    from ..targets.gguf import split_budget, stack_ties
+    from .gguf import gguf_type_of, template_from_files
 
     if not a.info.get("gguf_template"):
         raise InputError(f"{a.path} was not nested from a GGUF, so it holds no GGUF metadata to write one "
@@ -82,12 +85,13 @@ def _gguf_capacity(a: Artifact, b: Budget) -> tuple[Capacity, tuple[tuple[str, t
         raise InputError(f"{a.path} has groups of {a.group} columns and {a.outliers} exact elements per row: only an "
                          "artifact nested with --group 32 --outliers 0 has depths that are exactly GGUF types "
                          "(int4-g32 = Q4_1, int5-g32 = Q5_1)")
-    limit = b.resolve(a.total_params)
-    fixed32 = a.fixed_f32_bytes
-    cap = Capacity(b.text, limit, limit - fixed32, fixed32, "weights")
+    tpl = template_from_files(a.path)
+    names = sorted({tpl.names.to_gguf(t.name) for t in a.measurement.tensors})
+    cap = split_budget(tpl, names, b, a.total_params)
     if cap.allocatable < 0:
-        raise InputError(f"budget {b.text} ({limit} B) is below the F32 norms alone ({fixed32} B)")
-    return cap, (("*", fmts),)
+        raise InputError(f"budget {b.text} ({cap.limit} B) is below what the GGUF takes without its allocated tensors "
+                         f"({cap.overhead} B)")
+    return cap, Constraints(tie_groups=stack_ties(tpl).tie_groups, allowed=(("*", fmts),))
 
 
 class _CopiedTokenizer:
@@ -105,32 +109,30 @@ class _CopiedTokenizer:
 
 def extract_packed(art: str | os.PathLike, budget: str | Budget, out: str | os.PathLike, *,
                    objective: str | None = None, verify: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Write the extracted model of ``budget`` as a packed directory; returns its ``bitalloc.json``."""
-    from ..export.packed import save_packed
-    from ..targets.base import check_size
+    """Write the extracted model of ``budget`` as a packed directory (the packed target, which asserts the size);
+    returns its ``bitalloc.json``."""
+    from ..targets.packed import PackedTarget
     from .gguf import meta_model_of
 
     ex = extract(art, budget, objective=objective, verify=verify)
-    model = meta_model_of(Path(art))
-    size = sum(q.nbytes() for q in ex.qtensors.values())
-    check_size(Path(out), size, ex.capacity.limit, ex.capacity.unit)
-    return save_packed(out, model, None, ex.qtensors, ex.plan, _CopiedTokenizer(Path(art)),
-                       overwrite=overwrite, inputs=[art])
+    target = PackedTarget(out, inputs=(art,))
+    prepared = target.prepare(meta_model_of(Path(art)), None, ex.plan, ex.qtensors, ex.fixed,
+                              _CopiedTokenizer(Path(art)))
+    return dict(target.write_verified(prepared, ex.capacity, overwrite=overwrite).info)
 
 
 def extract_gguf(art: str | os.PathLike, budget: str | Budget, out: str | os.PathLike, *,
                  objective: str | None = None, verify: bool = True, overwrite: bool = False) -> Written:
-    """Write the extracted model of ``budget`` as a GGUF (see the module); refuses an artifact without exact
-    GGUF depths in one line before any work."""
-    from ..targets.base import check_size
-    from .gguf import template_from_files, write_extracted_gguf
+    """Write the extracted model of ``budget`` as a GGUF (see the module) through the GGUF target, which asserts the
+    size; refuses an artifact without exact GGUF depths in one line before any work."""
+    from .gguf import extracted_gguf, template_from_files
 
     ex = extract(art, budget, objective=objective, verify=verify, gguf=True)
-    tpl = template_from_files(Path(art))
     allocated = {n: q for n, q in ex.qtensors.items() if n in ex.plan.assignments}
-    size = sum(q.nbytes() for q in allocated.values()) + sum(4 * v.numel() for v in ex.fixed.values())
-    check_size(Path(out), size, ex.capacity.limit, "tensor data")
-    return write_extracted_gguf(Path(out), tpl, Path(art), allocated, ex.fixed, overwrite=overwrite)
+    target, prepared = extracted_gguf(Path(out), template_from_files(Path(art)), Path(art), allocated, ex.fixed)
+    written = target.write_verified(prepared, ex.capacity, overwrite=overwrite)
+    log.info("wrote %s from %s (%d tensors, %d bytes)", out, art, written.n_tensors, written.file_size)
+    return written
 
 
 __all__ = ["Extracted", "extract", "extract_gguf", "extract_packed"]

@@ -33,8 +33,8 @@ The GGUF template without the weights (:func:`template_to_files` / :func:`templa
 
 Both are read strictly (the GGUF by :class:`bitalloc.io.gguf.GGUFFile`, the JSON by
 :class:`bitalloc.checked.Checker`, the pair tied by the digest): anything else is one :class:`InputError`.
-:func:`write_extracted_gguf` writes the extracted model with such a template and a ``config.json``, through
-the GGUF target's own verified, manifest-checked write.
+:func:`extracted_gguf` checks and prepares the extracted model with such a template and a ``config.json`` for the
+GGUF target (:class:`bitalloc.targets.gguf.GGUFTarget`), whose verified, manifest-checked write writes it.
 """
 from __future__ import annotations
 
@@ -50,15 +50,14 @@ from gguf import GGMLQuantizationType, LlamaFileType
 from ..checked import Checker, error_line, one_line, read_json, versioned
 from ..errors import InputError
 from ..export.gguf import FILE_TYPE_KEY, GGUFTemplate, ggml_nbytes, read_template, runtime_tensor, write_gguf
-from ..export.gguf_manifest import prepare_gguf, write_prepared
 from ..formats.base import FormatError, Grid, QTensor
 from ..formats.gguf_legacy import GGUFLegacy
 from ..formats.int import parse_int
 from ..formats.packing import packed_nbytes, unpack_bits
 from ..io.atomic import atomic_write, file_digest
 from ..io.gguf import GGUFFile
-from ..targets.base import Written
-from ..targets.gguf import gguf_tensors
+from ..targets.base import Prepared
+from ..targets.gguf import GGUFTarget
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +201,11 @@ def meta_model_of(config_dir: Path) -> Any:
     return empty_model(config, torch.float32)
 
 
-def write_extracted_gguf(out: Path, tpl: GGUFTemplate, config_dir: Path, qtensors: Mapping[str, QTensor],
-                         fixed: Mapping[str, torch.Tensor], *, overwrite: bool = False) -> Written:
-    """Write the extracted model (allocated tensors as int QTensors, the rest as float tensors) as a GGUF with
-    ``tpl``'s metadata: every check first (tensor set, shapes, an exact GGUF type), then the verified write."""
+def extracted_gguf(out: Path, tpl: GGUFTemplate, config_dir: Path, qtensors: Mapping[str, QTensor],
+                   fixed: Mapping[str, torch.Tensor]) -> tuple[GGUFTarget, Prepared]:
+    """The extracted model (allocated tensors as int QTensors, the rest as float tensors) as the GGUF target of
+    ``out`` with ``tpl``'s metadata and what it will write (its exact sizes and manifest), after every check: tensor
+    set, shapes, an exact GGUF type; the target's ``write_verified`` then writes it."""
     from ..models.view import ModelView
 
     view = ModelView(meta_model_of(config_dir))
@@ -236,16 +236,14 @@ def write_extracted_gguf(out: Path, tpl: GGUFTemplate, config_dir: Path, qtensor
             converted[name] = as_gguf(q)
         except FormatError as e:
             raise InputError(f"{name}: {one_line(e)}; nothing was written") from None
-    tensors = gguf_tensors(tpl, view, converted, fixed)
-    prep = prepare_gguf(Path(out).name, tpl, tensors)
+    target = GGUFTarget(out, tpl)
+    prepared = target.prepare(None, view, None, converted, fixed, None)
     shapes = {n: tuple(s) for n, s, _ in tpl.tensors}
-    for n, g in prep.items.items():
+    for n, g in prepared.payload.items.items():
         if n in shapes and tuple(g.shape) != shapes[n]:
             raise InputError(f"GGUF tensor {n}: shape {g.shape}, the template has {shapes[n]}")
-    written = write_prepared(out, tpl, prep, overwrite=overwrite)
-    log.info("wrote %s from the extracted model (%d tensors, %d bytes)", out, written.n_tensors, written.file_size)
-    return Written(Path(out), written.file_size, written.n_tensors, prep.manifest)
+    return target, prepared
 
 
 __all__ = ["EXACT", "QK", "TEMPLATE_GGUF", "TEMPLATE_JSON", "as_gguf", "exact_ids", "gguf_type_of", "meta_model_of",
-           "template_from_files", "template_to_files", "write_extracted_gguf"]
+           "extracted_gguf", "template_from_files", "template_to_files"]

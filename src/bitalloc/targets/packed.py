@@ -29,12 +29,14 @@ def weights_capacity(budget: Budget, measurement: Measurement | ModelView) -> Ca
 
 
 class PackedTarget:
-    """``out``: the packed directory (:func:`bitalloc.export.packed.save_packed`)."""
+    """``out``: the packed directory (:func:`bitalloc.export.packed.save_packed`); ``inputs``: paths it must not
+    replace, lie in or contain besides the model's own folder (a nested artifact it is extracted from)."""
 
     kind = "packed"
 
-    def __init__(self, out: str | Path) -> None:
+    def __init__(self, out: str | Path, inputs: tuple[str | Path, ...] = ()) -> None:
         self.out = Path(out)
+        self.inputs = tuple(inputs)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"target": self.kind}
@@ -57,7 +59,7 @@ class PackedTarget:
 
         check_size(self.out, prepared.sizes[capacity.unit], capacity.limit, capacity.unit)
         model, view, qtensors, plan, tokenizer = prepared.payload
-        info = save_packed(self.out, model, view, qtensors, plan, tokenizer, overwrite=overwrite)
+        info = save_packed(self.out, model, view, qtensors, plan, tokenizer, overwrite=overwrite, inputs=self.inputs)
         return Written(self.out, (self.out / WEIGHTS_FILE).stat().st_size, len(info["tensors"]), info)
 
     def is_ours(self, expected: Mapping[str, Any]) -> Written | None:
