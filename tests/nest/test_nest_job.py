@@ -100,6 +100,17 @@ def test_a_kill_after_the_rename_is_recognised(src, reference, tmp_path):
     assert _files(out) == _files(reference) and not default_job_dir(out).exists()
 
 
+def test_a_finished_artifact_changed_since_is_not_taken_for_this_jobs(src, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(_argv(src, out, "--keep-job")) == 0
+    cfg = out / "config.json"
+    cfg.write_text(cfg.read_text().replace("{", "{ ", 1))  # same manifest file, a small file that no longer matches it
+    capsys.readouterr()
+    assert main(_argv(src, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "already exists" in err and "\n" not in err
+
+
 def test_an_existing_artifact_not_from_this_job_is_refused(src, reference, tmp_path, capsys):
     out = tmp_path / "art"
     shutil.copytree(reference, out)
