@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -27,3 +29,29 @@ def wait_for(proc: subprocess.Popen, path: Path, timeout: float = 240.0) -> bool
         time.sleep(0.02)
     proc.kill()
     raise AssertionError(f"{path} did not appear within {timeout} s")
+
+
+def kill_at_marks(argv: list[str], marks: list[Path], out: Path, seed: int, pause: float) -> int:
+    """Start the command once per mark and SIGKILL it a random moment (up to ``pause`` s, seeded) after the mark
+    appears; stop once ``out`` exists (a run that ended first leaves it).  Returns how many runs were killed."""
+    rng = random.Random(seed)
+    kills = 0
+    for mark in marks:
+        proc = run_cli(argv)
+        if wait_for(proc, mark):
+            time.sleep(rng.uniform(0.0, pause))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            kills += proc.returncode == -signal.SIGKILL
+        else:
+            proc.wait(timeout=60)
+        if out.exists():
+            break
+    return kills
+
+
+def run_to_end(argv: list[str]) -> None:
+    """Run the command to its end; it must succeed."""
+    proc = run_cli(argv)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()

@@ -5,9 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
-import signal
-import time
 from pathlib import Path
 
 import gguf
@@ -17,7 +14,7 @@ import torch
 from bitalloc.export import gguf_manifest as gguf_job
 from bitalloc.jobs import checkpoints
 from bitalloc.jobs.config import default_job_dir
-from tests.cli_process import run_cli, wait_for
+from tests.cli_process import kill_at_marks, run_to_end
 from bitalloc.cli import build_parser, main
 from bitalloc.errors import InputError
 from bitalloc.export import gguf as gx
@@ -165,25 +162,10 @@ def test_kill_after_the_rename_is_recognised(src, reference, tmp_path):
 def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, tmp_path):
     out = tmp_path / "out.gguf"
     job = default_job_dir(out)
-    rng = random.Random(4321)
     marks = [job / "job.json", job / checkpoints.MEASURE_STAGE / "rows0000.json", job / "plan.json",
              job / checkpoints.QUANT_STAGE / "block0000.safetensors"]
-    kills = 0
-    for mark in marks:
-        proc = run_cli(gguf_argv(src, out, budget=BUDGET))
-        if wait_for(proc, mark):
-            time.sleep(rng.uniform(0.0, 0.2))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-            kills += proc.returncode == -signal.SIGKILL
-        else:
-            proc.wait(timeout=60)
-        if out.exists():
-            break
-    assert kills >= 2
-    proc = run_cli(gguf_argv(src, out, budget=BUDGET))
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err.decode()
+    assert kill_at_marks(gguf_argv(src, out, budget=BUDGET), marks, out, seed=4321, pause=0.2) >= 2
+    run_to_end(gguf_argv(src, out, budget=BUDGET))
     assert _files(out) == _files(reference)
     assert not job.exists()
 

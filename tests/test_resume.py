@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import torch
 from bitalloc.io.atomic import TEMP_SUFFIX
 from bitalloc.jobs import checkpoints
 from bitalloc.jobs.config import default_job_dir
-from tests.cli_process import run_cli, wait_for
+from tests.cli_process import kill_at_marks, run_to_end
 from bitalloc.cli import main
 
 torch.set_num_threads(1)
@@ -215,25 +213,10 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
     assert r.returncode == 0, r.stderr
     out = tmp_path / "out"
     job = default_job_dir(out)
-    rng = random.Random(1234)
     # kill during measurement, early in quantization, later in quantization
     marks = [job / "job.json", job / "quantize" / "block0001.safetensors", job / "quantize" / "block0004.safetensors"]
-    kills = 0
-    for mark in marks:
-        proc = run_cli(quantize_argv(model, out))
-        if wait_for(proc, mark):
-            time.sleep(rng.uniform(0.0, 0.4))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-            kills += proc.returncode == -signal.SIGKILL
-        else:
-            proc.wait(timeout=60)
-        if out.exists():
-            break
-    assert kills >= 2
+    assert kill_at_marks(quantize_argv(model, out), marks, out, seed=1234, pause=0.4) >= 2
     if not out.exists():
-        proc = run_cli(quantize_argv(model, out))
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err.decode()
+        run_to_end(quantize_argv(model, out))
     assert_same_tree(ref, out)
     assert not job.exists()

@@ -3,10 +3,7 @@ the last nested block, without a second gradient pass, to a byte-identical artif
 refused naming it; a kill after the rename is recognised; a corrupted checkpoint is recomputed."""
 from __future__ import annotations
 
-import random
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ from bitalloc.cli import main
 from bitalloc.jobs.config import default_job_dir
 from bitalloc.jobs.nest import NEST_STAGE
 from bitalloc.nest import build
-from tests.cli_process import run_cli, wait_for
+from tests.cli_process import kill_at_marks, run_to_end
 from tests.gguf_tiny import write_loadable_gguf
 
 torch.set_num_threads(1)
@@ -140,24 +137,9 @@ def test_a_corrupted_block_checkpoint_is_recomputed(src, reference, tmp_path, mo
 def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, tmp_path):
     out = tmp_path / "art"
     job = default_job_dir(out)
-    rng = random.Random(2468)
     marks = [job / "job.json", job / NEST_STAGE / "fisher.safetensors", job / NEST_STAGE / "rows0000.json",
              job / NEST_STAGE / "rows0001.json"]
-    kills = 0
-    for mark in marks:
-        proc = run_cli(_argv(src, out))
-        if wait_for(proc, mark):
-            time.sleep(rng.uniform(0.0, 0.2))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-            kills += proc.returncode == -signal.SIGKILL
-        else:
-            proc.wait(timeout=60)
-        if out.exists():
-            break
-    assert kills >= 2
-    proc = run_cli(_argv(src, out))
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err.decode()
+    assert kill_at_marks(_argv(src, out), marks, out, seed=2468, pause=0.2) >= 2
+    run_to_end(_argv(src, out))
     assert _files(out) == _files(reference)
     assert not job.exists() and not [p for p in tmp_path.iterdir() if p.name != out.name]
