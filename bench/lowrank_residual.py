@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.pareto import bench_inputs  # noqa: E402
-from bitalloc.calibrate.stream import stream_blocks  # noqa: E402
+from bench.pareto import block_linears  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
 from bitalloc.io.atomic import atomic_write  # noqa: E402
 from bitalloc.measure import output_error  # noqa: E402
@@ -114,19 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     blocks = sorted({int(b) for b in args.blocks.split(",") if b})
     ranks = [int(r) for r in args.ranks.split(",") if r]
     pairs = [tuple(p.split(":")) for p in args.bases.split(",") if p]
-    model, _tok, _ref, view, calib, _evals = bench_inputs(args.ctx, args.calib_windows, 1)
     per: dict[str, list[dict]] = {b: [] for b, _ in pairs}
-    for b, block in enumerate(stream_blocks(model, view, calib, progress=False)):
-        if b in blocks:
-            for name, stats in block.items():
-                if stats.hessian is None:
-                    continue
-                w = model.get_parameter(name).detach().to(torch.float32)
-                for base, up in pairs:
-                    per[base].append(tensor_rows(w, stats, base, up, ranks))
-                log.info("%s done", name)
-        if b >= blocks[-1]:
-            break
+    for name, w, stats in block_linears(blocks, args.ctx, args.calib_windows):
+        for base, up in pairs:
+            per[base].append(tensor_rows(w, stats, base, up, ranks))
+        log.info("%s done", name)
     summary = {base: summarise(rows, ranks) for base, rows in per.items()}
     res = {"model": "SmolLM2-135M-Instruct, rescaled (seed 0, sigma 0.1)", "calibration": "comedies",
            "calib_windows": args.calib_windows, "ctx": args.ctx, "blocks": blocks, "tensors": len(per[pairs[0][0]]),

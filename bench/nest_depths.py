@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.pareto import bench_inputs  # noqa: E402
-from bitalloc.calibrate.stream import stream_blocks  # noqa: E402
+from bench.pareto import block_linears  # noqa: E402
 from bitalloc.io.atomic import atomic_write  # noqa: E402
 from bitalloc.measure import output_error  # noqa: E402
 from bitalloc.nest.artifact import depth_of  # noqa: E402
@@ -125,19 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     blocks = sorted({int(b) for b in args.blocks.split(",") if b})
     pairs = [tuple(int(x) for x in p.split("-")) for p in args.pairs.split(",") if p]
     vs = variants(args.max_bits, pairs)  # type: ignore[arg-type]
-    model, _tok, _ref, view, calib, _evals = bench_inputs(args.ctx, args.calib_windows, 1)
     per_tensor: dict[str, dict[str, dict[int, float]]] = {}
-    for b, block in enumerate(stream_blocks(model, view, calib, progress=False)):
-        if b in blocks:
-            for name, stats in block.items():
-                if stats.hessian is None:
-                    continue
-                w = model.get_parameter(name).detach().to(torch.float32)
-                t = time.perf_counter()
-                per_tensor[name] = tensor_errors(name, w, stats, args.group, args.max_bits, vs)
-                log.info("%s: %.1f s", name, time.perf_counter() - t)
-        if b >= blocks[-1]:
-            break
+    for name, w, stats in block_linears(blocks, args.ctx, args.calib_windows):
+        t = time.perf_counter()
+        per_tensor[name] = tensor_errors(name, w, stats, args.group, args.max_bits, vs)
+        log.info("%s: %.1f s", name, time.perf_counter() - t)
     ks = list(range(MIN_DEPTH, args.max_bits + 1))
     total = {v: {k: sum(e[v][k] for e in per_tensor.values()) for k in ks} for v in vs}
     ratios = {v: {k: total[v][k] / total["direct gptq"][k] for k in ks} for v in vs}

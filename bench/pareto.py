@@ -94,6 +94,21 @@ def bench_inputs(ctx: int, calib_windows: int, eval_windows: int) -> tuple:
     return model, tok, reference, view, calib, evals
 
 
+def block_linears(blocks: list[int], ctx: int, calib_windows: int):
+    """``(name, weight (float32), stats)`` of every linear of ``blocks`` of the rescaled SmolLM2, its statistics
+    calibrated on the comedies as :func:`bench_inputs` does (the fp model's block inputs)."""
+    from bitalloc.calibrate.stream import stream_blocks
+
+    model, _tok, _ref, view, calib, _evals = bench_inputs(ctx, calib_windows, 1)
+    for b, block in enumerate(stream_blocks(model, view, calib, progress=False)):
+        if b in blocks:
+            for name, stats in block.items():
+                if stats.hessian is not None:
+                    yield name, model.get_parameter(name).detach().to(torch.float32), stats
+        if b >= max(blocks):
+            break
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
