@@ -40,13 +40,14 @@ _OWN = (META_FILE, TABLE_FILE, MANIFEST_FILE)
 @dataclass(frozen=True, eq=False)
 class Extracted:
     """An extracted model: the plan, every stored tensor (``qtensors``, as a packed directory holds them), the fixed
-    tensors' float32 values (``fixed``) and the budget as resolved."""
+    tensors' float32 values (``fixed``), the budget as resolved and, for a GGUF, the artifact's GGUF template."""
 
     plan: Plan
     qtensors: dict[str, QTensor]
     fixed: dict[str, torch.Tensor]
     capacity: Capacity
     info: dict[str, Any]
+    template: Any = None
 
 
 def extract(art: str | os.PathLike, budget: str | Budget, *, objective: str | None = None, verify: bool = True,
@@ -59,7 +60,7 @@ def extract(art: str | os.PathLike, budget: str | Budget, *, objective: str | No
     b = Budget.parse(budget)
     with Artifact(art, verify=verify) as a:
         m = a.measurement
-        cap, constraints = _gguf_capacity(a, b) if gguf else (weights_capacity(b, m), Constraints())
+        cap, constraints, tpl = _gguf_capacity(a, b) if gguf else (weights_capacity(b, m), Constraints(), None)
         plan = make_plan(m, cap.plan_budget(m.fixed_bytes), constraints, objective)
         qtensors = {name: a.qtensor(name, fmt) for name, fmt in sorted(plan.assignments.items())}
         fixed = {name: a.fixed_value(name) for name in sorted(a.fixed)}
@@ -67,13 +68,13 @@ def extract(art: str | os.PathLike, budget: str | Budget, *, objective: str | No
     for name, v in fixed.items():
         qtensors[name] = get_format(fixed_format(v)).store(v)
     log.info("extracted %d tensors at %.4f bpw (budget %s) from %s", len(qtensors), plan.bpw, b.text, art)
-    return Extracted(plan, qtensors, fixed, cap, info)
+    return Extracted(plan, qtensors, fixed, cap, info, tpl)
 
 
-def _gguf_capacity(a: Artifact, b: Budget) -> tuple[Capacity, Constraints]:
+def _gguf_capacity(a: Artifact, b: Budget) -> tuple[Capacity, Constraints, Any]:
     """The budget of a GGUF extraction as the GGUF target resolves it (:func:`bitalloc.targets.gguf.split_budget`:
-    bits per weight count all tensor data, a size counts the file) and its constraints: the formats with a GGUF
-    type, one type per stacked expert tensor."""
+    bits per weight count all tensor data, a size counts the file), its constraints (the formats with a GGUF type,
+    one type per stacked expert tensor) and the artifact's GGUF template."""
     from ..targets.gguf import split_budget, stack_ties
     from .gguf import gguf_type_of, template_from_files
 
@@ -91,7 +92,7 @@ def _gguf_capacity(a: Artifact, b: Budget) -> tuple[Capacity, Constraints]:
     if cap.allocatable < 0:
         raise InputError(f"budget {b.text} ({cap.limit} B) is below what the GGUF takes without its allocated tensors "
                          f"({cap.overhead} B)")
-    return cap, Constraints(tie_groups=stack_ties(tpl).tie_groups, allowed=(("*", fmts),))
+    return cap, Constraints(tie_groups=stack_ties(tpl).tie_groups, allowed=(("*", fmts),)), tpl
 
 
 class _CopiedTokenizer:
@@ -125,11 +126,11 @@ def extract_gguf(art: str | os.PathLike, budget: str | Budget, out: str | os.Pat
                  objective: str | None = None, verify: bool = True, overwrite: bool = False) -> Written:
     """Write the extracted model of ``budget`` as a GGUF (see the module) through the GGUF target, which asserts the
     size; refuses an artifact without exact GGUF depths in one line before any work."""
-    from .gguf import extracted_gguf, template_from_files
+    from .gguf import extracted_gguf
 
     ex = extract(art, budget, objective=objective, verify=verify, gguf=True)
     allocated = {n: q for n, q in ex.qtensors.items() if n in ex.plan.assignments}
-    target, prepared = extracted_gguf(Path(out), template_from_files(Path(art)), Path(art), allocated, ex.fixed)
+    target, prepared = extracted_gguf(Path(out), ex.template, Path(art), allocated, ex.fixed)
     written = target.write_verified(prepared, ex.capacity, overwrite=overwrite)
     log.info("wrote %s from %s (%d tensors, %d bytes)", out, art, written.n_tensors, written.file_size)
     return written
