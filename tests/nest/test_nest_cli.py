@@ -132,3 +132,12 @@ def test_a_moe_artifact_extracts_one_gguf_type_per_stacked_expert_tensor(tmp_pat
     for name in ex.plan.assignments:
         if name in params:  # experts come back fused or unfused as the loader builds them
             assert torch.equal(params[name], dequantize(ex.qtensors[name]).reshape(params[name].shape)), name
+
+
+def test_a_gguf_budget_out_of_reach_is_refused_as_bitalloc_gguf_refuses_it(art: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    for budget, word in (("3bpw", "smallest"), ("20bpw", "largest"), ("10KB", "smallest")):
+        assert main(["extract", str(art), "--budget", budget, "--gguf", str(tmp_path / "g.gguf"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err and word in err, (budget, err)
+    assert not (tmp_path / "g.gguf").exists()

@@ -75,7 +75,7 @@ def _gguf_capacity(a: Artifact, b: Budget) -> tuple[Capacity, Constraints, Any]:
     """The budget of a GGUF extraction as the GGUF target resolves it (:func:`bitalloc.targets.gguf.split_budget`:
     bits per weight count all tensor data, a size counts the file), its constraints (the formats with a GGUF type,
     one type per stacked expert tensor) and the artifact's GGUF template."""
-    from ..targets.gguf import split_budget, stack_ties
+    from ..targets.gguf import preflight, split_budget, stack_ties
     from .gguf import gguf_type_of, template_from_files
 
     if not a.info.get("gguf_template"):
@@ -87,11 +87,9 @@ def _gguf_capacity(a: Artifact, b: Budget) -> tuple[Capacity, Constraints, Any]:
                          "artifact nested with --group 32 --outliers 0 has depths that are exactly GGUF types "
                          "(int4-g32 = Q4_1, int5-g32 = Q5_1)")
     tpl = template_from_files(a.path)
+    preflight(tpl, fmts, b)  # below the smallest or above the largest GGUF of these types: refused as `bitalloc gguf`
     names = sorted({tpl.names.to_gguf(t.name) for t in a.measurement.tensors})
     cap = split_budget(tpl, names, b, a.total_params)
-    if cap.allocatable < 0:
-        raise InputError(f"budget {b.text} ({cap.limit} B) is below what the GGUF takes without its allocated tensors "
-                         f"({cap.overhead} B)")
     return cap, Constraints(tie_groups=stack_ties(tpl).tie_groups, allowed=(("*", fmts),)), tpl
 
 
