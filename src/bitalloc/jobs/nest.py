@@ -115,12 +115,6 @@ class NestCheckpoints(MeasureCheckpoints):
         self.job.save_item(self.stage, f"rows{b:04d}", {"rows": rows_to_json(nested.rows), "entries": nested.entries})
         _save_hidden(self.job, b + 1, hidden, self.stage)
 
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`bitalloc.nest.build.nest_model` that resume and checkpoint it."""
-        start = self.start()  # first: it may discard the stage's checkpoints
-        return {"fisher_stats": self.fisher_stats(), "on_fisher": self.save_fisher, "start": start,
-                "on_block": self.on_block}
-
 
 def run_nest(config: NestConfig) -> dict[str, Any]:
     """Run (or continue) the nest of ``config``; returns the artifact's ``nest.json``."""
