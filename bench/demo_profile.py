@@ -31,10 +31,16 @@ TENSORS = ["blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.0.ffn_up.weight"
 
 
 def old_rtn(rev: str) -> types.ModuleType:
-    """``bitalloc.rounding.rtn`` as of git revision ``rev`` (imported under another name)."""
-    src = subprocess.run(["git", "show", f"{rev}:src/bitalloc/rounding/rtn.py"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
-    src = src.replace("from ..errors", "from bitalloc.errors").replace("from ..formats.base", "from bitalloc.formats.base")
+    """The scale search as of git revision ``rev`` (imported under another name): ``bitalloc.formats.fit``, or
+    ``bitalloc.rounding.rtn`` where it lived before."""
+    for path in ("src/bitalloc/formats/fit.py", "src/bitalloc/rounding/rtn.py"):
+        got = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
+        if got.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"no scale search at revision {rev}")
+    src = got.stdout.replace("from ..errors", "from bitalloc.errors").replace(
+        "from ..formats.base", "from bitalloc.formats.base").replace("from .base", "from bitalloc.formats.base")
     mod = types.ModuleType("rtn_" + rev)
     exec(compile(src, f"rtn@{rev}", "exec"), mod.__dict__)
     return mod
@@ -52,7 +58,7 @@ def real_weight(name: str, rows: int | None = None) -> torch.Tensor:
 def cmd_search(args: argparse.Namespace) -> None:
     from bitalloc.memory import return_large_frees
     from bitalloc.formats import get_format
-    from bitalloc.rounding import rtn as new
+    from bitalloc.formats import int as new  # IntFormat.fit calls this module's search_affine
 
     new_search = new.search_affine
 
@@ -149,8 +155,8 @@ def cmd_stages(args: argparse.Namespace) -> None:
     scale search, the RTN rounding and the error functions split out of the measurement."""
     import bitalloc.measure as measure
     import bitalloc.pipeline as pipeline
-    import bitalloc.rounding as rounding
-    import bitalloc.rounding.rtn as rtn
+    import bitalloc.formats.int as int_formats
+    import bitalloc.rounding.methods as methods
     from bitalloc.cli.common import DEMO_BUDGETS, DEMO_FORMATS as FMTS, _load_model
     from bitalloc.data import default_calibration_files, default_eval_files, text_windows
     from bitalloc.evaluate import evaluate
@@ -160,8 +166,8 @@ def cmd_stages(args: argparse.Namespace) -> None:
     from bitalloc.quantize import quantize_model
 
     clock = _Clock()
-    clock.wrap(rtn, "search_affine", "fit: search_affine")
-    clock.wrap(rounding, "rtn_round", "rtn_round (Grid.snap)")
+    clock.wrap(int_formats, "search_affine", "fit: search_affine")
+    clock.wrap(methods, "rtn_round", "rtn_round (Grid.snap)")
     clock.wrap(measure, "output_error", "errors: output_error")
     clock.wrap(measure, "fisher_error", "errors: fisher_error")
     clock.wrap(measure, "dequantize", "dequantize")

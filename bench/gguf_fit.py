@@ -44,7 +44,10 @@ LAYERS = (0, 15, 29)
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 FILES = ("gguf_common", "gguf_legacy", "gguf_kquants")
 RENAMES = (("from .base ", "from bitalloc.formats.base "), ("from ..errors ", "from bitalloc.errors "),
-           ("from ..rounding.rtn ", "from bitalloc.rounding.rtn "), ("from .gguf_common ", "from {pkg}.gguf_common "))
+           ("from .fit ", "from bitalloc.formats.fit "), ("from .refit ", "from bitalloc.formats.refit "),
+           # revisions before the scale search and the refit moved into formats/
+           ("from ..rounding.rtn ", "from bitalloc.formats.fit "), ("from ..rounding.refit ", "from bitalloc.formats.refit "),
+           ("from .gguf_common ", "from {pkg}.gguf_common "))
 
 
 def load_baseline(rev: str, tmp: Path) -> dict[str, type]:

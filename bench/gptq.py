@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from bitalloc.data import default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
 from bitalloc.rounding import GPTQ_REFITS, gptq_refit, gptq_round, rtn_round  # noqa: E402
-from bitalloc.rounding.gptq import layer_output_error  # noqa: E402
+from bitalloc.formats.refit import layer_output_error  # noqa: E402
 
 LAYERS = (0, 10, 20, 29)
 MODULES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")

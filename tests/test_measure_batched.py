@@ -6,7 +6,7 @@ import torch
 
 from bitalloc.measure import measure_tensor
 from bitalloc.rounding import dequantize, quantize_weight
-from bitalloc.rounding.gptq import layer_output_error
+from bitalloc.formats.refit import layer_output_error
 from bitalloc.stats import LinearStats, LookupStats, TensorStats
 from bitalloc.timing import StageTimer
 

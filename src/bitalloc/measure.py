@@ -23,7 +23,7 @@ from .memory import release_free_memory
 from .errors import InputError, NumericsError
 from .formats import Format, Grid, get_format
 from .formats.rotated import Rotation, rotation_of
-from .rounding import ROW_CHUNK_ELEMS, dequantize, gptq_refit_many, quantize_chunks, row_chunks, rtn_round
+from .rounding import ROW_CHUNK_ELEMS, Method, dequantize, get_rounder, quantize_chunks, row_chunks
 from .stats import LinearStats, LookupStats, TensorStats
 from .timing import StageTimer, timed
 from .table import (  # noqa: F401  (re-exported: the table's historical home)
@@ -144,7 +144,7 @@ def measure_tensor(
     w: torch.Tensor,
     stats: TensorStats,
     formats: Sequence[str | Format],
-    method: str = "gptq",
+    method: Method = "gptq",
     *,
     max_elems: int | None = ROW_CHUNK_ELEMS,
     release: Callable[[slice], None] | None = None,
@@ -157,8 +157,9 @@ def measure_tensor(
     ``ΔW = dequantize(quantize_weight(w, fmt, hessian=stats.hessian, method=method)) − w``; bytes are the
     format's exact ``nbytes(shape)``.  Formats that cannot store the shape are skipped (logged).
 
-    ``batched`` (the default) rounds every grid format of the tensor together: one Hessian factorisation
-    and one GPTQ column loop over the formats' stacked rows (:func:`bitalloc.rounding.gptq_refit_many`),
+    ``method``: a registered rounding method (:mod:`bitalloc.rounding.methods`).  ``batched`` (the default) rounds
+    every grid format of the tensor together (:meth:`~bitalloc.rounding.Rounder.round_many`; GPTQ: one Hessian
+    factorisation and one column loop over the formats' stacked rows, :func:`bitalloc.rounding.gptq_refit_many`),
     ΔW from the grid values of the codes (what ``decode`` of the stored bytes gives).  The errors equal
     the per-format path's (``batched=False``: :func:`bitalloc.rounding.quantize_chunks` and ``dequantize``
     per format, as ``quantize_weight`` stores it) up to float rounding in GPTQ's blocked products.  The
@@ -179,6 +180,7 @@ def measure_tensor(
     formats and after each block of every other format.
     """
     drop = release if release is not None else (lambda _rows: None)
+    get_rounder(method)  # an unknown method is refused before any work
     shape = tuple(w.shape)
     nrows = int(shape[0]) if shape else 1
     if stats.roles and all(r.ntokens == 0 for r in stats.roles):
@@ -219,12 +221,11 @@ def measure_tensor(
     return rows
 
 
-def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, method: str,
+def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, method: Method,
                  max_elems: int | None, drop: Callable[[slice], None]) -> tuple[float, float | None]:
     """(output, fisher) error of one format as :func:`quantize_weight` stores it, block by block."""
     out_err, fi_err = 0.0, 0.0
-    for sl, q in quantize_chunks(w, fmt, hessian=stats.hessian, method=method,  # type: ignore[arg-type]
-                                 max_elems=max_elems):
+    for sl, q in quantize_chunks(w, fmt, hessian=stats.hessian, method=method, max_elems=max_elems):
         w32 = w[sl].detach().to(torch.float32)
         dw = dequantize(q).to(device=w32.device, dtype=torch.float32).reshape(w32.shape) - w32
         if not torch.isfinite(dw).all():
@@ -239,14 +240,13 @@ def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, me
     return out_err, fi_err
 
 
-def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[Format], method: str,
+def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[Format], method: Method,
                    max_elems: int | None, stack_elems: int | None, drop: Callable[[slice], None],
                    timer: StageTimer | None) -> dict[str, tuple[float, float | None]]:
     """(output, fisher) error per grid format, all formats of a block of rows rounded together."""
     if not fmts:
         return {}
-    if method not in ("rtn", "gptq"):
-        raise ValueError(f"unknown rounding method {method!r} (use 'rtn' or 'gptq')")
+    rounder = get_rounder(method)
     if stack_elems is None:
         stack_elems = STACK_ELEMS_CUDA if w.device.type == "cuda" else STACK_ELEMS
     if stack_elems < 1:
@@ -269,11 +269,7 @@ def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequenc
             g_fmts = [fmts[i] for i in members]
             with timed(timer, "measure.fit"):
                 grids = [f.fit(w_g, importance) for f in g_fmts]
-            if method == "gptq" and h_g is not None:
-                got = gptq_refit_many(w_g, h_g, grids, g_fmts, timer=timer)
-            else:
-                with timed(timer, "measure.rtn"):
-                    got = [(rtn_round(w_g, g)[0], g) for g in grids]
+            got = rounder.round_many(w_g, h_g, grids, g_fmts, timer)
             for i, (codes, grid) in zip(members, got):
                 done[i] = (codes, grid, rot)
             del w_g, grids, got

@@ -29,6 +29,7 @@ from .models.view import ModelView
 from .models.spill import release_parameter, release_rows
 from .placement import Placement
 from .quantize import view_of
+from .rounding import get_rounder
 from .timing import StageTimer, timed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,7 +112,7 @@ def measure_model(
     """The measurement table of ``model`` over ``formats`` (each tensor × each format that fits its shape).
 
     ``windows`` give the Hessians; the Fisher pass (gradients) uses ``fisher_windows`` (default: the same
-    windows).  Errors are those of ``method`` rounding ("gptq" or "rtn") with fp inputs, plus, for formats whose
+    windows).  Errors are those of ``method`` rounding (a registered method: "gptq", "rtn") with fp inputs, plus, for formats whose
     runtime rounds the activations (GGUF types in llama.cpp), the output error of that rounding
     (``activation_noise=False``: the weights' error alone).
 
@@ -127,8 +128,7 @@ def measure_model(
     skips it).  The table then holds those exact rows only and its fingerprint records the screening, so
     ``make_plan`` refuses other budgets.  With ``method="rtn"`` the estimate is exact: nothing is screened.
     """
-    if method not in ("gptq", "rtn"):
-        raise InputError(f"unknown rounding method {method!r}; use 'gptq' or 'rtn'")
+    method = get_rounder(method).name
     fmts = [get_format(f).id for f in formats]
     if not fmts:
         raise InputError("no candidate formats given")

@@ -34,7 +34,7 @@ from .models.view import ModelView, fixed_format
 from .placement import Placement, cpu_copy
 from .timing import StageTimer, timed
 from . import rounding
-from .rounding import Method, dequantize, quantize_chunks
+from .rounding import Method, Rounder, dequantize, get_rounder, quantize_chunks
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,15 @@ def quantize_model(
 
     The result holds a QTensor for each allocated tensor (the plan's format) and for each fixed tensor
     (fp16).  The model's weights are replaced by the dequantized values, so it *is* the candidate model.
-    ``method`` "gptq" rounds with the Hessian of each group's input; "rtn" uses it only to weight the
-    scale search.  ``on_block(b, qtensors_of_block_b, hidden_after_b)`` is called after each block;
+    ``method``: a registered rounding method (:mod:`bitalloc.rounding.methods`), whose per-block hook
+    (:meth:`~bitalloc.rounding.Rounder.quantize_block`) asks the runner for the block's input statistics: "gptq"
+    rounds each sequential group with the Hessian of its inputs after the groups before it; "rtn" uses the
+    Hessian's diagonal only to weight the scale search, collected in one pass.  ``on_block(b, qtensors_of_block_b, hidden_after_b)`` is called after each block;
     ``start`` continues a run from its block (its QTensors are put back into the model first).
     ``placement``: where the work runs (default: the CPU); ``timer`` records ``quantize`` (the whole stage),
     ``quantize.round`` (GPTQ/RTN and refits) and the runner's ``calibrate.*`` stages.
     """
-    if method not in ("gptq", "rtn"):
-        raise InputError(f"unknown rounding method {method!r}; use 'gptq' or 'rtn'")
+    rounder = get_rounder(method)
     lay = layout_of(model)
     view = view_of(model, view)
     assign = dict(plan.assignments if hasattr(plan, "assignments") else plan)
@@ -174,18 +175,18 @@ def quantize_model(
         get_format(assign[n]).check_shape(tuple(model.get_parameter(n).shape))
 
     with timed(timer, "quantize"):
-        out = _run(model, lay, assign, windows, method, batch_size, progress, on_block, start, placement, timer)
+        out = _run(model, lay, assign, windows, rounder, batch_size, progress, on_block, start, placement, timer)
         out.update(store_fixed(model, view))
     return out
 
 
-def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tensor, method: Method, batch_size: int,
+def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tensor, rounder: Rounder, batch_size: int,
          progress: bool, on_block: BlockHook | None, start: ResumeState | None, placement: Placement | None,
          timer: StageTimer | None) -> dict[str, QTensor]:
     """The blocks and the head of :func:`quantize_model` under one runner (weights written back when it closes)."""
     out: dict[str, QTensor] = {}
 
-    def one(name: str, h: torch.Tensor | None, how: Method) -> QTensor:
+    def one(name: str, h: torch.Tensor | None, how: Method = rounder) -> QTensor:
         with timed(timer, "quantize.round"):
             return _quantize_one(model, name, assign[name], h, how, runner.placement)
 
@@ -194,18 +195,9 @@ def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tens
         if start is not None:
             first = _restore_state(model, runner, start)
             out.update(start.qtensors)
-        ngroups = len(lay.spec.groups)
-        for b in tqdm(range(first, len(lay.blocks)), desc=f"quantize ({method})", disable=not progress, leave=False):
-            done: dict[str, QTensor] = {}
-            if method == "rtn":  # RTN only weights its scale search: one pass with the quantized-prefix inputs
-                hs = runner.collect()
-                for name, h in hs.items():
-                    done[name] = one(name, h, method)
-            else:
-                for g in range(ngroups):
-                    hs = runner.collect([g])
-                    for name in lay.block_groups(b)[g]:
-                        done[name] = one(name, hs[name], method)
+        for b in tqdm(range(first, len(lay.blocks)), desc=f"quantize ({rounder.name})", disable=not progress,
+                      leave=False):
+            done = rounder.quantize_block(lay.block_groups(b), runner.collect, one)
             runner.advance()
             out.update(done)
             if on_block is not None:
@@ -213,9 +205,9 @@ def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tens
             log.debug("block %d quantized", b)
         h_head = runner.head_hessian()
         if lay.tied:
-            out[lay.embedding_name] = one(lay.embedding_name, h_head, method)
+            out[lay.embedding_name] = one(lay.embedding_name, h_head)
         else:
-            out[lay.lm_head_name] = one(lay.lm_head_name, h_head, method)
+            out[lay.lm_head_name] = one(lay.lm_head_name, h_head)
             # a pure lookup has no input Hessian: rounded to nearest on its grid
             out[lay.embedding_name] = one(lay.embedding_name, None, "rtn")
     return out

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from bench import gptq as bench
-from bitalloc.rounding.gptq import layer_output_error
+from bitalloc.formats.refit import layer_output_error
 from tests.rounding.test_gptq import correlated, weight
 
 

@@ -10,7 +10,7 @@ from bitalloc.formats import FormatError, Grid, get_format
 from bitalloc.formats.fp import FPGroupFormat
 from bitalloc.formats.gguf_common import fp16r
 from bitalloc.rounding import dequantize, quantize_weight
-from bitalloc.rounding.gptq import layer_output_error
+from bitalloc.formats.refit import layer_output_error
 
 IDS = ["fp4-g32", "fp4-g64", "fp4-g128", "fp3-e1m1-g32", "fp5-e2m2-g64", "fp6-e2m3-g32", "fp6-e3m2-g128",
        "mxfp4", "nvfp4", "fp8", "nf4"]

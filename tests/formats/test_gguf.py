@@ -13,7 +13,8 @@ from gguf import quants as gq
 
 from bitalloc.formats import FormatError, Grid, QTensor, get_format
 from bitalloc.formats.gguf import GGUF_TYPES, KQUANT_TYPES, LEGACY_TYPES
-from bitalloc.rounding.rtn import minmax_affine, rtn_round
+from bitalloc.formats.fit import minmax_affine
+from bitalloc.rounding.rtn import rtn_round
 
 log = logging.getLogger(__name__)
 

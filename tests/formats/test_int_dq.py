@@ -13,7 +13,7 @@ from bitalloc.formats.base import Grid
 from bitalloc.formats.int_dq import IntDQFormat, parse_int_dq
 from bitalloc.formats.packing import pack_bits
 from bitalloc.rounding import dequantize, quantize_weight
-from bitalloc.rounding.gptq import layer_output_error, row_errors
+from bitalloc.formats.refit import layer_output_error, row_errors
 from bitalloc.rounding.rtn import rtn_round
 from tests.rounding.test_gptq import correlated
 

@@ -13,7 +13,7 @@ from bitalloc.formats.int import BITS, GROUPS
 from bitalloc.formats.int_zp import IntZpFormat, snap_zero
 from bitalloc.formats.packing import unpack_bits
 from bitalloc.rounding import dequantize, quantize_weight
-from bitalloc.rounding.gptq import row_errors
+from bitalloc.formats.refit import row_errors
 
 ALL = [IntZpFormat(b, g) for b, g in itertools.product(BITS, GROUPS)]
 

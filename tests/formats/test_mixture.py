@@ -9,7 +9,7 @@ from bitalloc.formats import FormatError, get_format
 from bitalloc.formats.mixture import SETS, MixtureFormat
 from bitalloc.measure import measure_tensor
 from bitalloc.rounding import dequantize, quantize_weight
-from bitalloc.rounding.gptq import row_errors
+from bitalloc.formats.refit import row_errors
 from bitalloc.stats import LinearStats, TensorStats
 
 IDS = ["mix4-g32", "mix4-g64", "mix4-g128", "mix3-g32", "mix3-g64", "mix3-g128"]

@@ -10,7 +10,7 @@ from bitalloc.formats import FormatError, QTensor, get_format
 from bitalloc.formats.outliers import INDEX, KS, VALUES, OutlierFormat
 from bitalloc.measure import measure_tensor
 from bitalloc.rounding import dequantize, quantize_weight
-from bitalloc.rounding.gptq import row_errors
+from bitalloc.formats.refit import row_errors
 from bitalloc.stats import LinearStats, TensorStats
 
 BASES = ["int3-g128", "int4-g32-sym", "int2-row", "q4_0", "q4_1", "iq4_nl", "q3_k", "mix4-g32"]

@@ -9,7 +9,7 @@ import torch
 from bitalloc.formats import FormatError, get_format
 from bitalloc.measure import measure_tensor
 from bitalloc.rounding import dequantize, quantize_weight
-from bitalloc.rounding.gptq import layer_output_error, row_errors
+from bitalloc.formats.refit import layer_output_error, row_errors
 from bitalloc.rounding.rtn import rtn_round
 from bitalloc.stats import LinearStats, TensorStats
 from tests.rounding.test_gptq import correlated

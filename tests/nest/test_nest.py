@@ -17,7 +17,7 @@ from bitalloc.models.view import ModelView
 from bitalloc.nest import Artifact, artifact_bytes, extract, extract_packed, nest_model
 from bitalloc.nest.codes import depth_grid, from_planes, nested_codes, nested_grid, to_planes
 from bitalloc.rounding import dequantize
-from bitalloc.rounding.gptq import layer_output_error
+from bitalloc.formats.refit import layer_output_error
 from tests.conftest import tiny_llama, tiny_qwen2
 
 GROUP, DEPTH = 32, 6

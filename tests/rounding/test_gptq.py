@@ -8,7 +8,8 @@ import torch
 
 from bitalloc.errors import InputError, NumericsError
 from bitalloc.formats.base import Grid
-from bitalloc.rounding.gptq import gptq_round, inverse_cholesky_upper, layer_output_error, prepare_hessian
+from bitalloc.rounding.gptq import gptq_round, inverse_cholesky_upper, prepare_hessian
+from bitalloc.formats.refit import layer_output_error
 
 
 def minmax_grid(w: torch.Tensor, bits: int, group: int) -> Grid:

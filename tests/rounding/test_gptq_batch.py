@@ -9,7 +9,8 @@ import torch
 from bitalloc.formats import get_format
 from bitalloc.formats.base import Grid
 from bitalloc.rounding import gptq_refit, gptq_refit_many, gptq_round, gptq_round_many
-from bitalloc.rounding.gptq import gptq_factor, row_errors
+from bitalloc.rounding.gptq import gptq_factor
+from bitalloc.formats.refit import row_errors
 from bitalloc.rounding.stacked import StackedGrid
 
 SETS = {

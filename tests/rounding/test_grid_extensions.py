@@ -10,8 +10,8 @@ import torch
 from bitalloc.formats import FormatError, get_format
 from bitalloc.formats.base import Grid
 from bitalloc.rounding import gptq_refit_many, gptq_round, gptq_round_many
-from bitalloc.rounding.gptq import gptq_factor, row_errors
-from bitalloc.rounding.refit import group_lstsq, refit_grid
+from bitalloc.rounding.gptq import gptq_factor
+from bitalloc.formats.refit import group_lstsq, refit_grid, row_errors
 
 SETS = torch.tensor([[-3.0, -1.0, 0.0, 2.0], [-2.0, -0.5, 0.5, 2.0], [-1.0, 0.0, 1.0, 4.0]])
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, output_exists
 from .common import check_rotation_of, print_timings
-from .options import add_recover, add_rotate, add_screen, recover_of, rotate_of
+from .options import METHODS, add_recover, add_rotate, add_screen, recover_of, rotate_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..jobs.config import RunConfig
@@ -44,11 +44,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser | None:
     p.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--formats", default=",".join(GGUF_FORMATS), metavar="F,F,...",
                    help="candidate GGUF types (default: all of them; each tensor gets those its shape allows)")
-    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rounding (default gptq)")
+    p.add_argument("--method", choices=METHODS, default="gptq", help="rounding (default gptq)")
     add_screen(p)
     add_recover(p)
     add_rotate(p)
-    p.add_argument("--measure-method", choices=("gptq", "rtn"), default=None,
+    p.add_argument("--measure-method", choices=METHODS, default=None,
                    help="rounding when measuring each tensor x type (default: --method); rtn measures about "
                    "twice as fast, GPTQ predicts the errors of a GPTQ output more closely")
     p.add_argument("--no-fisher", dest="fisher", action="store_false",

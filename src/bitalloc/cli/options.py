@@ -3,12 +3,37 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from .common import MODEL_HELP
 
 EVAL_TEXT_HELP = "evaluation text (default: Hamlet and Macbeth)"
 FUSED_HELP = "fused: q/k/v and gate/up of each block share one format"
+
+
+class _Methods:
+    """The registered rounding methods (:mod:`bitalloc.rounding.methods`) as argparse ``choices``, read from the
+    registry only when argparse asks (a ``--method`` to check, or the help): its package imports torch, which the
+    CLI loads once a command runs."""
+
+    @staticmethod
+    def _names() -> tuple[str, ...]:
+        from ..rounding.methods import method_names
+
+        return method_names()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+#: ``choices`` of every ``--method`` / ``--measure-method``
+METHODS = _Methods()
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
@@ -33,7 +58,7 @@ def add_measure_opts(p: argparse.ArgumentParser, formats: str, method: str, fish
     """``--formats``, ``--method``, ``--no-fisher`` and ``--fisher-windows``."""
     p.add_argument("--formats", default=formats, metavar="F,F,...",
                    help=f"candidate formats, comma-separated (default {formats})")
-    p.add_argument("--method", choices=("gptq", "rtn"), default=method,
+    p.add_argument("--method", choices=METHODS, default=method,
                    help=f"rounding method for measuring errors and quantizing (default {method})")
     p.add_argument("--no-fisher", dest="fisher", action="store_false",
                    help="skip the gradient pass: allocate by layer-output error instead of Fisher-weighted error")

@@ -31,7 +31,7 @@ Stored parts of a ``(rows, cols)`` tensor (``cols`` must be a multiple of ``G``;
 Scale searches are importance-weighted (:func:`~.fp_common.search_scale`; MX: the OCP exponent
 ``floor(log2 amax) - 2`` and its neighbours, :func:`~.fp_common.best_of`) and never worse than the plain
 rule (absmax / OCP exponent).  ``refine`` refits the stored scales to GPTQ's codes under the Hessian
-(:func:`~bitalloc.rounding.refit.refit_grid`, rounded to storage, never worse row by row), except for
+(:func:`~bitalloc.formats.refit.refit_grid`, rounded to storage, never worse row by row), except for
 ``mxfp4`` (power-of-two scales: the refit rounded back gained nothing).
 """
 from __future__ import annotations

@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..rounding.refit import refit_grid
-from ..rounding.rtn import affine_error
+from .refit import refit_grid
+from .fit import affine_error
 from .base import Format, FormatError, Grid, QTensor, Shape
 from .gguf_common import check_weights, element_weights, fp16r, grid_error, nearest_fn
 from .packing import pack_bits, unpack_bits

@@ -15,7 +15,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import NumericsError
-from ..rounding.rtn import minmax_affine, round_fp16
+from .fit import minmax_affine, round_fp16
 from .base import Format, FormatError, QTensor, Shape
 
 FP16_MAX = 65504.0

@@ -29,8 +29,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..rounding.refit import refit_grid
-from ..rounding.rtn import round_fp16
+from .refit import refit_grid
+from .fit import round_fp16
 from .base import FormatError, Grid, QTensor, Shape
 from .gguf_common import (GGUFFormat, bits_to_bytes, check_weights, element_weights, fp16_bytes,
                           fp16_from_bytes, fp16r, nibbles, search_grid)
@@ -84,7 +84,7 @@ class GGUFLegacy(GGUFFormat):
         return Grid(s.reshape(rows, nb), o.reshape(rows, nb), levels, QK)
 
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
-        """Least-squares fp16 ``d`` (and ``m`` for the ``_1`` types) for the codes (:mod:`..rounding.refit`)."""
+        """Least-squares fp16 ``d`` (and ``m`` for the ``_1`` types) for the codes (:mod:`.refit`)."""
         return refit_grid(w, codes, grid, hessian, offset=not self.spec.symmetric, rnd=fp16r)
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:

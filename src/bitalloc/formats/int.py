@@ -23,7 +23,7 @@ Exact storage layout of a ``(rows, cols)`` tensor (this defines :meth:`IntFormat
 Example: ``(3, 200)`` int4-g128 = 384 + 12 + 12 = 408 bytes.
 
 Scales and zeros are fp16 values clamped to ±65504: a group whose range exceeds what an fp16 scale can
-span clips its extremes rather than storing inf (see :func:`bitalloc.rounding.rtn.round_fp16`).
+span clips its extremes rather than storing inf (see :func:`bitalloc.formats.fit.round_fp16`).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import torch
 
 from ..errors import NumericsError
 from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
+from .fit import all_finite, finite_non_negative, minmax_affine, round_fp16, search_affine
 from .packing import pack_bits, packed_nbytes, unpack_bits
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -93,8 +94,6 @@ class IntFormat(Format):
     # --- grid ---------------------------------------------------------------------------------
     def fit(self, w: torch.Tensor, importance: torch.Tensor | None = None, *, search: bool = True) -> Grid:
         """Grid with fp16 scales/zeros chosen by :func:`search_affine` (``search=False``: min-max)."""
-        from ..rounding.rtn import round_fp16  # rounding imports formats.base only
-
         self.check_shape(tuple(w.shape))
         grid = fit_groups(w, importance, self.id, self.group_size(int(w.shape[1])), self.levels,
                           symmetric=self.symmetric, search=search, round_params=round_fp16)
@@ -135,8 +134,6 @@ class IntFormat(Format):
 
     def with_scales(self, grid: Grid, scale: torch.Tensor, offset: torch.Tensor) -> Grid:
         """fp16 scales (and zeros when asymmetric; a symmetric grid keeps its zero offset), clamped to ±65504."""
-        from ..rounding.rtn import round_fp16
-
         s, o = round_fp16(scale.detach().to(torch.float32), offset.detach().to(torch.float32))
         if self.symmetric:
             o = torch.zeros_like(s)
@@ -226,8 +223,6 @@ def fit_groups(w: torch.Tensor, importance: torch.Tensor | None, fid: str, gs: i
     """The affine grid of groups of ``gs`` columns of ``w`` on consecutive ``levels``: per group the scale and offset
     of :func:`search_affine` (``search=False``: min-max), stored through ``round_params``.  Rows are padded to whole
     groups by repeating their last column, which weighs nothing in the search."""
-    from ..rounding.rtn import all_finite, minmax_affine, search_affine  # rounding imports formats.base only
-
     w = w.detach().to(torch.float32)
     if not all_finite(w):
         raise NumericsError(f"{fid}: weight of shape {tuple(w.shape)} holds NaN/Inf values")
@@ -257,7 +252,6 @@ def _importance(importance: torch.Tensor | None, rows: int, cols: int, fid: str)
         imp = imp.unsqueeze(0).expand(rows, cols)
     elif tuple(imp.shape) != (rows, cols):
         raise FormatError(f"{fid}: importance must have shape ({cols},) or ({rows}, {cols}), got {tuple(imp.shape)}")
-    from ..rounding.rtn import finite_non_negative
 
     if not finite_non_negative(imp):
         raise NumericsError(f"{fid}: importance must be finite and non-negative")

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rounding.gptq import row_errors
+from .refit import row_errors
 from .base import REGISTRY, FormatError, Grid, QTensor, Shape
 from .gguf_common import fp16r, grid_error, level_values, nearest_fn, search_grid
 from .packing import pack_bits

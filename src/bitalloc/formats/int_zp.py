@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from .base import Format, FormatError, Grid, QTensor, Shape
+from .fit import round_fp16
 from .int import check_bits_group, check_codes_grid, fit_groups
 from .packing import pack_bits, packed_nbytes, unpack_bits
 
@@ -43,8 +44,6 @@ def snap_zero(scale: torch.Tensor, offset: torch.Tensor, nlevels: int) -> tuple[
     lies above or below 0 is first stretched to reach it (as GPTQ's quantizer does), or its values would be cut
     off.  A constant group (the scale rounds to 0 but the offset does not) gets its value as the scale, one step
     from the zero point, stored as exactly as fp16 allows."""
-    from ..rounding.rtn import round_fp16
-
     top = float(nlevels - 1)
     zero_t = torch.zeros_like(offset)
     s16, o16 = round_fp16(scale, offset)

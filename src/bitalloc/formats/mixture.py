@@ -35,8 +35,8 @@ from typing import Sequence
 import torch
 
 from ..errors import NumericsError
-from ..rounding.refit import refit_grid
-from ..rounding.rtn import round_fp16
+from .refit import refit_grid
+from .fit import round_fp16
 from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
 from .gguf_common import element_weights, fp16r, grid_error, nearest_fn, search_grid
 from .packing import pack_bits, packed_nbytes, unpack_bits

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ..rounding.refit import refit_grid
+from .refit import refit_grid
 from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
 from .fp_common import group_view, search_scale
 from .gguf_common import check_weights, element_weights

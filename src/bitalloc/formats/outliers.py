@@ -31,6 +31,7 @@ import torch
 
 from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape, get_format
 from .gguf_common import element_weights, fp16r
+from .refit import row_errors
 
 KS = (1, 2, 4, 8, 16)
 VALUES = "weight_outlier_values"
@@ -182,7 +183,6 @@ def refit_exact(w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch
     values that compensate it.  Rows whose error does not drop keep their values; never worse in-sample."""
     if grid.exact_mask is None:
         return grid
-    from ..rounding.gptq import row_errors
 
     mask = grid.exact_mask.to(w.device)
     rows = int(w.shape[0])

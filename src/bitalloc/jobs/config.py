@@ -16,9 +16,9 @@ from typing import Any, Sequence
 from ..budget import Budget
 from ..errors import InputError
 from ..recover.config import RecoverConfig
+from ..rounding.methods import get_rounder
 from ..io.atomic import file_digest
 
-METHODS = ("gptq", "rtn")
 FINGERPRINT_VERSION = 2
 
 
@@ -98,8 +98,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         for m in (self.method, self.measure_method or self.method):
-            if m not in METHODS:
-                raise InputError(f"unknown rounding method {m!r}; use 'gptq' or 'rtn'")
+            get_rounder(m)  # one line naming the registered methods
         if self.sweep is not None and not self.budgets:
             raise InputError("a sweep needs at least one budget")
         if self.screen and (self.sweep is not None or len(self.budgets) != 1 or self.plan is not None

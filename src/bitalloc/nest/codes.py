@@ -93,12 +93,12 @@ def _padded_groups(w: torch.Tensor, group: int) -> torch.Tensor:
 def nested_grid(w: torch.Tensor, group: int, depth: int, importance: torch.Tensor | None = None,
                 free: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """``(step, low)`` (rows, groups) of ``w`` (``importance`` per column or per element): per group, the range of
-    the importance-weighted scale search of one depth ``m`` (:func:`bitalloc.rounding.rtn.search_affine` on ``2^m``
+    the importance-weighted scale search of one depth ``m`` (:func:`bitalloc.formats.fit.search_affine` on ``2^m``
     levels: its grid is the nested grid's depth ``m`` up to fp16 rounding) -- the ``m`` whose nested grid has the
     least sum over depths of the nearest-bin error, each depth's relative to that of its own search.  The depths
     ``free`` (refit depths: their own scale and zero per group) count with the scale and zero that fit their bins
     best, so the lattice need not clip for them, only place their bins' boundaries."""
-    from ..rounding.rtn import search_affine
+    from ..formats.fit import search_affine
 
     rows, cols = w.shape
     g = _padded_groups(w.to(torch.float32), group)

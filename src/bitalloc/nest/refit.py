@@ -14,7 +14,7 @@ lattice itself.  The prefix is still exactly an ``int{k}-g{G}`` tensor (fp16 sca
 per group of the artifact (0.25 bits per weight at ``G = 64``) buy it.
 
 :func:`fit_refit` chooses ``(mu, tau)`` by least squares of the depth's output error to its codes
-(:func:`bitalloc.rounding.refit.group_lstsq`), then keeps, row by row, the lattice where the rounded refit is not
+(:func:`bitalloc.formats.refit.group_lstsq`), then keeps, row by row, the lattice where the rounded refit is not
 better.  :func:`refit_codes` alternates that with coordinate descent of the codes
 (:func:`bitalloc.nest.descent.descend_codes`) on the decoded values.
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.base import Grid
-from ..rounding.refit import group_lstsq
+from ..formats.refit import group_lstsq
 from .codes import FP16_MAX, MIN_DEPTH, depth_grid, with_exact
 from .descent import DEPTH_EMPHASIS, descend_codes, relative_weights
 
@@ -69,7 +69,7 @@ def _lstsq_problem(w32: torch.Tensor, hessian: torch.Tensor, zs: list[torch.Tens
                    exact: tuple[torch.Tensor, torch.Tensor] | None, pad: int
                    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """``(target, zs, hessian float64, active)`` of a per-group least squares over level values ``zs`` for
-    :func:`~bitalloc.rounding.refit.group_lstsq`: an exactly stored element's value is fixed (it leaves ``w −
+    :func:`~bitalloc.formats.refit.group_lstsq`: an exactly stored element's value is fixed (it leaves ``w −
     exact`` in the target, level 0, no offset), and ``pad`` padding columns complete the last group, weighing
     nothing."""
     target, active = w32, None

@@ -18,7 +18,7 @@ from ..formats import QTensor, get_format
 from ..layout import shares_storage
 from ..quantize import set_weight
 from ..rounding import dequantize
-from ..rounding.rtn import FP16_MAX
+from ..formats.fit import FP16_MAX
 from .params import Multiplier, QWeight, trainable_qtensor
 
 log = logging.getLogger(__name__)

@@ -1,27 +1,25 @@
 """Rounding algorithms as pure functions over tensors, plus the one entry point the pipeline calls.
 
 ``quantize_weight`` is format-agnostic: the format chooses its grid (scale search, ``Format.fit``), the
-rounding method chooses codes on that grid (RTN: nearest point; GPTQ: error feedback with the Hessian),
-and the format packs the codes (``Format.encode``).
+rounding method -- a :class:`~.methods.Rounder` from the registry (:mod:`.methods`: ``gptq``, ``rtn``) --
+chooses codes on that grid, and the format packs the codes (``Format.encode``).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, Literal, Sequence
+from typing import Iterator
 
 import torch
 
-from ..formats.base import Format, Grid, QTensor, get_format
+from ..formats.base import Format, QTensor, get_format
 from ..formats.rotated import rotation_of
-from ..timing import StageTimer, timed
 from .gptq import GPTQFactor, gptq_factor, gptq_round, gptq_round_many
+from .methods import (GPTQ_REFITS, ROUNDERS, Rounder, get_rounder, gptq_refit, gptq_refit_many, method_names,
+                      register_rounder)
 from .rtn import rtn_round
 
-Method = Literal["rtn", "gptq"]
-
-
-#: GPTQ rounds per weight for formats that refit their scales to the codes (:func:`gptq_refit`).
-GPTQ_REFITS = 3
+#: a rounding method: a registered name (:func:`~.methods.method_names`) or a :class:`~.methods.Rounder`
+Method = str | Rounder
 
 #: Tensors with more elements are quantized (and measured) in blocks of rows of at most this many elements.
 ROW_CHUNK_ELEMS = 1 << 20
@@ -81,8 +79,7 @@ def quantize_chunks(
         importance = torch.diagonal(hessian).to(torch.float32).clamp_min(0)
     if importance is not None:
         importance = importance.to(w.device)
-    if method not in ("rtn", "gptq"):
-        raise ValueError(f"unknown rounding method {method!r} (use 'rtn' or 'gptq')")
+    rounder = get_rounder(method)
     rows, cols = (int(d) for d in w.shape)
     split = importance is None or importance.dim() == 1
     for sl in row_chunks(rows, cols, max_elems if split else None):
@@ -90,65 +87,8 @@ def quantize_chunks(
         if rot is not None:
             w32 = rot.apply(w32)
         grid = fmt.fit(w32, importance)
-        if method == "gptq" and hessian is not None:
-            codes, grid = gptq_refit(w32, hessian, grid, fmt)
-        else:
-            codes, _ = rtn_round(w32, grid)
+        codes, grid = rounder.round(w32, grid, fmt, hessian)
         yield sl, fmt.encode(codes, grid, tuple(w32.shape), dtype)
-
-
-def gptq_refit(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, fmt: Format,
-               rounds: int = GPTQ_REFITS) -> tuple[torch.Tensor, Grid]:
-    """GPTQ codes on ``grid``, then up to ``rounds`` times: the format refits the grid to the codes
-    (:meth:`Format.refine`) and GPTQ rounds again on the refit grid, ending with a refit.
-
-    Returns ``(codes, grid)``.  Stops early when the format refits nothing (returns the same grid).  The
-    Hessian is factorised once for all rounds.
-    """
-    return gptq_refit_many(w, hessian, [grid], [fmt], rounds)[0]
-
-
-def gptq_refit_many(
-    w: torch.Tensor,
-    hessian: torch.Tensor,
-    grids: Sequence[Grid],
-    fmts: Sequence[Format],
-    rounds: int = GPTQ_REFITS,
-    *,
-    timer: StageTimer | None = None,
-) -> list[tuple[torch.Tensor, Grid]]:
-    """:func:`gptq_refit` of ``w`` for every ``(grid, fmt)`` pair at once: ``[(codes, grid)]`` in order.
-
-    One factorisation of ``hessian``; each GPTQ round stacks the formats still refitting
-    (:func:`~.gptq.gptq_round_many`); a format whose ``refine`` returns its grid unchanged drops out.  The
-    result for each format equals :func:`gptq_refit` of it alone up to float rounding in the blocked
-    matrix products (exactly, for one format).  Memory grows with ``len(grids)``: stack fewer rows to bound
-    it.  ``timer`` gets ``measure.gptq`` (factorisation and rounding) and ``measure.refit``.
-    """
-    grids = list(grids)
-    if len(fmts) != len(grids):
-        raise ValueError(f"{len(grids)} grids but {len(fmts)} formats")
-    with timed(timer, "measure.gptq"):
-        factor = gptq_factor(hessian, device=w.device)
-        codes = [c for c, _ in gptq_round_many(w, factor, grids)]
-    active = list(range(len(grids)))
-    for r in range(rounds):
-        still = []
-        with timed(timer, "measure.refit"):
-            for f in active:
-                refined = fmts[f].refine(w, codes[f], grids[f], hessian)
-                if refined is not grids[f]:
-                    grids[f] = refined
-                    still.append(f)
-        active = still
-        if not active:
-            break
-        if r + 1 < rounds:
-            with timed(timer, "measure.gptq"):
-                again = gptq_round_many(w, factor, [grids[f] for f in active])
-            for f, (c, _) in zip(active, again):
-                codes[f] = c
-    return list(zip(codes, grids))
 
 
 def quantize_weight(
@@ -182,4 +122,4 @@ def dequantize(q: QTensor) -> torch.Tensor:
 
 __all__ = ["quantize_weight", "quantize_chunks", "row_chunks", "ROW_CHUNK_ELEMS", "dequantize", "gptq_round",
            "gptq_round_many", "gptq_factor", "GPTQFactor", "gptq_refit", "gptq_refit_many", "GPTQ_REFITS",
-           "rtn_round", "Method"]
+           "rtn_round", "Method", "ROUNDERS", "Rounder", "get_rounder", "method_names", "register_rounder"]

@@ -31,17 +31,6 @@ FLOAT64_MAX_COLS = 4096
 MIN_DAMP = 1e-10
 
 
-def row_errors(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """``(w_hat_r − w_r)ᵀ H (w_hat_r − w_r)`` for every row (output) ``r``: float64, shape ``rows``."""
-    dw = w_hat.to(torch.float64) - w.to(torch.float64)
-    return ((dw @ hessian.to(device=dw.device, dtype=torch.float64)) * dw).sum(1)
-
-
-def layer_output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(ΔW H ΔWᵀ)`` with ``ΔW = w_hat - w``: the mean squared layer-output error summed over outputs."""
-    return float(row_errors(w, w_hat, hessian).sum())
-
-
 def prepare_hessian(hessian: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetrised copy of ``hessian`` with dead columns decoupled, and the boolean mask of dead columns.
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bitalloc.rounding import rtn
+from bitalloc.formats import fit
 from tests.rounding.digest_cases import FORMAT_IDS, format_digest
 
 DIGESTS = {
@@ -72,5 +72,5 @@ def test_fit_and_rtn_bytes_unchanged(fid: str) -> None:
 
 @pytest.mark.parametrize("fid", ["int2-g64", "int4-g128", "int8-row-sym", "int3-g32-sym"])
 def test_digests_do_not_depend_on_the_chunk_size(fid: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rtn, "_CACHE_ELEMS", 1)  # pieces of 64 groups (the alignment), ragged last piece
+    monkeypatch.setattr(fit, "_CACHE_ELEMS", 1)  # pieces of 64 groups (the alignment), ragged last piece
     assert format_digest(fid) == DIGESTS[fid]

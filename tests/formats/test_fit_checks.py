@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitalloc.rounding.rtn import all_finite, finite_non_negative
+from bitalloc.formats.fit import all_finite, finite_non_negative
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -1e-30, 3e38])
@@ -26,7 +26,7 @@ def test_one_pass_checks_equal_the_scans(bad: float, shape: tuple[int, int]) -> 
 @pytest.mark.parametrize("levels", [torch.arange(4).float(), torch.arange(-8, 8).float(), torch.arange(256).float()])
 def test_int_search_pieces_equal_the_generic_ones(levels: torch.Tensor) -> None:
     """_IntSearch's error re-check, candidate and refit give the generic functions' exact bits, ties included."""
-    from bitalloc.rounding.rtn import _IntSearch, _candidate, _refit, affine_error
+    from bitalloc.formats.fit import _IntSearch, _candidate, _refit, affine_error
 
     g = torch.Generator().manual_seed(3)
     n, k = 96, 32

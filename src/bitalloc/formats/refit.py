@@ -1,4 +1,5 @@
-"""Least-squares refit of a grid's group scales (and offsets) to fixed codes, under the layer-output error.
+"""The layer-output error of a weight change, and the least-squares refit of a grid's group scales (and
+offsets) to fixed codes under it: the part of a format's grid fitting that knows the codes (``Format.refine``).
 
 GPTQ chooses codes on a grid fixed beforehand from the weights and the Hessian's diagonal.  Once the codes
 are known, each group's ``scale`` (and, for formats that store one freely, its ``offset``) can be chosen to
@@ -20,14 +21,24 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..formats.base import Grid
-from .gptq import row_errors
+from .base import Grid
 
 #: Upper bound on the float64 intermediate of one batch of rows (bytes).
 BATCH_BYTES = 8 << 20
 #: Ridge toward the current scales/offsets, relative to each unknown's own curvature: keeps unknowns that
 #: the data does not determine (a group whose codes are all equal, dead input columns) where they were.
 RIDGE = 1e-6
+
+
+def row_errors(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """``(w_hat_r − w_r)ᵀ H (w_hat_r − w_r)`` for every row (output) ``r``: float64, shape ``rows``."""
+    dw = w_hat.to(torch.float64) - w.to(torch.float64)
+    return ((dw @ hessian.to(device=dw.device, dtype=torch.float64)) * dw).sum(1)
+
+
+def layer_output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(ΔW H ΔWᵀ)`` with ``ΔW = w_hat - w``: the mean squared layer-output error summed over outputs."""
+    return float(row_errors(w, w_hat, hessian).sum())
 
 
 def _normal_equations(
@@ -175,4 +186,4 @@ def refit_grid(
     return dataclasses.replace(grid, scale=scale, offset=off, extra=dict(grid.extra))
 
 
-__all__ = ["refit_grid", "group_lstsq", "row_errors", "BATCH_BYTES", "RIDGE"]
+__all__ = ["refit_grid", "group_lstsq", "row_errors", "layer_output_error", "BATCH_BYTES", "RIDGE"]

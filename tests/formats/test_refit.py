@@ -1,16 +1,16 @@
-"""Least-squares refit of group scales/offsets to fixed codes (rounding/refit.py) and GPTQ with refits."""
+"""Least-squares refit of group scales/offsets to fixed codes (formats/refit.py) and GPTQ with refits."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from bitalloc.formats import get_format
+from bitalloc.formats import refit as refit_mod
 from bitalloc.formats.base import Grid
 from bitalloc.formats.gguf_common import fp16r
+from bitalloc.formats.refit import group_lstsq, layer_output_error, refit_grid, row_errors
 from bitalloc.rounding import GPTQ_REFITS, dequantize, gptq_refit, quantize_weight
-from bitalloc.rounding import refit as refit_mod
-from bitalloc.rounding.gptq import gptq_round, layer_output_error
-from bitalloc.rounding.refit import group_lstsq, refit_grid, row_errors
+from bitalloc.rounding.gptq import gptq_round
 
 from tests.rounding.test_gptq import correlated, weight
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from bitalloc.errors import NumericsError
-from bitalloc.formats import get_format
-from bitalloc.rounding import rtn
-from bitalloc.rounding.rtn import affine_error, minmax_affine, round_fp16, rtn_round, search_affine, snap_affine
+from bitalloc.formats import fit, get_format
+from bitalloc.formats.fit import affine_error, minmax_affine, round_fp16, search_affine, snap_affine
+from bitalloc.rounding.rtn import rtn_round
 
 
 def _data(kind: str, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -109,7 +109,7 @@ def test_chunking_gives_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     imp = torch.rand(64, generator=torch.Generator().manual_seed(7))
     levels = torch.arange(8).float()
     whole = search_affine(w, levels, imp, symmetric=False)
-    monkeypatch.setattr(rtn, "_CHUNK_ELEMS", 64 * 15)  # 15 rows per chunk, ragged last chunk
+    monkeypatch.setattr(fit, "_CHUNK_ELEMS", 64 * 15)  # 15 rows per chunk, ragged last chunk
     chunked = search_affine(w, levels, imp, symmetric=False)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
@@ -120,7 +120,7 @@ def test_huge_and_tiny_values_stay_finite() -> None:
         levels = torch.arange(-8, 8).float() if sym else torch.arange(16).float()
         s, o = search_affine(w, levels, symmetric=sym)
         assert bool(torch.isfinite(s).all() and torch.isfinite(o).all())
-        assert float(s.abs().max()) <= rtn.FP16_MAX
+        assert float(s.abs().max()) <= fit.FP16_MAX
         assert bool(torch.isfinite(affine_error(w, s, o, levels)).all())
 
 

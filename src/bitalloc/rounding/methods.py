@@ -1,0 +1,196 @@
+"""Rounding methods as a registry of :class:`Rounder` objects, looked up by the name users give (``--method``).
+
+A rounder chooses codes on a grid the format has already fit (``Format.fit``); it never searches scales.  It
+has three entry points, one per way the pipeline calls it:
+
+* :meth:`Rounder.round`: one weight onto one grid (``quantize_chunks`` / ``quantize_weight``);
+* :meth:`Rounder.round_many`: one weight onto the grids of every candidate format (the measurement);
+* :meth:`Rounder.quantize_block`: the per-block hook of the sequential quantization
+  (:func:`bitalloc.quantize.quantize_model`): which input statistics of a decoder block it asks the block runner
+  for, and in which order the block's tensors are rounded.
+
+Registered here: ``gptq`` (error feedback with the input Hessian, the format refitting its scales to the codes in
+between, :data:`GPTQ_REFITS` rounds; each sequential group of a block is rounded with the Hessian of its inputs
+after the groups before it were replaced) and ``rtn`` (nearest grid point; the Hessian's diagonal only weights
+the format's scale search, so one pass over the block collects every input statistic).  A new method is one
+:class:`Rounder` subclass passed to :func:`register_rounder`.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..errors import InputError
+from ..formats.base import Format, Grid, QTensor
+from ..timing import StageTimer, timed
+from .gptq import gptq_factor, gptq_round_many
+from .rtn import rtn_round
+
+#: GPTQ rounds per weight for formats that refit their scales to the codes (:func:`gptq_refit`).
+GPTQ_REFITS = 3
+
+#: ``collect(groups)``: the block runner's input statistics (``{tensor: Hessian}``) of the current block's
+#: sequential ``groups`` (indices; None = every group in one pass), with the groups before them already rounded
+Collect = Callable[[Sequence[int] | None], Mapping[str, torch.Tensor]]
+#: ``one(tensor, hessian)``: round one tensor of the block into its planned format and write it back
+RoundOne = Callable[[str, torch.Tensor | None], QTensor]
+
+
+def gptq_refit(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, fmt: Format,
+               rounds: int = GPTQ_REFITS) -> tuple[torch.Tensor, Grid]:
+    """GPTQ codes on ``grid``, then up to ``rounds`` times: the format refits the grid to the codes
+    (:meth:`Format.refine`) and GPTQ rounds again on the refit grid, ending with a refit.
+
+    Returns ``(codes, grid)``.  Stops early when the format refits nothing (returns the same grid).  The
+    Hessian is factorised once for all rounds.
+    """
+    return gptq_refit_many(w, hessian, [grid], [fmt], rounds)[0]
+
+
+def gptq_refit_many(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    grids: Sequence[Grid],
+    fmts: Sequence[Format],
+    rounds: int = GPTQ_REFITS,
+    *,
+    timer: StageTimer | None = None,
+) -> list[tuple[torch.Tensor, Grid]]:
+    """:func:`gptq_refit` of ``w`` for every ``(grid, fmt)`` pair at once: ``[(codes, grid)]`` in order.
+
+    One factorisation of ``hessian``; each GPTQ round stacks the formats still refitting
+    (:func:`~.gptq.gptq_round_many`); a format whose ``refine`` returns its grid unchanged drops out.  The
+    result for each format equals :func:`gptq_refit` of it alone up to float rounding in the blocked
+    matrix products (exactly, for one format).  Memory grows with ``len(grids)``: stack fewer rows to bound
+    it.  ``timer`` gets ``measure.gptq`` (factorisation and rounding) and ``measure.refit``.
+    """
+    grids = list(grids)
+    if len(fmts) != len(grids):
+        raise ValueError(f"{len(grids)} grids but {len(fmts)} formats")
+    with timed(timer, "measure.gptq"):
+        factor = gptq_factor(hessian, device=w.device)
+        codes = [c for c, _ in gptq_round_many(w, factor, grids)]
+    active = list(range(len(grids)))
+    for r in range(rounds):
+        still = []
+        with timed(timer, "measure.refit"):
+            for f in active:
+                refined = fmts[f].refine(w, codes[f], grids[f], hessian)
+                if refined is not grids[f]:
+                    grids[f] = refined
+                    still.append(f)
+        active = still
+        if not active:
+            break
+        if r + 1 < rounds:
+            with timed(timer, "measure.gptq"):
+                again = gptq_round_many(w, factor, [grids[f] for f in active])
+            for f, (c, _) in zip(active, again):
+                codes[f] = c
+    return list(zip(codes, grids))
+
+
+class Rounder:
+    """A rounding method: how codes are chosen on a fitted grid.  Subclasses set :attr:`name` and implement
+    :meth:`round`; :meth:`round_many` and :meth:`quantize_block` have defaults (one grid at a time; one pass over
+    the block)."""
+
+    name: str = ""
+
+    def round(self, w: torch.Tensor, grid: Grid, fmt: Format, hessian: torch.Tensor | None
+              ) -> tuple[torch.Tensor, Grid]:
+        """``(codes, grid)`` of ``w`` (float32, rows x cols) on ``grid``; the returned grid is what the format
+        encodes (a method may refit it through ``fmt.refine``).  ``hessian``: the inputs' ``E[xxᵀ]`` (None for a
+        lookup table)."""
+        raise NotImplementedError
+
+    def round_many(self, w: torch.Tensor, hessian: torch.Tensor | None, grids: Sequence[Grid],
+                   fmts: Sequence[Format], timer: StageTimer | None = None) -> list[tuple[torch.Tensor, Grid]]:
+        """:meth:`round` of ``w`` onto every ``(grid, fmt)``, in order (the measurement's candidates)."""
+        with timed(timer, f"measure.{self.name}"):
+            return [self.round(w, g, f, hessian) for g, f in zip(grids, fmts)]
+
+    def quantize_block(self, groups: Sequence[Sequence[str]], collect: Collect, one: RoundOne
+                       ) -> dict[str, QTensor]:
+        """The per-block hook: round every tensor of one decoder block (``groups``: its sequential groups of
+        tensor names, in order) with ``collect`` and ``one``; returns ``{tensor: QTensor}``.  Default: one
+        collection pass over the whole block, then every tensor."""
+        return {name: one(name, h) for name, h in collect(None).items()}
+
+
+class RTN(Rounder):
+    """Nearest grid point for every element."""
+
+    name = "rtn"
+
+    def round(self, w: torch.Tensor, grid: Grid, fmt: Format, hessian: torch.Tensor | None
+              ) -> tuple[torch.Tensor, Grid]:
+        return rtn_round(w, grid)[0], grid
+
+
+class GPTQ(Rounder):
+    """GPTQ with the format's scale refits (:func:`gptq_refit`); nearest point where there is no Hessian."""
+
+    name = "gptq"
+
+    def round(self, w: torch.Tensor, grid: Grid, fmt: Format, hessian: torch.Tensor | None
+              ) -> tuple[torch.Tensor, Grid]:
+        if hessian is None:
+            return rtn_round(w, grid)[0], grid
+        return gptq_refit(w, hessian, grid, fmt)
+
+    def round_many(self, w: torch.Tensor, hessian: torch.Tensor | None, grids: Sequence[Grid],
+                   fmts: Sequence[Format], timer: StageTimer | None = None) -> list[tuple[torch.Tensor, Grid]]:
+        if hessian is None:
+            return RTN().round_many(w, None, grids, fmts, timer)
+        return gptq_refit_many(w, hessian, grids, fmts, timer=timer)
+
+    def quantize_block(self, groups: Sequence[Sequence[str]], collect: Collect, one: RoundOne
+                       ) -> dict[str, QTensor]:
+        """Group by group: each group's Hessians are collected after the groups before it were rounded."""
+        done: dict[str, QTensor] = {}
+        for g, names in enumerate(groups):
+            hs = collect([g])
+            for name in names:
+                done[name] = one(name, hs[name])
+        return done
+
+
+def _registry(*rounders: Rounder) -> dict[str, Rounder]:
+    return {r.name: r for r in rounders}
+
+
+_ROUNDERS: dict[str, Rounder] = _registry(GPTQ(), RTN())
+#: the registered rounding methods by name (read-only; :func:`register_rounder` adds one)
+ROUNDERS: Mapping[str, Rounder] = MappingProxyType(_ROUNDERS)
+
+
+def register_rounder(rounder: Rounder) -> Rounder:
+    """Add ``rounder`` under its name (a name already taken is refused)."""
+    if not rounder.name or not isinstance(rounder.name, str):
+        raise ValueError(f"a rounder needs a name, got {rounder.name!r}")
+    if rounder.name in _ROUNDERS:
+        raise ValueError(f"rounding method {rounder.name!r} is already registered")
+    _ROUNDERS[rounder.name] = rounder
+    return rounder
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered method names, in registration order (``gptq`` first: the default)."""
+    return tuple(_ROUNDERS)
+
+
+def get_rounder(method: str | Rounder) -> Rounder:
+    """The rounder called ``method`` (a :class:`Rounder` is returned as is); one-line InputError otherwise."""
+    if isinstance(method, Rounder):
+        return method
+    r = _ROUNDERS.get(method) if isinstance(method, str) else None
+    if r is None:
+        raise InputError(f"unknown rounding method {method!r}; use one of {', '.join(method_names())}")
+    return r
+
+
+__all__ = ["Collect", "GPTQ", "GPTQ_REFITS", "ROUNDERS", "RTN", "RoundOne", "Rounder", "get_rounder",
+           "gptq_refit", "gptq_refit_many", "method_names", "register_rounder"]

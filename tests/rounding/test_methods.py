@@ -1,0 +1,132 @@
+"""The registry of rounding methods (bitalloc.rounding.methods) and its per-block hook, and the layering it
+allows: formats fit their grids without importing the rounding package."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import bitalloc
+from bitalloc.errors import InputError
+from bitalloc.formats import get_format
+from bitalloc.formats.base import QTensor
+from bitalloc.measure import measure_tensor
+from bitalloc.quantize import quantize_model, restore, snapshot, uniform_assignments
+from bitalloc.rounding import methods
+from bitalloc.rounding.methods import GPTQ, RTN, Rounder, get_rounder, method_names, register_rounder
+from bitalloc.stats import LinearStats, TensorStats
+from tests.conftest import tiny_llama, token_ids
+
+SRC = Path(bitalloc.__file__).parent
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of its code, as absolute names."""
+    pkg = ".".join(path.relative_to(SRC.parent).with_suffix("").parts[:-1])
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.rsplit(".", node.level - 1)[0] if node.level else ""
+            mod = ".".join(p for p in (base, node.module or "") if p)
+            out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_formats_never_import_the_rounding_package() -> None:
+    """The scale searches and the least-squares refits are the formats' own (formats/fit.py, formats/refit.py):
+    no formats module imports bitalloc.rounding, lazily or not, so there is no formats <-> rounding cycle."""
+    offenders = {p.name: sorted(m for m in _imports(p) if m.startswith("bitalloc.rounding"))
+                 for p in sorted((SRC / "formats").glob("*.py"))}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert "bitalloc.formats.fit" in _imports(SRC / "formats" / "int.py")  # the scan sees relative imports
+
+
+def test_the_registry_names_its_methods_and_refuses_others_in_one_line() -> None:
+    assert method_names()[0] == "gptq" and set(method_names()) == {"gptq", "rtn"}
+    assert isinstance(get_rounder("gptq"), GPTQ) and isinstance(get_rounder("rtn"), RTN)
+    r = RTN()
+    assert get_rounder(r) is r
+    for bad in ("GPTQ", "awq", "", None, 3):
+        with pytest.raises(InputError, match=r"unknown rounding method .*; use one of gptq, rtn") as e:
+            get_rounder(bad)  # type: ignore[arg-type]
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="already registered"):
+        register_rounder(RTN())
+    with pytest.raises(ValueError, match="needs a name"):
+        register_rounder(Rounder())
+
+
+class _Floor(Rounder):
+    """A method only this test knows: every element to the grid point at or below it (clamped)."""
+
+    name = "floor-test"
+
+    def __init__(self) -> None:
+        self.blocks: list[list[list[str]]] = []
+
+    def round(self, w, grid, fmt, hessian):
+        codes, _ = grid.snap(w)
+        below = grid.values(codes) > w
+        return (codes - below.to(codes.dtype)).clamp_min(0), grid
+
+    def quantize_block(self, groups, collect, one):
+        self.blocks.append([list(g) for g in groups])
+        return super().quantize_block(groups, collect, one)
+
+
+def test_a_registered_method_runs_through_measurement_and_quantization(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One registry entry is all a method needs: measure_tensor and quantize_model call it by name, its
+    per-block hook sees each block's sequential groups, and what it rounds is what is stored."""
+    monkeypatch.setattr(methods, "_ROUNDERS", dict(methods._ROUNDERS))  # registering here leaks nowhere
+    floor = register_rounder(_Floor())
+    assert "floor-test" in method_names() and get_rounder("floor-test") is floor
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    x = torch.randn(256, 64, generator=g)
+    stats = TensorStats(roles=(LinearStats(x.T @ x / 256, 256, torch.rand(16, generator=g), {}),))
+    (row_floor,), (row_rtn,) = (measure_tensor("w", w, stats, ["int4-g32"], m) for m in ("floor-test", "rtn"))
+    assert row_floor.output_error > row_rtn.output_error > 0  # flooring is worse than the nearest point
+
+    model, windows = tiny_llama(), token_ids()
+    plan = uniform_assignments(model, "int4-g32")
+    saved = snapshot(model)
+    q = quantize_model(model, None, plan, windows, "floor-test", progress=False)
+    blocks = model.model.layers
+    assert len(floor.blocks) == len(blocks)
+    assert [n for grp in floor.blocks[0] for n in grp] == [
+        n for n in plan if n.startswith("model.layers.0.")]
+    name = "model.layers.0.self_attn.q_proj.weight"  # rounded from the original weights
+    codes, grid = get_format("int4-g32").unpack(q[name])
+    below = grid.values(codes) <= saved[name] + 1e-6
+    assert bool((below | (codes == 0)).all())  # what is stored is the floor (or the lowest level)
+    assert not bool((grid.values(codes) - saved[name]).abs().le(1e-6).all())
+    restore(model, saved)
+    q_rtn = quantize_model(model, None, plan, windows, "rtn", progress=False)
+    assert any(not torch.equal(q[n].parts["weight_packed"], q_rtn[n].parts["weight_packed"])
+               for n in plan if n.startswith("model.layers."))
+
+
+def test_gptq_hook_collects_each_sequential_group_after_the_ones_before() -> None:
+    calls: list[object] = []
+    stored: list[str] = []
+
+    def collect(groups):
+        calls.append(None if groups is None else list(groups))
+        return {n: torch.eye(2) for g in ([["a", "b"], ["c"], ["d"]] if groups is None else
+                                          [[["a", "b"], ["c"], ["d"]][i] for i in groups]) for n in g}
+
+    def one(name, h):
+        stored.append(name)
+        return QTensor("fp16", (1,), "float32", {"weight": torch.zeros(1)})
+
+    groups = [["a", "b"], ["c"], ["d"]]
+    assert set(GPTQ().quantize_block(groups, collect, one)) == {"a", "b", "c", "d"}
+    assert calls == [[0], [1], [2]] and stored == ["a", "b", "c", "d"]
+    calls.clear(), stored.clear()
+    assert set(RTN().quantize_block(groups, collect, one)) == {"a", "b", "c", "d"}
+    assert calls == [None]  # RTN: one pass over the block
