@@ -13,7 +13,7 @@ from torch import nn
 from bitalloc.calibrate import BlockRunner, fisher_pass, stream_blocks
 from bitalloc.errors import InputError
 from bitalloc.evaluate import evaluate
-from bitalloc.placement import HEAD_CHUNK, MAX_POSITIONS, VOCAB_CHUNK, Placement, resolve_device
+from bitalloc.placement import HEAD_CHUNK, MAX_POSITIONS, STACK_ELEMS, VOCAB_CHUNK, Placement, resolve_device
 from bitalloc.quantize import quantize_model, uniform_assignments
 from bitalloc.timing import StageTimer
 
@@ -40,16 +40,42 @@ def test_resolve_device_names_and_refusals():
 
 def test_default_placement_is_todays_cpu_policy():
     p = Placement()
-    assert (p.device, p.offload, p.max_positions, p.head_chunk, p.vocab_chunk, p.release_memory) == \
-        (torch.device("cpu"), False, 1024, 256, 4096, True)
-    assert (MAX_POSITIONS, HEAD_CHUNK, VOCAB_CHUNK) == (1024, 256, 4096)
+    assert (p.device, p.offload, p.max_positions, p.head_chunk, p.vocab_chunk, p.stack_elems, p.release_memory) == \
+        (torch.device("cpu"), False, 1024, 256, 4096, 1 << 23, True)
+    assert (MAX_POSITIONS, HEAD_CHUNK, VOCAB_CHUNK, STACK_ELEMS) == (1024, 256, 4096, 1 << 23)
     assert Placement.for_device("cpu") == p
     assert Placement(device="cpu") == p  # a name is resolved
     t = torch.ones(3)
     assert p.to_device(t) is t
-    for field in ("max_positions", "head_chunk", "vocab_chunk"):
+    for field in ("max_positions", "head_chunk", "vocab_chunk", "stack_elems"):
         with pytest.raises(InputError, match=field):
             Placement(**{field: 0})
+
+
+def test_the_measurement_follows_the_placement(monkeypatch):
+    """The measurement's stack of candidate rows and its memory release are the placement's (one policy), and
+    the table does not depend on the stack size beyond float rounding."""
+    import bitalloc.placement as placement_mod
+    from bitalloc.measure import measure_tensor
+    from bitalloc.rounding.methods import GPTQ
+    from bitalloc.stats import LinearStats, TensorStats
+
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(64, 64, generator=g), torch.randn(256, 64, generator=g)
+    st = TensorStats(roles=(LinearStats(x.T @ x / 256, 256, torch.rand(64, generator=g), {}),))
+    fmts = ["int2-g32", "int4-g32"]
+    stacked, trims = [], []
+    real = GPTQ.round_many
+    monkeypatch.setattr(GPTQ, "round_many", lambda self, w_, *a, **k: stacked.append(int(w_.shape[0])) or
+                        real(self, w_, *a, **k))
+    monkeypatch.setattr(placement_mod, "release_free_memory", lambda: trims.append(1))
+    whole = measure_tensor("w", w, st, fmts, placement=Placement())
+    assert stacked == [64] and trims == [1]  # default stack: every row at once; one trim per piece
+    stacked.clear(), trims.clear()
+    small = measure_tensor("w", w, st, fmts, placement=Placement(stack_elems=2 * 16 * 64, release_memory=False))
+    assert stacked == [16] * 4 and trims == []  # 16 rows per stack of two formats; no trim when not asked
+    for a, b in zip(whole, small):
+        assert a.format == b.format and a.output_error == pytest.approx(b.output_error, rel=1e-9)
 
 
 def _qbytes(q):

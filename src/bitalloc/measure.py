@@ -19,11 +19,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .memory import release_free_memory
 from .errors import InputError, NumericsError
 from .formats import Format, Grid, get_format
 from .formats.rotated import Rotation, rotation_of
 from .rounding import ROW_CHUNK_ELEMS, Method, dequantize, get_rounder, quantize_chunks, row_chunks
+from .placement import Placement
 from .stats import LinearStats, LookupStats, TensorStats
 from .timing import StageTimer, timed
 from .table import (  # noqa: F401  (re-exported: the table's historical home)
@@ -34,10 +34,6 @@ from .table import (  # noqa: F401  (re-exported: the table's historical home)
 log = logging.getLogger(__name__)
 
 _CHUNK_ELEMS = 1 << 20  # rows of ΔW·H computed at once: ~8 MiB of float64
-#: Most elements of the formats x rows x cols stack the batched measurement rounds at once (~32 MiB float32
-#: per stacked tensor); on a CUDA device :data:`STACK_ELEMS_CUDA` (fewer, longer column loops).
-STACK_ELEMS = 1 << 23
-STACK_ELEMS_CUDA = 1 << 26
 
 
 # --- error functions ----------------------------------------------------------------------------
@@ -150,6 +146,7 @@ def measure_tensor(
     release: Callable[[slice], None] | None = None,
     batched: bool = True,
     stack_elems: int | None = None,
+    placement: Placement | None = None,
     timer: StageTimer | None = None,
 ) -> list[MeasureRow]:
     """Quantize ``w`` into every format that supports its shape and measure the resulting errors.
@@ -163,13 +160,14 @@ def measure_tensor(
     ΔW from the grid values of the codes (what ``decode`` of the stored bytes gives).  The errors equal
     the per-format path's (``batched=False``: :func:`bitalloc.rounding.quantize_chunks` and ``dequantize``
     per format, as ``quantize_weight`` stores it) up to float rounding in GPTQ's blocked products.  The
-    formats × rows × cols stack holds at most ``stack_elems`` elements (default :data:`STACK_ELEMS`, on CUDA
-    :data:`STACK_ELEMS_CUDA`): rows are batched in blocks of at
-    most that many ÷ formats (rows are independent).  A recorded rotation (``had-…``) rounds ``W·R`` under
+    formats × rows × cols stack holds at most ``stack_elems`` elements (default: the placement's,
+    :attr:`~bitalloc.placement.Placement.stack_elems`): rows are batched in blocks of at most that many ÷ formats
+    (rows are independent).  A recorded rotation (``had-…``) rounds ``W·R`` under
     ``Rᵀ·H·R`` in its own stack (one per rotation) and its ΔW is rotated back: the errors are the original
     weight's, as ``decode`` gives it.  Everything runs on ``w``'s device; ``timer`` gets
     ``measure.fit``, ``measure.gptq``, ``measure.refit``, ``measure.errors`` (and ``measure.store`` for
-    pass-through formats).
+    pass-through formats).  ``placement``: the run's policy (default: that of ``w``'s device), whose chunk size
+    and memory release the measurement follows.
 
     Bounded memory: a tensor of more than ``max_elems`` elements is quantized and measured in blocks of rows
     (:func:`bitalloc.rounding.quantize_chunks`).  Every format quantizes rows independently and both errors
@@ -181,6 +179,7 @@ def measure_tensor(
     """
     drop = release if release is not None else (lambda _rows: None)
     get_rounder(method)  # an unknown method is refused before any work
+    place = placement if placement is not None else Placement.for_device(w.device)
     shape = tuple(w.shape)
     nrows = int(shape[0]) if shape else 1
     if stats.roles and all(r.ntokens == 0 for r in stats.roles):
@@ -203,13 +202,14 @@ def measure_tensor(
     errs: dict[str, tuple[float, float | None]] = {}
     if batched and w.dim() == 2:
         grid_fmts = [f for f in fmts if f.is_grid]
-        errs.update(_measure_grids(name, w, stats, grid_fmts, method, max_elems, stack_elems, drop, timer))
+        errs.update(_measure_grids(name, w, stats, grid_fmts, method, max_elems,
+                                   place.stack_elems if stack_elems is None else stack_elems, drop, place, timer))
         fmts_alone = [f for f in fmts if not f.is_grid]
     else:
         fmts_alone = fmts
     for fmt in fmts_alone:
         with timed(timer, "measure.store" if not fmt.is_grid else "measure.quantize"):
-            errs[fmt.id] = _measure_one(name, w, stats, fmt, method, max_elems, drop)
+            errs[fmt.id] = _measure_one(name, w, stats, fmt, method, max_elems, drop, place)
     rows: list[MeasureRow] = []
     for fmt in fmts:
         out_err, fi_err = errs[fmt.id]
@@ -222,7 +222,8 @@ def measure_tensor(
 
 
 def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, method: Method,
-                 max_elems: int | None, drop: Callable[[slice], None]) -> tuple[float, float | None]:
+                 max_elems: int | None, drop: Callable[[slice], None], place: Placement
+                 ) -> tuple[float, float | None]:
     """(output, fisher) error of one format as :func:`quantize_weight` stores it, block by block."""
     out_err, fi_err = 0.0, 0.0
     for sl, q in quantize_chunks(w, fmt, hessian=stats.hessian, method=method, max_elems=max_elems):
@@ -236,19 +237,17 @@ def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, me
         fi_err = None if fe is None or fi_err is None else fi_err + fe
         del q, w32, dw
         drop(sl)
-        release_free_memory()
+        place.release()
     return out_err, fi_err
 
 
 def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[Format], method: Method,
-                   max_elems: int | None, stack_elems: int | None, drop: Callable[[slice], None],
+                   max_elems: int | None, stack_elems: int, drop: Callable[[slice], None], place: Placement,
                    timer: StageTimer | None) -> dict[str, tuple[float, float | None]]:
     """(output, fisher) error per grid format, all formats of a block of rows rounded together."""
     if not fmts:
         return {}
     rounder = get_rounder(method)
-    if stack_elems is None:
-        stack_elems = STACK_ELEMS_CUDA if w.device.type == "cuda" else STACK_ELEMS
     if stack_elems < 1:
         raise ValueError(f"stack_elems must be positive, got {stack_elems}")
     dev = w.device
@@ -285,7 +284,7 @@ def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequenc
                 errs[fmt.id] = (o0 + o, None if f0 is None or fi is None else f0 + fi)
         del w32, done
         drop(sl)
-        release_free_memory()
+        place.release()
     return errs
 
 

@@ -171,8 +171,8 @@ def measure_model(
             todo = fmts if selection is None else selection.to_measure(name)
             got = [] if selection is None else list(selection.reused.get(name, ()))
             if todo:
-                got += measure_tensor(name, w, stats, todo, method,
-                                      release=functools.partial(release_rows, model, name), timer=timer)
+                got += measure_tensor(name, w, stats, todo, method, release=functools.partial(release_rows, model, name),
+                                      placement=place, timer=timer)
             if not got:
                 raise InputError(f"none of the formats {fmts} can store {name} of shape {tuple(w.shape)}")
             current.extend(got)

@@ -40,8 +40,12 @@ MAX_POSITIONS = 1024
 HEAD_CHUNK = 256
 #: rows of the lm_head weight (vocabulary entries) in one slice of the Fisher head pass, on the CPU
 VOCAB_CHUNK = 4096
-#: an accelerator takes larger chunks (fewer, bigger kernels); its memory holds them easily
-DEVICE_CHUNKS = {"max_positions": 4096, "head_chunk": 1024, "vocab_chunk": 16384}
+#: most elements of the formats x rows x cols stack that the measurement rounds at once, on the CPU (~32 MiB
+#: float32 per stacked tensor)
+STACK_ELEMS = 1 << 23
+#: an accelerator takes larger chunks (fewer, bigger kernels; fewer, longer GPTQ column loops); its memory holds
+#: them easily
+DEVICE_CHUNKS = {"max_positions": 4096, "head_chunk": 1024, "vocab_chunk": 16384, "stack_elems": 1 << 26}
 #: offload the blocks when the weights would take more than this share of the device's free memory
 OFFLOAD_SHARE = 0.5
 
@@ -81,20 +85,22 @@ def model_bytes(model: nn.Module) -> int:
 class Placement:
     """The placement policy of a run: ``device`` where stages compute; ``offload``: on an accelerator, the
     decoder blocks stay in CPU memory (or the spill file) and move to the device one at a time (else the whole
-    model moves for each stage); the chunk sizes that bound one step's memory; ``release_memory``: give freed
-    heap back to the OS after each block (glibc ``malloc_trim``; only host memory gains from it)."""
+    model moves for each stage); the chunk sizes that bound one step's memory (``stack_elems``: the measurement's
+    stack of every candidate format's rows); ``release_memory``: give freed heap back to the OS after each block
+    and each measured piece of a tensor (glibc ``malloc_trim``; only host memory gains from it)."""
 
     device: torch.device = CPU
     offload: bool = False
     max_positions: int = MAX_POSITIONS
     head_chunk: int = HEAD_CHUNK
     vocab_chunk: int = VOCAB_CHUNK
+    stack_elems: int = STACK_ELEMS
     release_memory: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, torch.device):
             object.__setattr__(self, "device", resolve_device(self.device))
-        for name in ("max_positions", "head_chunk", "vocab_chunk"):
+        for name in ("max_positions", "head_chunk", "vocab_chunk", "stack_elems"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -127,7 +133,8 @@ class Placement:
         return t.to(self.device)
 
     def release(self) -> None:
-        """Hand freed heap back to the OS (after a block), when the policy asks for it."""
+        """Hand freed heap back to the OS (after a block, or a measured piece of a tensor), when the policy asks
+        for it."""
         if self.release_memory:
             release_free_memory()
 

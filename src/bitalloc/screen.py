@@ -39,6 +39,7 @@ from torch import nn
 from .budget import Budget, Constraints
 from .errors import BudgetError, InputError
 from .formats import get_format
+from .placement import Placement
 from .table import MeasureRow, Measurement, TensorInfo
 
 log = logging.getLogger(__name__)
@@ -348,7 +349,7 @@ def screen_formats(
     batch_size: int = 8,
     roundings: Sequence[str] = (),
     progress: bool = False,
-    placement: Any = None,
+    placement: Placement | None = None,
     timer: Any = None,
 ) -> Selection:
     """Pass 1: RTN rows for every tensor × format, exact rows for the sampled blocks, estimates, selection.
@@ -358,6 +359,7 @@ def screen_formats(
     from .models.spill import release_parameter, release_rows
 
     t0 = time.perf_counter()
+    place = placement if placement is not None else Placement()
     sampled = set(spread(len(view.blocks()), screen.sample_blocks))
     rtn: dict[str, list[MeasureRow]] = {}
     exact: dict[str, list[MeasureRow]] = {}
@@ -365,11 +367,9 @@ def screen_formats(
     for block in stream_blocks(model, view, windows, fisher=fisher, batch_size=batch_size, progress=progress,
                                roundings=roundings, placement=placement, timer=timer):
         for name, stats in block.items():
-            w = model.get_parameter(name).detach()
-            if placement is not None:
-                w = placement.to_device(w)  # the stats are on the device already
+            w = place.to_device(model.get_parameter(name).detach())  # the stats are on the device already
             release = functools.partial(release_rows, model, name)
-            rtn[name] = measure_tensor(name, w, stats, formats, "rtn", release=release, timer=timer)
+            rtn[name] = measure_tensor(name, w, stats, formats, "rtn", release=release, placement=place, timer=timer)
             if not rtn[name]:
                 raise InputError(f"none of the formats {list(formats)} can store {name} of shape {tuple(w.shape)}")
             for r in rtn[name]:
@@ -377,7 +377,7 @@ def screen_formats(
                                                          int(w.shape[0]))
             if view.ref(name).block in sampled:
                 exact[name] = measure_tensor(name, w, stats, [r.format for r in rtn[name]], method, release=release,
-                                             timer=timer)
+                                             placement=place, timer=timer)
             release_parameter(model, name)
         del block
     infos = [TensorInfo(r.name, tuple(r.shape), r.numel, tuple(r.roles)) for r in view.quantizable()]

@@ -24,7 +24,6 @@ from ..formats import get_format
 from ..io.atomic import atomic_write_dir, compare_digests, file_digest, tensor_digest
 from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
 from ..measure import MeasureRow, Measurement, fisher_error, output_error
-from ..memory import release_free_memory
 from ..placement import Placement
 from ..rounding import ROW_CHUNK_ELEMS, row_chunks
 from ..stats import TensorStats
@@ -59,17 +58,21 @@ def check_options(group: int, depth: int, outliers: int = 0, passes: int = DESCE
 def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, depth: int,
                 weights: Mapping[int, float] | None = None, max_elems: int | None = ROW_CHUNK_ELEMS,
                 outliers: int = 0, passes: int = DESCENT_PASSES, refit: int = 0,
-                emphasis: float = DEPTH_EMPHASIS) -> tuple[dict[str, torch.Tensor], list[MeasureRow]]:
+                emphasis: float = DEPTH_EMPHASIS, placement: Placement | None = None
+                ) -> tuple[dict[str, torch.Tensor], list[MeasureRow]]:
     """The stored parts of one tensor (planes, step, low, outliers, refit bytes) and its measurement rows (every
     offered depth); ``passes``: sweeps of coordinate descent after the joint rounding
     (:func:`~bitalloc.nest.codes.nested_codes`), weighing each depth ``emphasis`` times the one above
     (:func:`~bitalloc.nest.descent.relative_weights`); ``refit``: how many of the shallowest depths get their own scale
-    and zero per group (:mod:`bitalloc.nest.refit`; without a Hessian, none is fit and they store the lattice)."""
+    and zero per group (:mod:`bitalloc.nest.refit`; without a Hessian, none is fit and they store the lattice).
+    ``placement``: the run's policy (default: that of ``w``'s device), whose memory release follows each block of
+    rows."""
     import dataclasses
 
     from ..measure import _rows_of
 
     rows, cols = (int(d) for d in w.shape)
+    place = placement if placement is not None else Placement.for_device(w.device)
     if outliers > cols:
         raise InputError(f"nest: {name} has {cols} columns, fewer than --outliers {outliers}")
     hessian = stats.hessian
@@ -126,7 +129,7 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
             oidx.append(idx.cpu().to(torch.uint16 if cols <= 65536 else torch.int32))
             ovals.append(exact[1][exact[0]].reshape(n, outliers).to(torch.float16).cpu())
         del codes, w32
-        release_free_memory()
+        place.release()
     stored = {f"{name}.plane{j}": p for j, p in enumerate(to_planes(torch.cat(leaf).to(torch.int64), depth))}
     stored[f"{name}.step"] = torch.cat(steps).contiguous()
     stored[f"{name}.low"] = torch.cat(lows).contiguous()
@@ -180,7 +183,7 @@ def _nest_block(model: nn.Module, block: Mapping[str, TensorStats], shard: str, 
     for name, stats in block.items():
         w = place.to_device(model.get_parameter(name).detach())
         parts, got = nest_tensor(name, w, stats, group, max_bits, weights, outliers=outliers, passes=passes,
-                                 refit=refit)
+                                 refit=refit, placement=place)
         stored.update(parts)
         rows.extend(got)
         entries[name] = {"shape": list(w.shape), "shard": shard, "dtype": str(w.dtype).removeprefix("torch.")}
