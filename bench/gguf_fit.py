@@ -46,7 +46,8 @@ FILES = ("gguf_common", "gguf_legacy", "gguf_kquants")
 RENAMES = (("from .base ", "from bitalloc.formats.base "), ("from ..errors ", "from bitalloc.errors "),
            ("from .fit ", "from bitalloc.formats.fit "), ("from .refit ", "from bitalloc.formats.refit "),
            # revisions before the scale search and the refit moved into formats/
-           ("from ..rounding.rtn ", "from bitalloc.formats.fit "), ("from ..rounding.refit ", "from bitalloc.formats.refit "),
+           ("from ..rounding.rtn ", "from bitalloc.formats.fit "),
+           ("from ..rounding.refit ", "from bitalloc.formats.refit "),
            ("from .gguf_common ", "from {pkg}.gguf_common "))
 
 

@@ -112,8 +112,8 @@ def measure_model(
     """The measurement table of ``model`` over ``formats`` (each tensor × each format that fits its shape).
 
     ``windows`` give the Hessians; the Fisher pass (gradients) uses ``fisher_windows`` (default: the same
-    windows).  Errors are those of ``method`` rounding (a registered method: "gptq", "rtn") with fp inputs, plus, for formats whose
-    runtime rounds the activations (GGUF types in llama.cpp), the output error of that rounding
+    windows).  Errors are those of ``method`` rounding (a registered method: "gptq", "rtn") with fp inputs, plus,
+    for formats whose runtime rounds the activations (GGUF types in llama.cpp), the output error of that rounding
     (``activation_noise=False``: the weights' error alone).
 
     Resuming (:mod:`bitalloc.jobs`): ``fisher_stats`` replaces the gradient pass (``on_fisher`` receives
@@ -171,8 +171,8 @@ def measure_model(
             todo = fmts if selection is None else selection.to_measure(name)
             got = [] if selection is None else list(selection.reused.get(name, ()))
             if todo:
-                got += measure_tensor(name, w, stats, todo, method, release=functools.partial(release_rows, model, name),
-                                      placement=place, timer=timer)
+                got += measure_tensor(name, w, stats, todo, method, placement=place, timer=timer,
+                                      release=functools.partial(release_rows, model, name))
             if not got:
                 raise InputError(f"none of the formats {fmts} can store {name} of shape {tuple(w.shape)}")
             current.extend(got)

@@ -155,8 +155,9 @@ def quantize_model(
     ``method``: a registered rounding method (:mod:`bitalloc.rounding.methods`), whose per-block hook
     (:meth:`~bitalloc.rounding.Rounder.quantize_block`) asks the runner for the block's input statistics: "gptq"
     rounds each sequential group with the Hessian of its inputs after the groups before it; "rtn" uses the
-    Hessian's diagonal only to weight the scale search, collected in one pass.  ``on_block(b, qtensors_of_block_b, hidden_after_b)`` is called after each block;
-    ``start`` continues a run from its block (its QTensors are put back into the model first).
+    Hessian's diagonal only to weight the scale search, collected in one pass.  ``on_block(b, qtensors_of_block_b,
+    hidden_after_b)`` is called after each block; ``start`` continues a run from its block (its QTensors are put
+    back into the model first).
     ``placement``: where the work runs (default: the CPU); ``timer`` records ``quantize`` (the whole stage),
     ``quantize.round`` (GPTQ/RTN and refits) and the runner's ``calibrate.*`` stages.
     """
