@@ -88,6 +88,7 @@ from bitalloc.models.view import ModelView  # noqa: E402
 from bitalloc.pipeline import measure_model, model_fingerprint  # noqa: E402
 from bitalloc.quantize import restore, snapshot  # noqa: E402
 from bitalloc.recover import RecoverConfig, training_windows  # noqa: E402
+from bitalloc.jobs.checkpoints import load_rounded, save_rounded  # noqa: E402
 from bitalloc.jobs.stages import measure_stage  # noqa: E402
 from bitalloc.timing import StageTimer  # noqa: E402
 
@@ -144,6 +145,9 @@ def measure_cached(args: argparse.Namespace, model: torch.nn.Module, view: Model
     fp = {"model": model_fp, "calibration": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
           "windows": list(calib.shape), "fisher_windows": args.fisher_windows if args.fisher else 0, "formats": fmts,
           "method": args.measure_method, "code": st.code_digest(measure_code())}
+    reuse = getattr(args, "reuse_rounding", False)
+    if reuse:  # the measurement also keeps every rounding (a job of its own: the plain one has none)
+        fp["reuse_rounding"] = True
     job_dir = WORK / f"measure-{st.digest(fp)}"
     seconds_file = job_dir.with_name(job_dir.name + ".seconds.json")
     if getattr(args, "fresh", False) and job_dir.exists():
@@ -154,12 +158,13 @@ def measure_cached(args: argparse.Namespace, model: torch.nn.Module, view: Model
     with timer.stage("measure"), Job(job_dir, fp) as job:
         m = measure_stage(job, lambda ck: measure_model(
             model, view, calib, fmts, args.measure_method, fisher=args.fisher,
-            fisher_windows=fw if args.fisher else None, progress=True, timer=lib_timer, **ck.kwargs()))
+            fisher_windows=fw if args.fisher else None, progress=True, timer=lib_timer,
+            on_rounded=(lambda b, r: save_rounded(job, b, r)) if reuse else None, **ck.kwargs()))
     seconds = time.perf_counter() - t0
     if made_here:
         st.save_seconds(seconds_file, seconds, rows=len(m.rows))
     info = {"seconds": seconds if made_here else st.load_seconds(seconds_file), "reused": not made_here,
-            "this_run_seconds": round(seconds, 3)}
+            "this_run_seconds": round(seconds, 3), "job": (job_dir, fp) if reuse else None}
     log.info("measurement ready in %.0f s (%d rows%s)", seconds, len(m.rows), "" if made_here else ", reused")
     return m, info
 
@@ -226,6 +231,7 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     with timer.stage("calibration"):
         calib = text_windows(tok, default_calibration_files(), 512, args.calib_windows)
     m, minfo = measure_cached(args, model, view, calib, timer, lib_timer)
+    mjob = minfo.pop("job")  # --reuse-rounding: (job directory, fingerprint) holding the kept roundings
     stages = timer.as_dict()
     if minfo["seconds"] is not None:  # a reused measurement counts what it cost when it was made
         stages["measure"] = {"seconds": round(minfo["seconds"], 3), "calls": 1}
@@ -246,7 +252,8 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
     check = args.check_errors
     for name, size in targets.items():
         plain_key = {"measurement": m.fingerprint, "bytes": size, "method": args.method, "code": code,
-                     "eval_chunks": args.eval_chunks, "threads": args.threads}
+                     "eval_chunks": args.eval_chunks, "threads": args.threads,
+                     **({"reuse_rounding": True} if mjob else {})}
         key = st.digest({**plain_key, **({"recover": recover.fingerprint()} if recover.active else {})})
         unrecovered = store.get(st.digest(plain_key)) if recover.active else None
         plain_recovered = store.get(st.digest({**plain_key, "recover": replace(recover, aware=False).fingerprint()})) \
@@ -265,8 +272,14 @@ def bitalloc_side(args: argparse.Namespace, ref_gguf: Path, targets: dict[str, i
             plan, _split = plan_gguf(table, view, tpl, f"{size}B")
         path = WORK / f"bitalloc-{size}.gguf"
         with size_timer.stage("quantize"):  # export_plan's two steps, timed apart
+            rounded = None
+            if mjob:  # --reuse-rounding: the measurement's roundings of this plan, read from its job
+                with Job(*mjob) as job:
+                    rounded = load_rounded(job, plan.assignments)
             tensors = quantize_for_gguf(model, view, plan, calib, tpl, method=args.method, progress=True,
-                                        timer=size_lib, recover=recover, teacher=teacher, recover_windows=train_on)
+                                        timer=size_lib, recover=recover, teacher=teacher, recover_windows=train_on,
+                                        rounded=rounded)
+            del rounded
         with size_timer.stage("write"):
             written = write_gguf_verified(path, tpl, tensors, overwrite=True)
         del tensors
@@ -342,6 +355,8 @@ def result_path(args: argparse.Namespace, name: str, ext: str = "json") -> Path:
             tag += f"-{flag}{getattr(args, key)}"
     if rec != "none" and getattr(args, "recover_aware", False):
         tag += "-aware"
+    if getattr(args, "reuse_rounding", False):
+        tag += "_reuse-rounding"
     return RESULTS / f"{name}{tag}{'-quick' if getattr(args, 'quick', False) else ''}.{ext}"
 
 
@@ -644,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recover-aware", action="store_true",
                     help="allocate from the errors scaled by each format's measured block-recovery gain "
                     "(bitalloc gguf --recover-aware; needs --recover block or block+e2e)")
+    ap.add_argument("--reuse-rounding", action="store_true",
+                    help="as `bitalloc gguf --reuse-rounding`: the measurement keeps every rounding and each size is "
+                    "assembled from them (no rounding per size); results in *_reuse-rounding.*")
     ap.add_argument("--threads", type=int, default=1, help="threads for torch and the llama.cpp tools (both sides)")
     ap.add_argument("--no-retime", dest="retime", action="store_false",
                     help="take llama.cpp's wall times from its saved side instead of timing its imatrix and quantizes "
@@ -662,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in sizes if s not in known]
     if bad:
         ap.error(f"--sizes: unknown type(s) {', '.join(bad)} (use {', '.join(sorted(known))})")
+    if args.reuse_rounding and args.method != args.measure_method:
+        ap.error("--reuse-rounding quantizes with the measurement's roundings: --method must equal --measure-method")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,10 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import InputError, NumericsError
-from .formats import Format, Grid, get_format
+from .formats import Format, Grid, QTensor, get_format
 from .formats.rotated import Rotation, rotation_of
 from .rounding import ROW_CHUNK_ELEMS, Method, dequantize, get_rounder, quantize_chunks, row_chunks
-from .placement import Placement
+from .placement import Placement, qtensor_cpu
 from .stats import LinearStats, LookupStats, TensorStats
 from .timing import StageTimer, timed
 from .table import (  # noqa: F401  (re-exported: the table's historical home)
@@ -34,6 +34,9 @@ from .table import (  # noqa: F401  (re-exported: the table's historical home)
 log = logging.getLogger(__name__)
 
 _CHUNK_ELEMS = 1 << 20  # rows of ΔW·H computed at once: ~8 MiB of float64
+
+#: ``keep(format id, QTensor)``: receives a tensor's rounding into one format as the measurement made it
+Keep = Callable[[str, QTensor], None]
 
 
 # --- error functions ----------------------------------------------------------------------------
@@ -148,6 +151,7 @@ def measure_tensor(
     stack_elems: int | None = None,
     placement: Placement | None = None,
     timer: StageTimer | None = None,
+    keep: Keep | None = None,
 ) -> list[MeasureRow]:
     """Quantize ``w`` into every format that supports its shape and measure the resulting errors.
 
@@ -167,7 +171,9 @@ def measure_tensor(
     weight's, as ``decode`` gives it.  Everything runs on ``w``'s device; ``timer`` gets
     ``measure.fit``, ``measure.gptq``, ``measure.refit``, ``measure.errors`` (and ``measure.store`` for
     pass-through formats).  ``placement``: the run's policy (default: that of ``w``'s device), whose chunk size
-    and memory release the measurement follows.
+    and memory release the measurement follows.  ``keep(format id, QTensor)``, when given, receives every format's
+    rounding of ``w`` as it was measured (in CPU memory; it decodes to exactly the values whose errors the row
+    holds): what a quantization can reuse instead of rounding again (``--reuse-rounding``).
 
     Bounded memory: a tensor of more than ``max_elems`` elements is quantized and measured in blocks of rows
     (:func:`bitalloc.rounding.quantize_chunks`).  Every format quantizes rows independently and both errors
@@ -203,13 +209,14 @@ def measure_tensor(
     if batched and w.dim() == 2:
         grid_fmts = [f for f in fmts if f.is_grid]
         errs.update(_measure_grids(name, w, stats, grid_fmts, method, max_elems,
-                                   place.stack_elems if stack_elems is None else stack_elems, drop, place, timer))
+                                   place.stack_elems if stack_elems is None else stack_elems, drop, place, timer,
+                                   keep))
         fmts_alone = [f for f in fmts if not f.is_grid]
     else:
         fmts_alone = fmts
     for fmt in fmts_alone:
         with timed(timer, "measure.store" if not fmt.is_grid else "measure.quantize"):
-            errs[fmt.id] = _measure_one(name, w, stats, fmt, method, max_elems, drop, place)
+            errs[fmt.id] = _measure_one(name, w, stats, fmt, method, max_elems, drop, place, keep)
     rows: list[MeasureRow] = []
     for fmt in fmts:
         out_err, fi_err = errs[fmt.id]
@@ -222,11 +229,15 @@ def measure_tensor(
 
 
 def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, method: Method,
-                 max_elems: int | None, drop: Callable[[slice], None], place: Placement
+                 max_elems: int | None, drop: Callable[[slice], None], place: Placement, keep: Keep | None = None
                  ) -> tuple[float, float | None]:
-    """(output, fisher) error of one format as :func:`quantize_weight` stores it, block by block."""
+    """(output, fisher) error of one format as :func:`quantize_weight` stores it, block by block (``keep``: see
+    :func:`measure_tensor`)."""
     out_err, fi_err = 0.0, 0.0
+    kept: list[QTensor] = []
     for sl, q in quantize_chunks(w, fmt, hessian=stats.hessian, method=method, max_elems=max_elems):
+        if keep is not None:
+            kept.append(qtensor_cpu(q))
         w32 = w[sl].detach().to(torch.float32)
         dw = dequantize(q).to(device=w32.device, dtype=torch.float32).reshape(w32.shape) - w32
         if not torch.isfinite(dw).all():
@@ -238,13 +249,21 @@ def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, me
         del q, w32, dw
         drop(sl)
         place.release()
+    if keep is not None:
+        keep(fmt.id, _joined(fmt, kept))
     return out_err, fi_err
+
+
+def _joined(fmt: Format, parts: list[QTensor]) -> QTensor:
+    """Row blocks of one tensor as one QTensor (byte-identical to rounding it whole: rows are independent)."""
+    return parts[0] if len(parts) == 1 else fmt.concat_rows(parts)
 
 
 def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[Format], method: Method,
                    max_elems: int | None, stack_elems: int, drop: Callable[[slice], None], place: Placement,
-                   timer: StageTimer | None) -> dict[str, tuple[float, float | None]]:
-    """(output, fisher) error per grid format, all formats of a block of rows rounded together."""
+                   timer: StageTimer | None, keep: Keep | None = None) -> dict[str, tuple[float, float | None]]:
+    """(output, fisher) error per grid format, all formats of a block of rows rounded together (``keep``: see
+    :func:`measure_tensor`)."""
     if not fmts:
         return {}
     rounder = get_rounder(method)
@@ -260,6 +279,8 @@ def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequenc
     cap = max(1, stack_elems // len(fmts))
     errs: dict[str, tuple[float, float | None]] = {f.id: (0.0, 0.0) for f in fmts}
     groups = _rotation_groups(fmts, cols, hessian)
+    dtype = str(w.dtype).removeprefix("torch.")
+    kept: dict[str, list[QTensor]] = {f.id: [] for f in fmts}
     for sl in row_chunks(rows, cols, cap if max_elems is None else min(cap, max_elems)):
         w32 = w[sl].detach().to(device=dev, dtype=torch.float32)
         done: list[tuple[torch.Tensor, Grid, Rotation | None]] = [None] * len(fmts)  # type: ignore[list-item]
@@ -282,9 +303,15 @@ def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequenc
                 o, fi = _errors(dw, part, role_h)
                 o0, f0 = errs[fmt.id]
                 errs[fmt.id] = (o0 + o, None if f0 is None or fi is None else f0 + fi)
+        if keep is not None:  # the stored form of exactly what was measured (rotated formats store W·R's codes)
+            for fmt, (codes, grid, _rot) in zip(fmts, done):
+                kept[fmt.id].append(qtensor_cpu(fmt.encode(codes, grid, tuple(w32.shape), dtype)))
         del w32, done
         drop(sl)
         place.release()
+    if keep is not None:
+        for fmt in fmts:
+            keep(fmt.id, _joined(fmt, kept.pop(fmt.id)))
     return errs
 
 

@@ -21,7 +21,7 @@ from .activations import roundings_for
 from .budget import Budget, Constraints
 from .calibrate import FisherStats, fisher_pass, stream_blocks
 from .errors import BudgetError, InputError
-from .formats import get_format
+from .formats import QTensor, get_format
 from .io.atomic import tensor_digest
 from .measure import Measurement, MeasureRow, TensorInfo, measure_tensor
 from .plan import Plan, PlanEntry
@@ -87,6 +87,8 @@ class MeasureStart:
 
 
 MeasureHook = Callable[[int, list[MeasureRow], torch.Tensor], None]
+#: ``on_rounded(b, {(tensor, format id): QTensor})``: block ``b``'s roundings as the measurement made them
+RoundedHook = Callable[[int, dict[tuple[str, str], QTensor]], None]
 
 
 def measure_model(
@@ -108,6 +110,7 @@ def measure_model(
     placement: Placement | None = None,
     timer: StageTimer | None = None,
     screen: "Screen | Selection | None" = None,
+    on_rounded: RoundedHook | None = None,
 ) -> Measurement:
     """The measurement table of ``model`` over ``formats`` (each tensor × each format that fits its shape).
 
@@ -127,8 +130,16 @@ def measure_model(
     first pass estimates every format by RTN; a :class:`~bitalloc.screen.Selection` from an earlier first pass
     skips it).  The table then holds those exact rows only and its fingerprint records the screening, so
     ``make_plan`` refuses other budgets.  With ``method="rtn"`` the estimate is exact: nothing is screened.
+
+    ``on_rounded(b, {(tensor, format): QTensor})``, when given, receives every tensor's rounding into every format
+    as it was measured (:func:`bitalloc.measure.measure_tensor`'s ``keep``), a block at a time (``b`` = the
+    block; the head tensors last, as block ``len(blocks)``), each block before ``on_block``: a quantization can
+    reuse them (:func:`bitalloc.quantize.assemble_rounded`).  Not with ``screen`` (its reused rows were rounded in
+    the screening pass).
     """
     method = get_rounder(method).name
+    if on_rounded is not None and screen is not None:
+        raise InputError("reusing the measurement's rounding needs every row measured here: not with --screen")
     fmts = [get_format(f).id for f in formats]
     if not fmts:
         raise InputError("no candidate formats given")
@@ -146,7 +157,12 @@ def measure_model(
     rows: list[MeasureRow] = list(start.rows) if start is not None else []
     current: list[MeasureRow] = []
 
+    kept: dict[tuple[str, str], QTensor] = {}
+
     def after(b: int, hidden: torch.Tensor) -> None:
+        if on_rounded is not None:  # first: a block's checkpoint is never ahead of its rounding's
+            on_rounded(b, dict(kept))
+            kept.clear()
         if on_block is not None:
             on_block(b, list(current), hidden)
 
@@ -172,13 +188,17 @@ def measure_model(
             got = [] if selection is None else list(selection.reused.get(name, ()))
             if todo:
                 got += measure_tensor(name, w, stats, todo, method, placement=place, timer=timer,
-                                      release=functools.partial(release_rows, model, name))
+                                      release=functools.partial(release_rows, model, name),
+                                      keep=None if on_rounded is None else functools.partial(_keep, kept, name))
             if not got:
                 raise InputError(f"none of the formats {fmts} can store {name} of shape {tuple(w.shape)}")
             current.extend(got)
             release_parameter(model, name)  # a spilled weight leaves memory once measured (no-op otherwise)
         rows.extend(current)
         del block  # one block's statistics at a time
+    if on_rounded is not None:  # the head tensors
+        on_rounded(len(view.blocks()), dict(kept))
+        kept.clear()
     fp = {
         "model": model_fingerprint(model),
         "calibration": _hash_tensors([("windows", windows)] + ([("fisher_windows", fw)] if fisher else [])),
@@ -192,6 +212,10 @@ def measure_model(
     if selection is not None:
         fp["screen"] = selection.record
     return Measurement(tuple(infos), tuple(rows), fixed_bytes(view), view.total_params, fp)
+
+
+def _keep(kept: dict[tuple[str, str], QTensor], name: str, fmt: str, q: QTensor) -> None:
+    kept[(name, fmt)] = q
 
 
 def check_reachable(model: nn.Module, formats: Sequence[str], budgets: Sequence[str]) -> None:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .errors import InputError
+from .formats.base import QTensor
 from .memory import release_free_memory
 from .models.spill import release
 
@@ -146,6 +147,13 @@ class Placement:
 def cpu_copy(t: torch.Tensor) -> torch.Tensor:
     """``t`` in CPU memory (``t`` itself when it is there): what checkpoints and outputs are written from."""
     return t if t.device.type == "cpu" else t.cpu()
+
+
+def qtensor_cpu(q: QTensor) -> QTensor:
+    """``q`` with its parts in CPU memory (``q`` itself when they are there): what outputs are written from."""
+    if all(t.device.type == "cpu" for t in q.parts.values()):
+        return q
+    return replace(q, parts={k: cpu_copy(t) for k, t in q.parts.items()})
 
 
 @dataclass
@@ -291,4 +299,4 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 __all__ = ["CPU", "DEVICE_CHUNKS", "HEAD_CHUNK", "MAX_POSITIONS", "OFFLOAD_SHARE", "Placement", "Residency",
-           "VOCAB_CHUNK", "cpu_copy", "model_bytes", "resolve_device"]
+           "STACK_ELEMS", "VOCAB_CHUNK", "cpu_copy", "model_bytes", "qtensor_cpu", "resolve_device"]

@@ -18,7 +18,7 @@ values) when :func:`quantize_model` returns.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -31,7 +31,7 @@ from .errors import InputError
 from .formats import QTensor, get_format
 from .models.spill import release_rows
 from .models.view import ModelView, fixed_format
-from .placement import Placement, cpu_copy
+from .placement import Placement, qtensor_cpu
 from .timing import StageTimer, timed
 from . import rounding
 from .rounding import Method, Rounder, dequantize, get_rounder, quantize_chunks
@@ -90,13 +90,6 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def restore(model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
     for n, v in saved.items():
         set_weight(model, n, v)
-
-
-def qtensor_cpu(q: QTensor) -> QTensor:
-    """``q`` with its parts in CPU memory (``q`` itself when they are there): what outputs are written from."""
-    if all(t.device.type == "cpu" for t in q.parts.values()):
-        return q
-    return replace(q, parts={k: cpu_copy(t) for k, t in q.parts.items()})
 
 
 def _quantize_one(
@@ -164,6 +157,16 @@ def quantize_model(
     rounder = get_rounder(method)
     lay = layout_of(model)
     view = view_of(model, view)
+    assign = _assignments(model, view, plan)
+    with timed(timer, "quantize"):
+        out = _run(model, lay, assign, windows, rounder, batch_size, progress, on_block, start, placement, timer)
+        out.update(store_fixed(model, view))
+    return out
+
+
+def _assignments(model: nn.Module, view: ModelView, plan: Mapping[str, str] | Any) -> dict[str, str]:
+    """``{tensor: format id}`` of ``plan``, checked against the model: every allocated tensor once, nothing else,
+    each format able to store its tensor (refused before any work)."""
     assign = dict(plan.assignments if hasattr(plan, "assignments") else plan)
     names = quantizable_names(view)
     missing = [n for n in names if n not in assign]
@@ -172,11 +175,31 @@ def quantize_model(
         raise InputError(
             f"the plan does not match the model: missing {missing[:3]} ({len(missing)}), unknown {extra[:3]} ({len(extra)})"
         )
-    for n in names:  # fail before the long run on a format that cannot store a tensor
+    for n in names:
         get_format(assign[n]).check_shape(tuple(model.get_parameter(n).shape))
+    return assign
 
+
+def assemble_rounded(model: nn.Module, view: ModelView | None, plan: Mapping[str, str] | Any,
+                     rounded: Mapping[str, QTensor], *, timer: StageTimer | None = None) -> dict[str, QTensor]:
+    """The quantization of ``plan`` from roundings made before it -- the measurement's (``--reuse-rounding``:
+    :func:`bitalloc.pipeline.measure_model`'s ``on_rounded``) -- instead of rounding again: ``rounded`` holds each
+    allocated tensor's QTensor in its planned format, which is written into ``model`` as dequantized values; the
+    fixed tensors are stored as :func:`quantize_model` stores them.  No forward and no rounding runs here, and each
+    tensor's error is exactly the measured one: every tensor was rounded with the full-precision model's inputs,
+    where :func:`quantize_model` rounds each block on the inputs of the blocks already quantized."""
+    view = view_of(model, view)
+    assign = _assignments(model, view, plan)
+    out: dict[str, QTensor] = {}
     with timed(timer, "quantize"):
-        out = _run(model, lay, assign, windows, rounder, batch_size, progress, on_block, start, placement, timer)
+        for name, fmt in assign.items():
+            q = rounded.get(name)
+            if q is None or q.format != fmt:
+                raise InputError(f"{name}: the measurement kept no rounding into {fmt} (reuse needs the job that "
+                                 "measured with --reuse-rounding)")
+            set_weight(model, name, dequantize(q).reshape(model.get_parameter(name).shape))
+            release_rows(model, name, slice(None))  # a spilled weight leaves memory once written (no-op otherwise)
+            out[name] = q
         out.update(store_fixed(model, view))
     return out
 

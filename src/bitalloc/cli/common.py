@@ -240,7 +240,7 @@ def run_config(args: argparse.Namespace, out: Path, job_dir: Path, **fields: Any
         job_dir=job_dir, formats=tuple(_formats(args.formats)), method=args.method, fisher=bool(args.fisher),
         fisher_windows=args.fisher_windows, overwrite=args.overwrite, keep_job=args.keep_job,
         progress=not args.quiet, screen=bool(getattr(args, "screen", False)), recover=recover_of(args),
-        **rotate_of(args), **fields,
+        reuse_rounding=bool(getattr(args, "reuse_rounding", False)), **rotate_of(args), **fields,
     )
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, output_exists
 from .common import check_rotation_of, print_timings
-from .options import METHODS, add_recover, add_rotate, add_screen, recover_of, rotate_of
+from .options import METHODS, add_recover, add_reuse_rounding, add_rotate, add_screen, recover_of, rotate_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..jobs.config import RunConfig
@@ -46,6 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser | None:
                    help="candidate GGUF types (default: all of them; each tensor gets those its shape allows)")
     p.add_argument("--method", choices=METHODS, default="gptq", help="rounding (default gptq)")
     add_screen(p)
+    add_reuse_rounding(p)
     add_recover(p)
     add_rotate(p)
     p.add_argument("--measure-method", choices=METHODS, default=None,
@@ -95,7 +96,7 @@ def run_config_of(args: argparse.Namespace) -> RunConfig:
         fisher_windows=args.fisher_windows, activation_noise=activations(args) == "cpu",
         budgets=(Budget.parse(args.budget),), overwrite=args.overwrite, keep_job=args.keep_job,
         progress=not args.quiet, screen=bool(args.screen), recover=recover_of(args), output="gguf",
-        **rotate_of(args),
+        reuse_rounding=bool(args.reuse_rounding), **rotate_of(args),
     )
 
 

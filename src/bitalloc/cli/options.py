@@ -118,6 +118,16 @@ def add_screen(p: argparse.ArgumentParser) -> None:
                    "formats near each tensor's place at this budget (faster; the table then serves this budget only)")
 
 
+def add_reuse_rounding(p: argparse.ArgumentParser) -> None:
+    """``--reuse-rounding``: quantize with the measurement's own roundings (:func:`bitalloc.quantize.assemble_rounded`)."""
+    p.add_argument("--reuse-rounding", action="store_true",
+                   help="keep every tensor's rounding into every format as the measurement makes it (in the job "
+                   "directory: about the model's size times the formats' bits per weight summed, over 8) and "
+                   "quantize with those instead of rounding again block by block on the quantized model's inputs: "
+                   "no rounding after the measurement, each tensor's error exactly the measured one; GPTQ then sees "
+                   "the full-precision model's inputs (see README)")
+
+
 def add_rotate(p: argparse.ArgumentParser) -> None:
     """``--rotate`` and ``--untie-head``: rotations folded into the model before anything is measured
     (:mod:`bitalloc.models.rotate`)."""

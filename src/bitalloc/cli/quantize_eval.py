@@ -11,7 +11,7 @@ from ..errors import InputError
 from .common import DEFAULT_FORMATS, MODEL_HELP, _job_dir, _load_model, _texts, _windows, print_timings, run_config
 from .options import (
     EVAL_TEXT_HELP, add_calib, add_common, add_constraints, add_ctx, add_job, add_measure_opts, add_model, add_out,
-    add_recover, add_rotate, add_screen,
+    add_recover, add_reuse_rounding, add_rotate, add_screen,
 )
 
 
@@ -109,6 +109,7 @@ def add_parsers(sub: Any) -> None:
                    "only the formats vLLM has kernels for (4/8-bit ints, fp8, nvfp4, fp16), with --constraints fused "
                    "(vLLM fuses q/k/v and gate/up) (default packed)")
     add_screen(p)
+    add_reuse_rounding(p)
     add_recover(p)
     add_rotate(p)
     p.add_argument("--measurement", metavar="TABLE", help="reuse a measurement table instead of measuring")

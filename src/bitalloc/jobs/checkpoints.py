@@ -32,6 +32,9 @@ log = logging.getLogger("bitalloc.resume")  # one logger for everything about re
 
 QUANT_STAGE = "quantize"
 MEASURE_STAGE = "measure_blocks"
+#: the measurement's roundings of every tensor into every format, kept for the quantization (``--reuse-rounding``)
+ROUNDED_STAGE = "rounded"
+_AT = "@"  # between a tensor's name and a format id in a rounded block's keys
 HIDDEN_FILE = "hidden.safetensors"
 
 
@@ -48,14 +51,15 @@ def _save_block(job: Job, b: int, qtensors: Mapping[str, QTensor], stage: str = 
     job.record(path)
 
 
-def _load_block(path: Path) -> dict[str, QTensor]:
+def _load_block(path: Path, wanted: Callable[[str], bool] | None = None) -> dict[str, QTensor]:
+    """The QTensors :func:`_save_block` wrote (``wanted``: only those whose key it accepts are read)."""
     with SafetensorsFile(path) as sf:
         try:
             meta = json.loads(sf.metadata()["qtensors"])
             return {
                 name: QTensor(format=m["format"], shape=tuple(m["shape"]), dtype=m["dtype"],
                               parts={part: sf.get(f"{name}/{part}").clone() for part in m["parts"]})
-                for name, m in meta.items()
+                for name, m in meta.items() if wanted is None or wanted(name)
             }
         except (KeyError, ValueError, TypeError) as e:
             raise InputError(f"checkpoint {path} is corrupt ({e}); remove the job directory to start over") from e
@@ -197,6 +201,28 @@ class MeasureCheckpoints:
         start = self.start()  # first: it may discard the stage's checkpoints
         return {"fisher_stats": self.fisher_stats(), "on_fisher": self.save_fisher, "start": start,
                 "on_block": self.on_block}
+
+
+def save_rounded(job: Job, b: int, rounded: Mapping[tuple[str, str], QTensor]) -> None:
+    """``on_rounded`` of :func:`bitalloc.pipeline.measure_model`: block ``b``'s roundings, one file
+    (``rounded/block0003.safetensors``), written before the block's measurement checkpoint."""
+    _save_block(job, b, {f"{name}{_AT}{fmt}": q for (name, fmt), q in rounded.items()}, ROUNDED_STAGE)
+
+
+def load_rounded(job: Job, assignments: Mapping[str, str]) -> dict[str, QTensor]:
+    """The QTensors of ``assignments`` (``{tensor: format id}``) among the roundings :func:`save_rounded` kept, block
+    file by block file, reading only those.  A tensor with no kept rounding in its format is
+    absent (:func:`bitalloc.quantize.assemble_rounded` names it)."""
+    def planned(key: str) -> bool:
+        name, _, fmt = key.rpartition(_AT)
+        return assignments.get(name) == fmt
+
+    out: dict[str, QTensor] = {}
+    for p in sorted((job.dir / ROUNDED_STAGE).glob("block*.safetensors")):
+        if not job.recorded(p):  # not one the measurement finished writing (verified when the job was opened)
+            continue
+        out.update((key.rpartition(_AT)[0], q) for key, q in _load_block(p, planned).items())
+    return out
 
 
 

@@ -95,6 +95,8 @@ class RunConfig:
     # recovery teacher and the output see the rotated model; ``untie`` gives a tied lm_head its own rotated copy
     rotate: tuple[str, ...] = ()
     untie: bool = False
+    # quantize with the measurement's own roundings (kept in the job) instead of rounding again block by block
+    reuse_rounding: bool = False
 
     def __post_init__(self) -> None:
         for m in (self.method, self.measure_method or self.method):
@@ -105,6 +107,10 @@ class RunConfig:
                             or self.measurement is not None or self.uniform_format is not None):
             raise InputError("--screen needs one budget to screen for, and measures the table itself (quantize "
                              "--budget or gguf; not with --plan, --measurement, --format or a sweep)")
+        if self.reuse_rounding and (self.measurement is not None or self.uniform_format is not None or self.screen
+                                    or self.sweep is not None or self.measuring_method != self.method):
+            raise InputError("--reuse-rounding quantizes with the roundings this job's measurement makes: not with "
+                             "--measurement, --format, --screen, a sweep, or a --measure-method other than --method")
         if self.recover.aware and (self.plan is not None or self.uniform_format is not None):
             raise InputError("--recover-aware changes how a budget is allocated: it needs --budget (not --format or "
                              "--plan, which allocate nothing)")
@@ -140,7 +146,8 @@ class RunConfig:
         return {"formats": ",".join(self.formats), "method": self.method, "measure_method": self.measuring_method,
                 "fisher": self.fisher, "fisher_windows": self.fisher_windows, "windows": self.windows,
                 "ctx": self.ctx, "activations": "cpu" if self.activation_noise else "none", "device": self.device,
-                "screen": self.screen, **self.rotate_options()}
+                "screen": self.screen, **self.rotate_options(),
+                **({"reuse_rounding": True} if self.reuse_rounding else {})}
 
     def rotate_options(self) -> dict[str, Any]:
         """The rotation's options (none without ``--rotate``: the fingerprints of unrotated jobs are unchanged)."""

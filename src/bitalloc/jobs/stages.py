@@ -10,6 +10,8 @@ are done reads no weight.  Layout (beside ``job.json`` and ``job.lock``, :mod:`b
     measure_blocks/fisher.safetensors       Fisher statistics (the gradient pass), once
     measure_blocks/rows0003.json            measurement rows of block 3
     measure_blocks/hidden.safetensors       inputs of block k of the fp model (metadata "block": k)
+    rounded/block0003.safetensors           --reuse-rounding: block 3's roundings into every format, as measured
+                                            (the head tensors: block len(blocks)); kept for the quantization
     measurement.json                        stage "measure" (the Measurement table)
     plan/capacity.json, plan.json           stage "plan": the budget as the target resolved it, the plan
     quantize/block0003.safetensors          QTensor parts of block 3 (metadata: formats, shapes, dtypes)
@@ -39,7 +41,7 @@ from ..plan import Plan
 from ..targets.base import Capacity, Target, Written
 from ..timing import StageTimer
 from .checkpoints import (MEASURE_STAGE, QUANT_STAGE, RECOVER_STAGE, MeasureCheckpoints, RecoverCheckpoints, block_hook,
-                          load_recovered, load_state, save_recovered)
+                          load_recovered, load_rounded, load_state, save_recovered, save_rounded)
 from .config import RunConfig
 from .store import Job
 
@@ -164,10 +166,12 @@ class Stages:
         c, lo = self.config, self.loaded
         calib = self.calibration
         fisher_w = calib[: c.fisher_windows] if c.fisher else None
+        rounded = (lambda b, r: save_rounded(self.job, b, r)) if c.reuse_rounding else None
         return pipeline.measure_model(lo.model, lo.view, calib, list(c.formats), c.measuring_method, c.fisher,
                                       progress=c.progress, fisher_windows=fisher_w,
                                       activation_noise=c.activation_noise, placement=self.placement,
-                                      timer=self.timer, screen=self.screen(), **checkpoints.kwargs())
+                                      timer=self.timer, screen=self.screen(), on_rounded=rounded,
+                                      **checkpoints.kwargs())
 
     def screen(self) -> Any:
         """The :class:`bitalloc.screen.Screen` of a ``--screen`` run: the budget as the target resolves it for the
@@ -256,11 +260,17 @@ class Stages:
     # ------------------------------------------------------------------------------------- quantize
     def quantize(self, plan: Plan) -> tuple[dict[str, QTensor], dict[str, torch.Tensor]]:
         """Stage "quantize", block by block: ``(qtensors, originals)``, originals being the fixed tensors'
-        values before quantization (a target may store them at full precision)."""
-        from ..quantize import quantize_model
+        values before quantization (a target may store them at full precision).  With ``reuse_rounding`` the
+        measurement's roundings of the plan's formats, read from the job (:func:`bitalloc.quantize.assemble_rounded`:
+        no forward, no rounding)."""
+        from ..quantize import assemble_rounded, quantize_model
 
         lo = self.loaded
         originals = {f.name: lo.model.get_parameter(f.name).detach().clone() for f in lo.view.fixed()}
+        if self.config.reuse_rounding:
+            q = assemble_rounded(lo.model, lo.view, plan, load_rounded(self.job, plan.assignments), timer=self.timer)
+            self.job.complete_stage(QUANT_STAGE)
+            return q, originals
         method: Any = self.config.method  # checked by RunConfig
         q = quantize_model(lo.model, lo.view, plan, self.calibration, method=method,
                            progress=self.config.progress, on_block=block_hook(self.job, QUANT_STAGE),

@@ -152,18 +152,23 @@ def gguf_tensors(tpl: GGUFTemplate, view: Any, qtensors: Mapping[str, QTensor],
 def quantize_for_gguf(model: torch.nn.Module, view: Any, plan: Any, windows: torch.Tensor, tpl: GGUFTemplate, *,
                       method: str = "gptq", progress: bool = True, placement: Any = None,
                       timer: Any = None, recover: Any = None, teacher: torch.nn.Module | None = None,
-                      recover_windows: tuple[torch.Tensor, int] | None = None) -> dict[str, Any]:
+                      recover_windows: tuple[torch.Tensor, int] | None = None,
+                      rounded: Mapping[str, QTensor] | None = None) -> dict[str, Any]:
     """Quantize ``model`` in place by ``plan``; returns every GGUF tensor (QTensors, F32 norms) by GGUF name.
     Afterwards ``model`` holds exactly the values the file decodes to (norms at their original values, or their
     trained ones).  ``placement``/``timer``: as :func:`bitalloc.quantize.quantize_model`; ``recover`` (a
     :class:`~bitalloc.recover.RecoverConfig`) trains the quantized model toward ``teacher`` (full precision) on
     ``recover_windows`` = ``(windows, held-out guard windows)`` (:func:`bitalloc.recover.training_windows`;
-    default ``windows``, checked on its first ones)."""
-    from ..quantize import quantize_model, set_weight
+    default ``windows``, checked on its first ones).  ``rounded``: every planned tensor's QTensor as the measurement
+    rounded it (``--reuse-rounding``; :func:`bitalloc.quantize.assemble_rounded`), used instead of rounding again."""
+    from ..quantize import assemble_rounded, quantize_model, set_weight
 
     originals = {f.name: model.get_parameter(f.name).detach().clone() for f in view.fixed()}
-    qt = quantize_model(model, view, plan, windows, method=method, progress=progress,  # type: ignore[arg-type]
-                        placement=placement, timer=timer)
+    if rounded is not None:
+        qt = assemble_rounded(model, view, plan, rounded, timer=timer)
+    else:
+        qt = quantize_model(model, view, plan, windows, method=method, progress=progress,  # type: ignore[arg-type]
+                            placement=placement, timer=timer)
     if recover is not None and recover.active:
         from ..recover import recover_model
 
