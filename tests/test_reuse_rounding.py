@@ -19,6 +19,7 @@ from bitalloc.pipeline import make_plan, measure_model
 from bitalloc.quantize import assemble_rounded, quantize_model, snapshot
 from bitalloc.rounding import dequantize, quantize_weight
 from bitalloc.stats import LinearStats, TensorStats
+from tests.cli_process import kill_at_marks, run_to_end
 from tests.conftest import tiny_llama, token_ids
 from tests.gguf_tiny import gguf_argv, write_loadable_gguf
 from tests.test_resume import make_hf_dir, quantize_argv, read_tree
@@ -143,6 +144,19 @@ def test_interrupted_reuse_job_resumes_to_identical_files(src, reused, tmp_path,
     assert "resuming measurement at block 1" in caplog.text
     assert out.read_bytes() == reused.read_bytes()
     assert not default_job_dir(out).exists()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reused, tmp_path):
+    out = tmp_path / "out.gguf"
+    job = default_job_dir(out)
+    marks = [job / "job.json", job / checkpoints.ROUNDED_STAGE / "block0000.safetensors",
+             job / checkpoints.MEASURE_STAGE / "rows0001.json", job / "plan.json"]
+    argv = gguf_argv(src, out, "--reuse-rounding", budget=BUDGET)
+    assert kill_at_marks(argv, marks, out, seed=2929, pause=0.2) >= 2
+    run_to_end(argv)
+    assert out.read_bytes() == reused.read_bytes()
+    assert not job.exists()
 
 
 def test_quantize_with_reused_rounding(tmp_path):
