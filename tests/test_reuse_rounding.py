@@ -167,6 +167,30 @@ def test_quantize_with_reused_rounding(tmp_path):
     assert read_tree(a) == read_tree(b)  # deterministic
 
 
+def test_sweep_with_reused_rounding_quantizes_nothing_after_the_measurement(tmp_path, monkeypatch):
+    """Every point of a sweep (allocated and uniform) is assembled from the kept roundings: quantize_model never
+    runs, and an interrupted sweep resumes to the same results."""
+    import json
+
+    import bitalloc.sweep as sweep_mod
+    from tests.test_sweep_resume import fixed_clock, interrupt_at_point, sweep_argv
+
+    (tmp_path / "m").mkdir()
+    hf = make_hf_dir(tmp_path / "m" / "hf")
+    (hf.parent / "eval.txt").write_text((hf.parent / "calib.txt").read_text()[::-1])
+    fixed_clock(monkeypatch)
+    monkeypatch.setattr(sweep_mod, "quantize_model", lambda *a, **k: pytest.fail("quantize_model ran"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(sweep_argv(hf, a, "--reuse-rounding")) == 0
+    points = json.loads((a / "sweep.json").read_text())["points"]
+    assert {p["kind"] for p in points} == {"allocated", "uniform"} and all(p["kld"] >= 0 for p in points)
+    with monkeypatch.context() as m:
+        interrupt_at_point(m, 1)
+        assert main(sweep_argv(hf, b, "--reuse-rounding")) == 130
+    assert main(sweep_argv(hf, b, "--reuse-rounding")) == 0
+    assert (a / "sweep.json").read_bytes() == (b / "sweep.json").read_bytes()
+
+
 @pytest.mark.parametrize("extra", [("--screen",), ("--measure-method", "rtn")])
 def test_what_reuse_cannot_serve_is_refused_in_one_line(src, tmp_path, capsys, extra):
     out = tmp_path / "x.gguf"

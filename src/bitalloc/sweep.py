@@ -27,7 +27,7 @@ from .models.view import ModelView
 from .pipeline import CachedReference, fitting_uniforms, make_plan, uniform_plan
 from .placement import Placement
 from .plan import Plan
-from .quantize import quantize_model, restore, snapshot
+from .quantize import assemble_rounded, quantize_model, restore, snapshot
 from .timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class Point:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+#: ``rounded(assignments)``: the kept roundings (``{tensor: QTensor}``) of a plan's ``{tensor: format id}``
+Rounded = Callable[[Mapping[str, str]], Mapping[str, Any]]
 
 
 def point_key(index: int, method: str, kind: str, budget: str, label: str) -> str:
@@ -83,16 +85,21 @@ def run_point(
     method: str, calib: torch.Tensor, eval_windows: torch.Tensor, reference: CachedReference,
     *, progress: bool = True, placement: Placement | None = None, timer: StageTimer | None = None,
     recover: Any = None, recover_windows: tuple[torch.Tensor, int] | None = None,
+    rounded: Rounded | None = None,
 ) -> Point:
-    """Restore the fp weights, quantize by ``plan`` with ``method``, recover (a
+    """Restore the fp weights, quantize by ``plan`` with ``method`` (or, with ``rounded``, assemble the plan from the
+    roundings ``rounded(assignments)`` returns: :func:`bitalloc.quantize.assemble_rounded`), recover (a
     :class:`~bitalloc.recover.RecoverConfig` whose mode is not "none", toward the reference model, on
     ``recover_windows`` = ``(windows, held-out guard windows)`` as :func:`bitalloc.recover.training_windows`
     gives them, default ``calib`` checked on its first windows) and evaluate;
     the model keeps the result."""
     t0 = time.perf_counter()
     restore(model, saved)
-    q = quantize_model(model, view, plan, calib, method=method, progress=progress,  # type: ignore[arg-type]
-                       placement=placement, timer=timer)
+    if rounded is not None:
+        q = assemble_rounded(model, view, plan, rounded(plan.assignments), timer=timer)
+    else:
+        q = quantize_model(model, view, plan, calib, method=method, progress=progress,  # type: ignore[arg-type]
+                           placement=placement, timer=timer)
     if recover is not None and recover.active:
         from .recover import recover_model
 
@@ -130,6 +137,7 @@ def sweep(
     progress: bool = True, uniform_candidates: int = 2, done: Mapping[str, Point] | None = None,
     on_point: Callable[[str, Point], None] | None = None, placement: Placement | None = None,
     timer: StageTimer | None = None, recover: Any = None, recover_windows: tuple[torch.Tensor, int] | None = None,
+    rounded: Rounded | None = None,
 ) -> list[Point]:
     """For every budget and method: the allocated plan and the uniform formats that fit the same bytes.
 
@@ -139,7 +147,9 @@ def sweep(
     fitting uniform formats and the one with the least predicted error are all quantized and evaluated, so
     the best uniform baseline is picked by *measured* quality (:func:`best_measured_uniform`).  ``uniform``
     (format ids) replaces them by a fixed list.  ``recover`` (a RecoverConfig) trains every point's model after
-    its quantization (:func:`run_point`).  The model is left with its original weights.
+    its quantization (:func:`run_point`).  ``rounded``: every point is assembled from the roundings it returns for
+    the point's assignments instead of quantized (``--reuse-rounding``; one method).  The model is left with its
+    original weights.
 
     Resuming: every point has a key (:func:`point_key`); a point whose key is in ``done`` is taken from it
     (checked against its plan) instead of being computed, and ``on_point(key, point)`` is called after each
@@ -164,7 +174,7 @@ def sweep(
                 else:
                     pt = run_point(model, view, saved, p, kind, b, method, calib, eval_windows, ref, progress=progress,
                                    placement=placement, timer=timer, recover=recover,
-                                   recover_windows=recover_windows)
+                                   recover_windows=recover_windows, rounded=rounded)
                     log.info("%s %s %s: %d B, %.4f bpw, kld %.5f", kind, b, method, pt.bytes, pt.bpw, pt.kld)
                     if on_point is not None:
                         on_point(key, pt)

@@ -122,7 +122,7 @@ def add_reuse_rounding(p: argparse.ArgumentParser) -> None:
     """``--reuse-rounding``: quantize with the measurement's own roundings (:func:`bitalloc.quantize.assemble_rounded`)."""
     p.add_argument("--reuse-rounding", action="store_true",
                    help="keep every tensor's rounding into every format as the measurement makes it (in the job "
-                   "directory: about the model's size times the formats' bits per weight summed, over 8) and "
+                   "directory: at most the parameters times the formats' bits per weight summed, over 8) and "
                    "quantize with those instead of rounding again block by block on the quantized model's inputs: "
                    "no rounding after the measurement, each tensor's error exactly the measured one; GPTQ then sees "
                    "the full-precision model's inputs (see README)")

@@ -8,7 +8,7 @@ from typing import Any
 from .common import DEFAULT_FORMATS, DEMO_BUDGETS, DEMO_FORMATS, _budgets, _formats, _job_dir, _texts, run_config
 from .options import (
     EVAL_TEXT_HELP, add_calib, add_common, add_constraints, add_job, add_measure_opts, add_model, add_out, add_recover,
-    add_rotate,
+    add_reuse_rounding, add_rotate,
 )
 
 DEMO_TITLE = "SmolLM2-135M-Instruct: allocated vs uniform (demo)"
@@ -55,6 +55,7 @@ def _add_sweep_rest(p: argparse.ArgumentParser, windows: int, formats: str, meth
                    help="fixed uniform baselines (default: the best uniform format that fits each budget)")
     add_constraints(p, show_default=False)
     add_recover(p)
+    add_reuse_rounding(p)
     add_rotate(p)
     add_out(p, "output directory for measurement.json, sweep.json, sweep.png",
             "replace existing results in the output directory", required=out_default is None, default=out_default)

@@ -108,9 +108,9 @@ class RunConfig:
             raise InputError("--screen needs one budget to screen for, and measures the table itself (quantize "
                              "--budget or gguf; not with --plan, --measurement, --format or a sweep)")
         if self.reuse_rounding and (self.measurement is not None or self.uniform_format is not None or self.screen
-                                    or self.sweep is not None or self.measuring_method != self.method):
+                                    or self.measuring_method != self.method):
             raise InputError("--reuse-rounding quantizes with the roundings this job's measurement makes: not with "
-                             "--measurement, --format, --screen, a sweep, or a --measure-method other than --method")
+                             "--measurement, --format, --screen, or a --measure-method other than --method")
         if self.recover.aware and (self.plan is not None or self.uniform_format is not None):
             raise InputError("--recover-aware changes how a budget is allocated: it needs --budget (not --format or "
                              "--plan, which allocate nothing)")

@@ -36,6 +36,7 @@ from ..io.atomic import TEMP_SUFFIX, atomic_write
 from ..sweep import Point, plot_png, results_json, sweep
 from ..targets.packed import weights_capacity
 from .config import RunConfig
+from .checkpoints import load_rounded
 from .stages import MEASUREMENT_FILE, Stages
 from .store import Job, run_job
 
@@ -164,7 +165,8 @@ def _compute(job: Job, config: RunConfig, on_point: Callable[[str, Point], None]
                    constraints=stages.constraints(None), uniform=spec.uniform, progress=config.progress,
                    uniform_candidates=spec.uniform_candidates, done=done, on_point=save,
                    placement=stages.placement, timer=stages.timer, recover=config.recover,
-                   recover_windows=stages.recovery_windows if config.recover.active else None)
+                   recover_windows=stages.recovery_windows if config.recover.active else None,
+                   rounded=(lambda assign: load_rounded(job, assign)) if config.reuse_rounding else None)
     extra = [("measure_seconds", measure_seconds), ("measure_method", config.method),
              ("calib_windows", int(calib.shape[0])), ("eval_windows", int(evals.shape[0])), *spec.extra]
     doc = {"title": spec.title, "extra": [list(kv) for kv in extra], "points": [asdict(p) for p in points]}
