@@ -14,7 +14,6 @@ each (the allocator prefers whichever is larger).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.pareto import block_linears  # noqa: E402
+from bench.pareto import block_linears, png_bytes  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
 from bitalloc.io.atomic import atomic_write  # noqa: E402
 from bitalloc.measure import output_error  # noqa: E402
@@ -91,11 +90,7 @@ def plot_png(summary: dict[str, dict]) -> bytes:
     ax.set_yscale("log")
     ax.set_title("low-rank correction of the GPTQ residual vs one more bit (rescaled SmolLM2)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

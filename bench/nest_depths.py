@@ -22,7 +22,6 @@ near 1 at every depth of one variant is what the issue's ≤ 1.15× at every bud
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.pareto import block_linears  # noqa: E402
+from bench.pareto import block_linears, png_bytes  # noqa: E402
 from bitalloc.io.atomic import atomic_write  # noqa: E402
 from bitalloc.measure import output_error  # noqa: E402
 from bitalloc.nest.artifact import depth_of  # noqa: E402
@@ -101,11 +100,7 @@ def plot_png(ratios: dict[str, dict[int, float]], title: str) -> bytes:
     ax.set_ylabel("output error / direct GPTQ's (sum over tensors)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import io
 import json
 import logging
 import resource
@@ -35,6 +36,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -107,6 +109,17 @@ def block_linears(blocks: list[int], ctx: int, calib_windows: int):
                     yield name, model.get_parameter(name).detach().to(torch.float32), stats
         if b >= max(blocks):
             break
+
+
+def png_bytes(fig: Any, dpi: int = 110) -> bytes:
+    """``fig`` laid out, rendered as PNG bytes without matplotlib's version stamp, and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def peak_rss_mib() -> float:

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.anysize import Cache, pkey  # noqa: E402
-from bench.pareto import bench_inputs, cached_measurement, digest, peak_rss_mib  # noqa: E402
+from bench.pareto import bench_inputs, cached_measurement, digest, peak_rss_mib, png_bytes  # noqa: E402
 from bitalloc.cli.common import DEFAULT_FORMATS  # noqa: E402
 from bitalloc.data import default_calibration_files, read_texts, token_windows  # noqa: E402
 from bitalloc.evaluate import evaluate  # noqa: E402
@@ -189,8 +189,6 @@ def comparison(points: list[RPoint], budgets: list[str]) -> list[dict]:
 
 
 def plot_png(points: list[RPoint], rows: list[dict], title: str) -> bytes:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,11 +209,7 @@ def plot_png(points: list[RPoint], rows: list[dict], title: str) -> bytes:
     if curve:
         _plot_curve(axes[0][1], points)
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def _plot_curve(ax2: Any, points: list[RPoint]) -> None:
