@@ -21,6 +21,9 @@ appear in the JSON as soon as the library records them, and nothing breaks befor
 its peak RSS after each stage and at the end (``VmHWM``: Linux's ``ru_maxrss`` would include the parent's RSS,
 carried across fork + exec; it is stored too), and the runtime floor: its peak RSS after importing torch,
 transformers' Llama modelling code and bitalloc (and initialising CUDA when used), before building anything.
+When the placement measures in worker processes (``Placement.workers``, a CPU with several threads), each
+worker's peak (``RUSAGE_CHILDREN``) is added to the peak RSS once per worker, as if all were at theirs at once
+(``rss_main_peak_bytes`` keeps the process's own).
 
 Results: per stage the seconds at each size and the exponent of a least-squares line through
 log(seconds) vs log(parameters) (goal: at most 1.1), the same for the peak RSS above the floor, and that peak
@@ -256,10 +259,16 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         info = save_packed(out_dir, model, view, qt, plan, None, overwrite=True)
     rss["write"] = maxrss_bytes()
     shutil.rmtree(out_dir, ignore_errors=True)
+    # measurement workers (Placement.workers, separate processes): each one's peak counted as if all were at theirs
+    # at once, on top of this process's own
+    worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    workers_bytes = placement.workers * int(worker_peak) if placement.workers > 1 else 0
     result: dict[str, Any] = {
         "params": int(view.total_params), "device": str(device), "offload": placement.offload,
         "threads": args.threads, "stages": timer.as_dict(), "library_stages": lib_timer.as_dict(),
-        "rss_floor_bytes": floor, "rss_peak_bytes": maxrss_bytes(),
+        "workers": placement.workers, "worker_rss_peak_bytes": int(worker_peak) if workers_bytes else 0,
+        "rss_main_peak_bytes": maxrss_bytes(),
+        "rss_floor_bytes": floor, "rss_peak_bytes": maxrss_bytes() + workers_bytes,
         "rss_peak_after_stage_bytes": rss, "rss_now_bytes": current_rss_bytes(),
         "budget": budget, "plan_bytes": int(plan.total_bytes),
         "packed_bytes": int(info.get("bytes", 0)) if isinstance(info, dict) else None,

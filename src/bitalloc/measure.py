@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -37,6 +37,11 @@ _CHUNK_ELEMS = 1 << 20  # rows of ΔW·H computed at once: ~8 MiB of float64
 
 #: ``keep(format id, QTensor)``: receives a tensor's rounding into one format as the measurement made it
 Keep = Callable[[str, QTensor], None]
+#: one row block of a tensor rounded into every grid format (:func:`grid_chunks`): per format id its ``(output,
+#: fisher)`` error on those rows, and its rounding of them when kept (else None)
+GridChunk = tuple[dict[str, tuple[float, "float | None"]], "dict[str, QTensor] | None"]
+#: ``source(grid formats, elements per row block)``: the :data:`GridChunk` of each of a tensor's row blocks, in order
+GridSource = Callable[[Sequence[Format], int], Iterable[GridChunk]]
 
 
 # --- error functions ----------------------------------------------------------------------------
@@ -152,6 +157,7 @@ def measure_tensor(
     placement: Placement | None = None,
     timer: StageTimer | None = None,
     keep: Keep | None = None,
+    grid_source: GridSource | None = None,
 ) -> list[MeasureRow]:
     """Quantize ``w`` into every format that supports its shape and measure the resulting errors.
 
@@ -173,7 +179,9 @@ def measure_tensor(
     pass-through formats).  ``placement``: the run's policy (default: that of ``w``'s device), whose chunk size
     and memory release the measurement follows.  ``keep(format id, QTensor)``, when given, receives every format's
     rounding of ``w`` as it was measured (in CPU memory; it decodes to exactly the values whose errors the row
-    holds): what a quantization can reuse instead of rounding again (``--reuse-rounding``).
+    holds): what a quantization can reuse instead of rounding again (``--reuse-rounding``).  ``grid_source``, when
+    given, supplies the row blocks' results of the grid formats instead of rounding them here (the measurement
+    workers of :mod:`bitalloc.measure_pool` compute them with :func:`grid_chunks`); they are summed in the same order.
 
     Bounded memory: a tensor of more than ``max_elems`` elements is quantized and measured in blocks of rows
     (:func:`bitalloc.rounding.quantize_chunks`).  Every format quantizes rows independently and both errors
@@ -208,9 +216,10 @@ def measure_tensor(
     errs: dict[str, tuple[float, float | None]] = {}
     if batched and w.dim() == 2:
         grid_fmts = [f for f in fmts if f.is_grid]
-        errs.update(_measure_grids(name, w, stats, grid_fmts, method, max_elems,
-                                   place.stack_elems if stack_elems is None else stack_elems, drop, place, timer,
-                                   keep))
+        elems = grid_block_elems(len(grid_fmts), max_elems, place.stack_elems if stack_elems is None else stack_elems)
+        chunks = grid_source(grid_fmts, elems) if grid_source is not None and grid_fmts else \
+            grid_chunks(name, w, stats, grid_fmts, method, elems, place, timer, keep is not None, drop)
+        errs.update(_accumulate(grid_fmts, chunks, keep))
         fmts_alone = [f for f in fmts if not f.is_grid]
     else:
         fmts_alone = fmts
@@ -242,7 +251,7 @@ def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, me
         dw = dequantize(q).to(device=w32.device, dtype=torch.float32).reshape(w32.shape) - w32
         if not torch.isfinite(dw).all():
             raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
-        part = _rows_of(stats, sl) if w.dim() == 2 else stats
+        part = rows_of(stats, sl) if w.dim() == 2 else stats
         out_err += output_error(dw, part)
         fe = fisher_error(dw, part)
         fi_err = None if fe is None or fi_err is None else fi_err + fe
@@ -259,16 +268,29 @@ def _joined(fmt: Format, parts: list[QTensor]) -> QTensor:
     return parts[0] if len(parts) == 1 else fmt.concat_rows(parts)
 
 
-def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[Format], method: Method,
-                   max_elems: int | None, stack_elems: int, drop: Callable[[slice], None], place: Placement,
-                   timer: StageTimer | None, keep: Keep | None = None) -> dict[str, tuple[float, float | None]]:
-    """(output, fisher) error per grid format, all formats of a block of rows rounded together (``keep``: see
-    :func:`measure_tensor`)."""
-    if not fmts:
-        return {}
-    rounder = get_rounder(method)
+def grid_block_elems(nfmts: int, max_elems: int | None, stack_elems: int) -> int:
+    """Most elements of one row block of a tensor rounded into ``nfmts`` grid formats at once: the stack of every
+    format's copy of it holds at most ``stack_elems``, one copy at most ``max_elems``."""
     if stack_elems < 1:
         raise ValueError(f"stack_elems must be positive, got {stack_elems}")
+    cap = max(1, stack_elems // max(nfmts, 1))
+    return cap if max_elems is None else min(cap, max_elems)
+
+
+def grid_formats(formats: Sequence[str | Format], shape: tuple[int, ...]) -> list[Format]:
+    """The grid formats of ``formats`` that can store ``shape`` (those :func:`measure_tensor` rounds together)."""
+    return [f for f in map(get_format, formats) if f.is_grid and f.supports(shape)]
+
+
+def grid_chunks(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[Format], method: Method,
+                block_elems: int, place: Placement, timer: StageTimer | None = None, keep: bool = False,
+                drop: Callable[[slice], None] | None = None) -> Iterator[GridChunk]:
+    """Every grid format of ``fmts`` fit and rounded together, a row block (:func:`row_chunks` of ``block_elems``)
+    at a time: each block's :data:`GridChunk`, in order (rows are independent, so the blocks of a range of rows
+    are those of the whole tensor when the range starts on a block boundary).  ``drop(rows)`` after each block."""
+    if not fmts:
+        return
+    rounder = get_rounder(method)
     dev = w.device
     rows, cols = (int(d) for d in w.shape)
     hessian = stats.hessian
@@ -276,12 +298,9 @@ def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequenc
     if hessian is not None and tuple(hessian.shape) != (cols, cols):
         raise InputError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} input columns")
     role_h = _role_hessians(stats, cols, dev)
-    cap = max(1, stack_elems // len(fmts))
-    errs: dict[str, tuple[float, float | None]] = {f.id: (0.0, 0.0) for f in fmts}
     groups = _rotation_groups(fmts, cols, hessian)
     dtype = str(w.dtype).removeprefix("torch.")
-    kept: dict[str, list[QTensor]] = {f.id: [] for f in fmts}
-    for sl in row_chunks(rows, cols, cap if max_elems is None else min(cap, max_elems)):
+    for sl in row_chunks(rows, cols, block_elems):
         w32 = w[sl].detach().to(device=dev, dtype=torch.float32)
         done: list[tuple[torch.Tensor, Grid, Rotation | None]] = [None] * len(fmts)  # type: ignore[list-item]
         for rot, members, h_g, importance in groups:
@@ -293,22 +312,40 @@ def _measure_grids(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequenc
             for i, (codes, grid) in zip(members, got):
                 done[i] = (codes, grid, rot)
             del w_g, grids, got
-        part = _rows_of(stats, sl)
+        part = rows_of(stats, sl)
+        errs: dict[str, tuple[float, float | None]] = {}
         with timed(timer, "measure.errors"):
             for fmt, (codes, grid, rot) in zip(fmts, done):
                 values = grid.values(codes)
                 dw = (values if rot is None else rot.apply_t(values)) - w32
                 if not torch.isfinite(dw).all():
                     raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
-                o, fi = _errors(dw, part, role_h)
-                o0, f0 = errs[fmt.id]
-                errs[fmt.id] = (o0 + o, None if f0 is None or fi is None else f0 + fi)
-        if keep is not None:  # the stored form of exactly what was measured (rotated formats store W·R's codes)
-            for fmt, (codes, grid, _rot) in zip(fmts, done):
-                kept[fmt.id].append(qtensor_cpu(fmt.encode(codes, grid, tuple(w32.shape), dtype)))
+                errs[fmt.id] = _errors(dw, part, role_h)
+        # the stored form of exactly what was measured (rotated formats store W·R's codes)
+        kept = {fmt.id: qtensor_cpu(fmt.encode(codes, grid, tuple(w32.shape), dtype))
+                for fmt, (codes, grid, _rot) in zip(fmts, done)} if keep else None
         del w32, done
-        drop(sl)
+        if drop is not None:
+            drop(sl)
         place.release()
+        yield errs, kept
+
+
+def _accumulate(fmts: Sequence[Format], chunks: Iterable[GridChunk], keep: Keep | None
+                ) -> dict[str, tuple[float, float | None]]:
+    """(output, fisher) error per grid format: the row blocks' sums, in order (``keep``: see :func:`measure_tensor`;
+    it gets each format's blocks joined)."""
+    errs: dict[str, tuple[float, float | None]] = {f.id: (0.0, 0.0) for f in fmts}
+    kept: dict[str, list[QTensor]] = {f.id: [] for f in fmts}
+    for chunk, qs in chunks:
+        for fmt in fmts:
+            o, fi = chunk[fmt.id]
+            o0, f0 = errs[fmt.id]
+            errs[fmt.id] = (o0 + o, None if f0 is None or fi is None else f0 + fi)
+            if keep is not None:
+                if qs is None:
+                    raise ValueError("a row block came without its rounding, which keep needs")
+                kept[fmt.id].append(qs[fmt.id])
     if keep is not None:
         for fmt in fmts:
             keep(fmt.id, _joined(fmt, kept.pop(fmt.id)))
@@ -372,7 +409,7 @@ def _check_rows(stats: TensorStats, rows: int) -> None:
             _vector(role.token_freq, rows, "token_freq")
 
 
-def _rows_of(stats: TensorStats, sl: slice) -> TensorStats:
+def rows_of(stats: TensorStats, sl: slice) -> TensorStats:
     """The statistics of rows ``sl``: per-row vectors sliced, Hessian and per-column vectors shared."""
     roles: list[LinearStats | LookupStats] = []
     for r in stats.roles:

@@ -8,6 +8,7 @@ the uniform format that fits a budget with the least predicted error.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -24,6 +25,8 @@ from .errors import BudgetError, InputError
 from .formats import QTensor, get_format
 from .io.atomic import tensor_digest
 from .measure import Measurement, MeasureRow, TensorInfo, measure_tensor
+from .measure_pool import MeasurePool
+from .stats import TensorStats
 from .plan import Plan, PlanEntry
 from .models.view import ModelView
 from .models.spill import release_parameter, release_rows
@@ -124,7 +127,10 @@ def measure_model(
     hidden)`` is called after block ``b`` is measured, with its rows and the inputs of block ``b + 1``.
 
     ``placement``: where the Fisher pass, the block forwards and Hessians, and the measurement run (default: the
-    CPU); each weight and its statistics are on its device when measured.  ``timer`` records the stages.
+    CPU); each weight and its statistics are on its device when measured.  On the CPU, a placement with
+    ``workers > 1`` (what :meth:`Placement.for_device` chooses for a model of 20M parameters or more on several
+    threads) measures each block's tensors in that many worker processes (:mod:`bitalloc.measure_pool`): the same
+    table and roundings, byte for byte.  ``timer`` records the stages (the workers' measurement clocks summed).
 
     ``screen`` (:mod:`bitalloc.screen`): measure exactly only the formats that can matter at its budgets (a
     first pass estimates every format by RTN; a :class:`~bitalloc.screen.Selection` from an earlier first pass
@@ -177,25 +183,17 @@ def measure_model(
                 model, view, windows, fmts, method, screen, fisher=grads, batch_size=batch_size,
                 roundings=roundings, progress=progress, placement=placement, timer=timer)
         selection.check(fmts, [t.name for t in infos])
-    for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress,
-                               start_block=start.block if start is not None else 0,
-                               start_hidden=start.hidden if start is not None else None, after_block=after,
-                               roundings=roundings, placement=placement, timer=timer):
-        current.clear()
-        for name, stats in block.items():
-            w = place.to_device(model.get_parameter(name).detach())  # the stats are on the device already
-            todo = fmts if selection is None else selection.to_measure(name)
-            got = [] if selection is None else list(selection.reused.get(name, ()))
-            if todo:
-                got += measure_tensor(name, w, stats, todo, method, placement=place, timer=timer,
-                                      release=functools.partial(release_rows, model, name),
-                                      keep=None if on_rounded is None else functools.partial(_keep, kept, name))
-            if not got:
-                raise InputError(f"none of the formats {fmts} can store {name} of shape {tuple(w.shape)}")
-            current.extend(got)
-            release_parameter(model, name)  # a spilled weight leaves memory once measured (no-op otherwise)
-        rows.extend(current)
-        del block  # one block's statistics at a time
+    parallel = place.on_cpu and place.workers > 1
+    with MeasurePool(place.workers, place.worker_threads) if parallel else contextlib.nullcontext() as pool:
+        for block in stream_blocks(model, view, windows, fisher=grads, batch_size=batch_size, progress=progress,
+                                   start_block=start.block if start is not None else 0,
+                                   start_hidden=start.hidden if start is not None else None, after_block=after,
+                                   roundings=roundings, placement=placement, timer=timer):
+            current.clear()
+            current.extend(_measure_block(model, block, fmts, method, selection, place, pool, timer,
+                                          None if on_rounded is None else kept))
+            rows.extend(current)
+            del block  # one block's statistics at a time
     if on_rounded is not None:  # the head tensors
         on_rounded(len(view.blocks()), dict(kept))
         kept.clear()
@@ -216,6 +214,40 @@ def measure_model(
 
 def _keep(kept: dict[tuple[str, str], QTensor], name: str, fmt: str, q: QTensor) -> None:
     kept[(name, fmt)] = q
+
+
+def _measure_block(model: nn.Module, block: dict[str, TensorStats], fmts: Sequence[str], method: str,
+                   selection: "Selection | None", place: Placement, pool: MeasurePool | None,
+                   timer: StageTimer | None, kept: dict[tuple[str, str], QTensor] | None) -> list[MeasureRow]:
+    """The rows of one block's tensors (``block``: their statistics), in its order: measured here one after the
+    other, or by ``pool``'s workers side by side (the same rows); each tensor's roundings go to ``kept`` when
+    given."""
+    todo: list[tuple[str, torch.Tensor, TensorStats, Sequence[str]]] = []
+    for name, stats in block.items():
+        formats = fmts if selection is None else selection.to_measure(name)
+        if formats:
+            todo.append((name, model.get_parameter(name).detach(), stats, formats))
+    measured: dict[str, list[MeasureRow]] = {}
+    if pool is not None:
+        got = pool.measure_block(todo, method, place, timer=timer,
+                                 keep=None if kept is None else lambda t, f, q: _keep(kept, t, f, q))
+        measured.update(zip((name for name, *_ in todo), got))
+        for name, *_ in todo:
+            release_parameter(model, name)  # a spilled weight leaves memory once measured (no-op otherwise)
+    else:
+        for name, w, stats, formats in todo:
+            measured[name] = measure_tensor(name, place.to_device(w), stats, formats, method, placement=place,
+                                            timer=timer, release=functools.partial(release_rows, model, name),
+                                            keep=None if kept is None else functools.partial(_keep, kept, name))
+            release_parameter(model, name)  # a spilled weight leaves memory once measured (no-op otherwise)
+    out: list[MeasureRow] = []
+    for name in block:
+        got = ([] if selection is None else list(selection.reused.get(name, ()))) + measured.get(name, [])
+        if not got:
+            shape = tuple(model.get_parameter(name).shape)
+            raise InputError(f"none of the formats {list(fmts)} can store {name} of shape {shape}")
+        out.extend(got)
+    return out
 
 
 def check_reachable(model: nn.Module, formats: Sequence[str], budgets: Sequence[str]) -> None:

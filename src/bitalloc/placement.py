@@ -49,6 +49,13 @@ STACK_ELEMS = 1 << 23
 DEVICE_CHUNKS = {"max_positions": 4096, "head_chunk": 1024, "vocab_chunk": 16384, "stack_elems": 1 << 26}
 #: offload the blocks when the weights would take more than this share of the device's free memory
 OFFLOAD_SHARE = 0.5
+#: on the CPU, a model of at least this many parameters is measured in worker processes (:mod:`bitalloc.measure_pool`;
+#: a smaller one is measured before the workers would have started)
+PARALLEL_MIN_PARAMS = 20_000_000
+#: at most this many measurement workers
+MAX_WORKERS = 8
+#: the workers together may take at most this share of the memory available when the run starts
+WORKER_MEMORY_SHARE = 0.5
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -88,7 +95,9 @@ class Placement:
     decoder blocks stay in CPU memory (or the spill file) and move to the device one at a time (else the whole
     model moves for each stage); the chunk sizes that bound one step's memory (``stack_elems``: the measurement's
     stack of every candidate format's rows); ``release_memory``: give freed heap back to the OS after each block
-    and each measured piece of a tensor (glibc ``malloc_trim``; only host memory gains from it)."""
+    and each measured piece of a tensor (glibc ``malloc_trim``; only host memory gains from it); ``workers``:
+    processes measuring a block's tensors side by side, ``worker_threads`` torch threads each (1: in this process;
+    :mod:`bitalloc.measure_pool`)."""
 
     device: torch.device = CPU
     offload: bool = False
@@ -97,22 +106,26 @@ class Placement:
     vocab_chunk: int = VOCAB_CHUNK
     stack_elems: int = STACK_ELEMS
     release_memory: bool = True
+    workers: int = 1
+    worker_threads: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, torch.device):
             object.__setattr__(self, "device", resolve_device(self.device))
-        for name in ("max_positions", "head_chunk", "vocab_chunk", "stack_elems"):
+        for name in ("max_positions", "head_chunk", "vocab_chunk", "stack_elems", "workers", "worker_threads"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @classmethod
     def for_device(cls, device: str | torch.device | None = "auto", *, model: nn.Module | None = None,
                    offload: bool | None = None) -> "Placement":
-        """The policy for ``device``: the CPU defaults there; on an accelerator larger chunks, and ``offload``
-        (when not given) when ``model``'s weights exceed :data:`OFFLOAD_SHARE` of the device's free memory."""
+        """The policy for ``device``: the CPU defaults there, with :func:`cpu_workers` measurement workers for
+        ``model``; on an accelerator larger chunks, and ``offload`` (when not given) when ``model``'s weights exceed
+        :data:`OFFLOAD_SHARE` of the device's free memory."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         if dev.type == "cpu":
-            return cls()
+            workers = 1 if model is None else cpu_workers(model, torch.get_num_threads())
+            return cls(workers=workers, worker_threads=max(1, torch.get_num_threads() // workers))
         if offload is None:
             offload = False
             if model is not None and dev.type == "cuda":
@@ -142,6 +155,37 @@ class Placement:
     def residency(self, model: nn.Module, blocks: Sequence[nn.Module] = (), *, write_back: bool = False) -> "Residency":
         """The weights of ``model`` on this placement for one stage (a context manager; see :class:`Residency`)."""
         return Residency(self, model, tuple(blocks), write_back=write_back)
+
+
+def _available_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cpu_workers(model: nn.Module, threads: int, available: int | None = None) -> int:
+    """How many processes measure ``model``'s tensors on a CPU of ``threads`` threads: one per thread (at most
+    :data:`MAX_WORKERS`) for a model of :data:`PARALLEL_MIN_PARAMS` parameters or more, as many as fit in
+    :data:`WORKER_MEMORY_SHARE` of ``available`` memory (default: this machine's now), each holding the largest
+    tensor's weight (twice: received and unpacked), its float64 Hessian and a rounding stack."""
+    if threads < 2:
+        return 1
+    seen: dict[int, torch.Tensor] = {p.data_ptr(): p for p in model.parameters() if p.device.type != "meta"}
+    if sum(p.numel() for p in seen.values()) < PARALLEL_MIN_PARAMS:
+        return 1
+    mats = [p for p in seen.values() if p.dim() == 2]
+    if not mats:
+        return 1
+    per_worker = max(16 * p.numel() + 24 * int(p.shape[1]) ** 2 for p in mats) + 16 * STACK_ELEMS
+    avail = _available_memory() if available is None else available
+    fit = threads if avail is None else int(WORKER_MEMORY_SHARE * avail) // per_worker
+    return max(1, min(threads, MAX_WORKERS, fit))
 
 
 def cpu_copy(t: torch.Tensor) -> torch.Tensor:
@@ -298,5 +342,6 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-__all__ = ["CPU", "DEVICE_CHUNKS", "HEAD_CHUNK", "MAX_POSITIONS", "OFFLOAD_SHARE", "Placement", "Residency",
-           "STACK_ELEMS", "VOCAB_CHUNK", "cpu_copy", "model_bytes", "qtensor_cpu", "resolve_device"]
+__all__ = ["CPU", "DEVICE_CHUNKS", "HEAD_CHUNK", "MAX_POSITIONS", "MAX_WORKERS", "OFFLOAD_SHARE", "PARALLEL_MIN_PARAMS",
+           "Placement", "Residency", "STACK_ELEMS", "VOCAB_CHUNK", "cpu_copy", "cpu_workers", "model_bytes",
+           "qtensor_cpu", "resolve_device"]

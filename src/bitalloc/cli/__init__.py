@@ -77,11 +77,12 @@ def _apply_runtime(args: argparse.Namespace) -> None:
             logging.getLogger(__name__).debug("inter-op threads already fixed at %d", torch.get_num_interop_threads())
 
 
-def peak_memory_mib() -> float:
-    """Peak resident memory of this process so far (ru_maxrss), in MiB."""
+def peak_memory_mib(who: int | None = None) -> float:
+    """Peak resident memory of this process so far (ru_maxrss), in MiB; ``who=resource.RUSAGE_CHILDREN``: that of
+    the largest of its finished child processes (the measurement workers)."""
     import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = resource.getrusage(resource.RUSAGE_SELF if who is None else who).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
 
 
@@ -93,8 +94,12 @@ def _log_peak_memory() -> None:
     mem.addHandler(handler)
     mem.propagate = False
     mem.setLevel(logging.INFO)
+    import resource
+
+    workers = round(peak_memory_mib(resource.RUSAGE_CHILDREN))
     try:
-        mem.info("peak memory: %d MiB", round(peak_memory_mib()))
+        mem.info("peak memory: %d MiB%s", round(peak_memory_mib()),
+                 f"; each measurement worker process at most {workers} MiB" if workers else "")
     finally:
         mem.removeHandler(handler)
 

@@ -69,7 +69,7 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
     rows."""
     import dataclasses
 
-    from ..measure import _rows_of
+    from ..measure import rows_of
 
     rows, cols = (int(d) for d in w.shape)
     place = placement if placement is not None else Placement.for_device(w.device)
@@ -107,7 +107,7 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
             ident = torch.full(step.shape, IDENTITY, dtype=torch.uint8, device=step.device)
             corr.setdefault(k, (ident, ident))
             corrs[k].append(tuple(t.cpu() for t in corr[k]))  # type: ignore[arg-type]
-        part = _rows_of(stats, sl)
+        part = rows_of(stats, sl)
         for f in fmts:
             k = depth_of(f)
             if k in corr:

@@ -1,0 +1,298 @@
+"""The measurement of one decoder block's tensors spread over worker processes (the CPU placement's ``workers``).
+
+Every tensor of a block is measured from its own weight and statistics (:func:`bitalloc.measure.measure_tensor`),
+independently of the others, and the column loops of GPTQ and the grid fits are many small tensor operations, so on
+a CPU one process with every thread keeps the cores only partly busy (on 2 cores, two 1-thread processes measured
+1.6 times as many tensors per second as one 2-thread process).  :class:`MeasurePool` runs ``workers`` processes of
+``threads`` torch threads each; a block's tensors are handed out largest first and their rows collected in the
+block's own order, so the table, and every kept rounding, is what measuring them one after the other gives (each
+tensor's arithmetic is the same; ``tests/test_measure_pool.py`` checks the table and the roundings byte for byte).
+
+The processes are started (``spawn``: no forked OpenMP state) once per measurement and stopped with it.  They
+ignore Ctrl-C (the main process stops them), leave when the main process is gone (even after ``kill -9``), and
+their ``measure.*`` clocks are added to the run's :class:`~bitalloc.timing.StageTimer` (summed over workers:
+seconds of work, not of wall time).  Tensors cross the process boundary as ``torch.save`` bytes of their values
+(loaded back with ``weights_only=True``), never as shared-memory handles, so no model storage is moved into
+shared memory and no file descriptor is held per tensor.  A worker that dies (killed, out of memory) ends the
+measurement with one line; a resumed job continues from its last measured block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import logging
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .errors import BitallocError, NumericsError
+from .formats import QTensor
+from .measure import MeasureRow, grid_block_elems, grid_formats, measure_tensor, rows_of
+from .placement import Placement
+from .rounding import ROW_CHUNK_ELEMS, row_chunks
+from .stats import TensorStats
+from .timing import StageTimer
+
+#: ``keep(tensor, format id, QTensor)``: receives every rounding the workers made
+Keep = Callable[[str, str, QTensor], None]
+
+log = logging.getLogger(__name__)
+
+class WorkerError(BitallocError, RuntimeError):
+    """A measurement worker process stopped without an answer (killed, or out of memory)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """Where a tensor stood in a packed object: its key in the tensors' ``torch.save`` archive."""
+
+    key: int
+
+
+def _split(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """``obj`` with every tensor (in dataclasses, tuples, lists, dicts) replaced by a :class:`_Ref` into
+    ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Ref(len(tensors) - 1)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _split(getattr(obj, f.name), tensors)
+                                          for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_split(v, tensors) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _split(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _join(obj: Any, tensors: dict[int, torch.Tensor]) -> Any:
+    """The inverse of :func:`_split`."""
+    if isinstance(obj, _Ref):
+        return tensors[obj.key]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _join(getattr(obj, f.name), tensors)
+                                          for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_join(v, tensors) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def pack(obj: Any) -> tuple[Any, bytes]:
+    """``obj`` as ``(skeleton, tensor bytes)``: the skeleton holds no tensor; the bytes are a ``torch.save`` archive
+    of the tensors' values (each tensor alone, contiguous: a view does not carry its whole storage along)."""
+    tensors: list[torch.Tensor] = []
+    skeleton = _split(obj, tensors)
+    buf = io.BytesIO()
+    torch.save({i: t.detach().clone(memory_format=torch.contiguous_format) for i, t in enumerate(tensors)}, buf)
+    return skeleton, buf.getvalue()
+
+
+def unpack(packed: tuple[Any, bytes]) -> Any:
+    """The object :func:`pack` was given (tensors loaded with ``weights_only=True``)."""
+    skeleton, data = packed
+    return _join(skeleton, torch.load(io.BytesIO(data), weights_only=True))
+
+
+def _serve(threads: int, level: int) -> None:
+    """A worker process's loop (started as ``python -c "...; _serve(threads, level)"``, a fresh interpreter that
+    imports nothing of the main process's script): its torch threads (set once
+    here, as the CLI does for the main process), Ctrl-C left to the main process, logging at the main process's
+    level on stderr; then ``(function, args)`` requests from stdin answered on stdout, ``(True, result)`` or
+    ``(False, exception)``, until stdin closes (the main process finished, or is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing but answers on the answer pipe
+    while True:
+        try:
+            fn, args = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            answer: tuple[bool, Any] = (True, _TASKS[fn](*args))
+        except Exception as e:  # noqa: BLE001 - handed back to the main process, which raises it
+            answer = (False, e)
+        try:
+            data = pickle.dumps(answer)
+        except Exception as e:  # noqa: BLE001 - an exception that does not pickle
+            data = pickle.dumps((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]} ({e})")))
+        answers.write(data)
+        answers.flush()
+
+
+def _measure_rows(name: str, packed: tuple[Any, bytes], formats: Sequence[str], method: str, placement: Placement,
+                  block_elems: int, keep: bool) -> tuple[Any, bytes]:
+    """In a worker: the :func:`~bitalloc.measure.grid_chunks` of one packed ``(rows of a weight, their
+    statistics)``; returns the packed ``(chunks, {stage: seconds}, {stage: calls})``."""
+    from .formats import get_format
+    from .measure import grid_chunks
+
+    w, stats = unpack(packed)
+    timer = StageTimer()
+    chunks = list(grid_chunks(name, w, stats, [get_format(f) for f in formats], method, block_elems, placement,
+                              timer, keep))
+    return pack((chunks, timer.seconds, timer.calls))
+
+
+def _task_args(name: str, w: torch.Tensor, stats: TensorStats, rows: slice, formats: list[str], method: str,
+               placement: Placement, block_elems: int, keep: bool) -> tuple:
+    """The arguments of :func:`_measure_rows` for rows ``rows`` of ``w`` (read, for a spilled weight, only now)."""
+    return name, pack((w[rows], rows_of(stats, rows))), formats, method, placement, block_elems, keep
+
+
+#: what a worker may be asked to run, by name
+_TASKS: dict[str, Callable[..., Any]] = {"measure_rows": _measure_rows}
+
+
+class _Worker:
+    """One worker process and the thread that feeds it tasks from the pool's queue, one at a time."""
+
+    def __init__(self, threads: int, tasks: "queue.Queue[tuple[Future, str, Callable[[], tuple]] | None]") -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        level = logging.getLogger().getEffectiveLevel()
+        self.proc = subprocess.Popen([sys.executable, "-c", f"from {__name__} import _serve; _serve({threads}, {level})"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.tasks = tasks
+        self.thread = threading.Thread(target=self._feed, daemon=True, name=f"measure-worker-{self.proc.pid}")
+        self.thread.start()
+
+    def _feed(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        while (item := self.tasks.get()) is not None:
+            future, fn, make_args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:  # packed only now: at most one task's inputs per worker exist at a time
+                args = make_args()
+            except Exception as e:  # noqa: BLE001 - raised where the result is awaited
+                future.set_exception(e)
+                continue
+            try:
+                pickle.dump((fn, args), self.proc.stdin)
+                self.proc.stdin.flush()
+                ok, value = pickle.load(self.proc.stdout)
+            except (EOFError, OSError, ValueError, pickle.UnpicklingError):  # gone, or closed by __exit__
+                future.set_exception(BrokenProcessPool(f"worker {self.proc.pid} exited with {self.proc.poll()}"))
+                return  # this worker is gone; the others take the remaining tasks
+            (future.set_result if ok else future.set_exception)(value)
+
+    def close(self, kill: bool) -> None:
+        if kill:
+            self.proc.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        self.proc.wait()
+
+
+class MeasurePool:
+    """``workers`` processes of ``threads`` torch threads each, measuring tensors (a context manager)."""
+
+    def __init__(self, workers: int, threads: int) -> None:
+        if workers < 2 or threads < 1:
+            raise ValueError(f"a measurement pool needs at least 2 workers of 1 thread, got {workers} x {threads}")
+        self.workers, self.threads = workers, threads
+        self._workers: list[_Worker] = []
+
+    def __enter__(self) -> "MeasurePool":
+        self._tasks: queue.Queue[tuple[Future, str, Callable[[], tuple]] | None] = queue.Queue()
+        self._workers = [_Worker(self.threads, self._tasks) for _ in range(self.workers)]
+        log.info("measuring in %d worker processes of %d thread(s)", self.workers, self.threads)
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        workers, self._workers = self._workers, []
+        for _ in workers:
+            self._tasks.put(None)
+        for w in workers:  # interrupted or failed: stop them now, not after their current task
+            w.close(kill=exc_type is not None)
+        for w in workers:
+            w.thread.join(timeout=5)
+        while not self._tasks.empty():
+            item = self._tasks.get_nowait()
+            if item is not None:
+                item[0].cancel()
+
+    def _submit(self, fn: str, make_args: Callable[[], tuple]) -> Future:
+        """Queue ``fn(*make_args())`` for the next free worker (the arguments are made when it takes the task)."""
+        future: Future = Future()
+        self._tasks.put((future, fn, make_args))
+        return future
+
+    def measure_block(self, items: Sequence[tuple[str, torch.Tensor, TensorStats, Sequence[str]]], method: str,
+                      placement: Placement, *, keep: Keep | None = None, timer: StageTimer | None = None
+                      ) -> list[list[MeasureRow]]:
+        """:func:`~bitalloc.measure.measure_tensor` of every ``(name, weight, statistics, formats)``, in ``items``'
+        order, the grid formats' row blocks rounded by the workers: a tensor with more work than its share is cut
+        into ranges of whole row blocks, handed out largest first.  ``keep(name, format id, QTensor)`` receives the
+        roundings; ``timer`` gets the workers' clocks."""
+        if not self._workers:
+            raise RuntimeError("MeasurePool used outside its with-block")
+        one = dataclasses.replace(placement, workers=1)
+        plans = []
+        for name, w, stats, formats in items:
+            if not torch.isfinite(w).all():  # named here, before any worker sees it
+                raise NumericsError(f"weight {name!r} contains NaN or Inf")
+            fmts = grid_formats(formats, tuple(w.shape)) if w.dim() == 2 else []
+            elems = grid_block_elems(len(fmts), ROW_CHUNK_ELEMS, one.stack_elems)
+            blocks = row_chunks(int(w.shape[0]), int(w.shape[1]), elems) if fmts else []
+            plans.append((fmts, elems, blocks, w.numel() * len(fmts)))
+        share = max(1.0, sum(p[3] for p in plans) / self.workers)
+        tasks = []
+        for i, (fmts, elems, blocks, work) in enumerate(plans):
+            parts = min(len(blocks), max(1, round(work / share)))
+            for k in range(parts):  # consecutive row blocks, as even as whole blocks allow
+                bs = blocks[len(blocks) * k // parts: len(blocks) * (k + 1) // parts]
+                tasks.append((i, k, slice(bs[0].start, bs[-1].stop), work / parts))
+        futures: dict[tuple[int, int], Future] = {}
+        for i, k, rows, _work in sorted(tasks, key=lambda t: -t[3]):
+            name, w, stats, _formats = items[i]
+            futures[(i, k)] = self._submit("measure_rows", functools.partial(
+                _task_args, name, w, stats, rows, [f.id for f in plans[i][0]], method, one, plans[i][1],
+                keep is not None))
+        out = []
+        for i, (name, w, stats, formats) in enumerate(items):
+            parts = sorted(k for j, k in futures if j == i)
+
+            def source(fmts: Sequence[Any], elems: int, i: int = i, parts: list[int] = parts) -> Iterator[Any]:
+                if [f.id for f in fmts] != [f.id for f in plans[i][0]] or elems != plans[i][1]:
+                    raise RuntimeError("the measurement's grid formats or row blocks differ from the pool's")
+                for k in parts:
+                    chunks, seconds, calls = unpack(self._result(futures[(i, k)], items[i][0]))
+                    if timer is not None:
+                        for stage, sec in seconds.items():
+                            timer.add(stage, sec, calls.get(stage, 0))
+                    yield from chunks
+
+            out.append(measure_tensor(name, w, stats, formats, method, placement=one, timer=timer,
+                                      keep=None if keep is None else functools.partial(keep, name),
+                                      grid_source=source))
+        return out
+
+    @staticmethod
+    def _result(future: Future, name: str) -> Any:
+        try:
+            return future.result()
+        except BrokenProcessPool as e:
+            raise WorkerError(f"a measurement worker stopped while measuring {name} ({e}: killed, or out of "
+                              "memory?); rerun (a job resumes at its last measured block), with --threads 1 to "
+                              "measure in one process") from None
+
+
+__all__ = ["MeasurePool", "WorkerError", "pack", "unpack"]

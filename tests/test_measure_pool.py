@@ -1,0 +1,169 @@
+"""The measurement spread over worker processes (``Placement.workers``) gives the table and the kept roundings
+that measuring in one process gives, byte for byte; the policy that chooses the workers; and a dead worker or a
+failing tensor ends the measurement with one line."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+
+import pytest
+import torch
+
+from bitalloc.errors import InputError
+from bitalloc.formats import QTensor
+from bitalloc.measure_pool import MeasurePool, WorkerError, pack, unpack
+from bitalloc.pipeline import measure_model
+from bitalloc.placement import PARALLEL_MIN_PARAMS, Placement, cpu_workers
+from bitalloc.stats import LinearStats, TensorStats
+from tests.conftest import tiny_llama, token_ids
+
+FORMATS = ["int2-g32", "int4-g32", "q4_0", "iq4_nl", "int3-row"]
+
+
+def _digest(q: QTensor) -> str:
+    h = hashlib.sha256(repr((q.format, q.shape, q.dtype)).encode())
+    for k in sorted(q.parts):
+        h.update(k.encode())
+        h.update(q.parts[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _measure(placement: Placement, method: str = "gptq"):
+    kept: dict[tuple[str, str], str] = {}
+
+    def on_rounded(_b: int, got: dict) -> None:
+        kept.update({k: _digest(q) for k, q in got.items()})
+
+    m = measure_model(tiny_llama(), None, token_ids(4), FORMATS, method, progress=False, placement=placement,
+                      on_rounded=on_rounded)
+    return m, kept
+
+
+@pytest.mark.parametrize("method,stack", [("gptq", None), ("rtn", None), ("gptq", 4096)])
+def test_workers_give_the_same_table_and_roundings(method: str, stack: int | None) -> None:
+    """``stack``: a small rounding stack cuts every tensor into row blocks of 8 rows, so the big ones are split
+    over both workers, a range of blocks each."""
+    chunks = {} if stack is None else {"stack_elems": stack}
+    one, kept_one = _measure(Placement(**chunks), method)
+    two, kept_two = _measure(Placement(workers=2, worker_threads=1, **chunks), method)
+    assert one.rows == two.rows  # every error to the last bit, in the same order
+    assert one.fingerprint == two.fingerprint
+    assert kept_one and kept_one == kept_two  # every rounding, byte for byte
+    assert {t for t, _ in kept_one} == {r.tensor for r in one.rows}
+
+
+def test_pack_round_trip_keeps_values_dtypes_and_views() -> None:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    view = base[1:3, ::2]  # a view of a larger storage travels alone
+    st = TensorStats((LinearStats(torch.eye(3), 7, torch.ones(2, dtype=torch.bfloat16), {"q8_0": torch.zeros(2)}),))
+    skeleton, data = pack((view, st, {"k": [view.to(torch.bfloat16)]}))
+    w, st2, extra = unpack((skeleton, data))
+    assert torch.equal(w, view) and w.dtype == torch.float32 and w.is_contiguous()
+    assert len(data) < 4096 + 6 * 4 * 8  # not base's whole storage many times over
+    role = st2.roles[0]
+    assert isinstance(role, LinearStats) and role.ntokens == 7 and torch.equal(role.hessian, torch.eye(3))
+    assert role.grad_sq.dtype == torch.bfloat16 and torch.equal(role.act_noise["q8_0"], torch.zeros(2))
+    assert extra["k"][0].dtype == torch.bfloat16
+
+
+def test_policy() -> None:
+    small = tiny_llama()
+    assert cpu_workers(small, 8) == 1  # finishes before workers would have started
+    big = torch.nn.Linear(5000, 5000, bias=False)  # 25M parameters
+    assert 5000 * 5000 >= PARALLEL_MIN_PARAMS
+    assert cpu_workers(big, 1) == 1
+    assert cpu_workers(big, 2, available=1 << 40) == 2
+    assert cpu_workers(big, 64, available=1 << 40) == 8  # MAX_WORKERS
+    assert cpu_workers(big, 4, available=1 << 30) == 1  # four would not fit in half of 1 GiB
+    assert Placement().workers == 1  # the library's default: one process, as before
+    with pytest.raises(InputError, match="workers must be at least 1"):
+        Placement(workers=0)
+
+
+def test_a_failing_tensor_raises_its_own_error() -> None:
+    w = torch.randn(8, 32)
+    w[0, 0] = float("nan")
+    st = TensorStats((LinearStats(torch.eye(32), 10, None, {}),))
+    ok = (torch.randn(8, 32), st)
+    with MeasurePool(2, 1) as pool, pytest.raises(Exception, match="NaN or Inf") as info:
+        pool.measure_block([("good", *ok, ["int4-g32"]), ("bad", w, st, ["int4-g32"])], "rtn", Placement())
+    assert "bad" in str(info.value)
+
+
+def test_a_dead_worker_ends_the_measurement_in_one_line() -> None:
+    st = TensorStats((LinearStats(torch.eye(256), 10, None, {}),))
+    with MeasurePool(2, 1) as pool:
+        pool.measure_block([("warm", torch.randn(4, 256), st, ["int4-g32"])] * 2, "rtn", Placement())
+        os.kill(pool._workers[0].proc.pid, signal.SIGKILL)
+        with pytest.raises(WorkerError, match="stopped while measuring .* --threads 1"):
+            pool.measure_block([("t", torch.randn(512, 256), st, ["int4-g32", "int3-g32"])] * 4, "gptq",
+                               Placement())
+
+
+SCRIPT = """
+import os, sys, torch
+from bitalloc.measure_pool import MeasurePool
+from bitalloc.placement import Placement
+from bitalloc.stats import LinearStats, TensorStats
+st = TensorStats((LinearStats(torch.eye(64), 10, None, {}),))
+with MeasurePool(2, 1) as pool:  # at the top level of a script without a main guard
+    rows = pool.measure_block([("a", torch.randn(16, 64), st, ["int4-g32"]), ("b", torch.randn(8, 64), st,
+                               ["int4-g32"])], "rtn", Placement())
+    print(" ".join(str(w.proc.pid) for w in pool._workers), flush=True)
+    print(rows[0][0].tensor, rows[1][0].tensor, flush=True)
+    if len(sys.argv) > 1:
+        os.kill(os.getpid(), 9)  # gone without closing the pool
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_from_a_script_without_main_guard_and_after_kill_9(tmp_path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1] == "a b"
+    killed = subprocess.run([sys.executable, str(script), "kill"], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9
+    pids = [int(p) for p in killed.stdout.splitlines()[0].split()]
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)  # the workers saw their input close and left
+
+
+def test_quantize_job_with_workers_writes_the_same_files(tmp_path, monkeypatch) -> None:
+    """The CLI's placement (``Placement.for_device``) picks workers for a big model on several threads; with the
+    size threshold lowered, a tiny model's ``quantize --reuse-rounding`` (measurement kept and reused) goes through
+    the pool and writes the files the one-process run writes, byte for byte."""
+    import bitalloc.placement as placement
+    from bitalloc.cli import main
+    from tests.test_resume import assert_same_tree, make_hf_dir, quantize_argv
+
+    model = make_hf_dir(tmp_path / "m")
+    assert main(quantize_argv(model, tmp_path / "one", "--reuse-rounding", "--threads", "2")) == 0
+    monkeypatch.setattr(placement, "PARALLEL_MIN_PARAMS", 0)
+    assert Placement.for_device("cpu", model=torch.nn.Linear(64, 64)).workers == min(torch.get_num_threads(), 8)
+    started: list[int] = []
+    real = MeasurePool.__enter__
+
+    def spy(self: MeasurePool) -> MeasurePool:
+        started.append(self.workers)
+        return real(self)
+
+    monkeypatch.setattr(MeasurePool, "__enter__", spy)
+    assert main(quantize_argv(model, tmp_path / "two", "--reuse-rounding", "--threads", "2")) == 0
+    assert started == [2]
+    assert_same_tree(tmp_path / "one", tmp_path / "two")
