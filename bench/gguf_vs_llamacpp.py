@@ -86,6 +86,7 @@ from bitalloc.models.rescale import load_reference  # noqa: E402
 from bitalloc.models.sources import default_model_path, load_model  # noqa: E402
 from bitalloc.models.view import ModelView  # noqa: E402
 from bitalloc.pipeline import measure_model, model_fingerprint  # noqa: E402
+from bitalloc.placement import Placement  # noqa: E402
 from bitalloc.quantize import restore, snapshot  # noqa: E402
 from bitalloc.recover import RecoverConfig, training_windows  # noqa: E402
 from bitalloc.jobs.checkpoints import load_rounded, save_rounded  # noqa: E402
@@ -117,7 +118,8 @@ def measure_code() -> list[Path]:
     """Sources whose edits change measured errors (the measurement cache key)."""
     return [*sorted((SRC / "formats").glob("gguf*.py")), SRC / "formats" / "base.py",
             *sorted((SRC / "rounding").glob("*.py")), SRC / "measure.py", SRC / "activations.py",
-            *sorted((SRC / "calibrate").glob("*.py")), SRC / "fisher.py", SRC / "placement.py", SRC / "stats.py"]
+            *sorted((SRC / "calibrate").glob("*.py")), SRC / "fisher.py", SRC / "placement.py", SRC / "stats.py",
+            SRC / "measure_pool.py", SRC / "pipeline.py"]
 
 
 def output_code() -> list[Path]:
@@ -154,17 +156,19 @@ def measure_cached(args: argparse.Namespace, model: torch.nn.Module, view: Model
         shutil.rmtree(job_dir)
         seconds_file.unlink(missing_ok=True)
     made_here = not job_dir.exists()
+    placement = Placement.for_device("cpu", model=model)  # as `bitalloc gguf` places it (measurement workers)
     t0 = time.perf_counter()
     with timer.stage("measure"), Job(job_dir, fp) as job:
         m = measure_stage(job, lambda ck: measure_model(
             model, view, calib, fmts, args.measure_method, fisher=args.fisher,
-            fisher_windows=fw if args.fisher else None, progress=True, timer=lib_timer,
+            fisher_windows=fw if args.fisher else None, progress=True, timer=lib_timer, placement=placement,
             on_rounded=(lambda b, r: save_rounded(job, b, r)) if reuse else None, **ck.kwargs()))
     seconds = time.perf_counter() - t0
     if made_here:
         st.save_seconds(seconds_file, seconds, rows=len(m.rows))
     info = {"seconds": seconds if made_here else st.load_seconds(seconds_file), "reused": not made_here,
-            "this_run_seconds": round(seconds, 3), "job": (job_dir, fp) if reuse else None}
+            "this_run_seconds": round(seconds, 3), "job": (job_dir, fp) if reuse else None,
+            "workers": placement.workers, "worker_threads": placement.worker_threads}
     log.info("measurement ready in %.0f s (%d rows%s)", seconds, len(m.rows), "" if made_here else ", reused")
     return m, info
 

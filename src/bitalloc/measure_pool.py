@@ -8,8 +8,10 @@ a CPU one process with every thread keeps the cores only partly busy (on 2 cores
 block's own order, so the table, and every kept rounding, is what measuring them one after the other gives (each
 tensor's arithmetic is the same; ``tests/test_measure_pool.py`` checks the table and the roundings byte for byte).
 
-The processes are started (``spawn``: no forked OpenMP state) once per measurement and stopped with it.  They
-ignore Ctrl-C (the main process stops them), leave when the main process is gone (even after ``kill -9``), and
+The processes are fresh interpreters (``python -c``: no forked OpenMP state, and nothing of the calling script is
+run again, guarded by ``if __name__ == "__main__"`` or not) started once per measurement and stopped with it; their
+entry point is :func:`bitalloc.cli.worker.main`.  They take requests on stdin and answer on stdout, ignore Ctrl-C
+(the main process stops them), leave when their stdin closes (the main process is gone, even after ``kill -9``), and
 their ``measure.*`` clocks are added to the run's :class:`~bitalloc.timing.StageTimer` (summed over workers:
 seconds of work, not of wall time).  Tensors cross the process boundary as ``torch.save`` bytes of their values
 (loaded back with ``weights_only=True``), never as shared-memory handles, so no model storage is moved into
@@ -25,7 +27,6 @@ import logging
 import os
 import pickle
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -105,15 +106,10 @@ def unpack(packed: tuple[Any, bytes]) -> Any:
     return _join(skeleton, torch.load(io.BytesIO(data), weights_only=True))
 
 
-def _serve(threads: int, level: int) -> None:
-    """A worker process's loop (started as ``python -c "...; _serve(threads, level)"``, a fresh interpreter that
-    imports nothing of the main process's script): its torch threads (set once
-    here, as the CLI does for the main process), Ctrl-C left to the main process, logging at the main process's
-    level on stderr; then ``(function, args)`` requests from stdin answered on stdout, ``(True, result)`` or
-    ``(False, exception)``, until stdin closes (the main process finished, or is gone)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+def serve_requests() -> None:
+    """A worker process's loop (after :func:`bitalloc.cli.worker.main` set its threads, signals and logging):
+    ``(function, args)`` requests from stdin answered on stdout, ``(True, result)`` or ``(False, exception)``,
+    until stdin closes (the main process finished, or is gone)."""
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but answers on the answer pipe
     while True:
@@ -163,7 +159,8 @@ class _Worker:
     def __init__(self, threads: int, tasks: "queue.Queue[tuple[Future, str, Callable[[], tuple]] | None]") -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         level = logging.getLogger().getEffectiveLevel()
-        self.proc = subprocess.Popen([sys.executable, "-c", f"from {__name__} import _serve; _serve({threads}, {level})"],
+        self.proc = subprocess.Popen([sys.executable, "-c", f"from bitalloc.cli.worker import main; main({threads}, "
+                                      f"{level})"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.tasks = tasks
         self.thread = threading.Thread(target=self._feed, daemon=True, name=f"measure-worker-{self.proc.pid}")

@@ -125,7 +125,7 @@ class Placement:
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         if dev.type == "cpu":
             workers = 1 if model is None else cpu_workers(model, torch.get_num_threads())
-            return cls(workers=workers, worker_threads=max(1, torch.get_num_threads() // workers))
+            return cls() if workers == 1 else cls(workers=workers, worker_threads=torch.get_num_threads() // workers)
         if offload is None:
             offload = False
             if model is not None and dev.type == "cuda":
