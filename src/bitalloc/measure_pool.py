@@ -60,33 +60,17 @@ class _Ref:
     key: int
 
 
-def _split(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    """``obj`` with every tensor (in dataclasses, tuples, lists, dicts) replaced by a :class:`_Ref` into
-    ``tensors``."""
-    if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return _Ref(len(tensors) - 1)
+def _map_leaves(obj: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` with every instance of ``leaf`` in it (in dataclasses, tuples, lists, dicts) replaced by ``fn`` of it."""
+    if isinstance(obj, leaf):
+        return fn(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _split(getattr(obj, f.name), tensors)
+        return dataclasses.replace(obj, **{f.name: _map_leaves(getattr(obj, f.name), leaf, fn)
                                           for f in dataclasses.fields(obj) if f.init})
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_split(v, tensors) for v in obj)
+        return type(obj)(_map_leaves(v, leaf, fn) for v in obj)
     if isinstance(obj, dict):
-        return {k: _split(v, tensors) for k, v in obj.items()}
-    return obj
-
-
-def _join(obj: Any, tensors: dict[int, torch.Tensor]) -> Any:
-    """The inverse of :func:`_split`."""
-    if isinstance(obj, _Ref):
-        return tensors[obj.key]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _join(getattr(obj, f.name), tensors)
-                                          for f in dataclasses.fields(obj) if f.init})
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_join(v, tensors) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _join(v, tensors) for k, v in obj.items()}
+        return {k: _map_leaves(v, leaf, fn) for k, v in obj.items()}
     return obj
 
 
@@ -94,7 +78,12 @@ def pack(obj: Any) -> tuple[Any, bytes]:
     """``obj`` as ``(skeleton, tensor bytes)``: the skeleton holds no tensor; the bytes are a ``torch.save`` archive
     of the tensors' values (each tensor alone, contiguous: a view does not carry its whole storage along)."""
     tensors: list[torch.Tensor] = []
-    skeleton = _split(obj, tensors)
+
+    def ref(t: torch.Tensor) -> _Ref:
+        tensors.append(t)
+        return _Ref(len(tensors) - 1)
+
+    skeleton = _map_leaves(obj, torch.Tensor, ref)
     buf = io.BytesIO()
     torch.save({i: t.detach().clone(memory_format=torch.contiguous_format) for i, t in enumerate(tensors)}, buf)
     return skeleton, buf.getvalue()
@@ -103,7 +92,8 @@ def pack(obj: Any) -> tuple[Any, bytes]:
 def unpack(packed: tuple[Any, bytes]) -> Any:
     """The object :func:`pack` was given (tensors loaded with ``weights_only=True``)."""
     skeleton, data = packed
-    return _join(skeleton, torch.load(io.BytesIO(data), weights_only=True))
+    tensors = torch.load(io.BytesIO(data), weights_only=True)
+    return _map_leaves(skeleton, _Ref, lambda r: tensors[r.key])
 
 
 def serve_requests() -> None:
