@@ -37,8 +37,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import BitallocError, NumericsError
-from .formats import QTensor
-from .measure import MeasureRow, grid_block_elems, grid_formats, measure_tensor, rows_of
+from .formats import QTensor, get_format
+from .measure import MeasureRow, grid_block_elems, grid_chunks, grid_formats, measure_tensor, rows_of
 from .placement import Placement
 from .rounding import ROW_CHUNK_ELEMS, row_chunks
 from .stats import TensorStats
@@ -123,9 +123,6 @@ def _measure_rows(name: str, packed: tuple[Any, bytes], formats: Sequence[str], 
                   block_elems: int, keep: bool) -> tuple[Any, bytes]:
     """In a worker: the :func:`~bitalloc.measure.grid_chunks` of one packed ``(rows of a weight, their
     statistics)``; returns the packed ``(chunks, {stage: seconds}, {stage: calls})``."""
-    from .formats import get_format
-    from .measure import grid_chunks
-
     w, stats = unpack(packed)
     timer = StageTimer()
     chunks = list(grid_chunks(name, w, stats, [get_format(f) for f in formats], method, block_elems, placement,
