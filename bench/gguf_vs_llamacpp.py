@@ -116,7 +116,7 @@ log = logging.getLogger("gguf_bench")
 
 def measure_code() -> list[Path]:
     """Sources whose edits change measured errors (the measurement cache key)."""
-    return [*sorted((SRC / "formats").glob("gguf*.py")), SRC / "formats" / "base.py",
+    return [*sorted((SRC / "formats").glob("gguf*.py")), SRC / "formats" / "base.py", SRC / "formats" / "refit.py",
             *sorted((SRC / "rounding").glob("*.py")), SRC / "measure.py", SRC / "activations.py",
             *sorted((SRC / "calibrate").glob("*.py")), SRC / "fisher.py", SRC / "placement.py", SRC / "stats.py",
             SRC / "measure_pool.py", SRC / "pipeline.py"]

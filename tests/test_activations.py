@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitalloc.activations import (ROUNDING_NAMES, activation_noise, get_rounding, output_noise, q8_0_roundtrip,
-                                  q8_k_roundtrip, roundings_for)
+from bitalloc.activations import (ROUNDING_NAMES, activation_noise, get_rounding, gram_noise, gram_pays, output_noise,
+                                  q8_0_roundtrip, q8_k_roundtrip, residual_gram, roundings_for)
 from bitalloc.errors import InputError
 from bitalloc.formats import get_format
 
@@ -55,6 +55,20 @@ def test_one_residual_serves_every_weight_reading_the_input():
     assert torch.equal(d, x - q8_0_roundtrip(x))
     for w in (w1, w2):
         assert torch.equal(output_noise(d, w), activation_noise(x, w, rnd))
+
+
+def test_the_residuals_gram_matrix_gives_the_same_noise_summed_over_batches():
+    g = torch.Generator().manual_seed(3)
+    rnd = get_rounding("q8_0")
+    batches = [torch.randn(n, 64, generator=g) * 3 for n in (7, 12, 5)]
+    w = torch.randn(200, 64, generator=g)
+    direct = sum(output_noise(rnd.residual(x), w) for x in batches)
+    gram = sum(residual_gram(rnd.residual(x)) for x in batches)
+    got = gram_noise(gram, w)
+    assert got.dtype == torch.float64 and got.shape == (200,)
+    torch.testing.assert_close(got, direct, rtol=1e-5, atol=0)
+    # the Gram form pays where more output channels read the input than it has columns
+    assert gram_pays(576, 49152) and gram_pays(576, 960) and not gram_pays(576, 576) and not gram_pays(1536, 576)
 
 
 @pytest.mark.parametrize("fmt, rounding", [("q8_0", "q8_0"), ("q4_1", "q8_0"), ("iq4_nl", "q8_0"), ("q5_k", "q8_k"),

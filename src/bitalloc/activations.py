@@ -110,6 +110,27 @@ def output_noise(residual: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (residual @ weight.to(torch.float32).T).to(torch.float64).square().sum(0)
 
 
+def gram_pays(in_features: int, out_features: int) -> bool:
+    """Whether :func:`gram_noise` is the cheaper way to the noise of weights reading one input: it costs
+    ``tokens · in²`` per batch (the residuals' Gram matrix) and ``out · in²`` once, where :func:`output_noise`
+    costs ``tokens · in · out`` per batch (``out``: all the output channels reading that input)."""
+    return out_features > in_features
+
+
+def residual_gram(residual: torch.Tensor) -> torch.Tensor:
+    """``Σ_tokens d dᵀ`` (in, in), float32, of the residuals ``d`` (tokens, in): summed over batches, it gives
+    :func:`output_noise` of any weight reading these inputs through :func:`gram_noise`."""
+    return residual.T @ residual
+
+
+def gram_noise(gram: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``Σ_tokens (d · w_j)² = w_jᵀ (Σ d dᵀ) w_j`` per output channel j, (out,) float64, from the residuals'
+    :func:`residual_gram` (summed over all batches) and ``weight`` (out, in): :func:`output_noise` summed over
+    the same tokens, to float rounding."""
+    w = weight.to(device=gram.device, dtype=torch.float64)
+    return ((w @ gram.to(torch.float64)) * w).sum(1)
+
+
 def activation_noise(x: torch.Tensor, weight: torch.Tensor, rounding: ActivationRounding) -> torch.Tensor:
     """``Σ_tokens ((x − R(x)) · w_j)²`` per output channel j, (out,) float64.
 
@@ -120,4 +141,5 @@ def activation_noise(x: torch.Tensor, weight: torch.Tensor, rounding: Activation
 
 
 __all__ = ["ActivationRounding", "QK8_0", "QK_K", "ROUNDING_NAMES", "activation_noise", "get_rounding",
-           "output_noise", "q8_0_roundtrip", "q8_k_roundtrip", "roundings_for"]
+           "gram_noise", "gram_pays", "output_noise", "q8_0_roundtrip", "q8_k_roundtrip", "residual_gram",
+           "roundings_for"]

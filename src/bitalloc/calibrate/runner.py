@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..activations import get_rounding, output_noise
+from ..activations import get_rounding, gram_noise, gram_pays, output_noise, residual_gram
 from ..data import check_token_ids, embedding_rows
 from ..errors import InputError, NumericsError
 from ..layout import StopForward, check_windows, layout_of, require_finite, window_batches
@@ -208,12 +208,14 @@ class BlockRunner:
         gidx = list(range(len(lay.spec.groups))) if groups is None else sorted(groups)
         sums: dict[int, torch.Tensor] = {}
         noise: dict[str, dict[str, torch.Tensor]] = {}
+        grams: dict[tuple[int, str], torch.Tensor] = {}  # (group, rounding): Σ d dᵀ where that is cheaper
         count = 0
         seen: set[int] = set()
         rounders = [get_rounding(r) for r in roundings]
 
         tokens: dict[int, int] = {}  # rows seen per group (routed experts: the tokens routed to them)
         owners = {g: routed_owner(lay.blocks[i], lay.spec.groups[g][0]) for g in gidx}
+        outputs = {g: sum(int(lay.linear(i, lin).weight.shape[0]) for lin in lay.spec.groups[g]) for g in gidx}
 
         def pre(g: int):
             first = lay.tensor_name(i, lay.spec.groups[g][0])
@@ -233,6 +235,9 @@ class BlockRunner:
                         d = rnd.residual(x)  # once for the group: q/k/v (gate/up) read the same input
                         if p is not None:
                             d = d * p.float().reshape(-1, 1)
+                        if gram_pays(x.shape[1], outputs[g]):
+                            _accumulate(grams, (g, rnd.name), residual_gram(d))
+                            continue
                         for lin in lay.spec.groups[g]:
                             _accumulate(noise.setdefault(lay.tensor_name(i, lin), {}), rnd.name,
                                         output_noise(d, lay.linear(i, lin).weight.detach()))
@@ -265,6 +270,11 @@ class BlockRunner:
         finally:
             for h in hs:
                 h.remove()
+        with timed(self.timer, "calibrate.act_noise") if grams else nullcontext():
+            for (g, rname), gram in grams.items():
+                for lin in lay.spec.groups[g]:
+                    noise.setdefault(lay.tensor_name(i, lin), {})[rname] = gram_noise(
+                        gram, lay.linear(i, lin).weight.detach())
         if nxt is not None:
             self.hidden = self._adopt(nxt)
             self.block += 1
@@ -326,7 +336,7 @@ class BlockRunner:
         total: torch.Tensor | None = None
         noise: dict[str, torch.Tensor] = {}
         count = 0
-        vocab_chunk = self.placement.vocab_chunk
+        by_gram = gram_pays(int(weight.shape[1]), int(weight.shape[0]))
         with torch.no_grad():
             for sl in self.batches:
                 with timed(self.timer, "calibrate.forward"):
@@ -338,15 +348,27 @@ class BlockRunner:
                 count += x.shape[0]
                 with timed(self.timer, "calibrate.act_noise") if rounders else nullcontext():
                     for rnd in rounders:
-                        d, parts = rnd.residual(x), []  # one residual for every vocabulary slice
-                        for v0 in range(0, int(weight.shape[0]), vocab_chunk):
-                            v1 = min(v0 + vocab_chunk, int(weight.shape[0]))
-                            parts.append(output_noise(d, self.placement.to_device(weight[v0:v1].detach())))
-                            release_rows(self.model, lay.lm_head_name, slice(v0, v1))
-                        _accumulate(noise, rnd.name, torch.cat(parts))
+                        d = rnd.residual(x)
+                        if by_gram:  # the vocabulary is read once, after the last batch
+                            _accumulate(noise, rnd.name, residual_gram(d))
+                        else:  # one residual for every vocabulary slice
+                            _accumulate(noise, rnd.name, self._head_noise(weight, lambda w: output_noise(d, w)))
+        if by_gram:
+            with timed(self.timer, "calibrate.act_noise"):
+                noise = {r: self._head_noise(weight, lambda w, g=gram: gram_noise(g, w)) for r, gram in noise.items()}
         h = total / count
         require_finite(h, f"the Hessian of {lay.lm_head_name}")
         return h, _mean(noise, count, lay.lm_head_name)
+
+    def _head_noise(self, weight: torch.Tensor, per_rows) -> torch.Tensor:
+        """``per_rows(rows of the head's weight on the device)`` for every ``vocab_chunk`` rows, joined; each slice
+        released after use (a spilled head is read a slice at a time)."""
+        parts, rows, step = [], int(weight.shape[0]), self.placement.vocab_chunk
+        for v0 in range(0, rows, step):
+            v1 = min(v0 + step, rows)
+            parts.append(per_rows(self.placement.to_device(weight[v0:v1].detach())))
+            release_rows(self.model, self.layout.lm_head_name, slice(v0, v1))
+        return torch.cat(parts)
 
     def token_freq(self) -> torch.Tensor:
         vocab = int(self.layout.embedding.weight.shape[0])

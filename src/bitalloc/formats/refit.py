@@ -9,10 +9,11 @@ the groups of one row.  The format then rounds the solution to what it stores (f
 :func:`refit_grid` keeps, row by row, whichever grid gives the smaller error after that rounding, so a
 refit never makes a row worse in-sample.
 
-Everything is float64; rows are solved in batches so the ``rows × groups × cols`` intermediate stays
-within :data:`BATCH_BYTES` (small batches stay in cache: 8 MiB ran faster than 32 or 128 on the CPU).  The
-only ``rows × cols × cols`` product is ``z H``; the old and new errors are the least squares' own quadratic
-form, so a refit costs one such product, not four.
+Everything is float64; rows are solved in batches whose intermediates (a few ``rows × cols`` matrices and
+the normal equations) stay within :data:`BATCH_BYTES`.  The only ``rows × cols × cols`` product is ``z H``,
+taken one group at a time over the whole batch (``rows × group`` times ``group × cols``: a matrix product
+the BLAS runs near its speed, where batching over groups gave it a few rows at a time); the old and new
+errors are the least squares' own quadratic form, so a refit costs one such product, not four.
 """
 from __future__ import annotations
 
@@ -51,9 +52,11 @@ def _normal_equations(
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """Per batch of rows: ``(rows slice, M, b)`` of the least squares in the unknowns ``x`` = the row's group
     scales (then offsets when ``with_offset``): ``(w_r − v_r)ᵀ H (w_r − v_r) = w_rᵀ H w_r − 2 xᵀ b + xᵀ M x``
-    with ``v_r = Σ_g x_g · z_g (+ x_g' · 1_g)``.  float64, without the ridge.  The one product of size
-    ``rows x cols x cols`` is ``z H``; the offsets' terms are group sums of it and of ``S H`` (``S`` the group
-    indicator), so no ``w H`` is formed unless ``active`` masks the offsets."""
+    with ``v_r = Σ_g x_g · z_g (+ x_g' · 1_g)``.  float64, without the ridge.
+
+    The one product of size ``rows x cols x cols`` is ``z H``, formed one group at a time for a whole batch of
+    rows (``z_g H_g``: a ``rows x group x cols`` matrix product, then contracted with ``z``, ``1`` and ``w``
+    group by group); the offsets' terms need no ``w H`` unless ``active`` masks them."""
     rows, cols = (int(d) for d in w.shape)
     if cols % group_size:
         raise ValueError(f"{cols} columns are not a multiple of the group size {group_size}")
@@ -63,30 +66,35 @@ def _normal_equations(
     hb = h.reshape(nb, group_size, cols)
     hs = hb.sum(1) if with_offset else None  # (nb, cols): 1_gᵀ H
     m_oo = hs.reshape(nb, nb, group_size).sum(-1) if with_offset and active is None else None  # 1_bᵀ H 1_c
-    step = max(1, BATCH_BYTES // (8 * nb * cols))
+    unknowns = nb * (2 if with_offset else 1)
+    step = max(1, BATCH_BYTES // (8 * (4 * cols + unknowns * unknowns)))
     for a in range(0, rows, step):
         sl = slice(a, min(a + step, rows))
-        zb = z[sl].to(torch.float64).reshape(-1, nb, group_size)
+        zv = z[sl].to(torch.float64).reshape(-1, nb, group_size)
         wr = w[sl].to(torch.float64)
-        y = torch.einsum("rbi,bij->rbj", zb, hb)  # z_bᵀ H, one row of H per group member
-        y4 = y.reshape(-1, nb, nb, group_size)
-        m = torch.einsum("rbcj,rcj->rbc", y4, zb)
-        rhs = torch.einsum("rbj,rj->rb", y, wr)
-        if with_offset and active is not None:  # offsets reach only the active elements
-            ab = active[sl].to(torch.float64).reshape(-1, nb, group_size)
-            ya = torch.einsum("rbi,bij->rbj", ab, hb).reshape(-1, nb, nb, group_size)
-            m_so = torch.einsum("rbcj,rcj->rbc", y4, ab)
+        ab = active[sl].to(torch.float64).reshape(-1, nb, group_size) if with_offset and active is not None else None
+        m_g, rhs_g, so_g, aa_g = [], [], [], []
+        for g in range(nb):
+            y = (zv[:, g] @ hb[g]).reshape(-1, nb, group_size)  # z_gᵀ H, split by group
+            m_g.append(torch.einsum("rcj,rcj->rc", y, zv))
+            rhs_g.append(torch.einsum("rj,rj->r", y.reshape(wr.shape), wr))
+            if ab is not None:  # offsets reach only the active elements
+                so_g.append(torch.einsum("rcj,rcj->rc", y, ab))
+                aa_g.append(torch.einsum("rcj,rcj->rc", (ab[:, g] @ hb[g]).reshape(-1, nb, group_size), ab))
+            elif with_offset:
+                so_g.append(y.sum(-1))
+        m, rhs = torch.stack(m_g, 1), torch.stack(rhs_g, 1)
+        if with_offset:
+            m_so = torch.stack(so_g, 1)
             top = torch.cat([m, m_so], 2)
-            bottom = torch.cat([m_so.transpose(1, 2), torch.einsum("rbcj,rcj->rbc", ya, ab)], 2)
+            if ab is not None:
+                bottom = torch.cat([m_so.transpose(1, 2), torch.stack(aa_g, 1)], 2)
+                hw = (wr @ h) * ab.reshape(wr.shape)
+                rhs = torch.cat([rhs, hw.reshape(-1, nb, group_size).sum(-1)], 1)
+            else:
+                bottom = torch.cat([m_so.transpose(1, 2), m_oo.expand(top.shape[0], nb, nb)], 2)  # type: ignore[union-attr]
+                rhs = torch.cat([rhs, wr @ hs.T], 1)  # type: ignore[union-attr]
             m = torch.cat([top, bottom], 1)
-            hw = (wr @ h) * ab.reshape(wr.shape)
-            rhs = torch.cat([rhs, hw.reshape(-1, nb, group_size).sum(-1)], 1)
-        elif with_offset:
-            m_so = y4.sum(-1)
-            top = torch.cat([m, m_so], 2)
-            bottom = torch.cat([m_so.transpose(1, 2), m_oo.expand(top.shape[0], nb, nb)], 2)  # type: ignore[union-attr]
-            m = torch.cat([top, bottom], 1)
-            rhs = torch.cat([rhs, wr @ hs.T], 1)  # type: ignore[union-attr]
         yield sl, m, rhs
 
 
