@@ -67,8 +67,10 @@ def test_the_residuals_gram_matrix_gives_the_same_noise_summed_over_batches():
     got = gram_noise(gram, w)
     assert got.dtype == torch.float64 and got.shape == (200,)
     torch.testing.assert_close(got, direct, rtol=1e-5, atol=0)
-    # the Gram form pays where more output channels read the input than it has columns
-    assert gram_pays(576, 49152) and gram_pays(576, 960) and not gram_pays(576, 576) and not gram_pays(1536, 576)
+    # the Gram form pays where many more output channels read the input than it has columns, over many tokens
+    assert gram_pays(576, 49152, 12288) and gram_pays(576, 960, 12288) and gram_pays(2048, 11264, 6144)
+    assert not gram_pays(576, 576, 12288) and not gram_pays(1536, 576, 12288) and not gram_pays(2048, 2560, 6144)
+    assert not gram_pays(576, 49152, 300)  # few tokens: the Gram form's fixed out · in² is not repaid
 
 
 @pytest.mark.parametrize("fmt, rounding", [("q8_0", "q8_0"), ("q4_1", "q8_0"), ("iq4_nl", "q8_0"), ("q5_k", "q8_k"),

@@ -135,8 +135,12 @@ def _inputs(model, names):
     return seen, hs
 
 
-def test_activation_noise_of_block_linears_and_the_tied_head(llama_model, windows):
+@pytest.mark.parametrize("gram", [False, True], ids=["per-batch-products", "gram-matrix"])
+def test_activation_noise_of_block_linears_and_the_tied_head(llama_model, windows, gram, monkeypatch):
     from bitalloc.activations import activation_noise, get_rounding
+
+    # both ways the runner may take to the noise (it picks the cheaper by the shapes and the token count)
+    monkeypatch.setattr("bitalloc.calibrate.runner.gram_pays", lambda *_: gram)
 
     lay = layout_of(llama_model)
     names = ["model.layers.1.self_attn.v_proj", "model.layers.0.mlp.down_proj", "lm_head"]

@@ -110,11 +110,11 @@ def output_noise(residual: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (residual @ weight.to(torch.float32).T).to(torch.float64).square().sum(0)
 
 
-def gram_pays(in_features: int, out_features: int) -> bool:
-    """Whether :func:`gram_noise` is the cheaper way to the noise of weights reading one input: it costs
-    ``tokens · in²`` per batch (the residuals' Gram matrix) and ``out · in²`` once, where :func:`output_noise`
-    costs ``tokens · in · out`` per batch (``out``: all the output channels reading that input)."""
-    return out_features > in_features
+def gram_pays(in_features: int, out_features: int, tokens: int) -> bool:
+    """Whether :func:`gram_noise` is the cheaper way to the noise of ``out_features`` output channels reading one
+    input over ``tokens`` tokens: it costs ``tokens · in²`` (the residuals' Gram matrix, float32) plus ``out · in²``
+    once in float64 (counted twice), where :func:`output_noise` costs ``tokens · in · out``."""
+    return tokens * in_features * out_features > (tokens + 2 * out_features) * in_features * in_features
 
 
 def residual_gram(residual: torch.Tensor) -> torch.Tensor:

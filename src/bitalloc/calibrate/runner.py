@@ -216,6 +216,7 @@ class BlockRunner:
         tokens: dict[int, int] = {}  # rows seen per group (routed experts: the tokens routed to them)
         owners = {g: routed_owner(lay.blocks[i], lay.spec.groups[g][0]) for g in gidx}
         outputs = {g: sum(int(lay.linear(i, lin).weight.shape[0]) for lin in lay.spec.groups[g]) for g in gidx}
+        tokens_total = sum(sl.stop - sl.start for sl in batches) * int(self.hidden.shape[1])
 
         def pre(g: int):
             first = lay.tensor_name(i, lay.spec.groups[g][0])
@@ -235,7 +236,7 @@ class BlockRunner:
                         d = rnd.residual(x)  # once for the group: q/k/v (gate/up) read the same input
                         if p is not None:
                             d = d * p.float().reshape(-1, 1)
-                        if gram_pays(x.shape[1], outputs[g]):
+                        if gram_pays(x.shape[1], outputs[g], tokens_total):
                             _accumulate(grams, (g, rnd.name), residual_gram(d))
                             continue
                         for lin in lay.spec.groups[g]:
@@ -336,7 +337,7 @@ class BlockRunner:
         total: torch.Tensor | None = None
         noise: dict[str, torch.Tensor] = {}
         count = 0
-        by_gram = gram_pays(int(weight.shape[1]), int(weight.shape[0]))
+        by_gram = gram_pays(int(weight.shape[1]), int(weight.shape[0]), int(self.hidden.shape[0] * self.hidden.shape[1]))
         with torch.no_grad():
             for sl in self.batches:
                 with timed(self.timer, "calibrate.forward"):

@@ -11,9 +11,10 @@ refit never makes a row worse in-sample.
 
 Everything is float64; rows are solved in batches whose intermediates (a few ``rows × cols`` matrices and
 the normal equations) stay within :data:`BATCH_BYTES`.  The only ``rows × cols × cols`` product is ``z H``,
-taken one group at a time over the whole batch (``rows × group`` times ``group × cols``: a matrix product
-the BLAS runs near its speed, where batching over groups gave it a few rows at a time); the old and new
-errors are the least squares' own quadratic form, so a refit costs one such product, not four.
+taken a few groups at a time over the whole batch of rows (``rows × group`` times ``group × cols`` per group:
+products the BLAS runs near its speed, where one product over every group at once left it a few rows at a
+time); the old and new errors are the least squares' own quadratic form, so a refit costs one such product,
+not four.
 """
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ def _normal_equations(
     scales (then offsets when ``with_offset``): ``(w_r − v_r)ᵀ H (w_r − v_r) = w_rᵀ H w_r − 2 xᵀ b + xᵀ M x``
     with ``v_r = Σ_g x_g · z_g (+ x_g' · 1_g)``.  float64, without the ridge.
 
-    The one product of size ``rows x cols x cols`` is ``z H``, formed one group at a time for a whole batch of
-    rows (``z_g H_g``: a ``rows x group x cols`` matrix product, then contracted with ``z``, ``1`` and ``w``
-    group by group); the offsets' terms need no ``w H`` unless ``active`` masks them."""
+    The one product of size ``rows x cols x cols`` is ``z H``, formed for a whole batch of rows a few groups at a
+    time (``z_gᵀ H_g``: ``rows x group x cols`` matrix products batched over as many groups as keep them within
+    :data:`BATCH_BYTES`, then contracted with ``z``, ``1`` and ``w``); the offsets' terms need no ``w H`` unless
+    ``active`` masks them."""
     rows, cols = (int(d) for d in w.shape)
     if cols % group_size:
         raise ValueError(f"{cols} columns are not a multiple of the group size {group_size}")
@@ -73,22 +75,27 @@ def _normal_equations(
         zv = z[sl].to(torch.float64).reshape(-1, nb, group_size)
         wr = w[sl].to(torch.float64)
         ab = active[sl].to(torch.float64).reshape(-1, nb, group_size) if with_offset and active is not None else None
+        r = int(zv.shape[0])
+        gstep = max(1, BATCH_BYTES // (8 * r * cols))  # groups per product: z_gᵀ H of G groups is G x r x cols
         m_g, rhs_g, so_g, aa_g = [], [], [], []
-        for g in range(nb):
-            y = (zv[:, g] @ hb[g]).reshape(-1, nb, group_size)  # z_gᵀ H, split by group
-            m_g.append(torch.einsum("rcj,rcj->rc", y, zv))
-            rhs_g.append(torch.einsum("rj,rj->r", y.reshape(wr.shape), wr))
+        for g0 in range(0, nb, gstep):
+            g1 = min(g0 + gstep, nb)
+            y = torch.bmm(zv[:, g0:g1].transpose(0, 1), hb[g0:g1])  # (G, r, cols): z_gᵀ H per group g
+            y4 = y.reshape(g1 - g0, r, nb, group_size)
+            m_g.append(torch.einsum("grcj,rcj->rgc", y4, zv))
+            rhs_g.append(torch.einsum("grj,rj->rg", y, wr))
             if ab is not None:  # offsets reach only the active elements
-                so_g.append(torch.einsum("rcj,rcj->rc", y, ab))
-                aa_g.append(torch.einsum("rcj,rcj->rc", (ab[:, g] @ hb[g]).reshape(-1, nb, group_size), ab))
+                so_g.append(torch.einsum("grcj,rcj->rgc", y4, ab))
+                ya = torch.bmm(ab[:, g0:g1].transpose(0, 1), hb[g0:g1]).reshape(g1 - g0, r, nb, group_size)
+                aa_g.append(torch.einsum("grcj,rcj->rgc", ya, ab))
             elif with_offset:
-                so_g.append(y.sum(-1))
-        m, rhs = torch.stack(m_g, 1), torch.stack(rhs_g, 1)
+                so_g.append(y4.sum(-1).transpose(0, 1))
+        m, rhs = torch.cat(m_g, 1), torch.cat(rhs_g, 1)
         if with_offset:
-            m_so = torch.stack(so_g, 1)
+            m_so = torch.cat(so_g, 1)
             top = torch.cat([m, m_so], 2)
             if ab is not None:
-                bottom = torch.cat([m_so.transpose(1, 2), torch.stack(aa_g, 1)], 2)
+                bottom = torch.cat([m_so.transpose(1, 2), torch.cat(aa_g, 1)], 2)
                 hw = (wr @ h) * ab.reshape(wr.shape)
                 rhs = torch.cat([rhs, hw.reshape(-1, nb, group_size).sum(-1)], 1)
             else:
