@@ -10,14 +10,16 @@
 2. **Activation noise** ``Σ_tokens (d·w_j)²`` of a group of weights reading one input: per batch ``d Wᵀ``
    (``output_noise``, the previous way, still used where it is cheaper) against the residuals' Gram matrix per
    batch and ``w_jᵀ G w_j`` once (``residual_gram`` / ``gram_noise``), on Gaussian activations of the input width
-   (the cost depends only on the shapes) in batches of 1024 tokens.
+   (the cost depends only on the shapes) in batches of 1024 tokens; ``runner_picks``: which of the two the block
+   runner takes for these shapes and tokens (``gram_pays``).
 
 Shapes: SmolLM2-135M's and a 1B-class Llama's (2048 wide, 5632 MLP), so that the ratios are not one model's.
 Each path runs ``--repeats`` times, alternating, and the fastest is kept; the ratio is baseline ÷ library.  The
 largest relative difference between the two results is recorded (float rounding only).  Other processes on the
 machine move absolute times: read the ratios.
 
-Writes ``bench/results/measure_kernels.json`` and ``.png`` and prints the tables.
+Writes ``bench/results/measure_kernels.json`` and ``.png`` and prints the tables (``--replot``: the PNG again from
+the JSON).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.measure_speed import tensor_and_stats  # noqa: E402
 from bench.pareto import png_bytes  # noqa: E402
-from bitalloc.activations import get_rounding, gram_noise, output_noise, residual_gram  # noqa: E402
+from bitalloc.activations import get_rounding, gram_noise, gram_pays, output_noise, residual_gram  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
 from bitalloc.formats.refit import BATCH_BYTES, _normal_equations  # noqa: E402
 from bitalloc.rounding.rtn import rtn_round  # noqa: E402
@@ -152,12 +154,38 @@ def noise_rows(tokens: int, repeats: int) -> list[dict]:
             b, got = _best(gram, 1)
             t_dir, t_gram = min(t_dir, a), min(t_gram, b)
         rel = _rel(want, got)
+        picks = "gram" if gram_pays(width, outputs, 1024 * len(batches)) else "direct"
         out.append({"model": model, "group": group, "input": width, "outputs": outputs,
                     "tokens": 1024 * len(batches), "direct_seconds": round(t_dir, 4), "gram_seconds": round(t_gram, 4),
-                    "speedup": round(t_dir / t_gram, 3), "max_rel_diff": rel})
-        print(f"noise {model:<13}{group:<10}{width:>6}->{outputs:<7}{t_dir:>9.3f}{t_gram:>9.3f}{t_dir / t_gram:>8.2f}x  "
-              f"{rel:.1e}", flush=True)
+                    "speedup": round(t_dir / t_gram, 3), "max_rel_diff": rel, "runner_picks": picks})
+        print(f"noise {model:<13}{group:<10}{width:>6}->{outputs:<7}{t_dir:>9.3f}{t_gram:>9.3f}"
+              f"{t_dir / t_gram:>8.2f}x  {rel:.1e}  (the runner takes: {picks})", flush=True)
     return out
+
+
+def plot(result: dict) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    panels = ((axes[0], result["refit"], "scale refit normal equations (6 GGUF types)", "baseline_seconds",
+               "library_seconds", ("before: one product over all groups, few rows", "now: groups batched, all rows")),
+              (axes[1], result["activation_noise"], "activation noise (Q8_0)", "direct_seconds", "gram_seconds",
+               ("per batch d·Wᵀ", "Gram matrix Σ d dᵀ, then w G wᵀ")))
+    for ax, rows, title, k_before, k_now, names in panels:
+        labels = [f"{r['model'].split('-')[0]} {r.get('tensor', r.get('group'))}" for r in rows]
+        x = range(len(rows))
+        before, now = [r[k_before] for r in rows], [r[k_now] for r in rows]
+        ax.bar([i - 0.2 for i in x], before, 0.4, label=names[0])
+        ax.bar([i + 0.2 for i in x], now, 0.4, label=names[1])
+        for i, r in enumerate(rows):
+            picks = f"\nrunner: {r['runner_picks']}" if "runner_picks" in r else ""
+            ax.annotate(f"{r['speedup']:.1f}x{picks}", (i, max(before[i], now[i])), ha="center", va="bottom",
+                        fontsize=7)
+        ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds (fastest of repeats)")
+        ax.set_title(title, fontsize=9)
+        ax.margins(y=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+    (OUT / "measure_kernels.png").write_bytes(png_bytes(fig))
 
 
 def main() -> None:
@@ -165,7 +193,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=6144, help="activation tokens per noise shape (batches of 1024)")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the saved JSON")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads((OUT / "measure_kernels.json").read_text()))
+        return
     torch.set_num_threads(args.threads)
     print(f"{'':<6}{'model':<13}{'tensor':<9}{'shape':>13}{'before':>9}{'now':>9}{'ratio':>9}  max rel diff")
     refit = refit_rows(args.repeats)
@@ -174,23 +206,7 @@ def main() -> None:
               "refit": refit, "activation_noise": noise}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "measure_kernels.json").write_text(json.dumps(result, indent=1) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, rows, title in ((axes[0], refit, "scale refit normal equations (6 GGUF types)"),
-                            (axes[1], noise, "activation noise (Q8_0)")):
-        labels = [f"{r['model'].split('-')[0]} {r.get('tensor', r.get('group'))}" for r in rows]
-        x = range(len(rows))
-        before = [r.get("baseline_seconds", r.get("direct_seconds")) for r in rows]
-        now = [r.get("library_seconds", r.get("gram_seconds")) for r in rows]
-        ax.bar([i - 0.2 for i in x], before, 0.4, label="before")
-        ax.bar([i + 0.2 for i in x], now, 0.4, label="now")
-        for i, r in enumerate(rows):
-            ax.annotate(f"{r['speedup']:.1f}x", (i, max(before[i], now[i])), ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel("seconds (fastest of repeats)")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-    (OUT / "measure_kernels.png").write_bytes(png_bytes(fig))
+    plot(result)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -337,7 +337,8 @@ class BlockRunner:
         total: torch.Tensor | None = None
         noise: dict[str, torch.Tensor] = {}
         count = 0
-        by_gram = gram_pays(int(weight.shape[1]), int(weight.shape[0]), int(self.hidden.shape[0] * self.hidden.shape[1]))
+        tokens = int(self.hidden.shape[0]) * int(self.hidden.shape[1])
+        by_gram = gram_pays(int(weight.shape[1]), int(weight.shape[0]), tokens)
         with torch.no_grad():
             for sl in self.batches:
                 with timed(self.timer, "calibrate.forward"):
@@ -361,7 +362,7 @@ class BlockRunner:
         require_finite(h, f"the Hessian of {lay.lm_head_name}")
         return h, _mean(noise, count, lay.lm_head_name)
 
-    def _head_noise(self, weight: torch.Tensor, per_rows) -> torch.Tensor:
+    def _head_noise(self, weight: torch.Tensor, per_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``per_rows(rows of the head's weight on the device)`` for every ``vocab_chunk`` rows, joined; each slice
         released after use (a spilled head is read a slice at a time)."""
         parts, rows, step = [], int(weight.shape[0]), self.placement.vocab_chunk

@@ -99,7 +99,8 @@ def _normal_equations(
                 hw = (wr @ h) * ab.reshape(wr.shape)
                 rhs = torch.cat([rhs, hw.reshape(-1, nb, group_size).sum(-1)], 1)
             else:
-                bottom = torch.cat([m_so.transpose(1, 2), m_oo.expand(top.shape[0], nb, nb)], 2)  # type: ignore[union-attr]
+                m_oo_r = m_oo.expand(top.shape[0], nb, nb)  # type: ignore[union-attr]
+                bottom = torch.cat([m_so.transpose(1, 2), m_oo_r], 2)
                 rhs = torch.cat([rhs, wr @ hs.T], 1)  # type: ignore[union-attr]
             m = torch.cat([top, bottom], 1)
         yield sl, m, rhs
