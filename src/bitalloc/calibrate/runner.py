@@ -336,6 +336,7 @@ class BlockRunner:
         weight = lay.lm_head.weight
         total: torch.Tensor | None = None
         noise: dict[str, torch.Tensor] = {}
+        grams: dict[str, torch.Tensor] = {}  # rounding: Σ d dᵀ, where that is the cheaper way (by_gram)
         count = 0
         tokens = int(self.hidden.shape[0]) * int(self.hidden.shape[1])
         by_gram = gram_pays(int(weight.shape[1]), int(weight.shape[0]), tokens)
@@ -352,12 +353,12 @@ class BlockRunner:
                     for rnd in rounders:
                         d = rnd.residual(x)
                         if by_gram:  # the vocabulary is read once, after the last batch
-                            _accumulate(noise, rnd.name, residual_gram(d))
+                            _accumulate(grams, rnd.name, residual_gram(d))
                         else:  # one residual for every vocabulary slice
                             _accumulate(noise, rnd.name, self._head_noise(weight, lambda w: output_noise(d, w)))
-        if by_gram:
-            with timed(self.timer, "calibrate.act_noise"):
-                noise = {r: self._head_noise(weight, lambda w, g=gram: gram_noise(g, w)) for r, gram in noise.items()}
+        with timed(self.timer, "calibrate.act_noise") if grams else nullcontext():
+            for rname, gram in grams.items():
+                noise[rname] = self._head_noise(weight, lambda w: gram_noise(gram, w))
         h = total / count
         require_finite(h, f"the Hessian of {lay.lm_head_name}")
         return h, _mean(noise, count, lay.lm_head_name)
