@@ -1,5 +1,5 @@
-"""Two measurement kernels against the formulations they replaced, same run, same inputs
-(``python bench/measure_kernels.py [--threads 2] [--repeats 2] [--tokens 6144]``).
+"""Measurement and rounding kernels against the formulations they replaced, same run, same inputs
+(``python bench/measure_kernels.py [--threads 2] [--repeats 2] [--tokens 6144] [--skip-refit-noise]``).
 
 1. **The scale refit's normal equations** (``bitalloc.formats.refit._normal_equations``: ``z·H`` one group at a
    time over a whole batch of rows, a ``rows x group x cols`` BLAS product per group) against the previous
@@ -12,6 +12,13 @@
    batch and ``w_jᵀ G w_j`` once (``residual_gram`` / ``gram_noise``), on Gaussian activations of the input width
    (the cost depends only on the shapes) in batches of 1024 tokens; ``runner_picks``: which of the two the block
    runner takes for these shapes and tokens (``gram_pays``).
+3. **One factorisation per weight**: GPTQ rounds a weight in row blocks of at most ``ROW_CHUNK_ELEMS`` elements
+   (the measurement: of its stack of formats), and each block factorised the Hessian again (~cols³); now
+   ``GPTQ.prepare`` factorises it once for all blocks.  The baseline is the same rounder with the per-block
+   factorisation (:class:`PerBlockGPTQ`: ``prepare`` hands the raw Hessian on).  ``quantize_weight`` into
+   int4-g128 (the scaling bench's format) and q4_1 (a refitting GGUF type) on a 1B and a 1.5B Llama's linears, and
+   ``measure_tensor`` over the 11 GGUF types on SmolLM2's down projection (two row blocks of eleven formats);
+   the outputs must be byte-identical (checked).
 
 Shapes: SmolLM2-135M's and a 1B-class Llama's (2048 wide, 5632 MLP), so that the ratios are not one model's.
 Each path runs ``--repeats`` times, alternating, and the fastest is kept; the ratio is baseline ÷ library.  The
@@ -42,7 +49,11 @@ from bench.pareto import png_bytes  # noqa: E402
 from bitalloc.activations import get_rounding, gram_noise, gram_pays, output_noise, residual_gram  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
 from bitalloc.formats.refit import BATCH_BYTES, _normal_equations  # noqa: E402
+from bitalloc.measure import measure_tensor  # noqa: E402
+from bitalloc.rounding import quantize_weight  # noqa: E402
+from bitalloc.rounding.methods import GPTQ  # noqa: E402
 from bitalloc.rounding.rtn import rtn_round  # noqa: E402
+from bitalloc.targets.gguf import GGUF_FORMATS  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 REFIT_FORMATS = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
@@ -54,6 +65,19 @@ REFIT_SHAPES = (("SmolLM2-135M", "q/o", 576, 576), ("SmolLM2-135M", "k/v", 192, 
 NOISE_SHAPES = (("SmolLM2-135M", "q+k+v", 576, 960), ("SmolLM2-135M", "gate+up", 576, 3072),
                 ("SmolLM2-135M", "tied head", 576, 49152), ("1B Llama", "q+k+v", 2048, 2560),
                 ("1B Llama", "gate+up", 2048, 11264))
+#: (model, tensor, rows, cols, what): "quantize" = quantize_weight into int4-g128 and q4_1, "measure" =
+#: measure_tensor over the 11 GGUF types
+FACTOR_SHAPES = (("SmolLM2-135M", "down", 576, 1536, "measure"), ("1B Llama", "q/o", 2048, 2048, "quantize"),
+                 ("1B Llama", "gate/up", 5632, 2048, "quantize"), ("1B Llama", "down", 2048, 5632, "quantize"))
+
+
+class PerBlockGPTQ(GPTQ):
+    """GPTQ as it was: no preparation, so every row block factorises the Hessian itself."""
+
+    name = "gptq-per-block"
+
+    def prepare(self, hessian, device):
+        return hessian
 
 
 def batched_over_groups(w: torch.Tensor, z: torch.Tensor, group_size: int, hessian: torch.Tensor,
@@ -163,14 +187,57 @@ def noise_rows(tokens: int, repeats: int) -> list[dict]:
     return out
 
 
+def _qbytes(q) -> list:
+    return [(k, q.parts[k].contiguous().view(torch.uint8).tolist()) for k in sorted(q.parts)]
+
+
+def factor_rows(repeats: int) -> list[dict]:
+    out = []
+    for model, tensor, rows, cols, what in FACTOR_SHAPES:
+        w, st = tensor_and_stats(rows, cols, 0, torch.device("cpu"))
+        h = st.roles[0].hessian
+        if what == "measure":
+            formats = list(GGUF_FORMATS)
+
+            def run(rounder):
+                return measure_tensor(tensor, w, st, formats, rounder)
+        else:
+            formats = ["int4-g128", "q4_1"]
+
+            def run(rounder):
+                return [_qbytes(quantize_weight(w, f, hessian=h, method=rounder)) for f in formats]
+        t_new = t_old = float("inf")
+        for _ in range(repeats):  # alternating, fastest kept
+            a, got = _best(lambda: run(GPTQ()), 1)
+            b, want = _best(lambda: run(PerBlockGPTQ()), 1)
+            t_new, t_old = min(t_new, a), min(t_old, b)
+        same = got == want
+        out.append({"model": model, "tensor": tensor, "shape": [rows, cols], "path": what, "formats": formats,
+                    "library_seconds": round(t_new, 3), "baseline_seconds": round(t_old, 3),
+                    "speedup": round(t_old / t_new, 3), "identical": same})
+        print(f"factor {model:<12}{tensor:<9}{rows:>6}x{cols:<6}{t_old:>9.2f}{t_new:>9.2f}{t_old / t_new:>8.2f}x  "
+              f"{what}, identical: {same}", flush=True)
+        if not same:
+            raise SystemExit(f"{model} {tensor}: the outputs differ from the per-block factorisation's")
+    return out
+
+
 def plot(result: dict) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    panels = ((axes[0], result["refit"], "scale refit normal equations (6 GGUF types)", "baseline_seconds",
-               "library_seconds", ("before: one product over all groups, few rows", "now: groups batched, all rows")),
-              (axes[1], result["activation_noise"], "activation noise (Q8_0)", "direct_seconds", "gram_seconds",
-               ("per batch d·Wᵀ", "Gram matrix Σ d dᵀ, then w G wᵀ")))
-    for ax, rows, title, k_before, k_now, names in panels:
-        labels = [f"{r['model'].split('-')[0]} {r.get('tensor', r.get('group'))}" for r in rows]
+    panels = []
+    if "refit" in result:
+        panels.append((result["refit"], "scale refit normal equations (6 GGUF types)", "baseline_seconds",
+                       "library_seconds", ("before: one product over all groups, few rows",
+                                           "now: groups batched, all rows")))
+    if "activation_noise" in result:
+        panels.append((result["activation_noise"], "activation noise (Q8_0)", "direct_seconds", "gram_seconds",
+                       ("per batch d·Wᵀ", "Gram matrix Σ d dᵀ, then w G wᵀ")))
+    if "factor" in result:
+        panels.append((result["factor"], "GPTQ over a weight's row blocks", "baseline_seconds", "library_seconds",
+                       ("a factorisation per row block", "one per weight")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.4), squeeze=False)
+    for ax, (rows, title, k_before, k_now, names) in zip(axes[0], panels):
+        labels = [f"{r['model'].split('-')[0]} {r.get('tensor', r.get('group'))}"
+                  + (f" ({r['path']})" if "path" in r else "") for r in rows]
         x = range(len(rows))
         before, now = [r[k_before] for r in rows], [r[k_now] for r in rows]
         ax.bar([i - 0.2 for i in x], before, 0.4, label=names[0])
@@ -194,16 +261,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=6144, help="activation tokens per noise shape (batches of 1024)")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the saved JSON")
+    ap.add_argument("--skip-refit-noise", action="store_true",
+                    help="only the factorisation rows; the saved JSON's refit and noise rows are kept")
     args = ap.parse_args()
     if args.replot:
         plot(json.loads((OUT / "measure_kernels.json").read_text()))
         return
     torch.set_num_threads(args.threads)
     print(f"{'':<6}{'model':<13}{'tensor':<9}{'shape':>13}{'before':>9}{'now':>9}{'ratio':>9}  max rel diff")
-    refit = refit_rows(args.repeats)
-    noise = noise_rows(args.tokens, args.repeats)
-    result = {"command": "python " + " ".join(sys.argv), "threads": args.threads, "repeats": args.repeats,
-              "refit": refit, "activation_noise": noise}
+    result = {"command": "python " + " ".join(sys.argv), "threads": args.threads, "repeats": args.repeats}
+    if args.skip_refit_noise:
+        saved = json.loads((OUT / "measure_kernels.json").read_text())
+        result.update({k: saved[k] for k in ("refit", "activation_noise")},
+                      refit_noise_command=saved.get("refit_noise_command", saved["command"]))
+    else:
+        result.update(refit=refit_rows(args.repeats), activation_noise=noise_rows(args.tokens, args.repeats),
+                      refit_noise_command=result["command"])
+    result["factor"] = factor_rows(args.repeats)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "measure_kernels.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result)

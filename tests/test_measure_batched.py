@@ -79,7 +79,9 @@ def test_timer_gets_the_stages() -> None:
     w, st = _stats(16, 256, 3)
     timer = StageTimer()
     measure_tensor("t", w, st, ["q4_1", "q4_k", "fp16"], timer=timer)
-    assert {"measure.fit", "measure.gptq", "measure.refit", "measure.errors", "measure.store"} <= set(timer.seconds)
+    assert {"measure.factor", "measure.fit", "measure.gptq", "measure.refit", "measure.errors",
+            "measure.store"} <= set(timer.seconds)
+    assert timer.calls["measure.factor"] == 1  # the Hessian factorised once, for every format
     assert timer.calls["measure.gptq"] == 3  # first rounding, then one per refit round but the last
     rtn = StageTimer()
     measure_tensor("t", w, st, ["q4_1"], method="rtn", timer=rtn)

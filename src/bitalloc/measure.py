@@ -175,8 +175,8 @@ def measure_tensor(
     (rows are independent).  A recorded rotation (``had-…``) rounds ``W·R`` under
     ``Rᵀ·H·R`` in its own stack (one per rotation) and its ΔW is rotated back: the errors are the original
     weight's, as ``decode`` gives it.  Everything runs on ``w``'s device; ``timer`` gets
-    ``measure.fit``, ``measure.gptq``, ``measure.refit``, ``measure.errors`` (and ``measure.store`` for
-    pass-through formats).  ``placement``: the run's policy (default: that of ``w``'s device), whose chunk size
+    ``measure.factor`` (the Hessian's factorisation, once per weight), ``measure.fit``, ``measure.gptq``,
+    ``measure.refit``, ``measure.errors`` (and ``measure.store`` for pass-through formats).  ``placement``: the run's policy (default: that of ``w``'s device), whose chunk size
     and memory release the measurement follows.  ``keep(format id, QTensor)``, when given, receives every format's
     rounding of ``w`` as it was measured (in CPU memory; it decodes to exactly the values whose errors the row
     holds): what a quantization can reuse instead of rounding again (``--reuse-rounding``).  ``grid_source``, when
@@ -299,11 +299,13 @@ def grid_chunks(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[F
         raise InputError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} input columns")
     role_h = _role_hessians(stats, cols, dev)
     groups = _rotation_groups(fmts, cols, hessian)
+    with timed(timer, "measure.factor"):  # once for every row block (GPTQ: the Hessian's factorisation)
+        prepared = [rounder.prepare(h_g, dev) for _rot, _members, h_g, _imp in groups]
     dtype = str(w.dtype).removeprefix("torch.")
     for sl in row_chunks(rows, cols, block_elems):
         w32 = w[sl].detach().to(device=dev, dtype=torch.float32)
         done: list[tuple[torch.Tensor, Grid, Rotation | None]] = [None] * len(fmts)  # type: ignore[list-item]
-        for rot, members, h_g, importance in groups:
+        for (rot, members, _h, importance), h_g in zip(groups, prepared):
             w_g = w32 if rot is None else rot.apply(w32)
             g_fmts = [fmts[i] for i in members]
             with timed(timer, "measure.fit"):

@@ -22,3 +22,22 @@ def test_the_baseline_normal_equations_equal_the_librarys():
         assert m0.shape == (40, 3 * (2 if offset else 1), 3 * (2 if offset else 1))
         torch.testing.assert_close(m1, m0, rtol=1e-12, atol=0)
         torch.testing.assert_close(b1, b0, rtol=1e-12, atol=1e-12)
+
+
+def test_the_factorisation_baseline_factorises_per_block_with_the_same_bytes(monkeypatch):
+    """``PerBlockGPTQ`` (the bench's baseline) factorises once per row block, the library once per weight, and
+    both write the same bytes."""
+    from bench.measure_kernels import PerBlockGPTQ, _qbytes
+    from bitalloc.rounding import methods, quantize_weight
+    from bitalloc.rounding.methods import GPTQ
+
+    calls = []
+    real = methods.gptq_factor
+    monkeypatch.setattr(methods, "gptq_factor", lambda h, *a, **k: calls.append(1) or real(h, *a, **k))
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(64, 64, generator=g), torch.randn(256, 64, generator=g)
+    h = x.T @ x / 256
+    now = _qbytes(quantize_weight(w, "q4_1", hessian=h, method=GPTQ(), max_elems=16 * 64))
+    assert len(calls) == 1
+    before = _qbytes(quantize_weight(w, "q4_1", hessian=h, method=PerBlockGPTQ(), max_elems=16 * 64))
+    assert len(calls) == 1 + 4 and now == before

@@ -210,3 +210,26 @@ def test_refit_on_grid_without_offset_column_keeps_offset_tensor() -> None:
     codes = torch.randint(0, 8, (2, 16))
     new = refit_grid(w, codes, g, torch.eye(16), offset=False, rnd=lambda x: x)
     assert torch.equal(new.offset, g.offset)
+
+
+def test_the_solve_falls_back_to_one_system_at_a_time(monkeypatch):
+    """torch 2.13's CPU LU of a batch of systems of ~150 unknowns or more fails on several threads (an MKL pivot
+    error, seen refitting q4_1 on a 5632-wide weight): the refit then solves its systems one by one, with the
+    solution of the batched call where that works."""
+    from bitalloc.formats import refit
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 12, 12, generator=g, dtype=torch.float64)
+    m = a @ a.transpose(1, 2) + 12 * torch.eye(12, dtype=torch.float64)
+    rhs, x0 = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)
+    want = refit._solve(m, rhs, x0)
+    real = torch.linalg.solve
+
+    def batch_fails(a_, b_):
+        if a_.shape[0] > 1:
+            raise RuntimeError("Pivots given to lu_solve must all be greater or equal to 1")
+        return real(a_, b_)
+
+    monkeypatch.setattr(refit.torch.linalg, "solve", batch_fails)
+    got = refit._solve(m, rhs, x0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

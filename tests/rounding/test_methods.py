@@ -130,3 +130,69 @@ def test_gptq_hook_collects_each_sequential_group_after_the_ones_before() -> Non
     calls.clear(), stored.clear()
     assert set(RTN().quantize_block(groups, collect, one)) == {"a", "b", "c", "d"}
     assert calls == [None]  # RTN: one pass over the block
+
+
+def _count_factorisations(monkeypatch, module) -> list[int]:
+    """Patch ``module.gptq_factor`` to record the column count of every factorisation."""
+    calls: list[int] = []
+    real = module.gptq_factor
+
+    def counted(h, *a, **k):
+        calls.append(int(h.shape[0]))
+        return real(h, *a, **k)
+
+    monkeypatch.setattr(module, "gptq_factor", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fmt_id", ["q4_1", "int4-g32", "int3-row"])
+def test_a_weight_in_row_blocks_is_factorised_once_with_each_blocks_own_codes(monkeypatch, fmt_id: str) -> None:
+    """``quantize_chunks`` factorises the Hessian once (``GPTQ.prepare``) for all of a weight's row blocks, and
+    every block's bytes are those of rounding the block alone with its own factorisation (as before)."""
+    from bitalloc.rounding import quantize_chunks
+
+    g = torch.Generator().manual_seed(11)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(512, 64, generator=g) * torch.rand(64, generator=g) * 3
+    h = x.T @ x / 512
+    fmt = get_format(fmt_id)
+    calls = _count_factorisations(monkeypatch, methods)
+    parts = list(quantize_chunks(w, fmt, hessian=h, method="gptq", max_elems=16 * 64))
+    assert len(parts) == 6 and calls == [64]
+    imp = torch.diagonal(h).to(torch.float32).clamp_min(0)
+    for sl, q in parts:
+        w32 = w[sl].to(torch.float32)
+        codes, grid = GPTQ().round(w32, fmt.fit(w32, imp), fmt, h)  # a raw Hessian: factorised here, per block
+        alone = fmt.encode(codes, grid, tuple(w32.shape), "float32")
+        assert {k: t.tolist() for k, t in q.parts.items()} == {k: t.tolist() for k, t in alone.parts.items()}
+    assert len(calls) == 1 + len(parts)
+
+
+def test_measurement_factorises_once_per_weight_and_rotation(monkeypatch) -> None:
+    """The measurement's row blocks share one factorisation per Hessian: the weight's, and one per recorded
+    rotation (``Rᵀ·H·R``); the rows do not change with the number of blocks."""
+    from bitalloc.placement import Placement
+
+    g = torch.Generator().manual_seed(12)
+    w, x = torch.randn(64, 64, generator=g), torch.randn(256, 64, generator=g)
+    st = TensorStats(roles=(LinearStats(x.T @ x / 256, 256, torch.rand(64, generator=g), {}),))
+    calls = _count_factorisations(monkeypatch, methods)
+    fmts = ["int2-g32", "int4-g32", "had-int4-g32"]
+    timer = bitalloc.timing.StageTimer()
+    small = measure_tensor("w", w, st, fmts, placement=Placement(stack_elems=2 * 16 * 64), timer=timer)
+    assert calls == [64, 64] and timer.calls["measure.factor"] == 1
+    whole = measure_tensor("w", w, st, fmts, placement=Placement())
+    for a, b in zip(whole, small):
+        assert a.format == b.format and a.output_error == pytest.approx(b.output_error, rel=1e-9)
+
+
+def test_nest_factorises_once_per_weight(monkeypatch) -> None:
+    from bitalloc.nest import build
+
+    g = torch.Generator().manual_seed(13)
+    w, x = torch.randn(64, 64, generator=g), torch.randn(256, 64, generator=g)
+    st = TensorStats(roles=(LinearStats(x.T @ x / 256, 256, torch.rand(64, generator=g), {}),))
+    calls = _count_factorisations(monkeypatch, build)
+    from bitalloc.nest import codes as codes_mod
+    inner = _count_factorisations(monkeypatch, codes_mod)
+    build.nest_tensor("w", w, st, 32, 4, max_elems=16 * 64, passes=0)
+    assert calls == [64] and inner == []  # four row blocks, one factorisation

@@ -110,7 +110,11 @@ def _solve(m: torch.Tensor, rhs: torch.Tensor, x0: torch.Tensor) -> torch.Tensor
     """``x`` minimising ``xᵀ M x − 2 xᵀ b`` plus a tiny ridge toward ``x0`` (:data:`RIDGE`)."""
     diag = m.diagonal(dim1=1, dim2=2).abs()
     ridge = RIDGE * diag + 1e-30 * (1.0 + diag.mean(1, keepdim=True))
-    return torch.linalg.solve(m + torch.diag_embed(ridge), (rhs + ridge * x0).unsqueeze(-1))[..., 0]
+    a, b = m + torch.diag_embed(ridge), (rhs + ridge * x0).unsqueeze(-1)
+    try:
+        return torch.linalg.solve(a, b)[..., 0]
+    except RuntimeError:  # torch 2.13's CPU LU of a batch of larger systems fails on several threads: one by one
+        return torch.cat([torch.linalg.solve(a[i:i + 1], b[i:i + 1]) for i in range(int(a.shape[0]))])[..., 0]
 
 
 def _quad(m: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

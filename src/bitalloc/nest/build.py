@@ -26,6 +26,7 @@ from ..io.safetensors import SafetensorsFile, write_safetensors_atomic
 from ..measure import MeasureRow, Measurement, fisher_error, output_error
 from ..placement import Placement
 from ..rounding import ROW_CHUNK_ELEMS, row_chunks
+from ..rounding.gptq import gptq_factor
 from ..stats import TensorStats
 from .artifact import (GROUPS, MANIFEST_FILE, OUTLIERS, META_FILE, TABLE_FILE, Artifact, depth_of, nest_json,
                        offered)
@@ -83,6 +84,7 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
     refit_ks = list(range(MIN_DEPTH, MIN_DEPTH + refit))
     free = refit_ks if hessian is not None else []  # depths with their own scale and zero (none without a Hessian)
     corrs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {k: [] for k in refit_ks}
+    factor = None if hessian is None else gptq_factor(hessian, device=w.device)  # once for every row block
     for sl in row_chunks(rows, cols, max_elems):
         w32 = w[sl].detach().to(torch.float32)
         exact = None
@@ -94,7 +96,7 @@ def nest_tensor(name: str, w: torch.Tensor, stats: TensorStats, group: int, dept
         else:
             step, low = nested_grid(w32, group, depth, importance, free)
         codes = nested_codes(w32, step, low, group, depth, hessian, dict(weights) if weights else None, exact=exact,
-                             passes=passes, emphasis=emphasis)
+                             passes=passes, emphasis=emphasis, factor=factor)
         corr = {}
         if hessian is not None:
             lam = weights if weights else depth_weights(depth)

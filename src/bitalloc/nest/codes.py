@@ -31,7 +31,7 @@ import torch
 from ..errors import InputError, NumericsError
 from ..formats.base import Grid
 from ..formats.packing import pack_bits, unpack_bits
-from ..rounding.gptq import gptq_factor
+from ..rounding.gptq import GPTQFactor, gptq_factor
 from .descent import DEPTH_EMPHASIS, descend_codes, relative_weights
 
 #: Shallowest depth a nest offers (int2).
@@ -199,7 +199,8 @@ def depth_weights(depth: int, ratio: float = DEPTH_RATIO) -> dict[int, float]:
 def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: int, depth: int,
                  hessian: torch.Tensor | None, weights: dict[int, float] | None = None,
                  block_size: int = 128, exact: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 passes: int = DESCENT_PASSES, emphasis: float = DEPTH_EMPHASIS) -> dict[int, torch.Tensor]:
+                 passes: int = DESCENT_PASSES, emphasis: float = DEPTH_EMPHASIS,
+                 factor: GPTQFactor | None = None) -> dict[int, torch.Tensor]:
     """``{k: codes (rows, cols) int64}`` for ``k = MIN_DEPTH..depth``, nested (``codes[k] == codes[k+1] >> 1``).
 
     Without ``hessian`` every depth is its nearest bin (nested by construction).  With it, a GPTQ column loop
@@ -214,7 +215,8 @@ def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: 
     the depths ``weights`` weighs (all by default) of the output errors, each relative to the one the joint
     rounding left and times ``emphasis`` per depth
     (:func:`~bitalloc.nest.descent.relative_weights`): it never raises that sum (``bench/nest_depths.py`` shows
-    each depth's error on real weights)."""
+    each depth's error on real weights).  ``factor``: ``hessian``'s :func:`~bitalloc.rounding.gptq_factor`, when
+    the caller made it once for every row block of the weight."""
     w32 = w.detach().to(torch.float32)
     rows, cols = w32.shape
     gidx = torch.div(torch.arange(cols, device=w32.device), group, rounding_mode="floor")
@@ -222,7 +224,7 @@ def nested_codes(w: torch.Tensor, step: torch.Tensor, low: torch.Tensor, group: 
     if hessian is None:
         leaf = torch.floor((w32 - low[:, gidx]) / step[:, gidx]).clamp_(0, (1 << depth) - 1).to(torch.int64)
         return {k: leaf >> (depth - k) for k in depths}
-    factor = gptq_factor(hessian, device=w32.device)
+    factor = factor if factor is not None else gptq_factor(hessian, device=w32.device)
     if factor.upper is None:  # no damping made the Hessian factorisable: nearest bins
         return nested_codes(w32, step, low, group, depth, None, exact=exact)
     if exact is not None:

@@ -13,7 +13,7 @@ import torch
 
 from ..formats.base import Format, QTensor, get_format
 from ..formats.rotated import rotation_of
-from .gptq import GPTQFactor, gptq_factor, gptq_round, gptq_round_many
+from .gptq import FactoredHessian, GPTQFactor, gptq_factor, gptq_round, gptq_round_many
 from .methods import (GPTQ_REFITS, ROUNDERS, Rounder, get_rounder, gptq_refit, gptq_refit_many, method_names,
                       register_rounder)
 from .rtn import rtn_round
@@ -82,12 +82,13 @@ def quantize_chunks(
     rounder = get_rounder(method)
     rows, cols = (int(d) for d in w.shape)
     split = importance is None or importance.dim() == 1
+    prepared = rounder.prepare(hessian, w.device)  # once for every row block (GPTQ: the factorisation)
     for sl in row_chunks(rows, cols, max_elems if split else None):
         w32 = w[sl].detach().to(torch.float32)
         if rot is not None:
             w32 = rot.apply(w32)
         grid = fmt.fit(w32, importance)
-        codes, grid = rounder.round(w32, grid, fmt, hessian)
+        codes, grid = rounder.round(w32, grid, fmt, prepared)
         yield sl, fmt.encode(codes, grid, tuple(w32.shape), dtype)
 
 
@@ -121,5 +122,5 @@ def dequantize(q: QTensor) -> torch.Tensor:
 
 
 __all__ = ["quantize_weight", "quantize_chunks", "row_chunks", "ROW_CHUNK_ELEMS", "dequantize", "gptq_round",
-           "gptq_round_many", "gptq_factor", "GPTQFactor", "gptq_refit", "gptq_refit_many", "GPTQ_REFITS",
+           "gptq_round_many", "gptq_factor", "FactoredHessian", "GPTQFactor", "gptq_refit", "gptq_refit_many", "GPTQ_REFITS",
            "rtn_round", "Method", "ROUNDERS", "Rounder", "get_rounder", "method_names", "register_rounder"]

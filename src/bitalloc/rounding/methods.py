@@ -18,14 +18,14 @@ the format's scale search, so one pass over the block collects every input stati
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..errors import InputError
 from ..formats.base import Format, Grid, QTensor
 from ..timing import StageTimer, timed
-from .gptq import gptq_factor, gptq_round_many
+from .gptq import FactoredHessian, gptq_factor, gptq_round_many
 from .rtn import rtn_round
 
 #: GPTQ rounds per weight for formats that refit their scales to the codes (:func:`gptq_refit`).
@@ -38,20 +38,20 @@ Collect = Callable[[Sequence[int] | None], Mapping[str, torch.Tensor]]
 RoundOne = Callable[[str, torch.Tensor | None], QTensor]
 
 
-def gptq_refit(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, fmt: Format,
+def gptq_refit(w: torch.Tensor, hessian: torch.Tensor | FactoredHessian, grid: Grid, fmt: Format,
                rounds: int = GPTQ_REFITS) -> tuple[torch.Tensor, Grid]:
     """GPTQ codes on ``grid``, then up to ``rounds`` times: the format refits the grid to the codes
     (:meth:`Format.refine`) and GPTQ rounds again on the refit grid, ending with a refit.
 
     Returns ``(codes, grid)``.  Stops early when the format refits nothing (returns the same grid).  The
-    Hessian is factorised once for all rounds.
+    Hessian is factorised once for all rounds (not at all when it comes factorised, :class:`FactoredHessian`).
     """
     return gptq_refit_many(w, hessian, [grid], [fmt], rounds)[0]
 
 
 def gptq_refit_many(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | FactoredHessian,
     grids: Sequence[Grid],
     fmts: Sequence[Format],
     rounds: int = GPTQ_REFITS,
@@ -60,7 +60,7 @@ def gptq_refit_many(
 ) -> list[tuple[torch.Tensor, Grid]]:
     """:func:`gptq_refit` of ``w`` for every ``(grid, fmt)`` pair at once: ``[(codes, grid)]`` in order.
 
-    One factorisation of ``hessian``; each GPTQ round stacks the formats still refitting
+    One factorisation of ``hessian`` (none for a :class:`FactoredHessian`); each GPTQ round stacks the formats still refitting
     (:func:`~.gptq.gptq_round_many`); a format whose ``refine`` returns its grid unchanged drops out.  The
     result for each format equals :func:`gptq_refit` of it alone up to float rounding in the blocked
     matrix products (exactly, for one format).  Memory grows with ``len(grids)``: stack fewer rows to bound
@@ -70,7 +70,10 @@ def gptq_refit_many(
     if len(fmts) != len(grids):
         raise ValueError(f"{len(grids)} grids but {len(fmts)} formats")
     with timed(timer, "measure.gptq"):
-        factor = gptq_factor(hessian, device=w.device)
+        if isinstance(hessian, FactoredHessian):
+            factor, hessian = hessian.factor, hessian.hessian
+        else:
+            factor = gptq_factor(hessian, device=w.device)
         codes = [c for c, _ in gptq_round_many(w, factor, grids)]
     active = list(range(len(grids)))
     for r in range(rounds):
@@ -99,14 +102,18 @@ class Rounder:
 
     name: str = ""
 
-    def round(self, w: torch.Tensor, grid: Grid, fmt: Format, hessian: torch.Tensor | None
-              ) -> tuple[torch.Tensor, Grid]:
+    def prepare(self, hessian: torch.Tensor | None, device: torch.device) -> Any:
+        """What :meth:`round` and :meth:`round_many` take as ``hessian`` for every row block of one weight, made
+        once per weight (GPTQ: the Hessian with its factorisation).  Default: ``hessian`` itself."""
+        return hessian
+
+    def round(self, w: torch.Tensor, grid: Grid, fmt: Format, hessian: Any) -> tuple[torch.Tensor, Grid]:
         """``(codes, grid)`` of ``w`` (float32, rows x cols) on ``grid``; the returned grid is what the format
         encodes (a method may refit it through ``fmt.refine``).  ``hessian``: the inputs' ``E[xxᵀ]`` (None for a
-        lookup table)."""
+        lookup table), or what :meth:`prepare` made of it."""
         raise NotImplementedError
 
-    def round_many(self, w: torch.Tensor, hessian: torch.Tensor | None, grids: Sequence[Grid],
+    def round_many(self, w: torch.Tensor, hessian: Any, grids: Sequence[Grid],
                    fmts: Sequence[Format], timer: StageTimer | None = None) -> list[tuple[torch.Tensor, Grid]]:
         """:meth:`round` of ``w`` onto every ``(grid, fmt)``, in order (the measurement's candidates)."""
         with timed(timer, f"measure.{self.name}"):
@@ -125,8 +132,7 @@ class RTN(Rounder):
 
     name = "rtn"
 
-    def round(self, w: torch.Tensor, grid: Grid, fmt: Format, hessian: torch.Tensor | None
-              ) -> tuple[torch.Tensor, Grid]:
+    def round(self, w: torch.Tensor, grid: Grid, fmt: Format, hessian: Any) -> tuple[torch.Tensor, Grid]:
         return rtn_round(w, grid)[0], grid
 
 
@@ -135,13 +141,19 @@ class GPTQ(Rounder):
 
     name = "gptq"
 
-    def round(self, w: torch.Tensor, grid: Grid, fmt: Format, hessian: torch.Tensor | None
+    def prepare(self, hessian: torch.Tensor | None, device: torch.device) -> FactoredHessian | None:
+        """The Hessian with its GPTQ factorisation (on ``device``), shared by every row block of the weight."""
+        if hessian is None:
+            return None
+        return FactoredHessian(hessian, gptq_factor(hessian, device=device))
+
+    def round(self, w: torch.Tensor, grid: Grid, fmt: Format, hessian: torch.Tensor | FactoredHessian | None
               ) -> tuple[torch.Tensor, Grid]:
         if hessian is None:
             return rtn_round(w, grid)[0], grid
         return gptq_refit(w, hessian, grid, fmt)
 
-    def round_many(self, w: torch.Tensor, hessian: torch.Tensor | None, grids: Sequence[Grid],
+    def round_many(self, w: torch.Tensor, hessian: torch.Tensor | FactoredHessian | None, grids: Sequence[Grid],
                    fmts: Sequence[Format], timer: StageTimer | None = None) -> list[tuple[torch.Tensor, Grid]]:
         if hessian is None:
             return RTN().round_many(w, None, grids, fmts, timer)
@@ -192,5 +204,5 @@ def get_rounder(method: str | Rounder) -> Rounder:
     return r
 
 
-__all__ = ["Collect", "GPTQ", "GPTQ_REFITS", "ROUNDERS", "RTN", "RoundOne", "Rounder", "get_rounder",
+__all__ = ["Collect", "FactoredHessian", "GPTQ", "GPTQ_REFITS", "ROUNDERS", "RTN", "RoundOne", "Rounder", "get_rounder",
            "gptq_refit", "gptq_refit_many", "method_names", "register_rounder"]
