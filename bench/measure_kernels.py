@@ -16,7 +16,7 @@
    (the measurement: of its stack of formats), and each block factorised the Hessian again (~cols³); now
    ``GPTQ.prepare`` factorises it once for all blocks.  The baseline is the same rounder with the per-block
    factorisation (:class:`PerBlockGPTQ`: ``prepare`` hands the raw Hessian on).  ``quantize_weight`` into
-   int4-g128 (the scaling bench's format) and q4_1 (a refitting GGUF type) on a 1B and a 1.5B Llama's linears, and
+   int4-g128 (the scaling bench's format) and q4_1 (a refitting GGUF type) on a 1B Llama's linears, and
    ``measure_tensor`` over the 11 GGUF types on SmolLM2's down projection (two row blocks of eleven formats);
    the outputs must be byte-identical (checked).
 

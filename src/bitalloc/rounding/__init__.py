@@ -122,5 +122,6 @@ def dequantize(q: QTensor) -> torch.Tensor:
 
 
 __all__ = ["quantize_weight", "quantize_chunks", "row_chunks", "ROW_CHUNK_ELEMS", "dequantize", "gptq_round",
-           "gptq_round_many", "gptq_factor", "FactoredHessian", "GPTQFactor", "gptq_refit", "gptq_refit_many", "GPTQ_REFITS",
-           "rtn_round", "Method", "ROUNDERS", "Rounder", "get_rounder", "method_names", "register_rounder"]
+           "gptq_round_many", "gptq_factor", "FactoredHessian", "GPTQFactor", "gptq_refit", "gptq_refit_many",
+           "GPTQ_REFITS", "rtn_round", "Method", "ROUNDERS", "Rounder", "get_rounder", "method_names",
+           "register_rounder"]

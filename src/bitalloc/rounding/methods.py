@@ -60,11 +60,11 @@ def gptq_refit_many(
 ) -> list[tuple[torch.Tensor, Grid]]:
     """:func:`gptq_refit` of ``w`` for every ``(grid, fmt)`` pair at once: ``[(codes, grid)]`` in order.
 
-    One factorisation of ``hessian`` (none for a :class:`FactoredHessian`); each GPTQ round stacks the formats still refitting
-    (:func:`~.gptq.gptq_round_many`); a format whose ``refine`` returns its grid unchanged drops out.  The
-    result for each format equals :func:`gptq_refit` of it alone up to float rounding in the blocked
-    matrix products (exactly, for one format).  Memory grows with ``len(grids)``: stack fewer rows to bound
-    it.  ``timer`` gets ``measure.gptq`` (factorisation and rounding) and ``measure.refit``.
+    One factorisation of ``hessian`` (none for a :class:`FactoredHessian`); each GPTQ round stacks the formats still
+    refitting (:func:`~.gptq.gptq_round_many`); a format whose ``refine`` returns its grid unchanged drops out.  The
+    result for each format equals :func:`gptq_refit` of it alone up to float rounding in the blocked matrix products
+    (exactly, for one format).  Memory grows with ``len(grids)``: stack fewer rows to bound it.  ``timer`` gets
+    ``measure.gptq`` (the factorisation it makes, and rounding) and ``measure.refit``.
     """
     grids = list(grids)
     if len(fmts) != len(grids):
