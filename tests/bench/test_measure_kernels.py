@@ -30,10 +30,9 @@ def test_the_factorisation_baseline_factorises_per_block_with_the_same_bytes(mon
     from bench.measure_kernels import PerBlockGPTQ, _qbytes
     from bitalloc.rounding import methods, quantize_weight
     from bitalloc.rounding.methods import GPTQ
+    from tests.rounding.test_methods import _count_factorisations
 
-    calls = []
-    real = methods.gptq_factor
-    monkeypatch.setattr(methods, "gptq_factor", lambda h, *a, **k: calls.append(1) or real(h, *a, **k))
+    calls = _count_factorisations(monkeypatch, methods)
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(64, 64, generator=g), torch.randn(256, 64, generator=g)
     h = x.T @ x / 256

@@ -213,9 +213,9 @@ def test_refit_on_grid_without_offset_column_keeps_offset_tensor() -> None:
 
 
 def test_the_solve_falls_back_to_one_system_at_a_time(monkeypatch):
-    """torch 2.13's CPU LU of a batch of systems of ~150 unknowns or more fails on several threads (an MKL pivot
-    error, seen refitting q4_1 on a 5632-wide weight): the refit then solves its systems one by one, with the
-    solution of the batched call where that works."""
+    """torch 2.13's CPU LU of a batch of larger systems fails on several threads (an MKL pivot error, seen
+    refitting q4_1 on a 5632-wide weight): the refit then solves its systems one by one, with the solution of the
+    batched call where that works."""
     from bitalloc.formats import refit
 
     g = torch.Generator().manual_seed(2)
