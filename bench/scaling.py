@@ -21,9 +21,12 @@ appear in the JSON as soon as the library records them, and nothing breaks befor
 its peak RSS after each stage and at the end (``VmHWM``: Linux's ``ru_maxrss`` would include the parent's RSS,
 carried across fork + exec; it is stored too), and the runtime floor: its peak RSS after importing torch,
 transformers' Llama modelling code and bitalloc (and initialising CUDA when used), before building anything.
-When the placement measures in worker processes (``Placement.workers``, a CPU with several threads), each
-worker's peak (``RUSAGE_CHILDREN``) is added to the peak RSS once per worker, as if all were at theirs at once
-(``rss_main_peak_bytes`` keeps the process's own).
+When the placement measures in worker processes (``Placement.workers``, a CPU with several threads), the peak
+RSS is that of the process and its workers together: their RSS summed at the same moment, sampled every 20 ms
+(:class:`TreeSampler`), or the process's own ``VmHWM`` where that is higher.  ``rss_main_peak_bytes`` keeps the
+process's own peak, ``rss_peak_bound_bytes`` the upper bound earlier runs reported (each worker's own peak,
+``RUSAGE_CHILDREN``, added once per worker as if all were at theirs at once), and
+``rss_sampled_peak_by_stage_bytes`` the sampled peak within each stage.
 
 Results: per stage the seconds at each size and the exponent of a least-squares line through
 log(seconds) vs log(parameters) (goal: at most 1.1), the same for the peak RSS above the floor, and that peak
@@ -52,10 +55,12 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -205,6 +210,83 @@ def current_rss_bytes() -> int | None:
     return _proc_status("VmRSS")
 
 
+class TreeSampler:
+    """The resident memory of this process and of its child processes (the measurement workers) together,
+    sampled every ``interval`` seconds in a thread from ``/proc`` (Linux; elsewhere it records nothing): the peak
+    of the sum overall and under each ``label`` (the stage running).  The workers' own peaks do not coincide
+    with each other's or with the main process's, so their sum over-counts; this is the memory the job held at
+    once (a spike shorter than ``interval`` can be missed: the main process's own ``VmHWM`` is kept beside it)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval, self.label, self.peak = interval, "start", 0
+        self.by_label: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
+
+    @staticmethod
+    def _rss(pid: str) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    @staticmethod
+    def _children(pid: str) -> list[str]:
+        out: list[str] = []
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                out += (task / "children").read_text().split()
+        except OSError:
+            pass
+        return out
+
+    def sample(self) -> int:
+        pids, total = [str(os.getpid())], 0
+        while pids:
+            pid = pids.pop()
+            total += self._rss(pid)
+            pids += self._children(pid)
+        self.peak = max(self.peak, total)
+        self.by_label[self.label] = max(self.by_label.get(self.label, 0), total)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def timer(self, device: Any) -> Any:
+        """A :class:`bitalloc.timing.StageTimer` for the library whose stages (the innermost running one) label
+        this sampler's samples as ``"<bench stage>/<library stage>"``."""
+        from bitalloc.timing import StageTimer
+
+        sampler = self
+
+        class LabellingTimer(StageTimer):
+            @contextmanager
+            def stage(self, name: str) -> Iterator[None]:
+                outer = sampler.label
+                sampler.label = f"{outer.split('/')[0]}/{name}"
+                try:
+                    with super().stage(name):
+                        yield
+                finally:
+                    sampler.label = outer
+
+        return LabellingTimer(device=device)
+
+    def __enter__(self) -> "TreeSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """One size, in this (fresh) process: the stages, their times and the peak RSS after each."""
     t_process = time.perf_counter()
@@ -226,49 +308,59 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize(device)
     floor = maxrss_bytes()
     timer = StageTimer(device=device)  # the bench's own stages
-    lib_timer = StageTimer(device=device)  # the library's finer ones (names may repeat the bench's)
     rss: dict[str, int] = {}
     spill = Path(args.spill)
     spill.mkdir(parents=True, exist_ok=True)
-
-    with timer.stage("load"):
-        model, _tok = load_model(args.worker, low_memory=True, spill_dir=spill)
-    rss["load"] = maxrss_bytes()
-    view = ModelView(model)
-    placement = Placement.for_device(device, model=model)
-    vocab = int(model.config.vocab_size)
-    gen = torch.Generator().manual_seed(args.seed)
-    windows = torch.randint(0, vocab, (args.windows, args.ctx), generator=gen, dtype=torch.long)
-    fisher_windows = windows[: args.fisher_windows]
-    with timer.stage("measure"):
-        m = measure_model(model, view, windows, args.formats.split(","), args.method, True, False,
-                          fisher_windows=fisher_windows, placement=placement, timer=lib_timer)
-    rss["measure"] = maxrss_bytes()
-    lo = sum(min(r.bytes for r in m.rows_for(t.name)) for t in m.tensors) + m.fixed_bytes
-    hi = sum(max(r.bytes for r in m.rows_for(t.name)) for t in m.tensors) + m.fixed_bytes
-    budget = f"{(lo + hi) // 2}B"
-    with timer.stage("allocate"):
-        plan = make_plan(m, budget)
-    rss["allocate"] = maxrss_bytes()
-    with timer.stage("quantize"):
-        qt = quantize_model(model, view, plan, windows, args.method, progress=False, placement=placement,
-                            timer=lib_timer)
-    rss["quantize"] = maxrss_bytes()
-    out_dir = spill / "packed"
-    with timer.stage("write"):
-        info = save_packed(out_dir, model, view, qt, plan, None, overwrite=True)
-    rss["write"] = maxrss_bytes()
+    sampler = TreeSampler()
+    lib_timer = sampler.timer(device)  # the library's finer ones (names may repeat the bench's)
+    with sampler:
+        sampler.label = "load"
+        with timer.stage("load"):
+            model, _tok = load_model(args.worker, low_memory=True, spill_dir=spill)
+        rss["load"] = maxrss_bytes()
+        view = ModelView(model)
+        placement = Placement.for_device(device, model=model)
+        vocab = int(model.config.vocab_size)
+        gen = torch.Generator().manual_seed(args.seed)
+        windows = torch.randint(0, vocab, (args.windows, args.ctx), generator=gen, dtype=torch.long)
+        fisher_windows = windows[: args.fisher_windows]
+        sampler.label = "measure"
+        with timer.stage("measure"):
+            m = measure_model(model, view, windows, args.formats.split(","), args.method, True, False,
+                              fisher_windows=fisher_windows, placement=placement, timer=lib_timer)
+        rss["measure"] = maxrss_bytes()
+        lo = sum(min(r.bytes for r in m.rows_for(t.name)) for t in m.tensors) + m.fixed_bytes
+        hi = sum(max(r.bytes for r in m.rows_for(t.name)) for t in m.tensors) + m.fixed_bytes
+        budget = f"{(lo + hi) // 2}B"
+        sampler.label = "allocate"
+        with timer.stage("allocate"):
+            plan = make_plan(m, budget)
+        rss["allocate"] = maxrss_bytes()
+        sampler.label = "quantize"
+        with timer.stage("quantize"):
+            qt = quantize_model(model, view, plan, windows, args.method, progress=False, placement=placement,
+                                timer=lib_timer)
+        rss["quantize"] = maxrss_bytes()
+        out_dir = spill / "packed"
+        sampler.label = "write"
+        with timer.stage("write"):
+            info = save_packed(out_dir, model, view, qt, plan, None, overwrite=True)
+        rss["write"] = maxrss_bytes()
     shutil.rmtree(out_dir, ignore_errors=True)
-    # measurement workers (Placement.workers, separate processes): each one's peak counted as if all were at theirs
-    # at once, on top of this process's own
+    # measurement workers (Placement.workers, separate processes): the peak is the sampled sum of this process's
+    # and its workers' RSS at the same moment (or this process's own VmHWM, if higher: a spike between samples);
+    # the sum of every process's own peak, as if all were at theirs at once, is kept as an upper bound
     worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     workers_bytes = placement.workers * int(worker_peak) if placement.workers > 1 else 0
+    sampled = sampler.peak if sampler.peak else maxrss_bytes() + workers_bytes
     result: dict[str, Any] = {
         "params": int(view.total_params), "device": str(device), "offload": placement.offload,
         "threads": args.threads, "stages": timer.as_dict(), "library_stages": lib_timer.as_dict(),
         "workers": placement.workers, "worker_rss_peak_bytes": int(worker_peak) if workers_bytes else 0,
         "rss_main_peak_bytes": maxrss_bytes(),
-        "rss_floor_bytes": floor, "rss_peak_bytes": maxrss_bytes() + workers_bytes,
+        "rss_floor_bytes": floor, "rss_peak_bytes": max(sampled, maxrss_bytes()),
+        "rss_peak_bound_bytes": maxrss_bytes() + workers_bytes,
+        "rss_sampled_peak_bytes": sampler.peak, "rss_sampled_peak_by_stage_bytes": sampler.by_label,
         "rss_peak_after_stage_bytes": rss, "rss_now_bytes": current_rss_bytes(),
         "budget": budget, "plan_bytes": int(plan.total_bytes),
         "packed_bytes": int(info.get("bytes", 0)) if isinstance(info, dict) else None,
@@ -475,14 +567,15 @@ def print_table(entries: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     stages = list(summary["time_exponents"])
     mib = 2**20
     print(f"{'size':>6} {'params':>14} " + " ".join(f"{s.replace('library:', 'l:')[:12]:>12}" for s in stages)
-          + f" {'peak MiB':>9} {'floor MiB':>9} {'above/fp32':>10}")
+          + f" {'peak MiB':>9} {'bound MiB':>9} {'floor MiB':>9} {'above/fp32':>10}")
     for e in entries:
         if "error" in e:
             print(f"{e['size_b']:>6g} {e['nominal_params']:>14,d}  failed: {e['error'][:80]}")
             continue
         cells = " ".join(f"{stage_seconds(e, s):>12.2f}" for s in stages)
         frac = (e["rss_peak_bytes"] - e["rss_floor_bytes"]) / (4 * e["params"])
-        print(f"{e['size_b']:>6g} {e['params']:>14,d} {cells} {e['rss_peak_bytes'] / mib:>9.0f} "
+        bound = e.get("rss_peak_bound_bytes", e["rss_peak_bytes"])
+        print(f"{e['size_b']:>6g} {e['params']:>14,d} {cells} {e['rss_peak_bytes'] / mib:>9.0f} {bound / mib:>9.0f} "
               f"{e['rss_floor_bytes'] / mib:>9.0f} {frac:>10.3f}")
     ks = " ".join(f"{_fmt(f['exponent']):>12}" for f in summary["time_exponents"].values())
     print(f"{'exponent':>21} {ks}   (all sizes; bench stages' total {_fmt(summary['total_exponent']['exponent'])})")

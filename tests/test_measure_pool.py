@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import signal
 
+import numpy as np
 import pytest
 import torch
 
 from bitalloc.errors import InputError
 from bitalloc.formats import QTensor
-from bitalloc.measure_pool import MeasurePool, WorkerError, pack, unpack
+from bitalloc.measure_pool import PROTOCOL, MeasurePool, WorkerError, pack, unpack
+from bitalloc.measure import measure_tensor
 from bitalloc.pipeline import measure_model
 from bitalloc.placement import PARALLEL_MIN_PARAMS, Placement, cpu_workers
 from bitalloc.stats import LinearStats, TensorStats
@@ -57,14 +60,33 @@ def test_pack_round_trip_keeps_values_dtypes_and_views() -> None:
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     view = base[1:3, ::2]  # a view of a larger storage travels alone
     st = TensorStats((LinearStats(torch.eye(3), 7, torch.ones(2, dtype=torch.bfloat16), {"q8_0": torch.zeros(2)}),))
-    skeleton, data = pack((view, st, {"k": [view.to(torch.bfloat16)]}))
-    w, st2, extra = unpack((skeleton, data))
+    obj = (view, st, {"k": [view.to(torch.bfloat16), torch.zeros(0, 3), torch.tensor(True)]})
+    sent = pickle.dumps(pack(obj), protocol=PROTOCOL)
+    assert len(sent) < 1024  # not base's whole storage
+    w, st2, extra = unpack(pickle.loads(sent))
     assert torch.equal(w, view) and w.dtype == torch.float32 and w.is_contiguous()
-    assert len(data) < 4096 + 6 * 4 * 8  # not base's whole storage many times over
     role = st2.roles[0]
     assert isinstance(role, LinearStats) and role.ntokens == 7 and torch.equal(role.hessian, torch.eye(3))
     assert role.grad_sq.dtype == torch.bfloat16 and torch.equal(role.act_noise["q8_0"], torch.zeros(2))
-    assert extra["k"][0].dtype == torch.bfloat16
+    assert extra["k"][0].dtype == torch.bfloat16 and torch.equal(extra["k"][0], view.to(torch.bfloat16))
+    assert extra["k"][1].shape == (0, 3) and extra["k"][2].dtype == torch.bool and bool(extra["k"][2])
+
+
+def test_pack_sends_a_row_range_from_the_weights_memory_and_unpacks_without_a_copy() -> None:
+    """No serialised copy beside the tensors: a contiguous row range is sent from the weight's own memory, and
+    the received buffer is the unpacked tensor's memory."""
+    w = torch.randn(64, 32)
+    rows = w[8:40]
+    skeleton, tensors = pack(rows)
+    _dtype, _shape, raw = tensors[0]
+    assert np.asarray(raw.raw()).ctypes.data == rows.data_ptr()  # no copy on the sending side
+    received = pickle.loads(pickle.dumps((skeleton, tensors), protocol=PROTOCOL))
+    buf = received[1][0][2]
+    assert isinstance(buf, bytearray) and len(buf) == rows.numel() * 4
+    got = unpack(received)
+    assert torch.equal(got, rows)
+    got[0, 0] = 123.0  # the tensor is the received buffer itself
+    assert np.frombuffer(buf, dtype=np.float32)[0] == 123.0
 
 
 def test_policy() -> None:
@@ -77,8 +99,40 @@ def test_policy() -> None:
     assert cpu_workers(big, 64, available=1 << 40) == 8  # MAX_WORKERS
     assert cpu_workers(big, 4, available=1 << 30) == 1  # four would not fit in half of 1 GiB
     assert Placement().workers == 1  # the library's default: one process, as before
+    with pytest.raises(InputError, match="task_elems must be at least 1"):
+        Placement(task_elems=0)
     with pytest.raises(InputError, match="workers must be at least 1"):
         Placement(workers=0)
+
+
+def test_a_large_tensor_is_cut_into_tasks_of_at_most_task_elems_and_its_sent_rows_released(monkeypatch) -> None:
+    """``task_elems`` bounds what one worker receives: a 96 x 64 weight with tasks of at most 1024 elements goes out
+    in 6 ranges of rows (one per row block: the blocks are 16 rows here), with the table and the roundings of one
+    process; every row is released after the finite check and once sent, and none before it was read."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 64, generator=g)
+    x = torch.randn(256, 64, generator=g)
+    st = TensorStats((LinearStats(x.T @ x / 256, 256, torch.rand(96, generator=g), {}),))
+    fmts = ["int4-g32", "q4_0"]
+    one_kept: dict = {}
+    want = measure_tensor("t", w, st, fmts, "gptq", placement=Placement(stack_elems=2048),
+                          keep=lambda f, q: one_kept.update({f: _digest(q)}))
+    submitted, released = [], []
+    real = MeasurePool._submit
+    monkeypatch.setattr(MeasurePool, "_submit", lambda self, *a: submitted.append(a) or real(self, *a))
+    kept: dict = {}
+    place = Placement(stack_elems=2048, workers=2, worker_threads=1, task_elems=1024)
+    with MeasurePool(2, 1) as pool:
+        got = pool.measure_block([("t", w, st, fmts)], "gptq", place,
+                                 keep=lambda _n, f, q: kept.update({f: _digest(q)}),
+                                 release=lambda name, rows: released.append((name, rows)))
+    assert len(submitted) == 6
+    assert got[0] == want and kept == one_kept
+    covered = torch.zeros(96, dtype=torch.int64)
+    for name, rows in released:
+        assert name == "t"
+        covered[rows] += 1
+    assert bool((covered >= 2).all())  # checked, then sent (and measure_tensor's own check)
 
 
 def test_a_failing_tensor_raises_its_own_error() -> None:

@@ -298,10 +298,10 @@ def grid_chunks(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[F
     hessian = None if hessian is None else hessian.detach().to(dev)
     if hessian is not None and tuple(hessian.shape) != (cols, cols):
         raise InputError(f"hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} input columns")
-    role_h = _role_hessians(stats, cols, dev)
     groups = _rotation_groups(fmts, cols, hessian)
     with timed(timer, "measure.factor"):  # once for every row block (GPTQ: the Hessian's factorisation)
         prepared = [rounder.prepare(h_g, dev) for _rot, _members, h_g, _imp in groups]
+    role_h = _role_hessians(stats, cols, dev)  # after the factorisation's scratch matrices are freed
     dtype = str(w.dtype).removeprefix("torch.")
     for sl in row_chunks(rows, cols, block_elems):
         w32 = w[sl].detach().to(device=dev, dtype=torch.float32)

@@ -13,17 +13,19 @@ run again, guarded by ``if __name__ == "__main__"`` or not) started once per mea
 entry point is :func:`bitalloc.cli.worker.main`.  They take requests on stdin and answer on stdout, ignore Ctrl-C
 (the main process stops them), leave when their stdin closes (the main process is gone, even after ``kill -9``), and
 their ``measure.*`` clocks are added to the run's :class:`~bitalloc.timing.StageTimer` (summed over workers:
-seconds of work, not of wall time).  Tensors cross the process boundary as ``torch.save`` bytes of their values
-(loaded back with ``weights_only=True``), never as shared-memory handles, so no model storage is moved into
-shared memory and no file descriptor is held per tensor.  A worker that dies (killed, out of memory) ends the
-measurement with one line; a resumed job continues from its last measured block.
+seconds of work, not of wall time).  Tensors cross the process boundary as the bytes of their values
+(:func:`pack`: pickle protocol 5 buffers, written from the tensor's own memory and received into the one buffer
+the worker's tensor then uses), never as shared-memory handles, so no model storage is moved into shared memory
+and no file descriptor is held per tensor; neither side keeps a serialised copy beside the tensors.  A worker
+that dies (killed, out of memory) ends the measurement with one line; a resumed job continues from its last
+measured block.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import logging
+import math
 import os
 import pickle
 import queue
@@ -55,9 +57,13 @@ class WorkerError(BitallocError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class _Ref:
-    """Where a tensor stood in a packed object: its key in the tensors' ``torch.save`` archive."""
+    """Where a tensor stood in a packed object: its index in the packed tensors."""
 
     key: int
+
+
+#: ``(skeleton, tensors)``: the object without its tensors, and each tensor as ``(dtype, shape, raw bytes)``
+Packed = tuple[Any, list[tuple[torch.dtype, tuple[int, ...], Any]]]
 
 
 def _map_leaves(obj: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
@@ -74,76 +80,111 @@ def _map_leaves(obj: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
     return obj
 
 
-def pack(obj: Any) -> tuple[Any, bytes]:
-    """``obj`` as ``(skeleton, tensor bytes)``: the skeleton holds no tensor; the bytes are a ``torch.save`` archive
-    of the tensors' values (each tensor alone, contiguous: a view does not carry its whole storage along)."""
-    tensors: list[torch.Tensor] = []
+def pack(obj: Any) -> Packed:
+    """``obj`` as ``(skeleton, tensors)``: the skeleton holds no tensor; each tensor travels as its dtype, shape
+    and values' bytes, a :class:`pickle.PickleBuffer` over the tensor's own memory (a contiguous copy only for a
+    non-contiguous tensor: a row range of a weight is sent without one, and a view never carries its whole
+    storage along).  Pickled with protocol 5 (:data:`PROTOCOL`) the bytes go to the pipe straight from that memory
+    and arrive in one buffer, which :func:`unpack` turns into the tensor without another copy."""
+    tensors: list[tuple[torch.dtype, tuple[int, ...], Any]] = []
 
     def ref(t: torch.Tensor) -> _Ref:
-        tensors.append(t)
+        t = t.detach().cpu().contiguous()
+        raw = pickle.PickleBuffer(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+        tensors.append((t.dtype, tuple(t.shape), raw))
         return _Ref(len(tensors) - 1)
 
-    skeleton = _map_leaves(obj, torch.Tensor, ref)
-    buf = io.BytesIO()
-    torch.save({i: t.detach().clone(memory_format=torch.contiguous_format) for i, t in enumerate(tensors)}, buf)
-    return skeleton, buf.getvalue()
+    return _map_leaves(obj, torch.Tensor, ref), tensors
 
 
-def unpack(packed: tuple[Any, bytes]) -> Any:
-    """The object :func:`pack` was given (tensors loaded with ``weights_only=True``)."""
-    skeleton, data = packed
-    tensors = torch.load(io.BytesIO(data), weights_only=True)
-    return _map_leaves(skeleton, _Ref, lambda r: tensors[r.key])
+def _tensor(dtype: torch.dtype, shape: tuple[int, ...], raw: Any) -> torch.Tensor:
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def unpack(packed: Packed) -> Any:
+    """The object :func:`pack` was given, its tensors over the received buffers (no copy; unpickled, a
+    :class:`pickle.PickleBuffer` over the memory of a contiguous original: the same memory)."""
+    skeleton, tensors = packed
+    return _map_leaves(skeleton, _Ref, lambda r: _tensor(*tensors[r.key]))
+
+
+#: pickle protocol of requests and answers: 5 writes a :class:`pickle.PickleBuffer` without copying it
+PROTOCOL = 5
 
 
 def serve_requests() -> None:
     """A worker process's loop (after :func:`bitalloc.cli.worker.main` set its threads, signals and logging):
-    ``(function, args)`` requests from stdin answered on stdout, ``(True, result)`` or ``(False, exception)``,
-    until stdin closes (the main process finished, or is gone)."""
+    ``(function, packed arguments)`` requests from stdin answered on stdout, ``(True, packed result)`` or
+    ``(False, exception)``, until stdin closes (the main process finished, or is gone).  The request's buffers
+    become the arguments' tensors (one copy of the inputs in the worker, no more)."""
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but answers on the answer pipe
     while True:
         try:
-            fn, args = pickle.load(requests)
+            fn, packed = pickle.load(requests)
         except EOFError:
             return
         try:
-            answer: tuple[bool, Any] = (True, _TASKS[fn](*args))
+            args = unpack(packed)
+            del packed
+            result = pack(_TASKS[fn](*args))
+            del args
         except Exception as e:  # noqa: BLE001 - handed back to the main process, which raises it
-            answer = (False, e)
-        try:
-            data = pickle.dumps(answer)
-        except Exception as e:  # noqa: BLE001 - an exception that does not pickle
-            data = pickle.dumps((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]} ({e})")))
-        answers.write(data)
+            try:
+                data = pickle.dumps((False, e), protocol=PROTOCOL)
+            except Exception as e2:  # noqa: BLE001 - an exception that does not pickle
+                data = pickle.dumps((False, RuntimeError(f"{type(e).__name__}: {e} ({e2})")), protocol=PROTOCOL)
+            answers.write(data)
+        else:  # the results' buffers written straight from the tensors' memory
+            pickle.dump((True, result), answers, protocol=PROTOCOL)
+            del result
         answers.flush()
 
 
-def _measure_rows(name: str, packed: tuple[Any, bytes], formats: Sequence[str], method: str, placement: Placement,
-                  block_elems: int, keep: bool) -> tuple[Any, bytes]:
-    """In a worker: the :func:`~bitalloc.measure.grid_chunks` of one packed ``(rows of a weight, their
-    statistics)``; returns the packed ``(chunks, {stage: seconds}, {stage: calls})``."""
-    w, stats = unpack(packed)
+def _measure_rows(name: str, w: torch.Tensor, stats: TensorStats, formats: Sequence[str], method: str,
+                  placement: Placement, block_elems: int, keep: bool) -> tuple[Any, dict, dict]:
+    """In a worker: the :func:`~bitalloc.measure.grid_chunks` of one weight's rows ``w`` with their statistics;
+    returns ``(chunks, {stage: seconds}, {stage: calls})``."""
     timer = StageTimer()
     chunks = list(grid_chunks(name, w, stats, [get_format(f) for f in formats], method, block_elems, placement,
                               timer, keep))
-    return pack((chunks, timer.seconds, timer.calls))
+    return chunks, timer.seconds, timer.calls
 
 
 def _task_args(name: str, w: torch.Tensor, stats: TensorStats, rows: slice, formats: list[str], method: str,
                placement: Placement, block_elems: int, keep: bool) -> tuple:
-    """The arguments of :func:`_measure_rows` for rows ``rows`` of ``w`` (read, for a spilled weight, only now)."""
-    return name, pack((w[rows], rows_of(stats, rows))), formats, method, placement, block_elems, keep
+    """The arguments of :func:`_measure_rows` for rows ``rows`` of ``w`` (views: read, for a spilled weight, only
+    as they are sent)."""
+    return name, w[rows], rows_of(stats, rows), formats, method, placement, block_elems, keep
 
 
 #: what a worker may be asked to run, by name
 _TASKS: dict[str, Callable[..., Any]] = {"measure_rows": _measure_rows}
 
+#: a queued task: its future, the function's name, what makes its arguments, what to call once they are sent
+_Task = tuple[Future, str, Callable[[], tuple], "Callable[[], None] | None"]
+
+
+def _check_finite(name: str, w: torch.Tensor, release: Callable[[str, slice], None] | None) -> None:
+    """NumericsError naming ``name`` unless every value of ``w`` is finite, read a block of rows at a time
+    (``release(name, rows)`` after each)."""
+    if w.dim() != 2:
+        if not torch.isfinite(w).all():
+            raise NumericsError(f"weight {name!r} contains NaN or Inf")
+        return
+    for sl in row_chunks(int(w.shape[0]), int(w.shape[1]), ROW_CHUNK_ELEMS):
+        if not torch.isfinite(w[sl]).all():
+            raise NumericsError(f"weight {name!r} contains NaN or Inf")
+        if release is not None:
+            release(name, sl)
+
 
 class _Worker:
     """One worker process and the thread that feeds it tasks from the pool's queue, one at a time."""
 
-    def __init__(self, threads: int, tasks: "queue.Queue[tuple[Future, str, Callable[[], tuple]] | None]") -> None:
+    def __init__(self, threads: int, tasks: "queue.Queue[_Task | None]") -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         level = logging.getLogger().getEffectiveLevel()
         self.proc = subprocess.Popen([sys.executable, "-c", f"from bitalloc.cli.worker import main; main({threads}, "
@@ -156,18 +197,26 @@ class _Worker:
     def _feed(self) -> None:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         while (item := self.tasks.get()) is not None:
-            future, fn, make_args = item
+            future, fn, make_args, sent = item
             if not future.set_running_or_notify_cancel():
                 continue
-            try:  # packed only now: at most one task's inputs per worker exist at a time
-                args = make_args()
+            try:  # made only now: at most one task's inputs per worker are read at a time
+                args = pack(make_args())
             except Exception as e:  # noqa: BLE001 - raised where the result is awaited
                 future.set_exception(e)
                 continue
             try:
-                pickle.dump((fn, args), self.proc.stdin)
+                pickle.dump((fn, args), self.proc.stdin, protocol=PROTOCOL)
                 self.proc.stdin.flush()
+                del args  # not held while the worker computes
+                if sent is not None:
+                    try:
+                        sent()
+                    except Exception:  # noqa: BLE001 - only memory is at stake, not the result
+                        log.debug("releasing the rows sent to worker %d failed", self.proc.pid, exc_info=True)
                 ok, value = pickle.load(self.proc.stdout)
+                if ok:
+                    value = unpack(value)
             except (EOFError, OSError, ValueError, pickle.UnpicklingError):  # gone, or closed by __exit__
                 future.set_exception(BrokenProcessPool(f"worker {self.proc.pid} exited with {self.proc.poll()}"))
                 return  # this worker is gone; the others take the remaining tasks
@@ -195,7 +244,7 @@ class MeasurePool:
         self._workers: list[_Worker] = []
 
     def __enter__(self) -> "MeasurePool":
-        self._tasks: queue.Queue[tuple[Future, str, Callable[[], tuple]] | None] = queue.Queue()
+        self._tasks: queue.Queue[_Task | None] = queue.Queue()
         self._workers = [_Worker(self.threads, self._tasks) for _ in range(self.workers)]
         log.info("measuring in %d worker processes of %d thread(s)", self.workers, self.threads)
         return self
@@ -213,34 +262,36 @@ class MeasurePool:
             if item is not None:
                 item[0].cancel()
 
-    def _submit(self, fn: str, make_args: Callable[[], tuple]) -> Future:
-        """Queue ``fn(*make_args())`` for the next free worker (the arguments are made when it takes the task)."""
+    def _submit(self, fn: str, make_args: Callable[[], tuple], sent: Callable[[], None] | None = None) -> Future:
+        """Queue ``fn(*make_args())`` for the next free worker (the arguments are made when it takes the task);
+        ``sent()`` once they are written to it."""
         future: Future = Future()
-        self._tasks.put((future, fn, make_args))
+        self._tasks.put((future, fn, make_args, sent))
         return future
 
     def measure_block(self, items: Sequence[tuple[str, torch.Tensor, TensorStats, Sequence[str]]], method: str,
-                      placement: Placement, *, keep: Keep | None = None, timer: StageTimer | None = None
-                      ) -> list[list[MeasureRow]]:
+                      placement: Placement, *, keep: Keep | None = None, timer: StageTimer | None = None,
+                      release: Callable[[str, slice], None] | None = None) -> list[list[MeasureRow]]:
         """:func:`~bitalloc.measure.measure_tensor` of every ``(name, weight, statistics, formats)``, in ``items``'
-        order, the grid formats' row blocks rounded by the workers: a tensor with more work than its share is cut
-        into ranges of whole row blocks, handed out largest first.  ``keep(name, format id, QTensor)`` receives the
-        roundings; ``timer`` gets the workers' clocks."""
+        order, the grid formats' row blocks rounded by the workers: a tensor with more work than its share, or more
+        than the placement's ``task_elems`` elements, is cut into ranges of whole row blocks, handed out largest
+        first.  ``keep(name, format id, QTensor)`` receives the roundings; ``timer`` gets the workers' clocks;
+        ``release(name, rows)`` is called for rows of a weight this process has read and no longer needs (after
+        the finite check, once sent to a worker: a spilled weight drops those pages)."""
         if not self._workers:
             raise RuntimeError("MeasurePool used outside its with-block")
         one = dataclasses.replace(placement, workers=1)
         plans = []
         for name, w, stats, formats in items:
-            if not torch.isfinite(w).all():  # named here, before any worker sees it
-                raise NumericsError(f"weight {name!r} contains NaN or Inf")
+            _check_finite(name, w, release)  # named here, before any worker sees it
             fmts = grid_formats(formats, tuple(w.shape)) if w.dim() == 2 else []
             elems = grid_block_elems(len(fmts), ROW_CHUNK_ELEMS, one.stack_elems)
             blocks = row_chunks(int(w.shape[0]), int(w.shape[1]), elems) if fmts else []
-            plans.append((fmts, elems, blocks, w.numel() * len(fmts)))
+            plans.append((fmts, elems, blocks, w.numel() * len(fmts), w.numel()))
         share = max(1.0, sum(p[3] for p in plans) / self.workers)
         tasks = []
-        for i, (fmts, elems, blocks, work) in enumerate(plans):
-            parts = min(len(blocks), max(1, round(work / share)))
+        for i, (fmts, elems, blocks, work, numel) in enumerate(plans):
+            parts = min(len(blocks), max(1, round(work / share), -(-numel // one.task_elems)))
             for k in range(parts):  # consecutive row blocks, as even as whole blocks allow
                 bs = blocks[len(blocks) * k // parts: len(blocks) * (k + 1) // parts]
                 tasks.append((i, k, slice(bs[0].start, bs[-1].stop), work / parts))
@@ -249,7 +300,7 @@ class MeasurePool:
             name, w, stats, _formats = items[i]
             futures[(i, k)] = self._submit("measure_rows", functools.partial(
                 _task_args, name, w, stats, rows, [f.id for f in plans[i][0]], method, one, plans[i][1],
-                keep is not None))
+                keep is not None), None if release is None else functools.partial(release, name, rows))
         out = []
         for i, (name, w, stats, formats) in enumerate(items):
             parts = sorted(k for j, k in futures if j == i)
@@ -258,7 +309,7 @@ class MeasurePool:
                 if [f.id for f in fmts] != [f.id for f in plans[i][0]] or elems != plans[i][1]:
                     raise RuntimeError("the measurement's grid formats or row blocks differ from the pool's")
                 for k in parts:
-                    chunks, seconds, calls = unpack(self._result(futures[(i, k)], items[i][0]))
+                    chunks, seconds, calls = self._result(futures[(i, k)], items[i][0])
                     if timer is not None:
                         for stage, sec in seconds.items():
                             timer.add(stage, sec, calls.get(stage, 0))
@@ -266,7 +317,8 @@ class MeasurePool:
 
             out.append(measure_tensor(name, w, stats, formats, method, placement=one, timer=timer,
                                       keep=None if keep is None else functools.partial(keep, name),
-                                      grid_source=source))
+                                      grid_source=source,
+                                      release=None if release is None else functools.partial(release, name)))
         return out
 
     @staticmethod

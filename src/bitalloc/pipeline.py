@@ -230,7 +230,8 @@ def _measure_block(model: nn.Module, block: dict[str, TensorStats], fmts: Sequen
     measured: dict[str, list[MeasureRow]] = {}
     if pool is not None:
         got = pool.measure_block(todo, method, place, timer=timer,
-                                 keep=None if kept is None else lambda t, f, q: _keep(kept, t, f, q))
+                                 keep=None if kept is None else lambda t, f, q: _keep(kept, t, f, q),
+                                 release=functools.partial(release_rows, model))
         measured.update(zip((name for name, *_ in todo), got))
         for name, *_ in todo:
             release_parameter(model, name)  # a spilled weight leaves memory once measured (no-op otherwise)

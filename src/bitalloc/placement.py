@@ -44,6 +44,9 @@ VOCAB_CHUNK = 4096
 #: most elements of the formats x rows x cols stack that the measurement rounds at once, on the CPU (~32 MiB
 #: float32 per stacked tensor)
 STACK_ELEMS = 1 << 23
+#: most elements of one weight that a measurement worker receives in one task (a larger tensor is cut into ranges of
+#: rows): bounds a worker's copy of its rows (~64 MiB float32)
+TASK_ELEMS = 1 << 24
 #: an accelerator takes larger chunks (fewer, bigger kernels; fewer, longer GPTQ column loops); its memory holds
 #: them easily
 DEVICE_CHUNKS = {"max_positions": 4096, "head_chunk": 1024, "vocab_chunk": 16384, "stack_elems": 1 << 26}
@@ -97,7 +100,7 @@ class Placement:
     stack of every candidate format's rows); ``release_memory``: give freed heap back to the OS after each block
     and each measured piece of a tensor (glibc ``malloc_trim``; only host memory gains from it); ``workers``:
     processes measuring a block's tensors side by side, ``worker_threads`` torch threads each (1: in this process;
-    :mod:`bitalloc.measure_pool`)."""
+    :mod:`bitalloc.measure_pool`), each task at most ``task_elems`` elements of a weight."""
 
     device: torch.device = CPU
     offload: bool = False
@@ -108,11 +111,13 @@ class Placement:
     release_memory: bool = True
     workers: int = 1
     worker_threads: int = 1
+    task_elems: int = TASK_ELEMS
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, torch.device):
             object.__setattr__(self, "device", resolve_device(self.device))
-        for name in ("max_positions", "head_chunk", "vocab_chunk", "stack_elems", "workers", "worker_threads"):
+        for name in ("max_positions", "head_chunk", "vocab_chunk", "stack_elems", "workers", "worker_threads",
+                     "task_elems"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
 

@@ -8,7 +8,7 @@ import torch
 
 from bitalloc.errors import InputError, NumericsError
 from bitalloc.formats.base import Grid
-from bitalloc.rounding.gptq import gptq_round, inverse_cholesky_upper, prepare_hessian
+from bitalloc.rounding.gptq import _try_factor, gptq_round, inverse_cholesky_upper, prepare_hessian
 from bitalloc.formats.refit import layer_output_error
 
 
@@ -229,3 +229,18 @@ def test_inverse_cholesky_damps_the_diagonal_exactly_like_adding_lambda_identity
     lower = torch.linalg.cholesky(h + lam * torch.eye(24, dtype=torch.float64))
     want = torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
     assert torch.equal(u, want)
+
+
+def test_the_factorisation_overwrites_only_its_own_scratch_copy():
+    """The factors are computed in one scratch copy of the damped Hessian (no three more n x n matrices): the
+    same values as out-of-place, the caller's Hessian untouched, also after failed tries."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(40, 96, generator=g)
+    h = x.T @ x / 40  # rank 40 < 96 in float32: the first tries may fail and be damped further
+    h0 = h.clone()
+    u, lam = inverse_cholesky_upper(h, percdamp=1e-9)
+    assert torch.equal(h, h0)
+    lower = torch.linalg.cholesky(h0 + lam * torch.eye(96))
+    assert torch.equal(u, torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True))
+    scratch = h0 + lam * torch.eye(96)
+    assert _try_factor(scratch).data_ptr() == scratch.data_ptr()

@@ -61,9 +61,9 @@ def inverse_cholesky_upper(
         damped = h.clone()
         damped.diagonal().add_(lam)  # == h + lam·I, without an n x n identity
         u = _try_factor(damped)
-        del damped
         if u is not None:
             return u, lam
+        del damped
         if attempt < max_damp_tries:
             log.info("GPTQ: Cholesky failed with damping %.3g; retrying with %.3g", lam, lam * 10)
             lam *= 10
@@ -71,15 +71,18 @@ def inverse_cholesky_upper(
 
 
 def _try_factor(h: torch.Tensor) -> torch.Tensor | None:
-    lower, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0 or not bool(torch.isfinite(lower).all()):
+    """The upper Cholesky factor of ``h⁻¹``, computed in ``h``'s own memory (overwritten: the Cholesky factor, the
+    inverse and its factor each in place, the same values as with new tensors, without three more n x n
+    matrices), or None when a factorisation fails."""
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(h, out=(h, info))
+    if int(info) != 0 or not bool(torch.isfinite(h).all()):
         return None
-    hinv = torch.cholesky_inverse(lower)
-    del lower
-    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(upper).all()) or not bool((torch.diagonal(upper) > 0).all()):
+    torch.cholesky_inverse(h, out=h)
+    torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+    if int(info) != 0 or not bool(torch.isfinite(h).all()) or not bool((torch.diagonal(h) > 0).all()):
         return None
-    return upper
+    return h
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,7 +121,8 @@ def gptq_factor(
         log.debug("GPTQ: %d dead input columns rounded to nearest", ndead)
     order = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order
              else torch.arange(ncols, device=h.device))
-    h = h[order][:, order]
+    h = h[order]  # one permutation at a time: at most two n x n copies exist
+    h = h[:, order]
     factor = inverse_cholesky_upper(h, percdamp, max_damp_tries)
     if factor is None and dtype != torch.float64:
         factor = inverse_cholesky_upper(h.to(torch.float64), percdamp, max_damp_tries)
