@@ -105,14 +105,18 @@ def test_policy() -> None:
         Placement(workers=0)
 
 
-def test_a_large_tensor_is_cut_into_tasks_of_at_most_task_elems_and_its_sent_rows_released(monkeypatch) -> None:
-    """``task_elems`` bounds what one worker receives: a 96 x 64 weight with tasks of at most 1024 elements goes out
-    in 6 ranges of rows (one per row block: the blocks are 16 rows here), with the table and the roundings of one
-    process; every row is released after the finite check and once sent, and none before it was read."""
+@pytest.mark.parametrize("rows,cols,task_elems,tasks", [(192, 32, 512, 6), (96, 64, 1024, 2)])
+def test_a_large_tensor_is_cut_into_tasks_of_at_most_task_elems_and_its_sent_rows_released(
+        monkeypatch, rows: int, cols: int, task_elems: int, tasks: int) -> None:
+    """``task_elems`` bounds what one worker receives: a 192 x 32 weight with tasks of at most 512 elements goes out
+    in 6 ranges of rows (one per row block of 32 rows; not 16 ranges: a task's rows need not be fewer elements than
+    its 32 x 32 Hessian); a 96 x 64 weight, whose Hessian has 4096 elements, in the 2 ranges its share of the work
+    gives.  The table and the roundings are those of one process; every row is released after the finite check
+    and once sent."""
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(96, 64, generator=g)
-    x = torch.randn(256, 64, generator=g)
-    st = TensorStats((LinearStats(x.T @ x / 256, 256, torch.rand(96, generator=g), {}),))
+    w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(256, cols, generator=g)
+    st = TensorStats((LinearStats(x.T @ x / 256, 256, torch.rand(rows, generator=g), {}),))
     fmts = ["int4-g32", "q4_0"]
     one_kept: dict = {}
     want = measure_tensor("t", w, st, fmts, "gptq", placement=Placement(stack_elems=2048),
@@ -121,17 +125,17 @@ def test_a_large_tensor_is_cut_into_tasks_of_at_most_task_elems_and_its_sent_row
     real = MeasurePool._submit
     monkeypatch.setattr(MeasurePool, "_submit", lambda self, *a: submitted.append(a) or real(self, *a))
     kept: dict = {}
-    place = Placement(stack_elems=2048, workers=2, worker_threads=1, task_elems=1024)
+    place = Placement(stack_elems=2048, workers=2, worker_threads=1, task_elems=task_elems)
     with MeasurePool(2, 1) as pool:
         got = pool.measure_block([("t", w, st, fmts)], "gptq", place,
                                  keep=lambda _n, f, q: kept.update({f: _digest(q)}),
-                                 release=lambda name, rows: released.append((name, rows)))
-    assert len(submitted) == 6
+                                 release=lambda name, sl: released.append((name, sl)))
+    assert len(submitted) == tasks
     assert got[0] == want and kept == one_kept
-    covered = torch.zeros(96, dtype=torch.int64)
-    for name, rows in released:
+    covered = torch.zeros(rows, dtype=torch.int64)
+    for name, sl in released:
         assert name == "t"
-        covered[rows] += 1
+        covered[sl] += 1
     assert bool((covered >= 2).all())  # checked, then sent (and measure_tensor's own check)
 
 

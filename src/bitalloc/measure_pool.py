@@ -274,8 +274,8 @@ class MeasurePool:
                       release: Callable[[str, slice], None] | None = None) -> list[list[MeasureRow]]:
         """:func:`~bitalloc.measure.measure_tensor` of every ``(name, weight, statistics, formats)``, in ``items``'
         order, the grid formats' row blocks rounded by the workers: a tensor with more work than its share, or more
-        than the placement's ``task_elems`` elements, is cut into ranges of whole row blocks, handed out largest
-        first.  ``keep(name, format id, QTensor)`` receives the roundings; ``timer`` gets the workers' clocks;
+        elements than the placement's ``task_elems`` and its Hessian's, is cut into ranges of whole row blocks,
+        handed out largest first.  ``keep(name, format id, QTensor)`` receives the roundings; ``timer`` gets the workers' clocks;
         ``release(name, rows)`` is called for rows of a weight this process has read and no longer needs (after
         the finite check, once sent to a worker: a spilled weight drops those pages)."""
         if not self._workers:
@@ -287,11 +287,14 @@ class MeasurePool:
             fmts = grid_formats(formats, tuple(w.shape)) if w.dim() == 2 else []
             elems = grid_block_elems(len(fmts), ROW_CHUNK_ELEMS, one.stack_elems)
             blocks = row_chunks(int(w.shape[0]), int(w.shape[1]), elems) if fmts else []
-            plans.append((fmts, elems, blocks, w.numel() * len(fmts), w.numel()))
+            # a task's rows need not be smaller than the Hessian it holds anyway (cutting them further would only
+            # repeat its factorisation)
+            cap = max(one.task_elems, int(w.shape[-1]) ** 2) if w.dim() == 2 else w.numel()
+            plans.append((fmts, elems, blocks, w.numel() * len(fmts), -(-w.numel() // max(cap, 1))))
         share = max(1.0, sum(p[3] for p in plans) / self.workers)
         tasks = []
-        for i, (fmts, elems, blocks, work, numel) in enumerate(plans):
-            parts = min(len(blocks), max(1, round(work / share), -(-numel // one.task_elems)))
+        for i, (fmts, elems, blocks, work, least) in enumerate(plans):
+            parts = min(len(blocks), max(1, round(work / share), least))
             for k in range(parts):  # consecutive row blocks, as even as whole blocks allow
                 bs = blocks[len(blocks) * k // parts: len(blocks) * (k + 1) // parts]
                 tasks.append((i, k, slice(bs[0].start, bs[-1].stop), work / parts))

@@ -44,8 +44,9 @@ VOCAB_CHUNK = 4096
 #: most elements of the formats x rows x cols stack that the measurement rounds at once, on the CPU (~32 MiB
 #: float32 per stacked tensor)
 STACK_ELEMS = 1 << 23
-#: most elements of one weight that a measurement worker receives in one task (a larger tensor is cut into ranges of
-#: rows): bounds a worker's copy of its rows (~64 MiB float32)
+#: most elements of one weight that a measurement worker receives in one task, unless its Hessian (cols x cols,
+#: which the task holds anyway) has more (a larger tensor is cut into ranges of rows): bounds a worker's copy of its
+#: rows (~64 MiB float32)
 TASK_ELEMS = 1 << 24
 #: an accelerator takes larger chunks (fewer, bigger kernels; fewer, longer GPTQ column loops); its memory holds
 #: them easily
