@@ -275,9 +275,9 @@ class MeasurePool:
         """:func:`~bitalloc.measure.measure_tensor` of every ``(name, weight, statistics, formats)``, in ``items``'
         order, the grid formats' row blocks rounded by the workers: a tensor with more work than its share, or more
         elements than the placement's ``task_elems`` and its Hessian's, is cut into ranges of whole row blocks,
-        handed out largest first.  ``keep(name, format id, QTensor)`` receives the roundings; ``timer`` gets the workers' clocks;
-        ``release(name, rows)`` is called for rows of a weight this process has read and no longer needs (after
-        the finite check, once sent to a worker: a spilled weight drops those pages)."""
+        handed out largest first.  ``keep(name, format id, QTensor)`` receives the roundings; ``timer`` gets the
+        workers' clocks; ``release(name, rows)`` is called for rows of a weight this process has read and no
+        longer needs (after the finite check, once sent to a worker: a spilled weight drops those pages)."""
         if not self._workers:
             raise RuntimeError("MeasurePool used outside its with-block")
         one = dataclasses.replace(placement, workers=1)
