@@ -85,7 +85,7 @@ def fp32_bytes(model: Path) -> int:
     return 4 * total
 
 
-def _proc_rss(pid: int) -> int:
+def proc_rss(pid: int | str) -> int:
     """RSS of one process from /proc (bytes); 0 when it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -100,7 +100,7 @@ def _tree_rss(pid: int) -> int:
     try:
         import psutil
     except ImportError:
-        return _proc_rss(pid)
+        return proc_rss(pid)
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]

@@ -63,6 +63,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `python bench/scaling.py` finds bench.*
+from bench.memory import proc_rss  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 WORK = REPO / ".cache" / "scaling"
 VOCAB = 49152  # SmolLM2's vocabulary, the same at every size so the head's share does not jump between sizes
@@ -226,16 +228,6 @@ class TreeSampler:
         self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
 
     @staticmethod
-    def _rss(pid: str) -> int:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    @staticmethod
     def _children(pid: str) -> list[str]:
         out: list[str] = []
         try:
@@ -249,7 +241,7 @@ class TreeSampler:
         pids, total = [str(os.getpid())], 0
         while pids:
             pid = pids.pop()
-            total += self._rss(pid)
+            total += proc_rss(pid)
             pids += self._children(pid)
         self.peak = max(self.peak, total)
         self.by_label[self.label] = max(self.by_label.get(self.label, 0), total)

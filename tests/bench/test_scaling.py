@@ -108,3 +108,32 @@ def test_reuse_takes_finished_sizes_with_equal_settings(tmp_path: Path) -> None:
     assert scaling.reusable(tmp_path / "missing.json", args) == {}
     (tmp_path / "bad.json").write_text("{")
     assert scaling.reusable(tmp_path / "bad.json", args) == {}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_tree_sampler_adds_a_child_process_and_labels_samples_by_stage() -> None:
+    """The sampled peak is this process's RSS plus its children's at the same moment (a child holding 64 MiB adds
+    them), recorded under the running stage's label ``"<bench stage>/<library stage>"``."""
+    import subprocess
+    import sys
+    import time
+
+    sampler = scaling.TreeSampler(interval=0.01)
+    timer = sampler.timer("cpu")
+    code = "import sys, time; b = b'x' * (64 << 20); print('ready', flush=True); time.sleep(30)"
+    with sampler:
+        alone = sampler.sample()
+        sampler.label = "measure"
+        with timer.stage("fisher"):
+            child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            try:
+                assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+                time.sleep(0.1)
+                with_child = sampler.sample()
+            finally:
+                child.kill()
+                child.wait()
+        assert sampler.label == "measure"
+    assert with_child >= alone + (60 << 20)
+    assert sampler.by_label["measure/fisher"] >= with_child and sampler.peak >= with_child
+    assert timer.seconds["fisher"] > 0
