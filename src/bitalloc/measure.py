@@ -201,10 +201,7 @@ def measure_tensor(
         # e.g. a MoE expert the router never chose: every error is 0, so the allocator gives it the cheapest format
         log.warning("%s received no calibration tokens: its measured error is 0 for every format, so it will get "
                     "the cheapest one; calibrate with more (or more varied) text to measure it", name)
-    for sl in row_chunks(nrows, math.prod(shape[1:]), max_elems) if w.dim() == 2 else [slice(None)]:
-        if not torch.isfinite(w[sl]).all():
-            raise NumericsError(f"weight {name!r} contains NaN or Inf")
-        drop(sl)
+    check_finite(name, w, max_elems, drop)
     if w.dim() == 2:
         _check_rows(stats, nrows)
     fmts = []
@@ -267,6 +264,15 @@ def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, me
 def _joined(fmt: Format, parts: list[QTensor]) -> QTensor:
     """Row blocks of one tensor as one QTensor (byte-identical to rounding it whole: rows are independent)."""
     return parts[0] if len(parts) == 1 else fmt.concat_rows(parts)
+
+
+def check_finite(name: str, w: torch.Tensor, max_elems: int | None, drop: Callable[[slice], None]) -> None:
+    """NumericsError naming ``name`` unless every value of ``w`` is finite, read a block of at most ``max_elems``
+    elements of rows at a time (a 2-D weight), ``drop(rows)`` after each block."""
+    for sl in row_chunks(int(w.shape[0]), math.prod(w.shape[1:]), max_elems) if w.dim() == 2 else [slice(None)]:
+        if not torch.isfinite(w[sl]).all():
+            raise NumericsError(f"weight {name!r} contains NaN or Inf")
+        drop(sl)
 
 
 def grid_block_elems(nfmts: int, max_elems: int | None, stack_elems: int) -> int:

@@ -38,9 +38,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .errors import BitallocError, NumericsError
+from .errors import BitallocError
 from .formats import QTensor, get_format
-from .measure import MeasureRow, grid_block_elems, grid_chunks, grid_formats, measure_tensor, rows_of
+from .measure import MeasureRow, check_finite, grid_block_elems, grid_chunks, grid_formats, measure_tensor, rows_of
 from .placement import Placement
 from .rounding import ROW_CHUNK_ELEMS, row_chunks
 from .stats import TensorStats
@@ -167,20 +167,6 @@ _TASKS: dict[str, Callable[..., Any]] = {"measure_rows": _measure_rows}
 _Task = tuple[Future, str, Callable[[], tuple], "Callable[[], None] | None"]
 
 
-def _check_finite(name: str, w: torch.Tensor, release: Callable[[str, slice], None] | None) -> None:
-    """NumericsError naming ``name`` unless every value of ``w`` is finite, read a block of rows at a time
-    (``release(name, rows)`` after each)."""
-    if w.dim() != 2:
-        if not torch.isfinite(w).all():
-            raise NumericsError(f"weight {name!r} contains NaN or Inf")
-        return
-    for sl in row_chunks(int(w.shape[0]), int(w.shape[1]), ROW_CHUNK_ELEMS):
-        if not torch.isfinite(w[sl]).all():
-            raise NumericsError(f"weight {name!r} contains NaN or Inf")
-        if release is not None:
-            release(name, sl)
-
-
 class _Worker:
     """One worker process and the thread that feeds it tasks from the pool's queue, one at a time."""
 
@@ -283,7 +269,9 @@ class MeasurePool:
         one = dataclasses.replace(placement, workers=1)
         plans = []
         for name, w, stats, formats in items:
-            _check_finite(name, w, release)  # named here, before any worker sees it
+            # named here, before any worker sees it
+            check_finite(name, w, ROW_CHUNK_ELEMS, (lambda _rows: None) if release is None
+                         else functools.partial(release, name))
             fmts = grid_formats(formats, tuple(w.shape)) if w.dim() == 2 else []
             elems = grid_block_elems(len(fmts), ROW_CHUNK_ELEMS, one.stack_elems)
             blocks = row_chunks(int(w.shape[0]), int(w.shape[1]), elems) if fmts else []
