@@ -212,24 +212,59 @@ def test_refit_on_grid_without_offset_column_keeps_offset_tensor() -> None:
     assert torch.equal(new.offset, g.offset)
 
 
-def test_the_solve_falls_back_to_one_system_at_a_time(monkeypatch):
-    """torch 2.13's CPU LU of a batch of larger systems fails on several threads (an MKL pivot error, seen
-    refitting q4_1 on a 5632-wide weight): the refit then solves its systems one by one, with the solution of the
-    batched call where that works."""
+def _systems(n: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(batch, n, n // 2, generator=g, dtype=torch.float64)
+    m = a @ a.transpose(1, 2) + torch.eye(n, dtype=torch.float64)
+    return m, torch.randn(batch, n, generator=g, dtype=torch.float64), torch.randn(batch, n, generator=g,
+                                                                                   dtype=torch.float64)
+
+
+def test_wide_systems_are_solved_one_at_a_time_narrow_ones_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU a batch of systems wider than BATCHED_SOLVE_MAX is never handed to the batched LU (torch 2.13's
+    fails there on several threads, or differs from one system's solve depending on the calls before); narrower
+    ones are, in one call."""
     from bitalloc.formats import refit
 
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn(5, 12, 12, generator=g, dtype=torch.float64)
-    m = a @ a.transpose(1, 2) + 12 * torch.eye(12, dtype=torch.float64)
-    rhs, x0 = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)
-    want = refit._solve(m, rhs, x0)
     real = torch.linalg.solve
+    calls: list[tuple[int, int]] = []
 
-    def batch_fails(a_, b_):
-        if a_.shape[0] > 1:
-            raise RuntimeError("Pivots given to lu_solve must all be greater or equal to 1")
+    def recording(a_: torch.Tensor, b_: torch.Tensor) -> torch.Tensor:
+        calls.append((int(a_.shape[0]), int(a_.shape[-1])))
         return real(a_, b_)
 
-    monkeypatch.setattr(refit.torch.linalg, "solve", batch_fails)
+    monkeypatch.setattr(refit.torch.linalg, "solve", recording)
+    wide = refit.BATCHED_SOLVE_MAX + 1
+    m, rhs, x0 = _systems(wide, 3, 0)
     got = refit._solve(m, rhs, x0)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert calls == [(1, wide)] * 3
+    monkeypatch.setattr(refit.torch.linalg, "solve", real)
+    one = [refit._solve(m[i:i + 1], rhs[i:i + 1], x0[i:i + 1]) for i in range(3)]
+    assert torch.equal(got, torch.cat(one))
+    calls.clear()
+    monkeypatch.setattr(refit.torch.linalg, "solve", recording)
+    m, rhs, x0 = _systems(refit.BATCHED_SOLVE_MAX, 5, 1)
+    refit._solve(m, rhs, x0)
+    assert calls == [(5, refit.BATCHED_SOLVE_MAX)]
+
+
+def test_the_solve_does_not_depend_on_the_solves_before_it() -> None:
+    """On two threads, a batch of 160-wide systems solved after other LU calls (each history seen to make torch
+    2.13's batched LU fail, or succeed with other values) gives the same bits as one system at a time, with no
+    other history; up to BATCHED_SOLVE_MAX the batched call's values are one system's."""
+    from bitalloc.formats import refit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        m, rhs, x0 = _systems(160, 4, 2)
+        want = torch.cat([refit._solve(m[i:i + 1], rhs[i:i + 1], x0[i:i + 1]) for i in range(4)])
+        for warm in (20, 60, 100, 148):
+            wm, wr, wx = _systems(warm, 4, 3)
+            torch.linalg.solve(wm, wr.unsqueeze(-1))
+            assert torch.equal(refit._solve(m, rhs, x0), want), warm
+        m, rhs, x0 = _systems(refit.BATCHED_SOLVE_MAX, 64, 4)
+        one = torch.cat([refit._solve(m[i:i + 1], rhs[i:i + 1], x0[i:i + 1]) for i in range(64)])
+        assert torch.equal(refit._solve(m, rhs, x0), one)
+    finally:
+        torch.set_num_threads(threads)

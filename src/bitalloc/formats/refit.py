@@ -30,6 +30,8 @@ BATCH_BYTES = 8 << 20
 #: Ridge toward the current scales/offsets, relative to each unknown's own curvature: keeps unknowns that
 #: the data does not determine (a group whose codes are all equal, dead input columns) where they were.
 RIDGE = 1e-6
+#: Most unknowns per row solved as one batched CPU call (:func:`_solve`); wider systems one at a time.
+BATCHED_SOLVE_MAX = 128
 
 
 def row_errors(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -107,14 +109,19 @@ def _normal_equations(
 
 
 def _solve(m: torch.Tensor, rhs: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """``x`` minimising ``xᵀ M x − 2 xᵀ b`` plus a tiny ridge toward ``x0`` (:data:`RIDGE`)."""
+    """``x`` minimising ``xᵀ M x − 2 xᵀ b`` plus a tiny ridge toward ``x0`` (:data:`RIDGE`).
+
+    On the CPU, systems of more than :data:`BATCHED_SOLVE_MAX` unknowns are solved one at a time: torch 2.13's
+    batched CPU LU of such systems on several threads either fails (MKL prints a pivot error) or returns values
+    that differ from one system's solve, and which of the two depends on the LU calls the process made before;
+    so the same weight could round differently after a resume.  One system at a time is the same at any history
+    (and, up to that size, equal to the batched call: same bytes as before)."""
     diag = m.diagonal(dim1=1, dim2=2).abs()
     ridge = RIDGE * diag + 1e-30 * (1.0 + diag.mean(1, keepdim=True))
     a, b = m + torch.diag_embed(ridge), (rhs + ridge * x0).unsqueeze(-1)
-    try:
-        return torch.linalg.solve(a, b)[..., 0]
-    except RuntimeError:  # torch 2.13's CPU LU of a batch of larger systems fails on several threads: one by one
+    if a.device.type == "cpu" and int(a.shape[-1]) > BATCHED_SOLVE_MAX:
         return torch.cat([torch.linalg.solve(a[i:i + 1], b[i:i + 1]) for i in range(int(a.shape[0]))])[..., 0]
+    return torch.linalg.solve(a, b)[..., 0]
 
 
 def _quad(m: torch.Tensor, rhs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -206,4 +213,4 @@ def refit_grid(
     return dataclasses.replace(grid, scale=scale, offset=off, extra=dict(grid.extra))
 
 
-__all__ = ["refit_grid", "group_lstsq", "row_errors", "layer_output_error", "BATCH_BYTES", "RIDGE"]
+__all__ = ["refit_grid", "group_lstsq", "row_errors", "layer_output_error", "BATCH_BYTES", "BATCHED_SOLVE_MAX", "RIDGE"]
