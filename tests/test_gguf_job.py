@@ -165,7 +165,8 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(src, reference, 
     marks = [job / "job.json", job / checkpoints.MEASURE_STAGE / "rows0000.json", job / "plan.json",
              job / checkpoints.QUANT_STAGE / "block0000.safetensors"]
     assert kill_at_marks(gguf_argv(src, out, budget=BUDGET), marks, out, seed=4321, pause=0.2) >= 2
-    run_to_end(gguf_argv(src, out, budget=BUDGET))
+    if not out.exists():  # the last run, resumed, may have finished before its kill
+        run_to_end(gguf_argv(src, out, budget=BUDGET))
     assert _files(out) == _files(reference)
     assert not job.exists()
 
