@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from bitalloc import measure as measure_mod
+from bitalloc import rounding
 from bitalloc.errors import InputError
 from bitalloc.formats import QTensor
 from bitalloc.measure_pool import PROTOCOL, MeasurePool, WorkerError, pack, unpack
 from bitalloc.measure import measure_tensor
 from bitalloc.pipeline import measure_model
+from bitalloc.quantize import quantize_model, uniform_assignments
 from bitalloc.placement import PARALLEL_MIN_PARAMS, Placement, cpu_workers
 from bitalloc.stats import LinearStats, TensorStats
 from tests.conftest import tiny_llama, token_ids
@@ -111,8 +114,8 @@ def test_a_large_tensor_is_cut_into_tasks_of_at_most_task_elems_and_its_sent_row
     """``task_elems`` bounds what one worker receives: a 192 x 32 weight with tasks of at most 512 elements goes out
     in 6 ranges of rows (one per row block of 32 rows; not 16 ranges: a task's rows need not be fewer elements than
     its 32 x 32 Hessian); a 96 x 64 weight, whose Hessian has 4096 elements, in the 2 ranges its share of the work
-    gives.  The table and the roundings are those of one process; every row is released after the finite check
-    and once sent."""
+    gives.  The table and the roundings are those of one process; every row is released after the pool's finite
+    check and once sent, and is not finite-checked a second time by ``measure_tensor``."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(rows, cols, generator=g)
     x = torch.randn(256, cols, generator=g)
@@ -122,6 +125,7 @@ def test_a_large_tensor_is_cut_into_tasks_of_at_most_task_elems_and_its_sent_row
     want = measure_tensor("t", w, st, fmts, "gptq", placement=Placement(stack_elems=2048),
                           keep=lambda f, q: one_kept.update({f: _digest(q)}))
     submitted, released = [], []
+    monkeypatch.setattr(measure_mod, "check_finite", lambda *a: pytest.fail("the weight was checked twice"))
     real = MeasurePool._submit
     monkeypatch.setattr(MeasurePool, "_submit", lambda self, *a: submitted.append(a) or real(self, *a))
     kept: dict = {}
@@ -136,7 +140,7 @@ def test_a_large_tensor_is_cut_into_tasks_of_at_most_task_elems_and_its_sent_row
     for name, sl in released:
         assert name == "t"
         covered[sl] += 1
-    assert bool((covered >= 2).all())  # checked, then sent (and measure_tensor's own check)
+    assert bool((covered == 2).all())  # checked once, then sent
 
 
 def test_a_failing_tensor_raises_its_own_error() -> None:
@@ -202,10 +206,58 @@ def test_workers_from_a_script_without_main_guard_and_after_kill_9(tmp_path) -> 
     assert not any(_alive(p) for p in pids)  # the workers saw their input close and left
 
 
+def _quantize(placement: Placement, method: str) -> dict[str, str]:
+    model = tiny_llama()
+    names = uniform_assignments(model, "int4-g32")
+    fmts = ["int4-g32", "q4_0", "iq4_nl", "int3-row", "fp16"]  # grid formats side by side, and one stored as is
+    plan = {n: fmts[i % len(fmts)] for i, n in enumerate(sorted(names))}
+    q = quantize_model(model, None, plan, token_ids(4), method, progress=False, placement=placement)
+    return {n: _digest(t) for n, t in q.items()}
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_workers_quantize_the_same_bytes(monkeypatch, method: str) -> None:
+    """The quantization's groups rounded side by side by two workers, a tensor with more than its share of a group's
+    work cut into ranges of row blocks (a small row block makes every tensor several): every stored tensor byte for
+    byte as one process rounds it, for a mix of grid formats and one stored as is."""
+    monkeypatch.setattr(rounding, "ROW_CHUNK_ELEMS", 512)
+    one = _quantize(Placement(), method)
+    submitted: list[tuple] = []
+    real = MeasurePool._submit
+    monkeypatch.setattr(MeasurePool, "_submit", lambda self, *a: submitted.append(a) or real(self, *a))
+    two = _quantize(Placement(workers=2, worker_threads=1, task_elems=1024), method)
+    assert one == two
+    tasks = [a for a in submitted if a[0] == "quantize_rows"]
+    grid = [n for n in one if n.startswith("model.layers.")]
+    # GPTQ: a group of one tensor (o_proj, down_proj, the head) is cut over both workers; RTN rounds a whole block
+    # at once, each tensor within its share
+    assert len(tasks) > len(grid) if method == "gptq" else len(tasks) >= len(grid) * 4 // 5
+
+
+def test_a_method_registered_at_run_time_is_rounded_in_this_process(monkeypatch) -> None:
+    """A fresh worker interpreter knows only the methods bitalloc registers itself: one registered at run time is
+    rounded in the main process, with the workers' placement, to the same bytes."""
+    from bitalloc.rounding import methods, register_rounder
+
+    class Nearest(methods.RTN):
+        name = "nearest-test"
+
+    monkeypatch.setattr(methods, "_ROUNDERS", dict(methods._ROUNDERS))
+    register_rounder(Nearest())
+    monkeypatch.setattr(rounding, "ROW_CHUNK_ELEMS", 512)
+    one = _quantize(Placement(), "nearest-test")
+    submitted: list[tuple] = []
+    real = MeasurePool._submit
+    monkeypatch.setattr(MeasurePool, "_submit", lambda self, *a: submitted.append(a) or real(self, *a))
+    assert _quantize(Placement(workers=2, worker_threads=1), "nearest-test") == one == _quantize(Placement(), "rtn")
+    assert not submitted
+
+
 def test_quantize_job_with_workers_writes_the_same_files(tmp_path, monkeypatch) -> None:
     """The CLI's placement (``Placement.for_device``) picks workers for a big model on several threads; with the
     size threshold lowered, a tiny model's ``quantize --reuse-rounding`` (measurement kept and reused) goes through
-    the pool and writes the files the one-process run writes, byte for byte."""
+    the pool and writes the files the one-process run writes, byte for byte; without ``--reuse-rounding`` the
+    quantization's rounding goes through a pool of its own, with the same result."""
     import bitalloc.placement as placement
     from bitalloc.cli import main
     from tests.test_resume import assert_same_tree, make_hf_dir, quantize_argv
@@ -225,3 +277,11 @@ def test_quantize_job_with_workers_writes_the_same_files(tmp_path, monkeypatch) 
     assert main(quantize_argv(model, tmp_path / "two", "--reuse-rounding", "--threads", "2")) == 0
     assert started == [2]
     assert_same_tree(tmp_path / "one", tmp_path / "two")
+    monkeypatch.undo()
+    assert main(quantize_argv(model, tmp_path / "three", "--threads", "2")) == 0
+    monkeypatch.setattr(placement, "PARALLEL_MIN_PARAMS", 0)
+    monkeypatch.setattr(MeasurePool, "__enter__", spy)
+    started.clear()
+    assert main(quantize_argv(model, tmp_path / "four", "--threads", "2")) == 0
+    assert started == [2, 2]  # the measurement's pool, then the quantization's
+    assert_same_tree(tmp_path / "three", tmp_path / "four")

@@ -158,6 +158,7 @@ def measure_tensor(
     timer: StageTimer | None = None,
     keep: Keep | None = None,
     grid_source: GridSource | None = None,
+    checked: bool = False,
 ) -> list[MeasureRow]:
     """Quantize ``w`` into every format that supports its shape and measure the resulting errors.
 
@@ -183,6 +184,8 @@ def measure_tensor(
     holds): what a quantization can reuse instead of rounding again (``--reuse-rounding``).  ``grid_source``, when
     given, supplies the row blocks' results of the grid formats instead of rounding them here (the measurement
     workers of :mod:`bitalloc.measure_pool` compute them with :func:`grid_chunks`); they are summed in the same order.
+    ``checked``: the caller has already found every value of ``w`` finite (:func:`check_finite`; the pool does,
+    before any worker sees the weight), so it is not read again for that.
 
     Bounded memory: a tensor of more than ``max_elems`` elements is quantized and measured in blocks of rows
     (:func:`bitalloc.rounding.quantize_chunks`).  Every format quantizes rows independently and both errors
@@ -201,7 +204,8 @@ def measure_tensor(
         # e.g. a MoE expert the router never chose: every error is 0, so the allocator gives it the cheapest format
         log.warning("%s received no calibration tokens: its measured error is 0 for every format, so it will get "
                     "the cheapest one; calibrate with more (or more varied) text to measure it", name)
-    check_finite(name, w, max_elems, drop)
+    if not checked:
+        check_finite(name, w, max_elems, drop)
     if w.dim() == 2:
         _check_rows(stats, nrows)
     fmts = []

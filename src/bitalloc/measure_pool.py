@@ -1,4 +1,5 @@
-"""The measurement of one decoder block's tensors spread over worker processes (the CPU placement's ``workers``).
+"""The measurement of one decoder block's tensors spread over worker processes (the CPU placement's ``workers``),
+and the quantization's rounding of a sequential group of tensors (:meth:`MeasurePool.quantize_tensors`).
 
 Every tensor of a block is measured from its own weight and statistics (:func:`bitalloc.measure.measure_tensor`),
 independently of the others, and the column loops of GPTQ and the grid fits are many small tensor operations, so on
@@ -42,7 +43,7 @@ from .errors import BitallocError
 from .formats import QTensor, get_format
 from .measure import MeasureRow, check_finite, grid_block_elems, grid_chunks, grid_formats, measure_tensor, rows_of
 from .placement import Placement
-from .rounding import ROW_CHUNK_ELEMS, row_chunks
+from .rounding import ROW_CHUNK_ELEMS, Method, quantize_chunks, row_chunks
 from .stats import TensorStats
 from .timing import StageTimer
 
@@ -160,8 +161,20 @@ def _task_args(name: str, w: torch.Tensor, stats: TensorStats, rows: slice, form
     return name, w[rows], rows_of(stats, rows), formats, method, placement, block_elems, keep
 
 
+def _quantize_rows(w: torch.Tensor, fmt_id: str, hessian: torch.Tensor | None, method: Method, max_elems: int
+                   ) -> list[QTensor]:
+    """In a worker: :func:`~bitalloc.rounding.quantize_chunks` of one weight's rows ``w`` (one factorisation of
+    ``hessian``), the QTensor of each row block in order."""
+    return [q for _rows, q in quantize_chunks(w, fmt_id, hessian=hessian, method=method, max_elems=max_elems)]
+
+
+def _rows_args(w: torch.Tensor, rows: slice, *rest: Any) -> tuple:
+    """``(w[rows], *rest)``: a task's arguments, its rows a view read only as they are sent."""
+    return (w[rows], *rest)
+
+
 #: what a worker may be asked to run, by name
-_TASKS: dict[str, Callable[..., Any]] = {"measure_rows": _measure_rows}
+_TASKS: dict[str, Callable[..., Any]] = {"measure_rows": _measure_rows, "quantize_rows": _quantize_rows}
 
 #: a queued task: its future, the function's name, what makes its arguments, what to call once they are sent
 _Task = tuple[Future, str, Callable[[], tuple], "Callable[[], None] | None"]
@@ -308,8 +321,55 @@ class MeasurePool:
 
             out.append(measure_tensor(name, w, stats, formats, method, placement=one, timer=timer,
                                       keep=None if keep is None else functools.partial(keep, name),
-                                      grid_source=source,
+                                      grid_source=source, checked=True,
                                       release=None if release is None else functools.partial(release, name)))
+        return out
+
+    def quantize_tensors(self, items: Sequence[tuple[str, torch.Tensor, str, torch.Tensor | None]], method: Method,
+                         placement: Placement, *, max_elems: int = ROW_CHUNK_ELEMS,
+                         release: Callable[[str, slice], None] | None = None
+                         ) -> dict[str, list[tuple[slice, QTensor]]]:
+        """:func:`~bitalloc.rounding.quantize_chunks` of every ``(name, weight, grid format id, Hessian)`` by the
+        workers: ``{name: [(rows, QTensor)]}``, a QTensor per row block of ``max_elems`` elements, in order (the
+        blocks ``quantize_chunks`` of the whole weight gives, rows being rounded independently).  A weight is cut
+        into ranges of whole row blocks as :meth:`measure_block` cuts it (its share of the work, ``task_elems``),
+        handed out largest first; each range factorises the Hessian once.  ``method`` travels to the workers (a
+        registered name, or a :class:`~bitalloc.rounding.Rounder` they can unpickle).  ``release(name, rows)`` once
+        rows are sent."""
+        if not self._workers:
+            raise RuntimeError("MeasurePool used outside its with-block")
+        plans = []
+        for name, w, fmt_id, hessian in items:
+            if w.dim() != 2:
+                raise ValueError(f"{name}: the workers quantize 2-D weights, got shape {tuple(w.shape)}")
+            rows, cols = (int(d) for d in w.shape)
+            blocks = row_chunks(rows, cols, max_elems)
+            least = -(-w.numel() // max(placement.task_elems, cols * cols if hessian is not None else 1))
+            plans.append((blocks, w.numel(), least))
+        share = max(1.0, sum(p[1] for p in plans) / self.workers)
+        tasks = []
+        for i, (blocks, work, least) in enumerate(plans):
+            parts = min(len(blocks), max(1, round(work / share), least))
+            for k in range(parts):
+                bs = blocks[len(blocks) * k // parts: len(blocks) * (k + 1) // parts]
+                tasks.append((i, k, slice(bs[0].start, bs[-1].stop), work / parts))
+        futures: dict[tuple[int, int], tuple[slice, Future]] = {}
+        for i, k, rows, _work in sorted(tasks, key=lambda t: -t[3]):
+            name, w, fmt_id, hessian = items[i]
+            futures[(i, k)] = rows, self._submit("quantize_rows", functools.partial(
+                _rows_args, w, rows, fmt_id, hessian, method, max_elems),
+                None if release is None else functools.partial(release, name, rows))
+        out: dict[str, list[tuple[slice, QTensor]]] = {}
+        for i, (name, w, _fmt, _h) in enumerate(items):
+            got: list[tuple[slice, QTensor]] = []
+            for k in sorted(k for j, k in futures if j == i):
+                rows, future = futures[(i, k)]
+                parts_q = self._result(future, name)
+                starts = row_chunks(rows.stop - rows.start, int(w.shape[1]), max_elems)
+                if len(starts) != len(parts_q):
+                    raise RuntimeError(f"{name}: a worker returned {len(parts_q)} row blocks for {len(starts)}")
+                got += [(slice(rows.start + sl.start, rows.start + sl.stop), q) for sl, q in zip(starts, parts_q)]
+            out[name] = got
         return out
 
     @staticmethod

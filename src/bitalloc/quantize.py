@@ -17,6 +17,8 @@ values) when :func:`quantize_model` returns.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -29,12 +31,14 @@ from .calibrate import BlockRunner
 from .layout import layout_of
 from .errors import InputError
 from .formats import QTensor, get_format
+from .measure_pool import MeasurePool
 from .models.spill import release_rows
 from .models.view import ModelView, fixed_format
 from .placement import Placement, qtensor_cpu
 from .timing import StageTimer, timed
 from . import rounding
 from .rounding import Method, Rounder, dequantize, get_rounder, quantize_chunks
+from .rounding.methods import GPTQ, RTN
 
 log = logging.getLogger(__name__)
 
@@ -204,24 +208,56 @@ def assemble_rounded(model: nn.Module, view: ModelView | None, plan: Mapping[str
     return out
 
 
+def _quantize_pooled(model: nn.Module, pool: MeasurePool, items: Mapping[str, tuple[str, torch.Tensor | None]],
+                     method: Method, place: Placement) -> dict[str, QTensor]:
+    """:func:`_quantize_one` of every ``{name: (grid format id, hessian)}`` by ``pool``'s workers, side by side: each
+    weight's row blocks come back as ``quantize_chunks`` of the whole weight gives them and are written back here
+    (the same bytes as rounding them in this process)."""
+    got = pool.quantize_tensors([(name, model.get_parameter(name).detach(), fmt_id, h)
+                                 for name, (fmt_id, h) in items.items()], method, place,
+                                max_elems=rounding.ROW_CHUNK_ELEMS, release=functools.partial(release_rows, model))
+    out: dict[str, QTensor] = {}
+    for name, (fmt_id, _h) in items.items():
+        p = model.get_parameter(name)
+        parts = []
+        for rows, q in got.pop(name):
+            with torch.no_grad():
+                p[rows] = dequantize(q).reshape(p[rows].shape).to(p.dtype)
+            release_rows(model, name, rows)
+            parts.append(q)
+        out[name] = parts[0] if len(parts) == 1 else get_format(fmt_id).concat_rows(parts)
+        place.release()
+    return out
+
+
 def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tensor, rounder: Rounder, batch_size: int,
          progress: bool, on_block: BlockHook | None, start: ResumeState | None, placement: Placement | None,
          timer: StageTimer | None) -> dict[str, QTensor]:
-    """The blocks and the head of :func:`quantize_model` under one runner (weights written back when it closes)."""
+    """The blocks and the head of :func:`quantize_model` under one runner (weights written back when it closes).
+    Where the runner's placement has workers (on the CPU), the tensors the rounder rounds together go to them."""
     out: dict[str, QTensor] = {}
 
-    def one(name: str, h: torch.Tensor | None, how: Method = rounder) -> QTensor:
+    def round_tensors(hs: Mapping[str, torch.Tensor | None], how: Method = rounder) -> dict[str, QTensor]:
         with timed(timer, "quantize.round"):
-            return _quantize_one(model, name, assign[name], h, how, runner.placement)
+            place = runner.placement
+            known = _builtin_name(how)
+            pooled = {} if pool is None or known is None else {
+                n: (assign[n], h) for n, h in hs.items()
+                if get_format(assign[n]).is_grid and model.get_parameter(n).dim() == 2}
+            done = _quantize_pooled(model, pool, pooled, known, place) if pooled and pool is not None else {}
+            done.update({n: _quantize_one(model, n, assign[n], h, how, place) for n, h in hs.items()
+                         if n not in pooled})
+            return {n: done[n] for n in hs}
 
-    with BlockRunner(model, windows, batch_size, placement=placement, timer=timer, write_back=True) as runner:
+    with BlockRunner(model, windows, batch_size, placement=placement, timer=timer, write_back=True) as runner, \
+            _pool_of(runner.placement) as pool:
         first = 0
         if start is not None:
             first = _restore_state(model, runner, start)
             out.update(start.qtensors)
         for b in tqdm(range(first, len(lay.blocks)), desc=f"quantize ({rounder.name})", disable=not progress,
                       leave=False):
-            done = rounder.quantize_block(lay.block_groups(b), runner.collect, one)
+            done = rounder.quantize_block(lay.block_groups(b), runner.collect, round_tensors)
             runner.advance()
             out.update(done)
             if on_block is not None:
@@ -229,12 +265,26 @@ def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tens
             log.debug("block %d quantized", b)
         h_head = runner.head_hessian()
         if lay.tied:
-            out[lay.embedding_name] = one(lay.embedding_name, h_head)
+            out.update(round_tensors({lay.embedding_name: h_head}))
         else:
-            out[lay.lm_head_name] = one(lay.lm_head_name, h_head)
+            out.update(round_tensors({lay.lm_head_name: h_head}))
             # a pure lookup has no input Hessian: rounded to nearest on its grid
-            out[lay.embedding_name] = one(lay.embedding_name, None, "rtn")
+            out.update(round_tensors({lay.embedding_name: None}, "rtn"))
     return out
+
+
+def _builtin_name(how: Method) -> str | None:
+    """The name a worker process knows ``how`` by: that of a method bitalloc registers itself (``gptq``, ``rtn``);
+    None for one registered at run time, which a fresh interpreter does not know (rounded in this process)."""
+    r = get_rounder(how)
+    return r.name if type(r) in (GPTQ, RTN) else None
+
+
+def _pool_of(place: Placement) -> "contextlib.AbstractContextManager[MeasurePool | None]":
+    """The placement's worker processes for the stage (none on an accelerator, or with one worker)."""
+    if place.on_cpu and place.workers > 1:
+        return MeasurePool(place.workers, place.worker_threads)
+    return contextlib.nullcontext()
 
 
 def _restore_state(model: nn.Module, runner: BlockRunner, start: ResumeState) -> int:

@@ -73,9 +73,9 @@ class _Floor(Rounder):
         below = grid.values(codes) > w
         return (codes - below.to(codes.dtype)).clamp_min(0), grid
 
-    def quantize_block(self, groups, collect, one):
+    def quantize_block(self, groups, collect, round_tensors):
         self.blocks.append([list(g) for g in groups])
-        return super().quantize_block(groups, collect, one)
+        return super().quantize_block(groups, collect, round_tensors)
 
 
 def test_a_registered_method_runs_through_measurement_and_quantization(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,23 +113,23 @@ def test_a_registered_method_runs_through_measurement_and_quantization(monkeypat
 
 def test_gptq_hook_collects_each_sequential_group_after_the_ones_before() -> None:
     calls: list[object] = []
-    stored: list[str] = []
+    stored: list[list[str]] = []
 
     def collect(groups):
         calls.append(None if groups is None else list(groups))
         return {n: torch.eye(2) for g in ([["a", "b"], ["c"], ["d"]] if groups is None else
                                           [[["a", "b"], ["c"], ["d"]][i] for i in groups]) for n in g}
 
-    def one(name, h):
-        stored.append(name)
-        return QTensor("fp16", (1,), "float32", {"weight": torch.zeros(1)})
+    def round_tensors(hs):
+        stored.append(list(hs))
+        return {name: QTensor("fp16", (1,), "float32", {"weight": torch.zeros(1)}) for name in hs}
 
     groups = [["a", "b"], ["c"], ["d"]]
-    assert set(GPTQ().quantize_block(groups, collect, one)) == {"a", "b", "c", "d"}
-    assert calls == [[0], [1], [2]] and stored == ["a", "b", "c", "d"]
+    assert set(GPTQ().quantize_block(groups, collect, round_tensors)) == {"a", "b", "c", "d"}
+    assert calls == [[0], [1], [2]] and stored == [["a", "b"], ["c"], ["d"]]  # a group's tensors together
     calls.clear(), stored.clear()
-    assert set(RTN().quantize_block(groups, collect, one)) == {"a", "b", "c", "d"}
-    assert calls == [None]  # RTN: one pass over the block
+    assert set(RTN().quantize_block(groups, collect, round_tensors)) == {"a", "b", "c", "d"}
+    assert calls == [None] and stored == [["a", "b", "c", "d"]]  # RTN: one pass over the block, all at once
 
 
 def _count_factorisations(monkeypatch, module) -> list[int]:

@@ -7,7 +7,7 @@ has three entry points, one per way the pipeline calls it:
 * :meth:`Rounder.round_many`: one weight onto the grids of every candidate format (the measurement);
 * :meth:`Rounder.quantize_block`: the per-block hook of the sequential quantization
   (:func:`bitalloc.quantize.quantize_model`): which input statistics of a decoder block it asks the block runner
-  for, and in which order the block's tensors are rounded.
+  for, and which of the block's tensors are rounded together (side by side, where the placement has workers).
 
 Registered here: ``gptq`` (error feedback with the input Hessian, the format refitting its scales to the codes in
 between, :data:`GPTQ_REFITS` rounds; each sequential group of a block is rounded with the Hessian of its inputs
@@ -34,8 +34,9 @@ GPTQ_REFITS = 3
 #: ``collect(groups)``: the block runner's input statistics (``{tensor: Hessian}``) of the current block's
 #: sequential ``groups`` (indices; None = every group in one pass), with the groups before them already rounded
 Collect = Callable[[Sequence[int] | None], Mapping[str, torch.Tensor]]
-#: ``one(tensor, hessian)``: round one tensor of the block into its planned format and write it back
-RoundOne = Callable[[str, torch.Tensor | None], QTensor]
+#: ``round_tensors({tensor: hessian})``: round those tensors of the block into their planned formats and write
+#: them back (side by side in the placement's workers, where it has them); returns ``{tensor: QTensor}``
+RoundTensors = Callable[[Mapping[str, "torch.Tensor | None"]], Mapping[str, QTensor]]
 
 
 def gptq_refit(w: torch.Tensor, hessian: torch.Tensor | FactoredHessian, grid: Grid, fmt: Format,
@@ -119,12 +120,12 @@ class Rounder:
         with timed(timer, f"measure.{self.name}"):
             return [self.round(w, g, f, hessian) for g, f in zip(grids, fmts)]
 
-    def quantize_block(self, groups: Sequence[Sequence[str]], collect: Collect, one: RoundOne
+    def quantize_block(self, groups: Sequence[Sequence[str]], collect: Collect, round_tensors: RoundTensors
                        ) -> dict[str, QTensor]:
         """The per-block hook: round every tensor of one decoder block (``groups``: its sequential groups of
-        tensor names, in order) with ``collect`` and ``one``; returns ``{tensor: QTensor}``.  Default: one
-        collection pass over the whole block, then every tensor."""
-        return {name: one(name, h) for name, h in collect(None).items()}
+        tensor names, in order) with ``collect`` and ``round_tensors``; returns ``{tensor: QTensor}``.  Default:
+        one collection pass over the whole block, then every tensor at once."""
+        return dict(round_tensors(collect(None)))
 
 
 class RTN(Rounder):
@@ -159,14 +160,14 @@ class GPTQ(Rounder):
             return RTN().round_many(w, None, grids, fmts, timer)
         return gptq_refit_many(w, hessian, grids, fmts, timer=timer)
 
-    def quantize_block(self, groups: Sequence[Sequence[str]], collect: Collect, one: RoundOne
+    def quantize_block(self, groups: Sequence[Sequence[str]], collect: Collect, round_tensors: RoundTensors
                        ) -> dict[str, QTensor]:
-        """Group by group: each group's Hessians are collected after the groups before it were rounded."""
+        """Group by group: each group's Hessians are collected after the groups before it were rounded; a group's
+        tensors are rounded together."""
         done: dict[str, QTensor] = {}
         for g, names in enumerate(groups):
             hs = collect([g])
-            for name in names:
-                done[name] = one(name, hs[name])
+            done.update(round_tensors({name: hs[name] for name in names}))
         return done
 
 
@@ -204,5 +205,5 @@ def get_rounder(method: str | Rounder) -> Rounder:
     return r
 
 
-__all__ = ["Collect", "FactoredHessian", "GPTQ", "GPTQ_REFITS", "ROUNDERS", "RTN", "RoundOne", "Rounder", "get_rounder",
+__all__ = ["Collect", "FactoredHessian", "GPTQ", "GPTQ_REFITS", "ROUNDERS", "RTN", "RoundTensors", "Rounder", "get_rounder",
            "gptq_refit", "gptq_refit_many", "method_names", "register_rounder"]
