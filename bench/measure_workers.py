@@ -58,6 +58,22 @@ def _cut(model: torch.nn.Module, blocks: int | None) -> None:
     model.config.num_hidden_layers = blocks
 
 
+def bench_setup(args: argparse.Namespace) -> tuple:
+    """``(model, calib, chosen, parallel)`` of a workers bench: threads set, the rescaled SmolLM2 cut to
+    ``args.blocks``, comedies in ``args.windows`` windows, ``Placement.for_device``'s choice, and the placement of
+    ``args.workers`` (default: that choice) processes sharing ``args.threads``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    model, _tok, _ref, _view, calib, _evals = bench_inputs(512, args.windows, 1)
+    _cut(model, args.blocks)
+    chosen = Placement.for_device("cpu", model=model)
+    workers = chosen.workers if args.workers is None else args.workers
+    if workers < 2:
+        raise SystemExit(f"Placement.for_device chose {workers} worker on {args.threads} threads: nothing to compare "
+                         "(give --workers N)")
+    return model, calib, chosen, Placement(workers=workers, worker_threads=max(1, args.threads // workers))
+
+
 def run(model, calib, placement: Placement, fisher_windows: int) -> dict:
     kept: dict[str, str] = {}
 
@@ -86,16 +102,8 @@ def main() -> None:
     ap.add_argument("--fisher-windows", type=int, default=8)
     ap.add_argument("--name", default="")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    model, _tok, _ref, _view, calib, _evals = bench_inputs(512, args.windows, 1)
-    _cut(model, args.blocks)
-    chosen = Placement.for_device("cpu", model=model)
-    workers = chosen.workers if args.workers is None else args.workers
-    if workers < 2:
-        raise SystemExit(f"Placement.for_device chose {workers} worker on {args.threads} threads: nothing to compare "
-                         "(give --workers N)")
-    parallel = Placement(workers=workers, worker_threads=max(1, args.threads // workers))
+    model, calib, chosen, parallel = bench_setup(args)
+    workers = parallel.workers
     one = run(model, calib, Placement(), args.fisher_windows)
     log.info("one process: %.1f s", one["seconds"])
     many = run(model, calib, parallel, args.fisher_windows)

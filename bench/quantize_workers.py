@@ -31,8 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.measure_workers import _cut, _digest  # noqa: E402
-from bench.pareto import bench_inputs, png_bytes  # noqa: E402
+from bench.measure_workers import _digest, bench_setup  # noqa: E402
+from bench.pareto import png_bytes  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
 from bitalloc.placement import Placement  # noqa: E402
 from bitalloc.quantize import quantize_model, quantizable_names, view_of  # noqa: E402
@@ -80,16 +80,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each arm, alternated (default 2)")
     ap.add_argument("--name", default="")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    model, _tok, _ref, _view, calib, _evals = bench_inputs(512, args.windows, 1)
-    _cut(model, args.blocks)
-    chosen = Placement.for_device("cpu", model=model)
-    workers = chosen.workers if args.workers is None else args.workers
-    if workers < 2:
-        raise SystemExit(f"Placement.for_device chose {workers} worker on {args.threads} threads: nothing to compare "
-                         "(give --workers N)")
-    parallel = Placement(workers=workers, worker_threads=max(1, args.threads // workers))
+    model, calib, chosen, parallel = bench_setup(args)
+    workers = parallel.workers
     plan = mixed_plan(model)
     runs: dict[str, list[dict]] = {"one": [], "workers": []}
     for r in range(args.repeats):
