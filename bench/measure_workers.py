@@ -58,6 +58,15 @@ def _cut(model: torch.nn.Module, blocks: int | None) -> None:
     model.config.num_hidden_layers = blocks
 
 
+def common_args(ap: argparse.ArgumentParser, what: str) -> None:
+    """The options every workers bench takes (``what``: its verb in the help of ``--blocks``)."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=None, help=f"{what} the first K decoder blocks only")
+    ap.add_argument("--workers", type=int, default=None, help="default: Placement.for_device's choice")
+    ap.add_argument("--windows", type=int, default=24)
+    ap.add_argument("--name", default="")
+
+
 def bench_setup(args: argparse.Namespace) -> tuple:
     """``(model, calib, chosen, parallel)`` of a workers bench: threads set, the rescaled SmolLM2 cut to
     ``args.blocks``, comedies in ``args.windows`` windows, ``Placement.for_device``'s choice, and the placement of
@@ -95,12 +104,8 @@ def run(model, calib, placement: Placement, fisher_windows: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--blocks", type=int, default=None, help="measure the first K decoder blocks only")
-    ap.add_argument("--workers", type=int, default=None, help="default: Placement.for_device's choice")
-    ap.add_argument("--windows", type=int, default=24)
+    common_args(ap, "measure")
     ap.add_argument("--fisher-windows", type=int, default=8)
-    ap.add_argument("--name", default="")
     args = ap.parse_args()
     model, calib, chosen, parallel = bench_setup(args)
     workers = parallel.workers

@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.measure_workers import _digest, bench_setup  # noqa: E402
+from bench.measure_workers import _digest, bench_setup, common_args  # noqa: E402
 from bench.pareto import png_bytes  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
 from bitalloc.placement import Placement  # noqa: E402
@@ -73,12 +73,8 @@ def run(model: torch.nn.Module, calib: torch.Tensor, plan: dict[str, str], place
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--blocks", type=int, default=None, help="quantize the first K decoder blocks only")
-    ap.add_argument("--workers", type=int, default=None, help="default: Placement.for_device's choice")
-    ap.add_argument("--windows", type=int, default=24)
+    common_args(ap, "quantize")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each arm, alternated (default 2)")
-    ap.add_argument("--name", default="")
     args = ap.parse_args()
     model, calib, chosen, parallel = bench_setup(args)
     workers = parallel.workers
