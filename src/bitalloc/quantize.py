@@ -38,7 +38,7 @@ from .placement import Placement, qtensor_cpu
 from .timing import StageTimer, timed
 from . import rounding
 from .rounding import Method, Rounder, dequantize, get_rounder, quantize_chunks
-from .rounding.methods import GPTQ, RTN
+from .rounding.methods import GPTQ
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tens
     def round_tensors(hs: Mapping[str, torch.Tensor | None], how: Method = rounder) -> dict[str, QTensor]:
         with timed(timer, "quantize.round"):
             place = runner.placement
-            known = _builtin_name(how)
+            known = _pooled_name(how)
             pooled = {} if pool is None or known is None else {
                 n: (assign[n], h) for n, h in hs.items()
                 if get_format(assign[n]).is_grid and model.get_parameter(n).dim() == 2}
@@ -273,11 +273,12 @@ def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tens
     return out
 
 
-def _builtin_name(how: Method) -> str | None:
-    """The name a worker process knows ``how`` by: that of a method bitalloc registers itself (``gptq``, ``rtn``);
-    None for one registered at run time, which a fresh interpreter does not know (rounded in this process)."""
-    r = get_rounder(how)
-    return r.name if type(r) in (GPTQ, RTN) else None
+def _pooled_name(how: Method) -> str | None:
+    """The name the workers round ``how`` by, or None to round in this process: GPTQ only.  RTN's rounding is a
+    few vectorised passes that two threads in one process run faster than one-thread workers (``make demo``'s RTN
+    sweep took 706 s with it in the workers against 469 s before), and a method registered at run time is unknown
+    to a fresh worker interpreter."""
+    return "gptq" if type(get_rounder(how)) is GPTQ else None
 
 
 def _pool_of(place: Placement) -> "contextlib.AbstractContextManager[MeasurePool | None]":
