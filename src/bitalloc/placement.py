@@ -100,7 +100,7 @@ class Placement:
     model moves for each stage); the chunk sizes that bound one step's memory (``stack_elems``: the measurement's
     stack of every candidate format's rows); ``release_memory``: give freed heap back to the OS after each block
     and each measured piece of a tensor (glibc ``malloc_trim``; only host memory gains from it); ``workers``:
-    processes measuring a block's tensors side by side, and rounding the quantization's sequential groups,
+    processes measuring a block's tensors side by side, and rounding the quantization's GPTQ groups,
     ``worker_threads`` torch threads each (1: in this process; :mod:`bitalloc.measure_pool`), each task at most
     ``task_elems`` elements of a weight."""
 

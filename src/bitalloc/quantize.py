@@ -274,10 +274,10 @@ def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tens
 
 
 def _pooled_name(how: Method) -> str | None:
-    """The name the workers round ``how`` by, or None to round in this process: GPTQ only.  RTN's rounding is a
-    few vectorised passes that two threads in one process run faster than one-thread workers (``make demo``'s RTN
-    sweep took 706 s with it in the workers against 469 s before), and a method registered at run time is unknown
-    to a fresh worker interpreter."""
+    """The name the workers round ``how`` by, or None to round in this process: GPTQ only (measured faster in the
+    workers, ``bench/quantize_workers.py``).  RTN's rounding is a few vectorised passes that two threads in one
+    process already keep busy, and its gain in the workers was not shown; a method registered at run time is
+    unknown to a fresh worker interpreter."""
     return "gptq" if type(get_rounder(how)) is GPTQ else None
 
 
