@@ -292,15 +292,8 @@ class MeasurePool:
             # repeat its factorisation)
             cap = max(one.task_elems, int(w.shape[-1]) ** 2) if w.dim() == 2 else w.numel()
             plans.append((fmts, elems, blocks, w.numel() * len(fmts), -(-w.numel() // max(cap, 1))))
-        share = max(1.0, sum(p[3] for p in plans) / self.workers)
-        tasks = []
-        for i, (fmts, elems, blocks, work, least) in enumerate(plans):
-            parts = min(len(blocks), max(1, round(work / share), least))
-            for k in range(parts):  # consecutive row blocks, as even as whole blocks allow
-                bs = blocks[len(blocks) * k // parts: len(blocks) * (k + 1) // parts]
-                tasks.append((i, k, slice(bs[0].start, bs[-1].stop), work / parts))
         futures: dict[tuple[int, int], Future] = {}
-        for i, k, rows, _work in sorted(tasks, key=lambda t: -t[3]):
+        for i, k, rows in self._tasks_of([(blocks, work, least) for _f, _e, blocks, work, least in plans]):
             name, w, stats, _formats = items[i]
             futures[(i, k)] = self._submit("measure_rows", functools.partial(
                 _task_args, name, w, stats, rows, [f.id for f in plans[i][0]], method, one, plans[i][1],
@@ -346,15 +339,8 @@ class MeasurePool:
             blocks = row_chunks(rows, cols, max_elems)
             least = -(-w.numel() // max(placement.task_elems, cols * cols if hessian is not None else 1))
             plans.append((blocks, w.numel(), least))
-        share = max(1.0, sum(p[1] for p in plans) / self.workers)
-        tasks = []
-        for i, (blocks, work, least) in enumerate(plans):
-            parts = min(len(blocks), max(1, round(work / share), least))
-            for k in range(parts):
-                bs = blocks[len(blocks) * k // parts: len(blocks) * (k + 1) // parts]
-                tasks.append((i, k, slice(bs[0].start, bs[-1].stop), work / parts))
         futures: dict[tuple[int, int], tuple[slice, Future]] = {}
-        for i, k, rows, _work in sorted(tasks, key=lambda t: -t[3]):
+        for i, k, rows in self._tasks_of(plans):
             name, w, fmt_id, hessian = items[i]
             futures[(i, k)] = rows, self._submit("quantize_rows", functools.partial(
                 _rows_args, w, rows, fmt_id, hessian, method, max_elems),
@@ -371,6 +357,19 @@ class MeasurePool:
                 got += [(slice(rows.start + sl.start, rows.start + sl.stop), q) for sl, q in zip(starts, parts_q)]
             out[name] = got
         return out
+
+    def _tasks_of(self, plans: Sequence[tuple[list[slice], float, int]]) -> list[tuple[int, int, slice]]:
+        """``(item, part, rows)`` of every task, largest first, for each item's ``(row blocks, work, least parts)``:
+        an item with more work than its share of the workers', or needing at least ``least`` parts, is cut into
+        that many ranges of consecutive row blocks, as even as whole blocks allow."""
+        share = max(1.0, sum(p[1] for p in plans) / self.workers)
+        tasks = []
+        for i, (blocks, work, least) in enumerate(plans):
+            parts = min(len(blocks), max(1, round(work / share), least))
+            for k in range(parts):
+                bs = blocks[len(blocks) * k // parts: len(blocks) * (k + 1) // parts]
+                tasks.append((i, k, slice(bs[0].start, bs[-1].stop), work / parts))
+        return [(i, k, rows) for i, k, rows, _work in sorted(tasks, key=lambda t: -t[3])]
 
     @staticmethod
     def _result(future: Future, name: str) -> Any:
