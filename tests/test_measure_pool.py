@@ -220,18 +220,23 @@ def test_workers_quantize_the_same_bytes(monkeypatch, method: str) -> None:
     """GPTQ: the quantization's groups rounded side by side by two workers, a tensor with more than its share of a
     group's work cut into ranges of row blocks (a small row block makes every tensor several): every stored tensor
     byte for byte as one process rounds it, for a mix of grid formats and one stored as is.  RTN is rounded in this
-    process (faster there), to the same bytes."""
+    process (faster there), to the same bytes, and starts no worker processes (a sweep's RTN point paid their start
+    and stop for nothing)."""
     monkeypatch.setattr(rounding, "ROW_CHUNK_ELEMS", 512)
     one = _quantize(Placement(), method)
     submitted: list[tuple] = []
     real = MeasurePool._submit
     monkeypatch.setattr(MeasurePool, "_submit", lambda self, *a: submitted.append(a) or real(self, *a))
+    started: list[int] = []
+    enter = MeasurePool.__enter__
+    monkeypatch.setattr(MeasurePool, "__enter__", lambda self: started.append(self.workers) or enter(self))
     two = _quantize(Placement(workers=2, worker_threads=1, task_elems=1024), method)
     assert one == two
     tasks = [a for a in submitted if a[0] == "quantize_rows"]
     grid = [n for n in one if n.startswith("model.layers.")]
     # GPTQ: a group of one tensor (o_proj, down_proj, the head) is cut over both workers; RTN stays in this process
     assert len(tasks) > len(grid) if method == "gptq" else not tasks
+    assert started == ([2] if method == "gptq" else [])
 
 
 def test_a_method_registered_at_run_time_is_rounded_in_this_process(monkeypatch) -> None:
@@ -249,8 +254,11 @@ def test_a_method_registered_at_run_time_is_rounded_in_this_process(monkeypatch)
     submitted: list[tuple] = []
     real = MeasurePool._submit
     monkeypatch.setattr(MeasurePool, "_submit", lambda self, *a: submitted.append(a) or real(self, *a))
+    started: list[int] = []
+    enter = MeasurePool.__enter__
+    monkeypatch.setattr(MeasurePool, "__enter__", lambda self: started.append(self.workers) or enter(self))
     assert _quantize(Placement(workers=2, worker_threads=1), "custom-gptq-test") == one == _quantize(Placement(), "gptq")
-    assert not submitted
+    assert not submitted and not started
 
 
 def test_quantize_job_with_workers_writes_the_same_files(tmp_path, monkeypatch) -> None:

@@ -287,3 +287,16 @@ def test_a_recovery_aware_sweep_allocates_from_the_scaled_table(hf, tmp_path, mo
     allocated = [json.loads((d / "sweep.json").read_text())["points"][0] for d in (plain, scaled)]
     assert all(p["kind"] == "allocated" for p in allocated)
     assert allocated[0]["kld"] != allocated[1]["kld"]  # another plan: the int2 rows' errors were scaled down
+
+
+def test_the_reference_copy_does_not_parse_the_tokenizer_again(hf, reference, tmp_path, monkeypatch):
+    """The sweep's fp reference is a second load of the model: its tokenizer (seconds to parse for a GGUF) is not
+    loaded again, and the outputs are the same."""
+    from bitalloc.models import sources
+
+    real, calls = sources._tokenizer, []
+    monkeypatch.setattr(sources, "_tokenizer", lambda *a, **k: calls.append(a) or real(*a, **k))
+    fixed_clock(monkeypatch)
+    assert main(sweep_argv(hf, tmp_path / "out")) == 0
+    assert len(calls) == 1
+    assert outputs(tmp_path / "out") == reference

@@ -27,6 +27,7 @@ import torch
 
 from bitalloc.data import check_token_ids, embedding_rows
 from bitalloc.errors import InputError, NumericsError
+from bitalloc.formats.fit import all_finite
 from bitalloc.placement import Placement
 from bitalloc.timing import StageTimer, timed
 
@@ -128,6 +129,8 @@ def check_same_architecture(candidate: torch.nn.Module, reference: torch.nn.Modu
 
 def _check_finite(logits: torch.Tensor, name: str, s: int) -> None:
     """NumericsError naming the first window whose logits hold NaN/Inf (float16 overflow, a corrupted scale)."""
+    if all_finite(logits):  # one min/max pass; the per-window search only when something is wrong
+        return
     bad = ~torch.isfinite(logits).reshape(logits.shape[0], -1).all(1)
     if bool(bad.any()):
         w = s + int(bad.nonzero()[0, 0])

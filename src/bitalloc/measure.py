@@ -21,6 +21,7 @@ import torch
 
 from .errors import InputError, NumericsError
 from .formats import Format, Grid, QTensor, get_format
+from .formats.fit import all_finite
 from .formats.rotated import Rotation, rotation_of
 from .rounding import ROW_CHUNK_ELEMS, Method, dequantize, get_rounder, quantize_chunks, row_chunks
 from .placement import Placement, qtensor_cpu
@@ -68,7 +69,7 @@ def _hessian(role: LinearStats, cols: int) -> torch.Tensor:
     h = role.hessian
     if tuple(h.shape) != (cols, cols):
         raise InputError(f"hessian of shape {tuple(h.shape)} does not fit a weight with {cols} input columns")
-    if not torch.isfinite(h).all():
+    if not all_finite(h):
         raise NumericsError("hessian contains NaN or Inf")
     return h.to(torch.float64)
 
@@ -76,7 +77,7 @@ def _hessian(role: LinearStats, cols: int) -> torch.Tensor:
 def _check(dw: torch.Tensor, stats: TensorStats) -> None:
     if dw.dim() != 2:
         raise InputError(f"error functions take a 2-D ΔW, got shape {tuple(dw.shape)}")
-    if not torch.isfinite(dw).all():
+    if not all_finite(dw):
         raise NumericsError("ΔW contains NaN or Inf")
     if not stats.roles:
         raise InputError("tensor statistics have no roles")
@@ -251,7 +252,7 @@ def _measure_one(name: str, w: torch.Tensor, stats: TensorStats, fmt: Format, me
             kept.append(qtensor_cpu(q))
         w32 = w[sl].detach().to(torch.float32)
         dw = dequantize(q).to(device=w32.device, dtype=torch.float32).reshape(w32.shape) - w32
-        if not torch.isfinite(dw).all():
+        if not all_finite(dw):
             raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
         part = rows_of(stats, sl) if w.dim() == 2 else stats
         out_err += output_error(dw, part)
@@ -274,7 +275,7 @@ def check_finite(name: str, w: torch.Tensor, max_elems: int | None, drop: Callab
     """NumericsError naming ``name`` unless every value of ``w`` is finite, read a block of at most ``max_elems``
     elements of rows at a time (a 2-D weight), ``drop(rows)`` after each block."""
     for sl in row_chunks(int(w.shape[0]), math.prod(w.shape[1:]), max_elems) if w.dim() == 2 else [slice(None)]:
-        if not torch.isfinite(w[sl]).all():
+        if not all_finite(w[sl]):
             raise NumericsError(f"weight {name!r} contains NaN or Inf")
         drop(sl)
 
@@ -331,7 +332,7 @@ def grid_chunks(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[F
             for fmt, (codes, grid, rot) in zip(fmts, done):
                 values = grid.values(codes)
                 dw = (values if rot is None else rot.apply_t(values)) - w32
-                if not torch.isfinite(dw).all():
+                if not all_finite(dw):
                     raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
                 errs[fmt.id] = _errors(dw, part, role_h)
         # the stored form of exactly what was measured (rotated formats store W·R's codes)

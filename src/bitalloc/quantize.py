@@ -250,7 +250,7 @@ def _run(model: nn.Module, lay: Any, assign: dict[str, str], windows: torch.Tens
             return {n: done[n] for n in hs}
 
     with BlockRunner(model, windows, batch_size, placement=placement, timer=timer, write_back=True) as runner, \
-            _pool_of(runner.placement) as pool:
+            _pool_of(runner.placement, rounder) as pool:
         first = 0
         if start is not None:
             first = _restore_state(model, runner, start)
@@ -281,9 +281,10 @@ def _pooled_name(how: Method) -> str | None:
     return "gptq" if type(get_rounder(how)) is GPTQ else None
 
 
-def _pool_of(place: Placement) -> "contextlib.AbstractContextManager[MeasurePool | None]":
-    """The placement's worker processes for the stage (none on an accelerator, or with one worker)."""
-    if place.on_cpu and place.workers > 1:
+def _pool_of(place: Placement, rounder: Rounder) -> "contextlib.AbstractContextManager[MeasurePool | None]":
+    """The placement's worker processes for the stage: none on an accelerator, with one worker, or for a rounder
+    the workers do not run (:func:`_pooled_name`; an RTN sweep point would start and stop them for nothing)."""
+    if place.on_cpu and place.workers > 1 and _pooled_name(rounder) is not None:
         return MeasurePool(place.workers, place.worker_threads)
     return contextlib.nullcontext()
 

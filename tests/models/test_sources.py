@@ -99,3 +99,29 @@ def test_packaged_gguf_loads_through_the_map_as_transformers_loads_it(low_memory
     ids = torch.randint(0, ref.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("kind", ["hf", "gguf"])
+def test_a_load_without_the_tokenizer_skips_it(kind, low_memory, tmp_path, monkeypatch):
+    """``tokenizer=False`` (a reference or teacher copy): the same weights, the tokenizer neither parsed nor
+    returned."""
+    from bitalloc.models import sources
+    from tests.conftest import tiny_llama
+    from tests.gguf_tiny import write_arch_gguf
+    from tests.test_resume import make_hf_dir
+
+    path = make_hf_dir(tmp_path / "m") if kind == "hf" else tmp_path / "m.gguf"
+    if kind == "gguf":
+        write_arch_gguf(tiny_llama(), path)
+    model, tok = load_model(path, low_memory=low_memory)
+    assert tok is not None
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the tokenizer was parsed")
+
+    monkeypatch.setattr(sources, "_tokenizer", refuse)
+    again, none = load_model(path, low_memory=low_memory, tokenizer=False)
+    assert none is None
+    a, b = dict(model.named_parameters()), dict(again.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -88,13 +88,14 @@ class Stages:
         self.timer = StageTimer(device=config.device)
 
     # ------------------------------------------------------------------------------------- inputs
-    def load_source(self) -> tuple[torch.nn.Module, Any]:
+    def load_source(self, tokenizer: bool = True) -> tuple[torch.nn.Module, Any]:
         """``(model, tokenizer)`` of ``config.model`` as every stage sees it: weights in a memory-mapped spill file,
-        resident one block at a time (values identical to a whole load), with ``config.rotate`` folded in."""
+        resident one block at a time (values identical to a whole load), with ``config.rotate`` folded in.
+        ``tokenizer=False``: a second copy (reference, teacher), without parsing the tokenizer again (None)."""
         from ..models.sources import load_model
 
         with self.timer.stage("load"):
-            model, tok = load_model(self.config.model, low_memory=True)
+            model, tok = load_model(self.config.model, low_memory=True, tokenizer=tokenizer)
             if self.config.rotate:
                 from ..models.rotate import rotate_model_
 
@@ -304,7 +305,7 @@ class Stages:
                 for name, q in done_q.items():
                     set_weight(model, name, dequantize(q).reshape(model.get_parameter(name).shape))
                 given = {**qtensors, **done_q}
-            teacher = self.load_source()[0]  # rotated like the student: recovery matches them block by block
+            teacher = self.load_source(tokenizer=False)[0]  # rotated like the student: recovery matches them block by block
             windows, guard = self.recovery_windows
             q, values = recover_model(model, teacher, windows, given, rc, placement=self.placement,
                                       progress=self.config.progress, on_block=ckpt.on_block, start=start,

@@ -177,7 +177,7 @@ def _compute(job: Job, config: RunConfig, on_point: Callable[[str, Point], None]
 def _reference(stages: Stages) -> Any:
     """The fp reference (and recovery's teacher): a second copy of the model as the stages see it (rotated by
     ``--rotate``: the same function, matching block by block), loaded only when points remain."""
-    return stages.load_source()[0]
+    return stages.load_source(tokenizer=False)[0]
 
 
 def saved_points(job: Job) -> dict[str, Point]:

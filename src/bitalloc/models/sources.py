@@ -127,19 +127,20 @@ def _hf_checked(path: Path, dtype: torch.dtype) -> tuple[Any, dict[str, Source]]
         return model, plan_hf(path, model, headers)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_gguf(path: Path, dtype: torch.dtype, with_tokenizer: bool) -> tuple[Any, Any]:
     from bitalloc.models.spill_load import load_gguf_whole
 
     meta_model(path)  # metadata against tensor headers first, then the tokenizer, both before any weight
-    tokenizer = _tokenizer(path, gguf=True)
+    tokenizer = _tokenizer(path, gguf=True) if with_tokenizer else None
     return load_gguf_whole(path, dtype), tokenizer
 
 
-def _load_hf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_hf(path: Path, dtype: torch.dtype, with_tokenizer: bool) -> tuple[Any, Any]:
     from bitalloc.models.spill_load import load_hf_whole
 
     model, plan = _hf_checked(path, dtype)
-    tokenizer = _tokenizer(path, gguf=False)  # before any weight: its refusals cost seconds, not a load
+    # before any weight: its refusals cost seconds, not a load
+    tokenizer = _tokenizer(path, gguf=False) if with_tokenizer else None
     return load_hf_whole(model, plan, dtype), tokenizer
 
 
@@ -220,7 +221,7 @@ def _probe_tokenizer(tokenizer: Any, path: Path) -> None:
     encode(tokenizer, _PROBE_TEXT, f"the tokenizer of {path}")
 
 
-def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[Any, Any]:
+def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any, with_tokenizer: bool) -> tuple[Any, Any]:
     """``(model, tokenizer)`` with spilled weights (the spill file sized by the checked tensor headers)."""
     from bitalloc.memory import release_free_memory, return_large_frees
     from bitalloc.models.spill_load import load_gguf_spilled, load_hf_spilled
@@ -228,11 +229,12 @@ def _load_low_memory(path: Path, dtype: torch.dtype, spill_dir: Any) -> tuple[An
     return_large_frees()  # freed activations of a few MB go back to the OS instead of staying in the heap
     if path.is_dir():
         model, plan = _hf_checked(path, dtype)
-        tokenizer = _tokenizer(path, gguf=False)  # before any weight: its refusals cost seconds, not a load
+        # before any weight: its refusals cost seconds, not a load
+        tokenizer = _tokenizer(path, gguf=False) if with_tokenizer else None
         model = load_hf_spilled(model, plan, dtype, spill_dir)
     else:
         meta_model(path)  # metadata against tensor headers first, then the tokenizer, both before any weight
-        tokenizer = _tokenizer(path, gguf=True)
+        tokenizer = _tokenizer(path, gguf=True) if with_tokenizer else None
         model = load_gguf_spilled(path, dtype, spill_dir)
     release_free_memory()  # the GGUF metadata and tokenizer parsing leave large freed buffers behind
     return model, tokenizer
@@ -259,6 +261,7 @@ def load_model(
     *,
     low_memory: bool = False,
     spill_dir: str | Path | None = None,
+    tokenizer: bool = True,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from an HF directory (safetensors only) or a ``.gguf`` file, in eval mode.
 
@@ -270,6 +273,8 @@ def load_model(
     Both loads first check config.json (or the GGUF metadata) and the tensor headers against each other
     (:mod:`bitalloc.models.preflight`): a missing, unexpected, mis-shaped or non-float tensor is one InputError
     before any weight is allocated, never a randomly initialised parameter.
+    ``tokenizer=False`` skips the tokenizer (returned as None): a second copy of a model whose tokenizer the caller
+    already holds (a reference, a teacher) need not parse it again, which for a GGUF takes seconds.
     """
     from bitalloc.models.archs import arch_for
     from bitalloc.models.experts import unfuse_experts
@@ -282,14 +287,14 @@ def load_model(
     if not path.is_dir() and path.suffix.lower() != ".gguf":
         raise InputError(f"{path} is not a model: give a Hugging Face directory (safetensors) or a .gguf file")
     if low_memory:
-        model, tokenizer = _load_low_memory(path, dtype, spill_dir)
+        model, tok = _load_low_memory(path, dtype, spill_dir, tokenizer)
     elif path.is_dir():
-        model, tokenizer = _load_hf(path, dtype)
+        model, tok = _load_hf(path, dtype, tokenizer)
     else:
-        model, tokenizer = _load_gguf(path, dtype)
+        model, tok = _load_gguf(path, dtype, tokenizer)
     arch_for(model.config)
     unfuse_experts(model)  # MoE: one nn.Linear per expert projection (a spilled model is built unfused already)
     model.eval()
     model.requires_grad_(False)
     log.info("loaded %s (%s, %s%s)", path, model.config.model_type, dtype, ", low memory" if low_memory else "")
-    return model, tokenizer
+    return model, tok
