@@ -16,6 +16,11 @@ next output of another phase, so the split is approximate; when ``bitalloc demo 
     python bench/demo_time.py --clone           # a fresh `git clone` of this checkout's HEAD (committed code)
     python bench/demo_time.py --clone --make    # in the clone: `make venv` (timed apart), then `make demo`
     python bench/demo_time.py --smoke           # plumbing check: the demo at tiny settings (about a minute)
+    python bench/demo_time.py --clone --baseline REV   # first the demo at commit REV (a clone, same environment),
+                                                # then this one: both times and their ratio from one run
+
+A shared machine's speed drifts between days (the same commit has measured 469 s and 681 s), so a change's effect
+on the time is read from ``--baseline``'s ratio, not from two results of different runs.
 
 ``--make`` needs the network (pip) and ``PYTHON`` (default python3.11) as the Makefile does.  Extra demo
 options go after ``--`` (e.g. ``-- --windows 4``).  Writes bench/results/demo_time.json (``--smoke``:
@@ -134,6 +139,49 @@ def demo_has_timings(python: str, env: dict[str, str], cwd: Path) -> bool:
     return "--timings" in proc.stdout
 
 
+def clone_at(rev: str, dest: Path) -> tuple[str, float]:
+    """A fresh clone of this checkout at ``rev``: ``(commit, seconds)``."""
+    t0 = time.monotonic()
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(dest)], check=True)
+    subprocess.run(["git", "-C", str(dest), "checkout", "--quiet", rev], check=True)
+    commit = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], check=True, stdout=subprocess.PIPE,
+                            text=True).stdout.strip()
+    return commit, round(time.monotonic() - t0, 2)
+
+
+def demo_env(root: Path, threads: int | None) -> dict[str, str]:
+    """The demo's environment: ``root``'s sources first on the path, unbuffered output, optional thread count."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    # progress bars end in "\r", not "\n": a line-buffered stderr would deliver them (and so the phase
+    # marks) only at the next newline
+    env["PYTHONUNBUFFERED"] = "1"
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def table_rows(output: Sequence[str]) -> list[str]:
+    """The demo's printed result rows (allocated / uniform points), to compare two runs' results."""
+    return [ln.strip() for ln in output if ln.split()[:1] in (["allocated"], ["uniform"])]
+
+
+def run_baseline(rev: str, work: Path, demo_args: Sequence[str], threads: int | None,
+                 timeout: float | None) -> dict[str, Any]:
+    """``bitalloc demo`` at commit ``rev`` (a fresh clone, this interpreter's environment), timed as the main run."""
+    root = work / "baseline-clone"
+    commit, seconds = clone_at(rev, root)
+    cmd = [sys.executable, "-m", "bitalloc.cli", "demo", "--out", str(work / "baseline-demo"), *demo_args]
+    log.info("baseline %s: running %s", commit[:12], " ".join(cmd))
+    run = run_timed(cmd, work, demo_env(root, threads), timeout)
+    sweep = work / "baseline-demo" / "sweep.json"
+    mem = [ln for ln in run["output"] if ln.startswith("peak memory:")]
+    return {"rev": rev, "commit": commit, "clone_seconds": seconds, "returncode": run["returncode"],
+            "wall_seconds": run["wall_seconds"], "phases_seconds": phase_seconds(run["marks"], run["wall_seconds"]),
+            "measure_seconds": json.loads(sweep.read_text()).get("measure_seconds") if sweep.is_file() else None,
+            "cli_peak_memory": mem[-1] if mem else None, "table": table_rows(run["output"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -148,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for the demo (default: torch's)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds before the demo is killed")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/demo_time.json)")
+    ap.add_argument("--baseline", metavar="REV", default=None,
+                    help="first run the demo at commit REV (a clone, this environment) and record the ratio")
     args = ap.parse_args(raw)
     if args.make and not args.clone:
         ap.error("--make needs --clone (it creates a virtual environment in the checkout it runs in)")
+    if args.baseline and args.make:
+        ap.error("--baseline runs both commits in this environment; it does not combine with --make")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out_json = Path(args.out) if args.out else RESULTS / f"demo_time{'-smoke' if args.smoke else ''}.json"
     demo_args = [*(SMOKE_ARGS if args.smoke else ()), *extra]
@@ -160,20 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                               "nproc": os.cpu_count(), "python": sys.executable}
     try:
         root = REPO
+        if args.baseline:
+            result["baseline"] = run_baseline(args.baseline, tmp, demo_args, args.threads, args.timeout)
         if args.clone:
             root = tmp / "clone"
-            t0 = time.monotonic()
-            subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(root)], check=True)
-            result["clone_seconds"] = round(time.monotonic() - t0, 2)
-            result["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
-                                              stdout=subprocess.PIPE, text=True).stdout.strip()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), *filter(None, [env.get("PYTHONPATH")])])
-        # progress bars end in "\r", not "\n": a line-buffered stderr would deliver them (and so the phase
-        # marks) only at the next newline
-        env["PYTHONUNBUFFERED"] = "1"
-        if args.threads:
-            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+            result["commit"], result["clone_seconds"] = clone_at("HEAD", root)
+        env = demo_env(root, args.threads)
         before = peak_children_bytes()
         if args.make:
             venv = run_timed(["make", "venv"], root, env, args.timeout)
@@ -215,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         timings = tmp / "timings.json"
         if timings.is_file():
             result["stages"] = json.loads(timings.read_text())
+        base = result.get("baseline")
+        if base and base["returncode"] == 0 and run["returncode"] == 0:
+            result["ratio_to_baseline"] = round(run["wall_seconds"] / base["wall_seconds"], 4)
+            result["same_table_as_baseline"] = table_rows(run["output"]) == base["table"]
     finally:
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(result, indent=1) + "\n")
@@ -229,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  measurement (sweep.json): {result['measure_seconds']:.1f} s")
     if result.get("peak_rss_bytes"):
         print(f"  peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+    base = result.get("baseline")
+    if base:
+        print(f"  baseline {base['commit'][:12]}: exit {base['returncode']}, {base['wall_seconds']:.1f} s wall; "
+              f"this run / baseline = {result.get('ratio_to_baseline', float('nan')):.3f}, same table: "
+              f"{result.get('same_table_as_baseline')}")
     print(f"-> {out_json}")
     return 0 if result.get("returncode") == 0 else 1
 
