@@ -8,6 +8,10 @@
   python bench/demo_profile.py tensor [--name blk.0.ffn_down.weight]
       cProfile of ``measure_tensor`` (RTN, the six demo formats, a synthetic Hessian) on one real tensor:
       how the measurement splits between the scale search, RTN, packing/unpacking and the error functions.
+  python bench/demo_profile.py finite [--repeat K]
+      the finite check of activations, logits and errors: ``torch.isfinite(t).all()`` against
+      ``bitalloc.formats.fit.all_finite`` (one min/max pass) on the demo's shapes, alternating, with the answers
+      checked equal on clean tensors and on copies holding one NaN, +Inf or -Inf.
   python bench/demo_profile.py stages
       the demo's stages on the real model, timed one by one: load, Fisher pass, calibration (Hessians),
       measurement (fit / RTN / errors, per tensor kind), allocation, quantize, evaluation windows.
@@ -94,6 +98,38 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"total old {tot_old:.1f} s, new {tot_new:.1f} s: ratio {tot_old / tot_new:.2f}")
 
 
+#: (what, shape) of the tensors the demo checks most often: a block's input and the down projection's input over
+#: 16 windows of 512 tokens, and one evaluation batch's scored logits
+FINITE_SHAPES = [("block input / q,k,v,gate,up input", (8192, 576)), ("down_proj input", (8192, 1536)),
+                 ("evaluation logits (2 windows)", (512, 49152))]
+
+
+def cmd_finite(args: argparse.Namespace) -> None:
+    from bitalloc.formats.fit import all_finite
+
+    def clock(fn, t: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            fn(t)
+        return (time.perf_counter() - t0) / args.repeat
+
+    def old(t: torch.Tensor) -> bool:
+        return bool(torch.isfinite(t).all())
+
+    g = torch.Generator().manual_seed(0)
+    print(f"{'tensor':<36} {'shape':>14} {'isfinite().all() ms':>20} {'all_finite ms':>14} {'ratio':>7}")
+    for what, shape in FINITE_SHAPES:
+        t = torch.randn(shape, generator=g)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            u = t.clone()
+            u.view(-1)[int(torch.randint(u.numel(), (1,), generator=g))] = bad
+            assert old(u) is all_finite(u) is False, (what, bad)
+        assert old(t) is all_finite(t) is True
+        a = min(clock(old, t) for _ in range(3))
+        b = min(clock(all_finite, t) for _ in range(3))
+        print(f"{what:<36} {str(shape):>14} {a * 1e3:>20.3f} {b * 1e3:>14.3f} {a / b:>6.1f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -107,10 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--threads", type=int, default=None)
     st = sub.add_parser("stages")
     st.add_argument("--threads", type=int, default=None)
+    f = sub.add_parser("finite")
+    f.add_argument("--repeat", type=int, default=20)
+    f.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"search": cmd_search, "tensor": cmd_tensor, "stages": cmd_stages}[args.cmd](args)
+    {"search": cmd_search, "tensor": cmd_tensor, "stages": cmd_stages, "finite": cmd_finite}[args.cmd](args)
 
 
 class _Clock:
