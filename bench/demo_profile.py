@@ -12,6 +12,10 @@
       the finite check of activations, logits and errors: ``torch.isfinite(t).all()`` against
       ``bitalloc.formats.fit.all_finite`` (one min/max pass) on the demo's shapes, alternating, with the answers
       checked equal on clean tensors and on copies holding one NaN, +Inf or -Inf.
+  python bench/demo_profile.py packing [--rev REV] [--codes N]
+      the int formats' bit packing (``formats.packing``) as of git revision REV (default 65dbda7: a bitstream
+      built bit by bit) against the current one (8 codes per int64 word), widths 2..6, alternating: ratio
+      old/new per direction, and the bytes and codes checked equal.
   python bench/demo_profile.py stages
       the demo's stages on the real model, timed one by one: load, Fisher pass, calibration (Hessians),
       measurement (fit / RTN / errors, per tensor kind), allocation, quantize, evaluation windows.
@@ -130,6 +134,41 @@ def cmd_finite(args: argparse.Namespace) -> None:
         print(f"{what:<36} {str(shape):>14} {a * 1e3:>20.3f} {b * 1e3:>14.3f} {a / b:>6.1f}x")
 
 
+def old_module(rev: str, path: str, name: str) -> types.ModuleType:
+    """``path`` (a module of ``bitalloc.formats``) as of git revision ``rev``, imported under another name."""
+    got = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True)
+    mod = types.ModuleType(f"{name}_{rev}")
+    src = got.stdout.replace("from .base", "from bitalloc.formats.base")
+    exec(compile(src, f"{name}@{rev}", "exec"), mod.__dict__)
+    return mod
+
+
+def cmd_packing(args: argparse.Namespace) -> None:
+    from bitalloc.formats import packing
+
+    old = old_module(args.rev, "src/bitalloc/formats/packing.py", "packing")
+    g = torch.Generator().manual_seed(0)
+
+    def best(fn, *a) -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn(*a)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    print(f"{'bits':>4} {'pack old ms':>12} {'new ms':>8} {'ratio':>6} {'unpack old ms':>14} {'new ms':>8} {'ratio':>6}")
+    for bits in (2, 3, 4, 5, 6):
+        codes = torch.randint(0, 1 << bits, (args.codes,), generator=g)
+        packed = packing.pack_bits(codes, bits)
+        assert torch.equal(packed, old.pack_bits(codes, bits))
+        assert torch.equal(packing.unpack_bits(packed, bits, args.codes), old.unpack_bits(packed, bits, args.codes))
+        po, pn = best(old.pack_bits, codes, bits), best(packing.pack_bits, codes, bits)
+        uo, un = best(old.unpack_bits, packed, bits, args.codes), best(packing.unpack_bits, packed, bits, args.codes)
+        print(f"{bits:>4} {po * 1e3:>12.2f} {pn * 1e3:>8.2f} {po / pn:>5.2f}x {uo * 1e3:>14.2f} {un * 1e3:>8.2f} "
+              f"{uo / un:>5.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -146,10 +185,15 @@ def main(argv: list[str] | None = None) -> None:
     f = sub.add_parser("finite")
     f.add_argument("--repeat", type=int, default=20)
     f.add_argument("--threads", type=int, default=None)
+    pk = sub.add_parser("packing")
+    pk.add_argument("--rev", default="65dbda7")
+    pk.add_argument("--codes", type=int, default=1536 * 576, help="codes per call (default: one down projection)")
+    pk.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"search": cmd_search, "tensor": cmd_tensor, "stages": cmd_stages, "finite": cmd_finite}[args.cmd](args)
+    {"search": cmd_search, "tensor": cmd_tensor, "stages": cmd_stages, "finite": cmd_finite,
+     "packing": cmd_packing}[args.cmd](args)
 
 
 class _Clock:

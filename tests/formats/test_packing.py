@@ -111,3 +111,22 @@ def test_rejects_float_codes_and_bad_lengths() -> None:
 def test_empty() -> None:
     assert pack_bits(torch.zeros(0, dtype=torch.int64), 3).numel() == 0
     assert unpack_bits(torch.zeros(0, dtype=torch.uint8), 3, 0).numel() == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(0, 120), seed=st.integers(0, 2**16),
+       chunk=st.sampled_from([8, 16, 1 << 21]))
+def test_matches_the_little_endian_integer(bits: int, n: int, seed: int, chunk: int) -> None:
+    """Both directions against the layout's definition, a Python int ``Σ c_i << (i·b)`` written little-endian:
+    codes of every width (8 included) pack to its bytes, and any bytes (padding bits set or not) unpack to its
+    fields, across chunk boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n,), generator=g)
+    stream = sum(int(c) << (i * bits) for i, c in enumerate(codes.tolist()))
+    nbytes = packed_nbytes(n, bits)
+    raw = torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.int64).to(torch.uint8)
+    value = int.from_bytes(bytes(raw.tolist()), "little")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packing, "_CHUNK", chunk)
+        assert pack_bits(codes, bits).tolist() == list(stream.to_bytes(nbytes, "little"))
+        assert unpack_bits(raw, bits, n).tolist() == [(value >> (i * bits)) & ((1 << bits) - 1) for i in range(n)]

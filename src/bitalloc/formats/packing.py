@@ -6,8 +6,10 @@ byte ``k // 8``.  A stream of ``count`` codes takes exactly ``ceil(count * b / 8
 bits of the last byte are zero.  Examples (b = 3): codes ``[1, 2, 3]`` are the bits
 ``100 010 110`` (LSB first) = byte 0 ``0b11010001`` = 0xD1, byte 1 ``0b00000000`` = 0x00.
 
-Both directions are vectorised (the only Python loops run over the ``b`` or 8 bit positions) and work in
-chunks of whole bytes so the temporaries stay bounded for large tensors.
+Both directions work on words of 8 codes, which take exactly ``b`` bytes: a word is the int64
+``Σ_i code_i << (i·b)`` (at most 64 bits), and its bytes are its ``b`` low octets, least significant first — the
+bitstream above, written 8 codes at a time.  The only Python loops run over the 8 codes or the ``b`` bytes of a
+word, in chunks of whole words so the temporaries stay bounded for large tensors.
 """
 from __future__ import annotations
 
@@ -48,21 +50,22 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     lo, hi = int(flat.min()), int(flat.max())
     if lo < 0 or hi >= (1 << bits):
         raise FormatError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing, found range [{lo}, {hi}]")
-    flat = flat.to(torch.uint8)
-    shifts = torch.arange(bits, dtype=torch.uint8)
+    if bits == 8:  # a code per byte (and a word would reach int64's sign bit)
+        out.copy_(flat.to(torch.uint8))
+        return out
     for start in range(0, count, _CHUNK):
-        chunk = flat[start:start + _CHUNK]
+        chunk = flat[start:start + _CHUNK].to(torch.int64)
         n = chunk.numel()
-        stream = ((chunk.unsqueeze(1) >> shifts) & 1).reshape(-1)  # (n*bits,) bits, LSB first
-        pad = (-stream.numel()) % 8
-        if pad:
-            stream = torch.cat([stream, torch.zeros(pad, dtype=torch.uint8)])
-        octets = stream.reshape(-1, 8)
-        byte = octets[:, 0].clone()
-        for k in range(1, 8):
-            byte |= octets[:, k] << k
+        words = -(-n // 8)
+        if n % 8:
+            chunk = torch.cat([chunk, chunk.new_zeros(words * 8 - n)])
+        codes8 = chunk.reshape(words, 8)
+        word = codes8[:, 0].clone()
+        for i in range(1, 8):
+            word |= codes8[:, i] << (i * bits)
+        octets = torch.stack([(word >> (8 * k)) & 0xFF for k in range(bits)], dim=1).to(torch.uint8).reshape(-1)
         first = start * bits // 8  # start is a multiple of 8, so this is exact
-        out[first:first + packed_nbytes(n, bits)] = byte
+        out[first:first + packed_nbytes(n, bits)] = octets[:packed_nbytes(n, bits)]
     return out
 
 
@@ -78,17 +81,23 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     flat = packed.reshape(-1)
     if flat.numel() != need:
         raise FormatError(f"{count} codes of {bits} bits take {need} bytes, got {flat.numel()}")
+    if bits == 8:
+        return flat.to(torch.int64)
     out = torch.empty(count, dtype=torch.int64)
-    shifts8 = torch.arange(8, dtype=torch.uint8)
+    mask = (1 << bits) - 1
     for start in range(0, count, _CHUNK):
         n = min(_CHUNK, count - start)
+        words = -(-n // 8)
         first = start * bits // 8
-        chunk = flat[first:first + packed_nbytes(n, bits)]
-        stream = ((chunk.unsqueeze(1) >> shifts8) & 1).reshape(-1)[: n * bits].reshape(n, bits)
-        code = stream[:, 0].to(torch.int64)
+        chunk = flat[first:first + packed_nbytes(n, bits)].to(torch.int64)
+        if chunk.numel() < words * bits:  # the last word's missing bytes hold only padding
+            chunk = torch.cat([chunk, chunk.new_zeros(words * bits - chunk.numel())])
+        octets = chunk.reshape(words, bits)
+        word = octets[:, 0].clone()
         for k in range(1, bits):
-            code |= stream[:, k].to(torch.int64) << k
-        out[start:start + n] = code
+            word |= octets[:, k] << (8 * k)
+        codes = torch.stack([(word >> (i * bits)) & mask for i in range(8)], dim=1).reshape(-1)
+        out[start:start + n] = codes[:n]
     return out
 
 
