@@ -157,7 +157,8 @@ def cmd_packing(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    print(f"{'bits':>4} {'pack old ms':>12} {'new ms':>8} {'ratio':>6} {'unpack old ms':>14} {'new ms':>8} {'ratio':>6}")
+    print(f"{'bits':>4} {'pack old ms':>12} {'new ms':>8} {'ratio':>6} "
+          f"{'unpack old ms':>14} {'new ms':>8} {'ratio':>6}")
     for bits in (2, 3, 4, 5, 6):
         codes = torch.randint(0, 1 << bits, (args.codes,), generator=g)
         packed = packing.pack_bits(codes, bits)

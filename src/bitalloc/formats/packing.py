@@ -81,8 +81,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     flat = packed.reshape(-1)
     if flat.numel() != need:
         raise FormatError(f"{count} codes of {bits} bits take {need} bytes, got {flat.numel()}")
-    if bits == 8:
-        return flat.to(torch.int64)
+    if bits == 8:  # the codes are the bytes (in CPU memory, as every width returns them)
+        return flat.to(device="cpu", dtype=torch.int64)
     out = torch.empty(count, dtype=torch.int64)
     mask = (1 << bits) - 1
     for start in range(0, count, _CHUNK):

@@ -305,7 +305,8 @@ class Stages:
                 for name, q in done_q.items():
                     set_weight(model, name, dequantize(q).reshape(model.get_parameter(name).shape))
                 given = {**qtensors, **done_q}
-            teacher = self.load_source(tokenizer=False)[0]  # rotated like the student: recovery matches them block by block
+            # rotated like the student: recovery matches them block by block
+            teacher = self.load_source(tokenizer=False)[0]
             windows, guard = self.recovery_windows
             q, values = recover_model(model, teacher, windows, given, rc, placement=self.placement,
                                       progress=self.config.progress, on_block=ckpt.on_block, start=start,
