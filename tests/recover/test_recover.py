@@ -658,3 +658,13 @@ def test_a_tie_by_shared_storage_is_parametrized_on_both_modules():
     finally:
         att.finish()
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_the_teacher_copy_does_not_parse_the_tokenizer_again(hf, tmp_path, monkeypatch):
+    """Recovery's teacher is a second load of the model: the student's tokenizer serves, it is not parsed again."""
+    from bitalloc.models import sources
+
+    real, calls = sources._tokenizer, []
+    monkeypatch.setattr(sources, "_tokenizer", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert main(quantize_argv(hf, tmp_path / "o", *BLOCK_ONLY)) == 0
+    assert len(calls) == 1
