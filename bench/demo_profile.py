@@ -38,20 +38,26 @@ DEMO_FORMATS = ["int2-g64", "int3-g64", "int3-g128", "int4-g64", "int4-g128", "i
 TENSORS = ["blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.0.ffn_up.weight", "token_embd.weight"]
 
 
-def old_rtn(rev: str) -> types.ModuleType:
-    """The scale search as of git revision ``rev`` (imported under another name): ``bitalloc.formats.fit``, or
-    ``bitalloc.rounding.rtn`` where it lived before."""
-    for path in ("src/bitalloc/formats/fit.py", "src/bitalloc/rounding/rtn.py"):
+def old_module(rev: str, paths: tuple[str, ...], name: str) -> types.ModuleType:
+    """The first of ``paths`` (modules of ``bitalloc``) that exists at git revision ``rev``, imported under another
+    name, its relative imports made absolute."""
+    for path in paths:
         got = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True)
         if got.returncode == 0:
             break
     else:
-        raise SystemExit(f"no scale search at revision {rev}")
+        raise SystemExit(f"none of {', '.join(paths)} at revision {rev}")
     src = got.stdout.replace("from ..errors", "from bitalloc.errors").replace(
         "from ..formats.base", "from bitalloc.formats.base").replace("from .base", "from bitalloc.formats.base")
-    mod = types.ModuleType("rtn_" + rev)
-    exec(compile(src, f"rtn@{rev}", "exec"), mod.__dict__)
+    mod = types.ModuleType(f"{name}_{rev}")
+    exec(compile(src, f"{name}@{rev}", "exec"), mod.__dict__)
     return mod
+
+
+def old_rtn(rev: str) -> types.ModuleType:
+    """The scale search as of git revision ``rev``: ``bitalloc.formats.fit``, or ``bitalloc.rounding.rtn`` where it
+    lived before."""
+    return old_module(rev, ("src/bitalloc/formats/fit.py", "src/bitalloc/rounding/rtn.py"), "rtn")
 
 
 def real_weight(name: str, rows: int | None = None) -> torch.Tensor:
@@ -134,19 +140,10 @@ def cmd_finite(args: argparse.Namespace) -> None:
         print(f"{what:<36} {str(shape):>14} {a * 1e3:>20.3f} {b * 1e3:>14.3f} {a / b:>6.1f}x")
 
 
-def old_module(rev: str, path: str, name: str) -> types.ModuleType:
-    """``path`` (a module of ``bitalloc.formats``) as of git revision ``rev``, imported under another name."""
-    got = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True)
-    mod = types.ModuleType(f"{name}_{rev}")
-    src = got.stdout.replace("from .base", "from bitalloc.formats.base")
-    exec(compile(src, f"{name}@{rev}", "exec"), mod.__dict__)
-    return mod
-
-
 def cmd_packing(args: argparse.Namespace) -> None:
     from bitalloc.formats import packing
 
-    old = old_module(args.rev, "src/bitalloc/formats/packing.py", "packing")
+    old = old_module(args.rev, ("src/bitalloc/formats/packing.py",), "packing")
     g = torch.Generator().manual_seed(0)
 
     def best(fn, *a) -> float:

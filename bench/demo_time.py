@@ -174,12 +174,25 @@ def run_baseline(rev: str, work: Path, demo_args: Sequence[str], threads: int | 
     cmd = [sys.executable, "-m", "bitalloc.cli", "demo", "--out", str(work / "baseline-demo"), *demo_args]
     log.info("baseline %s: running %s", commit[:12], " ".join(cmd))
     run = run_timed(cmd, work, demo_env(root, threads), timeout)
-    sweep = work / "baseline-demo" / "sweep.json"
-    mem = [ln for ln in run["output"] if ln.startswith("peak memory:")]
     return {"rev": rev, "commit": commit, "clone_seconds": seconds, "returncode": run["returncode"],
             "wall_seconds": run["wall_seconds"], "phases_seconds": phase_seconds(run["marks"], run["wall_seconds"]),
-            "measure_seconds": json.loads(sweep.read_text()).get("measure_seconds") if sweep.is_file() else None,
-            "cli_peak_memory": mem[-1] if mem else None, "table": table_rows(run["output"])}
+            **demo_outputs(run, work / "baseline-demo"), "table": table_rows(run["output"])}
+
+
+def demo_outputs(run: dict[str, Any], demo_dir: Path) -> dict[str, Any]:
+    """What a finished demo reports beyond its time: the CLI's last ``peak memory:`` line and the measurement
+    seconds its ``sweep.json`` holds (each only where found)."""
+    out: dict[str, Any] = {}
+    mem = [ln for ln in run["output"] if ln.startswith("peak memory:")]
+    if mem:
+        out["cli_peak_memory"] = mem[-1]
+    sweep = demo_dir / "sweep.json"
+    if sweep.is_file():
+        try:
+            out["measure_seconds"] = json.loads(sweep.read_text()).get("measure_seconds")
+        except ValueError:
+            pass
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,15 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             "phases_seconds": phase_seconds(run["marks"], run["wall_seconds"]),
             "output_tail": run["output"][-40:],
         })
-        mem = [ln for ln in run["output"] if ln.startswith("peak memory:")]
-        if mem:
-            result["cli_peak_memory"] = mem[-1]
-        sweep = demo_dir / "sweep.json"
-        if sweep.is_file():
-            try:
-                result["measure_seconds"] = json.loads(sweep.read_text()).get("measure_seconds")
-            except ValueError:
-                pass
+        result.update(demo_outputs(run, demo_dir))
         timings = tmp / "timings.json"
         if timings.is_file():
             result["stages"] = json.loads(timings.read_text())
