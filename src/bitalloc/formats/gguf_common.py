@@ -15,7 +15,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import NumericsError
-from .fit import minmax_affine, round_fp16
+from .fit import all_finite, minmax_affine, round_fp16
 from .base import Format, FormatError, QTensor, Shape
 
 FP16_MAX = 65504.0
@@ -79,7 +79,7 @@ def check_weights(w: torch.Tensor, fmt_id: str) -> torch.Tensor:
     if w.dim() != 2:
         raise FormatError(f"{fmt_id}: expected a 2-D weight, got shape {tuple(w.shape)}")
     w = w.detach().to(torch.float32)
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         raise NumericsError(f"{fmt_id}: weights hold NaN/Inf values")
     return w
 

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import InputError, NumericsError
 from ..formats.base import Grid
+from ..formats.fit import all_finite
 from .stacked import StackedGrid, stacked_codes
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def gptq_factor(
     if percdamp < 0 or max_damp_tries < 0:
         raise InputError(f"GPTQ: invalid percdamp={percdamp}, max_damp_tries={max_damp_tries}")
     hessian = hessian.detach().to(device if device is not None else hessian.device)
-    if not bool(torch.isfinite(hessian).all()):
+    if not all_finite(hessian):
         raise NumericsError(f"GPTQ: Hessian ({ncols}x{ncols}) contains NaN or Inf")
     dtype = torch.float64 if ncols <= FLOAT64_MAX_COLS else torch.float32
     h, dead = prepare_hessian(hessian, dtype)
@@ -156,7 +157,7 @@ def _check_weight(w: torch.Tensor, ncols: int, grids: Sequence[Grid], block_size
         if grid.rows != rows:
             raise InputError(f"GPTQ: grid has {grid.rows} rows, weight has {rows}")
     w32 = w.detach().to(torch.float32)
-    if not bool(torch.isfinite(w32).all()):
+    if not all_finite(w32):
         raise NumericsError(f"GPTQ: weight ({rows}x{cols}) contains NaN or Inf")
     for grid in grids:
         if not (bool(torch.isfinite(grid.scale).all()) and bool(torch.isfinite(grid.offset).all())):
@@ -211,7 +212,7 @@ def gptq_round_many(
         if codes is None:
             codes, _ = grid.snap(w32)
         values = grid.values(codes)
-        assert bool(torch.isfinite(values).all()), "GPTQ produced non-finite values from finite inputs"
+        assert all_finite(values), "GPTQ produced non-finite values from finite inputs"
         out.append((codes, values))
     return out
 
