@@ -90,10 +90,11 @@ DEFAULTS = {
                  "fisher_windows": 8, "measurement": None, "plan": None, "constraints": "none", "job": None}),
     "eval": (["q"], {"reference": None, "text": None, "windows": 32, "ctx": 512, "json": False}),
     "sweep": (["--budgets", "3bpw", "--out", "s"], {"model": None, "windows": 32, "method": "gptq",
-              "fisher_windows": 4, "eval": None, "eval_windows": 16, "uniform": None, "constraints": "none"}),
+              "fisher_windows": 4, "eval": None, "eval_windows": 16, "uniform": None, "constraints": "none",
+              "reuse_rounding": False}),
     "demo": ([], {"model": None, "budgets": "3.5bpw,4.5bpw", "windows": 16, "method": "rtn", "fisher_windows": 4,
              "formats": "int2-g64,int3-g64,int3-g128,int4-g64,int4-g128,int8-g128", "eval_windows": 8,
-             "out": "bitalloc-demo", "constraints": "none"}),
+             "out": "bitalloc-demo", "constraints": "none", "reuse_rounding": True}),
 }
 
 
@@ -106,6 +107,25 @@ def test_defaults_of_every_command(cmd):
         fmts = args["formats"].split(",")
         assert fmts[:2] == ["int2-row", "int2-g32"] and "fp16" in fmts
         assert {"int2-g32-dq", "int3-g32-dq", "int4-g32-dq", "int5-g32-dq"} <= set(fmts)
+
+
+@pytest.mark.parametrize("cmd, argv", [("demo", []), ("sweep", ["--budgets", "3bpw", "--out", "s"]),
+                                       ("quantize", ["--budget", "3bpw", "--out", "q"]), ("gguf", ["m.gguf", "--budget", "3bpw", "-o", "o.gguf"])])
+def test_reuse_rounding_is_the_demo_default_and_can_be_turned_off_everywhere(cmd, argv, tmp_path):
+    """The demo assembles its points from the measurement's roundings unless told not to; the other commands round
+    again block by block unless told to reuse; the job's configuration gets what was parsed."""
+    from bitalloc.cli.common import run_config
+
+    parse = build_parser().parse_args
+    default = vars(parse([cmd, *argv]))["reuse_rounding"]
+    assert default is (cmd == "demo")
+    assert vars(parse([cmd, *argv, "--no-reuse-rounding"]))["reuse_rounding"] is False
+    assert vars(parse([cmd, *argv, "--reuse-rounding"]))["reuse_rounding"] is True
+    if cmd == "demo":
+        for flag, want in (([], True), (["--no-reuse-rounding"], False)):
+            args = parse([cmd, *argv, *flag])
+            config = run_config(args, tmp_path / "out", tmp_path / "out.job", budgets=(), sweep=None)
+            assert config.reuse_rounding is want
 
 
 @pytest.mark.parametrize("argv", [["sweep", "--budgets", "3bpw"], ["quantize", "--out", "q"],

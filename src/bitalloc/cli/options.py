@@ -118,9 +118,11 @@ def add_screen(p: argparse.ArgumentParser) -> None:
                    "formats near each tensor's place at this budget (faster; the table then serves this budget only)")
 
 
-def add_reuse_rounding(p: argparse.ArgumentParser) -> None:
-    """``--reuse-rounding``: quantize with the measurement's own roundings (:func:`bitalloc.quantize.assemble_rounded`)."""
-    p.add_argument("--reuse-rounding", action="store_true",
+def add_reuse_rounding(p: argparse.ArgumentParser, default: bool = False) -> None:
+    """``--reuse-rounding`` / ``--no-reuse-rounding``: quantize with the measurement's own roundings
+    (:func:`bitalloc.quantize.assemble_rounded`) or round again block by block; ``default`` is the command's choice
+    (on for ``demo``)."""
+    p.add_argument("--reuse-rounding", action=argparse.BooleanOptionalAction, default=default,
                    help="keep every tensor's rounding into every format as the measurement makes it (in the job "
                    "directory: at most the parameters times the formats' bits per weight summed, over 8) and "
                    "quantize with those instead of rounding again block by block on the quantized model's inputs: "

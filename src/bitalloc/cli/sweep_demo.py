@@ -45,7 +45,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_sweep_rest(p: argparse.ArgumentParser, windows: int, formats: str, method: str, eval_windows: int,
-                    out_default: str | None) -> None:
+                    out_default: str | None, reuse_rounding: bool = False) -> None:
     """Every sweep/demo option after MODEL and --budgets."""
     add_calib(p, windows)
     add_measure_opts(p, formats, method, 4)
@@ -55,7 +55,7 @@ def _add_sweep_rest(p: argparse.ArgumentParser, windows: int, formats: str, meth
                    help="fixed uniform baselines (default: the best uniform format that fits each budget)")
     add_constraints(p, show_default=False)
     add_recover(p)
-    add_reuse_rounding(p)
+    add_reuse_rounding(p, reuse_rounding)
     add_rotate(p)
     add_out(p, "output directory for measurement.json, sweep.json, sweep.png",
             "replace existing results in the output directory", required=out_default is None, default=out_default)
@@ -76,5 +76,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("demo", help=help_, description=help_ + "; uniform baselines are on the same axes.")
     p.set_defaults(model=None)
     p.add_argument("--budgets", default=DEMO_BUDGETS, help=f"comma-separated budgets (default {DEMO_BUDGETS})")
-    _add_sweep_rest(p, 16, DEMO_FORMATS, "rtn", 8, "bitalloc-demo")
+    # the demo's points are assembled from the measurement's roundings: one measurement serves every point, and
+    # each point's errors are the ones its allocation was given (README, top)
+    _add_sweep_rest(p, 16, DEMO_FORMATS, "rtn", 8, "bitalloc-demo", reuse_rounding=True)
     p.set_defaults(func=cmd_demo)
