@@ -9,6 +9,7 @@ import torch
 from bitalloc.errors import NumericsError
 from bitalloc.formats import FormatError, Grid, get_format
 from bitalloc.formats.int import BITS, GROUPS, IntFormat
+from bitalloc.formats.packing import unpack_bits
 from bitalloc.rounding import dequantize, quantize_weight
 from bitalloc.rounding.rtn import rtn_round
 
@@ -197,3 +198,30 @@ def test_encode_validates() -> None:
     q = fmt.encode(codes, grid, (2, 40))
     with pytest.raises(FormatError, match="cannot decode"):
         get_format("int4-g32-sym").decode(q)
+
+
+def _whole_decode(fmt, q):
+    """The decode before it went by row blocks: every full-size temporary at once (the reference)."""
+    rows, cols = q.shape
+    gs, ng = fmt.group_size(cols), fmt.ngroups(cols)
+    codes = unpack_bits(q.parts["weight_packed"], fmt.bits, rows * ng * gs).reshape(rows, ng * gs)[:, :cols]
+    scale = q.parts["weight_scale"].to(torch.float32)
+    zero = torch.zeros_like(scale) if fmt.symmetric else q.parts["weight_zero"].to(torch.float32)
+    g = torch.div(torch.arange(cols), gs, rounding_mode="floor")
+    return scale[:, g] * fmt.levels[codes] + zero[:, g]
+
+
+@pytest.mark.parametrize("fid", ["int2-g64", "int3-g128", "int5-g32", "int8-g128", "int3-row", "int5-row",
+                                 "int4-g128-sym", "int3-row-sym"])
+@pytest.mark.parametrize("shape", [(1, 7), (13, 200), (37, 96), (64, 130)])
+@pytest.mark.parametrize("max_elems", [1, 100, 1 << 20])
+def test_decode_by_row_blocks_is_bitwise_the_whole_decode(fid, shape, max_elems):
+    """Row blocks of any size (down to the fewest rows that end on a byte of the stream) give every value the
+    whole-tensor arithmetic gives, zeros' signs included."""
+    fmt = get_format(fid)
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    w[0, 0] = -0.0
+    q = quantize_weight(w, fmt)
+    got, want = fmt.decode(q, max_elems=max_elems), _whole_decode(fmt, q)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

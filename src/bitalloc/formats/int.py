@@ -27,6 +27,7 @@ span clips its extremes rather than storing inf (see :func:`bitalloc.formats.fit
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -37,6 +38,9 @@ from ..errors import NumericsError
 from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
 from .fit import all_finite, finite_non_negative, minmax_affine, round_fp16, search_affine
 from .packing import pack_bits, packed_nbytes, unpack_bits
+
+#: :meth:`IntFormat.decode` unpacks and scales at most this many codes at a time (a block of whole rows).
+DECODE_CHUNK_ELEMS = 1 << 20
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128, None)
@@ -182,14 +186,29 @@ class IntFormat(Format):
                 raise FormatError(f"{self.id}: part {name} should be {dt} {shp}, got {t.dtype} {tuple(t.shape)}")
         return rows, cols
 
-    def decode(self, q: QTensor) -> torch.Tensor:
+    def decode(self, q: QTensor, max_elems: int = DECODE_CHUNK_ELEMS) -> torch.Tensor:
+        """float32 values, computed a block of rows (at most ``max_elems`` codes, whole bytes of the stream) at a
+        time into the result: the unpacked int64 codes and the expanded scales and zeros of one block are the
+        only temporaries, not four full-size ones (the same values: each element's arithmetic is unchanged)."""
         rows, cols = self._check_parts(q)
         gs, ng = self.group_size(cols), self.ngroups(cols)
-        codes = unpack_bits(q.parts["weight_packed"], self.bits, rows * ng * gs).reshape(rows, ng * gs)[:, :cols]
+        packed = q.parts["weight_packed"]
         scale = q.parts["weight_scale"].to(torch.float32)
-        zero = torch.zeros_like(scale) if self.symmetric else q.parts["weight_zero"].to(torch.float32)
+        zero = None if self.symmetric else q.parts["weight_zero"].to(torch.float32)
+        levels = self.levels.to(scale.device)
         g = torch.div(torch.arange(cols, device=scale.device), gs, rounding_mode="floor")
-        return scale[:, g] * self.levels.to(scale.device)[codes] + zero[:, g]  # exactly Grid.values
+        out = torch.empty(rows, cols, dtype=torch.float32, device=scale.device)
+        row_bits = ng * gs * self.bits
+        step = 8 // math.gcd(row_bits, 8)  # rows per whole byte of the stream
+        per = max(step, max_elems // max(ng * gs, 1) // step * step)
+        for r0 in range(0, rows, per):
+            r1 = min(rows, r0 + per)
+            part = packed[r0 * row_bits // 8:packed_nbytes(r1 * ng * gs, self.bits)]
+            codes = unpack_bits(part, self.bits, (r1 - r0) * ng * gs).reshape(r1 - r0, ng * gs)[:, :cols]
+            vals = scale[r0:r1, g] * levels[codes]
+            vals += zero[r0:r1, g] if zero is not None else 0.0  # exactly Grid.values (its +0 offset included)
+            out[r0:r1] = vals
+        return out
 
 
 def check_bits_group(bits: object, group: object) -> None:
