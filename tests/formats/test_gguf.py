@@ -130,6 +130,21 @@ def test_decodes_llama_cpp_blocks(fid: str, weighted: bool) -> None:
     assert np.abs(ours - w).max() < np.abs(w).max()  # sanity: it is a quantization of w
 
 
+@pytest.mark.parametrize("fid", GGUF_TYPES)
+def test_decode_by_blocks_is_bitwise_the_whole_decode_and_gguf_py(fid: str) -> None:
+    """Decoding a few blocks at a time (down to one) gives every value decoding all blocks at once gives, and
+    gguf-py's dequantization of the same bytes."""
+    fmt = get_format(fid)
+    w = _weights(rows=9, cols=768, seed=3)
+    grid = fmt.fit(w, None)
+    q = fmt.encode(rtn_round(w, grid)[0], grid, tuple(w.shape), "float32")
+    whole = fmt.decode(q, max_elems=1 << 30)
+    ref = _gguf_decode(fmt, q.parts["weight_packed"])
+    np.testing.assert_array_equal(_bits(whole.numpy()), _bits(ref.reshape(whole.shape)))
+    for max_elems in (1, fmt.block_size * 3, 1000):
+        assert torch.equal(fmt.decode(q, max_elems=max_elems).view(torch.int32), whole.view(torch.int32))
+
+
 @pytest.mark.parametrize("fid", LEGACY_TYPES)
 def test_decodes_gguf_py_blocks(fid: str) -> None:
     fmt = get_format(fid)

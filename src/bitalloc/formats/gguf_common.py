@@ -88,6 +88,8 @@ RoundFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 NearFn = Callable[[torch.Tensor], torch.Tensor]
 #: elements of one (groups, candidates, group) work tensor: small enough to stay in cache
 _CHUNK = 1 << 18
+#: :meth:`GGUFFormat.decode` decodes the blocks of at most this many values at a time.
+DECODE_CHUNK_ELEMS = 1 << 20
 #: elements of one slab searched and polished together (bounds the memory of large tensors)
 _OUTER = 1 << 21
 
@@ -347,6 +349,20 @@ class GGUFFormat(Format):
 
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_size * self.type_size
+
+    def decode(self, q: QTensor, max_elems: int = DECODE_CHUNK_ELEMS) -> torch.Tensor:
+        """float32 values, :meth:`decode_blocks` of at most ``max_elems`` values' blocks at a time into the result
+        (blocks are decoded independently, so the values are those of decoding every block at once)."""
+        b = self.blocks_of(q)
+        out = torch.empty(b.shape[0], self.block_size, dtype=torch.float32, device=b.device)
+        per = max(1, max_elems // self.block_size)
+        for i in range(0, b.shape[0], per):
+            out[i:i + per] = self.decode_blocks(b[i:i + per])
+        return out.reshape(int(q.shape[0]), int(q.shape[1]))
+
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
+        """float32 values ``(n, block_size)`` of ``n`` raw blocks ``(n, type_size)`` uint8."""
+        raise NotImplementedError
 
     def blocks_of(self, q: QTensor) -> torch.Tensor:
         """The raw blocks of a stored tensor as uint8 (rows * nblocks, type_size), validated."""

@@ -241,8 +241,7 @@ class GGUFKQuant(GGUFFormat):
         u = codes.reshape(-1, QK_K)
         return self.packed(_PACK[self.name](u, d.reshape(-1, 1), dmin.reshape(-1, 1), sc, mn), shape, dtype)
 
-    def decode(self, q: QTensor) -> torch.Tensor:
-        b = self.blocks_of(q)
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         u, d, dmin, sc, mn = _UNPACK[self.name](b)
         n = b.shape[0]
         sp = self.spec
@@ -251,7 +250,7 @@ class GGUFKQuant(GGUFFormat):
         out = dl * qv
         if self.affine:
             out = out - (dmin * mn.to(torch.float32)).reshape(n, -1, 1)
-        return out.reshape(int(q.shape[0]), int(q.shape[1]))
+        return out.reshape(n, self.block_size)
 
     # --- recovery -----------------------------------------------------------------------------------------
     learns_scales = True

@@ -138,9 +138,8 @@ class GGUFLegacy(GGUFFormat):
             code = code | (qh << 4)
         return d, m, code
 
-    def decode(self, q: QTensor) -> torch.Tensor:
+    def decode_blocks(self, b: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        b = self.blocks_of(q)
         d, m, code = self._parse(b)
         if spec.levels[0] != 0.0 and self.name != "iq4_nl":  # uniform symmetric: level = code + lowest level
             vals = (code + int(spec.levels[0])).to(torch.float32)
@@ -149,7 +148,7 @@ class GGUFLegacy(GGUFFormat):
         out = d * vals
         if m is not None:
             out = out + m
-        return out.reshape(int(q.shape[0]), int(q.shape[1]))
+        return out.reshape(b.shape[0], self.block_size)
 
     # --- recovery -------------------------------------------------------------------------------------
     learns_scales = True
