@@ -111,3 +111,36 @@ def test_spilled_model_quantizes_identically_one_row_block_resident(monkeypatch,
     assert [r for n, r in released if n == "model.embed_tokens.weight"] == want
     for (n, a), (_, b) in zip(ref.named_parameters(), low.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_originals_are_the_source_s_own_weights_only_when_they_are_equal_bit_for_bit():
+    """``originals``: a source holding the model's exact values serves them without a copy and restores the model
+    exactly; a source that differs anywhere (one value, or only a zero's sign) gives a snapshot instead."""
+    from bitalloc.quantize import originals
+    from tests.conftest import tiny_llama
+
+    model, same = tiny_llama(seed=3), tiny_llama(seed=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    got = originals(model, same)
+    theirs = dict(same.named_parameters())
+    assert got.keys() == before.keys()
+    assert all(t.data_ptr() == theirs[n].data_ptr() for n, t in got.items())  # no copy
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    restore(model, got)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+    for change in ("value", "sign"):
+        other = tiny_llama(seed=3)
+        w = dict(other.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+        m = dict(model.named_parameters())["model.layers.0.mlp.down_proj.weight"]
+        with torch.no_grad():
+            if change == "value":
+                w[0, 0] += 1.0
+            else:
+                m[0, 0], w[0, 0] = 0.0, -0.0
+        got = originals(model, other)
+        assert all(t.data_ptr() != dict(other.named_parameters())[n].data_ptr() for n, t in got.items())
+        assert all(torch.equal(got[n], p) for n, p in model.named_parameters())
+    assert originals(model).keys() == before.keys()  # no source: a snapshot

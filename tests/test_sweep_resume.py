@@ -300,3 +300,17 @@ def test_the_reference_copy_does_not_parse_the_tokenizer_again(hf, reference, tm
     assert main(sweep_argv(hf, tmp_path / "out")) == 0
     assert len(calls) == 1
     assert outputs(tmp_path / "out") == reference
+
+
+def test_a_sweep_restores_its_points_from_the_reference_without_copying_the_model(hf, reference, tmp_path,
+                                                                                monkeypatch):
+    """The fp reference is a second load of the same model, so every point restores the weights from it: no
+    snapshot of the model is taken, and the outputs are those of a sweep that restored from a snapshot."""
+    import bitalloc.quantize as quantize_mod
+
+    fixed_clock(monkeypatch)
+    for mod in (quantize_mod, sweep_mod):  # wherever a sweep could call it from
+        monkeypatch.setattr(mod, "snapshot", lambda *a, **k: pytest.fail("the model was copied"), raising=False)
+    out = tmp_path / "out"
+    assert main(sweep_argv(hf, out)) == 0
+    assert outputs(out) == reference

@@ -91,6 +91,26 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def originals(model: nn.Module, source: nn.Module | None = None) -> Mapping[str, torch.Tensor]:
+    """What :func:`restore` needs to give ``model`` back its present weights: ``source``'s own parameters when
+    ``source`` holds exactly these values under the same names (a second load of the same model, such as a sweep's
+    fp reference; checked here, value by value), so that no copy of the model is made; else a :func:`snapshot`.
+    ``source`` must then not change while the mapping is in use."""
+    if source is not None:
+        theirs = dict(source.named_parameters())
+        mine = dict(model.named_parameters())
+        if all(n in theirs and _same(p, theirs[n]) for n, p in mine.items()):
+            return {n: theirs[n].detach() for n in mine}
+        log.info("the reference's weights differ from the model's: a copy of the model is kept to restore it")
+    return snapshot(model)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    with torch.no_grad():
+        return (a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+                and torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)))
+
+
 def restore(model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
     for n, v in saved.items():
         set_weight(model, n, v)

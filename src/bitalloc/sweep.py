@@ -1,6 +1,7 @@
 """Many budgets from one measurement: allocate + quantize + evaluate each, uniform baselines beside them.
 
-Every point starts from the same fp weights (a snapshot restored before each quantization) and is scored
+Every point starts from the same fp weights (restored before each quantization from the reference, a second load
+of the same model, or from a snapshot when the reference differs) and is scored
 against the same cached reference logits, so points differ only by their plan and rounding method; each point
 is therefore independent of the others, which is what lets :mod:`bitalloc.jobs.sweep` resume a sweep point by
 point (``sweep(..., done=..., on_point=...)``).
@@ -27,7 +28,7 @@ from .models.view import ModelView
 from .pipeline import CachedReference, fitting_uniforms, make_plan, uniform_plan
 from .placement import Placement
 from .plan import Plan
-from .quantize import assemble_rounded, quantize_model, restore, snapshot
+from .quantize import assemble_rounded, originals, quantize_model, restore
 from .timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def sweep(
     missing = [m for m in methods if m not in tables]
     if missing:
         raise ValueError(f"no measurement given for method(s) {missing}")
-    saved = snapshot(model)
+    saved = originals(model, reference)  # the reference's own weights when they are the model's: no copy
     ref = CachedReference(reference)
     done = done or {}
     points: list[Point] = []

@@ -326,9 +326,11 @@ def test_recovery_aware_without_an_allocation_is_refused_before_loading(hf, tmp_
     assert not (tmp_path / "o").exists()
 
 
-def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch):
+@pytest.mark.parametrize("reuse", [(), ("--reuse-rounding",)])
+def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch, reuse):
     """``sweep --recover``: every point's model is recovered after its quantization (on DEFAULT_WINDOW_FACTOR times
-    the calibration windows, then the held-out guard windows, as quantize does)."""
+    the calibration windows, then the held-out guard windows, as quantize does), also when the points are assembled
+    from the measurement's roundings (the demo's default)."""
     from bitalloc.recover.config import DEFAULT_GUARD_WINDOWS, DEFAULT_WINDOW_FACTOR
     import bitalloc.recover as rec_pkg
     from tests.test_sweep_resume import sweep_argv
@@ -342,7 +344,7 @@ def test_sweep_recovers_every_point(hf, tmp_path, monkeypatch):
         return real(student, teacher, windows, q, cfg, **kw)
 
     monkeypatch.setattr(rec_pkg, "recover_model", spy)
-    assert main(sweep_argv(hf, tmp_path / "s", "--recover", "block", "--recover-steps", "2",
+    assert main(sweep_argv(hf, tmp_path / "s", "--recover", "block", "--recover-steps", "2", *reuse,
                            budgets="3.5bpw")) == 0
     g = DEFAULT_GUARD_WINDOWS
     assert calls and all(c == ("block", (4 * DEFAULT_WINDOW_FACTOR + g, 32), g) for c in calls)
