@@ -144,3 +144,6 @@ def test_originals_are_the_source_s_own_weights_only_when_they_are_equal_bit_for
         assert all(t.data_ptr() != dict(other.named_parameters())[n].data_ptr() for n, t in got.items())
         assert all(torch.equal(got[n], p) for n, p in model.named_parameters())
     assert originals(model).keys() == before.keys()  # no source: a snapshot
+    mine = dict(model.named_parameters())
+    got = originals(model, model)  # the same memory would be overwritten with the model: a snapshot
+    assert all(t.data_ptr() != mine[n].data_ptr() and torch.equal(t, mine[n]) for n, t in got.items())

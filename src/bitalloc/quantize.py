@@ -93,9 +93,9 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def originals(model: nn.Module, source: nn.Module | None = None) -> Mapping[str, torch.Tensor]:
     """What :func:`restore` needs to give ``model`` back its present weights: ``source``'s own parameters when
-    ``source`` holds exactly these values under the same names (a second load of the same model, such as a sweep's
-    fp reference; checked here, value by value), so that no copy of the model is made; else a :func:`snapshot`.
-    ``source`` must then not change while the mapping is in use."""
+    ``source`` holds exactly these values under the same names in memory of its own (a second load of the same
+    model, such as a sweep's fp reference; checked here, value by value), so that no copy of the model is made;
+    else a :func:`snapshot`.  ``source`` must then not change while the mapping is in use."""
     if source is not None:
         theirs = dict(source.named_parameters())
         mine = dict(model.named_parameters())
@@ -106,8 +106,10 @@ def originals(model: nn.Module, source: nn.Module | None = None) -> Mapping[str,
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, and not the same memory (writing ``a`` must leave ``b`` as it is)."""
     with torch.no_grad():
         return (a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+                and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
                 and torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)))
 
 
