@@ -16,6 +16,10 @@
       the int formats' bit packing (``formats.packing``) as of git revision REV (default 65dbda7: a bitstream
       built bit by bit) against the current one (8 codes per int64 word), widths 2..6, alternating: ratio
       old/new per direction, and the bytes and codes checked equal.
+  python bench/demo_profile.py decode [--rev REV] [--name TENSOR] [--formats F,...]
+      decoding a whole real tensor (default the embedding) with the formats' decode as of REV (default a0b9ea0:
+      every temporary full-size) against the current one (a block of rows or GGUF blocks at a time), alternating,
+      best of 5: ratio old/new per format, and the values checked equal bit for bit.
   python bench/demo_profile.py stages
       the demo's stages on the real model, timed one by one: load, Fisher pass, calibration (Hessians),
       measurement (fit / RTN / errors, per tensor kind), allocation, quantize, evaluation windows.
@@ -49,7 +53,11 @@ def old_module(rev: str, paths: tuple[str, ...], name: str) -> types.ModuleType:
         raise SystemExit(f"none of {', '.join(paths)} at revision {rev}")
     src = got.stdout.replace("from ..errors", "from bitalloc.errors").replace(
         "from ..formats.base", "from bitalloc.formats.base").replace("from .base", "from bitalloc.formats.base")
+    package = "bitalloc." + ".".join(Path(path).parent.parts[2:])  # src/bitalloc/formats/x.py -> bitalloc.formats
+    src = src.replace("from .. ", "from bitalloc ").replace("from ..", "from bitalloc.").replace(
+        "from . ", f"from {package} ").replace("from .", f"from {package}.")  # the other relative imports
     mod = types.ModuleType(f"{name}_{rev}")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up there
     exec(compile(src, f"{name}@{rev}", "exec"), mod.__dict__)
     return mod
 
@@ -167,6 +175,46 @@ def cmd_packing(args: argparse.Namespace) -> None:
               f"{uo / un:>5.2f}x")
 
 
+def cmd_decode(args: argparse.Namespace) -> None:
+    """Decoding a whole real tensor: the formats' ``decode`` as of ``args.rev`` (every temporary full-size) against
+    the current one (a block of rows or blocks at a time), alternating, best of 5, values checked equal bit for
+    bit.  The old modules are loaded beside the current ones (their formats registered again, after them)."""
+    from bitalloc.formats import get_format
+    from bitalloc.rounding import quantize_weight
+
+    w = real_weight(args.name)
+    old_int = old_module(args.rev, ("src/bitalloc/formats/int.py",), "int")
+    old_legacy = old_module(args.rev, ("src/bitalloc/formats/gguf_legacy.py",), "gguf_legacy")
+    old_k = old_module(args.rev, ("src/bitalloc/formats/gguf_kquants.py",), "gguf_kquants")
+
+    def old_format(fid: str):
+        fmt = get_format(fid)
+        if fid.startswith("int"):
+            return old_int.IntFormat(fmt.bits, fmt.group, fmt.symmetric)
+        return (old_legacy.GGUFLegacy if isinstance(fmt, type(get_format("q8_0"))) else old_k.GGUFKQuant)(fid)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    print(f"{args.name} {tuple(w.shape)}; old = {args.rev}")
+    print(f"{'format':>10} {'old ms':>9} {'new ms':>9} {'ratio':>6} {'decoded as':>14}")
+    for fid in args.formats.split(","):
+        new, old = get_format(fid), old_format(fid)
+        x = w if new.supports(tuple(w.shape)) else w.reshape(-1, 1536)  # K-quants: the same values, rows of 1536
+        q = quantize_weight(x, new)
+        a, b = old.decode(q), new.decode(q)
+        if not torch.equal(a.view(torch.int32), b.view(torch.int32)):
+            raise SystemExit(f"{fid}: the decodes differ")
+        del a, b
+        to, tn = best(lambda: old.decode(q)), best(lambda: new.decode(q))
+        print(f"{fid:>10} {to * 1e3:>9.1f} {tn * 1e3:>9.1f} {to / tn:>5.2f}x {str(tuple(x.shape)):>14}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -187,11 +235,16 @@ def main(argv: list[str] | None = None) -> None:
     pk.add_argument("--rev", default="65dbda7")
     pk.add_argument("--codes", type=int, default=1536 * 576, help="codes per call (default: one down projection)")
     pk.add_argument("--threads", type=int, default=None)
+    dc = sub.add_parser("decode")
+    dc.add_argument("--rev", default="a0b9ea0")
+    dc.add_argument("--name", default="token_embd.weight")
+    dc.add_argument("--formats", default="int2-g64,int4-g128,int8-g128,int4-row-sym,q4_0,q8_0,q4_k,q6_k")
+    dc.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     {"search": cmd_search, "tensor": cmd_tensor, "stages": cmd_stages, "finite": cmd_finite,
-     "packing": cmd_packing}[args.cmd](args)
+     "packing": cmd_packing, "decode": cmd_decode}[args.cmd](args)
 
 
 class _Clock:

@@ -33,6 +33,11 @@ class FormatError(BitallocError, ValueError):
     """A format id that does not exist, or a tensor shape a format cannot store."""
 
 
+#: Formats that decode in parts (the int formats by rows, the GGUF types by blocks) decode at most this many values
+#: at a time, so that a large tensor's temporaries stay small.
+DECODE_CHUNK_ELEMS = 1 << 20
+
+
 @dataclass(frozen=True, eq=False)
 class QTensor:
     """A quantized tensor as stored: self-describing named parts plus what is needed to decode it.

@@ -16,7 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import NumericsError
 from .fit import all_finite, minmax_affine, round_fp16
-from .base import Format, FormatError, QTensor, Shape
+from .base import DECODE_CHUNK_ELEMS, Format, FormatError, QTensor, Shape
 
 FP16_MAX = 65504.0
 
@@ -88,8 +88,6 @@ RoundFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tenso
 NearFn = Callable[[torch.Tensor], torch.Tensor]
 #: elements of one (groups, candidates, group) work tensor: small enough to stay in cache
 _CHUNK = 1 << 18
-#: :meth:`GGUFFormat.decode` decodes the blocks of at most this many values at a time.
-DECODE_CHUNK_ELEMS = 1 << 20
 #: elements of one slab searched and polished together (bounds the memory of large tensors)
 _OUTER = 1 << 21
 

@@ -35,12 +35,9 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import NumericsError
-from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
+from .base import DECODE_CHUNK_ELEMS, REGISTRY, Format, FormatError, Grid, QTensor, Shape
 from .fit import all_finite, finite_non_negative, minmax_affine, round_fp16, search_affine
 from .packing import pack_bits, packed_nbytes, unpack_bits
-
-#: :meth:`IntFormat.decode` unpacks and scales at most this many codes at a time (a block of whole rows).
-DECODE_CHUNK_ELEMS = 1 << 20
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128, None)
