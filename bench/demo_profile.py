@@ -51,11 +51,11 @@ def old_module(rev: str, paths: tuple[str, ...], name: str) -> types.ModuleType:
             break
     else:
         raise SystemExit(f"none of {', '.join(paths)} at revision {rev}")
-    src = got.stdout.replace("from ..errors", "from bitalloc.errors").replace(
-        "from ..formats.base", "from bitalloc.formats.base").replace("from .base", "from bitalloc.formats.base")
+    # ``.base`` is the formats' base wherever the module lived (the old scale search imported it from rounding/)
+    src = got.stdout.replace("from .base", "from bitalloc.formats.base")
     package = "bitalloc." + ".".join(Path(path).parent.parts[2:])  # src/bitalloc/formats/x.py -> bitalloc.formats
     src = src.replace("from .. ", "from bitalloc ").replace("from ..", "from bitalloc.").replace(
-        "from . ", f"from {package} ").replace("from .", f"from {package}.")  # the other relative imports
+        "from . ", f"from {package} ").replace("from .", f"from {package}.")
     mod = types.ModuleType(f"{name}_{rev}")
     sys.modules[mod.__name__] = mod  # dataclasses look their module up there
     exec(compile(src, f"{name}@{rev}", "exec"), mod.__dict__)
@@ -148,20 +148,21 @@ def cmd_finite(args: argparse.Namespace) -> None:
         print(f"{what:<36} {str(shape):>14} {a * 1e3:>20.3f} {b * 1e3:>14.3f} {a / b:>6.1f}x")
 
 
+def best_of(fn, *a, runs: int = 5) -> float:
+    """The least wall time of ``runs`` calls ``fn(*a)``."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(*a)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def cmd_packing(args: argparse.Namespace) -> None:
     from bitalloc.formats import packing
 
     old = old_module(args.rev, ("src/bitalloc/formats/packing.py",), "packing")
     g = torch.Generator().manual_seed(0)
-
-    def best(fn, *a) -> float:
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn(*a)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
     print(f"{'bits':>4} {'pack old ms':>12} {'new ms':>8} {'ratio':>6} "
           f"{'unpack old ms':>14} {'new ms':>8} {'ratio':>6}")
     for bits in (2, 3, 4, 5, 6):
@@ -169,8 +170,9 @@ def cmd_packing(args: argparse.Namespace) -> None:
         packed = packing.pack_bits(codes, bits)
         assert torch.equal(packed, old.pack_bits(codes, bits))
         assert torch.equal(packing.unpack_bits(packed, bits, args.codes), old.unpack_bits(packed, bits, args.codes))
-        po, pn = best(old.pack_bits, codes, bits), best(packing.pack_bits, codes, bits)
-        uo, un = best(old.unpack_bits, packed, bits, args.codes), best(packing.unpack_bits, packed, bits, args.codes)
+        po, pn = best_of(old.pack_bits, codes, bits), best_of(packing.pack_bits, codes, bits)
+        uo, un = (best_of(old.unpack_bits, packed, bits, args.codes),
+                  best_of(packing.unpack_bits, packed, bits, args.codes))
         print(f"{bits:>4} {po * 1e3:>12.2f} {pn * 1e3:>8.2f} {po / pn:>5.2f}x {uo * 1e3:>14.2f} {un * 1e3:>8.2f} "
               f"{uo / un:>5.2f}x")
 
@@ -180,6 +182,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
     the current one (a block of rows or blocks at a time), alternating, best of 5, values checked equal bit for
     bit.  The old modules are loaded beside the current ones (their formats registered again, after them)."""
     from bitalloc.formats import get_format
+    from bitalloc.formats.gguf_legacy import GGUFLegacy
     from bitalloc.rounding import quantize_weight
 
     w = real_weight(args.name)
@@ -191,15 +194,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
         fmt = get_format(fid)
         if fid.startswith("int"):
             return old_int.IntFormat(fmt.bits, fmt.group, fmt.symmetric)
-        return (old_legacy.GGUFLegacy if isinstance(fmt, type(get_format("q8_0"))) else old_k.GGUFKQuant)(fid)
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return (old_legacy.GGUFLegacy if isinstance(fmt, GGUFLegacy) else old_k.GGUFKQuant)(fid)
 
     print(f"{args.name} {tuple(w.shape)}; old = {args.rev}")
     print(f"{'format':>10} {'old ms':>9} {'new ms':>9} {'ratio':>6} {'decoded as':>14}")
@@ -211,7 +206,7 @@ def cmd_decode(args: argparse.Namespace) -> None:
         if not torch.equal(a.view(torch.int32), b.view(torch.int32)):
             raise SystemExit(f"{fid}: the decodes differ")
         del a, b
-        to, tn = best(lambda: old.decode(q)), best(lambda: new.decode(q))
+        to, tn = best_of(old.decode, q), best_of(new.decode, q)
         print(f"{fid:>10} {to * 1e3:>9.1f} {tn * 1e3:>9.1f} {to / tn:>5.2f}x {str(tuple(x.shape)):>14}", flush=True)
 
 
