@@ -110,3 +110,17 @@ def test_measure_and_quantize_weight_with_cuda_tensors() -> None:
         e_dev = layer_output_error(w, dequantize(q), h)
         e_cpu = layer_output_error(w, dequantize(ref), h)
         assert e_dev == pytest.approx(e_cpu, rel=0.02)
+
+
+def test_grid_elems_lets_the_stack_alone_bound_the_row_blocks():
+    """The pipeline passes ``grid_elems`` = the stack's bound: fewer, larger row blocks (one GPTQ column loop each)
+    than ``max_elems`` would cut, and the same rows up to float summation order."""
+    w, st = _stats(64, 256, 4)
+    fmts = ["int4-g32", "int3-g128", "q4_0"]
+    small, big = StageTimer(), StageTimer()
+    cut = measure_tensor("t", w, st, fmts, max_elems=8 * 256, timer=small)
+    whole = measure_tensor("t", w, st, fmts, max_elems=8 * 256, grid_elems=1 << 20, stack_elems=3 * 32 * 256,
+                           timer=big)
+    assert small.calls["measure.factor"] == big.calls["measure.factor"] == 1
+    assert small.calls["measure.fit"] == 8 and big.calls["measure.fit"] == 2  # row blocks of 8 rows, of 32
+    _compare(whole, cut)

@@ -147,3 +147,33 @@ def test_originals_are_the_source_s_own_weights_only_when_they_are_equal_bit_for
     mine = dict(model.named_parameters())
     got = originals(model, model)  # the same memory would be overwritten with the model: a snapshot
     assert all(t.data_ptr() != mine[n].data_ptr() and torch.equal(t, mine[n]) for n, t in got.items())
+
+
+def test_gptq_row_blocks_may_be_as_large_as_a_share_of_the_hessian(monkeypatch, request, windows):
+    """A weight rounded with a Hessian is cut into blocks of up to cols² ÷ HESSIAN_BLOCK_SHARE elements (fewer GPTQ
+    column loops; the factorisation holds that much memory anyway), one without into ROW_CHUNK_ELEMS; the bytes
+    are those of small blocks."""
+    import copy
+
+    import bitalloc.quantize as qz
+    import bitalloc.rounding as rounding
+
+    assert rounding.round_block_elems(5376) == 5376 * 5376 // rounding.HESSIAN_BLOCK_SHARE > rounding.ROW_CHUNK_ELEMS
+    assert rounding.round_block_elems(2048) == rounding.round_block_elems(5376, False) == rounding.ROW_CHUNK_ELEMS
+    model = request.getfixturevalue("llama_model")
+    other = copy.deepcopy(model)
+    plan = uniform_assignments(model, "int4-g32")
+    monkeypatch.setattr(rounding, "ROW_CHUNK_ELEMS", 8 * 64)
+    small = quantize_model(model, None, plan, windows, "gptq", progress=False)
+    monkeypatch.setattr(rounding, "HESSIAN_BLOCK_SHARE", 1)
+    seen: list[tuple[int, int, bool, int]] = []
+    real = qz.quantize_chunks
+    monkeypatch.setattr(qz, "quantize_chunks", lambda w, fmt, *, hessian=None, method="gptq", max_elems=None: seen.append(
+        (int(w.shape[0]), int(w.shape[1]), hessian is not None, max_elems)) or real(
+        w, fmt, hessian=hessian, method=method, max_elems=max_elems))
+    large = quantize_model(other, None, plan, windows, "gptq", progress=False)
+    assert seen and all(m == max(8 * 64, c * c if h else 0) for _r, c, h, m in seen)
+    assert any(m > 8 * 64 and r * c > m for r, c, _h, m in seen)  # some weight still cut, into larger blocks
+    for name, q in small.items():
+        for k, t in q.parts.items():
+            assert torch.equal(large[name].parts[k], t), (name, k)

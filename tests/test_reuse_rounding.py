@@ -49,7 +49,9 @@ def test_each_kept_rounding_decodes_to_what_its_row_measured(method):
         assert q.format == r.format and q.nbytes() == r.bytes and tuple(q.shape) == (48, 64)
         assert all(t.device.type == "cpu" for t in q.parts.values())
         dw = dequantize(q).reshape(w.shape) - w
-        assert output_error(dw, st) == pytest.approx(r.output_error, rel=1e-9, abs=1e-12)
+        # GPTQ's rows read their error off its float32 feedback (gptq_round_many_measured): equal up to its rounding
+        assert output_error(dw, st) == pytest.approx(r.output_error, rel=1e-6 if method == "gptq" else 1e-9,
+                                                     abs=1e-12)
 
 
 def test_a_format_measured_alone_keeps_the_bytes_quantize_weight_writes():

@@ -155,6 +155,7 @@ def measure_tensor(
     release: Callable[[slice], None] | None = None,
     batched: bool = True,
     stack_elems: int | None = None,
+    grid_elems: int | None = None,
     placement: Placement | None = None,
     timer: StageTimer | None = None,
     keep: Keep | None = None,
@@ -169,14 +170,18 @@ def measure_tensor(
     ``method``: a registered rounding method (:mod:`bitalloc.rounding.methods`).  ``batched`` (the default) rounds
     every grid format of the tensor together (:meth:`~bitalloc.rounding.Rounder.round_many`; GPTQ: one Hessian
     factorisation and one column loop over the formats' stacked rows, :func:`bitalloc.rounding.gptq_refit_many`),
-    ΔW from the grid values of the codes (what ``decode`` of the stored bytes gives).  The errors equal
-    the per-format path's (``batched=False``: :func:`bitalloc.rounding.quantize_chunks` and ``dequantize``
-    per format, as ``quantize_weight`` stores it) up to float rounding in GPTQ's blocked products.  The
-    formats × rows × cols stack holds at most ``stack_elems`` elements (default: the placement's,
-    :attr:`~bitalloc.placement.Placement.stack_elems`): rows are batched in blocks of at most that many ÷ formats
-    (rows are independent).  A recorded rotation (``had-…``) rounds ``W·R`` under
-    ``Rᵀ·H·R`` in its own stack (one per rotation) and its ΔW is rotated back: the errors are the original
-    weight's, as ``decode`` gives it.  Everything runs on ``w``'s device; ``timer`` gets
+    ΔW from the grid values of the codes (what ``decode`` of the stored bytes gives); where GPTQ's own error
+    feedback gives a format's layer-output error (:meth:`~bitalloc.rounding.Rounder.round_many_measured`: every
+    format its last refit left unchanged), that is taken instead of the ``rows x cols²`` product with ΔW.  The
+    errors equal the per-format path's (``batched=False``: :func:`bitalloc.rounding.quantize_chunks` and
+    ``dequantize`` per format, as ``quantize_weight`` stores it) up to float rounding in GPTQ's blocked products
+    and float32 feedback.  The formats × rows × cols stack holds at most ``stack_elems`` elements (default: the
+    placement's, :attr:`~bitalloc.placement.Placement.stack_elems`): rows are batched in blocks of at most that
+    many ÷ formats (rows are independent), and of at most ``grid_elems`` elements of ``w`` (default:
+    ``max_elems``; the pipeline passes the stack's bound, so that only the stack bounds them: each block is one
+    Python loop over the columns, whose per-column overhead fewer, larger blocks pay less often).  A recorded
+    rotation (``had-…``) rounds ``W·R`` under ``Rᵀ·H·R`` in its own stack (one per rotation) and its ΔW is rotated
+    back: the errors are the original weight's, as ``decode`` gives it.  Everything runs on ``w``'s device; ``timer`` gets
     ``measure.factor`` (the Hessian's factorisation, once per weight), ``measure.fit``, ``measure.gptq``,
     ``measure.refit``, ``measure.errors`` (and ``measure.store`` for pass-through formats).  ``placement``: the
     run's policy (default: that of ``w``'s device), whose chunk size and memory release the measurement follows.
@@ -219,7 +224,8 @@ def measure_tensor(
     errs: dict[str, tuple[float, float | None]] = {}
     if batched and w.dim() == 2:
         grid_fmts = [f for f in fmts if f.is_grid]
-        elems = grid_block_elems(len(grid_fmts), max_elems, place.stack_elems if stack_elems is None else stack_elems)
+        elems = grid_block_elems(len(grid_fmts), max_elems if grid_elems is None else grid_elems,
+                                 place.stack_elems if stack_elems is None else stack_elems)
         chunks = grid_source(grid_fmts, elems) if grid_source is not None and grid_fmts else \
             grid_chunks(name, w, stats, grid_fmts, method, elems, place, timer, keep is not None, drop)
         errs.update(_accumulate(grid_fmts, chunks, keep))
@@ -316,28 +322,30 @@ def grid_chunks(name: str, w: torch.Tensor, stats: TensorStats, fmts: Sequence[F
     dtype = str(w.dtype).removeprefix("torch.")
     for sl in row_chunks(rows, cols, block_elems):
         w32 = w[sl].detach().to(device=dev, dtype=torch.float32)
-        done: list[tuple[torch.Tensor, Grid, Rotation | None]] = [None] * len(fmts)  # type: ignore[list-item]
+        # per format: codes, grid, rotation, and the rows' errors under the Hessian where the rounding gave them
+        done: list[tuple[torch.Tensor, Grid, Rotation | None, torch.Tensor | None]] = \
+            [None] * len(fmts)  # type: ignore[list-item]
         for (rot, members, _h, importance), h_g in zip(groups, prepared):
             w_g = w32 if rot is None else rot.apply(w32)
             g_fmts = [fmts[i] for i in members]
             with timed(timer, "measure.fit"):
                 grids = [f.fit(w_g, importance) for f in g_fmts]
-            got = rounder.round_many(w_g, h_g, grids, g_fmts, timer)
-            for i, (codes, grid) in zip(members, got):
-                done[i] = (codes, grid, rot)
+            got = rounder.round_many_measured(w_g, h_g, grids, g_fmts, timer)
+            for i, (codes, grid, row_err) in zip(members, got):
+                done[i] = (codes, grid, rot, row_err if rot is None else None)
             del w_g, grids, got
         part = rows_of(stats, sl)
         errs: dict[str, tuple[float, float | None]] = {}
         with timed(timer, "measure.errors"):
-            for fmt, (codes, grid, rot) in zip(fmts, done):
+            for fmt, (codes, grid, rot, row_err) in zip(fmts, done):
                 values = grid.values(codes)
                 dw = (values if rot is None else rot.apply_t(values)) - w32
                 if not all_finite(dw):
                     raise NumericsError(f"{name}: quantizing into {fmt.id} produced NaN or Inf")
-                errs[fmt.id] = _errors(dw, part, role_h)
+                errs[fmt.id] = _errors(dw, part, role_h, row_err)
         # the stored form of exactly what was measured (rotated formats store W·R's codes)
         kept = {fmt.id: qtensor_cpu(fmt.encode(codes, grid, tuple(w32.shape), dtype))
-                for fmt, (codes, grid, _rot) in zip(fmts, done)} if keep else None
+                for fmt, (codes, grid, _rot, _err) in zip(fmts, done)} if keep else None
         del w32, done
         if drop is not None:
             drop(sl)
@@ -390,17 +398,20 @@ def _role_hessians(stats: TensorStats, cols: int, device: torch.device) -> list[
     return [_hessian(r, cols).to(device) if isinstance(r, LinearStats) else None for r in stats.roles]
 
 
-def _errors(dw: torch.Tensor, stats: TensorStats, hessians: Sequence[torch.Tensor | None]
-            ) -> tuple[float, float | None]:
+def _errors(dw: torch.Tensor, stats: TensorStats, hessians: Sequence[torch.Tensor | None],
+            first_linear: torch.Tensor | None = None) -> tuple[float, float | None]:
     """(:func:`output_error`, :func:`fisher_error`) of ``dw`` with one quadratic form per role
-    (``hessians`` from :func:`_role_hessians`, already checked)."""
+    (``hessians`` from :func:`_role_hessians`, already checked).  ``first_linear``: the per-row quadratic form of
+    the first linear role (the Hessian GPTQ rounded with, :attr:`TensorStats.hessian`) when the rounding already
+    gave it (:meth:`~bitalloc.rounding.Rounder.round_many_measured`), instead of computing it from ``dw``."""
     if not stats.roles:
         raise InputError("tensor statistics have no roles")
     rows, cols = dw.shape
     out, fisher = 0.0, 0.0
     for role, h in zip(stats.roles, hessians):
         if isinstance(role, LinearStats):
-            q = _row_quad(dw, h)
+            q = _row_quad(dw, h) if first_linear is None else first_linear.to(dw.device)
+            first_linear = None
             out += float(q.sum())
             fisher = None if role.grad_sq is None or fisher is None else \
                 fisher + float(_vector(role.grad_sq, rows, "grad_sq", dw.device) @ q)

@@ -43,7 +43,7 @@ from .errors import BitallocError
 from .formats import QTensor, get_format
 from .measure import MeasureRow, check_finite, grid_block_elems, grid_chunks, grid_formats, measure_tensor, rows_of
 from .placement import Placement
-from .rounding import ROW_CHUNK_ELEMS, Method, quantize_chunks, row_chunks
+from .rounding import ROW_CHUNK_ELEMS, Method, quantize_chunks, round_block_elems, row_chunks
 from .stats import TensorStats
 from .timing import StageTimer
 
@@ -286,7 +286,7 @@ class MeasurePool:
             check_finite(name, w, ROW_CHUNK_ELEMS, (lambda _rows: None) if release is None
                          else functools.partial(release, name))
             fmts = grid_formats(formats, tuple(w.shape)) if w.dim() == 2 else []
-            elems = grid_block_elems(len(fmts), ROW_CHUNK_ELEMS, one.stack_elems)
+            elems = grid_block_elems(len(fmts), one.stack_elems, one.stack_elems)  # only the stack bounds a block
             blocks = row_chunks(int(w.shape[0]), int(w.shape[1]), elems) if fmts else []
             # a task's rows need not be smaller than the Hessian it holds anyway (cutting them further would only
             # repeat its factorisation)
@@ -312,18 +312,20 @@ class MeasurePool:
                             timer.add(stage, sec, calls.get(stage, 0))
                     yield from chunks
 
-            out.append(measure_tensor(name, w, stats, formats, method, placement=one, timer=timer,
+            out.append(measure_tensor(name, w, stats, formats, method, placement=one, grid_elems=one.stack_elems,
+                                      timer=timer,
                                       keep=None if keep is None else functools.partial(keep, name),
                                       grid_source=source, checked=True,
                                       release=None if release is None else functools.partial(release, name)))
         return out
 
     def quantize_tensors(self, items: Sequence[tuple[str, torch.Tensor, str, torch.Tensor | None]], method: Method,
-                         placement: Placement, *, max_elems: int = ROW_CHUNK_ELEMS,
+                         placement: Placement, *, max_elems: int | None = None,
                          release: Callable[[str, slice], None] | None = None
                          ) -> dict[str, list[tuple[slice, QTensor]]]:
         """:func:`~bitalloc.rounding.quantize_chunks` of every ``(name, weight, grid format id, Hessian)`` by the
-        workers: ``{name: [(rows, QTensor)]}``, a QTensor per row block of ``max_elems`` elements, in order (the
+        workers: ``{name: [(rows, QTensor)]}``, a QTensor per row block of ``max_elems`` elements (default: each
+        weight's :func:`~bitalloc.rounding.round_block_elems`, as :func:`bitalloc.quantize` cuts it), in order (the
         blocks ``quantize_chunks`` of the whole weight gives, rows being rounded independently).  A weight is cut
         into ranges of whole row blocks as :meth:`measure_block` cuts it (its share of the work, ``task_elems``),
         handed out largest first; each range factorises the Hessian once.  ``method`` travels to the workers (a
@@ -332,18 +334,20 @@ class MeasurePool:
         if not self._workers:
             raise RuntimeError("MeasurePool used outside its with-block")
         plans = []
+        elems = []
         for name, w, fmt_id, hessian in items:
             if w.dim() != 2:
                 raise ValueError(f"{name}: the workers quantize 2-D weights, got shape {tuple(w.shape)}")
             rows, cols = (int(d) for d in w.shape)
-            blocks = row_chunks(rows, cols, max_elems)
+            elems.append(round_block_elems(cols, hessian is not None) if max_elems is None else max_elems)
+            blocks = row_chunks(rows, cols, elems[-1])
             least = -(-w.numel() // max(placement.task_elems, cols * cols if hessian is not None else 1))
             plans.append((blocks, w.numel(), least))
         futures: dict[tuple[int, int], tuple[slice, Future]] = {}
         for i, k, rows in self._tasks_of(plans):
             name, w, fmt_id, hessian = items[i]
             futures[(i, k)] = rows, self._submit("quantize_rows", functools.partial(
-                _rows_args, w, rows, fmt_id, hessian, method, max_elems),
+                _rows_args, w, rows, fmt_id, hessian, method, elems[i]),
                 None if release is None else functools.partial(release, name, rows))
         out: dict[str, list[tuple[slice, QTensor]]] = {}
         for i, (name, w, _fmt, _h) in enumerate(items):
@@ -351,7 +355,7 @@ class MeasurePool:
             for k in sorted(k for j, k in futures if j == i):
                 rows, future = futures[(i, k)]
                 parts_q = self._result(future, name)
-                starts = row_chunks(rows.stop - rows.start, int(w.shape[1]), max_elems)
+                starts = row_chunks(rows.stop - rows.start, int(w.shape[1]), elems[i])
                 if len(starts) != len(parts_q):
                     raise RuntimeError(f"{name}: a worker returned {len(parts_q)} row blocks for {len(starts)}")
                 got += [(slice(rows.start + sl.start, rows.start + sl.stop), q) for sl, q in zip(starts, parts_q)]

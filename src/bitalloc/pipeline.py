@@ -238,7 +238,8 @@ def _measure_block(model: nn.Module, block: dict[str, TensorStats], fmts: Sequen
     else:
         for name, w, stats, formats in todo:
             measured[name] = measure_tensor(name, place.to_device(w), stats, formats, method, placement=place,
-                                            timer=timer, release=functools.partial(release_rows, model, name),
+                                            grid_elems=place.stack_elems, timer=timer,
+                                            release=functools.partial(release_rows, model, name),
                                             keep=None if kept is None else functools.partial(_keep, kept, name))
             release_parameter(model, name)  # a spilled weight leaves memory once measured (no-op otherwise)
     out: list[MeasureRow] = []

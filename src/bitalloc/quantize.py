@@ -130,9 +130,10 @@ def _quantize_one(
     fmt = get_format(fmt_id)
     parts: list[QTensor] = []
     # a block is written back after it was quantized; later blocks read only their own (untouched) rows
-    chunk = rounding.ROW_CHUNK_ELEMS
     w = place.to_device(p.detach())
     h = None if hessian is None else place.to_device(hessian)
+    chunk = rounding.round_block_elems(int(w.shape[-1]), h is not None) if w.dim() == 2 else \
+        rounding.ROW_CHUNK_ELEMS
     for rows, q in quantize_chunks(w, fmt, hessian=h, method=method, max_elems=chunk):
         with torch.no_grad():
             p[rows] = dequantize(q).reshape(p[rows].shape).to(p.dtype)
@@ -237,7 +238,7 @@ def _quantize_pooled(model: nn.Module, pool: MeasurePool, items: Mapping[str, tu
     (the same bytes as rounding them in this process)."""
     got = pool.quantize_tensors([(name, model.get_parameter(name).detach(), fmt_id, h)
                                  for name, (fmt_id, h) in items.items()], method, place,
-                                max_elems=rounding.ROW_CHUNK_ELEMS, release=functools.partial(release_rows, model))
+                                release=functools.partial(release_rows, model))
     out: dict[str, QTensor] = {}
     for name, (fmt_id, _h) in items.items():
         p = model.get_parameter(name)

@@ -369,7 +369,8 @@ def screen_formats(
         for name, stats in block.items():
             w = place.to_device(model.get_parameter(name).detach())  # the stats are on the device already
             release = functools.partial(release_rows, model, name)
-            rtn[name] = measure_tensor(name, w, stats, formats, "rtn", release=release, placement=place, timer=timer)
+            rtn[name] = measure_tensor(name, w, stats, formats, "rtn", release=release, placement=place,
+                                       grid_elems=place.stack_elems, timer=timer)
             if not rtn[name]:
                 raise InputError(f"none of the formats {list(formats)} can store {name} of shape {tuple(w.shape)}")
             for r in rtn[name]:
@@ -377,7 +378,7 @@ def screen_formats(
                                                          int(w.shape[0]))
             if view.ref(name).block in sampled:
                 exact[name] = measure_tensor(name, w, stats, [r.format for r in rtn[name]], method, release=release,
-                                             placement=place, timer=timer)
+                                             placement=place, grid_elems=place.stack_elems, timer=timer)
             release_parameter(model, name)
         del block
     infos = [TensorInfo(r.name, tuple(r.shape), r.numel, tuple(r.roles)) for r in view.quantizable()]

@@ -8,7 +8,9 @@ import torch
 
 from bitalloc.formats import get_format
 from bitalloc.formats.base import Grid
-from bitalloc.rounding import gptq_refit, gptq_refit_many, gptq_round, gptq_round_many
+from bitalloc.rounding import (gptq_refit, gptq_refit_many, gptq_refit_many_measured, gptq_round, gptq_round_many,
+                               gptq_round_many_measured)
+from bitalloc.rounding import gptq as gptq_module
 from bitalloc.rounding.gptq import gptq_factor
 from bitalloc.formats.refit import row_errors
 from bitalloc.rounding.stacked import StackedGrid
@@ -156,3 +158,80 @@ def test_batched_gptq_on_cuda_matches_cpu() -> None:
         e1 = float(row_errors(w, g1.to("cpu").values(c1.cpu()), h).sum())
         e2 = float(row_errors(w, g2.values(c2), h).sum())
         assert abs(e1 - e2) <= 0.03 * e2, (fmt.id, e1, e2)
+
+
+# --- the layer-output error read off GPTQ's feedback ---------------------------------------------
+def _direct(w: torch.Tensor, values: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    d = (values - w).to(torch.float64)
+    return ((d @ h.to(torch.float64)) * d).sum(1)
+
+
+@pytest.mark.parametrize("fids", [SETS["int"], SETS["legacy"], ["int3-g128+o4", "mix4-g32", "int4-g32"]])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_feedback_gives_each_rows_layer_output_error(fids, act_order):
+    """Σ_j e_j² − λ‖ΔW_r‖² equals (ΔW H ΔWᵀ)_rr computed from the values, for plain grids, mixtures and exactly
+    stored outliers; the codes and values are gptq_round_many's.  The feedback is float32 and this Hessian's
+    condition number is ~1e6: the totals agree to 1e-5 (q8_0's small error without act-order differs most), single
+    rows to 1e-4."""
+    w, h = _data(24, 256, 11)
+    _fmts, grids = _fit(fids, w, h)
+    factor = gptq_factor(h, act_order=act_order)
+    got = gptq_round_many_measured(w, factor, grids)
+    for (codes, values, err), (c2, v2) in zip(got, gptq_round_many(w, factor, grids)):
+        assert torch.equal(codes, c2) and torch.equal(values, v2)
+        want = _direct(w, values, h)
+        assert err is not None and err.dtype == torch.float64
+        assert float(err.sum()) == pytest.approx(float(want.sum()), rel=1e-5)
+        assert float(((err - want).abs() / want).max()) < 1e-4, float(((err - want).abs() / want).max())
+
+
+def test_feedback_error_with_a_float32_factor(monkeypatch):
+    """Past FLOAT64_MAX_COLS the factor is made in float32: the error still matches to float32 rounding."""
+    monkeypatch.setattr(gptq_module, "FLOAT64_MAX_COLS", 64)
+    w, h = _data(16, 256, 12)
+    _fmts, grids = _fit(["int4-g128", "int2-g64", "int8-row-sym"], w, h)
+    for _c, values, err in gptq_round_many_measured(w, h, grids):
+        assert float(err.sum()) == pytest.approx(float(_direct(w, values, h).sum()), rel=1e-5)
+
+
+def test_feedback_error_is_none_where_the_identity_does_not_hold(caplog):
+    """Dead input columns (decoupled), an unfactorisable Hessian (RTN) and a grid refit after its last rounding
+    give None; the measurement then computes the error from ΔW."""
+    w, h = _data(16, 256, 13, dead=3)
+    _fmts, grids = _fit(["int4-g128"], w, h)
+    assert gptq_round_many_measured(w, h, grids)[0][2] is None
+    w, h = _data(16, 256, 14)
+    bad = h.clone()
+    bad[0, 1] = bad[1, 0] = 1e6
+    with caplog.at_level(logging.WARNING):
+        assert gptq_round_many_measured(w, bad, grids)[0][2] is None
+    fmts, grids = _fit(["q4_0", "int4-g32"], w, h)  # q4_0 refits its scales to the codes; int4-g32 does not
+    (c0, g0, e0), (c1, g1, e1) = gptq_refit_many_measured(w, h, grids, fmts)
+    assert g0 is not grids[0] and e0 is None
+    assert e1 is not None and float(e1.sum()) == pytest.approx(float(_direct(w, g1.values(c1), h).sum()), rel=1e-6)
+    for (a, b), (c, g) in zip(gptq_refit_many(w, h, grids, fmts), [(c0, g0), (c1, g1)]):  # the same rounding
+        assert torch.equal(a, c) and torch.equal(b.values(a), g.values(c))
+
+
+def test_measurement_takes_gptqs_errors_instead_of_the_quadratic_form(monkeypatch):
+    """A format GPTQ's feedback measured costs no ΔW·H product for its linear role; a refit one (q4_0) still does,
+    and the rows match the per-format path's."""
+    from bitalloc import measure as measure_module
+    from bitalloc.measure import measure_tensor
+    from bitalloc.stats import LinearStats, TensorStats
+
+    w, h = _data(32, 256, 15)
+    st = TensorStats((LinearStats(h, 512, torch.rand(32)),))
+    calls: list[bool] = []
+    real = measure_module._row_quad
+    monkeypatch.setattr(measure_module, "_row_quad", lambda dw, hh, col_w=None: calls.append(hh is not None)
+                        or real(dw, hh, col_w))
+    fast = measure_tensor("t", w, st, ["int4-g32", "int3-g128"], "gptq")
+    assert calls == []
+    refit = measure_tensor("t", w, st, ["q4_0"], "gptq")
+    assert calls == [True]
+    monkeypatch.setattr(measure_module, "_row_quad", real)
+    for a, b in zip(fast + refit, measure_tensor("t", w, st, ["int4-g32", "int3-g128", "q4_0"], "gptq",
+                                                 batched=False)):
+        assert a.output_error == pytest.approx(b.output_error, rel=1e-6)
+        assert a.fisher_error == pytest.approx(b.fisher_error, rel=1e-6)

@@ -13,9 +13,9 @@ import torch
 
 from ..formats.base import Format, QTensor, get_format
 from ..formats.rotated import rotation_of
-from .gptq import FactoredHessian, GPTQFactor, gptq_factor, gptq_round, gptq_round_many
-from .methods import (GPTQ_REFITS, ROUNDERS, Rounder, get_rounder, gptq_refit, gptq_refit_many, method_names,
-                      register_rounder)
+from .gptq import FactoredHessian, GPTQFactor, gptq_factor, gptq_round, gptq_round_many, gptq_round_many_measured
+from .methods import (GPTQ_REFITS, ROUNDERS, Rounder, get_rounder, gptq_refit, gptq_refit_many,
+                      gptq_refit_many_measured, method_names, register_rounder)
 from .rtn import rtn_round
 
 #: a rounding method: a registered name (:func:`~.methods.method_names`) or a :class:`~.methods.Rounder`
@@ -23,6 +23,19 @@ Method = str | Rounder
 
 #: Tensors with more elements are quantized (and measured) in blocks of rows of at most this many elements.
 ROW_CHUNK_ELEMS = 1 << 20
+#: A weight rounded with a Hessian of ``cols`` columns may be cut into row blocks of up to ``cols² ÷`` this many
+#: elements (:func:`round_block_elems`).
+HESSIAN_BLOCK_SHARE = 8
+
+
+def round_block_elems(cols: int, hessian: bool = True) -> int:
+    """Most elements of one row block of a weight with ``cols`` columns that the quantization rounds at once:
+    :data:`ROW_CHUNK_ELEMS`, or with a Hessian up to ``cols² ÷`` :data:`HESSIAN_BLOCK_SHARE`.  The Hessian and its
+    GPTQ factorisation hold a few ``cols x cols`` matrices anyway, and a block costs some 30 bytes per element (its
+    rows, their working copy, int64 codes, values), so such a block leaves the peak where the factorisation puts
+    it; fewer, larger blocks pay GPTQ's per-column Python overhead less often.  Rows are rounded independently, so
+    the bytes do not depend on it."""
+    return max(ROW_CHUNK_ELEMS, cols * cols // HESSIAN_BLOCK_SHARE) if hessian else ROW_CHUNK_ELEMS
 
 
 def row_chunks(rows: int, cols: int, max_elems: int | None = ROW_CHUNK_ELEMS) -> list[slice]:
@@ -121,7 +134,8 @@ def dequantize(q: QTensor) -> torch.Tensor:
     return get_format(q.format).decode(q)
 
 
-__all__ = ["quantize_weight", "quantize_chunks", "row_chunks", "ROW_CHUNK_ELEMS", "dequantize", "gptq_round",
-           "gptq_round_many", "gptq_factor", "FactoredHessian", "GPTQFactor", "gptq_refit", "gptq_refit_many",
-           "GPTQ_REFITS", "rtn_round", "Method", "ROUNDERS", "Rounder", "get_rounder", "method_names",
-           "register_rounder"]
+__all__ = ["quantize_weight", "quantize_chunks", "row_chunks", "ROW_CHUNK_ELEMS", "HESSIAN_BLOCK_SHARE",
+           "round_block_elems", "dequantize", "gptq_round",
+           "gptq_round_many", "gptq_round_many_measured", "gptq_factor", "FactoredHessian", "GPTQFactor",
+           "gptq_refit", "gptq_refit_many", "gptq_refit_many_measured", "GPTQ_REFITS", "rtn_round", "Method",
+           "ROUNDERS", "Rounder", "get_rounder", "method_names", "register_rounder"]

@@ -95,6 +95,10 @@ class GPTQFactor:
     order: torch.Tensor
     upper: torch.Tensor | None
     ncols: int
+    #: the damping ``λ`` added to the diagonal before factorising (0 when there is no factor)
+    damp: float = 0.0
+    #: some input column was dead (``H_jj <= 0``) and decoupled: the factor is then not that of ``H + λI`` itself
+    decoupled: bool = False
 
 
 def gptq_factor(
@@ -131,7 +135,7 @@ def gptq_factor(
         log.warning("GPTQ: Hessian (%dx%d) could not be factorised after %d damping increases; using RTN",
                     ncols, ncols, max_damp_tries)
         return GPTQFactor(order, None, ncols)
-    return GPTQFactor(order, factor[0].to(torch.float32), ncols)
+    return GPTQFactor(order, factor[0].to(torch.float32), ncols, factor[1], ndead > 0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,6 +189,30 @@ def gptq_round_many(
     factorised.  Memory: about ``len(grids)`` times that of one rounding; callers stack fewer rows to bound
     it (rows are independent).  Everything runs on ``w``'s device.
     """
+    return [(c, v) for c, v, _ in gptq_round_many_measured(
+        w, hessian, grids, block_size=block_size, percdamp=percdamp, act_order=act_order,
+        max_damp_tries=max_damp_tries)]
+
+
+def gptq_round_many_measured(
+    w: torch.Tensor,
+    hessian: torch.Tensor | GPTQFactor,
+    grids: Sequence[Grid],
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = True,
+    max_damp_tries: int = 6,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """:func:`gptq_round_many` with each grid's per-row layer-output error ``(ΔW H ΔWᵀ)_rr`` (float64), read off
+    GPTQ's own error feedback: ``[(codes, values, row_errors)]``.
+
+    With ``UᵀU = (H + λI)⁻¹`` (``U`` upper), the rounding makes ``W − Q = E·U`` for the scaled feedback
+    ``E`` (column ``j`` holds ``(w'_j − q_j) / U_jj``), so ``ΔW (H + λI) ΔWᵀ = E Eᵀ`` since ``U H' Uᵀ = I``:
+    the error is ``Σ_j E_rj² − λ‖ΔW_r‖²``, without the ``rows x cols²`` product that computing it from ``ΔW``
+    costs.  It equals that product up to float rounding.  ``row_errors`` is None where the identity does not
+    hold: no factor (RTN), a row whose feedback overflowed (RTN), or dead input columns (decoupled, so the
+    factor is not that of ``H``'s own quadratic form)."""
     grids = list(grids)
     if not grids:
         return []
@@ -193,12 +221,14 @@ def gptq_round_many(
     w32 = _check_weight(w, factor.ncols, grids, block_size)
     rows = int(w32.shape[0])
     codes_all: list[torch.Tensor | None] = [None] * len(grids)
+    feedback: list[torch.Tensor | None] = [None] * len(grids)
     if factor.upper is not None:
         order = factor.order.to(w32.device)
         sg = StackedGrid.of(grids, w32.device)
         wp = w32[:, order]
         stacked = wp.repeat(len(grids), 1) if len(grids) > 1 else wp
-        perm, bad = stacked_codes(stacked, factor.upper.to(w32.device), sg, order, block_size)
+        perm, bad, sq = stacked_codes(stacked, factor.upper.to(w32.device), sg, order, block_size,
+                                      feedback_sq=not factor.decoupled)
         bad_any = bad.reshape(len(grids), rows).any(1).tolist()
         for j, f in enumerate(sg.index):  # stacked block j holds grids[f]
             if bad_any[j]:
@@ -207,13 +237,17 @@ def gptq_round_many(
             codes = torch.empty_like(perm[j * rows:(j + 1) * rows])
             codes[:, order] = perm[j * rows:(j + 1) * rows]
             codes_all[f] = codes
+            feedback[f] = None if sq is None else sq[j * rows:(j + 1) * rows]
     out = []
-    for grid, codes in zip(grids, codes_all):
+    for grid, codes, sq_f in zip(grids, codes_all, feedback):
         if codes is None:
             codes, _ = grid.snap(w32)
         values = grid.values(codes)
         assert all_finite(values), "GPTQ produced non-finite values from finite inputs"
-        out.append((codes, values))
+        row_err = None
+        if sq_f is not None:
+            row_err = sq_f - factor.damp * (values - w32).to(torch.float64).square().sum(1)
+        out.append((codes, values, row_err))
     return out
 
 

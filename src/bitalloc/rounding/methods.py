@@ -25,7 +25,7 @@ import torch
 from ..errors import InputError
 from ..formats.base import Format, Grid, QTensor
 from ..timing import StageTimer, timed
-from .gptq import FactoredHessian, gptq_factor, gptq_round_many
+from .gptq import FactoredHessian, gptq_factor, gptq_round_many_measured
 from .rtn import rtn_round
 
 #: GPTQ rounds per weight for formats that refit their scales to the codes (:func:`gptq_refit`).
@@ -67,6 +67,21 @@ def gptq_refit_many(
     (exactly, for one format).  Memory grows with ``len(grids)``: stack fewer rows to bound it.  ``timer`` gets
     ``measure.gptq`` (the factorisation it makes, and rounding) and ``measure.refit``.
     """
+    return [(c, g) for c, g, _ in gptq_refit_many_measured(w, hessian, grids, fmts, rounds, timer=timer)]
+
+
+def gptq_refit_many_measured(
+    w: torch.Tensor,
+    hessian: torch.Tensor | FactoredHessian,
+    grids: Sequence[Grid],
+    fmts: Sequence[Format],
+    rounds: int = GPTQ_REFITS,
+    *,
+    timer: StageTimer | None = None,
+) -> list[tuple[torch.Tensor, Grid, torch.Tensor | None]]:
+    """:func:`gptq_refit_many` with each format's per-row layer-output error under ``hessian`` where GPTQ's own
+    feedback gives it (:func:`~.gptq.gptq_round_many_measured`): ``[(codes, grid, row_errors)]``.  A format
+    whose last refit changed its grid after its last rounding gets None (its error is that of other values)."""
     grids = list(grids)
     if len(fmts) != len(grids):
         raise ValueError(f"{len(grids)} grids but {len(fmts)} formats")
@@ -75,7 +90,9 @@ def gptq_refit_many(
             factor, hessian = hessian.factor, hessian.hessian
         else:
             factor = gptq_factor(hessian, device=w.device)
-        codes = [c for c, _ in gptq_round_many(w, factor, grids)]
+        first = gptq_round_many_measured(w, factor, grids)
+    codes = [c for c, _, _ in first]
+    errs = [e for _, _, e in first]
     active = list(range(len(grids)))
     for r in range(rounds):
         still = []
@@ -84,16 +101,17 @@ def gptq_refit_many(
                 refined = fmts[f].refine(w, codes[f], grids[f], hessian)
                 if refined is not grids[f]:
                     grids[f] = refined
+                    errs[f] = None
                     still.append(f)
         active = still
         if not active:
             break
         if r + 1 < rounds:
             with timed(timer, "measure.gptq"):
-                again = gptq_round_many(w, factor, [grids[f] for f in active])
-            for f, (c, _) in zip(active, again):
-                codes[f] = c
-    return list(zip(codes, grids))
+                again = gptq_round_many_measured(w, factor, [grids[f] for f in active])
+            for f, (c, _, e) in zip(active, again):
+                codes[f], errs[f] = c, e
+    return list(zip(codes, grids, errs))
 
 
 class Rounder:
@@ -119,6 +137,14 @@ class Rounder:
         """:meth:`round` of ``w`` onto every ``(grid, fmt)``, in order (the measurement's candidates)."""
         with timed(timer, f"measure.{self.name}"):
             return [self.round(w, g, f, hessian) for g, f in zip(grids, fmts)]
+
+    def round_many_measured(self, w: torch.Tensor, hessian: Any, grids: Sequence[Grid], fmts: Sequence[Format],
+                            timer: StageTimer | None = None
+                            ) -> list[tuple[torch.Tensor, Grid, torch.Tensor | None]]:
+        """:meth:`round_many` with, where the method knows it without computing it from ΔW, each format's per-row
+        layer-output error ``(ΔW H ΔWᵀ)_rr`` (float64) under the Hessian it rounded with (``hessian``), else None.
+        Default: None for every format (the measurement computes the errors)."""
+        return [(c, g, None) for c, g in self.round_many(w, hessian, grids, fmts, timer)]
 
     def quantize_block(self, groups: Sequence[Sequence[str]], collect: Collect, round_tensors: RoundTensors
                        ) -> dict[str, QTensor]:
@@ -159,6 +185,15 @@ class GPTQ(Rounder):
         if hessian is None:
             return RTN().round_many(w, None, grids, fmts, timer)
         return gptq_refit_many(w, hessian, grids, fmts, timer=timer)
+
+    def round_many_measured(self, w: torch.Tensor, hessian: torch.Tensor | FactoredHessian | None,
+                            grids: Sequence[Grid], fmts: Sequence[Format], timer: StageTimer | None = None
+                            ) -> list[tuple[torch.Tensor, Grid, torch.Tensor | None]]:
+        """GPTQ's feedback gives the errors of every format that its last refit left unchanged
+        (:func:`gptq_refit_many_measured`)."""
+        if hessian is None:
+            return RTN().round_many_measured(w, None, grids, fmts, timer)
+        return gptq_refit_many_measured(w, hessian, grids, fmts, timer=timer)
 
     def quantize_block(self, groups: Sequence[Sequence[str]], collect: Collect, round_tensors: RoundTensors
                        ) -> dict[str, QTensor]:
@@ -205,5 +240,6 @@ def get_rounder(method: str | Rounder) -> Rounder:
     return r
 
 
-__all__ = ["Collect", "FactoredHessian", "GPTQ", "GPTQ_REFITS", "ROUNDERS", "RTN", "RoundTensors", "Rounder", "get_rounder",
-           "gptq_refit", "gptq_refit_many", "method_names", "register_rounder"]
+__all__ = ["Collect", "FactoredHessian", "GPTQ", "GPTQ_REFITS", "ROUNDERS", "RTN", "RoundTensors", "Rounder",
+           "get_rounder", "gptq_refit", "gptq_refit_many", "gptq_refit_many_measured", "method_names",
+           "register_rounder"]

@@ -191,18 +191,22 @@ class StackedGrid:
 
 
 def stacked_codes(
-    w: torch.Tensor, u: torch.Tensor, sg: StackedGrid, cols: torch.Tensor, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    w: torch.Tensor, u: torch.Tensor, sg: StackedGrid, cols: torch.Tensor, block_size: int,
+    feedback_sq: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ codes of the stacked ``w`` (``F·rows x n``, columns already in processing order, original
     indices ``cols``) given the upper factor ``u`` (n x n, float32).
 
-    Pure: ``w`` is not modified.  Returns ``(codes, bad)``: int64 codes ``(F·rows, n)`` in processing order
-    and a bool per stacked row whose error feedback went non-finite (its codes are then meaningless).
+    Pure: ``w`` is not modified.  Returns ``(codes, bad, sq)``: int64 codes ``(F·rows, n)`` in processing order,
+    a bool per stacked row whose error feedback went non-finite (its codes are then meaningless) and, when
+    ``feedback_sq``, each stacked row's sum of its squared scaled errors ``Σ_j e_j²`` (float64; else None), from
+    which :func:`~.gptq.gptq_round_many_measured` reads the layer-output error.
     """
     w = w.clone()
     nrows, n = w.shape
     codes = torch.empty((n, nrows), dtype=torch.int64, device=w.device)
     bad = torch.zeros(nrows, dtype=torch.bool, device=w.device)
+    sq = torch.zeros(nrows, dtype=torch.float64, device=w.device) if feedback_sq else None
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         w1 = w[:, i1:i2].T.contiguous()  # (k, rows): column i of the block is the contiguous row i
@@ -223,9 +227,11 @@ def stacked_codes(
                 w1[i + 1:] -= u1[i, i + 1:].unsqueeze(1) * e.unsqueeze(0)
                 err1[i] = e
         bad |= ~torch.isfinite(err1).all(0)
+        if sq is not None:
+            sq += err1.to(torch.float64).square_().sum(0)
         if i2 < n:
             w[:, i2:] -= err1.T.contiguous() @ u[i1:i2, i2:]
-    return codes.T, bad
+    return codes.T, bad, sq
 
 
 def _extended_block(w1, err1, s, o, zero, safe, u1, diag, sg: StackedGrid, cols: torch.Tensor,
