@@ -65,8 +65,8 @@ def test_the_measurement_follows_the_placement(monkeypatch):
     st = TensorStats(roles=(LinearStats(x.T @ x / 256, 256, torch.rand(64, generator=g), {}),))
     fmts = ["int2-g32", "int4-g32"]
     stacked, trims = [], []
-    real = GPTQ.round_many
-    monkeypatch.setattr(GPTQ, "round_many", lambda self, w_, *a, **k: stacked.append(int(w_.shape[0])) or
+    real = GPTQ.round_many_measured
+    monkeypatch.setattr(GPTQ, "round_many_measured", lambda self, w_, *a, **k: stacked.append(int(w_.shape[0])) or
                         real(self, w_, *a, **k))
     monkeypatch.setattr(placement_mod, "release_free_memory", lambda: trims.append(1))
     whole = measure_tensor("w", w, st, fmts, placement=Placement())
