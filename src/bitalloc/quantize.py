@@ -199,9 +199,8 @@ def _assignments(model: nn.Module, view: ModelView, plan: Mapping[str, str] | An
     missing = [n for n in names if n not in assign]
     extra = [n for n in assign if n not in set(names)]
     if missing or extra:
-        raise InputError(
-            f"the plan does not match the model: missing {missing[:3]} ({len(missing)}), unknown {extra[:3]} ({len(extra)})"
-        )
+        raise InputError(f"the plan does not match the model: missing {missing[:3]} ({len(missing)}), "
+                         f"unknown {extra[:3]} ({len(extra)})")
     for n in names:
         get_format(assign[n]).check_shape(tuple(model.get_parameter(n).shape))
     return assign
