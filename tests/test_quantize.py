@@ -168,9 +168,12 @@ def test_gptq_row_blocks_may_be_as_large_as_a_share_of_the_hessian(monkeypatch, 
     monkeypatch.setattr(rounding, "HESSIAN_BLOCK_SHARE", 1)
     seen: list[tuple[int, int, bool, int]] = []
     real = qz.quantize_chunks
-    monkeypatch.setattr(qz, "quantize_chunks", lambda w, fmt, *, hessian=None, method="gptq", max_elems=None: seen.append(
-        (int(w.shape[0]), int(w.shape[1]), hessian is not None, max_elems)) or real(
-        w, fmt, hessian=hessian, method=method, max_elems=max_elems))
+
+    def spy(w, fmt, *, hessian=None, method="gptq", max_elems=None):
+        seen.append((int(w.shape[0]), int(w.shape[1]), hessian is not None, max_elems))
+        return real(w, fmt, hessian=hessian, method=method, max_elems=max_elems)
+
+    monkeypatch.setattr(qz, "quantize_chunks", spy)
     large = quantize_model(other, None, plan, windows, "gptq", progress=False)
     assert seen and all(m == max(8 * 64, c * c if h else 0) for _r, c, h, m in seen)
     assert any(m > 8 * 64 and r * c > m for r, c, _h, m in seen)  # some weight still cut, into larger blocks

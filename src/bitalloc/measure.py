@@ -181,11 +181,11 @@ def measure_tensor(
     ``max_elems``; the pipeline passes the stack's bound, so that only the stack bounds them: each block is one
     Python loop over the columns, whose per-column overhead fewer, larger blocks pay less often).  A recorded
     rotation (``had-…``) rounds ``W·R`` under ``Rᵀ·H·R`` in its own stack (one per rotation) and its ΔW is rotated
-    back: the errors are the original weight's, as ``decode`` gives it.  Everything runs on ``w``'s device; ``timer`` gets
-    ``measure.factor`` (the Hessian's factorisation, once per weight), ``measure.fit``, ``measure.gptq``,
-    ``measure.refit``, ``measure.errors`` (and ``measure.store`` for pass-through formats).  ``placement``: the
-    run's policy (default: that of ``w``'s device), whose chunk size and memory release the measurement follows.
-    ``keep(format id, QTensor)``, when given, receives every format's
+    back: the errors are the original weight's, as ``decode`` gives it.  Everything runs on ``w``'s device;
+    ``timer`` gets ``measure.factor`` (the Hessian's factorisation, once per weight), ``measure.fit``,
+    ``measure.gptq``, ``measure.refit``, ``measure.errors`` (and ``measure.store`` for pass-through formats).
+    ``placement``: the run's policy (default: that of ``w``'s device), whose chunk size and memory release the
+    measurement follows.  ``keep(format id, QTensor)``, when given, receives every format's
     rounding of ``w`` as it was measured (in CPU memory; it decodes to exactly the values whose errors the row
     holds): what a quantization can reuse instead of rounding again (``--reuse-rounding``).  ``grid_source``, when
     given, supplies the row blocks' results of the grid formats instead of rounding them here (the measurement

@@ -208,7 +208,7 @@ def gptq_round_many_measured(
     GPTQ's own error feedback: ``[(codes, values, row_errors)]``.
 
     With ``UᵀU = (H + λI)⁻¹`` (``U`` upper), the rounding makes ``W − Q = E·U`` for the scaled feedback
-    ``E`` (column ``j`` holds ``(w'_j − q_j) / U_jj``), so ``ΔW (H + λI) ΔWᵀ = E Eᵀ`` since ``U H' Uᵀ = I``:
+    ``E`` (column ``j`` holds ``(w'_j − q_j) / U_jj``), so ``ΔW (H + λI) ΔWᵀ = E Eᵀ`` as ``U (H + λI) Uᵀ = I``:
     the error is ``Σ_j E_rj² − λ‖ΔW_r‖²``, without the ``rows x cols²`` product that computing it from ``ΔW``
     costs.  It equals that product up to float rounding.  ``row_errors`` is None where the identity does not
     hold: no factor (RTN), a row whose feedback overflowed (RTN), or dead input columns (decoupled, so the
