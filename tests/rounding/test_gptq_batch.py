@@ -235,3 +235,22 @@ def test_measurement_takes_gptqs_errors_instead_of_the_quadratic_form(monkeypatc
                                                  batched=False)):
         assert a.output_error == pytest.approx(b.output_error, rel=1e-6)
         assert a.fisher_error == pytest.approx(b.fisher_error, rel=1e-6)
+
+
+def test_the_rounding_alone_keeps_no_sums_in_the_column_loop(monkeypatch):
+    """gptq_round_many and gptq_refit_many (the quantization's path) ask the column loop for no feedback sums; the
+    measured variants do, with the same codes."""
+    seen: list[bool] = []
+    real = gptq_module.stacked_codes
+    monkeypatch.setattr(gptq_module, "stacked_codes", lambda *a, feedback_sq=False: seen.append(feedback_sq) or
+                        real(*a, feedback_sq=feedback_sq))
+    w, h = _data(16, 128, 16)
+    fmts, grids = _fit(["int4-g32", "q4_0"], w, h)
+    alone = gptq_round_many(w, h, grids)
+    refit = gptq_refit_many(w, h, grids, fmts)
+    assert seen and not any(seen)
+    seen.clear()
+    measured = gptq_round_many_measured(w, h, grids)
+    refit_measured = gptq_refit_many_measured(w, h, grids, fmts)
+    assert seen and all(seen)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(alone + refit, measured + refit_measured))

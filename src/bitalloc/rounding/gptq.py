@@ -191,7 +191,7 @@ def gptq_round_many(
     """
     return [(c, v) for c, v, _ in gptq_round_many_measured(
         w, hessian, grids, block_size=block_size, percdamp=percdamp, act_order=act_order,
-        max_damp_tries=max_damp_tries)]
+        max_damp_tries=max_damp_tries, errors=False)]
 
 
 def gptq_round_many_measured(
@@ -203,6 +203,7 @@ def gptq_round_many_measured(
     percdamp: float = 0.01,
     act_order: bool = True,
     max_damp_tries: int = 6,
+    errors: bool = True,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """:func:`gptq_round_many` with each grid's per-row layer-output error ``(ΔW H ΔWᵀ)_rr`` (float64), read off
     GPTQ's own error feedback: ``[(codes, values, row_errors)]``.
@@ -212,7 +213,8 @@ def gptq_round_many_measured(
     the error is ``Σ_j E_rj² − λ‖ΔW_r‖²``, without the ``rows x cols²`` product that computing it from ``ΔW``
     costs.  It equals that product up to float rounding.  ``row_errors`` is None where the identity does not
     hold: no factor (RTN), a row whose feedback overflowed (RTN), or dead input columns (decoupled, so the
-    factor is not that of ``H``'s own quadratic form)."""
+    factor is not that of ``H``'s own quadratic form), and everywhere when ``errors`` is False (the rounding
+    alone, as :func:`gptq_round_many` asks for it: no sums kept in the column loop)."""
     grids = list(grids)
     if not grids:
         return []
@@ -228,7 +230,7 @@ def gptq_round_many_measured(
         wp = w32[:, order]
         stacked = wp.repeat(len(grids), 1) if len(grids) > 1 else wp
         perm, bad, sq = stacked_codes(stacked, factor.upper.to(w32.device), sg, order, block_size,
-                                      feedback_sq=not factor.decoupled)
+                                      feedback_sq=errors and not factor.decoupled)
         bad_any = bad.reshape(len(grids), rows).any(1).tolist()
         for j, f in enumerate(sg.index):  # stacked block j holds grids[f]
             if bad_any[j]:

@@ -67,7 +67,7 @@ def gptq_refit_many(
     (exactly, for one format).  Memory grows with ``len(grids)``: stack fewer rows to bound it.  ``timer`` gets
     ``measure.gptq`` (the factorisation it makes, and rounding) and ``measure.refit``.
     """
-    return [(c, g) for c, g, _ in gptq_refit_many_measured(w, hessian, grids, fmts, rounds, timer=timer)]
+    return [(c, g) for c, g, _ in gptq_refit_many_measured(w, hessian, grids, fmts, rounds, timer=timer, errors=False)]
 
 
 def gptq_refit_many_measured(
@@ -78,10 +78,12 @@ def gptq_refit_many_measured(
     rounds: int = GPTQ_REFITS,
     *,
     timer: StageTimer | None = None,
+    errors: bool = True,
 ) -> list[tuple[torch.Tensor, Grid, torch.Tensor | None]]:
     """:func:`gptq_refit_many` with each format's per-row layer-output error under ``hessian`` where GPTQ's own
     feedback gives it (:func:`~.gptq.gptq_round_many_measured`): ``[(codes, grid, row_errors)]``.  A format
-    whose last refit changed its grid after its last rounding gets None (its error is that of other values)."""
+    whose last refit changed its grid after its last rounding gets None (its error is that of other values), and
+    every format when ``errors`` is False (the rounding alone)."""
     grids = list(grids)
     if len(fmts) != len(grids):
         raise ValueError(f"{len(grids)} grids but {len(fmts)} formats")
@@ -90,7 +92,7 @@ def gptq_refit_many_measured(
             factor, hessian = hessian.factor, hessian.hessian
         else:
             factor = gptq_factor(hessian, device=w.device)
-        first = gptq_round_many_measured(w, factor, grids)
+        first = gptq_round_many_measured(w, factor, grids, errors=errors)
     codes = [c for c, _, _ in first]
     errs = [e for _, _, e in first]
     active = list(range(len(grids)))
@@ -108,7 +110,7 @@ def gptq_refit_many_measured(
             break
         if r + 1 < rounds:
             with timed(timer, "measure.gptq"):
-                again = gptq_round_many_measured(w, factor, [grids[f] for f in active])
+                again = gptq_round_many_measured(w, factor, [grids[f] for f in active], errors=errors)
             for f, (c, _, e) in zip(active, again):
                 codes[f], errs[f] = c, e
     return list(zip(codes, grids, errs))
