@@ -242,8 +242,8 @@ def test_the_rounding_alone_keeps_no_sums_in_the_column_loop(monkeypatch):
     measured variants do, with the same codes."""
     seen: list[bool] = []
     real = gptq_module.stacked_codes
-    monkeypatch.setattr(gptq_module, "stacked_codes", lambda *a, feedback_sq=False: seen.append(feedback_sq) or
-                        real(*a, feedback_sq=feedback_sq))
+    monkeypatch.setattr(gptq_module, "stacked_codes", lambda *a, feedback_sq=False, **k: seen.append(feedback_sq) or
+                        real(*a, feedback_sq=feedback_sq, **k))
     w, h = _data(16, 128, 16)
     fmts, grids = _fit(["int4-g32", "q4_0"], w, h)
     alone = gptq_round_many(w, h, grids)
@@ -254,3 +254,20 @@ def test_the_rounding_alone_keeps_no_sums_in_the_column_loop(monkeypatch):
     refit_measured = gptq_refit_many_measured(w, h, grids, fmts)
     assert seen and all(seen)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(alone + refit, measured + refit_measured))
+
+
+def test_stacked_codes_overwrites_its_input_only_when_asked():
+    """The column loop works on a clone of the stack unless the caller hands over its own copy (``overwrite``, what
+    gptq_round_many does to hold one stack fewer); the int32 codes are the same either way."""
+    from bitalloc.rounding.stacked import stacked_codes
+
+    w, h = _data(8, 128, 17)
+    _fmts, grids = _fit(["int4-g32", "q4_0"], w, h)
+    factor = gptq_factor(h)
+    sg = StackedGrid.of(grids, w.device)
+    stack = w[:, factor.order].repeat(2, 1)
+    before = stack.clone()
+    kept = stacked_codes(stack, factor.upper, sg, factor.order, 32)
+    assert torch.equal(stack, before) and kept[0].dtype == torch.int32
+    mine = stacked_codes(stack, factor.upper, sg, factor.order, 32, overwrite=True)
+    assert torch.equal(kept[0], mine[0]) and torch.equal(kept[1], mine[1]) and not torch.equal(stack, before)

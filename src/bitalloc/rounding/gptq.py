@@ -227,19 +227,22 @@ def gptq_round_many_measured(
     if factor.upper is not None:
         order = factor.order.to(w32.device)
         sg = StackedGrid.of(grids, w32.device)
-        wp = w32[:, order]
-        stacked = wp.repeat(len(grids), 1) if len(grids) > 1 else wp
+        stacked = w32[:, order]  # a copy (indexed), which the loop may overwrite
+        if len(grids) > 1:
+            stacked = stacked.repeat(len(grids), 1)
         perm, bad, sq = stacked_codes(stacked, factor.upper.to(w32.device), sg, order, block_size,
-                                      feedback_sq=errors and not factor.decoupled)
+                                      feedback_sq=errors and not factor.decoupled, overwrite=True)
+        del stacked
         bad_any = bad.reshape(len(grids), rows).any(1).tolist()
         for j, f in enumerate(sg.index):  # stacked block j holds grids[f]
             if bad_any[j]:
                 log.warning("GPTQ: error feedback overflowed for a %dx%d weight; using RTN", rows, factor.ncols)
                 continue
-            codes = torch.empty_like(perm[j * rows:(j + 1) * rows])
-            codes[:, order] = perm[j * rows:(j + 1) * rows]
+            codes = torch.empty((rows, factor.ncols), dtype=torch.int64, device=w32.device)
+            codes[:, order] = perm[j * rows:(j + 1) * rows].to(torch.int64)
             codes_all[f] = codes
             feedback[f] = None if sq is None else sq[j * rows:(j + 1) * rows]
+        del perm  # each grid's codes are copied out
     out = []
     for grid, codes, sq_f in zip(grids, codes_all, feedback):
         if codes is None:
@@ -248,7 +251,7 @@ def gptq_round_many_measured(
         assert all_finite(values), "GPTQ produced non-finite values from finite inputs"
         row_err = None
         if sq_f is not None:
-            row_err = sq_f - factor.damp * (values - w32).to(torch.float64).square().sum(1)
+            row_err = sq_f - factor.damp * (values - w32).square_().sum(1, dtype=torch.float64)
         out.append((codes, values, row_err))
     return out
 

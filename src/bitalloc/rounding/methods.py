@@ -95,6 +95,7 @@ def gptq_refit_many_measured(
         first = gptq_round_many_measured(w, factor, grids, errors=errors)
     codes = [c for c, _, _ in first]
     errs = [e for _, _, e in first]
+    del first  # its values: the measurement decodes each format's own when it needs them
     active = list(range(len(grids)))
     for r in range(rounds):
         still = []

@@ -192,19 +192,21 @@ class StackedGrid:
 
 def stacked_codes(
     w: torch.Tensor, u: torch.Tensor, sg: StackedGrid, cols: torch.Tensor, block_size: int,
-    feedback_sq: bool = False,
+    feedback_sq: bool = False, overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ codes of the stacked ``w`` (``F·rows x n``, columns already in processing order, original
     indices ``cols``) given the upper factor ``u`` (n x n, float32).
 
-    Pure: ``w`` is not modified.  Returns ``(codes, bad, sq)``: int64 codes ``(F·rows, n)`` in processing order,
+    ``w`` is not modified unless ``overwrite`` (the caller's own copy, then used as the loop's working copy instead
+    of a clone of it).  Returns ``(codes, bad, sq)``: int32 codes ``(F·rows, n)`` in processing order (half the
+    memory of int64 for the largest tensor the loop holds; every codebook has far fewer levels),
     a bool per stacked row whose error feedback went non-finite (its codes are then meaningless) and, when
     ``feedback_sq``, each stacked row's sum of its squared scaled errors ``Σ_j e_j²`` (float64; else None), from
     which :func:`~.gptq.gptq_round_many_measured` reads the layer-output error.
     """
-    w = w.clone()
+    w = w if overwrite else w.clone()
     nrows, n = w.shape
-    codes = torch.empty((n, nrows), dtype=torch.int64, device=w.device)
+    codes = torch.empty((n, nrows), dtype=torch.int32, device=w.device)
     bad = torch.zeros(nrows, dtype=torch.bool, device=w.device)
     sq = torch.zeros(nrows, dtype=torch.float64, device=w.device) if feedback_sq else None
     for i1 in range(0, n, block_size):
