@@ -8,8 +8,9 @@ held-out Hessian.  The ratio GPTQ/RTN is computed in the same run (no hard-coded
 Hessians (dead columns, rank-deficient, indefinite) are run too and must complete with finite output.
 
 Second table: for the 32-wide GGUF types, GPTQ whose fp16 scales are refit to its codes and rounded again
-(``gptq_refit``, :data:`bitalloc.rounding.GPTQ_REFITS` rounds; what ``quantize_weight`` does) vs plain GPTQ on
-the same fitted grid, again on the held-out Hessian (ratio refit / plain).
+(``gptq_refit``, :data:`bitalloc.rounding.GPTQ_REFITS` rounds, each row keeping its best round; what
+``quantize_weight`` does) vs plain GPTQ on the same fitted grid, again on the held-out Hessian (ratio refit /
+plain), and vs the previous scheme in the same run (three rounds, the last kept for every row; ratio and time).
 
 Writes ``bench/results/gptq.json`` and ``bench/results/gptq.png`` and prints the table.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +31,8 @@ import torch  # noqa: E402
 
 from bitalloc.data import default_calibration_files, default_eval_files, read_texts, token_windows  # noqa: E402
 from bitalloc.formats import get_format  # noqa: E402
-from bitalloc.rounding import GPTQ_REFITS, gptq_refit, gptq_round, rtn_round  # noqa: E402
+from bitalloc.rounding import GPTQ_REFITS, gptq_refit, gptq_round, gptq_round_many, rtn_round  # noqa: E402
+from bitalloc.rounding.gptq import gptq_factor  # noqa: E402
 from bitalloc.formats.refit import layer_output_error  # noqa: E402
 
 LAYERS = (0, 10, 20, 29)
@@ -88,17 +91,33 @@ def quantize_pair(w: torch.Tensor, h: torch.Tensor, fmt_id: str) -> dict[str, to
     return {"rtn": rtn_round(w, grid)[1], "gptq": values}
 
 
-def refit_pair(w: torch.Tensor, h: torch.Tensor, fmt_id: str) -> dict[str, torch.Tensor]:
-    """Plain GPTQ and GPTQ with scale refits (``GPTQ_REFITS`` rounds) from one fitted grid; the refit codes
-    and grid go through ``encode``/``decode`` and must decode to the same values."""
+#: the rounds of the refit scheme before each row kept its best round (the last of three rounds was kept)
+PREVIOUS_ROUNDS = 3
+
+
+def refit_triple(w: torch.Tensor, h: torch.Tensor, fmt_id: str, seconds: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Plain GPTQ, the previous refit scheme (``PREVIOUS_ROUNDS`` rounds of GPTQ then a refit, the last round
+    kept for every row) and GPTQ with scale refits as the library does it now (``GPTQ_REFITS`` rounds, each row
+    keeping its best round), all from one fitted grid; each scheme's seconds are added to ``seconds`` (one
+    factorisation each).  The refit codes and grid go through ``encode``/``decode`` and must decode to the same
+    values."""
     fmt = get_format(fmt_id)
     grid = fmt.fit(w, torch.diagonal(h).clamp_min(0))
     plain = gptq_round(w, h, grid)[1]
+    t = time.perf_counter()
+    factor, g = gptq_factor(h), grid
+    for _ in range(PREVIOUS_ROUNDS):
+        codes = gptq_round_many(w, factor, [g])[0][0]
+        g = fmt.refine(w, codes, g, h)
+    last = g.values(codes)
+    t1 = time.perf_counter()
     codes, refit = gptq_refit(w, h, grid, fmt, GPTQ_REFITS)
+    seconds["previous"] = seconds.get("previous", 0.0) + t1 - t
+    seconds["now"] = seconds.get("now", 0.0) + time.perf_counter() - t1
     values = refit.values(codes)
     if not torch.equal(fmt.decode(fmt.encode(codes, refit, tuple(w.shape))), values):
         raise AssertionError(f"{fmt_id}: encode/decode of the refit grid differs from its values")
-    return {"gptq": plain, "refit": values}
+    return {"gptq": plain, "previous": last, "refit": values}
 
 
 def score_pairs(model, names: list[str], formats: tuple[str, ...], pair: Callable, h_cal: dict, h_held: dict
@@ -145,14 +164,14 @@ def degenerate_cases(w: torch.Tensor, h: torch.Tensor, x_few: torch.Tensor) -> l
     return rows
 
 
-def _bars(ax, rows: list[dict], formats: tuple[str, ...], ylabel: str, title: str) -> None:
+def _bars(ax, rows: list[dict], formats: tuple[str, ...], ylabel: str, title: str, key: str = "ratio") -> None:
     tensors = list(dict.fromkeys(r["tensor"] for r in rows))
     width = 0.8 / len(formats)
     for k, f in enumerate(formats):
-        ys = [next(r["ratio"] for r in rows if r["tensor"] == t and r["format"] == f) for t in tensors]
+        ys = [next(r[key] for r in rows if r["tensor"] == t and r["format"] == f) for t in tensors]
         ax.bar([i + (k - (len(formats) - 1) / 2) * width for i in range(len(tensors))], ys, width, label=f)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_ylim(0, max(1.2, max(r["ratio"] for r in rows) * 1.1))
+    ax.set_ylim(0, max(1.2, max(r[key] for r in rows) * 1.1))
     ax.set_xticks(range(len(tensors)))
     ax.set_xticklabels([t.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "")
                         for t in tensors], rotation=60, ha="right", fontsize=8)
@@ -162,11 +181,14 @@ def _bars(ax, rows: list[dict], formats: tuple[str, ...], ylabel: str, title: st
 
 
 def plot(results: list[dict], refits: list[dict], path: Path) -> None:
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(12, 9))
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(12, 13))
     _bars(a1, results, FORMATS, "held-out output error, GPTQ / RTN",
           "SmolLM2-135M (rescaled): GPTQ vs RTN on the same grid")
     _bars(a2, refits, REFIT_FORMATS, "held-out output error, refit / plain GPTQ",
           f"GGUF 32-wide types: GPTQ with {GPTQ_REFITS} scale refits vs plain GPTQ")
+    _bars(a3, refits, REFIT_FORMATS, "held-out output error, now / previous",
+          f"refits now ({GPTQ_REFITS} rounds, each row its best) vs before ({PREVIOUS_ROUNDS} rounds, the last)",
+          key="vs_previous")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -189,12 +211,16 @@ def main() -> None:
                 "ratio_calib": e_cal["gptq"] / e_cal["rtn"],
                 "finite": bool(all(torch.isfinite(v).all() for v in q.values()))}
                for name, f, shape, q, e, e_cal in scored]
-    scored, t_refit = score_pairs(model, names, REFIT_FORMATS, refit_pair, h_cal, h_held)
+    schemes: dict[str, float] = {}
+    scored, t_refit = score_pairs(model, names, REFIT_FORMATS, partial(refit_triple, seconds=schemes), h_cal, h_held)
     refits = [{"tensor": name, "format": f, "gptq_err": e["gptq"], "refit_err": e["refit"],
-               "ratio": e["refit"] / e["gptq"], "ratio_calib": e_cal["refit"] / e_cal["gptq"]}
+               "previous_err": e["previous"], "ratio": e["refit"] / e["gptq"],
+               "ratio_calib": e_cal["refit"] / e_cal["gptq"], "vs_previous": e["refit"] / e["previous"],
+               "vs_previous_calib": e_cal["refit"] / e_cal["previous"]}
               for name, f, _shape, _q, e, e_cal in scored]
     refit_summary = {f: {k: math.exp(sum(math.log(r[k]) for r in refits if r["format"] == f) / len(names))
-                         for k in ("ratio", "ratio_calib")} for f in REFIT_FORMATS}
+                         for k in ("ratio", "ratio_calib", "vs_previous", "vs_previous_calib")}
+                     for f in REFIT_FORMATS}
     # degenerate Hessians on a real layer; rank-deficient from 64 real tokens' inputs
     probe = "model.layers.10.self_attn.q_proj"
     x_few: list[torch.Tensor] = []
@@ -214,8 +240,12 @@ def main() -> None:
         "heldout": {"files": [f.name for f in held_files], "windows": N_HELDOUT, "ctx": CTX},
         "metric": "tr(dW H dW^T) with H = E[xx^T] on held-out tokens; ratio = GPTQ / RTN",
         "geomean_ratio": summary, "results": results, "degenerate": degenerate,
-        "refit": {"rounds": GPTQ_REFITS, "metric": "held-out tr(dW H dW^T); ratio = GPTQ with scale refits / plain GPTQ",
-                  "geomean": refit_summary, "results": refits},
+        "refit": {"rounds": GPTQ_REFITS, "previous_rounds": PREVIOUS_ROUNDS,
+                  "metric": "held-out tr(dW H dW^T); ratio = GPTQ with scale refits / plain GPTQ; vs_previous = "
+                            "refits now (each row its best round) / the previous scheme (the last round for all rows)",
+                  "geomean": refit_summary, "results": refits,
+                  "seconds": {k: round(v, 2) for k, v in schemes.items()},
+                  "time_ratio_now_vs_previous": schemes["now"] / schemes["previous"]},
         "seconds": {"stats": round(t_stats, 1), "quantize": round(t_gptq, 1), "refit": round(t_refit, 1),
                     "total": round(time.time() - t0, 1)},
     }, indent=1))
@@ -236,6 +266,11 @@ def main() -> None:
             f"{r['ratio']:>11.3f} [{r['ratio_calib']:.3f}]" for r in row))
     print(f"{'geomean':34s}" + "".join(
         f"{refit_summary[f]['ratio']:>11.3f} [{refit_summary[f]['ratio_calib']:.3f}]" for f in REFIT_FORMATS))
+    print(f"{'now / previous scheme':34s}" + "".join(
+        f"{refit_summary[f]['vs_previous']:>11.3f} [{refit_summary[f]['vs_previous_calib']:.3f}]"
+        for f in REFIT_FORMATS))
+    print(f"refit time: now ({GPTQ_REFITS} rounds, best per row) {schemes['now']:.1f}s, previous "
+          f"({PREVIOUS_ROUNDS} rounds, the last) {schemes['previous']:.1f}s, ratio {schemes['now'] / schemes['previous']:.3f}")
     print("degenerate Hessians (layer 10 q_proj, int4-g128):")
     for d in degenerate:
         print(f"  {d['case']:45s} finite={d['finite']}  GPTQ/RTN on healthy H = {d['ratio_vs_rtn']:.3f}")

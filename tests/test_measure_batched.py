@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitalloc.measure import measure_tensor
-from bitalloc.rounding import dequantize, quantize_weight
+from bitalloc.rounding import GPTQ_REFITS, dequantize, quantize_weight
 from bitalloc.formats.refit import layer_output_error
 from bitalloc.stats import LinearStats, LookupStats, TensorStats
 from bitalloc.timing import StageTimer
@@ -15,6 +15,9 @@ LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"]
 KQUANTS = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 #: the largest relative difference of an error between the batched and the per-format path these tests allow
 REL = 1e-6
+#: the same where GPTQ's float32 error feedback gives the batched path's errors (dead input columns included):
+#: int8's small error on this Hessian differs most, by about 4e-6
+REL_FEEDBACK = 1e-5
 
 
 def _stats(rows: int, cols: int, seed: int, dead: int = 0, noise: bool = True) -> tuple[torch.Tensor, TensorStats]:
@@ -27,7 +30,7 @@ def _stats(rows: int, cols: int, seed: int, dead: int = 0, noise: bool = True) -
     return w, TensorStats((LinearStats(x.T @ x / (2 * cols), 100, torch.rand(rows, generator=g), act),))
 
 
-def _compare(a, b) -> float:
+def _compare(a, b, tol: float = REL) -> float:
     assert [(r.tensor, r.format, r.bytes) for r in a] == [(r.tensor, r.format, r.bytes) for r in b]
     worst = 0.0
     for x, y in zip(a, b):
@@ -35,7 +38,7 @@ def _compare(a, b) -> float:
             assert (u is None) == (v is None)
             if u is not None:
                 rel = abs(u - v) / max(abs(v), 1e-30)
-                assert rel <= REL, (x.format, u, v)
+                assert rel <= tol, (x.format, u, v)
                 worst = max(worst, rel)
     return worst
 
@@ -48,7 +51,7 @@ def test_batched_rows_equal_per_format_rows(fmts: list[str], cols: int, method: 
     old = measure_tensor("t", w, st, fmts, method, batched=False)
     new = measure_tensor("t", w, st, fmts, method)
     assert [r.format for r in new] == [f for f in fmts if not (f.endswith("_k") and cols % 256)]
-    _compare(new, old)
+    _compare(new, old, REL_FEEDBACK if method == "gptq" else REL)
 
 
 def test_batched_in_small_stacks_and_row_blocks_equals_per_format() -> None:
@@ -82,7 +85,7 @@ def test_timer_gets_the_stages() -> None:
     assert {"measure.factor", "measure.fit", "measure.gptq", "measure.refit", "measure.errors",
             "measure.store"} <= set(timer.seconds)
     assert timer.calls["measure.factor"] == 1  # the Hessian factorised once, for every format
-    assert timer.calls["measure.gptq"] == 3  # first rounding, then one per refit round but the last
+    assert timer.calls["measure.gptq"] == GPTQ_REFITS  # first rounding, then one per refit round but the last
     rtn = StageTimer()
     measure_tensor("t", w, st, ["q4_1"], method="rtn", timer=rtn)
     assert "measure.rtn" in rtn.seconds and "measure.gptq" not in rtn.seconds

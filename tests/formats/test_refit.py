@@ -268,3 +268,34 @@ def test_the_solve_does_not_depend_on_the_solves_before_it() -> None:
         assert torch.equal(refit._solve(m, rhs, x0), one)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_pick_rows_mixes_two_grids_row_by_row():
+    """Grid.pick_rows takes each row's scales, offsets, set indices, exact elements and per-row extras from one
+    grid or the other, and refuses (None) grids that differ in anything not per row."""
+    rows, ng, gs = 4, 3, 8
+    g = torch.Generator().manual_seed(0)
+
+    def grid(seed_shift: float, extra_const: int = 7) -> Grid:
+        s = torch.rand(rows, ng, generator=g) + seed_shift
+        return Grid(s, -s, torch.linspace(-1, 1, 5), gs, {"d": torch.rand(rows, generator=g), "k": extra_const},
+                    exact_mask=torch.rand(rows, ng * gs, generator=g) < 0.1,
+                    exact_values=torch.rand(rows, ng * gs, generator=g))
+    a, b = grid(1.0), grid(2.0)
+    take = torch.tensor([True, False, False, True])
+    mixed = a.pick_rows(take, b)
+    assert mixed is not None
+    for r in range(rows):
+        src = a if take[r] else b
+        for x, y in ((mixed.scale, src.scale), (mixed.offset, src.offset), (mixed.extra["d"], src.extra["d"]),
+                     (mixed.exact_mask, src.exact_mask), (mixed.exact_values, src.exact_values)):
+            assert torch.equal(x[r], y[r])
+    assert mixed.extra["k"] == 7
+    codes = torch.randint(0, 5, (rows, ng * gs), generator=g)
+    want = torch.where(take.unsqueeze(1), a.values(codes), b.values(codes))
+    assert torch.equal(mixed.values(codes), want)
+    assert a.pick_rows(take, grid(2.0, extra_const=8)) is None  # a non-row extra differs
+    other_levels = Grid(b.scale, b.offset, torch.linspace(-2, 2, 5), gs, b.extra, None, b.exact_mask, b.exact_values)
+    assert a.pick_rows(take, other_levels) is None
+    plain = Grid(b.scale, b.offset, b.levels, gs, b.extra)
+    assert a.pick_rows(take, plain) is None  # exact elements on one side only

@@ -194,28 +194,95 @@ def test_feedback_error_with_a_float32_factor(monkeypatch):
         assert float(err.sum()) == pytest.approx(float(_direct(w, values, h).sum()), rel=1e-5)
 
 
-def test_feedback_error_is_none_where_the_identity_does_not_hold(caplog):
-    """Dead input columns (decoupled), an unfactorisable Hessian (RTN) and a grid refit after its last rounding
-    give None; the measurement then computes the error from ΔW."""
+def test_feedback_error_with_dead_input_columns():
+    """Dead input columns whose Hessian rows are exactly zero (inputs that are always 0) are decoupled and left
+    out of the feedback sums: the error still equals the direct form."""
     w, h = _data(16, 256, 13, dead=3)
+    _fmts, grids = _fit(["int4-g128", "q4_1"], w, h)
+    factor = gptq_factor(h)
+    assert factor.dead is not None and int(factor.dead.sum()) == 3 and not factor.decoupled
+    for _c, values, err in gptq_round_many_measured(w, factor, grids):
+        assert err is not None
+        assert float(err.sum()) == pytest.approx(float(_direct(w, values, h).sum()), rel=1e-5)
+
+
+def test_feedback_error_is_none_where_the_identity_does_not_hold(caplog):
+    """A dead column the Hessian still couples to others (H_jj = 0 with off-diagonal terms: decoupled, the factor
+    is not that of H) and an unfactorisable Hessian (RTN) give None; the measurement then computes the error
+    from ΔW."""
+    w, h = _data(16, 256, 13)
+    coupled = h.clone()
+    coupled[5, 5] = 0.0
     _fmts, grids = _fit(["int4-g128"], w, h)
-    assert gptq_round_many_measured(w, h, grids)[0][2] is None
+    assert gptq_factor(coupled).decoupled
+    assert gptq_round_many_measured(w, coupled, grids)[0][2] is None
     w, h = _data(16, 256, 14)
     bad = h.clone()
     bad[0, 1] = bad[1, 0] = 1e6
     with caplog.at_level(logging.WARNING):
         assert gptq_round_many_measured(w, bad, grids)[0][2] is None
-    fmts, grids = _fit(["q4_0", "int4-g32"], w, h)  # q4_0 refits its scales to the codes; int4-g32 does not
-    (c0, g0, e0), (c1, g1, e1) = gptq_refit_many_measured(w, h, grids, fmts)
-    assert g0 is not grids[0] and e0 is None
-    assert e1 is not None and float(e1.sum()) == pytest.approx(float(_direct(w, g1.values(c1), h).sum()), rel=1e-6)
-    for (a, b), (c, g) in zip(gptq_refit_many(w, h, grids, fmts), [(c0, g0), (c1, g1)]):  # the same rounding
+
+
+@pytest.mark.parametrize("dead", [0, 3])
+def test_refit_errors_are_the_feedback_plus_the_refits_change(dead):
+    """A format that refits its scales to the codes (q4_0, q4_1, nf4) gets its error from GPTQ's feedback plus
+    the change its refit reports (Format.refine_measured); it equals the direct form of the returned codes and
+    grid.  The rounding alone (gptq_refit_many) gives the same codes and grids."""
+    w, h = _data(16, 256, 14, dead=dead)
+    fmts, grids = _fit(["q4_0", "q4_1", "nf4", "int4-g32"], w, h)
+    got = gptq_refit_many_measured(w, h, grids, fmts)
+    for (c, g, e), (a, b) in zip(got, gptq_refit_many(w, h, grids, fmts)):
+        assert e is not None
+        assert float(e.sum()) == pytest.approx(float(_direct(w, g.values(c), h).sum()), rel=1e-5)
         assert torch.equal(a, c) and torch.equal(b.values(a), g.values(c))
 
 
+def test_refine_measured_reports_each_rows_change():
+    """refine_measured's change (refit_grid_measured's, and the -dq formats' own) is that of each row's direct
+    error, 0 for the rows it left alone, and the grid is refine's."""
+    w, h = _data(12, 256, 15)
+    for fid in ["q4_1", "q5_0", "nf4", "mix4-g32", "int4-g32-dq", "mix4-g32-dq"]:
+        fmt = get_format(fid)
+        grid = fmt.fit(w, torch.diagonal(h).clamp_min(0))
+        codes = gptq_round_many(w, h, [grid])[0][0]
+        refined, change = fmt.refine_measured(w, codes, grid, h)
+        before = _direct(w, grid.values(codes), h)
+        assert change is not None and change.dtype == torch.float64 and bool((change <= 0).all())
+        assert bool((change < 0).any())
+        want = _direct(w, refined.values(codes), h) - before
+        # the change is exact in float64; the values decode in float32 (nf4's float32 scales differ most, ~1e-7)
+        assert torch.allclose(change, want, rtol=1e-5, atol=1e-6 * float(before.max())), fid
+        kept = (refined.scale == grid.scale).all(1) & (refined.offset == grid.offset).all(1)
+        assert bool((change[kept] == 0).all())
+        assert torch.equal(fmt.refine(w, codes, grid, h).scale, refined.scale)
+
+
+def test_each_row_keeps_its_best_round():
+    """GPTQ with refits keeps, row by row, the round whose codes and refit grid give the smallest error: never
+    worse than either round's row, and each row's codes and scales are one round's."""
+    w, h = _data(32, 256, 16)
+    factor = gptq_factor(h)
+    for fid in ["q4_0", "q4_1", "iq4_nl"]:
+        fmt = get_format(fid)
+        grid = fmt.fit(w, torch.diagonal(h).clamp_min(0))
+        rounds = []
+        g = grid
+        for _ in range(2):
+            c = gptq_round_many(w, factor, [g])[0][0]
+            g = fmt.refine(w, c, g, h)
+            rounds.append((c, g, _direct(w, g.values(c), h)))
+        (codes, best, _err), = gptq_refit_many_measured(w, h, [grid], [fmt], rounds=2)
+        mine = _direct(w, best.values(codes), h)
+        assert torch.allclose(mine, torch.minimum(rounds[0][2], rounds[1][2]), rtol=1e-5, atol=0.0), fid
+        assert float(mine.sum()) < min(float(r[2].sum()) for r in rounds)  # the choice gains on both rounds here
+        for r in range(32):
+            assert any(torch.equal(codes[r], c[r]) and torch.equal(best.scale[r], gg.scale[r]) and
+                       torch.equal(best.offset[r], gg.offset[r]) for c, gg, _ in rounds), (fid, r)
+
+
 def test_measurement_takes_gptqs_errors_instead_of_the_quadratic_form(monkeypatch):
-    """A format GPTQ's feedback measured costs no ΔW·H product for its linear role; a refit one (q4_0) still does,
-    and the rows match the per-format path's."""
+    """A format GPTQ's feedback measured costs no ΔW·H product for its linear role, a refit one (q4_0) neither
+    (its refit reports the change), and the rows match the per-format path's."""
     from bitalloc import measure as measure_module
     from bitalloc.measure import measure_tensor
     from bitalloc.stats import LinearStats, TensorStats
@@ -227,9 +294,8 @@ def test_measurement_takes_gptqs_errors_instead_of_the_quadratic_form(monkeypatc
     monkeypatch.setattr(measure_module, "_row_quad", lambda dw, hh, col_w=None: calls.append(hh is not None)
                         or real(dw, hh, col_w))
     fast = measure_tensor("t", w, st, ["int4-g32", "int3-g128"], "gptq")
-    assert calls == []
     refit = measure_tensor("t", w, st, ["q4_0"], "gptq")
-    assert calls == [True]
+    assert calls == []
     monkeypatch.setattr(measure_module, "_row_quad", real)
     for a, b in zip(fast + refit, measure_tensor("t", w, st, ["int4-g32", "int3-g128", "q4_0"], "gptq",
                                                  batched=False)):
@@ -238,8 +304,9 @@ def test_measurement_takes_gptqs_errors_instead_of_the_quadratic_form(monkeypatc
 
 
 def test_the_rounding_alone_keeps_no_sums_in_the_column_loop(monkeypatch):
-    """gptq_round_many and gptq_refit_many (the quantization's path) ask the column loop for no feedback sums; the
-    measured variants do, with the same codes."""
+    """gptq_round_many and a single refit round (gptq_refit_many, rounds=1) ask the column loop for no feedback
+    sums; the measured variants, and refits over several rounds (each row chooses its round by them), do, with
+    the same codes."""
     seen: list[bool] = []
     real = gptq_module.stacked_codes
     monkeypatch.setattr(gptq_module, "stacked_codes", lambda *a, feedback_sq=False, **k: seen.append(feedback_sq) or
@@ -247,13 +314,16 @@ def test_the_rounding_alone_keeps_no_sums_in_the_column_loop(monkeypatch):
     w, h = _data(16, 128, 16)
     fmts, grids = _fit(["int4-g32", "q4_0"], w, h)
     alone = gptq_round_many(w, h, grids)
-    refit = gptq_refit_many(w, h, grids, fmts)
+    refit = gptq_refit_many(w, h, grids, fmts, rounds=1)
     assert seen and not any(seen)
     seen.clear()
     measured = gptq_round_many_measured(w, h, grids)
-    refit_measured = gptq_refit_many_measured(w, h, grids, fmts)
+    refit_measured = gptq_refit_many_measured(w, h, grids, fmts, rounds=1)
     assert seen and all(seen)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(alone + refit, measured + refit_measured))
+    seen.clear()
+    gptq_refit_many(w, h, grids, fmts, rounds=2)
+    assert seen and all(seen)
 
 
 def test_stacked_codes_overwrites_its_input_only_when_asked():

@@ -169,6 +169,57 @@ class Grid:
             out = torch.where(self.exact_mask.to(out.device), self.exact_values.to(out.device), out)
         return out
 
+    def pick_rows(self, take: torch.Tensor, other: "Grid") -> "Grid | None":
+        """Row by row this grid where ``take`` (bool, one per row) else ``other`` (a grid of the same format and
+        shape): scales, offsets, set indices, exact elements and every per-row tensor of ``extra`` (leading
+        dimension = rows).  None when the two differ in anything that is not per row (levels, group size, another
+        entry of ``extra``), so that no row mix would be consistent."""
+        rows = self.rows
+        if tuple(take.shape) != (rows,) or other.rows != rows or other.group_size != self.group_size \
+                or set(self.extra) != set(other.extra) or not _same(self.levels, other.levels):
+            return None
+        t = take.to(torch.bool)
+
+        def pick(a: Any, b: Any) -> Any:
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 1 \
+                    and int(a.shape[0]) == rows and a.shape == b.shape:
+                return torch.where(t.to(a.device).reshape(-1, *([1] * (a.dim() - 1))), a, b.to(a.device))
+            if _same(a, b):
+                return a
+            raise _NotPerRow
+
+        def opt(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            if a is None and b is None:
+                return None
+            if a is None or b is None:
+                raise _NotPerRow
+            return pick(a, b)
+        try:
+            return Grid(pick(self.scale, other.scale), pick(self.offset, other.offset), self.levels, self.group_size,
+                        {k: pick(v, other.extra[k]) for k, v in self.extra.items()},
+                        opt(self.set_index, other.set_index), opt(self.exact_mask, other.exact_mask),
+                        opt(self.exact_values, other.exact_values))
+        except _NotPerRow:
+            return None
+
+
+class _NotPerRow(Exception):
+    """Two grids differ in something that is not per row (:meth:`Grid.pick_rows`)."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` are the same value (tensors: same shape and elements)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b.to(a.device)))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
 
 def _snap_sets(u: torch.Tensor, sets: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest level of each element of ``u`` in its own set ``levels[sets]`` (``levels`` ``(nsets, L)``):
@@ -251,6 +302,13 @@ class Format(ABC):
         row by row, than ``grid``'s (GPTQ refits the stored scales after rounding).  ``grid`` itself when
         the format has nothing to refit (the default)."""
         return grid
+
+    def refine_measured(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor
+                        ) -> tuple[Grid, torch.Tensor | None]:
+        """:meth:`refine` with, where the refit knows it, how much it changed each row's layer-output error
+        ``(w_r − v_r)ᵀ H (w_r − v_r)`` (float64, one per row, ≤ 0; 0 for a row left as it was), else None.
+        Default: None (the caller computes the errors it needs from the values)."""
+        return self.refine(w, codes, grid, hessian), None
 
     @abstractmethod
     def decode(self, q: QTensor) -> torch.Tensor:

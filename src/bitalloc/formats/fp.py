@@ -100,9 +100,9 @@ class MXFP4Format(FloatFormat):
             raise FormatError(f"{self.id}: E8M0 scale 255 is NaN")
         return _pow2(b.to(torch.int32) - 127)
 
-    def refine(self, w, codes, grid, hessian):
+    def refine_measured(self, w, codes, grid, hessian):
         """No refit: least-squares scales rounded back to powers of two gained nothing on SmolLM2 (measured)."""
-        return grid
+        return grid, None
 
 
 def _pow2(e: torch.Tensor) -> torch.Tensor:

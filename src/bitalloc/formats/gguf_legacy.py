@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from .refit import refit_grid
+from .refit import refit_grid_measured
 from .fit import round_fp16
 from .base import FormatError, Grid, QTensor, Shape
 from .gguf_common import (GGUFFormat, bits_to_bytes, check_weights, element_weights, fp16_bytes,
@@ -85,7 +85,11 @@ class GGUFLegacy(GGUFFormat):
 
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
         """Least-squares fp16 ``d`` (and ``m`` for the ``_1`` types) for the codes (:mod:`.refit`)."""
-        return refit_grid(w, codes, grid, hessian, offset=not self.spec.symmetric, rnd=fp16r)
+        return self.refine_measured(w, codes, grid, hessian)[0]
+
+    def refine_measured(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor
+                        ) -> tuple[Grid, torch.Tensor]:
+        return refit_grid_measured(w, codes, grid, hessian, offset=not self.spec.symmetric, rnd=fp16r)
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
         """The raw llama.cpp blocks, built on the CPU (codes and grid are moved there first)."""

@@ -165,10 +165,15 @@ class IntDQFormat(RowSuperScaled):
         return Grid(scale, offset, self.levels.to(d.device), self.group, {"d": d, "dmin": dmin, "sc": sc, "m": mn})
 
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
+        return self.refine_measured(w, codes, grid, hessian)[0]
+
+    def refine_measured(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor
+                        ) -> tuple[Grid, torch.Tensor | None]:
         """A grid for the fixed ``codes`` under ``hessian``: least-squares fp16 ``d``/``dmin`` per row, then
         :data:`REFINE_STEPS` Hessian-guided moves of the integer scales/mins (each followed by that refit).
         Every row keeps whichever candidate has the smallest error (its old values when none is smaller, checked
-        on the decoded values at the end), so no row gets worse; ``grid`` itself when no row improves.
+        on the decoded values at the end, which give the change :meth:`Format.refine_measured` reports), so no row
+        gets worse; ``grid`` itself when no row improves.
 
         Candidates are compared by the quadratic form of the row error in ``d``/``dmin``, whose coefficients
         the refit computes anyway: one ``rows x cols x cols`` product per candidate (``a H``, ``a`` = integer
@@ -219,14 +224,16 @@ class IntDQFormat(RowSuperScaled):
                     torch.where(t1, c_mn, best[3]), torch.where(take, e, best[4])]
             best_ha, best_hb = torch.where(t1, ha, best_ha), torch.where(t1, hb, best_hb)
         if not improved:
-            return grid
+            return grid, None
         new = self._grid(*best[:4])
-        ok = row_errors(w, new.values(codes), hessian) < row_errors(w, grid.values(codes), hessian)
+        change = row_errors(w, new.values(codes), hessian) - row_errors(w, grid.values(codes), hessian)
+        ok = change < 0
         if not bool(ok.any()):
-            return grid
+            return grid, None
         o1 = ok.unsqueeze(1)
         return self._grid(torch.where(ok, best[0], d), torch.where(ok, best[1], dmin),
-                          torch.where(o1, best[2], sc), torch.where(o1, best[3], mn))
+                          torch.where(o1, best[2], sc), torch.where(o1, best[3], mn)), \
+            torch.where(ok, change, torch.zeros_like(change))
 
     def _move_ints(self, r_full, z, h, d, dmin, sc, mn) -> tuple[torch.Tensor, torch.Tensor]:
         """Per group, the step of (sc, m) in {-1, 0, 1}² that most lowers the row's Hessian error when taken

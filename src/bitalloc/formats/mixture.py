@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 
 from ..errors import NumericsError
-from .refit import refit_grid
+from .refit import refit_grid_measured
 from .fit import round_fp16
 from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
 from .gguf_common import element_weights, fp16r, grid_error, nearest_fn, search_grid
@@ -142,9 +142,13 @@ class MixtureFormat(Format):
 
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
         """Least-squares fp16 scales for the codes under the Hessian (sets fixed); padded shapes keep theirs."""
+        return self.refine_measured(w, codes, grid, hessian)[0]
+
+    def refine_measured(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor
+                        ) -> tuple[Grid, torch.Tensor | None]:
         if int(w.shape[1]) % self.group:
-            return grid
-        return refit_grid(w, codes, grid, hessian, offset=False, rnd=fp16r)
+            return grid, None
+        return refit_grid_measured(w, codes, grid, hessian, offset=False, rnd=fp16r)
 
     def _check_grid(self, grid: Grid, rows: int, ng: int) -> None:
         if grid.group_size != self.group or tuple(grid.scale.shape) != (rows, ng) or grid.set_index is None \

@@ -202,8 +202,13 @@ class MixtureDQFormat(RowSuperScaled):
         return self._grid(d, sc.to(torch.int64), sets)
 
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
+        return self.refine_measured(w, codes, grid, hessian)[0]
+
+    def refine_measured(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor
+                        ) -> tuple[Grid, torch.Tensor | None]:
         """Least-squares fp16 ``d`` per row for the fixed codes, sets and integer scales under ``hessian``;
-        a row keeps its old ``d`` unless the new one lowers its error; ``grid`` itself when none does."""
+        a row keeps its old ``d`` unless the new one lowers its error; ``grid`` itself when none does.  The
+        change is that of the two errors compared."""
         d, sc = grid.extra["d"], grid.extra["sc"]
         f64 = torch.float64
         h = hessian.to(device=w.device, dtype=f64)
@@ -213,10 +218,11 @@ class MixtureDQFormat(RowSuperScaled):
         den, num = (a * ha).sum(1), (w.to(f64) * ha).sum(1)
         d2 = torch.where(den > 0, fp16r((num / torch.where(den > 0, den, 1.0)).to(torch.float32)), d)
         new = self._grid(d2, sc, grid.set_index)
-        ok = row_errors(w, new.values(codes), hessian) < row_errors(w, grid.values(codes), hessian)
+        change = row_errors(w, new.values(codes), hessian) - row_errors(w, grid.values(codes), hessian)
+        ok = change < 0
         if not bool(ok.any()):
-            return grid
-        return self._grid(torch.where(ok, d2, d), sc, grid.set_index)
+            return grid, None
+        return self._grid(torch.where(ok, d2, d), sc, grid.set_index), torch.where(ok, change, torch.zeros_like(change))
 
     # --- bytes --------------------------------------------------------------------------------
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:

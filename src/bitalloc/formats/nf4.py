@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .refit import refit_grid
+from .refit import refit_grid_measured
 from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
 from .fp_common import group_view, search_scale
 from .gguf_common import check_weights, element_weights
@@ -79,7 +79,11 @@ class NF4Format(Format):
         return Grid(s.reshape(rows, nb), torch.zeros(rows, nb, device=w.device), lv, BLOCK)
 
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
-        return refit_grid(w, codes, grid, hessian, offset=False, rnd=_f32)
+        return self.refine_measured(w, codes, grid, hessian)[0]
+
+    def refine_measured(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor
+                        ) -> tuple[Grid, torch.Tensor]:
+        return refit_grid_measured(w, codes, grid, hessian, offset=False, rnd=_f32)
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
         shape = tuple(int(d) for d in shape)

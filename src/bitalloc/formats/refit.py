@@ -184,6 +184,21 @@ def refit_grid(
     (no further ``rows × cols × cols`` product).  Offsets not refit (``offset=False``) stay where they are and
     the scales are fit around them.  ``grid.extra`` is carried over unchanged.
     """
+    return refit_grid_measured(w, codes, grid, hessian, offset=offset, rnd=rnd)[0]
+
+
+def refit_grid_measured(
+    w: torch.Tensor,
+    codes: torch.Tensor,
+    grid: Grid,
+    hessian: torch.Tensor,
+    *,
+    offset: bool,
+    rnd: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[Grid, torch.Tensor]:
+    """:func:`refit_grid` with how much it changed each row's error under ``hessian``: float64 ``(rows,)``,
+    negative where the row took the refit, 0 where it kept its old scales (``Format.refine_measured``).  The
+    change is the difference of the least squares' quadratic form at the new and at the old unknowns."""
     z = grid.level_values(codes)
     target, active = w, None
     if grid.exact_mask is not None:  # exactly stored elements leave a fixed residual and take no offset
@@ -200,17 +215,19 @@ def refit_grid(
     nb = int(grid.scale.shape[1])
     x_old = _unknowns(grid.scale, grid.offset if offset else None).to(w.device)
     scale, off = grid.scale.clone(), grid.offset.clone()
+    delta = torch.zeros(int(w.shape[0]), dtype=torch.float64, device=w.device)
     for sl, m, rhs in _normal_equations(target, z, gs, hessian, offset, active):
         x = _solve(m, rhs, x_old[sl])
         s32 = rnd(x[:, :nb].to(torch.float32))
         o32 = rnd(x[:, nb:].to(torch.float32)) if offset else grid.offset[sl]
         x_new = _unknowns(s32, o32 if offset else None)
-        ok = (torch.isfinite(s32).all(1) & torch.isfinite(o32).all(1)
-              & (_quad(m, rhs, x_new) < _quad(m, rhs, x_old[sl])))
+        change = _quad(m, rhs, x_new) - _quad(m, rhs, x_old[sl])
+        ok = torch.isfinite(s32).all(1) & torch.isfinite(o32).all(1) & (change < 0)
+        delta[sl] = torch.where(ok, change, torch.zeros_like(change))
         keep = ok.unsqueeze(1).to(scale.device)
         scale[sl] = torch.where(keep, s32.to(scale.device), scale[sl])
         off[sl] = torch.where(keep, o32.to(off.device), off[sl])
-    return dataclasses.replace(grid, scale=scale, offset=off, extra=dict(grid.extra))
+    return dataclasses.replace(grid, scale=scale, offset=off, extra=dict(grid.extra)), delta
 
 
-__all__ = ["refit_grid", "group_lstsq", "row_errors", "layer_output_error", "BATCH_BYTES", "BATCHED_SOLVE_MAX", "RIDGE"]
+__all__ = ["refit_grid", "refit_grid_measured", "group_lstsq", "row_errors", "layer_output_error", "BATCH_BYTES", "BATCHED_SOLVE_MAX", "RIDGE"]

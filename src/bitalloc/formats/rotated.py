@@ -240,6 +240,10 @@ class RotatedFormat(Format):
     def refine(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> Grid:
         return self.base.refine(w, codes, grid, hessian)
 
+    def refine_measured(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor
+                        ) -> tuple[Grid, torch.Tensor | None]:
+        return self.base.refine_measured(w, codes, grid, hessian)  # the error is the same in rotated coordinates
+
     def _as(self, q: QTensor, fid: str) -> QTensor:
         return QTensor(fid, q.shape, q.dtype, q.parts)
 

@@ -97,8 +97,12 @@ class GPTQFactor:
     ncols: int
     #: the damping ``λ`` added to the diagonal before factorising (0 when there is no factor)
     damp: float = 0.0
-    #: some input column was dead (``H_jj <= 0``) and decoupled: the factor is then not that of ``H + λI`` itself
+    #: some input column was dead (``H_jj <= 0``) and decoupled while ``H`` coupled it to others (or had
+    #: ``H_jj < 0``): the factor is then not that of ``H + λI`` in any way the feedback can undo
     decoupled: bool = False
+    #: the dead input columns (bool, original order) when ``H``'s rows and columns there are exactly zero (inputs
+    #: that are always 0), else None: the factor is that of ``H + λI`` with 1 added at them
+    dead: torch.Tensor | None = None
 
 
 def gptq_factor(
@@ -122,8 +126,11 @@ def gptq_factor(
     dtype = torch.float64 if ncols <= FLOAT64_MAX_COLS else torch.float32
     h, dead = prepare_hessian(hessian, dtype)
     ndead = int(dead.sum())
+    zero_dead = None
     if ndead:
         log.debug("GPTQ: %d dead input columns rounded to nearest", ndead)
+        if not bool(hessian[dead].any()) and not bool(hessian[:, dead].any()):
+            zero_dead = dead
     order = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order
              else torch.arange(ncols, device=h.device))
     h = h[order]  # one permutation at a time: at most two n x n copies exist
@@ -135,7 +142,8 @@ def gptq_factor(
         log.warning("GPTQ: Hessian (%dx%d) could not be factorised after %d damping increases; using RTN",
                     ncols, ncols, max_damp_tries)
         return GPTQFactor(order, None, ncols)
-    return GPTQFactor(order, factor[0].to(torch.float32), ncols, factor[1], ndead > 0)
+    return GPTQFactor(order, factor[0].to(torch.float32), ncols, factor[1], ndead > 0 and zero_dead is None,
+                      zero_dead)
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,8 +221,9 @@ def gptq_round_many_measured(
     the error is ``Σ_j E_rj² − λ‖ΔW_r‖²``, without the ``rows x cols²`` product that computing it from ``ΔW``
     costs.  It equals that product up to float rounding.  ``row_errors`` is None where the identity does not
     hold: no factor (RTN), a row whose feedback overflowed (RTN), or dead input columns (decoupled, so the
-    factor is not that of ``H``'s own quadratic form), and everywhere when ``errors`` is False (the rounding
-    alone, as :func:`gptq_round_many` asks for it: no sums kept in the column loop)."""
+    factor is not that of ``H``'s own quadratic form, unless ``H`` is exactly zero there: those columns are then
+    left out of the sums, :attr:`GPTQFactor.dead`), and everywhere when ``errors`` is False (the rounding alone, as
+    :func:`gptq_round_many` asks for it: no sums kept in the column loop)."""
     grids = list(grids)
     if not grids:
         return []
@@ -231,7 +240,8 @@ def gptq_round_many_measured(
         if len(grids) > 1:
             stacked = stacked.repeat(len(grids), 1)
         perm, bad, sq = stacked_codes(stacked, factor.upper.to(w32.device), sg, order, block_size,
-                                      feedback_sq=errors and not factor.decoupled, overwrite=True)
+                                      feedback_sq=errors and not factor.decoupled, overwrite=True,
+                                      skip=None if factor.dead is None else factor.dead.to(w32.device)[order])
         del stacked
         bad_any = bad.reshape(len(grids), rows).any(1).tolist()
         for j, f in enumerate(sg.index):  # stacked block j holds grids[f]
@@ -251,7 +261,11 @@ def gptq_round_many_measured(
         assert all_finite(values), "GPTQ produced non-finite values from finite inputs"
         row_err = None
         if sq_f is not None:
-            row_err = sq_f - factor.damp * (values - w32).square_().sum(1, dtype=torch.float64)
+            dw2 = (values - w32).square_()
+            if factor.dead is not None:  # decoupled, H has nothing there: left out of the sums (stacked_codes)
+                dw2[:, factor.dead.to(dw2.device)] = 0
+            row_err = sq_f - factor.damp * dw2.sum(1, dtype=torch.float64)
+            del dw2
         out.append((codes, values, row_err))
     return out
 

@@ -17,6 +17,8 @@ the format's scale search, so one pass over the block collects every input stati
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,12 +26,16 @@ import torch
 
 from ..errors import InputError
 from ..formats.base import Format, Grid, QTensor
+from ..formats.refit import row_errors
 from ..timing import StageTimer, timed
 from .gptq import FactoredHessian, gptq_factor, gptq_round_many_measured
 from .rtn import rtn_round
 
-#: GPTQ rounds per weight for formats that refit their scales to the codes (:func:`gptq_refit`).
-GPTQ_REFITS = 3
+log = logging.getLogger(__name__)
+
+#: GPTQ rounds per weight for formats that refit their scales to the codes (:func:`gptq_refit`); each row keeps
+#: its best round
+GPTQ_REFITS = 2
 
 #: ``collect(groups)``: the block runner's input statistics (``{tensor: Hessian}``) of the current block's
 #: sequential ``groups`` (indices; None = every group in one pass), with the groups before them already rounded
@@ -42,7 +48,8 @@ RoundTensors = Callable[[Mapping[str, "torch.Tensor | None"]], Mapping[str, QTen
 def gptq_refit(w: torch.Tensor, hessian: torch.Tensor | FactoredHessian, grid: Grid, fmt: Format,
                rounds: int = GPTQ_REFITS) -> tuple[torch.Tensor, Grid]:
     """GPTQ codes on ``grid``, then up to ``rounds`` times: the format refits the grid to the codes
-    (:meth:`Format.refine`) and GPTQ rounds again on the refit grid, ending with a refit.
+    (:meth:`Format.refine`) and GPTQ rounds again on the refit grid, ending with a refit; each row keeps the
+    round whose codes and refit grid give it the smallest layer-output error under ``hessian``.
 
     Returns ``(codes, grid)``.  Stops early when the format refits nothing (returns the same grid).  The
     Hessian is factorised once for all rounds (not at all when it comes factorised, :class:`FactoredHessian`).
@@ -65,7 +72,8 @@ def gptq_refit_many(
     refitting (:func:`~.gptq.gptq_round_many`); a format whose ``refine`` returns its grid unchanged drops out.  The
     result for each format equals :func:`gptq_refit` of it alone up to float rounding in the blocked matrix products
     (exactly, for one format).  Memory grows with ``len(grids)``: stack fewer rows to bound it.  ``timer`` gets
-    ``measure.gptq`` (the factorisation it makes, and rounding) and ``measure.refit``.
+    ``measure.gptq`` (the factorisation it makes, and rounding) and ``measure.refit`` (the refits and the choice
+    of each row's round).
     """
     return [(c, g) for c, g, _ in gptq_refit_many_measured(w, hessian, grids, fmts, rounds, timer=timer, errors=False)]
 
@@ -80,41 +88,80 @@ def gptq_refit_many_measured(
     timer: StageTimer | None = None,
     errors: bool = True,
 ) -> list[tuple[torch.Tensor, Grid, torch.Tensor | None]]:
-    """:func:`gptq_refit_many` with each format's per-row layer-output error under ``hessian`` where GPTQ's own
-    feedback gives it (:func:`~.gptq.gptq_round_many_measured`): ``[(codes, grid, row_errors)]``.  A format
-    whose last refit changed its grid after its last rounding gets None (its error is that of other values), and
-    every format when ``errors`` is False (the rounding alone)."""
+    """:func:`gptq_refit_many` with each format's per-row layer-output error under ``hessian`` where it is known
+    without a ``rows x cols²`` product: ``[(codes, grid, row_errors)]``, or None for that format.
+
+    A round's error is GPTQ's own feedback (:func:`~.gptq.gptq_round_many_measured`) plus the change its refit
+    reports (:meth:`Format.refine_measured`); where either is unknown and rows must choose between rounds, it is
+    computed from the values (:func:`~bitalloc.formats.refit.row_errors`).  Each row keeps the round with the
+    smallest error (the earlier on a tie): a later round is not always better, and a row's rounds are independent
+    of the other rows'.  ``errors`` False returns None for every format (the rounding alone)."""
     grids = list(grids)
     if len(fmts) != len(grids):
         raise ValueError(f"{len(grids)} grids but {len(fmts)} formats")
+    feedback = errors or rounds > 1  # the choice between rounds needs each round's errors
     with timed(timer, "measure.gptq"):
         if isinstance(hessian, FactoredHessian):
             factor, hessian = hessian.factor, hessian.hessian
         else:
             factor = gptq_factor(hessian, device=w.device)
-        first = gptq_round_many_measured(w, factor, grids, errors=errors)
+        first = gptq_round_many_measured(w, factor, grids, errors=feedback)
     codes = [c for c, _, _ in first]
     errs = [e for _, _, e in first]
     del first  # its values: the measurement decodes each format's own when it needs them
+    best: list[_Round | None] = [None] * len(grids)
     active = list(range(len(grids)))
     for r in range(rounds):
         still = []
         with timed(timer, "measure.refit"):
             for f in active:
-                refined = fmts[f].refine(w, codes[f], grids[f], hessian)
-                if refined is not grids[f]:
-                    grids[f] = refined
-                    errs[f] = None
-                    still.append(f)
+                refined, change = fmts[f].refine_measured(w, codes[f], grids[f], hessian)
+                if refined is grids[f]:  # nothing refit: this round's rounding is the format's last
+                    best[f] = _better(best[f], _Round(codes[f], refined, errs[f]), w, hessian)
+                    continue
+                err = None if errs[f] is None or change is None else errs[f] + change.to(errs[f].device)
+                best[f] = _better(best[f], _Round(codes[f], refined, err), w, hessian)
+                grids[f] = refined
+                still.append(f)
         active = still
         if not active:
             break
         if r + 1 < rounds:
             with timed(timer, "measure.gptq"):
-                again = gptq_round_many_measured(w, factor, [grids[f] for f in active], errors=errors)
+                again = gptq_round_many_measured(w, factor, [grids[f] for f in active], errors=feedback)
             for f, (c, _, e) in zip(active, again):
                 codes[f], errs[f] = c, e
-    return list(zip(codes, grids, errs))
+    out = []
+    for f, b in enumerate(best):
+        if b is None:  # no rounds asked for: GPTQ on the fitted grid
+            b = _Round(codes[f], grids[f], errs[f])
+        out.append((b.codes, b.grid, b.errors if errors else None))
+    return out
+
+
+@dataclass
+class _Round:
+    """One format's rounding after one GPTQ round and its refit, with each row's error when known."""
+
+    codes: torch.Tensor
+    grid: Grid
+    errors: torch.Tensor | None
+
+
+def _better(best: _Round | None, new: _Round, w: torch.Tensor, hessian: torch.Tensor) -> _Round:
+    """Row by row whichever of ``best`` and ``new`` has the smaller error under ``hessian`` (``best`` on a tie);
+    ``new`` when there is no ``best``, and where the grids cannot be mixed row by row (:meth:`Grid.pick_rows`)."""
+    if best is None:
+        return new
+    eb, en = (r.errors if r.errors is not None else row_errors(w, r.grid.values(r.codes), hessian)
+              for r in (best, new))
+    take = en.to(eb.device) < eb
+    grid = new.grid.pick_rows(take, best.grid)
+    if grid is None:
+        log.debug("GPTQ refit: the grids of two rounds differ beyond their rows; keeping the last round")
+        return new
+    codes = torch.where(take.to(new.codes.device).unsqueeze(1), new.codes, best.codes.to(new.codes.device))
+    return _Round(codes, grid, torch.where(take, en.to(eb.device), eb))
 
 
 class Rounder:

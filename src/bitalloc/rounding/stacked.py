@@ -192,7 +192,7 @@ class StackedGrid:
 
 def stacked_codes(
     w: torch.Tensor, u: torch.Tensor, sg: StackedGrid, cols: torch.Tensor, block_size: int,
-    feedback_sq: bool = False, overwrite: bool = False,
+    feedback_sq: bool = False, overwrite: bool = False, skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ codes of the stacked ``w`` (``F·rows x n``, columns already in processing order, original
     indices ``cols``) given the upper factor ``u`` (n x n, float32).
@@ -202,7 +202,8 @@ def stacked_codes(
     memory of int64 for the largest tensor the loop holds; every codebook has far fewer levels),
     a bool per stacked row whose error feedback went non-finite (its codes are then meaningless) and, when
     ``feedback_sq``, each stacked row's sum of its squared scaled errors ``Σ_j e_j²`` (float64; else None), from
-    which :func:`~.gptq.gptq_round_many_measured` reads the layer-output error.
+    which :func:`~.gptq.gptq_round_many_measured` reads the layer-output error; the columns ``skip`` marks (bool,
+    processing order) are left out of those sums.
     """
     w = w if overwrite else w.clone()
     nrows, n = w.shape
@@ -230,7 +231,11 @@ def stacked_codes(
                 err1[i] = e
         bad |= ~torch.isfinite(err1).all(0)
         if sq is not None:
-            sq += err1.to(torch.float64).square_().sum(0)
+            e2 = err1.to(torch.float64).square_()
+            if skip is not None:
+                e2[skip[i1:i2]] = 0
+            sq += e2.sum(0)
+            del e2
         if i2 < n:
             w[:, i2:] -= err1.T.contiguous() @ u[i1:i2, i2:]
     return codes.T, bad, sq
