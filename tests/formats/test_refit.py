@@ -137,9 +137,9 @@ def test_refit_grid_keeps_rows_that_would_get_worse() -> None:
     """A rounding that ruins the refit (scales to 0) makes every row keep its old grid."""
     fmt, w, h, grid = fitted("q5_0", 8, 64, 300)
     codes, _ = gptq_round(w, h, grid)
-    kept = refit_grid(w, codes, grid, h, offset=False, rnd=torch.zeros_like)
+    kept, _ = refit_grid(w, codes, grid, h, offset=False, rnd=torch.zeros_like)
     assert torch.equal(kept.scale, grid.scale) and torch.equal(kept.offset, grid.offset)
-    nan = refit_grid(w, codes, grid, h, offset=False, rnd=lambda x: torch.full_like(x, float("nan")))
+    nan, _ = refit_grid(w, codes, grid, h, offset=False, rnd=lambda x: torch.full_like(x, float("nan")))
     assert torch.equal(nan.scale, grid.scale)
 
 
@@ -170,7 +170,7 @@ def test_refit_of_scales_alone_fits_around_fixed_offsets() -> None:
     no row gets worse."""
     fmt, w, h, grid = fitted("q4_1", 8, 64, 300)
     codes, values = gptq_round(w, h, grid)
-    new = refit_grid(w, codes, grid, h, offset=False, rnd=fp16r)
+    new, _ = refit_grid(w, codes, grid, h, offset=False, rnd=fp16r)
     assert torch.equal(new.offset, grid.offset) and bool((grid.offset != 0).any())
     before, after = row_errors(w, values, h), row_errors(w, new.values(codes), h)
     assert bool((after <= before * (1 + 1e-6)).all()) and float(after.sum()) < float(before.sum())
@@ -208,7 +208,7 @@ def test_refit_on_grid_without_offset_column_keeps_offset_tensor() -> None:
     g = Grid(torch.ones(2, 2), torch.zeros(2, 2), torch.arange(-4, 4, dtype=torch.float32), 8)
     w = weight(2, 16)
     codes = torch.randint(0, 8, (2, 16))
-    new = refit_grid(w, codes, g, torch.eye(16), offset=False, rnd=lambda x: x)
+    new, _ = refit_grid(w, codes, g, torch.eye(16), offset=False, rnd=lambda x: x)
     assert torch.equal(new.offset, g.offset)
 
 

@@ -238,7 +238,7 @@ def test_refit_errors_are_the_feedback_plus_the_refits_change(dead):
 
 
 def test_refine_measured_reports_each_rows_change():
-    """refine_measured's change (refit_grid_measured's, and the -dq formats' own) is that of each row's direct
+    """refine_measured's change (refit_grid's, and the -dq formats' own) is that of each row's direct
     error, 0 for the rows it left alone, and the grid is refine's."""
     w, h = _data(12, 256, 15)
     for fid in ["q4_1", "q5_0", "nf4", "mix4-g32", "int4-g32-dq", "mix4-g32-dq"]:

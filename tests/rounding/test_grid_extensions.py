@@ -175,7 +175,7 @@ def test_refit_of_an_extended_grid_is_never_worse_and_keeps_its_fields() -> None
         fmt = get_format(fid)
         grid = fmt.fit(w, torch.diagonal(h))
         codes, _ = gptq_round(w, h, grid)
-        new = refit_grid(w, codes, grid, h, offset=fid.startswith("q4_1"), rnd=lambda t: t.half().float())
+        new, _change = refit_grid(w, codes, grid, h, offset=fid.startswith("q4_1"), rnd=lambda t: t.half().float())
         before, after = row_errors(w, grid.values(codes), h), row_errors(w, new.values(codes), h)
         assert bool((after <= before).all()) and float(after.sum()) < float(before.sum()), fid
         assert (new.set_index is None) == (grid.set_index is None) and (new.exact_mask is None) == (grid.exact_mask is None)

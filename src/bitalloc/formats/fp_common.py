@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .refit import refit_grid_measured
+from .refit import refit_grid
 from .fit import affine_error
 from .base import Format, FormatError, Grid, QTensor, Shape
 from .gguf_common import check_weights, element_weights, fp16r, grid_error, nearest_fn
@@ -270,7 +270,7 @@ class FloatFormat(Format):
 
     def refine_measured(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor
                         ) -> tuple[Grid, torch.Tensor | None]:
-        return refit_grid_measured(w, codes, grid, hessian, offset=False, rnd=self._round_scale(grid))
+        return refit_grid(w, codes, grid, hessian, offset=False, rnd=self._round_scale(grid))
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
         shape = tuple(int(d) for d in shape)

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from .refit import refit_grid_measured
+from .refit import refit_grid
 from .fit import round_fp16
 from .base import FormatError, Grid, QTensor, Shape
 from .gguf_common import (GGUFFormat, bits_to_bytes, check_weights, element_weights, fp16_bytes,
@@ -89,7 +89,7 @@ class GGUFLegacy(GGUFFormat):
 
     def refine_measured(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor
                         ) -> tuple[Grid, torch.Tensor]:
-        return refit_grid_measured(w, codes, grid, hessian, offset=not self.spec.symmetric, rnd=fp16r)
+        return refit_grid(w, codes, grid, hessian, offset=not self.spec.symmetric, rnd=fp16r)
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
         """The raw llama.cpp blocks, built on the CPU (codes and grid are moved there first)."""

@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 
 from ..errors import NumericsError
-from .refit import refit_grid_measured
+from .refit import refit_grid
 from .fit import round_fp16
 from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
 from .gguf_common import element_weights, fp16r, grid_error, nearest_fn, search_grid
@@ -148,7 +148,7 @@ class MixtureFormat(Format):
                         ) -> tuple[Grid, torch.Tensor | None]:
         if int(w.shape[1]) % self.group:
             return grid, None
-        return refit_grid_measured(w, codes, grid, hessian, offset=False, rnd=fp16r)
+        return refit_grid(w, codes, grid, hessian, offset=False, rnd=fp16r)
 
     def _check_grid(self, grid: Grid, rows: int, ng: int) -> None:
         if grid.group_size != self.group or tuple(grid.scale.shape) != (rows, ng) or grid.set_index is None \

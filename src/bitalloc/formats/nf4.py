@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .refit import refit_grid_measured
+from .refit import refit_grid
 from .base import REGISTRY, Format, FormatError, Grid, QTensor, Shape
 from .fp_common import group_view, search_scale
 from .gguf_common import check_weights, element_weights
@@ -83,7 +83,7 @@ class NF4Format(Format):
 
     def refine_measured(self, w: torch.Tensor, codes: torch.Tensor, grid: Grid, hessian: torch.Tensor
                         ) -> tuple[Grid, torch.Tensor]:
-        return refit_grid_measured(w, codes, grid, hessian, offset=False, rnd=_f32)
+        return refit_grid(w, codes, grid, hessian, offset=False, rnd=_f32)
 
     def encode(self, codes: torch.Tensor, grid: Grid, shape: Shape, dtype: str = "float32") -> QTensor:
         shape = tuple(int(d) for d in shape)

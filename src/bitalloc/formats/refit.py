@@ -175,30 +175,18 @@ def refit_grid(
     *,
     offset: bool,
     rnd: Callable[[torch.Tensor], torch.Tensor],
-) -> Grid:
-    """``grid`` with every row's scales (and offsets when ``offset``) refit to ``codes`` by least squares
-    under ``hessian`` and stored through ``rnd`` (the format's elementwise rounding of a scale, e.g. to fp16).
+) -> tuple[Grid, torch.Tensor]:
+    """``(grid, change)``: ``grid`` with every row's scales (and offsets when ``offset``) refit to ``codes`` by least
+    squares under ``hessian`` and stored through ``rnd`` (the format's elementwise rounding of a scale, e.g. to fp16),
+    and how much that changed each row's error (float64 ``(rows,)``: negative where the row took the refit, 0 where
+    it kept its old scales; what ``Format.refine_measured`` reports).
 
     Rows whose refit error (after ``rnd``) is not smaller, or not finite, keep their old scales, so the
     result is never worse in-sample, row by row.  Both errors come from the least squares' own quadratic form
-    (no further ``rows × cols × cols`` product).  Offsets not refit (``offset=False``) stay where they are and
-    the scales are fit around them.  ``grid.extra`` is carried over unchanged.
+    (no further ``rows × cols × cols`` product); the change is their difference.  Offsets not refit
+    (``offset=False``) stay where they are and the scales are fit around them.  ``grid.extra`` is carried over
+    unchanged.
     """
-    return refit_grid_measured(w, codes, grid, hessian, offset=offset, rnd=rnd)[0]
-
-
-def refit_grid_measured(
-    w: torch.Tensor,
-    codes: torch.Tensor,
-    grid: Grid,
-    hessian: torch.Tensor,
-    *,
-    offset: bool,
-    rnd: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[Grid, torch.Tensor]:
-    """:func:`refit_grid` with how much it changed each row's error under ``hessian``: float64 ``(rows,)``,
-    negative where the row took the refit, 0 where it kept its old scales (``Format.refine_measured``).  The
-    change is the difference of the least squares' quadratic form at the new and at the old unknowns."""
     z = grid.level_values(codes)
     target, active = w, None
     if grid.exact_mask is not None:  # exactly stored elements leave a fixed residual and take no offset
@@ -230,4 +218,4 @@ def refit_grid_measured(
     return dataclasses.replace(grid, scale=scale, offset=off, extra=dict(grid.extra)), delta
 
 
-__all__ = ["refit_grid", "refit_grid_measured", "group_lstsq", "row_errors", "layer_output_error", "BATCH_BYTES", "BATCHED_SOLVE_MAX", "RIDGE"]
+__all__ = ["refit_grid", "group_lstsq", "row_errors", "layer_output_error", "BATCH_BYTES", "BATCHED_SOLVE_MAX", "RIDGE"]
