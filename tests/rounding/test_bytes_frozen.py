@@ -7,8 +7,8 @@ RTN, a Hessian with dead input columns, one that needs more damping, the RTN fal
 row-chunked quantization.
 
 The digests of the formats that refit their scales to GPTQ's codes (the 32-wide GGUF types here) were recorded
-again, on purpose, when GPTQ began to keep each row's best round (two rounds instead of the last of three:
-:func:`bitalloc.rounding.gptq_refit_many_measured`); every other case kept its digest through that change.
+again, on purpose, when GPTQ began to keep each row's best of its three rounds instead of the last
+(:func:`bitalloc.rounding.gptq_refit_many_measured`); every other case kept its digest through that change.
 
 The digests hold for the environment they were recorded in (torch 2.13 on an x86-64 CPU; see
 :data:`RECORDED_WITH`): another torch build or CPU may round some float reductions differently in the scale
@@ -99,17 +99,17 @@ DIGESTS: dict[str, str] = {
     "int8-row-sym/rtn": "a40ad1a8f9f4de6402aa",
     "int2-g32/gptq": "134b08090f952cda77f4",
     "int2-g32/rtn": "7bbddf6562f6d8f259e5",
-    "q8_0/gptq": "dae9ef0e14f3f3106777",
+    "q8_0/gptq": "b5bb824696647a044d9f",
     "q8_0/rtn": "1792cc1a53710ea5a025",
-    "q5_1/gptq": "3fc033dc839b1d57a147",
+    "q5_1/gptq": "b60394d8dcdf1f319d67",
     "q5_1/rtn": "a7a8cf088bc17669cbfc",
-    "q5_0/gptq": "9082cb11ea99109b328e",
+    "q5_0/gptq": "284d25ffe61723678ae0",
     "q5_0/rtn": "d0d934eacb16b7b5c36c",
-    "q4_1/gptq": "dcd56e0e4c4f8f5e4cf1",
+    "q4_1/gptq": "0744d78e61502c48e6ee",
     "q4_1/rtn": "fc1c37296b449a80721f",
-    "q4_0/gptq": "56e779cb7573a6ab559d",
+    "q4_0/gptq": "1348dcc63b0d6e9ae18b",
     "q4_0/rtn": "f7fd82221f5b09e58c86",
-    "iq4_nl/gptq": "1640a804c8ddb4ac97f1",
+    "iq4_nl/gptq": "fd2bc54cf02af6126b4a",
     "iq4_nl/rtn": "edfc6382090ed8b548c9",
     "q6_k/gptq": "c660c805b4fa63baae5e",
     "q6_k/rtn": "037651501e36923b96ac",
@@ -122,11 +122,11 @@ DIGESTS: dict[str, str] = {
     "q2_k/gptq": "4e0ac799e3fab5657e25",
     "q2_k/rtn": "aebddca407e0ea9b056e",
     "int4-g128/bf16-chunked": "115a2bff69f36a82d01f",
-    "q4_0/bf16-chunked": "9cb5e264f5a60cfea359",
+    "q4_0/bf16-chunked": "dfb92d069f6026085fd4",
     "q4_k/bf16-chunked": "56fff1e04f4697cb1a52",
-    "q5_1/bf16-chunked": "420f01dee3da80287f29",
-    "q4_1/indefinite": "46828a5e7a2461e90463",
-    "q4_1/rtn-fallback": "bbb69b4e883badf4cd71",
+    "q5_1/bf16-chunked": "c69db8632a9231cb82ed",
+    "q4_1/indefinite": "28b7b97710f4b254d802",
+    "q4_1/rtn-fallback": "8d2b3014db82fdc40560",
     "int4-g64-sym/indefinite": "77c91acd37657b11153c",
     "int4-g64-sym/rtn-fallback": "68da2e88231c91ed9cb8",
     "q3_k/indefinite": "3147cc1f935073fd4ed4",
