@@ -10,7 +10,8 @@ import torch
 
 from bitalloc.cli import main
 from bitalloc.models.sources import load_model
-from tests.gguf_tiny import assert_llama_cpp_agrees, gguf_argv, write_loadable_gguf
+from tests.conftest import tiny_llama
+from tests.gguf_tiny import assert_llama_cpp_agrees, gguf_argv, write_arch_gguf, write_loadable_gguf
 
 torch.set_num_threads(1)
 IDS = torch.tensor([[3, 70, 101, 200, 9, 42, 7, 18, 250, 64]])
@@ -38,8 +39,13 @@ def test_vo_rotated_gguf_holds_rotated_weights_and_the_source_function(src, tmp_
         assert float(torch.nn.functional.cosine_similarity(got, ref, dim=-1).min()) > 0.999, name
     v = {k: load_model(p)[0].model.layers[0].self_attn.v_proj.weight for k, p in outs.items()}
     assert not torch.allclose(v["plain"], v["vo"], atol=1e-2)  # the file stores the rotated value heads
-    if importlib.util.find_spec("llama_cpp") is not None:  # llama.cpp itself, where it is installed
-        assert_llama_cpp_agrees(outs["vo"])
+    if importlib.util.find_spec("llama_cpp") is not None:  # llama.cpp itself, where it is installed, on a source
+        # laid out as llama.cpp's converter writes it (llama.cpp does not load the fixture's minimal GGUF)
+        (tmp_path / "arch").mkdir()
+        arch_src = write_arch_gguf(tiny_llama(), tmp_path / "arch" / "tiny.gguf")
+        out = tmp_path / "arch-vo.gguf"
+        assert main(gguf_argv(arch_src, out, "--rotate", "vo", "--formats", "q8_0,q5_0", budget="100KB")) == 0
+        assert_llama_cpp_agrees(out)
 
 
 def test_residual_on_a_tied_input_with_a_non_uniform_final_norm_is_refused_before_measuring(src, tmp_path, capsys):

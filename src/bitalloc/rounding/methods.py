@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: GPTQ rounds per weight for formats that refit their scales to the codes (:func:`gptq_refit`); each row keeps
 #: its best round.  Two rounds cost a third less, with layer errors equal to the last of three rounds' on real
-#: layers, but the GGUF bench's files came out up to 6 % worse in KLD (README, "Refits")
+#: layers, but the GGUF bench's files came out up to 6 % worse in KLD (README: "Two rounds were tried and dropped")
 GPTQ_REFITS = 3
 
 #: ``collect(groups)``: the block runner's input statistics (``{tensor: Hessian}``) of the current block's
