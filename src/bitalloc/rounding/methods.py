@@ -117,13 +117,14 @@ def gptq_refit_many_measured(
         with timed(timer, "measure.refit"):
             for f in active:
                 refined, change = fmts[f].refine_measured(w, codes[f], grids[f], hessian)
-                if refined is grids[f]:  # nothing refit: this round's rounding is the format's last
-                    best[f] = _better(best[f], _Round(codes[f], refined, errs[f]), w, hessian)
-                    continue
-                err = None if errs[f] is None or change is None else errs[f] + change.to(errs[f].device)
+                same = refined is grids[f]  # nothing refit: this round's rounding is the format's last
+                err = errs[f]
+                if not same and err is not None:
+                    err = None if change is None else err + change.to(err.device)
                 best[f] = _better(best[f], _Round(codes[f], refined, err), w, hessian)
-                grids[f] = refined
-                still.append(f)
+                if not same:
+                    grids[f] = refined
+                    still.append(f)
         active = still
         if not active:
             break
